@@ -1,0 +1,266 @@
+"""Configuration dataclasses built from a Hugging Face Gemma 4 ``config.json``.
+
+Reference: transformers ``models/gemma4/configuration_gemma4.py``. Two spellings of the text config exist:
+published checkpoints carry ``global_head_dim`` / ``num_global_key_value_heads``; ``save_pretrained`` writes a
+``per_layer_config`` mapping layer index -> overrides. Both resolve to the same per-layer head sizes here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+
+_DEFAULT_ROPE = {
+    SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+    FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+}
+
+
+def _build(cls, d: dict[str, Any]):
+    """Instantiate dataclass ``cls`` from ``d``, ignoring (and logging) unknown keys."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(k for k in d if k not in names)
+    if unknown:
+        logger.debug("%s: ignoring keys %s", cls.__name__, unknown)
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 262_144
+    hidden_size: int = 2304
+    intermediate_size: int = 9216
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    head_dim: int = 256
+    global_head_dim: int | None = None
+    num_global_key_value_heads: int | None = None
+    hidden_activation: str = "gelu_pytorch_tanh"
+    max_position_embeddings: int = 131_072
+    rms_norm_eps: float = 1e-6
+    pad_token_id: int = 0
+    eos_token_id: int | list[int] | None = 1
+    bos_token_id: int = 2
+    tie_word_embeddings: bool = True
+    rope_parameters: dict | None = None
+    attention_bias: bool = False
+    sliding_window: int = 512
+    sliding_window_pattern: int | None = None
+    layer_types: list[str] | None = None
+    final_logit_softcapping: float | None = None
+    use_bidirectional_attention: str | None = None
+    vocab_size_per_layer_input: int = 262_144
+    hidden_size_per_layer_input: int = 0
+    attention_k_eq_v: bool = False
+    num_kv_shared_layers: int = 0
+    enable_moe_block: bool = False
+    use_double_wide_mlp: bool = False
+    num_experts: int | None = None
+    top_k_experts: int | None = None
+    moe_intermediate_size: int | None = None
+    per_layer_config: dict | None = None
+    # Derived in __post_init__ (one entry per layer).
+    layer_head_dims: list[int] = field(init=False)
+    layer_kv_heads: list[int] = field(init=False)
+    kv_producers: list[int] = field(init=False)  # index of the layer whose K/V each layer attends to
+
+    def __post_init__(self) -> None:
+        n = self.num_hidden_layers
+        if self.layer_types is None:
+            period = self.sliding_window_pattern or 6
+            self.layer_types = [SLIDING if (i + 1) % period else FULL for i in range(n)]
+        self.layer_types = list(self.layer_types)
+        if len(self.layer_types) != n:
+            raise ConfigError(f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {n}.")
+        bad = set(self.layer_types) - {SLIDING, FULL}
+        if bad:
+            raise ConfigError(f"Unknown layer types {sorted(bad)}; Gemma 4 uses {SLIDING!r} and {FULL!r}.")
+        if self.layer_types[-1] != FULL:
+            logger.warning("Last layer must be full attention (as in the reference); forcing it.")
+            self.layer_types[-1] = FULL
+        rope = dict(_DEFAULT_ROPE)
+        rope.update(self.rope_parameters or {})
+        self.rope_parameters = rope
+        if self.use_bidirectional_attention == "all":
+            raise ConfigError("use_bidirectional_attention='all' (embedding models) is not a Gemma 4 chat model.")
+
+        # Per-layer head sizes: published spelling first, then save_pretrained's per_layer_config.
+        global_dim = self.global_head_dim or 512  # the reference's default when the key is absent
+        global_kv = self.num_global_key_value_heads if self.attention_k_eq_v else None
+        overrides = {int(k): v for k, v in (self.per_layer_config or {}).items()}
+        if not overrides:
+            overrides = {
+                i: {"head_dim": global_dim, **({"num_key_value_heads": global_kv} if global_kv else {})}
+                for i, t in enumerate(self.layer_types)
+                if t == FULL
+            }
+        self.layer_head_dims = [overrides.get(i, {}).get("head_dim", self.head_dim) for i in range(n)]
+        self.layer_kv_heads = [
+            overrides.get(i, {}).get("num_key_value_heads", self.num_key_value_heads) for i in range(n)
+        ]
+        full = [i for i, t in enumerate(self.layer_types) if t == FULL]
+        if full:
+            self.global_head_dim = self.layer_head_dims[full[0]]
+            self.num_global_key_value_heads = self.layer_kv_heads[full[0]]
+
+        # KV sharing: the last `num_kv_shared_layers` layers attend to the K/V of the last earlier layer of their type.
+        first_shared = n - self.num_kv_shared_layers
+        if not 0 < first_shared <= n:
+            raise ConfigError(f"num_kv_shared_layers={self.num_kv_shared_layers} must be below num_hidden_layers={n}.")
+        last_of_type = {t: i for i, t in enumerate(self.layer_types[:first_shared])}
+        self.kv_producers = []
+        for i, t in enumerate(self.layer_types):
+            if i < first_shared:
+                self.kv_producers.append(i)
+            elif t not in last_of_type:
+                raise ConfigError(f"Layer {i} shares K/V but no earlier layer of type {t!r} produces any.")
+            else:
+                self.kv_producers.append(last_of_type[t])
+
+        if self.enable_moe_block and not (self.num_experts and self.top_k_experts and self.moe_intermediate_size):
+            raise ConfigError("enable_moe_block needs num_experts, top_k_experts and moe_intermediate_size.")
+
+    @property
+    def first_kv_shared_layer(self) -> int:
+        return self.num_hidden_layers - self.num_kv_shared_layers
+
+    def is_kv_shared(self, i: int) -> bool:
+        return self.kv_producers[i] != i
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        e = self.eos_token_id
+        return [] if e is None else ([e] if isinstance(e, int) else list(e))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TextConfig:
+        return _build(cls, d)
+
+
+@dataclass
+class VisionConfig:
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 16
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 12
+    head_dim: int = 64
+    hidden_activation: str = "gelu_pytorch_tanh"
+    rms_norm_eps: float = 1e-6
+    rope_parameters: dict | None = None
+    pooling_kernel_size: int = 3
+    patch_size: int = 16
+    position_embedding_size: int = 10 * 1024
+    use_clipped_linears: bool = False
+    standardize: bool = False
+    attention_bias: bool = False
+
+    def __post_init__(self) -> None:
+        self.rope_parameters = {"rope_type": "axial", "rope_theta": 100.0, **(self.rope_parameters or {})}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VisionConfig:
+        return _build(cls, d)
+
+
+@dataclass
+class AudioConfig:
+    hidden_size: int = 1024
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    hidden_act: str = "silu"
+    subsampling_conv_channels: list[int] = field(default_factory=lambda: [128, 32])
+    conv_kernel_size: int = 5
+    residual_weight: float = 0.5
+    attention_chunk_size: int = 12
+    attention_context_left: int = 13
+    attention_context_right: int = 0
+    attention_logit_cap: float = 50.0
+    attention_invalid_logits_value: float = -1.0e9
+    use_clipped_linears: bool = True
+    rms_norm_eps: float = 1e-6
+    gradient_clipping: float = 1e10
+    output_proj_dims: int = 1536
+
+    def __post_init__(self) -> None:
+        self.subsampling_conv_channels = list(self.subsampling_conv_channels)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AudioConfig:
+        return _build(cls, d)
+
+
+@dataclass
+class ModelConfig:
+    text_config: TextConfig
+    vision_config: VisionConfig | None = None
+    audio_config: AudioConfig | None = None
+    model_type: str = "gemma4"
+    boi_token_id: int = 255_999
+    eoi_token_id: int = 258_882
+    image_token_id: int = 258_880
+    video_token_id: int = 258_884
+    boa_token_id: int = 256_000
+    eoa_token_id: int = 258_883
+    audio_token_id: int = 258_881
+    quantization: dict | None = None
+    raw: dict = field(default_factory=dict, repr=False)  # the config.json as read, written back by convert
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        model_type = d.get("model_type")
+        if model_type == "gemma4_text":
+            return cls(text_config=TextConfig.from_dict(d), model_type=model_type, raw=d,
+                       quantization=d.get("quantization"))
+        if model_type != "gemma4":
+            raise ConfigError(
+                f"config.json has model_type={model_type!r}; mlx-gemma4 only runs Gemma 4 checkpoints "
+                "('gemma4' or 'gemma4_text'). Point it at a Gemma 4 model such as google/gemma-4-E4B-it."
+            )
+        if "text_config" not in d:
+            raise ConfigError("A 'gemma4' config.json needs a 'text_config' section; this file has none.")
+        kw = {k: d[k] for k in ("boi_token_id", "eoi_token_id", "image_token_id", "video_token_id",
+                                "boa_token_id", "audio_token_id") if d.get(k) is not None}
+        eoa = d.get("eoa_token_id", d.get("eoa_token_index"))
+        if eoa is not None:
+            kw["eoa_token_id"] = eoa
+        text = dict(d["text_config"])
+        # Generation EOS ids sometimes live at the top level only.
+        if "eos_token_id" not in text and "eos_token_id" in d:
+            text["eos_token_id"] = d["eos_token_id"]
+        return cls(
+            text_config=TextConfig.from_dict(text),
+            vision_config=VisionConfig.from_dict(d["vision_config"]) if d.get("vision_config") else None,
+            audio_config=AudioConfig.from_dict(d["audio_config"]) if d.get("audio_config") else None,
+            model_type=model_type,
+            quantization=d.get("quantization") or d.get("quantization_config"),
+            raw=d,
+            **kw,
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.exists():
+            raise ConfigError(f"No config.json at {path}. Is this a Gemma 4 checkpoint directory?")
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"Cannot read {path}: {e}. Re-download or re-convert the model.") from e
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path} does not hold a JSON object.")
+        return cls.from_dict(d)
