@@ -1,0 +1,204 @@
+"""Find the files a user pasted or dragged into the prompt and check they are what they claim.
+
+Dragging a file into a terminal pastes its path, spelled the way the terminal likes: quoted ('/a b.png'),
+backslash-escaped (/a\\ b.png) or as a file:// URI (file:///a%20b.png), several at once separated by spaces.
+`parse_prompt` finds those paths, sniffs the files' contents (the extension alone proves nothing), takes the
+media files out of the text and says in plain words why any other path-looking word was left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+from urllib.parse import unquote, urlparse
+
+Kind = Literal["image", "audio", "video"]
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".heic"}
+AUDIO_EXTS = {".wav", ".mp3", ".flac", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".aiff", ".aif"}
+VIDEO_EXTS = {".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi"}
+MEDIA_EXTS = IMAGE_EXTS | AUDIO_EXTS | VIDEO_EXTS
+
+# One word of a pasted line: a quoted string, or a run of non-space characters where "\x" escapes x.
+_WORD = re.compile(r"""'(?P<sq>[^']*)'|"(?P<dq>(?:\\.|[^"\\])*)"|(?P<bare>(?:\\.|[^\s'"\\])+)""")
+_NOT_MEDIA_FORMATS = {"tty", "txt", "srt", "ass", "webvtt", "image2", "png_pipe", "jpeg_pipe"}
+_PATH_START = re.compile(r"^(?:file://|~|/|\.{1,2}/)")
+
+
+class AttachmentError(Exception):
+    """A file the user named cannot be attached; the message says why."""
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A checked media file: its kind and what the chips on a message show."""
+
+    path: Path
+    kind: Kind
+    size: tuple[int, int] | None = None  # (width, height) for images and videos
+    duration: float | None = None  # seconds, for audio and video
+
+    @property
+    def label(self) -> str:
+        parts = [self.path.name]
+        if self.size:
+            parts.append(f"{self.size[0]}x{self.size[1]}")
+        if self.duration is not None:
+            parts.append(f"{self.duration:.1f}s")
+        return " · ".join(parts)
+
+
+@dataclass
+class ParsedPrompt:
+    text: str
+    attachments: list[Attachment] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+
+
+def to_path(word: str) -> Path:
+    """A pasted word (quotes and escapes already removed, or a file:// URI) as an absolute-ish Path."""
+    if word.startswith("file://"):
+        word = unquote(urlparse(word).path)
+    return Path(os.path.expanduser(word))
+
+
+def sniff(path: Path) -> Attachment:
+    """Open the file and decide from its contents whether it is an image, audio or video.
+
+    Raises `AttachmentError` with a message fit to show the user.
+    """
+    if not path.exists():
+        raise AttachmentError(f"{path}: no such file")
+    if not path.is_file():
+        raise AttachmentError(f"{path}: not a file")
+    try:
+        with path.open("rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise AttachmentError(f"{path}: cannot be read ({e.strerror or e})") from e
+    found = _sniff_image(path) or _sniff_audio(path) or _sniff_av(path)
+    if found is None:
+        raise AttachmentError(f"{path.name}: not an image, audio or video file")
+    return found
+
+
+def _sniff_image(path: Path) -> Attachment | None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            im.verify()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return None
+    return Attachment(path, "image", size=size)
+
+
+def _sniff_audio(path: Path) -> Attachment | None:
+    import soundfile as sf
+
+    try:
+        info = sf.info(str(path))
+    except (RuntimeError, sf.LibsndfileError, TypeError):
+        return None
+    if info.frames <= 0:
+        return None
+    return Attachment(path, "audio", duration=info.frames / info.samplerate)
+
+
+def _sniff_av(path: Path) -> Attachment | None:
+    """Containers soundfile cannot read (mp4, mov, m4a, ...): a video stream makes it a video."""
+    try:
+        import av
+    except ImportError:
+        return None
+    try:
+        with av.open(str(path)) as box:
+            duration = box.duration / 1_000_000 if box.duration else None
+            if box.format.name in _NOT_MEDIA_FORMATS:
+                return None
+            # FFmpeg will "open" almost anything; decoding a first frame is the proof.
+            if box.streams.video and box.streams.video[0].width > 0:
+                v = box.streams.video[0]
+                next(box.decode(video=0))
+                return Attachment(path, "video", size=(v.width, v.height), duration=duration)
+            if box.streams.audio:
+                next(box.decode(audio=0))
+                return Attachment(path, "audio", duration=duration)
+    except (av.error.FFmpegError, OSError, ValueError, UnicodeDecodeError, StopIteration):
+        return None
+    return None
+
+
+def check(path: str | Path, expect: Kind | None = None) -> Attachment:
+    """Check one file named explicitly (/image PATH, the file picker); `expect` is the kind it must be."""
+    p = to_path(str(path).strip()) if isinstance(path, str) else path
+    att = sniff(p)
+    if expect is not None and att.kind != expect:
+        raise AttachmentError(f"{p.name}: is {_a(att.kind)}, not {_a(expect)}")
+    return att
+
+
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+
+
+def _claimed_kind(path: Path) -> Kind | None:
+    ext = path.suffix.lower()
+    if ext in IMAGE_EXTS:
+        return "image"
+    if ext in AUDIO_EXTS:
+        return "audio"
+    if ext in VIDEO_EXTS:
+        return "video"
+    return None
+
+
+def parse_prompt(text: str) -> ParsedPrompt:
+    """Split a prompt into the words to send and the media files pasted into it.
+
+    A word is a candidate when it looks like a path (starts with /, ~, ./, ../ or file://).
+    Media files are attached and removed from the text; a candidate that names a missing file with a media
+    extension, a file that is not media, or media that does not open gets a notice and stays in the text.
+    """
+    out = ParsedPrompt(text="")
+    keep: list[tuple[int, int]] = []  # spans of the text that stay
+    pos = 0
+    for m in _WORD.finditer(text):
+        word = _unescape(m)
+        if not _PATH_START.match(word):
+            continue
+        path = to_path(word)
+        claimed = _claimed_kind(path)
+        if not path.exists():
+            if claimed or m.group("sq") is not None or m.group("dq") is not None or word.startswith("file://"):
+                out.notices.append(f"{word}: no such file, left in the message")
+            continue
+        if path.is_dir():
+            continue
+        try:
+            att = sniff(path)
+        except AttachmentError as e:
+            out.notices.append(f"{e}; left in the message")
+            continue
+        if claimed and claimed != att.kind:
+            out.notices.append(f"{path.name}: named like {_a(claimed)} but is {_a(att.kind)}; attached as {att.kind}")
+        out.attachments.append(att)
+        keep.append((pos, m.start()))
+        pos = m.end()
+    keep.append((pos, len(text)))
+    joined = "".join(text[a:b] for a, b in keep)
+    # Removing paths leaves runs of spaces; collapse them but keep the user's line breaks.
+    out.text = "\n".join(re.sub(r"[ \t]{2,}", " ", line).strip() for line in joined.splitlines()).strip()
+    return out
+
+
+def _unescape(m: re.Match) -> str:
+    if m.group("sq") is not None:
+        return m.group("sq")
+    if m.group("dq") is not None:
+        return re.sub(r"\\(.)", r"\1", m.group("dq"))
+    return re.sub(r"\\(.)", r"\1", m.group("bare"))

@@ -1,0 +1,130 @@
+"""app/attachments.py: pasted paths in every spelling a terminal uses, checked by content."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from app.attachments import AttachmentError, check, parse_prompt
+
+
+def make_png(path: Path) -> Path:
+    Image.new("RGB", (8, 6), "red").save(path)
+    return path
+
+
+def make_wav(path: Path, seconds: float = 0.5) -> Path:
+    sf.write(path, np.zeros(int(16000 * seconds), np.float32), 16000)
+    return path
+
+
+def make_mp4(path: Path) -> Path:
+    import av
+
+    with av.open(str(path), "w") as box:
+        stream = box.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for i in range(4):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), i * 40, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                box.mux(packet)
+        for packet in stream.encode():
+            box.mux(packet)
+    return path
+
+
+@pytest.fixture
+def media(tmp_path):
+    d = tmp_path / "my files"
+    d.mkdir()
+    return {
+        "png": make_png(d / "cat photo.png"),
+        "wav": make_wav(d / "voice.wav"),
+        "mp4": make_mp4(d / "clip.mp4"),
+        "txt": (d / "notes.txt"),
+        "fake": (d / "fake.png"),
+    }
+
+
+@pytest.fixture(autouse=True)
+def _text_files(media):
+    media["txt"].write_text("hello")
+    media["fake"].write_text("not really a png")
+
+
+def test_quoted_escaped_and_uri_paths_several_at_once(media):
+    png, wav, mp4 = media["png"], media["wav"], media["mp4"]
+    escaped = str(wav).replace(" ", "\\ ")
+    uri = mp4.as_uri()
+    p = parse_prompt(f"describe '{png}' and {escaped} then \"{mp4}\" {uri} please")
+    assert [a.kind for a in p.attachments] == ["image", "audio", "video", "video"]
+    assert p.attachments[0].path == png and p.attachments[0].size == (8, 6)
+    assert p.attachments[1].duration == pytest.approx(0.5)
+    assert p.text == "describe and then please"
+    assert p.notices == []
+
+
+def test_file_uri_with_percent_escapes(media):
+    p = parse_prompt(media["png"].as_uri())
+    assert "%20" in media["png"].as_uri()
+    assert [a.path for a in p.attachments] == [media["png"]]
+    assert p.text == ""
+
+
+def test_home_expansion(media, monkeypatch):
+    monkeypatch.setenv("HOME", str(media["wav"].parent))
+    p = parse_prompt("~/voice.wav what is said?")
+    assert [a.kind for a in p.attachments] == ["audio"]
+    assert p.text == "what is said?"
+
+
+def test_missing_file_and_non_media_files_give_notices(media, tmp_path):
+    p = parse_prompt(f"look at {tmp_path}/nope.jpg and '{media['txt']}' and '{media['fake']}'")
+    assert p.attachments == []
+    assert len(p.notices) == 3
+    assert "no such file" in p.notices[0]
+    assert "notes.txt: not an image, audio or video file" in p.notices[1]
+    assert "fake.png: not an image" in p.notices[2]
+    assert "nope.jpg" in p.text  # left in the message
+
+
+def test_plain_words_and_directories_are_left_alone(tmp_path):
+    p = parse_prompt(f"use and/or the /tmp dir, {tmp_path} or /usr/bin/env? it's fine")
+    assert p.attachments == [] and p.notices == []
+    assert p.text == f"use and/or the /tmp dir, {tmp_path} or /usr/bin/env? it's fine"
+
+
+def test_multiline_text_keeps_line_breaks(media):
+    p = parse_prompt(f"first line\n'{media['png']}' second line")
+    assert p.text == "first line\nsecond line"
+
+
+def test_check_expected_kind(media):
+    assert check(str(media["png"]), expect="image").kind == "image"
+    with pytest.raises(AttachmentError, match="is an audio, not an image"):
+        check(media["wav"], expect="image")
+    with pytest.raises(AttachmentError, match="no such file"):
+        check("/definitely/not/here.png")
+
+
+def test_unreadable_file(media):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root reads everything")
+    media["png"].chmod(0)
+    with pytest.raises(AttachmentError, match="cannot be read"):
+        check(media["png"])
+
+
+def test_truncated_image_gets_a_notice(media):
+    data = media["png"].read_bytes()
+    broken = media["png"].with_name("broken.png")
+    broken.write_bytes(data[:20])
+    p = parse_prompt(f"'{broken}'")
+    assert p.attachments == []
+    assert p.notices and "broken.png" in p.notices[0]
