@@ -1,0 +1,281 @@
+"""Every conversation, saved as it happens: SQLite in the user data directory.
+
+Each message is written in its own transaction, so quitting at any moment (Ctrl+C included) loses at most the
+answer still being streamed. Attached files are copied into the data directory, so a conversation can be
+resumed after the originals moved. A database that SQLite cannot read is renamed aside, never deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .attachments import Attachment
+
+ENV_VAR = "GEMMA4_CHAT_HOME"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS conversations (
+    id INTEGER PRIMARY KEY,
+    title TEXT NOT NULL DEFAULT '',
+    model TEXT NOT NULL DEFAULT '',
+    system_prompt TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
+    conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    role TEXT NOT NULL,
+    content TEXT NOT NULL,
+    thinking TEXT NOT NULL DEFAULT '',
+    stats TEXT NOT NULL DEFAULT '{}',
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS attachments (
+    id INTEGER PRIMARY KEY,
+    message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    kind TEXT NOT NULL,
+    path TEXT NOT NULL,
+    name TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, id);
+"""
+
+
+def data_dir(override: str | Path | None = None) -> Path:
+    """Where history, attachments and recordings live: argument, then $GEMMA4_CHAT_HOME, then platformdirs."""
+    if override is not None:
+        d = Path(override)
+    elif os.environ.get(ENV_VAR):
+        d = Path(os.environ[ENV_VAR])
+    else:
+        from platformdirs import user_data_dir
+
+        d = Path(user_data_dir("gemma4-chat", appauthor=False))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@dataclass
+class SavedAttachment:
+    kind: str
+    path: Path
+    name: str
+
+
+@dataclass
+class SavedMessage:
+    id: int
+    role: str
+    content: str
+    thinking: str = ""
+    stats: dict = field(default_factory=dict)
+    attachments: list[SavedAttachment] = field(default_factory=list)
+
+
+@dataclass
+class Conversation:
+    id: int
+    title: str
+    model: str
+    system_prompt: str
+    created: float
+    updated: float
+    message_count: int = 0
+
+
+class History:
+    """The conversation store. `notice` holds a message for the user when the old database was set aside."""
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self.dir = data_dir(directory)
+        self.path = self.dir / "history.db"
+        self.attachments_dir = self.dir / "attachments"
+        self.notice: str | None = None
+        try:
+            self._conn = self._open()
+        except sqlite3.DatabaseError as e:
+            aside = self.path.with_name(f"history.corrupt-{time.strftime('%Y%m%d-%H%M%S')}.db")
+            self.path.rename(aside)
+            self.notice = (
+                f"The chat history database could not be read ({e}). It was kept as {aside} "
+                "and a new, empty history was started."
+            )
+            self._conn = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA foreign_keys = ON")
+            ok = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if ok != "ok":
+                raise sqlite3.DatabaseError(ok)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.executescript(_SCHEMA)
+        except sqlite3.DatabaseError:
+            conn.close()
+            raise
+        return conn
+
+    def close(self) -> None:
+        self._conn.close()
+
+    # -- writing ---------------------------------------------------------------------------------------
+
+    def new_conversation(self, title: str = "", model: str = "", system_prompt: str = "") -> int:
+        now = time.time()
+        with self._tx() as c:
+            cur = c.execute(
+                "INSERT INTO conversations (title, model, system_prompt, created, updated) VALUES (?, ?, ?, ?, ?)",
+                (title, model, system_prompt, now, now),
+            )
+        return int(cur.lastrowid)
+
+    def add_message(
+        self,
+        conversation_id: int,
+        role: str,
+        content: str,
+        *,
+        thinking: str = "",
+        stats: dict | None = None,
+        attachments: list[Attachment] = (),
+    ) -> int:
+        """Save one message and copies of its attachments, all in one transaction."""
+        copies = [self._copy_in(conversation_id, a) for a in attachments]
+        now = time.time()
+        with self._tx() as c:
+            cur = c.execute(
+                "INSERT INTO messages (conversation_id, role, content, thinking, stats, created) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (conversation_id, role, content, thinking, json.dumps(stats or {}), now),
+            )
+            mid = int(cur.lastrowid)
+            c.executemany(
+                "INSERT INTO attachments (message_id, kind, path, name) VALUES (?, ?, ?, ?)",
+                [(mid, a.kind, str(p), a.path.name) for a, p in zip(attachments, copies)],
+            )
+            title_row = c.execute("SELECT title FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+            title = title_row[0] if title_row else ""
+            if not title and role == "user" and content.strip():
+                title = content.strip().splitlines()[0][:60]
+            c.execute("UPDATE conversations SET updated = ?, title = ? WHERE id = ?", (now, title, conversation_id))
+        return mid
+
+    def delete_last_message(self, conversation_id: int, role: str = "assistant") -> None:
+        """Regenerating replaces the last answer."""
+        with self._tx() as c:
+            c.execute(
+                "DELETE FROM messages WHERE id = (SELECT MAX(id) FROM messages WHERE conversation_id = ?) "
+                "AND role = ?",
+                (conversation_id, role),
+            )
+
+    def delete_oldest_turns(self, conversation_id: int, n: int) -> None:
+        """Mirror of the session dropping its oldest n user turns (each with its answers)."""
+        rows = self._conn.execute(
+            "SELECT id FROM messages WHERE conversation_id = ? AND role = 'user' ORDER BY id LIMIT ?",
+            (conversation_id, n + 1),
+        ).fetchall()
+        if not rows:
+            return
+        with self._tx() as c:
+            if len(rows) > n:
+                c.execute("DELETE FROM messages WHERE conversation_id = ? AND id < ?", (conversation_id, rows[n][0]))
+            else:
+                c.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
+
+    def delete(self, conversation_id: int) -> None:
+        with self._tx() as c:
+            c.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+        shutil.rmtree(self.attachments_dir / str(conversation_id), ignore_errors=True)
+
+    def _copy_in(self, conversation_id: int, att: Attachment) -> Path:
+        dest_dir = self.attachments_dir / str(conversation_id)
+        if att.path.resolve().parent == dest_dir.resolve():
+            return att.path
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        dest = dest_dir / f"{uuid.uuid4().hex[:8]}-{att.path.name}"
+        shutil.copy2(att.path, dest)
+        return dest
+
+    def _tx(self) -> _Transaction:
+        return _Transaction(self._conn)
+
+    # -- reading ---------------------------------------------------------------------------------------
+
+    def conversations(self) -> list[Conversation]:
+        rows = self._conn.execute(
+            "SELECT c.id, c.title, c.model, c.system_prompt, c.created, c.updated, COUNT(m.id) "
+            "FROM conversations c LEFT JOIN messages m ON m.conversation_id = c.id "
+            "GROUP BY c.id ORDER BY c.updated DESC, c.id DESC"
+        ).fetchall()
+        return [Conversation(*r) for r in rows]
+
+    def latest(self) -> Conversation | None:
+        convs = [c for c in self.conversations() if c.message_count]
+        return convs[0] if convs else None
+
+    def get(self, conversation_id: int) -> Conversation | None:
+        return next((c for c in self.conversations() if c.id == conversation_id), None)
+
+    def messages(self, conversation_id: int) -> list[SavedMessage]:
+        rows = self._conn.execute(
+            "SELECT id, role, content, thinking, stats FROM messages WHERE conversation_id = ? ORDER BY id",
+            (conversation_id,),
+        ).fetchall()
+        out = [SavedMessage(r[0], r[1], r[2], r[3], json.loads(r[4] or "{}")) for r in rows]
+        by_id = {m.id: m for m in out}
+        for mid, kind, path, name in self._conn.execute(
+            "SELECT a.message_id, a.kind, a.path, a.name FROM attachments a JOIN messages m ON m.id = a.message_id "
+            "WHERE m.conversation_id = ? ORDER BY a.id",
+            (conversation_id,),
+        ):
+            by_id[mid].attachments.append(SavedAttachment(kind, Path(path), name))
+        return out
+
+    def export_markdown(self, conversation_id: int, dest: str | Path | None = None) -> Path:
+        """Write the conversation as Markdown; attachments are linked by their saved paths."""
+        conv = self.get(conversation_id)
+        if conv is None:
+            raise KeyError(conversation_id)
+        lines = [f"# {conv.title or 'Conversation'}", ""]
+        meta = [f"_{time.strftime('%Y-%m-%d %H:%M', time.localtime(conv.created))}_"]
+        if conv.model:
+            meta.append(f"model `{conv.model}`")
+        lines += [" · ".join(meta), ""]
+        if conv.system_prompt:
+            lines += ["**System:** " + conv.system_prompt, ""]
+        for m in self.messages(conversation_id):
+            lines += [f"## {'You' if m.role == 'user' else 'Gemma'}", ""]
+            for a in m.attachments:
+                link = f"![{a.name}]({a.path.as_uri()})" if a.kind == "image" else f"[{a.kind}: {a.name}]({a.path.as_uri()})"
+                lines += [link, ""]
+            if m.thinking:
+                lines += ["<details><summary>Thinking</summary>", "", m.thinking, "", "</details>", ""]
+            lines += [m.content, ""]
+        dest = Path(dest) if dest else self.dir / "exports" / f"conversation-{conversation_id}.md"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text("\n".join(lines), encoding="utf-8")
+        return dest
+
+
+class _Transaction:
+    """BEGIN ... COMMIT, or ROLLBACK on any error (autocommit connection, explicit transactions)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
