@@ -1,0 +1,109 @@
+"""app/recorder.py with a fake input stream at the sounddevice boundary."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from app.recorder import MAX_SECONDS, Recorder, RecorderError, sounddevice_stream
+
+
+class FakeStream:
+    """Stands in for sounddevice.InputStream: the test pushes blocks through the callback."""
+
+    def __init__(self, samplerate, channels, dtype, callback, fail_start=False):
+        assert (samplerate, channels, dtype) == (16000, 1, "float32")
+        self.callback = callback
+        self.started = self.closed = False
+        self.fail_start = fail_start
+
+    def start(self):
+        if self.fail_start:
+            raise RuntimeError("device busy")
+        self.started = True
+
+    def stop(self):
+        self.started = False
+
+    def close(self):
+        self.closed = True
+
+    def feed(self, samples: np.ndarray, block: int = 1600):
+        for i in range(0, len(samples), block):
+            chunk = samples[i : i + block, None]  # (frames, channels) like PortAudio
+            self.callback(chunk, len(chunk), None, None)
+
+
+def sine(seconds: float, amp: float = 0.5) -> np.ndarray:
+    t = np.arange(int(16000 * seconds)) / 16000
+    return (amp * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+
+
+@pytest.fixture
+def rec(tmp_path):
+    streams = []
+
+    def factory(**kw):
+        streams.append(FakeStream(**kw))
+        return streams[-1]
+
+    r = Recorder(tmp_path / "rec", stream_factory=factory)
+    r.streams = streams
+    return r
+
+
+def test_level_meter_and_elapsed(rec):
+    rec.start()
+    assert rec.recording and rec.level == 0.0
+    rec.streams[0].feed(np.zeros(1600, np.float32))
+    assert rec.level == 0.0 and rec.elapsed == pytest.approx(0.1)
+    rec.streams[0].feed(sine(0.5, amp=0.5))
+    assert rec.rms == pytest.approx(0.5 / np.sqrt(2), rel=0.02)
+    assert rec.peak == pytest.approx(0.5, rel=0.01)
+    assert 0.8 < rec.level < 0.9  # -9 dBFS on a 60 dB scale
+    assert rec.elapsed == pytest.approx(0.6)
+
+
+def test_saved_wav_reads_back_at_16k(rec, tmp_path):
+    rec.start()
+    audio = sine(1.0, amp=0.25)
+    rec.streams[0].feed(audio)
+    path = rec.stop()
+    assert rec.streams[0].closed and not rec.recording
+    assert path.parent == tmp_path / "rec" and path.suffix == ".wav"
+    data, sr = sf.read(path, dtype="float32")
+    assert sr == 16000 and data.shape == (16000,)
+    np.testing.assert_allclose(data, audio, atol=1e-4)
+
+
+def test_capped_at_the_model_audio_limit(rec):
+    rec.start()
+    rec.streams[0].feed(sine(MAX_SECONDS + 2.0), block=16000)
+    assert rec.full and rec.elapsed == MAX_SECONDS
+    data, sr = sf.read(rec.stop())
+    assert len(data) == int(MAX_SECONDS * 16000)
+
+
+def test_nothing_heard_saves_nothing(rec):
+    rec.start()
+    assert rec.stop() is None
+    assert rec.stop() is None  # stopping twice is harmless
+
+
+def test_stream_that_will_not_start(tmp_path):
+    r = Recorder(tmp_path, stream_factory=lambda **kw: FakeStream(**kw, fail_start=True))
+    with pytest.raises(RecorderError, match="would not start"):
+        r.start()
+    assert not r.recording
+
+
+def test_no_portaudio_or_no_device_is_a_clear_error(tmp_path):
+    r = Recorder(tmp_path, stream_factory=sounddevice_stream)
+    try:
+        r.start()
+    except RecorderError as e:
+        assert "PortAudio" in str(e) or "microphone" in str(e)
+    else:  # a machine with a real microphone
+        r.cancel()
+        pytest.skip("a microphone is present")
