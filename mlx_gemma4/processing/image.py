@@ -1,0 +1,266 @@
+"""Image loading and Gemma 4 image preprocessing (numpy + Pillow only).
+
+Reference: transformers ``models/gemma4/image_processing_pil_gemma4.py`` (``Gemma4ImageProcessorPil``).
+Each image is resized, keeping its aspect ratio, to the largest size whose sides are multiples of
+``pooling_kernel_size * patch_size`` and whose patch count fits ``max_soft_tokens * pooling_kernel_size**2``;
+pixels are scaled to [0, 1] (the model itself maps them to [-1, 1]); the image is cut into flattened
+``patch_size x patch_size x 3`` patches in row-major order, each with its (x, y) grid position; and the patch
+list is padded to the budget with zero patches at position (-1, -1).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import warnings
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from ..errors import InputError
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_SOFT_TOKENS = (70, 140, 280, 560, 1120)
+
+ImageInput = Union[str, Path, Image.Image, np.ndarray]
+
+# Pillow's truncated-image switch is process-global; hold it off while we force a full decode.
+_TRUNCATION_LOCK = threading.Lock()
+
+
+def _name(src: Any) -> str:
+    if isinstance(src, Image.Image):
+        return str(getattr(src, "filename", "") or "<in-memory image>")
+    return str(src)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB view of ``image``; transparency is composited onto white, as the reference's ``convert_to_rgb``."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _force_load(image: Image.Image, name: str) -> None:
+    """Decode every pixel now, so a truncated file fails here instead of decoding partially."""
+    with _TRUNCATION_LOCK:
+        previous = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise _bomb_error(name, e) from e
+        except (OSError, SyntaxError, ValueError) as e:
+            raise InputError(
+                f"{name}: the image data is truncated or corrupt ({e}). Re-save or re-download the file."
+            ) from e
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def _bomb_error(name: str, e: Exception) -> InputError:
+    return InputError(
+        f"{name}: the image is too large to open safely ({e}). Downscale it first, or raise "
+        f"PIL.Image.MAX_IMAGE_PIXELS (now {Image.MAX_IMAGE_PIXELS}) if you trust the file."
+    )
+
+
+def load_image(src: ImageInput) -> Image.Image:
+    """Open ``src`` (a path, a PIL image or an HxWx{1,3,4} uint8 array) as a fully decoded RGB PIL image.
+
+    EXIF orientation is applied. Anything unusable raises :class:`InputError` naming the file.
+    """
+    if isinstance(src, np.ndarray):
+        if src.ndim not in (2, 3) or src.size == 0:
+            raise InputError(f"An image array must be HxW or HxWxC and non-empty; got shape {src.shape}.")
+        try:
+            image = Image.fromarray(src)
+        except TypeError as e:
+            raise InputError(f"Cannot make an image from an array of shape {src.shape} and dtype {src.dtype}: "
+                             f"{e}. Pass uint8 HxWx3 pixels.") from e
+    elif isinstance(src, Image.Image):
+        image = src
+    elif isinstance(src, (str, Path)):
+        image = _open_path(Path(src))
+    else:
+        raise InputError(f"Cannot use {type(src).__name__} as an image; pass a file path or a PIL.Image.")
+    name = _name(src)
+    _force_load(image, name)
+    if image.width < 1 or image.height < 1:
+        raise InputError(f"{name}: the image has no pixels ({image.width}x{image.height}).")
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception as e:  # a malformed EXIF block should not hide an otherwise good image
+        logger.warning("%s: ignoring unreadable EXIF orientation (%s)", name, e)
+    return to_rgb(image)
+
+
+def _open_path(path: Path) -> Image.Image:
+    if not path.exists():
+        raise InputError(f"{path}: no such file. Check the path (drag the file in again, or quote spaces).")
+    if path.is_dir():
+        raise InputError(f"{path} is a directory, not an image file. Pick an image file inside it.")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path} is empty (0 bytes). Re-save or re-download the image.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise _bomb_error(str(path), e) from e
+    except UnidentifiedImageError as e:
+        raise InputError(
+            f"{path} is not an image Pillow can read. Use a PNG, JPEG, WebP, GIF or BMP file."
+        ) from e
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the file ({e}). Check its permissions.") from e
+
+
+def aspect_ratio_preserving_size(
+    height: int, width: int, patch_size: int, max_patches: int, pooling_kernel_size: int
+) -> tuple[int, int]:
+    """Largest (height, width), both multiples of ``pooling_kernel_size * patch_size``, with at most
+    ``max_patches`` patches and roughly the input's aspect ratio (the reference's rule, edge cases included)."""
+    target_px = max_patches * patch_size**2
+    factor = math.sqrt(target_px / (height * width))
+    side = pooling_kernel_size * patch_size
+    target_h = int(math.floor(factor * height / side)) * side
+    target_w = int(math.floor(factor * width / side)) * side
+    if target_h == 0 and target_w == 0:
+        raise InputError(f"Cannot resize a {width}x{height} image to a multiple of {side} pixels.")
+    # A very thin image: one pooled row (or column), as long as the ratio allows, within the budget.
+    max_side = (max_patches // pooling_kernel_size**2) * side
+    if target_h == 0:
+        target_h, target_w = side, min(int(math.floor(width / height)) * side, max_side)
+    elif target_w == 0:
+        target_h, target_w = min(int(math.floor(height / width)) * side, max_side), side
+    if target_h * target_w > target_px:
+        raise InputError(f"Resizing {width}x{height} to {target_w}x{target_h} exceeds {max_patches} patches.")
+    return target_h, target_w
+
+
+def patchify(image: np.ndarray, patch_size: int) -> np.ndarray:
+    """(C, H, W) -> (num_patches, patch_size * patch_size * C), patches row-major, pixels (py, px, c) inside."""
+    c, h, w = image.shape
+    ph, pw = h // patch_size, w // patch_size
+    x = image.reshape(c, ph, patch_size, pw, patch_size)  # (C, ph, p, pw, p)
+    x = x.transpose(1, 3, 2, 4, 0)  # (ph, pw, p, p, C)
+    return x.reshape(ph * pw, patch_size * patch_size * c)  # (ph*pw, p*p*C)
+
+
+def patch_positions(patches_high: int, patches_wide: int) -> np.ndarray:
+    """(patches_high * patches_wide, 2) int64 grid positions as (x, y), row-major like :func:`patchify`."""
+    xs, ys = np.meshgrid(np.arange(patches_wide), np.arange(patches_high), indexing="xy")  # (ph, pw) each
+    return np.stack([xs, ys], axis=-1).reshape(patches_high * patches_wide, 2)  # (ph*pw, 2)
+
+
+def pad_patches(patches: np.ndarray, positions: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pad to ``length`` rows: zero patches at position (-1, -1), which the model treats as padding."""
+    extra = length - patches.shape[0]
+    if extra <= 0:
+        return patches, positions
+    patches = np.pad(patches, [(0, extra), (0, 0)], constant_values=0)
+    positions = np.pad(positions, [(0, extra), (0, 0)], constant_values=-1)
+    return patches, positions
+
+
+def _settings(d: dict[str, Any], section: str) -> dict[str, Any]:
+    """The processor settings from a preprocessor_config.json (flat) or processor_config.json (nested)."""
+    if isinstance(d.get(section), dict):
+        return d[section]
+    return d
+
+
+@dataclass
+class ImageProcessor:
+    """Gemma 4 image preprocessing; defaults are ``Gemma4ImageProcessorPil``'s."""
+
+    max_soft_tokens: int = 280
+    patch_size: int = 16
+    pooling_kernel_size: int = 3
+    do_resize: bool = True
+    resample: int = int(Image.Resampling.BICUBIC)
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = False
+    image_mean: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    image_std: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+
+    def __post_init__(self) -> None:
+        self._check_budget(self.max_soft_tokens)
+
+    @staticmethod
+    def _check_budget(max_soft_tokens: int) -> None:
+        if max_soft_tokens not in SUPPORTED_SOFT_TOKENS:
+            raise InputError(f"max_soft_tokens must be one of {SUPPORTED_SOFT_TOKENS}; got {max_soft_tokens}.")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ImageProcessor:
+        """Build from the checkpoint's processor_config.json / preprocessor_config.json contents."""
+        s = _settings(d, "image_processor")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in s if k not in names)
+        if unknown:
+            logger.debug("ImageProcessor: ignoring keys %s", unknown)
+        return cls(**{k: v for k, v in s.items() if k in names and v is not None})
+
+    def max_patches(self, max_soft_tokens: int) -> int:
+        return max_soft_tokens * self.pooling_kernel_size**2
+
+    def target_size(self, height: int, width: int, max_soft_tokens: int | None = None) -> tuple[int, int]:
+        """(height, width) an image of this size is resized to."""
+        budget = max_soft_tokens or self.max_soft_tokens
+        return aspect_ratio_preserving_size(
+            height, width, self.patch_size, self.max_patches(budget), self.pooling_kernel_size
+        )
+
+    def preprocess_one(self, image: ImageInput, max_soft_tokens: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """One image -> (patches [max_patches, p*p*3] float32, positions [max_patches, 2] int64, soft tokens)."""
+        img = load_image(image)
+        if self.do_resize:
+            h, w = self.target_size(img.height, img.width, max_soft_tokens)
+            if (h, w) != (img.height, img.width):
+                img = img.resize((w, h), resample=self.resample)
+        pixels = np.asarray(img).transpose(2, 0, 1)  # (H, W, C) -> (C, H, W), still uint8
+        if self.do_rescale:
+            # float64 then float32, as the reference's rescale, so values match bit for bit.
+            pixels = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        if self.do_normalize:
+            mean = np.asarray(self.image_mean, dtype=np.float32)[:, None, None]  # (C, 1, 1)
+            std = np.asarray(self.image_std, dtype=np.float32)[:, None, None]  # (C, 1, 1)
+            pixels = ((pixels - mean) / std).astype(np.float32)
+        p = self.patch_size
+        patches = patchify(pixels, p)
+        positions = patch_positions(pixels.shape[1] // p, pixels.shape[2] // p)
+        num_soft = patches.shape[0] // self.pooling_kernel_size**2
+        patches, positions = pad_patches(patches, positions, self.max_patches(max_soft_tokens))
+        return patches, positions, num_soft
+
+    def __call__(self, images: ImageInput | Sequence[ImageInput], max_soft_tokens: int | None = None) -> dict:
+        """Preprocess one image or a list. Returns numpy arrays:
+
+        - ``pixel_values``: float32 [num_images, max_patches, patch_size**2 * 3]
+        - ``image_position_ids``: int64 [num_images, max_patches, 2], (x, y), padding (-1, -1)
+        - ``num_soft_tokens_per_image``: list[int]
+        """
+        budget = max_soft_tokens or self.max_soft_tokens
+        self._check_budget(budget)
+        if isinstance(images, (str, Path, Image.Image, np.ndarray)):
+            images = [images]
+        if len(images) == 0:
+            raise InputError("No images to preprocess.")
+        out = [self.preprocess_one(image, budget) for image in images]
+        return {
+            "pixel_values": np.stack([o[0] for o in out]),  # (N, max_patches, p*p*3)
+            "image_position_ids": np.stack([o[1] for o in out]),  # (N, max_patches, 2)
+            "num_soft_tokens_per_image": [o[2] for o in out],
+        }

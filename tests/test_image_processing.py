@@ -1,0 +1,118 @@
+"""Image loading and preprocessing, checked against transformers' Gemma4ImageProcessorPil."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mlx_gemma4.errors import InputError
+from mlx_gemma4.processing.image import SUPPORTED_SOFT_TOKENS, ImageProcessor, load_image
+
+SIZES = {"square": (64, 64), "wide_4to1": (400, 100), "tall_1to5": (60, 300), "tiny_8x8": (8, 8),
+         "large_4000x3000": (4000, 3000)}
+
+
+def _image(width: int, height: int, seed: int = 0) -> Image.Image:
+    # A smooth gradient plus noise: resampling differences would show up as pixel differences.
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 / max(width - 1, 1), y * 255 / max(height - 1, 1), (x + y) % 256], -1)
+    noise = rng.integers(-20, 21, size=base.shape)
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    return Gemma4ImageProcessorPil()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return {name: _image(w, h, i) for i, (name, (w, h)) in enumerate(SIZES.items())}
+
+
+@pytest.mark.parametrize("budget", SUPPORTED_SOFT_TOKENS)
+def test_parity_with_reference(reference, images, budget):
+    ours = ImageProcessor()
+    for name, image in images.items():
+        ref = reference(image, max_soft_tokens=budget, return_tensors="np")
+        got = ours(image, max_soft_tokens=budget)
+        assert got["num_soft_tokens_per_image"] == list(ref["num_soft_tokens_per_image"]), name
+        assert got["image_position_ids"].shape == ref["image_position_ids"].shape, name
+        np.testing.assert_array_equal(got["image_position_ids"], ref["image_position_ids"], err_msg=name)
+        # Same Pillow resize of the same uint8 image and the same float64->float32 rescale: the values should
+        # agree exactly; the tolerance only allows for a different float rounding order (1 ulp of 1.0).
+        assert got["pixel_values"].dtype == np.float32
+        np.testing.assert_allclose(got["pixel_values"], ref["pixel_values"], rtol=0, atol=1e-7, err_msg=name)
+
+
+def test_batch_and_padding(images):
+    out = ImageProcessor()([images["square"], images["wide_4to1"]], max_soft_tokens=70)
+    assert out["pixel_values"].shape == (2, 630, 768)
+    n = [t * 9 for t in out["num_soft_tokens_per_image"]]
+    for i in range(2):
+        assert (out["image_position_ids"][i, n[i]:] == -1).all()
+        assert (out["pixel_values"][i, n[i]:] == 0).all()
+        assert (out["image_position_ids"][i, : n[i]] >= 0).all()
+
+
+def test_one_pixel_image_matches_reference(reference):
+    image = Image.new("RGB", (1, 1), (200, 10, 30))
+    ref = reference(image, max_soft_tokens=70, return_tensors="np")
+    got = ImageProcessor()(image, max_soft_tokens=70)
+    assert got["num_soft_tokens_per_image"] == list(ref["num_soft_tokens_per_image"])
+    np.testing.assert_allclose(got["pixel_values"], ref["pixel_values"], atol=1e-7)
+
+
+def test_from_dict_reads_nested_and_flat():
+    nested = {"image_processor": {"max_soft_tokens": 560, "patch_size": 16, "pooling_kernel_size": 3,
+                                  "image_processor_type": "Gemma4ImageProcessor"}, "image_seq_length": 280}
+    assert ImageProcessor.from_dict(nested).max_soft_tokens == 560
+    assert ImageProcessor.from_dict({"max_soft_tokens": 70, "resample": 3}).max_soft_tokens == 70
+    assert ImageProcessor.from_dict({}) == ImageProcessor()
+    with pytest.raises(InputError):
+        ImageProcessor(max_soft_tokens=100)
+
+
+def test_load_image_modes_and_exif(tmp_path):
+    rgba = Image.new("RGBA", (10, 6), (255, 0, 0, 0))  # fully transparent: composited onto white
+    rgba.save(tmp_path / "a.png")
+    assert load_image(tmp_path / "a.png").getpixel((0, 0)) == (255, 255, 255)
+    for mode in ("L", "P", "CMYK", "LA"):
+        img = load_image(Image.new(mode, (5, 3)))
+        assert img.mode == "RGB" and img.size == (5, 3)
+    tall = Image.new("RGB", (20, 10), (0, 0, 255))
+    exif = tall.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees on display
+    tall.save(tmp_path / "r.jpg", exif=exif)
+    assert load_image(str(tmp_path / "r.jpg")).size == (10, 20)
+
+
+def _raises_naming(src, name: str, match: str = "") -> None:
+    with pytest.raises(InputError, match=match) as e:
+        load_image(src)
+    assert name in str(e.value)
+
+
+def test_bad_inputs_name_the_file(tmp_path, monkeypatch):
+    _raises_naming(tmp_path / "missing.png", "missing.png", "no such file")
+    _raises_naming(tmp_path, str(tmp_path), "directory")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    _raises_naming(tmp_path / "empty.jpg", "empty.jpg", "empty")
+    (tmp_path / "notes.png").write_text("hello, not an image")
+    _raises_naming(tmp_path / "notes.png", "notes.png", "not an image")
+    _image(64, 64).save(tmp_path / "full.jpg", quality=90)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    _raises_naming(tmp_path / "cut.jpg", "cut.jpg", "truncated")
+    # Someone else turning on Pillow's lenient mode must not make us decode half an image.
+    from PIL import ImageFile
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    _raises_naming(tmp_path / "cut.jpg", "cut.jpg", "truncated")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 2 - 1)  # > limit warns, > 2x limit errors
+    _raises_naming(tmp_path / "full.jpg", "full.jpg", "too large")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 - 1)
+    _raises_naming(tmp_path / "full.jpg", "full.jpg", "too large")
