@@ -1,0 +1,253 @@
+"""The Gemma 4 processor: prompt text + images / audio / video -> the model's inputs as mx.arrays.
+
+Reference: transformers ``models/gemma4/processing_gemma4.py`` (``Gemma4Processor``) and ``ProcessorMixin``.
+A prompt carries one placeholder per media item, the strings the tokenizer names (``<|image|>``, ``<|audio|>``,
+``<|video|>``). Each is expanded in prompt order before tokenizing:
+
+    image  -> boi + image_token * n + eoi                  n = the image's soft tokens
+    audio  -> boa + audio_token * n + eoa                  one run per <= 30 s segment of the clip
+    video  -> "mm:ss boi video_token*n eoi" per frame, joined by spaces
+
+The image, audio and video preprocessors are imported on first use, so text-only use needs none of them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from ..errors import ConfigError, InputError
+from .tokenizer import SpecialTokens, Tokenizer
+
+logger = logging.getLogger(__name__)
+
+# Bookkeeping the sub-processors return that is not a model input.
+_NOT_INPUTS = {"num_soft_tokens_per_image", "num_soft_tokens_per_audio", "num_soft_tokens_per_video",
+               "segments_per_audio", "timestamps", "video_metadata", "num_frames_per_video"}
+# mm_token_type_ids values, as ProcessorMixin.create_mm_token_type_ids writes them.
+TEXT, IMAGE, VIDEO, AUDIO = 0, 1, 2, 3
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); re-download or re-convert the checkpoint.") from e
+
+
+def _as_list(x: Any) -> list[Any] | None:
+    """None stays None; one item becomes [item]; a list or tuple is copied."""
+    if x is None:
+        return None
+    if isinstance(x, (list, tuple)):
+        return list(x)
+    return [x]
+
+
+def _mmss(seconds: float) -> str:
+    return f"{int(seconds // 60):02d}:{int(seconds % 60):02d}"
+
+
+class Processor:
+    """Tokenizer + media preprocessors of one Gemma 4 checkpoint.
+
+    ``processor(text=PROMPT, images=[...], audio=[...], videos=[...])`` returns a dict of mx.arrays:
+    ``input_ids`` int32 [1, L], ``mm_token_type_ids`` int32 [1, L] (0 text, 1 image, 2 video, 3 audio soft
+    token), and the media tensors under the reference's names (``pixel_values``, ``image_position_ids``,
+    ``input_features``, ``input_features_mask``, ``pixel_values_videos``, ...).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, processor_config: dict[str, Any] | None = None,
+                 image_config: dict[str, Any] | None = None, video_config: dict[str, Any] | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.processor_config = processor_config or {}
+        self._image_config = image_config
+        self._video_config = video_config
+        self._image_processor: Any = None
+        self._audio_extractor: Any = None
+        self._video_processor: Any = None
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Processor:
+        """Load from a local checkpoint directory (tokenizer files, config.json, processor_config.json)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise ConfigError(f"{path} is not a directory; pass a converted checkpoint directory.")
+        tokenizer = Tokenizer.from_pretrained(path)
+        processor_config = _read_json(path / "processor_config.json")
+        image_config = _read_json(path / "preprocessor_config.json") or None
+        video_config = _read_json(path / "video_preprocessor_config.json") or None
+        return cls(tokenizer, processor_config, image_config, video_config)
+
+    # -- tokenizer facade ----------------------------------------------------------------------------------------
+
+    @property
+    def special(self) -> SpecialTokens:
+        return self.tokenizer.special
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Ids that end a reply: config.json's (and generation_config.json's) EOS ids plus end-of-turn."""
+        return self.tokenizer.eos_token_ids
+
+    def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            enable_thinking: bool = False, tools: list[dict[str, Any]] | None = None,
+                            tokenize: bool = False, **kwargs: Any) -> str | dict[str, mx.array]:
+        """The prompt string for `messages` (see Tokenizer.apply_chat_template). With ``tokenize=True`` the
+        prompt is run through this processor with the media found in the messages' parts (keys "image",
+        "audio", "video", or "path" / "url" / "file") and the input dict is returned."""
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                    enable_thinking=enable_thinking, tools=tools, **kwargs)
+        if not tokenize:
+            return prompt
+        media: dict[str, list[Any]] = {"image": [], "audio": [], "video": []}
+        for message in messages:
+            content = message.get("content")
+            for part in content if isinstance(content, list) else []:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind in media:
+                    src = next((part[k] for k in (kind, "path", "url", "file") if part.get(k) is not None), None)
+                    if src is None:
+                        raise InputError(f"A {kind} part of the messages has no {kind!r} or 'path' key to load.")
+                    media[kind].append(src)
+        return self(text=prompt, images=media["image"] or None, audio=media["audio"] or None,
+                    videos=media["video"] or None)
+
+    # -- media preprocessors (lazy) ------------------------------------------------------------------------------
+
+    @property
+    def image_processor(self) -> Any:
+        if self._image_processor is None:
+            from .image import ImageProcessor
+
+            self._image_processor = ImageProcessor.from_dict(self._image_config or self.processor_config)
+        return self._image_processor
+
+    @property
+    def audio_extractor(self) -> Any:
+        if self._audio_extractor is None:
+            from .audio import AudioFeatureExtractor
+
+            self._audio_extractor = AudioFeatureExtractor.from_dict(self.processor_config)
+        return self._audio_extractor
+
+    @property
+    def video_processor(self) -> Any:
+        if self._video_processor is None:
+            from .video import VideoProcessor
+
+            self._video_processor = VideoProcessor.from_dict(self._video_config or self.processor_config)
+        return self._video_processor
+
+    # -- the call ------------------------------------------------------------------------------------------------
+
+    def _placeholder(self, kind: str) -> str:
+        tok = getattr(self.special, kind)
+        if tok is None:
+            raise ConfigError(f"This checkpoint's tokenizer has no {kind} placeholder token; it cannot take {kind} "
+                              "input. Use a Gemma 4 checkpoint with the multimodal tokenizer files.")
+        return tok.text
+
+    def _check_counts(self, text: str, kind: str, items: list[Any] | None, arg: str) -> None:
+        tok = getattr(self.special, kind)
+        found = text.count(tok.text) if tok is not None else 0
+        given = len(items) if items is not None else 0
+        if found != given:
+            placeholder = tok.text if tok is not None else f"<{kind} placeholder>"
+            raise InputError(
+                f"The prompt has {found} {placeholder} placeholder(s) but {given} {kind} input(s) were passed in "
+                f"{arg}=; put exactly one {placeholder} in the prompt where each {kind} goes.")
+
+    def _image_runs(self, images: list[Any], max_soft_tokens: int | None) -> tuple[dict[str, Any], list[str]]:
+        out = self.image_processor(images, max_soft_tokens=max_soft_tokens)
+        boi, image, eoi = self._placeholder("boi"), self._placeholder("image"), self._placeholder("eoi")
+        return out, [f"{boi}{image * int(n)}{eoi}" for n in out["num_soft_tokens_per_image"]]
+
+    def _audio_runs(self, audio: list[Any]) -> tuple[dict[str, Any], list[str]]:
+        from .audio import load_audio
+
+        clips = [load_audio(a) for a in audio]
+        out = self.audio_extractor(clips)
+        boa, token, eoa = self._placeholder("boa"), self._placeholder("audio"), self._placeholder("eoa")
+        return out, self.audio_extractor.prompt_texts(out, boa, token, eoa)
+
+    def _video_runs(self, videos: list[Any], **kw: Any) -> tuple[dict[str, Any], list[str]]:
+        out = self.video_processor(videos, **kw)
+        boi, token, eoi = self._placeholder("boi"), self._placeholder("video"), self._placeholder("eoi")
+        runs = []
+        for n, stamps in zip(out["num_soft_tokens_per_video"], out["timestamps"]):
+            runs.append(" ".join(f"{_mmss(t)} {boi}{token * int(n)}{eoi}" for t in stamps))
+        return out, runs
+
+    def expand_placeholders(self, text: str, runs: dict[str, list[str]]) -> str:
+        """Replace each placeholder, in prompt order, by the next expansion of its modality (one pass, so the
+        expansions, which contain the placeholder strings themselves, are never re-scanned)."""
+        tokens = {self._placeholder(kind): kind for kind, r in runs.items() if r}
+        if not tokens:
+            return text
+        queues = {kind: iter(r) for kind, r in runs.items()}
+        pattern = "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True))
+        return re.sub(pattern, lambda m: next(queues[tokens[m.group(0)]]), text)
+
+    def __call__(self, text: str, images: Any = None, audio: Any = None, videos: Any = None,
+                 max_soft_tokens: int | None = None, **kw: Any) -> dict[str, mx.array]:
+        """Tokenize `text`, expanding one placeholder per image / audio clip / video (counts must match).
+
+        images: PIL images or paths; audio: 1-D float32 arrays at 16 kHz or paths to audio files; videos: what
+        the video processor takes. ``max_soft_tokens`` sets the image token budget (70, 140, 280, 560, 1120).
+        Extra keywords go to the video processor. BOS is added as the checkpoint's tokenizer adds it, never
+        twice (a prompt that starts with ``<bos>`` keeps only that one).
+        """
+        if not isinstance(text, str):
+            raise InputError(f"text must be one prompt string; got {type(text).__name__}.")
+        images, audio, videos = _as_list(images), _as_list(audio), _as_list(videos)
+        self._check_counts(text, "image", images, "images")
+        self._check_counts(text, "audio", audio, "audio")
+        self._check_counts(text, "video", videos, "videos")
+
+        features: dict[str, Any] = {}
+        runs: dict[str, list[str]] = {}
+        if images:
+            out, runs["image"] = self._image_runs(images, max_soft_tokens)
+            features.update(out)
+        if audio:
+            out, runs["audio"] = self._audio_runs(audio)
+            features.update(out)
+        if videos:
+            out, runs["video"] = self._video_runs(videos, **kw)
+            features.update(out)
+        elif kw:
+            logger.debug("Processor: ignoring keywords %s (no videos)", sorted(kw))
+
+        ids = np.asarray(self.tokenizer.encode(self.expand_placeholders(text, runs)), dtype=np.int32)
+        inputs: dict[str, mx.array] = {
+            "input_ids": mx.array(ids[None]),  # (1, L)
+            "mm_token_type_ids": mx.array(self.mm_token_type_ids(ids)[None]),  # (1, L)
+        }
+        for key, value in features.items():
+            if key in _NOT_INPUTS or value is None:
+                continue
+            inputs[key] = value if isinstance(value, mx.array) else mx.array(np.asarray(value))
+        return inputs
+
+    def mm_token_type_ids(self, ids: np.ndarray | Sequence[int]) -> np.ndarray:
+        """Per-token modality: 0 text, 1 image, 2 video, 3 audio soft token (int32, same shape as `ids`)."""
+        ids = np.asarray(ids)
+        types = np.zeros(ids.shape, dtype=np.int32)
+        for kind, value in (("image", IMAGE), ("video", VIDEO), ("audio", AUDIO)):
+            tok = getattr(self.special, kind)
+            if tok is not None:
+                types[ids == tok.id] = value
+        return types
