@@ -74,6 +74,15 @@ class Gemma4(nn.Module):
         h = self.language_model(embeds, token_inputs, cache, blocks, logits_to_keep=logits_to_keep)
         return self.logits(h)
 
+    def decode(self, input_ids: mx.array, cache: list[KVCache]) -> mx.array:
+        """Logits for text tokens already on the device, without a host round trip (the decode loop's path)."""
+        cfg = self.config
+        mm = (input_ids == cfg.image_token_id) | (input_ids == cfg.video_token_id) | (input_ids == cfg.audio_token_id)
+        ids = mx.where(mm, cfg.text_config.pad_token_id, input_ids)
+        lm = self.language_model
+        token_inputs = lm.per_layer_token_inputs(ids) if lm.ple_dim else None
+        return self.logits(lm(lm.embed_tokens(ids), token_inputs, cache))
+
     def logits(self, h: mx.array) -> mx.array:
         out = self.language_model.embed_tokens.as_linear(h)
         cap = self.config.text_config.final_logit_softcapping
