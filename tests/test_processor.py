@@ -1,0 +1,168 @@
+"""mlx_gemma4/processing/processor.py against transformers' Gemma4Processor.
+
+transformers' Gemma4Processor cannot be built here (it needs torchvision), so the expected prompt is built with
+its own pieces: the reference image processor and audio feature extractor, ``Gemma4Processor.replace_*_token``,
+``ProcessorMixin.get_text_with_replacements`` and ``create_mm_token_type_ids``, all bound to a stand-in that
+carries the processor's token attributes. The expected ids are the reference tokenizer's on that string.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from PIL import Image
+
+from mlx_gemma4.errors import InputError
+from mlx_gemma4.processing.processor import Processor
+from tests.fixtures_tokenizer import make_tokenizer
+from tests.tiny import SPECIAL_IDS
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("proc"))
+
+
+@pytest.fixture(scope="module")
+def proc(ckpt):
+    return Processor.from_pretrained(ckpt)
+
+
+@pytest.fixture(scope="module")
+def ref_tok(ckpt):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(ckpt))
+
+
+@pytest.fixture(scope="module")
+def ref(ref_tok):
+    """The reference processor's token attributes, for calling its methods unbound."""
+    return SimpleNamespace(
+        image_token="<|image|>", boi_token=ref_tok.boi_token, eoi_token=ref_tok.eoi_token,
+        audio_token=ref_tok.audio_token, boa_token=ref_tok.boa_token, eoa_token=ref_tok.eoa_token,
+        video_token="<|video|>", all_special_multimodal_tokens=["<|image|>", "<|video|>", "<|audio|>"],
+        image_token_ids=[ref_tok.image_token_id], audio_token_ids=[ref_tok.audio_token_id],
+        video_token_ids=[ref_tok.convert_tokens_to_ids("<|video|>")])
+
+
+def _expected(ref, ref_tok, text, images=(), audio=(), max_soft_tokens=280):
+    """input_ids and mm_token_type_ids the reference Gemma4Processor gives for `text` (batch of one)."""
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+    from transformers.models.gemma4.processing_gemma4 import Gemma4Processor
+    from transformers.processing_utils import ProcessorMixin
+
+    image_repl, audio_repl = [], []
+    if images:
+        out = Gemma4ImageProcessorPil(max_soft_tokens=max_soft_tokens)(list(images))
+        image_repl = [Gemma4Processor.replace_image_token(ref, out, i) for i in range(len(images))]
+    if audio:
+        out = Gemma4AudioFeatureExtractor()(list(audio), return_attention_mask=True)
+        audio_repl = [Gemma4Processor.replace_audio_token(ref, out, i) for i in range(len(audio))]
+    [expanded], _ = ProcessorMixin.get_text_with_replacements(ref, [text], image_repl, [], audio_repl)
+    ids = ref_tok(expanded, add_special_tokens=not expanded.startswith("<bos>")).input_ids
+    [types] = ProcessorMixin.create_mm_token_type_ids(ref, [ids])
+    return ids, types
+
+
+def _image(h, w, seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def _wave(seconds, seed=0):
+    return (0.1 * np.random.default_rng(seed).standard_normal(int(16000 * seconds))).astype(np.float32)
+
+
+def _check(out, ids, types):
+    assert out["input_ids"].dtype == mx.int32 and out["input_ids"].shape == (1, len(ids))
+    assert out["input_ids"][0].tolist() == ids
+    assert out["mm_token_type_ids"][0].tolist() == types
+
+
+@pytest.mark.parametrize("text", ["hello world", "naïve 日本 🎉", "<|turn>user\nHi<turn|>\n<|turn>model\n", ""])
+def test_text_only(proc, ref, ref_tok, text):
+    out = proc(text=text)
+    _check(out, *_expected(ref, ref_tok, text))
+    assert set(out) == {"input_ids", "mm_token_type_ids"}
+    assert proc._image_processor is None and proc._audio_extractor is None  # text never loads media code
+
+
+def test_bos_not_doubled(proc):
+    with_bos, without = proc(text="<bos>hello")["input_ids"][0].tolist(), proc(text="hello")["input_ids"][0].tolist()
+    assert with_bos == without and with_bos[0] == SPECIAL_IDS["bos"] and with_bos[1] != SPECIAL_IDS["bos"]
+    chat = proc.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert chat.startswith("<bos>") and proc(text=chat)["input_ids"][0].tolist().count(SPECIAL_IDS["bos"]) == 1
+
+
+def test_image_placeholders_expand_like_reference(proc, ref, ref_tok):
+    images = [_image(100, 150, 0), _image(300, 90, 1)]
+    text = "<bos><|turn>user\nCompare <|image|> with\n\n<|image|>\n\nplease<turn|>\n<|turn>model\n"
+    out = proc(text=text, images=images, max_soft_tokens=70)
+    _check(out, *_expected(ref, ref_tok, text, images=images, max_soft_tokens=70))
+    assert out["pixel_values"].shape[0] == 2 and out["image_position_ids"].shape[0] == 2
+    ids = out["input_ids"][0].tolist()
+    assert ids.count(SPECIAL_IDS["boi"]) == 2 and ids.count(SPECIAL_IDS["eoi"]) == 2
+
+
+def test_audio_placeholders_expand_like_reference(proc, ref, ref_tok):
+    audio = [_wave(1.0, 0), _wave(2.37, 1)]
+    text = "Transcribe <|audio|> then <|audio|>."
+    out = proc(text=text, audio=audio)
+    _check(out, *_expected(ref, ref_tok, text, audio=audio))
+    assert out["input_features"].shape[0] == 2 and out["input_features_mask"].dtype == mx.bool_
+
+
+def test_mixed_media_in_prompt_order(proc, ref, ref_tok):
+    images, audio = [_image(64, 200, 2), _image(500, 500, 3)], [_wave(0.5, 2)]
+    text = "<|image|> says <|audio|> about <|image|>"
+    out = proc(text=text, images=images, audio=audio[0], max_soft_tokens=140)  # a single clip needs no list
+    _check(out, *_expected(ref, ref_tok, text, images=images, audio=audio, max_soft_tokens=140))
+
+
+def test_audio_from_file(proc, ref, ref_tok, tmp_path):
+    import soundfile as sf
+
+    wave = _wave(1.5, 4)
+    sf.write(tmp_path / "clip.wav", wave, 16000, subtype="FLOAT")
+    out = proc(text="<|audio|>", audio=[str(tmp_path / "clip.wav")])
+    _check(out, *_expected(ref, ref_tok, "<|audio|>", audio=[wave]))
+
+
+@pytest.mark.parametrize("text, kw, match", [
+    ("no placeholder", {"images": [_image(64, 64)]}, "0 <\\|image\\|> placeholder"),
+    ("<|image|> <|image|>", {"images": [_image(64, 64)]}, "2 <\\|image\\|> placeholder.*1 image"),
+    ("<|image|>", {}, "1 <\\|image\\|> placeholder.*0 image"),
+    ("<|audio|>", {}, "1 <\\|audio\\|> placeholder.*0 audio"),
+    ("hi", {"audio": [_wave(1.0)]}, "0 <\\|audio\\|> placeholder.*1 audio"),
+    ("<|video|>", {}, "1 <\\|video\\|> placeholder.*0 video"),
+    ("hi", {"videos": [np.zeros((2, 32, 32, 3), np.uint8)]}, "0 <\\|video\\|> placeholder.*1 video"),
+])
+def test_placeholder_media_count_mismatch(proc, text, kw, match):
+    with pytest.raises(InputError, match=match):
+        proc(text=text, **kw)
+
+
+def test_text_must_be_a_string(proc):
+    with pytest.raises(InputError, match="prompt string"):
+        proc(text=["a", "b"])
+
+
+def test_apply_chat_template_tokenize_collects_media(proc, ref, ref_tok):
+    image = _image(120, 80, 5)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]}]
+    prompt = proc.apply_chat_template(messages, enable_thinking=True)
+    assert prompt == ("<bos><|turn>system\n<|think|>\n<turn|>\n<|turn>user\n<|image|>What?<turn|>\n"
+                      "<|turn>model\n")
+    out = proc.apply_chat_template(messages, enable_thinking=True, tokenize=True)
+    _check(out, *_expected(ref, ref_tok, prompt, images=[image]))
+
+
+def test_eos_ids_and_decode(proc):
+    assert proc.eos_token_ids == [SPECIAL_IDS["eos"], SPECIAL_IDS["turn_close"]]
+    ids = proc(text="<bos>hi <|image>")["input_ids"][0]
+    assert proc.decode(ids) == "<bos>hi <|image>"
+    assert proc.decode(ids, skip_special_tokens=True) == "hi "
