@@ -57,6 +57,8 @@ def _to_mono_float(x: np.ndarray, what: str) -> np.ndarray:
     x = np.asarray(x)
     if x.dtype == np.bool_ or not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
         raise InputError(f"{what} has dtype {x.dtype}; pass audio samples as a float or integer numpy array.")
+    if x.size == 0:
+        raise InputError(f"{what} is empty (0 samples). Record or choose a clip with some sound in it.")
     x = _int_to_float(x) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32, copy=False)
     if x.ndim == 2:
         # soundfile's layout is (frames, channels); accept (channels, frames) too when it is unambiguous.
@@ -65,8 +67,6 @@ def _to_mono_float(x: np.ndarray, what: str) -> np.ndarray:
         x = x.mean(axis=1, dtype=np.float32)  # (n, channels) -> (n,)
     elif x.ndim != 1:
         raise InputError(f"{what} has shape {x.shape}; expected (samples,) or (samples, channels).")
-    if x.size == 0:
-        raise InputError(f"{what} is empty (0 samples). Record or choose a clip with some sound in it.")
     if not np.isfinite(x).all():
         bad = int((~np.isfinite(x)).sum())
         raise InputError(f"{what} contains {bad} NaN or infinite samples. Re-export or re-record the clip.")

@@ -1,0 +1,252 @@
+"""mlx_gemma4.processing.audio against transformers' Gemma4AudioFeatureExtractor / Gemma4Processor, plus decoding.
+
+Feature tolerance: our extractor runs the same numpy operations in the same dtypes as the reference (float32
+framing, window and rFFT; float64 mel matmul and log), so results are bit-identical here. ``atol=1e-5`` on
+log-mel values of magnitude ~1-10 only leaves room for a BLAS with another summation order in the mel matmul;
+a wrong window (symmetric vs periodic), padding side or frame offset changes values by > 1e-2.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from mlx_gemma4.errors import InputError
+from mlx_gemma4.processing.audio import AudioFeatureExtractor, audio_prompt_text, load_audio
+
+SR = 16_000
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def ref():
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+
+    return Gemma4AudioFeatureExtractor()
+
+
+@pytest.fixture(scope="module")
+def ours():
+    return AudioFeatureExtractor()
+
+
+def signal(kind: str, seconds: float, sr: int = SR) -> np.ndarray:
+    t = np.arange(int(round(seconds * sr))) / sr
+    if kind == "silence":
+        x = np.zeros_like(t)
+    elif kind == "tone":
+        x = 0.5 * np.sin(2 * np.pi * 440.0 * t)
+    elif kind == "noise":
+        x = 0.3 * np.random.default_rng(int(seconds * 10)).standard_normal(t.shape)
+    elif kind == "chirp":  # linear sweep 100 Hz -> 7.5 kHz over the clip
+        f0, f1 = 100.0, 7500.0
+        x = 0.5 * np.sin(2 * np.pi * (f0 * t + (f1 - f0) * t**2 / (2 * max(seconds, 1e-9))))
+    else:
+        raise ValueError(kind)
+    return x.astype(np.float32)
+
+
+def ref_num_tokens(ref_fe, wave: np.ndarray) -> int:
+    """processing_gemma4's own arithmetic, called on a stand-in for the processor (it needs only these two)."""
+    from transformers.models.gemma4.processing_gemma4 import Gemma4Processor
+
+    stub = SimpleNamespace(feature_extractor=ref_fe, audio_seq_length=750)
+    return Gemma4Processor._compute_audio_num_tokens(stub, wave, SR)
+
+
+def ref_prompt(ref_out, idx: int) -> str:
+    from transformers.models.gemma4.processing_gemma4 import Gemma4Processor
+
+    stub = SimpleNamespace(boa_token="<boa>", audio_token="<A>", eoa_token="<eoa>")
+    return Gemma4Processor.replace_audio_token(stub, ref_out, idx)
+
+
+def assert_same_features(ours_out, ref_out, row: int = 0, ref_row: int = 0):
+    a = ours_out["input_features"][row]
+    b = np.asarray(ref_out["input_features"][ref_row])
+    assert a.dtype == np.float32 and a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=0, atol=ATOL)
+    np.testing.assert_array_equal(ours_out["input_features_mask"][row], np.asarray(ref_out["input_features_mask"][ref_row]))
+
+
+@pytest.mark.parametrize("seconds", [0.3, 1.5, 7.0, 29.0])
+@pytest.mark.parametrize("kind", ["silence", "tone", "noise", "chirp"])
+def test_features_match_reference(ours, ref, kind, seconds):
+    x = signal(kind, seconds)
+    a, b = ours([x]), ref([x], return_tensors="np")
+    assert a["input_features"].shape[-1] == 128
+    assert_same_features(a, b)
+    n = a["num_soft_tokens_per_audio"]
+    assert n == [ref_num_tokens(ref, x)]
+    assert n[0] == int(round(seconds * 1000 / 40)) or abs(n[0] - seconds * 25) <= 1  # ~40 ms per token
+    assert audio_prompt_text(n[0], "<boa>", "<A>", "<eoa>") == ref_prompt(b, 0)
+
+
+def test_batch_of_different_lengths_matches_reference(ours, ref):
+    clips = [signal("chirp", 1.0), signal("noise", 0.3), signal("tone", 2.3)]
+    a, b = ours(clips), ref(clips, return_tensors="np")
+    assert a["input_features"].shape == b["input_features"].shape  # padded to the longest, then to 128 samples
+    for i, clip in enumerate(clips):
+        assert_same_features(a, b, i, i)
+        assert a["num_soft_tokens_per_audio"][i] == ref_num_tokens(ref, clip)
+        assert audio_prompt_text(a["num_soft_tokens_per_audio"][i], "<boa>", "<A>", "<eoa>") == ref_prompt(b, i)
+    assert a["segments_per_audio"] == [1, 1, 1]
+
+
+def test_44k_stereo_is_resampled_then_matches_reference(ours, ref):
+    sr = 44_100
+    left, right = signal("tone", 1.5, sr), signal("chirp", 1.5, sr)
+    stereo = np.stack([left, right], axis=1)  # (n, 2)
+    mono16 = load_audio(stereo, sampling_rate=sr)
+    assert mono16.dtype == np.float32 and mono16.ndim == 1
+    assert abs(len(mono16) - 1.5 * SR) <= 1
+    # The resampler is accurate: the mixed tone, resampled, equals the tone generated at 16 kHz (away from edges).
+    tone16 = load_audio(np.stack([left, left], axis=1), sampling_rate=sr)
+    np.testing.assert_allclose(tone16[400:-400], signal("tone", 1.5)[400:len(tone16) - 400], atol=1e-3)
+    # Same array into both extractors: identical features (tolerance as for every feature test).
+    a, b = ours([mono16]), ref([mono16], return_tensors="np")
+    assert_same_features(a, b)
+    assert a["num_soft_tokens_per_audio"] == [ref_num_tokens(ref, mono16)]
+
+
+def test_long_clip_is_split_into_30s_segments(ours, ref):
+    x = signal("noise", 65.0)
+    a = ours([x, signal("tone", 2.0)])
+    assert a["segments_per_audio"] == [3, 1]
+    assert a["input_features"].shape[0] == 4
+    # The reference truncates a long clip to its first 30 s: that is exactly our first segment.
+    assert_same_features(a, ref([x], return_tensors="np"), 0, 0)
+    tail = x[2 * 480_000:]
+    b = ref([tail], return_tensors="np")
+    t = b["input_features"].shape[1]
+    np.testing.assert_allclose(a["input_features"][2, :t], b["input_features"][0], rtol=0, atol=ATOL)
+    assert not a["input_features_mask"][2, t:].any() and not a["input_features"][2, t:].any()
+    assert a["num_soft_tokens_per_audio"][:3] == [750, 750, ref_num_tokens(ref, tail)]
+    texts = ours.prompt_texts(a, "<boa>", "<A>", "<eoa>")
+    assert len(texts) == 2 and texts[0].count("<boa>") == 3 and texts[0].count("<A>") == sum(a["num_soft_tokens_per_audio"][:3])
+    assert texts[1] == audio_prompt_text(a["num_soft_tokens_per_audio"][3], "<boa>", "<A>", "<eoa>")
+
+
+def test_30s_clip_gives_exactly_750_tokens(ours, ref):
+    x = signal("tone", 30.0)
+    a = ours([x])
+    assert a["segments_per_audio"] == [1] and a["num_soft_tokens_per_audio"] == [750] == [ref_num_tokens(ref, x)]
+
+
+def test_from_processor_config_matches_reference_with_settings(ref):
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+
+    rng = np.random.default_rng(0)
+    settings = dict(preemphasis=0.97, per_bin_mean=list(rng.standard_normal(128)),
+                    per_bin_stddev=list(1 + rng.random(128)), mel_floor=1e-5, input_scale_factor=0.5)
+    r = Gemma4AudioFeatureExtractor(**settings)
+    saved = r.to_dict()  # what save_pretrained puts under "feature_extractor" in processor_config.json
+    saved["mel_floor"] = float(saved["mel_floor"])
+    processor_config = {"feature_extractor": saved, "audio_seq_length": 750, "audio_ms_per_token": 40,
+                        "image_processor": {"patch_size": 16}}
+    for d in (processor_config, saved):  # processor_config.json, or a flat preprocessor_config.json
+        ours = AudioFeatureExtractor.from_dict(d)
+        assert (ours.frame_length, ours.hop_length, ours.fft_length) == (r.frame_length, r.hop_length, r.fft_length)
+        x = signal("chirp", 1.5)
+        assert_same_features(ours([x]), r([x], return_tensors="np"))
+    htk_off = dict(saved, preemphasis_htk_flavor=False)
+    x = signal("noise", 0.7)
+    assert_same_features(AudioFeatureExtractor.from_dict(htk_off)([x]),
+                         Gemma4AudioFeatureExtractor(**dict(settings, preemphasis_htk_flavor=False))([x], return_tensors="np"))
+
+
+def test_defaults_equal_reference_defaults(ours, ref):
+    assert ours.feature_size == ref.feature_size == 128
+    assert (ours.frame_length, ours.hop_length, ours.fft_length) == (ref.frame_length, ref.hop_length, ref.fft_length)
+    np.testing.assert_array_equal(ours.window, ref.window)  # periodic Hann
+    np.testing.assert_allclose(ours.mel_filters, ref.mel_filters, rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding files and arrays
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("subtype, atol", [("PCM_U8", 1 / 64), ("PCM_16", 1e-4), ("PCM_24", 1e-6),
+                                            ("PCM_32", 1e-7), ("FLOAT", 0), ("DOUBLE", 1e-7)])
+def test_wav_subtypes_load_to_the_known_signal(tmp_path, subtype, atol):
+    x = signal("tone", 0.5)
+    path = tmp_path / f"tone_{subtype}.wav"
+    sf.write(path, x, SR, subtype=subtype)
+    y = load_audio(path)
+    assert y.dtype == np.float32 and y.shape == x.shape
+    np.testing.assert_allclose(y, x, rtol=0, atol=atol)
+
+
+def _peak_hz(y: np.ndarray) -> float:
+    spec = np.abs(np.fft.rfft(y * np.hanning(len(y))))
+    return float(np.argmax(spec) * SR / len(y))
+
+
+@pytest.mark.parametrize("fmt, subtype, sr", [("FLAC", "PCM_16", SR), ("FLAC", "PCM_24", 48_000),
+                                               ("OGG", "VORBIS", SR), ("MP3", "MPEG_LAYER_III", 44_100)])
+def test_compressed_formats_load(tmp_path, fmt, subtype, sr):
+    if fmt not in sf.available_formats():
+        pytest.skip(f"this libsndfile ({sf.__libsndfile_version__}) cannot write {fmt}")
+    x = signal("tone", 1.0, sr)
+    path = tmp_path / f"tone.{fmt.lower()}"
+    sf.write(path, x, sr, format=fmt, subtype=subtype)
+    y = load_audio(path)
+    assert y.dtype == np.float32 and y.ndim == 1
+    assert abs(len(y) - SR) <= 0.05 * SR  # lossy codecs may add or trim a few ms
+    assert abs(_peak_hz(y) - 440.0) < 3.0
+    assert 0.4 < np.abs(y).max() < 0.6
+    if fmt == "FLAC":  # lossless: the very samples, resampled if needed
+        np.testing.assert_allclose(y[200:-200], signal("tone", 1.0)[200:-200], atol=2e-3)
+
+
+def test_stereo_file_and_8khz_int16_array(tmp_path):
+    x = signal("tone", 0.5)
+    path = tmp_path / "stereo.wav"
+    sf.write(path, np.stack([x, np.zeros_like(x)], axis=1), SR, subtype="FLOAT")
+    np.testing.assert_allclose(load_audio(path), x / 2, atol=1e-7)
+    pcm = (signal("tone", 0.5, 8000) * 32767).astype(np.int16)
+    y = load_audio(pcm, sampling_rate=8000)
+    assert len(y) == 8000 and abs(np.abs(y).max() - 0.5) < 0.01
+    y8 = load_audio((pcm // 256).astype(np.int8), sampling_rate=8000)
+    np.testing.assert_allclose(y8, y, atol=2 / 128)
+
+
+def test_bad_inputs_raise_input_error(tmp_path):
+    cases = {}
+    missing = tmp_path / "nope.wav"
+    cases[str(missing)] = missing
+    cases["directory"] = tmp_path
+    text = tmp_path / "notes.wav"
+    text.write_text("this is a text file, not a recording\n" * 50)
+    cases[text.name] = text
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros(0, np.float32), SR)
+    cases[empty.name] = empty
+    nan_wav = tmp_path / "nan.wav"
+    bad = signal("tone", 0.2)
+    bad[100] = np.nan
+    sf.write(nan_wav, bad, SR, subtype="FLOAT")
+    cases[nan_wav.name] = nan_wav
+    for what, src in cases.items():
+        with pytest.raises(InputError) as e:
+            load_audio(src)
+        assert str(src) in str(e.value) or what in str(e.value)
+    with pytest.raises(InputError, match="directory"):
+        load_audio(tmp_path)
+    for arr in (np.zeros(0, np.float32), np.array([0.1, np.inf], np.float32), np.zeros((2, 2, 2), np.float32)):
+        with pytest.raises(InputError):
+            load_audio(arr)
+    with pytest.raises(InputError):
+        load_audio(12345)
+
+
+def test_extractor_refuses_unusable_clips(ours):
+    with pytest.raises(InputError, match="ms"):
+        ours([np.zeros(100, np.float32)])  # too short for a single token
+    with pytest.raises(InputError, match="NaN"):
+        ours([np.full(4000, np.nan, np.float32)])
+    with pytest.raises(InputError):
+        ours([])
