@@ -1,0 +1,151 @@
+"""The App: owns the backend, the history store and the recorder; screens do the rest."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+
+from .backend import Backend
+from .history import History
+from .model_source import NO_NETWORK, hub_reachable
+from .recorder import Recorder
+from .screens.chat import ChatScreen
+from .screens.confirm import ConfirmScreen
+from .screens.conversations import Choice, ConversationsScreen
+from .screens.help import HelpScreen
+from .screens.settings import SettingsScreen
+
+
+def session_messages(saved) -> list[dict]:
+    """History rows as chat messages for the session (text plus the saved copies of attachments)."""
+    out = []
+    for m in saved:
+        if not m.attachments:
+            out.append({"role": m.role, "content": m.content})
+            continue
+        parts: list[dict] = [{"type": a.kind, a.kind: str(a.path)} for a in m.attachments]
+        out.append({"role": m.role, "content": parts + [{"type": "text", "text": m.content}]})
+    return out
+
+
+class ChatApp(App):
+    TITLE = "gemma4-chat"
+    BINDINGS = [Binding("ctrl+q", "quit", "Quit", priority=True, id="app.quit")]
+
+    def __init__(
+        self,
+        backend: Backend,
+        history: History,
+        recorder: Recorder | None = None,
+        resume: int | bool | None = None,
+        offer_download: bool = False,
+        messages: list[str] = (),
+    ) -> None:
+        super().__init__()
+        self.backend = backend
+        self.history = history
+        self.recorder = recorder or Recorder(history.dir / "recordings")
+        self.resume_id = resume
+        self.offer_download = offer_download
+        self.startup_messages = list(messages)
+        self.chat_screen = ChatScreen()
+
+    def on_mount(self) -> None:
+        self.push_screen(self.chat_screen)
+        for text in self.startup_messages + ([self.history.notice] if self.history.notice else []):
+            self.chat_screen.notice(text, "warning")
+        if self.offer_download:
+            self.ask_to_download()
+        else:
+            self.backend.load(self.chat_screen.post_message)
+        if self.resume_id:
+            latest = self.history.latest() if self.resume_id is True else self.history.get(int(self.resume_id))
+            if latest is None:
+                self.chat_screen.notice("There is no saved conversation to resume.", "warning")
+            else:
+                self.resume(latest.id)
+
+    def on_unmount(self) -> None:
+        self.backend.shutdown()
+        if self.recorder.recording:
+            self.recorder.cancel()
+
+    def ask_to_download(self) -> None:
+        def answered(yes: bool | None) -> None:
+            if not yes:
+                self.chat_screen.load_failed_text("No model loaded. " + NO_NETWORK.split(". ", 1)[1])
+            elif not hub_reachable():
+                self.chat_screen.load_failed_text(NO_NETWORK)
+            else:
+                self.backend.load(self.chat_screen.post_message)
+
+        self.push_screen(ConfirmScreen(
+            "No converted model was found at models/gemma-4-E4B-it-4bit.\n"
+            "Download google/gemma-4-E4B-it (about 16 GB) and convert it to 4-bit now?",
+            "Download and convert", "Not now"), answered)
+
+    def resume(self, conversation_id: int) -> None:
+        saved = self.history.messages(conversation_id)
+        conv = self.history.get(conversation_id)
+        if conv is not None and conv.system_prompt:
+            self.backend.settings.system_prompt = conv.system_prompt
+        self.chat_screen.show_saved(conversation_id, saved)
+        self.backend.new_session(session_messages(saved))
+
+    # -- actions shared by the palette and the chat screen's keys ------------------------------------
+
+    def action_help(self) -> None:
+        rows = [(b.key.replace("ctrl+", "Ctrl+"), b.description) for b in ChatScreen.BINDINGS]
+        rows += [("Ctrl+P", "command palette"), ("Ctrl+Q", "quit")]
+        self.push_screen(HelpScreen(rows))
+
+    def action_settings(self) -> None:
+        old = self.backend.settings
+
+        def saved(new) -> None:
+            if new is None:
+                return
+            self.backend.settings = new
+            self.chat_screen.query_one("#status").thinking = new.enable_thinking
+            if new.system_prompt != old.system_prompt:
+                self.chat_screen.action_new_conversation()
+                self.notify("System prompt changed; new conversation started.")
+            else:
+                self.backend.apply_settings()
+
+        used, limit = self.backend.context()
+        info = f"Model: {self.backend.name}" + (f" · context {used}/{limit} tokens" if limit else "")
+        self.push_screen(SettingsScreen(self.backend.settings, info), saved)
+
+    def action_conversations(self) -> None:
+        def chosen(choice: Choice | None) -> None:
+            if choice is not None:
+                self.resume(choice.conversation_id)
+
+        self.push_screen(ConversationsScreen(self.history), chosen)
+
+    def action_export(self) -> None:
+        cid = self.chat_screen.conversation_id
+        if cid is None:
+            self.notify("Nothing to export yet.")
+            return
+        self.notify(f"Exported to {self.history.export_markdown(cid)}", timeout=8)
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        chat = self.chat_screen
+        yield SystemCommand("Toggle thinking", "Show the model's reasoning (Ctrl+T)", chat.action_toggle_thinking)
+        yield SystemCommand("Regenerate", "Answer the last message again (Ctrl+G)", chat.action_regenerate)
+        yield SystemCommand("Copy last answer", "To the clipboard (F3)", chat.action_copy_answer)
+        yield SystemCommand("Copy last code block", "To the clipboard (Ctrl+B)", chat.action_copy_code)
+        yield SystemCommand("Attach a file", "Image, audio or video (Ctrl+O)", chat.action_attach)
+        yield SystemCommand("Record from the microphone", "Start / stop (Ctrl+R)", chat.action_record)
+        yield SystemCommand("New conversation", "Start over (Ctrl+N)", chat.action_new_conversation)
+        yield SystemCommand("Conversations", "Resume, delete or export saved chats (Ctrl+L)", self.action_conversations)
+        yield SystemCommand("Export conversation", "Save this chat as Markdown", self.action_export)
+        yield SystemCommand("Drop oldest turn", "Make room in the context", chat.drop_oldest_turn)
+        yield SystemCommand("Settings", "System prompt, thinking, sampling (F2)", self.action_settings)
+        yield SystemCommand("Help", "Keys and commands (F1)", self.action_help)

@@ -1,0 +1,1 @@
+"""One Screen per mode: chat, help, settings, conversations, file picker, confirm."""

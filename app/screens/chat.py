@@ -1,0 +1,425 @@
+"""The chat screen: transcript, prompt, attachments, recording bar and status bar.
+
+It turns what the user does into calls on the backend (which return at once) and renders what the backend
+posts back (LoadProgress, Streamed, Finished, ...). Every message is saved to history as it completes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.reactive import reactive
+from textual.screen import Screen
+from textual.widgets import Footer, Label, ProgressBar, Static
+
+from .. import backend as b
+from ..attachments import Attachment, AttachmentError, check, parse_prompt
+from ..history import SavedMessage
+from ..recorder import RecorderError
+from ..widgets.chips import AttachmentChips
+from ..widgets.messages import ModelMessage, Notice, Transcript, UserMessage, last_code_block
+from ..widgets.meter import LevelMeter
+from ..widgets.prompt import PromptArea
+from ..widgets.status import StatusBar
+from .confirm import ConfirmScreen
+from .file_picker import FilePickerScreen
+
+if TYPE_CHECKING:
+    from ..app import ChatApp
+
+MEDIA_COMMANDS = {"/image": "image", "/audio": "audio", "/video": "video"}
+
+
+def chips_of(attachments: list[Attachment]) -> list[tuple[str, Path, str]]:
+    return [(a.kind, a.path, a.label) for a in attachments]
+
+
+class ChatScreen(Screen):
+    CSS_PATH = "chat.tcss"
+    BINDINGS = [
+        Binding("escape", "stop", "Stop", id="chat.stop"),
+        Binding("ctrl+o", "attach", "Attach", id="chat.attach"),
+        Binding("ctrl+r", "record", "Record", id="chat.record"),
+        Binding("ctrl+t", "toggle_thinking", "Thinking", id="chat.thinking"),
+        Binding("ctrl+g", "regenerate", "Regenerate", id="chat.regenerate"),
+        Binding("ctrl+n", "new_conversation", "New", id="chat.new"),
+        Binding("ctrl+l", "conversations", "History", id="chat.history"),
+        Binding("f3", "copy_answer", "Copy answer", id="chat.copy_answer"),
+        Binding("ctrl+b", "copy_code", "Copy code", show=False, id="chat.copy_code"),
+        Binding("f2", "settings", "Settings", id="chat.settings"),
+        Binding("f1", "help", "Help", id="chat.help"),
+    ]
+
+    generating = reactive(False)
+    recording = reactive(False)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list[Attachment] = []
+        self.conversation_id: int | None = None
+        self.current: ModelMessage | None = None
+        self.regenerating = False
+        self.last_sent = ""
+
+    @property
+    def chat(self) -> ChatApp:
+        return self.app  # type: ignore[return-value]
+
+    def compose(self) -> ComposeResult:
+        if self.chat.backend.demo:
+            yield Static("DEMO MODE: a tiny model with random weights. Its output is random text.", id="banner")
+        with Horizontal(id="loading"):
+            yield Label("Loading model…", id="loading-label")
+            yield ProgressBar(id="loading-bar", show_eta=False)
+        yield Transcript(id="transcript")
+        meter = LevelMeter(id="meter")
+        meter.display = False
+        yield meter
+        yield AttachmentChips(id="pending", thumbnails=False)
+        yield PromptArea(id="prompt", placeholder="Message Gemma · Enter send · Shift+Enter new line · F1 help")
+        yield StatusBar(id="status")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        status = self.query_one(StatusBar)
+        status.model = self.chat.backend.name
+        status.thinking = self.chat.backend.settings.enable_thinking
+        status.state = "loading"
+        self.query_one(PromptArea).focus()
+
+    # -- small helpers -----------------------------------------------------------------------------
+
+    @property
+    def transcript(self) -> Transcript:
+        return self.query_one(Transcript)
+
+    @property
+    def prompt(self) -> PromptArea:
+        return self.query_one(PromptArea)
+
+    def notice(self, text: str, kind: str = "info") -> None:
+        self.transcript.mount(Notice(text, kind))
+
+    def attach(self, attachments: list[Attachment]) -> None:
+        self.pending.extend(attachments)
+        self.query_one("#pending", AttachmentChips).show(chips_of(self.pending))
+
+    def watch_generating(self, generating: bool) -> None:
+        self.query_one(StatusBar).state = "generating… (Esc stops)" if generating else ""
+
+    # -- model loading -----------------------------------------------------------------------------
+
+    @on(b.LoadProgress)
+    def load_progress(self, event: b.LoadProgress) -> None:
+        bar = self.query_one("#loading-bar", ProgressBar)
+        bar.update(total=event.total or None, progress=event.done)
+        if event.desc:
+            self.query_one("#loading-label", Label).update(event.desc)
+
+    @on(b.ModelLoaded)
+    def model_loaded(self, event: b.ModelLoaded) -> None:
+        self.query_one("#loading").display = False
+        status = self.query_one(StatusBar)
+        status.state = ""
+        status.stats = b.Stats(context_limit=event.context_limit)
+
+    @on(b.LoadFailed)
+    def load_failed(self, event: b.LoadFailed) -> None:
+        self.load_failed_text(f"The model could not be loaded. {event.error}")
+
+    def load_failed_text(self, text: str) -> None:
+        self.query_one("#loading").display = False
+        self.query_one(StatusBar).state = "no model"
+        self.notice(text, "error")
+
+    # -- sending -----------------------------------------------------------------------------------
+
+    @on(PromptArea.Pasted)
+    def pasted(self, event: PromptArea.Pasted) -> None:
+        parsed = parse_prompt(event.text)
+        if parsed.attachments:
+            self.attach(parsed.attachments)
+        for n in parsed.notices:
+            self.notify(n, severity="warning", timeout=8)
+        event.prompt.insert_pasted(parsed.text if parsed.attachments else event.text)
+
+    @on(PromptArea.BackspaceOnEmpty)
+    def drop_last_pending(self) -> None:
+        if self.pending:
+            self.pending.pop()
+            self.query_one("#pending", AttachmentChips).show(chips_of(self.pending))
+
+    @on(PromptArea.Submitted)
+    def submitted(self, event: PromptArea.Submitted) -> None:
+        text = event.text.strip()
+        if self.recording:
+            self.action_record()
+        if not text and not self.pending:
+            return
+        if text.startswith("/") and self.command(text):
+            event.prompt.clear()
+            return
+        if self.generating:
+            self.notify("Still answering; Esc stops it.", severity="warning")
+            return
+        if not self.chat.backend.loaded:
+            self.notify("No model is loaded yet.", severity="warning")
+            return
+        parsed = parse_prompt(text)
+        for n in parsed.notices:
+            self.notice(n, "warning")
+        attachments = self.pending + parsed.attachments
+        self.pending = []
+        self.query_one("#pending", AttachmentChips).show([])
+        event.prompt.clear()
+        self.send(parsed.text, attachments)
+
+    def send(self, text: str, attachments: list[Attachment]) -> None:
+        history = self.chat.history
+        if self.conversation_id is None:
+            s = self.chat.backend.settings
+            self.conversation_id = history.new_conversation(model=self.chat.backend.name, system_prompt=s.system_prompt)
+        history.add_message(self.conversation_id, "user", text, attachments=attachments)
+        self.transcript.mount(UserMessage(text, chips_of(attachments)))
+        self.last_sent = text
+        self.start_answer()
+        self.chat.backend.send(self.post_message, text, attachments)
+
+    def start_answer(self) -> None:
+        self.current = ModelMessage()
+        self.transcript.mount(self.current)
+        self.generating = True
+
+    def command(self, text: str) -> bool:
+        """Slash commands; False means 'not a command, send it as it is'."""
+        name, _, arg = text.partition(" ")
+        arg = arg.strip()
+        if name in MEDIA_COMMANDS:
+            if not arg:
+                self.notify(f"Usage: {name} PATH", severity="warning")
+                return True
+            try:
+                self.attach([check(parse_prompt_path(arg), expect=MEDIA_COMMANDS[name])])
+            except AttachmentError as e:
+                self.notify(str(e), severity="error", timeout=8)
+            return True
+        if name == "/new":
+            self.action_new_conversation()
+            return True
+        if name == "/system":
+            self.chat.backend.settings.system_prompt = arg
+            self.action_new_conversation()
+            self.notify("System prompt set; new conversation started.")
+            return True
+        if name == "/help":
+            self.action_help()
+            return True
+        return False
+
+    # -- streaming ---------------------------------------------------------------------------------
+
+    @on(b.Streamed)
+    async def streamed(self, event: b.Streamed) -> None:
+        if self.current is not None:
+            await self.current.show(event.thinking, event.answer)
+        self.query_one(StatusBar).stats = event.stats
+
+    @on(b.Finished)
+    async def finished(self, event: b.Finished) -> None:
+        message, self.current = self.current, None
+        self.generating = False
+        self.query_one(StatusBar).stats = event.stats
+        if message is not None:
+            await message.show(event.thinking, event.answer)
+            if event.finish_reason == "cancelled":
+                message.set_note("stopped")
+            elif event.finish_reason == "length":
+                message.set_note("cut off at the max tokens limit")
+        if self.conversation_id is not None:
+            if self.regenerating:
+                self.chat.history.delete_last_message(self.conversation_id, "assistant")
+            stats = {k: v for k, v in vars(event.stats).items()}
+            self.chat.history.add_message(self.conversation_id, "assistant", event.answer,
+                                          thinking=event.thinking, stats=dict(stats, finish=event.finish_reason))
+        self.regenerating = False
+        if event.context_full:
+            self.offer_to_drop_turns(f"The conversation now fills the context ({event.stats.context_used}"
+                                     f"/{event.stats.context_limit} tokens).")
+
+    @on(b.GenerationFailed)
+    def failed(self, event: b.GenerationFailed) -> None:
+        self.generating = False
+        if self.current is not None:
+            self.current.remove()
+            self.current = None
+        if self.conversation_id is not None and not self.regenerating:
+            # The session did not keep the turn, so neither does history; the text goes back to the prompt.
+            self.chat.history.delete_last_message(self.conversation_id, "user")
+            self.transcript.query(UserMessage).last().remove()
+            self.prompt.text = self.last_sent
+        self.regenerating = False
+        if event.context_full:
+            self.offer_to_drop_turns(f"That message does not fit in the context. {event.error}")
+        else:
+            self.notice(f"Generation failed. {event.error}", "error")
+
+    def offer_to_drop_turns(self, why: str) -> None:
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.drop_oldest_turn()
+
+        self.app.push_screen(ConfirmScreen(f"{why}\nDrop the oldest turn to make room?", "Drop oldest turn",
+                                           "Keep"), answered)
+
+    def drop_oldest_turn(self) -> None:
+        self.chat.backend.drop_oldest_turns(1)
+        if self.conversation_id is not None:
+            self.chat.history.delete_oldest_turns(self.conversation_id, 1)
+        users = self.transcript.query(UserMessage)
+        if users:
+            first = users.first()
+            children = list(self.transcript.children)
+            start = children.index(first)
+            following = [w for w in children[start + 1:] if isinstance(w, UserMessage)]
+            end = children.index(following[0]) if following else len(children)
+            for w in children[start:end]:
+                w.remove()
+        self.notify("Dropped the oldest turn.")
+
+    # -- actions -----------------------------------------------------------------------------------
+
+    def action_stop(self) -> None:
+        if self.recording:
+            self.chat.recorder.cancel()
+            self.recording = False
+            self.notify("Recording discarded.")
+        elif self.generating:
+            self.chat.backend.cancel()
+
+    def action_attach(self) -> None:
+        def chosen(path: Path | None) -> None:
+            if path is not None:
+                try:
+                    self.attach([check(path)])
+                except AttachmentError as e:
+                    self.notify(str(e), severity="error", timeout=8)
+
+        self.app.push_screen(FilePickerScreen(Path.cwd()), chosen)
+
+    def action_record(self) -> None:
+        rec = self.chat.recorder
+        meter = self.query_one(LevelMeter)
+        if not self.recording:
+            try:
+                rec.start()
+            except RecorderError as e:
+                self.notice(str(e), "error")
+                return
+            self.recording = True
+            meter.limit = rec.max_frames / rec.samplerate
+            meter.display = True
+            self._meter_timer = self.set_interval(1 / 15, self.update_meter)
+            return
+        self.recording = False
+        meter.display = False
+        self._meter_timer.stop()
+        path = rec.stop()
+        if path is None:
+            self.notify("Nothing was recorded.", severity="warning")
+            return
+        try:
+            self.attach([check(path, expect="audio")])
+        except AttachmentError as e:
+            self.notify(str(e), severity="error")
+
+    def update_meter(self) -> None:
+        rec = self.chat.recorder
+        meter = self.query_one(LevelMeter)
+        meter.level, meter.elapsed = rec.level, rec.elapsed
+        if rec.full and self.recording:
+            self.notify("Reached the 30 s the model can hear; recording stopped.")
+            self.action_record()
+
+    def watch_recording(self, recording: bool) -> None:
+        if not recording and getattr(self, "_meter_timer", None):
+            self._meter_timer.stop()
+            self.query_one(LevelMeter).display = False
+
+    def action_toggle_thinking(self) -> None:
+        on = not self.chat.backend.settings.enable_thinking
+        self.chat.backend.set_thinking(on)
+        self.query_one(StatusBar).thinking = on
+        self.notify(f"Thinking {'on' if on else 'off'}.")
+
+    def action_regenerate(self) -> None:
+        if self.generating or not self.chat.backend.loaded:
+            return
+        last = self.transcript.last_model_message()
+        if last is None:
+            self.notify("Nothing to regenerate yet.")
+            return
+        last.remove()
+        self.regenerating = True
+        self.start_answer()
+        self.chat.backend.regenerate(self.post_message)
+
+    def action_copy_answer(self) -> None:
+        last = self.transcript.last_model_message()
+        if last is None or not last.answer:
+            self.notify("No answer to copy yet.")
+            return
+        self.app.copy_to_clipboard(last.answer)
+        self.notify("Copied the last answer.")
+
+    def action_copy_code(self) -> None:
+        last = self.transcript.last_model_message()
+        code = last_code_block(last.answer) if last else None
+        if code is None:
+            self.notify("The last answer has no code block.")
+            return
+        self.app.copy_to_clipboard(code)
+        self.notify("Copied the last code block.")
+
+    def action_new_conversation(self) -> None:
+        if self.generating:
+            self.chat.backend.cancel()
+        self.conversation_id = None
+        self.transcript.remove_children()
+        self.chat.backend.new_session()
+        self.query_one(StatusBar).stats = b.Stats(context_limit=self.chat.backend.context()[1])
+
+    def action_conversations(self) -> None:
+        self.chat.action_conversations()
+
+    def action_settings(self) -> None:
+        self.chat.action_settings()
+
+    def action_help(self) -> None:
+        self.chat.action_help()
+
+    # -- resume ------------------------------------------------------------------------------------
+
+    def show_saved(self, conversation_id: int, messages: list[SavedMessage]) -> None:
+        self.transcript.remove_children()
+        self.conversation_id = conversation_id
+        for m in messages:
+            if m.role == "user":
+                self.transcript.mount(UserMessage(m.content, [(a.kind, a.path, a.name) for a in m.attachments]))
+            else:
+                note = "stopped" if m.stats.get("finish") == "cancelled" else ""
+                self.transcript.mount(ModelMessage(m.thinking, m.content, note))
+
+
+def parse_prompt_path(arg: str) -> str:
+    """`/image 'my pic.png'` and `/image my\\ pic.png` name the same file as a bare path does."""
+    parsed = parse_prompt(arg)
+    if parsed.attachments:
+        return str(parsed.attachments[0].path)
+    if len(arg) > 1 and arg[0] == arg[-1] and arg[0] in "'\"":
+        return arg[1:-1]
+    return arg.replace("\\ ", " ")

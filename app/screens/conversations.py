@@ -1,0 +1,80 @@
+"""Saved conversations: resume (Enter), delete (d), export to Markdown (e)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import ModalScreen
+from textual.widgets import OptionList, Static
+from textual.widgets.option_list import Option
+
+from ..history import History
+
+
+@dataclass
+class Choice:
+    action: str  # "resume"
+    conversation_id: int
+
+
+class ConversationsScreen(ModalScreen[Choice | None]):
+    CSS_PATH = "modal.tcss"
+    BINDINGS = [
+        Binding("escape", "dismiss_none", "Close", id="conversations.close"),
+        Binding("d,delete", "delete", "Delete", id="conversations.delete"),
+        Binding("e", "export", "Export", id="conversations.export"),
+    ]
+
+    def __init__(self, history: History) -> None:
+        super().__init__()
+        self.history = history
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Static("Conversations", classes="title")
+            yield OptionList(id="conversations")
+            yield Static("Enter resume · d delete · e export to Markdown · Esc close", classes="hint")
+
+    def on_mount(self) -> None:
+        self.refresh_list()
+
+    def refresh_list(self) -> None:
+        options = self.query_one(OptionList)
+        options.clear_options()
+        for c in self.history.conversations():
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.updated))
+            options.add_option(Option(f"{when}  {c.title or '(empty)'}  [{c.message_count} messages]", id=str(c.id)))
+        if options.option_count:
+            options.highlighted = 0
+        options.focus()
+
+    def _selected(self) -> int | None:
+        options = self.query_one(OptionList)
+        if options.highlighted is None:
+            return None
+        return int(options.get_option_at_index(options.highlighted).id)
+
+    @on(OptionList.OptionSelected)
+    def resume(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(Choice("resume", int(event.option.id)))
+
+    def action_delete(self) -> None:
+        cid = self._selected()
+        if cid is not None:
+            self.history.delete(cid)
+            self.notify("Conversation deleted.")
+            self.refresh_list()
+
+    def action_export(self) -> None:
+        cid = self._selected()
+        if cid is not None:
+            path = self.history.export_markdown(cid)
+            self.notify(f"Exported to {path}", timeout=8)
+
+    def action_dismiss_none(self) -> None:
+        self.dismiss(None)

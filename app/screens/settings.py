@@ -1,0 +1,77 @@
+"""Settings: system prompt, thinking, sampling, answer length; plus what model is loaded."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.validation import Number
+from textual.widgets import Button, Input, Label, Static, Switch, TextArea
+
+from ..backend import Settings
+
+FIELDS = [  # (id, label, type, min, max)
+    ("temperature", "Temperature", float, 0.0, 2.0),
+    ("top_p", "Top-p", float, 0.0, 1.0),
+    ("top_k", "Top-k (0 = off)", int, 0, 1000),
+    ("max_tokens", "Max tokens", int, 1, 32768),
+]
+
+
+class SettingsScreen(ModalScreen[Settings | None]):
+    """Dismisses with the new Settings, or None when cancelled."""
+
+    CSS_PATH = "modal.tcss"
+    BINDINGS = [
+        Binding("escape", "cancel", "Cancel", id="settings.cancel"),
+        Binding("ctrl+s", "save", "Save", id="settings.save"),
+    ]
+
+    def __init__(self, settings: Settings, model_info: str = "") -> None:
+        super().__init__()
+        self.settings = settings
+        self.model_info = model_info
+
+    def compose(self) -> ComposeResult:
+        s = self.settings
+        with VerticalScroll(classes="dialog"):
+            yield Static("Settings", classes="title")
+            if self.model_info:
+                yield Static(self.model_info, id="model-info", markup=False)
+            yield Label("System prompt (a change starts a new conversation)")
+            yield TextArea(s.system_prompt, id="system_prompt", soft_wrap=True)
+            with Horizontal(classes="row"):
+                yield Label("Thinking")
+                yield Switch(s.enable_thinking, id="enable_thinking")
+            for key, label, kind, lo, hi in FIELDS:
+                with Horizontal(classes="row"):
+                    yield Label(label)
+                    yield Input(str(getattr(s, key)), id=key, type="number" if kind is float else "integer",
+                                validators=[Number(minimum=lo, maximum=hi)])
+            yield Static("", id="error")
+            with Horizontal(classes="buttons"):
+                yield Button("Save", id="save", variant="primary")
+                yield Button("Cancel", id="cancel")
+
+    @on(Button.Pressed, "#save")
+    def action_save(self) -> None:
+        values = {}
+        for key, label, kind, lo, hi in FIELDS:
+            field = self.query_one(f"#{key}", Input)
+            result = field.validate(field.value)
+            if result is not None and not result.is_valid:
+                self.query_one("#error", Static).update(f"{label} must be a number from {lo} to {hi}.")
+                field.focus()
+                return
+            values[key] = kind(float(field.value))
+        values["system_prompt"] = self.query_one("#system_prompt", TextArea).text.strip()
+        values["enable_thinking"] = self.query_one("#enable_thinking", Switch).value
+        self.dismiss(replace(self.settings, **values))
+
+    @on(Button.Pressed, "#cancel")
+    def action_cancel(self) -> None:
+        self.dismiss(None)

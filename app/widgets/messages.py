@@ -1,0 +1,88 @@
+"""The transcript: user and model messages, the model's rendered as Markdown while it streams."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from textual.app import ComposeResult
+from textual.containers import Vertical, VerticalScroll
+from textual.widgets import Collapsible, Label, Markdown, Static
+
+from .chips import AttachmentChips
+
+_CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
+
+
+def last_code_block(markdown: str) -> str | None:
+    blocks = _CODE_BLOCK.findall(markdown)
+    return blocks[-1].rstrip("\n") if blocks else None
+
+
+class UserMessage(Vertical):
+    """What the user sent: text and the chips of the files attached to it."""
+
+    def __init__(self, text: str, chips: list[tuple[str, Path, str]] = ()) -> None:
+        super().__init__(classes="message user")
+        self.text, self.chips = text, list(chips)
+
+    def compose(self) -> ComposeResult:
+        yield Label("You", classes="author")
+        yield AttachmentChips(self.chips)
+        if self.text:
+            yield Static(self.text, classes="body", markup=False)
+
+
+class ModelMessage(Vertical):
+    """One answer: a collapsed Thinking section (when there is one), the Markdown answer, a footer note."""
+
+    def __init__(self, thinking: str = "", answer: str = "", note: str = "") -> None:
+        super().__init__(classes="message model")
+        self.thinking, self.answer, self.note = thinking, answer, note
+
+    def compose(self) -> ComposeResult:
+        yield Label("Gemma", classes="author")
+        with Collapsible(title="Thinking", collapsed=True, classes="thinking") as c:
+            c.display = bool(self.thinking)
+            yield Markdown(self.thinking, classes="thinking-text")
+        yield Markdown(self.answer, classes="answer")
+        note = Label(self.note, classes="note", markup=False)
+        note.display = bool(self.note)
+        yield note
+
+    async def show(self, thinking: str, answer: str) -> None:
+        """Bring the widget up to date with the text so far; appends when the answer only grew."""
+        if thinking != self.thinking:
+            self.query_one(".thinking", Collapsible).display = bool(thinking)
+            await self.query_one(".thinking-text", Markdown).update(thinking)
+            self.thinking = thinking
+        md = self.query_one(".answer", Markdown)
+        if answer.startswith(self.answer) and self.answer:
+            await md.append(answer[len(self.answer):])
+        elif answer != self.answer:
+            await md.update(answer)
+        self.answer = answer
+
+    def set_note(self, note: str) -> None:
+        self.note = note
+        label = self.query_one(".note", Label)
+        label.update(note)
+        label.display = bool(note)
+
+
+class Notice(Static):
+    """A line from the app itself: errors, banners, what happened to a pasted path."""
+
+    def __init__(self, text: str, kind: str = "info") -> None:
+        super().__init__(text, classes=f"notice {kind}", markup=False)
+
+
+class Transcript(VerticalScroll):
+    """The conversation, kept scrolled to the newest message unless the user scrolls up."""
+
+    def on_mount(self) -> None:
+        self.anchor()
+
+    def last_model_message(self) -> ModelMessage | None:
+        found = self.query(ModelMessage)
+        return found.last() if found else None

@@ -1,0 +1,58 @@
+"""The multi-line prompt: Enter sends, Shift+Enter (or Ctrl+J / Alt+Enter) starts a new line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from textual import events
+from textual.message import Message
+from textual.widgets import TextArea
+
+NEWLINE_KEYS = {"shift+enter", "ctrl+j", "alt+enter"}
+
+
+class PromptArea(TextArea):
+    @dataclass
+    class Submitted(Message):
+        prompt: PromptArea
+        text: str
+
+    @dataclass
+    class Pasted(Message):
+        """Text pasted (or files dragged) into the prompt, before it is inserted."""
+
+        prompt: PromptArea
+        text: str
+
+    @dataclass
+    class BackspaceOnEmpty(Message):
+        prompt: PromptArea
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(soft_wrap=True, show_line_numbers=False, tab_behavior="focus", **kwargs)
+
+    async def _on_key(self, event: events.Key) -> None:
+        if event.key == "enter":
+            event.stop()
+            event.prevent_default()
+            self.post_message(self.Submitted(self, self.text))
+            return
+        if event.key in NEWLINE_KEYS:
+            event.stop()
+            event.prevent_default()
+            self.insert("\n")
+            return
+        if event.key == "backspace" and not self.text:
+            self.post_message(self.BackspaceOnEmpty(self))
+        await super()._on_key(event)
+
+    async def _on_paste(self, event: events.Paste) -> None:
+        # The chat screen takes attachment paths out of the text and inserts the rest with insert_pasted().
+        event.stop()
+        event.prevent_default()
+        self.post_message(self.Pasted(self, event.text))
+
+    def insert_pasted(self, text: str) -> None:
+        if text:
+            self.insert(text)
+        self.focus()
