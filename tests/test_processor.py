@@ -166,3 +166,27 @@ def test_eos_ids_and_decode(proc):
     ids = proc(text="<bos>hi <|image>")["input_ids"][0]
     assert proc.decode(ids) == "<bos>hi <|image>"
     assert proc.decode(ids, skip_special_tokens=True) == "hi "
+
+
+def test_video_placeholders_expand_like_reference(proc, ref, ref_tok):
+    from transformers.models.gemma4.processing_gemma4 import Gemma4Processor, get_aspect_ratio_preserving_size
+    from transformers.processing_utils import ProcessorMixin
+
+    frames = np.random.default_rng(6).integers(0, 255, (5, 90, 160, 3), dtype=np.uint8)  # (T, H, W, C)
+    text = "Watch <|video|> and <|image|>."
+    image = _image(50, 50, 7)
+    out = proc(text=text, videos=[frames], images=[image], max_soft_tokens=70)
+    # The reference: tokens per frame from its resize rule, one "mm:ss <boi>...<eoi>" group per frame; the
+    # frame times are the video module's (24 fps when the source has none, as the reference assumes).
+    h, w = get_aspect_ratio_preserving_size(90, 160, patch_size=16, max_patches=70 * 9, pooling_kernel_size=3)
+    video_inputs = {"num_soft_tokens_per_video": [(h // 16) * (w // 16) // 9],
+                    "video_metadata": [SimpleNamespace(fps=24.0, timestamps=[i / 24 for i in range(5)])]}
+    video_repl = [Gemma4Processor.replace_video_token(ref, video_inputs, 0)]
+    image_ids, _ = _expected(ref, ref_tok, "<|image|>", images=[image], max_soft_tokens=70)
+    image_repl = [ref_tok.decode(image_ids[1:])]
+    [expanded], _ = ProcessorMixin.get_text_with_replacements(ref, [text], image_repl, video_repl, [])
+    ids = ref_tok(expanded).input_ids
+    [types] = ProcessorMixin.create_mm_token_type_ids(ref, [ids])
+    _check(out, ids, types)
+    assert out["pixel_values_videos"].shape[0] == 5 and 2 in types and 1 in types
+    assert "00:00 <|image>" in expanded

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 # Bookkeeping the sub-processors return that is not a model input.
 _NOT_INPUTS = {"num_soft_tokens_per_image", "num_soft_tokens_per_audio", "num_soft_tokens_per_video",
-               "segments_per_audio", "timestamps", "video_metadata", "num_frames_per_video"}
+               "segments_per_audio", "timestamps", "video_metadata", "num_frames_per_video", "fps"}
 # mm_token_type_ids values, as ProcessorMixin.create_mm_token_type_ids writes them.
 TEXT, IMAGE, VIDEO, AUDIO = 0, 1, 2, 3
 
@@ -183,12 +183,13 @@ class Processor:
         boa, token, eoa = self._placeholder("boa"), self._placeholder("audio"), self._placeholder("eoa")
         return out, self.audio_extractor.prompt_texts(out, boa, token, eoa)
 
-    def _video_runs(self, videos: list[Any], **kw: Any) -> tuple[dict[str, Any], list[str]]:
-        out = self.video_processor(videos, **kw)
+    def _video_runs(self, videos: list[Any], max_soft_tokens: int | None) -> tuple[dict[str, Any], list[str]]:
+        from .video import video_prompt_text
+
+        out = self.video_processor(videos, max_soft_tokens=max_soft_tokens)
         boi, token, eoi = self._placeholder("boi"), self._placeholder("video"), self._placeholder("eoi")
-        runs = []
-        for n, stamps in zip(out["num_soft_tokens_per_video"], out["timestamps"]):
-            runs.append(" ".join(f"{_mmss(t)} {boi}{token * int(n)}{eoi}" for t in stamps))
+        runs = [video_prompt_text(int(n), stamps, boi, token, eoi)
+                for n, stamps in zip(out["num_soft_tokens_per_video"], out["timestamps"])]
         return out, runs
 
     def expand_placeholders(self, text: str, runs: dict[str, list[str]]) -> str:
@@ -205,10 +206,12 @@ class Processor:
                  max_soft_tokens: int | None = None, **kw: Any) -> dict[str, mx.array]:
         """Tokenize `text`, expanding one placeholder per image / audio clip / video (counts must match).
 
-        images: PIL images or paths; audio: 1-D float32 arrays at 16 kHz or paths to audio files; videos: what
-        the video processor takes. ``max_soft_tokens`` sets the image token budget (70, 140, 280, 560, 1120).
-        Extra keywords go to the video processor. BOS is added as the checkpoint's tokenizer adds it, never
-        twice (a prompt that starts with ``<bos>`` keeps only that one).
+        images: PIL images or paths; audio: 1-D float32 arrays at 16 kHz or paths to audio files; videos:
+        a list of videos, each a file path, a (T, H, W, C) uint8 array or a list of frames. ``max_soft_tokens``
+        sets the token budget per image and, as in the reference, per video frame (one of 70, 140, 280, 560,
+        1120; default: the checkpoint's); ``video_max_soft_tokens=`` overrides it for video frames only.
+        BOS is added as the checkpoint's tokenizer adds it, never twice (a prompt that starts with ``<bos>``
+        keeps only that one).
         """
         if not isinstance(text, str):
             raise InputError(f"text must be one prompt string; got {type(text).__name__}.")
@@ -226,10 +229,11 @@ class Processor:
             out, runs["audio"] = self._audio_runs(audio)
             features.update(out)
         if videos:
-            out, runs["video"] = self._video_runs(videos, **kw)
+            budget = kw.pop("video_max_soft_tokens", None) or max_soft_tokens
+            out, runs["video"] = self._video_runs(videos, budget)
             features.update(out)
-        elif kw:
-            logger.debug("Processor: ignoring keywords %s (no videos)", sorted(kw))
+        if kw:
+            logger.debug("Processor: ignoring keywords %s", sorted(kw))
 
         ids = np.asarray(self.tokenizer.encode(self.expand_placeholders(text, runs)), dtype=np.int32)
         inputs: dict[str, mx.array] = {
