@@ -1,0 +1,136 @@
+"""Video loading and preprocessing.
+
+transformers' Gemma4VideoProcessor cannot be imported here (it needs torchvision, which must not be installed),
+so parity is checked piece by piece against the reference code that does import: frame sampling against
+``video_utils.default_sample_indices_fn``, timestamps against ``VideoMetadata.timestamps``, the prompt text
+against ``Gemma4Processor.replace_video_token``, and each frame's pixels against ``Gemma4ImageProcessorPil`` at
+the video budget (the video processor applies the same resize / rescale / patchify per frame, but through
+torchvision's resize, which we do not reproduce bit for bit).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from mlx_gemma4.errors import InputError
+from mlx_gemma4.processing.video import VideoProcessor, load_video, sample_indices, video_prompt_text
+
+
+def _write_video(path, frames: int = 40, fps: int = 10, size=(64, 48)) -> None:
+    w, h = size
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for i in range(frames):
+            pixels = np.clip(rng.integers(0, 60, (h, w, 3)) + i * 4, 0, 255).astype(np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.fixture(scope="module")
+def video_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("video") / "clip.mp4"
+    _write_video(path)
+    return path
+
+
+def test_sampling_matches_reference():
+    from transformers.video_utils import VideoMetadata, default_sample_indices_fn
+
+    for total, n in [(40, 32), (32, 32), (100, 32), (1000, 32), (33, 7), (5, 1)]:
+        ref = default_sample_indices_fn(VideoMetadata(total_num_frames=total, fps=30.0), num_frames=n)
+        assert sample_indices(total, n) == ref.tolist()
+    for total, fps, video_fps in [(300, 1.0, 30.0), (10, 0.5, 25.0), (90, 2.0, 29.97)]:
+        ref = default_sample_indices_fn(VideoMetadata(total_num_frames=total, fps=video_fps), fps=fps)
+        assert sample_indices(total, None, fps=fps, video_fps=video_fps) == ref.tolist()
+    # Shorter than the frame budget: the reference raises; we keep every frame.
+    assert sample_indices(10, 32) == list(range(10))
+
+
+def test_prompt_text_matches_replace_video_token():
+    from transformers.models.gemma4.processing_gemma4 import Gemma4Processor
+    from transformers.video_utils import VideoMetadata
+
+    fake = SimpleNamespace(boi_token="<boi>", video_token="<|video|>", eoi_token="<eoi>")
+    for fps, indices in [(10.0, [0, 1, 2, 15, 37]), (29.97, [0, 900, 1850, 4000]), (None, [0, 24, 48])]:
+        meta = VideoMetadata(total_num_frames=5000, fps=fps, frames_indices=indices)
+        ref = Gemma4Processor.replace_video_token(fake, {"num_soft_tokens_per_video": [3], "video_metadata": [meta]}, 0)
+        stamps = [i / (fps or 24) for i in indices]
+        assert video_prompt_text(3, stamps, "<boi>", "<|video|>", "<eoi>") == ref
+
+
+def test_decode_sample_and_preprocess(video_path):
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+    from transformers.video_utils import VideoMetadata
+
+    video = load_video(video_path)
+    assert video.total_num_frames == 40 and video.fps == 10.0
+    assert video.frame_indices == (np.arange(32) * 40 // 32).tolist()
+    assert video.frames.shape == (32, 48, 64, 3) and video.frames.dtype == np.uint8
+    meta = VideoMetadata(total_num_frames=40, fps=10.0, frames_indices=video.frame_indices)
+    assert video.timestamps == meta.timestamps
+
+    out = VideoProcessor()(str(video_path))
+    assert out["num_frames_per_video"] == [32]
+    assert out["pixel_values_videos"].shape == (32, 630, 768)
+    assert out["video_position_ids"].shape == (32, 630, 2)
+    assert out["timestamps"] == [meta.timestamps]
+    ref = Gemma4ImageProcessorPil()([Image.fromarray(f) for f in video.frames[:3]], max_soft_tokens=70,
+                                    return_tensors="np")
+    assert out["num_soft_tokens_per_video"] == [ref["num_soft_tokens_per_image"][0]]
+    np.testing.assert_array_equal(out["video_position_ids"][:3], ref["image_position_ids"])
+    np.testing.assert_allclose(out["pixel_values_videos"][:3], ref["pixel_values"], rtol=0, atol=1e-7)
+    # The kept frames are exactly the source frames at those indices (decoded here independently).
+    with av.open(str(video_path)) as container:
+        every = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    np.testing.assert_array_equal(video.frames, every[video.frame_indices])
+
+
+def test_frame_lists_and_batches(video_path):
+    frames = [Image.new("RGB", (40, 30), (i * 10, 0, 0)) for i in range(5)]
+    out = VideoProcessor(num_frames=3)([frames, str(video_path)], max_soft_tokens=140)
+    assert out["num_frames_per_video"] == [3, 3]
+    assert out["timestamps"][0] == [0 / 24, 1 / 24, 3 / 24]  # indices 0, 1, 3 of 5, unknown fps -> 24
+    assert out["timestamps"][1] == [0.0, 1.3, 2.6]
+    assert out["pixel_values_videos"].shape == (6, 140 * 9, 768)
+    single = VideoProcessor()(frames)  # one video as a list of frames
+    assert single["num_frames_per_video"] == [5]
+    assert VideoProcessor.from_dict({"video_processor": {"num_frames": 8, "max_soft_tokens": 140}}).num_frames == 8
+
+
+def _raises_naming(src, name: str, match: str = "") -> None:
+    with pytest.raises(InputError, match=match) as e:
+        load_video(src)
+    assert name in str(e.value)
+
+
+def test_bad_inputs(tmp_path, video_path):
+    _raises_naming(tmp_path / "gone.mp4", "gone.mp4", "no such file")
+    _raises_naming(tmp_path, str(tmp_path), "directory")
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    _raises_naming(tmp_path / "empty.mp4", "empty.mp4", "empty")
+    (tmp_path / "notes.mp4").write_text("not a video at all")
+    _raises_naming(tmp_path / "notes.mp4", "notes.mp4", "not a video")
+    data = video_path.read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 3])
+    with pytest.raises(InputError, match="cut.mp4"):
+        load_video(tmp_path / "cut.mp4")
+    with av.open(str(tmp_path / "voice.wav"), "w") as container:  # audio only
+        stream = container.add_stream("pcm_s16le", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1600), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 16000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+    _raises_naming(tmp_path / "voice.wav", "voice.wav", "no video stream")
+    with pytest.raises(InputError, match="no frames"):
+        load_video([])
+    with pytest.raises(InputError, match="same size"):
+        load_video([Image.new("RGB", (8, 8)), Image.new("RGB", (9, 8))])
