@@ -110,11 +110,12 @@ class ChatSession:
                 f"The conversation is {L} tokens but the model's context is {self.context_limit}. "
                 "Drop the oldest turns (drop_oldest_turns) or start a new chat."
             )
+        chunk = gen_kwargs.pop("prefill_chunk", self.prefill_chunk)
         start = self._rewind(ids)
         t0 = time.perf_counter()
         # Prefill all but the last prompt token, snapshot, then let the generation loop take the last one.
         if start < L - 1:
-            prefill(self.model, self._slice(inputs, ids, start, L - 1), self.cache, self.prefill_chunk, start)
+            prefill(self.model, self._slice(inputs, ids, start, L - 1), self.cache, chunk, start)
         self._cached_ids = ids[: L - 1].tolist()
         self._snap = (L - 1, kv.snapshot(self.cache))
         prefill_s = time.perf_counter() - t0
@@ -124,7 +125,7 @@ class ChatSession:
         fed: list[int] = []
         try:
             for r in stream_tokens(self.model, self.processor, tail, self.cache, start=L - 1,
-                                   prefill_chunk=self.prefill_chunk, on_token=fed.append, **gen_kwargs):
+                                   on_token=fed.append, **gen_kwargs):
                 pieces.append(r.text)
                 # Report the whole turn's prefill (what changed since the last turn), not just its last token.
                 ttft = r.ttft + prefill_s
@@ -135,7 +136,16 @@ class ChatSession:
             # Runs also when the caller stops iterating early: the partial answer is kept.
             self._cached_ids = ids.tolist() + fed
             _, answer = split_thinking("".join(pieces))
-            self.messages.append({"role": "assistant", "content": answer.strip()})
+            self.messages.append({"role": "assistant", "content": self._without_placeholders(answer).strip()})
+
+    def _without_placeholders(self, text: str) -> str:
+        """A media placeholder the model happened to write must not turn into a media slot next turn."""
+        special = getattr(self.processor, "special", None)
+        for kind in ("image", "audio", "video"):
+            tok = getattr(special, kind, None)
+            if tok is not None and tok.text:
+                text = text.replace(tok.text, "")
+        return text
 
     def _rewind(self, ids: np.ndarray) -> int:
         """Make the cache hold a prefix of ``ids`` (at most all but the last token); return its length."""
