@@ -53,8 +53,8 @@ class ChatApp(App):
         self.startup_messages = list(messages)
         self.chat_screen = ChatScreen()
 
-    def on_mount(self) -> None:
-        self.push_screen(self.chat_screen)
+    async def on_mount(self) -> None:
+        await self.push_screen(self.chat_screen)
         for text in self.startup_messages + ([self.history.notice] if self.history.notice else []):
             self.chat_screen.notice(text, "warning")
         if self.offer_download:

@@ -125,3 +125,190 @@ async def _send_streams_and_saves(tmp_path):
     [conv] = h.conversations()
     assert [(m.role, m.content) for m in h.messages(conv.id)] == [("user", "hi there"),
                                                                   ("assistant", "Hello **there** friend")]
+
+
+def notes(app) -> list[str]:
+    """The toasts shown so far (Textual keeps them on a private attribute)."""
+    return [n.message for n in app._notifications]
+
+
+def run(coro_fn):
+    """Each test is a coroutine over Pilot; no asyncio plugin needed."""
+    return lambda tmp_path: asyncio.run(coro_fn(tmp_path))
+
+
+async def ready(app):
+    pilot_ctx = app.run_test(size=(100, 40))
+    pilot = await pilot_ctx.__aenter__()
+    await wait_for(pilot, lambda: app.backend.loaded)
+    return pilot_ctx, pilot
+
+
+def png(path: Path) -> Path:
+    Image.new("RGB", (8, 8), "blue").save(path)
+    return path
+
+
+async def _cancel_keeps_partial_answer(tmp_path):
+    app = make_app(tmp_path, reply=" ".join(f"w{i}" for i in range(200)), delay=0.01)
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded)
+        await send(pilot, "tell me a long story")
+        chat = app.chat_screen
+        await wait_for(pilot, lambda: chat.current is not None and chat.current.answer.count("w") >= 3)
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: not chat.generating)
+        msg = chat.query_one(ModelMessage)
+        assert msg.answer.startswith("w0 w1 w2") and "w199" not in msg.answer
+        assert msg.note == "stopped"
+        saved = app.history.messages(chat.conversation_id)
+        assert saved[-1].content == msg.answer and saved[-1].stats["finish"] == "cancelled"
+
+
+test_cancel_keeps_partial_answer = run(_cancel_keeps_partial_answer)
+
+
+async def _pasted_paths_become_attachments(tmp_path):
+    d = tmp_path / "pics dir"
+    d.mkdir()
+    a, b = png(d / "a b.png"), png(d / "c.png")
+    (d / "notes.txt").write_text("text")
+    app = make_app(tmp_path)
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded)
+        prompt = app.chat_screen.query_one(PromptArea)
+        prompt.focus()
+        escaped = str(b).replace(" ", "\\ ")
+        gone = str(d / "gone.jpg").replace(" ", "\\ ")
+        app.chat_screen.post_message(PromptArea.Pasted(prompt, f"'{a}' {escaped} '{d / 'notes.txt'}' {gone}"))
+        await pilot.pause(0.1)
+        assert [x.path for x in app.chat_screen.pending] == [a, b]
+        assert "notes.txt" in prompt.text and "gone.jpg" in prompt.text
+        assert len(notes(app)) >= 2
+        prompt.text = f"what are these? {b.as_uri()}"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: not app.chat_screen.generating and app.chat_screen.query(ModelMessage))
+        assert app.sessions[0].calls[0]["images"] == [str(a), str(b), str(b)]
+        assert app.sessions[0].calls[0]["text"] == "what are these?"
+        saved = app.history.messages(app.chat_screen.conversation_id)[0]
+        assert [x.name for x in saved.attachments] == ["a b.png", "c.png", "c.png"]
+
+
+test_pasted_paths_become_attachments = run(_pasted_paths_become_attachments)
+
+
+async def _slash_commands_and_bad_files(tmp_path):
+    img = png(tmp_path / "my pic.png")
+    (tmp_path / "fake.wav").write_text("not audio")
+    app = make_app(tmp_path)
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded)
+        chat = app.chat_screen
+        await send(pilot, f"/image '{img}'")
+        assert [a.path for a in chat.pending] == [img]
+        await send(pilot, f"/audio {tmp_path}/fake.wav")
+        await send(pilot, f"/audio {img}")
+        messages = [m for m in notes(app)]
+        assert any("fake.wav: not an image, audio or video file" in m for m in messages)
+        assert any("is an image, not an audio" in m for m in messages)
+        assert len(chat.pending) == 1
+        await pilot.press("backspace")  # on an empty prompt: drops the last pending file
+        assert chat.pending == []
+
+
+test_slash_commands_and_bad_files = run(_slash_commands_and_bad_files)
+
+
+async def _thinking_toggle_regenerate_copy(tmp_path):
+    app = make_app(tmp_path, reply="Here:\n```py\nprint(1)\n```")
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded)
+        chat = app.chat_screen
+        await pilot.press("ctrl+t")
+        await pilot.pause(0.05)
+        assert app.backend.settings.enable_thinking is True
+        assert "thinking on" in str(chat.query_one("#status").render())
+        await send(pilot, "code please")
+        await wait_for(pilot, lambda: not chat.generating and chat.query(ModelMessage))
+        assert app.sessions[0].enable_thinking is True
+        await pilot.press("ctrl+g")
+        await wait_for(pilot, lambda: len(app.sessions[0].calls) == 2 and not chat.generating)
+        await pilot.pause(0.05)
+        assert len(chat.query(ModelMessage)) == 1
+        assert [m.role for m in app.history.messages(chat.conversation_id)] == ["user", "assistant"]
+        await pilot.press("ctrl+b")
+        assert app.clipboard == "print(1)"
+        await pilot.press("f3")
+        assert app.clipboard.startswith("Here:")
+
+
+test_thinking_toggle_regenerate_copy = run(_thinking_toggle_regenerate_copy)
+
+
+async def _resume_after_restart(tmp_path):
+    app = make_app(tmp_path, reply="first answer")
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded)
+        await send(pilot, "first question")
+        await wait_for(pilot, lambda: not app.chat_screen.generating and app.chat_screen.query(ModelMessage))
+    app2 = make_app(tmp_path, reply="second answer", resume=True)
+    async with app2.run_test() as pilot:
+        await wait_for(pilot, lambda: app2.backend.loaded and app2.sessions[-1].messages)
+        chat = app2.chat_screen
+        assert [m.text for m in chat.query(UserMessage)] == ["first question"]
+        assert app2.sessions[-1].messages == [{"role": "user", "content": "first question"},
+                                              {"role": "assistant", "content": "first answer"}]
+        await send(pilot, "and then?")
+        await wait_for(pilot, lambda: not chat.generating and len(chat.query(ModelMessage)) == 2)
+        assert len(app2.history.conversations()) == 1
+        assert len(app2.history.messages(chat.conversation_id)) == 4
+
+
+test_resume_after_restart = run(_resume_after_restart)
+
+
+async def _corrupt_history_and_failed_load(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "history.db").write_bytes(b"garbage" * 1000)
+
+    def broken(progress):
+        raise FileNotFoundError("models/nope/config.json not found")
+
+    app = ChatApp(Backend("nope", broken), History(tmp_path / "data"))
+    async with app.run_test() as pilot:
+        await pilot.pause(0.2)
+        notices = [str(n.render()) for n in app.chat_screen.query(Notice)]
+        assert any("could not be read" in n and "kept as" in n for n in notices)
+        assert any("could not be loaded" in n and "config.json not found" in n for n in notices)
+        await send(pilot, "hello?")
+        assert any("No model is loaded" in m for m in notes(app))
+    assert list((tmp_path / "data").glob("history.corrupt-*.db"))
+
+
+test_corrupt_history_and_failed_load = run(_corrupt_history_and_failed_load)
+
+
+async def _help_settings_palette(tmp_path):
+    from app.screens.help import HelpScreen
+    from app.screens.settings import SettingsScreen
+
+    app = make_app(tmp_path)
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded)
+        await pilot.press("f1")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        await pilot.press("f2")
+        assert isinstance(app.screen, SettingsScreen)
+        app.screen.query_one("#temperature").value = "0.3"
+        app.screen.query_one("#top_k").value = "5"
+        await pilot.press("ctrl+s")
+        assert app.backend.settings.temperature == 0.3 and app.backend.settings.top_k == 5
+        await send(pilot, "x")
+        await wait_for(pilot, lambda: app.sessions[0].calls)
+        assert app.sessions[0].calls[0]["temperature"] == 0.3
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        assert {"Toggle thinking", "Regenerate", "Copy last answer", "Settings", "Help"} <= set(titles)
+
+
+test_help_settings_palette = run(_help_settings_palette)
