@@ -101,7 +101,11 @@ def load_image(src: ImageInput) -> Image.Image:
         image = ImageOps.exif_transpose(image)
     except Exception as e:  # a malformed EXIF block should not hide an otherwise good image
         logger.warning("%s: ignoring unreadable EXIF orientation (%s)", name, e)
-    return to_rgb(image)
+    try:
+        return to_rgb(image)
+    except (ValueError, OSError) as e:
+        raise InputError(f"{name}: cannot convert its {image.mode} pixels to RGB ({e}). Save it as an RGB "
+                         "PNG or JPEG.") from e
 
 
 def _open_path(path: Path) -> Image.Image:
