@@ -317,13 +317,14 @@ class AudioModel(nn.Module):
 
 
 class MultimodalEmbedder(nn.Module):
-    """Soft tokens -> text embedding space: scale-free RMSNorm, then a bias-free projection."""
+    """Soft tokens -> text embedding space: scale-free RMSNorm, then a bias-free projection.
 
-    def __init__(self, config: AudioConfig, text_hidden_size: int):
+    ``in_dims`` is the tower's output width (``output_proj_dims`` for audio); same signature as vision's."""
+
+    def __init__(self, in_dims: int, text_hidden: int, eps: float = 1e-6):
         super().__init__()
-        in_dims = getattr(config, "output_proj_dims", None) or config.hidden_size
-        self.embedding_pre_projection_norm = RMSNorm(in_dims, eps=config.rms_norm_eps, with_scale=False)
-        self.embedding_projection = nn.Linear(in_dims, text_hidden_size, bias=False)
+        self.embedding_pre_projection_norm = RMSNorm(in_dims, eps=eps, with_scale=False)
+        self.embedding_projection = nn.Linear(in_dims, text_hidden, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.embedding_projection(self.embedding_pre_projection_norm(x))

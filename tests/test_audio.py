@@ -40,7 +40,8 @@ def build(audio: dict, seed: int = 0):
                 b.fill_(float(0.3 + torch.rand(1, generator=g)))
 
     ours = AudioModel(AudioConfig.from_dict(cfg.audio_config.to_dict()))
-    embed = MultimodalEmbedder(ours.config, cfg.text_config.hidden_size)
+    ac = ours.config
+    embed = MultimodalEmbedder(ac.output_proj_dims or ac.hidden_size, cfg.text_config.hidden_size, ac.rms_norm_eps)
     state = {k: mx.array(v.numpy()) for k, v in ref.state_dict().items()}
     ours.load_weights(list(ours.sanitize(state).items()), strict=True)
     embed.load_weights([(k, mx.array(v.numpy())) for k, v in ref_embed.state_dict().items()], strict=True)
