@@ -13,7 +13,7 @@ from mlx_gemma4.config import VisionConfig
 from mlx_gemma4.processing.image import ImageProcessor
 from mlx_gemma4.vision import MultimodalEmbedder, VisionModel, encode_images
 
-from tiny import VISION, VISION_LARGE, make_model
+from tests.tiny import VISION, VISION_LARGE, make_model
 
 
 class Holder(nn.Module):
