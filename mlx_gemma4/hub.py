@@ -1,0 +1,51 @@
+"""Local directory or Hugging Face hub repo id -> local directory, downloading only the files a model needs."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from .errors import ConfigError, WeightsError
+
+logger = logging.getLogger(__name__)
+
+# Config, safetensors (+ index), tokenizer, processor and chat-template files. Never pickles (*.bin, *.pt),
+# never code (*.py): nothing executable comes from the hub.
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def is_repo_id(s: str) -> bool:
+    return bool(_REPO_ID.match(s)) and not Path(s).exists()
+
+
+def resolve(path_or_repo: str | Path, revision: str | None = None, cache_dir: str | Path | None = None,
+            local_files_only: bool = False) -> Path:
+    """A local directory holding the model: ``path_or_repo`` itself, or a hub snapshot of it.
+
+    The hub download shows huggingface_hub's own progress bars; it honours HF_HUB_OFFLINE and HF_HUB_CACHE.
+    """
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"{path} is a file; pass the model directory that holds config.json.")
+        return path
+    s = str(path_or_repo)
+    if not _REPO_ID.match(s):
+        raise ConfigError(f"{s} is neither a local directory nor a hub repo id like 'google/gemma-4-E4B-it'.")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    logger.info("Fetching %s from the Hugging Face hub (only %s)", s, ", ".join(ALLOW_PATTERNS))
+    try:
+        out = snapshot_download(s, revision=revision, cache_dir=cache_dir, allow_patterns=ALLOW_PATTERNS,
+                                local_files_only=local_files_only)
+    except RepositoryNotFoundError as e:
+        raise ConfigError(f"The hub has no repo {s!r} (or it is gated: run `hf auth login`). Check the name.") from e
+    except LocalEntryNotFoundError as e:
+        raise WeightsError(f"{s} is not in the local hub cache and downloading is off or failed ({e}). "
+                           "Connect to the network or unset HF_HUB_OFFLINE, then try again.") from e
+    except HfHubHTTPError as e:
+        raise WeightsError(f"Downloading {s} failed: {e}. Try again, or download it and pass the directory.") from e
+    return Path(out)

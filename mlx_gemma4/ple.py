@@ -1,0 +1,96 @@
+"""Per-layer embeddings (PLE) kept off the device: a memory-mapped table read one row per token.
+
+E2B/E4B carry a token-identity table of vocab x (layers * ple_dim) (E4B: 262,144 x 10,752), yet a forward pass
+reads one row per token. convert.py writes that table to its own safetensors file (``PLE_FILE``, possibly
+quantized); ``MappedPerLayerEmbedding`` maps it with numpy and copies only the rows a call needs into MLX, so the
+table never counts as resident model memory (the OS pages rows in and may drop them again).
+
+It stands in for ``TextModel.embed_tokens_per_layer``: a module with no parameters, called with token ids and
+returning the scaled rows exactly as text.ScaledEmbedding (or its quantized twin) would.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .errors import WeightsError
+
+PLE_FILE = "per_layer_embeddings.safetensors"
+_NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32}
+
+
+def memmap_safetensors(path: str | Path) -> tuple[dict[str, np.memmap], dict[str, str], dict[str, str]]:
+    """Map every tensor of a safetensors file: (name -> memmap, name -> safetensors dtype, metadata)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error) as e:
+        raise WeightsError(f"Cannot read {path}: {e}. Re-convert the model.") from e
+    metadata = header.pop("__metadata__", {}) or {}
+    size = path.stat().st_size
+    arrays, dtypes = {}, {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        if 8 + n + end > size:
+            raise WeightsError(f"{path} is truncated ({name} ends past the end of the file). Re-convert the model.")
+        if info["dtype"] not in _NP_DTYPES:
+            raise WeightsError(f"{path}: {name} has dtype {info['dtype']}, which the PLE reader does not handle.")
+        arrays[name] = np.memmap(path, dtype=_NP_DTYPES[info["dtype"]], mode="r", offset=8 + n + start,
+                                 shape=tuple(info["shape"]))
+        dtypes[name] = info["dtype"]
+    return arrays, dtypes, metadata
+
+
+def _to_mx(rows: np.ndarray, st_dtype: str) -> mx.array:
+    a = mx.array(np.ascontiguousarray(rows))
+    return a.view(mx.bfloat16) if st_dtype == "BF16" else a
+
+
+class MappedPerLayerEmbedding(nn.Module):
+    """Drop-in for the PLE ``ScaledEmbedding``: gathers rows from the memory-mapped file on each call."""
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        arrays, dtypes, meta = memmap_safetensors(path)
+        if "weight" not in arrays:
+            raise WeightsError(f"{path} has no 'weight' tensor. Re-convert the model.")
+        self._arrays, self._dtypes = arrays, dtypes   # plain attributes: not parameters
+        self.embed_scale = float(meta["embed_scale"])
+        self.bits = int(meta.get("bits", 0))
+        self.group_size = int(meta.get("group_size", 0))
+        self.dims = int(meta["dims"])
+        self.num_embeddings = arrays["weight"].shape[0]
+        self.path = str(path)
+
+    def _rows(self, name: str, idx: np.ndarray) -> mx.array:
+        return _to_mx(self._arrays[name][idx], self._dtypes[name])
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        idx = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if self.bits:
+            x = mx.dequantize(self._rows("weight", idx), self._rows("scales", idx), self._rows("biases", idx),
+                              group_size=self.group_size, bits=self.bits)
+        else:
+            x = self._rows("weight", idx)
+        x = x.reshape(*ids.shape, self.dims)                                 # (B, L, layers * ple_dim)
+        return x * mx.array(self.embed_scale, dtype=x.dtype)
+
+    def load_table(self) -> dict[str, mx.array]:
+        """The whole table as MLX arrays (the in-memory path, for tests and for callers that want it resident)."""
+        return {k: _to_mx(v, self._dtypes[k]) for k, v in self._arrays.items()}
+
+
+def save_table(path: str | Path, tensors: dict[str, mx.array], embed_scale: float, dims: int,
+               bits: int = 0, group_size: int = 0) -> None:
+    """Write the PLE table (``weight`` and, when quantized, ``scales`` / ``biases``) as its own file."""
+    meta = {"embed_scale": repr(float(embed_scale)), "dims": str(dims), "bits": str(bits),
+            "group_size": str(group_size), "format": "mlx"}
+    mx.save_safetensors(str(path), tensors, metadata=meta)
