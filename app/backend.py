@@ -9,6 +9,7 @@ at once; the backend answers with the dataclass Messages below, posted to whatev
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from contextlib import closing
@@ -77,8 +78,13 @@ def chat_session(model: Any, processor: Any, settings: Settings) -> Session:
                        enable_thinking=settings.enable_thinking)
 
 
+# Control characters (a random model writes plenty) would reach the terminal; tabs and newlines stay.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
 def split_thinking(text: str) -> tuple[str, str]:
-    """(thinking, answer) of streamed text; the package's own splitter once it exists."""
+    """(thinking, answer) of streamed text, without control characters."""
+    text = _CONTROL.sub("", text)
     try:
         from mlx_gemma4.processing.tokenizer import split_thinking as split
     except ImportError:
