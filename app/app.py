@@ -31,6 +31,18 @@ def session_messages(saved) -> list[dict]:
     return out
 
 
+def key_label(keys: str) -> str:
+    """"ctrl+o,escape" -> "Ctrl+O / Esc"."""
+    names = {"escape": "Esc", "delete": "Del", "enter": "Enter"}
+
+    def one(key: str) -> str:
+        *mods, base = key.split("+")
+        base = names.get(base, base.upper() if len(base) <= 3 else base.capitalize())
+        return "+".join([m.capitalize() for m in mods] + [base])
+
+    return " / ".join(one(k.strip()) for k in keys.split(","))
+
+
 class ChatApp(App):
     TITLE = "gemma4-chat"
     BINDINGS = [Binding("ctrl+q", "quit", "Quit", priority=True, id="app.quit")]
@@ -98,7 +110,7 @@ class ChatApp(App):
     # -- actions shared by the palette and the chat screen's keys ------------------------------------
 
     def action_help(self) -> None:
-        rows = [(b.key.replace("ctrl+", "Ctrl+"), b.description) for b in ChatScreen.BINDINGS]
+        rows = [(key_label(b.key), b.description) for b in ChatScreen.BINDINGS]
         rows += [("Ctrl+P", "command palette"), ("Ctrl+Q", "quit")]
         self.push_screen(HelpScreen(rows))
 

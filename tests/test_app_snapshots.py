@@ -1,0 +1,45 @@
+"""Snapshots (pytest-textual-snapshot) of the chat, help and settings screens over a scripted session.
+
+Update them after an intended change with: pytest tests/test_app_snapshots.py --snapshot-update
+"""
+
+from __future__ import annotations
+
+from tests.test_app_chat import make_app, send, wait_for
+
+REPLY = "Here is a list:\n\n- **bold** item\n- `code` item\n\n```python\nprint('hi')\n```"
+SIZE = (100, 32)
+
+
+def chat_app(tmp_path):
+    return make_app(tmp_path, reply=REPLY)
+
+
+async def after_answer(pilot) -> None:
+    app = pilot.app
+    await wait_for(pilot, lambda: app.backend.loaded)
+    await send(pilot, "Show me a list")
+    await wait_for(pilot, lambda: not app.chat_screen.generating and app.chat_screen.query("ModelMessage"))
+    await pilot.pause(0.1)
+
+
+def test_chat_screen(snap_compare, tmp_path):
+    assert snap_compare(chat_app(tmp_path), terminal_size=SIZE, run_before=after_answer)
+
+
+def test_help_screen(snap_compare, tmp_path):
+    async def open_help(pilot):
+        await wait_for(pilot, lambda: pilot.app.backend.loaded)
+        await pilot.press("f1")
+        await pilot.pause(0.1)
+
+    assert snap_compare(chat_app(tmp_path), terminal_size=SIZE, run_before=open_help)
+
+
+def test_settings_screen(snap_compare, tmp_path):
+    async def open_settings(pilot):
+        await wait_for(pilot, lambda: pilot.app.backend.loaded)
+        await pilot.press("f2")
+        await pilot.pause(0.1)
+
+    assert snap_compare(chat_app(tmp_path), terminal_size=SIZE, run_before=open_settings)
