@@ -1,0 +1,64 @@
+"""Ctrl+R in the app, with a fake input stream at the sounddevice boundary (and with no microphone at all)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import soundfile as sf
+
+from app.recorder import Recorder, RecorderError
+from app.widgets.messages import Notice
+from app.widgets.meter import LevelMeter
+from tests.test_app_chat import make_app, send, wait_for
+from tests.test_app_recorder import FakeStream, sine
+
+
+def test_record_meter_and_attach(tmp_path):
+    streams = []
+
+    def factory(**kw):
+        streams.append(FakeStream(**kw))
+        return streams[-1]
+
+    async def go():
+        app = make_app(tmp_path)
+        app.recorder = Recorder(tmp_path / "rec", stream_factory=factory)
+        async with app.run_test() as pilot:
+            await wait_for(pilot, lambda: app.backend.loaded)
+            chat = app.chat_screen
+            await pilot.press("ctrl+r")
+            meter = chat.query_one(LevelMeter)
+            assert chat.recording and meter.display
+            streams[0].feed(sine(1.5, amp=0.5))
+            await wait_for(pilot, lambda: meter.level > 0.8 and meter.elapsed == 1.5)
+            assert "REC  1.5s / 30s" in str(meter.render())
+            await pilot.press("ctrl+r")
+            assert not chat.recording and not meter.display and streams[0].closed
+            [clip] = chat.pending
+            assert clip.kind == "audio" and clip.duration == 1.5
+            data, sr = sf.read(clip.path)
+            assert sr == 16000 and len(data) == 24000
+            await send(pilot, "what did I say?")
+            await wait_for(pilot, lambda: app.sessions[0].calls)
+            assert app.sessions[0].calls[0]["audio"] == [str(clip.path)]
+
+    asyncio.run(go())
+
+
+def test_no_microphone_keeps_the_app_working(tmp_path):
+    def no_device(**kw):
+        raise RecorderError("Recording needs the PortAudio library, which was not found.")
+
+    async def go():
+        app = make_app(tmp_path)
+        app.recorder = Recorder(tmp_path / "rec", stream_factory=no_device)
+        async with app.run_test() as pilot:
+            await wait_for(pilot, lambda: app.backend.loaded)
+            await pilot.press("ctrl+r")
+            await pilot.pause(0.05)
+            assert not app.chat_screen.recording
+            assert any("PortAudio" in str(n.render()) for n in app.chat_screen.query(Notice))
+            await send(pilot, "still here?")
+            await wait_for(pilot, lambda: app.sessions[0].calls)
+
+    asyncio.run(go())
