@@ -312,3 +312,17 @@ async def _help_settings_palette(tmp_path):
 
 
 test_help_settings_palette = run(_help_settings_palette)
+
+
+async def _box_answers_are_drawn(tmp_path):
+    img = png(tmp_path / "scene.png")
+    app = make_app(tmp_path, reply='```json\n[{"box_2d": [100, 100, 500, 600], "label": "thing"}]\n```')
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded)
+        await send(pilot, f"find the thing {img}")
+        await wait_for(pilot, lambda: any("Boxes drawn" in str(n.render()) for n in app.chat_screen.query(Notice)))
+        [out] = (tmp_path / "data" / "annotated").glob("scene-boxes-*.png")
+        assert Image.open(out).size == (8, 8)
+
+
+test_box_answers_are_drawn = run(_box_answers_are_drawn)

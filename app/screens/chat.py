@@ -65,6 +65,7 @@ class ChatScreen(Screen):
         self.current: ModelMessage | None = None
         self.regenerating = False
         self.last_sent = ""
+        self.turn_images: list[Path] = []  # images of the last user turn, for box answers
 
     @property
     def chat(self) -> ChatApp:
@@ -187,6 +188,7 @@ class ChatScreen(Screen):
         history.add_message(self.conversation_id, "user", text, attachments=attachments)
         self.transcript.mount(UserMessage(text, chips_of(attachments)))
         self.last_sent = text
+        self.turn_images = [a.path for a in attachments if a.kind == "image"]
         self.start_answer()
         self.chat.backend.send(self.post_message, text, attachments)
 
@@ -247,6 +249,8 @@ class ChatScreen(Screen):
             self.chat.history.add_message(self.conversation_id, "assistant", event.answer,
                                           thinking=event.thinking, stats=dict(stats, finish=event.finish_reason))
         self.regenerating = False
+        if self.turn_images and event.answer:
+            self.show_boxes(event.answer)
         if event.context_full:
             self.offer_to_drop_turns(f"The conversation now fills the context ({event.stats.context_used}"
                                      f"/{event.stats.context_limit} tokens).")
@@ -267,6 +271,18 @@ class ChatScreen(Screen):
             self.offer_to_drop_turns(f"That message does not fit in the context. {event.error}")
         else:
             self.notice(f"Generation failed. {event.error}", "error")
+
+    def show_boxes(self, answer: str) -> None:
+        from ..boxes import annotate
+
+        try:
+            path = annotate(answer, self.turn_images[-1], self.chat.history.dir / "annotated")
+        except Exception as e:  # drawing is a bonus; the answer itself is already shown
+            self.notice(f"Could not draw the boxes: {e}", "warning")
+            return
+        if path is not None:
+            self.notice(f"Boxes drawn on the image: {path}")
+            self.transcript.mount(AttachmentChips([("image", path, path.name)]))
 
     def offer_to_drop_turns(self, why: str) -> None:
         def answered(yes: bool | None) -> None:
