@@ -61,6 +61,9 @@ AUDIO = dict(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=2, subsampling_conv_channels=[8, 4],
     output_proj_dims=48, attention_chunk_size=4, attention_context_left=5, attention_context_right=0,
 )
+# For whole-model tests with real 128-bin log-mel features: the reference sizes its input projection as
+# channels[0] // 4 * channels[1], which only fits 128 bins when channels[0] is 128 (as in the real models).
+AUDIO_128 = dict(AUDIO, subsampling_conv_channels=[128, 4])
 
 
 def make_config(family: str = "e", vision: dict | None = None, audio: dict | None = None, **text_overrides):
