@@ -1,0 +1,190 @@
+"""convert.py / mlx_gemma4.conversion: round trips against transformers, streaming memory, atomicity, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_gemma4 import load
+from mlx_gemma4.conversion import convert
+from mlx_gemma4.errors import ConfigError, WeightsError
+from tests.tiny import make_model, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+# Overrides that make every quantizable dim divisible by 32 (PLE 7 x 32, experts 32 wide).
+FAMILIES = {"e": dict(hidden_size_per_layer_input=32), "dense": {}, "moe": dict(moe_intermediate_size=32)}
+IDS = np.random.default_rng(0).integers(5, 250, size=(1, 40))
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """family -> (HF checkpoint dir, transformers float32 logits for IDS)."""
+    import torch
+
+    out = {}
+    for family, overrides in FAMILIES.items():
+        model = make_model(family, **overrides)
+        path = save_checkpoint(model, tmp_path_factory.mktemp(family))
+        with torch.no_grad():
+            out[family] = (path, model(input_ids=torch.tensor(IDS)).logits.numpy())
+    return out
+
+
+def _logits(path, **kw) -> np.ndarray:
+    model, _ = load(path, **kw)
+    return np.array(model(mx.array(IDS, dtype=mx.int32)).astype(mx.float32))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_unquantized_round_trip_matches_transformers(sources, tmp_path, family):
+    src, ref = sources[family]
+    dst = convert(src, tmp_path / "out", dtype="float32")
+    # float32 on both sides; the residual is summation order across ~7 layers and a 30-capped tanh (measured 8e-6).
+    np.testing.assert_allclose(_logits(dst), ref, atol=1e-4, rtol=0)
+    cfg = json.loads((dst / "config.json").read_text())
+    assert "quantization" not in cfg and cfg["mlx_gemma4"]["dtype"] == "float32"
+    assert (dst / "per_layer_embeddings.safetensors").exists() == (family == "e")
+
+
+def test_hf_dir_loads_directly(sources):
+    src, ref = sources["e"]
+    np.testing.assert_allclose(_logits(src), ref, atol=1e-4, rtol=0)
+
+
+def _cos_top1(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    return float(cos.mean()), float((a.argmax(-1) == b.argmax(-1)).mean())
+
+
+# Mean cosine / top-1 agreement with the unquantized logits, measured on these random tiny models
+# (e, dense, moe): 8-bit 0.996/0.78, 0.99+/0.9, 0.985/0.88; 4-bit 0.67/0.13, ... Random weights at hidden 64
+# have near-flat logits, so top-1 flips easily; the bounds sit below every measurement with margin. The exact
+# check is the fake-quantized comparison in test_quantize.py.
+BOUNDS = {8: (0.95, 0.5), 4: (0.4, 0.0)}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_quantized_stays_close(sources, tmp_path, family, bits):
+    src, ref = sources[family]
+    dst = convert(src, tmp_path / "q", q_bits=bits, q_group_size=32, dtype="float32")
+    cos, top1 = _cos_top1(_logits(dst), ref)
+    print(f"{family} {bits}-bit: mean cosine {cos:.4f}, top-1 agreement {top1:.3f}")
+    assert cos >= BOUNDS[bits][0] and top1 >= BOUNDS[bits][1]
+    q = json.loads((dst / "config.json").read_text())["quantization"]
+    assert q["bits"] == bits and q["group_size"] == 32
+
+
+def test_mapped_ple_gives_same_logits_as_in_memory(sources, tmp_path):
+    src, _ = sources["e"]
+    for bits in (None, 8):
+        dst = convert(src, tmp_path / f"ple{bits}", q_bits=bits, q_group_size=32, dtype="float32")
+        model, _ = load(dst)
+        assert type(model.language_model.embed_tokens_per_layer).__name__ == "MappedPerLayerEmbedding"
+        np.testing.assert_array_equal(_logits(dst), _logits(dst, mapped_ple=False))
+
+
+def test_destination_rules(sources, tmp_path):
+    src, _ = sources["dense"]
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("x")
+    with pytest.raises(ConfigError, match="--force"):
+        convert(src, dst, dtype="float32")
+    convert(src, dst, dtype="float32", force=True)
+    assert not (dst / "keep.txt").exists() and (dst / "config.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temp dirs left behind
+
+
+def test_bad_inputs(sources, tmp_path):
+    src, _ = sources["moe"]
+    with pytest.raises(ConfigError, match="config.json"):
+        convert(tmp_path, tmp_path / "o1")
+    other = tmp_path / "llama"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ConfigError, match="Gemma 4"):
+        convert(other, tmp_path / "o2")
+    with pytest.raises(ConfigError, match="--q-bits 7"):
+        convert(src, tmp_path / "o3", q_bits=7)
+    with pytest.raises(ConfigError, match="does not divide"):
+        convert(src, tmp_path / "o4", q_bits=4, q_group_size=64)     # experts are 32 wide
+    trunc = tmp_path / "trunc"
+    trunc.mkdir()
+    (trunc / "config.json").write_bytes((src / "config.json").read_bytes())
+    data = (src / "model.safetensors").read_bytes()
+    (trunc / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match="truncated"):
+        convert(trunc, tmp_path / "o5")
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
+
+
+def test_cli_rejects_unsupported_bits(tmp_path):
+    r = subprocess.run([sys.executable, "convert.py", "--hf-path", str(tmp_path), "--q-bits", "7"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def medium(tmp_path_factory):
+    from tests.random_checkpoint import MEDIUM_TEXT, hf_shapes, write
+
+    path = write(tmp_path_factory.mktemp("medium"), MEDIUM_TEXT, "float32", shard_bytes=128 * 1024**2)
+    sizes = [4 * int(np.prod(s)) for s in hf_shapes(MEDIUM_TEXT).values()]
+    return path, max(sizes), sum(sizes)
+
+
+# VmHWM (the peak RSS of this process image), not ru_maxrss: on Linux the latter survives exec, so a child of a
+# large pytest process would report the parent's peak.
+_RSS = """
+import json, re, sys
+sys.path.insert(0, {root!r})
+def hwm():
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+import convert as cli
+import mlx_gemma4.conversion, mlx_gemma4.model
+base = hwm()
+rc = cli.main(sys.argv[1:])
+print(json.dumps({{"base": base, "peak": hwm(), "rc": rc}}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
+def test_peak_memory_is_one_shard_plus_largest_tensor(medium, tmp_path):
+    src, largest, total = medium
+    shard = 64 * 1024**2
+    r = subprocess.run([sys.executable, "-c", _RSS.format(root=str(ROOT)), "--hf-path", str(src), "--mlx-path",
+                        str(tmp_path / "out"), "--dtype", "float32", "--max-shard-size", str(shard)],
+                       capture_output=True, text=True, cwd=ROOT)
+    stats = json.loads(r.stdout.strip().splitlines()[-1])
+    assert stats["rc"] == 0
+    grown = stats["peak"] - stats["base"]
+    print(f"{total / 2**20:.0f} MB checkpoint: RSS grew {grown / 2**20:.0f} MB (largest {largest / 2**20:.0f} MB, "
+          f"shard {shard / 2**20:.0f} MB)")
+    # Measured: 417 MB of tensors -> +111 MB. Allow 64 MB for allocator slack and safetensors writes.
+    assert grown <= largest + shard + 64 * 1024**2
+    assert len(list((tmp_path / "out").glob("model-*.safetensors"))) >= total // shard
+
+
+def test_killed_conversion_leaves_no_destination(medium, tmp_path):
+    src, _, _ = medium
+    dst = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "convert.py", "--hf-path", str(src), "--mlx-path", str(dst), "--q-bits",
+                          "4", "--dtype", "float32", "--max-shard-size", "8MB"], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(tmp_path.glob(".out.tmp-*/shard-*")):
+        time.sleep(0.05)
+    assert p.poll() is None, "conversion finished before it could be interrupted"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not dst.exists()
