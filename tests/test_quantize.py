@@ -1,0 +1,74 @@
+"""quantize.py: the recipe's decisions, and that quantized loading equals fake-quantizing the float model."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_gemma4 import load
+from mlx_gemma4.config import ModelConfig
+from mlx_gemma4.conversion import convert
+from mlx_gemma4.errors import ConfigError
+from mlx_gemma4.model import Gemma4
+from mlx_gemma4.quantize import PLE, plan, recipe
+from tests.tiny import TEXT_FAMILIES, make_model, save_checkpoint
+
+
+def _model(family: str, **overrides) -> Gemma4:
+    return Gemma4(ModelConfig.from_dict({"model_type": "gemma4", "text_config": {**TEXT_FAMILIES[family], **overrides}}))
+
+
+def test_recipe_keeps_router_and_sets_ple_bits():
+    q = recipe(_model("moe", moe_intermediate_size=32), 4, 32)
+    assert q["bits"] == 4 and q["group_size"] == 32
+    routers = [k for k in q if ".router." in k]
+    assert routers and all(q[k] is False for k in routers)
+    d = plan(_model("moe", moe_intermediate_size=32), q)
+    assert d["language_model.layers.0.experts.gate_up_proj"] == (4, 32)
+    assert d["language_model.embed_tokens"] == (4, 32)
+
+    e = _model("e", hidden_size_per_layer_input=32)
+    assert plan(e, recipe(e, 4, 32))[PLE] == (8, 32)
+    assert PLE not in plan(e, recipe(e, 4, 32, ple_bits=0))
+    assert plan(e, recipe(e, 4, 32, ple_bits=4))[PLE] == (4, 32)
+
+
+def test_recipe_leaves_small_side_layers_and_rejects_bulk_that_does_not_divide():
+    e = _model("e")   # ple_dim 8: the per-layer projection (8 inputs) cannot be grouped by 32
+    q = recipe(e, 4, 32)
+    assert q["language_model.layers.0.per_layer_projection"] is False
+    with pytest.raises(ConfigError, match="does not divide"):
+        recipe(_model("dense"), 4, 128)     # hidden 64
+    with pytest.raises(ConfigError):
+        recipe(e, 7, 32)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_load_equals_fake_quantized_float_model(tmp_path, bits):
+    """Converter + loader introduce nothing beyond the rounding itself: same logits as quantize->dequantize."""
+    src = save_checkpoint(make_model("e", hidden_size_per_layer_input=32), tmp_path / "src")
+    ids = mx.array(np.random.default_rng(1).integers(5, 250, size=(1, 24)), dtype=mx.int32)
+    qdst = convert(src, tmp_path / "q", q_bits=bits, q_group_size=32, dtype="float32")
+    fdst = convert(src, tmp_path / "f", dtype="float32")
+    quantized, _ = load(qdst)
+    ref, _ = load(fdst, mapped_ple=False)
+    params = dict(tree_flatten(ref.parameters()))
+    import json
+
+    decisions = plan(ref, json.loads((qdst / "config.json").read_text())["quantization"])
+    ref.load_weights([
+        (f"{p}.weight", mx.dequantize(*mx.quantize(params[f"{p}.weight"], group_size=g, bits=b), group_size=g, bits=b))
+        for p, (b, g) in decisions.items()
+    ], strict=False)
+    np.testing.assert_allclose(np.array(quantized(ids)), np.array(ref(ids)), atol=1e-5, rtol=0)
+
+
+def test_dtype_applies_to_scales(tmp_path):
+    src = save_checkpoint(make_model("dense"), tmp_path / "src")
+    dst = convert(src, tmp_path / "q", q_bits=4, q_group_size=32, dtype="float16")
+    w = mx.load(str(dst / "model.safetensors"))
+    assert w["language_model.layers.0.self_attn.q_proj.scales"].dtype == mx.float16
+    assert w["language_model.layers.0.input_layernorm.weight"].dtype == mx.float16
+    assert w["language_model.layers.0.self_attn.q_proj.weight"].dtype == mx.uint32
