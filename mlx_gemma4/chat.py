@@ -87,7 +87,38 @@ class ChatSession:
                 self._media[key].append(item)
         parts.append({"type": "text", "text": text})
         self.messages.append({"role": "user", "content": parts if len(parts) > 1 else text})
-        return self._answer(**gen_kwargs)
+        return self._answer(new_turn=True, **gen_kwargs)
+
+    def load_messages(self, messages: list[dict[str, Any]]) -> None:
+        """Replace the conversation (e.g. resuming a saved chat). Media parts carry their source under their
+        kind's key or "path": ``{"type": "image", "image": "cat.png"}``."""
+        self.reset()
+        self.messages = []
+        for m in messages:
+            content = m.get("content")
+            if isinstance(content, list):
+                parts = []
+                for part in content:
+                    kind = part.get("type")
+                    key = {"image": "images", "audio": "audio", "video": "videos"}.get(kind)
+                    if key:
+                        self._media[key].append(part.get(kind, part.get("path")))
+                        parts.append({"type": kind})
+                    else:
+                        parts.append(part)
+                content = parts
+            self.messages.append({"role": m["role"], "content": content})
+        self._clear_cache()
+
+    def forget_last_user_turn(self) -> None:
+        """Remove the trailing user turn and its media (e.g. after it did not fit in the context)."""
+        if not self.messages or self.messages[-1]["role"] != "user":
+            return
+        user = self.messages.pop()
+        for part in user["content"] if isinstance(user["content"], list) else []:
+            key = {"image": "images", "audio": "audio", "video": "videos"}.get(part.get("type"))
+            if key:
+                self._media[key].pop()
 
     def regenerate(self, **gen_kwargs) -> Iterator[GenerationResponse]:
         """Answer the last user turn again (the previous answer is dropped)."""
@@ -97,15 +128,22 @@ class ChatSession:
             raise ValueError("There is no user turn to answer again.")
         return self._answer(**gen_kwargs)
 
-    def _answer(self, **gen_kwargs) -> Iterator[GenerationResponse]:
+    def _answer(self, new_turn: bool = False, **gen_kwargs) -> Iterator[GenerationResponse]:
         from .processing.tokenizer import split_thinking
 
-        prompt = self.processor.apply_chat_template(self.messages, add_generation_prompt=True,
-                                                    enable_thinking=self.enable_thinking)
-        inputs = self.processor(text=prompt, **{k: v or None for k, v in self._media.items()})
+        try:
+            prompt = self.processor.apply_chat_template(self.messages, add_generation_prompt=True,
+                                                        enable_thinking=self.enable_thinking)
+            inputs = self.processor(text=prompt, **{k: v or None for k, v in self._media.items()})
+        except Exception:
+            if new_turn:  # a turn that cannot be processed (bad media, ...) does not stay in the history
+                self.forget_last_user_turn()
+            raise
         ids = np.array(inputs["input_ids"]).reshape(-1)
         L = len(ids)
         if L >= self.context_limit:
+            if new_turn:
+                self.forget_last_user_turn()
             raise ContextLengthError(
                 f"The conversation is {L} tokens but the model's context is {self.context_limit}. "
                 "Drop the oldest turns (drop_oldest_turns) or start a new chat."

@@ -122,3 +122,23 @@ def test_prefill_of_vision_blocks_never_splits_them():
     blocks = np.array([-1, -1, 0, 0, 0, 0, -1, 1, 1, -1])
     assert _chunk_ends(10, 3, blocks) == [3 + 3, 9, 10]
     assert _chunk_ends(10, 4, None) == [4, 8, 10]
+
+
+def test_chat_turn_past_context_is_not_kept(loaded):
+    hf, model, processor = loaded
+    session = ChatSession(model, processor)
+    with pytest.raises(ContextLengthError):
+        list(session.send("word " * model.config.text_config.max_position_embeddings, max_tokens=2))
+    assert session.messages == []
+
+
+def test_chat_load_messages_resumes(loaded, tmp_path):
+    from PIL import Image
+
+    hf, model, processor = loaded
+    session = ChatSession(model, processor)
+    session.load_messages([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
+    out = [r.token for r in session.send("again", max_tokens=4, stop_ids=[])]
+    fresh = ChatSession(model, processor)
+    fresh.messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert out == [r.token for r in fresh.send("again", max_tokens=4, stop_ids=[])]

@@ -13,13 +13,7 @@ from pathlib import Path
 
 import torch
 
-VOCAB = 400
-# Special tokens live at the real ids in Gemma 4; here they are squeezed into a small vocabulary.
-SPECIAL_IDS = {
-    "pad": 0, "eos": 1, "bos": 2, "unk": 3, "mask": 4,
-    "think": 98, "channel_open": 100, "channel_close": 101, "turn_open": 105, "turn_close": 106,
-    "boi": 255, "boa": 256, "image": 380, "audio": 381, "eoi": 382, "eoa": 383, "video": 384,
-}
+from mlx_gemma4.demo import SPECIAL_IDS, VOCAB  # noqa: E402  (special ids squeezed into a small vocabulary)
 
 _TEXT_BASE = dict(
     vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
