@@ -1,0 +1,104 @@
+"""weights.load: converted dirs, raw HF dirs, hub ids (through a local cache, no network), mlx-vlm conversions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_gemma4 import load
+from mlx_gemma4.conversion import convert
+from mlx_gemma4.errors import ConfigError, WeightsError
+from mlx_gemma4.hub import resolve
+from tests.tiny import VISION, make_model, save_checkpoint
+
+IDS = np.random.default_rng(0).integers(5, 250, size=(1, 32))
+
+
+def _logits(model) -> np.ndarray:
+    return np.array(model(mx.array(IDS, dtype=mx.int32)))
+
+
+def _fake_hub_cache(cache: Path, repo: str, files: Path) -> None:
+    """The layout huggingface_hub's cache uses: refs/main names a snapshot holding the files."""
+    root = cache / ("models--" + repo.replace("/", "--"))
+    commit = "0" * 40
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    shutil.copytree(files, root / "snapshots" / commit)
+
+
+def test_hub_id_resolves_through_the_cache_offline(tmp_path):
+    src = save_checkpoint(make_model("dense"), tmp_path / "src")
+    dst = convert(src, tmp_path / "conv", dtype="float32")
+    _fake_hub_cache(tmp_path / "cache", "someone/tiny-gemma4", dst)
+    model, processor = load("someone/tiny-gemma4", cache_dir=tmp_path / "cache", local_files_only=True)
+    ref, _ = load(dst)
+    np.testing.assert_array_equal(_logits(model), _logits(ref))
+    assert processor is None   # no tokenizer files in this checkpoint
+    with pytest.raises(WeightsError, match="not in the local hub cache"):
+        resolve("someone/absent", cache_dir=tmp_path / "cache", local_files_only=True)
+    with pytest.raises(ConfigError, match="neither a local directory"):
+        resolve("not a repo id/../x")
+
+
+def test_load_eager_and_with_processor(tmp_path):
+    from tests.fixtures_tokenizer import make_tokenizer
+
+    src = save_checkpoint(make_model("e"), tmp_path / "src")
+    make_tokenizer(src)
+    dst = convert(src, tmp_path / "conv", dtype="float32")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json"):
+        assert (dst / name).exists(), name
+    model, processor = load(dst, lazy=False)
+    assert processor is not None
+    ids = processor(text="hello world")["input_ids"]
+    assert ids.dtype == mx.int32 and model(ids).shape[-1] == 400
+
+
+def test_mlx_vlm_conversion_loads_with_same_logits(tmp_path):
+    """A checkpoint converted by mlx-vlm (what the mlx-community repos hold), 4-bit, MoE and vision tower:
+    our load() gives mlx-vlm's own logits."""
+    pytest.importorskip("mlx_vlm")
+    from mlx_vlm import convert as vlm_convert
+    from mlx_vlm.utils import load_model as vlm_load_model
+
+    from tests.fixtures_tokenizer import make_tokenizer
+
+    src = save_checkpoint(make_model("moe", vision=VISION, moe_intermediate_size=32), tmp_path / "src")
+    make_tokenizer(src)
+    # mlx-vlm reads the published spelling of the config (global_head_dim), not save_pretrained's per_layer_config.
+    cfg = json.loads((src / "config.json").read_text())
+    text = cfg["text_config"]
+    text.pop("per_layer_config")
+    text.update(global_head_dim=32, num_global_key_value_heads=1)
+    (src / "config.json").write_text(json.dumps(cfg))
+    dst = tmp_path / "vlm4"
+    vlm_convert(str(src), mlx_path=str(dst), quantize=True, q_bits=4, q_group_size=32, trust_remote_code=False)
+
+    ours, processor = load(dst)
+    theirs = vlm_load_model(dst)
+    out = theirs.language_model(mx.array(IDS, dtype=mx.int32))
+    ref = np.array(getattr(out, "logits", out))
+    # Same packed weights, same float32 math up to op order (measured 5e-6).
+    np.testing.assert_allclose(_logits(ours), ref, atol=1e-4, rtol=0)
+    assert processor is not None
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    src = save_checkpoint(make_model("dense"), tmp_path / "src")
+    dst = convert(src, tmp_path / "conv", dtype="float32")
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    (dst / "model.safetensors").unlink()
+    with pytest.raises(WeightsError, match="missing shard"):
+        load(dst)
+    assert index["weight_map"]
+    with pytest.raises(ConfigError, match="neither a local directory"):
+        load(tmp_path / "src" / "nothing-here")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="config.json"):
+        load(tmp_path / "empty")
