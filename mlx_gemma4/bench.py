@@ -1,0 +1,165 @@
+"""Speed and memory benchmark of the text decoder on random weights of the real sizes, side by side with mlx-lm.
+
+    python -m mlx_gemma4.bench --size e4b --q-bits 4 --prompt 1024 --gen 128 --compare mlx-lm
+
+Both models are built directly in MLX (no checkpoint), cast to bfloat16 and quantized the same way (every Linear
+and Embedding at --q-bits, group size 64: what mlx-lm does by default), then timed on the same random prompt in
+one process: a warm-up run (MLX compiles kernels per shape), then the timed run. Prefill is timed to the first
+sampled token; decode is greedy for --gen tokens. Peak memory is MLX's, reset before each timed run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+_ROPE = {"full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1e6, "rope_type": "proportional"},
+         "sliding_attention": {"rope_theta": 1e4, "rope_type": "default"}}
+_COMMON = dict(vocab_size=262_144, vocab_size_per_layer_input=262_144, head_dim=256, global_head_dim=512,
+               final_logit_softcapping=30.0, rope_parameters=_ROPE)
+SIZES = {
+    "e2b": dict(_COMMON, hidden_size=1536, num_hidden_layers=35, intermediate_size=6144, num_attention_heads=8,
+                num_key_value_heads=1, num_kv_shared_layers=20, hidden_size_per_layer_input=256,
+                use_double_wide_mlp=True, sliding_window=512,
+                layer_types=(["sliding_attention"] * 4 + ["full_attention"]) * 7),
+    "e4b": dict(_COMMON, hidden_size=2560, num_hidden_layers=42, intermediate_size=10240, num_attention_heads=8,
+                num_key_value_heads=2, num_kv_shared_layers=18, hidden_size_per_layer_input=256,
+                use_double_wide_mlp=False, sliding_window=512,
+                layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 7),
+    "26b": dict(_COMMON, hidden_size=2816, num_hidden_layers=30, intermediate_size=2112, num_attention_heads=16,
+                num_key_value_heads=8, num_global_key_value_heads=2, attention_k_eq_v=True, sliding_window=1024,
+                hidden_size_per_layer_input=0, enable_moe_block=True, num_experts=128, top_k_experts=8,
+                moe_intermediate_size=704, num_kv_shared_layers=0,
+                layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 5),
+    "31b": dict(_COMMON, hidden_size=5376, num_hidden_layers=60, intermediate_size=21504, num_attention_heads=32,
+                num_key_value_heads=16, num_global_key_value_heads=4, attention_k_eq_v=True, sliding_window=1024,
+                hidden_size_per_layer_input=0, num_kv_shared_layers=0,
+                layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 10),
+}
+
+
+def _text_config(size: str) -> dict:
+    if size == "tiny":
+        from .demo import demo_config
+
+        return demo_config()["text_config"]
+    return dict(SIZES[size], model_type="gemma4_text")
+
+
+def _prepare(model: nn.Module, bits: int | None, group_size: int) -> float:
+    model.set_dtype(mx.bfloat16)
+    if bits:
+        nn.quantize(model, group_size=group_size, bits=bits)
+    mx.eval(model.parameters())
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters())) / 1e9
+
+
+def _time(prefill_fn, step_fn, prompt: mx.array, n_gen: int) -> tuple[float, float]:
+    mx.synchronize()
+    t0 = time.perf_counter()
+    state, tok = prefill_fn(prompt)
+    mx.eval(tok)
+    t1 = time.perf_counter()
+    for _ in range(n_gen):
+        tok = step_fn(state, tok)
+        mx.async_eval(tok)
+    mx.eval(tok)
+    t2 = time.perf_counter()
+    return prompt.shape[1] / (t1 - t0), n_gen / (t2 - t1)
+
+
+def bench_ours(size: str, bits: int | None, group_size: int, prompt: mx.array, n_gen: int,
+               chunk: int) -> dict:
+    from .config import ModelConfig
+    from .generate import prefill
+    from .model import Gemma4
+
+    model = Gemma4(ModelConfig.from_dict(_text_config(size)))
+    weights_gb = _prepare(model, bits, group_size)
+
+    def do_prefill(p):
+        cache = model.make_cache()
+        logits = prefill(model, {"input_ids": p}, cache, chunk_size=chunk)
+        return cache, mx.argmax(logits).reshape(1, 1)
+
+    def step(cache, tok):
+        return mx.argmax(model.decode(tok, cache)[:, -1], axis=-1).reshape(1, 1)
+
+    return _run("mlx-gemma4", model, weights_gb, do_prefill, step, prompt, n_gen)
+
+
+def bench_mlx_lm(size: str, bits: int | None, group_size: int, prompt: mx.array, n_gen: int,
+                 chunk: int) -> dict:
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models import gemma4_text
+    from mlx_lm.models.cache import make_prompt_cache
+
+    args = {k: v for k, v in _text_config(size).items() if k != "model_type"}
+    model = gemma4_text.Model(gemma4_text.ModelArgs.from_dict(args))
+    weights_gb = _prepare(model, bits, group_size)
+    holder: dict = {}
+
+    def do_prefill(p):
+        # mlx-lm's own generation path (chunked prefill, logits of the last position).
+        cache = make_prompt_cache(model)
+        gen = generate_step(p[0], model, prompt_cache=cache, prefill_step_size=chunk, max_tokens=n_gen + 1)
+        holder["gen"] = gen
+        tok, _ = next(gen)
+        return gen, mx.array([[tok]])
+
+    def step(gen, tok):
+        t, _ = next(gen)
+        return mx.array([[t]])
+
+    return _run("mlx-lm", model, weights_gb, do_prefill, step, prompt, n_gen)
+
+
+def _run(name, model, weights_gb, do_prefill, step, prompt, n_gen) -> dict:
+    _time(do_prefill, step, prompt, 8)  # warm-up: kernels for these shapes
+    _time(do_prefill, step, prompt, 8)
+    gc.collect()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    p, d = _time(do_prefill, step, prompt, n_gen)
+    return dict(impl=name, weights_gb=round(weights_gb, 3), prefill_tok_s=round(p, 1), decode_tok_s=round(d, 1),
+                peak_gb=round(mx.get_peak_memory() / 1e9, 3), device=str(mx.default_device()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=[*SIZES, "tiny"], default="e4b")
+    ap.add_argument("--q-bits", type=int, default=4, help="0 for bfloat16")
+    ap.add_argument("--q-group-size", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=1024, help="prompt tokens")
+    ap.add_argument("--gen", type=int, default=128, help="generated tokens")
+    ap.add_argument("--prefill-chunk", type=int, default=2048)
+    ap.add_argument("--compare", choices=["mlx-lm"], default=None)
+    ap.add_argument("--json", action="store_true", help="print one JSON line per implementation only")
+    a = ap.parse_args(argv)
+    mx.random.seed(0)
+    prompt = mx.random.randint(10, 200_000 if a.size != "tiny" else 300, (1, a.prompt)).astype(mx.int32)
+    bits = a.q_bits or None
+    results = [bench_ours(a.size, bits, a.q_group_size, prompt, a.gen, a.prefill_chunk)]
+    if a.compare == "mlx-lm":
+        gc.collect()
+        mx.clear_cache()
+        results.append(bench_mlx_lm(a.size, bits, a.q_group_size, prompt, a.gen, a.prefill_chunk))
+    for r in results:
+        r.update(size=a.size, bits=a.q_bits, prompt=a.prompt, gen=a.gen)
+        print(json.dumps(r), flush=True)
+    if len(results) == 2 and not a.json:
+        ours, ref = results
+        print(f"ratios ours/mlx-lm: prefill {ours['prefill_tok_s'] / ref['prefill_tok_s']:.2f}x, "
+              f"decode {ours['decode_tok_s'] / ref['decode_tok_s']:.2f}x, "
+              f"peak memory {ours['peak_gb'] / ref['peak_gb']:.2f}x "
+              f"(ours: {ours['peak_gb'] - ours['weights_gb']:+.2f} GB over weights)")
+
+
+if __name__ == "__main__":
+    main()
