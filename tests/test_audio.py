@@ -70,8 +70,9 @@ def features(frames: int, valid: int, mel: int, seed: int, garbage: bool = False
     return x, m
 
 
-# tiny.AUDIO has subsampling_conv_channels [8, 4]: the reference's input projection then expects 8 mel bins.
-TINY_MEL = 8
+# The reference sizes its input projection as (channels[0] // 4) * channels[1], so a tower takes
+# 4 * (channels[0] // 4) mel bins (128 for the published checkpoints).
+TINY_MEL = 4 * (tiny.AUDIO["subsampling_conv_channels"][0] // 4)
 
 
 @pytest.mark.parametrize("frames, valid", [(37, 37), (40, 29), (61, 13), (9, 9), (5, 3), (100, 97)])
