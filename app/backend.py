@@ -63,6 +63,8 @@ class Session(Protocol):
 
     def send(self, text: str, **kwargs: Any) -> Iterator[Any]: ...
     def regenerate(self, **kwargs: Any) -> Iterator[Any]: ...
+    def load_messages(self, messages: list[dict]) -> None: ...
+    def forget_last_user_turn(self) -> None: ...
     def drop_oldest_turns(self, n: int) -> None: ...
     def reset(self) -> None: ...
 
@@ -84,61 +86,18 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 def split_thinking(text: str) -> tuple[str, str]:
     """(thinking, answer) of streamed text, without control characters."""
-    text = _CONTROL.sub("", text)
-    try:
-        from mlx_gemma4.processing.tokenizer import split_thinking as split
-    except ImportError:
-        split = _split_thinking
-    return split(text)
+    from mlx_gemma4.processing.tokenizer import split_thinking as split
+
+    return split(_CONTROL.sub("", text))
 
 
-def _split_thinking(text: str) -> tuple[str, str]:
-    open_tag, close_tag = "<|channel>", "<channel|>"
-    if open_tag not in text:
-        return "", text
-    before, _, rest = text.partition(open_tag)
-    thought, closed, after = rest.partition(close_tag)
-    thought = thought.removeprefix("thought").lstrip("\n")
-    return thought.strip(), (before + after).lstrip() if closed else before.strip()
-
-
-_MEDIA_LISTS = {"image": "images", "audio": "audio", "video": "videos"}
-
-
-def restore_messages(session: Session, messages: list[dict]) -> None:
-    """Put saved messages into a fresh session; parts {"type": kind, kind: path} carry the saved media.
-
-    Uses `session.load_messages` when the session has one; until then it fills ChatSession's message list and
-    its per-kind media lists itself.
-    """
-    load = getattr(session, "load_messages", None)
-    if load is not None:
-        load(messages)
-        return
-    media = getattr(session, "_media", None)
-    for m in messages:
-        content = m["content"]
-        if isinstance(content, list):
-            for part in content:
-                kind = part.get("type")
-                if kind in _MEDIA_LISTS and media is not None:
-                    media[_MEDIA_LISTS[kind]].append(part.pop(kind, None))
-        session.messages.append(m)
-
-
-def forget_last_user_turn(session: Session) -> None:
-    """A turn that raised (context full) must not stay in the session: the app puts its text back."""
-    forget = getattr(session, "forget_last_turn", None)
-    if forget is not None:
-        forget()
-        return
-    if not session.messages or session.messages[-1]["role"] != "user":
-        return
-    content = session.messages.pop()["content"]
-    media = getattr(session, "_media", None)
-    for part in content if isinstance(content, list) and media is not None else []:
-        if part.get("type") in _MEDIA_LISTS and media[_MEDIA_LISTS[part["type"]]]:
-            media[_MEDIA_LISTS[part["type"]]].pop()
+def forget_turns_after(session: Session, n: int) -> None:
+    """Take the session back to its first `n` messages: a turn that failed half way leaves nothing behind."""
+    while len(session.messages) > n:
+        if session.messages[-1]["role"] == "user":
+            session.forget_last_user_turn()  # also drops the turn's media
+        else:
+            session.messages.pop()
 
 
 # -- messages the backend posts --------------------------------------------------------------------
@@ -242,7 +201,10 @@ class Backend:
             return
         self.session = self.session_factory(self.model, self.processor, self.settings)
         if messages:
-            restore_messages(self.session, messages)
+            system = self.settings.system_prompt
+            if system and messages[0]["role"] != "system":  # load_messages replaces the whole conversation
+                messages = [{"role": "system", "content": system}, *messages]
+            self.session.load_messages(messages)
 
     def set_thinking(self, on: bool) -> Future:
         self.settings.enable_thinking = on
@@ -294,6 +256,7 @@ class Backend:
 
         text, stats, reason = "", Stats(), "stop"
         last_post = 0.0
+        kept = len(self.session.messages) if self.session is not None else 0
         try:
             if self.session is None:
                 raise RuntimeError("No model is loaded.")
@@ -312,16 +275,17 @@ class Backend:
                         post(Streamed(*split_thinking(text), stats))
             if self._stop.is_set() and reason == "stop":
                 reason = "cancelled"
-        except ContextLengthError as e:
-            if self.session is not None and not regenerate:
-                forget_last_user_turn(self.session)
-            self._busy.clear()
-            post(GenerationFailed(str(e), context_full=True))
-            return
         except Exception as e:
-            log.exception("generation failed")
+            # ChatSession drops a new turn that does not fit or cannot be processed; one that failed while
+            # answering is dropped here, so the session matches the app, which puts the text back in the prompt.
+            if self.session is not None and not regenerate:
+                forget_turns_after(self.session, kept)
             self._busy.clear()
-            post(GenerationFailed(f"{type(e).__name__}: {e}"))
+            if isinstance(e, ContextLengthError):
+                post(GenerationFailed(str(e), context_full=True))
+            else:
+                log.exception("generation failed")
+                post(GenerationFailed(f"{type(e).__name__}: {e}"))
             return
         used, limit = self.context()
         stats.context_used, stats.context_limit = used or stats.context_used, limit or stats.context_limit

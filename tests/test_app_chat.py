@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from app.app import ChatApp
@@ -70,6 +69,13 @@ class ScriptedSession:
                     return
         finally:
             self.messages.append({"role": "assistant", "content": " ".join(out)})
+
+    def load_messages(self, messages):
+        self.messages = [dict(m) for m in messages]
+
+    def forget_last_user_turn(self):
+        if self.messages and self.messages[-1]["role"] == "user":
+            self.messages.pop()
 
     def drop_oldest_turns(self, n):
         del self.messages[: 2 * n]
@@ -326,3 +332,40 @@ async def _box_answers_are_drawn(tmp_path):
 
 
 test_box_answers_are_drawn = run(_box_answers_are_drawn)
+
+
+async def _file_picker_attaches_the_chosen_file(tmp_path):
+    from textual.widgets import DirectoryTree
+
+    from app.screens.file_picker import FilePickerScreen
+
+    img = png(tmp_path / "b photo.png")
+    (tmp_path / "a.txt").write_text("not media")
+    (tmp_path / ".hidden.png").write_bytes(img.read_bytes())
+    app = make_app(tmp_path)
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded)
+        chat = app.chat_screen
+        await pilot.press("escape", "ctrl+o")  # Esc on an idle chat does nothing
+        assert isinstance(app.screen, FilePickerScreen)
+        tree = app.screen.query_one(DirectoryTree)
+        await wait_for(pilot, lambda: tree.root.children)
+        names = [n.data.path.name for n in tree.root.children]
+        assert names == ["data", "b photo.png"]  # directories first; no text or hidden files
+        await pilot.press("down", "down")
+        assert tree.cursor_node.data.path == img
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: chat.pending)
+        assert app.screen is chat and [(a.kind, a.path) for a in chat.pending] == [("image", img)]
+        await pilot.press("ctrl+o")
+        assert isinstance(app.screen, FilePickerScreen)
+        await pilot.press("escape")
+        assert app.screen is chat and len(chat.pending) == 1
+        await send(pilot, "what is this?")
+        await wait_for(pilot, lambda: app.sessions[0].calls)
+        assert app.sessions[0].calls[0]["images"] == [str(img)]
+
+
+def test_file_picker_attaches_the_chosen_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the picker opens in the working directory
+    asyncio.run(_file_picker_attaches_the_chosen_file(tmp_path))

@@ -15,12 +15,22 @@ def chat_app(tmp_path):
     return make_app(tmp_path, reply=REPLY)
 
 
+async def steady(pilot) -> None:
+    """Stop cursors blinking, so a slow machine cannot catch one half way through a blink."""
+    for screen in (pilot.app.chat_screen, pilot.app.screen):
+        for widget in screen.query("*"):
+            if hasattr(widget, "cursor_blink"):
+                widget.cursor_blink = False
+    await pilot.pause()
+
+
 async def after_answer(pilot) -> None:
     app = pilot.app
     await wait_for(pilot, lambda: app.backend.loaded)
     await send(pilot, "Show me a list")
     await wait_for(pilot, lambda: not app.chat_screen.generating and app.chat_screen.query("ModelMessage"))
     await pilot.pause(0.1)
+    await steady(pilot)
 
 
 def test_chat_screen(snap_compare, tmp_path):
@@ -32,6 +42,7 @@ def test_help_screen(snap_compare, tmp_path):
         await wait_for(pilot, lambda: pilot.app.backend.loaded)
         await pilot.press("f1")
         await pilot.pause(0.1)
+        await steady(pilot)
 
     assert snap_compare(chat_app(tmp_path), terminal_size=SIZE, run_before=open_help)
 
@@ -41,5 +52,6 @@ def test_settings_screen(snap_compare, tmp_path):
         await wait_for(pilot, lambda: pilot.app.backend.loaded)
         await pilot.press("f2")
         await pilot.pause(0.1)
+        await steady(pilot)
 
     assert snap_compare(chat_app(tmp_path), terminal_size=SIZE, run_before=open_settings)

@@ -1,11 +1,11 @@
-"""The app in a real terminal: tmux runs it, the test types and reads the pane.
+"""`gemma4-chat --demo` in a real terminal: tmux runs it, the test types and reads the pane.
 
-Uses `--demo` when mlx_gemma4 provides the demo model, else `--model` on the tiny MLX checkpoint.
 Needs tmux (apt install tmux); skipped without it.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -13,10 +13,9 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import pytest
-
-from tests.test_app_real import build_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
@@ -26,38 +25,53 @@ def tmux(*args: str) -> str:
     return subprocess.run(["tmux", *args], check=True, capture_output=True, text=True).stdout
 
 
-def wait_pane(session: str, text: str, timeout: float = 60.0) -> str:
+def wait_pane(session: str, seen: str | Callable[[str], bool], timeout: float = 60.0) -> str:
+    """The pane once it matches `seen` (a regex, or a test of the pane's text)."""
     end = time.monotonic() + timeout
     while True:
         pane = tmux("capture-pane", "-p", "-t", session)
-        if text in pane:
+        if seen(pane) if callable(seen) else re.search(seen, pane):
             return pane
         if time.monotonic() > end:
-            raise AssertionError(f"{text!r} never appeared; pane:\n{pane}")
+            raise AssertionError(f"{seen!r} never appeared; pane:\n{pane}")
         time.sleep(0.2)
 
 
-def model_args(tmp_path: Path) -> list[str]:
-    try:
-        import mlx_gemma4.demo  # noqa: F401
-
-        return ["--demo"]
-    except ImportError:
-        return ["--model", str(build_tiny_checkpoint(tmp_path / "tiny"))]
+def chat_command() -> list[str]:
+    """The installed console script when there is one (pip install -e .), else `python -m app`."""
+    script = Path(sys.executable).parent / "gemma4-chat"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "app"]
 
 
-def test_chat_in_tmux(tmp_path):
+BORDERS = " █▌▎┃"
+
+
+def answer_lines(pane: str) -> list[str]:
+    """The text under the model's "Gemma" label, up to the end of its message (left border stripped)."""
+    lines = pane.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip(BORDERS) == "Gemma"), len(lines))
+    out = []
+    for line in lines[start + 1:]:
+        body = line.strip(BORDERS)
+        if not body or body.startswith(("╭", "─")):
+            break
+        out.append(body)
+    return out
+
+
+def test_demo_chat_in_tmux(tmp_path):
     data = tmp_path / "data"
     session = f"gemma4-{uuid.uuid4().hex[:8]}"
-    cmd = [sys.executable, "-m", "app", *model_args(tmp_path), "--data-dir", str(data), "--max-tokens", "16"]
+    cmd = [*chat_command(), "--demo", "--data-dir", str(data), "--max-tokens", "16", "--temperature", "0"]
     tmux("new-session", "-d", "-s", session, "-x", "120", "-y", "40", "-c", str(ROOT),
          "env", "TERM=xterm-256color", *cmd)
     try:
-        wait_pane(session, "ctx 0/")  # the model is loaded
+        pane = wait_pane(session, r"ctx 0/\d+")  # the demo model is built and loaded
+        assert "DEMO MODE" in pane and "random" in pane
         tmux("send-keys", "-t", session, "-l", "hello world")
         tmux("send-keys", "-t", session, "Enter")
-        pane = wait_pane(session, "TTFT")
-        assert "hello world" in pane and "Gemma" in pane
+        pane = wait_pane(session, lambda pane: "TTFT" in pane and answer_lines(pane))  # the reply is on screen
+        assert "hello world" in pane
         tmux("send-keys", "-t", session, "C-c")  # Ctrl+C inside the app must not corrupt anything
         tmux("send-keys", "-t", session, "C-q")
         end = time.monotonic() + 15
@@ -69,4 +83,4 @@ def test_chat_in_tmux(tmp_path):
     db = sqlite3.connect(data / "history.db")
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     rows = db.execute("SELECT role, content FROM messages ORDER BY id").fetchall()
-    assert rows[0] == ("user", "hello world") and rows[1][0] == "assistant"
+    assert rows[0] == ("user", "hello world") and rows[1][0] == "assistant" and rows[1][1].strip()

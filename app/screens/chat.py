@@ -2,44 +2,34 @@
 
 It turns what the user does into calls on the backend (which return at once) and renders what the backend
 posts back (LoadProgress, Streamed, Finished, ...). Every message is saved to history as it completes.
+Collecting attachments and recording live in AttachingScreen, which this screen builds on.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.reactive import reactive
-from textual.screen import Screen
 from textual.widgets import Footer, Label, ProgressBar, Static
 
 from .. import backend as b
-from ..attachments import Attachment, AttachmentError, check, parse_prompt
+from ..attachments import Attachment, parse_prompt
+from ..demo import BANNER
 from ..history import SavedMessage
-from ..recorder import RecorderError
 from ..widgets.chips import AttachmentChips
-from ..widgets.messages import ModelMessage, Notice, Transcript, UserMessage, last_code_block
+from ..widgets.messages import ModelMessage, Transcript, UserMessage, last_code_block
 from ..widgets.meter import LevelMeter
 from ..widgets.prompt import PromptArea
 from ..widgets.status import StatusBar
+from .attaching import AttachingScreen, chips_of
 from .confirm import ConfirmScreen
-from .file_picker import FilePickerScreen
-
-if TYPE_CHECKING:
-    from ..app import ChatApp
-
-MEDIA_COMMANDS = {"/image": "image", "/audio": "audio", "/video": "video"}
 
 
-def chips_of(attachments: list[Attachment]) -> list[tuple[str, Path, str]]:
-    return [(a.kind, a.path, a.label) for a in attachments]
-
-
-class ChatScreen(Screen):
+class ChatScreen(AttachingScreen):
     CSS_PATH = "chat.tcss"
     BINDINGS = [
         Binding("escape", "stop", "Stop", id="chat.stop"),
@@ -56,24 +46,18 @@ class ChatScreen(Screen):
     ]
 
     generating = reactive(False)
-    recording = reactive(False)
 
     def __init__(self) -> None:
         super().__init__()
-        self.pending: list[Attachment] = []
         self.conversation_id: int | None = None
         self.current: ModelMessage | None = None
         self.regenerating = False
         self.last_sent = ""
         self.turn_images: list[Path] = []  # images of the last user turn, for box answers
 
-    @property
-    def chat(self) -> ChatApp:
-        return self.app  # type: ignore[return-value]
-
     def compose(self) -> ComposeResult:
         if self.chat.backend.demo:
-            yield Static("DEMO MODE: a tiny model with random weights. Its output is random text.", id="banner")
+            yield Static(BANNER, id="banner")
         with Horizontal(id="loading"):
             yield Label("Loading model…", id="loading-label")
             yield ProgressBar(id="loading-bar", show_eta=False)
@@ -102,13 +86,6 @@ class ChatScreen(Screen):
     @property
     def prompt(self) -> PromptArea:
         return self.query_one(PromptArea)
-
-    def notice(self, text: str, kind: str = "info") -> None:
-        self.transcript.mount(Notice(text, kind))
-
-    def attach(self, attachments: list[Attachment]) -> None:
-        self.pending.extend(attachments)
-        self.query_one("#pending", AttachmentChips).show(chips_of(self.pending))
 
     def watch_generating(self, generating: bool) -> None:
         self.query_one(StatusBar).state = "generating… (Esc stops)" if generating else ""
@@ -140,21 +117,6 @@ class ChatScreen(Screen):
 
     # -- sending -----------------------------------------------------------------------------------
 
-    @on(PromptArea.Pasted)
-    def pasted(self, event: PromptArea.Pasted) -> None:
-        parsed = parse_prompt(event.text)
-        if parsed.attachments:
-            self.attach(parsed.attachments)
-        for n in parsed.notices:
-            self.notify(n, severity="warning", timeout=8)
-        event.prompt.insert_pasted(parsed.text if parsed.attachments else event.text)
-
-    @on(PromptArea.BackspaceOnEmpty)
-    def drop_last_pending(self) -> None:
-        if self.pending:
-            self.pending.pop()
-            self.query_one("#pending", AttachmentChips).show(chips_of(self.pending))
-
     @on(PromptArea.Submitted)
     def submitted(self, event: PromptArea.Submitted) -> None:
         text = event.text.strip()
@@ -174,9 +136,7 @@ class ChatScreen(Screen):
         parsed = parse_prompt(text)
         for n in parsed.notices:
             self.notice(n, "warning")
-        attachments = self.pending + parsed.attachments
-        self.pending = []
-        self.query_one("#pending", AttachmentChips).show([])
+        attachments = self.take_pending() + parsed.attachments
         event.prompt.clear()
         self.send(parsed.text, attachments)
 
@@ -201,14 +161,7 @@ class ChatScreen(Screen):
         """Slash commands; False means 'not a command, send it as it is'."""
         name, _, arg = text.partition(" ")
         arg = arg.strip()
-        if name in MEDIA_COMMANDS:
-            if not arg:
-                self.notify(f"Usage: {name} PATH", severity="warning")
-                return True
-            try:
-                self.attach([check(parse_prompt_path(arg), expect=MEDIA_COMMANDS[name])])
-            except AttachmentError as e:
-                self.notify(str(e), severity="error", timeout=8)
+        if self.media_command(name, arg):
             return True
         if name == "/new":
             self.action_new_conversation()
@@ -311,60 +264,9 @@ class ChatScreen(Screen):
 
     def action_stop(self) -> None:
         if self.recording:
-            self.chat.recorder.cancel()
-            self.recording = False
-            self.notify("Recording discarded.")
+            self.discard_recording()
         elif self.generating:
             self.chat.backend.cancel()
-
-    def action_attach(self) -> None:
-        def chosen(path: Path | None) -> None:
-            if path is not None:
-                try:
-                    self.attach([check(path)])
-                except AttachmentError as e:
-                    self.notify(str(e), severity="error", timeout=8)
-
-        self.app.push_screen(FilePickerScreen(Path.cwd()), chosen)
-
-    def action_record(self) -> None:
-        rec = self.chat.recorder
-        meter = self.query_one(LevelMeter)
-        if not self.recording:
-            try:
-                rec.start()
-            except RecorderError as e:
-                self.notice(str(e), "error")
-                return
-            self.recording = True
-            meter.limit = rec.max_frames / rec.samplerate
-            meter.display = True
-            self._meter_timer = self.set_interval(1 / 15, self.update_meter)
-            return
-        self.recording = False
-        meter.display = False
-        self._meter_timer.stop()
-        path = rec.stop()
-        if path is None:
-            self.notify("Nothing was recorded.", severity="warning")
-            return
-        try:
-            self.attach([check(path, expect="audio")])
-        except AttachmentError as e:
-            self.notify(str(e), severity="error")
-
-    def update_meter(self) -> None:
-        rec = self.chat.recorder
-        meter = self.query_one(LevelMeter)
-        meter.level, meter.elapsed = rec.level, rec.elapsed
-        if rec.full and self.recording:
-            self.notify("Reached the 30 s the model can hear; recording stopped.")
-            self.action_record()
-
-    def watch_recording(self, recording: bool) -> None:
-        if not recording and getattr(self, "_meter_timer", None):
-            self._meter_timer.stop()
-            self.query_one(LevelMeter).display = False
 
     def action_toggle_thinking(self) -> None:
         on = not self.chat.backend.settings.enable_thinking
@@ -430,12 +332,3 @@ class ChatScreen(Screen):
                 note = "stopped" if m.stats.get("finish") == "cancelled" else ""
                 self.transcript.mount(ModelMessage(m.thinking, m.content, note))
 
-
-def parse_prompt_path(arg: str) -> str:
-    """`/image 'my pic.png'` and `/image my\\ pic.png` name the same file as a bare path does."""
-    parsed = parse_prompt(arg)
-    if parsed.attachments:
-        return str(parsed.attachments[0].path)
-    if len(arg) > 1 and arg[0] == arg[-1] and arg[0] in "'\"":
-        return arg[1:-1]
-    return arg.replace("\\ ", " ")

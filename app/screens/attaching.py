@@ -1,0 +1,157 @@
+"""What goes with the next message: pasted paths, /image /audio /video, the file picker (Ctrl+O) and the
+microphone (Ctrl+R). The chat screen builds on this screen and sends what it collected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from textual import on
+from textual.reactive import reactive
+from textual.screen import Screen
+from textual.timer import Timer
+
+from ..attachments import Attachment, AttachmentError, check, parse_prompt
+from ..recorder import RecorderError
+from ..widgets.chips import AttachmentChips
+from ..widgets.messages import Notice
+from ..widgets.meter import LevelMeter
+from ..widgets.prompt import PromptArea
+from .file_picker import FilePickerScreen
+
+if TYPE_CHECKING:
+    from ..app import ChatApp
+
+MEDIA_COMMANDS = {"/image": "image", "/audio": "audio", "/video": "video"}
+
+
+def chips_of(attachments: list[Attachment]) -> list[tuple[str, Path, str]]:
+    return [(a.kind, a.path, a.label) for a in attachments]
+
+
+def parse_prompt_path(arg: str) -> str:
+    """`/image 'my pic.png'` and `/image my\\ pic.png` name the same file as a bare path does."""
+    parsed = parse_prompt(arg)
+    if parsed.attachments:
+        return str(parsed.attachments[0].path)
+    if len(arg) > 1 and arg[0] == arg[-1] and arg[0] in "'\"":
+        return arg[1:-1]
+    return arg.replace("\\ ", " ")
+
+
+class AttachingScreen(Screen):
+    """Holds the pending attachments (shown as chips in `#pending`) and the recording state (`LevelMeter`)."""
+
+    recording = reactive(False)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list[Attachment] = []
+        self._meter_timer: Timer | None = None
+
+    @property
+    def chat(self) -> ChatApp:
+        return self.app  # type: ignore[return-value]
+
+    def notice(self, text: str, kind: str = "info") -> None:
+        self.query_one("#transcript").mount(Notice(text, kind))
+
+    # -- pending attachments -----------------------------------------------------------------------
+
+    def attach(self, attachments: list[Attachment]) -> None:
+        self.pending.extend(attachments)
+        self.show_pending()
+
+    def take_pending(self) -> list[Attachment]:
+        pending, self.pending = self.pending, []
+        self.show_pending()
+        return pending
+
+    def show_pending(self) -> None:
+        self.query_one("#pending", AttachmentChips).show(chips_of(self.pending))
+
+    def attach_checked(self, path: Path | str, expect: str | None = None) -> None:
+        try:
+            self.attach([check(path, expect=expect)])
+        except AttachmentError as e:
+            self.notify(str(e), severity="error", timeout=8)
+
+    @on(PromptArea.Pasted)
+    def pasted(self, event: PromptArea.Pasted) -> None:
+        parsed = parse_prompt(event.text)
+        if parsed.attachments:
+            self.attach(parsed.attachments)
+        for n in parsed.notices:
+            self.notify(n, severity="warning", timeout=8)
+        event.prompt.insert_pasted(parsed.text if parsed.attachments else event.text)
+
+    @on(PromptArea.BackspaceOnEmpty)
+    def drop_last_pending(self) -> None:
+        if self.pending:
+            self.pending.pop()
+            self.show_pending()
+
+    def media_command(self, name: str, arg: str) -> bool:
+        """`/image PATH` and friends; False when `name` is not one of them."""
+        if name not in MEDIA_COMMANDS:
+            return False
+        if not arg:
+            self.notify(f"Usage: {name} PATH", severity="warning")
+        else:
+            self.attach_checked(parse_prompt_path(arg), expect=MEDIA_COMMANDS[name])
+        return True
+
+    def action_attach(self) -> None:
+        def chosen(path: Path | None) -> None:
+            if path is not None:
+                self.attach_checked(path)
+
+        self.app.push_screen(FilePickerScreen(Path.cwd()), chosen)
+
+    # -- microphone --------------------------------------------------------------------------------
+
+    def action_record(self) -> None:
+        """Start recording, or stop and attach the clip."""
+        rec = self.chat.recorder
+        meter = self.query_one(LevelMeter)
+        if not self.recording:
+            try:
+                rec.start()
+            except RecorderError as e:
+                self.notice(str(e), "error")
+                return
+            self.recording = True
+            meter.limit = rec.max_frames / rec.samplerate
+            meter.display = True
+            self._meter_timer = self.set_interval(1 / 15, self.update_meter)
+            return
+        self.recording = False
+        path = rec.stop()
+        if path is None:
+            self.notify("Nothing was recorded.", severity="warning")
+            return
+        try:
+            self.attach([check(path, expect="audio")])
+        except AttachmentError as e:
+            self.notify(str(e), severity="error")
+
+    def discard_recording(self) -> None:
+        self.chat.recorder.cancel()
+        self.recording = False
+        self.notify("Recording discarded.")
+
+    def update_meter(self) -> None:
+        rec = self.chat.recorder
+        meter = self.query_one(LevelMeter)
+        meter.level, meter.elapsed = rec.level, rec.elapsed
+        if rec.full and self.recording:
+            self.notify(f"Reached the {meter.limit:.0f} s the model can hear; recording stopped.")
+            self.action_record()
+
+    def watch_recording(self, recording: bool) -> None:
+        if not recording:
+            if self._meter_timer is not None:
+                self._meter_timer.stop()
+                self._meter_timer = None
+            for meter in self.query(LevelMeter):
+                meter.display = False
