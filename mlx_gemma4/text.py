@@ -181,6 +181,7 @@ class TextModel(nn.Module):
         self.embed_tokens = ScaledEmbedding(cfg.vocab_size, cfg.hidden_size, cfg.hidden_size**0.5)
         self.layers = [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eval_every_layer_from = 64  # tokens
         self.ple_dim = cfg.hidden_size_per_layer_input
         if self.ple_dim:
             n = cfg.num_hidden_layers
@@ -243,6 +244,10 @@ class TextModel(nn.Module):
                     h, per_layer, ctx = self._keep_last(h, per_layer, ctx, logits_to_keep, L)
             layer_cache = cache[i] if cache is not None and i < first_shared else None
             h = layer(h, per_layer[:, :, i] if per_layer is not None else None, ctx, layer_cache)
+            if h.shape[1] >= self.eval_every_layer_from:
+                # Long inputs: finish each layer before building the next. On GPU backends whose frees wait for
+                # the stream, one lazy graph over all layers keeps every layer's temporaries alive at once.
+                mx.eval(h, *((layer_cache.keys, layer_cache.values) if layer_cache is not None else ()))
         if not run_shared_layers:
             return None
         if 0 < logits_to_keep < h.shape[1]:
