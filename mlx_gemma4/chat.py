@@ -32,7 +32,7 @@ def _runs(ids: np.ndarray, token: int) -> int:
 
 class ChatSession:
     def __init__(self, model, processor, system_prompt: str | None = None, enable_thinking: bool = False,
-                 prefill_chunk: int = 512):
+                 prefill_chunk: int = 2048):
         self.model = model
         self.processor = processor
         self.system_prompt = system_prompt

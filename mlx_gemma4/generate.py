@@ -53,7 +53,7 @@ def _chunk_ends(L: int, chunk: int, vision_blocks: np.ndarray | None) -> list[in
     return ends
 
 
-def prefill(model, inputs: dict[str, Any], cache: list[KVCache], chunk_size: int = 512,
+def prefill(model, inputs: dict[str, Any], cache: list[KVCache], chunk_size: int = 2048,
             start: int = 0) -> mx.array:
     """Run ``inputs["input_ids"][:, start:]`` through the model into ``cache``; logits (vocab,) of the last token.
 
@@ -108,7 +108,7 @@ def stream_tokens(
     repetition_penalty: float | None = None,
     repetition_context_size: int = 20,
     seed: int | None = None,
-    prefill_chunk: int = 512,
+    prefill_chunk: int = 2048,
     stop_ids: Sequence[int] | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_token: Callable[[int], None] | None = None,

@@ -8,6 +8,8 @@ frame see each other in the sliding layers only. The head is tied to the token e
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
@@ -16,6 +18,11 @@ from .cache import KVCache, make_cache
 from .config import ModelConfig
 from .errors import InputError
 from .text import TextModel
+
+
+@partial(mx.compile, shapeless=True)
+def _softcap(x: mx.array, cap: mx.array) -> mx.array:
+    return mx.tanh(x / cap) * cap
 
 
 def _vision_blocks(is_vision: np.ndarray) -> np.ndarray:
@@ -28,6 +35,7 @@ class Gemma4(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+        self._decode_ids: mx.array | None = None
         self.language_model = TextModel(config.text_config)
         if config.vision_config is not None:
             from .vision import MultimodalEmbedder, VisionModel
@@ -76,9 +84,15 @@ class Gemma4(nn.Module):
 
     def decode(self, input_ids: mx.array, cache: list[KVCache]) -> mx.array:
         """Logits for text tokens already on the device, without a host round trip (the decode loop's path)."""
-        cfg = self.config
-        mm = (input_ids == cfg.image_token_id) | (input_ids == cfg.video_token_id) | (input_ids == cfg.audio_token_id)
-        ids = mx.where(mm, cfg.text_config.pad_token_id, input_ids)
+        if self._decode_ids is None:
+            # Placeholder ids embed as pad (as in the reference); one gather does it without a host round trip.
+            cfg = self.config
+            table = np.arange(cfg.text_config.vocab_size, dtype=np.int32)
+            for t in (cfg.image_token_id, cfg.video_token_id, cfg.audio_token_id):
+                if 0 <= t < table.size:
+                    table[t] = cfg.text_config.pad_token_id
+            self._decode_ids = mx.array(table)
+        ids = self._decode_ids[input_ids]
         lm = self.language_model
         token_inputs = lm.per_layer_token_inputs(ids) if lm.ple_dim else None
         return self.logits(lm(lm.embed_tokens(ids), token_inputs, cache))
@@ -86,9 +100,7 @@ class Gemma4(nn.Module):
     def logits(self, h: mx.array) -> mx.array:
         out = self.language_model.embed_tokens.as_linear(h)
         cap = self.config.text_config.final_logit_softcapping
-        if cap:
-            out = mx.tanh(out / cap) * cap
-        return out
+        return _softcap(out, mx.array(cap, dtype=out.dtype)) if cap else out
 
     # -- embedding ---------------------------------------------------------------------------------------------
     def embed(
