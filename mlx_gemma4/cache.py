@@ -24,6 +24,7 @@ class KVCache(Protocol):
     def snapshot(self) -> Any: ...
     def restore(self, snap: Any) -> None: ...
     def trim(self, n: int) -> int: ...
+    def reserve(self, n: int) -> None: ...
     @property
     def nbytes(self) -> int: ...
 
@@ -53,6 +54,14 @@ class GlobalCache:
         self.values[:, :, self.offset : need] = values
         self.offset = need
         return self.keys[:, :, :need], self.values[:, :, :need]
+
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` positions (the compiled decode step writes in place and cannot grow)."""
+        if self.keys is not None and n > self.keys.shape[2]:
+            B, H, _, D = self.keys.shape
+            grow = ((n + self.step - 1) // self.step) * self.step
+            pad = ((0, 0), (0, 0), (0, grow - self.keys.shape[2]), (0, 0))
+            self.keys, self.values = mx.pad(self.keys, pad), mx.pad(self.values, pad)
 
     def snapshot(self) -> int:
         return self.offset
@@ -135,6 +144,9 @@ class SlidingCache:
             self.keys[:, :, start:end] = tail_k
             self.values[:, :, start:end] = tail_v
         self.offset = end
+
+    def reserve(self, n: int) -> None:
+        pass  # a ring never grows
 
     def snapshot(self) -> tuple:
         if self.keys is None:

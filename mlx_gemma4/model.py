@@ -36,6 +36,7 @@ class Gemma4(nn.Module):
         super().__init__()
         self.config = config
         self._decode_ids: mx.array | None = None
+        self._decoder = None
         self.language_model = TextModel(config.text_config)
         if config.vision_config is not None:
             from .vision import MultimodalEmbedder, VisionModel
@@ -83,19 +84,33 @@ class Gemma4(nn.Module):
         return self.logits(h)
 
     def decode(self, input_ids: mx.array, cache: list[KVCache]) -> mx.array:
-        """Logits for text tokens already on the device, without a host round trip (the decode loop's path)."""
+        """Logits for text tokens already on the device, without a host round trip (the decode loop's path).
+        One token after a prefill goes through the compiled step (decode.py)."""
+        if input_ids.shape[-1] == 1 and self._compiled.ready(cache):
+            return self._compiled(input_ids, cache)
+        lm = self.language_model
+        ids = self._decode_table()[input_ids]
+        token_inputs = lm.per_layer_token_inputs(ids) if lm.ple_dim else None
+        return self.logits(lm(lm.embed_tokens(ids), token_inputs, cache))
+
+    def _decode_table(self) -> mx.array:
+        """Token id -> id to embed: placeholder ids embed as pad (as in the reference), in one gather."""
         if self._decode_ids is None:
-            # Placeholder ids embed as pad (as in the reference); one gather does it without a host round trip.
             cfg = self.config
             table = np.arange(cfg.text_config.vocab_size, dtype=np.int32)
             for t in (cfg.image_token_id, cfg.video_token_id, cfg.audio_token_id):
                 if 0 <= t < table.size:
                     table[t] = cfg.text_config.pad_token_id
             self._decode_ids = mx.array(table)
-        ids = self._decode_ids[input_ids]
-        lm = self.language_model
-        token_inputs = lm.per_layer_token_inputs(ids) if lm.ple_dim else None
-        return self.logits(lm(lm.embed_tokens(ids), token_inputs, cache))
+        return self._decode_ids
+
+    @property
+    def _compiled(self):
+        if self._decoder is None:
+            from .decode import CompiledDecoder
+
+            self._decoder = CompiledDecoder(self)
+        return self._decoder
 
     def logits(self, h: mx.array) -> mx.array:
         out = self.language_model.embed_tokens.as_linear(h)

@@ -84,7 +84,7 @@ class MLP(nn.Module):
 class LayerContext:
     """What every layer of one forward pass needs besides the hidden states."""
 
-    offset: int                      # absolute position of the first query token
+    offset: int | mx.array           # absolute position of the first query token
     masks: dict                      # layer type -> mask for sdpa (None, "causal" or a bool array)
     shared_kv: dict                  # layer type -> (keys, values) of the last producer of that type
 
@@ -218,6 +218,7 @@ class TextModel(nn.Module):
         vision_blocks: mx.array | None = None,
         logits_to_keep: int = 0,
         run_shared_layers: bool = True,
+        step_context: LayerContext | None = None,
     ) -> mx.array | None:
         """Run the decoder on ``embeds`` (B, L, hidden) and return the final-normed hidden states.
 
@@ -225,21 +226,25 @@ class TextModel(nn.Module):
         tokens of one block see each other when ``use_bidirectional_attention == "vision"``.
         ``logits_to_keep`` > 0 keeps only the last positions from the first KV-shared layer on: those layers
         write no cache, so earlier positions are not needed there. ``run_shared_layers=False`` stops before them
-        (a prefill chunk whose logits nobody reads) and returns None.
+        (a prefill chunk whose logits nobody reads) and returns None. ``step_context`` replaces the offset and
+        masks derived from ``cache`` (the compiled decode step passes traced ones; see decode.py).
         """
         cfg = self.config
         B, L, _ = embeds.shape
-        offset = cache[0].offset if cache else 0
-        if offset + L > cfg.max_position_embeddings:
-            raise ContextLengthError(
-                f"The prompt needs {offset + L} positions but the model handles {cfg.max_position_embeddings}. "
-                "Shorten the prompt or start a new conversation."
-            )
+        if step_context is None:
+            offset = cache[0].offset if cache else 0
+            if offset + L > cfg.max_position_embeddings:
+                raise ContextLengthError(
+                    f"The prompt needs {offset + L} positions but the model handles {cfg.max_position_embeddings}. "
+                    "Shorten the prompt or start a new conversation."
+                )
+            ctx = LayerContext(offset=offset, masks=self._masks(L, offset, cache, vision_blocks), shared_kv={})
+        else:
+            ctx = step_context
         per_layer = None
         if self.ple_dim:
             per_layer = self._combine_per_layer_inputs(embeds, per_layer_token_inputs)
 
-        ctx = LayerContext(offset=offset, masks=self._masks(L, offset, cache, vision_blocks), shared_kv={})
         h = embeds
         first_shared = cfg.first_kv_shared_layer
         for i, layer in enumerate(self.layers):
