@@ -102,3 +102,31 @@ def test_missing_and_corrupt_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="config.json"):
         load(tmp_path / "empty")
+
+
+def test_mismatched_weights_are_listed(tmp_path):
+    from mlx_gemma4.config import ModelConfig
+    from mlx_gemma4.model import Gemma4
+    from mlx_gemma4.weights import load_into, sanitize
+
+    hf = make_model("dense")
+    cfg = ModelConfig.from_dict(hf.config.to_dict())
+    weights = sanitize({k: mx.array(v.detach().numpy()) for k, v in hf.state_dict().items()}, cfg)
+    weights.pop("language_model.layers.0.mlp.up_proj.weight")
+    weights["language_model.layers.0.extra.weight"] = mx.zeros((2,))
+    weights["language_model.layers.1.mlp.down_proj.weight"] = mx.zeros((3, 3))
+    with pytest.raises(WeightsError) as e:
+        load_into(Gemma4(cfg), weights)
+    msg = str(e.value)
+    assert "1 missing: language_model.layers.0.mlp.up_proj.weight" in msg
+    assert "1 unexpected: language_model.layers.0.extra.weight" in msg
+    assert "language_model.layers.1.mlp.down_proj.weight: checkpoint (3, 3)" in msg
+
+
+def test_config_that_does_not_match_the_weights(tmp_path):
+    src = save_checkpoint(make_model("dense"), tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    config["text_config"]["intermediate_size"] = 80
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match="wrong shape.*mlp.*Check that config.json belongs to these weights"):
+        load(src)
