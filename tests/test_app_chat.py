@@ -126,7 +126,7 @@ async def _send_streams_and_saves(tmp_path):
         msg = chat.query_one(ModelMessage)
         assert msg.answer == "Hello **there** friend"
         assert chat.query_one(UserMessage).text == "hi there"
-        assert "ctx" in str(chat.query_one("#status").render())
+        await wait_for(pilot, lambda: "ctx" in str(chat.query_one("#status").render()))
     h = History(tmp_path / "data")
     [conv] = h.conversations()
     assert [(m.role, m.content) for m in h.messages(conv.id)] == [("user", "hi there"),
@@ -233,7 +233,7 @@ async def _thinking_toggle_regenerate_copy(tmp_path):
         await pilot.press("ctrl+t")
         await pilot.pause(0.05)
         assert app.backend.settings.enable_thinking is True
-        assert "thinking on" in str(chat.query_one("#status").render())
+        await wait_for(pilot, lambda: "thinking on" in str(chat.query_one("#status").render()))
         await send(pilot, "code please")
         await wait_for(pilot, lambda: not chat.generating and chat.query(ModelMessage))
         assert app.sessions[0].enable_thinking is True
