@@ -24,51 +24,15 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import AudioConfig
+from .layers import ClippableLinear, MultimodalEmbedder, RMSNorm
 
 logger = logging.getLogger(__name__)
 
-_REF_NORM_EPS = 1e-6  # the reference builds most audio RMSNorms with the default eps, not the config's
 
 
 def _clip_value(gradient_clipping: float, dtype: mx.Dtype) -> float:
     # The reference clamps with min(gradient_clipping, finfo(dtype).max) to stay finite in half precision.
     return min(gradient_clipping, mx.finfo(dtype).max)
-
-
-class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps), times ``weight`` as stored (Gemma 4 keeps no ``1 +`` offset here)."""
-
-    def __init__(self, dims: int, eps: float = _REF_NORM_EPS, with_scale: bool = True):
-        super().__init__()
-        self.eps = eps
-        if with_scale:
-            self.weight = mx.ones((dims,))
-
-    def __call__(self, x: mx.array) -> mx.array:
-        w = self.weight.astype(mx.float32) if "weight" in self else None
-        return mx.fast.rms_norm(x.astype(mx.float32), w, self.eps).astype(x.dtype)
-
-
-class ClippableLinear(nn.Module):
-    """A bias-free linear whose input and output are clamped to ranges stored in the checkpoint."""
-
-    def __init__(self, config: AudioConfig, in_dims: int, out_dims: int):
-        super().__init__()
-        self.linear = nn.Linear(in_dims, out_dims, bias=False)
-        self.use_clipped_linears = config.use_clipped_linears
-        if self.use_clipped_linears:
-            self.input_min = mx.array(-math.inf)
-            self.input_max = mx.array(math.inf)
-            self.output_min = mx.array(-math.inf)
-            self.output_max = mx.array(math.inf)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if self.use_clipped_linears:
-            x = mx.clip(x, self.input_min.astype(x.dtype), self.input_max.astype(x.dtype))
-        x = self.linear(x)
-        if self.use_clipped_linears:
-            x = mx.clip(x, self.output_min.astype(x.dtype), self.output_max.astype(x.dtype))
-        return x
 
 
 class SubSampleConvLayer(nn.Module):
@@ -130,10 +94,10 @@ class AudioAttention(nn.Module):
         self.q_scale = (self.head_dim ** -0.5) / math.log(2)
         self.k_scale = math.log(1 + math.e) / math.log(2)
         dims = self.num_heads * self.head_dim
-        self.q_proj = ClippableLinear(config, config.hidden_size, dims)
-        self.k_proj = ClippableLinear(config, config.hidden_size, dims)
-        self.v_proj = ClippableLinear(config, config.hidden_size, dims)
-        self.post = ClippableLinear(config, config.hidden_size, config.hidden_size)
+        self.q_proj = ClippableLinear(config.hidden_size, dims, config.use_clipped_linears)
+        self.k_proj = ClippableLinear(config.hidden_size, dims, config.use_clipped_linears)
+        self.v_proj = ClippableLinear(config.hidden_size, dims, config.use_clipped_linears)
+        self.post = ClippableLinear(config.hidden_size, config.hidden_size, config.use_clipped_linears)
         self.relative_k_proj = nn.Linear(config.hidden_size, dims, bias=False)
         self.per_dim_scale = mx.zeros((self.head_dim,))
 
@@ -189,8 +153,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, config: AudioConfig):
         super().__init__()
-        self.ffw_layer_1 = ClippableLinear(config, config.hidden_size, 4 * config.hidden_size)
-        self.ffw_layer_2 = ClippableLinear(config, 4 * config.hidden_size, config.hidden_size)
+        self.ffw_layer_1 = ClippableLinear(config.hidden_size, 4 * config.hidden_size, config.use_clipped_linears)
+        self.ffw_layer_2 = ClippableLinear(4 * config.hidden_size, config.hidden_size, config.use_clipped_linears)
         self.pre_layer_norm = RMSNorm(config.hidden_size)
         self.post_layer_norm = RMSNorm(config.hidden_size)
         self.residual_weight = config.residual_weight
@@ -211,8 +175,8 @@ class LightConv1d(nn.Module):
     def __init__(self, config: AudioConfig):
         super().__init__()
         hidden = config.hidden_size
-        self.linear_start = ClippableLinear(config, hidden, 2 * hidden)
-        self.linear_end = ClippableLinear(config, hidden, hidden)
+        self.linear_start = ClippableLinear(hidden, 2 * hidden, config.use_clipped_linears)
+        self.linear_end = ClippableLinear(hidden, hidden, config.use_clipped_linears)
         self.kernel_size = config.conv_kernel_size
         self.depthwise_conv1d = nn.Conv1d(hidden, hidden, config.conv_kernel_size, groups=hidden, bias=False)
         self.pre_layer_norm = RMSNorm(hidden, eps=config.rms_norm_eps)
@@ -314,20 +278,6 @@ class AudioModel(nn.Module):
                     w = w.transpose(0, 2, 1)  # (C, 1, K) -> (C, K, 1)
             out[key] = w
         return out
-
-
-class MultimodalEmbedder(nn.Module):
-    """Soft tokens -> text embedding space: scale-free RMSNorm, then a bias-free projection.
-
-    ``in_dims`` is the tower's output width (``output_proj_dims`` for audio); same signature as vision's."""
-
-    def __init__(self, in_dims: int, text_hidden: int, eps: float = 1e-6):
-        super().__init__()
-        self.embedding_pre_projection_norm = RMSNorm(in_dims, eps=eps, with_scale=False)
-        self.embedding_projection = nn.Linear(in_dims, text_hidden, bias=False)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.embedding_projection(self.embedding_pre_projection_norm(x))
 
 
 def encode_audio(audio_tower: AudioModel, embed_audio: MultimodalEmbedder, input_features: mx.array,

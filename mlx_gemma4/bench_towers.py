@@ -33,11 +33,11 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from PIL import Image
 
 from .audio import AudioModel, encode_audio
-from .audio import MultimodalEmbedder as AudioEmbedder
+from .layers import MultimodalEmbedder as AudioEmbedder
 from .config import AudioConfig, VisionConfig
 from .processing.audio import AudioFeatureExtractor
 from .processing.image import ImageProcessor
-from .vision import MultimodalEmbedder as VisionEmbedder
+from .layers import MultimodalEmbedder as VisionEmbedder
 from .vision import VisionModel, encode_images
 
 # E4B towers (transformers' Gemma4VisionConfig / Gemma4AudioConfig defaults, as in google/gemma-4-E4B-it).

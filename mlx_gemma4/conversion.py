@@ -12,18 +12,20 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import struct
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 
 from .config import ModelConfig
 from .errors import ConfigError
-from .ple import PLE_FILE, save_table
+from .ple import PLE_FILE, save_table, table_metadata
 from .quantize import PLE, plan, quantize_weight, recipe
-from .weights import check_names, read_safetensors, safetensors_files, sanitize
+from .weights import check_names, check_safetensors, map_name, read_safetensors, safetensors_files, sanitize
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,12 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spe
               "chat_template.json", "generation_config.json")
 
 Progress = Callable[[int, int, str], None]
+# Tensors larger than this are read from the file and converted in row chunks of about this size (quantization
+# groups run along rows, so chunking rows changes nothing): the E2B/E4B PLE table (4.7 / 5.6 GB in bfloat16, 9.4 GB
+# once cast to float32 for quantizing) and the token embedding are never whole in memory.
+CHUNK_BYTES = 256 * 1024**2
+_ST_NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+_MX_ST = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32"}
 
 
 def default_mlx_path(hf_path: str, bits: int | None, dtype: str) -> Path:
@@ -46,6 +54,64 @@ def _check_destination(dst: Path, force: bool) -> None:
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not force:
         raise ConfigError(f"{dst} already exists and is not empty. Pass --force to replace it, or pick another "
                           "--mlx-path.")
+
+
+def _source_index(files: list[Path]) -> dict[str, tuple[Path, int, str, tuple[int, ...]]]:
+    """Checkpoint tensor name -> (file, absolute byte offset, safetensors dtype, shape)."""
+    out = {}
+    for f in files:
+        header = check_safetensors(f)
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+        for name, info in header.items():
+            if name != "__metadata__":
+                out[name] = (f, 8 + n + info["data_offsets"][0], info["dtype"], tuple(info["shape"]))
+    return out
+
+
+def _read_rows(src: tuple[Path, int, str, tuple[int, ...]], rows: int) -> Iterator[mx.array]:
+    """Row chunks of one checkpoint tensor, read with plain file reads (no mapping: nothing stays resident)."""
+    f, offset, st_dtype, shape = src
+    with open(f, "rb") as fh:
+        fh.seek(offset)
+        for r0 in range(0, shape[0], rows):
+            n = min(rows, shape[0] - r0)
+            buf = np.empty((n, *shape[1:]), dtype=_ST_NP[st_dtype])
+            if fh.readinto(buf) != buf.nbytes:
+                raise ConfigError(f"{f} ended inside a tensor; the file is truncated. Download it again.")
+            a = mx.array(buf)
+            yield a.view(mx.bfloat16) if st_dtype == "BF16" else a
+            del buf, a
+
+
+class _StreamingFile:
+    """A safetensors file whose layout is fixed up front and whose tensors are written in row chunks."""
+
+    def __init__(self, path: Path, specs: dict[str, tuple[str, tuple[int, ...], int]], metadata: dict[str, str]):
+        header: dict = {"__metadata__": metadata}
+        self.offsets, self.row_bytes = {}, {}
+        pos = 0
+        for name, (st_dtype, shape, itemsize) in specs.items():
+            nbytes = int(np.prod(shape)) * itemsize
+            header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+            self.row_bytes[name] = nbytes // shape[0]
+            self.offsets[name] = pos
+            pos += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self.base = 8 + len(blob)
+        self.fh = open(path, "wb")
+        self.fh.write(struct.pack("<Q", len(blob)) + blob)
+        self.fh.truncate(self.base + pos)
+
+    def write_rows(self, name: str, row0: int, value: mx.array) -> None:
+        if value.dtype == mx.bfloat16:
+            value = value.view(mx.uint16)
+        self.fh.seek(self.base + self.offsets[name] + row0 * self.row_bytes[name])
+        self.fh.write(memoryview(np.asarray(value)).cast("B"))
+
+    def close(self) -> None:
+        self.fh.close()
 
 
 class _ShardWriter:
@@ -115,9 +181,21 @@ def convert(
     quant = recipe(model, q_bits, q_group_size, ple_bits, tower_bits) if q_bits else None
     decisions = plan(model, quant)
 
-    weights = sanitize(read_safetensors(safetensors_files(src)), config, model)
+    files = safetensors_files(src)
+    raw = read_safetensors(files)
+    weights = sanitize(raw, config, model)
     _check_names(model, weights)
     out_dtype = DTYPES[dtype]
+    # Big tensors that sanitize only renamed are converted in row chunks straight from the file.
+    index = _source_index(files)
+    chunked = {}
+    for hf_name, value in raw.items():
+        new = map_name(hf_name, config)
+        if (new is not None and weights.get(new) is value and value.ndim >= 2 and value.nbytes > CHUNK_BYTES
+                and index[hf_name][2] in _ST_NP):
+            chunked[new] = index[hf_name]
+    del raw
+    ple_dims = config.text_config.hidden_size_per_layer_input
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
@@ -127,22 +205,58 @@ def convert(
         for i, name in enumerate(names):
             value = weights.pop(name)    # drop our reference so the tensor is freed once written
             module = name.rsplit(".", 1)[0]
-            if name.endswith(".weight") and module in decisions:
-                bits, group = decisions[module]
-                packed, scales, biases = quantize_weight(value, bits, group, out_dtype)
-                tensors = {name: packed, f"{module}.scales": scales, f"{module}.biases": biases}
+            quantized = name.endswith(".weight") and module in decisions
+            bits, group = decisions[module] if quantized else (0, 0)
+
+            def convert_one(v: mx.array) -> dict[str, mx.array]:
+                if quantized:
+                    packed, scales, biases = quantize_weight(v, bits, group, out_dtype)
+                    return {name: packed, f"{module}.scales": scales, f"{module}.biases": biases}
+                return {name: v.astype(out_dtype) if mx.issubdtype(v.dtype, mx.floating) else v}
+
+            is_ple = module == PLE and ple_dims
+            if name in chunked:
+                src_info = chunked[name]
+                shape = src_info[3]
+                rows = max(1, CHUNK_BYTES // (int(np.prod(shape[1:])) * np.dtype(_ST_NP[src_info[2]]).itemsize))
+                if is_ple:   # straight into its own file, chunk by chunk: never whole in memory
+                    probe = convert_one(mx.zeros((1, *shape[1:]), dtype=value.dtype))
+                    specs = {k.rsplit(".", 1)[1]: (_MX_ST[v.dtype], (shape[0], *v.shape[1:]), v.dtype.size)
+                             for k, v in probe.items()}
+                    out = _StreamingFile(tmp / PLE_FILE, specs, table_metadata(
+                        model.language_model.embed_tokens_per_layer.embed_scale, shape[-1], bits, group))
+                    try:
+                        row0 = 0
+                        for chunk in _read_rows(src_info, rows):
+                            part = convert_one(chunk)
+                            mx.eval(*part.values())
+                            for k, v in part.items():
+                                out.write_rows(k.rsplit(".", 1)[1], row0, v)
+                            row0 += chunk.shape[0]
+                            del part, chunk
+                    finally:
+                        out.close()
+                    tensors = {}
+                else:
+                    parts = []
+                    for chunk in _read_rows(src_info, rows):
+                        part = convert_one(chunk)
+                        mx.eval(*part.values())
+                        parts.append(part)
+                        del chunk
+                    tensors = {k: mx.concatenate([p[k] for p in parts]) for k in parts[0]}
+                    del parts
+                    mx.eval(*tensors.values())
             else:
-                if mx.issubdtype(value.dtype, mx.floating):
-                    value = value.astype(out_dtype)
-                tensors = {name: value}
-            mx.eval(*tensors.values())
-            if module == PLE and config.text_config.hidden_size_per_layer_input:
-                bits, group = decisions.get(module, (0, 0))
-                save_table(tmp / PLE_FILE, {k.rsplit(".", 1)[1]: v for k, v in tensors.items()},
-                           model.language_model.embed_tokens_per_layer.embed_scale, value.shape[-1], bits, group)
-            else:
-                for k, v in tensors.items():
-                    writer.add(k, v)
+                tensors = convert_one(value)
+                mx.eval(*tensors.values())
+                if is_ple:
+                    save_table(tmp / PLE_FILE, {k.rsplit(".", 1)[1]: v for k, v in tensors.items()},
+                               model.language_model.embed_tokens_per_layer.embed_scale, value.shape[-1], bits,
+                               group)
+                    tensors = {}
+            for k, v in tensors.items():
+                writer.add(k, v)
             del value, tensors
             if progress is not None:
                 progress(i + 1, len(names), name)

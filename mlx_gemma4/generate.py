@@ -203,4 +203,5 @@ def generate(model, processor, prompt: str, images=None, audio=None, videos=None
     return "".join(text)
 
 
-from .chat import ChatSession  # noqa: E402  (re-exported: the chat session is part of the generation API)
+
+from .chat import ChatSession  # noqa: E402, F401  (re-exported: the chat session is part of the generation API)

@@ -17,6 +17,7 @@ import mlx.nn as nn
 from .cache import KVCache, make_cache
 from .config import ModelConfig
 from .errors import InputError
+from .layers import MultimodalEmbedder
 from .text import TextModel
 
 
@@ -39,7 +40,7 @@ class Gemma4(nn.Module):
         self._decoder = None
         self.language_model = TextModel(config.text_config)
         if config.vision_config is not None:
-            from .vision import MultimodalEmbedder, VisionModel
+            from .vision import VisionModel
 
             self.vision_tower = VisionModel(config.vision_config)
             self.embed_vision = MultimodalEmbedder(
@@ -47,11 +48,10 @@ class Gemma4(nn.Module):
             )
         if config.audio_config is not None:
             from .audio import AudioModel
-            from .audio import MultimodalEmbedder as AudioEmbedder
 
             ac = config.audio_config
             self.audio_tower = AudioModel(ac)
-            self.embed_audio = AudioEmbedder(ac.output_proj_dims or ac.hidden_size, config.text_config.hidden_size,
+            self.embed_audio = MultimodalEmbedder(ac.output_proj_dims or ac.hidden_size, config.text_config.hidden_size,
                                              ac.rms_norm_eps)
 
     # -- public API -----------------------------------------------------------------------------------------------

@@ -88,9 +88,13 @@ class MappedPerLayerEmbedding(nn.Module):
         return {k: _to_mx(v, self._dtypes[k]) for k, v in self._arrays.items()}
 
 
+def table_metadata(embed_scale: float, dims: int, bits: int = 0, group_size: int = 0) -> dict[str, str]:
+    """The PLE file's safetensors metadata (what MappedPerLayerEmbedding reads back)."""
+    return {"embed_scale": repr(float(embed_scale)), "dims": str(dims), "bits": str(bits),
+            "group_size": str(group_size), "format": "mlx"}
+
+
 def save_table(path: str | Path, tensors: dict[str, mx.array], embed_scale: float, dims: int,
                bits: int = 0, group_size: int = 0) -> None:
     """Write the PLE table (``weight`` and, when quantized, ``scales`` / ``biases``) as its own file."""
-    meta = {"embed_scale": repr(float(embed_scale)), "dims": str(dims), "bits": str(bits),
-            "group_size": str(group_size), "format": "mlx"}
-    mx.save_safetensors(str(path), tensors, metadata=meta)
+    mx.save_safetensors(str(path), tensors, metadata=table_metadata(embed_scale, dims, bits, group_size))

@@ -18,20 +18,8 @@ import mlx.nn as nn
 from .cache import KVCache
 from .config import FULL, SLIDING, TextConfig
 from .errors import ContextLengthError
+from .layers import RMSNorm
 from .moe import MoEBlock
-
-
-class RMSNorm(nn.Module):
-    """Gemma 4 RMSNorm: ``x / rms(x) * weight`` (weight initialised to one, not offset by one as in Gemma 3)."""
-
-    def __init__(self, dims: int, eps: float = 1e-6, with_scale: bool = True):
-        super().__init__()
-        self.eps = eps
-        if with_scale:
-            self.weight = mx.ones((dims,))
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return mx.fast.rms_norm(x, self.get("weight"), self.eps)
 
 
 class ScaledEmbedding(nn.Embedding):

@@ -19,45 +19,11 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import VisionConfig
+from .layers import ClippableLinear, MultimodalEmbedder, RMSNorm
 
 logger = logging.getLogger(__name__)
 
 _ACTIVATIONS = {"gelu_pytorch_tanh": nn.gelu_approx, "gelu": nn.gelu, "silu": nn.silu}
-
-
-class RMSNorm(nn.Module):
-    """Gemma 4 RMSNorm: ``x / rms(x) * weight`` (the weight is used as is, not ``1 + weight``)."""
-
-    def __init__(self, dims: int, eps: float = 1e-6, with_scale: bool = True):
-        super().__init__()
-        self.eps = eps
-        if with_scale:
-            self.weight = mx.ones((dims,))
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return mx.fast.rms_norm(x, self.get("weight"), self.eps)
-
-
-class ClippableLinear(nn.Module):
-    """A bias-free linear whose input and output are clamped to stored bounds (26B/31B-style towers)."""
-
-    def __init__(self, in_dims: int, out_dims: int, clipped: bool):
-        super().__init__()
-        self.clipped = clipped
-        self.linear = nn.Linear(in_dims, out_dims, bias=False)
-        if clipped:
-            self.input_min = mx.array(-math.inf)
-            self.input_max = mx.array(math.inf)
-            self.output_min = mx.array(-math.inf)
-            self.output_max = mx.array(math.inf)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if self.clipped:
-            x = mx.clip(x, self.input_min, self.input_max)
-        x = self.linear(x)
-        if self.clipped:
-            x = mx.clip(x, self.output_min, self.output_max)
-        return x
 
 
 def axial_rope(positions: mx.array, head_dim: int, theta: float) -> tuple[mx.array, mx.array]:
@@ -235,18 +201,6 @@ class VisionModel(nn.Module):
         if self.config.standardize:
             pooled = (pooled - self.std_bias.astype(mx.float32)) * self.std_scale.astype(mx.float32)
         return pooled.astype(x.dtype)
-
-
-class MultimodalEmbedder(nn.Module):
-    """Soft tokens -> text embedding space: scale-free RMSNorm then a bias-free projection."""
-
-    def __init__(self, in_dim: int, text_hidden: int, eps: float = 1e-6):
-        super().__init__()
-        self.embedding_pre_projection_norm = RMSNorm(in_dim, eps, with_scale=False)
-        self.embedding_projection = nn.Linear(in_dim, text_hidden, bias=False)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.embedding_projection(self.embedding_pre_projection_norm(x))
 
 
 def encode_images(

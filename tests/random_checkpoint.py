@@ -1,15 +1,21 @@
-"""Write a random-weight Hugging Face Gemma 4 checkpoint of any size quickly (numpy + safetensors, no torch init).
+"""Write a random-weight Hugging Face Gemma 4 checkpoint of any size quickly (numpy, no torch init, no weights in RAM).
 
-Tensor names and shapes come from our own model built lazily from the config (nothing is allocated), spelled
-as transformers' save_pretrained spells them. Used by the conversion memory tests and the conversion benchmark:
+Tensor names and shapes are exactly those of transformers' ``Gemma4ForConditionalGeneration`` (built on the meta
+device, so nothing is allocated), minus the tied ``lm_head`` as ``save_pretrained`` drops it. config.json uses the
+published spelling (``global_head_dim``, ``rope_parameters``, no ``per_layer_config``). Tensors are streamed into
+safetensors shards (<= ``shard_bytes``) in row chunks, so even the 2.3 G-element PLE table of E2B never sits in
+memory. ``--tokenizer`` (default on) adds a Gemma-4-style tokenizer of the full 262,144-token vocabulary with the real
+special-token ids (mlx_gemma4.demo.write_tokenizer), so tools that need one (mlx_lm.convert) accept the directory.
+Used by the conversion memory tests and the conversion benchmark:
 
-    python -m tests.random_checkpoint --size e2b OUT_DIR
+    python -m tests.random_checkpoint --size e2b --dtype bfloat16 OUT_DIR      # 5.1 G params, 10.2 GB
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +26,15 @@ E2B_TEXT = dict(
     hidden_size_per_layer_input=256, vocab_size_per_layer_input=262_144, use_double_wide_mlp=True,
     layer_types=(["sliding_attention"] * 4 + ["full_attention"]) * 7, final_logit_softcapping=30.0,
     max_position_embeddings=131_072, rms_norm_eps=1e-6, tie_word_embeddings=True,
+    rope_parameters={"full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0,
+                                        "rope_type": "proportional"},
+                     "sliding_attention": {"rope_theta": 10_000.0, "rope_type": "default"}},
+    eos_token_id=[1, 106], bos_token_id=2, pad_token_id=0,
 )
+# The E2B towers: transformers' Gemma4VisionConfig / Gemma4AudioConfig defaults are the E2B/E4B ones (SigLIP-style
+# 16 x 768 vision encoder, 12 x 1024 conformer whose output projection is E2B's 1536 wide).
+E2B_VISION: dict = {}
+E2B_AUDIO: dict = {"output_proj_dims": 1536}
 # A few hundred MB in float32: big enough to see memory, small enough for a test.
 MEDIUM_TEXT = dict(
     vocab_size=8192, hidden_size=1024, intermediate_size=4096, num_hidden_layers=6, num_attention_heads=4,
@@ -28,91 +42,267 @@ MEDIUM_TEXT = dict(
     layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2, final_logit_softcapping=30.0,
     max_position_embeddings=4096,
 )
-SIZES = {"e2b": E2B_TEXT, "medium": MEDIUM_TEXT}
+# E4B's text decoder (the PLE table is 262,144 x 42 * 256 = 262,144 x 10,752).
+E4B_TEXT = dict(
+    E2B_TEXT, hidden_size=2560, num_hidden_layers=42, intermediate_size=10240, num_key_value_heads=2,
+    num_kv_shared_layers=18, use_double_wide_mlp=False, layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 7,
+)
+SIZES = {"e2b": (E2B_TEXT, E2B_VISION, E2B_AUDIO), "e4b": (E4B_TEXT, None, None), "medium": (MEDIUM_TEXT, None, None)}
+# The published special-token ids (tests.tiny / the demo squeeze them into a small vocabulary instead).
+REAL_SPECIAL_IDS = {
+    "pad": 0, "eos": 1, "bos": 2, "unk": 3, "mask": 4, "think": 98, "channel_open": 100, "channel_close": 101,
+    "turn_open": 105, "turn_close": 106, "boi": 255_999, "boa": 256_000, "image": 258_880, "audio": 258_881,
+    "eoi": 258_882, "eoa": 258_883, "video": 258_884,
+}
+_NOISE = ("architectures", "output_hidden_states", "return_dict", "dtype", "chunk_size_feed_forward",
+          "is_encoder_decoder", "id2label", "label2id", "problem_type", "_name_or_path", "output_attentions",
+          "per_layer_config")
 
 
-def hf_shapes(text_config: dict) -> dict[str, tuple[int, ...]]:
-    """HF tensor name -> shape for a text-only ``gemma4`` config."""
-    from mlx.utils import tree_flatten
+def _hf_config(text_config: dict, vision_config: dict | None = None, audio_config: dict | None = None):
+    from transformers import Gemma4Config
 
-    from mlx_gemma4.config import ModelConfig
-    from mlx_gemma4.model import Gemma4
+    text = dict(text_config)
+    if "layer_types" in text:
+        text["layer_types"] = list(text["layer_types"])
+    return Gemma4Config(text_config=text, vision_config=vision_config, audio_config=audio_config)
 
-    model = Gemma4(ModelConfig.from_dict({"model_type": "gemma4", "text_config": text_config}))
-    out = {}
-    for name, p in tree_flatten(model.parameters()):
-        if name.endswith(("experts.gate_up_proj.weight", "experts.down_proj.weight")):
-            name = name[: -len(".weight")]
-        out["model." + name] = tuple(p.shape)
+
+def config_dict(text_config: dict, vision_config: dict | None = None, audio_config: dict | None = None,
+                dtype: str = "bfloat16") -> dict:
+    """config.json as published: transformers' serialization, with ``global_head_dim`` instead of the derived
+    ``per_layer_config`` and without the generic PreTrainedConfig fields."""
+    raw = _hf_config(text_config, vision_config, audio_config).to_dict()
+    for sub in ("text_config", "vision_config", "audio_config"):
+        if raw.get(sub):
+            for k in _NOISE:
+                raw[sub].pop(k, None)
+    for k in _NOISE:
+        raw.pop(k, None)
+    raw["text_config"]["global_head_dim"] = text_config.get("global_head_dim", 512)
+    for k in ("num_global_key_value_heads",):
+        if k in text_config:
+            raw["text_config"][k] = text_config[k]
+    raw["architectures"] = ["Gemma4ForConditionalGeneration"]
+    if raw["text_config"]["vocab_size"] != 262_144:   # mlx-lm's gemma4 reads the top-level key (default 262,144)
+        raw["vocab_size"] = raw["text_config"]["vocab_size"]
+    raw["dtype"] = dtype
+    return raw
+
+
+def hf_shapes(text_config: dict, vision_config: dict | None = None,
+              audio_config: dict | None = None) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape, as save_pretrained writes them (tied lm_head left out)."""
+    import torch
+    from transformers import Gemma4ForConditionalGeneration
+
+    cfg = _hf_config(text_config, vision_config, audio_config)
+    with torch.device("meta"):
+        model = Gemma4ForConditionalGeneration(cfg)
+    out = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if cfg.text_config.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
     return out
 
 
-def write(path: str | Path, text_config: dict, dtype: str = "float32", shard_bytes: int = 2 * 1024**3,
-          seed: int = 0) -> Path:
-    """Write config.json and sharded safetensors with an index; holds one shard in memory at a time."""
-    from safetensors.numpy import save_file
+def _init(name: str) -> tuple[float, float]:
+    """(mean, std) of the random values: norms and scales near 1, clip bounds wide, the rest like trained weights."""
+    if name.endswith(("_min",)):
+        return -10.0, 0.0
+    if name.endswith(("_max",)):
+        return 10.0, 0.0
+    if name.endswith(("norm.weight", "layer_scalar", "scale", "per_dim_scale")):
+        return 1.0, 0.1
+    return 0.0, 0.02
 
+
+_ST = {"float32": ("F32", 4), "bfloat16": ("BF16", 2)}
+_CHUNK = 16 * 1024**2     # elements generated at a time
+
+
+def _values(rng, n: int, mean: float, std: float, dtype: str) -> np.ndarray:
+    x = rng.standard_normal(n, dtype=np.float32)
+    if std != 1.0:
+        x *= std
+    if mean:
+        x += mean
+    if dtype == "bfloat16":       # round to nearest even, keep the top 16 bits
+        u = x.view(np.uint32)
+        u += 0x7FFF + ((u >> 16) & 1)
+        return (u >> 16).astype(np.uint16)
+    return x
+
+
+def write(path: str | Path, text_config: dict, dtype: str = "float32", shard_bytes: int = 5 * 1000**3,
+          seed: int = 0, vision_config: dict | None = None, audio_config: dict | None = None,
+          tokenizer: bool = False) -> Path:
+    """Write config.json, sharded safetensors with an index (and optionally a tokenizer); streams every tensor."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    np_dtype = np.float32 if dtype == "float32" else np.uint16   # bfloat16 written as raw 16-bit patterns
-    st_dtype = {"float32": "F32", "bfloat16": "BF16"}[dtype]
-    shapes = hf_shapes(text_config)
-    shards, current, size = [], {}, 0
+    st_dtype, itemsize = _ST[dtype]
+    shapes = hf_shapes(text_config, vision_config, audio_config)
+    shards: list[list[str]] = [[]]
+    size = 0
     for name, shape in shapes.items():
-        n = int(np.prod(shape))
-        if name.endswith(("norm.weight", "layer_scalar", "scale")):
-            x = (1.0 + 0.1 * rng.standard_normal(n, dtype=np.float32)).reshape(shape)
-        else:
-            x = (0.02 * rng.standard_normal(n, dtype=np.float32)).reshape(shape)
-        if dtype == "bfloat16":
-            x = (x.view(np.uint32) >> 16).astype(np.uint16)
-        if current and size + x.nbytes > shard_bytes:
-            shards.append(list(current))
-            _flush(path, len(shards), current, save_file, st_dtype)
-            current, size = {}, 0
-        current[name] = x
-        size += x.nbytes
-    shards.append(list(current))
-    _flush(path, len(shards), current, save_file, st_dtype)
-    del current
+        nbytes = int(np.prod(shape)) * itemsize
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
     n = len(shards)
-    weight_map = {}
+    weight_map, total = {}, 0
     for i, names in enumerate(shards):
-        final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        (path / f"part{i + 1}.safetensors").rename(path / final)
+        final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        total += _write_shard(path / final, names, shapes, rng, dtype, st_dtype, itemsize)
         weight_map.update({k: final for k in names})
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    config = {"model_type": "gemma4", "architectures": ["Gemma4ForConditionalGeneration"],
-              "text_config": dict(text_config, model_type="gemma4_text"), "vision_config": None,
-              "audio_config": None, "tie_word_embeddings": True, "torch_dtype": dtype}
-    (path / "config.json").write_text(json.dumps(config, indent=2))
+    if n > 1:
+        (path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (path / "config.json").write_text(json.dumps(config_dict(text_config, vision_config, audio_config, dtype),
+                                                 indent=2))
+    if tokenizer:
+        from mlx_gemma4.demo import write_tokenizer
+
+        vocab = text_config["vocab_size"]
+        ids = REAL_SPECIAL_IDS if vocab > max(REAL_SPECIAL_IDS.values()) else None
+        write_tokenizer(path, **({"special_ids": ids} if ids else {}), vocab_size=vocab)
     return path
 
 
-def _flush(path: Path, i: int, tensors: dict, save_file, st_dtype: str) -> None:
-    f = path / f"part{i}.safetensors"
-    save_file(tensors, str(f), metadata={"format": "pt"})
-    if st_dtype == "BF16":   # safetensors.numpy wrote U16; relabel the header as BF16 (same bytes)
-        _relabel(f, "U16", "BF16")
+def _write_shard(f: Path, names: list[str], shapes: dict, rng, dtype: str, st_dtype: str, itemsize: int) -> int:
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in names:
+        nbytes = int(np.prod(shapes[name])) * itemsize
+        header[name] = {"dtype": st_dtype, "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = f.with_suffix(".partial")
+    with open(tmp, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        for name in names:
+            mean, std = _init(name)
+            left = int(np.prod(shapes[name]))
+            while left:
+                k = min(left, _CHUNK)
+                fh.write(_values(rng, k, mean, std, dtype).tobytes())
+                left -= k
+    tmp.rename(f)
+    return offset
 
 
-def _relabel(f: Path, old: str, new: str) -> None:
-    import struct
+def write_mlx(path: str | Path, text_config: dict, q_bits: int | None = 4, q_group_size: int = 64,
+              seed: int = 0) -> Path:
+    """Write a random *converted* (MLX, quantized by our recipe) text model straight from MLX, through the
+    converter's own shard writer and PLE file: what convert.py would write for a random checkpoint of this size,
+    without the (large) HF checkpoint on disk. Generates and quantizes row chunks, so memory stays near one tensor."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
 
-    with open(f, "r+b") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = fh.read(n).decode()
-        fixed = header.replace(f'"dtype":"{old}"', f'"dtype":"{new}"')
-        assert len(fixed) == len(header)
-        fh.seek(8)
-        fh.write(fixed.encode())
+    from mlx_gemma4.config import ModelConfig
+    from mlx_gemma4.conversion import _ShardWriter, _write_config
+    from mlx_gemma4.model import Gemma4
+    from mlx_gemma4.ple import PLE_FILE, save_table
+    from mlx_gemma4.quantize import PLE, plan, quantize_weight, recipe
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    raw = config_dict(text_config)
+    raw.pop("vision_config", None), raw.pop("audio_config", None)
+    config = ModelConfig.from_dict(raw)
+    model = Gemma4(config)
+    quant = recipe(model, q_bits, q_group_size) if q_bits else None
+    decisions = plan(model, quant)
+    mx.random.seed(seed)
+    pool = mx.random.normal((2 * _CHUNK,))
+    writer = _ShardWriter(path, 5 * 1024**3)
+    for name, p in tree_flatten(model.parameters()):
+        module = name.rsplit(".", 1)[0]
+        mean, std = _init(name)
+        rows = max(1, _CHUNK // max(1, int(np.prod(p.shape[1:]))))
+        parts = []
+        for r0 in range(0, p.shape[0] if p.ndim else 1, rows):
+            shape = (min(rows, p.shape[0] - r0), *p.shape[1:]) if p.ndim else ()
+            k = int(np.prod(shape))   # a window of a pre-drawn pool: random draws cost more than the rest here
+            start = int(mx.random.randint(0, pool.size - k + 1, ()).item()) if pool.size > k else 0
+            x = (mean + std * pool[start:start + k].reshape(shape)).astype(mx.bfloat16)
+            if name.endswith(".weight") and module in decisions:
+                bits, group = decisions[module]
+                x = quantize_weight(x, bits, group, mx.bfloat16)
+            else:
+                x = (x,)
+            mx.eval(*x)
+            parts.append(x)
+        keys = [name, f"{module}.scales", f"{module}.biases"][: len(parts[0])]
+        tensors = {k: mx.concatenate([pt[i] for pt in parts]) if len(parts) > 1 else parts[0][i]
+                   for i, k in enumerate(keys)}
+        mx.eval(*tensors.values())
+        del parts
+        if module == PLE:
+            bits, group = decisions.get(module, (0, 0))
+            save_table(path / PLE_FILE, {k.rsplit(".", 1)[1]: v for k, v in tensors.items()},
+                       model.language_model.embed_tokens_per_layer.embed_scale, p.shape[-1], bits, group)
+        else:
+            for k, v in tensors.items():
+                writer.add(k, v)
+        del tensors
+    writer.finish()
+    _write_config(path, config, quant, "bfloat16")
+    return path
+
+
+def _status() -> dict[str, float]:
+    """Resident memory of this process in GB (total, anonymous, file-backed) and its peak, from /proc."""
+    import re
+
+    text = open("/proc/self/status").read()
+    get = lambda k: int(re.search(rf"{k}:\s+(\d+) kB", text).group(1)) * 1024 / 1e9  # noqa: E731
+    return {"rss": round(get("VmRSS"), 3), "anon": round(get("RssAnon"), 3), "file": round(get("RssFile"), 3),
+            "peak": round(get("VmHWM"), 3)}
+
+
+def measure_rss(path: str | Path, mapped_ple: bool, prompt: int = 16, gen: int = 16) -> dict:
+    """RSS after ``load(path, lazy=False)`` and after a short greedy generation (run it in a fresh process)."""
+    import mlx.core as mx
+
+    from mlx_gemma4 import load
+    from mlx_gemma4.generate import prefill
+
+    base = _status()
+    model, _ = load(path, lazy=False, mapped_ple=mapped_ple)
+    loaded = _status()
+    ids = mx.array(np.random.default_rng(0).integers(10, 200_000, (1, prompt)))
+    cache = model.make_cache()
+    tok = mx.argmax(prefill(model, {"input_ids": ids}, cache)).reshape(1, 1)
+    for _ in range(gen):
+        tok = mx.argmax(model.decode(tok, cache)[:, -1], axis=-1).reshape(1, 1)
+        mx.eval(tok)
+    return {"mapped_ple": mapped_ple, "imports": base, "loaded": loaded, "generated": _status()}
 
 
 if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["--measure-rss"]:   # python -m tests.random_checkpoint --measure-rss DIR {mapped,resident}
+        print(json.dumps(measure_rss(sys.argv[2], sys.argv[3] == "mapped")))
+        raise SystemExit
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--size", choices=sorted(SIZES), default="medium")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    ap.add_argument("--text-only", action="store_true", help="leave out the vision and audio towers")
+    ap.add_argument("--no-tokenizer", action="store_true")
+    ap.add_argument("--mlx-q-bits", type=int, default=None,
+                    help="write a random converted MLX text model at these bits instead (write_mlx)")
     a = ap.parse_args()
-    write(a.out, SIZES[a.size], a.dtype)
+    text, vision, audio = SIZES[a.size]
+    if a.mlx_q_bits is not None:
+        write_mlx(a.out, text, a.mlx_q_bits or None)
+        raise SystemExit
+    if a.text_only:
+        vision = audio = None
+    write(a.out, text, a.dtype, vision_config=vision, audio_config=audio, tokenizer=not a.no_tokenizer)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mlx_gemma4.errors import ContextLengthError
-from mlx_gemma4.generate import ChatSession, generate, prefill, stream_generate, stream_tokens
+from mlx_gemma4.generate import ChatSession, generate, stream_generate, stream_tokens
 from mlx_gemma4.processing.processor import Processor
 from mlx_gemma4.weights import load_model
 
@@ -133,7 +133,6 @@ def test_chat_turn_past_context_is_not_kept(loaded):
 
 
 def test_chat_load_messages_resumes(loaded, tmp_path):
-    from PIL import Image
 
     hf, model, processor = loaded
     session = ChatSession(model, processor)
