@@ -84,8 +84,9 @@ def test_two_images_of_different_sizes(request, which):
     _check(hf, model, inputs)
 
 
-def test_video_frames(large_model):
-    hf, model, proc = large_model
+@pytest.mark.parametrize("which", ["e_model", "large_model"])
+def test_video_frames(request, which):
+    hf, model, proc = request.getfixturevalue(which)
     frames = [_image(48, 48, s) for s in range(3)]
     inputs = proc(text="clip: <|video|> describe", videos=[frames])
     _check(hf, model, inputs)
