@@ -111,14 +111,27 @@ def test_check_expected_kind(media):
         check("/definitely/not/here.png")
 
 
-def test_unreadable_file(media):
+def test_unreadable_file(media, monkeypatch):
     import os
+    import pathlib
 
+    target = media["png"]
     if os.geteuid() == 0:
-        pytest.skip("root reads everything")
-    media["png"].chmod(0)
-    with pytest.raises(AttachmentError, match="cannot be read"):
-        check(media["png"])
+        # Root reads every file whatever its mode, so make opening this one fail as it would for a user.
+        real_open = pathlib.Path.open
+
+        def deny(self, *args, **kwargs):
+            if self == target:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real_open(self, *args, **kwargs)
+
+        monkeypatch.setattr(pathlib.Path, "open", deny)
+    else:
+        target.chmod(0)
+    with pytest.raises(AttachmentError, match="cannot be read .Permission denied"):
+        check(target)
+    p = parse_prompt(f"look '{target}'")
+    assert p.attachments == [] and "cannot be read" in p.notices[0]
 
 
 def test_truncated_image_gets_a_notice(media):
