@@ -4,8 +4,10 @@
 
 Both models are built directly in MLX (no checkpoint), cast to bfloat16 and quantized the same way (every Linear
 and Embedding at --q-bits, group size 64: what mlx-lm does by default), then timed on the same random prompt in
-one process: two warm-up runs (MLX compiles kernels per shape), then the median of three timed runs. Prefill is
-timed to the first sampled token; decode is greedy for --gen tokens. Peak memory is MLX's, reset before each timed run.
+one process: two warm-up runs each (MLX builds kernels per shape), then timed runs taken in turns (ours, mlx-lm,
+ours, ...) so drift in the host's load hits both alike; medians are reported. Prefill is timed to the first sampled
+token; decode is greedy for --gen tokens. Peak memory is each run's peak over what was allocated when it started,
+plus the implementation's own weights.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import time
 
 import mlx.core as mx
@@ -91,7 +94,7 @@ def bench_ours(size: str, bits: int | None, group_size: int, prompt: mx.array, n
     def step(cache, tok):
         return mx.argmax(model.decode(tok, cache)[:, -1], axis=-1).reshape(1, 1)
 
-    return _run("mlx-gemma4", model, weights_gb, do_prefill, step, prompt, n_gen)
+    return dict(impl="mlx-gemma4", weights_gb=weights_gb, prefill=do_prefill, step=step, model=model)
 
 
 def bench_mlx_lm(size: str, bits: int | None, group_size: int, prompt: mx.array, n_gen: int,
@@ -115,20 +118,36 @@ def bench_mlx_lm(size: str, bits: int | None, group_size: int, prompt: mx.array,
     def step(cache, tok):
         return mx.argmax(model(tok, cache=cache)[:, -1], axis=-1).reshape(1, 1)
 
-    return _run("mlx-lm", model, weights_gb, do_prefill, step, prompt, n_gen)
+    return dict(impl="mlx-lm", weights_gb=weights_gb, prefill=do_prefill, step=step, model=model)
 
 
-def _run(name, model, weights_gb, do_prefill, step, prompt, n_gen) -> dict:
-    _time(do_prefill, step, prompt, 8)  # warm-up: kernels for these shapes
-    _time(do_prefill, step, prompt, 8)
-    gc.collect()
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    runs = [_time(do_prefill, step, prompt, n_gen) for _ in range(3)]
-    p = sorted(r[0] for r in runs)[1]  # medians of three timed runs
-    d = sorted(r[1] for r in runs)[1]
-    return dict(impl=name, weights_gb=round(weights_gb, 3), prefill_tok_s=round(p, 1), decode_tok_s=round(d, 1),
-                peak_gb=round(mx.get_peak_memory() / 1e9, 3), device=str(mx.default_device()))
+def measure(impls: list[dict], prompt: mx.array, n_gen: int, runs: int = 5) -> list[dict]:
+    """Warm every implementation up, then time them in turns (ours, theirs, ours, ...) so that drift in the
+    host's load hits both alike; medians of ``runs``. Peak memory is each run's peak over what was allocated
+    when it started (both models' weights), plus the implementation's own weights."""
+    for impl in impls:
+        for _ in range(2):  # MLX builds kernels (and our compiled step) per shape on first use
+            _time(impl["prefill"], impl["step"], prompt, 8)
+    samples: dict[str, list] = {impl["impl"]: [] for impl in impls}
+    for _ in range(runs):
+        for impl in impls:
+            gc.collect()
+            mx.clear_cache()
+            mx.reset_peak_memory()
+            start = mx.get_active_memory()
+            p, d = _time(impl["prefill"], impl["step"], prompt, n_gen)
+            samples[impl["impl"]].append((p, d, (mx.get_peak_memory() - start) / 1e9))
+    out = []
+    for impl in impls:
+        runs_ = samples[impl["impl"]]
+        out.append(dict(
+            impl=impl["impl"], weights_gb=round(impl["weights_gb"], 3),
+            prefill_tok_s=round(statistics.median(r[0] for r in runs_), 1),
+            decode_tok_s=round(statistics.median(r[1] for r in runs_), 1),
+            peak_gb=round(impl["weights_gb"] + max(r[2] for r in runs_), 3),
+            device=str(mx.default_device()),
+        ))
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,16 +159,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gen", type=int, default=128, help="generated tokens")
     ap.add_argument("--prefill-chunk", type=int, default=2048)
     ap.add_argument("--compare", choices=["mlx-lm"], default=None)
+    ap.add_argument("--runs", type=int, default=5, help="timed runs per implementation (medians reported)")
     ap.add_argument("--json", action="store_true", help="print one JSON line per implementation only")
     a = ap.parse_args(argv)
     mx.random.seed(0)
     prompt = mx.random.randint(10, 200_000 if a.size != "tiny" else 300, (1, a.prompt)).astype(mx.int32)
     bits = a.q_bits or None
-    results = [bench_ours(a.size, bits, a.q_group_size, prompt, a.gen, a.prefill_chunk)]
+    impls = [bench_ours(a.size, bits, a.q_group_size, prompt, a.gen, a.prefill_chunk)]
     if a.compare == "mlx-lm":
-        gc.collect()
-        mx.clear_cache()
-        results.append(bench_mlx_lm(a.size, bits, a.q_group_size, prompt, a.gen, a.prefill_chunk))
+        impls.append(bench_mlx_lm(a.size, bits, a.q_group_size, prompt, a.gen, a.prefill_chunk))
+    results = measure(impls, prompt, a.gen, a.runs)
     for r in results:
         r.update(size=a.size, bits=a.q_bits, prompt=a.prompt, gen=a.gen)
         print(json.dumps(r), flush=True)
