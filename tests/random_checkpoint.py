@@ -265,7 +265,7 @@ def _status() -> dict[str, float]:
             "peak": round(get("VmHWM"), 3)}
 
 
-def measure_rss(path: str | Path, mapped_ple: bool, prompt: int = 16, gen: int = 16) -> dict:
+def measure_rss(path: str | Path, mapped_ple: bool, prompt: int = 8, gen: int = 4) -> dict:
     """RSS after ``load(path, lazy=False)`` and after a short greedy generation (run it in a fresh process)."""
     import mlx.core as mx
 
@@ -275,11 +275,12 @@ def measure_rss(path: str | Path, mapped_ple: bool, prompt: int = 16, gen: int =
     base = _status()
     model, _ = load(path, lazy=False, mapped_ple=mapped_ple)
     loaded = _status()
+    print(json.dumps({"mapped_ple": mapped_ple, "imports": base, "loaded": loaded}), flush=True)
     ids = mx.array(np.random.default_rng(0).integers(10, 200_000, (1, prompt)))
     cache = model.make_cache()
     tok = mx.argmax(prefill(model, {"input_ids": ids}, cache)).reshape(1, 1)
-    for _ in range(gen):
-        tok = mx.argmax(model.decode(tok, cache)[:, -1], axis=-1).reshape(1, 1)
+    for _ in range(gen):   # the uncompiled step: the compiled one (decode.py) cannot call the mapped PLE's numpy gather
+        tok = mx.argmax(prefill(model, {"input_ids": tok}, cache)).reshape(1, 1)
         mx.eval(tok)
     return {"mapped_ple": mapped_ple, "imports": base, "loaded": loaded, "generated": _status()}
 
