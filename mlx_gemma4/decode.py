@@ -43,16 +43,21 @@ class CompiledDecoder:
         pos = cache[0].offset
         for c in cache:
             c.reserve(pos + 1)
+        lm = self.model.language_model
+        ids = self.model._decode_table()[ids]
+        # The per-layer embedding rows are gathered outside the traced step: a memory-mapped table (ple.py) reads
+        # them on the host, which a compiled function cannot do.
+        token_inputs = lm.per_layer_token_inputs(ids) if lm.ple_dim else None
         keys, values = [c.keys for c in cache], [c.values for c in cache]
         for c in cache:
             # Only the step may hold the buffers, so MLX can write the new slot in place instead of copying them.
             c.keys = c.values = None
-        logits, keys, values = self._step(ids, mx.array(pos, dtype=mx.int32), keys, values)
+        logits, keys, values = self._step(ids, token_inputs, mx.array(pos, dtype=mx.int32), keys, values)
         for c, k, v in zip(cache, keys, values):
             c.keys, c.values, c.offset = k, v, pos + 1
         return logits
 
-    def _trace(self, ids, pos, keys, values):
+    def _trace(self, ids, token_inputs, pos, keys, values):
         model = self.model
         lm = model.language_model
         window = lm.config.sliding_window
@@ -63,8 +68,6 @@ class CompiledDecoder:
             kind = SLIDING if sliding else FULL
             if kind not in masks:
                 masks[kind] = mx.arange(k.shape[2]) <= pos  # ring slots fill from 0, so this holds for both
-        ids = model._decode_table()[ids]
-        token_inputs = lm.per_layer_token_inputs(ids) if lm.ple_dim else None
         ctx = LayerContext(offset=pos, masks=masks, shared_kv={})
         h = lm(lm.embed_tokens(ids), token_inputs, slots, step_context=ctx)
         return model.logits(h), [s.keys for s in slots], [s.values for s in slots]

@@ -91,6 +91,15 @@ def test_mapped_ple_gives_same_logits_as_in_memory(sources, tmp_path):
         model, _ = load(dst)
         assert type(model.language_model.embed_tokens_per_layer).__name__ == "MappedPerLayerEmbedding"
         np.testing.assert_array_equal(_logits(dst), _logits(dst, mapped_ple=False))
+        # Decoding (the compiled one-token step) reads the mapped table too.
+        steps = {}
+        for mapped in (True, False):
+            m, _ = load(dst, mapped_ple=mapped)
+            cache = m.make_cache()
+            m(mx.array(IDS[:, :8], dtype=mx.int32), cache=cache)
+            steps[mapped] = np.array(mx.concatenate(
+                [m.decode(mx.array(IDS[:, t : t + 1], dtype=mx.int32), cache) for t in range(8, 14)], axis=1))
+        np.testing.assert_array_equal(steps[True], steps[False])
 
 
 def test_destination_rules(sources, tmp_path):
