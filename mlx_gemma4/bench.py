@@ -77,14 +77,33 @@ def _time(prefill_fn, step_fn, prompt: mx.array, n_gen: int) -> tuple[float, flo
     return prompt.shape[1] / (t1 - t0), n_gen / (t2 - t1)
 
 
+def _map_ple(model, bits: int | None, group_size: int) -> float:
+    """Move the per-layer embedding table to a memory-mapped file, as converted E2B/E4B checkpoints load it;
+    returns the GB it no longer holds on the device."""
+    import tempfile
+
+    from .ple import MappedPerLayerEmbedding, save_table
+
+    lm = model.language_model
+    table = lm.embed_tokens_per_layer
+    tensors = {k: v for k, v in table.parameters().items()}
+    gb = sum(v.nbytes for v in tensors.values()) / 1e9
+    path = tempfile.mkdtemp(prefix="gemma4-bench-") + "/per_layer_embeddings.safetensors"
+    save_table(path, tensors, lm.ple_dim**0.5, lm.ple_dim * len(lm.layers), bits or 0, group_size if bits else 0)
+    lm.embed_tokens_per_layer = MappedPerLayerEmbedding(path)
+    return gb
+
+
 def bench_ours(size: str, bits: int | None, group_size: int, prompt: mx.array, n_gen: int,
-               chunk: int) -> dict:
+               chunk: int, mapped_ple: bool = False) -> dict:
     from .config import ModelConfig
     from .generate import prefill
     from .model import Gemma4
 
     model = Gemma4(ModelConfig.from_dict(_text_config(size)))
     weights_gb = _prepare(model, bits, group_size)
+    if mapped_ple and model.language_model.ple_dim:
+        weights_gb -= _map_ple(model, bits, group_size)
 
     def do_prefill(p):
         cache = model.make_cache()
@@ -159,13 +178,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gen", type=int, default=128, help="generated tokens")
     ap.add_argument("--prefill-chunk", type=int, default=2048)
     ap.add_argument("--compare", choices=["mlx-lm"], default=None)
+    ap.add_argument("--mapped-ple", action="store_true",
+                    help="read the per-layer embedding table from a memory-mapped file (how converted E2B/E4B load)")
     ap.add_argument("--runs", type=int, default=5, help="timed runs per implementation (medians reported)")
     ap.add_argument("--json", action="store_true", help="print one JSON line per implementation only")
     a = ap.parse_args(argv)
     mx.random.seed(0)
     prompt = mx.random.randint(10, 200_000 if a.size != "tiny" else 300, (1, a.prompt)).astype(mx.int32)
     bits = a.q_bits or None
-    impls = [bench_ours(a.size, bits, a.q_group_size, prompt, a.gen, a.prefill_chunk)]
+    impls = [bench_ours(a.size, bits, a.q_group_size, prompt, a.gen, a.prefill_chunk, a.mapped_ple)]
     if a.compare == "mlx-lm":
         impls.append(bench_mlx_lm(a.size, bits, a.q_group_size, prompt, a.gen, a.prefill_chunk))
     results = measure(impls, prompt, a.gen, a.runs)
