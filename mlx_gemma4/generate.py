@@ -38,6 +38,11 @@ class GenerationResponse:
     peak_memory_gb: float
     finish_reason: str | None = None  # None while streaming, then "stop" | "length" | "cancelled"
 
+    @property
+    def peak_memory(self) -> float:
+        """Peak memory in GB (mlx-lm's name for it)."""
+        return self.peak_memory_gb
+
 
 def _chunk_ends(L: int, chunk: int, vision_blocks: np.ndarray | None) -> list[int]:
     """Chunk end positions; a chunk never ends inside an image or video-frame block (its tokens attend to each

@@ -39,6 +39,9 @@ class Gemma4(nn.Module):
         self._decode_ids: mx.array | None = None
         self._decoder = None
         self.language_model = TextModel(config.text_config)
+        tc = config.text_config
+        if not (tc.tie_word_embeddings and config.raw.get("tie_word_embeddings", True) is not False):
+            self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
         if config.vision_config is not None:
             from .vision import VisionModel
 
@@ -113,7 +116,7 @@ class Gemma4(nn.Module):
         return self._decoder
 
     def logits(self, h: mx.array) -> mx.array:
-        out = self.language_model.embed_tokens.as_linear(h)
+        out = self.lm_head(h) if "lm_head" in self else self.language_model.embed_tokens.as_linear(h)
         cap = self.config.text_config.final_logit_softcapping
         return _softcap(out, mx.array(cap, dtype=out.dtype)) if cap else out
 

@@ -30,7 +30,8 @@ _FUSED_EXPERTS = re.compile(r"^(language_model\.layers\.\d+\.experts\.(gate_up_p
 def map_name(name: str, config: ModelConfig) -> str | None:
     """Our parameter name for a checkpoint tensor name, or None to drop it."""
     if name.startswith("lm_head."):
-        return None  # tied to the token embedding
+        tied = config.text_config.tie_word_embeddings and config.raw.get("tie_word_embeddings", True) is not False
+        return None if tied else name  # a tied head is the token embedding
     if name.startswith("model."):
         name = name[len("model."):]
         if config.model_type == "gemma4_text" and not name.startswith("language_model."):

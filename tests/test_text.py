@@ -105,3 +105,21 @@ def test_softcapping_bounds_logits():
     out = np.array(model(mx.array(ids_of(10).numpy().astype(np.int32))))
     assert np.abs(out).max() <= 0.5 + 1e-6
     np.testing.assert_allclose(out, reference(hf, ids_of(10)), atol=ATOL, rtol=0)
+
+
+def test_untied_head():
+    from transformers import Gemma4ForConditionalGeneration
+
+    config = tiny.make_config("dense")
+    config.tie_word_embeddings = False
+    config.text_config.tie_word_embeddings = False
+    config._attn_implementation = "eager"
+    hf = Gemma4ForConditionalGeneration(config).float().eval()
+    tiny._randomize(hf, 1)
+    assert not torch.equal(hf.lm_head.weight, hf.model.language_model.embed_tokens.weight)
+    cfg = ModelConfig.from_dict(hf.config.to_dict())
+    model = Gemma4(cfg)
+    load_into(model, sanitize({k: mx.array(v.detach().numpy()) for k, v in hf.state_dict().items()}, cfg, model))
+    ids = ids_of(12)
+    np.testing.assert_allclose(np.array(model(mx.array(ids.numpy().astype(np.int32)))), reference(hf, ids),
+                               atol=ATOL, rtol=0)
