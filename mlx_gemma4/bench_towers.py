@@ -33,11 +33,10 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from PIL import Image
 
 from .audio import AudioModel, encode_audio
-from .layers import MultimodalEmbedder as AudioEmbedder
 from .config import AudioConfig, VisionConfig
+from .layers import MultimodalEmbedder
 from .processing.audio import AudioFeatureExtractor
 from .processing.image import ImageProcessor
-from .layers import MultimodalEmbedder as VisionEmbedder
 from .vision import VisionModel, encode_images
 
 # E4B towers (transformers' Gemma4VisionConfig / Gemma4AudioConfig defaults, as in google/gemma-4-E4B-it).
@@ -176,31 +175,49 @@ def report(rows: list[dict], tower: str, case: str, res: dict, weights: dict, ex
         print(json.dumps(row), flush=True)
 
 
-# ----------------------------------------------------------------------------------------------- towers
-def bench_vision(args, dtype, rows) -> None:
-    vkw = TINY_VISION if args.tiny else E4B_VISION
-    text_hidden = TINY_TEXT_HIDDEN if args.tiny else E4B_TEXT_HIDDEN
-    cfg = VisionConfig.from_dict(vkw)
-    tower, embed = VisionModel(cfg), VisionEmbedder(cfg.hidden_size, text_hidden, cfg.rms_norm_eps)
-    randomize(tower, 0)
-    randomize(embed, 1)
+def build_pair(tower: nn.Module, out_dims: int, text_hidden: int, eps: float, dtype, seeds: tuple[int, int],
+               vlm_tower: nn.Module | None):
+    """Our tower + embedder with random weights in ``dtype``, and (when given) mlx-vlm's tower with a copy of
+    them; returns ((tower, embed), impls, weights) where impls maps "mlx-vlm" to its (tower, embedder)."""
+    embed = MultimodalEmbedder(out_dims, text_hidden, eps)
+    randomize(tower, seeds[0])
+    randomize(embed, seeds[1])
     tower.set_dtype(dtype)
     embed.set_dtype(dtype)
     mx.eval(tower.parameters(), embed.parameters())
     impls = {"ours": None}
     weights = {"ours": nbytes(tower) + nbytes(embed)}
+    if vlm_tower is not None:
+        vembed = VlmEmbedder(out_dims, text_hidden, eps)
+        vlm_tower.set_dtype(dtype)
+        vembed.set_dtype(dtype)
+        copy_weights(tower, vlm_tower)
+        copy_weights(embed, vembed)
+        mx.eval(vlm_tower.parameters(), vembed.parameters())
+        weights["mlx-vlm"] = nbytes(vlm_tower) + nbytes(vembed)
+        impls["mlx-vlm"] = (vlm_tower, vembed)
+    return (tower, embed), impls, weights
+
+
+def compare_outputs(a: mx.array, b: mx.array) -> dict:
+    """Shapes of both outputs and, when they agree, their largest absolute and relative differences."""
+    out = dict(vlm_out_shape=list(b.shape), shapes_equal=a.shape == b.shape)
+    if a.shape == b.shape:
+        out["max_abs_diff"], out["max_rel_diff"] = (round(x, 6) for x in max_diff(a, b))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- towers
+def bench_vision(args, dtype, rows) -> None:
+    vkw = TINY_VISION if args.tiny else E4B_VISION
+    text_hidden = TINY_TEXT_HIDDEN if args.tiny else E4B_TEXT_HIDDEN
+    cfg = VisionConfig.from_dict(vkw)
+    vlm_tower = None
     if args.compare == "mlx-vlm":
         vcfg, vvision, _ = import_vlm(args.vlm_root)
-        vkw_vlm = {k: v for k, v in vkw.items()}
-        vtower = vvision.VisionModel(vcfg.VisionConfig(**vkw_vlm))
-        vembed = VlmEmbedder(cfg.hidden_size, text_hidden, cfg.rms_norm_eps)
-        vtower.set_dtype(dtype)
-        vembed.set_dtype(dtype)
-        copy_weights(tower, vtower)
-        copy_weights(embed, vembed)
-        mx.eval(vtower.parameters(), vembed.parameters())
-        weights["mlx-vlm"] = nbytes(vtower) + nbytes(vembed)
-        impls["mlx-vlm"] = (vtower, vembed)
+        vlm_tower = vvision.VisionModel(vcfg.VisionConfig(**vkw))
+    (tower, embed), impls, weights = build_pair(VisionModel(cfg), cfg.hidden_size, text_hidden, cfg.rms_norm_eps,
+                                                dtype, (0, 1), vlm_tower)
 
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (args.image_height, args.image_width, 3), dtype=np.uint8))
@@ -219,11 +236,7 @@ def bench_vision(args, dtype, rows) -> None:
                      padded_patches=int(pos_np.shape[1]), image=f"{args.image_width}x{args.image_height}",
                      out_shape=list(outs["ours"].shape), dtype=args.dtype, device=str(mx.default_device()))
         if "mlx-vlm" in outs:
-            a, b = outs["ours"], outs["mlx-vlm"]
-            extra["vlm_out_shape"] = list(b.shape)
-            extra["shapes_equal"] = a.shape == b.shape
-            if a.shape == b.shape:
-                extra["max_abs_diff"], extra["max_rel_diff"] = (round(x, 6) for x in max_diff(a, b))
+            extra.update(compare_outputs(outs["ours"], outs["mlx-vlm"]))
         report(rows, "vision", f"{budget} tokens", res, weights, extra)
 
 
@@ -231,26 +244,13 @@ def bench_audio(args, dtype, rows) -> None:
     akw = TINY_AUDIO if args.tiny else E4B_AUDIO
     text_hidden = TINY_TEXT_HIDDEN if args.tiny else E4B_TEXT_HIDDEN
     cfg = AudioConfig.from_dict(akw)
-    tower, embed = AudioModel(cfg), AudioEmbedder(cfg.output_proj_dims, text_hidden, cfg.rms_norm_eps)
-    randomize(tower, 2)
-    randomize(embed, 3)
-    tower.set_dtype(dtype)
-    embed.set_dtype(dtype)
-    mx.eval(tower.parameters(), embed.parameters())
-    impls = {"ours": None}
-    weights = {"ours": nbytes(tower) + nbytes(embed)}
+    vlm_tower = None
     if args.compare == "mlx-vlm":
         vcfg, _, vaudio = import_vlm(args.vlm_root)
         vkw = dict(akw, subsampling_conv_channels=tuple(akw["subsampling_conv_channels"]))
-        vtower = vaudio.AudioEncoder(vcfg.AudioConfig(**vkw))
-        vembed = VlmEmbedder(cfg.output_proj_dims, text_hidden, cfg.rms_norm_eps)
-        vtower.set_dtype(dtype)
-        vembed.set_dtype(dtype)
-        copy_weights(tower, vtower)
-        copy_weights(embed, vembed)
-        mx.eval(vtower.parameters(), vembed.parameters())
-        weights["mlx-vlm"] = nbytes(vtower) + nbytes(vembed)
-        impls["mlx-vlm"] = (vtower, vembed)
+        vlm_tower = vaudio.AudioEncoder(vcfg.AudioConfig(**vkw))
+    (tower, embed), impls, weights = build_pair(AudioModel(cfg), cfg.output_proj_dims, text_hidden,
+                                                cfg.rms_norm_eps, dtype, (2, 3), vlm_tower)
 
     fe = AudioFeatureExtractor()
     cases = [(s, fd) for s in args.audio_seconds for fd in args.audio_feature_dtype]
@@ -278,12 +278,7 @@ def bench_audio(args, dtype, rows) -> None:
         if "mlx-vlm" in outs:
             emb, m = outs["mlx-vlm"]
             keep = np.flatnonzero(~np.array(m).reshape(-1))
-            b = emb.reshape(-1, emb.shape[-1])[mx.array(keep, dtype=mx.int32)]
-            a = outs["ours"]
-            extra["vlm_out_shape"] = list(b.shape)
-            extra["shapes_equal"] = a.shape == b.shape
-            if a.shape == b.shape:
-                extra["max_abs_diff"], extra["max_rel_diff"] = (round(x, 6) for x in max_diff(a, b))
+            extra.update(compare_outputs(outs["ours"], emb.reshape(-1, emb.shape[-1])[mx.array(keep, dtype=mx.int32)]))
         case = f"{seconds:g} s" + ("" if feature_dtype == "float32" else f", features {args.dtype}")
         report(rows, "audio", case, res, weights, extra)
 
