@@ -39,15 +39,13 @@ class CompiledDecoder:
         """Whether every buffer exists (they are allocated by the first prefill)."""
         return bool(cache) and all(c.keys is not None for c in cache)
 
-    def __call__(self, ids: mx.array, cache: list[KVCache]) -> mx.array:
+    def __call__(self, ids: mx.array, token_inputs: mx.array | None, cache: list[KVCache]) -> mx.array:
+        """One step for ``ids`` (1, 1), already mapped for embedding, and their per-layer embedding rows, which
+        are gathered outside the traced step: a memory-mapped table (ple.py) reads them on the host, which a
+        compiled function cannot do."""
         pos = cache[0].offset
         for c in cache:
             c.reserve(pos + 1)
-        lm = self.model.language_model
-        ids = self.model._decode_table()[ids]
-        # The per-layer embedding rows are gathered outside the traced step: a memory-mapped table (ple.py) reads
-        # them on the host, which a compiled function cannot do.
-        token_inputs = lm.per_layer_token_inputs(ids) if lm.ple_dim else None
         keys, values = [c.keys for c in cache], [c.values for c in cache]
         for c in cache:
             # Only the step may hold the buffers, so MLX can write the new slot in place instead of copying them.

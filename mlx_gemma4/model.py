@@ -36,7 +36,7 @@ class Gemma4(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self._decode_ids: mx.array | None = None
+        self._text_ids: mx.array | None = None
         self._decoder = None
         self.language_model = TextModel(config.text_config)
         tc = config.text_config
@@ -89,23 +89,25 @@ class Gemma4(nn.Module):
     def decode(self, input_ids: mx.array, cache: list[KVCache]) -> mx.array:
         """Logits for text tokens already on the device, without a host round trip (the decode loop's path).
         One token after a prefill goes through the compiled step (decode.py)."""
+        ids, token_inputs = self._text_inputs(input_ids)
         if input_ids.shape[-1] == 1 and self._compiled.ready(cache):
-            return self._compiled(input_ids, cache)
+            return self._compiled(ids, token_inputs, cache)
         lm = self.language_model
-        ids = self._decode_table()[input_ids]
-        token_inputs = lm.per_layer_token_inputs(ids) if lm.ple_dim else None
         return self.logits(lm(lm.embed_tokens(ids), token_inputs, cache))
 
-    def _decode_table(self) -> mx.array:
-        """Token id -> id to embed: placeholder ids embed as pad (as in the reference), in one gather."""
-        if self._decode_ids is None:
+    def _text_inputs(self, input_ids: mx.array) -> tuple[mx.array, mx.array | None]:
+        """Ids to embed (placeholder ids embed as pad, as in the reference; one gather through a table) and the
+        token-identity half of the per-layer embeddings for them."""
+        if self._text_ids is None:
             cfg = self.config
             table = np.arange(cfg.text_config.vocab_size, dtype=np.int32)
             for t in (cfg.image_token_id, cfg.video_token_id, cfg.audio_token_id):
                 if 0 <= t < table.size:
                     table[t] = cfg.text_config.pad_token_id
-            self._decode_ids = mx.array(table)
-        return self._decode_ids
+            self._text_ids = mx.array(table)
+        ids = self._text_ids[input_ids]
+        lm = self.language_model
+        return ids, lm.per_layer_token_inputs(ids) if lm.ple_dim else None
 
     @property
     def _compiled(self):
@@ -141,12 +143,9 @@ class Gemma4(nn.Module):
         is_image = ids_np == cfg.image_token_id
         is_video = ids_np == cfg.video_token_id
         is_audio = ids_np == cfg.audio_token_id
-        is_mm = is_image | is_video | is_audio
 
-        lm = self.language_model
-        ids = mx.array(np.where(is_mm, cfg.text_config.pad_token_id, ids_np)[None].astype(np.int32))
-        embeds = lm.embed_tokens(ids)                                              # (1, L, hidden)
-        token_inputs = lm.per_layer_token_inputs(ids) if lm.ple_dim else None
+        ids, token_inputs = self._text_inputs(mx.array(ids_np[None].astype(np.int32)))
+        embeds = self.language_model.embed_tokens(ids)                             # (1, L, hidden)
 
         merges = []
         if pixel_values is not None:
