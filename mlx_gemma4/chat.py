@@ -19,9 +19,20 @@ import numpy as np
 
 from . import cache as kv
 from .errors import ContextLengthError
-from .generate import _MEDIA_KEYS, GenerationResponse, prefill, stream_tokens
+from .generate import GenerationResponse, prefill, stream_tokens
 
 logger = logging.getLogger(__name__)
+
+
+# Media part type -> the session's list of that media (and the processor keyword it is passed as).
+_MEDIA_LISTS = {"image": "images", "audio": "audio", "video": "videos"}
+
+
+def _media_lists(message: dict[str, Any]) -> list[str]:
+    """The media list of each media part of ``message``, in order."""
+    content = message["content"]
+    parts = content if isinstance(content, list) else []
+    return [_MEDIA_LISTS[p["type"]] for p in parts if p.get("type") in _MEDIA_LISTS]
 
 
 def _runs(ids: np.ndarray, token: int) -> int:
@@ -68,11 +79,8 @@ class ChatSession:
         for _ in range(n):
             if start >= len(self.messages):
                 break
-            user = self.messages.pop(start)
-            for part in user["content"] if isinstance(user["content"], list) else []:
-                kind = {"image": "images", "audio": "audio", "video": "videos"}.get(part.get("type"))
-                if kind:
-                    self._media[kind].pop(0)
+            for key in _media_lists(self.messages.pop(start)):
+                self._media[key].pop(0)
             if start < len(self.messages) and self.messages[start]["role"] == "assistant":
                 self.messages.pop(start)
         self._clear_cache()
@@ -81,8 +89,9 @@ class ChatSession:
     def send(self, text: str, images=None, audio=None, videos=None, **gen_kwargs) -> Iterator[GenerationResponse]:
         """Add a user turn and stream the model's answer; the answer joins the history when it ends."""
         parts: list[dict[str, Any]] = []
-        for kind, items, key in (("image", images, "images"), ("audio", audio, "audio"), ("video", videos, "videos")):
-            for item in items or []:
+        given = {"images": images, "audio": audio, "videos": videos}
+        for kind, key in _MEDIA_LISTS.items():
+            for item in given[key] or []:
                 parts.append({"type": kind})
                 self._media[key].append(item)
         parts.append({"type": "text", "text": text})
@@ -100,25 +109,20 @@ class ChatSession:
                 parts = []
                 for part in content:
                     kind = part.get("type")
-                    key = {"image": "images", "audio": "audio", "video": "videos"}.get(kind)
-                    if key:
-                        self._media[key].append(part.get(kind, part.get("path")))
+                    if kind in _MEDIA_LISTS:
+                        self._media[_MEDIA_LISTS[kind]].append(part.get(kind, part.get("path")))
                         parts.append({"type": kind})
                     else:
                         parts.append(part)
                 content = parts
             self.messages.append({"role": m["role"], "content": content})
-        self._clear_cache()
 
     def forget_last_user_turn(self) -> None:
         """Remove the trailing user turn and its media (e.g. after it did not fit in the context)."""
         if not self.messages or self.messages[-1]["role"] != "user":
             return
-        user = self.messages.pop()
-        for part in user["content"] if isinstance(user["content"], list) else []:
-            key = {"image": "images", "audio": "audio", "video": "videos"}.get(part.get("type"))
-            if key:
-                self._media[key].pop()
+        for key in _media_lists(self.messages.pop()):
+            self._media[key].pop()
 
     def regenerate(self, **gen_kwargs) -> Iterator[GenerationResponse]:
         """Answer the last user turn again (the previous answer is dropped)."""
@@ -213,5 +217,4 @@ class ChatSession:
             if k and inputs.get(keys[0]) is not None:
                 for key in keys:
                     out[key] = inputs[key][-k:] if inputs.get(key) is not None else None
-        assert set(out) <= {"input_ids", *_MEDIA_KEYS}
         return out
