@@ -42,14 +42,10 @@ class GlobalCache:
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         B, H, L, D = keys.shape  # (B, Hkv, L, D)
         need = self.offset + L
-        if self.keys is None or need > self.keys.shape[2]:
-            grow = ((need + self.step - 1) // self.step) * self.step
-            new_k = mx.zeros((B, H, grow, D), keys.dtype)
-            new_v = mx.zeros((B, H, grow, values.shape[3]), values.dtype)
-            if self.keys is not None and self.offset:
-                new_k[:, :, : self.offset] = self.keys[:, :, : self.offset]
-                new_v[:, :, : self.offset] = self.values[:, :, : self.offset]
-            self.keys, self.values = new_k, new_v
+        if self.keys is None:
+            self.keys = mx.zeros((B, H, self._rounded(need), D), keys.dtype)
+            self.values = mx.zeros((B, H, self._rounded(need), values.shape[3]), values.dtype)
+        self.reserve(need)
         self.keys[:, :, self.offset : need] = keys
         self.values[:, :, self.offset : need] = values
         self.offset = need
@@ -58,10 +54,11 @@ class GlobalCache:
     def reserve(self, n: int) -> None:
         """Make room for ``n`` positions (the compiled decode step writes in place and cannot grow)."""
         if self.keys is not None and n > self.keys.shape[2]:
-            B, H, _, D = self.keys.shape
-            grow = ((n + self.step - 1) // self.step) * self.step
-            pad = ((0, 0), (0, 0), (0, grow - self.keys.shape[2]), (0, 0))
+            pad = ((0, 0), (0, 0), (0, self._rounded(n) - self.keys.shape[2]), (0, 0))
             self.keys, self.values = mx.pad(self.keys, pad), mx.pad(self.values, pad)
+
+    def _rounded(self, n: int) -> int:
+        return ((n + self.step - 1) // self.step) * self.step
 
     def snapshot(self) -> int:
         return self.offset
