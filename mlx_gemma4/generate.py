@@ -73,9 +73,10 @@ def prefill(model, inputs: dict[str, Any], cache: list[KVCache], chunk_size: int
     embeds, token_inputs, blocks = model.embed(ids, **media)
     L = ids.shape[1]
     limit = model.config.text_config.max_position_embeddings
-    if cache[0].offset + L >= limit if cache else L >= limit:
+    total = (cache[0].offset if cache else 0) + L
+    if total >= limit:
         raise ContextLengthError(
-            f"The prompt is {(cache[0].offset if cache else 0) + L} tokens but the model's context is {limit}. "
+            f"The prompt is {total} tokens but the model's context is {limit}. "
             "Shorten it, or drop earlier turns of the conversation."
         )
     lm = model.language_model
@@ -149,7 +150,8 @@ def stream_tokens(
     n = 0
     while True:
         if n + 1 < max_tokens and cache[0].offset + 1 < limit:
-            history = mx.concatenate([history, y[None].astype(mx.int32)])
+            if processors:  # only a repetition penalty reads the history; keep the plain loop free of it
+                history = mx.concatenate([history, y[None].astype(mx.int32)])
             next_logits = model.decode(y.reshape(1, 1), cache)[0, -1]
             next_y = sample(next_logits, history)
             mx.async_eval(next_y)

@@ -141,3 +141,13 @@ def test_chat_load_messages_resumes(loaded, tmp_path):
     fresh = ChatSession(model, processor)
     fresh.messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     assert out == [r.token for r in fresh.send("again", max_tokens=4, stop_ids=[])]
+
+
+def test_repetition_penalty_sees_generated_tokens(loaded):
+    hf, model, processor = loaded
+    inputs = processor(text="hello there")
+    plain = [r.token for r in stream_tokens(model, processor, inputs, max_tokens=30, stop_ids=[])]
+    assert len(set(plain)) < len(plain)  # greedy decoding of the tiny random model repeats itself
+    penalized = [r.token for r in stream_tokens(model, processor, inputs, max_tokens=30, stop_ids=[],
+                                                repetition_penalty=1e4, repetition_context_size=64)]
+    assert len(set(penalized)) == len(penalized)  # every generated token is in the penalty window
