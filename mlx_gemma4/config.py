@@ -218,6 +218,11 @@ class ModelConfig:
     quantization: dict | None = None
     raw: dict = field(default_factory=dict, repr=False)  # the config.json as read, written back by convert
 
+    @property
+    def tied_head(self) -> bool:
+        """Whether the LM head is the token embedding (always, in the published models)."""
+        return self.text_config.tie_word_embeddings and self.raw.get("tie_word_embeddings", True) is not False
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         model_type = d.get("model_type")

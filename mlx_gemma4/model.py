@@ -39,9 +39,8 @@ class Gemma4(nn.Module):
         self._text_ids: mx.array | None = None
         self._decoder = None
         self.language_model = TextModel(config.text_config)
-        tc = config.text_config
-        if not (tc.tie_word_embeddings and config.raw.get("tie_word_embeddings", True) is not False):
-            self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
+        if not config.tied_head:
+            self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         if config.vision_config is not None:
             from .vision import VisionModel
 

@@ -167,7 +167,7 @@ class DecoderLayer(nn.Module):
 
 
 class TextModel(nn.Module):
-    """Gemma4TextModel: embeddings, decoder layers and the final norm (no head; the head is tied)."""
+    """Gemma4TextModel: embeddings, decoder layers and the final norm (the head lives in model.Gemma4)."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()

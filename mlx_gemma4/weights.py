@@ -30,16 +30,13 @@ _FUSED_EXPERTS = re.compile(r"^(language_model\.layers\.\d+\.experts\.(gate_up_p
 def map_name(name: str, config: ModelConfig) -> str | None:
     """Our parameter name for a checkpoint tensor name, or None to drop it."""
     if name.startswith("lm_head."):
-        tied = config.text_config.tie_word_embeddings and config.raw.get("tie_word_embeddings", True) is not False
-        return None if tied else name  # a tied head is the token embedding
+        return None if config.tied_head else name  # a tied head is the token embedding
     if name.startswith("model."):
         name = name[len("model."):]
         if config.model_type == "gemma4_text" and not name.startswith("language_model."):
             name = "language_model." + name
     elif name.startswith("language_model.model."):
         name = "language_model." + name[len("language_model.model."):]
-    if name.startswith("audio_tower.") and config.audio_config is None:
-        return None
     if name.startswith(("vision_tower.", "embed_vision.")) and config.vision_config is None:
         return None
     if name.startswith(("audio_tower.", "embed_audio.")) and config.audio_config is None:
