@@ -55,7 +55,7 @@ class Stats:
 
 
 class Session(Protocol):
-    """What mlx_gemma4.generate.ChatSession offers the app."""
+    """What mlx_gemma4.ChatSession offers the app."""
 
     messages: list[dict]
     context_used: int
@@ -74,7 +74,7 @@ SessionFactory = Callable[[Any, Any, Settings], Session]
 
 
 def chat_session(model: Any, processor: Any, settings: Settings) -> Session:
-    from mlx_gemma4.generate import ChatSession
+    from mlx_gemma4.chat import ChatSession
 
     return ChatSession(model, processor, system_prompt=settings.system_prompt or None,
                        enable_thinking=settings.enable_thinking)

@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import importlib
+
 from .errors import ConfigError, ContextLengthError, Gemma4Error, InputError, WeightsError
 
 __all__ = [
     "ConfigError", "ContextLengthError", "Gemma4Error", "InputError", "WeightsError",
-    "load", "generate", "stream_generate",
+    "load", "generate", "stream_generate", "ChatSession",
 ]
 
+# Public name -> the module that defines it. Imported on first use so `import mlx_gemma4` stays cheap for the
+# CLI's --help and the app's start-up. No submodule shares a name with a public function.
+_LAZY = {
+    "load": "weights",
+    "generate": "generation",
+    "stream_generate": "generation",
+    "GenerationResponse": "generation",
+    "ChatSession": "chat",
+}
 
-def __getattr__(name):
-    # Imported lazily so `import mlx_gemma4` stays cheap for the CLI's --help and for the app's start-up.
-    if name == "load":
-        from .weights import load
-        return load
-    if name in ("generate", "stream_generate", "ChatSession"):
-        from . import generate as g
-        return getattr(g, name)
-    raise AttributeError(name)
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mlx_gemma4' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -97,7 +97,7 @@ def _map_ple(model, bits: int | None, group_size: int) -> float:
 def bench_ours(size: str, bits: int | None, group_size: int, prompt: mx.array, n_gen: int,
                chunk: int, mapped_ple: bool = False) -> dict:
     from .config import ModelConfig
-    from .generate import prefill
+    from .generation import prefill
     from .model import Gemma4
 
     model = Gemma4(ModelConfig.from_dict(_text_config(size)))

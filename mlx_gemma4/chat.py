@@ -19,7 +19,7 @@ import numpy as np
 
 from . import cache as kv
 from .errors import ContextLengthError
-from .generate import GenerationResponse, prefill, stream_tokens
+from .generation import GenerationResponse, prefill, stream_tokens
 
 logger = logging.getLogger(__name__)
 

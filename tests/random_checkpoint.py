@@ -270,7 +270,7 @@ def measure_rss(path: str | Path, mapped_ple: bool, prompt: int = 8, gen: int = 
     import mlx.core as mx
 
     from mlx_gemma4 import load
-    from mlx_gemma4.generate import prefill
+    from mlx_gemma4.generation import prefill
 
     base = _status()
     model, _ = load(path, lazy=False, mapped_ple=mapped_ple)

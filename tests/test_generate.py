@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mlx_gemma4.errors import ContextLengthError
-from mlx_gemma4.generate import ChatSession, generate, stream_generate, stream_tokens
+from mlx_gemma4 import ChatSession, generate, stream_generate
+from mlx_gemma4.generation import stream_tokens
 from mlx_gemma4.processing.processor import Processor
 from mlx_gemma4.weights import load_model
 
@@ -117,7 +118,7 @@ def test_prompt_past_context_is_a_clear_error(loaded):
 
 
 def test_prefill_of_vision_blocks_never_splits_them():
-    from mlx_gemma4.generate import _chunk_ends
+    from mlx_gemma4.generation import _chunk_ends
 
     blocks = np.array([-1, -1, 0, 0, 0, 0, -1, 1, 1, -1])
     assert _chunk_ends(10, 3, blocks) == [3 + 3, 9, 10]

@@ -107,7 +107,7 @@ def test_audio_with_image(e_model):
 
 
 def test_chunked_prefill_with_vision_blocks_matches_full(large_model):
-    from mlx_gemma4.generate import prefill
+    from mlx_gemma4.generation import prefill
 
     hf, model, proc = large_model
     inputs = proc(text="a <|image|> b <|image|> c", images=[_image(48, 48, 4), _image(64, 32, 5)],

@@ -209,6 +209,3 @@ def generate(model, processor, prompt: str, images=None, audio=None, videos=None
                     last.peak_memory_gb)
     return "".join(text)
 
-
-
-from .chat import ChatSession  # noqa: E402, F401  (re-exported: the chat session is part of the generation API)
