@@ -14,6 +14,7 @@ The model writes its thoughts as ``<|channel>thought\n...<channel|>`` before the
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import dataclass, fields
@@ -191,6 +192,7 @@ class Tokenizer:
         self.chat_template = chat_template or bundled_chat_template()
         self.special = resolve_special_tokens(hf_tokenizer, config)
         self.eos_token_ids = self._eos_ids(config, generation_config)
+        self._detokenizer: Any = None  # built on first use, see make_detokenizer
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
@@ -259,11 +261,21 @@ class Tokenizer:
         return self.encode(prompt) if tokenize else prompt
 
     def make_detokenizer(self) -> Any:
-        """A fresh mlx-lm streaming detokenizer that fits this tokenizer's decoder."""
-        from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer, SPMStreamingDetokenizer
+        """A fresh mlx-lm streaming detokenizer that fits this tokenizer's decoder.
 
-        decoder = json.loads(self.hf.backend_tokenizer.to_str()).get("decoder") or {}
-        steps = [d.get("type") for d in decoder.get("decoders", [])] if decoder.get("type") == "Sequence" else []
-        if steps[:3] == ["Replace", "ByteFallback", "Fuse"]:
-            return SPMStreamingDetokenizer(self.hf, trim_space=steps[3:] == ["Strip"])
-        return NaiveStreamingDetokenizer(self.hf)
+        Building one reads the whole vocabulary (the SPM detokenizer maps every id to its bytes: about a second
+        for Gemma 4's 262,144 entries), so that is done once per tokenizer; each call gets a reset copy that
+        shares the read-only map and has its own streaming state.
+        """
+        if self._detokenizer is None:
+            from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer, SPMStreamingDetokenizer
+
+            decoder = json.loads(self.hf.backend_tokenizer.to_str()).get("decoder") or {}
+            steps = [d.get("type") for d in decoder.get("decoders", [])] if decoder.get("type") == "Sequence" else []
+            if steps[:3] == ["Replace", "ByteFallback", "Fuse"]:
+                self._detokenizer = SPMStreamingDetokenizer(self.hf, trim_space=steps[3:] == ["Strip"])
+            else:
+                self._detokenizer = NaiveStreamingDetokenizer(self.hf)
+        detokenizer = copy.copy(self._detokenizer)
+        detokenizer.reset()
+        return detokenizer
