@@ -1,5 +1,12 @@
 """Generation: chunked prefill, an overlapped decode loop, sampling, stop rules, streaming text and stats.
 
+Three layers, each usable on its own:
+- ``generate_step`` is the token loop: prefill, then one token at a time, with the sampler and logits processors
+  the caller injects (mlx-lm's ``make_sampler`` / ``make_logits_processors`` or any callables). It yields
+  ``(token, logprobs)`` and knows nothing about text.
+- ``stream_tokens`` adds stop ids, streaming text (mlx-lm's detokenizer, built once per tokenizer) and stats.
+- ``stream_generate`` / ``generate`` add the processor: prompt string + media in, text out.
+
 Samplers, logits processors and the streaming detokenizer come from mlx-lm. Prefill runs the prompt through the
 decoder in chunks; chunks before the last skip the KV-shared layers entirely (they write no cache and their
 output is not read), and the last chunk computes logits for its final position only.
@@ -8,6 +15,7 @@ output is not read), and the last chunk computes logits for its final position o
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -18,7 +26,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer
 
 from .cache import KVCache
-from .errors import ContextLengthError
+from .errors import ContextLengthError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +44,7 @@ class GenerationResponse:
     generation_tps: float
     ttft: float                     # seconds from the call to the first token
     peak_memory_gb: float
-    finish_reason: str | None = None  # None while streaming, then "stop" | "length" | "cancelled"
-
-    @property
-    def peak_memory(self) -> float:
-        """Peak memory in GB (mlx-lm's name for it)."""
-        return self.peak_memory_gb
+    finish_reason: str | None = None  # None while streaming, then "stop" | "length" | "context" | "cancelled"
 
 
 def _chunk_ends(L: int, chunk: int, vision_blocks: np.ndarray | None) -> list[int]:
@@ -58,6 +61,23 @@ def _chunk_ends(L: int, chunk: int, vision_blocks: np.ndarray | None) -> list[in
     return ends
 
 
+def context_left(model, cache: list[KVCache] | None) -> int:
+    """How many more positions fit in the model's context after what ``cache`` holds (the one bound)."""
+    used = cache[0].offset if cache else 0
+    return model.config.text_config.max_position_embeddings - used
+
+
+def check_context(model, cache: list[KVCache] | None, n: int) -> None:
+    """Raise ContextLengthError unless ``n`` more tokens fit after what ``cache`` holds."""
+    left = context_left(model, cache)
+    if n > left:
+        limit = model.config.text_config.max_position_embeddings
+        raise ContextLengthError(
+            f"The prompt needs {limit - left + n} positions but the model's context is {limit}. "
+            "Shorten it, or drop earlier turns of the conversation."
+        )
+
+
 def prefill(model, inputs: dict[str, Any], cache: list[KVCache], chunk_size: int = 2048,
             start: int = 0) -> mx.array:
     """Run ``inputs["input_ids"][:, start:]`` through the model into ``cache``; logits (vocab,) of the last token.
@@ -65,6 +85,7 @@ def prefill(model, inputs: dict[str, Any], cache: list[KVCache], chunk_size: int
     ``start`` > 0 means the first ``start`` tokens are already in the cache; media for them must not be in
     ``inputs`` (see ChatSession).
     """
+    _check_positive_int("prefill_chunk", chunk_size)
     ids = mx.array(inputs["input_ids"])
     if ids.ndim == 1:
         ids = ids[None]
@@ -72,13 +93,7 @@ def prefill(model, inputs: dict[str, Any], cache: list[KVCache], chunk_size: int
     media = {k: inputs[k] for k in _MEDIA_KEYS if inputs.get(k) is not None}
     embeds, token_inputs, blocks = model.embed(ids, **media)
     L = ids.shape[1]
-    limit = model.config.text_config.max_position_embeddings
-    total = (cache[0].offset if cache else 0) + L
-    if total >= limit:
-        raise ContextLengthError(
-            f"The prompt is {total} tokens but the model's context is {limit}. "
-            "Shorten it, or drop earlier turns of the conversation."
-        )
+    check_context(model, cache, L)
     lm = model.language_model
     s = 0
     h = None
@@ -93,10 +108,159 @@ def prefill(model, inputs: dict[str, Any], cache: list[KVCache], chunk_size: int
 
 
 def _peak_gb() -> float:
+    """Peak memory since the last reset, in GB: MLX's allocator peak where the backend tracks it, else this
+    process's peak resident set (MLX's CPU backend reports 0)."""
     try:
-        return mx.get_peak_memory() / 1e9
+        peak = mx.get_peak_memory()
     except Exception:  # some backends do not track it
+        peak = 0
+    if peak:
+        return peak / 1e9
+    try:
+        import resource
+        import sys
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9
+    except Exception:
         return 0.0
+
+
+# -- argument checks ---------------------------------------------------------------------------------------------
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_)) \
+        and math.isfinite(float(x))
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if not _is_int(value) or value < 1:
+        raise InputError(f"{name} must be a whole number >= 1; got {value!r}.")
+
+
+def _check_real(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False,
+                meaning: str = "") -> None:
+    ok = _is_real(value)
+    if ok:
+        v = float(value)
+        ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok:
+        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
+        rng = f"{lb}{lo:g}, {hi:g}{rb}".replace("inf", "infinity")
+        raise InputError(f"{name} must be a number in {rng}{meaning}; got {value!r}.")
+
+
+def check_sampling_args(*, max_tokens: Any = 1, temperature: Any = 0.0, top_p: Any = 1.0, top_k: Any = 0,
+                        min_p: Any = 0.0, repetition_penalty: Any = None, repetition_context_size: Any = 20,
+                        seed: Any = None, prefill_chunk: Any = 2048) -> None:
+    """Validate generation arguments up front; raise InputError naming the argument and its valid range."""
+    _check_positive_int("max_tokens", max_tokens)
+    _check_real("temperature", temperature, 0.0, math.inf, hi_open=True, meaning=" (0 = greedy)")
+    _check_real("top_p", top_p, 0.0, 1.0, lo_open=True, meaning=" (1 = off)")
+    if not _is_int(top_k) or top_k < 0:
+        raise InputError(f"top_k must be a whole number >= 0 (0 = off); got {top_k!r}.")
+    _check_real("min_p", min_p, 0.0, 1.0, hi_open=True, meaning=" (0 = off)")
+    if repetition_penalty is not None:
+        _check_real("repetition_penalty", repetition_penalty, 0.0, math.inf, lo_open=True, hi_open=True,
+                    meaning=" (1 = off)")
+    _check_positive_int("repetition_context_size", repetition_context_size)
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**64):
+        raise InputError(f"seed must be a whole number in [0, 2**64) or None; got {seed!r}.")
+    _check_positive_int("prefill_chunk", prefill_chunk)
+
+
+def make_policies(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+                  repetition_penalty: float | None = None, repetition_context_size: int = 20
+                  ) -> tuple[Callable[[mx.array], mx.array], list[Callable[[mx.array, mx.array], mx.array]]]:
+    """mlx-lm's sampler and logits processors for these settings."""
+    sampler = make_sampler(temp=float(temperature), top_p=float(top_p) if top_p < 1 else 0.0,
+                           min_p=float(min_p), top_k=int(top_k))
+    processors = make_logits_processors(repetition_penalty=repetition_penalty,
+                                        repetition_context_size=repetition_context_size)
+    return sampler, processors
+
+
+# -- the token loop ----------------------------------------------------------------------------------------------
+class TokenLoop:
+    """Iterating yields ``(token, logprobs)``; ``finish_reason`` is set just before the last token is yielded
+    ("length", "context" or "cancelled"; None while more follow). See ``generate_step``."""
+
+    def __init__(self, model, inputs: dict[str, Any], cache: list[KVCache] | None, *, start: int, max_tokens: int,
+                 sampler: Callable[[mx.array], mx.array] | None,
+                 logits_processors: Sequence[Callable[[mx.array, mx.array], mx.array]], prefill_chunk: int,
+                 should_stop: Callable[[], bool] | None):
+        _check_positive_int("max_tokens", max_tokens)
+        _check_positive_int("prefill_chunk", prefill_chunk)
+        self.model, self.inputs, self.start = model, inputs, start
+        self.cache = model.make_cache() if cache is None else cache
+        self.max_tokens, self.prefill_chunk, self.should_stop = max_tokens, prefill_chunk, should_stop
+        self.sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
+        self.processors = list(logits_processors)
+        self.finish_reason: str | None = None
+
+    def __iter__(self) -> Iterator[tuple[int, mx.array]]:
+        model, cache, processors = self.model, self.cache, self.processors
+        history = mx.array(np.array(self.inputs["input_ids"]).reshape(-1), dtype=mx.int32) if processors else None
+
+        def sample(logits: mx.array) -> tuple[mx.array, mx.array]:
+            logits = logits[None]                                              # (1, vocab)
+            for p in processors:
+                logits = p(history, logits)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            return self.sampler(logprobs)[0], logprobs[0]
+
+        y, logprobs = sample(prefill(model, self.inputs, cache, self.prefill_chunk, self.start))
+        mx.async_eval(y, logprobs)
+        n = 0
+        while True:
+            n += 1
+            if n >= self.max_tokens:
+                self.finish_reason = "length"
+            elif context_left(model, cache) < 1:
+                self.finish_reason = "context"
+            elif self.should_stop is not None and self.should_stop():
+                self.finish_reason = "cancelled"
+            else:
+                if processors:  # only logits processors read the history; keep the plain loop free of it
+                    history = mx.concatenate([history, y[None].astype(mx.int32)])
+                next_y, next_logprobs = sample(model.decode(y.reshape(1, 1), cache)[0, -1])
+                mx.async_eval(next_y, next_logprobs)
+            yield int(y.item()), logprobs
+            if self.finish_reason is not None:
+                return
+            y, logprobs = next_y, next_logprobs
+
+
+def generate_step(
+    model,
+    inputs: dict[str, Any],
+    cache: list[KVCache] | None = None,
+    *,
+    start: int = 0,
+    max_tokens: int = 256,
+    sampler: Callable[[mx.array], mx.array] | None = None,
+    logits_processors: Sequence[Callable[[mx.array, mx.array], mx.array]] = (),
+    prefill_chunk: int = 2048,
+    should_stop: Callable[[], bool] | None = None,
+) -> TokenLoop:
+    """The token loop: iterate it for ``(token, logprobs)``, up to ``max_tokens`` tokens after the prompt.
+
+    ``sampler`` maps log-probabilities (1, vocab) to a token (1,); greedy when None. Each logits processor is
+    called as ``p(history, logits)`` with the token history (prompt and generated, int32) and logits (1, vocab),
+    as in mlx-lm. ``cache`` (``model.make_cache()`` when None) already holds the first ``start`` prompt tokens.
+    The loop ends after ``max_tokens`` tokens, when the context is full, or when ``should_stop()`` turns true
+    (checked before each step is queued); the returned loop's ``finish_reason`` says which. Every yielded token
+    but the last has been fed to the model, so the cache then holds the prompt plus all yielded tokens but the
+    last; a caller that stops iterating early gets the same.
+
+    The next step is queued before the current token is handed out, so building step n+1 overlaps evaluating
+    step n (the loop waits on the device only for the token it yields).
+    """
+    return TokenLoop(model, inputs, cache, start=start, max_tokens=max_tokens, sampler=sampler,
+                     logits_processors=logits_processors, prefill_chunk=prefill_chunk, should_stop=should_stop)
 
 
 def stream_tokens(
@@ -115,72 +279,61 @@ def stream_tokens(
     repetition_context_size: int = 20,
     seed: int | None = None,
     prefill_chunk: int = 2048,
+    sampler: Callable[[mx.array], mx.array] | None = None,
+    logits_processors: Sequence[Callable[[mx.array, mx.array], mx.array]] | None = None,
     stop_ids: Sequence[int] | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_token: Callable[[int], None] | None = None,
 ) -> Iterator[GenerationResponse]:
-    """The generation loop over an already-processed prompt. ``on_token`` sees every token fed to the model."""
+    """The generation loop over an already-processed prompt, with text and stats.
+
+    ``sampler`` / ``logits_processors`` replace the ones built from the sampling settings. ``on_token`` sees
+    every token that went through the model (so is in the cache).
+    """
     t0 = time.perf_counter()
+    check_sampling_args(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                        repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size,
+                        seed=seed, prefill_chunk=prefill_chunk)
     if seed is not None:
-        mx.random.seed(seed)
+        mx.random.seed(int(seed))
     if cache is None:
         cache = model.make_cache()
-    sampler = make_sampler(temp=temperature, top_p=top_p if 0 < top_p < 1 else 0.0, min_p=min_p, top_k=top_k)
-    processors = make_logits_processors(repetition_penalty=repetition_penalty,
-                                        repetition_context_size=repetition_context_size)
-    prompt_ids = np.array(inputs["input_ids"]).reshape(-1).tolist()
-    history = mx.array(prompt_ids, dtype=mx.int32)
+    default_sampler, default_processors = make_policies(temperature, top_p, top_k, min_p, repetition_penalty,
+                                                        repetition_context_size)
     stop = set(stop_ids if stop_ids is not None else _stop_ids(model, processor))
-    limit = model.config.text_config.max_position_embeddings
-
-    def sample(logits: mx.array, history: mx.array) -> mx.array:
-        for p in processors:
-            logits = p(history, logits[None])[0]
-        logprobs = logits - mx.logsumexp(logits, keepdims=True)
-        return sampler(logprobs[None])[0]
-
-    logits = prefill(model, inputs, cache, prefill_chunk, start)
-    y = sample(logits, history)
-    mx.async_eval(y)
-    n_prompt = len(prompt_ids) - start
+    n_prompt = int(np.array(inputs["input_ids"]).size) - start
     make = getattr(processor.tokenizer, "make_detokenizer", None)
     detok = make() if make else NaiveStreamingDetokenizer(processor.tokenizer)
+    steps = generate_step(model, inputs, cache, start=start, max_tokens=max_tokens,
+                          sampler=sampler or default_sampler,
+                          logits_processors=default_processors if logits_processors is None else logits_processors,
+                          prefill_chunk=prefill_chunk, should_stop=should_stop)
     ttft = prompt_tps = 0.0
-    t_gen = None
+    t_first = None
     n = 0
-    while True:
-        if n + 1 < max_tokens and cache[0].offset + 1 < limit:
-            if processors:  # only a repetition penalty reads the history; keep the plain loop free of it
-                history = mx.concatenate([history, y[None].astype(mx.int32)])
-            next_logits = model.decode(y.reshape(1, 1), cache)[0, -1]
-            next_y = sample(next_logits, history)
-            mx.async_eval(next_y)
-        else:
-            next_y = None
-        token = int(y.item())
+    for token, _ in steps:
         n += 1
-        if t_gen is None:
-            t_gen = time.perf_counter()
-            ttft = t_gen - t0
+        now = time.perf_counter()
+        if t_first is None:
+            t_first = now
+            ttft = now - t0
             prompt_tps = n_prompt / max(ttft, 1e-9)
-        gen_tps = (n - 1) / max(time.perf_counter() - t_gen, 1e-9) if n > 1 else 0.0
-        stats = dict(prompt_tokens=n_prompt, prompt_tps=prompt_tps, generation_tokens=n, generation_tps=gen_tps,
+        stats = dict(prompt_tokens=n_prompt, prompt_tps=prompt_tps, generation_tokens=n,
+                     generation_tps=(n - 1) / max(now - t_first, 1e-9) if n > 1 else 0.0,
                      ttft=ttft, peak_memory_gb=_peak_gb())
-        if on_token is not None and next_y is not None:
-            on_token(token)  # it went through the model, so it is in the cache
         if token in stop:
             detok.finalize()
             yield GenerationResponse(detok.last_segment, token, finish_reason="stop", **stats)
             return
         detok.add_token(token)
-        cancelled = should_stop is not None and should_stop()
-        if next_y is None or cancelled:
-            detok.finalize()
-            yield GenerationResponse(detok.last_segment, token,
-                                     finish_reason="cancelled" if cancelled else "length", **stats)
-            return
-        yield GenerationResponse(detok.last_segment, token, **stats)
-        y = next_y
+        if steps.finish_reason is None:
+            if on_token is not None:
+                on_token(token)  # the loop has queued it into the model, so it is in the cache
+            yield GenerationResponse(detok.last_segment, token, **stats)
+            continue
+        detok.finalize()
+        yield GenerationResponse(detok.last_segment, token, finish_reason=steps.finish_reason, **stats)
+        return
 
 
 def _stop_ids(model, processor) -> list[int]:
@@ -189,23 +342,43 @@ def _stop_ids(model, processor) -> list[int]:
     return sorted(ids)
 
 
-def stream_generate(model, processor, prompt: str, images=None, audio=None, videos=None,
-                    **kwargs) -> Iterator[GenerationResponse]:
-    """Stream the answer to ``prompt`` (used verbatim: no chat template is applied here)."""
-    inputs = processor(text=prompt, images=images, audio=audio, videos=videos)
+def stream_generate(model, processor, prompt: str, images=None, audio=None, videos=None, *,
+                    max_soft_tokens: int | None = None, **kwargs) -> Iterator[GenerationResponse]:
+    """Stream the answer to ``prompt`` (used verbatim: no chat template is applied here).
+
+    ``max_soft_tokens`` sets the image (and video frame) token budget; the other keywords are those of
+    ``stream_tokens`` (sampling settings, ``max_tokens``, ``stop_ids``, ``should_stop``, ...). Arguments are
+    checked before any work is done.
+    """
+    unknown = set(kwargs) - _STREAM_KWARGS
+    if unknown:
+        raise InputError(f"Unknown argument(s) {sorted(unknown)}; stream_generate takes {sorted(_STREAM_KWARGS)}.")
+    check_sampling_args(**{k: v for k, v in kwargs.items() if k in _SAMPLING_KWARGS})
+    inputs = processor(text=prompt, images=images, audio=audio, videos=videos, max_soft_tokens=max_soft_tokens)
     yield from stream_tokens(model, processor, inputs, **kwargs)
 
 
-def generate(model, processor, prompt: str, images=None, audio=None, videos=None, verbose: bool = False,
+def generate(model, processor, prompt: str, images=None, audio=None, videos=None, *, verbose: bool = False,
              **kwargs) -> str:
-    """The whole answer to ``prompt`` as one string. ``verbose`` logs the stats of the run."""
+    """The whole answer to ``prompt`` as one string. ``verbose`` prints the text as it streams and the stats of
+    the run. Takes the keywords of ``stream_generate``."""
     text, last = [], None
     for r in stream_generate(model, processor, prompt, images=images, audio=audio, videos=videos, **kwargs):
         text.append(r.text)
+        if verbose:
+            print(r.text, end="", flush=True)
         last = r
     if verbose and last is not None:
-        logger.info("prompt %d tok at %.1f tok/s, generation %d tok at %.1f tok/s, peak %.2f GB",
-                    last.prompt_tokens, last.prompt_tps, last.generation_tokens, last.generation_tps,
-                    last.peak_memory_gb)
+        print()
+        print(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s (first token after "
+              f"{last.ttft * 1000:.0f} ms)")
+        print(f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s "
+              f"({last.finish_reason})")
+        print(f"peak memory: {last.peak_memory_gb:.2f} GB")
     return "".join(text)
 
+
+_SAMPLING_KWARGS = {"max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                    "repetition_context_size", "seed", "prefill_chunk"}
+_STREAM_KWARGS = _SAMPLING_KWARGS | {"sampler", "logits_processors", "stop_ids", "should_stop", "on_token",
+                                     "cache"}
