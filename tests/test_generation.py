@@ -1,0 +1,204 @@
+"""The token loop and its public wrappers: injected policies, argument checks, the context bound, and nothing
+vocabulary-sized rebuilt per call."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mlx_gemma4 import InputError, generate, stream_generate
+from mlx_gemma4.generation import check_sampling_args, generate_step, stream_tokens
+from mlx_gemma4.processing.processor import Processor
+from mlx_gemma4.weights import load_model
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint_factory):
+    _, path = checkpoint_factory("e")
+    return load_model(path), Processor.from_pretrained(path)
+
+
+# -- the public import paths --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("first", ["", "import mlx_gemma4.generation", "import mlx_gemma4.chat",
+                                   "import mlx_gemma4.generation, mlx_gemma4.chat", "import mlx_gemma4.weights"])
+def test_public_names_import_in_a_fresh_interpreter(first):
+    code = (f"{first}\nfrom mlx_gemma4 import load, generate, stream_generate, ChatSession\n"
+            "import inspect\n"
+            "assert all(inspect.isfunction(f) for f in (load, generate, stream_generate)), (load, generate)\n"
+            "assert inspect.isclass(ChatSession)\n"
+            "import mlx_gemma4\n"
+            "assert mlx_gemma4.generate is generate\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- injected policies ---------------------------------------------------------------------------------------------
+def test_generate_step_uses_the_callers_sampler_and_processors(loaded):
+    model, processor = loaded
+    inputs = processor(text="hello there")
+    seen = []
+
+    def forbid_greedy(history, logits):
+        seen.append(int(history.size))
+        return logits - 1e9 * (mx.arange(logits.shape[-1]) == 7)[None]
+
+    def pick_seven_or_eight(logprobs):
+        # token 7 is forbidden by the processor, so the sampler must see -1e9 there and take 8
+        return mx.where(logprobs[:, 7] > -1e8, 7, 8).reshape(1)
+
+    loop = generate_step(model, inputs, sampler=pick_seven_or_eight, logits_processors=[forbid_greedy],
+                         max_tokens=4)
+    tokens = [t for t, _ in loop]
+    assert tokens == [8, 8, 8, 8]
+    L = int(np.array(inputs["input_ids"]).size)
+    assert seen == [L, L + 1, L + 2, L + 3]  # the history grows by each generated token
+    assert loop.finish_reason == "length"
+
+
+def test_logprobs_are_normalised(loaded):
+    model, processor = loaded
+    for _, logprobs in generate_step(model, processor(text="hi"), max_tokens=3):
+        assert abs(float(mx.logsumexp(logprobs))) < 1e-4
+
+
+def test_context_full_stops_with_its_own_reason(loaded):
+    model, processor = loaded
+    inputs = processor(text="one two three")
+    L = int(np.array(inputs["input_ids"]).size)
+    limit = model.config.text_config.max_position_embeddings
+    cache = model.make_cache()
+    out = list(stream_tokens(model, processor, inputs, cache, max_tokens=10 * limit, stop_ids=[]))
+    # positions 0..limit-1: the prompt plus every generated token but the last fill the context exactly
+    assert len(out) == limit - L + 1
+    assert out[-1].finish_reason == "context"
+    assert all(r.finish_reason is None for r in out[:-1])
+
+
+def test_on_token_matches_what_the_cache_holds(loaded):
+    model, processor = loaded
+    inputs = processor(text="count with me")
+    L = int(np.array(inputs["input_ids"]).size)
+    cache, fed = model.make_cache(), []
+    for i, r in enumerate(stream_tokens(model, processor, inputs, cache, max_tokens=20, stop_ids=[],
+                                        on_token=fed.append)):
+        if i == 4:
+            break  # the caller stops early: every token it was told about is in the cache
+    assert cache[0].offset == L + len(fed) and len(fed) == 5
+
+
+# -- arguments ---------------------------------------------------------------------------------------------------
+BAD = [
+    dict(max_tokens=0), dict(max_tokens=-3), dict(max_tokens=2.5), dict(max_tokens=True), dict(max_tokens="5"),
+    dict(temperature=-1), dict(temperature=float("nan")), dict(temperature=float("inf")), dict(temperature="hot"),
+    dict(top_p=1.5), dict(top_p=0), dict(top_p=-0.5), dict(top_p=float("nan")),
+    dict(top_k=-1), dict(top_k=2.0), dict(min_p=1.0), dict(min_p=-0.1),
+    dict(repetition_penalty=0), dict(repetition_penalty=-1.0), dict(repetition_penalty=float("nan")),
+    dict(repetition_context_size=0), dict(seed=-1), dict(seed=1.5), dict(seed="x"),
+    dict(prefill_chunk=0), dict(prefill_chunk=-1),
+]
+
+
+@pytest.mark.parametrize("bad", BAD, ids=[f"{k}={v!r}" for b in BAD for k, v in b.items()])
+def test_bad_arguments_are_refused_naming_the_argument(loaded, bad):
+    model, processor = loaded
+    name = next(iter(bad))
+    with pytest.raises(InputError, match=name):
+        generate(model, processor, "hi", **bad)
+    with pytest.raises(InputError, match=name):
+        next(iter(stream_generate(model, processor, "hi", **bad)))
+
+
+def test_unknown_keyword_is_refused(loaded):
+    model, processor = loaded
+    with pytest.raises(InputError, match="max_token"):
+        generate(model, processor, "hi", max_token=3)
+
+
+def test_max_soft_tokens_is_accepted(loaded):
+    model, processor = loaded
+    assert isinstance(generate(model, processor, "hi", max_tokens=2, max_soft_tokens=70), str)
+
+
+_numbers = st.one_of(st.integers(-10, 10), st.floats(allow_nan=True, allow_infinity=True), st.none(),
+                     st.booleans(), st.text(max_size=2))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(max_tokens=_numbers, temperature=_numbers, top_p=_numbers, top_k=_numbers, min_p=_numbers,
+       repetition_penalty=_numbers, seed=_numbers, prefill_chunk=_numbers)
+def test_argument_checks_accept_exactly_the_valid_ranges(**kw):
+    def valid() -> bool:
+        def real(x):
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        def whole(x, lo):
+            return isinstance(x, int) and not isinstance(x, bool) and x >= lo
+
+        return (whole(kw["max_tokens"], 1) and real(kw["temperature"]) and kw["temperature"] >= 0
+                and real(kw["top_p"]) and 0 < kw["top_p"] <= 1 and whole(kw["top_k"], 0)
+                and real(kw["min_p"]) and 0 <= kw["min_p"] < 1
+                and (kw["repetition_penalty"] is None or (real(kw["repetition_penalty"])
+                                                          and kw["repetition_penalty"] > 0))
+                and (kw["seed"] is None or whole(kw["seed"], 0)) and whole(kw["prefill_chunk"], 1))
+
+    try:
+        check_sampling_args(**kw)
+        accepted = True
+    except InputError as e:
+        accepted = False
+        assert "must be" in str(e)
+    assert accepted == valid()
+
+
+def test_sampling_runs_for_valid_edge_values(loaded):
+    model, processor = loaded
+    for kw in (dict(temperature=0.0), dict(temperature=1e-3, top_p=1.0), dict(temperature=2.0, top_p=1e-6),
+               dict(temperature=1.0, top_k=1), dict(temperature=1.0, min_p=0.99), dict(repetition_penalty=1e-3),
+               dict(seed=2**64 - 1, temperature=1.0)):
+        out = list(stream_generate(model, processor, "hi", max_tokens=3, stop_ids=[], **kw))
+        assert len(out) == 3 and all(0 <= r.token < model.config.text_config.vocab_size for r in out)
+
+
+# -- nothing vocabulary-sized per call -------------------------------------------------------------------------
+def test_detokenizer_and_vocabulary_tables_are_built_once(loaded, monkeypatch):
+    model, processor = loaded
+    hf = processor.tokenizer.hf
+    calls = {"convert_ids_to_tokens": 0, "to_str": 0, "get_vocab": 0}
+    for name in ("convert_ids_to_tokens", "get_vocab"):
+        original = getattr(hf, name)
+
+        def counted(*a, _name=name, _orig=original, **k):
+            calls[_name] += 1
+            return _orig(*a, **k)
+
+        monkeypatch.setattr(hf, name, counted)
+    backend = hf.backend_tokenizer
+    monkeypatch.setattr(type(hf), "backend_tokenizer",
+                        property(lambda self: calls.__setitem__("to_str", calls["to_str"] + 1) or backend),
+                        raising=False)
+    generate(model, processor, "hello", max_tokens=3)
+    after_first = dict(calls)
+    for _ in range(3):
+        generate(model, processor, "hello again", max_tokens=3)
+    assert calls == after_first, (after_first, calls)
+
+
+def test_detokenizers_of_concurrent_streams_are_independent(loaded):
+    model, processor = loaded
+    prompts = ("first prompt", "another, different prompt")
+
+    def run(prompt):
+        return stream_generate(model, processor, prompt, max_tokens=12, stop_ids=[])
+
+    alone = ["".join(r.text for r in run(p)) for p in prompts]
+    interleaved = [[], []]
+    for ra, rb in zip(run(prompts[0]), run(prompts[1])):
+        interleaved[0].append(ra.text)
+        interleaved[1].append(rb.text)
+    assert ["".join(t) for t in interleaved] == alone
