@@ -18,7 +18,7 @@ import mlx.nn as nn
 
 from .config import ModelConfig
 from .errors import WeightsError
-from .ple import PLE_FILE, MappedPerLayerEmbedding
+from .ple import PLE_FILE, MappedPerLayerEmbedding, choose_placement
 from .quantize import PLE
 
 logger = logging.getLogger(__name__)
@@ -175,12 +175,14 @@ def _preview(items: list[str], n: int = 8) -> str:
 
 
 def load_model(path: str | Path, dtype: mx.Dtype | None = None, progress: Callable | None = None,
-               mapped_ple: bool = True):
+               mapped_ple: bool | None = None):
     """Build the model for the checkpoint at ``path`` (local dir) and load its weights lazily.
 
     ``path`` may be our converted dir, an mlx-vlm / mlx-community conversion, or a raw Hugging Face checkpoint
     (loaded as is, unquantized). Quantized modules are read off the packed tensors themselves. A separate PLE
-    file (see ple.py) is memory-mapped unless ``mapped_ple`` is False, which loads it into memory instead.
+    file (see ple.py) is loaded into memory when ``mapped_ple`` is False, memory-mapped when it is True, and by
+    default (None) kept in memory when the machine has room for it (ple.choose_placement), which decodes
+    fastest; ``model.ple_placement`` says which was chosen and why.
     """
     from .model import Gemma4
     from .quantize import apply_quantization
@@ -192,6 +194,11 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, progress: Callab
     weights = sanitize(read_safetensors(files), config, model, hf_layout=not is_mlx_layout(files))
     ple_path = path / PLE_FILE
     ple = MappedPerLayerEmbedding(ple_path) if ple_path.exists() else None
+    placement = None
+    if ple is not None:
+        placement = choose_placement(ple.nbytes, sum(v.nbytes for v in weights.values()), mapped_ple)
+        mapped_ple = placement.mapped
+        logger.info("per-layer embedding table: %s", placement)
     if ple is not None and not mapped_ple:
         weights.update({f"{PLE}.{k}": v for k, v in ple.load_table().items()})
     apply_quantization(model, weights=weights)
@@ -201,16 +208,19 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, progress: Callab
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     load_into(model, weights)
     model.eval()
+    model.ple_placement = placement
     if progress is not None:
         progress(1, 1)
     return model
 
 
-def load(path_or_repo: str | Path, progress: Callable | None = None, lazy: bool = True, mapped_ple: bool = True,
+def load(path_or_repo: str | Path, progress: Callable | None = None, lazy: bool = True, mapped_ple: bool | None = None,
          **hub_kwargs):
     """``(model, processor)`` for a converted dir, a raw HF checkpoint dir, or a hub repo id.
 
     ``lazy`` leaves the weights memory-mapped until first use; ``lazy=False`` reads them all now.
+    ``mapped_ple``: where E2B/E4B's per-layer embedding table lives (see load_model; default: decided from free
+    memory).
     ``hub_kwargs`` (revision, cache_dir, local_files_only) go to huggingface_hub's snapshot_download.
     The processor is None (with a warning) when the processing package cannot build one.
     """

@@ -88,9 +88,9 @@ def test_mapped_ple_gives_same_logits_as_in_memory(sources, tmp_path):
     src, _ = sources["e"]
     for bits in (None, 8):
         dst = convert(src, tmp_path / f"ple{bits}", q_bits=bits, q_group_size=32, dtype="float32")
-        model, _ = load(dst)
+        model, _ = load(dst, mapped_ple=True)
         assert type(model.language_model.embed_tokens_per_layer).__name__ == "MappedPerLayerEmbedding"
-        np.testing.assert_array_equal(_logits(dst), _logits(dst, mapped_ple=False))
+        np.testing.assert_array_equal(_logits(dst, mapped_ple=True), _logits(dst, mapped_ple=False))
         # Decoding (the compiled one-token step) reads the mapped table too.
         steps = {}
         for mapped in (True, False):
