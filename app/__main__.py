@@ -3,46 +3,57 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
-from .model_source import ModelNotFound, load_fn, resolve
+from .model_source import DEFAULT_NAME, ModelNotFound, load_fn, resolve
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="gemma4-chat", description="Chat with Gemma 4 in the terminal.")
-    p.add_argument("--model", help="converted model directory or hub id (default: models/gemma-4-E4B-it-4bit)")
+    p.add_argument("--model", help=f"converted model directory, the name of one found before, or a hub id "
+                                   f"(default: {DEFAULT_NAME} wherever it was converted)")
     p.add_argument("--demo", action="store_true", help="tiny random-weight model built in memory; output is random")
     p.add_argument("--resume", nargs="?", const=True, type=int, metavar="ID",
                    help="resume the last conversation (or the one with this id)")
-    p.add_argument("--data-dir", help="where history and recordings live (default: the user data directory, "
-                                      "or $GEMMA4_CHAT_HOME)")
-    p.add_argument("--system", default="", help="system prompt")
-    p.add_argument("--thinking", action="store_true", help="start with thinking on")
-    p.add_argument("--max-tokens", type=int, default=1024)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--data-dir", help="where models, settings, history and recordings live (default: the user "
+                                      "data directory, or $GEMMA4_CHAT_HOME)")
+    # No defaults here: what is not given comes from the saved settings.
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--thinking", action="store_true", default=None, help="start with thinking on")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from .history import data_dir
+
+    data = data_dir(args.data_dir)
     try:
-        choice = resolve(args.model, args.demo)
+        choice = resolve(args.model, args.demo, data)
     except ModelNotFound as e:
         print(f"gemma4-chat: {e}", file=sys.stderr)
         return 2
 
     from .app import ChatApp
-    from .backend import Backend, Settings
+    from .backend import Backend
     from .history import History
+    from .settings_store import SettingsStore
 
-    history = History(args.data_dir)
-    logging.basicConfig(filename=history.dir / "gemma4-chat.log", level=logging.INFO,
+    # Demo conversations (random text) are kept apart from real ones.
+    history = History(data / "demo" if choice.kind == "demo" else data)
+    logging.basicConfig(filename=data / "gemma4-chat.log", level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    settings = Settings(system_prompt=args.system, enable_thinking=args.thinking, max_tokens=args.max_tokens,
-                        temperature=args.temperature)
-    backend = Backend(choice.name, load_fn(choice), demo=choice.kind == "demo", settings=settings)
-    ChatApp(backend, history, resume=args.resume, offer_download=choice.kind == "download").run()
+    store = SettingsStore(data)
+    given = {"system_prompt": args.system, "enable_thinking": args.thinking, "max_tokens": args.max_tokens,
+             "temperature": args.temperature}
+    settings = dataclasses.replace(store.load(), **{k: v for k, v in given.items() if v is not None})
+    backend = Backend(choice.name, load_fn(choice, data), demo=choice.kind == "demo", settings=settings)
+    ChatApp(backend, history, resume=args.resume, offer_download=choice.kind == "download",
+            settings_store=store).run()
     history.close()
     return 0
 

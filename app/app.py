@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 from textual.app import App, SystemCommand
 from textual.binding import Binding
@@ -10,11 +10,12 @@ from textual.screen import Screen
 
 from .backend import Backend
 from .history import History
-from .model_source import NO_NETWORK, hub_reachable
+from .model_source import DEFAULT_NAME, hub_reachable, models_dir
 from .recorder import Recorder
+from .settings_store import SettingsStore
 from .screens.chat import ChatScreen
-from .screens.confirm import ConfirmScreen
 from .screens.conversations import Choice, ConversationsScreen
+from .screens.get_model import GetModelScreen
 from .screens.help import HelpScreen
 from .screens.settings import SettingsScreen
 
@@ -55,10 +56,15 @@ class ChatApp(App):
         resume: int | bool | None = None,
         offer_download: bool = False,
         messages: list[str] = (),
+        settings_store: SettingsStore | None = None,
+        hub_check: Callable[[], bool] = hub_reachable,
     ) -> None:
         super().__init__()
         self.backend = backend
         self.history = history
+        self.data_dir = history.dir
+        self.settings_store = settings_store
+        self.hub_check = hub_check
         self.recorder = recorder or Recorder(history.dir / "recordings")
         self.resume_id = resume
         self.offer_download = offer_download
@@ -86,18 +92,33 @@ class ChatApp(App):
             self.recorder.cancel()
 
     def ask_to_download(self) -> None:
-        def answered(yes: bool | None) -> None:
-            if not yes:
-                self.chat_screen.load_failed_text("No model loaded. " + NO_NETWORK.split(". ", 1)[1])
-            elif not hub_reachable():
-                self.chat_screen.load_failed_text(NO_NETWORK)
-            else:
+        def answered(choice: str | None) -> None:
+            if choice == "download":
                 self.backend.load(self.chat_screen.post_message)
+            elif choice == "demo":
+                self.use_demo()
+            elif choice == "quit":
+                self.exit()
+            else:
+                self.chat_screen.load_failed_text(
+                    "No model loaded. Start again with `--model DIR` naming a converted model, or `--demo`.")
 
-        self.push_screen(ConfirmScreen(
-            "No converted model was found at models/gemma-4-E4B-it-4bit.\n"
-            "Download google/gemma-4-E4B-it (about 16 GB) and convert it to 4-bit now?",
-            "Download and convert", "Not now"), answered)
+        dest = models_dir(self.data_dir) / DEFAULT_NAME
+        self.push_screen(GetModelScreen(dest, self.hub_check), answered)
+
+    def use_demo(self) -> None:
+        """Swap in the tiny random-weight model, with its own history (demo chats stay apart from real ones)."""
+        from .demo import build_demo
+
+        self.backend.shutdown()
+        self.backend = Backend("demo (random weights)", build_demo, demo=True, settings=self.backend.settings)
+        self.history = History(self.data_dir / "demo")
+        self.chat_screen.model_changed()
+        self.backend.load(self.chat_screen.post_message)
+
+    def save_settings(self) -> None:
+        if self.settings_store is not None:
+            self.settings_store.save(self.backend.settings)
 
     def resume(self, conversation_id: int) -> None:
         saved = self.history.messages(conversation_id)
@@ -121,6 +142,7 @@ class ChatApp(App):
             if new is None:
                 return
             self.backend.settings = new
+            self.save_settings()
             self.chat_screen.query_one("#status").thinking = new.enable_thinking
             if new.system_prompt != old.system_prompt:
                 self.chat_screen.action_new_conversation()

@@ -1,0 +1,43 @@
+"""Settings that outlive a run (thinking, sampling, system prompt): a small JSON file in the data folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from .backend import Settings
+
+log = logging.getLogger(__name__)
+
+
+class SettingsStore:
+    """`load()` gives the saved Settings (defaults for what is missing or unreadable); `save()` writes them."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = Path(directory) / "settings.json"
+
+    def load(self) -> Settings:
+        try:
+            saved = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return Settings()
+        except (OSError, ValueError) as e:
+            log.warning("ignoring unreadable %s: %s", self.path, e)
+            return Settings()
+        defaults = Settings()
+        values = {}
+        for f in dataclasses.fields(Settings):
+            value = saved.get(f.name) if isinstance(saved, dict) else None
+            default = getattr(defaults, f.name)
+            # A hand-edited file with a wrong type falls back to the default for that field only.
+            if type(value) is type(default) or (type(default) is float and type(value) is int):
+                values[f.name] = type(default)(value)
+        return dataclasses.replace(defaults, **values)
+
+    def save(self, settings: Settings) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(settings), indent=1))
+        tmp.replace(self.path)
