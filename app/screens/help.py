@@ -1,24 +1,44 @@
-"""Help: every key binding of the chat screen, the slash commands, and how to attach files."""
+"""Help: every key of the chat screen, the slash commands and how to attach files, on one screen at 80x24."""
 
 from __future__ import annotations
 
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Markdown
+from textual.widgets import Static
 
-COMMANDS = """
-| Command | What it does |
-|---|---|
-| `/image PATH` | attach an image |
-| `/audio PATH` | attach an audio clip (up to 30 s are heard) |
-| `/video PATH` | attach a video |
-| `/system TEXT` | set the system prompt (starts a new conversation) |
-| `/new` | start a new conversation |
+EDITING = [
+    ("Enter", "send"),
+    ("Ctrl+J", "new line (any terminal)"),
+    ("Shift+Enter", "new line, where the terminal reports it"),
+    ("Backspace", "on an empty prompt: remove the last attachment"),
+]
+COMMANDS = [
+    ("/image PATH", "attach an image"),
+    ("/audio PATH", "attach audio (30 s are heard)"),
+    ("/video PATH", "attach a video"),
+    ("/system TEXT", "system prompt (new chat)"),
+    ("/new", "new conversation"),
+    ("/help", "this help"),
+]
+ATTACHING = ("Drag files into the terminal, or paste their paths (quoted, escaped or file:// URIs), to attach "
+             "them to the next message.")
 
-Drag files into the terminal (or paste their paths, quoted, escaped or as `file://` URIs) to attach them.
-"""
+
+def two_columns(rows: list[tuple[str, str]]) -> Table:
+    """Key/description pairs side by side: half as many lines."""
+    table = Table.grid(padding=(0, 1), expand=True)
+    for _ in range(2):
+        table.add_column(style="bold", no_wrap=True)
+        table.add_column(ratio=1)
+    half = (len(rows) + 1) // 2
+    for left, right in zip(rows[:half], rows[half:] + [("", "")]):
+        table.add_row(*left, *right)
+    return table
 
 
 class HelpScreen(ModalScreen[None]):
@@ -30,10 +50,14 @@ class HelpScreen(ModalScreen[None]):
         self.rows = bindings
 
     def compose(self) -> ComposeResult:
-        keys = "\n".join(f"| `{key}` | {desc} |" for key, desc in self.rows)
-        text = f"# Keys\n\n| Key | Action |\n|---|---|\n| `Enter` | send |\n| `Shift+Enter` | new line |\n{keys}\n\n# Commands\n{COMMANDS}"
-        with VerticalScroll(classes="dialog"):
-            yield Markdown(text, id="help-text")
+        heading = Text.from_markup
+        body = Group(
+            heading("[b u]Keys[/]"), two_columns(EDITING + self.rows), Text(),
+            heading("[b u]Commands[/]"), two_columns(COMMANDS), Text(),
+            Text(ATTACHING), Text("Esc, q or F1 closes this help.", style="dim"),
+        )
+        with VerticalScroll(classes="dialog wide", id="help"):
+            yield Static(body, id="help-text")
 
     async def action_dismiss(self, result: None = None) -> None:
         self.dismiss(result)

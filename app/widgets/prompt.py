@@ -1,4 +1,9 @@
-"""The multi-line prompt: Enter sends, Shift+Enter (or Ctrl+J / Alt+Enter) starts a new line."""
+"""The multi-line prompt: Enter sends; Ctrl+J starts a new line in every terminal, Shift+Enter where the terminal
+reports it (kitty, iTerm2 and others with extended keys).
+
+Ctrl+J is a plain line feed, which Terminal.app, iTerm2, kitty and tmux all pass through. Alt+Enter is not a
+new-line key: most terminals send it as Esc followed by Enter, which arrives as Enter.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,8 @@ from textual import events
 from textual.message import Message
 from textual.widgets import TextArea
 
-NEWLINE_KEYS = {"shift+enter", "ctrl+j", "alt+enter"}
+NEWLINE_KEYS = {"ctrl+j", "shift+enter"}
+PLACEHOLDER = "Message Gemma · Enter send · Ctrl+J new line · F1 help"
 
 
 class PromptArea(TextArea):
