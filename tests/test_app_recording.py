@@ -31,7 +31,7 @@ def test_record_meter_and_attach(tmp_path):
             assert chat.recording and meter.display
             streams[0].feed(sine(1.5, amp=0.5))
             await wait_for(pilot, lambda: meter.level > 0.8 and meter.elapsed == 1.5)
-            assert "REC  1.5s / 30s" in str(meter.render())
+            assert "REC  1.5/30s" in str(meter.render())
             await pilot.press("ctrl+r")
             assert not chat.recording and not meter.display and streams[0].closed
             [clip] = chat.pending

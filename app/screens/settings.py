@@ -1,4 +1,7 @@
-"""Settings: system prompt, thinking, sampling, answer length; plus what model is loaded."""
+"""Settings: system prompt, thinking, sampling, answer length; plus what model is loaded.
+
+Laid out to fit 80x24 whole (compact fields, two to a row), with the focus on the first field.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from dataclasses import replace
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, VerticalScroll
+from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.validation import Number
 from textual.widgets import Button, Input, Label, Static, Switch, TextArea
@@ -38,24 +41,26 @@ class SettingsScreen(ModalScreen[Settings | None]):
 
     def compose(self) -> ComposeResult:
         s = self.settings
-        with VerticalScroll(classes="dialog"):
-            yield Static("Settings", classes="title")
+        with Vertical(classes="dialog", id="settings"):
+            yield Static("Settings · Ctrl+S saves · Esc cancels", classes="title")
             if self.model_info:
                 yield Static(self.model_info, id="model-info", markup=False)
             yield Label("System prompt (a change starts a new conversation)")
-            yield TextArea(s.system_prompt, id="system_prompt", soft_wrap=True)
-            with Horizontal(classes="row"):
+            yield TextArea(s.system_prompt, id="system_prompt", soft_wrap=True, compact=True)
+            with Grid(id="fields"):
                 yield Label("Thinking")
                 yield Switch(s.enable_thinking, id="enable_thinking")
-            for key, label, kind, lo, hi in FIELDS:
-                with Horizontal(classes="row"):
+                for key, label, kind, lo, hi in FIELDS:
                     yield Label(label)
                     yield Input(str(getattr(s, key)), id=key, type="number" if kind is float else "integer",
-                                validators=[Number(minimum=lo, maximum=hi)])
+                                validators=[Number(minimum=lo, maximum=hi)], compact=True)
             yield Static("", id="error")
             with Horizontal(classes="buttons"):
-                yield Button("Save", id="save", variant="primary")
-                yield Button("Cancel", id="cancel")
+                yield Button("Save", id="save", variant="primary", compact=True)
+                yield Button("Cancel", id="cancel", compact=True)
+
+    def on_mount(self) -> None:
+        self.query_one("#system_prompt", TextArea).focus()
 
     @on(Button.Pressed, "#save")
     def action_save(self) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from textual import events
 from textual.app import ComposeResult
-from textual.containers import Horizontal, Vertical
+from textual.containers import Vertical
 from textual.widgets import Label
 
 from .thumbnail import Thumbnail
@@ -27,20 +28,24 @@ class AttachmentChip(Vertical):
         yield Label(f"{ICONS.get(self.kind, '📎')} {self.label}", markup=False)
 
 
-class AttachmentChips(Horizontal):
-    """A row of chips; empty rows take no space."""
+class AttachmentChips(Vertical):
+    """Chips in a grid of equal columns that wraps onto more rows as the width shrinks; empty rows take no space."""
 
     DEFAULT_CSS = """
-    AttachmentChips { height: auto; width: 1fr; }
+    AttachmentChips { height: auto; width: 1fr; layout: grid; grid-size: 1; grid-gutter: 0 1; grid-rows: auto; }
     AttachmentChips.-empty { display: none; }
-    AttachmentChips > AttachmentChip { width: auto; height: auto; margin: 0 1 0 0; padding: 0 1;
-                                       background: $boost; }
+    AttachmentChips > AttachmentChip { width: 1fr; height: auto; padding: 0 1; background: $boost; }
+    AttachmentChip > Label { width: 1fr; text-wrap: nowrap; text-overflow: ellipsis; }
     """
 
     def __init__(self, chips: list[tuple[str, Path, str]] = (), thumbnails: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
         self._initial = list(chips)
         self.thumbnails = thumbnails
+        self.column_width = 22 if thumbnails else 30
+
+    def on_resize(self, event: events.Resize) -> None:
+        self.styles.grid_size_columns = max(1, (event.size.width + 1) // (self.column_width + 1))
 
     def compose(self) -> ComposeResult:
         for kind, path, label in self._initial:

@@ -1,9 +1,11 @@
-"""The recording bar: a red dot, elapsed time against the cap, and a live level meter."""
+"""The recording bar: a red dot, elapsed time against the cap, a live level meter and the keys, in one line."""
 
 from __future__ import annotations
 
 from textual.reactive import reactive
 from textual.widgets import Static
+
+KEYS = "Ctrl+R attach · Esc discard"
 
 
 class LevelMeter(Static):
@@ -12,7 +14,8 @@ class LevelMeter(Static):
     limit = reactive(30.0)
 
     def render(self) -> str:
-        width = 24
+        head = f"● REC {self.elapsed:4.1f}/{self.limit:.0f}s "
+        room = (self.content_size.width or 80) - len(head) - len(KEYS) - 2
+        width = max(4, min(24, room))
         filled = round(self.level * width)
-        bar = "█" * filled + "░" * (width - filled)
-        return f"● REC {self.elapsed:4.1f}s / {self.limit:.0f}s  {bar}  Ctrl+R to stop and attach, Esc to discard"
+        return f"{head}{'█' * filled}{'░' * (width - filled)}  {KEYS}"

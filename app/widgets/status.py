@@ -1,4 +1,9 @@
-"""Status bar: model, time to first token, prompt and generation speed, peak memory, context used / limit."""
+"""Status bar: model, state, thinking, time to first token, tok/s, peak memory and context, in one line.
+
+It is laid out for the width it has: at 80 columns the numbers that matter while chatting (TTFT, generation
+tok/s, memory, context) always fit; the prompt speed, then the words around the numbers, then the model name go
+first when space runs out.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,53 @@ from textual.reactive import reactive
 from textual.widgets import Static
 
 from ..backend import Stats
+
+SEP = " · "
+
+
+def short_count(n: int) -> str:
+    """1234 -> "1234", 131072 -> "131k": context sizes stay short."""
+    return str(n) if n < 10_000 else f"{n / 1000:.0f}k"
+
+
+def status_parts(model: str, state: str, thinking: bool, s: Stats) -> list[tuple[int, str, str]]:
+    """(priority, full text, short text); lower priority is dropped first, then shortened."""
+    parts = [(9, model, model)]
+    if state:
+        parts.append((10, state, state))
+    parts.append((3, "thinking on" if thinking else "thinking off", "think" if thinking else ""))
+    if s.generation_tokens or s.prompt_tokens:
+        parts += [
+            (8, f"TTFT {s.ttft:.2f}s", f"TTFT {s.ttft:.1f}s"),
+            (2, f"prompt {s.prompt_tps:.0f} tok/s", ""),
+            (8, f"{s.generation_tps:.1f} tok/s", f"{s.generation_tps:.0f} tok/s"),
+        ]
+        if s.peak_memory_gb:
+            parts.append((7, f"peak {s.peak_memory_gb:.2f} GB", f"{s.peak_memory_gb:.1f} GB"))
+    if s.context_limit:
+        ctx = f"{short_count(s.context_used)}/{short_count(s.context_limit)}"
+        parts.append((8, f"ctx {ctx}", f"ctx {ctx}"))
+    return parts
+
+
+def fit(parts: list[tuple[int, str, str]], width: int) -> str:
+    """The fullest line that fits `width`: shorten low-priority parts, then drop them, then cut the model name."""
+    texts = [full for _, full, _ in parts]
+
+    def line() -> str:
+        return SEP.join(t for t in texts if t)
+
+    order = sorted(range(len(parts)), key=lambda i: parts[i][0])
+    for i in order:  # shorten, least important first
+        if len(line()) <= width:
+            return line()
+        if i:  # the model name (index 0) is cut last, below
+            texts[i] = parts[i][2]
+    if len(line()) > width and texts[0]:
+        rest = len(line()) - len(texts[0])
+        room = max(width - rest, 0)
+        texts[0] = texts[0][: room - 1] + "…" if room > 1 else ""
+    return line()[:width]
 
 
 class StatusBar(Static):
@@ -15,18 +67,8 @@ class StatusBar(Static):
     stats: reactive[Stats] = reactive(Stats, always_update=True)
 
     def render(self) -> str:
-        s = self.stats
-        parts = [self.model]
-        if self.state:
-            parts.append(self.state)
-        parts.append("thinking on" if self.thinking else "thinking off")
-        if s.generation_tokens or s.prompt_tokens:
-            parts += [
-                f"TTFT {s.ttft:.2f}s",
-                f"prompt {s.prompt_tokens} tok @ {s.prompt_tps:.1f} tok/s",
-                f"gen {s.generation_tokens} tok @ {s.generation_tps:.1f} tok/s",
-                f"peak {s.peak_memory_gb:.2f} GB",
-            ]
-        if s.context_limit:
-            parts.append(f"ctx {s.context_used}/{s.context_limit}")
-        return " │ ".join(parts)
+        width = self.content_size.width or 200
+        return fit(status_parts(self.model, self.state, self.thinking, self.stats), width)
+
+    def on_resize(self) -> None:
+        self.refresh()
