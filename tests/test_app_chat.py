@@ -327,7 +327,7 @@ async def _box_answers_are_drawn(tmp_path):
         await wait_for(pilot, lambda: app.backend.loaded)
         await send(pilot, f"find the thing {img}")
         await wait_for(pilot, lambda: any("Boxes drawn" in str(n.render()) for n in app.chat_screen.query(Notice)))
-        [out] = (tmp_path / "data" / "annotated").glob("scene-boxes-*.png")
+        [out] = (tmp_path / "data" / "attachments").glob("*/annotated/scene-boxes-*.png")
         assert Image.open(out).size == (8, 8)
 
 
@@ -367,5 +367,5 @@ async def _file_picker_attaches_the_chosen_file(tmp_path):
 
 
 def test_file_picker_attaches_the_chosen_file(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the picker opens in the working directory
+    monkeypatch.setenv("HOME", str(tmp_path))  # the picker opens in the home folder
     asyncio.run(_file_picker_attaches_the_chosen_file(tmp_path))

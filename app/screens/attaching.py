@@ -106,7 +106,7 @@ class AttachingScreen(Screen):
             if path is not None:
                 self.attach_checked(path)
 
-        self.app.push_screen(FilePickerScreen(Path.cwd()), chosen)
+        self.app.push_screen(FilePickerScreen(Path.home()), chosen)
 
     # -- microphone --------------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""Saved conversations: resume (Enter), delete (d), export to Markdown (e)."""
+"""Saved conversations, newest first, each with its id, date, model and size: resume (Enter), delete (d, after
+a confirmation), export to Markdown (e)."""
 
 from __future__ import annotations
 
@@ -10,16 +11,26 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import ModalScreen
+from rich.text import Text
 from textual.widgets import OptionList, Static
 from textual.widgets.option_list import Option
 
-from ..history import History
+from ..history import Conversation, History
+from .confirm import ConfirmScreen
 
 
 @dataclass
 class Choice:
     action: str  # "resume"
     conversation_id: int
+
+
+def describe(c: Conversation) -> Text:
+    """Two lines: id, date, model and size (dim), then the title."""
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.updated))
+    text = Text(f"#{c.id} · {when} · {c.model or 'unknown model'} · {c.message_count} messages\n", style="dim")
+    text.append(c.title or "(empty)", style="not dim")
+    return text
 
 
 class ConversationsScreen(ModalScreen[Choice | None]):
@@ -35,7 +46,7 @@ class ConversationsScreen(ModalScreen[Choice | None]):
         self.history = history
 
     def compose(self) -> ComposeResult:
-        with Vertical(classes="dialog"):
+        with Vertical(classes="dialog", id="conversations-dialog"):
             yield Static("Conversations", classes="title")
             yield OptionList(id="conversations")
             yield Static("Enter resume · d delete · e export to Markdown · Esc close", classes="hint")
@@ -47,8 +58,7 @@ class ConversationsScreen(ModalScreen[Choice | None]):
         options = self.query_one(OptionList)
         options.clear_options()
         for c in self.history.conversations():
-            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.updated))
-            options.add_option(Option(f"{when}  {c.title or '(empty)'}  [{c.message_count} messages]", id=str(c.id)))
+            options.add_option(Option(describe(c), id=str(c.id)))
         if options.option_count:
             options.highlighted = 0
         options.focus()
@@ -65,10 +75,19 @@ class ConversationsScreen(ModalScreen[Choice | None]):
 
     def action_delete(self) -> None:
         cid = self._selected()
-        if cid is not None:
-            self.history.delete(cid)
-            self.notify("Conversation deleted.")
-            self.refresh_list()
+        conv = self.history.get(cid) if cid is not None else None
+        if conv is None:
+            return
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.history.delete(conv.id)
+                self.notify(f"Conversation #{conv.id} deleted.")
+                self.refresh_list()
+
+        self.app.push_screen(ConfirmScreen(f"Delete conversation #{conv.id}, “{conv.title or '(empty)'}”, "
+                                           f"and its {conv.message_count} messages? This cannot be undone.",
+                                           "Delete", "Keep"), answered)
 
     def action_export(self) -> None:
         cid = self._selected()
