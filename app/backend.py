@@ -122,6 +122,14 @@ class LoadFailed(Message):
 
 
 @dataclass
+class Working(Message):
+    """Before the first token: `done` of `total` prompt tokens read (media are encoded with the first chunk)."""
+
+    done: int
+    total: int
+
+
+@dataclass
 class Streamed(Message):
     """A batch of new text: the whole thinking and answer so far, so handlers never lose a piece."""
 
@@ -262,7 +270,9 @@ class Backend:
                 raise RuntimeError("No model is loaded.")
             self._apply_settings()
             # closing(): the session files the (partial) answer when its generator closes.
-            with closing(start(dict(self.settings.sampling(), should_stop=self._stop.is_set))) as stream:
+            kwargs = dict(self.settings.sampling(), should_stop=self._stop.is_set,
+                          progress=lambda done, total: post(Working(done, total)))
+            with closing(start(kwargs)) as stream:
                 for r in stream:
                     text += r.text or ""
                     stats = self._stats(r)

@@ -153,11 +153,12 @@ class ChatSession:
                 "Drop the oldest turns (drop_oldest_turns) or start a new chat."
             )
         chunk = gen_kwargs.pop("prefill_chunk", self.prefill_chunk)
+        progress = gen_kwargs.pop("progress", None)  # (done, total) prompt tokens, for a UI
         start = self._rewind(ids)
         t0 = time.perf_counter()
         # Prefill all but the last prompt token, snapshot, then let the generation loop take the last one.
         if start < L - 1:
-            prefill(self.model, self._slice(inputs, ids, start, L - 1), self.cache, chunk, start)
+            prefill(self.model, self._slice(inputs, ids, start, L - 1), self.cache, chunk, start, progress)
         self._cached_ids = ids[: L - 1].tolist()
         self._snap = (L - 1, kv.snapshot(self.cache))
         prefill_s = time.perf_counter() - t0

@@ -79,11 +79,11 @@ def check_context(model, cache: list[KVCache] | None, n: int) -> None:
 
 
 def prefill(model, inputs: dict[str, Any], cache: list[KVCache], chunk_size: int = 2048,
-            start: int = 0) -> mx.array:
+            start: int = 0, progress: Callable[[int, int], None] | None = None) -> mx.array:
     """Run ``inputs["input_ids"][:, start:]`` through the model into ``cache``; logits (vocab,) of the last token.
 
     ``start`` > 0 means the first ``start`` tokens are already in the cache; media for them must not be in
-    ``inputs`` (see ChatSession).
+    ``inputs`` (see ChatSession). ``progress(done, total)`` is called before the first chunk and after each one.
     """
     _check_positive_int("prefill_chunk", chunk_size)
     ids = mx.array(inputs["input_ids"])
@@ -97,12 +97,16 @@ def prefill(model, inputs: dict[str, Any], cache: list[KVCache], chunk_size: int
     lm = model.language_model
     s = 0
     h = None
+    if progress is not None:
+        progress(0, L)
     for e in _chunk_ends(L, chunk_size, None if blocks is None else np.array(blocks)):
         last = e == L
         h = lm(embeds[:, s:e], None if token_inputs is None else token_inputs[:, s:e], cache,
                None if blocks is None else blocks[s:e], logits_to_keep=1 if last else 0, run_shared_layers=last)
         if not last:
             mx.eval([c.keys for c in cache] + [c.values for c in cache])
+            if progress is not None:
+                progress(e, L)
         s = e
     return model.logits(h)[0, -1]
 
