@@ -20,11 +20,13 @@ from .. import backend as b
 from ..attachments import Attachment, parse_prompt
 from ..demo import BANNER
 from ..history import SavedMessage
+from ..widgets.activity import Activity
 from ..widgets.chips import AttachmentChips
 from ..widgets.messages import ModelMessage, Transcript, UserMessage, last_code_block
 from ..widgets.meter import LevelMeter
-from ..widgets.prompt import PromptArea
+from ..widgets.prompt import PLACEHOLDER, PromptArea
 from ..widgets.status import StatusBar
+from ..widgets.thumbnail import ImagePreview
 from .attaching import AttachingScreen, chips_of
 from .confirm import ConfirmScreen
 
@@ -62,11 +64,12 @@ class ChatScreen(AttachingScreen):
             yield Label("Loading model…", id="loading-label")
             yield ProgressBar(id="loading-bar", show_eta=False)
         yield Transcript(id="transcript")
+        yield Activity(id="activity")
         meter = LevelMeter(id="meter")
         meter.display = False
         yield meter
         yield AttachmentChips(id="pending", thumbnails=False)
-        yield PromptArea(id="prompt", placeholder="Message Gemma · Enter send · Shift+Enter new line · F1 help")
+        yield PromptArea(id="prompt", placeholder=PLACEHOLDER)
         yield StatusBar(id="status")
         yield Footer()
 
@@ -88,16 +91,31 @@ class ChatScreen(AttachingScreen):
         return self.query_one(PromptArea)
 
     def watch_generating(self, generating: bool) -> None:
-        self.query_one(StatusBar).state = "generating… (Esc stops)" if generating else ""
+        self.query_one(StatusBar).state = "answering" if generating else ""
+        if not generating:
+            self.query_one(Activity).stop()
 
     # -- model loading -----------------------------------------------------------------------------
+
+    def model_changed(self) -> None:
+        """The app swapped in another backend (the demo model): show its name, banner and loading bar again."""
+        backend = self.chat.backend
+        if backend.demo and not self.query("#banner"):
+            self.mount(Static(BANNER, id="banner"), before=0)
+        self.query_one("#loading").display = True
+        self.query_one("#loading-label", Label).update("Loading model…")
+        status = self.query_one(StatusBar)
+        status.model, status.state = backend.name, "loading"
 
     @on(b.LoadProgress)
     def load_progress(self, event: b.LoadProgress) -> None:
         bar = self.query_one("#loading-bar", ProgressBar)
         bar.update(total=event.total or None, progress=event.done)
-        if event.desc:
-            self.query_one("#loading-label", Label).update(event.desc)
+        desc = event.desc
+        if event.total > 10_000_000:  # bytes: say how much of how much
+            desc = f"{desc} {event.done / 1e9:.1f}/{event.total / 1e9:.1f} GB"
+        if desc:
+            self.query_one("#loading-label", Label).update(desc)
 
     @on(b.ModelLoaded)
     def model_loaded(self, event: b.ModelLoaded) -> None:
@@ -149,13 +167,14 @@ class ChatScreen(AttachingScreen):
         self.transcript.mount(UserMessage(text, chips_of(attachments)))
         self.last_sent = text
         self.turn_images = [a.path for a in attachments if a.kind == "image"]
-        self.start_answer()
+        self.start_answer({k: sum(a.kind == k for a in attachments) for k in ("image", "audio", "video")})
         self.chat.backend.send(self.post_message, text, attachments)
 
-    def start_answer(self) -> None:
+    def start_answer(self, media: dict[str, int] | None = None) -> None:
         self.current = ModelMessage()
         self.transcript.mount(self.current)
         self.generating = True
+        self.query_one(Activity).start(media or {})
 
     def command(self, text: str) -> bool:
         """Slash commands; False means 'not a command, send it as it is'."""
@@ -168,6 +187,7 @@ class ChatScreen(AttachingScreen):
             return True
         if name == "/system":
             self.chat.backend.settings.system_prompt = arg
+            self.chat.save_settings()
             self.action_new_conversation()
             self.notify("System prompt set; new conversation started.")
             return True
@@ -178,8 +198,14 @@ class ChatScreen(AttachingScreen):
 
     # -- streaming ---------------------------------------------------------------------------------
 
+    @on(b.Working)
+    def working(self, event: b.Working) -> None:
+        self.query_one(Activity).progress(event.done, event.total)
+
     @on(b.Streamed)
     async def streamed(self, event: b.Streamed) -> None:
+        if event.thinking or event.answer:
+            self.query_one(Activity).stop()
         if self.current is not None:
             await self.current.show(event.thinking, event.answer)
         self.query_one(StatusBar).stats = event.stats
@@ -195,15 +221,19 @@ class ChatScreen(AttachingScreen):
                 message.set_note("stopped")
             elif event.finish_reason == "length":
                 message.set_note("cut off at the max tokens limit")
+        annotated = self.draw_boxes(event.answer) if self.turn_images and event.answer else None
         if self.conversation_id is not None:
             if self.regenerating:
                 self.chat.history.delete_last_message(self.conversation_id, "assistant")
-            stats = {k: v for k, v in vars(event.stats).items()}
+            stats = dict(vars(event.stats), finish=event.finish_reason)
+            if annotated is not None:  # kept with the conversation, shown again on resume
+                stats["annotated"] = str(annotated)
             self.chat.history.add_message(self.conversation_id, "assistant", event.answer,
-                                          thinking=event.thinking, stats=dict(stats, finish=event.finish_reason))
+                                          thinking=event.thinking, stats=stats)
         self.regenerating = False
-        if self.turn_images and event.answer:
-            self.show_boxes(event.answer)
+        if annotated is not None:
+            self.notice(f"Boxes drawn on the image: {annotated}")
+            self.transcript.mount(ImagePreview(annotated))
         if event.context_full:
             self.offer_to_drop_turns(f"The conversation now fills the context ({event.stats.context_used}"
                                      f"/{event.stats.context_limit} tokens).")
@@ -225,17 +255,17 @@ class ChatScreen(AttachingScreen):
         else:
             self.notice(f"Generation failed. {event.error}", "error")
 
-    def show_boxes(self, answer: str) -> None:
+    def draw_boxes(self, answer: str) -> Path | None:
+        """The last image of the turn with the answer's boxes drawn, saved beside the conversation's files."""
         from ..boxes import annotate
 
+        history = self.chat.history
+        where = history.attachments_dir / str(self.conversation_id) if self.conversation_id else history.dir
         try:
-            path = annotate(answer, self.turn_images[-1], self.chat.history.dir / "annotated")
+            return annotate(answer, self.turn_images[-1], where / "annotated")
         except Exception as e:  # drawing is a bonus; the answer itself is already shown
             self.notice(f"Could not draw the boxes: {e}", "warning")
-            return
-        if path is not None:
-            self.notice(f"Boxes drawn on the image: {path}")
-            self.transcript.mount(AttachmentChips([("image", path, path.name)]))
+            return None
 
     def offer_to_drop_turns(self, why: str) -> None:
         def answered(yes: bool | None) -> None:
@@ -271,6 +301,7 @@ class ChatScreen(AttachingScreen):
     def action_toggle_thinking(self) -> None:
         on = not self.chat.backend.settings.enable_thinking
         self.chat.backend.set_thinking(on)
+        self.chat.save_settings()
         self.query_one(StatusBar).thinking = on
         self.notify(f"Thinking {'on' if on else 'off'}.")
 
@@ -331,4 +362,6 @@ class ChatScreen(AttachingScreen):
             else:
                 note = "stopped" if m.stats.get("finish") == "cancelled" else ""
                 self.transcript.mount(ModelMessage(m.thinking, m.content, note))
+                if m.stats.get("annotated") and Path(m.stats["annotated"]).exists():
+                    self.transcript.mount(ImagePreview(Path(m.stats["annotated"])))
 

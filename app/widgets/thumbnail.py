@@ -1,21 +1,44 @@
-"""An image drawn in the terminal with half blocks: two pixels a cell, so it works in any true-colour terminal."""
+"""Images drawn in the terminal with half blocks: two pixels a cell, so they work in any true-colour terminal.
+
+`Thumbnail` is the small picture on an attachment chip; `ImagePreview` shows an image as wide as the transcript
+(an annotated detection image, whose boxes must be visible) with a button that opens it in the system viewer.
+"""
 
 from __future__ import annotations
 
+import math
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
+from typing import Callable
 
 from rich.style import Style
 from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
 from textual.widget import Widget
+from textual.widgets import Button, Label
 
 
-def half_block_text(path: Path, width: int, height: int) -> Text:
-    """`height` rows of `width` cells; each cell is an upper and a lower pixel ("▀" fg over bg)."""
+def fit_cells(size: tuple[int, int], width: int, height: int, upscale: bool = False) -> tuple[int, int]:
+    """(columns, pixel rows) of an image of `size` fitted into `width` cells by `height` rows, aspect kept."""
+    w, h = size
+    scale = min(width / w, 2 * height / h)
+    if not upscale:
+        scale = min(scale, 1.0)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def half_block_text(path: Path, width: int, height: int, upscale: bool = False) -> Text:
+    """At most `height` rows of `width` cells; each cell is an upper and a lower pixel ("▀" fg over bg)."""
     from PIL import Image
 
     with Image.open(path) as im:
         im = im.convert("RGB")
-        im.thumbnail((width, height * 2))
+        im = im.resize(fit_cells(im.size, width, height, upscale), Image.Resampling.LANCZOS)
         px = im.load()
         w, h = im.size
     text = Text()
@@ -45,3 +68,71 @@ class Thumbnail(Widget):
             return half_block_text(self.path, *self.cells)
         except Exception:  # a thumbnail is decoration; the chip beside it still names the file
             return Text("")
+
+
+class Picture(Widget):
+    """An image as wide as it may be (up to `max_rows` tall), scaled up when it is small."""
+
+    DEFAULT_CSS = "Picture { width: 1fr; height: auto; }"
+
+    def __init__(self, path: Path, max_rows: int = 20, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.path, self.max_rows = path, max_rows
+        try:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                self.image_size: tuple[int, int] | None = im.size
+        except Exception:
+            self.image_size = None
+
+    def get_content_height(self, container, viewport, width: int) -> int:
+        if self.image_size is None:
+            return 1
+        return math.ceil(fit_cells(self.image_size, width, self.max_rows, upscale=True)[1] / 2)
+
+    def render(self) -> Text:
+        try:
+            return half_block_text(self.path, self.content_size.width, self.max_rows, upscale=True)
+        except Exception:
+            return Text(f"(cannot draw {self.path.name})")
+
+
+def open_in_viewer(path: Path) -> None:
+    """Open `path` with the system's default application (macOS `open`, `xdg-open` elsewhere)."""
+    if sys.platform == "win32":
+        os.startfile(path)  # type: ignore[attr-defined]
+        return
+    tool = "open" if sys.platform == "darwin" else "xdg-open"
+    if shutil.which(tool) is None:
+        raise OSError(f"{tool} is not installed; the image is at {path}")
+    subprocess.Popen([tool, str(path)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+class ImagePreview(Vertical):
+    """A large picture, its file name, and a button that opens it with the system's image viewer."""
+
+    DEFAULT_CSS = """
+    ImagePreview { height: auto; margin: 1 0 0 0; padding: 0 1; }
+    ImagePreview > Horizontal { height: 1; }
+    ImagePreview Label { width: 1fr; color: $text-muted; }
+    """
+
+    def __init__(self, path: Path, opener: Callable[[Path], None] = open_in_viewer) -> None:
+        super().__init__(classes="preview")
+        self.path, self.opener = path, opener
+
+    def compose(self) -> ComposeResult:
+        yield Picture(self.path)
+        with Horizontal():
+            yield Label(f"🖼 {self.path.name}", markup=False)
+            yield Button("Open in viewer", id="open-image", compact=True)
+
+    @on(Button.Pressed, "#open-image")
+    def open_image(self, event: Button.Pressed) -> None:
+        event.stop()
+        try:
+            self.opener(self.path)
+        except OSError as e:
+            self.notify(f"Could not open the image: {e}", severity="warning")
