@@ -28,7 +28,7 @@ class Choice:
 def describe(c: Conversation) -> Text:
     """Two lines: id, date, model and size (dim), then the title."""
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.updated))
-    text = Text(f"#{c.id} · {when} · {c.model or 'unknown model'} · {c.message_count} messages\n", style="dim")
+    text = Text(f"#{c.id} · {when} · {c.model or 'unknown model'} · {c.message_count} msgs\n", style="dim")
     text.append(c.title or "(empty)", style="not dim")
     return text
 
@@ -46,7 +46,7 @@ class ConversationsScreen(ModalScreen[Choice | None]):
         self.history = history
 
     def compose(self) -> ComposeResult:
-        with Vertical(classes="dialog", id="conversations-dialog"):
+        with Vertical(classes="dialog wide", id="conversations-dialog"):
             yield Static("Conversations", classes="title")
             yield OptionList(id="conversations")
             yield Static("Enter resume · d delete · e export to Markdown · Esc close", classes="hint")

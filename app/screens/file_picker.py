@@ -16,7 +16,7 @@ from textual.widgets import DirectoryTree, Input, Static
 
 from ..attachments import MEDIA_EXTS, parse_prompt
 
-HINT = "Enter attach · Backspace up a folder · Tab type a path · Esc cancel"
+HINT = "Enter attach · Backspace up · Tab type a path · Esc cancel"
 
 
 class MediaTree(DirectoryTree):
@@ -53,7 +53,7 @@ class FilePickerScreen(ModalScreen[Path | None]):
         self.start = start or Path.home()
 
     def compose(self) -> ComposeResult:
-        with Vertical(classes="dialog", id="picker"):
+        with Vertical(classes="dialog wide", id="picker"):
             yield Static("", classes="title", id="picker-title", markup=False)
             yield MediaTree(self.start)
             yield Input(placeholder="…or type a path and press Enter", id="path", compact=True)

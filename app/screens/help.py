@@ -14,19 +14,19 @@ from textual.widgets import Static
 EDITING = [
     ("Enter", "send"),
     ("Ctrl+J", "new line (any terminal)"),
-    ("Shift+Enter", "new line, where the terminal reports it"),
-    ("Backspace", "on an empty prompt: remove the last attachment"),
+    ("Shift+Enter", "new line, if reported"),
+    ("Backspace", "empty prompt: drop file"),
 ]
 COMMANDS = [
     ("/image PATH", "attach an image"),
-    ("/audio PATH", "attach audio (30 s are heard)"),
+    ("/audio PATH", "attach audio (≤ 30 s)"),
     ("/video PATH", "attach a video"),
     ("/system TEXT", "system prompt (new chat)"),
     ("/new", "new conversation"),
     ("/help", "this help"),
 ]
 ATTACHING = ("Drag files into the terminal, or paste their paths (quoted, escaped or file:// URIs), to attach "
-             "them to the next message.")
+             "them. Backspace on an empty prompt removes the last attached file. Esc, q or F1 closes this help.")
 
 
 def two_columns(rows: list[tuple[str, str]]) -> Table:
@@ -51,13 +51,13 @@ class HelpScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         heading = Text.from_markup
-        body = Group(
+        self.body = Group(
             heading("[b u]Keys[/]"), two_columns(EDITING + self.rows), Text(),
             heading("[b u]Commands[/]"), two_columns(COMMANDS), Text(),
-            Text(ATTACHING), Text("Esc, q or F1 closes this help.", style="dim"),
+            Text(ATTACHING),
         )
         with VerticalScroll(classes="dialog wide", id="help"):
-            yield Static(body, id="help-text")
+            yield Static(self.body, id="help-text")
 
     async def action_dismiss(self, result: None = None) -> None:
         self.dismiss(result)

@@ -33,7 +33,8 @@ def status_parts(model: str, state: str, thinking: bool, s: Stats) -> list[tuple
             (8, f"{s.generation_tps:.1f} tok/s", f"{s.generation_tps:.0f} tok/s"),
         ]
         if s.peak_memory_gb:
-            parts.append((7, f"peak {s.peak_memory_gb:.2f} GB", f"{s.peak_memory_gb:.1f} GB"))
+            mem = f"{s.peak_memory_gb:.1f} GB" if s.peak_memory_gb >= 1 else f"{s.peak_memory_gb * 1000:.0f} MB"
+            parts.append((7, f"peak {mem}", mem))
     if s.context_limit:
         ctx = f"{short_count(s.context_used)}/{short_count(s.context_limit)}"
         parts.append((8, f"ctx {ctx}", f"ctx {ctx}"))

@@ -1,0 +1,408 @@
+"""The chat app at 80x24, driven with Pilot: status bar, new-line key, help, settings, chips, recording bar,
+activity line, file picker, history list, detection previews, and getting a model (offline and with progress).
+
+Every wait is for an event or a state the app reaches, never a wall-clock deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import threading
+from pathlib import Path
+
+from PIL import Image
+from rich.console import Console
+
+from app.app import ChatApp
+from app.attachments import check
+from app.backend import Backend, Settings, Stats
+from app.history import History
+from app.model_source import download_and_convert
+from app.screens.confirm import ConfirmScreen
+from app.screens.conversations import ConversationsScreen
+from app.screens.file_picker import FilePickerScreen, MediaTree
+from app.screens.get_model import GetModelScreen
+from app.screens.help import HelpScreen
+from app.screens.settings import SettingsScreen
+from app.settings_store import SettingsStore
+from app.widgets.activity import Activity
+from app.widgets.chips import AttachmentChip
+from app.widgets.meter import LevelMeter
+from app.widgets.prompt import PromptArea
+from app.widgets.status import StatusBar, fit, status_parts
+from app.widgets.thumbnail import ImagePreview, Picture
+from tests.app_helpers import ScriptedSession, make_app, send, until
+
+SIZE = (80, 24)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def png(path: Path, size=(64, 48), color="blue") -> Path:
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def inside(widget, width: int = 80, height: int = 24) -> bool:
+    r = widget.region
+    return r.width > 0 and r.height > 0 and r.right <= width and r.bottom <= height
+
+
+# -- status bar, new line, help ------------------------------------------------------------------------
+
+
+def test_status_fits_80_columns_with_ttft_speed_memory_and_context(tmp_path):
+    async def go():
+        app = make_app(tmp_path, reply="one two three")
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.backend.loaded)
+            await send(pilot, "hi")
+            chat = app.chat_screen
+            await until(pilot, lambda: not chat.generating and chat.query("ModelMessage"))
+            status = chat.query_one(StatusBar)
+            await until(pilot, lambda: status.stats.generation_tokens)
+            line = str(status.render())
+            assert len(line) <= status.content_size.width
+            assert "TTFT" in line and "tok/s" in line and "MB" in line and "ctx 3/4096" in line
+    run(go())
+
+
+def test_status_shortens_by_priority():
+    s = Stats(ttft=0.213, prompt_tokens=512, prompt_tps=1520, generation_tokens=9, generation_tps=38.2,
+              peak_memory_gb=3.41, context_used=1234, context_limit=131072)
+    wide = fit(status_parts("gemma-4-E4B-it-4bit", "", False, s), 200)
+    assert "prompt 1520 tok/s" in wide and "thinking off" in wide and "ctx 1234/131k" in wide
+    narrow = fit(status_parts("gemma-4-E4B-it-4bit", "answering", True, s), 78)
+    assert len(narrow) <= 78
+    for part in ("answering", "TTFT 0.2s", "38 tok/s", "3.4 GB", "ctx 1234/131k"):
+        assert part in narrow
+
+
+def test_ctrl_j_is_a_new_line_and_help_fits(tmp_path):
+    async def go():
+        app = make_app(tmp_path)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.backend.loaded)
+            prompt = app.chat_screen.query_one(PromptArea)
+            prompt.focus()
+            await pilot.press("a", "ctrl+j", "b")
+            assert prompt.text == "a\nb" and not app.sessions[0].calls
+            assert "Ctrl+J new line" in prompt.placeholder and "Shift+Enter" not in prompt.placeholder
+            await pilot.press("f1")
+            assert isinstance(app.screen, HelpScreen)
+            await pilot.pause()
+            scroll = app.screen.query_one("#help")
+            console = Console(width=76, record=True, file=io.StringIO())
+            console.print(app.screen.body)
+            text = console.export_text()
+            assert "Ctrl+J" in text and "Backspace" in text and "Alt+Enter" not in text
+            assert scroll.max_scroll_y == 0 and inside(scroll)  # one screen, nothing hidden
+    run(go())
+
+
+# -- settings --------------------------------------------------------------------------------------------
+
+
+def test_settings_fit_focus_first_field_and_persist(tmp_path):
+    async def go():
+        store = SettingsStore(tmp_path / "data")
+        app = make_app(tmp_path, settings_store=store)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.backend.loaded)
+            await pilot.press("f2")
+            assert isinstance(app.screen, SettingsScreen)
+            await pilot.pause()
+            assert app.focused.id == "system_prompt"
+            assert inside(app.screen.query_one("#save"))
+            await pilot.press(*"Be brief.")
+            app.screen.query_one("#temperature").value = "0.4"
+            await pilot.click("#save")
+            await until(pilot, lambda: store.path.exists())
+            await pilot.press("ctrl+t")
+            await until(pilot, lambda: json.loads(store.path.read_text())["enable_thinking"])
+        saved = store.load()
+        assert (saved.system_prompt, saved.temperature, saved.enable_thinking) == ("Be brief.", 0.4, True)
+    run(go())
+
+
+def test_settings_store_ignores_bad_values(tmp_path):
+    store = SettingsStore(tmp_path)
+    assert store.load() == Settings()
+    store.path.write_text(json.dumps({"temperature": "hot", "top_k": 5, "max_tokens": 7.5}))
+    loaded = store.load()
+    assert loaded.temperature == Settings().temperature and loaded.top_k == 5
+    assert loaded.max_tokens == Settings().max_tokens
+    store.path.write_text("{not json")
+    assert store.load() == Settings()
+
+
+def test_command_line_overrides_only_what_it_names(tmp_path, monkeypatch):
+    import app.__main__ as main_mod
+
+    SettingsStore(tmp_path).save(Settings(temperature=0.2, enable_thinking=True, system_prompt="saved"))
+    ran = {}
+
+    class Probe:
+        def __init__(self, backend, history, **kw):
+            ran.update(settings=backend.settings, history=history.dir, demo=backend.demo)
+
+        def run(self):
+            pass
+
+    monkeypatch.setattr("app.app.ChatApp", Probe)
+    assert main_mod.main(["--demo", "--data-dir", str(tmp_path), "--max-tokens", "9"]) == 0
+    s = ran["settings"]
+    assert (s.temperature, s.enable_thinking, s.system_prompt, s.max_tokens) == (0.2, True, "saved", 9)
+    assert ran["demo"] and ran["history"] == tmp_path / "demo"  # demo chats apart from real ones
+
+
+# -- chips, recording bar, activity ----------------------------------------------------------------------
+
+
+def test_chip_rows_wrap_at_80_columns(tmp_path):
+    async def go():
+        files = [png(tmp_path / f"picture-number-{i}.png") for i in range(5)]
+        app = make_app(tmp_path)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.backend.loaded)
+            chat = app.chat_screen
+            chat.attach([check(f) for f in files])
+            await until(pilot, lambda: len(chat.query(AttachmentChip)) == 5)
+            await pilot.pause()
+            chips = list(chat.query(AttachmentChip))
+            assert all(inside(c) for c in chips)
+            assert len({c.region.y for c in chips}) > 1  # more than one row
+            meter = chat.query_one(LevelMeter)
+            meter.display, meter.level, meter.elapsed = True, 0.5, 12.3
+            await pilot.pause()
+            line = str(meter.render())
+            assert len(line) <= meter.content_size.width and "Ctrl+R" in line and "Esc" in line
+    run(go())
+
+
+class GatedSession(ScriptedSession):
+    """Reports prefill progress, then waits for the test before the first token."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.gates = [threading.Event(), threading.Event()]
+
+    def send(self, text, **kw):
+        self.messages.append({"role": "user", "content": text})
+        self.calls.append(dict(kw, text=text))
+
+        def answer():
+            kw["progress"](0, 5000)
+            self.gates[0].wait()
+            kw["progress"](2048, 5000)
+            self.gates[1].wait()
+            yield from self._answer(kw)
+
+        return answer()
+
+
+def test_activity_line_says_what_and_how_far(tmp_path):
+    async def go():
+        img = png(tmp_path / "scene.png")
+        app = make_app(tmp_path, reply="done now", session=GatedSession)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.backend.loaded)
+            chat = app.chat_screen
+            activity = chat.query_one(Activity)
+            assert not activity.display
+            await send(pilot, f"what is this {img}")
+            await until(pilot, lambda: activity.total == 5000)
+            text = str(activity.render())
+            assert activity.display and "Encoding 1 image" in text and "5,000" in text and inside(activity)
+            app.sessions[0].gates[0].set()
+            await until(pilot, lambda: activity.done == 2048)
+            assert "2,048/5,000 tokens" in str(activity.render())
+            app.sessions[0].gates[1].set()
+            await until(pilot, lambda: not chat.generating)
+            assert not activity.display
+    run(go())
+
+
+# -- file picker, history list ---------------------------------------------------------------------------
+
+
+def test_file_picker_starts_home_goes_up_and_takes_a_typed_path(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    (home / "pics").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    img = png(elsewhere / "my photo.png")
+    monkeypatch.setenv("HOME", str(home))
+
+    async def go():
+        app = make_app(tmp_path)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.backend.loaded)
+            await pilot.press("ctrl+o")
+            assert isinstance(app.screen, FilePickerScreen)
+            tree = app.screen.query_one(MediaTree)
+            assert Path(tree.path) == home
+            assert inside(app.screen.query_one("#picker-hint"))
+            await pilot.press("backspace")
+            await until(pilot, lambda: Path(tree.path) == tmp_path)
+            assert str(tmp_path) in str(app.screen.query_one("#picker-title").render())
+            field = app.screen.query_one("#path")
+            field.focus()
+            field.value = f"'{elsewhere}'"
+            await pilot.press("enter")
+            await until(pilot, lambda: Path(tree.path) == elsewhere)
+            field.focus()
+            field.value = str(img).replace(" ", "\\ ")
+            await pilot.press("enter")
+            await until(pilot, lambda: app.chat_screen.pending)
+            assert [a.path for a in app.chat_screen.pending] == [img]
+    run(go())
+
+
+def test_history_list_shows_ids_dates_model_and_delete_asks(tmp_path):
+    async def go():
+        app = make_app(tmp_path)
+        for title in ("first chat", "second chat"):
+            cid = app.history.new_conversation(model="gemma-4-E4B-it-4bit")
+            app.history.add_message(cid, "user", title)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.backend.loaded)
+            await pilot.press("ctrl+l")
+            assert isinstance(app.screen, ConversationsScreen)
+            options = app.screen.query_one("OptionList")
+            first = str(options.get_option_at_index(0).prompt)
+            assert first.startswith("#2 · 20") and "gemma-4-E4B-it-4bit" in first and "second chat" in first
+            await pilot.press("d")
+            assert isinstance(app.screen, ConfirmScreen)
+            await pilot.press("n")
+            assert len(app.history.conversations()) == 2
+            await pilot.press("d")
+            await pilot.press("y")
+            await until(pilot, lambda: len(app.history.conversations()) == 1)
+            assert app.history.conversations()[0].title == "first chat"
+    run(go())
+
+
+# -- detection boxes -------------------------------------------------------------------------------------
+
+
+def test_box_preview_is_large_opens_and_is_kept(tmp_path):
+    reply = '```json\n[{"box_2d": [100, 100, 500, 600], "label": "thing"}]\n```'
+
+    async def go():
+        img = png(tmp_path / "scene.png", size=(320, 240))
+        app = make_app(tmp_path, reply=reply)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.backend.loaded)
+            await send(pilot, f"find the thing {img}")
+            chat = app.chat_screen
+            await until(pilot, lambda: chat.query(ImagePreview))
+            preview = chat.query_one(ImagePreview)
+            await pilot.pause()
+            assert preview.query_one(Picture).size.width >= 60 and preview.query_one(Picture).size.height >= 10
+            opened = []
+            preview.opener = opened.append
+            preview.query_one("#open-image").press()
+            await until(pilot, lambda: opened)
+            assert opened == [preview.path] and preview.path.exists()
+            cid = chat.conversation_id
+        assert preview.path.is_relative_to(app.history.attachments_dir / str(cid))
+        app2 = make_app(tmp_path, reply=reply, resume=True)
+        async with app2.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app2.chat_screen.query(ImagePreview))
+            assert app2.chat_screen.query_one(ImagePreview).path == preview.path
+        app2.history.delete(cid)
+        assert not preview.path.exists()
+    run(go())
+
+
+# -- getting a model -------------------------------------------------------------------------------------
+
+
+def test_offline_offers_the_demo_on_one_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    async def go():
+        backend = Backend("gemma-4-E4B-it", lambda progress: (_ for _ in ()).throw(AssertionError("no download")))
+        app = ChatApp(backend, History(tmp_path / "data"), offer_download=True, hub_check=lambda: False)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: isinstance(app.screen, GetModelScreen) and app.screen.reachable is False)
+            text = str(app.screen.query_one("#question").render())
+            assert "cannot be reached" in text and "hf auth login" in text and "licence" in text
+            assert "HF_HUB_OFFLINE" not in text and "convert.py" in text
+            assert not app.screen.query_one("#download").display
+            await pilot.press("d")
+            await until(pilot, lambda: app.backend.loaded)
+            assert app.backend.demo and app.history.dir == tmp_path / "data" / "demo"
+            assert app.chat_screen.query("#banner")
+    run(go())
+
+
+def test_offline_message_names_hf_hub_offline_only_when_set(tmp_path, monkeypatch):
+    from app.model_source import offline_message
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "HF_HUB_OFFLINE is set" in offline_message(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert "HF_HUB_OFFLINE" not in offline_message(tmp_path)
+
+
+def fake_hub(gate: threading.Event | None = None):
+    """A snapshot_download stand-in that reports bytes through the tqdm class it is given, like the real one."""
+    calls = {}
+
+    def fetch(repo, allow_patterns, tqdm_class):
+        calls["repo"] = repo
+        bar = tqdm_class(total=4_000_000_000, unit="B", desc="Reconstructing")
+        bar.update(1_000_000_000)
+        if gate is not None:
+            gate.wait()
+        bar.update(3_000_000_000)
+        bar.close()
+        return "/fake/snapshot"
+
+    def convert(src, dest, q_bits, force, progress):
+        calls["convert"] = (src, dest, q_bits)
+        for i in range(3):
+            progress(i + 1, 3, f"layer.{i}")
+        return dest
+
+    return fetch, convert, calls
+
+
+def test_download_and_convert_report_real_progress(tmp_path):
+    events = []
+    fetch, convert, calls = fake_hub()
+    out = download_and_convert(lambda *e: events.append(e), tmp_path / "models" / "m", fetch=fetch, convert=convert)
+    assert out == tmp_path / "models" / "m" and calls["convert"] == ("/fake/snapshot", out, 4)
+    byte_events = [e for e in events if e[1] == 4_000_000_000]
+    assert byte_events[0][0] == 1_000_000_000 and byte_events[-1][0] == 4_000_000_000
+    assert events[-1] == (3, 3, "Converting to 4-bit: layer.2")
+
+
+def test_download_progress_reaches_the_progress_bar(tmp_path):
+    gate = threading.Event()
+    fetch, convert, _ = fake_hub(gate)
+
+    def load(progress):
+        download_and_convert(progress, tmp_path / "m", fetch=fetch, convert=convert)
+        return None, None
+
+    async def go():
+        backend = Backend("gemma-4-E4B-it", load, session_factory=lambda m, p, s: ScriptedSession("hi"))
+        app = ChatApp(backend, History(tmp_path / "data"), offer_download=True, hub_check=lambda: True)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: isinstance(app.screen, GetModelScreen) and app.screen.reachable)
+            assert "hf auth login" in str(app.screen.query_one("#question").render())
+            await pilot.press("enter")  # the Download button has the focus
+            bar = app.chat_screen.query_one("#loading-bar")
+            await until(pilot, lambda: bar.progress == 1_000_000_000)
+            assert bar.total == 4_000_000_000
+            assert "1.0/4.0 GB" in str(app.chat_screen.query_one("#loading-label").render())
+            gate.set()
+            await until(pilot, lambda: app.backend.loaded)
+    run(go())
