@@ -1,14 +1,14 @@
-"""Snapshots (pytest-textual-snapshot) of the chat, help and settings screens over a scripted session.
+"""Snapshots (pytest-textual-snapshot) of the chat, help and settings screens at 80x24 over a scripted session.
 
 Update them after an intended change with: pytest tests/test_app_snapshots.py --snapshot-update
 """
 
 from __future__ import annotations
 
-from tests.test_app_chat import make_app, send, wait_for
+from tests.app_helpers import make_app, send, until
 
 REPLY = "Here is a list:\n\n- **bold** item\n- `code` item\n\n```python\nprint('hi')\n```"
-SIZE = (100, 32)
+SIZE = (80, 24)  # the MacBook terminal's default
 
 
 def chat_app(tmp_path):
@@ -26,9 +26,9 @@ async def steady(pilot) -> None:
 
 async def after_answer(pilot) -> None:
     app = pilot.app
-    await wait_for(pilot, lambda: app.backend.loaded)
+    await until(pilot, lambda: app.backend.loaded)
     await send(pilot, "Show me a list")
-    await wait_for(pilot, lambda: not app.chat_screen.generating and app.chat_screen.query("ModelMessage"))
+    await until(pilot, lambda: not app.chat_screen.generating and app.chat_screen.query("ModelMessage"))
     await pilot.pause(0.1)
     await steady(pilot)
 
@@ -39,7 +39,7 @@ def test_chat_screen(snap_compare, tmp_path):
 
 def test_help_screen(snap_compare, tmp_path):
     async def open_help(pilot):
-        await wait_for(pilot, lambda: pilot.app.backend.loaded)
+        await until(pilot, lambda: pilot.app.backend.loaded)
         await pilot.press("f1")
         await pilot.pause(0.1)
         await steady(pilot)
@@ -49,7 +49,7 @@ def test_help_screen(snap_compare, tmp_path):
 
 def test_settings_screen(snap_compare, tmp_path):
     async def open_settings(pilot):
-        await wait_for(pilot, lambda: pilot.app.backend.loaded)
+        await until(pilot, lambda: pilot.app.backend.loaded)
         await pilot.press("f2")
         await pilot.pause(0.1)
         await steady(pilot)
