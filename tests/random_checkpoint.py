@@ -47,7 +47,23 @@ E4B_TEXT = dict(
     E2B_TEXT, hidden_size=2560, num_hidden_layers=42, intermediate_size=10240, num_key_value_heads=2,
     num_kv_shared_layers=18, use_double_wide_mlp=False, layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 7,
 )
-SIZES = {"e2b": (E2B_TEXT, E2B_VISION, E2B_AUDIO), "e4b": (E4B_TEXT, None, None), "medium": (MEDIUM_TEXT, None, None)}
+# 26B-A4B's text decoder: MoE beside the dense MLP, k_eq_v global layers, no PLE or KV sharing.
+A26B_TEXT = dict(
+    E2B_TEXT, hidden_size=2816, num_hidden_layers=30, intermediate_size=2112, num_attention_heads=16,
+    num_key_value_heads=8, num_global_key_value_heads=2, attention_k_eq_v=True, sliding_window=1024,
+    hidden_size_per_layer_input=0, enable_moe_block=True, num_experts=128, top_k_experts=8,
+    moe_intermediate_size=704, num_kv_shared_layers=0, use_double_wide_mlp=False,
+    layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 5,
+)
+# E4B's shape, narrow, with the full 262,144-token vocabulary: what a CPU can time end to end in seconds while the
+# tokenizer, detokenizer, embedding and head cost what they cost at the real size.
+SMALL_TEXT = dict(
+    E4B_TEXT, hidden_size=256, num_hidden_layers=12, intermediate_size=1024, num_attention_heads=4,
+    num_key_value_heads=1, head_dim=64, global_head_dim=128, num_kv_shared_layers=2, hidden_size_per_layer_input=32,
+    layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 2,
+)
+SIZES = {"e2b": (E2B_TEXT, E2B_VISION, E2B_AUDIO), "e4b": (E4B_TEXT, None, None), "26b": (A26B_TEXT, None, None),
+         "small": (SMALL_TEXT, None, None), "medium": (MEDIUM_TEXT, None, None)}
 # The published special-token ids (tests.tiny / the demo squeeze them into a small vocabulary instead).
 REAL_SPECIAL_IDS = {
     "pad": 0, "eos": 1, "bos": 2, "unk": 3, "mask": 4, "think": 98, "channel_open": 100, "channel_close": 101,

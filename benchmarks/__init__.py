@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks, kept beside the package (not shipped in it)."""

@@ -1,0 +1,333 @@
+"""The user's path, timed side by side: convert -> load -> stream, ours against mlx-lm (and mlx-vlm).
+
+    python -m benchmarks.e2e --size e4b --q-bits 4 --prompt 1024 --gen 128 --compare mlx-lm,mlx-vlm
+
+Starts from a Hugging Face checkpoint of the real size with random weights (written by tests/random_checkpoint.py
+unless --hf-path names one), converts it with each implementation's own converter (``convert.py``,
+``mlx_lm.convert``, ``mlx_vlm.convert``) at the same bits and group size, loads each with its own loader, and streams
+the same chat prompt through each one's public ``stream_generate`` in one process: two warm-up runs each (MLX builds
+kernels per shape), then --runs timed rounds taken in turns, the order alternating, so drift in the machine's load
+hits all alike. Medians are reported.
+
+Per run: TTFT (from the call to the first streamed token, as a user waits for it), prefill tok/s (prompt tokens /
+TTFT), decode tok/s (tokens after the first / time after the first), and peak memory (the run's peak over what was
+allocated when it started, plus the implementation's own resident weights). Random weights may emit an end-of-turn
+id at any point, so every implementation is told to ignore stop ids (ours: ``stop_ids=[]``; mlx-lm / mlx-vlm: their
+tokenizer's EOS set emptied): each run generates exactly --gen tokens.
+
+--followup N times a chat's second turn: a first user turn of ~N tokens answered with 8 tokens, then a 30-token
+message; ours through ``ChatSession.send`` (which prefills only what changed), mlx-lm through ``stream_generate`` with
+the ``make_prompt_cache`` cache of the first turn and the new turn's tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("the quick brown fox jumps over the lazy dog while a small bird sings about rivers, mountains and "
+         "the long summer evenings of a quiet town near the sea").split()
+
+
+# -- checkpoints --------------------------------------------------------------------------------------------------
+def make_checkpoint(size: str, out: Path) -> Path:
+    if (out / "config.json").exists():
+        return out
+    from tests import random_checkpoint as rc
+
+    text, vision, audio = rc.SIZES[size]
+    t0 = time.perf_counter()
+    rc.write(out, text, "bfloat16", vision_config=vision, audio_config=audio, tokenizer=True)
+    print(f"# random {size} checkpoint written in {time.perf_counter() - t0:.0f} s", flush=True)
+    return out
+
+
+def _run(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return time.perf_counter() - t0
+
+
+def convert_all(src: Path, work: Path, impls: list[str], bits: int, group: int) -> dict[str, Path]:
+    out = {}
+    for impl in impls:
+        dst = work / f"{impl}-{bits}bit"
+        if not (dst / "config.json").exists():
+            shutil.rmtree(dst, ignore_errors=True)
+            q = ["--q-bits", str(bits), "--q-group-size", str(group)]
+            if impl == "ours":
+                cmd = [sys.executable, str(ROOT / "convert.py"), "--hf-path", str(src), "--mlx-path", str(dst), *q]
+            elif impl == "mlx-lm":
+                cmd = [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(src), "--mlx-path", str(dst),
+                       "-q", *q]
+            else:
+                cmd = [sys.executable, "-m", "mlx_vlm", "convert", "--hf-path", str(src), "--mlx-path", str(dst),
+                       "-q", *q]
+            try:
+                print(f"# {impl} converted in {_run(cmd):.0f} s", flush=True)
+            except subprocess.CalledProcessError as e:
+                if impl == "ours":
+                    raise
+                print(f"# {impl} could not convert: {e}", flush=True)
+                continue
+        out[impl] = dst
+    return out
+
+
+# -- implementations: load, then stream one prompt -------------------------------------------------------------
+class Impl:
+    name = ""
+
+    def __init__(self, path: Path):
+        gc.collect()
+        before = mx.get_active_memory()
+        self.load(path)
+        mx.eval(self.parameters())
+        self.weights_gb = (mx.get_active_memory() - before) / 1e9
+
+    def stream(self, prompt: str, gen: int):
+        """Yield once per streamed response."""
+        raise NotImplementedError
+
+    def followup(self, first: str, second_turn: str, gen: int) -> float:
+        raise NotImplementedError
+
+
+class Ours(Impl):
+    name = "ours"
+
+    def load(self, path):
+        from mlx_gemma4 import load
+
+        self.model, self.processor = load(path)
+        self.note = f"PLE table {self.model.ple_placement}" if self.model.ple_placement else ""
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def chat_prompt(self, text: str) -> str:
+        return self.processor.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+
+    def count(self, prompt: str) -> int:
+        return int(self.processor(text=prompt)["input_ids"].size)
+
+    def stream(self, prompt, gen):
+        from mlx_gemma4 import stream_generate
+
+        yield from stream_generate(self.model, self.processor, prompt, max_tokens=gen, stop_ids=[])
+
+    def followup(self, first, message, gen):
+        from mlx_gemma4 import ChatSession
+
+        session = ChatSession(self.model, self.processor)
+        for _ in session.send(first, max_tokens=8, stop_ids=[]):
+            pass
+        t0 = time.perf_counter()
+        for _ in session.send(message, max_tokens=gen, stop_ids=[]):
+            return time.perf_counter() - t0
+
+
+class MlxLM(Impl):
+    name = "mlx-lm"
+
+    def load(self, path):
+        import mlx_lm
+
+        self.model, self.tokenizer = mlx_lm.load(str(path))
+        self.tokenizer._eos_token_ids = set()
+        self.note = ""
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def stream(self, prompt, gen):
+        import mlx_lm
+
+        yield from mlx_lm.stream_generate(self.model, self.tokenizer, prompt, max_tokens=gen)
+
+    def followup(self, first, message, gen):
+        import mlx_lm
+        from mlx_lm.models.cache import make_prompt_cache
+
+        cache = make_prompt_cache(self.model)
+        tok = self.tokenizer
+        prompt = tok.apply_chat_template([{"role": "user", "content": first}], add_generation_prompt=True,
+                                         tokenize=False)
+        for _ in mlx_lm.stream_generate(self.model, tok, prompt, max_tokens=8, prompt_cache=cache):
+            pass
+        new = tok.encode(f"<turn|>\n<|turn>user\n{message}<turn|>\n<|turn>model\n", add_special_tokens=False)
+        t0 = time.perf_counter()
+        for _ in mlx_lm.stream_generate(self.model, tok, new, max_tokens=gen, prompt_cache=cache):
+            return time.perf_counter() - t0
+
+
+class MlxVLM(Impl):
+    name = "mlx-vlm"
+
+    def load(self, path):
+        import mlx_vlm
+
+        self.model, self.processor = mlx_vlm.load(str(path))
+        tok = getattr(self.processor, "tokenizer", self.processor)
+        for attr in ("_eos_token_ids", "eos_token_ids"):
+            if hasattr(tok, attr):
+                try:
+                    setattr(tok, attr, set())
+                except Exception:
+                    pass
+        self.note = ""
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def stream(self, prompt, gen):
+        import mlx_vlm
+
+        yield from mlx_vlm.stream_generate(self.model, self.processor, prompt, max_tokens=gen)
+
+    def followup(self, first, message, gen):
+        return float("nan")
+
+
+IMPLS = {"ours": Ours, "mlx-lm": MlxLM, "mlx-vlm": MlxVLM}
+
+
+def timed(impl: Impl, prompt: str, gen: int, n_prompt: int) -> dict:
+    gc.collect()
+    mx.synchronize()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    t_first = t_last = None
+    n = 0
+    for _ in impl.stream(prompt, gen):
+        t_last = time.perf_counter()
+        if t_first is None:
+            t_first = t_last
+        n += 1
+    ttft = t_first - t0
+    return dict(ttft_ms=ttft * 1000, prefill_tps=n_prompt / ttft,
+                decode_tps=(n - 1) / (t_last - t_first) if n > 1 else float("nan"), tokens=n,
+                peak_gb=impl.weights_gb + max(mx.get_peak_memory() - base, 0) / 1e9)
+
+
+def make_prompt(ours: Ours, n_tokens: int) -> tuple[str, int]:
+    """A chat prompt of about ``n_tokens`` tokens (with the template around it) and its exact length."""
+    words, k = [], 0
+    while True:
+        words.append(WORDS[k % len(WORDS)])
+        k += 1
+        if k % 16 == 0 and ours.count(ours.chat_prompt(" ".join(words))) >= n_tokens:
+            break
+    prompt = ours.chat_prompt(" ".join(words))
+    return prompt, ours.count(prompt)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="e4b", help="a size of tests/random_checkpoint.py (e2b, e4b, 26b, small)")
+    ap.add_argument("--hf-path", type=Path, help="an HF checkpoint to start from (default: write a random one)")
+    ap.add_argument("--work", type=Path, default=Path("bench-work"), help="where checkpoints are written")
+    ap.add_argument("--q-bits", type=int, default=4)
+    ap.add_argument("--q-group-size", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=1024, help="prompt tokens")
+    ap.add_argument("--gen", type=int, default=128, help="generated tokens")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--compare", default="mlx-lm", help="comma-separated: mlx-lm, mlx-vlm ('' for ours alone)")
+    ap.add_argument("--followup", type=int, default=0, help="also time a second chat turn after ~N tokens")
+    ap.add_argument("--json", type=Path, help="append the results here as one JSON object")
+    a = ap.parse_args(argv)
+
+    names = ["ours"] + [n for n in a.compare.split(",") if n]
+    a.work.mkdir(parents=True, exist_ok=True)
+    src = a.hf_path or make_checkpoint(a.size, a.work / f"hf-{a.size}")
+    paths = convert_all(src, a.work, names, a.q_bits, a.q_group_size)
+    impls, errors = [], {}
+    for n in names:
+        if n not in paths:
+            errors[n] = "conversion failed"
+            continue
+        try:
+            impls.append(IMPLS[n](paths[n]))
+        except Exception as e:  # a peer that cannot load this checkpoint is reported, not fatal
+            errors[n] = f"{type(e).__name__}: {e}"
+            print(f"# {n} could not load: {errors[n]}", flush=True)
+    ours = impls[0]
+    prompt, n_prompt = make_prompt(ours, a.prompt)
+    for impl in impls:
+        for _ in range(2):
+            timed(impl, prompt, min(a.gen, 16), n_prompt)
+    runs: dict[str, list[dict]] = {i.name: [] for i in impls}
+    for r in range(a.runs):
+        for impl in impls if r % 2 == 0 else impls[::-1]:
+            runs[impl.name].append(timed(impl, prompt, a.gen, n_prompt))
+    follow: dict[str, list[float]] = {}
+    if a.followup:
+        first, _ = make_prompt(ours, a.followup)
+        first = first.split("<|turn>user\n", 1)[1].rsplit("<turn|>", 1)[0]
+        message = " ".join(WORDS[:24])
+        for r in range(a.runs):
+            for impl in impls if r % 2 == 0 else impls[::-1]:
+                if impl.name != "mlx-vlm":
+                    follow.setdefault(impl.name, []).append(impl.followup(first, message, 4) * 1000)
+
+    med = {name: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for name, rs in runs.items()}
+    result = dict(size=a.size, q_bits=a.q_bits, group=a.q_group_size, prompt_tokens=n_prompt, gen=a.gen,
+                  runs=a.runs, device=str(mx.default_device()), machine=platform.machine(),
+                  versions=_versions(names), weights_gb={i.name: round(i.weights_gb, 3) for i in impls},
+                  notes={i.name: i.note for i in impls if i.note}, median=med, all=runs, errors=errors,
+                  followup_ttft_ms={k: statistics.median(v) for k, v in follow.items()})
+    print(_table(result))
+    if a.json:
+        with open(a.json, "a") as f:
+            f.write(json.dumps(result) + "\n")
+
+
+def _versions(names) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ["mlx", "mlx-cuda-13", "mlx-metal"] + [n for n in names if n != "ours"]:
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _table(r: dict) -> str:
+    med, base = r["median"], r["median"].get("ours")
+    lines = [f"{r['size']} {r['q_bits']}-bit (group {r['group']}), prompt {r['prompt_tokens']} tokens, "
+             f"{r['gen']} generated, median of {r['runs']}, {r['device']}, {r['versions']}",
+             "| impl | weights GB | TTFT ms | prefill tok/s | decode tok/s | peak GB | 2nd-turn TTFT ms |",
+             "|---|---|---|---|---|---|---|"]
+    for name, m in med.items():
+        f = r["followup_ttft_ms"].get(name)
+        lines.append(f"| {name} | {r['weights_gb'][name]:.2f} | {m['ttft_ms']:.0f} | {m['prefill_tps']:,.0f} | "
+                     f"{m['decode_tps']:.1f} | {m['peak_gb']:.2f} | {'' if f is None else f'{f:.0f}'} |")
+    for name, m in med.items():
+        if name != "ours" and base:
+            f0, f1 = r["followup_ttft_ms"].get("ours"), r["followup_ttft_ms"].get(name)
+            lines.append(f"ours / {name}: TTFT {base['ttft_ms'] / m['ttft_ms']:.2f}x, decode "
+                         f"{base['decode_tps'] / m['decode_tps']:.2f}x, peak {base['peak_gb'] / m['peak_gb']:.2f}x"
+                         + (f", 2nd-turn TTFT {f0 / f1:.2f}x" if f0 and f1 else ""))
+    for name, note in r["notes"].items():
+        lines.append(f"{name}: {note}")
+    for name, err in r["errors"].items():
+        lines.append(f"{name}: could not load ({err})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
