@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from mlx_gemma4.errors import Gemma4Error
@@ -37,40 +38,72 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="bits of the per-layer embedding table when quantizing (0: keep it in --dtype)")
     p.add_argument("--tower-bits", type=int, choices=[0, 4, 8], default=8,
                    help="bits of the vision/audio encoder layers when quantizing (0: keep them in --dtype)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --mlx-path")
+    p.add_argument("--force", action="store_true",
+                   help="replace --mlx-path when it holds an earlier output of this converter (nothing else)")
     p.add_argument("--max-shard-size", type=_size, default="5GB", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
 
+class Stopped(KeyboardInterrupt):
+    """A termination signal, raised where the conversion is so that its temp dir is removed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+# Ctrl+C, kill, a closed terminal.
+SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+def _stop(signum: int, frame) -> None:
+    for s in SIGNALS:   # a second signal must not cut the clean-up short
+        signal.signal(s, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
-    from tqdm import tqdm
+    import threading
 
-    from mlx_gemma4.conversion import convert
-
+    log = logging.getLogger("convert")
     bar = None
-
-    def progress(done: int, total: int, name: str) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, unit="tensor", desc="Converting")
-        bar.set_postfix_str(name[-40:], refresh=False)
-        bar.update(done - bar.n)
-
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, _stop) for s in SIGNALS}
     try:
-        dst = convert(args.hf_path, args.mlx_path, q_bits=args.q_bits, q_group_size=args.q_group_size,
-                      dtype=args.dtype, force=args.force, ple_bits=args.ple_bits, tower_bits=args.tower_bits,
-                      max_shard_bytes=args.max_shard_size, progress=progress)
+        args = parse_args(argv)
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+        from tqdm import tqdm
+
+        from mlx_gemma4.conversion import convert
+
+        def progress(done: int, total: int, name: str) -> None:
+            nonlocal bar
+            if bar is None:
+                bar = tqdm(total=total, unit="tensor", desc="Converting")
+            bar.set_postfix_str(name[-40:], refresh=False)
+            bar.update(done - bar.n)
+
+        try:
+            dst = convert(args.hf_path, args.mlx_path, q_bits=args.q_bits, q_group_size=args.q_group_size,
+                          dtype=args.dtype, force=args.force, ple_bits=args.ple_bits, tower_bits=args.tower_bits,
+                          max_shard_bytes=args.max_shard_size, progress=progress)
+        finally:
+            if bar is not None:
+                bar.close()
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+        name = "Ctrl+C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"Interrupted ({name}): conversion stopped, no partial output left behind.", file=sys.stderr)
+        return 128 + signum
     except Gemma4Error as e:
-        if bar is not None:
-            bar.close()
-        logging.getLogger("convert").error("%s", e)
+        log.error("%s", e)
         return 2
-    if bar is not None:
-        bar.close()
-    logging.getLogger("convert").info("Done: %s", dst)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    log.info("Done: %s", dst)
     return 0
 
 

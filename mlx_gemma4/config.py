@@ -10,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,18 +29,141 @@ _DEFAULT_ROPE = {
     FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
 }
 
+# Range rules for every whole-number field: sizes are >= 1 unless listed here; ids are >= 0.
+_MAY_BE_ZERO = {"hidden_size_per_layer_input", "num_kv_shared_layers", "attention_context_left",
+                "attention_context_right"}
+_MAX = {"num_hidden_layers": 1024}   # more layers than any real model: a typo, not a model
+_MAX_SIZE = 2**31 - 1                # one dimension of an MLX array
+_POSITIVE = {"rms_norm_eps", "final_logit_softcapping", "attention_logit_cap", "gradient_clipping", "rope_theta",
+             "factor", "partial_rotary_factor"}
 
-def _build(cls, d: dict[str, Any]):
-    """Instantiate dataclass ``cls`` from ``d``, ignoring (and logging) unknown keys."""
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(k for k in d if k not in names)
-    if unknown:
-        logger.debug("%s: ignoring keys %s", cls.__name__, unknown)
-    return cls(**{k: v for k, v in d.items() if k in names})
+
+def _fail(where: str, value: Any, must: str) -> None:
+    raise ConfigError(f"config.json: {where} is {json.dumps(value)[:60]}; it must be {must}. Fix that entry (the "
+                      "model's published config.json has the right value) or download the checkpoint again.")
+
+
+def _check(where: str, value: Any, tp: Any) -> None:
+    """Raise ConfigError unless ``value`` has type ``tp`` (a dataclass field's annotation) and is in range."""
+    name = where.rsplit(".", 1)[-1].split("[")[0]
+    if not _matches(value, tp):
+        _fail(where, value, _describe(tp, name))
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        lo = 0 if name.endswith(("_id", "_index")) or name in _MAY_BE_ZERO else 1
+        if isinstance(v, int) and not lo <= v <= _MAX.get(name, _MAX_SIZE):
+            _fail(where, value, _describe(tp, name))
+        if isinstance(v, float) and name in _POSITIVE and not v > 0:
+            _fail(where, value, "a number above 0")
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, (list, tuple)) and all(_matches(v, typing.get_args(tp)[0]) for v in value)
+    if tp is dict or origin is dict or dataclasses.is_dataclass(tp):
+        return isinstance(value, dict)
+    return True
+
+
+def _describe(tp: Any, name: str) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a, name) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if tp is int:
+        lo = 0 if name.endswith(("_id", "_index")) or name in _MAY_BE_ZERO else 1
+        return f"a whole number from {lo} to {_MAX.get(name, _MAX_SIZE)}"
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0], name).replace('a ', '', 1)}s"
+    return {bool: "true or false", float: "a finite number", str: "a string"}.get(tp, "a JSON object")
+
+
+class _Config:
+    """One ``from_dict`` for every config dataclass: each known key is type- and range-checked (ConfigError names
+    the field), nested configs are built the same way, unknown keys are ignored (logged at DEBUG)."""
+
+    @classmethod
+    def _normalize(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """Other spellings of this section -> field names (override where a section has them)."""
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = ""):
+        if not isinstance(d, dict):
+            _fail(where.rstrip(".") or "the file", d, "a JSON object")
+        original, d = d, cls._normalize(d)
+        hints = typing.get_type_hints(cls)
+        fields = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(k for k in d if k not in fields)
+        if unknown:
+            logger.debug("%s: ignoring keys %s", cls.__name__, unknown)
+        kwargs = {}
+        for name in fields & set(d):
+            value, tp = d[name], hints[name]
+            nested = next((a for a in (tp, *typing.get_args(tp)) if isinstance(a, type) and issubclass(a, _Config)),
+                          None)
+            if nested is not None and value is not None:
+                value = nested.from_dict(value, where if value is original else f"{where}{name}.")
+            else:
+                _check(f"{where}{name}", value, tp)
+            kwargs[name] = value
+        return cls(**kwargs)
+
+
+def _check_heads(where: str, heads: int, kv_heads: int, head_dim: int) -> None:
+    if heads % kv_heads:
+        raise ConfigError(f"config.json: {where} has {heads} attention heads, not a multiple of its {kv_heads} "
+                          "key/value heads. Fix num_attention_heads / num_key_value_heads, or download it again.")
+    if head_dim % 2:
+        raise ConfigError(f"config.json: {where} has head_dim {head_dim}; rotary embeddings need an even size. "
+                          "Fix head_dim, or download the checkpoint again.")
+
+
+def _check_rope(where: str, params: Any, kinds: tuple[str, ...] | None = None) -> None:
+    if not isinstance(params, dict):
+        _fail(where, params, "a JSON object")
+    for key in ("rope_theta", "factor", "partial_rotary_factor"):
+        if key in params:
+            _check(f"{where}.{key}", params[key], float)
+    if params.get("partial_rotary_factor", 1.0) > 1:
+        _fail(f"{where}.partial_rotary_factor", params["partial_rotary_factor"], "a number from 0 to 1")
+    if kinds and params.get("rope_type", kinds[0]) not in kinds:
+        _fail(f"{where}.rope_type", params.get("rope_type"), " or ".join(map(repr, kinds)))
+
+
+def _layer_overrides(per_layer_config: dict | None, n: int) -> dict[int, dict]:
+    """save_pretrained's per_layer_config (layer index -> head_dim / num_key_value_heads), checked."""
+    out = {}
+    for k, v in (per_layer_config or {}).items():
+        where = f"text_config.per_layer_config[{k!r}]"
+        if not (isinstance(k, (str, int)) and str(k).isdigit() and int(k) < n):
+            _fail(where, k, f"keyed by a layer index below num_hidden_layers ({n})")
+        if not isinstance(v, dict):
+            _fail(where, v, "a JSON object")
+        for key in ("head_dim", "num_key_value_heads"):
+            if key in v:
+                _check(f"{where}.{key}", v[key], int)
+        out[int(k)] = v
+    return out
 
 
 @dataclass
-class TextConfig:
+class TextConfig(_Config):
     vocab_size: int = 262_144
     hidden_size: int = 2304
     intermediate_size: int = 9216
@@ -93,13 +219,15 @@ class TextConfig:
         rope = dict(_DEFAULT_ROPE)
         rope.update(self.rope_parameters or {})
         self.rope_parameters = rope
+        for t in (SLIDING, FULL):
+            _check_rope(f"text_config.rope_parameters.{t}", rope[t], ("default", "proportional"))
         if self.use_bidirectional_attention == "all":
             raise ConfigError("use_bidirectional_attention='all' (embedding models) is not a Gemma 4 chat model.")
 
         # Per-layer head sizes: published spelling first, then save_pretrained's per_layer_config.
         global_dim = self.global_head_dim or 512  # the reference's default when the key is absent
         global_kv = self.num_global_key_value_heads if self.attention_k_eq_v else None
-        overrides = {int(k): v for k, v in (self.per_layer_config or {}).items()}
+        overrides = _layer_overrides(self.per_layer_config, n)
         if not overrides:
             overrides = {
                 i: {"head_dim": global_dim, **({"num_key_value_heads": global_kv} if global_kv else {})}
@@ -110,6 +238,8 @@ class TextConfig:
         self.layer_kv_heads = [
             overrides.get(i, {}).get("num_key_value_heads", self.num_key_value_heads) for i in range(n)
         ]
+        for i, (dim, kv) in enumerate(zip(self.layer_head_dims, self.layer_kv_heads)):
+            _check_heads(f"text_config layer {i}", self.num_attention_heads, kv, dim)
         full = [i for i, t in enumerate(self.layer_types) if t == FULL]
         if full:
             self.global_head_dim = self.layer_head_dims[full[0]]
@@ -131,6 +261,9 @@ class TextConfig:
 
         if self.enable_moe_block and not (self.num_experts and self.top_k_experts and self.moe_intermediate_size):
             raise ConfigError("enable_moe_block needs num_experts, top_k_experts and moe_intermediate_size.")
+        if self.enable_moe_block and self.top_k_experts > self.num_experts:
+            raise ConfigError(f"config.json: text_config.top_k_experts ({self.top_k_experts}) exceeds num_experts "
+                              f"({self.num_experts}). Fix that entry or download the checkpoint again.")
 
     @property
     def first_kv_shared_layer(self) -> int:
@@ -144,13 +277,9 @@ class TextConfig:
         e = self.eos_token_id
         return [] if e is None else ([e] if isinstance(e, int) else list(e))
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TextConfig:
-        return _build(cls, d)
-
 
 @dataclass
-class VisionConfig:
+class VisionConfig(_Config):
     hidden_size: int = 768
     intermediate_size: int = 3072
     num_hidden_layers: int = 16
@@ -169,14 +298,12 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         self.rope_parameters = {"rope_type": "axial", "rope_theta": 100.0, **(self.rope_parameters or {})}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> VisionConfig:
-        return _build(cls, d)
+        _check_rope("vision_config.rope_parameters", self.rope_parameters)
+        _check_heads("vision_config", self.num_attention_heads, self.num_key_value_heads, self.head_dim)
 
 
 @dataclass
-class AudioConfig:
+class AudioConfig(_Config):
     hidden_size: int = 1024
     num_hidden_layers: int = 12
     num_attention_heads: int = 8
@@ -196,14 +323,16 @@ class AudioConfig:
 
     def __post_init__(self) -> None:
         self.subsampling_conv_channels = list(self.subsampling_conv_channels)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> AudioConfig:
-        return _build(cls, d)
+        if len(self.subsampling_conv_channels) != 2:
+            _fail("audio_config.subsampling_conv_channels", self.subsampling_conv_channels,
+                  "a list of two whole numbers (one per subsampling convolution)")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"config.json: audio_config.hidden_size ({self.hidden_size}) is not a multiple of its "
+                              f"num_attention_heads ({self.num_attention_heads}). Fix them, or download it again.")
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Config):
     text_config: TextConfig
     vision_config: VisionConfig | None = None
     audio_config: AudioConfig | None = None
@@ -224,11 +353,10 @@ class ModelConfig:
         return self.text_config.tie_word_embeddings and self.raw.get("tie_word_embeddings", True) is not False
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+    def _normalize(cls, d: dict[str, Any]) -> dict[str, Any]:
         model_type = d.get("model_type")
-        if model_type == "gemma4_text":
-            return cls(text_config=TextConfig.from_dict(d), model_type=model_type, raw=d,
-                       quantization=d.get("quantization"))
+        if model_type == "gemma4_text":   # a text-only checkpoint: the file is the text config
+            return {"text_config": d, "model_type": model_type, "quantization": d.get("quantization"), "raw": d}
         if model_type != "gemma4":
             raise ConfigError(
                 f"config.json has model_type={model_type!r}; mlx-gemma4 only runs Gemma 4 checkpoints "
@@ -236,24 +364,18 @@ class ModelConfig:
             )
         if "text_config" not in d:
             raise ConfigError("A 'gemma4' config.json needs a 'text_config' section; this file has none.")
-        kw = {k: d[k] for k in ("boi_token_id", "eoi_token_id", "image_token_id", "video_token_id",
-                                "boa_token_id", "audio_token_id") if d.get(k) is not None}
+        text = d["text_config"]
+        # Generation EOS ids sometimes live at the top level only.
+        if isinstance(text, dict) and "eos_token_id" not in text and "eos_token_id" in d:
+            text = {**text, "eos_token_id": d["eos_token_id"]}
+        out = {k: d[k] for k in ("boi_token_id", "eoi_token_id", "image_token_id", "video_token_id",
+                                 "boa_token_id", "audio_token_id") if d.get(k) is not None}
         eoa = d.get("eoa_token_id", d.get("eoa_token_index"))
         if eoa is not None:
-            kw["eoa_token_id"] = eoa
-        text = dict(d["text_config"])
-        # Generation EOS ids sometimes live at the top level only.
-        if "eos_token_id" not in text and "eos_token_id" in d:
-            text["eos_token_id"] = d["eos_token_id"]
-        return cls(
-            text_config=TextConfig.from_dict(text),
-            vision_config=VisionConfig.from_dict(d["vision_config"]) if d.get("vision_config") else None,
-            audio_config=AudioConfig.from_dict(d["audio_config"]) if d.get("audio_config") else None,
-            model_type=model_type,
-            quantization=d.get("quantization") or d.get("quantization_config"),
-            raw=d,
-            **kw,
-        )
+            out["eoa_token_id"] = eoa
+        towers = {k: None if d.get(k) in (None, {}) else d[k] for k in ("vision_config", "audio_config")}
+        return {**out, **towers, "text_config": text, "model_type": model_type, "raw": d,
+                "quantization": d.get("quantization") or d.get("quantization_config")}
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:

@@ -8,11 +8,15 @@ class Gemma4Error(Exception):
 
 
 class ConfigError(Gemma4Error):
-    """config.json is missing, unreadable, or not a Gemma 4 config."""
+    """config.json is missing, unreadable, or not a Gemma 4 config; or an argument is out of range."""
 
 
 class WeightsError(Gemma4Error):
-    """Weights are missing, truncated, or do not match the config."""
+    """Weights are missing, truncated, in a format we do not read, or do not match the config."""
+
+
+class OutputError(Gemma4Error):
+    """The converter may not replace its destination, or cannot write it (disk full, permissions)."""
 
 
 class InputError(Gemma4Error):
@@ -21,3 +25,8 @@ class InputError(Gemma4Error):
 
 class ContextLengthError(InputError):
     """The prompt does not fit in the model's context window."""
+
+
+def preview(items: list[str], n: int = 8) -> str:
+    """The first ``n`` names and how many more: for messages that list what is missing or in the way."""
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")

@@ -16,10 +16,6 @@ ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-def is_repo_id(s: str) -> bool:
-    return bool(_REPO_ID.match(s)) and not Path(s).exists()
-
-
 def resolve(path_or_repo: str | Path, revision: str | None = None, cache_dir: str | Path | None = None,
             local_files_only: bool = False) -> Path:
     """A local directory holding the model: ``path_or_repo`` itself, or a hub snapshot of it.

@@ -18,9 +18,8 @@ returning the scaled rows exactly as text.ScaledEmbedding (or its quantized twin
 
 from __future__ import annotations
 
-import json
+import math
 import os
-import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,33 +29,23 @@ import mlx.nn as nn
 import numpy as np
 
 from .errors import WeightsError
+from .safetensors_io import DTYPES, TensorFileWriter, read_header, save
 
 PLE_FILE = "per_layer_embeddings.safetensors"
-_NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32}
+_RECONVERT = "Re-convert the model with convert.py."
 
 
 def memmap_safetensors(path: str | Path) -> tuple[dict[str, np.memmap], dict[str, str], dict[str, str]]:
     """Map every tensor of a safetensors file: (name -> memmap, name -> safetensors dtype, metadata)."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error) as e:
-        raise WeightsError(f"Cannot read {path}: {e}. Re-convert the model.") from e
-    metadata = header.pop("__metadata__", {}) or {}
-    size = path.stat().st_size
+    header = read_header(path, remedy=_RECONVERT)
     arrays, dtypes = {}, {}
-    for name, info in header.items():
-        start, end = info["data_offsets"]
-        if 8 + n + end > size:
-            raise WeightsError(f"{path} is truncated ({name} ends past the end of the file). Re-convert the model.")
-        if info["dtype"] not in _NP_DTYPES:
-            raise WeightsError(f"{path}: {name} has dtype {info['dtype']}, which the PLE reader does not handle.")
-        arrays[name] = np.memmap(path, dtype=_NP_DTYPES[info["dtype"]], mode="r", offset=8 + n + start,
-                                 shape=tuple(info["shape"]))
-        dtypes[name] = info["dtype"]
-    return arrays, dtypes, metadata
+    for name, t in header.tensors.items():
+        if DTYPES[t.dtype][0] is None:
+            raise WeightsError(f"{path}: {name} is stored as {t.dtype}, which the PLE reader does not handle. "
+                               + _RECONVERT)
+        arrays[name] = np.memmap(t.file, dtype=DTYPES[t.dtype][1], mode="r", offset=t.offset, shape=t.shape)
+        dtypes[name] = t.dtype
+    return arrays, dtypes, header.metadata
 
 
 def _to_mx(rows: np.ndarray, st_dtype: str) -> mx.array:
@@ -70,15 +59,10 @@ class MappedPerLayerEmbedding(nn.Module):
     def __init__(self, path: str | Path):
         super().__init__()
         arrays, dtypes, meta = memmap_safetensors(path)
-        if "weight" not in arrays:
-            raise WeightsError(f"{path} has no 'weight' tensor. Re-convert the model.")
         self._arrays, self._dtypes = arrays, dtypes   # plain attributes: not parameters
-        self.embed_scale = float(meta["embed_scale"])
-        self.bits = int(meta.get("bits", 0))
-        self.group_size = int(meta.get("group_size", 0))
-        self.dims = int(meta["dims"])
-        self.num_embeddings = arrays["weight"].shape[0]
         self.path = str(path)
+        self.embed_scale, self.dims, self.bits, self.group_size = _read_metadata(path, meta)
+        self.num_embeddings = _check_table(path, arrays, self.dims, self.bits, self.group_size)
 
     @property
     def nbytes(self) -> int:
@@ -102,16 +86,52 @@ class MappedPerLayerEmbedding(nn.Module):
         return {k: _to_mx(v, self._dtypes[k]) for k, v in self._arrays.items()}
 
 
+def _read_metadata(path, meta: dict[str, str]) -> tuple[float, int, int, int]:
+    """(embed_scale, dims, bits, group_size) from the file's metadata, each checked."""
+    try:
+        scale = float(meta["embed_scale"])
+        dims, bits, group = int(meta["dims"]), int(meta.get("bits", 0)), int(meta.get("group_size", 0))
+    except (KeyError, ValueError, TypeError) as e:
+        raise WeightsError(f"{path} has unreadable metadata ({type(e).__name__}: {e}). {_RECONVERT}") from e
+    if not (math.isfinite(scale) and dims > 0 and bits in (0, 2, 3, 4, 5, 6, 8)
+            and (bits == 0 or (group > 0 and dims % group == 0))):
+        raise WeightsError(f"{path} has inconsistent metadata (embed_scale {scale}, dims {dims}, bits {bits}, "
+                           f"group_size {group}). {_RECONVERT}")
+    return scale, dims, bits, group
+
+
+def _check_table(path, arrays: dict[str, np.ndarray], dims: int, bits: int, group: int) -> int:
+    """The table's row count, after checking its tensors have the shapes its metadata implies."""
+    if "weight" not in arrays or arrays["weight"].ndim != 2:
+        raise WeightsError(f"{path} has no 2-D 'weight' tensor. {_RECONVERT}")
+    rows = arrays["weight"].shape[0]
+    want = {"weight": (rows, dims)}
+    if bits:
+        want = {"weight": (rows, dims * bits // 32), "scales": (rows, dims // group), "biases": (rows, dims // group)}
+    got = {k: tuple(v.shape) for k, v in arrays.items()}
+    if got != want:
+        raise WeightsError(f"{path} holds tensors {got} but its metadata (dims {dims}, bits {bits}) implies {want}. "
+                           + _RECONVERT)
+    return rows
+
+
 def table_metadata(embed_scale: float, dims: int, bits: int = 0, group_size: int = 0) -> dict[str, str]:
     """The PLE file's safetensors metadata (what MappedPerLayerEmbedding reads back)."""
     return {"embed_scale": repr(float(embed_scale)), "dims": str(dims), "bits": str(bits),
             "group_size": str(group_size), "format": "mlx"}
 
 
+def open_table(path: str | Path, specs: dict[str, tuple[mx.Dtype, tuple[int, ...]]], embed_scale: float,
+               dims: int, bits: int = 0, group_size: int = 0) -> TensorFileWriter:
+    """The PLE file laid out for ``weight`` (and, when quantized, ``scales`` / ``biases``), to be written in row
+    chunks: the table is never whole in memory while converting."""
+    return TensorFileWriter(path, specs, table_metadata(embed_scale, dims, bits, group_size))
+
+
 def save_table(path: str | Path, tensors: dict[str, mx.array], embed_scale: float, dims: int,
                bits: int = 0, group_size: int = 0) -> None:
-    """Write the PLE table (``weight`` and, when quantized, ``scales`` / ``biases``) as its own file."""
-    mx.save_safetensors(str(path), tensors, metadata=table_metadata(embed_scale, dims, bits, group_size))
+    """Write a whole (evaluated) PLE table as its own file."""
+    save(path, tensors, table_metadata(embed_scale, dims, bits, group_size))
 
 
 @dataclass(frozen=True)

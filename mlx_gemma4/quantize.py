@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from .errors import ConfigError
+from .errors import ConfigError, WeightsError
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +119,14 @@ def infer_plan(model: nn.Module, weights: dict[str, mx.array]) -> dict[str, tupl
             raise ConfigError(f"{path} is quantized without biases (not the affine mode); this format is "
                               "not supported. Convert the original checkpoint with convert.py instead.")
         in_dims = m.weight.shape[-1]
-        group_size = in_dims // scales.shape[-1]
+        group_size = in_dims // max(scales.shape[-1], 1)
         bits = packed.shape[-1] * 32 // in_dims
+        if (group_size not in GROUP_SIZES or bits not in SUPPORTED_BITS or scales.shape[-1] * group_size != in_dims
+                or packed.shape[-1] * 32 != bits * in_dims):
+            raise WeightsError(
+                f"{path} is quantized as {tuple(packed.shape)} packed weights with {tuple(scales.shape)} scales, "
+                f"which no bit width and group size give for the {in_dims} input dims config.json sets. Check that "
+                "config.json belongs to these weights, or re-convert the checkpoint.")
         out[path] = (bits, group_size)
     return out
 

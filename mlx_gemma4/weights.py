@@ -1,7 +1,10 @@
-"""Reading checkpoints: safetensors files (single or sharded), name mapping, strict loading, hub download.
+"""Reading checkpoints: safetensors files (single or sharded), the name map, strict loading.
 
-The name map is declarative: a Hugging Face parameter name maps to ours, or to None when the model does not use it
-(the tied ``lm_head``, the K/V projections that published checkpoints still carry for KV-shared layers).
+The name map is a table (``WEIGHT_MAP``): a checkpoint name pattern maps to ours, or to None when the model never
+uses it. ``UNUSED`` lists our names that a given config has no use for (a tied ``lm_head``, absent towers, the K/V
+projections that published checkpoints still carry for KV-shared layers). ``tensor_jobs`` turns a checkpoint's
+names into one job per parameter (its sources and layout fix); the loader runs the jobs on lazily mapped arrays,
+the converter on row chunks read from the files.
 """
 
 from __future__ import annotations
@@ -9,78 +12,143 @@ from __future__ import annotations
 import json
 import logging
 import re
-import struct
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelConfig
-from .errors import WeightsError
+from .errors import ConfigError, WeightsError, preview
 from .ple import PLE_FILE, MappedPerLayerEmbedding, choose_placement
 from .quantize import PLE
+from .safetensors_io import DTYPES, read_header
 
 logger = logging.getLogger(__name__)
 
-_SHARED_KV = re.compile(r"^language_model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.")
-_FUSED_EXPERTS = re.compile(r"^(language_model\.layers\.\d+\.experts\.(gate_up_proj|down_proj))$")
+# Checkpoint name -> ours. ``{}`` is a layer index, ``{*}`` the rest of the name; the first match wins.
+WEIGHT_MAP: dict[str, str | None] = {
+    # transformers' Gemma4ForConditionalGeneration (save_pretrained and the published checkpoints)
+    "model.language_model.layers.{}.experts.gate_up_proj": "language_model.layers.{}.experts.gate_up_proj.weight",
+    "model.language_model.layers.{}.experts.down_proj": "language_model.layers.{}.experts.down_proj.weight",
+    "model.language_model.{*}": "language_model.{*}",
+    "model.vision_tower.{*}": "vision_tower.{*}",
+    "model.embed_vision.{*}": "embed_vision.{*}",
+    "model.audio_tower.{*}": "audio_tower.{*}",
+    "model.embed_audio.{*}": "embed_audio.{*}",
+    # transformers' Gemma4ForCausalLM (model_type gemma4_text): the decoder is the whole model
+    "model.layers.{}.experts.gate_up_proj": "language_model.layers.{}.experts.gate_up_proj.weight",
+    "model.layers.{}.experts.down_proj": "language_model.layers.{}.experts.down_proj.weight",
+    "model.{*}": "language_model.{*}",
+    # mlx-vlm conversions (the mlx-community repos); their MoE experts are merged by tensor_jobs
+    "language_model.model.{*}": "language_model.{*}",
+    # ours, and everything else: as is (an unknown name is reported by the strict load)
+    "{*}": "{*}",
+}
+
+# Our names that a config has no use for: pattern -> (config, layer index or None) -> True to drop.
+UNUSED: dict[str, Callable[[ModelConfig, int | None], bool]] = {
+    "lm_head.{*}": lambda c, _: c.tied_head,                           # the tied head is the token embedding
+    "vision_tower.{*}": lambda c, _: c.vision_config is None,
+    "embed_vision.{*}": lambda c, _: c.vision_config is None,
+    "audio_tower.{*}": lambda c, _: c.audio_config is None,
+    "embed_audio.{*}": lambda c, _: c.audio_config is None,
+    **{f"language_model.layers.{{}}.self_attn.{p}.{{*}}": lambda c, i: _kv_shared(c, i)
+       for p in ("k_proj", "v_proj", "k_norm", "v_norm")},
+}
+
+
+def _kv_shared(config: ModelConfig, i: int | None) -> bool:
+    t = config.text_config
+    return i is not None and i < t.num_hidden_layers and t.is_kv_shared(i)
+
+
+def _compile(pattern: str) -> re.Pattern:
+    rx = re.escape(pattern).replace(r"\{\}", r"(?P<layer>\d+)").replace(r"\{\*\}", r"(?P<rest>.+)")
+    return re.compile(f"^{rx}$")
+
+
+_MAP = [(_compile(k), v) for k, v in WEIGHT_MAP.items()]
+_UNUSED = [(_compile(k), f) for k, f in UNUSED.items()]
 
 
 def map_name(name: str, config: ModelConfig) -> str | None:
     """Our parameter name for a checkpoint tensor name, or None to drop it."""
-    if name.startswith("lm_head."):
-        return None if config.tied_head else name  # a tied head is the token embedding
-    if name.startswith("model."):
-        name = name[len("model."):]
-        if config.model_type == "gemma4_text" and not name.startswith("language_model."):
-            name = "language_model." + name
-    elif name.startswith("language_model.model."):
-        name = "language_model." + name[len("language_model.model."):]
-    if name.startswith(("vision_tower.", "embed_vision.")) and config.vision_config is None:
+    for rx, target in _MAP:
+        m = rx.match(name)
+        if m:
+            break
+    if target is None:
         return None
-    if name.startswith(("audio_tower.", "embed_audio.")) and config.audio_config is None:
-        return None
-    m = _SHARED_KV.match(name + ".")
-    if m and config.text_config.is_kv_shared(int(m.group(1))):
-        return None
-    m = _FUSED_EXPERTS.match(name)
-    if m:
-        return name + ".weight"
-    return name
+    groups = m.groupdict()
+    new = target.replace("{}", groups.get("layer") or "").replace("{*}", groups.get("rest") or "")
+    for rx, unused in _UNUSED:
+        m = rx.match(new)
+        if m and unused(config, int(m["layer"]) if m.groupdict().get("layer") else None):
+            return None
+    return new
 
 
-def _merge_switch_glu(out: dict[str, mx.array]) -> None:
-    """mlx-lm / mlx-vlm keep MoE experts as ``switch_glu.{gate,up,down}_proj``; ours fuse gate and up.
+@dataclass(frozen=True)
+class TensorJob:
+    """How one of our parameters is made from the checkpoint: its sources, concatenated along the second-to-last
+    axis when there are several (mlx-vlm's separate gate/up experts), then a layout fix. Neither step touches
+    axis 0, so a job runs on row chunks as well as on whole tensors."""
 
-    Rows are quantized independently, so packed weights, scales and biases concatenate along the rows axis too.
-    """
-    for key in [k for k in out if ".experts.switch_glu.gate_proj." in k]:
-        prefix, suffix = key.split(".switch_glu.gate_proj.")
-        up = out.pop(f"{prefix}.switch_glu.up_proj.{suffix}")
-        out[f"{prefix}.gate_up_proj.{suffix}"] = mx.concatenate([out.pop(key), up], axis=-2)
-    for key in [k for k in out if ".experts.switch_glu.down_proj." in k]:
-        prefix, suffix = key.split(".switch_glu.down_proj.")
-        out[f"{prefix}.down_proj.{suffix}"] = out.pop(key)
+    name: str
+    sources: tuple[str, ...]
+    fix: Callable[[mx.array], mx.array] | None = None
+
+    def __call__(self, parts: list[mx.array]) -> mx.array:
+        x = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-2)
+        return self.fix(x) if self.fix is not None else x
 
 
-def sanitize(weights: dict[str, mx.array], config: ModelConfig, model: nn.Module | None = None,
-             hf_layout: bool = True) -> dict[str, mx.array]:
-    """Rename checkpoint tensors to ours, dropping unused ones and fixing layouts (conv weights).
+def tensor_jobs(names: Iterable[str], config: ModelConfig, model: nn.Module | None = None,
+                hf_layout: bool = True) -> list[TensorJob]:
+    """One job per parameter the checkpoint provides, sorted by our name.
 
     ``hf_layout=False`` for MLX-written checkpoints (ours, mlx-vlm's): their conv weights are already in MLX layout.
     """
-    out = {}
-    for name, value in weights.items():
+    ours = {}
+    for name in names:
         new = map_name(name, config)
         if new is not None:
-            out[new] = value
-    _merge_switch_glu(out)
-    if hf_layout and model is not None and hasattr(model, "audio_tower") and hasattr(model.audio_tower, "sanitize"):
-        audio = {k: v for k, v in out.items() if k.startswith("audio_tower.")}
-        if audio:
-            out.update(model.audio_tower.sanitize(audio))
-    return out
+            ours[new] = name
+    jobs = {}
+    for new, src in ours.items():
+        if ".experts.switch_glu.gate_proj." in new:
+            prefix, suffix = new.split(".switch_glu.gate_proj.")
+            up = ours.get(f"{prefix}.switch_glu.up_proj.{suffix}")
+            if up is None:
+                raise WeightsError(f"{src} has no matching up_proj tensor. Re-download or re-convert the model.")
+            new, sources = f"{prefix}.gate_up_proj.{suffix}", (src, up)
+        elif ".experts.switch_glu.up_proj." in new:
+            continue
+        elif ".experts.switch_glu.down_proj." in new:
+            new, sources = new.replace(".switch_glu.down_proj.", ".down_proj."), (src,)
+        else:
+            sources = (src,)
+        tower = getattr(model, "audio_tower", None)
+        fix = partial(_audio_layout, tower, new) if hf_layout and new.startswith("audio_tower.") and \
+            hasattr(tower, "sanitize") else None
+        jobs[new] = TensorJob(new, sources, fix)
+    return [jobs[k] for k in sorted(jobs)]
+
+
+def _audio_layout(tower, name: str, x: mx.array) -> mx.array:
+    return tower.sanitize({name: x})[name]
+
+
+def sanitize(weights: Mapping[str, mx.array], config: ModelConfig, model: nn.Module | None = None,
+             hf_layout: bool = True) -> dict[str, mx.array]:
+    """Checkpoint tensors -> ours: renamed, unused ones dropped, layouts fixed (runs ``tensor_jobs``)."""
+    return {j.name: j([weights[s] for s in j.sources]) for j in tensor_jobs(weights, config, model, hf_layout)}
+
+
+_PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
 def safetensors_files(path: Path) -> list[Path]:
@@ -89,9 +157,9 @@ def safetensors_files(path: Path) -> list[Path]:
     if index.exists():
         try:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise WeightsError(f"{index} is unreadable ({e}). Re-download the checkpoint.") from e
-        missing = [n for n in names if not (path / n).exists()]
+        missing = [n for n in names if not (path / n).is_file()]
         if missing:
             raise WeightsError(
                 f"{path} is missing shard(s) {', '.join(missing)} named in model.safetensors.index.json. "
@@ -99,33 +167,27 @@ def safetensors_files(path: Path) -> list[Path]:
             )
         return [path / n for n in names]
     files = sorted(f for f in path.glob("*.safetensors") if f.name != PLE_FILE)
-    if not files:
-        raise WeightsError(f"No *.safetensors files in {path}. Is this a Gemma 4 checkpoint directory?")
-    return files
-
-
-def check_safetensors(f: Path) -> dict:
-    """Parse a safetensors header and check the file holds every byte it promises; returns the header."""
-    try:
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > size:
-                raise ValueError("header length past the end of the file")
-            header = json.loads(fh.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
-        raise WeightsError(f"Cannot read {f}: {e}. The file is corrupt or truncated: download it again.") from e
-    if 8 + n + end > size:
-        raise WeightsError(f"{f} is truncated ({size} bytes, its header needs {8 + n + end}). Download it again.")
-    return header
+    if files:
+        return files
+    pickles = sorted(f.name for pattern in _PICKLES for f in path.glob(pattern))
+    if pickles:
+        raise WeightsError(
+            f"{path} holds {preview(pickles, 3)} (PyTorch pickle) but no .safetensors files. mlx-gemma4 refuses "
+            "pickles: loading one can run arbitrary code. Convert it to safetensors first (in Python: "
+            "transformers' from_pretrained, then save_pretrained(DIR, safe_serialization=True)) and use DIR.")
+    raise WeightsError(f"No *.safetensors files in {path}. Is this a Gemma 4 checkpoint directory?")
 
 
 def read_safetensors(files: Iterable[Path]) -> dict[str, mx.array]:
     """Load every tensor lazily (nothing is read until it is used); truncated files are caught up front."""
     weights: dict[str, mx.array] = {}
     for f in files:
-        check_safetensors(f)
+        header = read_header(f)
+        f64 = [n for n, t in header.tensors.items() if DTYPES[t.dtype][0] is None]
+        if f64:
+            raise WeightsError(
+                f"{f} stores {len(f64)} tensor(s) in float64 ({preview(f64, 2)}), which MLX cannot load. Convert "
+                "the checkpoint with convert.py (it casts them to --dtype) and load the converted directory.")
         try:
             weights.update(mx.load(str(f)))
         except Exception as e:  # mlx raises RuntimeError/ValueError with terse messages
@@ -135,25 +197,24 @@ def read_safetensors(files: Iterable[Path]) -> dict[str, mx.array]:
 
 def is_mlx_layout(files: list[Path]) -> bool:
     """MLX writers (ours, mlx-lm, mlx-vlm) tag their safetensors with format=mlx; save_pretrained writes pt."""
-    meta = check_safetensors(files[0]).get("__metadata__") or {}
-    return meta.get("format") == "mlx"
+    return read_header(files[0]).metadata.get("format") == "mlx"
 
 
-def check_names(expected: dict[str, mx.array], weights: dict[str, mx.array]) -> None:
-    """Raise WeightsError listing missing / unexpected names and shape mismatches."""
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
+def check_names(expected: Mapping[str, tuple[int, ...]], got: Mapping[str, tuple[int, ...]]) -> None:
+    """Raise WeightsError listing missing / unexpected names and shape mismatches (name -> shape on both sides)."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing: {_preview(missing)}")
+        problems.append(f"{len(missing)} missing: {preview(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected: {_preview(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected: {preview(unexpected)}")
     bad_shapes = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in weights.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+        f"{k}: checkpoint {tuple(v)} vs model {tuple(expected[k])}"
+        for k, v in got.items() if k in expected and tuple(v) != tuple(expected[k])
     ]
     if bad_shapes:
-        problems.append(f"{len(bad_shapes)} with the wrong shape: {_preview(bad_shapes)}")
+        problems.append(f"{len(bad_shapes)} with the wrong shape: {preview(bad_shapes)}")
     if problems:
         raise WeightsError(
             "The weights do not match the config: " + "; ".join(problems)
@@ -161,17 +222,28 @@ def check_names(expected: dict[str, mx.array], weights: dict[str, mx.array]) -> 
         )
 
 
+def shapes(arrays: Mapping[str, mx.array]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in arrays.items()}
+
+
 def load_into(model: nn.Module, weights: dict[str, mx.array], strict: bool = True) -> None:
     """Load ``weights`` (our names) into ``model``; list missing / unexpected names and shape mismatches."""
     from mlx.utils import tree_flatten
 
     if strict:
-        check_names(dict(tree_flatten(model.parameters())), weights)
+        check_names(shapes(dict(tree_flatten(model.parameters()))), shapes(weights))
     model.load_weights(list(weights.items()), strict=False)
 
 
-def _preview(items: list[str], n: int = 8) -> str:
-    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+def build_model(config: ModelConfig):
+    """``Gemma4(config)``; sizes that pass validation but cannot be built become a ConfigError."""
+    from .model import Gemma4
+
+    try:
+        return Gemma4(config)
+    except (ValueError, OverflowError, RuntimeError, MemoryError) as e:
+        raise ConfigError(f"config.json describes a model that cannot be built ({e}). Check its sizes against "
+                          "the published config of this model.") from e
 
 
 def load_model(path: str | Path, dtype: mx.Dtype | None = None, progress: Callable | None = None,
@@ -184,23 +256,23 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, progress: Callab
     default (None) kept in memory when the machine has room for it (ple.choose_placement), which decodes
     fastest; ``model.ple_placement`` says which was chosen and why.
     """
-    from .model import Gemma4
     from .quantize import apply_quantization
 
     path = Path(path)
     config = ModelConfig.from_file(path)
-    model = Gemma4(config)
+    model = build_model(config)
     files = safetensors_files(path)
     weights = sanitize(read_safetensors(files), config, model, hf_layout=not is_mlx_layout(files))
     ple_path = path / PLE_FILE
     ple = MappedPerLayerEmbedding(ple_path) if ple_path.exists() else None
     placement = None
     if ple is not None:
+        _check_ple(ple, model)
         placement = choose_placement(ple.nbytes, sum(v.nbytes for v in weights.values()), mapped_ple)
         mapped_ple = placement.mapped
         logger.info("per-layer embedding table: %s", placement)
-    if ple is not None and not mapped_ple:
-        weights.update({f"{PLE}.{k}": v for k, v in ple.load_table().items()})
+        if not mapped_ple:
+            weights.update({f"{PLE}.{k}": v for k, v in ple.load_table().items()})
     apply_quantization(model, weights=weights)
     if ple is not None and mapped_ple:
         model.language_model.embed_tokens_per_layer = ple
@@ -214,32 +286,42 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, progress: Callab
     return model
 
 
-def load(path_or_repo: str | Path, progress: Callable | None = None, lazy: bool = True, mapped_ple: bool | None = None,
-         **hub_kwargs):
+def _check_ple(ple: MappedPerLayerEmbedding, model: nn.Module) -> None:
+    table = getattr(model.language_model, "embed_tokens_per_layer", None)
+    want = tuple(table.weight.shape) if table is not None else None
+    if want != (ple.num_embeddings, ple.dims):
+        raise WeightsError(
+            f"{ple.path} holds a {ple.num_embeddings} x {ple.dims} per-layer embedding table but config.json "
+            f"needs {'none' if want is None else ' x '.join(map(str, want))}. Re-convert the model.")
+
+
+def load(path_or_repo: str | Path, progress: Callable | None = None, lazy: bool = True,
+         mapped_ple: bool | None = None, **hub_kwargs):
     """``(model, processor)`` for a converted dir, a raw HF checkpoint dir, or a hub repo id.
 
     ``lazy`` leaves the weights memory-mapped until first use; ``lazy=False`` reads them all now.
     ``mapped_ple``: where E2B/E4B's per-layer embedding table lives (see load_model; default: decided from free
     memory).
     ``hub_kwargs`` (revision, cache_dir, local_files_only) go to huggingface_hub's snapshot_download.
-    The processor is None (with a warning) when the processing package cannot build one.
+    A directory without tokenizer files raises ConfigError (``load_model`` loads the model alone).
     """
     from .hub import resolve
 
     path = resolve(path_or_repo, **hub_kwargs)
     model = load_model(path, progress=progress, mapped_ple=mapped_ple)
+    processor = load_processor(path)
     if not lazy:
         mx.eval(model.parameters())
-    return model, load_processor(path)
+    return model, processor
 
 
 def load_processor(path: Path):
-    if not any((path / n).exists() for n in ("tokenizer.json", "tokenizer.model")):
-        logger.warning("%s has no tokenizer files; load() returns None for the processor.", path)
-        return None
-    try:
-        from .processing.processor import Processor
-    except ImportError as e:
-        logger.warning("No processor (%s); load() returns None for it.", e)
-        return None
+    """The Processor for the tokenizer and processor files in ``path``."""
+    if not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+        raise ConfigError(
+            f"{path} has no tokenizer (tokenizer.json or tokenizer.model), so load() cannot build a processor. "
+            "Copy the tokenizer files from the original checkpoint into it, or convert again from a checkpoint "
+            "that has them.")
+    from .processing.processor import Processor
+
     return Processor.from_pretrained(path)

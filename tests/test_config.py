@@ -61,3 +61,102 @@ def test_missing_config_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="Cannot read"):
         ModelConfig.from_file(tmp_path)
+
+
+# Every whole-number / boolean / number field of every config section, with values of the wrong type or range.
+_BAD = {int: [0, -1, "8", 1.5, True, None, [4], 2**40], bool: ["yes", 1, None], float: ["x", None, True, float("nan")],
+        str: [3, None], "list[int]": ["8", [0, 4], [-1, 4], None, [4.5, 4]]}
+
+
+def _bad_cases():
+    import dataclasses
+    import typing
+
+    from mlx_gemma4.config import AudioConfig, VisionConfig
+
+    for section, cls in (("text_config", TextConfig), ("vision_config", VisionConfig),
+                         ("audio_config", AudioConfig)):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if not f.init:
+                continue
+            tp = hints[f.name]
+            kind = "list[int]" if tp == list[int] else tp
+            for value in _BAD.get(kind, []):
+                if value == 0 and (f.name.endswith("_id") or f.name in ("hidden_size_per_layer_input",
+                                   "num_kv_shared_layers", "attention_context_left", "attention_context_right")):
+                    continue
+                yield section, f.name, value
+        for f in ("global_head_dim", "num_global_key_value_heads", "num_experts", "sliding_window_pattern",
+                  "final_logit_softcapping"):
+            if section == "text_config":
+                yield section, f, "x"   # optional fields: null is fine, a string is not
+
+
+def _full_config() -> dict:
+    return tiny.make_config("e", vision=tiny.VISION, audio=tiny.AUDIO).to_dict()
+
+
+@pytest.mark.parametrize("section,name,value", list(_bad_cases()))
+def test_every_malformed_field_is_a_config_error_naming_it(section, name, value):
+    d = _full_config()
+    d[section][name] = value
+    with pytest.raises(ConfigError, match=f"{section}.{name}"):
+        ModelConfig.from_dict(d)
+
+
+@pytest.mark.parametrize("value", [None, [], [1, 2], "text", 3])
+def test_text_config_must_be_an_object(value):
+    d = _full_config()
+    d["text_config"] = value
+    with pytest.raises(ConfigError, match="text_config is .*; it must be a JSON object"):
+        ModelConfig.from_dict(d)
+
+
+@pytest.mark.parametrize("key", ["vision_config", "audio_config"])
+def test_tower_config_must_be_an_object_or_null(key):
+    d = _full_config()
+    d[key] = [1]
+    with pytest.raises(ConfigError, match=key):
+        ModelConfig.from_dict(d)
+    d[key] = None
+    assert getattr(ModelConfig.from_dict(d), key) is None
+
+
+@pytest.mark.parametrize("change,field", [
+    (dict(num_attention_heads=3), "num_attention_heads"),                      # 3 heads, 2 KV heads
+    (dict(head_dim=15), "head_dim"),
+    (dict(per_layer_config={"0": {"head_dim": -4}}), "per_layer_config"),
+    (dict(per_layer_config={"99": {"head_dim": 16}}), "per_layer_config"),
+    (dict(per_layer_config=[1]), "per_layer_config"),
+    (dict(rope_parameters={"full_attention": {"rope_theta": -1}}), "rope_theta"),
+    (dict(rope_parameters={"sliding_attention": "fast"}), "sliding_attention"),
+    (dict(layer_types=["sliding_attention"] * 6 + [3]), "layer_types"),
+    (dict(eos_token_id=[1, "2"]), "eos_token_id"),
+])
+def test_inconsistent_text_sizes(change, field):
+    d = _full_config()
+    d["text_config"].update(change)
+    with pytest.raises(ConfigError, match=field):
+        ModelConfig.from_dict(d)
+
+
+def test_gemma4_text_config_names_fields_at_the_top_level():
+    with pytest.raises(ConfigError, match=r"config.json: num_attention_heads is 0"):
+        ModelConfig.from_dict(dict(E4B_TEXT, num_attention_heads=0))
+
+
+def test_convert_and_load_report_malformed_config(tmp_path):
+    """Through the public entry points: ConfigError naming the field, no conversion written."""
+    from mlx_gemma4 import load
+    from mlx_gemma4.conversion import convert
+
+    src = tiny.save_checkpoint(tiny.make_model("dense"), tmp_path / "src")
+    d = json.loads((src / "config.json").read_text())
+    d["text_config"]["num_attention_heads"] = 0
+    (src / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match="text_config.num_attention_heads is 0"):
+        convert(src, tmp_path / "out")
+    with pytest.raises(ConfigError, match="text_config.num_attention_heads is 0"):
+        load(src)
+    assert not (tmp_path / "out").exists()

@@ -16,7 +16,8 @@ import pytest
 
 from mlx_gemma4 import load
 from mlx_gemma4.conversion import convert
-from mlx_gemma4.errors import ConfigError, WeightsError
+from mlx_gemma4.errors import ConfigError, OutputError, WeightsError
+from tests.fixtures_tokenizer import make_tokenizer
 from tests.tiny import make_model, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ def sources(tmp_path_factory):
     out = {}
     for family, overrides in FAMILIES.items():
         model = make_model(family, **overrides)
-        path = save_checkpoint(model, tmp_path_factory.mktemp(family))
+        path = make_tokenizer(save_checkpoint(model, tmp_path_factory.mktemp(family)))
         with torch.no_grad():
             out[family] = (path, model(input_ids=torch.tensor(IDS)).logits.numpy())
     return out
@@ -102,22 +103,159 @@ def test_mapped_ple_gives_same_logits_as_in_memory(sources, tmp_path):
         np.testing.assert_array_equal(steps[True], steps[False])
 
 
-def test_destination_rules(sources, tmp_path):
+def _tree(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` (relative name -> bytes): what a refused run must leave untouched."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def test_force_replaces_only_an_earlier_output(sources, tmp_path):
+    src, _ = sources["dense"]
+    dst = convert(src, tmp_path / "dst", dtype="float32")
+    marker = json.loads((dst / "mlx_gemma4_conversion.json").read_text())
+    assert marker["converter"] == "mlx-gemma4 convert.py"
+    assert set(marker["files"]) == {p.name for p in dst.iterdir()}
+    with pytest.raises(OutputError, match="earlier conversion. Pass --force"):
+        convert(src, dst, dtype="float32")
+    first = (dst / "model.safetensors").stat().st_mtime_ns
+    convert(src, dst, q_bits=8, q_group_size=32, dtype="float32", force=True)
+    assert (dst / "model.safetensors").stat().st_mtime_ns != first
+    assert json.loads((dst / "config.json").read_text())["quantization"]["bits"] == 8
+    assert _leftovers(tmp_path) == []                            # no .dst.tmp-* nor .dst.old-*
+    # A file the user put into an earlier output is never deleted, even with --force; the message names it.
+    (dst / "notes.txt").write_text("mine")
+    before = _tree(tmp_path)
+    with pytest.raises(OutputError, match="notes.txt.*did not write|did not write.*notes.txt"):
+        convert(src, dst, dtype="float32", force=True)
+    assert _tree(tmp_path) == before
+
+
+def test_force_never_replaces_a_folder_it_did_not_write(sources, tmp_path):
     src, _ = sources["dense"]
     dst = tmp_path / "dst"
     dst.mkdir()
-    (dst / "keep.txt").write_text("x")
-    with pytest.raises(ConfigError, match="--force"):
-        convert(src, dst, dtype="float32")
+    for name in ("notes.txt", "a.txt", "b.txt", "c.txt", "d.txt"):
+        (dst / name).write_text(name)
+    before = _tree(tmp_path)
+    with pytest.raises(OutputError) as e:
+        convert(src, dst, dtype="float32", force=True)
+    assert "a.txt, b.txt" in str(e.value) and "not an output of convert.py" in str(e.value)
+    assert _tree(tmp_path) == before and _leftovers(tmp_path) == []
+
+
+def test_destination_is_never_the_source_or_around_it(sources, tmp_path):
+    """--hf-path X --mlx-path X, an --mlx-path that contains the source (the home folder), one inside it."""
+    home = tmp_path / "home"
+    src = home / "ckpt"
+    src.parent.mkdir()
+    import shutil
+
+    shutil.copytree(sources["dense"][0], src)
+    (home / "thesis.tex").write_text("years of work")
+    before = _tree(tmp_path)
+    for dst, why in ((src, "is the source"), (home, "contains the source"), (src / "mlx", "lies inside the source")):
+        with pytest.raises(OutputError, match=why):
+            convert(src, dst, dtype="float32", force=True)
+        assert _tree(tmp_path) == before
+    # An earlier output that holds the source is not replaced either (the source would go with it).
+    out = convert(sources["dense"][0], tmp_path / "out", dtype="float32")
+    shutil.copytree(src, out / "ckpt")
+    with pytest.raises(OutputError):
+        convert(out / "ckpt", out, dtype="float32", force=True)
+    assert (out / "ckpt" / "model.safetensors").exists()
+
+
+def test_regular_file_as_destination_is_refused(sources, tmp_path):
+    src, _ = sources["dense"]
+    f = tmp_path / "model.bin"
+    f.write_text("not a directory")
+    with pytest.raises(OutputError, match="is a file"):
+        convert(src, f, dtype="float32", force=True)
+    assert f.read_text() == "not a directory" and _leftovers(tmp_path) == []
+
+
+def test_dot_as_destination(sources, tmp_path, monkeypatch):
+    src, _ = sources["dense"]
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("x")
+    monkeypatch.chdir(busy)
+    with pytest.raises(OutputError, match="notes.txt"):
+        convert(src, ".", dtype="float32", force=True)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    assert convert(src, ".", dtype="float32") == empty.resolve()
+    assert (empty / "config.json").exists() and _leftovers(tmp_path) == []
+
+
+def test_output_of_an_earlier_version_is_recognised(sources, tmp_path):
+    """Outputs written before the marker existed carry config.json's mlx_gemma4 section: --force replaces them
+    when they hold only files the converter writes."""
+    src, _ = sources["dense"]
+    dst = convert(src, tmp_path / "dst", dtype="float32")
+    (dst / "mlx_gemma4_conversion.json").unlink()
     convert(src, dst, dtype="float32", force=True)
-    assert not (dst / "keep.txt").exists() and (dst / "config.json").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temp dirs left behind
+    assert (dst / "mlx_gemma4_conversion.json").exists()
+
+
+def test_disk_full_leaves_nothing_behind(sources, tmp_path, monkeypatch):
+    import errno
+
+    from mlx_gemma4.safetensors_io import TensorFileWriter
+
+    src, _ = sources["e"]
+    calls = []
+
+    def full(self, name, row0, value):
+        calls.append(name)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_rows(self, name, row0, value)
+
+    write_rows = TensorFileWriter.write_rows
+    monkeypatch.setattr(TensorFileWriter, "write_rows", full)
+    with pytest.raises(OutputError, match="No space left on device") as e:
+        convert(src, tmp_path / "out", dtype="float32")
+    assert "\n" not in str(e.value) and "pick another --mlx-path" in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_not_enough_free_space_is_refused_up_front(sources, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(OutputError, match="needs about .* GB free"):
+        convert(sources["e"][0], tmp_path / "out", dtype="float32")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_write_failure_is_one_line(sources, tmp_path):
+    """A real failing write (the file-size limit makes write() fail with EFBIG): one line, exit 2, nothing left."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))
+
+    r = subprocess.run([sys.executable, "convert.py", "--hf-path", str(sources["e"][0]), "--mlx-path",
+                        str(tmp_path / "out"), "--dtype", "float32"], cwd=ROOT, capture_output=True, text=True,
+                       preexec_fn=limit)
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1 and "Writing the conversion" in errors[0] and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_inputs(sources, tmp_path):
     src, _ = sources["moe"]
+    (tmp_path / "no-config").mkdir()
     with pytest.raises(ConfigError, match="config.json"):
-        convert(tmp_path, tmp_path / "o1")
+        convert(tmp_path / "no-config", tmp_path / "o1")
     other = tmp_path / "llama"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
@@ -184,19 +322,68 @@ def test_peak_memory_is_one_shard_plus_largest_tensor(medium, tmp_path):
     assert len(list((tmp_path / "out").glob("model-*.safetensors"))) >= total // shard
 
 
-def test_killed_conversion_leaves_no_destination(medium, tmp_path):
-    src, _, _ = medium
-    dst = tmp_path / "out"
-    p = subprocess.Popen([sys.executable, "convert.py", "--hf-path", str(src), "--mlx-path", str(dst), "--q-bits",
-                          "4", "--dtype", "float32", "--max-shard-size", "8MB"], cwd=ROOT,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline and not list(tmp_path.glob(".out.tmp-*/shard-*")):
+# The CLI, held after its first tensor is written (the tiny conversions finish in well under a second): it
+# touches FLAG and waits there for the test's signal, so the signal lands mid-conversion every time.
+_HELD = """
+import pathlib, sys, time
+sys.path.insert(0, {root!r})
+import convert as cli
+from mlx_gemma4 import conversion
+run = conversion._Step.run
+def held(self, files):
+    run(self, files)
+    pathlib.Path({flag!r}).touch()
+    while True:
         time.sleep(0.05)
-    assert p.poll() is None, "conversion finished before it could be interrupted"
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
-    assert not dst.exists()
+conversion._Step.run = held
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _held_conversion(src: Path, dst: Path, flag: Path) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", _HELD.format(root=str(ROOT), flag=str(flag)), "--hf-path", str(src),
+                          "--mlx-path", str(dst), "--dtype", "float32"], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    while not flag.exists():               # the event: a tensor is in the temp dir
+        assert p.poll() is None, p.communicate()
+        time.sleep(0.02)
+    assert [q for q in dst.parent.iterdir() if q.name.startswith(f".{dst.name}.tmp-")]
+    return p
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_signal_removes_the_partial_conversion(sources, tmp_path, sig):
+    """Ctrl+C, kill and a closed terminal: the temp dir goes, one line and no traceback, exit 128 + signal."""
+    out = tmp_path / "out"
+    out.mkdir()
+    p = _held_conversion(sources["e"][0], out / "model", tmp_path / "flag")
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + sig
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("Interrupted")
+    assert list(out.iterdir()) == []
+
+
+def test_killed_conversion_is_cleaned_up_by_the_next_run(sources, tmp_path):
+    """SIGKILL cannot be caught: the next run for the same destination removes what it left, and only that."""
+    out = tmp_path / "out"
+    out.mkdir()
+    dst = out / "model"
+    p = _held_conversion(sources["e"][0], dst, tmp_path / "flag")
+    p.kill()
+    p.communicate()
+    stale = [q for q in out.iterdir() if q.name.startswith(".model.tmp-")]
+    assert len(stale) == 1 and (stale[0] / "mlx_gemma4_conversion.json").exists() and not dst.exists()
+    # Not ours (no marker), and ours but from a run that is still going (the parent of this process is alive):
+    # both stay.
+    (out / ".model.tmp-notmine").mkdir()
+    (out / ".model.tmp-notmine" / "data").write_text("x")
+    running = out / ".model.tmp-running"
+    running.mkdir()
+    (running / "mlx_gemma4_conversion.json").write_text(json.dumps(
+        {"converter": "mlx-gemma4 convert.py", "pid": os.getppid(), "host": __import__("socket").gethostname()}))
+    convert(sources["e"][0], dst, dtype="float32")
+    assert sorted(q.name for q in out.iterdir()) == [".model.tmp-notmine", ".model.tmp-running", "model"]
 
 
 @pytest.mark.parametrize("q_bits", [None, 8])

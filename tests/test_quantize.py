@@ -13,6 +13,7 @@ from mlx_gemma4.conversion import convert
 from mlx_gemma4.errors import ConfigError
 from mlx_gemma4.model import Gemma4
 from mlx_gemma4.quantize import PLE, plan, recipe
+from tests.fixtures_tokenizer import make_tokenizer
 from tests.tiny import TEXT_FAMILIES, make_model, save_checkpoint
 
 
@@ -48,7 +49,7 @@ def test_recipe_leaves_small_side_layers_and_rejects_bulk_that_does_not_divide()
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_load_equals_fake_quantized_float_model(tmp_path, bits):
     """Converter + loader introduce nothing beyond the rounding itself: same logits as quantize->dequantize."""
-    src = save_checkpoint(make_model("e", hidden_size_per_layer_input=32), tmp_path / "src")
+    src = make_tokenizer(save_checkpoint(make_model("e", hidden_size_per_layer_input=32), tmp_path / "src"))
     ids = mx.array(np.random.default_rng(1).integers(5, 250, size=(1, 24)), dtype=mx.int32)
     qdst = convert(src, tmp_path / "q", q_bits=bits, q_group_size=32, dtype="float32")
     fdst = convert(src, tmp_path / "f", dtype="float32")
@@ -72,3 +73,19 @@ def test_dtype_applies_to_scales(tmp_path):
     assert w["language_model.layers.0.self_attn.q_proj.scales"].dtype == mx.float16
     assert w["language_model.layers.0.input_layernorm.weight"].dtype == mx.float16
     assert w["language_model.layers.0.self_attn.q_proj.weight"].dtype == mx.uint32
+
+
+@pytest.mark.parametrize("change", [dict(hidden_size=32), dict(intermediate_size=4096), dict(num_hidden_layers=8)])
+def test_config_that_does_not_match_quantized_weights(tmp_path, change):
+    """Sizes edited after a 4-bit conversion: a WeightsError naming the mismatch, not MLX's quantize error."""
+    import json
+
+    from mlx_gemma4.errors import WeightsError
+
+    src = make_tokenizer(save_checkpoint(make_model("dense"), tmp_path / "src"))
+    dst = convert(src, tmp_path / "q", q_bits=4, q_group_size=32, dtype="float32")
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["text_config"].update(change, layer_types=None, per_layer_config=None)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(WeightsError, match="config.json"):
+        load(dst)

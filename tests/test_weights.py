@@ -14,6 +14,7 @@ from mlx_gemma4 import load
 from mlx_gemma4.conversion import convert
 from mlx_gemma4.errors import ConfigError, WeightsError
 from mlx_gemma4.hub import resolve
+from tests.fixtures_tokenizer import make_tokenizer
 from tests.tiny import VISION, make_model, save_checkpoint
 
 IDS = np.random.default_rng(0).integers(5, 250, size=(1, 32))
@@ -33,13 +34,13 @@ def _fake_hub_cache(cache: Path, repo: str, files: Path) -> None:
 
 
 def test_hub_id_resolves_through_the_cache_offline(tmp_path):
-    src = save_checkpoint(make_model("dense"), tmp_path / "src")
+    src = make_tokenizer(save_checkpoint(make_model("dense"), tmp_path / "src"))
     dst = convert(src, tmp_path / "conv", dtype="float32")
     _fake_hub_cache(tmp_path / "cache", "someone/tiny-gemma4", dst)
     model, processor = load("someone/tiny-gemma4", cache_dir=tmp_path / "cache", local_files_only=True)
     ref, _ = load(dst)
     np.testing.assert_array_equal(_logits(model), _logits(ref))
-    assert processor is None   # no tokenizer files in this checkpoint
+    assert processor is not None
     with pytest.raises(WeightsError, match="not in the local hub cache"):
         resolve("someone/absent", cache_dir=tmp_path / "cache", local_files_only=True)
     with pytest.raises(ConfigError, match="neither a local directory"):
@@ -47,8 +48,6 @@ def test_hub_id_resolves_through_the_cache_offline(tmp_path):
 
 
 def test_load_eager_and_with_processor(tmp_path):
-    from tests.fixtures_tokenizer import make_tokenizer
-
     src = save_checkpoint(make_model("e"), tmp_path / "src")
     make_tokenizer(src)
     dst = convert(src, tmp_path / "conv", dtype="float32")
@@ -66,8 +65,6 @@ def test_mlx_vlm_conversion_loads_with_same_logits(tmp_path):
     pytest.importorskip("mlx_vlm")
     from mlx_vlm import convert as vlm_convert
     from mlx_vlm.utils import load_model as vlm_load_model
-
-    from tests.fixtures_tokenizer import make_tokenizer
 
     src = save_checkpoint(make_model("moe", vision=VISION, moe_intermediate_size=32), tmp_path / "src")
     make_tokenizer(src)
@@ -130,3 +127,118 @@ def test_config_that_does_not_match_the_weights(tmp_path):
     (src / "config.json").write_text(json.dumps(config))
     with pytest.raises(WeightsError, match="wrong shape.*mlp.*Check that config.json belongs to these weights"):
         load(src)
+
+
+@pytest.fixture(scope="module")
+def e_checkpoint(tmp_path_factory):
+    """A tiny E-family checkpoint with tokenizer, and its float32 conversion (PLE in its own file)."""
+    root = tmp_path_factory.mktemp("e")
+    src = make_tokenizer(save_checkpoint(make_model("e"), root / "src"))
+    return src, convert(src, root / "conv", dtype="float32")
+
+
+def test_no_tokenizer_is_a_clear_error(e_checkpoint, tmp_path):
+    _, conv = e_checkpoint
+    bare = shutil.copytree(conv, tmp_path / "bare")
+    (bare / "tokenizer.json").unlink()
+    with pytest.raises(ConfigError, match="no tokenizer.*Copy the tokenizer files"):
+        load(bare)
+
+
+@pytest.mark.parametrize("metadata", [
+    {"dims": "56"},                                                    # no embed_scale
+    {"embed_scale": "abc", "dims": "56"},
+    {"embed_scale": "2.8", "dims": "x"},
+    {"embed_scale": "2.8", "dims": "56", "bits": "7", "group_size": "32"},
+    {"embed_scale": "2.8", "dims": "48", "bits": "0"},                 # disagrees with the tensor's shape
+    {"embed_scale": "nan", "dims": "56"},
+])
+def test_corrupt_ple_metadata_is_a_weights_error(e_checkpoint, tmp_path, metadata):
+    from mlx_gemma4.ple import PLE_FILE
+
+    _, conv = e_checkpoint
+    bad = shutil.copytree(conv, tmp_path / "bad")
+    table = mx.load(str(bad / PLE_FILE))
+    mx.save_safetensors(str(bad / PLE_FILE), table, metadata=metadata)
+    with pytest.raises(WeightsError, match="Re-convert"):
+        load(bad)
+
+
+def test_ple_table_that_does_not_match_the_config(e_checkpoint, tmp_path):
+    from mlx_gemma4.ple import PLE_FILE, save_table
+
+    _, conv = e_checkpoint
+    bad = shutil.copytree(conv, tmp_path / "bad")
+    w = mx.load(str(bad / PLE_FILE))["weight"][:, :48]
+    save_table(bad / PLE_FILE, {"weight": w}, 2.8, 48)
+    with pytest.raises(WeightsError, match="per-layer embedding table.*config.json needs"):
+        load(bad)
+
+
+def _resave(src: Path, dst: Path, cast) -> Path:
+    """A copy of checkpoint ``src`` whose tensors went through ``cast`` (numpy arrays, safetensors' own writer)."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    for f in src.glob("*.safetensors"):
+        save_file({k: cast(k, v) for k, v in load_file(f).items()}, dst / f.name, metadata={"format": "pt"})
+    return dst
+
+
+def test_float64_checkpoint_is_converted_not_called_corrupt(e_checkpoint, tmp_path):
+    src, conv = e_checkpoint
+    f64 = _resave(src, tmp_path / "f64", lambda k, v: v.astype(np.float64) if v.dtype == np.float32 else v)
+    with pytest.raises(WeightsError, match="float64.*convert.py") as e:
+        load(f64)
+    assert "download" not in str(e.value)
+    ref, _ = load(conv)
+    ours, _ = load(convert(f64, tmp_path / "conv", dtype="float32"))
+    np.testing.assert_array_equal(_logits(ours), _logits(ref))
+
+
+def test_unsupported_dtype_names_it(e_checkpoint, tmp_path):
+    import struct
+
+    src, _ = e_checkpoint
+    bad = shutil.copytree(src, tmp_path / "bad")
+    data = (bad / "model.safetensors").read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    name = next(k for k, v in header.items() if k != "__metadata__" and v["dtype"] == "F32")
+    header[name]["dtype"] = "F8_E4M3"                 # 1 byte per item: the byte range no longer fits either
+    blob = json.dumps(header).encode()
+    (bad / "model.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob + data[8 + n:])
+    for call in (lambda: load(bad), lambda: convert(bad, tmp_path / "out")):
+        with pytest.raises(WeightsError, match=f"{name} is stored as F8_E4M3") as e:
+            call()
+        assert "download it again" not in str(e.value)
+
+
+def test_pickle_only_checkpoint_is_refused_with_the_reason(e_checkpoint, tmp_path):
+    src, _ = e_checkpoint
+    pt = shutil.copytree(src, tmp_path / "pt", ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    (pt / "pytorch_model.bin").write_bytes(b"PK\x03\x04 pickle")
+    for call in (lambda: load(pt), lambda: convert(pt, tmp_path / "out")):
+        with pytest.raises(WeightsError, match="pytorch_model.bin.*pickle.*arbitrary code.*safetensors"):
+            call()
+    assert not (tmp_path / "out").exists()
+
+
+def test_name_map_table():
+    from mlx_gemma4.config import ModelConfig
+    from mlx_gemma4.weights import map_name
+    from tests.tiny import make_config
+
+    cfg = ModelConfig.from_dict(make_config("e").to_dict())
+    text = ModelConfig.from_dict({**make_config("e").to_dict()["text_config"], "model_type": "gemma4_text"})
+    up = "language_model.layers.0.mlp.up_proj.weight"
+    assert map_name(f"model.{up}", cfg) == up
+    assert map_name("model.layers.0.mlp.up_proj.weight", text) == "language_model.layers.0.mlp.up_proj.weight"
+    assert map_name("language_model.model.norm.weight", cfg) == "language_model.norm.weight"
+    assert map_name("model.language_model.layers.3.experts.gate_up_proj", cfg).endswith("gate_up_proj.weight")
+    assert map_name("lm_head.weight", cfg) is None                                    # tied
+    assert map_name("model.vision_tower.patch_embedder.weight", cfg) is None          # no vision tower
+    assert map_name("model.language_model.layers.6.self_attn.k_proj.weight", cfg) is None   # KV-shared layer
+    assert map_name("model.language_model.layers.1.self_attn.k_proj.weight", cfg).startswith("language_model.")
+    # A layer index past the config's layers is kept (and reported as unexpected), not an IndexError.
+    assert map_name("model.language_model.layers.99.self_attn.k_proj.weight", cfg) is not None
