@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import importlib
 
-from .errors import ConfigError, ContextLengthError, Gemma4Error, InputError, WeightsError
+from .errors import ConfigError, ContextLengthError, Gemma4Error, InputError, OutputError, WeightsError
 
 __all__ = [
-    "ConfigError", "ContextLengthError", "Gemma4Error", "InputError", "WeightsError",
+    "ConfigError", "ContextLengthError", "Gemma4Error", "InputError", "OutputError", "WeightsError",
     "load", "generate", "stream_generate", "ChatSession",
 ]
 

@@ -285,11 +285,12 @@ def measure_rss(path: str | Path, mapped_ple: bool, prompt: int = 8, gen: int = 
     """RSS after ``load(path, lazy=False)`` and after a short greedy generation (run it in a fresh process)."""
     import mlx.core as mx
 
-    from mlx_gemma4 import load
     from mlx_gemma4.generation import prefill
+    from mlx_gemma4.weights import load_model
 
     base = _status()
-    model, _ = load(path, lazy=False, mapped_ple=mapped_ple)
+    model = load_model(path, mapped_ple=mapped_ple)   # write_mlx folders carry no tokenizer
+    mx.eval(model.parameters())
     loaded = _status()
     print(json.dumps({"mapped_ple": mapped_ple, "imports": base, "loaded": loaded}), flush=True)
     ids = mx.array(np.random.default_rng(0).integers(10, 200_000, (1, prompt)))
