@@ -20,7 +20,7 @@ SPECIAL_IDS = {
     "boi": 255, "boa": 256, "image": 380, "audio": 381, "eoi": 382, "eoa": 383, "video": 384,
 }
 
-# Special token strings of Gemma 4, keyed like tests.tiny.SPECIAL_IDS.
+# Special token strings of Gemma 4, keyed like SPECIAL_IDS.
 SPECIAL_STRINGS = {
     "pad": "<pad>", "eos": "<eos>", "bos": "<bos>", "unk": "<unk>", "mask": "<mask>",
     "think": "<|think|>", "channel_open": "<|channel>", "channel_close": "<channel|>",

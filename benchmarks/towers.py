@@ -1,6 +1,6 @@
 """Vision and audio tower speed at the E4B sizes, random weights, optionally against mlx-vlm's gemma4 towers.
 
-    python -m mlx_gemma4.bench_towers --tower {vision,audio,both} [--compare mlx-vlm] [--dtype bfloat16] [--tiny]
+    python -m benchmarks.towers --tower {vision,audio,both} [--compare mlx-vlm] [--dtype bfloat16] [--tiny]
 
 Vision: one random ~4:3 image through our ImageProcessor at 280 and 1120 soft tokens, then
 ``encode_images`` (VisionModel + MultimodalEmbedder). Audio: 5 s and 30 s of noise through our
@@ -32,12 +32,12 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
 from PIL import Image
 
-from .audio import AudioModel, encode_audio
-from .config import AudioConfig, VisionConfig
-from .layers import MultimodalEmbedder
-from .processing.audio import AudioFeatureExtractor
-from .processing.image import ImageProcessor
-from .vision import VisionModel, encode_images
+from mlx_gemma4.audio import AudioModel, encode_audio
+from mlx_gemma4.config import AudioConfig, VisionConfig
+from mlx_gemma4.layers import MultimodalEmbedder
+from mlx_gemma4.processing.audio import AudioFeatureExtractor
+from mlx_gemma4.processing.image import ImageProcessor
+from mlx_gemma4.vision import VisionModel, encode_images
 
 # E4B towers (transformers' Gemma4VisionConfig / Gemma4AudioConfig defaults, as in google/gemma-4-E4B-it).
 E4B_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=16, num_attention_heads=12,

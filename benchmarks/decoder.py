@@ -1,6 +1,6 @@
 """Speed and memory benchmark of the text decoder on random weights of the real sizes, side by side with mlx-lm.
 
-    python -m mlx_gemma4.bench --size e4b --q-bits 4 --prompt 1024 --gen 128 --compare mlx-lm
+    python -m benchmarks.decoder --size e4b --q-bits 4 --prompt 1024 --gen 128 --compare mlx-lm
 
 Both models are built directly in MLX (no checkpoint), cast to bfloat16 and quantized the same way (every Linear
 and Embedding at --q-bits, group size 64: what mlx-lm does by default), then timed on the same random prompt in
@@ -82,7 +82,7 @@ def _map_ple(model, bits: int | None, group_size: int) -> float:
     returns the GB it no longer holds on the device."""
     import tempfile
 
-    from .ple import MappedPerLayerEmbedding, save_table
+    from mlx_gemma4.ple import MappedPerLayerEmbedding, save_table
 
     lm = model.language_model
     table = lm.embed_tokens_per_layer
@@ -96,9 +96,9 @@ def _map_ple(model, bits: int | None, group_size: int) -> float:
 
 def bench_ours(size: str, bits: int | None, group_size: int, prompt: mx.array, n_gen: int,
                chunk: int, mapped_ple: bool = False) -> dict:
-    from .config import ModelConfig
-    from .generation import prefill
-    from .model import Gemma4
+    from mlx_gemma4.config import ModelConfig
+    from mlx_gemma4.generation import prefill
+    from mlx_gemma4.model import Gemma4
 
     model = Gemma4(ModelConfig.from_dict(_text_config(size)))
     weights_gb = _prepare(model, bits, group_size)
