@@ -49,7 +49,7 @@ SIZES = {
 
 def _text_config(size: str) -> dict:
     if size == "tiny":
-        from .demo import demo_config
+        from mlx_gemma4.demo import demo_config
 
         return demo_config()["text_config"]
     return dict(SIZES[size], model_type="gemma4_text")
