@@ -62,18 +62,18 @@ def _run(cmd: list[str]) -> float:
 def convert_all(src: Path, work: Path, impls: list[str], bits: int, group: int) -> dict[str, Path]:
     out = {}
     for impl in impls:
-        dst = work / f"{impl}-{bits}bit"
+        dst = work / (f"{impl}-{bits}bit" if bits else f"{impl}-bf16")
         if not (dst / "config.json").exists():
             shutil.rmtree(dst, ignore_errors=True)
-            q = ["--q-bits", str(bits), "--q-group-size", str(group)]
+            q = ["--q-bits", str(bits), "--q-group-size", str(group)] if bits else []
             if impl == "ours":
                 cmd = [sys.executable, str(ROOT / "convert.py"), "--hf-path", str(src), "--mlx-path", str(dst), *q]
             elif impl == "mlx-lm":
                 cmd = [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(src), "--mlx-path", str(dst),
-                       "-q", *q]
+                       *(["-q", *q] if bits else [])]
             else:
                 cmd = [sys.executable, "-m", "mlx_vlm", "convert", "--hf-path", str(src), "--mlx-path", str(dst),
-                       "-q", *q]
+                       *(["-q", *q] if bits else [])]
             try:
                 print(f"# {impl} converted in {_run(cmd):.0f} s", flush=True)
             except subprocess.CalledProcessError as e:
@@ -239,7 +239,7 @@ def main(argv=None) -> None:
     ap.add_argument("--size", default="e4b", help="a size of tests/random_checkpoint.py (e2b, e4b, 26b, small)")
     ap.add_argument("--hf-path", type=Path, help="an HF checkpoint to start from (default: write a random one)")
     ap.add_argument("--work", type=Path, default=Path("bench-work"), help="where checkpoints are written")
-    ap.add_argument("--q-bits", type=int, default=4)
+    ap.add_argument("--q-bits", type=int, default=4, help="0: unquantized bfloat16")
     ap.add_argument("--q-group-size", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=1024, help="prompt tokens")
     ap.add_argument("--gen", type=int, default=128, help="generated tokens")
