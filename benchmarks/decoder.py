@@ -111,7 +111,7 @@ def bench_ours(size: str, bits: int | None, group_size: int, prompt: mx.array, n
         return cache, mx.argmax(logits).reshape(1, 1)
 
     def step(cache, tok):
-        return mx.argmax(model.decode(tok, cache)[:, -1], axis=-1).reshape(1, 1)
+        return mx.argmax(model.step(tok, cache)[:, -1], axis=-1).reshape(1, 1)
 
     return dict(impl="mlx-gemma4", weights_gb=weights_gb, prefill=do_prefill, step=step, model=model)
 

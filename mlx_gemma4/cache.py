@@ -1,182 +1,326 @@
-"""KV caches for the Gemma 4 text decoder.
+"""KV caches for the Gemma 4 text decoder; each cache alone knows its layout.
 
-One cache per KV-producing layer. Full-attention layers keep every position in a buffer that grows in steps.
-Sliding layers keep a ring of ``sliding_window`` slots: the token at absolute position ``p`` lives in slot
-``p % window``, so a decode step overwrites exactly the token that left the window. A prefill chunk is attended
-against the previous ``window - 1`` tokens (in order) plus the chunk itself, which is the "room for one chunk" the
-ring needs while the chunk is processed. KV-shared layers own no cache: they read what their producer returned.
+One cache per KV-producing layer; the KV-shared layers at the end own none (they read their producer's K/V in the
+same forward pass). Full-attention layers keep every position in a buffer that grows in steps. Sliding layers keep
+a ring of ``window - 1 + max_rewind`` slots, position ``p`` in slot ``p % slots``: the ``window - 1`` tokens the
+next query needs, plus ``max_rewind`` more so that the last writes can be taken back exactly (speculative decoding
+verifies drafted tokens and rewinds the rejected ones) even after the ring has wrapped.
 
-``snapshot()`` / ``restore()`` let a chat rewind to the end of an earlier prompt (cheap: a snapshot of a growing
-buffer is its length, a snapshot of a ring is the ring itself, which is small).
+What the rest of the package asks of a cache (the ``KVCache`` protocol):
+- ``make_mask(n, vision_blocks)``: the attention mask for ``n`` new tokens over the keys ``update_and_fetch``
+  will return for them (asked before the write);
+- ``update_and_fetch(keys, values)``: write ``n`` new tokens, return the keys/values they attend to;
+- ``hand_over()`` / ``take_back(keys, values)`` and ``step_view(keys, values, pos)``: the buffers for the compiled
+  one-token step (decode.py), which writes them in place at a traced position;
+- ``rewind(n)`` / ``rewindable``, ``snapshot()`` / ``restore()``, ``offset``, ``empty``, ``state``, ``nbytes``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, Union
 
 import mlx.core as mx
 
+from .errors import CacheError
+
+Mask = Union[None, str, mx.array]   # what mx.fast.scaled_dot_product_attention takes: None, "causal" or bool array
+
+MAX_REWIND = 8  # tokens a sliding ring can always take back after a write (see SlidingCache)
+
 
 class KVCache(Protocol):
-    offset: int
-
+    @property
+    def offset(self) -> int: ...
+    @property
+    def empty(self) -> bool: ...
+    def make_mask(self, n: int, vision_blocks: mx.array | None = None) -> Mask: ...
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]: ...
+    def hand_over(self) -> tuple[mx.array, mx.array]: ...
+    def take_back(self, keys: mx.array, values: mx.array) -> None: ...
+    def step_view(self, keys: mx.array, values: mx.array, pos: mx.array) -> StepSlots: ...
+    @property
+    def rewindable(self) -> int: ...
+    def rewind(self, n: int) -> None: ...
     def snapshot(self) -> Any: ...
     def restore(self, snap: Any) -> None: ...
-    def trim(self, n: int) -> int: ...
-    def reserve(self, n: int) -> None: ...
+    @property
+    def state(self) -> tuple[mx.array, ...]: ...
     @property
     def nbytes(self) -> int: ...
 
 
-class GlobalCache:
+def window_mask(n: int, offset: int, prev: int, window: int | None = None,
+                vision_blocks: mx.array | None = None) -> mx.array:
+    """(n, prev + n) bool mask for queries at ``offset ..`` over keys at ``offset - prev ..`` (in order): causal,
+    within ``window`` if given, and bidirectional inside a vision block (``vision_blocks`` (n,) gives each new token
+    its block id, -1 outside; earlier tokens are never in a new token's block because prefill does not split one)."""
+    q_pos = mx.arange(offset, offset + n)[:, None]
+    k_pos = mx.arange(offset - prev, offset + n)[None, :]
+    in_window = (k_pos > q_pos - window) if window is not None else True
+    mask = (k_pos <= q_pos) & in_window
+    if vision_blocks is not None:
+        k_blocks = mx.concatenate([mx.full((prev,), -1, dtype=vision_blocks.dtype), vision_blocks])
+        same = (vision_blocks[:, None] == k_blocks[None, :]) & (vision_blocks[:, None] >= 0)
+        mask = mask | (same & in_window)
+    return mask
+
+
+def _ring_mask(pos: int | mx.array, n: int, slots: int, window: int) -> mx.array:
+    """(n,) bool mask over the first ``n`` ring slots for a query at ``pos`` whose own token is already written:
+    a slot is visible when the token it holds is at most ``window - 1`` positions back and not from before 0."""
+    back = (pos - mx.arange(n)) % slots   # how many positions back the token in each slot is
+    return (back < window) & (back <= pos)
+
+
+class StepSlots:
+    """A cache inside the compiled one-token step: whole buffers written at a traced slot, with a traced mask.
+
+    It answers the same calls the forward pass makes on a cache (``offset``, ``make_mask``, ``update_and_fetch``),
+    so the step runs the one forward pass of text.py over it."""
+
+    def __init__(self, keys: mx.array, values: mx.array, pos: mx.array, slot: mx.array, mask):
+        self.keys, self.values, self.offset = keys, values, pos
+        self._slot, self._mask = slot.reshape(1), mask
+
+    def make_mask(self, n: int, vision_blocks: mx.array | None = None) -> mx.array:
+        return self._mask()
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        self.keys = mx.slice_update(self.keys, keys, self._slot, axes=[2])
+        self.values = mx.slice_update(self.values, values, self._slot, axes=[2])
+        return self.keys, self.values
+
+    @property
+    def buffers(self) -> tuple[mx.array, mx.array]:
+        return self.keys, self.values
+
+
+class _Buffers:
+    """What both caches share: the buffers, the count of tokens written, and their hand-over to the step."""
+
+    def __init__(self) -> None:
+        self._keys: mx.array | None = None
+        self._values: mx.array | None = None
+        self._offset = 0
+
+    @property
+    def offset(self) -> int:
+        """Tokens written so far (the absolute position of the next one)."""
+        return self._offset
+
+    @property
+    def empty(self) -> bool:
+        """True until the first write allocates the buffers (the compiled step needs them)."""
+        return self._keys is None
+
+    @property
+    def state(self) -> tuple[mx.array, ...]:
+        """The buffers, to evaluate (``mx.eval(*cache.state)``); read-only."""
+        return () if self._keys is None else (self._keys, self._values)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._keys is None else self._keys.nbytes + self._values.nbytes
+
+    def hand_over(self) -> tuple[mx.array, mx.array]:
+        """Give the buffers to the compiled step, with room for one more token. The cache lets go of them so MLX
+        can write the new slot in place instead of copying; ``take_back`` returns them."""
+        self._reserve(self._offset + 1)
+        keys, values = self._keys, self._values
+        self._keys = self._values = None
+        return keys, values
+
+    def take_back(self, keys: mx.array, values: mx.array) -> None:
+        """Receive the buffers from the compiled step, which wrote one token."""
+        self._keys, self._values = keys, values
+        self._advance(self._offset + 1)
+
+    def _reserve(self, n: int) -> None:
+        pass
+
+    def _advance(self, end: int) -> None:
+        self._offset = end
+
+    def _check_rewind(self, n: int) -> None:
+        if not 0 <= n <= self.rewindable:
+            raise CacheError(
+                f"Cannot rewind {n} tokens: this cache can take back at most {self.rewindable} now. "
+                "Restore a snapshot instead, or make the cache with a larger max_rewind."
+            )
+
+
+class GlobalCache(_Buffers):
     """Every position, in a buffer that grows ``step`` slots at a time."""
 
     step = 256
 
-    def __init__(self) -> None:
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
-        self.offset = 0
+    def make_mask(self, n: int, vision_blocks: mx.array | None = None) -> Mask:
+        # The keys are every position up to the new ones; sdpa's "causal" aligns the queries at the end.
+        return "causal" if n > 1 else None
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         B, H, L, D = keys.shape  # (B, Hkv, L, D)
-        need = self.offset + L
-        if self.keys is None:
-            self.keys = mx.zeros((B, H, self._rounded(need), D), keys.dtype)
-            self.values = mx.zeros((B, H, self._rounded(need), values.shape[3]), values.dtype)
-        self.reserve(need)
-        self.keys[:, :, self.offset : need] = keys
-        self.values[:, :, self.offset : need] = values
-        self.offset = need
-        return self.keys[:, :, :need], self.values[:, :, :need]
+        end = self._offset + L
+        if self._keys is None:
+            self._keys = mx.zeros((B, H, self._rounded(end), D), keys.dtype)
+            self._values = mx.zeros((B, H, self._rounded(end), values.shape[3]), values.dtype)
+        self._reserve(end)
+        self._keys[:, :, self._offset : end] = keys
+        self._values[:, :, self._offset : end] = values
+        self._offset = end
+        return self._keys[:, :, :end], self._values[:, :, :end]
 
-    def reserve(self, n: int) -> None:
-        """Make room for ``n`` positions (the compiled decode step writes in place and cannot grow)."""
-        if self.keys is not None and n > self.keys.shape[2]:
-            pad = ((0, 0), (0, 0), (0, self._rounded(n) - self.keys.shape[2]), (0, 0))
-            self.keys, self.values = mx.pad(self.keys, pad), mx.pad(self.values, pad)
+    def step_view(self, keys: mx.array, values: mx.array, pos: mx.array) -> StepSlots:
+        """The buffers inside the compiled step for a token at traced ``pos``: written at slot ``pos``."""
+        return StepSlots(keys, values, pos, pos, lambda: mx.arange(keys.shape[2]) <= pos)
+
+    def _reserve(self, n: int) -> None:
+        """Make room for ``n`` positions (the compiled step writes in place and cannot grow a buffer)."""
+        if self._keys is not None and n > self._keys.shape[2]:
+            pad = ((0, 0), (0, 0), (0, self._rounded(n) - self._keys.shape[2]), (0, 0))
+            self._keys, self._values = mx.pad(self._keys, pad), mx.pad(self._values, pad)
 
     def _rounded(self, n: int) -> int:
         return ((n + self.step - 1) // self.step) * self.step
 
+    @property
+    def rewindable(self) -> int:
+        return self._offset
+
+    def rewind(self, n: int) -> None:
+        """Take back the last ``n`` tokens (any number: positions are only ever overwritten by later writes)."""
+        self._check_rewind(n)
+        self._offset -= n
+
     def snapshot(self) -> int:
-        return self.offset
+        return self._offset
 
     def restore(self, snap: int) -> None:
-        # Positions before `snap` are never rewritten, so rewinding the length is enough.
-        self.offset = snap
-
-    def trim(self, n: int) -> int:
-        n = min(n, self.offset)
-        self.offset -= n
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        # Positions before `snap` are never rewritten, so going back to the length is enough.
+        self._offset = snap
 
 
-class SlidingCache:
-    """A ring of ``window`` slots; slot ``p % window`` holds position ``p``."""
+class SlidingCache(_Buffers):
+    """A ring of ``window - 1 + max_rewind`` slots; slot ``p % slots`` holds position ``p``.
 
-    def __init__(self, window: int) -> None:
+    A query needs the ``window - 1`` tokens before it; the ring keeps ``max_rewind`` more, so right after any
+    write the last ``max_rewind`` tokens (or all of them, before the ring first wraps) can be rewound exactly.
+    ``first`` is the oldest position the ring still holds: writes push it forward, a rewind leaves it (the slots of
+    the rewound tokens held older positions, now lost), so ``rewindable`` is what keeps ``window - 1`` tokens before
+    the new end intact.
+    """
+
+    def __init__(self, window: int, max_rewind: int = MAX_REWIND) -> None:
+        super().__init__()
+        if max_rewind < 1:
+            raise CacheError(f"max_rewind must be at least 1; got {max_rewind}.")
         self.window = window
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
-        self.offset = 0
+        self.slots = window - 1 + max_rewind
+        self._first = 0
 
-    @property
-    def size(self) -> int:
-        return min(self.offset, self.window)
-
-    def _ordered(self, n: int) -> tuple[mx.array, mx.array]:
-        """The last ``n`` stored tokens, oldest first."""
-        W, off = self.window, self.offset
-        if self.offset <= W:
-            sl = slice(off - n, off)
-            return self.keys[:, :, sl], self.values[:, :, sl]
-        idx = mx.array([(p % W) for p in range(off - n, off)])
-        return mx.take(self.keys, idx, axis=2), mx.take(self.values, idx, axis=2)
+    def make_mask(self, n: int, vision_blocks: mx.array | None = None) -> Mask:
+        if n == 1 and self._keys is not None:
+            # One token reads the ring in slot order (see update_and_fetch).
+            if self._offset + 1 <= self.window:
+                return None
+            return _ring_mask(self._offset, min(self._offset + 1, self.slots), self.slots, self.window)
+        return window_mask(n, self._offset, self._previous(), self.window, vision_blocks)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        B, H, L, D = keys.shape  # (B, Hkv, L, D)
-        W = self.window
-        if L == 1 and self.keys is not None:
-            slot = self.offset % W
-            self.keys[:, :, slot : slot + 1] = keys
-            self.values[:, :, slot : slot + 1] = values
-            self.offset += 1
-            # Every stored slot is inside the window of the new token, so order does not matter.
-            n = min(self.offset, W)
-            return self.keys[:, :, :n], self.values[:, :, :n]
-
-        prev = min(self.size, W - 1)
+        L = keys.shape[2]  # keys: (B, Hkv, L, D)
+        if L == 1 and self._keys is not None:
+            # One token: write it to its slot and attend over the ring as it lies (make_mask hides what is too old).
+            self._write(keys, values)
+            n = min(self._offset, self.slots)
+            return self._keys[:, :, :n], self._values[:, :, :n]
+        prev = self._previous()
         if prev:
             old_k, old_v = self._ordered(prev)
             all_k = mx.concatenate([old_k, keys], axis=2)    # (B, Hkv, prev + L, D)
             all_v = mx.concatenate([old_v, values], axis=2)
         else:
             all_k, all_v = keys, values
-        self._store_tail(all_k, all_v, self.offset + L)
+        self._write(keys, values)
         return all_k, all_v
 
-    def _store_tail(self, all_k: mx.array, all_v: mx.array, end: int) -> None:
-        """Keep the last ``window`` positions of an ordered run ending at ``end`` in their ring slots."""
-        W = self.window
-        B, H, _, D = all_k.shape
-        if self.keys is None:
-            self.keys = mx.zeros((B, H, W, D), all_k.dtype)
-            self.values = mx.zeros((B, H, W, all_v.shape[3]), all_v.dtype)
-        n = min(W, all_k.shape[2])
-        start = end - n
-        tail_k, tail_v = all_k[:, :, -n:], all_v[:, :, -n:]
-        if end > W:
-            # Position p goes to slot p % W: rotate the ordered tail into place.
-            shift = start % W
-            tail_k = mx.roll(tail_k, shift, axis=2)
-            tail_v = mx.roll(tail_v, shift, axis=2)
-            self.keys, self.values = tail_k, tail_v
+    def step_view(self, keys: mx.array, values: mx.array, pos: mx.array) -> StepSlots:
+        """The ring inside the compiled step for a token at traced ``pos``: written at slot ``pos % slots``."""
+        slots = keys.shape[2]
+        return StepSlots(keys, values, pos, pos % slots, lambda: _ring_mask(pos, slots, slots, self.window))
+
+    def _previous(self) -> int:
+        """How many earlier tokens new queries can see: the last ``window - 1``."""
+        return min(self._offset, self.window - 1)
+
+    def _ordered(self, n: int) -> tuple[mx.array, mx.array]:
+        """The last ``n`` tokens, oldest first."""
+        a = (self._offset - n) % self.slots
+        b = a + n
+        if b <= self.slots:
+            return self._keys[:, :, a:b], self._values[:, :, a:b]
+        b -= self.slots
+        return (mx.concatenate([self._keys[:, :, a:], self._keys[:, :, :b]], axis=2),
+                mx.concatenate([self._values[:, :, a:], self._values[:, :, :b]], axis=2))
+
+    def _write(self, keys: mx.array, values: mx.array) -> None:
+        """Put the new tokens (B, Hkv, L, D) in their slots; only the last ``slots`` of a long run survive."""
+        B, H, L, D = keys.shape
+        S = self.slots
+        end = self._offset + L
+        if L >= S:
+            # The run covers the whole ring: position end - S lands in slot end % S.
+            shift = end % S
+            self._keys = mx.roll(keys[:, :, -S:], shift, axis=2)
+            self._values = mx.roll(values[:, :, -S:], shift, axis=2)
         else:
-            self.keys[:, :, start:end] = tail_k
-            self.values[:, :, start:end] = tail_v
-        self.offset = end
+            if self._keys is None:
+                self._keys = mx.zeros((B, H, S, D), keys.dtype)
+                self._values = mx.zeros((B, H, S, values.shape[3]), values.dtype)
+            a = self._offset % S
+            n = min(L, S - a)  # the part before the ring's end, then the rest from slot 0
+            self._keys[:, :, a : a + n] = keys[:, :, :n]
+            self._values[:, :, a : a + n] = values[:, :, :n]
+            if n < L:
+                self._keys[:, :, : L - n] = keys[:, :, n:]
+                self._values[:, :, : L - n] = values[:, :, n:]
+        self._advance(end)
 
-    def reserve(self, n: int) -> None:
-        pass  # a ring never grows
-
-    def snapshot(self) -> tuple:
-        if self.keys is None:
-            return (0, None, None)
-        # Copies: later decode steps write into the ring in place.
-        k, v = mx.array(self.keys), mx.array(self.values)
-        mx.eval(k, v)
-        return (self.offset, k, v)
-
-    def restore(self, snap: tuple) -> None:
-        self.offset, k, v = snap
-        self.keys = None if k is None else mx.array(k)
-        self.values = None if v is None else mx.array(v)
-
-    def trim(self, n: int) -> int:
-        """Rewind ``n`` positions. Exact only while nothing needed was overwritten (offset <= window)."""
-        n = min(n, self.offset)
-        if self.offset > self.window and n > 0:
-            raise ValueError("A sliding-window cache past its window cannot be trimmed; restore a snapshot instead.")
-        self.offset -= n
-        return n
+    def _advance(self, end: int) -> None:
+        self._offset = end
+        self._first = max(self._first, end - self.slots)
 
     @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+    def rewindable(self) -> int:
+        if self._first == 0:
+            return self._offset
+        return self._offset - (self._first + self.window - 1)
+
+    def rewind(self, n: int) -> None:
+        """Take back the last ``n`` tokens, exactly (see ``rewindable`` for how many that can be)."""
+        self._check_rewind(n)
+        self._offset -= n
+
+    def snapshot(self) -> tuple:
+        if self._keys is None:
+            return (0, 0, None, None)
+        # Copies: later writes update the ring in place.
+        k, v = mx.array(self._keys), mx.array(self._values)
+        mx.eval(k, v)
+        return (self._offset, self._first, k, v)
+
+    def restore(self, snap: tuple) -> None:
+        self._offset, self._first, k, v = snap
+        self._keys = None if k is None else mx.array(k)
+        self._values = None if v is None else mx.array(v)
 
 
-def make_cache(config) -> list[KVCache]:
-    """One cache per KV-producing layer (the KV-shared layers at the end get none)."""
+def make_cache(config, max_rewind: int = MAX_REWIND) -> list[KVCache]:
+    """One cache per KV-producing layer (the KV-shared layers at the end get none). Sliding rings can rewind
+    ``max_rewind`` tokens after any write."""
     from .config import SLIDING
 
     return [
-        SlidingCache(config.sliding_window) if t == SLIDING else GlobalCache()
+        SlidingCache(config.sliding_window, max_rewind) if t == SLIDING else GlobalCache()
         for t in config.layer_types[: config.first_kv_shared_layer]
     ]
 
@@ -188,3 +332,13 @@ def snapshot(cache: list[KVCache]) -> list:
 def restore(cache: list[KVCache], snap: list) -> None:
     for c, s in zip(cache, snap):
         c.restore(s)
+
+
+def rewind(cache: list[KVCache], n: int) -> None:
+    """Take back the last ``n`` tokens from every layer's cache (all or none: checked first)."""
+    if cache:
+        tightest = min(cache, key=lambda c: c.rewindable)
+        tightest.rewind(n)  # raises, having changed nothing, when n is too many for any of them
+        for c in cache:
+            if c is not tightest:
+                c.rewind(n)

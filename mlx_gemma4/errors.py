@@ -27,6 +27,10 @@ class ContextLengthError(InputError):
     """The prompt does not fit in the model's context window."""
 
 
+class CacheError(Gemma4Error):
+    """A KV cache was asked for something it does not keep (e.g. to rewind further than it can)."""
+
+
 def preview(items: list[str], n: int = 8) -> str:
     """The first ``n`` names and how many more: for messages that list what is missing or in the way."""
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")

@@ -30,10 +30,6 @@ from .errors import ContextLengthError, InputError
 
 logger = logging.getLogger(__name__)
 
-_MEDIA_KEYS = ("pixel_values", "image_position_ids", "pixel_values_videos", "video_position_ids",
-               "input_features", "input_features_mask")
-
-
 @dataclass
 class GenerationResponse:
     text: str                       # the new piece of text (may be empty while a character is incomplete)
@@ -45,20 +41,6 @@ class GenerationResponse:
     ttft: float                     # seconds from the call to the first token
     peak_memory_gb: float
     finish_reason: str | None = None  # None while streaming, then "stop" | "length" | "context" | "cancelled"
-
-
-def _chunk_ends(L: int, chunk: int, vision_blocks: np.ndarray | None) -> list[int]:
-    """Chunk end positions; a chunk never ends inside an image or video-frame block (its tokens attend to each
-    other bidirectionally and must be in the same chunk)."""
-    ends, s = [], 0
-    while s < L:
-        e = min(s + chunk, L)
-        if vision_blocks is not None:
-            while e < L and vision_blocks[e] >= 0 and vision_blocks[e] == vision_blocks[e - 1]:
-                e += 1
-        ends.append(e)
-        s = e
-    return ends
 
 
 def context_left(model, cache: list[KVCache] | None) -> int:
@@ -86,29 +68,8 @@ def prefill(model, inputs: dict[str, Any], cache: list[KVCache], chunk_size: int
     ``inputs`` (see ChatSession). ``progress(done, total)`` is called before the first chunk and after each one.
     """
     _check_positive_int("prefill_chunk", chunk_size)
-    ids = mx.array(inputs["input_ids"])
-    if ids.ndim == 1:
-        ids = ids[None]
-    ids = ids[:, start:]
-    media = {k: inputs[k] for k in _MEDIA_KEYS if inputs.get(k) is not None}
-    embeds, token_inputs, blocks = model.embed(ids, **media)
-    L = ids.shape[1]
-    check_context(model, cache, L)
-    lm = model.language_model
-    s = 0
-    h = None
-    if progress is not None:
-        progress(0, L)
-    for e in _chunk_ends(L, chunk_size, None if blocks is None else np.array(blocks)):
-        last = e == L
-        h = lm(embeds[:, s:e], None if token_inputs is None else token_inputs[:, s:e], cache,
-               None if blocks is None else blocks[s:e], logits_to_keep=1 if last else 0, run_shared_layers=last)
-        if not last:
-            mx.eval([c.keys for c in cache] + [c.values for c in cache])
-            if progress is not None:
-                progress(e, L)
-        s = e
-    return model.logits(h)[0, -1]
+    check_context(model, cache, np.shape(inputs["input_ids"])[-1] - start)
+    return model.prefill(inputs, cache, chunk_size=chunk_size, start=start, progress=progress)
 
 
 def _peak_gb() -> float:
@@ -230,7 +191,7 @@ class TokenLoop:
             else:
                 if processors:  # only logits processors read the history; keep the plain loop free of it
                     history = mx.concatenate([history, y[None].astype(mx.int32)])
-                next_y, next_logprobs = sample(model.decode(y.reshape(1, 1), cache)[0, -1])
+                next_y, next_logprobs = sample(model.step(y.reshape(1, 1), cache)[0, -1])
                 mx.async_eval(next_y, next_logprobs)
             yield int(y.item()), logprobs
             if self.finish_reason is not None:

@@ -4,19 +4,24 @@ Reference: transformers ``Gemma4Model`` / ``Gemma4ForConditionalGeneration``. Pl
 audio) are embedded as the pad token and then overwritten with the towers' soft tokens; the per-layer embeddings
 (PLE) also see the pad id there. With ``use_bidirectional_attention == "vision"``, tokens of one image or video
 frame see each other in the sliding layers only. The head is tied to the token embedding and soft-capped.
+
+Besides the full forward (``model(**inputs)``, ``model(ids, cache=cache)``), generation calls two entry points:
+``prefill`` (a prompt into the cache, in chunks; logits of its last token) and ``step`` (tokens after the cache,
+one at a time through the compiled step of decode.py). Both run the text model's one forward pass, in parts.
 """
 
 from __future__ import annotations
 
 from functools import partial
+from typing import Any, Callable
 
 import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import KVCache, make_cache
+from .cache import MAX_REWIND, KVCache, make_cache
 from .config import ModelConfig
-from .errors import InputError
+from .errors import ContextLengthError, InputError
 from .layers import MultimodalEmbedder
 from .text import TextModel
 
@@ -24,6 +29,35 @@ from .text import TextModel
 @partial(mx.compile, shapeless=True)
 def _softcap(x: mx.array, cap: mx.array) -> mx.array:
     return mx.tanh(x / cap) * cap
+
+
+# The processor's media keys that ``embed`` takes.
+MEDIA_KEYS = ("pixel_values", "image_position_ids", "pixel_values_videos", "video_position_ids",
+              "input_features", "input_features_mask")
+
+# From this many tokens on, a pass evaluates after every layer: on GPU backends whose frees wait for the stream, one
+# lazy graph over all layers keeps every layer's temporaries alive at once.
+EVAL_EACH_LAYER_FROM = 64
+
+
+def _eval_each_layer(n_tokens: int) -> Callable | None:
+    if n_tokens < EVAL_EACH_LAYER_FROM:
+        return None
+    return lambda h, layer_cache: mx.eval(h, *(layer_cache.state if layer_cache is not None else ()))
+
+
+def _chunk_ends(L: int, chunk: int, vision_blocks: np.ndarray | None) -> list[int]:
+    """Chunk end positions; a chunk never ends inside an image or video-frame block (its tokens attend to each
+    other bidirectionally and must be in the same chunk)."""
+    ends, s = [], 0
+    while s < L:
+        e = min(s + chunk, L)
+        if vision_blocks is not None:
+            while e < L and vision_blocks[e] >= 0 and vision_blocks[e] == vision_blocks[e - 1]:
+                e += 1
+        ends.append(e)
+        s = e
+    return ends
 
 
 def _vision_blocks(is_vision: np.ndarray) -> np.ndarray:
@@ -37,7 +71,7 @@ class Gemma4(nn.Module):
         super().__init__()
         self.config = config
         self._text_ids: mx.array | None = None
-        self._decoder = None
+        self._compiled_step = None
         self.language_model = TextModel(config.text_config)
         if not config.tied_head:
             self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
@@ -57,8 +91,9 @@ class Gemma4(nn.Module):
                                              ac.rms_norm_eps)
 
     # -- public API -----------------------------------------------------------------------------------------------
-    def make_cache(self) -> list[KVCache]:
-        return make_cache(self.config.text_config)
+    def make_cache(self, max_rewind: int = MAX_REWIND) -> list[KVCache]:
+        """Empty caches for this model; sliding rings can rewind ``max_rewind`` tokens after any write."""
+        return make_cache(self.config.text_config, max_rewind)
 
     @property
     def layers(self):
@@ -74,25 +109,82 @@ class Gemma4(nn.Module):
         input_features: mx.array | None = None,
         input_features_mask: mx.array | None = None,
         cache: list[KVCache] | None = None,
-        logits_to_keep: int = 0,
         **unused,
     ) -> mx.array:
-        """Logits (1, L, vocab) for ``input_ids`` (1, L); only the last ``logits_to_keep`` positions if > 0."""
+        """Logits (1, L, vocab) for every position of ``input_ids`` (1, L), after what ``cache`` holds."""
         embeds, token_inputs, blocks = self.embed(
             input_ids, pixel_values, image_position_ids, pixel_values_videos, video_position_ids,
             input_features, input_features_mask,
         )
-        h = self.language_model(embeds, token_inputs, cache, blocks, logits_to_keep=logits_to_keep)
-        return self.logits(h)
+        self._check_room(cache, embeds.shape[1])
+        lm = self.language_model
+        p = lm.begin(embeds, token_inputs, cache, blocks)
+        lm.run(p, cache, range(len(lm.layers)), _eval_each_layer(p.h.shape[1]))
+        return self.logits(lm.norm(p.h))
 
-    def decode(self, input_ids: mx.array, cache: list[KVCache]) -> mx.array:
-        """Logits for text tokens already on the device, without a host round trip (the decode loop's path).
-        One token after a prefill goes through the compiled step (decode.py)."""
-        ids, token_inputs = self._text_inputs(input_ids)
-        if input_ids.shape[-1] == 1 and self._compiled.ready(cache):
+    def prefill(self, inputs: dict[str, Any], cache: list[KVCache], *, chunk_size: int = 2048, start: int = 0,
+                should_stop: Callable[[], bool] | None = None,
+                progress: Callable[[int, int], None] | None = None) -> mx.array | None:
+        """Run ``inputs["input_ids"][:, start:]`` (and its media) into ``cache``; logits (vocab,) of the last token.
+
+        ``inputs`` is the processor's output; ``start`` > 0 means ``cache`` already holds the first ``start``
+        tokens (media for them must not be in ``inputs``). The prompt runs in chunks of about ``chunk_size`` tokens
+        (longer where an image or video frame would be split: its tokens attend to each other). Chunks before the
+        last stop before the KV-shared layers (those write no cache and their output is not read); the last chunk
+        keeps only its final position from there on. ``should_stop()`` is asked before each chunk: when it turns
+        true, prefill returns None and ``cache`` holds the chunks done so far (its ``offset`` says how many tokens).
+        ``progress(done, total)`` (prompt tokens) is called before the first chunk and after each chunk but the last.
+        """
+        ids = mx.array(inputs["input_ids"])
+        if ids.ndim == 1:
+            ids = ids[None]
+        ids = ids[:, start:]
+        L = ids.shape[1]
+        if L == 0:
+            raise InputError(f"Nothing to prefill: the prompt has {start} tokens and all are already in the cache.")
+        self._check_room(cache, L)
+        media = {k: inputs[k] for k in MEDIA_KEYS if inputs.get(k) is not None}
+        embeds, token_inputs, blocks = self.embed(ids, **media)
+        lm = self.language_model
+        first_shared = lm.config.first_kv_shared_layer
+        s = 0
+        if progress is not None:
+            progress(0, L)
+        for e in _chunk_ends(L, chunk_size, None if blocks is None else np.array(blocks)):
+            if should_stop is not None and should_stop():
+                return None
+            p = lm.begin(embeds[:, s:e], None if token_inputs is None else token_inputs[:, s:e], cache,
+                         None if blocks is None else blocks[s:e])
+            lm.run(p, cache, range(first_shared), _eval_each_layer(e - s))
+            if e == L:
+                p.keep_last(1)
+                lm.run(p, cache, range(first_shared, len(lm.layers)))
+                return self.logits(lm.norm(p.h))[0, -1]
+            mx.eval([c.state for c in cache])
+            if progress is not None:
+                progress(e, L)
+            s = e
+
+    def step(self, token_ids: mx.array, cache: list[KVCache]) -> mx.array:
+        """Logits (1, L, vocab) for text tokens ``token_ids`` (1, L) already on the device, after what ``cache``
+        holds, without a host round trip (the decode loop's path). One token after a prefill runs the compiled
+        step (decode.py)."""
+        L = token_ids.shape[-1]
+        self._check_room(cache, L)
+        ids, token_inputs = self._text_inputs(token_ids)
+        if L == 1 and cache and not any(c.empty for c in cache):
             return self._compiled(ids, token_inputs, cache)
         lm = self.language_model
         return self.logits(lm(lm.embed_tokens(ids), token_inputs, cache))
+
+    def _check_room(self, cache: list[KVCache] | None, n: int) -> None:
+        limit = self.config.text_config.max_position_embeddings
+        need = (cache[0].offset if cache else 0) + n
+        if need > limit:
+            raise ContextLengthError(
+                f"The prompt needs {need} positions but the model handles {limit}. "
+                "Shorten the prompt or start a new conversation."
+            )
 
     def _text_inputs(self, input_ids: mx.array) -> tuple[mx.array, mx.array | None]:
         """Ids to embed (placeholder ids embed as pad, as in the reference; one gather through a table) and the
@@ -110,11 +202,11 @@ class Gemma4(nn.Module):
 
     @property
     def _compiled(self):
-        if self._decoder is None:
-            from .decode import CompiledDecoder
+        if self._compiled_step is None:
+            from .decode import CompiledStep
 
-            self._decoder = CompiledDecoder(self)
-        return self._decoder
+            self._compiled_step = CompiledStep(self)
+        return self._compiled_step
 
     def logits(self, h: mx.array) -> mx.array:
         out = self.lm_head(h) if "lm_head" in self else self.language_model.embed_tokens.as_linear(h)

@@ -3,21 +3,22 @@
 Reference: transformers ``models/gemma4/modeling_gemma4.py`` (Gemma4TextModel and its parts). Attribute names
 follow the Hugging Face parameter names so checkpoints load without renaming. Sliding layers use the default RoPE
 over ``head_dim``; full layers use proportional (partial) RoPE over ``global_head_dim``. The last
-``num_kv_shared_layers`` layers have no K/V projections: they attend to the keys and values that the last earlier
-layer of their type produced in the same forward pass.
+``num_kv_shared_layers`` layers have no K/V projections: they attend to the keys and values that their producer
+(``config.kv_producers``: the last earlier layer of their type) wrote in the same forward pass. Caches are asked
+for masks and K/V through their methods (cache.py); nothing here knows how a cache lays out its buffers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import KVCache
+from .cache import KVCache, Mask, window_mask
 from .config import FULL, SLIDING, TextConfig
-from .errors import ContextLengthError
 from .layers import RMSNorm
 from .moe import MoEBlock
 
@@ -69,12 +70,26 @@ class MLP(nn.Module):
 
 
 @dataclass
-class LayerContext:
-    """What every layer of one forward pass needs besides the hidden states."""
+class Pass:
+    """One forward pass through the decoder layers: the residual stream and what the layers need besides it."""
 
-    offset: int | mx.array           # absolute position of the first query token
-    masks: dict                      # layer type -> mask for sdpa (None, "causal" or a bool array)
-    shared_kv: dict                  # layer type -> (keys, values) of the last producer of that type
+    h: mx.array                         # (B, L, hidden) residual stream
+    per_layer: mx.array | None          # (B, L, n_layers, ple_dim) per-layer inputs (PLE), or None
+    offset: int | mx.array              # absolute position of h[:, 0] (traced in the compiled step)
+    masks: dict[str, Mask]              # layer type -> sdpa mask over the keys its layers attend to
+    kvs: dict[int, tuple]               # producer layer -> (keys, values) that KV-shared layers read
+
+    def keep_last(self, n: int) -> None:
+        """Drop all but the last ``n`` queries (the layers after this write no cache, so only the positions whose
+        output is read matter). sdpa's "causal" is aligned bottom-right, so it stays right."""
+        L = self.h.shape[1]
+        if n >= L:
+            return
+        self.h = self.h[:, -n:]
+        if self.per_layer is not None:
+            self.per_layer = self.per_layer[:, -n:]
+        self.masks = {t: m[-n:] if isinstance(m, mx.array) else m for t, m in self.masks.items()}
+        self.offset = self.offset + L - n
 
 
 class Attention(nn.Module):
@@ -103,25 +118,27 @@ class Attention(nn.Module):
         return mx.fast.rope(x, self.head_dim, traditional=False, base=None, scale=1.0, offset=offset,
                             freqs=self._freqs)
 
-    def __call__(self, x: mx.array, ctx: LayerContext, cache: KVCache | None) -> mx.array:
+    def __call__(self, x: mx.array, offset: int | mx.array, mask: Mask, cache: KVCache | None = None,
+                 shared_kv: tuple[mx.array, mx.array] | None = None) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+        """Attention output and the (keys, values) attended to: this layer's own (written to ``cache``), or
+        ``shared_kv`` for a KV-shared layer."""
         B, L, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim))  # (B, L, H, D)
-        q = self._rope(q.transpose(0, 2, 1, 3), ctx.offset)                         # (B, H, L, D)
+        q = self._rope(q.transpose(0, 2, 1, 3), offset)                             # (B, H, L, D)
 
         if self.is_shared:
-            k, v = ctx.shared_kv[self.layer_type]
+            k, v = shared_kv
         else:
             raw_k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)    # (B, L, Hkv, D)
             raw_v = raw_k if self.k_eq_v else self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
-            k = self._rope(self.k_norm(raw_k).transpose(0, 2, 1, 3), ctx.offset)    # (B, Hkv, L, D)
+            k = self._rope(self.k_norm(raw_k).transpose(0, 2, 1, 3), offset)        # (B, Hkv, L, D)
             v = self.v_norm(raw_v).transpose(0, 2, 1, 3)                            # (B, Hkv, L, D)
             if cache is not None:
                 k, v = cache.update_and_fetch(k, v)
-            ctx.shared_kv[self.layer_type] = (k, v)
 
         # q/k norms replace the usual 1/sqrt(d) scaling in Gemma 4, hence scale=1.
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=ctx.masks[self.layer_type])
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), (k, v)
 
 
 class DecoderLayer(nn.Module):
@@ -148,9 +165,12 @@ class DecoderLayer(nn.Module):
             self.per_layer_projection = nn.Linear(self.ple_dim, hidden, bias=False)
             self.post_per_layer_input_norm = RMSNorm(hidden, eps)
 
-    def __call__(self, x: mx.array, per_layer_input: mx.array | None, ctx: LayerContext,
-                 cache: KVCache | None) -> mx.array:
-        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), ctx, cache))
+    def __call__(self, x: mx.array, per_layer_input: mx.array | None, offset: int | mx.array, mask: Mask,
+                 cache: KVCache | None = None, shared_kv: tuple[mx.array, mx.array] | None = None
+                 ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+        """The layer's output and the (keys, values) its attention read."""
+        attn, kv = self.self_attn(self.input_layernorm(x), offset, mask, cache, shared_kv)
+        h = x + self.post_attention_layernorm(attn)
 
         ff = self.mlp(self.pre_feedforward_layernorm(h))
         if self.enable_moe:
@@ -163,7 +183,7 @@ class DecoderLayer(nn.Module):
         if self.ple_dim:
             gated = geglu(self.per_layer_input_gate(h), per_layer_input)
             h = h + self.post_per_layer_input_norm(self.per_layer_projection(gated))
-        return h * self.layer_scalar
+        return h * self.layer_scalar, kv
 
 
 class TextModel(nn.Module):
@@ -175,7 +195,12 @@ class TextModel(nn.Module):
         self.embed_tokens = ScaledEmbedding(cfg.vocab_size, cfg.hidden_size, cfg.hidden_size**0.5)
         self.layers = [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.eval_every_layer_from = 64  # tokens
+        first_shared = cfg.first_kv_shared_layer
+        # The producers whose K/V a shared layer reads (only those are kept for the rest of a pass).
+        self._read_by_shared = set(cfg.kv_producers[first_shared:])
+        self._first_of_type = {}
+        for i, t in enumerate(cfg.layer_types[:first_shared]):
+            self._first_of_type.setdefault(t, i)
         self.ple_dim = cfg.hidden_size_per_layer_input
         if self.ple_dim:
             n = cfg.num_hidden_layers
@@ -198,81 +223,54 @@ class TextModel(nn.Module):
         return (proj + token_inputs.astype(proj.dtype)) * (2.0**-0.5)    # (B, L, n_layers, ple_dim)
 
     # -- forward ----------------------------------------------------------------------------------------------
-    def __call__(
-        self,
-        embeds: mx.array,
-        per_layer_token_inputs: mx.array | None = None,
-        cache: list[KVCache] | None = None,
-        vision_blocks: mx.array | None = None,
-        logits_to_keep: int = 0,
-        run_shared_layers: bool = True,
-        step_context: LayerContext | None = None,
-    ) -> mx.array | None:
-        """Run the decoder on ``embeds`` (B, L, hidden) and return the final-normed hidden states.
+    def __call__(self, embeds: mx.array, per_layer_token_inputs: mx.array | None = None,
+                 cache: list[KVCache] | None = None, vision_blocks: mx.array | None = None) -> mx.array:
+        """Final-normed hidden states (B, L, hidden) for ``embeds`` (B, L, hidden) after what ``cache`` holds.
 
         ``vision_blocks`` (L,) int32 marks vision soft tokens with a block id (-1 elsewhere); sliding layers let
-        tokens of one block see each other when ``use_bidirectional_attention == "vision"``.
-        ``logits_to_keep`` > 0 keeps only the last positions from the first KV-shared layer on: those layers
-        write no cache, so earlier positions are not needed there. ``run_shared_layers=False`` stops before them
-        (a prefill chunk whose logits nobody reads) and returns None. ``step_context`` replaces the offset and
-        masks derived from ``cache`` (the compiled decode step passes traced ones; see decode.py).
+        tokens of one block see each other when ``use_bidirectional_attention == "vision"``. Callers that need
+        less than every layer at every position (prefill) run the same pass in parts: ``begin``, ``run``,
+        ``Pass.keep_last``, ``norm``.
         """
-        cfg = self.config
-        B, L, _ = embeds.shape
-        if step_context is None:
-            offset = cache[0].offset if cache else 0
-            if offset + L > cfg.max_position_embeddings:
-                raise ContextLengthError(
-                    f"The prompt needs {offset + L} positions but the model handles {cfg.max_position_embeddings}. "
-                    "Shorten the prompt or start a new conversation."
-                )
-            ctx = LayerContext(offset=offset, masks=self._masks(L, offset, cache, vision_blocks), shared_kv={})
-        else:
-            ctx = step_context
+        p = self.begin(embeds, per_layer_token_inputs, cache, vision_blocks)
+        self.run(p, cache, range(len(self.layers)))
+        return self.norm(p.h)
+
+    def begin(self, embeds: mx.array, per_layer_token_inputs: mx.array | None = None,
+              cache: list[KVCache] | None = None, vision_blocks: mx.array | None = None) -> Pass:
+        """A pass over ``embeds`` placed after what ``cache`` holds, with one mask per layer type from the caches."""
+        L = embeds.shape[1]
         per_layer = None
         if self.ple_dim:
             per_layer = self._combine_per_layer_inputs(embeds, per_layer_token_inputs)
+        offset = cache[0].offset if cache else 0
+        return Pass(embeds, per_layer, offset, self._masks(L, cache, vision_blocks), {})
 
-        h = embeds
-        first_shared = cfg.first_kv_shared_layer
-        for i, layer in enumerate(self.layers):
-            if i == first_shared:
-                if not run_shared_layers:
-                    return None
-                if 0 < logits_to_keep < L:
-                    h, per_layer, ctx = self._keep_last(h, per_layer, ctx, logits_to_keep, L)
-            layer_cache = cache[i] if cache is not None and i < first_shared else None
-            h = layer(h, per_layer[:, :, i] if per_layer is not None else None, ctx, layer_cache)
-            if h.shape[1] >= self.eval_every_layer_from:
-                # Long inputs: finish each layer before building the next. On GPU backends whose frees wait for
-                # the stream, one lazy graph over all layers keeps every layer's temporaries alive at once.
-                mx.eval(h, *((layer_cache.keys, layer_cache.values) if layer_cache is not None else ()))
-        if not run_shared_layers:
-            return None
-        if 0 < logits_to_keep < h.shape[1]:
-            h = h[:, -logits_to_keep:]
-        return self.norm(h)
+    def run(self, p: Pass, cache: list[KVCache] | None, layers: range,
+            after_layer: Callable[[mx.array, KVCache | None], None] | None = None) -> None:
+        """Run ``layers`` (consecutive, in order) over ``p``. A KV-shared layer reads the K/V its producer
+        (``config.kv_producers``) wrote earlier in the same pass. ``after_layer(h, layer_cache)`` is called after
+        each layer (prefill evaluates there for long inputs)."""
+        producers = self.config.kv_producers
+        for i in layers:
+            src = producers[i]
+            layer_cache = cache[i] if cache is not None and src == i else None
+            p.h, kv = self.layers[i](p.h, p.per_layer[:, :, i] if p.per_layer is not None else None, p.offset,
+                                     p.masks[self.config.layer_types[i]], layer_cache,
+                                     p.kvs[src] if src != i else None)
+            if i in self._read_by_shared:
+                p.kvs[i] = kv
+            if after_layer is not None:
+                after_layer(p.h, layer_cache)
 
-    def _masks(self, L: int, offset: int, cache, vision_blocks) -> dict:
-        """One attention mask per layer type. Decoding one token needs none: every cached key is visible."""
+    def _masks(self, L: int, cache: list[KVCache] | None, vision_blocks: mx.array | None) -> dict[str, Mask]:
+        """One mask per layer type, asked of the first cache of that type (all caches of a type hold the same
+        positions)."""
+        cfg = self.config
+        blocks = vision_blocks if cfg.use_bidirectional_attention == "vision" else None
+        if cache:
+            return {t: cache[i].make_mask(L, blocks if t == SLIDING else None)
+                    for t, i in self._first_of_type.items()}
         if L == 1:
             return {FULL: None, SLIDING: None}
-        q_pos = mx.arange(offset, offset + L)
-        window = self.config.sliding_window
-        # Sliding caches hand back the previous window - 1 tokens (at most) before the new ones.
-        prev = min(offset, window - 1) if cache else 0
-        k_pos = mx.arange(offset - prev, offset + L)
-        sliding = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - window)
-        if vision_blocks is not None and self.config.use_bidirectional_attention == "vision":
-            k_blocks = mx.concatenate([mx.full((prev,), -1, dtype=vision_blocks.dtype), vision_blocks])
-            same = (vision_blocks[:, None] == k_blocks[None, :]) & (vision_blocks[:, None] >= 0)
-            sliding = sliding | (same & (k_pos[None, :] > q_pos[:, None] - window))
-        return {FULL: "causal", SLIDING: sliding}
-
-    @staticmethod
-    def _keep_last(h, per_layer, ctx: LayerContext, n: int, L: int):
-        h = h[:, -n:]
-        per_layer = per_layer[:, -n:] if per_layer is not None else None
-        # sdpa's "causal" is aligned bottom-right, so it stays right when only the last queries remain.
-        masks = {t: m[-n:] if isinstance(m, mx.array) else m for t, m in ctx.masks.items()}
-        return h, per_layer, LayerContext(offset=ctx.offset + L - n, masks=masks, shared_kv=ctx.shared_kv)
+        return {FULL: "causal", SLIDING: window_mask(L, 0, 0, cfg.sliding_window, blocks)}

@@ -1,11 +1,22 @@
+"""KV caches, observed only through what the forward pass and the compiled step ask of them.
+
+Keys here encode their position (key = position, value = position + 0.5), so "what a new token attends to" is a
+list of positions: the keys whose mask entry is true."""
+
 from __future__ import annotations
+
+import random
 
 import mlx.core as mx
 import numpy as np
+import pytest
 
-from mlx_gemma4.cache import GlobalCache, SlidingCache, make_cache, restore, snapshot
+from mlx_gemma4.cache import GlobalCache, SlidingCache, make_cache, restore, rewind, snapshot
 from mlx_gemma4.config import TextConfig
+from mlx_gemma4.errors import CacheError
 from tests.test_config import E4B_TEXT
+
+W = 8  # sliding window
 
 
 def test_e4b_cache_has_buffers_for_producers_only():
@@ -16,61 +27,144 @@ def test_e4b_cache_has_buffers_for_producers_only():
     assert sum(isinstance(c, GlobalCache) for c in cache) == 4
 
 
-def _kv(L, H=2, D=4, start=0):
+def _kv(L, start=0, H=2, D=4):
     pos = mx.arange(start, start + L, dtype=mx.float32)
     k = mx.broadcast_to(pos[None, None, :, None], (1, H, L, D))
     return k, k + 0.5
 
 
+def _visible(keys, values, mask, L):
+    """Per new token (query), the positions it attends to, checking values travel with their keys."""
+    k, v = np.array(keys[0, 0, :, 0]), np.array(values[0, 0, :, 0])
+    if mask is None:
+        m = np.ones((L, k.size), bool)
+    elif isinstance(mask, str):  # "causal", aligned bottom-right
+        m = np.tril(np.ones((L, k.size), bool), k.size - L)
+    else:
+        m = np.broadcast_to(np.array(mask), (L, k.size))
+    for row in m:
+        np.testing.assert_array_equal(v[row], k[row] + 0.5)
+    return [sorted(k[row].tolist()) for row in m]
+
+
+def _write(c, L, how="plain"):
+    """Write the next L tokens the way the forward pass does, or (L == 1) the way the compiled step does;
+    return what each new token attends to. The step needs buffers (it follows a prefill)."""
+    start = c.offset
+    if how == "step" and not c.empty:
+        assert L == 1
+        view = c.step_view(*c.hand_over(), mx.array(start, dtype=mx.int32))
+        mask = view.make_mask(1)
+        keys, values = view.update_and_fetch(*_kv(1, start))
+        c.take_back(*view.buffers)
+    else:
+        mask = c.make_mask(L)
+        keys, values = c.update_and_fetch(*_kv(L, start))
+    return _visible(keys, values, mask, L)
+
+
+def _expected(start, L, window=None):
+    lo = (lambda q: max(0, q - window + 1)) if window else (lambda q: 0)
+    return [[float(p) for p in range(lo(q), q + 1)] for q in range(start, start + L)]
+
+
+@pytest.mark.parametrize("how", ["plain", "step"])
+def test_each_new_token_sees_its_window(how):
+    s, g = SlidingCache(W), GlobalCache()
+    for c, window in ((s, W), (g, None)):
+        _write(c, 3)
+        for t in range(3, 40):  # wraps the ring several times
+            assert _write(c, 1, how) == _expected(t, 1, window)
+        assert _write(c, 5) == _expected(40, 5, window)
+
+
 def test_sliding_buffer_stays_fixed_however_long_the_prompt():
-    W = 16
     sizes = []
     for total in (10, 100, 1000):
-        c = SlidingCache(W)
+        c = SlidingCache(W, max_rewind=4)
         for s in range(0, total, 37):  # chunked prefill
-            n = min(37, total - s)
-            c.update_and_fetch(*_kv(n, start=s))
-        for t in range(total, total + 5):  # then decode
-            c.update_and_fetch(*_kv(1, start=t))
-        mx.eval(c.keys)
+            assert _write(c, min(37, total - s)) == _expected(s, min(37, total - s), W)
+        for _ in range(5):
+            _write(c, 1, "step")
         sizes.append(c.nbytes)
-        # The ring holds exactly the last W positions, position p in slot p % W.
-        keys = np.array(c.keys[0, 0, :, 0])
-        end = total + 5
-        expect = {p % W: p for p in range(max(0, end - W), end)}
-        for slot, p in expect.items():
-            assert keys[slot] == p
-    assert sizes[1] == sizes[2] == 2 * (1 * 2 * W * 4 * 4)
-
-
-def test_sliding_prefill_returns_previous_window_minus_one_in_order():
-    W = 8
-    c = SlidingCache(W)
-    c.update_and_fetch(*_kv(20))
-    k, _ = c.update_and_fetch(*_kv(5, start=20))
-    assert np.array(k[0, 0, :, 0]).tolist() == list(range(13, 25))
+    assert sizes[1] == sizes[2] == 2 * (1 * 2 * (W - 1 + 4) * 4 * 4)
 
 
 def test_global_cache_grows_in_steps():
     c = GlobalCache()
-    c.update_and_fetch(*_kv(3))
-    assert c.keys.shape[2] == GlobalCache.step
-    k, _ = c.update_and_fetch(*_kv(GlobalCache.step, start=3))
-    assert k.shape[2] == GlobalCache.step + 3 and c.keys.shape[2] == 2 * GlobalCache.step
+    _write(c, 3)
+    assert c.state[0].shape[2] == GlobalCache.step
+    _write(c, GlobalCache.step)
+    assert c.state[0].shape[2] == 2 * GlobalCache.step
+    c.hand_over()  # the compiled step gets room for one more token, and the cache lets go of its buffers
+    assert c.empty
+
+
+def _same_as_written_directly(c, kept, make):
+    """``c`` behaves exactly as a fresh cache that was given only the ``kept`` tokens."""
+    ref = make()
+    for s in range(0, kept, 5):
+        _write(ref, min(5, kept - s))
+    assert c.offset == ref.offset == kept
+    for how, L in (("plain", 1), ("step", 1), ("plain", 3)):
+        a = snapshot([c, ref])
+        assert _write(c, L, how) == _write(ref, L, how)
+        restore([c, ref], a)
+
+
+@pytest.mark.parametrize("max_rewind", [1, 3, 8])
+@pytest.mark.parametrize("seed", range(6))
+def test_rewind_equals_writing_only_the_kept_tokens(seed, max_rewind):
+    rng = random.Random(seed)
+    for make in (lambda: SlidingCache(W, max_rewind), GlobalCache):
+        c = make()
+        for _ in range(60):
+            if rng.random() < 0.35 and c.rewindable:
+                n = rng.randint(1, c.rewindable)
+                c.rewind(n)
+                _same_as_written_directly(c, c.offset, make)
+            else:
+                L = rng.choice([1, 1, 1, 2, 3, 5, 13])
+                _write(c, L, rng.choice(["plain", "step"]) if L == 1 else "plain")
+        _same_as_written_directly(c, c.offset, make)
+
+
+def test_sliding_ring_rewinds_max_rewind_after_any_write_and_no_more():
+    c = SlidingCache(W, max_rewind=3)
+    _write(c, 5)
+    assert c.rewindable == 5  # before the ring wraps, everything
+    for t in range(5, 30):
+        _write(c, 1, "step")
+    assert c.rewindable == 3
+    c.rewind(2)
+    assert c.rewindable == 1
+    with pytest.raises(CacheError, match="at most 1"):
+        c.rewind(2)
+    assert c.offset == 28
+    _write(c, 4)
+    assert c.rewindable == 3
+
+
+def test_rewind_of_a_cache_list_is_all_or_nothing():
+    caches = [GlobalCache(), SlidingCache(W, max_rewind=2)]
+    for c in caches:
+        _write(c, 20)
+    with pytest.raises(CacheError):
+        rewind(caches, 3)
+    assert [c.offset for c in caches] == [20, 20]
+    rewind(caches, 2)
+    assert [c.offset for c in caches] == [18, 18]
 
 
 def test_snapshot_restore_rewinds_exactly():
-    W = 8
     caches = [SlidingCache(W), GlobalCache()]
     for c in caches:
-        c.update_and_fetch(*_kv(12))
+        _write(c, 12)
     snap = snapshot(caches)
-    before = [np.array(c.update_and_fetch(*_kv(1, start=12))[0]) for c in caches]
-    for t in range(13, 30):  # wrap the ring well past the snapshot
+    before = [_write(c, 1) for c in caches]
+    for t in range(13, 40):  # wrap the ring well past the snapshot
         for c in caches:
-            c.update_and_fetch(*_kv(1, start=t) if True else None)
+            _write(c, 1, "step")
     restore(caches, snap)
     assert [c.offset for c in caches] == [12, 12]
-    after = [np.array(c.update_and_fetch(*_kv(1, start=12))[0]) for c in caches]
-    for a, b in zip(before, after):
-        np.testing.assert_array_equal(a, b)
+    assert [_write(c, 1) for c in caches] == before

@@ -99,7 +99,7 @@ def test_mapped_ple_gives_same_logits_as_in_memory(sources, tmp_path):
             cache = m.make_cache()
             m(mx.array(IDS[:, :8], dtype=mx.int32), cache=cache)
             steps[mapped] = np.array(mx.concatenate(
-                [m.decode(mx.array(IDS[:, t : t + 1], dtype=mx.int32), cache) for t in range(8, 14)], axis=1))
+                [m.step(mx.array(IDS[:, t : t + 1], dtype=mx.int32), cache) for t in range(8, 14)], axis=1))
         np.testing.assert_array_equal(steps[True], steps[False])
 
 

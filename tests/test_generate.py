@@ -117,14 +117,6 @@ def test_prompt_past_context_is_a_clear_error(loaded):
         model(mx.zeros((1, limit + 1), dtype=mx.int32))
 
 
-def test_prefill_of_vision_blocks_never_splits_them():
-    from mlx_gemma4.generation import _chunk_ends
-
-    blocks = np.array([-1, -1, 0, 0, 0, 0, -1, 1, 1, -1])
-    assert _chunk_ends(10, 3, blocks) == [3 + 3, 9, 10]
-    assert _chunk_ends(10, 4, None) == [4, 8, 10]
-
-
 def test_chat_turn_past_context_is_not_kept(loaded):
     hf, model, processor = loaded
     session = ChatSession(model, processor)

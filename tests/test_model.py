@@ -16,9 +16,11 @@ import torch
 from PIL import Image
 
 from mlx_gemma4.errors import InputError
+from mlx_gemma4.model import _chunk_ends
 from mlx_gemma4.processing.processor import Processor
 from mlx_gemma4.weights import load_model
 from tests import tiny
+from tests.test_text import build, ids_of
 
 ATOL = 5e-4
 
@@ -107,15 +109,57 @@ def test_audio_with_image(e_model):
 
 
 def test_chunked_prefill_with_vision_blocks_matches_full(large_model):
-    from mlx_gemma4.generation import prefill
-
     hf, model, proc = large_model
     inputs = proc(text="a <|image|> b <|image|> c", images=[_image(48, 48, 4), _image(64, 32, 5)],
                   max_soft_tokens=70)
-    full = np.array(model(**inputs))[0, -1]
+    full = np.array(model(**inputs))
     cache = model.make_cache()
-    last = np.array(prefill(model, inputs, cache, chunk_size=5))  # chunks grow to cover whole images
-    np.testing.assert_allclose(last, full, atol=ATOL, rtol=0)
+    last = np.array(model.prefill(inputs, cache, chunk_size=5))  # chunks grow to cover whole images
+    np.testing.assert_allclose(last, full[0, -1], atol=ATOL, rtol=0)
+    # And the text after it continues exactly: prefill from `start`, then the compiled step.
+    more = mx.array([[7, 9, 11]], dtype=mx.int32)
+    ids = mx.concatenate([mx.array(inputs["input_ids"]), more], axis=1)
+    ref = np.array(model(**{**inputs, "input_ids": ids}))[0, -3:]
+    L = inputs["input_ids"].shape[1]
+    got = [np.array(model.prefill({"input_ids": ids[:, : L + 2]}, cache, start=L))]
+    got.append(np.array(model.step(more[:, 2:], cache))[0, 0])
+    np.testing.assert_allclose(np.stack(got), ref[1:], atol=ATOL, rtol=0)
+
+
+def test_prefill_chunks_never_split_a_vision_block():
+    blocks = np.array([-1, -1, 0, 0, 0, 0, -1, 1, 1, -1])
+    assert _chunk_ends(10, 3, blocks) == [3 + 3, 9, 10]
+    assert _chunk_ends(10, 4, None) == [4, 8, 10]
+
+
+@pytest.mark.parametrize("family", ["e", "dense", "moe"])
+def test_chunked_prefill_matches_full_forward(family):
+    hf, model = build(family)
+    ids = mx.array(ids_of(41, seed=2).numpy().astype(np.int32))
+    full = np.array(model(ids))
+    for chunk in (3, 8, 13, 64):  # smaller than, equal to and larger than the window (8), and the whole prompt
+        cache = model.make_cache()
+        last = model.prefill({"input_ids": ids[:, :40]}, cache, chunk_size=chunk)
+        np.testing.assert_allclose(np.array(last), full[0, 39], atol=ATOL, rtol=0)
+        assert cache[0].offset == 40
+        np.testing.assert_allclose(np.array(model.step(ids[:, 40:], cache))[0, 0], full[0, 40], atol=ATOL, rtol=0)
+
+
+def test_prefill_stops_between_chunks_when_asked():
+    hf, model = build("e")
+    ids = mx.array(ids_of(20, seed=3).numpy().astype(np.int32))
+    asked = []
+
+    def should_stop():
+        asked.append(True)
+        return len(asked) > 2
+
+    cache = model.make_cache()
+    assert model.prefill({"input_ids": ids}, cache, chunk_size=6, should_stop=should_stop) is None
+    assert cache[0].offset == 12  # two whole chunks
+    # What is in the cache is right: prefilling the rest gives the full forward's logits.
+    last = model.prefill({"input_ids": ids}, cache, chunk_size=6, start=12)
+    np.testing.assert_allclose(np.array(last), np.array(model(ids))[0, -1], atol=ATOL, rtol=0)
 
 
 def test_placeholders_without_media_are_an_error(e_model):
