@@ -49,14 +49,13 @@ class KVCache(Protocol):
     def nbytes(self) -> int: ...
 
 
-def window_mask(n: int, offset: int, prev: int, window: int | None = None,
-                vision_blocks: mx.array | None = None) -> mx.array:
+def window_mask(n: int, offset: int, prev: int, window: int, vision_blocks: mx.array | None = None) -> mx.array:
     """(n, prev + n) bool mask for queries at ``offset ..`` over keys at ``offset - prev ..`` (in order): causal,
-    within ``window`` if given, and bidirectional inside a vision block (``vision_blocks`` (n,) gives each new token
+    within ``window``, and bidirectional inside a vision block (``vision_blocks`` (n,) gives each new token
     its block id, -1 outside; earlier tokens are never in a new token's block because prefill does not split one)."""
     q_pos = mx.arange(offset, offset + n)[:, None]
     k_pos = mx.arange(offset - prev, offset + n)[None, :]
-    in_window = (k_pos > q_pos - window) if window is not None else True
+    in_window = k_pos > q_pos - window
     mask = (k_pos <= q_pos) & in_window
     if vision_blocks is not None:
         k_blocks = mx.concatenate([mx.full((prev,), -1, dtype=vision_blocks.dtype), vision_blocks])
