@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class GenerationResponse:
     text: str                       # the new piece of text (may be empty while a character is incomplete)
-    token: int
+    token: int | None               # None only in the one response of a run stopped before its first token
     prompt_tokens: int
     prompt_tps: float
     generation_tokens: int
@@ -61,15 +61,18 @@ def check_context(model, cache: list[KVCache] | None, n: int) -> None:
 
 
 def prefill(model, inputs: dict[str, Any], cache: list[KVCache], chunk_size: int = 2048,
-            start: int = 0, progress: Callable[[int, int], None] | None = None) -> mx.array:
+            start: int = 0, progress: Callable[[int, int], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> mx.array | None:
     """Run ``inputs["input_ids"][:, start:]`` through the model into ``cache``; logits (vocab,) of the last token.
 
     ``start`` > 0 means the first ``start`` tokens are already in the cache; media for them must not be in
     ``inputs`` (see ChatSession). ``progress(done, total)`` is called before the first chunk and after each one.
+    ``should_stop()`` is asked before each chunk; when it turns true the prefill stops there and returns None.
     """
     _check_positive_int("prefill_chunk", chunk_size)
     check_context(model, cache, np.shape(inputs["input_ids"])[-1] - start)
-    return model.prefill(inputs, cache, chunk_size=chunk_size, start=start, progress=progress)
+    return model.prefill(inputs, cache, chunk_size=chunk_size, start=start, progress=progress,
+                         should_stop=should_stop)
 
 
 def _peak_gb() -> float:
@@ -156,12 +159,14 @@ class TokenLoop:
     def __init__(self, model, inputs: dict[str, Any], cache: list[KVCache] | None, *, start: int, max_tokens: int,
                  sampler: Callable[[mx.array], mx.array] | None,
                  logits_processors: Sequence[Callable[[mx.array, mx.array], mx.array]], prefill_chunk: int,
-                 should_stop: Callable[[], bool] | None):
+                 should_stop: Callable[[], bool] | None,
+                 progress: Callable[[int, int], None] | None = None):
         _check_positive_int("max_tokens", max_tokens)
         _check_positive_int("prefill_chunk", prefill_chunk)
         self.model, self.inputs, self.start = model, inputs, start
         self.cache = model.make_cache() if cache is None else cache
         self.max_tokens, self.prefill_chunk, self.should_stop = max_tokens, prefill_chunk, should_stop
+        self.progress = progress
         self.sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
         self.processors = list(logits_processors)
         self.finish_reason: str | None = None
@@ -177,7 +182,11 @@ class TokenLoop:
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             return self.sampler(logprobs)[0], logprobs[0]
 
-        y, logprobs = sample(prefill(model, self.inputs, cache, self.prefill_chunk, self.start))
+        logits = prefill(model, self.inputs, cache, self.prefill_chunk, self.start, self.progress, self.should_stop)
+        if logits is None:  # stopped during prefill: no token
+            self.finish_reason = "cancelled"
+            return
+        y, logprobs = sample(logits)
         mx.async_eval(y, logprobs)
         n = 0
         while True:
@@ -210,6 +219,7 @@ def generate_step(
     logits_processors: Sequence[Callable[[mx.array, mx.array], mx.array]] = (),
     prefill_chunk: int = 2048,
     should_stop: Callable[[], bool] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> TokenLoop:
     """The token loop: iterate it for ``(token, logprobs)``, up to ``max_tokens`` tokens after the prompt.
 
@@ -217,7 +227,8 @@ def generate_step(
     called as ``p(history, logits)`` with the token history (prompt and generated, int32) and logits (1, vocab),
     as in mlx-lm. ``cache`` (``model.make_cache()`` when None) already holds the first ``start`` prompt tokens.
     The loop ends after ``max_tokens`` tokens, when the context is full, or when ``should_stop()`` turns true
-    (checked before each step is queued); the returned loop's ``finish_reason`` says which. Every yielded token
+    (checked between prefill chunks and before each step is queued; stopped during prefill, it yields nothing);
+    the returned loop's ``finish_reason`` says which. ``progress(done, total)`` reports prefill progress. Every yielded token
     but the last has been fed to the model, so the cache then holds the prompt plus all yielded tokens but the
     last; a caller that stops iterating early gets the same.
 
@@ -225,7 +236,8 @@ def generate_step(
     step n (the loop waits on the device only for the token it yields).
     """
     return TokenLoop(model, inputs, cache, start=start, max_tokens=max_tokens, sampler=sampler,
-                     logits_processors=logits_processors, prefill_chunk=prefill_chunk, should_stop=should_stop)
+                     logits_processors=logits_processors, prefill_chunk=prefill_chunk, should_stop=should_stop,
+                     progress=progress)
 
 
 def stream_tokens(
@@ -249,11 +261,14 @@ def stream_tokens(
     stop_ids: Sequence[int] | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_token: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[GenerationResponse]:
     """The generation loop over an already-processed prompt, with text and stats.
 
     ``sampler`` / ``logits_processors`` replace the ones built from the sampling settings. ``on_token`` sees
-    every token that went through the model (so is in the cache).
+    every token that went through the model (so is in the cache). ``progress(done, total)`` reports prefill.
+    Stopped by ``should_stop`` before the first token, it yields one response with no token (``token`` None,
+    ``finish_reason`` "cancelled").
     """
     t0 = time.perf_counter()
     check_sampling_args(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
@@ -272,7 +287,7 @@ def stream_tokens(
     steps = generate_step(model, inputs, cache, start=start, max_tokens=max_tokens,
                           sampler=sampler or default_sampler,
                           logits_processors=default_processors if logits_processors is None else logits_processors,
-                          prefill_chunk=prefill_chunk, should_stop=should_stop)
+                          prefill_chunk=prefill_chunk, should_stop=should_stop, progress=progress)
     ttft = prompt_tps = 0.0
     t_first = None
     n = 0
@@ -299,6 +314,9 @@ def stream_tokens(
         detok.finalize()
         yield GenerationResponse(detok.last_segment, token, finish_reason=steps.finish_reason, **stats)
         return
+    if n == 0 and steps.finish_reason == "cancelled":
+        yield GenerationResponse("", None, prompt_tokens=n_prompt, prompt_tps=0.0, generation_tokens=0,
+                                 generation_tps=0.0, ttft=0.0, peak_memory_gb=_peak_gb(), finish_reason="cancelled")
 
 
 def _stop_ids(model, processor) -> list[int]:
@@ -346,4 +364,4 @@ def generate(model, processor, prompt: str, images=None, audio=None, videos=None
 _SAMPLING_KWARGS = {"max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                     "repetition_context_size", "seed", "prefill_chunk"}
 _STREAM_KWARGS = _SAMPLING_KWARGS | {"sampler", "logits_processors", "stop_ids", "should_stop", "on_token",
-                                     "cache"}
+                                     "cache", "progress"}

@@ -202,3 +202,21 @@ def test_detokenizers_of_concurrent_streams_are_independent(loaded):
         interleaved[0].append(ra.text)
         interleaved[1].append(rb.text)
     assert ["".join(t) for t in interleaved] == alone
+
+
+def test_should_stop_between_prefill_chunks(loaded):
+    model, processor = loaded
+    inputs = processor(text="one two three four five six seven eight nine ten eleven twelve")
+    asked, seen = [], []
+
+    def stop_after_two_chunks():
+        asked.append(1)
+        return len(asked) > 2
+
+    cache = model.make_cache()
+    out = list(stream_tokens(model, processor, inputs, cache, max_tokens=5, prefill_chunk=3, stop_ids=[],
+                             should_stop=stop_after_two_chunks, progress=lambda d, t: seen.append((d, t))))
+    L = int(np.array(inputs["input_ids"]).size)
+    assert len(out) == 1 and out[0].finish_reason == "cancelled" and out[0].token is None
+    assert cache[0].offset == 6                     # two chunks of three, then stopped
+    assert seen[0] == (0, L) and seen[-1] == (6, L)
