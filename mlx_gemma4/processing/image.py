@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import threading
 import warnings
 from dataclasses import dataclass, field, fields
@@ -276,12 +277,19 @@ class ImageProcessor:
     image_std: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
 
     def __post_init__(self) -> None:
-        self._check_budget(self.max_soft_tokens)
+        self.check_budget(self.max_soft_tokens)
 
     @staticmethod
-    def _check_budget(max_soft_tokens: int) -> None:
-        if max_soft_tokens not in SUPPORTED_SOFT_TOKENS:
-            raise InputError(f"max_soft_tokens must be one of {SUPPORTED_SOFT_TOKENS}; got {max_soft_tokens}.")
+    def check_budget(max_soft_tokens: Any) -> int:
+        """``max_soft_tokens`` as an int if it is a supported budget; InputError otherwise."""
+        ok = isinstance(max_soft_tokens, numbers.Integral) and not isinstance(max_soft_tokens, bool)
+        if not ok or int(max_soft_tokens) not in SUPPORTED_SOFT_TOKENS:
+            raise InputError(f"max_soft_tokens must be one of {SUPPORTED_SOFT_TOKENS}; got {max_soft_tokens!r}.")
+        return int(max_soft_tokens)
+
+    def budget(self, max_soft_tokens: Any = None) -> int:
+        """The budget to use: ``max_soft_tokens`` if given (checked), else this processor's default."""
+        return self.max_soft_tokens if max_soft_tokens is None else self.check_budget(max_soft_tokens)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ImageProcessor:
@@ -298,7 +306,7 @@ class ImageProcessor:
 
     def target_size(self, height: int, width: int, max_soft_tokens: int | None = None) -> tuple[int, int]:
         """(height, width) an image of this size is resized to."""
-        budget = max_soft_tokens or self.max_soft_tokens
+        budget = self.budget(max_soft_tokens)
         return aspect_ratio_preserving_size(
             height, width, self.patch_size, self.max_patches(budget), self.pooling_kernel_size
         )
@@ -332,10 +340,11 @@ class ImageProcessor:
         - ``image_position_ids``: int64 [num_images, max_patches, 2], (x, y), padding (-1, -1)
         - ``num_soft_tokens_per_image``: list[int]
         """
-        budget = max_soft_tokens or self.max_soft_tokens
-        self._check_budget(budget)
+        budget = self.budget(max_soft_tokens)
         if isinstance(images, (str, Path, Image.Image, np.ndarray)):
             images = [images]
+        if not isinstance(images, (list, tuple)):
+            raise InputError(f"Cannot use {type(images).__name__} as images; pass an image or a list of them.")
         if len(images) == 0:
             raise InputError("No images to preprocess.")
         out = [self.preprocess_one(image, budget) for image in images]
