@@ -206,6 +206,27 @@ def _open_path(path: Path) -> Image.Image:
         raise _decode_error(str(path), e) from e
 
 
+def probe_image(path: str | Path) -> tuple[int, int] | None:
+    """(width, height) as displayed (EXIF orientation applied) when Pillow reads ``path`` as an image, else None.
+
+    Reads the header and checks the data where the format allows (no full decode). An image over Pillow's
+    decompression-bomb limit raises :class:`InputError`, as :func:`load_image` would.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
+                im.verify()  # must come first: it works on the freshly opened file
+            with Image.open(path) as im:
+                orientation = im.getexif().get(0x0112, 1)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise _bomb_error(str(path), e) from e
+    except Exception:  # not an image, or one Pillow cannot parse: either way not usable as an image
+        return None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
 def aspect_ratio_preserving_size(
     height: int, width: int, patch_size: int, max_patches: int, pooling_kernel_size: int
 ) -> tuple[int, int]:
