@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 SAMPLING_RATE = 16_000
 MAX_CHANNELS = 32  # a 2-D array's shorter axis is its channels, up to this many
 RATE_RANGE = (1_000, 768_000)  # sampling rates accepted for arrays (Hz)
+# Float audio lives in [-1, 1]; a little over is clipping headroom, far over is integer PCM passed as floats.
+MAX_FLOAT_PEAK = 64.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -63,7 +65,6 @@ def _to_mono_float(x: np.ndarray, what: str) -> np.ndarray:
         raise InputError(f"{what} has dtype {x.dtype}; pass audio samples as a float or integer numpy array.")
     if x.size == 0:
         raise InputError(f"{what} is empty (0 samples). Record or choose a clip with some sound in it.")
-    x = _int_to_float(x) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32, copy=False)
     if x.ndim == 2:
         # (samples, channels) as soundfile reads, or (channels, samples) as torchaudio and librosa give: the
         # shorter axis is the channels. Past MAX_CHANNELS neither reading is plausible, so say so.
@@ -72,13 +73,22 @@ def _to_mono_float(x: np.ndarray, what: str) -> np.ndarray:
                              f"{MAX_CHANNELS}). Pass mono samples (n,), or (samples, channels) / (channels, samples).")
         if x.shape[0] < x.shape[1]:
             x = x.T  # (channels, n) -> (n, channels)
-        x = x.mean(axis=1, dtype=np.float32)  # (n, channels) -> (n,)
     elif x.ndim != 1:
         raise InputError(f"{what} has shape {x.shape}; expected (samples,), (samples, channels) or "
                          "(channels, samples).")
-    if not np.isfinite(x).all():
-        bad = int((~np.isfinite(x)).sum())
-        raise InputError(f"{what} contains {bad} NaN or infinite samples. Re-export or re-record the clip.")
+    if np.issubdtype(x.dtype, np.floating):  # checked in the given dtype: a cast could overflow first
+        if not np.isfinite(x).all():
+            bad = int((~np.isfinite(x)).sum())
+            raise InputError(f"{what} contains {bad} NaN or infinite samples. Re-export or re-record the clip.")
+        peak = float(np.abs(x).max())
+        if peak > MAX_FLOAT_PEAK:
+            raise InputError(f"{what} has float samples up to {peak:g}, but float audio is in [-1, 1]. If these "
+                             "are 16-bit PCM values, pass them as np.int16 (or divide them by 32768).")
+        x = x.astype(np.float32, copy=False)
+    else:
+        x = _int_to_float(x)
+    if x.ndim == 2:
+        x = x.mean(axis=1, dtype=np.float32)  # (n, channels) -> (n,)
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
@@ -171,7 +181,8 @@ def load_audio(src: str | Path | np.ndarray, sampling_rate: int | None = None) -
     ``src`` is a path (anything libsndfile reads: WAV of any PCM or float subtype, FLAC, OGG, MP3; other
     containers through PyAV when it is installed) or a numpy array of samples at ``sampling_rate`` Hz
     (default 16000; 1 kHz to 768 kHz), shaped (n,), (n, channels) or (channels, n): the shorter axis of a 2-D
-    array is its channels (at most 32), averaged to mono. Integer arrays are scaled to [-1, 1). Raises
+    array is its channels (at most 32), averaged to mono. Integer arrays are scaled to [-1, 1); float samples
+    must be in [-1, 1] (up to 64 is taken as headroom; more is integer PCM passed as floats, refused). Raises
     ``InputError`` saying what to do for a missing file, a directory, a non-audio file, a truncated WAV / AIFF /
     AU file, an empty clip or NaN/inf samples.
     """

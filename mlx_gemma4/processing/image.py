@@ -77,7 +77,7 @@ def to_8bit(pixels: np.ndarray, name: str, full_scale: float | None = None) -> n
     if full_scale is not None:
         y = x * (255.0 / full_scale)
     elif hi > lo:
-        y = (x - lo) * (255.0 / (hi - lo))
+        y = (x / 2 - lo / 2) * (255.0 / (hi / 2 - lo / 2))  # halves: hi - lo may overflow near float64's max
     else:  # one value outside every known range: black below zero, white above
         y = np.full_like(x, 0.0 if lo < 0 else 255.0)
     return np.rint(np.clip(y, 0, 255)).astype(np.uint8)
@@ -367,7 +367,8 @@ class ImageProcessor:
         if not isinstance(images, (list, tuple)):
             raise InputError(f"Cannot use {type(images).__name__} as images; pass an image or a list of them.")
         if len(images) == 0:
-            raise InputError("No images to preprocess.")
+            raise InputError("No images to preprocess: pass an image (a path, a PIL image or an array) or a "
+                             "list of them.")
         out = [self.preprocess_one(image, budget) for image in images]
         return {
             "pixel_values": np.stack([o[0] for o in out]),  # (N, max_patches, p*p*3)

@@ -147,8 +147,8 @@ def _read_path(path: Path, num_frames: int | None, fps: float | None) -> Video:
 
 def _from_frames(frames: Sequence[FrameInput] | np.ndarray, num_frames: int | None, fps: float | None) -> Video:
     if isinstance(frames, np.ndarray):
-        if frames.ndim != 4 or frames.shape[-1] not in (1, 3, 4):
-            raise InputError(f"A video array must be (T, H, W, C) with C in 1, 3, 4; got shape {frames.shape}.")
+        if frames.ndim != 4 or frames.shape[-1] not in (1, 2, 3, 4):
+            raise InputError(f"A video array must be (T, H, W, C) with C in 1-4; got shape {frames.shape}.")
         frames = list(frames)
     total = len(frames)
     if total == 0:
@@ -292,7 +292,8 @@ class VideoProcessor:
         budget = self.frames.budget(max_soft_tokens)
         videos = group_videos(videos)
         if len(videos) == 0:
-            raise InputError("No videos to preprocess.")
+            raise InputError("No videos to preprocess: pass a video file path, a list of frames (one video) or a "
+                             "list of videos.")
         pixels, positions, frames_per, tokens_per, stamps, rates = [], [], [], [], [], []
         for src in videos:
             video = self.load(src)
