@@ -6,6 +6,10 @@ Each image is resized, keeping its aspect ratio, to the largest size whose sides
 pixels are scaled to [0, 1] (the model itself maps them to [-1, 1]); the image is cut into flattened
 ``patch_size x patch_size x 3`` patches in row-major order, each with its (x, y) grid position; and the patch
 list is padded to the budget with zero patches at position (-1, -1).
+
+One deliberate difference: the reference's ``convert("RGB")`` clips 16-bit and float images (a 16-bit PNG
+comes out almost all white, a float TIFF in [0, 1] all black); here they are scaled to 8 bits first
+(:func:`to_8bit`). 8-bit images are processed exactly as in the reference.
 """
 
 from __future__ import annotations
