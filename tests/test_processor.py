@@ -253,3 +253,25 @@ def test_audio_longer_than_the_context_is_refused_before_any_work(ckpt, tmp_path
     # Several clips count together.
     with pytest.raises(ContextLengthError):
         proc(text="<|audio|> <|audio|>", audio=[np.zeros(longest // 2 + 16000, np.float32)] * 2)
+
+
+def test_long_audio_file_is_refused_from_its_header(ckpt, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    import soundfile as sf
+
+    from mlx_gemma4.errors import ContextLengthError
+
+    path = tmp_path / "ckpt"
+    shutil.copytree(ckpt, path)
+    (path / "config.json").write_text(json.dumps({"text_config": {"max_position_embeddings": 1000}}))
+    proc = Processor.from_pretrained(path)
+    sf.write(tmp_path / "lecture.wav", np.zeros(8000 * 90, np.int16), 8000)  # 90 s at 8 kHz
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the file was decoded before its length was checked")
+
+    monkeypatch.setattr(sf, "read", no_decoding)
+    with pytest.raises(ContextLengthError, match="1 min 30.0 s.*longest audio it can take is 39.8 s"):
+        proc(text="<|audio|>", audio=str(tmp_path / "lecture.wav"))

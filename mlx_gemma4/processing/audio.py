@@ -175,6 +175,30 @@ def _check_rate(sampling_rate: Any) -> int:
     return int(sampling_rate)
 
 
+def probe_length(src: Any) -> int | None:
+    """Samples ``src`` will have at 16 kHz, read from a file's header without decoding it (None if unknown)."""
+    if not isinstance(src, (str, Path)):
+        return None
+    path = media_path(src, "audio")
+    try:
+        import soundfile as sf
+
+        info = sf.info(str(path))
+        if info.samplerate > 0 and info.frames > 0:
+            return int(info.frames * SAMPLING_RATE // info.samplerate)
+    except Exception:  # not a format libsndfile reads: try the container's duration
+        pass
+    try:
+        import av
+
+        with av.open(str(path)) as container:
+            if container.duration and container.streams.audio:
+                return int(container.duration * SAMPLING_RATE // 1_000_000)  # duration is in microseconds
+    except Exception:
+        pass
+    return None
+
+
 def load_audio(src: str | Path | np.ndarray, sampling_rate: int | None = None) -> np.ndarray:
     """A clip as 1-D float32 mono samples at 16 kHz.
 

@@ -189,24 +189,26 @@ class Processor:
         return out, [f"{boi}{image * int(n)}{eoi}" for n in out["num_soft_tokens_per_image"]]
 
     def _audio_runs(self, audio: list[Any]) -> tuple[dict[str, Any], list[str]]:
-        from .audio import load_audio
+        from .audio import load_audio, probe_length
 
+        if self.context_length is not None:  # first from the files' headers, before decoding anything
+            self._check_audio_fits([n for n in map(probe_length, audio) if n is not None])
         clips = [load_audio(a) for a in audio]
-        self._check_audio_fits(clips)
+        self._check_audio_fits([len(c) for c in clips])
         out = self.audio_extractor(clips)
         boa, token, eoa = self._placeholder("boa"), self._placeholder("audio"), self._placeholder("eoa")
         return out, self.audio_extractor.prompt_texts(out, boa, token, eoa)
 
-    def _check_audio_fits(self, clips: list[Any]) -> None:
-        """Refuse audio whose soft tokens alone overflow the model's context, before any features are made."""
+    def _check_audio_fits(self, lengths: list[int]) -> None:
+        """Refuse clips (of these many 16 kHz samples) whose soft tokens alone overflow the model's context."""
         if self.context_length is None:
             return
         fe = self.audio_extractor
-        needed = sum(fe.prompt_length(len(c)) for c in clips)
+        needed = sum(fe.prompt_length(n) for n in lengths)
         room = self.context_length - 1  # at least <bos> and one more token share the context with the audio
         if needed <= room:
             return
-        total = sum(len(c) for c in clips)
+        total = sum(lengths)
         longest = fe.longest_clip(room)
         raise ContextLengthError(
             f"The audio ({_duration(total, fe.sampling_rate)}) needs {needed:,} prompt tokens but this model's "
