@@ -70,9 +70,10 @@ def sniff(path: Path) -> Attachment:
 
     Raises `AttachmentError` with a message fit to show the user.
     """
-    if not path.exists():
+    state = _state(path)
+    if state == "missing":
         raise AttachmentError(f"{path}: no such file")
-    if not path.is_file():
+    if state != "file":
         raise AttachmentError(f"{path}: not a file")
     try:
         with path.open("rb") as f:
@@ -85,16 +86,27 @@ def sniff(path: Path) -> Attachment:
     return found
 
 
+def _state(path: Path) -> str:
+    """"file", "dir", "other" or "missing"; a name the OS refuses (too long, a NUL byte) counts as missing."""
+    try:
+        if path.is_file():
+            return "file"
+        if path.is_dir():
+            return "dir"
+        return "other" if path.exists() else "missing"
+    except (OSError, ValueError):
+        return "missing"
+
+
 def _sniff_image(path: Path) -> Attachment | None:
-    from PIL import Image, UnidentifiedImageError
+    from mlx_gemma4.errors import InputError
+    from mlx_gemma4.processing.image import probe_image
 
     try:
-        with Image.open(path) as im:
-            size = im.size
-            im.verify()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        return None
-    return Attachment(path, "image", size=size)
+        size = probe_image(path)  # the processor's own test of an image, so the two never disagree
+    except InputError as e:  # over Pillow's decompression-bomb limit
+        raise AttachmentError(f"{path.name}: the image is too large to open safely; downscale it first") from e
+    return None if size is None else Attachment(path, "image", size=size)
 
 
 def _sniff_audio(path: Path) -> Attachment | None:
@@ -102,7 +114,7 @@ def _sniff_audio(path: Path) -> Attachment | None:
 
     try:
         info = sf.info(str(path))
-    except (RuntimeError, sf.LibsndfileError, TypeError):
+    except Exception:  # LibsndfileError, RuntimeError, TypeError, ...: not a format libsndfile reads
         return None
     if info.frames <= 0:
         return None
@@ -128,7 +140,7 @@ def _sniff_av(path: Path) -> Attachment | None:
             if box.streams.audio:
                 next(box.decode(audio=0))
                 return Attachment(path, "audio", duration=duration)
-    except (av.error.FFmpegError, OSError, ValueError, UnicodeDecodeError, StopIteration):
+    except Exception:  # FFmpegError, OSError, ValueError, UnicodeDecodeError, StopIteration, ...
         return None
     return None
 
@@ -173,11 +185,12 @@ def parse_prompt(text: str) -> ParsedPrompt:
             continue
         path = to_path(word)
         claimed = _claimed_kind(path)
-        if not path.exists():
+        state = _state(path)
+        if state == "missing":
             if claimed or m.group("sq") is not None or m.group("dq") is not None or word.startswith("file://"):
                 out.notices.append(f"{word}: no such file, left in the message")
             continue
-        if path.is_dir():
+        if state == "dir":
             continue
         try:
             att = sniff(path)

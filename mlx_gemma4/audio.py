@@ -280,14 +280,29 @@ class AudioModel(nn.Module):
         return out
 
 
+# Segments (30 s clips) through the tower at once: its activations grow with the batch (the subsampling convs
+# alone hold ~200 MB per segment at real sizes), so a long recording goes through a few segments at a time.
+SEGMENTS_PER_BATCH = 4
+
+
 def encode_audio(audio_tower: AudioModel, embed_audio: MultimodalEmbedder, input_features: mx.array,
-                 input_features_mask: mx.array) -> mx.array:
+                 input_features_mask: mx.array, batch_size: int = SEGMENTS_PER_BATCH) -> mx.array:
     """Soft tokens for every valid frame, clip by clip in batch order: (total_soft_tokens, text_hidden).
 
     This is the order the reference scatters them into the audio placeholder positions (it keeps
-    ``features[mask]``, row-major), and the count per clip equals the processor's placeholder count."""
-    hidden, valid = audio_tower(input_features, input_features_mask)
-    embeds = embed_audio(hidden)  # (B, T', text_hidden)
-    b, t, dim = embeds.shape
-    keep = np.flatnonzero(np.array(valid.reshape(-1)))  # valid positions, row-major
-    return embeds.reshape(b * t, dim)[mx.array(keep, dtype=mx.int32)]  # (total_soft_tokens, text_hidden)
+    ``features[mask]``, row-major), and the count per clip equals the processor's placeholder count.
+    Rows go through the tower ``batch_size`` at a time, each batch evaluated before the next, so peak memory
+    does not grow with the recording's length (only the soft tokens themselves do)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    out = []
+    for start in range(0, input_features.shape[0], batch_size):
+        hidden, valid = audio_tower(input_features[start:start + batch_size],
+                                    input_features_mask[start:start + batch_size])
+        embeds = embed_audio(hidden)  # (B, T', text_hidden)
+        b, t, dim = embeds.shape
+        keep = np.flatnonzero(np.array(valid.reshape(-1)))  # valid positions, row-major
+        tokens = embeds.reshape(b * t, dim)[mx.array(keep, dtype=mx.int32)]  # (valid in batch, text_hidden)
+        mx.eval(tokens)
+        out.append(tokens)
+    return out[0] if len(out) == 1 else mx.concatenate(out, axis=0)  # (total_soft_tokens, text_hidden)

@@ -14,6 +14,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 from PIL import Image, ImageDraw, ImageFont
@@ -43,32 +44,80 @@ class Box:
         return self.kind == "point"
 
 
-def _balanced(text: str, start: int) -> str | None:
-    """The bracketed span opening at ``text[start]``, skipping brackets inside quoted strings."""
-    closing = {"[": "]", "{": "}"}
-    stack: list[str] = []
-    quote: str | None = None
-    i = start
-    while i < len(text):
-        ch = text[i]
-        if quote:
-            if ch == "\\":
-                i += 1
-            elif ch == quote:
-                quote = None
-        elif ch in "\"'":
-            # A single quote between letters is an apostrophe ("person's"), not a string delimiter.
-            if not (ch == "'" and 0 < i < len(text) - 1 and text[i - 1].isalnum() and text[i + 1].isalnum()):
-                quote = ch
-        elif ch in closing:
-            stack.append(closing[ch])
-        elif ch in "]}":
-            if not stack or stack.pop() != ch:
-                return None
-            if not stack:
-                return text[start : i + 1]
-        i += 1
-    return None
+_CLOSING = {"[": "]", "{": "}"}
+# Detection answers nest two or three brackets deep; deeper spans are never parsed, which keeps the total parsing
+# work linear in the answer's length (and json/ast clear of their recursion limits).
+_MAX_HEIGHT = 32
+
+
+class _Spans:
+    """Where each ``[`` / ``{`` of ``text`` closes, skipping brackets inside quoted strings.
+
+    ``end(i)`` is the index of the bracket that closes the one at ``i`` (None if it never does), as a scan
+    starting at ``i`` finds it. One scan records the answer for every bracket it meets outside quotes and jumps
+    over spans already known, which makes ordinary answers (and runs of brackets) linear, not quadratic. Text
+    built so that every bracket sits inside a string as seen from the one before could still cost a scan per
+    bracket, so all scans together get a step budget linear in the text; past it, unscanned brackets count
+    as unclosed (no real answer comes near it: the scan of a JSON answer covers it once)."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self._end: dict[int, int | None] = {}
+        self._height: dict[int, int] = {}  # nesting levels of the span (1: no brackets inside)
+        self._steps_left = 16 * len(text) + 4096
+
+    def end(self, start: int) -> int | None:
+        if start not in self._end:
+            self._scan(start)
+        return self._end.get(start)  # absent: the step budget ran out before the scan began
+
+    def height(self, start: int) -> int:
+        return self._height.get(start, 0)
+
+    def _is_quote(self, i: int) -> bool:
+        ch, text = self.text[i], self.text
+        # A single quote between letters is an apostrophe ("person's"), not a string delimiter.
+        return ch == '"' or (ch == "'" and not (0 < i < len(text) - 1 and text[i - 1].isalnum()
+                                                 and text[i + 1].isalnum()))
+
+    def _scan(self, start: int) -> None:
+        text, known = self.text, self._end
+        stack: list[list[int]] = []  # [opener index, height of its tallest child so far]
+        quote: str | None = None
+        i = start
+        while i < len(text):
+            self._steps_left -= 1
+            if self._steps_left < 0:
+                break
+            ch = text[i]
+            if quote:
+                if ch == "\\":
+                    i += 1
+                elif ch == quote:
+                    quote = None
+            elif ch in "\"'":
+                if self._is_quote(i):
+                    quote = ch
+            elif ch in _CLOSING:
+                if i != start and i in known:  # met outside quotes before: same answer from here
+                    if known[i] is None:
+                        break
+                    if stack:
+                        stack[-1][1] = max(stack[-1][1], self._height[i])
+                    i = known[i] + 1
+                    continue
+                stack.append([i, 0])
+            elif ch in "]}":
+                if not stack or _CLOSING[text[stack[-1][0]]] != ch:
+                    break
+                opener, child = stack.pop()
+                known[opener], self._height[opener] = i, child + 1
+                if not stack:
+                    return
+                stack[-1][1] = max(stack[-1][1], child + 1)
+            i += 1
+        for opener, _ in stack:  # unclosed, or closed by the wrong bracket
+            known[opener] = None
 
 
 def _loads(span: str) -> Any:
@@ -76,26 +125,28 @@ def _loads(span: str) -> Any:
     for candidate in (span, _TRAILING_COMMA.sub(r"\1", span)):
         try:
             return json.loads(candidate)
-        except ValueError:
+        except (ValueError, RecursionError):
             pass
     py = re.sub(r"\btrue\b", "True", re.sub(r"\bfalse\b", "False", re.sub(r"\bnull\b", "None", span)))
     try:
         return ast.literal_eval(py)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
+    except Exception:  # ValueError, SyntaxError, TypeError ({[1]}: an unhashable set), RecursionError, ...
         return None
 
 
 def _values(text: str) -> Iterator[Any]:
     """Every top-level JSON-ish value in ``text`` that parses, left to right."""
+    spans = _Spans(text)
     i = 0
     while i < len(text):
-        if text[i] in "[{":
-            span = _balanced(text, i)
-            value = _loads(span) if span else None
-            if value is not None and not isinstance(value, (int, float, str)):
-                yield value
-                i += len(span)
-                continue
+        if text[i] in _CLOSING:
+            end = spans.end(i)
+            if end is not None and spans.height(i) <= _MAX_HEIGHT:
+                value = _loads(text[i:end + 1])
+                if value is not None and not isinstance(value, (int, float, str)):
+                    yield value
+                    i = end + 1
+                    continue
         i += 1
 
 
@@ -154,9 +205,16 @@ def parse_boxes(text: str, image_size: tuple[int, int]) -> list[Box]:
     return boxes
 
 
-def draw_boxes(image: Image.Image, boxes: list[Box]) -> Image.Image:
-    """A copy of ``image`` (RGB, same size) with each box outlined, each point marked, and labels written."""
-    out = image.convert("RGB") if image.mode != "RGB" else image.copy()
+def draw_boxes(image: Image.Image | str | Path, boxes: list[Box]) -> Image.Image:
+    """A copy of ``image`` (RGB) with each box outlined, each point marked, and labels written.
+
+    ``image`` is opened as the processor opens it (EXIF orientation applied, high bit depths scaled), so the
+    boxes land where the model saw things; map them with ``parse_boxes(text, load_image(image).size)``.
+    Unusable images raise :class:`~mlx_gemma4.errors.InputError`."""
+    from .processing.image import load_image
+
+    picture = load_image(image)
+    out = picture.copy() if picture is image else picture
     draw = ImageDraw.Draw(out)
     line = max(1, round(min(out.size) / 200))
     try:

@@ -31,3 +31,25 @@ def checkpoint_factory(tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def write_bomb_png(path, side: int = 30_000):
+    """A valid 1-bit side x side PNG (~110 KB for 30,000): over Pillow's decompression-bomb limit."""
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    z = zlib.compressobj(9)
+    row = bytes(1 + (side + 7) // 8)  # filter byte + 1 bit per pixel
+    idat = b"".join([z.compress(row * 1000) for _ in range(side // 1000)] + [z.compress(row * (side % 1000)),
+                                                                              z.flush()])
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit grayscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture(scope="session")
+def bomb_png(tmp_path_factory):
+    return write_bomb_png(tmp_path_factory.mktemp("bomb") / "huge.png")

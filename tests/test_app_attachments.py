@@ -141,3 +141,41 @@ def test_truncated_image_gets_a_notice(media):
     p = parse_prompt(f"'{broken}'")
     assert p.attachments == []
     assert p.notices and "broken.png" in p.notices[0]
+
+
+def test_huge_image_is_a_notice_and_the_message_is_kept(bomb_png):
+    with pytest.raises(AttachmentError, match="huge.png: the image is too large"):
+        check(bomb_png)
+    with pytest.raises(AttachmentError, match="too large"):
+        check(str(bomb_png), expect="image")
+    p = parse_prompt(f"what is in {bomb_png} please")
+    assert p.attachments == []
+    assert len(p.notices) == 1 and "too large" in p.notices[0]
+    assert p.text == f"what is in {bomb_png} please"
+
+
+def test_any_pillow_failure_while_sniffing_is_not_a_crash(media, monkeypatch):
+    from PIL import PngImagePlugin
+
+    def broken(self):
+        raise IndexError("a plugin bug")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "verify", broken)
+    p = parse_prompt(f"look '{media['png']}'")
+    assert p.attachments == [] and "cat photo.png: not an image" in p.notices[0]
+
+
+def test_names_the_os_refuses_are_no_such_file():
+    long_name = "/" + "a" * 5000 + ".png"
+    p = parse_prompt(f"see {long_name} and /tmp/x\x00y.png")
+    assert p.attachments == [] and len(p.notices) == 2 and all("no such file" in n for n in p.notices)
+    with pytest.raises(AttachmentError, match="no such file"):
+        check(long_name)
+
+
+def test_portrait_photo_size_is_as_displayed(tmp_path):
+    stored = Image.new("RGB", (8, 4), "white")
+    exif = stored.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    stored.save(tmp_path / "portrait.jpg", exif=exif)
+    assert check(tmp_path / "portrait.jpg").size == (4, 8)

@@ -166,3 +166,46 @@ def test_end_to_end_from_waveform_with_128_mel_bins():
     soft = np.array(encode_audio(ours, embed, mx.array(x), mx.array(m)))
     assert soft.shape[0] == sum(fe["num_soft_tokens_per_audio"])
     np.testing.assert_allclose(soft, soft_ref, rtol=0, atol=ATOL)
+
+
+class _Recording:
+    """The tower, recording how many rows each call gets."""
+
+    def __init__(self, tower):
+        self.tower, self.rows = tower, []
+
+    def __call__(self, features, mask):
+        self.rows.append(features.shape[0])
+        return self.tower(features, mask)
+
+
+def test_long_audio_goes_through_the_tower_in_bounded_batches(towers):
+    ref, ref_embed, ours, embed = towers
+    rows = [features(48, 48 - 5 * i, TINY_MEL, seed=10 + i) for i in range(7)]  # 7 segments of one recording
+    x, m = np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])
+    _, _, soft_ref = run_ref(ref, ref_embed, x, m)
+    recording = _Recording(ours)
+    soft = np.array(encode_audio(recording, embed, mx.array(x), mx.array(m), batch_size=3))
+    assert recording.rows == [3, 3, 1]
+    np.testing.assert_allclose(soft, soft_ref, rtol=0, atol=ATOL)
+    recording.rows.clear()
+    encode_audio(recording, embed, mx.array(x), mx.array(m))  # the default bound applies without asking
+    assert max(recording.rows) < len(rows)
+
+
+def test_peak_memory_of_the_tower_does_not_grow_with_the_recording(towers):
+    _, _, ours, embed = towers
+
+    def peak_and_output(segments: int) -> tuple[int, int]:
+        x, m = features(400, 400, TINY_MEL, seed=3)
+        x, m = mx.array(np.repeat(x, segments, 0)), mx.array(np.repeat(m, segments, 0))
+        mx.eval(x, m)
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        out = encode_audio(ours, embed, x, m, batch_size=2)
+        mx.eval(out)
+        return mx.get_peak_memory() - base, out.nbytes
+
+    (short, short_out), (long, long_out) = peak_and_output(2), peak_and_output(16)
+    # Only the soft tokens themselves may grow with the length; one batch of 16 segments costs ~12x more.
+    assert long - short < 2 * (long_out - short_out), (short, long, long_out - short_out)

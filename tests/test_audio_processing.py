@@ -250,3 +250,61 @@ def test_extractor_refuses_unusable_clips(ours):
         ours([np.full(4000, np.nan, np.float32)])
     with pytest.raises(InputError):
         ours([])
+
+
+@pytest.mark.parametrize("fmt, ext", [("WAV", "wav"), ("AIFF", "aiff"), ("AU", "au"), ("W64", "w64")])
+def test_truncated_file_is_refused_not_read_in_part(tmp_path, fmt, ext):
+    whole = tmp_path / f"whole.{ext}"
+    sf.write(whole, signal("tone", 1.0), SR, format=fmt, subtype="PCM_16")
+    assert len(load_audio(whole)) == SR
+    data = whole.read_bytes()
+    cut = tmp_path / f"cut.{ext}"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="truncated") as e:
+        load_audio(cut)
+    assert f"cut.{ext}" in str(e.value)
+
+
+def test_streamed_wav_with_unknown_length_is_read_whole(tmp_path):
+    import struct
+
+    path = tmp_path / "stream.wav"
+    sf.write(path, signal("tone", 1.0), SR, subtype="PCM_16")
+    data = bytearray(path.read_bytes())
+    at = data.index(b"data")
+    data[at + 4:at + 8] = struct.pack("<I", 0xFFFFFFFF)  # a writer that did not know the length yet
+    path.write_bytes(bytes(data))
+    assert len(load_audio(path)) == SR
+
+
+def test_channels_first_arrays_are_mixed_to_mono():
+    x = signal("tone", 0.5)
+    nine = np.stack([x] * 8 + [np.zeros_like(x)])  # (9, n): 9 channels, channels first
+    np.testing.assert_allclose(load_audio(nine), x * 8 / 9, atol=1e-6)
+    np.testing.assert_allclose(load_audio(nine.T), x * 8 / 9, atol=1e-6)  # (n, 9)
+    with pytest.raises(InputError, match="channels"):
+        load_audio(np.zeros((100, 200), np.float32))  # neither axis is a plausible channel count
+
+
+def test_array_sampling_rate_is_checked():
+    for rate in (0, -16000, 12.5, float("nan"), 10**9, True, "16k"):
+        with pytest.raises(InputError, match="sampling_rate"):
+            load_audio(np.zeros(1600, np.float32), sampling_rate=rate)
+    with pytest.raises(InputError, match="array"):
+        load_audio([[0.0, 0.1], [0.2]])  # ragged
+
+
+def test_home_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    sf.write(tmp_path / "memo.wav", signal("tone", 0.5), SR)
+    assert len(load_audio("~/memo.wav")) == SR // 2
+
+
+def test_prompt_length_and_longest_clip(ours, ref):
+    segment = ours.segment_samples
+    for n in (1600, 16_000, segment, segment + 1, 3 * segment + 12_345):
+        run = ours.prompt_texts(ours([signal("noise", n / SR)]), "<", "a", ">")[0]
+        assert ours.prompt_length(n) == len(run)
+    for budget in (100, 752, 753, 131_071):
+        longest = ours.longest_clip(budget)
+        assert ours.prompt_length(longest) <= budget < ours.prompt_length(longest + 1)

@@ -69,3 +69,94 @@ def test_draw_boxes_keeps_size_and_marks_pixels():
     assert out.getpixel((400, 200)) != (255, 255, 255)  # the point
     assert out.getpixel((300, 300)) == (255, 255, 255)  # inside the box, away from the label
     assert draw_boxes(Image.new("L", (10, 20)), []).size == (10, 20)
+
+
+class _TooMuchWork(Exception):
+    pass
+
+
+def _lines_run(text: str, limit: int) -> int:
+    """Lines of mlx_gemma4/boxes.py that parse_boxes(text) executes (a measure of work that no clock skews);
+    stops at `limit` so a quadratic parser fails fast instead of running for minutes."""
+    import sys
+
+    import mlx_gemma4.boxes as boxes
+
+    count = 0
+
+    def local(frame, event, arg):
+        nonlocal count
+        if event == "line":
+            count += 1
+            if count > limit:
+                raise _TooMuchWork
+        return local
+
+    def tracer(frame, event, arg):
+        return local if frame.f_code.co_filename == boxes.__file__ else None
+
+    sys.settrace(tracer)
+    try:
+        parse_boxes(text, SIZE)
+    except _TooMuchWork:
+        pass
+    finally:
+        sys.settrace(None)
+    return count
+
+
+@pytest.mark.parametrize("unit", ["[", "{", "[{", '["', "'[", '["\\"', "[a]", '{"box_2d": [1, 2, '])
+def test_parsing_is_linear_in_the_answer(unit):
+    short, long = unit * (2000 // len(unit)), unit * (8000 // len(unit))
+    budget = 400 * len(long)  # the old parser ran ~len**2 / 2 scan steps (32,000,000 here), ~8 lines each
+    n_short, n_long = _lines_run(short, budget), _lines_run(long, budget)
+    assert n_long < budget, f"{n_long} lines for {len(long)} characters"
+    assert n_long < 6 * n_short  # four times the text, about four times the work
+
+
+def test_deep_nesting_is_no_error():
+    assert parse_boxes("[" * 5000 + "]" * 5000, SIZE) == []
+    assert parse_boxes("{[1, 2]}", SIZE) == []  # a Python set of a list: unhashable, not a crash
+
+
+def _exif_rotated_photo(path):
+    """An 8x4 picture stored sideways with EXIF orientation 6: it displays (and the model sees it) as 4x8."""
+    stored = Image.new("RGB", (8, 4), "white")
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    stored.save(path, exif=exif)
+    return path
+
+
+def test_draw_boxes_on_a_path_uses_the_orientation_the_model_sees(tmp_path):
+    from mlx_gemma4.processing.image import load_image
+
+    path = _exif_rotated_photo(tmp_path / "portrait.jpg")
+    seen = load_image(path)
+    assert seen.size == (4, 8)
+    out = draw_boxes(path, parse_boxes('{"point_2d": [500, 500]}', seen.size))
+    assert out.size == (4, 8)
+
+
+def test_app_annotate_draws_on_the_rotated_image(tmp_path):
+    from app.boxes import annotate
+
+    path = _exif_rotated_photo(tmp_path / "portrait.jpg")
+    out = annotate('[{"box_2d": [0, 0, 1000, 1000], "label": ""}]', path, tmp_path / "out")
+    assert Image.open(out).size == (4, 8)
+    assert annotate("no boxes here", path, tmp_path / "out") is None
+
+
+def test_unusable_images_are_input_errors(bomb_png, tmp_path):
+    from app.boxes import annotate
+    from mlx_gemma4.errors import InputError
+
+    answer = '{"box_2d": [0, 0, 10, 10]}'
+    with pytest.raises(InputError, match="too large"):
+        annotate(answer, bomb_png, tmp_path)
+    with pytest.raises(InputError, match="too large"):
+        draw_boxes(bomb_png, [])
+    closed = Image.new("RGB", (4, 4))
+    closed.close()
+    with pytest.raises(InputError, match="closed"):
+        draw_boxes(closed, [])

@@ -116,3 +116,77 @@ def test_bad_inputs_name_the_file(tmp_path, monkeypatch):
     _raises_naming(tmp_path / "full.jpg", "full.jpg", "too large")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 - 1)
     _raises_naming(tmp_path / "full.jpg", "full.jpg", "too large")
+
+
+def test_decompression_bomb_is_a_clear_error_everywhere(bomb_png, monkeypatch):
+    for src in (bomb_png, str(bomb_png)):
+        _raises_naming(src, "huge.png", "too large")
+    with pytest.raises(InputError, match="too large"):
+        ImageProcessor()([bomb_png])
+    # A PIL image the caller opened (or made) over the limit is refused the same way.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 - 1)
+    with pytest.raises(InputError, match="too large.*MAX_IMAGE_PIXELS"):
+        load_image(Image.new("RGB", (64, 64)))
+
+
+def test_any_pillow_decode_failure_is_an_input_error(tmp_path, monkeypatch):
+    from PIL import PngImagePlugin
+
+    _image(16, 16).save(tmp_path / "ok.png")
+
+    def broken(self):
+        raise IndexError("tile index out of range")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", broken)
+    _raises_naming(tmp_path / "ok.png", "ok.png", "corrupt")
+
+
+def test_closed_image_says_it_is_closed():
+    image = _image(8, 8)
+    image.close()
+    with pytest.raises(InputError, match="closed") as e:
+        load_image(image)
+    assert "corrupt" not in str(e.value)
+
+
+def test_home_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _image(20, 10).save(tmp_path / "photo.png")
+    assert load_image("~/photo.png").size == (20, 10)
+
+
+def _gray(image: Image.Image) -> np.ndarray:
+    rgb = np.asarray(load_image(image)).astype(int)  # (H, W, 3)
+    assert (rgb == rgb[..., :1]).all()
+    return rgb[..., 0]
+
+
+def test_16_bit_png_gradient_is_scaled_not_clipped(tmp_path):
+    ramp = np.linspace(0, 65535, 256).round().astype(np.uint16)[None].repeat(4, 0)  # (4, 256)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I;16")
+    got = _gray(tmp_path / "deep.png")
+    np.testing.assert_allclose(got, ramp / 257, atol=0.51)
+    Image.fromarray(ramp.astype(np.int32)).save(tmp_path / "deep32.tif")  # mode I: a 16-bit range in 32 bits
+    np.testing.assert_allclose(_gray(tmp_path / "deep32.tif"), ramp / 257, atol=0.51)
+
+
+def test_float_tiff_is_scaled_from_its_range(tmp_path):
+    unit = np.linspace(0, 1, 256, dtype=np.float32)[None].repeat(4, 0)  # (4, 256) in [0, 1]
+    Image.fromarray(unit).save(tmp_path / "unit.tif")
+    assert Image.open(tmp_path / "unit.tif").mode == "F"
+    np.testing.assert_allclose(_gray(tmp_path / "unit.tif"), unit * 255, atol=0.51)
+    wide = unit * 10 - 3  # any other range: its minimum is black and its maximum white
+    Image.fromarray(wide).save(tmp_path / "wide.tif")
+    np.testing.assert_allclose(_gray(tmp_path / "wide.tif"), unit * 255, atol=0.51)
+    assert len(np.unique(_gray(tmp_path / "wide.tif"))) == 256
+
+
+def test_arrays_of_other_dtypes_are_scaled():
+    unit = np.linspace(0, 1, 64)[None, :, None].repeat(3, 0).repeat(3, 2)  # (3, 64, 3) float64 in [0, 1]
+    np.testing.assert_allclose(np.asarray(load_image(unit)), unit * 255, atol=0.51)
+    np.testing.assert_allclose(np.asarray(load_image((unit * 255).astype(np.float32))), unit * 255, atol=0.51)
+    np.testing.assert_allclose(np.asarray(load_image((unit * 65535).astype(np.uint16))), unit * 255, atol=0.51)
+    np.testing.assert_array_equal(np.asarray(load_image(np.full((2, 2, 1), True)))[..., 0], 255)
+    with pytest.raises(InputError, match="NaN"):
+        load_image(np.full((4, 4), np.nan, np.float32))

@@ -190,3 +190,88 @@ def test_video_placeholders_expand_like_reference(proc, ref, ref_tok):
     _check(out, ids, types)
     assert out["pixel_values_videos"].shape[0] == 5 and 2 in types and 1 in types
     assert "00:00 <|image>" in expanded
+
+
+def _write_mp4(path, frames: int = 3):
+    import av
+
+    with av.open(str(path), "w") as box:
+        stream = box.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), i * 40, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                box.mux(packet)
+        for packet in stream.encode():
+            box.mux(packet)
+    return str(path)
+
+
+def test_video_grouping_matches_the_placeholders(proc, tmp_path):
+    _image(40, 30).save(tmp_path / "a.png")
+    still = str(tmp_path / "a.png")
+    # Two paths to still images are the frames of ONE video: two placeholders is a clear count mismatch.
+    with pytest.raises(InputError, match="2 <\\|video\\|> placeholder.*1 video.*list of frames is one video"):
+        proc(text="<|video|> and <|video|>", videos=[still, still])
+    one = proc(text="Watch <|video|>", videos=[still, still, still], max_soft_tokens=70)  # the frames form
+    assert one["pixel_values_videos"].shape[0] == 3
+    clip = _write_mp4(tmp_path / "clip.mp4")
+    two = proc(text="<|video|> then <|video|>", videos=[clip, clip], max_soft_tokens=70)
+    assert two["pixel_values_videos"].shape[0] == 6
+    assert proc(text="<|video|>", videos=clip)["pixel_values_videos"].shape[0] == 3
+    frames = [_image(30, 40, i) for i in range(2)]
+    assert proc(text="<|video|><|video|>", videos=[frames, [still]])["pixel_values_videos"].shape[0] == 3
+    with pytest.raises(InputError, match="mixes single frames"):
+        proc(text="<|video|><|video|>", videos=[clip, still])
+
+
+def test_lone_surrogate_is_an_input_error(proc):
+    with pytest.raises(InputError, match="surrogate.*position 6"):
+        proc(text="hello \ud800 world")
+    with pytest.raises(InputError, match="surrogate"):
+        proc.tokenizer.encode("\udcff")
+
+
+def test_audio_longer_than_the_context_is_refused_before_any_work(ckpt, tmp_path):
+    import json
+    import shutil
+
+    from mlx_gemma4.errors import ContextLengthError
+
+    path = tmp_path / "ckpt"
+    shutil.copytree(ckpt, path)
+    (path / "config.json").write_text(json.dumps({"text_config": {"max_position_embeddings": 1000}}))
+    proc = Processor.from_pretrained(path)
+    assert proc.context_length == 1000
+    longest = proc.audio_extractor.longest_clip(999)
+    assert proc.audio_extractor.prompt_length(longest) <= 999
+    out = proc(text="<|audio|>", audio=np.zeros(longest, np.float32))
+    assert (out["input_ids"] == SPECIAL_IDS["audio"]).sum().item() > 900
+    with pytest.raises(ContextLengthError, match=r"longest audio it can take is 39.8 s") as e:
+        proc(text="<|audio|>", audio=np.zeros(longest + 16000, np.float32))
+    assert "1,000" in str(e.value)
+    # Several clips count together.
+    with pytest.raises(ContextLengthError):
+        proc(text="<|audio|> <|audio|>", audio=[np.zeros(longest // 2 + 16000, np.float32)] * 2)
+
+
+def test_long_audio_file_is_refused_from_its_header(ckpt, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    import soundfile as sf
+
+    from mlx_gemma4.errors import ContextLengthError
+
+    path = tmp_path / "ckpt"
+    shutil.copytree(ckpt, path)
+    (path / "config.json").write_text(json.dumps({"text_config": {"max_position_embeddings": 1000}}))
+    proc = Processor.from_pretrained(path)
+    sf.write(tmp_path / "lecture.wav", np.zeros(8000 * 90, np.int16), 8000)  # 90 s at 8 kHz
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the file was decoded before its length was checked")
+
+    monkeypatch.setattr(sf, "read", no_decoding)
+    with pytest.raises(ContextLengthError, match="1 min 30.0 s.*longest audio it can take is 39.8 s"):
+        proc(text="<|audio|>", audio=str(tmp_path / "lecture.wav"))

@@ -21,11 +21,12 @@ from mlx_gemma4.errors import InputError
 from mlx_gemma4.processing.video import VideoProcessor, load_video, sample_indices, video_prompt_text
 
 
-def _write_video(path, frames: int = 40, fps: int = 10, size=(64, 48)) -> None:
+def _write_video(path, frames: int = 40, fps: int = 10, size=(64, 48), fmt: str | None = None,
+                 codec: str = "mpeg4") -> None:
     w, h = size
     rng = np.random.default_rng(0)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
+    with av.open(str(path), "w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         for i in range(frames):
             pixels = np.clip(rng.integers(0, 60, (h, w, 3)) + i * 4, 0, 255).astype(np.uint8)
@@ -134,3 +135,67 @@ def test_bad_inputs(tmp_path, video_path):
         load_video([])
     with pytest.raises(InputError, match="same size"):
         load_video([Image.new("RGB", (8, 8)), Image.new("RGB", (9, 8))])
+
+
+@pytest.mark.parametrize("name, fmt, codec", [("clip.ts", "mpegts", "mpeg2video"), ("clip.ogv", "ogg", "libvpx"),
+                                              ("clip", "mp4", "mpeg4"), ("clip.dat", "matroska", "mpeg4")])
+def test_videos_are_read_by_content_not_name(tmp_path, name, fmt, codec):
+    _write_video(tmp_path / name, frames=6, fps=3, fmt=fmt, codec=codec)
+    out = VideoProcessor()([str(tmp_path / name)])  # a list of videos, as processor(videos=[...]) passes them
+    assert out["num_frames_per_video"] == [6]
+    assert out["pixel_values_videos"].shape[0] == 6
+
+
+def test_audio_only_and_frameless_files_say_so(tmp_path):
+    import soundfile as sf
+
+    sf.write(tmp_path / "voice.mp4", np.zeros(1600, np.float32), 16000, format="WAV")  # misnamed audio
+    _raises_naming(tmp_path / "voice.mp4", "voice.mp4", "no video stream .audio only")
+    with av.open(str(tmp_path / "empty.avi"), "w") as container:  # a stream header and no frames
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        container.start_encoding()
+    with pytest.raises(InputError, match="no frames") as e:
+        load_video(tmp_path / "empty.avi")
+    assert "empty.avi" in str(e.value) and "not permitted" not in str(e.value)
+
+
+def test_home_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _write_video(tmp_path / "home.mp4", frames=3)
+    assert load_video("~/home.mp4").total_num_frames == 3
+
+
+def test_grouping_one_video_or_several(tmp_path, video_path):
+    from mlx_gemma4.processing.video import group_videos
+
+    for i in range(3):
+        Image.new("RGB", (40, 30), (i * 50, 0, 0)).save(tmp_path / f"f{i}.png")
+    still = [str(tmp_path / f"f{i}.png") for i in range(3)]
+    frames = [Image.new("RGB", (40, 30)) for _ in range(2)]
+    arrays = np.zeros((4, 30, 40, 3), np.uint8)
+    assert group_videos(str(video_path)) == [str(video_path)]
+    assert group_videos(still) == [still]  # paths to still images are the frames of one video
+    assert group_videos(frames) == [frames]
+    assert len(group_videos([str(video_path), str(video_path)])) == 2
+    assert len(group_videos([still, frames, arrays])) == 3
+    assert len(group_videos(arrays)) == 1
+    out = VideoProcessor()(still)
+    assert out["num_frames_per_video"] == [3]
+    with pytest.raises(InputError, match="mixes single frames"):
+        group_videos([str(video_path), still[0]])
+    with pytest.raises(InputError, match="no such file"):
+        group_videos([still[0], str(tmp_path / "gone.png")])
+
+
+def test_video_processor_holds_an_image_processor():
+    from mlx_gemma4.processing.image import ImageProcessor
+
+    vp = VideoProcessor.from_dict({"video_processor": {"max_soft_tokens": 140, "patch_size": 16, "num_frames": 4,
+                                                       "resample": 2}})
+    assert isinstance(vp.frames, ImageProcessor)
+    assert (vp.max_soft_tokens, vp.frames.resample, vp.num_frames) == (140, 2, 4)
+    assert VideoProcessor().frames == ImageProcessor(max_soft_tokens=70, do_normalize=True)
+    for bad in ({"num_frames": 0}, {"fps": -1.0}, {"num_frames": 2.5}):
+        with pytest.raises(InputError):
+            VideoProcessor(**bad)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,15 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from .files import media_path
 
 logger = logging.getLogger(__name__)
 
 SAMPLING_RATE = 16_000
+MAX_CHANNELS = 32  # a 2-D array's shorter axis is its channels, up to this many
+RATE_RANGE = (1_000, 768_000)  # sampling rates accepted for arrays (Hz)
+# Float audio lives in [-1, 1]; a little over is clipping headroom, far over is integer PCM passed as floats.
+MAX_FLOAT_PEAK = 64.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -59,17 +65,30 @@ def _to_mono_float(x: np.ndarray, what: str) -> np.ndarray:
         raise InputError(f"{what} has dtype {x.dtype}; pass audio samples as a float or integer numpy array.")
     if x.size == 0:
         raise InputError(f"{what} is empty (0 samples). Record or choose a clip with some sound in it.")
-    x = _int_to_float(x) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32, copy=False)
     if x.ndim == 2:
-        # soundfile's layout is (frames, channels); accept (channels, frames) too when it is unambiguous.
-        if x.shape[1] > x.shape[0] and x.shape[0] <= 8:
+        # (samples, channels) as soundfile reads, or (channels, samples) as torchaudio and librosa give: the
+        # shorter axis is the channels. Past MAX_CHANNELS neither reading is plausible, so say so.
+        if min(x.shape) > MAX_CHANNELS:
+            raise InputError(f"{what} has shape {x.shape}: neither axis looks like channels (at most "
+                             f"{MAX_CHANNELS}). Pass mono samples (n,), or (samples, channels) / (channels, samples).")
+        if x.shape[0] < x.shape[1]:
             x = x.T  # (channels, n) -> (n, channels)
-        x = x.mean(axis=1, dtype=np.float32)  # (n, channels) -> (n,)
     elif x.ndim != 1:
-        raise InputError(f"{what} has shape {x.shape}; expected (samples,) or (samples, channels).")
-    if not np.isfinite(x).all():
-        bad = int((~np.isfinite(x)).sum())
-        raise InputError(f"{what} contains {bad} NaN or infinite samples. Re-export or re-record the clip.")
+        raise InputError(f"{what} has shape {x.shape}; expected (samples,), (samples, channels) or "
+                         "(channels, samples).")
+    if np.issubdtype(x.dtype, np.floating):  # checked in the given dtype: a cast could overflow first
+        if not np.isfinite(x).all():
+            bad = int((~np.isfinite(x)).sum())
+            raise InputError(f"{what} contains {bad} NaN or infinite samples. Re-export or re-record the clip.")
+        peak = float(np.abs(x).max())
+        if peak > MAX_FLOAT_PEAK:
+            raise InputError(f"{what} has float samples up to {peak:g}, but float audio is in [-1, 1]. If these "
+                             "are 16-bit PCM values, pass them as np.int16 (or divide them by 32768).")
+        x = x.astype(np.float32, copy=False)
+    else:
+        x = _int_to_float(x)
+    if x.ndim == 2:
+        x = x.mean(axis=1, dtype=np.float32)  # (n, channels) -> (n,)
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
@@ -106,18 +125,35 @@ def _decode_with_av(path: Path) -> tuple[np.ndarray, int]:
     return (np.concatenate(chunks) if chunks else np.zeros(0, np.float32)), rate
 
 
+# libsndfile's header log: "data : 32000 (should be 15978)" when a chunk claims more bytes than the file holds.
+_SIZE_LINE = re.compile(r"^\s*(data|SSND|Data Size|RIFF|riff|FORM)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.M)
+_UNKNOWN_SIZE = 0xFFFFFFFF  # what streaming writers put in a header before they know the length
+
+
+def _check_complete(path: Path, sf: Any) -> None:
+    """Refuse a WAV / AIFF / AU / W64 file whose header promises more audio than the file holds (libsndfile
+    reads such a file without complaint, up to where it was cut)."""
+    try:
+        log = sf.info(str(path), verbose=True).extra_info
+    except Exception:  # the data was read; a header we cannot re-read is not proof of truncation
+        return
+    for label, declared, actual in _SIZE_LINE.findall(log):
+        if int(declared) > int(actual) and int(declared) != _UNKNOWN_SIZE:
+            raise InputError(f"Audio file {path} is truncated: its header promises {int(declared):,} bytes of "
+                             f"{label.strip()} but the file holds {int(actual):,}. Re-export, re-record or "
+                             "re-download it.")
+
+
 def _read_file(path: Path) -> tuple[np.ndarray, int]:
-    if not path.exists():
-        raise InputError(f"Audio file {path} does not exist. Check the path (drag the file in again).")
-    if path.is_dir():
-        raise InputError(f"{path} is a directory, not an audio file. Choose a .wav, .flac, .ogg or .mp3 file.")
     import soundfile as sf
 
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (n, channels), scaled to [-1, 1)
-        return data, int(rate)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         sf_error = e
+    else:
+        _check_complete(path, sf)
+        return data, int(rate)
     try:
         return _decode_with_av(path)
     except ImportError:
@@ -130,22 +166,62 @@ def _read_file(path: Path) -> tuple[np.ndarray, int]:
     )
 
 
+def _check_rate(sampling_rate: Any) -> int:
+    lo, hi = RATE_RANGE
+    ok = isinstance(sampling_rate, (int, float, np.integer, np.floating)) and not isinstance(sampling_rate, bool)
+    if not ok or not lo <= sampling_rate <= hi or int(sampling_rate) != sampling_rate:
+        raise InputError(f"sampling_rate must be a whole number of Hz from {lo} to {hi}; got {sampling_rate!r}. "
+                         "Pass the rate the samples were recorded at (16000 if unsure).")
+    return int(sampling_rate)
+
+
+def probe_length(src: Any) -> int | None:
+    """Samples ``src`` will have at 16 kHz, read from a file's header without decoding it (None if unknown)."""
+    if not isinstance(src, (str, Path)):
+        return None
+    path = media_path(src, "audio")
+    try:
+        import soundfile as sf
+
+        info = sf.info(str(path))
+        if info.samplerate > 0 and info.frames > 0:
+            return int(info.frames * SAMPLING_RATE // info.samplerate)
+    except Exception:  # not a format libsndfile reads: try the container's duration
+        pass
+    try:
+        import av
+
+        with av.open(str(path)) as container:
+            if container.duration and container.streams.audio:
+                return int(container.duration * SAMPLING_RATE // 1_000_000)  # duration is in microseconds
+    except Exception:
+        pass
+    return None
+
+
 def load_audio(src: str | Path | np.ndarray, sampling_rate: int | None = None) -> np.ndarray:
     """A clip as 1-D float32 mono samples at 16 kHz.
 
     ``src`` is a path (anything libsndfile reads: WAV of any PCM or float subtype, FLAC, OGG, MP3; other
     containers through PyAV when it is installed) or a numpy array of samples at ``sampling_rate`` Hz
-    (default 16000), shaped (n,) or (n, channels); integer arrays are scaled to [-1, 1). Raises ``InputError``
-    saying what to do for a missing file, a directory, a non-audio file, an empty clip or NaN/inf samples.
+    (default 16000; 1 kHz to 768 kHz), shaped (n,), (n, channels) or (channels, n): the shorter axis of a 2-D
+    array is its channels (at most 32), averaged to mono. Integer arrays are scaled to [-1, 1); float samples
+    must be in [-1, 1] (up to 64 is taken as headroom; more is integer PCM passed as floats, refused). Raises
+    ``InputError`` saying what to do for a missing file, a directory, a non-audio file, a truncated WAV / AIFF /
+    AU file, an empty clip or NaN/inf samples.
     """
     if isinstance(src, (str, Path)):
-        path = Path(src).expanduser()
+        path = media_path(src, "audio")
         data, rate = _read_file(path)
         what = f"Audio file {path}"
         if sampling_rate is not None and sampling_rate != rate:
             logger.warning("%s is %d Hz; ignoring sampling_rate=%d", path, rate, sampling_rate)
     elif isinstance(src, np.ndarray) or (isinstance(src, Sequence) and not isinstance(src, (bytes, str))):
-        data, rate, what = np.asarray(src), SAMPLING_RATE if sampling_rate is None else int(sampling_rate), "Audio"
+        rate, what = SAMPLING_RATE if sampling_rate is None else _check_rate(sampling_rate), "Audio"
+        try:
+            data = np.asarray(src)
+        except (ValueError, TypeError) as e:  # a ragged list
+            raise InputError(f"Cannot read these audio samples as an array ({e}). Pass a 1-D numpy array.") from e
     else:
         raise InputError(f"Cannot use a {type(src).__name__} as audio; pass a file path or a numpy array.")
     return _resample(_to_mono_float(data, what), rate, what)
@@ -256,6 +332,20 @@ class AudioFeatureExtractor:
         for _ in range(2):
             t = (t - 1) // 2 + 1
         return min(t, self.audio_seq_length)
+
+    def prompt_length(self, num_samples: int) -> int:
+        """Prompt tokens a clip of ``num_samples`` takes: each 30 s segment's soft tokens plus its <boa>/<eoa>."""
+        n = self.segment_samples
+        full, rest = divmod(int(num_samples), n)
+        return full * (self.num_soft_tokens(n) + 2) + (self.num_soft_tokens(rest) + 2 if rest else 0)
+
+    def longest_clip(self, max_tokens: int) -> int:
+        """Samples of the longest clip whose prompt run fits in ``max_tokens`` tokens (0 if none does)."""
+        lo, hi = 0, (max(max_tokens, 0) + 1) * self.segment_samples  # prompt_length(hi) > max_tokens
+        while hi - lo > 1:  # prompt_length never decreases with the length, so bisect
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.prompt_length(mid) <= max_tokens else (lo, mid)
+        return lo
 
     def split(self, audio: np.ndarray) -> list[np.ndarray]:
         """Consecutive segments no longer than one clip the model accepts (see the module docstring)."""

@@ -23,7 +23,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, ContextLengthError, InputError
 from .tokenizer import SpecialTokens, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -53,8 +53,16 @@ def _as_list(x: Any) -> list[Any] | None:
     return [x]
 
 
-def _mmss(seconds: float) -> str:
-    return f"{int(seconds // 60):02d}:{int(seconds % 60):02d}"
+def _context_length(config: dict[str, Any]) -> int | None:
+    """max_position_embeddings from a config.json (in text_config, or at the top level); None if absent."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    value = text.get("max_position_embeddings")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _duration(samples: int, rate: int) -> str:
+    seconds = samples / rate
+    return f"{int(seconds // 60)} min {seconds % 60:.1f} s" if seconds >= 60 else f"{seconds:.1f} s"
 
 
 class Processor:
@@ -67,8 +75,10 @@ class Processor:
     """
 
     def __init__(self, tokenizer: Tokenizer, processor_config: dict[str, Any] | None = None,
-                 image_config: dict[str, Any] | None = None, video_config: dict[str, Any] | None = None) -> None:
+                 image_config: dict[str, Any] | None = None, video_config: dict[str, Any] | None = None,
+                 context_length: int | None = None) -> None:
         self.tokenizer = tokenizer
+        self.context_length = context_length  # the model's, when known: media that cannot fit is refused early
         self.processor_config = processor_config or {}
         self._image_config = image_config
         self._video_config = video_config
@@ -86,7 +96,8 @@ class Processor:
         processor_config = _read_json(path / "processor_config.json")
         image_config = _read_json(path / "preprocessor_config.json") or None
         video_config = _read_json(path / "video_preprocessor_config.json") or None
-        return cls(tokenizer, processor_config, image_config, video_config)
+        return cls(tokenizer, processor_config, image_config, video_config,
+                   _context_length(_read_json(path / "config.json")))
 
     # -- tokenizer facade ----------------------------------------------------------------------------------------
 
@@ -166,9 +177,11 @@ class Processor:
         given = len(items) if items is not None else 0
         if found != given:
             placeholder = tok.text if tok is not None else f"<{kind} placeholder>"
+            hint = (" (a flat list of frames is one video; pass a list of video paths or of frame lists for "
+                    "several)") if kind == "video" else ""
             raise InputError(
                 f"The prompt has {found} {placeholder} placeholder(s) but {given} {kind} input(s) were passed in "
-                f"{arg}=; put exactly one {placeholder} in the prompt where each {kind} goes.")
+                f"{arg}={hint}; put exactly one {placeholder} in the prompt where each {kind} goes.")
 
     def _image_runs(self, images: list[Any], max_soft_tokens: int | None) -> tuple[dict[str, Any], list[str]]:
         out = self.image_processor(images, max_soft_tokens=max_soft_tokens)
@@ -176,12 +189,32 @@ class Processor:
         return out, [f"{boi}{image * int(n)}{eoi}" for n in out["num_soft_tokens_per_image"]]
 
     def _audio_runs(self, audio: list[Any]) -> tuple[dict[str, Any], list[str]]:
-        from .audio import load_audio
+        from .audio import load_audio, probe_length
 
+        if self.context_length is not None:  # first from the files' headers, before decoding anything
+            self._check_audio_fits([n for n in map(probe_length, audio) if n is not None])
         clips = [load_audio(a) for a in audio]
+        self._check_audio_fits([len(c) for c in clips])
         out = self.audio_extractor(clips)
         boa, token, eoa = self._placeholder("boa"), self._placeholder("audio"), self._placeholder("eoa")
         return out, self.audio_extractor.prompt_texts(out, boa, token, eoa)
+
+    def _check_audio_fits(self, lengths: list[int]) -> None:
+        """Refuse clips (of these many 16 kHz samples) whose soft tokens alone overflow the model's context."""
+        if self.context_length is None:
+            return
+        fe = self.audio_extractor
+        needed = sum(fe.prompt_length(n) for n in lengths)
+        room = self.context_length - 1  # at least <bos> and one more token share the context with the audio
+        if needed <= room:
+            return
+        total = sum(lengths)
+        longest = fe.longest_clip(room)
+        raise ContextLengthError(
+            f"The audio ({_duration(total, fe.sampling_rate)}) needs {needed:,} prompt tokens but this model's "
+            f"context holds {self.context_length:,}: the longest audio it can take is "
+            f"{_duration(longest, fe.sampling_rate)} in one prompt, less the room the rest of the prompt needs. "
+            "Trim the recording or send it in parts.")
 
     def _video_runs(self, videos: list[Any], max_soft_tokens: int | None) -> tuple[dict[str, Any], list[str]]:
         from .video import video_prompt_text
@@ -198,6 +231,10 @@ class Processor:
         tokens = {self._placeholder(kind): kind for kind, r in runs.items() if r}
         if not tokens:
             return text
+        for placeholder, kind in tokens.items():
+            if text.count(placeholder) != len(runs[kind]):
+                raise InputError(f"The prompt has {text.count(placeholder)} {placeholder} placeholder(s) for "
+                                 f"{len(runs[kind])} {kind} input(s); put exactly one where each {kind} goes.")
         queues = {kind: iter(r) for kind, r in runs.items()}
         pattern = "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True))
         return re.sub(pattern, lambda m: next(queues[tokens[m.group(0)]]), text)
@@ -206,19 +243,23 @@ class Processor:
                  max_soft_tokens: int | None = None, **kw: Any) -> dict[str, mx.array]:
         """Tokenize `text`, expanding one placeholder per image / audio clip / video (counts must match).
 
-        images: PIL images or paths; audio: 1-D float32 arrays at 16 kHz or paths to audio files; videos:
-        a list of videos, each a file path, a (T, H, W, C) uint8 array or a list of frames. ``max_soft_tokens``
-        sets the token budget per image and, as in the reference, per video frame (one of 70, 140, 280, 560,
-        1120; default: the checkpoint's); ``video_max_soft_tokens=`` overrides it for video frames only.
-        BOS is added as the checkpoint's tokenizer adds it, never twice (a prompt that starts with ``<bos>``
-        keeps only that one).
+        images: PIL images or paths; audio: 1-D float32 arrays at 16 kHz or paths to audio files; videos: one
+        video or a list of videos, each a file path (read by content: MP4, MOV, WebM, MKV, MPEG-TS, Ogg, ...),
+        a (T, H, W, C) uint8 array or a list of frames (PIL images, arrays or paths to still images). A flat
+        list of frames is ONE video; a list of paths to video files or of frame lists is several.
+        ``max_soft_tokens`` sets the token budget per image and, as in the reference, per video frame (one of
+        70, 140, 280, 560, 1120; default: the checkpoint's); ``video_max_soft_tokens=`` overrides it for video
+        frames only. BOS is added as the checkpoint's tokenizer adds it, never twice (a prompt that starts with
+        ``<bos>`` keeps only that one).
         """
         if not isinstance(text, str):
             raise InputError(f"text must be one prompt string; got {type(text).__name__}.")
-        images, audio, videos = _as_list(images), _as_list(audio), _as_list(videos)
+        images, audio = _as_list(images), _as_list(audio)
+        videos = self._group_videos(videos)
         self._check_counts(text, "image", images, "images")
         self._check_counts(text, "audio", audio, "audio")
         self._check_counts(text, "video", videos, "videos")
+        self.tokenizer.check_text(text)
 
         features: dict[str, Any] = {}
         runs: dict[str, list[str]] = {}
@@ -229,8 +270,8 @@ class Processor:
             out, runs["audio"] = self._audio_runs(audio)
             features.update(out)
         if videos:
-            budget = kw.pop("video_max_soft_tokens", None) or max_soft_tokens
-            out, runs["video"] = self._video_runs(videos, budget)
+            budget = kw.pop("video_max_soft_tokens", None)
+            out, runs["video"] = self._video_runs(videos, max_soft_tokens if budget is None else budget)
             features.update(out)
         if kw:
             logger.debug("Processor: ignoring keywords %s", sorted(kw))
@@ -245,6 +286,14 @@ class Processor:
                 continue
             inputs[key] = value if isinstance(value, mx.array) else mx.array(np.asarray(value))
         return inputs
+
+    @staticmethod
+    def _group_videos(videos: Any) -> list[Any] | None:
+        if videos is None:
+            return None
+        from .video import group_videos
+
+        return group_videos(videos)
 
     def mm_token_type_ids(self, ids: np.ndarray | Sequence[int]) -> np.ndarray:
         """Per-token modality: 0 text, 1 image, 2 video, 3 audio soft token (int32, same shape as `ids`)."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -231,8 +231,22 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return len(self.hf)
 
+    @staticmethod
+    def check_text(text: str) -> None:
+        """InputError unless `text` is a string that can be encoded as UTF-8 (no lone surrogates)."""
+        if not isinstance(text, str):
+            raise InputError(f"The prompt must be a string; got {type(text).__name__}.")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InputError(
+                f"The prompt has an unpaired surrogate character ({ascii(text[e.start])}) at position {e.start}, "
+                "which is not valid text (it comes from bytes decoded with errors='surrogateescape' or a broken "
+                "copy). Remove it, or decode the source text as UTF-8 with errors='replace'.") from e
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; BOS is added the way the checkpoint's tokenizer adds it, but never twice."""
+        self.check_text(text)
         if add_special_tokens and self.bos_token and text.startswith(self.bos_token):
             add_special_tokens = False
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))

@@ -14,7 +14,8 @@ torchvision's antialiased bicubic on tensors; pixel values differ by a few 1/255
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, fields
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, Union
 
@@ -22,7 +23,8 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InputError
-from .image import SUPPORTED_SOFT_TOKENS, ImageProcessor, load_image
+from .files import media_path
+from .image import ImageProcessor, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -62,52 +64,80 @@ def sample_indices(total_num_frames: int, num_frames: int | None = None, fps: fl
     return (np.arange(num_frames, dtype=np.int64) * total_num_frames // num_frames).tolist()
 
 
+# Formats FFmpeg "opens" that are not media (a text file read as ANSI art, a subtitle file, ...).
+NOT_MEDIA_FORMATS = {"tty", "txt", "srt", "ass", "webvtt"}
+
+
+def is_still_image(path: Path) -> bool:
+    """True when Pillow reads ``path`` as a still image (an animated GIF or WebP counts as a video)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return not getattr(im, "is_animated", False)
+    except Image.DecompressionBombError:
+        return True  # an image, too large: load_image says so
+    except Exception:  # UnidentifiedImageError and whatever a half-matching plugin raises
+        return False
+
+
 def _open_container(path: Path):
     import av
 
-    if not path.exists():
-        raise InputError(f"{path}: no such file. Check the path (drag the file in again, or quote spaces).")
-    if path.is_dir():
-        raise InputError(f"{path} is a directory, not a video file. Pick a video file inside it.")
-    if path.stat().st_size == 0:
-        raise InputError(f"{path} is empty (0 bytes). Re-save or re-download the video.")
     try:
         container = av.open(str(path))
-    except (av.FFmpegError, OSError, ValueError) as e:
+    except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
         raise InputError(f"{path} is not a video PyAV can read ({e}). Use an MP4, MOV, WebM or MKV file.") from e
-    if not container.streams.video:
+    if container.format.name in NOT_MEDIA_FORMATS:
         container.close()
-        raise InputError(f"{path} has no video stream (is it audio only?). Pass an audio file as audio instead.")
+        raise InputError(f"{path} is not a video file (it reads as {container.format.name}). Use an MP4, MOV, "
+                         "WebM or MKV file.")
+    if not container.streams.video:
+        kind = "audio only" if container.streams.audio else "no audio either"
+        container.close()
+        raise InputError(f"{path} has no video stream ({kind}). Pass an audio file as audio instead, or pick a "
+                         "video file.")
     return container
+
+
+def _count_frames(path: Path) -> int:
+    """Frames of the first video stream, by decoding (some containers, WebM and MKV, do not record it)."""
+    container = _open_container(path)
+    try:
+        return sum(1 for _ in container.decode(video=0))
+    finally:
+        container.close()
 
 
 def _read_path(path: Path, num_frames: int | None, fps: float | None) -> Video:
     import av
 
-    container = _open_container(path)
     try:
+        container = _open_container(path)
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         video_fps = float(rate) if rate else None
         total = int(stream.frames or 0)
-        if total <= 0:  # some containers (WebM, MKV) do not record a frame count: count by decoding
-            total = sum(1 for _ in container.decode(video=0))
-            container.seek(0)
+        if total <= 0:  # count by decoding, in a fresh container (seeking back is not possible in every format)
+            container.close()
+            total = _count_frames(path)
+            container = _open_container(path)
+        if total <= 0:
+            raise InputError(f"{path} has a video stream but no frames. Re-encode or re-record the video.")
         wanted = sample_indices(total, num_frames, fps, video_fps)
         keep = set(wanted)
         frames, kept = [], []
-        for i, frame in enumerate(container.decode(video=0)):
-            if i in keep:
-                frames.append(frame.to_ndarray(format="rgb24"))  # (H, W, 3) uint8
-                kept.append(i)
-            if i >= wanted[-1]:
-                break
+        try:
+            for i, frame in enumerate(container.decode(video=0)):
+                if i in keep:
+                    frames.append(frame.to_ndarray(format="rgb24"))  # (H, W, 3) uint8
+                    kept.append(i)
+                if i >= wanted[-1]:
+                    break
+        finally:
+            container.close()
     except av.FFmpegError as e:
         raise InputError(f"{path}: the video data is corrupt ({e}). Re-encode or re-download it.") from e
-    except IndexError as e:  # wanted is empty
-        raise InputError(f"{path} has no frames to decode. Re-encode or re-download it.") from e
-    finally:
-        container.close()
     if not frames:
         raise InputError(f"{path}: no frames could be decoded. Re-encode or re-download it.")
     if len(kept) < len(wanted):
@@ -117,8 +147,8 @@ def _read_path(path: Path, num_frames: int | None, fps: float | None) -> Video:
 
 def _from_frames(frames: Sequence[FrameInput] | np.ndarray, num_frames: int | None, fps: float | None) -> Video:
     if isinstance(frames, np.ndarray):
-        if frames.ndim != 4 or frames.shape[-1] not in (1, 3, 4):
-            raise InputError(f"A video array must be (T, H, W, C) with C in 1, 3, 4; got shape {frames.shape}.")
+        if frames.ndim != 4 or frames.shape[-1] not in (1, 2, 3, 4):
+            raise InputError(f"A video array must be (T, H, W, C) with C in 1-4; got shape {frames.shape}.")
         frames = list(frames)
     total = len(frames)
     if total == 0:
@@ -135,15 +165,65 @@ def load_video(src: VideoInput, num_frames: int | None = 32, fps: float | None =
     """Decode ``src`` (a file path, a (T, H, W, C) array, or a list of frames / PIL images / image paths) and
     keep at most ``num_frames`` uniformly sampled frames (or ``fps`` frames per second of video).
 
-    Unusable input raises :class:`InputError` naming the file.
+    A file is read by its content, whatever its name: a still image is a video of one frame, anything else
+    goes to PyAV (MP4, MOV, WebM, MKV, AVI, MPEG-TS, Ogg, animated GIF, ...). Unusable input raises
+    :class:`InputError` naming the file.
     """
     if isinstance(src, Video):
         return src
     if isinstance(src, (str, Path)):
-        return _read_path(Path(src), num_frames, fps)
+        path = media_path(src, "video")
+        if is_still_image(path):
+            return _from_frames([path], num_frames, fps)
+        return _read_path(path, num_frames, fps)
     if isinstance(src, (np.ndarray, list, tuple)):
         return _from_frames(src, num_frames, fps)
     raise InputError(f"Cannot use {type(src).__name__} as a video; pass a file path or a list of frames.")
+
+
+def _is_frame(item: Any) -> bool:
+    """One picture: a PIL image, an (H, W) or (H, W, C) array, or a path to a still image."""
+    if isinstance(item, Image.Image):
+        return True
+    if isinstance(item, np.ndarray):
+        return item.ndim in (2, 3)
+    if isinstance(item, (str, Path)):
+        return is_still_image(media_path(item, "video"))
+    return False
+
+
+def group_videos(videos: Any) -> list[Any]:
+    """The videos in a ``videos=`` argument, one entry per video (and so per ``<|video|>`` placeholder).
+
+    A path, a (T, H, W, C) array or a :class:`Video` is one video; so is a list of frames (PIL images,
+    (H, W[, C]) arrays, paths to still images); a list of videos (paths to video files, 4-D arrays, lists of
+    frames) is several. A list mixing frames and videos is refused: it has no single meaning.
+    """
+    if videos is None:
+        return []
+    if isinstance(videos, (str, Path, Video, Image.Image, np.ndarray)):
+        return [videos]
+    if not isinstance(videos, (list, tuple)):
+        raise InputError(f"Cannot use {type(videos).__name__} as videos; pass a video file path, a list of "
+                         "frames (one video), or a list of those (several videos).")
+    items = list(videos)
+    frames = [_is_frame(v) for v in items]
+    if items and all(frames):
+        return [items]
+    if any(frames):
+        first = frames.index(True)
+        raise InputError(f"videos= mixes single frames (item {first}: {_describe(items[first])}) with whole "
+                         "videos. Pass one video's frames as a list, or several videos as a list of video paths "
+                         "or of frame lists.")
+    return items
+
+
+def _describe(item: Any) -> str:
+    if isinstance(item, np.ndarray):
+        return f"an array of shape {item.shape}"
+    if isinstance(item, (str, Path)):
+        return f"the still image {item}"
+    return f"a {type(item).__name__}"
 
 
 def video_prompt_text(num_soft_tokens_per_frame: int, timestamps: Sequence[float], boi: str, video_token: str,
@@ -156,45 +236,41 @@ def video_prompt_text(num_soft_tokens_per_frame: int, timestamps: Sequence[float
     return " ".join(groups)
 
 
+def _video_frame_processor() -> ImageProcessor:
+    # Gemma4VideoProcessor's frame settings: a 70-token budget, and a normalisation that is the identity.
+    return ImageProcessor(max_soft_tokens=70, do_normalize=True)
+
+
 @dataclass
 class VideoProcessor:
-    """Gemma 4 video preprocessing; defaults are ``Gemma4VideoProcessor``'s."""
+    """Gemma 4 video preprocessing; defaults are ``Gemma4VideoProcessor``'s. Each sampled frame goes through
+    ``frames``, an :class:`ImageProcessor` with the video's settings (per-frame budget, resize, rescale)."""
 
-    max_soft_tokens: int = 70  # per frame
-    patch_size: int = 16
-    pooling_kernel_size: int = 3
+    frames: ImageProcessor = field(default_factory=_video_frame_processor)
     num_frames: int = 32
     fps: float | None = None
     do_sample_frames: bool = True
-    do_resize: bool = True
-    resample: int = int(Image.Resampling.BICUBIC)
-    do_rescale: bool = True
-    rescale_factor: float = 1 / 255
-    do_normalize: bool = True  # with mean 0 and std 1: the identity, as in the reference
-    image_mean: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
-    image_std: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
 
     def __post_init__(self) -> None:
-        if self.max_soft_tokens not in SUPPORTED_SOFT_TOKENS:
-            raise InputError(f"max_soft_tokens must be one of {SUPPORTED_SOFT_TOKENS}; got {self.max_soft_tokens}.")
+        if isinstance(self.num_frames, bool) or not isinstance(self.num_frames, int) or self.num_frames < 1:
+            raise InputError(f"num_frames must be a whole number >= 1; got {self.num_frames!r}.")
+        if self.fps is not None and not (isinstance(self.fps, (int, float)) and 0 < self.fps < float("inf")):
+            raise InputError(f"fps must be a positive number of frames per second, or None; got {self.fps!r}.")
+
+    @property
+    def max_soft_tokens(self) -> int:
+        """Soft tokens per frame (the default budget)."""
+        return self.frames.max_soft_tokens
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VideoProcessor:
         """Build from processor_config.json (its "video_processor" section) or a flat video_preprocessor_config."""
         s = d["video_processor"] if isinstance(d.get("video_processor"), dict) else d
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in s if k not in names)
-        if unknown:
-            logger.debug("VideoProcessor: ignoring keys %s", unknown)
-        return cls(**{k: v for k, v in s.items() if k in names and v is not None})
-
-    def _frame_processor(self) -> ImageProcessor:
-        return ImageProcessor(
-            max_soft_tokens=self.max_soft_tokens, patch_size=self.patch_size,
-            pooling_kernel_size=self.pooling_kernel_size, do_resize=self.do_resize, resample=self.resample,
-            do_rescale=self.do_rescale, rescale_factor=self.rescale_factor, do_normalize=self.do_normalize,
-            image_mean=list(self.image_mean), image_std=list(self.image_std),
-        )
+        defaults = _video_frame_processor()
+        frames = ImageProcessor.from_dict({"max_soft_tokens": defaults.max_soft_tokens,
+                                           "do_normalize": defaults.do_normalize, **s})
+        own = {k: s[k] for k in ("num_frames", "fps", "do_sample_frames") if s.get(k) is not None}
+        return cls(frames=frames, **own)
 
     def load(self, src: VideoInput) -> Video:
         if not self.do_sample_frames:
@@ -204,7 +280,7 @@ class VideoProcessor:
         return load_video(src, num_frames=self.num_frames)
 
     def __call__(self, videos: VideoInput | Sequence[VideoInput], max_soft_tokens: int | None = None) -> dict:
-        """Preprocess one video or a list of videos. Returns:
+        """Preprocess one video or a list of videos (grouped as :func:`group_videos` says). Returns:
 
         - ``pixel_values_videos``: float32 [total_frames, max_patches, patch_size**2 * 3] (all videos' frames)
         - ``video_position_ids``: int64 [total_frames, max_patches, 2], (x, y), padding (-1, -1)
@@ -213,23 +289,16 @@ class VideoProcessor:
         - ``timestamps``: list[list[float]], seconds of each kept frame
         - ``fps``: list[float | None], of each source
         """
-        budget = max_soft_tokens or self.max_soft_tokens
-        if budget not in SUPPORTED_SOFT_TOKENS:
-            raise InputError(f"max_soft_tokens must be one of {SUPPORTED_SOFT_TOKENS}; got {budget}.")
-        if isinstance(videos, (str, Path, Video)) or (isinstance(videos, np.ndarray) and videos.ndim == 4):
-            videos = [videos]
-        elif isinstance(videos, (list, tuple)) and videos and not isinstance(videos[0], (list, tuple, Video)) \
-                and not (isinstance(videos[0], (str, Path)) and _looks_like_video(videos[0])) \
-                and not (isinstance(videos[0], np.ndarray) and videos[0].ndim == 4):
-            videos = [videos]  # a single video given as a list of frames
+        budget = self.frames.budget(max_soft_tokens)
+        videos = group_videos(videos)
         if len(videos) == 0:
-            raise InputError("No videos to preprocess.")
-        frame_proc = self._frame_processor()
+            raise InputError("No videos to preprocess: pass a video file path, a list of frames (one video) or a "
+                             "list of videos.")
         pixels, positions, frames_per, tokens_per, stamps, rates = [], [], [], [], [], []
         for src in videos:
             video = self.load(src)
             for frame in video.frames:
-                p, pos, n = frame_proc.preprocess_one(frame, budget)
+                p, pos, n = self.frames.preprocess_one(frame, budget)
                 pixels.append(p)
                 positions.append(pos)
             frames_per.append(len(video.frames))
@@ -244,10 +313,3 @@ class VideoProcessor:
             "timestamps": stamps,
             "fps": rates,
         }
-
-
-_VIDEO_SUFFIXES = {".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi", ".gif", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp"}
-
-
-def _looks_like_video(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in _VIDEO_SUFFIXES

@@ -1,0 +1,41 @@
+"""The one check every media path goes through before a decoder sees it (images, audio, video)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import InputError
+
+# What each kind of file is, for messages that say what to pick instead.
+_EXAMPLES = {"image": "a PNG, JPEG, WebP, GIF or BMP file", "audio": "a WAV, FLAC, OGG or MP3 file",
+             "video": "an MP4, MOV, WebM or MKV file"}
+
+
+def media_path(src: str | Path, kind: str) -> Path:
+    """``src`` as a Path (``~`` expanded) to an existing, readable, non-empty file.
+
+    Raises :class:`InputError` naming the path and saying what to do: missing, a directory, unreadable or empty.
+    """
+    path = Path(src).expanduser()
+    what = _EXAMPLES.get(kind, "a media file")
+    try:
+        if not path.exists():
+            raise InputError(f"{path}: no such file. Check the path (drag the file in again, or quote spaces).")
+        if path.is_dir():
+            raise InputError(f"{path} is a directory, not {_a(kind)} file. Pick {what} inside it.")
+        if not path.is_file():
+            raise InputError(f"{path} is not a regular file (a pipe or device?). Pass {what}.")
+        with path.open("rb") as f:
+            empty = f.read(1) == b""
+    except PermissionError as e:
+        raise InputError(f"{path}: permission denied. Check the file's permissions, or copy it somewhere "
+                         "readable.") from e
+    except OSError as e:  # a path too long, a broken network mount, ...
+        raise InputError(f"{path}: cannot read the file ({e.strerror or e}). Check the path.") from e
+    if empty:
+        raise InputError(f"{path} is empty (0 bytes). Re-save or re-download the {kind}.")
+    return path
+
+
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
