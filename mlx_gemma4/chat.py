@@ -1,16 +1,20 @@
-"""A chat session that keeps the KV cache between turns and prefills only what changed.
+"""A chat session: a KV cache over token ids that reuses the longest cached prefix of whatever it is asked.
 
-Each turn renders the whole conversation with the checkpoint's chat template and tokenizes it. The new token ids
-are compared with those already in the cache: the common prefix is kept and only the rest is prefilled. The
-template drops the model's thoughts from history, so the cached answer can differ from its re-rendering; for that
-case the session keeps a snapshot of the cache taken just before the last prompt token of the previous turn and
-rewinds to it (a ring buffer cannot be trimmed once it has wrapped).
+``stream(messages)`` answers a whole conversation. The conversation is encoded (chat template, text kept as text,
+see processing/chat_prompt.py), compared with the token ids already in the cache, the cache is rewound to the
+longest common prefix and only the rest is prefilled. Switching conversations, resuming one, answering again and
+dropping old turns are all just "a different list of messages": none needs an undo path.
+
+``send`` / ``regenerate`` / ``drop_oldest_turns`` / ``load_messages`` keep a conversation in ``messages`` for
+callers that want the session to hold it; they are thin layers over ``stream``.
+
+Rewinding: a growing buffer can always be cut back; a sliding ring cannot once it has wrapped, so the session
+also keeps a few snapshots (taken just before the last token of each prompt) to fall back on.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from typing import Any, Iterator
 
@@ -18,204 +22,261 @@ import mlx.core as mx
 import numpy as np
 
 from . import cache as kv
-from .errors import ContextLengthError
+from .errors import ContextLengthError, InputError
 from .generation import GenerationResponse, prefill, stream_tokens
+from .processing.chat_prompt import ChatEncoder, EncodedChat, Stopped, stack_inputs, strip_placeholders
+from .processing.tokenizer import split_thinking
 
-logger = logging.getLogger(__name__)
-
-
-# Media part type -> the session's list of that media (and the processor keyword it is passed as).
-_MEDIA_LISTS = {"image": "images", "audio": "audio", "video": "videos"}
-
-
-def _media_lists(message: dict[str, Any]) -> list[str]:
-    """The media list of each media part of ``message``, in order."""
-    content = message["content"]
-    parts = content if isinstance(content, list) else []
-    return [_MEDIA_LISTS[p["type"]] for p in parts if p.get("type") in _MEDIA_LISTS]
+_MEDIA_KEYS = {"images": "image", "audio": "audio", "videos": "video"}
+_MAX_SNAPSHOTS = 6
 
 
-def _runs(ids: np.ndarray, token: int) -> int:
-    """How many separate runs of ``token`` there are (one run per image, audio clip or video frame)."""
-    hit = ids == token
-    return int((hit & ~np.concatenate([[False], hit[:-1]])).sum())
+def _rewind(cache: list, snapshots: list[tuple[int, Any]], have: int, want: int) -> int:
+    """Take ``cache`` from ``have`` tokens back to at most ``want``; return how many it holds afterwards.
+
+    The one place that knows how caches rewind: rewind where every layer can (a ring keeps only a few positions
+    it can take back), else restore the newest snapshot that is not past ``want``, else 0 (the caller starts a
+    fresh cache). Snapshots past the result are dropped: the positions they would restore are about to be
+    overwritten.
+    """
+    kept = 0
+    if want >= have:
+        kept = have
+    elif all(c.rewindable >= have - want for c in cache):
+        for c in cache:
+            c.rewind(have - want)
+        kept = want
+    else:
+        usable = [s for s in snapshots if s[0] <= want]
+        if usable:
+            kept, snap = max(usable, key=lambda s: s[0])
+            kv.restore(cache, snap)
+    snapshots[:] = [s for s in snapshots if s[0] <= kept]
+    return kept
 
 
 class ChatSession:
     def __init__(self, model, processor, system_prompt: str | None = None, enable_thinking: bool = False,
                  prefill_chunk: int = 2048):
+        if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk <= 0:
+            raise InputError(f"prefill_chunk must be a positive whole number of tokens; got {prefill_chunk!r}.")
         self.model = model
         self.processor = processor
         self.system_prompt = system_prompt
         self.enable_thinking = enable_thinking
         self.prefill_chunk = prefill_chunk
+        self.encoder = ChatEncoder(processor)
         self.messages: list[dict[str, Any]] = []
-        self._media: dict[str, list] = {"images": [], "audio": [], "videos": []}
+        self.last_reused = 0  # prompt tokens the last turn found in the cache
+        self._fresh_cache()
         self.reset()
 
-    # -- state ---------------------------------------------------------------------------------------------
-    def reset(self) -> None:
-        """Forget the conversation (the system prompt stays)."""
-        self.messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        self._media = {"images": [], "audio": [], "videos": []}
-        self._clear_cache()
-
-    def _clear_cache(self) -> None:
+    # -- the cache -------------------------------------------------------------------------------------------
+    def _fresh_cache(self) -> None:
         self.cache = self.model.make_cache()
-        self._cached_ids: list[int] = []
-        self._snap: tuple[int, list] | None = None
+        self._cached = np.zeros(0, dtype=np.int64)  # keys (EncodedChat.keys) of the tokens in the cache
+        self._snapshots: list[tuple[int, Any]] = []
 
     @property
     def context_used(self) -> int:
-        return len(self._cached_ids)
+        """Tokens of the last conversation this session ran (what its KV cache holds)."""
+        return len(self._cached)
 
     @property
     def context_limit(self) -> int:
         return self.model.config.text_config.max_position_embeddings
 
-    def drop_oldest_turns(self, n: int = 1) -> None:
-        """Remove the ``n`` oldest user/model exchanges (and their media); the cache is rebuilt next turn."""
-        start = 1 if self.messages and self.messages[0]["role"] == "system" else 0
-        for _ in range(n):
-            if start >= len(self.messages):
-                break
-            for key in _media_lists(self.messages.pop(start)):
-                self._media[key].pop(0)
-            if start < len(self.messages) and self.messages[start]["role"] == "assistant":
-                self.messages.pop(start)
-        self._clear_cache()
+    def encode(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> EncodedChat:
+        """The token ids (and media) of ``messages`` as this session would prefill them."""
+        return self.encoder.encode(messages, add_generation_prompt=add_generation_prompt,
+                                   enable_thinking=self.enable_thinking)
 
-    # -- turns ---------------------------------------------------------------------------------------------
-    def send(self, text: str, images=None, audio=None, videos=None, **gen_kwargs) -> Iterator[GenerationResponse]:
-        """Add a user turn and stream the model's answer; the answer joins the history when it ends."""
-        parts: list[dict[str, Any]] = []
-        given = {"images": images, "audio": audio, "videos": videos}
-        for kind, key in _MEDIA_LISTS.items():
-            for item in given[key] or []:
-                parts.append({"type": kind})
-                self._media[key].append(item)
-        parts.append({"type": "text", "text": text})
-        self.messages.append({"role": "user", "content": parts if len(parts) > 1 else text})
-        return self._answer(new_turn=True, **gen_kwargs)
+    def count_tokens(self, messages: list[dict[str, Any]] | None = None) -> int:
+        """How many tokens of the context ``messages`` (default: this session's) take."""
+        return len(self.encode(self.messages if messages is None else messages, add_generation_prompt=False).ids)
+
+    def _reuse(self, enc: EncodedChat) -> int:
+        """Rewind the cache to the longest prefix it shares with ``enc`` (never all of it: the last prompt token
+        is fed by the generation loop, and never inside a media item); return its length."""
+        cached, keys = self._cached, enc.keys
+        n = min(len(cached), len(keys))
+        diff = np.flatnonzero(cached[:n] != keys[:n])
+        common = int(diff[0]) if diff.size else n
+        want = min(common, len(keys) - 1)
+        for start, end, _ in enc.items:
+            if start < want < end:
+                want = start
+        kept = _rewind(self.cache, self._snapshots, len(cached), want)
+        if kept == 0 and len(cached):
+            self._fresh_cache()
+        self._cached = cached[:kept]
+        return kept
+
+    # -- answering any conversation --------------------------------------------------------------------------
+    def stream(self, messages: list[dict[str, Any]], **gen_kwargs) -> Iterator[GenerationResponse]:
+        """Stream the model's answer to ``messages`` (ending with a user turn). ``messages`` is not changed.
+
+        Takes stream_generate's keywords (``max_tokens``, ``temperature``, ``should_stop``, ...). Responses report
+        the prompt tokens computed for this turn (``last_reused`` says how many came from the cache), and the
+        peak memory of this turn. ``should_stop`` is also asked between media items and prefill chunks; a turn
+        stopped before its first token ends with one response with ``token == -1`` and no text.
+        """
+        should_stop = gen_kwargs.get("should_stop")
+        chunk = gen_kwargs.pop("prefill_chunk", self.prefill_chunk)
+        progress = gen_kwargs.pop("progress", None)  # (done, total) prompt tokens, for a UI
+        t0 = time.perf_counter()
+        mx.reset_peak_memory()
+        try:
+            enc = self.encoder.encode(messages, enable_thinking=self.enable_thinking, should_stop=should_stop)
+        except Stopped:
+            yield GenerationResponse("", -1, 0, 0.0, 0, 0.0, time.perf_counter() - t0, 0.0, "cancelled")
+            return
+        L = len(enc.ids)
+        if L >= self.context_limit:
+            raise self._too_long(messages, L)
+        start = self._reuse(enc)
+        self.last_reused = start
+        if not self._prefill(enc, start, L - 1, chunk, should_stop, progress):
+            yield GenerationResponse("", -1, self.context_used - start, 0.0, 0, 0.0, time.perf_counter() - t0,
+                                     _peak(), "cancelled")
+            return
+        self._snapshot(L - 1)
+        prefill_s = time.perf_counter() - t0
+        fed: list[int] = []
+        tail = {"input_ids": mx.array(enc.ids[None])}
+        try:
+            for r in stream_tokens(self.model, self.processor, tail, self.cache, start=L - 1,
+                                   on_token=fed.append, **gen_kwargs):
+                ttft = r.ttft + prefill_s
+                yield dataclasses.replace(r, prompt_tokens=L - start, ttft=ttft, prompt_tps=(L - start) / ttft)
+                if r.finish_reason:
+                    break
+        finally:
+            # Also when the caller stops iterating early: what went through the model is in the cache.
+            self._cached = np.concatenate([enc.keys, np.array(fed, dtype=np.int64)])
+
+    def generate(self, messages: list[dict[str, Any]], **gen_kwargs) -> str:
+        """The whole answer to ``messages`` (see ``stream``), without thoughts and media placeholders."""
+        return self.answer_text("".join(r.text for r in self.stream(messages, **gen_kwargs)))
+
+    def answer_text(self, streamed: str) -> str:
+        """The answer part of streamed text as it is kept in a conversation: no thoughts, no media placeholders."""
+        return strip_placeholders(self.processor, split_thinking(streamed)[1]).strip()
+
+    def _snapshot(self, n: int) -> None:
+        self._snapshots = [s for s in self._snapshots if s[0] != n] + [(n, kv.snapshot(self.cache))]
+        del self._snapshots[:-_MAX_SNAPSHOTS]
+
+    def _turn_starts(self, enc: EncodedChat) -> set[int]:
+        """Where the last few turns start: where conversations usually part (an edited or answered-again turn,
+        another chat with the same system prompt), so a snapshot is kept there."""
+        tok = self.processor.special.turn_open
+        return set(np.flatnonzero(enc.ids == tok.id)[-3:].tolist()) if tok is not None else set()
+
+    def _prefill(self, enc: EncodedChat, start: int, end: int, chunk: int, should_stop, progress=None) -> bool:
+        """Prefill ids[start:end], one media item at a time so a stop request lands between items; False when
+        stopped (the cache keeps what was done)."""
+        marks = {m for m in self._turn_starts(enc) if start < m < end}
+        cuts = sorted({e for s, e, _ in enc.items if start < e < end} | marks | {end})
+        first = start
+        report = None if progress is None else (lambda base: lambda d, t: progress(base - first + d, end - first))
+        try:
+            for cut in cuts:
+                if start >= cut:
+                    continue
+                if should_stop is not None and should_stop():
+                    return False
+                inputs = {"input_ids": mx.array(enc.ids[None, :cut])}
+                inputs.update(stack_inputs([it for s, e, it in enc.items if start <= s < cut]))
+                if prefill(self.model, inputs, self.cache, chunk, start, report and report(start),
+                           should_stop) is None:
+                    self._cached = enc.keys[: self.cache[0].offset]
+                    return False
+                self._cached = enc.keys[:cut]
+                start = cut
+                if cut in marks:
+                    self._snapshot(cut)
+        except BaseException:
+            self._fresh_cache()  # a chunk that failed half way may have written some layers and not others
+            raise
+        return True
+
+    def _too_long(self, messages: list[dict[str, Any]], tokens: int) -> ContextLengthError:
+        limit = self.context_limit
+        head = 1 if messages and messages[0]["role"] == "system" else 0
+        users = [i for i, m in enumerate(messages) if m["role"] == "user" and i >= head]
+        for k in range(1, len(users)):
+            rest = messages[:head] + messages[users[k]:]
+            if len(self.encoder.encode(rest, enable_thinking=self.enable_thinking).ids) < limit:
+                return ContextLengthError(
+                    f"The conversation is {tokens} tokens but the model's context is {limit}. Drop the {k} oldest "
+                    f"turn{'s' if k > 1 else ''} or start a new chat.", tokens=tokens, limit=limit, drop_turns=k)
+        return ContextLengthError(
+            f"This message needs {tokens} tokens with the conversation's start, but the model's context is "
+            f"{limit}. Shorten it or send fewer or shorter attachments.", tokens=tokens, limit=limit)
+
+    # -- a conversation kept in the session --------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays; the cache stays for reuse)."""
+        self.messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
 
     def load_messages(self, messages: list[dict[str, Any]]) -> None:
         """Replace the conversation (e.g. resuming a saved chat). Media parts carry their source under their
-        kind's key or "path": ``{"type": "image", "image": "cat.png"}``."""
-        self.reset()
-        self.messages = []
-        for m in messages:
-            content = m.get("content")
-            if isinstance(content, list):
-                parts = []
-                for part in content:
-                    kind = part.get("type")
-                    if kind in _MEDIA_LISTS:
-                        self._media[_MEDIA_LISTS[kind]].append(part.get(kind, part.get("path")))
-                        parts.append({"type": kind})
-                    else:
-                        parts.append(part)
-                content = parts
-            self.messages.append({"role": m["role"], "content": content})
+        kind's key or "path": ``{"type": "image", "image": "cat.png"}``. History is treated like live turns."""
+        self.messages = [dict(m) for m in messages]
 
-    def forget_last_user_turn(self) -> None:
-        """Remove the trailing user turn and its media (e.g. after it did not fit in the context)."""
-        if not self.messages or self.messages[-1]["role"] != "user":
-            return
-        for key in _media_lists(self.messages.pop()):
-            self._media[key].pop()
+    def send(self, text: str, images=None, audio=None, videos=None, **gen_kwargs) -> Iterator[GenerationResponse]:
+        """Add a user turn and stream the model's answer; the answer joins ``messages`` when it ends (a turn
+        that cannot be processed or does not fit is not kept)."""
+        given = {"images": images, "audio": audio, "videos": videos}
+        parts: list[dict[str, Any]] = []
+        for key, kind in _MEDIA_KEYS.items():
+            items = given[key]
+            for item in ([items] if isinstance(items, (str, bytes)) else items or []):
+                parts.append({"type": kind, kind: item})
+        parts.append({"type": "text", "text": text})
+        self.messages.append({"role": "user", "content": parts if len(parts) > 1 else text})
+        return self._answer(new_turn=True, **gen_kwargs)
 
     def regenerate(self, **gen_kwargs) -> Iterator[GenerationResponse]:
         """Answer the last user turn again (the previous answer is dropped)."""
         if self.messages and self.messages[-1]["role"] == "assistant":
             self.messages.pop()
         if not self.messages or self.messages[-1]["role"] != "user":
-            raise ValueError("There is no user turn to answer again.")
+            raise InputError("There is no user turn to answer again; send a message first.")
         return self._answer(**gen_kwargs)
 
-    def _answer(self, new_turn: bool = False, **gen_kwargs) -> Iterator[GenerationResponse]:
-        from .processing.tokenizer import split_thinking
+    def forget_last_user_turn(self) -> None:
+        """Remove the trailing user turn (e.g. after it did not fit in the context)."""
+        if self.messages and self.messages[-1]["role"] == "user":
+            self.messages.pop()
 
+    def drop_oldest_turns(self, n: int = 1) -> None:
+        """Remove the ``n`` oldest user/model exchanges; the next turn reuses whatever prefix still matches."""
+        start = 1 if self.messages and self.messages[0]["role"] == "system" else 0
+        for _ in range(n):
+            if start >= len(self.messages):
+                break
+            self.messages.pop(start)
+            while start < len(self.messages) and self.messages[start]["role"] != "user":
+                self.messages.pop(start)
+
+    def _answer(self, new_turn: bool = False, **gen_kwargs) -> Iterator[GenerationResponse]:
+        pieces: list[str] = []
+        started = False
         try:
-            prompt = self.processor.apply_chat_template(self.messages, add_generation_prompt=True,
-                                                        enable_thinking=self.enable_thinking)
-            inputs = self.processor(text=prompt, **{k: v or None for k, v in self._media.items()})
+            for r in self.stream(self.messages, **gen_kwargs):
+                started = True
+                pieces.append(r.text)
+                yield r
         except Exception:
-            if new_turn:  # a turn that cannot be processed (bad media, ...) does not stay in the history
+            if new_turn and not started:
                 self.forget_last_user_turn()
             raise
-        ids = np.array(inputs["input_ids"]).reshape(-1)
-        L = len(ids)
-        if L >= self.context_limit:
-            if new_turn:
-                self.forget_last_user_turn()
-            raise ContextLengthError(
-                f"The conversation is {L} tokens but the model's context is {self.context_limit}. "
-                "Drop the oldest turns (drop_oldest_turns) or start a new chat."
-            )
-        chunk = gen_kwargs.pop("prefill_chunk", self.prefill_chunk)
-        progress = gen_kwargs.pop("progress", None)  # (done, total) prompt tokens, for a UI
-        start = self._rewind(ids)
-        t0 = time.perf_counter()
-        # Prefill all but the last prompt token, snapshot, then let the generation loop take the last one.
-        if start < L - 1:
-            prefill(self.model, self._slice(inputs, ids, start, L - 1), self.cache, chunk, start, progress)
-        self._cached_ids = ids[: L - 1].tolist()
-        self._snap = (L - 1, kv.snapshot(self.cache))
-        prefill_s = time.perf_counter() - t0
-        tail = {"input_ids": mx.array(ids[None].astype(np.int32))}
-
-        pieces: list[str] = []
-        fed: list[int] = []
-        try:
-            for r in stream_tokens(self.model, self.processor, tail, self.cache, start=L - 1,
-                                   on_token=fed.append, **gen_kwargs):
-                pieces.append(r.text)
-                # Report the whole turn's prefill (what changed since the last turn), not just its last token.
-                ttft = r.ttft + prefill_s
-                yield dataclasses.replace(r, prompt_tokens=L - start, ttft=ttft, prompt_tps=(L - start) / ttft)
-                if r.finish_reason:
-                    break
         finally:
-            # Runs also when the caller stops iterating early: the partial answer is kept.
-            self._cached_ids = ids.tolist() + fed
-            _, answer = split_thinking("".join(pieces))
-            self.messages.append({"role": "assistant", "content": self._without_placeholders(answer).strip()})
+            if started:
+                self.messages.append({"role": "assistant", "content": self.answer_text("".join(pieces))})
 
-    def _without_placeholders(self, text: str) -> str:
-        """A media placeholder the model happened to write must not turn into a media slot next turn."""
-        special = getattr(self.processor, "special", None)
-        for kind in ("image", "audio", "video"):
-            tok = getattr(special, kind, None)
-            if tok is not None and tok.text:
-                text = text.replace(tok.text, "")
-        return text
 
-    def _rewind(self, ids: np.ndarray) -> int:
-        """Make the cache hold a prefix of ``ids`` (at most all but the last token); return its length."""
-        cached = self._cached_ids
-        n = min(len(cached), len(ids))
-        same = np.array(cached[:n], dtype=np.int64) == ids[:n]
-        common = n if same.all() else int(np.argmin(same))
-        target = min(common, len(ids) - 1)
-        if target == len(cached):
-            return target
-        if self._snap is not None and self._snap[0] <= target:
-            kv.restore(self.cache, self._snap[1])
-            self._cached_ids = cached[: self._snap[0]]
-            return self._snap[0]
-        self._clear_cache()
-        return 0
-
-    def _slice(self, inputs: dict, ids: np.ndarray, start: int, end: int) -> dict:
-        """Inputs for ids[start:end], with only the media whose placeholders fall in that range."""
-        cfg = self.model.config
-        out = {"input_ids": mx.array(ids[None, :end].astype(np.int32))}
-        tail = ids[start:end]
-        for keys, token in ((("pixel_values", "image_position_ids"), cfg.image_token_id),
-                            (("pixel_values_videos", "video_position_ids"), cfg.video_token_id),
-                            (("input_features", "input_features_mask"), cfg.audio_token_id)):
-            k = _runs(tail, token)
-            if k and inputs.get(keys[0]) is not None:
-                for key in keys:
-                    out[key] = inputs[key][-k:] if inputs.get(key) is not None else None
-        return out
+def _peak() -> float:
+    return mx.get_peak_memory() / 1e9

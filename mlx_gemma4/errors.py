@@ -24,7 +24,15 @@ class InputError(Gemma4Error):
 
 
 class ContextLengthError(InputError):
-    """The prompt does not fit in the model's context window."""
+    """The prompt does not fit in the model's context window.
+
+    ``tokens`` and ``limit`` say by how much; in a chat, ``drop_turns`` > 0 is how many of the oldest turns must
+    go for it to fit, and 0 means the newest message alone is too long.
+    """
+
+    def __init__(self, message: str, *, tokens: int = 0, limit: int = 0, drop_turns: int = 0) -> None:
+        super().__init__(message)
+        self.tokens, self.limit, self.drop_turns = tokens, limit, drop_turns
 
 
 class CacheError(Gemma4Error):

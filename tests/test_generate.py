@@ -1,4 +1,4 @@
-"""Generation: greedy tokens equal transformers' greedy generate; chat sessions reuse the cache exactly."""
+"""Generation: greedy tokens equal transformers' greedy generate; stats and stops (chat sessions: test_chat.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mlx_gemma4.errors import ContextLengthError
-from mlx_gemma4 import ChatSession, generate, stream_generate
+from mlx_gemma4 import generate, stream_generate
 from mlx_gemma4.generation import stream_tokens
 from mlx_gemma4.processing.processor import Processor
 from mlx_gemma4.weights import load_model
@@ -66,48 +66,6 @@ def test_sampling_is_seeded(loaded):
     assert a == b
 
 
-def _fresh_tokens(model, processor, session, n):
-    prompt = processor.apply_chat_template(session.messages, add_generation_prompt=True)
-    return [r.token for r in stream_generate(model, processor, prompt, max_tokens=n, stop_ids=[])]
-
-
-def test_chat_second_turn_equals_fresh_prefill(loaded):
-    hf, model, processor = loaded
-    session = ChatSession(model, processor, system_prompt="be brief")
-    first = [r.token for r in session.send("hello there, how are you", max_tokens=12, stop_ids=[])]
-    assert len(first) == 12
-    assert session.messages[-1]["role"] == "assistant"
-    used = session.context_used
-    second = [r for r in session.send("and what about tomorrow", max_tokens=10, stop_ids=[], prefill_chunk=4)]
-    # Only the new turn (plus whatever the re-rendered answer changed) was prefilled.
-    assert second[-1].prompt_tokens < used
-    session.messages.pop()  # compare against a fresh run over the same conversation
-    assert [r.token for r in second] == _fresh_tokens(model, processor, session, 10)
-
-
-def test_chat_regenerate_and_drop_turns(loaded):
-    hf, model, processor = loaded
-    session = ChatSession(model, processor)
-    a = [r.token for r in session.send("tell me a story", max_tokens=6, stop_ids=[])]
-    b = [r.token for r in session.regenerate(max_tokens=6, stop_ids=[])]
-    assert a == b  # greedy: the same answer again, from the restored snapshot
-    assert [m["role"] for m in session.messages] == ["user", "assistant"]
-    list(session.send("more", max_tokens=3, stop_ids=[]))
-    session.drop_oldest_turns(1)
-    assert [m["role"] for m in session.messages] == ["user", "assistant"]
-    assert session.context_used == 0
-
-
-def test_chat_partial_answer_kept_when_caller_stops(loaded):
-    hf, model, processor = loaded
-    session = ChatSession(model, processor)
-    it = session.send("count to ten", max_tokens=20, stop_ids=[])
-    next(it), next(it)
-    it.close()
-    assert session.messages[-1]["role"] == "assistant"
-    list(session.send("go on", max_tokens=2, stop_ids=[]))  # and the session still works
-
-
 def test_prompt_past_context_is_a_clear_error(loaded):
     hf, model, processor = loaded
     limit = model.config.text_config.max_position_embeddings
@@ -115,25 +73,6 @@ def test_prompt_past_context_is_a_clear_error(loaded):
         generate(model, processor, "a b " * limit, max_tokens=2)
     with pytest.raises(ContextLengthError):
         model(mx.zeros((1, limit + 1), dtype=mx.int32))
-
-
-def test_chat_turn_past_context_is_not_kept(loaded):
-    hf, model, processor = loaded
-    session = ChatSession(model, processor)
-    with pytest.raises(ContextLengthError):
-        list(session.send("word " * model.config.text_config.max_position_embeddings, max_tokens=2))
-    assert session.messages == []
-
-
-def test_chat_load_messages_resumes(loaded, tmp_path):
-
-    hf, model, processor = loaded
-    session = ChatSession(model, processor)
-    session.load_messages([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
-    out = [r.token for r in session.send("again", max_tokens=4, stop_ids=[])]
-    fresh = ChatSession(model, processor)
-    fresh.messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    assert out == [r.token for r in fresh.send("again", max_tokens=4, stop_ids=[])]
 
 
 def test_repetition_penalty_sees_generated_tokens(loaded):

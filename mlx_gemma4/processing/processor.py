@@ -225,6 +225,17 @@ class Processor:
                 for n, stamps in zip(out["num_soft_tokens_per_video"], out["timestamps"])]
         return out, runs
 
+    def media_inputs(self, kind: str, items: list[Any], max_soft_tokens: int | None = None
+                     ) -> tuple[dict[str, np.ndarray], list[str]]:
+        """One modality's model inputs (numpy, batched over ``items``) and the text each item's placeholder
+        expands to, as ``__call__`` makes them. Chat sessions call it one item at a time to cache the result."""
+        run = {"image": self._image_runs, "audio": lambda x, _: self._audio_runs(x),
+               "video": self._video_runs}.get(kind)
+        if run is None:
+            raise InputError(f"Unknown media kind {kind!r}; use 'image', 'audio' or 'video'.")
+        out, runs = run(list(items), max_soft_tokens)
+        return {k: v for k, v in out.items() if k not in _NOT_INPUTS and v is not None}, runs
+
     def expand_placeholders(self, text: str, runs: dict[str, list[str]]) -> str:
         """Replace each placeholder, in prompt order, by the next expansion of its modality (one pass, so the
         expansions, which contain the placeholder strings themselves, are never re-scanned)."""

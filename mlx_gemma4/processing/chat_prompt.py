@@ -1,0 +1,224 @@
+"""Chat messages as token ids, with the messages' text kept as text.
+
+The chat template renders the conversation after every text the messages carry has been swapped for a
+sentinel, so the special tokens and media placeholders of the rendered string are the template's own. The string
+is then cut at those special tokens: each run of plain text between two of them (template text with the messages'
+text put back) is tokenized with special-token parsing off, and each special token is written as its id. For text
+without control tokens this gives exactly the ids of ``processor(text=apply_chat_template(messages))``; a
+``<turn|>``, ``<eos>`` or ``<|image|>`` typed by a user becomes those characters, never the control token.
+
+Media are preprocessed one item at a time and kept by source, so a conversation encoded again every turn does not
+decode its images and videos again, and a caller can stop between items.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import InputError
+from .tokenizer import split_thinking
+
+MEDIA_KINDS = ("image", "audio", "video")
+_SENTINEL = "\ue000{}\ue001"  # private-use characters: no tokenizer gives them a meaning
+_SENTINEL_RE = r"\ue000(?P<text>\d+)\ue001"
+
+
+class Stopped(Exception):
+    """The caller's ``should_stop`` said stop while media were being prepared."""
+
+
+@dataclass
+class MediaItem:
+    kind: str
+    key: int                          # the same source gets the same key; keys are never reused
+    inputs: dict[str, np.ndarray]     # model inputs of this item alone (batch axis first)
+    run: str                          # the text its placeholder expands to
+
+
+@dataclass
+class EncodedChat:
+    ids: np.ndarray                   # (L,) int32
+    keys: np.ndarray                  # (L,) int64: ids, but a media soft token is -(its item's key), so two
+                                      # different images of the same size never look like a shared prefix
+    items: list[tuple[int, int, MediaItem]] = field(default_factory=list)  # soft-token span of each item
+
+
+def strip_placeholders(processor, text: str) -> str:
+    """``text`` without media placeholders (a model that writes one must not create a media slot)."""
+    for kind in MEDIA_KINDS:
+        tok = getattr(processor.special, kind)
+        if tok is not None:
+            text = text.replace(tok.text, "")
+    return text
+
+
+def _source_key(kind: str, source: Any) -> tuple:
+    if isinstance(source, (str, Path)):
+        path = Path(os.path.expanduser(str(source)))
+        try:
+            st = path.stat()
+            return (kind, str(path.resolve()), st.st_mtime_ns, st.st_size)
+        except OSError:
+            return (kind, str(path))  # the processor says what is wrong with it
+    return (kind, "object", id(source))
+
+
+class ChatEncoder:
+    """Turns chat messages into token ids and media inputs for one processor; keeps the media of the last call."""
+
+    def __init__(self, processor) -> None:
+        self.processor = processor
+        hf = processor.tokenizer.hf
+        specials = sorted({t.content for t in hf.added_tokens_decoder.values() if t.special}, key=len, reverse=True)
+        self._special_ids = {s: hf.convert_tokens_to_ids(s) for s in specials}
+        self._specials = re.compile("|".join(re.escape(s) for s in specials)) if specials else None
+        self._split = re.compile(_SENTINEL_RE + ("|" + self._specials.pattern if specials else ""))
+        self._placeholders = {tok.text: kind for kind in MEDIA_KINDS
+                              if (tok := getattr(processor.special, kind)) is not None}
+        self._soft_ids = {tok.id for kind in MEDIA_KINDS if (tok := getattr(processor.special, kind)) is not None}
+        self._media: dict[tuple, tuple[Any, MediaItem]] = {}
+        self._next_key = 1
+
+    # -- text ------------------------------------------------------------------------------------------------
+
+    def _plain_ids(self, text: str) -> list[int]:
+        # split_special_tokens: a control token's text in `text` is tokenized as the characters it is made of.
+        return list(self.processor.tokenizer.hf.encode(text, add_special_tokens=False, split_special_tokens=True))
+
+    def clean(self, role: str, text: str) -> str:
+        """What the template would write for a text part: trimmed, and for the model's turns without thoughts
+        and media placeholders (history is treated like a live answer)."""
+        if role == "assistant":
+            return strip_placeholders(self.processor, split_thinking(text)[1])
+        return text.strip()
+
+    # -- media -----------------------------------------------------------------------------------------------
+
+    def _item(self, kind: str, source: Any) -> MediaItem:
+        key = _source_key(kind, source)
+        if key not in self._media:
+            inputs, [run] = self.processor.media_inputs(kind, [source])
+            self._media[key] = (source, MediaItem(kind, self._next_key, inputs, run))  # source keeps id() valid
+            self._next_key += 1
+        return self._media[key][1]
+
+    # -- the call --------------------------------------------------------------------------------------------
+
+    def encode(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+               enable_thinking: bool = False, should_stop: Callable[[], bool] | None = None) -> EncodedChat:
+        texts: list[str] = []
+        sources: list[tuple[str, Any]] = []
+        rendered_messages = []
+        for m in messages:
+            role, content = m["role"], m.get("content")
+            if content is None or isinstance(content, str):
+                parts = [] if not content else [{"type": "text", "text": content}]
+            elif isinstance(content, list):
+                parts = content
+            else:
+                raise InputError(f"A {role} message's content is a {type(content).__name__}; use a string or a "
+                                 "list of parts like {'type': 'text', 'text': ...}.")
+            out = []
+            for part in parts:
+                kind = part.get("type")
+                if kind == "text":
+                    text = self.clean(role, str(part.get("text") or ""))
+                    if text:
+                        texts.append(text)
+                        out.append({"type": "text", "text": _SENTINEL.format(len(texts) - 1)})
+                elif kind in MEDIA_KINDS:
+                    src = next((part[k] for k in (kind, "path", "url", "file") if part.get(k) is not None), None)
+                    if src is None:
+                        raise InputError(f"A {kind} part of the messages has no {kind!r} or 'path' key to load.")
+                    sources.append((kind, src))
+                    out.append({"type": kind})
+            if isinstance(content, list):
+                rendered_messages.append({"role": role, "content": out})
+            else:
+                rendered_messages.append({"role": role, "content": out[0]["text"] if out else ""})
+
+        rendered = self.processor.tokenizer.apply_chat_template(
+            rendered_messages, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking)
+        found = [self._placeholders[m.group(0)] for m in self._specials.finditer(rendered)
+                 if m.group(0) in self._placeholders] if self._specials else []
+        if found != [k for k, _ in sources]:
+            raise InputError("The chat template did not place every image, audio clip or video of the messages "
+                             "(media are only read in user turns); move them into a user message.")
+
+        used: dict[tuple, tuple[Any, MediaItem]] = {}
+        items: list[MediaItem] = []
+        for kind, src in sources:
+            if should_stop is not None and should_stop():
+                raise Stopped
+            items.append(self._item(kind, src))
+            used[_source_key(kind, src)] = self._media[_source_key(kind, src)]
+        self._media = used  # keep only what this conversation uses
+
+        ids: list[int] = []
+        keys: list[int] = []
+        spans: list[tuple[int, int, MediaItem]] = []
+        plain: list[str] = []
+
+        def flush() -> None:
+            if plain:
+                new = self._plain_ids("".join(plain))
+                ids.extend(new)
+                keys.extend(new)
+                plain.clear()
+
+        def trusted(text: str, item: MediaItem | None = None) -> None:
+            """Template text (or a media expansion): its special tokens count."""
+            pos = 0
+            for m in self._split.finditer(text):
+                plain.append(text[pos:m.start()])
+                pos = m.end()
+                if m.group("text") is not None:
+                    plain.append(texts[int(m.group("text"))])
+                    continue
+                token = m.group(0)
+                if item is None and token in self._placeholders:
+                    media = items[len(spans)]
+                    start = len(ids)
+                    trusted(media.run, media)
+                    flush()
+                    soft = [i for i in range(start, len(ids)) if ids[i] in self._soft_ids]
+                    for i in soft:
+                        keys[i] = -media.key
+                    spans.append((soft[0], soft[-1] + 1, media))
+                    continue
+                flush()
+                ids.append(self._special_ids[token])
+                keys.append(self._special_ids[token])
+            plain.append(text[pos:])
+
+        tok = self.processor.tokenizer
+        if not (tok.bos_token and rendered.startswith(tok.bos_token)):
+            ids.extend(tok.encode("", add_special_tokens=True))  # BOS where the tokenizer adds one
+            keys.extend(ids)
+        trusted(rendered)
+        flush()
+        return EncodedChat(np.array(ids, dtype=np.int32), np.array(keys, dtype=np.int64), spans)
+
+
+def stack_inputs(items: list[MediaItem]) -> dict[str, Any]:
+    """The model inputs of several items as one batch (items of a kind padded to the longest along axis 1, as the
+    processor pads a batch: zeros, a False mask, -1 positions)."""
+    import mlx.core as mx
+
+    out: dict[str, Any] = {}
+    keys = {k for it in items for k in it.inputs}
+    for key in keys:
+        arrays = [np.asarray(it.inputs[key]) for it in items if key in it.inputs]
+        if arrays[0].ndim >= 2:
+            longest = max(a.shape[1] for a in arrays)
+            fill = -1 if "position" in key else 0
+            arrays = [np.pad(a, [(0, 0), (0, longest - a.shape[1])] + [(0, 0)] * (a.ndim - 2), constant_values=fill)
+                      for a in arrays]
+        out[key] = mx.array(np.concatenate(arrays))
+    return out
