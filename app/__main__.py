@@ -29,9 +29,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from .history import data_dir
+    from .history import HistoryError, data_dir
 
-    data = data_dir(args.data_dir)
+    try:
+        data = data_dir(args.data_dir)
+    except HistoryError as e:
+        print(f"gemma4-chat: {e}", file=sys.stderr)
+        return 2
     try:
         choice = resolve(args.model, args.demo, data)
     except ModelNotFound as e:
@@ -45,7 +49,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # Demo conversations (random text) are kept apart from real ones.
     history = History(data / "demo" if choice.kind == "demo" else data)
-    logging.basicConfig(filename=data / "gemma4-chat.log", level=logging.INFO,
+    try:
+        handler: logging.Handler = logging.FileHandler(data / "gemma4-chat.log")
+    except OSError:  # a read-only data folder: the app says so itself and runs without a log file
+        handler = logging.NullHandler()
+    logging.basicConfig(level=logging.INFO, handlers=[handler],
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     store = SettingsStore(data)
     given = {"system_prompt": args.system, "enable_thinking": args.thinking, "max_tokens": args.max_tokens,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
+from textual import on
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
@@ -18,18 +19,6 @@ from .screens.conversations import Choice, ConversationsScreen
 from .screens.get_model import GetModelScreen
 from .screens.help import HelpScreen
 from .screens.settings import SettingsScreen
-
-
-def session_messages(saved) -> list[dict]:
-    """History rows as chat messages for the session (text plus the saved copies of attachments)."""
-    out = []
-    for m in saved:
-        if not m.attachments:
-            out.append({"role": m.role, "content": m.content})
-            continue
-        parts: list[dict] = [{"type": a.kind, a.kind: str(a.path)} for a in m.attachments]
-        out.append({"role": m.role, "content": parts + [{"type": "text", "text": m.content}]})
-    return out
 
 
 def key_label(keys: str) -> str:
@@ -87,6 +76,7 @@ class ChatApp(App):
                 self.resume(latest.id)
 
     def on_unmount(self) -> None:
+        # Stop the model's thread and wait for it: a thread still running when the interpreter exits can abort it.
         self.backend.shutdown()
         if self.recorder.recording:
             self.recorder.cancel()
@@ -121,12 +111,13 @@ class ChatApp(App):
             self.settings_store.save(self.backend.settings)
 
     def resume(self, conversation_id: int) -> None:
-        saved = self.history.messages(conversation_id)
-        conv = self.history.get(conversation_id)
-        if conv is not None and conv.system_prompt:
-            self.backend.settings.system_prompt = conv.system_prompt
-        self.chat_screen.show_saved(conversation_id, saved)
-        self.backend.new_session(session_messages(saved))
+        """Show a saved conversation; the model picks it up from the history store with the next message."""
+        self.chat_screen.open_conversation(conversation_id)
+
+    @on(ConversationsScreen.Deleted)
+    def conversation_deleted(self, event: ConversationsScreen.Deleted) -> None:
+        if event.conversation_id == self.chat_screen.conversation_id:
+            self.chat_screen.open_conversation(None)  # stops its answer first
 
     # -- actions shared by the palette and the chat screen's keys ------------------------------------
 
@@ -147,10 +138,9 @@ class ChatApp(App):
             if new.system_prompt != old.system_prompt:
                 self.chat_screen.action_new_conversation()
                 self.notify("System prompt changed; new conversation started.")
-            else:
-                self.backend.apply_settings()
 
-        used, limit = self.backend.context()
+        stats = self.chat_screen.query_one("#status").stats
+        used, limit = stats.context_used, stats.context_limit
         info = f"Model: {self.backend.name}" + (f" · context {used}/{limit} tokens" if limit else "")
         self.push_screen(SettingsScreen(self.backend.settings, info), saved)
 
@@ -166,7 +156,10 @@ class ChatApp(App):
         if cid is None:
             self.notify("Nothing to export yet.")
             return
-        self.notify(f"Exported to {self.history.export_markdown(cid)}", timeout=8)
+        try:
+            self.notify(f"Exported to {self.history.export_markdown(cid)}", timeout=8)
+        except OSError as e:
+            self.notify(f"Could not export: {e}", severity="error")
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)

@@ -1,25 +1,35 @@
 """The one thread that owns the model: every MLX call (loading, prefill, decoding) runs on it.
 
-MLX streams belong to the thread that made them, so loading and generating share one dedicated thread
-rather than a fresh Textual thread worker per turn. The UI talks to the backend with method calls that return
-at once; the backend answers with the dataclass Messages below, posted to whatever `post` the caller gave
-(a Screen's `post_message`, which is thread-safe). Streaming text is batched to at most `fps` posts a second.
+MLX streams belong to the thread that made them, so loading and generating share one dedicated thread rather than
+a fresh Textual thread worker per turn. The UI talks to the backend with method calls that return at once; the
+backend answers with the dataclass Messages below, posted to whatever `post` the caller gave (a Screen's
+`post_message`, which is thread-safe). Streaming text is batched to at most `fps` posts a second.
+
+The backend keeps no conversation: each turn it is handed the whole conversation (from the history store) and
+the chat session reuses whatever prefix of it is still in its cache. Every event names the conversation and the
+turn (the id of the user message being answered) it belongs to, so the screen can drop events of a conversation
+it no longer shows. Jobs run one at a time in order, so a message sent while the model loads is answered as soon
+as it is ready.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import queue
 import re
+import sys
 import threading
 import time
+from concurrent.futures import Future
 from contextlib import closing
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 from textual.message import Message
 
-from .attachments import Attachment
+if TYPE_CHECKING:
+    from mlx_gemma4.generation import GenerationResponse
 
 log = logging.getLogger(__name__)
 
@@ -45,28 +55,28 @@ class Settings:
 @dataclass
 class Stats:
     ttft: float = 0.0
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0          # prompt tokens computed this turn
     prompt_tps: float = 0.0
     generation_tokens: int = 0
     generation_tps: float = 0.0
-    peak_memory_gb: float = 0.0
+    peak_memory_gb: float = 0.0     # this turn's peak of MLX's allocator, or the process RSS (see memory_kind)
     context_used: int = 0
     context_limit: int = 0
+    cached_tokens: int = 0          # prompt tokens found in the cache
+    memory_kind: str = "peak"       # "peak" (MLX) or "RSS" (the backend reports no peak, e.g. some CPU builds)
 
 
 class Session(Protocol):
     """What mlx_gemma4.ChatSession offers the app."""
 
-    messages: list[dict]
+    enable_thinking: bool
     context_used: int
     context_limit: int
+    last_reused: int
 
-    def send(self, text: str, **kwargs: Any) -> Iterator[Any]: ...
-    def regenerate(self, **kwargs: Any) -> Iterator[Any]: ...
-    def load_messages(self, messages: list[dict]) -> None: ...
-    def forget_last_user_turn(self) -> None: ...
-    def drop_oldest_turns(self, n: int) -> None: ...
-    def reset(self) -> None: ...
+    def stream(self, messages: list[dict], **kwargs: Any) -> Iterator[GenerationResponse]: ...
+    def count_tokens(self, messages: list[dict]) -> int: ...
+    def answer_text(self, streamed: str) -> str: ...
 
 
 LoadFn = Callable[[Progress], tuple[Any, Any]]
@@ -76,8 +86,7 @@ SessionFactory = Callable[[Any, Any, Settings], Session]
 def chat_session(model: Any, processor: Any, settings: Settings) -> Session:
     from mlx_gemma4.chat import ChatSession
 
-    return ChatSession(model, processor, system_prompt=settings.system_prompt or None,
-                       enable_thinking=settings.enable_thinking)
+    return ChatSession(model, processor, enable_thinking=settings.enable_thinking)
 
 
 # Control characters (a random model writes plenty) would reach the terminal; tabs and newlines stay.
@@ -91,13 +100,16 @@ def split_thinking(text: str) -> tuple[str, str]:
     return split(_CONTROL.sub("", text))
 
 
-def forget_turns_after(session: Session, n: int) -> None:
-    """Take the session back to its first `n` messages: a turn that failed half way leaves nothing behind."""
-    while len(session.messages) > n:
-        if session.messages[-1]["role"] == "user":
-            session.forget_last_user_turn()  # also drops the turn's media
-        else:
-            session.messages.pop()
+def process_memory_gb() -> float:
+    """The process's resident memory now (Linux: /proc; elsewhere the peak getrusage reports)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9  # bytes on macOS, KiB on Linux
 
 
 # -- messages the backend posts --------------------------------------------------------------------
@@ -122,7 +134,13 @@ class LoadFailed(Message):
 
 
 @dataclass
-class Working(Message):
+class TurnEvent(Message):
+    conversation_id: int
+    turn_id: int  # the history id of the user message being answered
+
+
+@dataclass
+class Working(TurnEvent):
     """Before the first token: `done` of `total` prompt tokens read (media are encoded with the first chunk)."""
 
     done: int
@@ -130,7 +148,7 @@ class Working(Message):
 
 
 @dataclass
-class Streamed(Message):
+class Streamed(TurnEvent):
     """A batch of new text: the whole thinking and answer so far, so handlers never lose a piece."""
 
     thinking: str
@@ -139,23 +157,35 @@ class Streamed(Message):
 
 
 @dataclass
-class Finished(Message):
+class Finished(TurnEvent):
     thinking: str
-    answer: str
-    finish_reason: str  # "stop" | "length" | "cancelled"
+    answer: str          # as kept in the conversation (no thoughts, no media placeholders)
+    finish_reason: str   # "stop" | "length" | "context" | "cancelled"
     stats: Stats
-    context_full: bool = False
 
 
 @dataclass
-class GenerationFailed(Message):
+class GenerationFailed(TurnEvent):
     error: str
     context_full: bool = False
+    drop_turns: int = 0  # with context_full: dropping this many oldest turns makes it fit; 0: the message alone
+                         # is too long
+
+
+@dataclass
+class ContextCounted(Message):
+    conversation_id: int
+    used: int
+    limit: int
+
+
+class _ShuttingDown(Exception):
+    pass
 
 
 @dataclass
 class Backend:
-    """Owns the model, the chat session and the thread they live on."""
+    """Owns the model, the chat session (a cache) and the thread they live on."""
 
     name: str
     load_fn: LoadFn
@@ -165,12 +195,14 @@ class Backend:
     settings: Settings = field(default_factory=Settings)
 
     def __post_init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx")
-        self._stop = threading.Event()
-        self._busy = threading.Event()
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._closing = threading.Event()
+        self._jobs: list[threading.Event] = []  # stop flags of queued and running generations
         self.model: Any = None
         self.processor: Any = None
         self.session: Session | None = None
+        self.load_error: str | None = None
 
     @property
     def loaded(self) -> bool:
@@ -178,144 +210,148 @@ class Backend:
 
     @property
     def busy(self) -> bool:
-        return self._busy.is_set()
+        return bool(self._jobs)
 
     def _submit(self, fn: Callable, *args: Any) -> Future:
-        return self._pool.submit(fn, *args)
+        future: Future = Future()
+        if self._closing.is_set():
+            future.set_exception(_ShuttingDown())
+            return future
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="mlx")
+            self._thread.start()
+        self._queue.put((fn, args, future))
+        return future
+
+    def _work(self) -> None:
+        while (job := self._queue.get()) is not None:
+            fn, args, future = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # the caller looks at the future; the thread goes on
+                future.set_exception(e)
+
+    @property
+    def thread_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     # -- loading ---------------------------------------------------------------------------------
 
     def load(self, post: Post) -> Future:
+        self.load_error = None
         return self._submit(self._load, post)
 
     def _load(self, post: Post) -> None:
+        def progress(done: int, total: int, desc: str = "") -> None:
+            if self._closing.is_set():
+                raise _ShuttingDown
+            post(LoadProgress(done, total, desc))
+
         try:
-            self.model, self.processor = self.load_fn(lambda d, t, desc="": post(LoadProgress(d, t, desc)))
+            self.model, self.processor = self.load_fn(progress)
             self.session = self.session_factory(self.model, self.processor, self.settings)
+        except _ShuttingDown:
+            return
         except Exception as e:  # shown in the app, which keeps running
             log.exception("loading failed")
-            post(LoadFailed(f"{type(e).__name__}: {e}" if not str(e).startswith(type(e).__name__) else str(e)))
+            self.load_error = f"{type(e).__name__}: {e}" if not str(e).startswith(type(e).__name__) else str(e)
+            post(LoadFailed(self.load_error))
             return
-        post(ModelLoaded(self.name, int(getattr(self.session, "context_limit", 0) or 0)))
-
-    # -- conversation state ------------------------------------------------------------------------
-
-    def new_session(self, messages: list[dict] | None = None) -> Future:
-        """Start over with the current settings, optionally with earlier messages (resume)."""
-        return self._submit(self._new_session, messages or [])
-
-    def _new_session(self, messages: list[dict]) -> None:
-        if self.model is None and self.session is None:
-            return
-        self.session = self.session_factory(self.model, self.processor, self.settings)
-        if messages:
-            system = self.settings.system_prompt
-            if system and messages[0]["role"] != "system":  # load_messages replaces the whole conversation
-                messages = [{"role": "system", "content": system}, *messages]
-            self.session.load_messages(messages)
-
-    def set_thinking(self, on: bool) -> Future:
-        self.settings.enable_thinking = on
-        return self._submit(self._apply_settings)
-
-    def _apply_settings(self) -> None:
-        s = self.session
-        if s is None:
-            return
-        for attr, value in (("enable_thinking", self.settings.enable_thinking),
-                            ("system_prompt", self.settings.system_prompt or None)):
-            if hasattr(s, attr):
-                setattr(s, attr, value)
-
-    def apply_settings(self) -> Future:
-        return self._submit(self._apply_settings)
-
-    def drop_oldest_turns(self, n: int) -> Future:
-        return self._submit(lambda: self.session and self.session.drop_oldest_turns(n))
-
-    def context(self) -> tuple[int, int]:
-        s = self.session
-        return (int(getattr(s, "context_used", 0) or 0), int(getattr(s, "context_limit", 0) or 0)) if s else (0, 0)
+        post(ModelLoaded(self.name, self.session.context_limit))
 
     # -- generation --------------------------------------------------------------------------------
 
-    def send(self, post: Post, text: str, attachments: list[Attachment] = ()) -> Future:
-        media = {
-            "images": [str(a.path) for a in attachments if a.kind == "image"],
-            "audio": [str(a.path) for a in attachments if a.kind == "audio"],
-            "videos": [str(a.path) for a in attachments if a.kind == "video"],
-        }
-        media = {k: v for k, v in media.items() if v}
-        self._stop.clear()
-        self._busy.set()
-        return self._submit(self._generate, post, lambda kw: self.session.send(text, **media, **kw))
-
-    def regenerate(self, post: Post) -> Future:
-        self._stop.clear()
-        self._busy.set()
-        return self._submit(self._generate, post, lambda kw: self.session.regenerate(**kw), True)
+    def generate(self, post: Post, conversation_id: int, turn_id: int, messages: list[dict]) -> Future:
+        """Answer `messages` (the whole conversation, ending with the user turn `turn_id`)."""
+        stop = threading.Event()
+        self._jobs.append(stop)
+        return self._submit(self._generate, post, conversation_id, turn_id, messages, stop)
 
     def cancel(self) -> None:
-        """Ask the running generation to stop after the current token; the partial answer is kept."""
-        self._stop.set()
+        """Stop every queued and running generation (the partial answer is kept); prefill and media encoding
+        stop at the next chunk or item."""
+        for stop in list(self._jobs):
+            stop.set()
 
-    def _generate(self, post: Post, start: Callable[[dict], Iterator[Any]], regenerate: bool = False) -> None:
+    def count(self, post: Post, conversation_id: int, messages: list[dict]) -> Future:
+        """Post how much of the context `messages` take (after turns were dropped, say)."""
+        return self._submit(self._count, post, conversation_id, messages)
+
+    def _count(self, post: Post, conversation_id: int, messages: list[dict]) -> None:
+        if self.session is None:
+            return
+        try:
+            used = self.session.count_tokens(messages)
+        except Exception:  # the status line is a bonus; a real error shows when the user sends
+            log.exception("counting tokens failed")
+            return
+        post(ContextCounted(conversation_id, used, self.session.context_limit))
+
+    def _generate(self, post: Post, cid: int, turn: int, messages: list[dict], stop: threading.Event) -> None:
         from mlx_gemma4.errors import ContextLengthError
 
-        text, stats, reason = "", Stats(), "stop"
-        last_post = 0.0
-        kept = len(self.session.messages) if self.session is not None else 0
         try:
-            if self.session is None:
-                raise RuntimeError("No model is loaded.")
-            self._apply_settings()
-            # closing(): the session files the (partial) answer when its generator closes.
-            kwargs = dict(self.settings.sampling(), should_stop=self._stop.is_set,
-                          progress=lambda done, total: post(Working(done, total)))
-            with closing(start(kwargs)) as stream:
-                for r in stream:
-                    text += r.text or ""
-                    stats = self._stats(r)
-                    if r.finish_reason:
-                        reason = r.finish_reason
-                        break
-                    now = time.monotonic()
-                    if now - last_post >= 1.0 / self.fps:
-                        last_post = now
-                        post(Streamed(*split_thinking(text), stats))
-            if self._stop.is_set() and reason == "stop":
-                reason = "cancelled"
+            self._run(post, cid, turn, messages, stop)
+        except ContextLengthError as e:
+            post(GenerationFailed(cid, turn, str(e), context_full=True, drop_turns=e.drop_turns))
         except Exception as e:
-            # ChatSession drops a new turn that does not fit or cannot be processed; one that failed while
-            # answering is dropped here, so the session matches the app, which puts the text back in the prompt.
-            if self.session is not None and not regenerate:
-                forget_turns_after(self.session, kept)
-            self._busy.clear()
-            if isinstance(e, ContextLengthError):
-                post(GenerationFailed(str(e), context_full=True))
-            else:
-                log.exception("generation failed")
-                post(GenerationFailed(f"{type(e).__name__}: {e}"))
-            return
-        used, limit = self.context()
-        stats.context_used, stats.context_limit = used or stats.context_used, limit or stats.context_limit
-        full = reason == "length" and limit > 0 and used >= limit - 1
-        self._busy.clear()
-        post(Finished(*split_thinking(text), reason, stats, context_full=full))
+            log.exception("generation failed")
+            post(GenerationFailed(cid, turn, f"{type(e).__name__}: {e}"))
+        finally:
+            self._jobs.remove(stop)
 
-    def _stats(self, r: Any) -> Stats:
-        used, limit = self.context()
+    def _run(self, post: Post, cid: int, turn: int, messages: list[dict], stop: threading.Event) -> None:
+        session = self.session
+        if session is None:
+            raise RuntimeError(f"No model is loaded. {self.load_error or ''}".strip())
+        session.enable_thinking = self.settings.enable_thinking
+        text, stats, reason, last_post = "", Stats(), "stop", 0.0
+        should_stop = lambda: stop.is_set() or self._closing.is_set()  # noqa: E731
+        progress = lambda done, total: post(Working(cid, turn, done, total))  # noqa: E731
+        with closing(session.stream(messages, should_stop=should_stop, progress=progress,
+                                    **self.settings.sampling())) as stream:
+            for r in stream:
+                text += r.text
+                stats = self._stats(r, stats)
+                if r.finish_reason:
+                    reason = r.finish_reason
+                    break
+                now = time.monotonic()
+                if now - last_post >= 1.0 / self.fps:
+                    last_post = now
+                    post(Streamed(cid, turn, *split_thinking(text), stats))
+        if should_stop() and reason == "stop":
+            reason = "cancelled"
+        thinking, _ = split_thinking(text)
+        post(Finished(cid, turn, thinking, _CONTROL.sub("", session.answer_text(text)), reason, stats))
+
+    def _stats(self, r: GenerationResponse, before: Stats) -> Stats:
+        """The turn's stats after response `r` (memory: the highest seen this turn)."""
+        s = self.session
+        peak, kind = r.peak_memory_gb, "peak"
+        if peak <= 0:
+            peak, kind = process_memory_gb(), "RSS"
         return Stats(
-            ttft=float(getattr(r, "ttft", 0.0) or 0.0),
-            prompt_tokens=int(getattr(r, "prompt_tokens", 0) or 0),
-            prompt_tps=float(getattr(r, "prompt_tps", 0.0) or 0.0),
-            generation_tokens=int(getattr(r, "generation_tokens", 0) or 0),
-            generation_tps=float(getattr(r, "generation_tps", 0.0) or 0.0),
-            peak_memory_gb=float(getattr(r, "peak_memory_gb", 0.0) or getattr(r, "peak_memory", 0.0) or 0.0),
-            context_used=used,
-            context_limit=limit,
+            ttft=r.ttft, prompt_tokens=r.prompt_tokens, prompt_tps=r.prompt_tps,
+            generation_tokens=r.generation_tokens, generation_tps=r.generation_tps,
+            peak_memory_gb=max(peak, before.peak_memory_gb), memory_kind=kind,
+            context_used=s.context_used if s else 0, context_limit=s.context_limit if s else 0,
+            cached_tokens=s.last_reused if s else 0,
         )
 
-    def shutdown(self) -> None:
-        self._stop.set()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop what runs, drop what is queued and wait for the model's thread to end (a thread left running
+        when the interpreter exits can abort the process)."""
+        self._closing.set()
+        self.cancel()
+        while True:
+            try:
+                _, _, future = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            future.cancel()
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)

@@ -1,8 +1,13 @@
 """Every conversation, saved as it happens: SQLite in the user data directory.
 
+The store is the one record of every conversation: the chat screen renders from it and hands it to the model.
 Each message is written in its own transaction, so quitting at any moment (Ctrl+C included) loses at most the
 answer still being streamed. Attached files are copied into the data directory, so a conversation can be
-resumed after the originals moved. A database that SQLite cannot read is renamed aside, never deleted.
+resumed after the originals moved.
+
+Only a database SQLite says is damaged ("file is not a database", a failed integrity check) is renamed aside,
+never deleted. One that is locked by another program or cannot be written (a read-only folder or file) is left
+alone: its conversations are read into memory and the app runs read-only, saying so.
 """
 
 from __future__ import annotations
@@ -16,9 +21,15 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlx_gemma4.errors import Gemma4Error
+
 from .attachments import Attachment
 
 ENV_VAR = "GEMMA4_CHAT_HOME"
+
+
+class HistoryError(Gemma4Error):
+    """The data folder cannot be used at all (e.g. it names a file)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -43,7 +54,8 @@ CREATE TABLE IF NOT EXISTS attachments (
     message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
     kind TEXT NOT NULL,
     path TEXT NOT NULL,
-    name TEXT NOT NULL
+    name TEXT NOT NULL,
+    label TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, id);
 """
@@ -59,8 +71,25 @@ def data_dir(override: str | Path | None = None) -> Path:
         from platformdirs import user_data_dir
 
         d = Path(user_data_dir("gemma4-chat", appauthor=False))
-    d.mkdir(parents=True, exist_ok=True)
+    d = d.expanduser()
+    if d.exists() and not d.is_dir():
+        raise HistoryError(f"The data folder {d} is a file. Pass --data-dir (or set ${ENV_VAR} to) a folder; "
+                           "it is created if missing.")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass  # History opens read-only and says why
     return d
+
+
+def _damaged(e: sqlite3.DatabaseError) -> bool:
+    """Whether SQLite says the file itself is damaged (not locked, not read-only)."""
+    text = str(e).lower()
+    return "not a database" in text or "malformed" in text or isinstance(e, _Damaged)
+
+
+class _Damaged(sqlite3.DatabaseError):
+    pass
 
 
 @dataclass
@@ -68,6 +97,10 @@ class SavedAttachment:
     kind: str
     path: Path
     name: str
+    label: str = ""  # what its chip shows: name, size, duration
+
+    def __post_init__(self) -> None:
+        self.label = self.label or self.name
 
 
 @dataclass
@@ -92,37 +125,86 @@ class Conversation:
 
 
 class History:
-    """The conversation store. `notice` holds a message for the user when the old database was set aside."""
+    """The conversation store. `notice` holds a message for the user when the database was set aside or can
+    only be read; `read_only` says nothing of this session will be kept."""
 
-    def __init__(self, directory: str | Path | None = None) -> None:
+    def __init__(self, directory: str | Path | None = None, busy_timeout: float = 5.0) -> None:
         self.dir = data_dir(directory)
         self.path = self.dir / "history.db"
         self.attachments_dir = self.dir / "attachments"
         self.notice: str | None = None
+        self.read_only = False
+        self.busy_timeout = busy_timeout
         try:
             self._conn = self._open()
         except sqlite3.DatabaseError as e:
+            if not _damaged(e):
+                self._conn = self._read_only(e)
+                return
             aside = self.path.with_name(f"history.corrupt-{time.strftime('%Y%m%d-%H%M%S')}.db")
-            self.path.rename(aside)
+            try:
+                self.path.rename(aside)
+                self._conn = self._open()
+            except (OSError, sqlite3.DatabaseError) as e2:
+                self._conn = self._read_only(e2)
+                return
             self.notice = (
                 f"The chat history database could not be read ({e}). It was kept as {aside} "
                 "and a new, empty history was started."
             )
-            self._conn = self._open()
 
     def _open(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        if not self.dir.is_dir():
+            raise sqlite3.OperationalError(f"unable to open database file (cannot create the folder {self.dir})")
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=self.busy_timeout)
         try:
             conn.execute("PRAGMA foreign_keys = ON")
             ok = conn.execute("PRAGMA quick_check").fetchone()[0]
             if ok != "ok":
-                raise sqlite3.DatabaseError(ok)
+                raise _Damaged(ok)
             conn.execute("PRAGMA journal_mode = WAL")
-            conn.executescript(_SCHEMA)
+            self._prepare(conn)
+            conn.execute("BEGIN IMMEDIATE")  # can we write? (locked or read-only says so here)
+            conn.execute("ROLLBACK")
         except sqlite3.DatabaseError:
             conn.close()
             raise
         return conn
+
+    @staticmethod
+    def _prepare(conn: sqlite3.Connection) -> None:
+        conn.executescript(_SCHEMA)
+        columns = [r[1] for r in conn.execute("PRAGMA table_info(attachments)")]
+        if "label" not in columns:  # databases written before chips kept their size and duration
+            conn.execute("ALTER TABLE attachments ADD COLUMN label TEXT NOT NULL DEFAULT ''")
+
+    def _read_only(self, why: Exception) -> sqlite3.Connection:
+        """An in-memory copy of what can be read: the app shows earlier conversations and saves nothing."""
+        self.read_only = True
+        mem = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        copied = False
+        if self.path.is_file():
+            for mode in ("mode=ro", "immutable=1"):
+                try:
+                    src = sqlite3.connect(f"{self.path.resolve().as_uri()}?{mode}", uri=True, timeout=0.2)
+                    try:
+                        src.backup(mem)
+                        copied = True
+                    finally:
+                        src.close()
+                    break
+                except sqlite3.DatabaseError:
+                    continue
+        mem.execute("PRAGMA foreign_keys = ON")
+        self._prepare(mem)
+        locked = "locked" in str(why).lower()
+        cause = ("is locked by another program (another gemma4-chat?)" if locked
+                 else f"cannot be written ({why})")
+        fix = ("Close the other program and restart to save again." if locked
+               else f"Make {self.dir} writable, or start with --data-dir pointing at a writable folder.")
+        shown = "Earlier conversations are shown; " if copied else ""
+        self.notice = f"The chat history at {self.path} {cause}. {shown}nothing from this session will be saved. {fix}"
+        return mem
 
     def close(self) -> None:
         self._conn.close()
@@ -147,8 +229,11 @@ class History:
         thinking: str = "",
         stats: dict | None = None,
         attachments: list[Attachment] = (),
-    ) -> int:
-        """Save one message and copies of its attachments, all in one transaction."""
+    ) -> int | None:
+        """Save one message and copies of its attachments, all in one transaction. None when the conversation
+        no longer exists (deleted while its answer was still coming)."""
+        if not self.exists(conversation_id):
+            return None
         copies = [self._copy_in(conversation_id, a) for a in attachments]
         now = time.time()
         with self._tx() as c:
@@ -159,8 +244,8 @@ class History:
             )
             mid = int(cur.lastrowid)
             c.executemany(
-                "INSERT INTO attachments (message_id, kind, path, name) VALUES (?, ?, ?, ?)",
-                [(mid, a.kind, str(p), a.path.name) for a, p in zip(attachments, copies)],
+                "INSERT INTO attachments (message_id, kind, path, name, label) VALUES (?, ?, ?, ?, ?)",
+                [(mid, a.kind, str(p), a.path.name, a.label) for a, p in zip(attachments, copies)],
             )
             title_row = c.execute("SELECT title FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
             title = title_row[0] if title_row else ""
@@ -168,6 +253,16 @@ class History:
                 title = content.strip().splitlines()[0][:60]
             c.execute("UPDATE conversations SET updated = ?, title = ? WHERE id = ?", (now, title, conversation_id))
         return mid
+
+    def delete_message(self, message_id: int) -> None:
+        """Remove one message and the copies of its attachments (a turn that failed leaves nothing behind)."""
+        rows = self._conn.execute("SELECT path FROM attachments WHERE message_id = ?", (message_id,)).fetchall()
+        with self._tx() as c:
+            c.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+        for (path,) in rows:
+            p = Path(path)
+            if p.parent.parent == self.attachments_dir:  # only our copies, never the user's own file
+                p.unlink(missing_ok=True)
 
     def delete_last_message(self, conversation_id: int, role: str = "assistant") -> None:
         """Regenerating replaces the last answer."""
@@ -198,6 +293,8 @@ class History:
         shutil.rmtree(self.attachments_dir / str(conversation_id), ignore_errors=True)
 
     def _copy_in(self, conversation_id: int, att: Attachment) -> Path:
+        if self.read_only:
+            return att.path  # nothing is kept; the message points at the user's file
         dest_dir = self.attachments_dir / str(conversation_id)
         if att.path.resolve().parent == dest_dir.resolve():
             return att.path
@@ -223,6 +320,10 @@ class History:
         convs = [c for c in self.conversations() if c.message_count]
         return convs[0] if convs else None
 
+    def exists(self, conversation_id: int | None) -> bool:
+        return conversation_id is not None and self._conn.execute(
+            "SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)).fetchone() is not None
+
     def get(self, conversation_id: int) -> Conversation | None:
         return next((c for c in self.conversations() if c.id == conversation_id), None)
 
@@ -233,12 +334,12 @@ class History:
         ).fetchall()
         out = [SavedMessage(r[0], r[1], r[2], r[3], json.loads(r[4] or "{}")) for r in rows]
         by_id = {m.id: m for m in out}
-        for mid, kind, path, name in self._conn.execute(
-            "SELECT a.message_id, a.kind, a.path, a.name FROM attachments a JOIN messages m ON m.id = a.message_id "
-            "WHERE m.conversation_id = ? ORDER BY a.id",
+        for mid, kind, path, name, label in self._conn.execute(
+            "SELECT a.message_id, a.kind, a.path, a.name, a.label FROM attachments a "
+            "JOIN messages m ON m.id = a.message_id WHERE m.conversation_id = ? ORDER BY a.id",
             (conversation_id,),
         ):
-            by_id[mid].attachments.append(SavedAttachment(kind, Path(path), name))
+            by_id[mid].attachments.append(SavedAttachment(kind, Path(path), name, label))
         return out
 
     def export_markdown(self, conversation_id: int, dest: str | Path | None = None) -> Path:

@@ -3,88 +3,81 @@ and waiting for a state (not for a time)."""
 
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from app.app import ChatApp
 from app.backend import Backend, Settings
 from app.history import History
 from app.widgets.prompt import PromptArea
+from mlx_gemma4.generation import GenerationResponse
 
 # Only a guard against a test that would hang for ever: the waits below end when the state is reached.
 HANG_GUARD_S = 300.0
 
 
-@dataclass
-class Piece:
-    text: str
-    finish_reason: str | None = None
-    token: int = 0
-    prompt_tokens: int = 7
-    prompt_tps: float = 100.0
-    generation_tokens: int = 1
-    generation_tps: float = 50.0
-    ttft: float = 0.01
-    peak_memory_gb: float = 0.5
+def piece(text: str, finish_reason: str | None = None, generation_tokens: int = 1) -> GenerationResponse:
+    return GenerationResponse(text, 0, prompt_tokens=7, prompt_tps=100.0, generation_tokens=generation_tokens,
+                              generation_tps=50.0, ttft=0.01, peak_memory_gb=0.5, finish_reason=finish_reason)
 
 
 class ScriptedSession:
-    """Answers every message with `reply`, one word at a time."""
+    """Speaks ChatSession's streaming interface: answers any conversation with `reply`, one word at a time,
+    `delay` seconds apart (or, with `gate`, each word once the test lets it through)."""
 
-    def __init__(self, reply: str, limit: int = 4096, settings: Settings | None = None):
-        self.reply, self.context_limit = reply, limit
-        self.messages: list[dict] = []
+    def __init__(self, reply: str, delay: float = 0.0, limit: int = 4096, settings: Settings | None = None,
+                 gate: threading.Semaphore | None = None):
+        self.reply, self.delay, self.context_limit, self.gate = reply, delay, limit, gate
         self.context_used = 0
+        self.last_reused = 0
         self.calls: list[dict] = []
         self.enable_thinking = settings.enable_thinking if settings else False
 
-    def send(self, text, **kw):
-        self.messages.append({"role": "user", "content": text})
-        self.calls.append(dict(kw, text=text))
-        return self._answer(kw)
-
-    def regenerate(self, **kw):
-        self.messages.pop()
-        self.calls.append(dict(kw, regenerate=True))
+    def stream(self, messages, **kw):
+        self.calls.append(dict(kw, messages=[dict(m) for m in messages], thinking=self.enable_thinking))
         return self._answer(kw)
 
     def _answer(self, kw):
         words = self.reply.split(" ")
-        out = []
-        try:
-            for i, w in enumerate(words):
-                out.append(w)
-                self.context_used += 1
-                last = i == len(words) - 1
-                yield Piece(w + ("" if last else " "), "stop" if last else None, generation_tokens=i + 1)
-        finally:
-            self.messages.append({"role": "assistant", "content": " ".join(out)})
+        for i, w in enumerate(words):
+            if self.gate is not None:
+                while not self.gate.acquire(timeout=0.01):
+                    if kw["should_stop"]():
+                        break
+            time.sleep(self.delay)
+            self.context_used += 1
+            last = i == len(words) - 1
+            stop = kw["should_stop"]()
+            yield piece(w + ("" if last else " "), "stop" if last else ("cancelled" if stop else None), i + 1)
+            if stop:
+                return
 
-    def load_messages(self, messages):
-        self.messages = [dict(m) for m in messages]
+    def count_tokens(self, messages):
+        return sum(len(str(m["content"]).split()) for m in messages)
 
-    def forget_last_user_turn(self):
-        if self.messages and self.messages[-1]["role"] == "user":
-            self.messages.pop()
+    def answer_text(self, streamed):
+        return streamed.strip()
 
-    def drop_oldest_turns(self, n):
-        del self.messages[: 2 * n]
 
-    def reset(self):
-        self.messages = []
+def user_turn(call: dict) -> tuple[str, list[str]]:
+    """(text, image paths) of the last user message a session was asked to answer."""
+    content = call["messages"][-1]["content"]
+    if isinstance(content, str):
+        return content, []
+    return content[-1]["text"], [p["image"] for p in content if p["type"] == "image"]
 
 
 def make_app(tmp_path: Path, reply: str = "Hello **there** friend", session: type = ScriptedSession,
-             **kw) -> ChatApp:
+             delay: float = 0.0, load=None, gate: threading.Semaphore | None = None, **kw) -> ChatApp:
     """The app over scripted sessions (kept in `app.sessions`), history under tmp_path/data."""
     sessions = []
 
     def factory(model, processor, settings):
-        sessions.append(session(reply, settings=settings))
+        sessions.append(session(reply, delay=delay, settings=settings, gate=gate))
         return sessions[-1]
 
-    backend = Backend("scripted", lambda progress: (None, None), session_factory=factory)
+    backend = Backend("scripted", load or (lambda progress: (None, None)), session_factory=factory)
     app = ChatApp(backend, History(tmp_path / "data"), **kw)
     app.sessions = sessions
     return app

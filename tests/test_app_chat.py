@@ -8,93 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+import threading
 from pathlib import Path
 
 from PIL import Image
 
 from app.app import ChatApp
-from app.backend import Backend, Settings
+from app.backend import Backend
 from app.history import History
 from app.widgets.messages import ModelMessage, Notice, UserMessage
 from app.widgets.prompt import PromptArea
-
-
-@dataclass
-class Piece:
-    text: str
-    finish_reason: str | None = None
-    token: int = 0
-    prompt_tokens: int = 7
-    prompt_tps: float = 100.0
-    generation_tokens: int = 1
-    generation_tps: float = 50.0
-    ttft: float = 0.01
-    peak_memory_gb: float = 0.5
-
-
-class ScriptedSession:
-    """Answers every message with `reply`, one word at a time, `delay` seconds apart."""
-
-    def __init__(self, reply: str, delay: float = 0.0, limit: int = 4096, settings: Settings | None = None):
-        self.reply, self.delay, self.context_limit = reply, delay, limit
-        self.messages: list[dict] = []
-        self.context_used = 0
-        self.calls: list[dict] = []
-        self.enable_thinking = settings.enable_thinking if settings else False
-
-    def send(self, text, **kw):
-        self.messages.append({"role": "user", "content": text})
-        self.calls.append(dict(kw, text=text))
-        return self._answer(kw)
-
-    def regenerate(self, **kw):
-        self.messages.pop()
-        self.calls.append(dict(kw, regenerate=True))
-        return self._answer(kw)
-
-    def _answer(self, kw):
-        words = self.reply.split(" ")
-        out = []
-        try:
-            for i, w in enumerate(words):
-                time.sleep(self.delay)
-                out.append(w)
-                self.context_used += 1
-                last = i == len(words) - 1
-                stop = kw["should_stop"]()
-                yield Piece(w + ("" if last else " "), "stop" if last else ("cancelled" if stop else None),
-                            generation_tokens=i + 1)
-                if stop:
-                    return
-        finally:
-            self.messages.append({"role": "assistant", "content": " ".join(out)})
-
-    def load_messages(self, messages):
-        self.messages = [dict(m) for m in messages]
-
-    def forget_last_user_turn(self):
-        if self.messages and self.messages[-1]["role"] == "user":
-            self.messages.pop()
-
-    def drop_oldest_turns(self, n):
-        del self.messages[: 2 * n]
-
-    def reset(self):
-        self.messages = []
-
-
-def make_app(tmp_path: Path, reply: str = "Hello **there** friend", delay: float = 0.0, **kw) -> ChatApp:
-    sessions = []
-
-    def factory(model, processor, settings):
-        sessions.append(ScriptedSession(reply, delay, settings=settings))
-        return sessions[-1]
-
-    backend = Backend("scripted", lambda progress: (None, None), session_factory=factory)
-    app = ChatApp(backend, History(tmp_path / "data"), **kw)
-    app.sessions = sessions
-    return app
+from tests.app_helpers import make_app, user_turn
 
 
 async def wait_for(pilot, cond, timeout: float = 5.0):
@@ -194,10 +118,10 @@ async def _pasted_paths_become_attachments(tmp_path):
         prompt.text = f"what are these? {b.as_uri()}"
         await pilot.press("enter")
         await wait_for(pilot, lambda: not app.chat_screen.generating and app.chat_screen.query(ModelMessage))
-        assert app.sessions[0].calls[0]["images"] == [str(a), str(b), str(b)]
-        assert app.sessions[0].calls[0]["text"] == "what are these?"
         saved = app.history.messages(app.chat_screen.conversation_id)[0]
         assert [x.name for x in saved.attachments] == ["a b.png", "c.png", "c.png"]
+        # The model is handed the history's copies of the files.
+        assert user_turn(app.sessions[0].calls[0]) == ("what are these?", [str(x.path) for x in saved.attachments])
 
 
 test_pasted_paths_become_attachments = run(_pasted_paths_become_attachments)
@@ -236,7 +160,7 @@ async def _thinking_toggle_regenerate_copy(tmp_path):
         await wait_for(pilot, lambda: "thinking on" in str(chat.query_one("#status").render()))
         await send(pilot, "code please")
         await wait_for(pilot, lambda: not chat.generating and chat.query(ModelMessage))
-        assert app.sessions[0].enable_thinking is True
+        assert app.sessions[0].calls[0]["thinking"] is True
         await pilot.press("ctrl+g")
         await wait_for(pilot, lambda: len(app.sessions[0].calls) == 2 and not chat.generating)
         await pilot.pause(0.05)
@@ -259,13 +183,14 @@ async def _resume_after_restart(tmp_path):
         await wait_for(pilot, lambda: not app.chat_screen.generating and app.chat_screen.query(ModelMessage))
     app2 = make_app(tmp_path, reply="second answer", resume=True)
     async with app2.run_test() as pilot:
-        await wait_for(pilot, lambda: app2.backend.loaded and app2.sessions[-1].messages)
         chat = app2.chat_screen
+        await wait_for(pilot, lambda: app2.backend.loaded and chat.query(UserMessage))
         assert [m.text for m in chat.query(UserMessage)] == ["first question"]
-        assert app2.sessions[-1].messages == [{"role": "user", "content": "first question"},
-                                              {"role": "assistant", "content": "first answer"}]
         await send(pilot, "and then?")
         await wait_for(pilot, lambda: not chat.generating and len(chat.query(ModelMessage)) == 2)
+        assert app2.sessions[-1].calls[0]["messages"] == [{"role": "user", "content": "first question"},
+                                                          {"role": "assistant", "content": "first answer"},
+                                                          {"role": "user", "content": "and then?"}]
         assert len(app2.history.conversations()) == 1
         assert len(app2.history.messages(chat.conversation_id)) == 4
 
@@ -327,7 +252,7 @@ async def _box_answers_are_drawn(tmp_path):
         await wait_for(pilot, lambda: app.backend.loaded)
         await send(pilot, f"find the thing {img}")
         await wait_for(pilot, lambda: any("Boxes drawn" in str(n.render()) for n in app.chat_screen.query(Notice)))
-        [out] = (tmp_path / "data" / "attachments").glob("*/annotated/scene-boxes-*.png")
+        [out] = (tmp_path / "data" / "attachments").glob("*/annotated/*scene-boxes-*.png")
         assert Image.open(out).size == (8, 8)
 
 
@@ -363,7 +288,8 @@ async def _file_picker_attaches_the_chosen_file(tmp_path):
         assert app.screen is chat and len(chat.pending) == 1
         await send(pilot, "what is this?")
         await wait_for(pilot, lambda: app.sessions[0].calls)
-        assert app.sessions[0].calls[0]["images"] == [str(img)]
+        [saved] = app.history.messages(chat.conversation_id)[0].attachments
+        assert saved.name == img.name and user_turn(app.sessions[0].calls[0])[1] == [str(saved.path)]
 
 
 def test_file_picker_attaches_the_chosen_file(tmp_path, monkeypatch):

@@ -191,9 +191,8 @@ class GatedSession(ScriptedSession):
         super().__init__(*a, **kw)
         self.gates = [threading.Event(), threading.Event()]
 
-    def send(self, text, **kw):
-        self.messages.append({"role": "user", "content": text})
-        self.calls.append(dict(kw, text=text))
+    def stream(self, messages, **kw):
+        self.calls.append(dict(kw, messages=messages))
 
         def answer():
             kw["progress"](0, 5000)

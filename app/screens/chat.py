@@ -7,6 +7,7 @@ Collecting attachments and recording live in AttachingScreen, which this screen 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from textual import on
@@ -30,6 +31,25 @@ from ..widgets.thumbnail import ImagePreview
 from .attaching import AttachingScreen, chips_of
 from .confirm import ConfirmScreen
 
+FINISH_NOTES = {"cancelled": "stopped", "length": "cut off at the max tokens limit",
+                "context": "stopped: the context is full"}
+
+
+def finish_note(reason: str | None) -> str:
+    return FINISH_NOTES.get(reason or "", "")
+
+
+def session_messages(saved: list[SavedMessage]) -> list[dict]:
+    """History rows as chat messages for the model (text plus the saved copies of attachments)."""
+    out = []
+    for m in saved:
+        if not m.attachments:
+            out.append({"role": m.role, "content": m.content})
+            continue
+        parts: list[dict] = [{"type": a.kind, a.kind: str(a.path)} for a in m.attachments]
+        out.append({"role": m.role, "content": parts + [{"type": "text", "text": m.content}]})
+    return out
+
 
 class ChatScreen(AttachingScreen):
     CSS_PATH = "chat.tcss"
@@ -52,9 +72,10 @@ class ChatScreen(AttachingScreen):
     def __init__(self) -> None:
         super().__init__()
         self.conversation_id: int | None = None
+        self.turn_id: int | None = None  # the user message being answered; events of other turns are dropped
         self.current: ModelMessage | None = None
-        self.regenerating = False
-        self.last_sent = ""
+        self.replacing: int | None = None  # the answer a regenerate replaces once the new one is in
+        self.typed: tuple[str, list[Attachment]] | None = None  # put back in the prompt if the turn fails
         self.turn_images: list[Path] = []  # images of the last user turn, for box answers
 
     def compose(self) -> ComposeResult:
@@ -94,6 +115,8 @@ class ChatScreen(AttachingScreen):
         self.query_one(StatusBar).state = "answering" if generating else ""
         if not generating:
             self.query_one(Activity).stop()
+        if not generating and not self.chat.backend.loaded and self.chat.backend.load_error is None:
+            self.query_one(StatusBar).state = "loading"
 
     # -- model loading -----------------------------------------------------------------------------
 
@@ -121,8 +144,9 @@ class ChatScreen(AttachingScreen):
     def model_loaded(self, event: b.ModelLoaded) -> None:
         self.query_one("#loading").display = False
         status = self.query_one(StatusBar)
-        status.state = ""
+        status.state = "answering" if self.generating else ""
         status.stats = b.Stats(context_limit=event.context_limit)
+        self.count_context()
 
     @on(b.LoadFailed)
     def load_failed(self, event: b.LoadFailed) -> None:
@@ -132,6 +156,56 @@ class ChatScreen(AttachingScreen):
         self.query_one("#loading").display = False
         self.query_one(StatusBar).state = "no model"
         self.notice(text, "error")
+
+    # -- the conversation on show -------------------------------------------------------------------
+
+    def conversation_messages(self, conversation_id: int, upto: int | None = None) -> list[dict]:
+        """The conversation as chat messages for the model (system prompt first), up to message `upto`."""
+        history = self.chat.history
+        conv = history.get(conversation_id)
+        saved = [m for m in history.messages(conversation_id) if upto is None or m.id <= upto]
+        system = [{"role": "system", "content": conv.system_prompt}] if conv and conv.system_prompt else []
+        return system + session_messages(saved)
+
+    def render_conversation(self) -> None:
+        """Draw the transcript from the history store (the one record of the conversation)."""
+        self.transcript.remove_children()
+        if self.conversation_id is None:
+            return
+        widgets = []
+        for m in self.chat.history.messages(self.conversation_id):
+            if m.role == "user":
+                widgets.append(UserMessage(m.content, [(a.kind, a.path, a.label) for a in m.attachments]))
+            else:
+                widgets.append(ModelMessage(m.thinking, m.content, finish_note(m.stats.get("finish"))))
+                if m.stats.get("annotated") and Path(m.stats["annotated"]).exists():
+                    widgets.append(ImagePreview(Path(m.stats["annotated"])))
+        self.transcript.mount_all(widgets)
+
+    def leave_turn(self) -> None:
+        """Stop answering (the backend keeps the partial answer for the conversation it belongs to) and stop
+        listening to the running turn: its late events are dropped."""
+        if self.generating:
+            self.chat.backend.cancel()
+        self.turn_id = self.current = self.replacing = self.typed = None
+        self.generating = False
+
+    def open_conversation(self, conversation_id: int | None) -> None:
+        """Show another conversation (None: a new, empty one)."""
+        self.leave_turn()
+        self.conversation_id = conversation_id
+        self.render_conversation()
+        limit = self.chat.backend.session.context_limit if self.chat.backend.session else 0
+        self.query_one(StatusBar).stats = b.Stats(context_limit=limit)
+        self.count_context()
+
+    def count_context(self) -> None:
+        if self.conversation_id is not None and self.chat.backend.loaded:
+            self.chat.backend.count(self.post_message, self.conversation_id,
+                                    self.conversation_messages(self.conversation_id))
+
+    def _mine(self, event: b.TurnEvent) -> bool:
+        return event.conversation_id == self.conversation_id and event.turn_id == self.turn_id
 
     # -- sending -----------------------------------------------------------------------------------
 
@@ -148,33 +222,41 @@ class ChatScreen(AttachingScreen):
         if self.generating:
             self.notify("Still answering; Esc stops it.", severity="warning")
             return
-        if not self.chat.backend.loaded:
+        if self.chat.backend.load_error is not None:
             self.notify("No model is loaded yet.", severity="warning")
             return
         parsed = parse_prompt(text)
         for n in parsed.notices:
             self.notice(n, "warning")
-        attachments = self.take_pending() + parsed.attachments
+        pending = self.take_pending()
         event.prompt.clear()
-        self.send(parsed.text, attachments)
+        self.send(parsed.text, pending + parsed.attachments, typed=(event.text, pending))
 
-    def send(self, text: str, attachments: list[Attachment]) -> None:
+    def send(self, text: str, attachments: list[Attachment],
+             typed: tuple[str, list[Attachment]] | None = None) -> None:
+        """Save the user's message, show it and ask for the answer (queued behind loading if need be)."""
         history = self.chat.history
-        if self.conversation_id is None:
+        if not history.exists(self.conversation_id):  # new, or deleted while open
             s = self.chat.backend.settings
-            self.conversation_id = history.new_conversation(model=self.chat.backend.name, system_prompt=s.system_prompt)
-        history.add_message(self.conversation_id, "user", text, attachments=attachments)
-        self.transcript.mount(UserMessage(text, chips_of(attachments)))
-        self.last_sent = text
-        self.turn_images = [a.path for a in attachments if a.kind == "image"]
-        self.start_answer({k: sum(a.kind == k for a in attachments) for k in ("image", "audio", "video")})
-        self.chat.backend.send(self.post_message, text, attachments)
+            self.conversation_id = history.new_conversation(model=self.chat.backend.name,
+                                                            system_prompt=s.system_prompt)
+        mid = history.add_message(self.conversation_id, "user", text, attachments=attachments)
+        saved = history.messages(self.conversation_id)[-1]
+        self.transcript.mount(UserMessage(text, [(a.kind, a.path, a.label) for a in saved.attachments]))
+        self.typed = typed or (text, attachments)
+        self.turn_images = [a.path for a in saved.attachments if a.kind == "image"]
+        self.start_answer(mid, {k: sum(a.kind == k for a in attachments) for k in ("image", "audio", "video")})
 
-    def start_answer(self, media: dict[str, int] | None = None) -> None:
+    def start_answer(self, turn_id: int, media: dict[str, int] | None = None) -> None:
+        self.turn_id = turn_id
         self.current = ModelMessage()
         self.transcript.mount(self.current)
         self.generating = True
         self.query_one(Activity).start(media or {})
+        if not self.chat.backend.loaded:
+            self.query_one(StatusBar).state = "waiting for the model…"
+        self.chat.backend.generate(self.post_message, self.conversation_id, turn_id,
+                                   self.conversation_messages(self.conversation_id, upto=turn_id))
 
     def command(self, text: str) -> bool:
         """Slash commands; False means 'not a command, send it as it is'."""
@@ -200,60 +282,88 @@ class ChatScreen(AttachingScreen):
 
     @on(b.Working)
     def working(self, event: b.Working) -> None:
-        self.query_one(Activity).progress(event.done, event.total)
+        if self._mine(event):
+            self.query_one(Activity).progress(event.done, event.total)
 
     @on(b.Streamed)
     async def streamed(self, event: b.Streamed) -> None:
+        if not self._mine(event) or self.current is None:
+            return  # a conversation no longer shown
         if event.thinking or event.answer:
             self.query_one(Activity).stop()
-        if self.current is not None:
-            await self.current.show(event.thinking, event.answer)
         self.query_one(StatusBar).stats = event.stats
+        await self.current.show(event.thinking, event.answer)
 
     @on(b.Finished)
     async def finished(self, event: b.Finished) -> None:
+        history = self.chat.history
+        stats = dict(vars(event.stats), finish=event.finish_reason)
+        if not self._mine(event):
+            # The user left this conversation mid-answer: its record still gets the (partial) answer, unless it
+            # was deleted (add_message then saves nothing) or the answer replaced one (regenerate) and was stopped.
+            if history.exists(event.conversation_id) and not self._answered(event.conversation_id, event.turn_id):
+                history.add_message(event.conversation_id, "assistant", event.answer, thinking=event.thinking,
+                                    stats=stats)
+            return
         message, self.current = self.current, None
+        annotated = self.draw_boxes(event.answer) if self.turn_images and event.answer else None
+        if annotated is not None:  # kept with the conversation, shown again on resume
+            stats["annotated"] = str(annotated)
+        if self.replacing is not None:
+            history.delete_message(self.replacing)
+        history.add_message(event.conversation_id, "assistant", event.answer, thinking=event.thinking, stats=stats)
+        self.turn_id = self.replacing = self.typed = None
         self.generating = False
         self.query_one(StatusBar).stats = event.stats
         if message is not None:
-            await message.show(event.thinking, event.answer)
-            if event.finish_reason == "cancelled":
-                message.set_note("stopped")
-            elif event.finish_reason == "length":
-                message.set_note("cut off at the max tokens limit")
-        annotated = self.draw_boxes(event.answer) if self.turn_images and event.answer else None
-        if self.conversation_id is not None:
-            if self.regenerating:
-                self.chat.history.delete_last_message(self.conversation_id, "assistant")
-            stats = dict(vars(event.stats), finish=event.finish_reason)
-            if annotated is not None:  # kept with the conversation, shown again on resume
-                stats["annotated"] = str(annotated)
-            self.chat.history.add_message(self.conversation_id, "assistant", event.answer,
-                                          thinking=event.thinking, stats=stats)
-        self.regenerating = False
+            message.set_note(finish_note(event.finish_reason))
         if annotated is not None:
             self.notice(f"Boxes drawn on the image: {annotated}")
             self.transcript.mount(ImagePreview(annotated))
-        if event.context_full:
+        if event.finish_reason == "context":
             self.offer_to_drop_turns(f"The conversation now fills the context ({event.stats.context_used}"
-                                     f"/{event.stats.context_limit} tokens).")
+                                     f"/{event.stats.context_limit} tokens).", 1)
+        if message is not None:
+            await message.show(event.thinking, event.answer)
+
+    def _answered(self, conversation_id: int, turn_id: int) -> bool:
+        later = [m for m in self.chat.history.messages(conversation_id) if m.id > turn_id]
+        return bool(later)
 
     @on(b.GenerationFailed)
     def failed(self, event: b.GenerationFailed) -> None:
+        if not self._mine(event):
+            return
+        typed, replacing = self.typed, self.replacing
+        self.turn_id = self.current = self.replacing = self.typed = None
         self.generating = False
-        if self.current is not None:
-            self.current.remove()
-            self.current = None
-        if self.conversation_id is not None and not self.regenerating:
-            # The session did not keep the turn, so neither does history; the text goes back to the prompt.
-            self.chat.history.delete_last_message(self.conversation_id, "user")
-            self.transcript.query(UserMessage).last().remove()
-            self.prompt.text = self.last_sent
-        self.regenerating = False
-        if event.context_full:
-            self.offer_to_drop_turns(f"That message does not fit in the context. {event.error}")
+        if replacing is None:
+            # The turn did not happen: it leaves history, and what the user typed goes back to the prompt.
+            self.chat.history.delete_message(event.turn_id)
+            if typed is not None:
+                self.put_back(*typed)
+        self.render_conversation()
+        if event.context_full and event.drop_turns:
+            self.offer_to_drop_turns(event.error, event.drop_turns)
+        elif event.context_full:
+            self.notice(f"That message does not fit in the model's context. {event.error}", "error")
         else:
             self.notice(f"Generation failed. {event.error}", "error")
+
+    def put_back(self, text: str, pending: list[Attachment]) -> None:
+        """Restore a message that was not sent: its text (paths typed in it included), cursor at the end, and
+        the attachments that were waiting."""
+        self.prompt.text = text
+        self.prompt.move_cursor(self.prompt.document.end)
+        self.pending = list(pending) + self.pending
+        self.show_pending()
+
+    @on(b.ContextCounted)
+    def context_counted(self, event: b.ContextCounted) -> None:
+        if event.conversation_id != self.conversation_id or self.generating:
+            return
+        status = self.query_one(StatusBar)
+        status.stats = replace(status.stats, context_used=event.used, context_limit=event.limit)
 
     def draw_boxes(self, answer: str) -> Path | None:
         """The last image of the turn with the answer's boxes drawn, saved beside the conversation's files."""
@@ -267,28 +377,33 @@ class ChatScreen(AttachingScreen):
             self.notice(f"Could not draw the boxes: {e}", "warning")
             return None
 
-    def offer_to_drop_turns(self, why: str) -> None:
+    def offer_to_drop_turns(self, why: str, n: int) -> None:
         def answered(yes: bool | None) -> None:
             if yes:
-                self.drop_oldest_turn()
+                self.drop_oldest_turns(n)
 
-        self.app.push_screen(ConfirmScreen(f"{why}\nDrop the oldest turn to make room?", "Drop oldest turn",
-                                           "Keep"), answered)
+        turns = "turn" if n == 1 else f"{n} turns"
+        self.app.push_screen(ConfirmScreen(f"{why}\nDrop the oldest {turns} to make room?",
+                                           f"Drop {n} oldest", "Keep"), answered)
 
     def drop_oldest_turn(self) -> None:
-        self.chat.backend.drop_oldest_turns(1)
-        if self.conversation_id is not None:
-            self.chat.history.delete_oldest_turns(self.conversation_id, 1)
-        users = self.transcript.query(UserMessage)
-        if users:
-            first = users.first()
-            children = list(self.transcript.children)
-            start = children.index(first)
-            following = [w for w in children[start + 1:] if isinstance(w, UserMessage)]
-            end = children.index(following[0]) if following else len(children)
-            for w in children[start:end]:
-                w.remove()
-        self.notify("Dropped the oldest turn.")
+        self.drop_oldest_turns(1)
+
+    def drop_oldest_turns(self, n: int) -> None:
+        if self.generating:
+            self.notify("Still answering; Esc stops it first.", severity="warning")
+            return
+        cid = self.conversation_id
+        before = len(self.chat.history.messages(cid)) if cid is not None else 0
+        if cid is not None:
+            self.chat.history.delete_oldest_turns(cid, n)
+        dropped = before - (len(self.chat.history.messages(cid)) if cid is not None else 0)
+        if not dropped:
+            self.notify("There is no turn to drop.")
+            return
+        self.render_conversation()
+        self.count_context()
+        self.notify(f"Dropped the {'oldest turn' if n == 1 else f'{n} oldest turns'}.")
 
     # -- actions -----------------------------------------------------------------------------------
 
@@ -300,22 +415,25 @@ class ChatScreen(AttachingScreen):
 
     def action_toggle_thinking(self) -> None:
         on = not self.chat.backend.settings.enable_thinking
-        self.chat.backend.set_thinking(on)
+        self.chat.backend.settings.enable_thinking = on  # read by the next turn
         self.chat.save_settings()
         self.query_one(StatusBar).thinking = on
         self.notify(f"Thinking {'on' if on else 'off'}.")
 
     def action_regenerate(self) -> None:
-        if self.generating or not self.chat.backend.loaded:
+        if self.generating or self.conversation_id is None:
             return
-        last = self.transcript.last_model_message()
-        if last is None:
+        saved = self.chat.history.messages(self.conversation_id)
+        users = [m for m in saved if m.role == "user"]
+        if not users or self.transcript.last_model_message() is None:
             self.notify("Nothing to regenerate yet.")
             return
+        last = self.transcript.last_model_message()
         last.remove()
-        self.regenerating = True
-        self.start_answer()
-        self.chat.backend.regenerate(self.post_message)
+        answers = [m for m in saved if m.role == "assistant" and m.id > users[-1].id]
+        self.replacing = answers[-1].id if answers else None
+        self.turn_images = [a.path for a in users[-1].attachments if a.kind == "image"]
+        self.start_answer(users[-1].id)
 
     def action_copy_answer(self) -> None:
         last = self.transcript.last_model_message()
@@ -335,12 +453,7 @@ class ChatScreen(AttachingScreen):
         self.notify("Copied the last code block.")
 
     def action_new_conversation(self) -> None:
-        if self.generating:
-            self.chat.backend.cancel()
-        self.conversation_id = None
-        self.transcript.remove_children()
-        self.chat.backend.new_session()
-        self.query_one(StatusBar).stats = b.Stats(context_limit=self.chat.backend.context()[1])
+        self.open_conversation(None)
 
     def action_conversations(self) -> None:
         self.chat.action_conversations()
@@ -350,18 +463,3 @@ class ChatScreen(AttachingScreen):
 
     def action_help(self) -> None:
         self.chat.action_help()
-
-    # -- resume ------------------------------------------------------------------------------------
-
-    def show_saved(self, conversation_id: int, messages: list[SavedMessage]) -> None:
-        self.transcript.remove_children()
-        self.conversation_id = conversation_id
-        for m in messages:
-            if m.role == "user":
-                self.transcript.mount(UserMessage(m.content, [(a.kind, a.path, a.name) for a in m.attachments]))
-            else:
-                note = "stopped" if m.stats.get("finish") == "cancelled" else ""
-                self.transcript.mount(ModelMessage(m.thinking, m.content, note))
-                if m.stats.get("annotated") and Path(m.stats["annotated"]).exists():
-                    self.transcript.mount(ImagePreview(Path(m.stats["annotated"])))
-

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.message import Message
 from textual.containers import Vertical
 from textual.screen import ModalScreen
 from rich.text import Text
@@ -40,6 +41,12 @@ class ConversationsScreen(ModalScreen[Choice | None]):
         Binding("d,delete", "delete", "Delete", id="conversations.delete"),
         Binding("e", "export", "Export", id="conversations.export"),
     ]
+
+    @dataclass
+    class Deleted(Message):
+        """A conversation is gone; the chat screen must not keep writing to it."""
+
+        conversation_id: int
 
     def __init__(self, history: History) -> None:
         super().__init__()
@@ -82,6 +89,7 @@ class ConversationsScreen(ModalScreen[Choice | None]):
         def answered(yes: bool | None) -> None:
             if yes:
                 self.history.delete(conv.id)
+                self.post_message(self.Deleted(conv.id))
                 self.notify(f"Conversation #{conv.id} deleted.")
                 self.refresh_list()
 

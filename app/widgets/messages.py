@@ -34,11 +34,16 @@ class UserMessage(Vertical):
 
 
 class ModelMessage(Vertical):
-    """One answer: a collapsed Thinking section (when there is one), the Markdown answer, a footer note."""
+    """One answer: a collapsed Thinking section (when there is one), the Markdown answer, a footer note.
+
+    `thinking` / `answer` are what it should show; text may arrive before the widget is composed or mounted
+    (a fast first token), so `show` only records it there and the widget catches up when it is mounted.
+    """
 
     def __init__(self, thinking: str = "", answer: str = "", note: str = "") -> None:
         super().__init__(classes="message model")
         self.thinking, self.answer, self.note = thinking, answer, note
+        self._shown: tuple[str, str] | None = None  # what the child widgets hold, once composed
 
     def compose(self) -> ComposeResult:
         yield Label("Gemma", classes="author")
@@ -49,25 +54,38 @@ class ModelMessage(Vertical):
         note = Label(self.note, classes="note", markup=False)
         note.display = bool(self.note)
         yield note
+        self._shown = (self.thinking, self.answer)
+
+    async def on_mount(self) -> None:
+        await self._sync()
 
     async def show(self, thinking: str, answer: str) -> None:
         """Bring the widget up to date with the text so far; appends when the answer only grew."""
-        if thinking != self.thinking:
+        self.thinking, self.answer = thinking, answer
+        await self._sync()
+
+    async def _sync(self) -> None:
+        answers = self.query(".answer")
+        if self._shown is None or not answers:
+            return  # not composed or not mounted yet: on_mount catches up
+        shown_thinking, shown_answer = self._shown
+        thinking, answer = self.thinking, self.answer
+        self._shown = (thinking, answer)
+        if thinking != shown_thinking:
             self.query_one(".thinking", Collapsible).display = bool(thinking)
             await self.query_one(".thinking-text", Markdown).update(thinking)
-            self.thinking = thinking
-        md = self.query_one(".answer", Markdown)
-        if answer.startswith(self.answer) and self.answer:
-            await md.append(answer[len(self.answer):])
-        elif answer != self.answer:
+        md = answers.first(Markdown)
+        if shown_answer and answer.startswith(shown_answer):
+            if answer != shown_answer:
+                await md.append(answer[len(shown_answer):])
+        elif answer != shown_answer:
             await md.update(answer)
-        self.answer = answer
 
     def set_note(self, note: str) -> None:
         self.note = note
-        label = self.query_one(".note", Label)
-        label.update(note)
-        label.display = bool(note)
+        for label in self.query(".note"):
+            label.update(note)
+            label.display = bool(note)
 
 
 class Notice(Static):

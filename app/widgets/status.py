@@ -29,12 +29,12 @@ def status_parts(model: str, state: str, thinking: bool, s: Stats) -> list[tuple
     if s.generation_tokens or s.prompt_tokens:
         parts += [
             (8, f"TTFT {s.ttft:.2f}s", f"TTFT {s.ttft:.1f}s"),
-            (2, f"prompt {s.prompt_tps:.0f} tok/s", ""),
+            (2, f"prompt {s.prompt_tps:.0f} tok/s" + (f" +{s.cached_tokens} cached" if s.cached_tokens else ""), ""),
             (8, f"{s.generation_tps:.1f} tok/s", f"{s.generation_tps:.0f} tok/s"),
         ]
         if s.peak_memory_gb:
             mem = f"{s.peak_memory_gb:.1f} GB" if s.peak_memory_gb >= 1 else f"{s.peak_memory_gb * 1000:.0f} MB"
-            parts.append((7, f"peak {mem}", mem))
+            parts.append((7, f"{s.memory_kind} {mem}", mem))  # "peak" (MLX's allocator) or "RSS" (the process)
     if s.context_limit:
         ctx = f"{short_count(s.context_used)}/{short_count(s.context_limit)}"
         parts.append((8, f"ctx {ctx}", f"ctx {ctx}"))
