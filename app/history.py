@@ -188,7 +188,8 @@ class History:
                 try:
                     src = sqlite3.connect(f"{self.path.resolve().as_uri()}?{mode}", uri=True, timeout=0.2)
                     try:
-                        src.backup(mem)
+                        src.execute("SELECT count(*) FROM messages").fetchone()  # locked? say so now
+                        src.backup(mem)  # (backup itself would wait for a lock for ever)
                         copied = True
                     finally:
                         src.close()

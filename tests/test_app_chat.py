@@ -295,3 +295,153 @@ async def _file_picker_attaches_the_chosen_file(tmp_path):
 def test_file_picker_attaches_the_chosen_file(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))  # the picker opens in the home folder
     asyncio.run(_file_picker_attaches_the_chosen_file(tmp_path))
+
+
+async def _delete_open_conversation_then_send(tmp_path):
+    from app.screens.conversations import ConversationsScreen
+
+    app = make_app(tmp_path)
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded)
+        chat = app.chat_screen
+        await send(pilot, "hi")
+        await wait_for(pilot, lambda: not chat.generating and chat.query(ModelMessage))
+        await pilot.press("ctrl+l")
+        assert isinstance(app.screen, ConversationsScreen)
+        await pilot.press("d", "escape")
+        await wait_for(pilot, lambda: chat.conversation_id is None and not chat.query(UserMessage))
+        await send(pilot, "again")  # crashed with FOREIGN KEY constraint failed
+        await wait_for(pilot, lambda: not chat.generating and chat.query(ModelMessage))
+        [conv] = app.history.conversations()
+        assert [m.content for m in app.history.messages(conv.id)] == ["again", "Hello **there** friend"]
+
+
+test_delete_open_conversation_then_send = run(_delete_open_conversation_then_send)
+
+
+async def _leaving_mid_answer_drops_its_events(tmp_path):
+    gate = threading.Semaphore(0)
+    app = make_app(tmp_path, reply="one two three four five six", gate=gate)
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded)
+        chat = app.chat_screen
+        await send(pilot, "first")
+        first = chat.conversation_id
+        gate.release()  # one word streams in, then the answer waits
+        await wait_for(pilot, lambda: chat.current is not None and chat.current.answer)
+        await pilot.press("ctrl+n")  # leave mid-answer
+        assert chat.conversation_id is None and not chat.query(ModelMessage)
+        for _ in range(10):
+            gate.release()
+        await send(pilot, "second")
+        await wait_for(pilot, lambda: not chat.generating and chat.query(ModelMessage))
+        # Only the new conversation is on screen; the old one kept its partial answer, marked as stopped.
+        assert [m.text for m in chat.query(UserMessage)] == ["second"]
+        assert [m.answer for m in chat.query(ModelMessage)] == ["one two three four five six"]
+        old = app.history.messages(first)
+        assert [m.role for m in old] == ["user", "assistant"] and old[1].stats["finish"] == "cancelled"
+        assert old[1].content.startswith("one") and "six" not in old[1].content
+        # Switching back through history shows it from the store.
+        app.resume(first)
+        await pilot.pause()
+        assert [m.answer for m in chat.query(ModelMessage)] == [old[1].content]
+        assert chat.query_one(ModelMessage).note == "stopped"
+
+
+test_leaving_mid_answer_drops_its_events = run(_leaving_mid_answer_drops_its_events)
+
+
+async def _first_word_before_the_widget_is_built(tmp_path):
+    # A zero-latency session: events can reach the answer widget before it is composed.
+    app = make_app(tmp_path, reply=" ".join(f"w{i}" for i in range(50)))
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded)
+        chat = app.chat_screen
+        for i in range(3):
+            await send(pilot, f"go {i}")
+            await wait_for(pilot, lambda: not chat.generating and len(chat.query(ModelMessage)) == i + 1)
+        assert all(m.answer.endswith("w49") for m in chat.query(ModelMessage))
+
+
+test_first_word_before_the_widget_is_built = run(_first_word_before_the_widget_is_built)
+
+
+def test_quit_mid_answer_stops_the_model_thread(tmp_path):
+    gate = threading.Semaphore(0)
+    app = make_app(tmp_path, reply="never ending story", gate=gate)
+
+    async def go():
+        async with app.run_test() as pilot:
+            await wait_for(pilot, lambda: app.backend.loaded)
+            await send(pilot, "talk")
+            await wait_for(pilot, lambda: app.backend.busy)
+            await pilot.press("ctrl+q")
+
+    asyncio.run(go())
+    assert not app.backend.thread_alive  # joined before exit, not left running into interpreter shutdown
+
+
+async def _message_typed_while_loading_is_sent_when_ready(tmp_path):
+    loading = threading.Event()
+
+    def slow_load(progress):
+        loading.wait()
+        return None, None
+
+    app = make_app(tmp_path, load=slow_load)
+    async with app.run_test() as pilot:
+        chat = app.chat_screen
+        await send(pilot, "are you there?")
+        assert not app.backend.loaded and chat.generating
+        assert [m.text for m in chat.query(UserMessage)] == ["are you there?"]
+        loading.set()
+        await wait_for(pilot, lambda: not chat.generating and chat.query(ModelMessage))
+        assert chat.query_one(ModelMessage).answer == "Hello **there** friend"
+        assert not [n for n in notes(app) if "No model" in n]
+
+
+test_message_typed_while_loading_is_sent_when_ready = run(_message_typed_while_loading_is_sent_when_ready)
+
+
+async def _failed_send_restores_text_cursor_and_attachments(tmp_path):
+    img, typed_img = png(tmp_path / "chip.png"), png(tmp_path / "typed.png")
+    app = make_app(tmp_path)
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded)
+        chat = app.chat_screen
+
+        def broken(messages, **kw):
+            raise RuntimeError("the model fell over")
+
+        app.sessions[0].stream = broken
+        await send(pilot, f"/image {img}")
+        typed = f"describe {typed_img} please"
+        await send(pilot, typed)
+        await wait_for(pilot, lambda: any("fell over" in str(n.render()) for n in chat.query(Notice)))
+        assert chat.prompt.text == typed and chat.prompt.cursor_location == chat.prompt.document.end
+        assert [a.path for a in chat.pending] == [img]  # the chip comes back; the typed path is in the text
+        assert app.history.messages(chat.conversation_id) == [] and not chat.query(UserMessage)
+        assert not list((tmp_path / "data" / "attachments").rglob("*.png"))  # no orphaned copies
+
+
+test_failed_send_restores_text_cursor_and_attachments = run(_failed_send_restores_text_cursor_and_attachments)
+
+
+async def _resumed_chips_keep_size_and_thumbnail(tmp_path):
+    from app.widgets.chips import AttachmentChip
+
+    img = png(tmp_path / "pic.png")
+    app = make_app(tmp_path)
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded)
+        await send(pilot, f"look {img}")
+        await wait_for(pilot, lambda: not app.chat_screen.generating and app.chat_screen.query(ModelMessage))
+        live = [c.label for c in app.chat_screen.query(AttachmentChip)]
+    app2 = make_app(tmp_path, resume=True)
+    async with app2.run_test() as pilot:
+        await wait_for(pilot, lambda: app2.chat_screen.query(AttachmentChip))
+        assert [c.label for c in app2.chat_screen.query(AttachmentChip)] == live
+        assert "8x8" in live[0]
+
+
+test_resumed_chips_keep_size_and_thumbnail = run(_resumed_chips_keep_size_and_thumbnail)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sqlite3
 import subprocess
@@ -107,3 +108,95 @@ def test_interrupt_while_writing_leaves_history_intact(tmp_path):
     msgs = h.messages(h.conversations()[0].id)
     assert len(msgs) >= 5
     assert all(m.content == f"message {i} " + "x" * 2000 for i, m in enumerate(msgs))
+
+
+_LOCKER = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+conn.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def _saved_once(path: Path) -> int:
+    h = History(path)
+    cid = h.new_conversation()
+    h.add_message(cid, "user", "keep me")
+    h.close()
+    return cid
+
+
+def test_locked_database_is_not_moved_aside(tmp_path):
+    cid = _saved_once(tmp_path)
+    locker = subprocess.Popen([sys.executable, "-c", _LOCKER, str(tmp_path / "history.db")], stdout=subprocess.PIPE)
+    try:
+        assert locker.stdout.readline().strip() == b"locked"
+        h = History(tmp_path, busy_timeout=0.2)
+        assert h.read_only and "locked by another program" in h.notice and "nothing from this session" in h.notice
+        assert not list(tmp_path.glob("history.corrupt-*"))
+        new = h.new_conversation()  # the app keeps working, in memory
+        h.add_message(new, "user", "not saved")
+    finally:
+        locker.kill()
+        locker.wait()
+    h2 = History(tmp_path)
+    assert h2.notice is None and [m.content for m in h2.messages(cid)] == ["keep me"]
+    assert len(h2.conversations()) == 1
+
+
+_READ_ONLY = """
+import sys
+from app.history import History
+h = History(sys.argv[1])
+print(h.read_only, [m.content for c in h.conversations() for m in h.messages(c.id)], h.notice, sep="|")
+"""
+
+
+def _as_other_user(args: list[str], data: Path) -> subprocess.CompletedProcess:
+    """Run as a user that may not write `data` (root writes everywhere, so drop to nobody when root)."""
+    data.chmod(0o555)
+    for f in data.iterdir():
+        f.chmod(0o444)
+    cmd = [sys.executable, *args]
+    if os.geteuid() == 0:
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), HOME=str(data))
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd="/", timeout=120)
+
+
+def test_read_only_data_folder_starts_read_only():
+    import shutil
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="gemma4-ro-"))  # pytest's own tmp folders are closed to other users
+    try:
+        top.chmod(0o755)
+        data = top / "data"
+        _saved_once(data)
+        out = _as_other_user(["-c", _READ_ONLY, str(data)], data)
+    finally:
+        data.chmod(0o755)
+        shutil.rmtree(top)
+    assert out.returncode == 0, out.stderr
+    read_only, contents, notice = out.stdout.strip().split("|")
+    assert read_only == "True" and contents == "['keep me']"
+    assert "cannot be written" in notice and "--data-dir" in notice
+    assert "history.corrupt" not in out.stdout
+
+
+def test_data_dir_naming_a_file_is_a_clear_error(tmp_path, capsys):
+    from app.__main__ import main
+    from app.history import HistoryError
+
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    try:
+        History(f)
+    except HistoryError as e:
+        assert "is a file" in str(e)
+    else:
+        raise AssertionError("no HistoryError")
+    assert main(["--demo", "--data-dir", str(f)]) == 2
+    assert "is a file" in capsys.readouterr().err and f.read_text() == "mine"

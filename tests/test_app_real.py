@@ -18,7 +18,7 @@ from app.backend import Backend, Settings
 from app.history import History
 from app.model_source import load_fn, resolve
 from app.screens.confirm import ConfirmScreen
-from app.widgets.messages import ModelMessage, UserMessage
+from app.widgets.messages import ModelMessage, Notice, UserMessage
 from app.widgets.prompt import PromptArea
 
 
@@ -72,23 +72,24 @@ def test_send_stream_resume_on_real_model(tiny_dir, tmp_path):
             status = str(chat.query_one("#status").render())
             assert "TTFT" in status and "tok/s" in status
             answer = chat.query_one(ModelMessage).answer
-            assert [m["role"] for m in app.backend.session.messages] == ["system", "user", "assistant"]
-            used = app.backend.context()[0]
+            used = app.backend.session.context_used
             assert used > 10
             await send(pilot, "is it")
             await wait_for(pilot, lambda: not chat.generating and len(chat.query(ModelMessage)) == 2)
-            assert app.backend.context()[0] > used
-        # After a restart, --resume brings the conversation (system prompt included) back into a fresh session.
+            assert app.backend.session.context_used > used
+            assert app.backend.session.last_reused > 10  # the first turn came from the cache
+        # After a restart, --resume brings the conversation (system prompt included) back from history.
         app2 = real_app(tiny_dir, tmp_path, max_tokens=8)
         app2.resume_id = True
         async with app2.run_test() as pilot:
-            await wait_for(pilot, lambda: app2.backend.loaded and len(app2.backend.session.messages) == 5)
-            assert app2.backend.session.messages[0] == {"role": "system", "content": "Be brief."}
+            await wait_for(pilot, lambda: app2.backend.loaded and app2.chat_screen.query(ModelMessage))
             assert app2.chat_screen.query(ModelMessage).first().answer == answer
             await send(pilot, "and then")
             await wait_for(pilot, lambda: len(app2.chat_screen.query(ModelMessage)) == 3
                            and not app2.chat_screen.generating)
-            assert len(app2.backend.session.messages) == 7
+            cid = app2.chat_screen.conversation_id
+            assert app2.history.get(cid).system_prompt == "Be brief."
+            assert [m.role for m in app2.history.messages(cid)] == ["user", "assistant"] * 3
 
     asyncio.run(go())
 
@@ -125,18 +126,17 @@ def test_message_that_does_not_fit_goes_back_to_the_prompt(tiny_dir, tmp_path):
             chat = app.chat_screen
             await send(pilot, "hi")
             await wait_for(pilot, lambda: not chat.generating and chat.query(ModelMessage))
-            long = " ".join(["hello world"] * 40)
+            long = " ".join(["hello world"] * 80)
             await send(pilot, long)
-            await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
-            assert chat.prompt.text == long
-            assert [m["role"] for m in app.backend.session.messages] == ["user", "assistant"]
+            # The message alone is too long: no offer to drop turns (it would not help), a clear notice instead.
+            await wait_for(pilot, lambda: any("does not fit" in str(n.render()) for n in chat.query(Notice)))
+            assert app.screen is chat
+            assert chat.prompt.text == long and chat.prompt.cursor_location == chat.prompt.document.end
             assert [m.role for m in app.history.messages(chat.conversation_id)] == ["user", "assistant"]
             assert len(chat.query(UserMessage)) == 1
-            await pilot.press("escape")  # keep the conversation as it is
-            assert app.screen is chat
             await send(pilot, "ok")
             await wait_for(pilot, lambda: not chat.generating and len(chat.query(ModelMessage)) == 2)
-            assert len(app.backend.session.messages) == 4
+            assert [m.role for m in app.history.messages(chat.conversation_id)] == ["user", "assistant"] * 2
 
     asyncio.run(go())
 
@@ -159,3 +159,42 @@ def test_both_entry_points_start(tmp_path):
             continue
         out = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and "--demo" in out.stdout and "--resume" in out.stdout
+
+
+def test_typed_placeholders_regenerate_stats_and_dropping_turns(tiny_dir, tmp_path):
+    async def go():
+        app = real_app(tiny_dir, tmp_path, max_tokens=6)
+        async with app.run_test() as pilot:
+            await wait_for(pilot, lambda: app.backend.loaded)
+            chat = app.chat_screen
+            status = chat.query_one("#status")
+            # A placeholder typed as text is text (it used to fail the turn with a placeholder-count error).
+            await send(pilot, "what does <|image|> or <turn|> mean?")
+            await wait_for(pilot, lambda: not chat.generating and chat.query(ModelMessage))
+            assert not [n for n in chat.query(Notice) if "failed" in str(n.render())]
+            # A saved answer with a placeholder in it (as a model may write one) does not break the next turn.
+            cid = chat.conversation_id
+            app.history.add_message(cid, "user", "and?")
+            app.history.add_message(cid, "assistant", "see <|audio|> here")
+            app.resume(cid)
+            await send(pilot, "go on")
+            await wait_for(pilot, lambda: not chat.generating and len(chat.query(ModelMessage)) == 3)
+            assert not [n for n in chat.query(Notice) if "failed" in str(n.render())]
+            # Regenerate: the status describes the new answer, with the reused prompt counted as cached.
+            await pilot.press("ctrl+g")
+            await wait_for(pilot, lambda: not chat.generating and len(chat.query(ModelMessage)) == 3)
+            assert status.stats.cached_tokens > 10 and status.stats.prompt_tokens >= 1
+            assert "cached" in str(status.render()) and status.stats.generation_tokens >= 1
+            assert [m.role for m in app.history.messages(cid)] == ["user", "assistant"] * 3
+            # A conversation that outgrew the context: the offer names how many turns to drop, no API names.
+            app.backend.model.config.text_config.max_position_embeddings = 110
+            await send(pilot, "one more question please")
+            await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+            question = str(app.screen.query_one("#question").render())
+            assert "oldest" in question and "drop_oldest_turns" not in question
+            await pilot.press("y")
+            await wait_for(pilot, lambda: status.stats.context_used and status.stats.context_used < 110)
+            assert len(app.history.messages(cid)) < 6
+            assert len(chat.query(UserMessage)) == len([m for m in app.history.messages(cid) if m.role == "user"])
+
+    asyncio.run(go())
