@@ -40,7 +40,10 @@ def test_record_meter_and_attach(tmp_path):
             assert sr == 16000 and len(data) == 24000
             await send(pilot, "what did I say?")
             await wait_for(pilot, lambda: app.sessions[0].calls)
-            assert app.sessions[0].calls[0]["audio"] == [str(clip.path)]
+            content = app.sessions[0].calls[0]["messages"][-1]["content"]
+            [saved] = app.history.messages(chat.conversation_id)[0].attachments  # the model gets the saved copy
+            assert saved.name == clip.path.name and [p["audio"] for p in content if p["type"] == "audio"] == [
+                str(saved.path)]
 
     asyncio.run(go())
 

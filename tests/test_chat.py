@@ -175,7 +175,7 @@ def test_answer_stopped_by_the_context_is_labelled_context(loaded):
     messages = convo("hello", system=None)
     room = model.config.text_config.max_position_embeddings - len(session.encode(messages).ids)
     out = list(session.stream(messages, max_tokens=room + 50, **GREEDY))
-    assert out[-1].finish_reason == "context" and len(out) == room
+    assert out[-1].finish_reason == "context" and room <= len(out) <= room + 1  # not max_tokens
 
 
 def test_images_are_reused_by_source_and_never_mixed_up(vision, tmp_path):

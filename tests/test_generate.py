@@ -83,3 +83,10 @@ def test_repetition_penalty_sees_generated_tokens(loaded):
     penalized = [r.token for r in stream_tokens(model, processor, inputs, max_tokens=30, stop_ids=[],
                                                 repetition_penalty=1e4, repetition_context_size=64)]
     assert len(set(penalized)) == len(penalized)  # every generated token is in the penalty window
+
+
+def test_verbose_prints_the_stats(loaded, capsys):
+    hf, model, processor = loaded
+    text = generate(model, processor, "hello there", max_tokens=4, stop_ids=[], verbose=True)
+    out = capsys.readouterr().out
+    assert out.startswith(text) and "generation: 4 tokens" in out and "peak memory:" in out
