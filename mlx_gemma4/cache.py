@@ -302,10 +302,9 @@ class SlidingCache(_Buffers):
     def snapshot(self) -> tuple:
         if self._keys is None:
             return (0, 0, None, None)
-        # Copies: later writes update the ring in place.
-        k, v = mx.array(self._keys), mx.array(self._values)
-        mx.eval(k, v)
-        return (self._offset, self._first, k, v)
+        # New handles on the same buffers: a later write sees them shared and writes a copy instead of updating
+        # in place, so the snapshot needs no copy now (nor a wait for the device).
+        return (self._offset, self._first, mx.array(self._keys), mx.array(self._values))
 
     def restore(self, snap: tuple) -> None:
         self._offset, self._first, k, v = snap

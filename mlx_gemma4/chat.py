@@ -136,24 +136,41 @@ class ChatSession:
             raise self._too_long(messages, L)
         start = self._reuse(enc)
         self.last_reused = start
-        if not self._prefill(enc, start, L - 1, chunk, should_stop, progress):
+        # The last user turn is where an answer-again or an edited message parts from this conversation: the cache
+        # is snapshotted there (pass 1); the generation loop prefills the rest and answers (pass 2), with a
+        # snapshot at the prompt's end, where the next turn parts from this one when the answer is re-rendered
+        # differently (thoughts are dropped from history).
+        split = max(start, self._last_user_turn(enc, L))
+        if not self._prefill(enc, start, split, chunk, should_stop, progress):
             yield GenerationResponse("", -1, self.context_used - start, 0.0, 0, 0.0, time.perf_counter() - t0,
                                      _peak(), "cancelled")
             return
-        self._snapshot(L - 1)
         prefill_s = time.perf_counter() - t0
         fed: list[int] = []
         tail = {"input_ids": mx.array(enc.ids[None])}
+        tail.update(stack_inputs([it for s, e, it in enc.items if s >= split]))
+        report = None if progress is None else (lambda d, t: progress(split - start + d, L - start))
         try:
-            for r in stream_tokens(self.model, self.processor, tail, self.cache, start=L - 1,
-                                   on_token=fed.append, **gen_kwargs):
+            for r in stream_tokens(self.model, self.processor, tail, self.cache, start=split, on_token=fed.append,
+                                   prefill_chunk=chunk, progress=report, on_prefilled=lambda: self._snapshot(L),
+                                   **gen_kwargs):
+                if r.token == -1:  # stopped during the tail's prefill: the cache holds whole chunks of it
+                    self._cached = enc.keys[: self.cache[0].offset]
+                    yield dataclasses.replace(r, prompt_tokens=L - start, ttft=r.ttft + prefill_s)
+                    return
                 ttft = r.ttft + prefill_s
                 yield dataclasses.replace(r, prompt_tokens=L - start, ttft=ttft, prompt_tps=(L - start) / ttft)
                 if r.finish_reason:
                     break
+        except Exception:
+            self._fresh_cache()  # a forward that failed half way may have written some layers and not others
+            raise
         finally:
             # Also when the caller stops iterating early: what went through the model is in the cache.
-            self._cached = np.concatenate([enc.keys, np.array(fed, dtype=np.int64)])
+            if len(self._cached) or self.cache[0].offset:
+                done = self.cache[0].offset
+                self._cached = (np.concatenate([enc.keys, np.array(fed, dtype=np.int64)]) if done >= L
+                                else enc.keys[:done])
 
     def generate(self, messages: list[dict[str, Any]], **gen_kwargs) -> str:
         """The whole answer to ``messages`` (see ``stream``), without thoughts and media placeholders."""
@@ -167,6 +184,17 @@ class ChatSession:
         self._snapshots = [s for s in self._snapshots if s[0] != n] + [(n, kv.snapshot(self.cache))]
         del self._snapshots[:-_MAX_SNAPSHOTS]
 
+    def _last_user_turn(self, enc: EncodedChat, L: int) -> int:
+        """Where the last turn before the generation prompt starts (0 if there is none), never inside a media
+        item; L - 1 at most (the generation loop needs at least one token)."""
+        tok = self.processor.special.turn_open
+        starts = np.flatnonzero(enc.ids[: L - 1] == tok.id) if tok is not None else np.zeros(0, dtype=np.int64)
+        at = int(starts[-2]) if len(starts) >= 2 else 0
+        for s, e, _ in enc.items:
+            if s < at < e:
+                at = s
+        return min(at, L - 1)
+
     def _turn_starts(self, enc: EncodedChat) -> set[int]:
         """Where the last few turns start: where conversations usually part (an edited or answered-again turn,
         another chat with the same system prompt), so a snapshot is kept there."""
@@ -176,7 +204,7 @@ class ChatSession:
     def _prefill(self, enc: EncodedChat, start: int, end: int, chunk: int, should_stop, progress=None) -> bool:
         """Prefill ids[start:end], one media item at a time so a stop request lands between items; False when
         stopped (the cache keeps what was done)."""
-        marks = {m for m in self._turn_starts(enc) if start < m < end}
+        marks = {m for m in self._turn_starts(enc) if start < m <= end}
         cuts = sorted({e for s, e, _ in enc.items if start < e < end} | marks | {end})
         first = start
         report = None if progress is None else (lambda base: lambda d, t: progress(base - first + d, end - first))

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class GenerationResponse:
     text: str                       # the new piece of text (may be empty while a character is incomplete)
-    token: int | None               # None only in the one response of a run stopped before its first token
+    token: int                      # -1 only in the one response of a run stopped before its first token
     prompt_tokens: int
     prompt_tps: float
     generation_tokens: int
@@ -160,13 +160,14 @@ class TokenLoop:
                  sampler: Callable[[mx.array], mx.array] | None,
                  logits_processors: Sequence[Callable[[mx.array, mx.array], mx.array]], prefill_chunk: int,
                  should_stop: Callable[[], bool] | None,
-                 progress: Callable[[int, int], None] | None = None):
+                 progress: Callable[[int, int], None] | None = None,
+                 on_prefilled: Callable[[], None] | None = None):
         _check_positive_int("max_tokens", max_tokens)
         _check_positive_int("prefill_chunk", prefill_chunk)
         self.model, self.inputs, self.start = model, inputs, start
         self.cache = model.make_cache() if cache is None else cache
         self.max_tokens, self.prefill_chunk, self.should_stop = max_tokens, prefill_chunk, should_stop
-        self.progress = progress
+        self.progress, self.on_prefilled = progress, on_prefilled
         self.sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
         self.processors = list(logits_processors)
         self.finish_reason: str | None = None
@@ -188,6 +189,8 @@ class TokenLoop:
             return
         y, logprobs = sample(logits)
         mx.async_eval(y, logprobs)
+        if self.on_prefilled is not None:
+            self.on_prefilled()
         n = 0
         while True:
             n += 1
@@ -220,6 +223,7 @@ def generate_step(
     prefill_chunk: int = 2048,
     should_stop: Callable[[], bool] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    on_prefilled: Callable[[], None] | None = None,
 ) -> TokenLoop:
     """The token loop: iterate it for ``(token, logprobs)``, up to ``max_tokens`` tokens after the prompt.
 
@@ -228,7 +232,9 @@ def generate_step(
     as in mlx-lm. ``cache`` (``model.make_cache()`` when None) already holds the first ``start`` prompt tokens.
     The loop ends after ``max_tokens`` tokens, when the context is full, or when ``should_stop()`` turns true
     (checked between prefill chunks and before each step is queued; stopped during prefill, it yields nothing);
-    the returned loop's ``finish_reason`` says which. ``progress(done, total)`` reports prefill progress. Every yielded token
+    the returned loop's ``finish_reason`` says which. ``progress(done, total)`` reports prefill progress;
+    ``on_prefilled()`` is called once the whole prompt is in the cache, before the first decode step (a chat
+    snapshots the cache there). Every yielded token
     but the last has been fed to the model, so the cache then holds the prompt plus all yielded tokens but the
     last; a caller that stops iterating early gets the same.
 
@@ -237,7 +243,7 @@ def generate_step(
     """
     return TokenLoop(model, inputs, cache, start=start, max_tokens=max_tokens, sampler=sampler,
                      logits_processors=logits_processors, prefill_chunk=prefill_chunk, should_stop=should_stop,
-                     progress=progress)
+                     progress=progress, on_prefilled=on_prefilled)
 
 
 def stream_tokens(
@@ -262,13 +268,15 @@ def stream_tokens(
     should_stop: Callable[[], bool] | None = None,
     on_token: Callable[[int], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    on_prefilled: Callable[[], None] | None = None,
 ) -> Iterator[GenerationResponse]:
     """The generation loop over an already-processed prompt, with text and stats.
 
     ``sampler`` / ``logits_processors`` replace the ones built from the sampling settings. ``on_token`` sees
-    every token that went through the model (so is in the cache). ``progress(done, total)`` reports prefill.
-    Stopped by ``should_stop`` before the first token, it yields one response with no token (``token`` None,
-    ``finish_reason`` "cancelled").
+    every token that went through the model (so is in the cache). ``progress(done, total)`` reports prefill;
+    ``on_prefilled`` as in ``generate_step``.
+    Stopped by ``should_stop`` before the first token, it yields one response with no text, ``token`` -1 and
+    ``finish_reason`` "cancelled".
     """
     t0 = time.perf_counter()
     check_sampling_args(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
@@ -287,7 +295,8 @@ def stream_tokens(
     steps = generate_step(model, inputs, cache, start=start, max_tokens=max_tokens,
                           sampler=sampler or default_sampler,
                           logits_processors=default_processors if logits_processors is None else logits_processors,
-                          prefill_chunk=prefill_chunk, should_stop=should_stop, progress=progress)
+                          prefill_chunk=prefill_chunk, should_stop=should_stop, progress=progress,
+                          on_prefilled=on_prefilled)
     ttft = prompt_tps = 0.0
     t_first = None
     n = 0
@@ -315,7 +324,7 @@ def stream_tokens(
         yield GenerationResponse(detok.last_segment, token, finish_reason=steps.finish_reason, **stats)
         return
     if n == 0 and steps.finish_reason == "cancelled":
-        yield GenerationResponse("", None, prompt_tokens=n_prompt, prompt_tps=0.0, generation_tokens=0,
+        yield GenerationResponse("", -1, prompt_tokens=n_prompt, prompt_tps=0.0, generation_tokens=0,
                                  generation_tps=0.0, ttft=0.0, peak_memory_gb=_peak_gb(), finish_reason="cancelled")
 
 
@@ -364,4 +373,4 @@ def generate(model, processor, prompt: str, images=None, audio=None, videos=None
 _SAMPLING_KWARGS = {"max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                     "repetition_context_size", "seed", "prefill_chunk"}
 _STREAM_KWARGS = _SAMPLING_KWARGS | {"sampler", "logits_processors", "stop_ids", "should_stop", "on_token",
-                                     "cache", "progress"}
+                                     "cache", "progress", "on_prefilled"}

@@ -35,15 +35,30 @@ def _softcap(x: mx.array, cap: mx.array) -> mx.array:
 MEDIA_KEYS = ("pixel_values", "image_position_ids", "pixel_values_videos", "video_position_ids",
               "input_features", "input_features_mask")
 
-# From this many tokens on, a pass evaluates after every layer: on GPU backends whose frees wait for the stream, one
-# lazy graph over all layers keeps every layer's temporaries alive at once.
+# Long passes are evaluated layer by layer: on GPU backends whose frees wait for the stream, one lazy graph over all
+# layers keeps every layer's temporaries alive at once. Each layer is queued with async_eval as soon as it is built
+# (the device works while the host builds the next), and the host waits for the device once this many
+# token-layers have been queued, which bounds the temporaries in flight without a host-device round trip per layer.
 EVAL_EACH_LAYER_FROM = 64
+SYNC_EVERY_TOKEN_LAYERS = 4096
 
 
 def _eval_each_layer(n_tokens: int) -> Callable | None:
     if n_tokens < EVAL_EACH_LAYER_FROM:
         return None
-    return lambda h, layer_cache: mx.eval(h, *(layer_cache.state if layer_cache is not None else ()))
+    every = max(1, SYNC_EVERY_TOKEN_LAYERS // n_tokens)
+    count = 0
+
+    def after_layer(h: mx.array, layer_cache: KVCache | None) -> None:
+        nonlocal count
+        count += 1
+        state = layer_cache.state if layer_cache is not None else ()
+        if count % every == 0:
+            mx.eval(h, *state)
+        else:
+            mx.async_eval(h, *state)
+
+    return after_layer
 
 
 def _chunk_ends(L: int, chunk: int, vision_blocks: np.ndarray | None) -> list[int]:

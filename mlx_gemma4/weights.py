@@ -279,6 +279,8 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, progress: Callab
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     load_into(model, weights)
+    for layer in model.language_model.layers:
+        layer.mlp.fuse()
     model.eval()
     model.ple_placement = placement
     if progress is not None:

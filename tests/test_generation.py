@@ -217,6 +217,6 @@ def test_should_stop_between_prefill_chunks(loaded):
     out = list(stream_tokens(model, processor, inputs, cache, max_tokens=5, prefill_chunk=3, stop_ids=[],
                              should_stop=stop_after_two_chunks, progress=lambda d, t: seen.append((d, t))))
     L = int(np.array(inputs["input_ids"]).size)
-    assert len(out) == 1 and out[0].finish_reason == "cancelled" and out[0].token is None
+    assert len(out) == 1 and out[0].finish_reason == "cancelled" and out[0].token == -1
     assert cache[0].offset == 6                     # two chunks of three, then stopped
     assert seen[0] == (0, L) and seen[-1] == (6, L)

@@ -7,6 +7,8 @@ so 1e-4 absolute is tight (any wrong formula moves logits by 1e-2 or more) yet s
 
 from __future__ import annotations
 
+import copy
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -133,3 +135,26 @@ def test_untied_head():
     ids = ids_of(12)
     np.testing.assert_allclose(np.array(model(mx.array(ids.numpy().astype(np.int32)))), reference(hf, ids),
                                atol=ATOL, rtol=0)
+
+
+def test_fused_gate_up_projection_gives_identical_logits(checkpoint_factory, tmp_path):
+    from mlx_gemma4.conversion import convert
+    from mlx_gemma4.weights import load_model
+
+    ids = mx.array(np.random.default_rng(1).integers(5, 250, size=(1, 24)), dtype=mx.int32)
+    _, src = checkpoint_factory("e")
+    for bits in (None, 8):
+        dst = convert(src, tmp_path / f"q{bits}", q_bits=bits, q_group_size=32, dtype="float32") if bits else src
+        model = load_model(dst)
+        assert all("gate_up_proj" in layer.mlp and "gate_proj" not in layer.mlp for layer in model.layers)
+        fused = np.array(model(ids))
+        plain = load_model(dst)
+        for layer in plain.layers:  # undo the fusion: the two halves as separate projections
+            gu = layer.mlp.gate_up_proj
+            half = {k: mx.split(gu[k], 2, axis=0) for k in ("weight", "scales", "biases") if k in gu}
+            g, u = copy.copy(gu), copy.copy(gu)
+            for k, (a, b) in half.items():
+                g[k], u[k] = a, b
+            del layer.mlp["gate_up_proj"]
+            layer.mlp.gate_proj, layer.mlp.up_proj = g, u
+        np.testing.assert_array_equal(np.array(plain(ids)), fused)
