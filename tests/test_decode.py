@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mlx_gemma4.cache import GlobalCache, rewind
-from tests.test_text import ATOL, build, ids_of
+from tests.helpers import TEXT_ATOL, build, ids_of
 
 
 @pytest.mark.parametrize("family", ["e", "dense", "moe"])
@@ -19,7 +19,7 @@ def test_compiled_steps_match_full_forward(family):
     cache = model.make_cache()
     outs = [model(ids[:, :5], cache=cache)]
     outs += [model.step(ids[:, t : t + 1], cache) for t in range(5, n)]
-    np.testing.assert_allclose(np.array(mx.concatenate(outs, axis=1)), full, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(np.array(mx.concatenate(outs, axis=1)), full, atol=TEXT_ATOL, rtol=0)
     assert cache[0].offset == n
 
 
@@ -38,7 +38,7 @@ def test_compiled_steps_after_rewinds_match_fresh_forward(family):
             rewind(cache, t % 4 + 1)
         outs.append(model.step(ids[:, t : t + 1], cache))
     full = np.array(model(ids))[:, 5:]
-    np.testing.assert_allclose(np.array(mx.concatenate(outs, axis=1)), full, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(np.array(mx.concatenate(outs, axis=1)), full, atol=TEXT_ATOL, rtol=0)
 
 
 def test_step_from_an_empty_cache_falls_back():
@@ -46,7 +46,7 @@ def test_step_from_an_empty_cache_falls_back():
     cache = model.make_cache()
     ids = mx.array([[5, 6]], dtype=mx.int32)
     first = model.step(ids[:, :1], cache)
-    np.testing.assert_allclose(np.array(first)[0, 0], np.array(model(ids))[0, 0], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(np.array(first)[0, 0], np.array(model(ids))[0, 0], atol=TEXT_ATOL, rtol=0)
 
 
 def test_placeholder_ids_embed_as_pad_when_stepping():
