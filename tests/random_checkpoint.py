@@ -55,6 +55,13 @@ A26B_TEXT = dict(
     moe_intermediate_size=704, num_kv_shared_layers=0, use_double_wide_mlp=False,
     layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 5,
 )
+# 31B's text decoder: dense, k_eq_v global layers, no PLE or KV sharing.
+DENSE_31B_TEXT = dict(
+    E2B_TEXT, hidden_size=5376, num_hidden_layers=60, intermediate_size=21504, num_attention_heads=32,
+    num_key_value_heads=16, num_global_key_value_heads=4, attention_k_eq_v=True, sliding_window=1024,
+    hidden_size_per_layer_input=0, num_kv_shared_layers=0, use_double_wide_mlp=False,
+    layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 10,
+)
 # E4B's shape, narrow, with the full 262,144-token vocabulary: what a CPU can time end to end in seconds while the
 # tokenizer, detokenizer, embedding and head cost what they cost at the real size.
 SMALL_TEXT = dict(
@@ -63,7 +70,7 @@ SMALL_TEXT = dict(
     layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 2,
 )
 SIZES = {"e2b": (E2B_TEXT, E2B_VISION, E2B_AUDIO), "e4b": (E4B_TEXT, None, None), "26b": (A26B_TEXT, None, None),
-         "small": (SMALL_TEXT, None, None), "medium": (MEDIUM_TEXT, None, None)}
+         "31b": (DENSE_31B_TEXT, None, None), "small": (SMALL_TEXT, None, None), "medium": (MEDIUM_TEXT, None, None)}
 # The published special-token ids (tests.tiny / the demo squeeze them into a small vocabulary instead).
 REAL_SPECIAL_IDS = {
     "pad": 0, "eos": 1, "bos": 2, "unk": 3, "mask": 4, "think": 98, "channel_open": 100, "channel_close": 101,
