@@ -322,20 +322,20 @@ def test_peak_memory_is_one_shard_plus_largest_tensor(medium, tmp_path):
     assert len(list((tmp_path / "out").glob("model-*.safetensors"))) >= total // shard
 
 
-# The CLI, held after its first tensor is written (the tiny conversions finish in well under a second): it
+# The CLI, held after its first rows are written (the tiny conversions finish in well under a second): it
 # touches FLAG and waits there for the test's signal, so the signal lands mid-conversion every time.
 _HELD = """
 import pathlib, sys, time
 sys.path.insert(0, {root!r})
 import convert as cli
-from mlx_gemma4 import conversion
-run = conversion._Step.run
-def held(self, files):
-    run(self, files)
+from mlx_gemma4.safetensors_io import TensorFileWriter
+write_rows = TensorFileWriter.write_rows
+def held(self, *args):
+    write_rows(self, *args)
     pathlib.Path({flag!r}).touch()
     while True:
         time.sleep(0.05)
-conversion._Step.run = held
+TensorFileWriter.write_rows = held
 sys.exit(cli.main(sys.argv[1:]))
 """
 
