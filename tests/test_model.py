@@ -18,7 +18,7 @@ from mlx_gemma4.errors import InputError
 from mlx_gemma4.processing.processor import Processor
 from mlx_gemma4.weights import load_model
 from tests import tiny
-from tests.helpers import MODEL_ATOL, build, ids_of, reference_logits, tone
+from tests.helpers import MODEL_ATOL, ids_of, reference_logits, tone
 
 
 def _image(w, h, seed):
@@ -117,8 +117,8 @@ def test_prefill_chunks_never_split_a_vision_block(large_model):
 
 
 @pytest.mark.parametrize("family", ["e", "dense", "moe"])
-def test_chunked_prefill_matches_full_forward(family):
-    hf, model = build(family)
+def test_chunked_prefill_matches_full_forward(family, text_pair):
+    hf, model = text_pair(family)
     ids = mx.array(ids_of(41, seed=2).numpy().astype(np.int32))
     full = np.array(model(ids))
     for chunk in (3, 8, 13, 64):  # smaller than, equal to and larger than the window (8), and the whole prompt
@@ -129,8 +129,8 @@ def test_chunked_prefill_matches_full_forward(family):
         np.testing.assert_allclose(np.array(model.step(ids[:, 40:], cache))[0, 0], full[0, 40], atol=MODEL_ATOL, rtol=0)
 
 
-def test_prefill_stops_between_chunks_when_asked():
-    hf, model = build("e")
+def test_prefill_stops_between_chunks_when_asked(text_pair):
+    hf, model = text_pair("e")
     ids = mx.array(ids_of(20, seed=3).numpy().astype(np.int32))
     asked = []
 

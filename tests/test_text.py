@@ -22,9 +22,9 @@ from tests.helpers import TEXT_ATOL, build, ids_of
 FAMILIES = ["e", "dense", "moe"]
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def pair(request):
-    return build(request.param)
+@pytest.fixture(params=FAMILIES)
+def pair(request, text_pair):
+    return text_pair(request.param)
 
 
 def reference(hf, ids):
