@@ -6,11 +6,16 @@ the real-size configs), never from each other.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any, Callable
+
 import mlx.core as mx
 import numpy as np
+import pytest
 import torch
 
 from mlx_gemma4.config import ModelConfig
+from mlx_gemma4.errors import InputError
 from mlx_gemma4.model import Gemma4
 from mlx_gemma4.weights import load_into, sanitize
 from tests import tiny
@@ -56,3 +61,21 @@ def reference_logits(hf, inputs: dict) -> np.ndarray:
         kw["num_frames_per_video"] = torch.tensor([kw["pixel_values_videos"].shape[0]])
     with torch.no_grad():
         return hf(**kw).logits.numpy()
+
+
+def raises_naming(load: Callable[[Any], Any], src: Any, name: str, match: str = "") -> None:
+    """``load(src)`` raises InputError whose message names ``name`` (and matches ``match``)."""
+    with pytest.raises(InputError, match=match) as e:
+        load(src)
+    assert name in str(e.value)
+
+
+def check_unusable_paths(load: Callable[[Any], Any], folder: Path, suffix: str, not_media: str) -> None:
+    """What every media loader refuses with an InputError naming the path: a missing file, a directory, an empty
+    file, and text where media was expected (whose message matches ``not_media``)."""
+    raises_naming(load, folder / f"missing{suffix}", f"missing{suffix}", "no such file")
+    raises_naming(load, folder, str(folder), "directory")
+    (folder / f"empty{suffix}").write_bytes(b"")
+    raises_naming(load, folder / f"empty{suffix}", f"empty{suffix}", "empty")
+    (folder / f"notes{suffix}").write_text("hello, this is text\n" * 50)
+    raises_naming(load, folder / f"notes{suffix}", f"notes{suffix}", not_media)
