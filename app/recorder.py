@@ -7,6 +7,7 @@ the callback themselves; the default factory opens sounddevice's InputStream.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -16,6 +17,8 @@ import numpy as np
 
 SAMPLE_RATE = 16_000
 MAX_SECONDS = 30.0
+
+log = logging.getLogger(__name__)
 
 
 class RecorderError(Exception):
@@ -68,7 +71,6 @@ class Recorder:
         self._stream: InputStream | None = None
         self.rms = 0.0
         self.peak = 0.0
-        self.status_messages: list[str] = []
 
     @property
     def recording(self) -> bool:
@@ -105,7 +107,7 @@ class Recorder:
 
     def _callback(self, indata: np.ndarray, frames: int, time_info: Any, status: Any) -> None:
         if status:
-            self.status_messages.append(str(status))
+            log.debug("microphone stream status: %s", status)  # e.g. input overflow
         block = np.asarray(indata, dtype=np.float32).reshape(-1)  # (frames, 1) -> (frames,)
         with self._lock:
             room = self.max_frames - self._frames

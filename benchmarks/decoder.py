@@ -22,29 +22,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-_ROPE = {"full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1e6, "rope_type": "proportional"},
-         "sliding_attention": {"rope_theta": 1e4, "rope_type": "default"}}
-_COMMON = dict(vocab_size=262_144, vocab_size_per_layer_input=262_144, head_dim=256, global_head_dim=512,
-               final_logit_softcapping=30.0, rope_parameters=_ROPE)
-SIZES = {
-    "e2b": dict(_COMMON, hidden_size=1536, num_hidden_layers=35, intermediate_size=6144, num_attention_heads=8,
-                num_key_value_heads=1, num_kv_shared_layers=20, hidden_size_per_layer_input=256,
-                use_double_wide_mlp=True, sliding_window=512,
-                layer_types=(["sliding_attention"] * 4 + ["full_attention"]) * 7),
-    "e4b": dict(_COMMON, hidden_size=2560, num_hidden_layers=42, intermediate_size=10240, num_attention_heads=8,
-                num_key_value_heads=2, num_kv_shared_layers=18, hidden_size_per_layer_input=256,
-                use_double_wide_mlp=False, sliding_window=512,
-                layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 7),
-    "26b": dict(_COMMON, hidden_size=2816, num_hidden_layers=30, intermediate_size=2112, num_attention_heads=16,
-                num_key_value_heads=8, num_global_key_value_heads=2, attention_k_eq_v=True, sliding_window=1024,
-                hidden_size_per_layer_input=0, enable_moe_block=True, num_experts=128, top_k_experts=8,
-                moe_intermediate_size=704, num_kv_shared_layers=0,
-                layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 5),
-    "31b": dict(_COMMON, hidden_size=5376, num_hidden_layers=60, intermediate_size=21504, num_attention_heads=32,
-                num_key_value_heads=16, num_global_key_value_heads=4, attention_k_eq_v=True, sliding_window=1024,
-                hidden_size_per_layer_input=0, num_kv_shared_layers=0,
-                layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 10),
-}
+from tests import random_checkpoint as rc
+
+# The real text decoders (one definition, shared with the random checkpoints of the conversion benchmark).
+SIZES = {"e2b": rc.E2B_TEXT, "e4b": rc.E4B_TEXT, "26b": rc.A26B_TEXT, "31b": rc.DENSE_31B_TEXT}
 
 
 def _text_config(size: str) -> dict:

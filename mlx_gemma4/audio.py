@@ -16,7 +16,6 @@ into ``audio_tower`` / ``embed_audio`` after ``AudioModel.sanitize`` moves conv 
 
 from __future__ import annotations
 
-import logging
 import math
 
 import mlx.core as mx
@@ -25,9 +24,6 @@ import numpy as np
 
 from .config import AudioConfig
 from .layers import ClippableLinear, MultimodalEmbedder, RMSNorm
-
-logger = logging.getLogger(__name__)
-
 
 
 def _clip_value(gradient_clipping: float, dtype: mx.Dtype) -> float:

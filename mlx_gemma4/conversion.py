@@ -27,7 +27,7 @@ from .destination import (check_destination, check_not_source, replace, resolve_
 from .errors import ConfigError, OutputError
 from .ple import PLE_FILE, open_table
 from .quantize import PLE, plan, quantize_weight, recipe
-from .safetensors_io import TensorFileWriter, TensorInfo, read_header, read_rows, save
+from .safetensors_io import TensorFileWriter, TensorInfo, read_header, read_rows
 from .weights import TensorJob, build_model, check_names, safetensors_files, shapes, tensor_jobs
 
 logger = logging.getLogger(__name__)
@@ -148,11 +148,12 @@ def _open_files(root: Path, steps: list[_Step], ple_meta: tuple) -> dict[str, Te
         raise
     weight_map = {k: final[f] for f in shards for k in layout[f]}
     total = sum(math.prod(s) * d.size for f in shards for d, s in layout[f].values())
-    _write_index(root, weight_map, total)
+    write_index(root, weight_map, total)
     return files
 
 
-def _write_index(root: Path, weight_map: dict[str, str], total: int) -> None:
+def write_index(root: Path, weight_map: dict[str, str], total: int) -> None:
+    """model.safetensors.index.json: which shard holds each tensor, and the total bytes."""
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (root / INDEX).write_text(json.dumps(index, indent=2))
 
@@ -213,7 +214,7 @@ def convert(
             finally:
                 for w in files.values():
                     w.close()
-            _write_config(tmp, config, quant, dtype)
+            write_config(tmp, config, quant, dtype)
             _copy_side_files(src, tmp)
             write_marker(tmp, state="complete", source=str(hf_path), q_bits=q_bits, dtype=dtype,
                          files=sorted(p.name for p in tmp.iterdir()))
@@ -235,7 +236,8 @@ def _check_space(dst: Path, needed: int) -> None:
                           "free. Free some space or pick an --mlx-path on another disk.")
 
 
-def _write_config(root: Path, config: ModelConfig, quant: dict | None, dtype: str) -> None:
+def write_config(root: Path, config: ModelConfig, quant: dict | None, dtype: str) -> None:
+    """config.json of a converted model: the source's, with our quantization and format keys."""
     raw = dict(config.raw)
     raw.pop("quantization_config", None)
     if quant:
@@ -252,37 +254,3 @@ def _copy_side_files(src: Path, root: Path) -> None:
     if not any((root / n).exists() for n in ("tokenizer.json", "tokenizer.model")):
         logger.warning("%s has no tokenizer files; load() will refuse the converted model until tokenizer.json "
                        "is copied into it.", src)
-
-
-class _ShardWriter:
-    """Whole, evaluated tensors into shards (a shard is written when the next tensor would overflow it); for
-    writers that make their tensors in memory (tests/random_checkpoint.py). ``convert`` streams instead."""
-
-    def __init__(self, root: Path, max_bytes: int):
-        self.root, self.max_bytes = root, max_bytes
-        self.pending: dict[str, mx.array] = {}
-        self.pending_bytes = 0
-        self.shards: list[list[str]] = []
-        self.total = 0
-
-    def add(self, name: str, value: mx.array) -> None:
-        if self.pending and self.pending_bytes + value.nbytes > self.max_bytes:
-            self.flush()
-        self.pending[name] = value
-        self.pending_bytes += value.nbytes
-        self.total += value.nbytes
-
-    def flush(self) -> None:
-        if self.pending:
-            save(self.root / f"shard-{len(self.shards):05d}.tmp.safetensors", self.pending, {"format": "mlx"})
-            self.shards.append(list(self.pending))
-            self.pending, self.pending_bytes = {}, 0
-
-    def finish(self) -> None:
-        self.flush()
-        n, weight_map = len(self.shards), {}
-        for i, names in enumerate(self.shards):
-            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            (self.root / f"shard-{i:05d}.tmp.safetensors").rename(self.root / final)
-            weight_map.update({k: final for k in names})
-        _write_index(self.root, weight_map, self.total)

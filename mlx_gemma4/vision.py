@@ -11,7 +11,6 @@ Attribute names equal the Hugging Face parameter names, so checkpoints load with
 
 from __future__ import annotations
 
-import logging
 import math
 
 import mlx.core as mx
@@ -20,8 +19,6 @@ import numpy as np
 
 from .config import VisionConfig
 from .layers import ClippableLinear, MultimodalEmbedder, RMSNorm
-
-logger = logging.getLogger(__name__)
 
 _ACTIVATIONS = {"gelu_pytorch_tanh": nn.gelu_approx, "gelu": nn.gelu, "silu": nn.silu}
 
@@ -32,10 +29,8 @@ def axial_rope(positions: mx.array, head_dim: int, theta: float) -> tuple[mx.arr
     The first half of the head is rotated by x, the second by y; each half uses the usual rotate-half layout
     over ``head_dim // 4`` frequencies (the reference's H-H-W-W recomposition).
     """
-    quarter = head_dim // 4
     inv_freq = 1.0 / (theta ** (mx.arange(0, head_dim // 2, 2, dtype=mx.float32) / (head_dim // 2)))  # (D/4,)
     angles = positions.astype(mx.float32)[..., None] * inv_freq  # (B, L, 2, D/4)
-    assert angles.shape[-1] == quarter
     ax, ay = angles[..., 0, :], angles[..., 1, :]  # (B, L, D/4) each
     cos = mx.concatenate([mx.cos(ax), mx.cos(ax), mx.cos(ay), mx.cos(ay)], axis=-1)  # (B, L, D)
     sin = mx.concatenate([mx.sin(ax), mx.sin(ax), mx.sin(ay), mx.sin(ay)], axis=-1)  # (B, L, D)

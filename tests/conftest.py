@@ -1,11 +1,24 @@
-"""Shared fixtures: tiny reference checkpoints on disk (transformers model + our tokenizer fixture)."""
+"""Shared fixtures: tiny reference models in memory and checkpoints on disk (transformers model + our tokenizer)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from tests import tiny
+from tests import helpers, tiny
+
+
+@pytest.fixture(scope="session")
+def text_pair():
+    """(transformers model, our Gemma4 with its weights) for a tiny text family, built once per session."""
+    made: dict = {}
+
+    def get(family: str = "e"):
+        if family not in made:
+            made[family] = helpers.build(family)
+        return made[family]
+
+    return get
 
 
 @pytest.fixture(scope="session")

@@ -55,6 +55,13 @@ A26B_TEXT = dict(
     moe_intermediate_size=704, num_kv_shared_layers=0, use_double_wide_mlp=False,
     layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 5,
 )
+# 31B's text decoder: dense, k_eq_v global layers, no PLE or KV sharing.
+DENSE_31B_TEXT = dict(
+    E2B_TEXT, hidden_size=5376, num_hidden_layers=60, intermediate_size=21504, num_attention_heads=32,
+    num_key_value_heads=16, num_global_key_value_heads=4, attention_k_eq_v=True, sliding_window=1024,
+    hidden_size_per_layer_input=0, num_kv_shared_layers=0, use_double_wide_mlp=False,
+    layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 10,
+)
 # E4B's shape, narrow, with the full 262,144-token vocabulary: what a CPU can time end to end in seconds while the
 # tokenizer, detokenizer, embedding and head cost what they cost at the real size.
 SMALL_TEXT = dict(
@@ -63,7 +70,7 @@ SMALL_TEXT = dict(
     layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 2,
 )
 SIZES = {"e2b": (E2B_TEXT, E2B_VISION, E2B_AUDIO), "e4b": (E4B_TEXT, None, None), "26b": (A26B_TEXT, None, None),
-         "small": (SMALL_TEXT, None, None), "medium": (MEDIUM_TEXT, None, None)}
+         "31b": (DENSE_31B_TEXT, None, None), "small": (SMALL_TEXT, None, None), "medium": (MEDIUM_TEXT, None, None)}
 # The published special-token ids (tests.tiny / the demo squeeze them into a small vocabulary instead).
 REAL_SPECIAL_IDS = {
     "pad": 0, "eos": 1, "bos": 2, "unk": 3, "mask": 4, "think": 98, "channel_open": 100, "channel_close": 101,
@@ -211,16 +218,54 @@ def _write_shard(f: Path, names: list[str], shapes: dict, rng, dtype: str, st_dt
     return offset
 
 
+class ShardWriter:
+    """Whole, evaluated MLX tensors into shards named as the converter names them (a shard is written when the
+    next tensor would overflow it), then the converter's index. ``convert`` streams row chunks instead."""
+
+    def __init__(self, root: Path, max_bytes: int):
+        self.root, self.max_bytes = root, max_bytes
+        self.pending: dict = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total = 0
+
+    def add(self, name: str, value) -> None:
+        if self.pending and self.pending_bytes + value.nbytes > self.max_bytes:
+            self.flush()
+        self.pending[name] = value
+        self.pending_bytes += value.nbytes
+        self.total += value.nbytes
+
+    def flush(self) -> None:
+        from mlx_gemma4.safetensors_io import save
+
+        if self.pending:
+            save(self.root / f"shard-{len(self.shards):05d}.tmp.safetensors", self.pending, {"format": "mlx"})
+            self.shards.append(list(self.pending))
+            self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        from mlx_gemma4.conversion import write_index
+
+        self.flush()
+        n, weight_map = len(self.shards), {}
+        for i, names in enumerate(self.shards):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (self.root / f"shard-{i:05d}.tmp.safetensors").rename(self.root / final)
+            weight_map.update({k: final for k in names})
+        write_index(self.root, weight_map, self.total)
+
+
 def write_mlx(path: str | Path, text_config: dict, q_bits: int | None = 4, q_group_size: int = 64,
               seed: int = 0) -> Path:
-    """Write a random *converted* (MLX, quantized by our recipe) text model straight from MLX, through the
-    converter's own shard writer and PLE file: what convert.py would write for a random checkpoint of this size,
-    without the (large) HF checkpoint on disk. Generates and quantizes row chunks, so memory stays near one tensor."""
+    """Write a random *converted* (MLX, quantized by our recipe) text model straight from MLX, with the converter's
+    config, index and PLE file writers: what convert.py would write for a random checkpoint of this size, without
+    the (large) HF checkpoint on disk. Generates and quantizes row chunks, so memory stays near one tensor."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
     from mlx_gemma4.config import ModelConfig
-    from mlx_gemma4.conversion import _ShardWriter, _write_config
+    from mlx_gemma4.conversion import write_config
     from mlx_gemma4.model import Gemma4
     from mlx_gemma4.ple import PLE_FILE, save_table
     from mlx_gemma4.quantize import PLE, plan, quantize_weight, recipe
@@ -235,7 +280,7 @@ def write_mlx(path: str | Path, text_config: dict, q_bits: int | None = 4, q_gro
     decisions = plan(model, quant)
     mx.random.seed(seed)
     pool = mx.random.normal((2 * _CHUNK,))
-    writer = _ShardWriter(path, 5 * 1024**3)
+    writer = ShardWriter(path, 5 * 1024**3)
     for name, p in tree_flatten(model.parameters()):
         module = name.rsplit(".", 1)[0]
         mean, std = _init(name)
@@ -267,7 +312,7 @@ def write_mlx(path: str | Path, text_config: dict, q_bits: int | None = 4, q_gro
                 writer.add(k, v)
         del tensors
     writer.finish()
-    _write_config(path, config, quant, "bfloat16")
+    write_config(path, config, quant, "bfloat16")
     return path
 
 

@@ -29,8 +29,8 @@ def build(audio: dict, seed: int = 0):
     torch.manual_seed(seed)
     ref = Gemma4AudioModel(cfg.audio_config).float().eval()
     ref_embed = Gemma4MultimodalEmbedder(cfg.audio_config, cfg.text_config).float().eval()
-    tiny._randomize(ref, seed)
-    tiny._randomize(ref_embed, seed + 1)
+    tiny.randomize(ref, seed)
+    tiny.randomize(ref_embed, seed + 1)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # tight, different bounds per linear so clipping really happens
         for name, b in ref.named_buffers():

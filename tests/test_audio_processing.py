@@ -16,6 +16,7 @@ import soundfile as sf
 
 from mlx_gemma4.errors import InputError
 from mlx_gemma4.processing.audio import AudioFeatureExtractor, audio_prompt_text, load_audio
+from tests.helpers import check_unusable_paths
 
 SR = 16_000
 ATOL = 1e-5
@@ -215,14 +216,9 @@ def test_stereo_file_and_8khz_int16_array(tmp_path):
 
 
 def test_bad_inputs_raise_input_error(tmp_path):
+    check_unusable_paths(load_audio, tmp_path, ".wav", "as audio")
     cases = {}
-    missing = tmp_path / "nope.wav"
-    cases[str(missing)] = missing
-    cases["directory"] = tmp_path
-    text = tmp_path / "notes.wav"
-    text.write_text("this is a text file, not a recording\n" * 50)
-    cases[text.name] = text
-    empty = tmp_path / "empty.wav"
+    empty = tmp_path / "no_samples.wav"
     sf.write(empty, np.zeros(0, np.float32), SR)
     cases[empty.name] = empty
     nan_wav = tmp_path / "nan.wav"
@@ -234,8 +230,6 @@ def test_bad_inputs_raise_input_error(tmp_path):
         with pytest.raises(InputError) as e:
             load_audio(src)
         assert str(src) in str(e.value) or what in str(e.value)
-    with pytest.raises(InputError, match="directory"):
-        load_audio(tmp_path)
     for arr in (np.zeros(0, np.float32), np.array([0.1, np.inf], np.float32), np.zeros((2, 2, 2), np.float32)):
         with pytest.raises(InputError):
             load_audio(arr)

@@ -14,7 +14,7 @@ import pytest
 from mlx_gemma4.cache import GlobalCache, SlidingCache, make_cache, restore, rewind, snapshot
 from mlx_gemma4.config import TextConfig
 from mlx_gemma4.errors import CacheError
-from tests.test_config import E4B_TEXT
+from tests.random_checkpoint import E4B_TEXT
 
 W = 8  # sliding window
 

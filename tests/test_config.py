@@ -7,15 +7,7 @@ import pytest
 from mlx_gemma4.config import ModelConfig, TextConfig
 from mlx_gemma4.errors import ConfigError
 from tests import tiny
-
-# The published E4B text config (the spelling of the released checkpoints: global_head_dim, no per_layer_config).
-E4B_TEXT = dict(
-    model_type="gemma4_text", hidden_size=2560, num_hidden_layers=42, intermediate_size=10240,
-    num_attention_heads=8, num_key_value_heads=2, head_dim=256, global_head_dim=512, sliding_window=512,
-    num_kv_shared_layers=18, hidden_size_per_layer_input=256, vocab_size=262144, vocab_size_per_layer_input=262144,
-    use_double_wide_mlp=True, final_logit_softcapping=30.0,
-    layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 7,
-)
+from tests.random_checkpoint import E4B_TEXT
 
 
 def test_published_and_save_pretrained_spellings_agree():
@@ -45,7 +37,7 @@ def test_e4b_sharing_layout():
 
 
 def test_text_only_config_and_unknown_keys():
-    cfg = ModelConfig.from_dict(dict(E4B_TEXT, some_future_key=1))
+    cfg = ModelConfig.from_dict(dict(E4B_TEXT, model_type="gemma4_text", some_future_key=1))
     assert cfg.vision_config is None and cfg.text_config.hidden_size == 2560
 
 
@@ -143,7 +135,7 @@ def test_inconsistent_text_sizes(change, field):
 
 def test_gemma4_text_config_names_fields_at_the_top_level():
     with pytest.raises(ConfigError, match=r"config.json: num_attention_heads is 0"):
-        ModelConfig.from_dict(dict(E4B_TEXT, num_attention_heads=0))
+        ModelConfig.from_dict(dict(E4B_TEXT, model_type="gemma4_text", num_attention_heads=0))
 
 
 def test_convert_and_load_report_malformed_config(tmp_path):

@@ -322,20 +322,20 @@ def test_peak_memory_is_one_shard_plus_largest_tensor(medium, tmp_path):
     assert len(list((tmp_path / "out").glob("model-*.safetensors"))) >= total // shard
 
 
-# The CLI, held after its first tensor is written (the tiny conversions finish in well under a second): it
+# The CLI, held after its first rows are written (the tiny conversions finish in well under a second): it
 # touches FLAG and waits there for the test's signal, so the signal lands mid-conversion every time.
 _HELD = """
 import pathlib, sys, time
 sys.path.insert(0, {root!r})
 import convert as cli
-from mlx_gemma4 import conversion
-run = conversion._Step.run
-def held(self, files):
-    run(self, files)
+from mlx_gemma4.safetensors_io import TensorFileWriter
+write_rows = TensorFileWriter.write_rows
+def held(self, *args):
+    write_rows(self, *args)
     pathlib.Path({flag!r}).touch()
     while True:
         time.sleep(0.05)
-conversion._Step.run = held
+TensorFileWriter.write_rows = held
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -390,26 +390,24 @@ def test_killed_conversion_is_cleaned_up_by_the_next_run(sources, tmp_path):
 def test_round_trip_with_vision_and_audio_towers(checkpoint_factory, tmp_path, q_bits):
     """Towers convert too: unquantized, an image + audio prompt gives the source's logits; at 8 bits (towers at
     --tower-bits 8) it stays close."""
-    import torch
     from PIL import Image
 
-    from tests.test_model import _ref_logits, _tone
+    from tests.helpers import MODEL_ATOL, reference_logits, tone
     from tests.tiny import AUDIO_128, VISION
 
     hf, src = checkpoint_factory("e", vision=VISION, audio=AUDIO_128)
     dst = convert(src, tmp_path / "out", q_bits=q_bits, q_group_size=32, dtype="float32")
     model, processor = load(dst)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8))
-    inputs = processor(text="see <|image|> hear <|audio|> now", images=[image], audio=[_tone(0.6)],
+    inputs = processor(text="see <|image|> hear <|audio|> now", images=[image], audio=[tone(0.6)],
                        max_soft_tokens=70)
     ours = np.array(model(**inputs))
-    ref = _ref_logits(hf, inputs)
+    ref = reference_logits(hf, inputs)
     if q_bits is None:
-        np.testing.assert_allclose(ours, ref, atol=5e-4, rtol=0)  # tolerance as in tests/test_model.py
+        np.testing.assert_allclose(ours, ref, atol=MODEL_ATOL, rtol=0)
     else:
         a, b = ours.reshape(-1, ours.shape[-1]), ref.reshape(-1, ref.shape[-1])
         cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
         # Measured 0.93 (a text-only prompt on the same checkpoint gives 0.93 too: tiny random weights have
         # near-flat logits, so 8-bit rounding moves their direction more than it would a trained model's).
         assert cos.mean() > 0.85
-    del torch

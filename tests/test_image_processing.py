@@ -8,6 +8,7 @@ from PIL import Image
 
 from mlx_gemma4.errors import InputError
 from mlx_gemma4.processing.image import SUPPORTED_SOFT_TOKENS, ImageProcessor, load_image
+from tests.helpers import check_unusable_paths, raises_naming
 
 SIZES = {"square": (64, 64), "wide_4to1": (400, 100), "tall_1to5": (60, 300), "tiny_8x8": (8, 8),
          "large_4000x3000": (4000, 3000)}
@@ -91,36 +92,25 @@ def test_load_image_modes_and_exif(tmp_path):
     assert load_image(str(tmp_path / "r.jpg")).size == (10, 20)
 
 
-def _raises_naming(src, name: str, match: str = "") -> None:
-    with pytest.raises(InputError, match=match) as e:
-        load_image(src)
-    assert name in str(e.value)
-
-
 def test_bad_inputs_name_the_file(tmp_path, monkeypatch):
-    _raises_naming(tmp_path / "missing.png", "missing.png", "no such file")
-    _raises_naming(tmp_path, str(tmp_path), "directory")
-    (tmp_path / "empty.jpg").write_bytes(b"")
-    _raises_naming(tmp_path / "empty.jpg", "empty.jpg", "empty")
-    (tmp_path / "notes.png").write_text("hello, not an image")
-    _raises_naming(tmp_path / "notes.png", "notes.png", "not an image")
+    check_unusable_paths(load_image, tmp_path, ".png", "not an image")
     _image(64, 64).save(tmp_path / "full.jpg", quality=90)
     data = (tmp_path / "full.jpg").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
-    _raises_naming(tmp_path / "cut.jpg", "cut.jpg", "truncated")
+    raises_naming(load_image, tmp_path / "cut.jpg", "cut.jpg", "truncated")
     # Someone else turning on Pillow's lenient mode must not make us decode half an image.
     from PIL import ImageFile
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
-    _raises_naming(tmp_path / "cut.jpg", "cut.jpg", "truncated")
+    raises_naming(load_image, tmp_path / "cut.jpg", "cut.jpg", "truncated")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 2 - 1)  # > limit warns, > 2x limit errors
-    _raises_naming(tmp_path / "full.jpg", "full.jpg", "too large")
+    raises_naming(load_image, tmp_path / "full.jpg", "full.jpg", "too large")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 - 1)
-    _raises_naming(tmp_path / "full.jpg", "full.jpg", "too large")
+    raises_naming(load_image, tmp_path / "full.jpg", "full.jpg", "too large")
 
 
 def test_decompression_bomb_is_a_clear_error_everywhere(bomb_png, monkeypatch):
     for src in (bomb_png, str(bomb_png)):
-        _raises_naming(src, "huge.png", "too large")
+        raises_naming(load_image, src, "huge.png", "too large")
     with pytest.raises(InputError, match="too large"):
         ImageProcessor()([bomb_png])
     # A PIL image the caller opened (or made) over the limit is refused the same way.
@@ -138,7 +128,7 @@ def test_any_pillow_decode_failure_is_an_input_error(tmp_path, monkeypatch):
         raise IndexError("tile index out of range")
 
     monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", broken)
-    _raises_naming(tmp_path / "ok.png", "ok.png", "corrupt")
+    raises_naming(load_image, tmp_path / "ok.png", "ok.png", "corrupt")
 
 
 def test_closed_image_says_it_is_closed():

@@ -12,42 +12,19 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from mlx_gemma4.errors import InputError
-from mlx_gemma4.model import _chunk_ends
 from mlx_gemma4.processing.processor import Processor
 from mlx_gemma4.weights import load_model
 from tests import tiny
-from tests.test_text import build, ids_of
-
-ATOL = 5e-4
+from tests.helpers import MODEL_ATOL, ids_of, reference_logits, tone
 
 
 def _image(w, h, seed):
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 255, (max(h // 8, 1), max(w // 8, 1), 3), dtype=np.uint8)
     return Image.fromarray(base).resize((w, h), Image.BILINEAR)
-
-
-def _tone(seconds, freq=440.0):
-    t = np.arange(int(16000 * seconds)) / 16000
-    return (0.3 * np.sin(2 * np.pi * freq * t) + 0.05 * np.random.default_rng(1).standard_normal(t.size)).astype(
-        np.float32)
-
-
-def _ref_logits(hf, inputs):
-    kw = {}
-    for k, v in inputs.items():
-        a = np.array(v)
-        kw[k] = torch.from_numpy(a.astype(np.int64) if a.dtype.kind in "iu" else a)
-    if "input_features_mask" in kw:
-        kw["input_features_mask"] = kw["input_features_mask"].bool()
-    if "pixel_values_videos" in kw:
-        kw["num_frames_per_video"] = torch.tensor([kw["pixel_values_videos"].shape[0]])
-    with torch.no_grad():
-        return hf(**kw).logits.numpy()
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +42,9 @@ def large_model(checkpoint_factory):
 
 def _check(hf, model, inputs):
     ours = np.array(model(**inputs))
-    ref = _ref_logits(hf, inputs)
+    ref = reference_logits(hf, inputs)
     assert ours.shape == ref.shape
-    np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(ours, ref, atol=MODEL_ATOL, rtol=0)
     return ours
 
 
@@ -97,13 +74,13 @@ def test_video_frames(request, which):
 @pytest.mark.parametrize("seconds", [0.3, 1.1, 2.5])
 def test_audio(e_model, seconds):
     hf, model, proc = e_model
-    inputs = proc(text="listen <|audio|> transcribe", audio=[_tone(seconds)])
+    inputs = proc(text="listen <|audio|> transcribe", audio=[tone(seconds)])
     _check(hf, model, inputs)
 
 
 def test_audio_with_image(e_model):
     hf, model, proc = e_model
-    inputs = proc(text="<|image|> and <|audio|>", images=[_image(32, 32, 3)], audio=[_tone(0.7, 300)],
+    inputs = proc(text="<|image|> and <|audio|>", images=[_image(32, 32, 3)], audio=[tone(0.7, 300)],
                   max_soft_tokens=70)
     _check(hf, model, inputs)
 
@@ -115,7 +92,7 @@ def test_chunked_prefill_with_vision_blocks_matches_full(large_model):
     full = np.array(model(**inputs))
     cache = model.make_cache()
     last = np.array(model.prefill(inputs, cache, chunk_size=5))  # chunks grow to cover whole images
-    np.testing.assert_allclose(last, full[0, -1], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(last, full[0, -1], atol=MODEL_ATOL, rtol=0)
     # And the text after it continues exactly: prefill from `start`, then the compiled step.
     more = mx.array([[7, 9, 11]], dtype=mx.int32)
     ids = mx.concatenate([mx.array(inputs["input_ids"]), more], axis=1)
@@ -123,30 +100,37 @@ def test_chunked_prefill_with_vision_blocks_matches_full(large_model):
     L = inputs["input_ids"].shape[1]
     got = [np.array(model.prefill({"input_ids": ids[:, : L + 2]}, cache, start=L))]
     got.append(np.array(model.step(more[:, 2:], cache))[0, 0])
-    np.testing.assert_allclose(np.stack(got), ref[1:], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(np.stack(got), ref[1:], atol=MODEL_ATOL, rtol=0)
 
 
-def test_prefill_chunks_never_split_a_vision_block():
-    blocks = np.array([-1, -1, 0, 0, 0, 0, -1, 1, 1, -1])
-    assert _chunk_ends(10, 3, blocks) == [3 + 3, 9, 10]
-    assert _chunk_ends(10, 4, None) == [4, 8, 10]
+def test_prefill_chunks_never_split_a_vision_block(large_model):
+    """A chunk that would end inside an image grows to the image's end (its tokens attend to each other)."""
+    hf, model, proc = large_model
+    inputs = proc(text="a <|image|> b <|image|> c", images=[_image(48, 48, 4), _image(64, 32, 5)],
+                  max_soft_tokens=70)
+    reported = []
+    model.prefill(inputs, model.make_cache(), chunk_size=5, progress=lambda done, total: reported.append(done))
+    ends = reported[1:]  # the first report is (0, L), before any chunk
+    is_image = np.array(inputs["input_ids"])[0] == model.config.image_token_id
+    assert ends and not any(is_image[e - 1] and is_image[e] for e in ends)
+    assert any(b - a > 5 for a, b in zip([0, *ends], ends))  # some chunk did grow
 
 
 @pytest.mark.parametrize("family", ["e", "dense", "moe"])
-def test_chunked_prefill_matches_full_forward(family):
-    hf, model = build(family)
+def test_chunked_prefill_matches_full_forward(family, text_pair):
+    hf, model = text_pair(family)
     ids = mx.array(ids_of(41, seed=2).numpy().astype(np.int32))
     full = np.array(model(ids))
     for chunk in (3, 8, 13, 64):  # smaller than, equal to and larger than the window (8), and the whole prompt
         cache = model.make_cache()
         last = model.prefill({"input_ids": ids[:, :40]}, cache, chunk_size=chunk)
-        np.testing.assert_allclose(np.array(last), full[0, 39], atol=ATOL, rtol=0)
+        np.testing.assert_allclose(np.array(last), full[0, 39], atol=MODEL_ATOL, rtol=0)
         assert cache[0].offset == 40
-        np.testing.assert_allclose(np.array(model.step(ids[:, 40:], cache))[0, 0], full[0, 40], atol=ATOL, rtol=0)
+        np.testing.assert_allclose(np.array(model.step(ids[:, 40:], cache))[0, 0], full[0, 40], atol=MODEL_ATOL, rtol=0)
 
 
-def test_prefill_stops_between_chunks_when_asked():
-    hf, model = build("e")
+def test_prefill_stops_between_chunks_when_asked(text_pair):
+    hf, model = text_pair("e")
     ids = mx.array(ids_of(20, seed=3).numpy().astype(np.int32))
     asked = []
 
@@ -159,7 +143,7 @@ def test_prefill_stops_between_chunks_when_asked():
     assert cache[0].offset == 12  # two whole chunks
     # What is in the cache is right: prefilling the rest gives the full forward's logits.
     last = model.prefill({"input_ids": ids}, cache, chunk_size=6, start=12)
-    np.testing.assert_allclose(np.array(last), np.array(model(ids))[0, -1], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(np.array(last), np.array(model(ids))[0, -1], atol=MODEL_ATOL, rtol=0)
 
 
 def test_placeholders_without_media_are_an_error(e_model):

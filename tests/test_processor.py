@@ -88,7 +88,21 @@ def test_text_only(proc, ref, ref_tok, text):
     out = proc(text=text)
     _check(out, *_expected(ref, ref_tok, text))
     assert set(out) == {"input_ids", "mm_token_type_ids"}
-    assert proc._image_processor is None and proc._audio_extractor is None  # text never loads media code
+
+
+def test_text_never_builds_a_media_preprocessor(ckpt, monkeypatch):
+    from mlx_gemma4.processing.audio import AudioFeatureExtractor
+    from mlx_gemma4.processing.image import ImageProcessor
+    from mlx_gemma4.processing.video import VideoProcessor
+
+    def refuse(cls, d):
+        pytest.fail(f"a text-only prompt built a {cls.__name__}")
+
+    for cls in (ImageProcessor, AudioFeatureExtractor, VideoProcessor):
+        monkeypatch.setattr(cls, "from_dict", classmethod(refuse))
+    proc = Processor.from_pretrained(ckpt)
+    assert proc(text="hello")["input_ids"].shape[0] == 1
+    proc.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=True)
 
 
 def test_bos_not_doubled(proc):

@@ -19,28 +19,14 @@ from mlx_gemma4.config import ModelConfig
 from mlx_gemma4.model import Gemma4
 from mlx_gemma4.weights import load_into, sanitize
 from tests import tiny
+from tests.helpers import TEXT_ATOL, build, ids_of
 
-ATOL = 1e-4
 FAMILIES = ["e", "dense", "moe"]
 
 
-def build(family, **kw):
-    hf = tiny.make_model(family, **kw)
-    cfg = ModelConfig.from_dict(hf.config.to_dict())
-    model = Gemma4(cfg)
-    weights = {k: mx.array(v.detach().numpy()) for k, v in hf.state_dict().items()}
-    load_into(model, sanitize(weights, cfg, model))
-    return hf, model
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def pair(request):
-    return build(request.param)
-
-
-def ids_of(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(5, 250, (1, n), generator=g)
+@pytest.fixture(params=FAMILIES)
+def pair(request, text_pair):
+    return text_pair(request.param)
 
 
 def reference(hf, ids):
@@ -54,7 +40,7 @@ def test_full_forward_matches_reference(pair):
     ref = reference(hf, ids)
     out = np.array(model(mx.array(ids.numpy().astype(np.int32))))
     assert out.shape == ref.shape == (1, 45, tiny.VOCAB)
-    np.testing.assert_allclose(out, ref, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(out, ref, atol=TEXT_ATOL, rtol=0)
 
 
 def test_token_by_token_decoding_matches_full_forward(pair):
@@ -64,7 +50,7 @@ def test_token_by_token_decoding_matches_full_forward(pair):
     cache = model.make_cache()
     steps = [model(ids[:, :3], cache=cache)]
     steps += [model(ids[:, t : t + 1], cache=cache) for t in range(3, 30)]
-    np.testing.assert_allclose(np.array(mx.concatenate(steps, axis=1)), full, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(np.array(mx.concatenate(steps, axis=1)), full, atol=TEXT_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("chunk", [3, 8, 13])  # smaller than, equal to and larger than the window (8)
@@ -74,11 +60,11 @@ def test_chunked_prefill_matches_full_forward(pair, chunk):
     full = np.array(model(ids))
     cache = model.make_cache()
     outs = [model(ids[:, s : s + chunk], cache=cache) for s in range(0, 41, chunk)]
-    np.testing.assert_allclose(np.array(mx.concatenate(outs, axis=1)), full, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(np.array(mx.concatenate(outs, axis=1)), full, atol=TEXT_ATOL, rtol=0)
     # And decoding after a chunked prefill continues exactly.
     nxt = mx.array([[7]], dtype=mx.int32)
     ref = np.array(model(mx.concatenate([ids, nxt], axis=1)))[:, -1]
-    np.testing.assert_allclose(np.array(model(nxt, cache=cache))[:, -1], ref, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(np.array(model(nxt, cache=cache))[:, -1], ref, atol=TEXT_ATOL, rtol=0)
 
 
 def test_rewind_then_continue_matches_fresh_forward(pair):
@@ -95,8 +81,8 @@ def test_rewind_then_continue_matches_fresh_forward(pair):
     rewind(cache, 2)  # keep 26 tokens: 25 + other[0]
     got += [model(other[:, t : t + 1], cache=cache) for t in range(1, 6)]
     full = np.array(model(mx.concatenate([ids[:, :25], other], axis=1)))
-    np.testing.assert_allclose(np.array(got[0]), full[:, 25:28], atol=ATOL, rtol=0)
-    np.testing.assert_allclose(np.array(mx.concatenate(got[1:], axis=1)), full[:, 26:], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(np.array(got[0]), full[:, 25:28], atol=TEXT_ATOL, rtol=0)
+    np.testing.assert_allclose(np.array(mx.concatenate(got[1:], axis=1)), full[:, 26:], atol=TEXT_ATOL, rtol=0)
 
 
 def test_e_family_exercises_sharing_and_wide_mlp():
@@ -116,7 +102,7 @@ def test_softcapping_bounds_logits():
     hf, model = build("dense", final_logit_softcapping=0.5)
     out = np.array(model(mx.array(ids_of(10).numpy().astype(np.int32))))
     assert np.abs(out).max() <= 0.5 + 1e-6
-    np.testing.assert_allclose(out, reference(hf, ids_of(10)), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(out, reference(hf, ids_of(10)), atol=TEXT_ATOL, rtol=0)
 
 
 def test_untied_head():
@@ -127,14 +113,14 @@ def test_untied_head():
     config.text_config.tie_word_embeddings = False
     config._attn_implementation = "eager"
     hf = Gemma4ForConditionalGeneration(config).float().eval()
-    tiny._randomize(hf, 1)
+    tiny.randomize(hf, 1)
     assert not torch.equal(hf.lm_head.weight, hf.model.language_model.embed_tokens.weight)
     cfg = ModelConfig.from_dict(hf.config.to_dict())
     model = Gemma4(cfg)
     load_into(model, sanitize({k: mx.array(v.detach().numpy()) for k, v in hf.state_dict().items()}, cfg, model))
     ids = ids_of(12)
     np.testing.assert_allclose(np.array(model(mx.array(ids.numpy().astype(np.int32)))), reference(hf, ids),
-                               atol=ATOL, rtol=0)
+                               atol=TEXT_ATOL, rtol=0)
 
 
 def test_fused_gate_up_projection_gives_identical_logits(checkpoint_factory, tmp_path):

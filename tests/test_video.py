@@ -19,6 +19,7 @@ from PIL import Image
 
 from mlx_gemma4.errors import InputError
 from mlx_gemma4.processing.video import VideoProcessor, load_video, sample_indices, video_prompt_text
+from tests.helpers import check_unusable_paths, raises_naming
 
 
 def _write_video(path, frames: int = 40, fps: int = 10, size=(64, 48), fmt: str | None = None,
@@ -107,19 +108,8 @@ def test_frame_lists_and_batches(video_path):
     assert VideoProcessor.from_dict({"video_processor": {"num_frames": 8, "max_soft_tokens": 140}}).num_frames == 8
 
 
-def _raises_naming(src, name: str, match: str = "") -> None:
-    with pytest.raises(InputError, match=match) as e:
-        load_video(src)
-    assert name in str(e.value)
-
-
 def test_bad_inputs(tmp_path, video_path):
-    _raises_naming(tmp_path / "gone.mp4", "gone.mp4", "no such file")
-    _raises_naming(tmp_path, str(tmp_path), "directory")
-    (tmp_path / "empty.mp4").write_bytes(b"")
-    _raises_naming(tmp_path / "empty.mp4", "empty.mp4", "empty")
-    (tmp_path / "notes.mp4").write_text("not a video at all")
-    _raises_naming(tmp_path / "notes.mp4", "notes.mp4", "not a video")
+    check_unusable_paths(load_video, tmp_path, ".mp4", "not a video")
     data = video_path.read_bytes()
     (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 3])
     with pytest.raises(InputError, match="cut.mp4"):
@@ -130,7 +120,7 @@ def test_bad_inputs(tmp_path, video_path):
         frame.sample_rate = 16000
         for packet in [*stream.encode(frame), *stream.encode()]:
             container.mux(packet)
-    _raises_naming(tmp_path / "voice.wav", "voice.wav", "no video stream")
+    raises_naming(load_video, tmp_path / "voice.wav", "voice.wav", "no video stream")
     with pytest.raises(InputError, match="no frames"):
         load_video([])
     with pytest.raises(InputError, match="same size"):
@@ -150,7 +140,7 @@ def test_audio_only_and_frameless_files_say_so(tmp_path):
     import soundfile as sf
 
     sf.write(tmp_path / "voice.mp4", np.zeros(1600, np.float32), 16000, format="WAV")  # misnamed audio
-    _raises_naming(tmp_path / "voice.mp4", "voice.mp4", "no video stream .audio only")
+    raises_naming(load_video, tmp_path / "voice.mp4", "voice.mp4", "no video stream .audio only")
     with av.open(str(tmp_path / "empty.avi"), "w") as container:  # a stream header and no frames
         stream = container.add_stream("mpeg4", rate=4)
         stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"

@@ -75,7 +75,7 @@ def make_config(family: str = "e", vision: dict | None = None, audio: dict | Non
     )
 
 
-def _randomize(model, seed: int) -> None:
+def randomize(model, seed: int) -> None:
     """Give every parameter and buffer that the default init leaves at 1 or 0 a random value, so parity tests
     see norms, scalars and clip bounds doing real work."""
     g = torch.Generator().manual_seed(seed)
@@ -105,7 +105,7 @@ def make_model(family: str = "e", vision: dict | None = None, audio: dict | None
     config = make_config(family, vision, audio, **text_overrides)
     config._attn_implementation = "eager"
     model = Gemma4ForConditionalGeneration(config).float().eval()
-    _randomize(model, seed)
+    randomize(model, seed)
     return model
 
 

@@ -22,7 +22,8 @@ from .confirm import ConfirmScreen
 
 @dataclass
 class Choice:
-    action: str  # "resume"
+    """The conversation to resume."""
+
     conversation_id: int
 
 
@@ -78,7 +79,7 @@ class ConversationsScreen(ModalScreen[Choice | None]):
 
     @on(OptionList.OptionSelected)
     def resume(self, event: OptionList.OptionSelected) -> None:
-        self.dismiss(Choice("resume", int(event.option.id)))
+        self.dismiss(Choice(int(event.option.id)))
 
     def action_delete(self) -> None:
         cid = self._selected()

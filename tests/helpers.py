@@ -1,0 +1,81 @@
+"""What the test modules share: parity tolerances, our model built from a tiny reference, inputs and reference calls.
+
+Test modules import from here (and from tests/tiny.py, tests/fixtures_tokenizer.py, tests/random_checkpoint.py for
+the real-size configs), never from each other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+from mlx_gemma4.config import ModelConfig
+from mlx_gemma4.errors import InputError
+from mlx_gemma4.model import Gemma4
+from mlx_gemma4.weights import load_into, sanitize
+from tests import tiny
+
+# Text decoder against the reference, both in float32 with the same weights (tests/test_text.py says why 1e-4).
+TEXT_ATOL = 1e-4
+# Whole model with the towers' soft tokens in the prompt (tests/test_model.py says why it is looser).
+MODEL_ATOL = 5e-4
+
+
+def build(family: str, **text_overrides) -> tuple:
+    """(transformers model, our Gemma4 carrying its weights) for a tiny text family of tests/tiny.py."""
+    hf = tiny.make_model(family, **text_overrides)
+    cfg = ModelConfig.from_dict(hf.config.to_dict())
+    model = Gemma4(cfg)
+    weights = {k: mx.array(v.detach().numpy()) for k, v in hf.state_dict().items()}
+    load_into(model, sanitize(weights, cfg, model))
+    return hf, model
+
+
+def ids_of(n: int, seed: int = 0) -> torch.Tensor:
+    """(1, n) random ordinary token ids (no special ids) as a torch tensor."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(5, 250, (1, n), generator=g)
+
+
+def tone(seconds: float, freq: float = 440.0) -> np.ndarray:
+    """A sine at 16 kHz with a little noise, float32."""
+    t = np.arange(int(16000 * seconds)) / 16000
+    return (0.3 * np.sin(2 * np.pi * freq * t) + 0.05 * np.random.default_rng(1).standard_normal(t.size)).astype(
+        np.float32)
+
+
+def reference_logits(hf, inputs: dict) -> np.ndarray:
+    """The reference's logits for our processor's output, converted to the torch types it expects."""
+    kw = {}
+    for k, v in inputs.items():
+        a = np.array(v)
+        kw[k] = torch.from_numpy(a.astype(np.int64) if a.dtype.kind in "iu" else a)
+    if "input_features_mask" in kw:
+        kw["input_features_mask"] = kw["input_features_mask"].bool()
+    if "pixel_values_videos" in kw:
+        kw["num_frames_per_video"] = torch.tensor([kw["pixel_values_videos"].shape[0]])
+    with torch.no_grad():
+        return hf(**kw).logits.numpy()
+
+
+def raises_naming(load: Callable[[Any], Any], src: Any, name: str, match: str = "") -> None:
+    """``load(src)`` raises InputError whose message names ``name`` (and matches ``match``)."""
+    with pytest.raises(InputError, match=match) as e:
+        load(src)
+    assert name in str(e.value)
+
+
+def check_unusable_paths(load: Callable[[Any], Any], folder: Path, suffix: str, not_media: str) -> None:
+    """What every media loader refuses with an InputError naming the path: a missing file, a directory, an empty
+    file, and text where media was expected (whose message matches ``not_media``)."""
+    raises_naming(load, folder / f"missing{suffix}", f"missing{suffix}", "no such file")
+    raises_naming(load, folder, str(folder), "directory")
+    (folder / f"empty{suffix}").write_bytes(b"")
+    raises_naming(load, folder / f"empty{suffix}", f"empty{suffix}", "empty")
+    (folder / f"notes{suffix}").write_text("hello, this is text\n" * 50)
+    raises_naming(load, folder / f"notes{suffix}", f"notes{suffix}", not_media)
