@@ -14,7 +14,6 @@ output is not read), and the last chunk computes logits for its final position o
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass
@@ -27,8 +26,6 @@ from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer
 
 from .cache import KVCache
 from .errors import ContextLengthError, InputError
-
-logger = logging.getLogger(__name__)
 
 @dataclass
 class GenerationResponse:

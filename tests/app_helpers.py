@@ -3,6 +3,8 @@ and waiting for a state (not for a time)."""
 
 from __future__ import annotations
 
+import numpy as np
+
 import threading
 import time
 from pathlib import Path
@@ -80,6 +82,19 @@ def make_app(tmp_path: Path, reply: str = "Hello **there** friend", session: typ
     backend = Backend("scripted", load or (lambda progress: (None, None)), session_factory=factory)
     app = ChatApp(backend, History(tmp_path / "data"), **kw)
     app.sessions = sessions
+    return record_notes(app)
+
+
+def record_notes(app: ChatApp) -> ChatApp:
+    """Keep every toast the app shows, in order, in ``app.notes``."""
+    app.notes = []
+    shown = app.notify
+
+    def notify(message, *args, **kwargs):
+        app.notes.append(str(message))
+        return shown(message, *args, **kwargs)
+
+    app.notify = notify
     return app
 
 
@@ -97,3 +112,34 @@ async def send(pilot, text: str) -> None:
     prompt.text = text
     prompt.focus()
     await pilot.press("enter")
+
+
+class FakeStream:
+    """Stands in for sounddevice.InputStream: the test pushes blocks through the callback."""
+
+    def __init__(self, samplerate, channels, dtype, callback, fail_start=False):
+        assert (samplerate, channels, dtype) == (16000, 1, "float32")
+        self.callback = callback
+        self.started = self.closed = False
+        self.fail_start = fail_start
+
+    def start(self):
+        if self.fail_start:
+            raise RuntimeError("device busy")
+        self.started = True
+
+    def stop(self):
+        self.started = False
+
+    def close(self):
+        self.closed = True
+
+    def feed(self, samples: np.ndarray, block: int = 1600):
+        for i in range(0, len(samples), block):
+            chunk = samples[i : i + block, None]  # (frames, channels) like PortAudio
+            self.callback(chunk, len(chunk), None, None)
+
+
+def sine(seconds: float, amp: float = 0.5) -> np.ndarray:
+    t = np.arange(int(16000 * seconds)) / 16000
+    return (amp * np.sin(2 * np.pi * 440 * t)).astype(np.float32)

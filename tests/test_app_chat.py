@@ -7,7 +7,6 @@ the same app on the real backend with a tiny random model.
 from __future__ import annotations
 
 import asyncio
-import time
 import threading
 from pathlib import Path
 
@@ -18,23 +17,8 @@ from app.backend import Backend
 from app.history import History
 from app.widgets.messages import ModelMessage, Notice, UserMessage
 from app.widgets.prompt import PromptArea
-from tests.app_helpers import HANG_GUARD_S, make_app, user_turn
-
-
-async def wait_for(pilot, cond, timeout: float = HANG_GUARD_S):
-    """Until `cond()` holds; the timeout only guards against a hang (a busy machine is just slower)."""
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError("timed out")
-        await pilot.pause(0.02)
-
-
-async def send(pilot, text: str) -> None:
-    prompt = pilot.app.screen.query_one(PromptArea)
-    prompt.text = text
-    prompt.focus()
-    await pilot.press("enter")
+from tests.app_helpers import make_app, record_notes, send, user_turn
+from tests.app_helpers import until as wait_for
 
 
 def test_send_streams_and_saves(tmp_path):
@@ -59,8 +43,8 @@ async def _send_streams_and_saves(tmp_path):
 
 
 def notes(app) -> list[str]:
-    """The toasts shown so far (Textual keeps them on a private attribute)."""
-    return [n.message for n in app._notifications]
+    """The toasts shown so far (make_app records every notify call)."""
+    return list(app.notes)
 
 
 def run(coro_fn):
@@ -206,7 +190,7 @@ async def _corrupt_history_and_failed_load(tmp_path):
     def broken(progress):
         raise FileNotFoundError("models/nope/config.json not found")
 
-    app = ChatApp(Backend("nope", broken), History(tmp_path / "data"))
+    app = record_notes(ChatApp(Backend("nope", broken), History(tmp_path / "data")))
     async with app.run_test() as pilot:
         await pilot.pause(0.2)
         notices = [str(n.render()) for n in app.chat_screen.query(Notice)]

@@ -7,37 +7,7 @@ import pytest
 import soundfile as sf
 
 from app.recorder import MAX_SECONDS, Recorder, RecorderError, sounddevice_stream
-
-
-class FakeStream:
-    """Stands in for sounddevice.InputStream: the test pushes blocks through the callback."""
-
-    def __init__(self, samplerate, channels, dtype, callback, fail_start=False):
-        assert (samplerate, channels, dtype) == (16000, 1, "float32")
-        self.callback = callback
-        self.started = self.closed = False
-        self.fail_start = fail_start
-
-    def start(self):
-        if self.fail_start:
-            raise RuntimeError("device busy")
-        self.started = True
-
-    def stop(self):
-        self.started = False
-
-    def close(self):
-        self.closed = True
-
-    def feed(self, samples: np.ndarray, block: int = 1600):
-        for i in range(0, len(samples), block):
-            chunk = samples[i : i + block, None]  # (frames, channels) like PortAudio
-            self.callback(chunk, len(chunk), None, None)
-
-
-def sine(seconds: float, amp: float = 0.5) -> np.ndarray:
-    t = np.arange(int(16000 * seconds)) / 16000
-    return (amp * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+from tests.app_helpers import FakeStream, sine
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import soundfile as sf
 from app.recorder import Recorder, RecorderError
 from app.widgets.messages import Notice
 from app.widgets.meter import LevelMeter
-from tests.test_app_chat import make_app, send, wait_for
-from tests.test_app_recorder import FakeStream, sine
+from tests.app_helpers import FakeStream, make_app, send, sine
+from tests.app_helpers import until as wait_for
 
 
 def test_record_meter_and_attach(tmp_path):

@@ -28,7 +28,7 @@ from ..widgets.meter import LevelMeter
 from ..widgets.prompt import PLACEHOLDER, PromptArea
 from ..widgets.status import StatusBar
 from ..widgets.thumbnail import ImagePreview
-from .attaching import AttachingScreen, chips_of
+from .attaching import AttachingScreen
 from .confirm import ConfirmScreen
 
 FINISH_NOTES = {"cancelled": "stopped", "length": "cut off at the max tokens limit",
