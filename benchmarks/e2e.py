@@ -3,7 +3,7 @@
     python -m benchmarks.e2e --size e4b --q-bits 4 --prompt 1024 --gen 128 --compare mlx-lm,mlx-vlm
 
 Starts from a Hugging Face checkpoint of the real size with random weights (written by tests/random_checkpoint.py
-unless --hf-path names one), converts it with each implementation's own converter (``convert.py``,
+unless --hf-path names one; its tensors repeat one block of random values, which changes nothing for speed), converts it with each implementation's own converter (``convert.py``,
 ``mlx_lm.convert``, ``mlx_vlm.convert``) at the same bits and group size, loads each with its own loader, and streams
 the same chat prompt through each one's public ``stream_generate`` in one process: two warm-up runs each (MLX builds
 kernels per shape), then --runs timed rounds taken in turns, the order alternating, so drift in the machine's load
@@ -48,7 +48,7 @@ def make_checkpoint(size: str, out: Path) -> Path:
 
     text, vision, audio = rc.SIZES[size]
     t0 = time.perf_counter()
-    rc.write(out, text, "bfloat16", vision_config=vision, audio_config=audio, tokenizer=True)
+    rc.write(out, text, "bfloat16", vision_config=vision, audio_config=audio, tokenizer=True, repeat_noise=True)
     print(f"# random {size} checkpoint written in {time.perf_counter() - t0:.0f} s", flush=True)
     return out
 
@@ -244,6 +244,7 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt", type=int, default=1024, help="prompt tokens")
     ap.add_argument("--gen", type=int, default=128, help="generated tokens")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed runs of each implementation first")
     ap.add_argument("--compare", default="mlx-lm", help="comma-separated: mlx-lm, mlx-vlm ('' for ours alone)")
     ap.add_argument("--followup", type=int, default=0, help="also time a second chat turn after ~N tokens")
     ap.add_argument("--json", type=Path, help="append the results here as one JSON object")
@@ -266,7 +267,7 @@ def main(argv=None) -> None:
     ours = impls[0]
     prompt, n_prompt = make_prompt(ours, a.prompt)
     for impl in impls:
-        for _ in range(2):
+        for _ in range(a.warmup):
             timed(impl, prompt, min(a.gen, 16), n_prompt)
     runs: dict[str, list[dict]] = {i.name: [] for i in impls}
     for r in range(a.runs):

@@ -156,13 +156,30 @@ def _values(rng, n: int, mean: float, std: float, dtype: str) -> np.ndarray:
     return x
 
 
+class _RepeatedNoise:
+    """Stands in for the generator in ``_values``: one block of random values per (mean, std, dtype), handed out
+    again and again. For speed benchmarks, where only the sizes matter and generating billions of normals would
+    take minutes."""
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.blocks: dict = {}
+
+    def values(self, n: int, mean: float, std: float, dtype: str) -> np.ndarray:
+        key = (mean, std, dtype)
+        if key not in self.blocks:
+            self.blocks[key] = _values(self.rng, _CHUNK, mean, std, dtype)
+        return self.blocks[key][:n]
+
+
 def write(path: str | Path, text_config: dict, dtype: str = "float32", shard_bytes: int = 5 * 1000**3,
           seed: int = 0, vision_config: dict | None = None, audio_config: dict | None = None,
-          tokenizer: bool = False) -> Path:
-    """Write config.json, sharded safetensors with an index (and optionally a tokenizer); streams every tensor."""
+          tokenizer: bool = False, repeat_noise: bool = False) -> Path:
+    """Write config.json, sharded safetensors with an index (and optionally a tokenizer); streams every tensor.
+    ``repeat_noise`` fills every tensor from one reused block of random values (fast; for speed benchmarks)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
+    rng = _RepeatedNoise(seed) if repeat_noise else np.random.default_rng(seed)
     st_dtype, itemsize = _ST[dtype]
     shapes = hf_shapes(text_config, vision_config, audio_config)
     shards: list[list[str]] = [[]]
@@ -212,7 +229,9 @@ def _write_shard(f: Path, names: list[str], shapes: dict, rng, dtype: str, st_dt
             left = int(np.prod(shapes[name]))
             while left:
                 k = min(left, _CHUNK)
-                fh.write(_values(rng, k, mean, std, dtype).tobytes())
+                block = (rng.values(k, mean, std, dtype) if isinstance(rng, _RepeatedNoise)
+                         else _values(rng, k, mean, std, dtype))
+                fh.write(block.tobytes())
                 left -= k
     tmp.rename(f)
     return offset
