@@ -15,15 +15,18 @@ allocated when it started, plus the implementation's own resident weights). Rand
 id at any point, so every implementation is told to ignore stop ids (ours: ``stop_ids=[]``; mlx-lm / mlx-vlm: their
 tokenizer's EOS set emptied): each run generates exactly --gen tokens.
 
---followup N times a chat's second turn: a first user turn of ~N tokens answered with 8 tokens, then a 30-token
-message; ours through ``ChatSession.send`` (which prefills only what changed), mlx-lm through ``stream_generate`` with
-the ``make_prompt_cache`` cache of the first turn and the new turn's tokens.
+--followup N times a chat's second turn: a first user turn of ~N tokens, then a 30-token message; ours through
+``ChatSession.send`` (which re-renders the conversation with the chat template and prefills only what changed),
+mlx-lm through ``stream_generate`` with the ``make_prompt_cache`` cache of the first turn and the new turn's tokens.
+The first answer is forced (a sampler that emits a fixed sentence and end-of-turn) so that, as with a real model's
+answer, it reads back through the template as the same tokens; random weights' answers would not.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import platform
 import shutil
@@ -36,6 +39,7 @@ from pathlib import Path
 import mlx.core as mx
 
 ROOT = Path(__file__).resolve().parents[1]
+ANSWER = "Sure, here is a short answer about the fox and the dog."
 WORDS = ("the quick brown fox jumps over the lazy dog while a small bird sings about rivers, mountains and "
          "the long summer evenings of a quiet town near the sea").split()
 
@@ -122,6 +126,10 @@ class Ours(Impl):
     def count(self, prompt: str) -> int:
         return int(self.processor(text=prompt)["input_ids"].size)
 
+    def answer_ids(self) -> list[int]:
+        tok = self.processor.tokenizer
+        return tok.encode(ANSWER, add_special_tokens=False) + [self.processor.special.turn_close.id]
+
     def stream(self, prompt, gen):
         from mlx_gemma4 import stream_generate
 
@@ -131,7 +139,8 @@ class Ours(Impl):
         from mlx_gemma4 import ChatSession
 
         session = ChatSession(self.model, self.processor)
-        for _ in session.send(first, max_tokens=8, stop_ids=[]):
+        forced = self.answer_ids()
+        for _ in session.send(first, max_tokens=len(forced), sampler=_forcing(forced)):
             pass
         t0 = time.perf_counter()
         for _ in session.send(message, max_tokens=gen, stop_ids=[]):
@@ -164,7 +173,9 @@ class MlxLM(Impl):
         tok = self.tokenizer
         prompt = tok.apply_chat_template([{"role": "user", "content": first}], add_generation_prompt=True,
                                          tokenize=False)
-        for _ in mlx_lm.stream_generate(self.model, tok, prompt, max_tokens=8, prompt_cache=cache):
+        forced = tok.encode(ANSWER, add_special_tokens=False) + [tok.convert_tokens_to_ids("<turn|>")]
+        for _ in mlx_lm.stream_generate(self.model, tok, prompt, max_tokens=len(forced), prompt_cache=cache,
+                                        sampler=_forcing(forced)):
             pass
         new = tok.encode(f"<turn|>\n<|turn>user\n{message}<turn|>\n<|turn>model\n", add_special_tokens=False)
         t0 = time.perf_counter()
@@ -198,6 +209,13 @@ class MlxVLM(Impl):
 
     def followup(self, first, message, gen):
         return float("nan")
+
+
+def _forcing(ids: list[int]):
+    """A sampler that emits ``ids`` in turn, whatever the logits (then the last one again: a loop may sample one
+    token past its end)."""
+    it = itertools.chain(ids, itertools.repeat(ids[-1]))
+    return lambda logprobs: mx.array([next(it)], dtype=mx.int32)
 
 
 IMPLS = {"ours": Ours, "mlx-lm": MlxLM, "mlx-vlm": MlxVLM}
