@@ -83,7 +83,8 @@ def convert_all(src: Path, work: Path, impls: list[str], bits: int, group: int) 
             except subprocess.CalledProcessError as e:
                 if impl == "ours":
                     raise
-                print(f"# {impl} could not convert: {e}", flush=True)
+                tail = (e.stderr or b"").decode(errors="replace").strip().splitlines()[-3:]
+                print(f"# {impl} could not convert: {' | '.join(tail) or e}", flush=True)
                 continue
         out[impl] = dst
     return out
