@@ -14,7 +14,6 @@ also keeps a few snapshots (taken just before the last token of each prompt) to 
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any, Iterator
 
@@ -145,7 +144,6 @@ class ChatSession:
             yield GenerationResponse("", -1, self.context_used - start, 0.0, 0, 0.0, time.perf_counter() - t0,
                                      _peak(), "cancelled")
             return
-        prefill_s = time.perf_counter() - t0
         fed: list[int] = []
         tail = {"input_ids": mx.array(enc.ids[None])}
         tail.update(stack_inputs([it for s, e, it in enc.items if s >= split]))
@@ -153,13 +151,12 @@ class ChatSession:
         try:
             for r in stream_tokens(self.model, self.processor, tail, self.cache, start=split, on_token=fed.append,
                                    prefill_chunk=chunk, progress=report, on_prefilled=lambda: self._snapshot(L),
-                                   **gen_kwargs):
+                                   started=t0, prompt_tokens=L - start, **gen_kwargs):
                 if r.token == -1:  # stopped during the tail's prefill: the cache holds whole chunks of it
                     self._cached = enc.keys[: self.cache[0].offset]
-                    yield dataclasses.replace(r, prompt_tokens=L - start, ttft=r.ttft + prefill_s)
+                    yield r
                     return
-                ttft = r.ttft + prefill_s
-                yield dataclasses.replace(r, prompt_tokens=L - start, ttft=ttft, prompt_tps=(L - start) / ttft)
+                yield r
                 if r.finish_reason:
                     break
         except Exception:

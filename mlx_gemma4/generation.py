@@ -266,8 +266,14 @@ def stream_tokens(
     on_token: Callable[[int], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
     on_prefilled: Callable[[], None] | None = None,
+    started: float | None = None,
+    prompt_tokens: int | None = None,
 ) -> Iterator[GenerationResponse]:
     """The generation loop over an already-processed prompt, with text and stats.
+
+    ``started`` (a ``time.perf_counter()`` value) is when the caller began this turn's work, so TTFT and
+    prompt tok/s include what it did before (a chat session's earlier prefill pass); ``prompt_tokens`` is the
+    prompt size to report (default: the tokens this call prefills).
 
     ``sampler`` / ``logits_processors`` replace the ones built from the sampling settings. ``on_token`` sees
     every token that went through the model (so is in the cache). ``progress(done, total)`` reports prefill;
@@ -275,7 +281,7 @@ def stream_tokens(
     Stopped by ``should_stop`` before the first token, it yields one response with no text, ``token`` -1 and
     ``finish_reason`` "cancelled".
     """
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() if started is None else started
     check_sampling_args(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                         repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size,
                         seed=seed, prefill_chunk=prefill_chunk)
@@ -286,7 +292,7 @@ def stream_tokens(
     default_sampler, default_processors = make_policies(temperature, top_p, top_k, min_p, repetition_penalty,
                                                         repetition_context_size)
     stop = set(stop_ids if stop_ids is not None else _stop_ids(model, processor))
-    n_prompt = int(np.array(inputs["input_ids"]).size) - start
+    n_prompt = int(np.array(inputs["input_ids"]).size) - start if prompt_tokens is None else prompt_tokens
     make = getattr(processor.tokenizer, "make_detokenizer", None)
     detok = make() if make else NaiveStreamingDetokenizer(processor.tokenizer)
     steps = generate_step(model, inputs, cache, start=start, max_tokens=max_tokens,
@@ -370,4 +376,4 @@ def generate(model, processor, prompt: str, images=None, audio=None, videos=None
 _SAMPLING_KWARGS = {"max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                     "repetition_context_size", "seed", "prefill_chunk"}
 _STREAM_KWARGS = _SAMPLING_KWARGS | {"sampler", "logits_processors", "stop_ids", "should_stop", "on_token",
-                                     "cache", "progress", "on_prefilled"}
+                                     "cache", "progress", "on_prefilled", "started", "prompt_tokens"}
