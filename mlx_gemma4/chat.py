@@ -78,8 +78,8 @@ class ChatSession:
 
     @property
     def context_used(self) -> int:
-        """Tokens of the last conversation this session ran (what its KV cache holds)."""
-        return len(self._cached)
+        """Tokens of the last conversation this session ran (what its KV cache holds, also while it streams)."""
+        return self.cache[0].offset if self.cache else len(self._cached)
 
     @property
     def context_limit(self) -> int:

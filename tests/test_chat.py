@@ -213,3 +213,13 @@ def test_stop_between_media_items(vision, tmp_path):
     session = ChatSession(model, processor)
     [r] = list(session.stream(msg, max_tokens=3, should_stop=lambda: asked.append(1) or len(asked) > 1))
     assert r.finish_reason == "cancelled" and len(asked) == 2 and session.context_used == 0
+
+
+def test_context_used_counts_what_the_cache_holds_while_streaming(loaded):
+    model, processor = loaded
+    session = ChatSession(model, processor)
+    prompt = len(session.encode([{"role": "user", "content": "hello there"}]).ids)
+    seen = [session.context_used for _ in session.send("hello there", max_tokens=6, **GREEDY)]
+    # each streamed token but the last is already queued into the model when it is handed out
+    assert seen == [prompt + i + 1 for i in range(5)] + [prompt + 5]
+    assert session.context_used == prompt + 5  # the last token was never fed
