@@ -292,6 +292,8 @@ def main(argv=None) -> None:
     for r in range(a.runs):
         for impl in impls if r % 2 == 0 else impls[::-1]:
             runs[impl.name].append(timed(impl, prompt, a.gen, n_prompt))
+            print(f"# run {r + 1} {impl.name}: " + json.dumps({k: round(v, 2) for k, v in runs[impl.name][-1].items()}),
+                  flush=True)
     follow: dict[str, list[float]] = {}
     if a.followup:
         first, _ = make_prompt(ours, a.followup)
@@ -301,6 +303,7 @@ def main(argv=None) -> None:
             for impl in impls if r % 2 == 0 else impls[::-1]:
                 if impl.name != "mlx-vlm":
                     follow.setdefault(impl.name, []).append(impl.followup(first, message, 4) * 1000)
+                    print(f"# 2nd turn {r + 1} {impl.name}: {follow[impl.name][-1]:.1f} ms", flush=True)
 
     med = {name: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for name, rs in runs.items()}
     result = dict(size=a.size, q_bits=a.q_bits, group=a.q_group_size, prompt_tokens=n_prompt, gen=a.gen,
