@@ -22,11 +22,11 @@ import numpy as np
 
 from . import cache as kv
 from .errors import ContextLengthError, InputError
+from .media import MEDIA
 from .generation import GenerationResponse, prefill, stream_tokens
 from .processing.chat_prompt import ChatEncoder, EncodedChat, Stopped, stack_inputs, strip_placeholders
 from .processing.tokenizer import split_thinking
 
-_MEDIA_KEYS = {"images": "image", "audio": "audio", "videos": "video"}
 _MAX_SNAPSHOTS = 6
 
 
@@ -255,7 +255,7 @@ class ChatSession:
         that cannot be processed or does not fit is not kept)."""
         given = {"images": images, "audio": audio, "videos": videos}
         parts: list[dict[str, Any]] = []
-        for key, kind in _MEDIA_KEYS.items():
+        for key, kind in ((m.arg, m.kind) for m in MEDIA):
             items = given[key]
             for item in ([items] if isinstance(items, (str, bytes)) else items or []):
                 parts.append({"type": kind, kind: item})

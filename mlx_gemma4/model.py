@@ -23,6 +23,7 @@ from .cache import MAX_REWIND, KVCache, make_cache
 from .config import ModelConfig
 from .errors import ContextLengthError, InputError
 from .layers import MultimodalEmbedder
+from .media import MEDIA, MEDIA_KEYS
 from .text import TextModel
 
 
@@ -31,9 +32,6 @@ def _softcap(x: mx.array, cap: mx.array) -> mx.array:
     return mx.tanh(x / cap) * cap
 
 
-# The processor's media keys that ``embed`` takes.
-MEDIA_KEYS = ("pixel_values", "image_position_ids", "pixel_values_videos", "video_position_ids",
-              "input_features", "input_features_mask")
 
 # Long passes are evaluated layer by layer: on GPU backends whose frees wait for the stream, one lazy graph over all
 # layers keeps every layer's temporaries alive at once. Each layer is queued with async_eval as soon as it is built
@@ -114,23 +112,14 @@ class Gemma4(nn.Module):
     def layers(self):
         return self.language_model.layers
 
-    def __call__(
-        self,
-        input_ids: mx.array,
-        pixel_values: mx.array | None = None,
-        image_position_ids: mx.array | None = None,
-        pixel_values_videos: mx.array | None = None,
-        video_position_ids: mx.array | None = None,
-        input_features: mx.array | None = None,
-        input_features_mask: mx.array | None = None,
-        cache: list[KVCache] | None = None,
-        **unused,
-    ) -> mx.array:
-        """Logits (1, L, vocab) for every position of ``input_ids`` (1, L), after what ``cache`` holds."""
-        embeds, token_inputs, blocks = self.embed(
-            input_ids, pixel_values, image_position_ids, pixel_values_videos, video_position_ids,
-            input_features, input_features_mask,
-        )
+    def __call__(self, input_ids: mx.array, cache: list[KVCache] | None = None, mm_token_type_ids=None,
+                 **media: mx.array | None) -> mx.array:
+        """Logits (1, L, vocab) for every position of ``input_ids`` (1, L), after what ``cache`` holds.
+
+        ``media`` are the processor's media outputs (media.MEDIA_KEYS). ``mm_token_type_ids`` is accepted because
+        the processor returns it, and not needed: the soft-token positions are read off ``input_ids``.
+        """
+        embeds, token_inputs, blocks = self.embed(input_ids, **media)
         self._check_room(cache, embeds.shape[1])
         lm = self.language_model
         p = lm.begin(embeds, token_inputs, cache, blocks)
@@ -229,54 +218,45 @@ class Gemma4(nn.Module):
         return _softcap(out, mx.array(cap, dtype=out.dtype)) if cap else out
 
     # -- embedding ---------------------------------------------------------------------------------------------
-    def embed(
-        self,
-        input_ids: mx.array,
-        pixel_values=None,
-        image_position_ids=None,
-        pixel_values_videos=None,
-        video_position_ids=None,
-        input_features=None,
-        input_features_mask=None,
-    ) -> tuple[mx.array, mx.array | None, mx.array | None]:
-        """Token embeddings with soft tokens merged in, PLE token inputs, and vision block ids (or None)."""
+    def embed(self, input_ids: mx.array, **media: mx.array | None) -> tuple[mx.array, mx.array | None, mx.array | None]:
+        """Token embeddings with soft tokens merged in, PLE token inputs, and vision block ids (or None).
+        ``media``: the processor's media outputs by their keys (media.MEDIA_KEYS)."""
+        unknown = set(media) - set(MEDIA_KEYS)
+        if unknown:
+            raise InputError(f"Unknown model input(s) {sorted(unknown)}; the model takes input_ids and "
+                             f"{', '.join(MEDIA_KEYS)} (what the processor returns).")
         cfg = self.config
         if input_ids.ndim == 1:
             input_ids = input_ids[None]
         if input_ids.shape[0] != 1:
             raise InputError("Only a batch of one prompt is supported: input_ids must have shape [1, L].")
         ids_np = np.array(input_ids[0])
-        is_image = ids_np == cfg.image_token_id
-        is_video = ids_np == cfg.video_token_id
-        is_audio = ids_np == cfg.audio_token_id
+        slots = {m.kind: ids_np == getattr(cfg, m.token_id_attr) for m in MEDIA}
 
         ids, token_inputs = self._text_inputs(mx.array(ids_np[None].astype(np.int32)))
         embeds = self.language_model.embed_tokens(ids)                             # (1, L, hidden)
 
-        merges = []
-        if pixel_values is not None:
-            merges.append(("image", is_image, lambda: self._encode_images(pixel_values, image_position_ids)))
-        if pixel_values_videos is not None:
-            merges.append(("video", is_video,
-                           lambda: self._encode_images(pixel_values_videos, video_position_ids)))
-        if input_features is not None:
-            merges.append(("audio", is_audio, lambda: self._encode_audio(input_features, input_features_mask)))
-        for kind, mask, encode in merges:
-            feats = encode()
+        for m in MEDIA:
+            features, extra = (media.get(k) for k in m.inputs)
+            mask = slots[m.kind]
+            if features is None:
+                if mask.any():
+                    raise InputError(f"The prompt has {m.kind} placeholder tokens but no {m.kind} inputs were given.")
+                continue
+            encode = self._encode_images if m.tower == "vision" else self._encode_audio
+            feats = encode(features, extra)
             n_slots = int(mask.sum())
             if feats.shape[0] != n_slots:
                 raise InputError(
-                    f"The prompt has {n_slots} {kind} placeholder tokens but the {kind} inputs give {feats.shape[0]} "
-                    f"soft tokens. Build inputs with the processor so the two agree."
+                    f"The prompt has {n_slots} {m.kind} placeholder tokens but the {m.kind} inputs give "
+                    f"{feats.shape[0]} soft tokens. Build inputs with the processor so the two agree."
                 )
             embeds[:, mx.array(np.nonzero(mask)[0])] = feats.astype(embeds.dtype)[None]
-        for kind, mask in (("image", is_image), ("video", is_video), ("audio", is_audio)):
-            if mask.any() and kind not in {m[0] for m in merges}:
-                raise InputError(f"The prompt has {kind} placeholder tokens but no {kind} inputs were given.")
 
         blocks = None
-        if cfg.text_config.use_bidirectional_attention == "vision" and (is_image | is_video).any():
-            blocks = mx.array(_vision_blocks(is_image | is_video))
+        is_vision = slots["image"] | slots["video"]
+        if cfg.text_config.use_bidirectional_attention == "vision" and is_vision.any():
+            blocks = mx.array(_vision_blocks(is_vision))
         return embeds, token_inputs, blocks
 
     def _encode_images(self, pixel_values, position_ids) -> mx.array:

@@ -159,3 +159,12 @@ def test_text_only_model_refuses_images(checkpoint_factory):
     with pytest.raises(InputError, match="no vision tower"):
         model(mx.array([[2, 5, 380, 6]], dtype=mx.int32), pixel_values=mx.zeros((1, 9, 768)),
               image_position_ids=mx.zeros((1, 9, 2), dtype=mx.int32))
+
+
+def test_model_takes_the_processors_keys_and_refuses_others(e_model):
+    _, model, processor = e_model
+    inputs = processor(text="hello there")
+    assert "mm_token_type_ids" in inputs  # returned by the processor, accepted (and not needed) by the model
+    np.testing.assert_array_equal(np.array(model(**inputs)), np.array(model(inputs["input_ids"])))
+    with pytest.raises(InputError, match="pixel_value"):
+        model(inputs["input_ids"], pixel_value=mx.zeros((1, 3)))

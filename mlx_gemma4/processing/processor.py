@@ -23,6 +23,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from ..media import MEDIA
 from ..errors import ConfigError, ContextLengthError, InputError
 from .tokenizer import SpecialTokens, Tokenizer
 
@@ -31,8 +32,6 @@ logger = logging.getLogger(__name__)
 # Bookkeeping the sub-processors return that is not a model input.
 _NOT_INPUTS = {"num_soft_tokens_per_image", "num_soft_tokens_per_audio", "num_soft_tokens_per_video",
                "segments_per_audio", "timestamps", "video_metadata", "num_frames_per_video", "fps"}
-# mm_token_type_ids values, as ProcessorMixin.create_mm_token_type_ids writes them.
-TEXT, IMAGE, VIDEO, AUDIO = 0, 1, 2, 3
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -310,8 +309,8 @@ class Processor:
         """Per-token modality: 0 text, 1 image, 2 video, 3 audio soft token (int32, same shape as `ids`)."""
         ids = np.asarray(ids)
         types = np.zeros(ids.shape, dtype=np.int32)
-        for kind, value in (("image", IMAGE), ("video", VIDEO), ("audio", AUDIO)):
-            tok = getattr(self.special, kind)
+        for m in MEDIA:  # the values ProcessorMixin.create_mm_token_type_ids writes
+            tok = getattr(self.special, m.kind)
             if tok is not None:
-                types[ids == tok.id] = value
+                types[ids == tok.id] = m.type_id
         return types
