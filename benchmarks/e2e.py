@@ -266,6 +266,7 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed runs of each implementation first")
     ap.add_argument("--compare", default="mlx-lm", help="comma-separated: mlx-lm, mlx-vlm ('' for ours alone)")
     ap.add_argument("--followup", type=int, default=0, help="also time a second chat turn after ~N tokens")
+    ap.add_argument("--breakdown", action="store_true", help="also time the parts of our TTFT")
     ap.add_argument("--json", type=Path, help="append the results here as one JSON object")
     a = ap.parse_args(argv)
 
@@ -305,6 +306,8 @@ def main(argv=None) -> None:
                     follow.setdefault(impl.name, []).append(impl.followup(first, message, 4) * 1000)
                     print(f"# 2nd turn {r + 1} {impl.name}: {follow[impl.name][-1]:.1f} ms", flush=True)
 
+    if a.breakdown:
+        print("# ours, TTFT parts (ms): " + json.dumps(_breakdown(ours, prompt)), flush=True)
     med = {name: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for name, rs in runs.items()}
     result = dict(size=a.size, q_bits=a.q_bits, group=a.q_group_size, prompt_tokens=n_prompt, gen=a.gen,
                   runs=a.runs, device=str(mx.default_device()), machine=platform.machine(),
@@ -315,6 +318,26 @@ def main(argv=None) -> None:
     if a.json:
         with open(a.json, "a") as f:
             f.write(json.dumps(result) + "\n")
+
+
+def _breakdown(ours: Ours, prompt: str, runs: int = 3) -> dict:
+    """Medians of the pieces of our first token: processor, prefill (to evaluated logits), sampling."""
+    out: dict[str, list[float]] = {"processor": [], "prefill": [], "sample": []}
+    for _ in range(runs):
+        mx.synchronize()
+        t0 = time.perf_counter()
+        inputs = ours.processor(text=prompt)
+        t1 = time.perf_counter()
+        cache = ours.model.make_cache()
+        logits = ours.model.prefill(inputs, cache)
+        mx.eval(logits)
+        t2 = time.perf_counter()
+        y = mx.argmax(logits - mx.logsumexp(logits, keepdims=True))
+        y.item()
+        t3 = time.perf_counter()
+        for k, v in zip(out, (t1 - t0, t2 - t1, t3 - t2)):
+            out[k].append(v * 1000)
+    return {k: round(statistics.median(v), 2) for k, v in out.items()}
 
 
 def _versions(names) -> dict:
