@@ -11,6 +11,8 @@ from textual.reactive import reactive
 from textual.screen import Screen
 from textual.timer import Timer
 
+from mlx_gemma4.media import MEDIA
+
 from ..attachments import Attachment, AttachmentError, check, parse_prompt
 from ..recorder import RecorderError
 from ..widgets.chips import AttachmentChips
@@ -22,7 +24,7 @@ from .file_picker import FilePickerScreen
 if TYPE_CHECKING:
     from ..app import ChatApp
 
-MEDIA_COMMANDS = {"/image": "image", "/audio": "audio", "/video": "video"}
+MEDIA_COMMANDS = {f"/{m.kind}": m.kind for m in MEDIA}
 
 
 def chips_of(attachments: list[Attachment]) -> list[tuple[str, Path, str]]:

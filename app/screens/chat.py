@@ -17,6 +17,8 @@ from textual.containers import Horizontal
 from textual.reactive import reactive
 from textual.widgets import Footer, Label, ProgressBar, Static
 
+from mlx_gemma4.media import MEDIA
+
 from .. import backend as b
 from ..attachments import Attachment, parse_prompt
 from ..demo import BANNER
@@ -245,7 +247,7 @@ class ChatScreen(AttachingScreen):
         self.transcript.mount(UserMessage(text, [(a.kind, a.path, a.label) for a in saved.attachments]))
         self.typed = typed or (text, attachments)
         self.turn_images = [a.path for a in saved.attachments if a.kind == "image"]
-        self.start_answer(mid, {k: sum(a.kind == k for a in attachments) for k in ("image", "audio", "video")})
+        self.start_answer(mid, {k: sum(a.kind == k for a in attachments) for k in (m.kind for m in MEDIA)})
 
     def start_answer(self, turn_id: int, media: dict[str, int] | None = None) -> None:
         self.turn_id = turn_id
