@@ -198,7 +198,7 @@ def convert(
     check_names(shapes(dict(tree_flatten(model.parameters()))), job_shapes)
     ple_meta = ()
     if ple_file:   # (embed_scale, dims, bits, group_size) for the PLE file's metadata
-        ple_meta = (model.language_model.embed_tokens_per_layer.embed_scale, job_shapes[f"{PLE}.weight"][-1],
+        ple_meta = (model.language_model.ple_scale, job_shapes[f"{PLE}.weight"][-1],
                     *decisions.get(PLE, (0, 0)))
     needed = sum(math.prod(s) * d.size for step in steps for d, s in step.specs.values())
     _check_space(dst, needed)

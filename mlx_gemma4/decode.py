@@ -35,5 +35,5 @@ class CompiledStep:
     def _trace(self, ids, token_inputs, pos, buffers):
         views = [c.step_view(k, v, pos) for c, (k, v) in zip(self._layout, buffers)]
         lm = self.model.language_model
-        h = lm(lm.embed_tokens(ids), token_inputs, views)
+        h = lm(lm.embed(ids), token_inputs, views)
         return self.model.logits(h), [v.buffers for v in views]

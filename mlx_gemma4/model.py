@@ -179,7 +179,7 @@ class Gemma4(nn.Module):
         if L == 1 and cache and not any(c.empty for c in cache):
             return self._compiled(ids, token_inputs, cache)
         lm = self.language_model
-        return self.logits(lm(lm.embed_tokens(ids), token_inputs, cache))
+        return self.logits(lm(lm.embed(ids), token_inputs, cache))
 
     def _check_room(self, cache: list[KVCache] | None, n: int) -> None:
         limit = self.config.text_config.max_position_embeddings
@@ -234,7 +234,7 @@ class Gemma4(nn.Module):
         slots = {m.kind: ids_np == getattr(cfg, m.token_id_attr) for m in MEDIA}
 
         ids, token_inputs = self._text_inputs(mx.array(ids_np[None].astype(np.int32)))
-        embeds = self.language_model.embed_tokens(ids)                             # (1, L, hidden)
+        embeds = self.language_model.embed(ids)                                    # (1, L, hidden)
 
         for m in MEDIA:
             features, extra = (media.get(k) for k in m.inputs)

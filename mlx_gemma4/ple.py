@@ -13,7 +13,8 @@ mapped table is file-backed pages that macOS can drop and re-read under memory p
 table is wired GPU memory that cannot be paged out.
 
 It stands in for ``TextModel.embed_tokens_per_layer``: a module with no parameters, called with token ids and
-returning the scaled rows exactly as text.ScaledEmbedding (or its quantized twin) would.
+returning the rows exactly as the embedding (or its quantized form) would; TextModel applies the scale. The
+file's ``embed_scale`` metadata records that scale for readers of the file.
 """
 
 from __future__ import annotations
@@ -78,8 +79,7 @@ class MappedPerLayerEmbedding(nn.Module):
                               group_size=self.group_size, bits=self.bits)
         else:
             x = self._rows("weight", idx)
-        x = x.reshape(*ids.shape, self.dims)                                 # (B, L, layers * ple_dim)
-        return x * mx.array(self.embed_scale, dtype=x.dtype)
+        return x.reshape(*ids.shape, self.dims)                              # (B, L, layers * ple_dim)
 
     def load_table(self) -> dict[str, mx.array]:
         """The whole table as MLX arrays (the in-memory path, for tests and for callers that want it resident)."""

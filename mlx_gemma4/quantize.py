@@ -27,18 +27,6 @@ _TEXT_BULK = re.compile(r"^language_model\.(embed_tokens$|layers\.\d+\.(self_att
 _TOWER_LAYER = re.compile(r"^(vision_tower|audio_tower)\..*\.layers\.\d+\.")
 
 
-class QuantizedScaledEmbedding(nn.QuantizedEmbedding):
-    """Quantized twin of text.ScaledEmbedding: the same constant scale after the lookup."""
-
-    def __init__(self, num_embeddings: int, dims: int, scale: float, group_size: int, bits: int):
-        super().__init__(num_embeddings, dims, group_size, bits)
-        self.embed_scale = scale
-
-    def __call__(self, ids: mx.array) -> mx.array:
-        x = super().__call__(ids)
-        return x * mx.array(self.embed_scale, dtype=x.dtype)
-
-
 def check_settings(bits: int, group_size: int) -> None:
     if bits not in SUPPORTED_BITS:
         raise ConfigError(f"--q-bits {bits} is not supported; choose one of {SUPPORTED_BITS}.")
@@ -134,18 +122,11 @@ def infer_plan(model: nn.Module, weights: dict[str, mx.array]) -> dict[str, tupl
 def apply_quantization(model: nn.Module, quantization: dict | None = None,
                        weights: dict[str, mx.array] | None = None) -> dict[str, tuple[int, int]]:
     """Swap the modules that ``quantization`` (or, given ``weights``, the packed tensors) quantize."""
-    from .text import ScaledEmbedding
-
     decisions = infer_plan(model, weights) if weights is not None else plan(model, quantization)
     modules = dict(model.named_modules())
     swaps = []
     for path, (bits, group_size) in decisions.items():
-        m = modules[path]
-        if isinstance(m, ScaledEmbedding):
-            new = QuantizedScaledEmbedding(*m.weight.shape, m.embed_scale, group_size, bits)
-        else:
-            new = m.to_quantized(group_size=group_size, bits=bits)
-        swaps.append((path, new))
+        swaps.append((path, modules[path].to_quantized(group_size=group_size, bits=bits)))
     if swaps:
         model.update_modules(tree_unflatten(swaps))
     return decisions

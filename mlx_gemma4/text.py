@@ -24,16 +24,9 @@ from .layers import RMSNorm
 from .moe import MoEBlock
 
 
-class ScaledEmbedding(nn.Embedding):
-    """Token embedding multiplied by a constant, rounded to the weight dtype as the reference does."""
-
-    def __init__(self, num_embeddings: int, dims: int, scale: float):
-        super().__init__(num_embeddings, dims)
-        self.embed_scale = scale
-
-    def __call__(self, ids: mx.array) -> mx.array:
-        x = super().__call__(ids)
-        return x * mx.array(self.embed_scale, dtype=x.dtype)
+def _scaled(x: mx.array, scale: float) -> mx.array:
+    """An embedding lookup times its constant, the constant rounded to the lookup's dtype as the reference does."""
+    return x * mx.array(scale, dtype=x.dtype)
 
 
 def _rope_freqs(head_dim: int, params: dict) -> mx.array:
@@ -213,7 +206,10 @@ class TextModel(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = ScaledEmbedding(cfg.vocab_size, cfg.hidden_size, cfg.hidden_size**0.5)
+        # Plain (or, once quantized, nn.QuantizedEmbedding) tables; their constant scales are applied here, in
+        # embed() and per_layer_token_inputs(), so quantizing needs no special module.
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_scale = cfg.hidden_size**0.5
         self.layers = [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         first_shared = cfg.first_kv_shared_layer
@@ -225,16 +221,20 @@ class TextModel(nn.Module):
         self.ple_dim = cfg.hidden_size_per_layer_input
         if self.ple_dim:
             n = cfg.num_hidden_layers
-            self.embed_tokens_per_layer = ScaledEmbedding(cfg.vocab_size_per_layer_input, n * self.ple_dim,
-                                                          self.ple_dim**0.5)
+            self.embed_tokens_per_layer = nn.Embedding(cfg.vocab_size_per_layer_input, n * self.ple_dim)
+            self.ple_scale = self.ple_dim**0.5
             self.per_layer_model_projection = nn.Linear(cfg.hidden_size, n * self.ple_dim, bias=False)
             self.per_layer_projection_norm = RMSNorm(self.ple_dim, cfg.rms_norm_eps)
 
+    def embed(self, ids: mx.array) -> mx.array:
+        """Token embeddings (B, L, hidden), scaled by sqrt(hidden)."""
+        return _scaled(self.embed_tokens(ids), self.embed_scale)
+
     # -- per-layer embeddings (PLE) -------------------------------------------------------------------------
     def per_layer_token_inputs(self, ids: mx.array) -> mx.array:
-        """Token-identity half of PLE: one table row per token, (B, L, n_layers, ple_dim)."""
-        table = self.embed_tokens_per_layer
-        rows = table(ids)
+        """Token-identity half of PLE: one table row per token, scaled by sqrt(ple_dim), (B, L, n_layers, ple_dim).
+        The table is an embedding on the device or ple.MappedPerLayerEmbedding reading a mapped file."""
+        rows = _scaled(self.embed_tokens_per_layer(ids), self.ple_scale)
         return rows.reshape(*ids.shape, len(self.layers), self.ple_dim)
 
     def _combine_per_layer_inputs(self, embeds: mx.array, token_inputs: mx.array) -> mx.array:

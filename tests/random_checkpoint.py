@@ -325,7 +325,7 @@ def write_mlx(path: str | Path, text_config: dict, q_bits: int | None = 4, q_gro
         if module == PLE:
             bits, group = decisions.get(module, (0, 0))
             save_table(path / PLE_FILE, {k.rsplit(".", 1)[1]: v for k, v in tensors.items()},
-                       model.language_model.embed_tokens_per_layer.embed_scale, p.shape[-1], bits, group)
+                       model.language_model.ple_scale, p.shape[-1], bits, group)
         else:
             for k, v in tensors.items():
                 writer.add(k, v)
