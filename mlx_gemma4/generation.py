@@ -168,12 +168,13 @@ class TokenLoop:
         self.sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
         self.processors = list(logits_processors)
         self.finish_reason: str | None = None
+        self.fed = 0  # how many of the yielded tokens have gone into the model (so are in the cache)
 
     def __iter__(self) -> Iterator[tuple[int, mx.array]]:
         model, cache, processors = self.model, self.cache, self.processors
         history = mx.array(np.array(self.inputs["input_ids"]).reshape(-1), dtype=mx.int32) if processors else None
 
-        def sample(logits: mx.array) -> tuple[mx.array, mx.array]:
+        def sample(logits: mx.array, history: mx.array | None) -> tuple[mx.array, mx.array]:
             logits = logits[None]                                              # (1, vocab)
             for p in processors:
                 logits = p(history, logits)
@@ -184,7 +185,7 @@ class TokenLoop:
         if logits is None:  # stopped during prefill: no token
             self.finish_reason = "cancelled"
             return
-        y, logprobs = sample(logits)
+        y, logprobs = sample(logits, history)
         mx.async_eval(y, logprobs)
         if self.on_prefilled is not None:
             self.on_prefilled()
@@ -197,16 +198,24 @@ class TokenLoop:
                 self.finish_reason = "context"
             elif self.should_stop is not None and self.should_stop():
                 self.finish_reason = "cancelled"
-            else:
-                if processors:  # only logits processors read the history; keep the plain loop free of it
-                    history = mx.concatenate([history, y[None].astype(mx.int32)])
-                next_y, next_logprobs = sample(model.step(y.reshape(1, 1), cache)[0, -1])
-                mx.async_eval(next_y, next_logprobs)
+            elif n > 1:
+                next_y, next_logprobs, history = self._queue(model, cache, sample, y, history)
+                self.fed = n
             yield int(y.item()), logprobs
             if self.finish_reason is not None:
                 return
+            if n == 1:  # the first token went out before its step was built: it is what a user waits for
+                next_y, next_logprobs, history = self._queue(model, cache, sample, y, history)
+                self.fed = 1
             y, logprobs = next_y, next_logprobs
 
+    def _queue(self, model, cache, sample, y: mx.array, history: mx.array | None):
+        """Build and queue the step that feeds ``y``; its sampled token and log-probs (and the grown history)."""
+        if self.processors:  # only logits processors read the history; keep the plain loop free of it
+            history = mx.concatenate([history, y[None].astype(mx.int32)])
+        next_y, next_logprobs = sample(model.step(y.reshape(1, 1), cache)[0, -1], history)
+        mx.async_eval(next_y, next_logprobs)
+        return next_y, next_logprobs, history
 
 def generate_step(
     model,
@@ -233,10 +242,11 @@ def generate_step(
     ``on_prefilled()`` is called once the whole prompt is in the cache, before the first decode step (a chat
     snapshots the cache there). Every yielded token
     but the last has been fed to the model, so the cache then holds the prompt plus all yielded tokens but the
-    last; a caller that stops iterating early gets the same.
+    last (a caller that stops iterating early: see ``loop.fed``).
 
-    The next step is queued before the current token is handed out, so building step n+1 overlaps evaluating
-    step n (the loop waits on the device only for the token it yields).
+    From the second token on, the next step is queued before the current token is handed out, so building step
+    n+1 overlaps evaluating step n (the loop waits on the device only for the token it yields); the first token is
+    handed out as soon as it exists. ``loop.fed`` counts the yielded tokens that are in the cache.
     """
     return TokenLoop(model, inputs, cache, start=start, max_tokens=max_tokens, sampler=sampler,
                      logits_processors=logits_processors, prefill_chunk=prefill_chunk, should_stop=should_stop,
@@ -303,8 +313,15 @@ def stream_tokens(
     ttft = prompt_tps = 0.0
     t_first = None
     n = 0
+    seen: list[int] = []
+    reported = 0
     for token, _ in steps:
         n += 1
+        seen.append(token)
+        if on_token is not None:
+            while reported < steps.fed:  # what the loop has queued into the model is in the cache
+                on_token(seen[reported])
+                reported += 1
         now = time.perf_counter()
         if t_first is None:
             t_first = now
@@ -319,8 +336,6 @@ def stream_tokens(
             return
         detok.add_token(token)
         if steps.finish_reason is None:
-            if on_token is not None:
-                on_token(token)  # the loop has queued it into the model, so it is in the cache
             yield GenerationResponse(detok.last_segment, token, **stats)
             continue
         detok.finalize()

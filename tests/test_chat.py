@@ -220,6 +220,7 @@ def test_context_used_counts_what_the_cache_holds_while_streaming(loaded):
     session = ChatSession(model, processor)
     prompt = len(session.encode([{"role": "user", "content": "hello there"}]).ids)
     seen = [session.context_used for _ in session.send("hello there", max_tokens=6, **GREEDY)]
-    # each streamed token but the last is already queued into the model when it is handed out
-    assert seen == [prompt + i + 1 for i in range(5)] + [prompt + 5]
+    # the first token is handed out before its step is built; from the second on, each streamed token but the last
+    # is already queued into the model when it is handed out
+    assert seen == [prompt] + [prompt + i + 1 for i in range(1, 5)] + [prompt + 5]
     assert session.context_used == prompt + 5  # the last token was never fed

@@ -220,3 +220,26 @@ def test_should_stop_between_prefill_chunks(loaded):
     assert len(out) == 1 and out[0].finish_reason == "cancelled" and out[0].token == -1
     assert cache[0].offset == 6                     # two chunks of three, then stopped
     assert seen[0] == (0, L) and seen[-1] == (6, L)
+
+
+def test_on_token_matches_the_cache_when_a_stop_token_ends_the_answer(loaded):
+    model, processor = loaded
+    inputs = processor(text="count with me")
+    L = int(np.array(inputs["input_ids"]).size)
+    tokens = [r.token for r in stream_tokens(model, processor, inputs, max_tokens=8, stop_ids=[])]
+    k = next(i for i in range(1, len(tokens)) if tokens[i] not in tokens[:i])
+    cache, fed = model.make_cache(), []
+    out = list(stream_tokens(model, processor, inputs, cache, max_tokens=8, stop_ids=[tokens[k]],
+                             on_token=fed.append))
+    assert out[-1].finish_reason == "stop" and len(out) == k + 1
+    assert cache[0].offset == L + len(fed) and fed == tokens[: len(fed)]
+
+
+def test_stopping_after_the_first_token_leaves_only_the_prompt_in_the_cache(loaded):
+    model, processor = loaded
+    inputs = processor(text="count with me")
+    L = int(np.array(inputs["input_ids"]).size)
+    cache, fed = model.make_cache(), []
+    for _ in stream_tokens(model, processor, inputs, cache, max_tokens=8, stop_ids=[], on_token=fed.append):
+        break
+    assert fed == [] and cache[0].offset == L
