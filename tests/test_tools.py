@@ -194,3 +194,11 @@ def test_template_renders_declarations_from_schemas(processor):
     assert "enum:[" + QUOTE + "celsius" + QUOTE + "," + QUOTE + "fahrenheit" + QUOTE + "]" in prompt
     assert "required:[" + QUOTE + "city" + QUOTE + "," + QUOTE + "days" + QUOTE + "]" in prompt
     assert prompt.count("<|tool>") == 1 and "<tool|>" in prompt
+
+
+def test_template_takes_functions_as_tools(processor):
+    messages = [{"role": "user", "content": "Weather?"}]
+    assert (processor.apply_chat_template(messages, tools=[weather])
+            == processor.apply_chat_template(messages, tools=[tool_schema(weather)]))
+    with pytest.raises(InputError, match="no type hint"):
+        processor.apply_chat_template(messages, tools=[no_hint])
