@@ -113,7 +113,7 @@ class Processor:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            enable_thinking: bool = False, tools: list[dict[str, Any]] | None = None,
+                            enable_thinking: bool = False, tools: list[Any] | None = None,
                             tokenize: bool = False, **kwargs: Any) -> str | dict[str, mx.array]:
         """The prompt string for `messages` (see Tokenizer.apply_chat_template). With ``tokenize=True`` the
         prompt is run through this processor with the media found in the messages' parts (keys "image",

@@ -262,15 +262,18 @@ class Tokenizer:
         return self.hf.convert_tokens_to_ids(tokens)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            enable_thinking: bool = False, tools: list[dict[str, Any]] | None = None,
+                            enable_thinking: bool = False, tools: list[Any] | None = None,
                             tokenize: bool = False, **kwargs: Any) -> str | list[int]:
         """Render `messages` with the checkpoint's chat template.
 
         A message's content is a string or a list of parts {"type": "text", "text": ...} /
         {"type": "image" | "audio" | "video", ...}; media parts become the placeholder the template writes.
+        `tools` are JSON-schema dicts or plain Python functions (see mlx_gemma4.tools.tool_schema).
         """
+        from ..tools import tool_schemas
+
         prompt = self.hf.apply_chat_template(
-            messages, chat_template=self.chat_template, tools=tools, add_generation_prompt=add_generation_prompt,
+            messages, chat_template=self.chat_template, tools=tool_schemas(tools), add_generation_prompt=add_generation_prompt,
             enable_thinking=enable_thinking, tokenize=False, **kwargs)
         return self.encode(prompt) if tokenize else prompt
 
