@@ -131,7 +131,7 @@ class ChatSession:
             yield GenerationResponse("", -1, 0, 0.0, 0, 0.0, time.perf_counter() - t0, 0.0, "cancelled")
             return
         L = len(enc.ids)
-        if L >= self.context_limit:
+        if L > self.model.context_left(None):  # the model's own bound, checked before any media work
             raise self._too_long(messages, L)
         start = self._reuse(enc)
         self.last_reused = start
@@ -232,7 +232,7 @@ class ChatSession:
         users = [i for i, m in enumerate(messages) if m["role"] == "user" and i >= head]
         for k in range(1, len(users)):
             rest = messages[:head] + messages[users[k]:]
-            if len(self.encoder.encode(rest, enable_thinking=self.enable_thinking).ids) < limit:
+            if len(self.encoder.encode(rest, enable_thinking=self.enable_thinking).ids) <= limit:
                 return ContextLengthError(
                     f"The conversation is {tokens} tokens but the model's context is {limit}. Drop the {k} oldest "
                     f"turn{'s' if k > 1 else ''} or start a new chat.", tokens=tokens, limit=limit, drop_turns=k)

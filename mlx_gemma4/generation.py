@@ -25,7 +25,8 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer
 
 from .cache import KVCache
-from .errors import ContextLengthError, InputError
+from .errors import InputError
+
 
 @dataclass
 class GenerationResponse:
@@ -40,23 +41,6 @@ class GenerationResponse:
     finish_reason: str | None = None  # None while streaming, then "stop" | "length" | "context" | "cancelled"
 
 
-def context_left(model, cache: list[KVCache] | None) -> int:
-    """How many more positions fit in the model's context after what ``cache`` holds (the one bound)."""
-    used = cache[0].offset if cache else 0
-    return model.config.text_config.max_position_embeddings - used
-
-
-def check_context(model, cache: list[KVCache] | None, n: int) -> None:
-    """Raise ContextLengthError unless ``n`` more tokens fit after what ``cache`` holds."""
-    left = context_left(model, cache)
-    if n > left:
-        limit = model.config.text_config.max_position_embeddings
-        raise ContextLengthError(
-            f"The prompt needs {limit - left + n} positions but the model's context is {limit}. "
-            "Shorten it, or drop earlier turns of the conversation."
-        )
-
-
 def prefill(model, inputs: dict[str, Any], cache: list[KVCache], chunk_size: int = 2048,
             start: int = 0, progress: Callable[[int, int], None] | None = None,
             should_stop: Callable[[], bool] | None = None) -> mx.array | None:
@@ -65,9 +49,9 @@ def prefill(model, inputs: dict[str, Any], cache: list[KVCache], chunk_size: int
     ``start`` > 0 means the first ``start`` tokens are already in the cache; media for them must not be in
     ``inputs`` (see ChatSession). ``progress(done, total)`` is called before the first chunk and after each one.
     ``should_stop()`` is asked before each chunk; when it turns true the prefill stops there and returns None.
+    A prompt that does not fit in the context raises ContextLengthError before any work.
     """
     _check_positive_int("prefill_chunk", chunk_size)
-    check_context(model, cache, np.shape(inputs["input_ids"])[-1] - start)
     return model.prefill(inputs, cache, chunk_size=chunk_size, start=start, progress=progress,
                          should_stop=should_stop)
 
@@ -194,7 +178,7 @@ class TokenLoop:
             n += 1
             if n >= self.max_tokens:
                 self.finish_reason = "length"
-            elif context_left(model, cache) < 1:
+            elif model.context_left(cache) < 1:
                 self.finish_reason = "context"
             elif self.should_stop is not None and self.should_stop():
                 self.finish_reason = "cancelled"

@@ -181,13 +181,17 @@ class Gemma4(nn.Module):
         lm = self.language_model
         return self.logits(lm(lm.embed(ids), token_inputs, cache))
 
+    def context_left(self, cache: list[KVCache] | None) -> int:
+        """How many more positions fit in the context after what ``cache`` holds (the one bound everything uses)."""
+        return self.config.text_config.max_position_embeddings - (cache[0].offset if cache else 0)
+
     def _check_room(self, cache: list[KVCache] | None, n: int) -> None:
-        limit = self.config.text_config.max_position_embeddings
-        need = (cache[0].offset if cache else 0) + n
-        if need > limit:
+        left = self.context_left(cache)
+        if n > left:
+            limit = self.config.text_config.max_position_embeddings
             raise ContextLengthError(
-                f"The prompt needs {need} positions but the model handles {limit}. "
-                "Shorten the prompt or start a new conversation."
+                f"The prompt needs {limit - left + n} positions but the model's context is {limit}. "
+                "Shorten the prompt, or drop earlier turns of the conversation."
             )
 
     def _text_inputs(self, input_ids: mx.array) -> tuple[mx.array, mx.array | None]:
