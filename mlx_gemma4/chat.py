@@ -23,7 +23,7 @@ import numpy as np
 from . import cache as kv
 from .errors import ContextLengthError, InputError
 from .media import MEDIA
-from .generation import GenerationResponse, prefill, stream_tokens
+from .generation import GenerationResponse, cancelled_response, check_positive_int, prefill, stream_tokens
 from .processing.chat_prompt import ChatEncoder, EncodedChat, Stopped, stack_inputs, strip_placeholders
 from .processing.tokenizer import split_thinking
 
@@ -57,8 +57,7 @@ def _rewind(cache: list, snapshots: list[tuple[int, Any]], have: int, want: int)
 class ChatSession:
     def __init__(self, model, processor, system_prompt: str | None = None, enable_thinking: bool = False,
                  prefill_chunk: int = 2048):
-        if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk <= 0:
-            raise InputError(f"prefill_chunk must be a positive whole number of tokens; got {prefill_chunk!r}.")
+        check_positive_int("prefill_chunk", prefill_chunk)
         self.model = model
         self.processor = processor
         self.system_prompt = system_prompt
@@ -128,7 +127,7 @@ class ChatSession:
         try:
             enc = self.encoder.encode(messages, enable_thinking=self.enable_thinking, should_stop=should_stop)
         except Stopped:
-            yield GenerationResponse("", -1, 0, 0.0, 0, 0.0, time.perf_counter() - t0, 0.0, "cancelled")
+            yield cancelled_response(0, time.perf_counter() - t0)
             return
         L = len(enc.ids)
         if L > self.model.context_left(None):  # the model's own bound, checked before any media work
@@ -141,8 +140,7 @@ class ChatSession:
         # differently (thoughts are dropped from history).
         split = max(start, self._last_user_turn(enc, L))
         if not self._prefill(enc, start, split, chunk, should_stop, progress):
-            yield GenerationResponse("", -1, self.context_used - start, 0.0, 0, 0.0, time.perf_counter() - t0,
-                                     _peak(), "cancelled")
+            yield cancelled_response(self.context_used - start, time.perf_counter() - t0)
             return
         fed: list[int] = []
         tail = {"input_ids": mx.array(enc.ids[None])}
@@ -302,6 +300,3 @@ class ChatSession:
             if started:
                 self.messages.append({"role": "assistant", "content": self.answer_text("".join(pieces))})
 
-
-def _peak() -> float:
-    return mx.get_peak_memory() / 1e9

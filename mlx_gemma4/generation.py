@@ -51,28 +51,24 @@ def prefill(model, inputs: dict[str, Any], cache: list[KVCache], chunk_size: int
     ``should_stop()`` is asked before each chunk; when it turns true the prefill stops there and returns None.
     A prompt that does not fit in the context raises ContextLengthError before any work.
     """
-    _check_positive_int("prefill_chunk", chunk_size)
+    check_positive_int("prefill_chunk", chunk_size)
     return model.prefill(inputs, cache, chunk_size=chunk_size, start=start, progress=progress,
                          should_stop=should_stop)
 
 
-def _peak_gb() -> float:
-    """Peak memory since the last reset, in GB: MLX's allocator peak where the backend tracks it, else this
-    process's peak resident set (MLX's CPU backend reports 0)."""
+def peak_gb() -> float:
+    """MLX's peak allocation since the last ``mx.reset_peak_memory()``, in GB (0 where a backend does not track it;
+    the app then shows the process's RSS, labelled as such)."""
     try:
-        peak = mx.get_peak_memory()
+        return mx.get_peak_memory() / 1e9
     except Exception:  # some backends do not track it
-        peak = 0
-    if peak:
-        return peak / 1e9
-    try:
-        import resource
-        import sys
-
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9
-    except Exception:
         return 0.0
+
+
+def cancelled_response(prompt_tokens: int, ttft: float = 0.0) -> GenerationResponse:
+    """The one response of a run stopped before its first token."""
+    return GenerationResponse("", -1, prompt_tokens=prompt_tokens, prompt_tps=0.0, generation_tokens=0,
+                              generation_tps=0.0, ttft=ttft, peak_memory_gb=peak_gb(), finish_reason="cancelled")
 
 
 # -- argument checks ---------------------------------------------------------------------------------------------
@@ -85,7 +81,7 @@ def _is_real(x: Any) -> bool:
         and math.isfinite(float(x))
 
 
-def _check_positive_int(name: str, value: Any) -> None:
+def check_positive_int(name: str, value: Any) -> None:
     if not _is_int(value) or value < 1:
         raise InputError(f"{name} must be a whole number >= 1; got {value!r}.")
 
@@ -106,7 +102,7 @@ def check_sampling_args(*, max_tokens: Any = 1, temperature: Any = 0.0, top_p: A
                         min_p: Any = 0.0, repetition_penalty: Any = None, repetition_context_size: Any = 20,
                         seed: Any = None, prefill_chunk: Any = 2048) -> None:
     """Validate generation arguments up front; raise InputError naming the argument and its valid range."""
-    _check_positive_int("max_tokens", max_tokens)
+    check_positive_int("max_tokens", max_tokens)
     _check_real("temperature", temperature, 0.0, math.inf, hi_open=True, meaning=" (0 = greedy)")
     _check_real("top_p", top_p, 0.0, 1.0, lo_open=True, meaning=" (1 = off)")
     if not _is_int(top_k) or top_k < 0:
@@ -115,10 +111,10 @@ def check_sampling_args(*, max_tokens: Any = 1, temperature: Any = 0.0, top_p: A
     if repetition_penalty is not None:
         _check_real("repetition_penalty", repetition_penalty, 0.0, math.inf, lo_open=True, hi_open=True,
                     meaning=" (1 = off)")
-    _check_positive_int("repetition_context_size", repetition_context_size)
+    check_positive_int("repetition_context_size", repetition_context_size)
     if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**64):
         raise InputError(f"seed must be a whole number in [0, 2**64) or None; got {seed!r}.")
-    _check_positive_int("prefill_chunk", prefill_chunk)
+    check_positive_int("prefill_chunk", prefill_chunk)
 
 
 def make_policies(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
@@ -143,8 +139,8 @@ class TokenLoop:
                  should_stop: Callable[[], bool] | None,
                  progress: Callable[[int, int], None] | None = None,
                  on_prefilled: Callable[[], None] | None = None):
-        _check_positive_int("max_tokens", max_tokens)
-        _check_positive_int("prefill_chunk", prefill_chunk)
+        check_positive_int("max_tokens", max_tokens)
+        check_positive_int("prefill_chunk", prefill_chunk)
         self.model, self.inputs, self.start = model, inputs, start
         self.cache = model.make_cache() if cache is None else cache
         self.max_tokens, self.prefill_chunk, self.should_stop = max_tokens, prefill_chunk, should_stop
@@ -313,7 +309,7 @@ def stream_tokens(
             prompt_tps = n_prompt / max(ttft, 1e-9)
         stats = dict(prompt_tokens=n_prompt, prompt_tps=prompt_tps, generation_tokens=n,
                      generation_tps=(n - 1) / max(now - t_first, 1e-9) if n > 1 else 0.0,
-                     ttft=ttft, peak_memory_gb=_peak_gb())
+                     ttft=ttft, peak_memory_gb=peak_gb())
         if token in stop:
             detok.finalize()
             yield GenerationResponse(detok.last_segment, token, finish_reason="stop", **stats)
@@ -326,8 +322,7 @@ def stream_tokens(
         yield GenerationResponse(detok.last_segment, token, finish_reason=steps.finish_reason, **stats)
         return
     if n == 0 and steps.finish_reason == "cancelled":
-        yield GenerationResponse("", -1, prompt_tokens=n_prompt, prompt_tps=0.0, generation_tokens=0,
-                                 generation_tps=0.0, ttft=0.0, peak_memory_gb=_peak_gb(), finish_reason="cancelled")
+        yield cancelled_response(n_prompt)
 
 
 def _stop_ids(model, processor) -> list[int]:

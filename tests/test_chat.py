@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from mlx_gemma4 import ChatSession, stream_generate
-from mlx_gemma4.errors import ContextLengthError
+from mlx_gemma4.errors import ContextLengthError, InputError
 from mlx_gemma4.processing.processor import Processor
 from mlx_gemma4.weights import load_model
 from tests import tiny
@@ -224,3 +224,10 @@ def test_context_used_counts_what_the_cache_holds_while_streaming(loaded):
     # is already queued into the model when it is handed out
     assert seen == [prompt] + [prompt + i + 1 for i in range(1, 5)] + [prompt + 5]
     assert session.context_used == prompt + 5  # the last token was never fed
+
+
+@pytest.mark.parametrize("chunk", [0, -1, 2.5, True, "8"])
+def test_bad_prefill_chunk_is_refused_up_front(loaded, chunk):
+    model, processor = loaded
+    with pytest.raises(InputError, match="prefill_chunk"):
+        ChatSession(model, processor, prefill_chunk=chunk)
