@@ -96,7 +96,7 @@ async def _pasted_paths_become_attachments(tmp_path):
         escaped = str(b).replace(" ", "\\ ")
         gone = str(d / "gone.jpg").replace(" ", "\\ ")
         app.chat_screen.post_message(PromptArea.Pasted(prompt, f"'{a}' {escaped} '{d / 'notes.txt'}' {gone}"))
-        await pilot.pause(0.1)
+        await wait_for(pilot, lambda: len(app.chat_screen.pending) == 2 and len(notes(app)) >= 2)
         assert [x.path for x in app.chat_screen.pending] == [a, b]
         assert "notes.txt" in prompt.text and "gone.jpg" in prompt.text
         assert len(notes(app)) >= 2
@@ -140,16 +140,14 @@ async def _thinking_toggle_regenerate_copy(tmp_path):
         await wait_for(pilot, lambda: app.backend.loaded)
         chat = app.chat_screen
         await pilot.press("ctrl+t")
-        await pilot.pause(0.05)
-        assert app.backend.settings.enable_thinking is True
+        await wait_for(pilot, lambda: app.backend.settings.enable_thinking)
         await wait_for(pilot, lambda: "thinking on" in str(chat.query_one("#status").render()))
         await send(pilot, "code please")
         await wait_for(pilot, lambda: not chat.generating and chat.query(ModelMessage))
         assert app.sessions[0].calls[0]["thinking"] is True
         await pilot.press("ctrl+g")
-        await wait_for(pilot, lambda: len(app.sessions[0].calls) == 2 and not chat.generating)
-        await pilot.pause(0.05)
-        assert len(chat.query(ModelMessage)) == 1
+        await wait_for(pilot, lambda: len(app.sessions[0].calls) == 2 and not chat.generating
+                       and len(chat.query(ModelMessage)) == 1)
         assert [m.role for m in app.history.messages(chat.conversation_id)] == ["user", "assistant"]
         await pilot.press("ctrl+b")
         assert app.clipboard == "print(1)"
@@ -192,12 +190,14 @@ async def _corrupt_history_and_failed_load(tmp_path):
 
     app = record_notes(ChatApp(Backend("nope", broken), History(tmp_path / "data")))
     async with app.run_test() as pilot:
-        await pilot.pause(0.2)
-        notices = [str(n.render()) for n in app.chat_screen.query(Notice)]
-        assert any("could not be read" in n and "kept as" in n for n in notices)
-        assert any("could not be loaded" in n and "config.json not found" in n for n in notices)
+        def notices() -> list[str]:
+            return [str(n.render()) for n in app.chat_screen.query(Notice)]
+
+        await wait_for(pilot, lambda: any("could not be loaded" in n for n in notices()))
+        assert any("could not be read" in n and "kept as" in n for n in notices())
+        assert any("could not be loaded" in n and "config.json not found" in n for n in notices())
         await send(pilot, "hello?")
-        assert any("No model is loaded" in m for m in notes(app))
+        await wait_for(pilot, lambda: any("No model is loaded" in m for m in notes(app)))
     assert list((tmp_path / "data").glob("history.corrupt-*.db"))
 
 

@@ -8,7 +8,6 @@ Needs neither torch nor the network. Greedy decoding keeps the random model's ou
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,8 @@ from app.history import History
 from app.model_source import load_fn, resolve
 from app.screens.confirm import ConfirmScreen
 from app.widgets.messages import ModelMessage, Notice, UserMessage
-from app.widgets.prompt import PromptArea
+from tests.app_helpers import send
+from tests.app_helpers import until as wait_for
 
 
 def save_demo_checkpoint(path: Path) -> Path:
@@ -44,19 +44,6 @@ def real_app(model_dir: Path, data: Path, **settings) -> ChatApp:
     choice = resolve(str(model_dir))
     backend = Backend(choice.name, load_fn(choice), settings=Settings(temperature=0.0, **settings))
     return ChatApp(backend, History(data))
-
-
-async def wait_for(pilot, cond, timeout: float = 300.0):  # a hang guard, not a deadline
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, "timed out"
-        await pilot.pause(0.02)
-
-
-async def send(pilot, text: str) -> None:
-    prompt = pilot.app.screen.query_one(PromptArea)
-    prompt.text = text
-    await pilot.press("enter")
 
 
 def test_send_stream_resume_on_real_model(tiny_dir, tmp_path):

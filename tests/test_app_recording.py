@@ -58,9 +58,8 @@ def test_no_microphone_keeps_the_app_working(tmp_path):
         async with app.run_test() as pilot:
             await wait_for(pilot, lambda: app.backend.loaded)
             await pilot.press("ctrl+r")
-            await pilot.pause(0.05)
+            await wait_for(pilot, lambda: any("PortAudio" in str(n.render()) for n in app.chat_screen.query(Notice)))
             assert not app.chat_screen.recording
-            assert any("PortAudio" in str(n.render()) for n in app.chat_screen.query(Notice))
             await send(pilot, "still here?")
             await wait_for(pilot, lambda: app.sessions[0].calls)
 
