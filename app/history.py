@@ -358,7 +358,8 @@ class History:
         for m in self.messages(conversation_id):
             lines += [f"## {'You' if m.role == 'user' else 'Gemma'}", ""]
             for a in m.attachments:
-                link = f"![{a.name}]({a.path.as_uri()})" if a.kind == "image" else f"[{a.kind}: {a.name}]({a.path.as_uri()})"
+                uri = a.path.as_uri()
+                link = f"![{a.name}]({uri})" if a.kind == "image" else f"[{a.kind}: {a.name}]({uri})"
                 lines += [link, ""]
             if m.thinking:
                 lines += ["<details><summary>Thinking</summary>", "", m.thinking, "", "</details>", ""]

@@ -3,8 +3,9 @@
     python -m benchmarks.e2e --size e4b --q-bits 4 --prompt 1024 --gen 128 --compare mlx-lm,mlx-vlm
 
 Starts from a Hugging Face checkpoint of the real size with random weights (written by tests/random_checkpoint.py
-unless --hf-path names one; its tensors repeat one block of random values, which changes nothing for speed), converts it with each implementation's own converter (``convert.py``,
-``mlx_lm.convert``, ``mlx_vlm.convert``) at the same bits and group size, loads each with its own loader, and streams
+unless --hf-path names one; its tensors repeat one block of random values, which changes nothing for speed),
+converts it with each implementation's own converter (``convert.py``, ``mlx_lm.convert``, ``mlx_vlm.convert``) at
+the same bits and group size, loads each with its own loader, and streams
 the same chat prompt through each one's public ``stream_generate`` in one process: two warm-up runs each (MLX builds
 kernels per shape), then --runs timed rounds taken in turns, the order alternating, so drift in the machine's load
 hits all alike. Medians are reported.

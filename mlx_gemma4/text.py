@@ -37,7 +37,7 @@ def _rope_freqs(head_dim: int, params: dict) -> mx.array:
     if kind == "default":
         rotated = head_dim // 2
     elif kind == "proportional":
-        # Proportional RoPE rotates the first partial_rotary_factor of the pairs, with exponents over the whole head_dim.
+        # Proportional RoPE rotates the first partial_rotary_factor of the pairs, exponents over the whole head_dim.
         rotated = int(float(params.get("partial_rotary_factor", 1.0)) * head_dim // 2)
     else:
         raise ValueError(f"Unsupported rope_type {kind!r} for Gemma 4 text layers.")
@@ -50,6 +50,23 @@ def _rope_freqs(head_dim: int, params: dict) -> mx.array:
 def geglu(gate: mx.array, x: mx.array) -> mx.array:
     """gelu_tanh(gate) * x as one fused kernel (and one graph node to build per call, which decode feels)."""
     return nn.gelu_approx(gate) * x
+
+
+def fuse_linears(*linears: nn.Module | None) -> nn.Module | None:
+    """One projection computing all of ``linears``' outputs side by side, or None when they cannot share one
+    matmul (a missing one, a bias, different types or quantization). Same numbers: every output column of a
+    (quantized) matmul is computed on its own."""
+    first = linears[0]
+    if any(m is None or type(m) is not type(first) or "bias" in m for m in linears):
+        return None
+    kind = [(getattr(m, "bits", None), getattr(m, "group_size", None), getattr(m, "mode", None)) for m in linears]
+    if len(set(kind)) != 1:
+        return None
+    fused = copy.copy(first)
+    for name in ("weight", "scales", "biases"):
+        if name in first:
+            fused[name] = mx.concatenate([m[name] for m in linears], axis=0)       # (sum of outputs, ...)
+    return fused
 
 
 class MLP(nn.Module):
@@ -67,20 +84,11 @@ class MLP(nn.Module):
 
     def fuse(self) -> None:
         """Replace gate_proj and up_proj by one projection to both (``gate_up_proj``): one matmul per call instead
-        of two, which decoding (bound by kernel launches) feels. Same numbers: every output column of a (quantized)
-        matmul is computed on its own. Done after loading, when both have the same type and quantization."""
-        g, u = self.get("gate_proj"), self.get("up_proj")
-        if g is None or u is None or type(g) is not type(u) or "bias" in g:
-            return
-        if (getattr(g, "bits", None), getattr(g, "group_size", None), getattr(g, "mode", None)) != \
-                (getattr(u, "bits", None), getattr(u, "group_size", None), getattr(u, "mode", None)):
-            return
-        fused = copy.copy(g)
-        for name in ("weight", "scales", "biases"):
-            if name in g:
-                fused[name] = mx.concatenate([g[name], u[name]], axis=0)         # (2 * I, ...)
-        del self["gate_proj"], self["up_proj"]
-        self.gate_up_proj = fused
+        of two, which decoding (bound by kernel launches) feels. Done after loading."""
+        fused = fuse_linears(self.get("gate_proj"), self.get("up_proj"))
+        if fused is not None:
+            del self["gate_proj"], self["up_proj"]
+            self.gate_up_proj = fused
 
 
 @dataclass
@@ -137,14 +145,22 @@ class Attention(nn.Module):
         """Attention output and the (keys, values) attended to: this layer's own (written to ``cache``), or
         ``shared_kv`` for a KV-shared layer."""
         B, L, _ = x.shape
-        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim))  # (B, L, H, D)
+        if "qkv_proj" in self:
+            q_out = self.n_heads * self.head_dim
+            cuts = [q_out] if self.k_eq_v else [q_out, q_out + self.n_kv_heads * self.head_dim]
+            q, *kv = mx.split(self.qkv_proj(x), cuts, axis=-1)
+        else:
+            q, kv = self.q_proj(x), None
+        q = self.q_norm(q.reshape(B, L, self.n_heads, self.head_dim))               # (B, L, H, D)
         q = self._rope(q.transpose(0, 2, 1, 3), offset)                             # (B, H, L, D)
 
         if self.is_shared:
             k, v = shared_kv
         else:
-            raw_k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)    # (B, L, Hkv, D)
-            raw_v = raw_k if self.k_eq_v else self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+            if not kv:
+                kv = [self.k_proj(x)] if self.k_eq_v else [self.k_proj(x), self.v_proj(x)]
+            raw_k = kv[0].reshape(B, L, self.n_kv_heads, self.head_dim)             # (B, L, Hkv, D)
+            raw_v = raw_k if self.k_eq_v else kv[1].reshape(B, L, self.n_kv_heads, self.head_dim)
             k = self._rope(self.k_norm(raw_k).transpose(0, 2, 1, 3), offset)        # (B, Hkv, L, D)
             v = self.v_norm(raw_v).transpose(0, 2, 1, 3)                            # (B, Hkv, L, D)
             if cache is not None:
@@ -153,6 +169,19 @@ class Attention(nn.Module):
         # q/k norms replace the usual 1/sqrt(d) scaling in Gemma 4, hence scale=1.
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), (k, v)
+
+    def fuse(self) -> None:
+        """Replace q_proj, k_proj (and v_proj) by one projection (``qkv_proj``), as MLP.fuse does; a KV-shared
+        layer has only q_proj and stays as it is. Done after loading."""
+        if self.is_shared:
+            return
+        names = ["q_proj", "k_proj"] if self.k_eq_v else ["q_proj", "k_proj", "v_proj"]
+        fused = fuse_linears(*(self.get(n) for n in names))
+        if fused is None:
+            return
+        for n in names:
+            del self[n]
+        self.qkv_proj = fused
 
 
 class DecoderLayer(nn.Module):

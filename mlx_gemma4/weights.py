@@ -247,14 +247,15 @@ def build_model(config: ModelConfig):
 
 
 def load_model(path: str | Path, dtype: mx.Dtype | None = None, progress: Callable | None = None,
-               mapped_ple: bool | None = None):
+               mapped_ple: bool | None = None, fuse: bool = True):
     """Build the model for the checkpoint at ``path`` (local dir) and load its weights lazily.
 
     ``path`` may be our converted dir, an mlx-vlm / mlx-community conversion, or a raw Hugging Face checkpoint
     (loaded as is, unquantized). Quantized modules are read off the packed tensors themselves. A separate PLE
     file (see ple.py) is loaded into memory when ``mapped_ple`` is False, memory-mapped when it is True, and by
     default (None) kept in memory when the machine has room for it (ple.choose_placement), which decodes
-    fastest; ``model.ple_placement`` says which was chosen and why.
+    fastest; ``model.ple_placement`` says which was chosen and why. ``fuse`` joins projections that read the same
+    input into one matmul each (q/k/v, gate/up: same numbers, fewer kernels per token).
     """
     from .quantize import apply_quantization
 
@@ -279,8 +280,10 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, progress: Callab
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     load_into(model, weights)
-    for layer in model.language_model.layers:
-        layer.mlp.fuse()
+    if fuse:
+        for layer in model.language_model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
     model.eval()
     model.ple_placement = placement
     if progress is not None:

@@ -45,7 +45,8 @@ MEDIUM_TEXT = dict(
 # E4B's text decoder (the PLE table is 262,144 x 42 * 256 = 262,144 x 10,752).
 E4B_TEXT = dict(
     E2B_TEXT, hidden_size=2560, num_hidden_layers=42, intermediate_size=10240, num_key_value_heads=2,
-    num_kv_shared_layers=18, use_double_wide_mlp=False, layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 7,
+    num_kv_shared_layers=18, use_double_wide_mlp=False,
+    layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 7,
 )
 # 26B-A4B's text decoder: MoE beside the dense MLP, k_eq_v global layers, no PLE or KV sharing.
 A26B_TEXT = dict(

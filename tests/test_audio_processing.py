@@ -70,7 +70,8 @@ def assert_same_features(ours_out, ref_out, row: int = 0, ref_row: int = 0):
     b = np.asarray(ref_out["input_features"][ref_row])
     assert a.dtype == np.float32 and a.shape == b.shape
     np.testing.assert_allclose(a, b, rtol=0, atol=ATOL)
-    np.testing.assert_array_equal(ours_out["input_features_mask"][row], np.asarray(ref_out["input_features_mask"][ref_row]))
+    np.testing.assert_array_equal(ours_out["input_features_mask"][row],
+                                  np.asarray(ref_out["input_features_mask"][ref_row]))
 
 
 @pytest.mark.parametrize("seconds", [0.3, 1.5, 7.0, 29.0])
@@ -127,7 +128,8 @@ def test_long_clip_is_split_into_30s_segments(ours, ref):
     assert not a["input_features_mask"][2, t:].any() and not a["input_features"][2, t:].any()
     assert a["num_soft_tokens_per_audio"][:3] == [750, 750, ref_num_tokens(ref, tail)]
     texts = ours.prompt_texts(a, "<boa>", "<A>", "<eoa>")
-    assert len(texts) == 2 and texts[0].count("<boa>") == 3 and texts[0].count("<A>") == sum(a["num_soft_tokens_per_audio"][:3])
+    assert len(texts) == 2 and texts[0].count("<boa>") == 3
+    assert texts[0].count("<A>") == sum(a["num_soft_tokens_per_audio"][:3])
     assert texts[1] == audio_prompt_text(a["num_soft_tokens_per_audio"][3], "<boa>", "<A>", "<eoa>")
 
 
@@ -156,7 +158,8 @@ def test_from_processor_config_matches_reference_with_settings(ref):
     htk_off = dict(saved, preemphasis_htk_flavor=False)
     x = signal("noise", 0.7)
     assert_same_features(AudioFeatureExtractor.from_dict(htk_off)([x]),
-                         Gemma4AudioFeatureExtractor(**dict(settings, preemphasis_htk_flavor=False))([x], return_tensors="np"))
+                         Gemma4AudioFeatureExtractor(**dict(settings, preemphasis_htk_flavor=False))(
+                             [x], return_tensors="np"))
 
 
 def test_defaults_equal_reference_defaults(ours, ref):

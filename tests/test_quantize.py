@@ -18,7 +18,8 @@ from tests.tiny import TEXT_FAMILIES, make_model, save_checkpoint
 
 
 def _model(family: str, **overrides) -> Gemma4:
-    return Gemma4(ModelConfig.from_dict({"model_type": "gemma4", "text_config": {**TEXT_FAMILIES[family], **overrides}}))
+    text_config = {**TEXT_FAMILIES[family], **overrides}
+    return Gemma4(ModelConfig.from_dict({"model_type": "gemma4", "text_config": text_config}))
 
 
 def test_recipe_keeps_router_and_sets_ple_bits():

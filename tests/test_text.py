@@ -7,7 +7,6 @@ so 1e-4 absolute is tight (any wrong formula moves logits by 1e-2 or more) yet s
 
 from __future__ import annotations
 
-import copy
 
 import mlx.core as mx
 import numpy as np
@@ -123,24 +122,27 @@ def test_untied_head():
                                atol=TEXT_ATOL, rtol=0)
 
 
-def test_fused_gate_up_projection_gives_identical_logits(checkpoint_factory, tmp_path):
+@pytest.mark.parametrize("family", ["e", "dense"])
+def test_fused_projections_give_identical_logits(checkpoint_factory, tmp_path, family):
+    """q/k/v (q/k where K = V) and gate/up are joined into one matmul each after loading; the logits are the same
+    numbers as with separate projections, unquantized and quantized, prefill and cached decoding."""
     from mlx_gemma4.conversion import convert
     from mlx_gemma4.weights import load_model
 
     ids = mx.array(np.random.default_rng(1).integers(5, 250, size=(1, 24)), dtype=mx.int32)
-    _, src = checkpoint_factory("e")
+    _, src = checkpoint_factory(family)
     for bits in (None, 8):
         dst = convert(src, tmp_path / f"q{bits}", q_bits=bits, q_group_size=32, dtype="float32") if bits else src
-        model = load_model(dst)
-        assert all("gate_up_proj" in layer.mlp and "gate_proj" not in layer.mlp for layer in model.layers)
-        fused = np.array(model(ids))
-        plain = load_model(dst)
-        for layer in plain.layers:  # undo the fusion: the two halves as separate projections
-            gu = layer.mlp.gate_up_proj
-            half = {k: mx.split(gu[k], 2, axis=0) for k in ("weight", "scales", "biases") if k in gu}
-            g, u = copy.copy(gu), copy.copy(gu)
-            for k, (a, b) in half.items():
-                g[k], u[k] = a, b
-            del layer.mlp["gate_up_proj"]
-            layer.mlp.gate_proj, layer.mlp.up_proj = g, u
-        np.testing.assert_array_equal(np.array(plain(ids)), fused)
+        fused, plain = load_model(dst), load_model(dst, fuse=False)
+        for layer in fused.layers:
+            attn = layer.self_attn
+            assert "gate_up_proj" in layer.mlp and "gate_proj" not in layer.mlp
+            assert ("qkv_proj" in attn) != attn.is_shared and "k_proj" not in attn
+        assert all("qkv_proj" not in layer.self_attn for layer in plain.layers)
+        np.testing.assert_array_equal(np.array(fused(ids)), np.array(plain(ids)))
+        outs = []
+        for model in (fused, plain):
+            cache = model.make_cache()
+            model(ids[:, :20], cache=cache)
+            outs.append([np.array(model.step(ids[:, i:i + 1], cache)) for i in range(20, 24)])
+        np.testing.assert_array_equal(np.array(outs[0]), np.array(outs[1]))

@@ -273,7 +273,8 @@ class Tokenizer:
         from ..tools import tool_schemas
 
         prompt = self.hf.apply_chat_template(
-            messages, chat_template=self.chat_template, tools=tool_schemas(tools), add_generation_prompt=add_generation_prompt,
+            messages, chat_template=self.chat_template, tools=tool_schemas(tools),
+            add_generation_prompt=add_generation_prompt,
             enable_thinking=enable_thinking, tokenize=False, **kwargs)
         return self.encode(prompt) if tokenize else prompt
 
