@@ -9,6 +9,7 @@ from .errors import ConfigError, ContextLengthError, Gemma4Error, InputError, Ou
 __all__ = [
     "ConfigError", "ContextLengthError", "Gemma4Error", "InputError", "OutputError", "WeightsError",
     "load", "generate", "stream_generate", "ChatSession",
+    "ToolCall", "ToolCallError", "tool_schema", "parse_tool_calls", "split_answer", "ToolLoop", "run_tools",
 ]
 
 # Public name -> the module that defines it. Imported on first use so `import mlx_gemma4` stays cheap for the
@@ -19,6 +20,16 @@ _LAZY = {
     "stream_generate": "generation",
     "GenerationResponse": "generation",
     "ChatSession": "chat",
+    "ChatResponse": "chat",
+    "ToolCall": "tools",
+    "ToolCallError": "tools",
+    "tool_schema": "tools",
+    "parse_tool_calls": "tools",
+    "Answer": "tool_use",
+    "split_answer": "tool_use",
+    "ToolLoop": "tool_loop",
+    "ToolRun": "tool_loop",
+    "run_tools": "tool_loop",
 }
 
 

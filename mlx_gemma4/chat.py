@@ -8,6 +8,11 @@ dropping old turns are all just "a different list of messages": none needs an un
 ``send`` / ``regenerate`` / ``drop_oldest_turns`` / ``load_messages`` keep a conversation in ``messages`` for
 callers that want the session to hold it; they are thin layers over ``stream``.
 
+Function calling: ``tools`` (on the session, or per call) are declared to the model; each response splits its
+piece into ``thinking``, ``content`` and completed ``tool_calls``, and the last one carries the whole ``answer``
+(see tool_use.py). A turn that calls tools ends on ``<|tool_response>``; the caller appends
+``answer.to_message()`` and one ``role: "tool"`` message per call, and streams again (tool_loop.py does that).
+
 Rewinding: a growing buffer can always be cut back; a sliding ring cannot once it has wrapped, so the session
 also keeps a few snapshots (taken just before the last token of each prompt) to fall back on.
 """
@@ -15,6 +20,7 @@ also keeps a few snapshots (taken just before the last token of each prompt) to 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterator
 
 import mlx.core as mx
@@ -23,11 +29,26 @@ import numpy as np
 from . import cache as kv
 from .errors import ContextLengthError, InputError
 from .media import MEDIA
-from .generation import GenerationResponse, cancelled_response, check_positive_int, prefill, stream_tokens
+from .generation import GenerationResponse, _stop_ids, cancelled_response, check_positive_int, prefill, stream_tokens
 from .processing.chat_prompt import ChatEncoder, EncodedChat, Stopped, stack_inputs, strip_placeholders
 from .processing.tokenizer import split_thinking
+from .tool_use import Answer, AnswerStream, tool_result_message
+from .tools import ToolCall, tool_schemas
 
 _MAX_SNAPSHOTS = 6
+_SESSION_TOOLS: Any = object()  # stream()'s default: the session's own tools
+
+
+@dataclass
+class ChatResponse(GenerationResponse):
+    """A streamed piece of a chat answer: ``text`` as decoded, and the same piece split into ``thinking`` and
+    ``content`` (answer text outside thoughts and tool calls), with the ``tool_calls`` it completed. The last
+    response of a turn carries the whole ``answer``."""
+
+    thinking: str = ""
+    content: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    answer: Answer | None = None
 
 
 def _rewind(cache: list, snapshots: list[tuple[int, Any]], have: int, want: int) -> int:
@@ -56,8 +77,10 @@ def _rewind(cache: list, snapshots: list[tuple[int, Any]], have: int, want: int)
 
 class ChatSession:
     def __init__(self, model, processor, system_prompt: str | None = None, enable_thinking: bool = False,
-                 prefill_chunk: int = 2048):
+                 prefill_chunk: int = 2048, tools: list[Any] | None = None):
         check_positive_int("prefill_chunk", prefill_chunk)
+        self.tools = tools  # functions or JSON schemas (see tools.tool_schema), declared in every turn
+        tool_schemas(tools)  # checked now, not at the first turn
         self.model = model
         self.processor = processor
         self.system_prompt = system_prompt
@@ -84,10 +107,14 @@ class ChatSession:
     def context_limit(self) -> int:
         return self.model.config.text_config.max_position_embeddings
 
-    def encode(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> EncodedChat:
+    def encode(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+               tools: Any = _SESSION_TOOLS) -> EncodedChat:
         """The token ids (and media) of ``messages`` as this session would prefill them."""
         return self.encoder.encode(messages, add_generation_prompt=add_generation_prompt,
-                                   enable_thinking=self.enable_thinking)
+                                   enable_thinking=self.enable_thinking, tools=self._schemas(tools))
+
+    def _schemas(self, tools: Any) -> list[dict[str, Any]] | None:
+        return tool_schemas(self.tools if tools is _SESSION_TOOLS else tools) or None
 
     def count_tokens(self, messages: list[dict[str, Any]] | None = None) -> int:
         """How many tokens of the context ``messages`` (default: this session's) take."""
@@ -111,27 +138,50 @@ class ChatSession:
         return kept
 
     # -- answering any conversation --------------------------------------------------------------------------
-    def stream(self, messages: list[dict[str, Any]], **gen_kwargs) -> Iterator[GenerationResponse]:
-        """Stream the model's answer to ``messages`` (ending with a user turn). ``messages`` is not changed.
+    def stream(self, messages: list[dict[str, Any]], tools: Any = _SESSION_TOOLS,
+               **gen_kwargs) -> Iterator[ChatResponse]:
+        """Stream the model's answer to ``messages`` (ending with a user turn, or with tool results for the calls
+        of the last assistant message). ``messages`` is not changed. ``tools`` replaces the session's tools for
+        this call (None: none); with tools, ``<|tool_response>`` (a call waits for its result) also stops.
 
         Takes stream_generate's keywords (``max_tokens``, ``temperature``, ``should_stop``, ...). Responses report
         the prompt tokens computed for this turn (``last_reused`` says how many came from the cache), and the
         peak memory of this turn. ``should_stop`` is also asked between media items and prefill chunks; a turn
         stopped before its first token ends with one response with ``token == -1`` and no text.
         """
+        schemas = self._schemas(tools)
+        waits = self.processor.tokenizer.convert_tokens_to_ids("<|tool_response>") if schemas else None
+        if waits is not None and waits != getattr(self.processor.tokenizer.hf, "unk_token_id", None) \
+                and "stop_ids" not in gen_kwargs:
+            gen_kwargs["stop_ids"] = sorted(set(_stop_ids(self.model, self.processor)) | {waits})
+        pieces = AnswerStream()
+        for r in self._stream(messages, schemas, **gen_kwargs):
+            thinking, content, calls = pieces.feed(r.text)
+            done = {"answer": self._finish(pieces.close())} if r.finish_reason else {}
+            yield ChatResponse(**{f.name: getattr(r, f.name) for f in fields(GenerationResponse)},
+                               thinking=thinking, content=strip_placeholders(self.processor, content),
+                               tool_calls=calls, **done)
+
+    def _finish(self, answer: Answer) -> Answer:
+        answer.text = strip_placeholders(self.processor, answer.text).strip()
+        return answer
+
+    def _stream(self, messages: list[dict[str, Any]], schemas: list[dict[str, Any]] | None,
+                **gen_kwargs) -> Iterator[GenerationResponse]:
         should_stop = gen_kwargs.get("should_stop")
         chunk = gen_kwargs.pop("prefill_chunk", self.prefill_chunk)
         progress = gen_kwargs.pop("progress", None)  # (done, total) prompt tokens, for a UI
         t0 = time.perf_counter()
         mx.reset_peak_memory()
         try:
-            enc = self.encoder.encode(messages, enable_thinking=self.enable_thinking, should_stop=should_stop)
+            enc = self.encoder.encode(messages, enable_thinking=self.enable_thinking, should_stop=should_stop,
+                                      tools=schemas)
         except Stopped:
             yield cancelled_response(0, time.perf_counter() - t0)
             return
         L = len(enc.ids)
         if L > self.model.context_left(None):  # the model's own bound, checked before any media work
-            raise self._too_long(messages, L)
+            raise self._too_long(messages, L, schemas)
         start = self._reuse(enc)
         self.last_reused = start
         # The last user turn is where an answer-again or an edited message parts from this conversation: the cache
@@ -224,13 +274,13 @@ class ChatSession:
             raise
         return True
 
-    def _too_long(self, messages: list[dict[str, Any]], tokens: int) -> ContextLengthError:
+    def _too_long(self, messages: list[dict[str, Any]], tokens: int, schemas=None) -> ContextLengthError:
         limit = self.context_limit
         head = 1 if messages and messages[0]["role"] == "system" else 0
         users = [i for i, m in enumerate(messages) if m["role"] == "user" and i >= head]
         for k in range(1, len(users)):
             rest = messages[:head] + messages[users[k]:]
-            if len(self.encoder.encode(rest, enable_thinking=self.enable_thinking).ids) <= limit:
+            if len(self.encoder.encode(rest, enable_thinking=self.enable_thinking, tools=schemas).ids) <= limit:
                 return ContextLengthError(
                     f"The conversation is {tokens} tokens but the model's context is {limit}. Drop the {k} oldest "
                     f"turn{'s' if k > 1 else ''} or start a new chat.", tokens=tokens, limit=limit, drop_turns=k)
@@ -269,6 +319,15 @@ class ChatSession:
             raise InputError("There is no user turn to answer again; send a message first.")
         return self._answer(**gen_kwargs)
 
+    def send_tool_results(self, results: list[tuple[ToolCall, Any]], **gen_kwargs) -> Iterator[ChatResponse]:
+        """Answer the tool calls of the last assistant message with ``(call, result)`` pairs (a result is a
+        string, a JSON value, an image or a list of parts) and stream the model's continuation."""
+        last = self.messages[-1] if self.messages else {}
+        if last.get("role") != "assistant" or not last.get("tool_calls"):
+            raise InputError("The conversation does not end with tool calls to answer; send a message first.")
+        self.messages += [tool_result_message(call, result) for call, result in results]
+        return self._answer(**gen_kwargs)
+
     def forget_last_user_turn(self) -> None:
         """Remove the trailing user turn (e.g. after it did not fit in the context)."""
         if self.messages and self.messages[-1]["role"] == "user":
@@ -284,19 +343,23 @@ class ChatSession:
             while start < len(self.messages) and self.messages[start]["role"] != "user":
                 self.messages.pop(start)
 
-    def _answer(self, new_turn: bool = False, **gen_kwargs) -> Iterator[GenerationResponse]:
+    def _answer(self, new_turn: bool = False, **gen_kwargs) -> Iterator[ChatResponse]:
         pieces: list[str] = []
         started = False
+        answer: Answer | None = None
         try:
             for r in self.stream(self.messages, **gen_kwargs):
                 started = True
                 pieces.append(r.text)
+                answer = r.answer or answer
                 yield r
         except Exception:
             if new_turn and not started:
                 self.forget_last_user_turn()
             raise
         finally:
-            if started:
+            if started and answer is not None and answer.tool_calls:
+                self.messages.append(answer.to_message())  # the caller appends the tool results
+            elif started:
                 self.messages.append({"role": "assistant", "content": self.answer_text("".join(pieces))})
 

@@ -137,15 +137,18 @@ def _is_section(text: str) -> bool:
 
 @dataclass(frozen=True)
 class ToolCall:
-    """One call the model asked for: ``name`` and ``arguments`` as Python values; ``raw`` is the text it came from."""
+    """One call the model asked for: ``name`` and ``arguments`` as Python values; ``raw`` is the text it came from;
+    ``id`` names it for the tool message that answers it (the model's format has none: a chat session makes one)."""
 
     name: str
     arguments: dict[str, Any]
     raw: str = field(default="", compare=False)
+    id: str = field(default="", compare=False)
 
     def to_message(self) -> dict[str, Any]:
         """The entry for an assistant message's ``tool_calls``, as the chat template reads it back."""
-        return {"type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+        entry = {"type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+        return {"id": self.id, **entry} if self.id else entry
 
 
 class ToolCallError(InputError):
@@ -162,18 +165,21 @@ def parse_tool_calls(text: str) -> tuple[list[ToolCall], str]:
     stream = ToolCallStream()
     events = stream.feed(text) + stream.close()
     calls = [e for e in events if isinstance(e, ToolCall)]
-    return calls, "".join(e for e in events if isinstance(e, str))
+    return calls, "".join(e for e in events if isinstance(e, str))  # no errors: they were raised
 
 
 class ToolCallStream:
     """Feed streamed text pieces; get back, in order, text outside calls (``str``) as soon as it cannot be the
-    start of a call, and each ``ToolCall`` once its closing token has arrived. ``close()`` flushes the end."""
+    start of a call, and each ``ToolCall`` once its closing token has arrived. ``close()`` flushes the end.
+    A call that does not parse raises ``ToolCallError``; with ``keep_errors`` it comes back as that error, in
+    its place among the events, and the stream goes on."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_errors: bool = False) -> None:
         self._buf = ""
         self._in_call = False
+        self._keep_errors = keep_errors
 
-    def feed(self, piece: str) -> list[str | ToolCall]:
+    def feed(self, piece: str) -> list[str | ToolCall | ToolCallError]:
         self._buf += piece
         out: list[str | ToolCall] = []
         while True:
@@ -182,8 +188,13 @@ class ToolCallStream:
                 if end < 0:
                     return out
                 raw, self._buf = self._buf[:end + len(CALL_CLOSE)], self._buf[end + len(CALL_CLOSE):]
-                out.append(parse_call(raw))
                 self._in_call = False
+                try:
+                    out.append(parse_call(raw))
+                except ToolCallError as e:
+                    if not self._keep_errors:
+                        raise
+                    out.append(e)
                 continue
             start = self._buf.find(CALL_OPEN)
             if start < 0:
@@ -197,12 +208,15 @@ class ToolCallStream:
             self._buf = self._buf[start:]
             self._in_call = True
 
-    def close(self) -> list[str | ToolCall]:
-        """The text still held back; an unfinished call raises ``ToolCallError``."""
+    def close(self) -> list[str | ToolCall | ToolCallError]:
+        """The text still held back; an unfinished call raises ``ToolCallError`` (or is returned as one)."""
         buf, self._buf = self._buf, ""
         if self._in_call:
             self._in_call = False
-            raise ToolCallError("The answer ended before <tool_call|>", buf)
+            error = ToolCallError("The answer ended before <tool_call|>", buf)
+            if self._keep_errors:
+                return [error]
+            raise error
         return [buf] if buf else []
 
 

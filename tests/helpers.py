@@ -79,3 +79,35 @@ def check_unusable_paths(load: Callable[[Any], Any], folder: Path, suffix: str, 
     raises_naming(load, folder / f"empty{suffix}", f"empty{suffix}", "empty")
     (folder / f"notes{suffix}").write_text("hello, this is text\n" * 50)
     raises_naming(load, folder / f"notes{suffix}", f"notes{suffix}", not_media)
+
+
+class ScriptedAnswers:
+    """A logits processor that makes the model write given answers, one per model step of a conversation: the
+    ``n``-th answer after the last user turn is forced token by token (answers start after ``<|turn>model\\n``
+    or after the tool results of the step before), so a random model goes through the real tokenizer, template and
+    detokenizer. It reads its position from the token history, so it keeps no state between calls."""
+
+    def __init__(self, processor, answers: list[str]) -> None:
+        tok = processor.tokenizer
+        self.scripts = [tok.encode(a, add_special_tokens=False) for a in answers]
+        self.turn_open = processor.special.turn_open.id
+        self.model_label = len(tok.encode("model\n", add_special_tokens=False))
+        self.result_open = tok.convert_tokens_to_ids("<|tool_response>")
+        self.media_close = {t.id for t in (processor.special.eoi, processor.special.eoa) if t is not None}
+        self.result_close = tok.convert_tokens_to_ids("<tool_response|>")
+
+    def __call__(self, history: mx.array, logits: mx.array) -> mx.array:
+        ids = np.array(history).tolist()
+        turn = max(i for i, t in enumerate(ids) if t == self.turn_open)
+        results = [i for i in range(turn, len(ids)) if ids[i] == self.result_close]
+        # An answer starts after the model label, or after the last results and the media they carry.
+        start = max([turn + 1 + self.model_label] + [i + 1 for i in range(turn, len(ids))
+                                                     if ids[i] == self.result_close or ids[i] in self.media_close])
+        # Several results of one step sit side by side: a step ends where a result is not followed by another.
+        step = sum(1 for i in results if i + 1 == len(ids) or ids[i + 1] != self.result_open)
+        at = len(ids) - start
+        if step >= len(self.scripts) or at >= len(self.scripts[step]):
+            return logits
+        forced = np.full(logits.shape, -1e9, dtype=np.float32)
+        forced[..., self.scripts[step][at]] = 0.0
+        return mx.array(forced)

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import InputError
+from ..tool_use import prepare_messages
 from .tokenizer import split_thinking
 
 MEDIA_KINDS = ("image", "audio", "video")
@@ -93,10 +94,10 @@ class ChatEncoder:
 
     def clean(self, role: str, text: str) -> str:
         """What the template would write for a text part: trimmed, and for the model's turns without thoughts
-        and media placeholders (history is treated like a live answer)."""
+        and media placeholders (history is treated like a live answer); a tool's text as it is."""
         if role == "assistant":
             return strip_placeholders(self.processor, split_thinking(text)[1])
-        return text.strip()
+        return text if role == "tool" else text.strip()
 
     # -- media -----------------------------------------------------------------------------------------------
 
@@ -111,11 +112,24 @@ class ChatEncoder:
     # -- the call --------------------------------------------------------------------------------------------
 
     def encode(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
-               enable_thinking: bool = False, should_stop: Callable[[], bool] | None = None) -> EncodedChat:
+               enable_thinking: bool = False, should_stop: Callable[[], bool] | None = None,
+               tools: list[Any] | None = None) -> EncodedChat:
         texts: list[str] = []
         sources: list[tuple[str, Any]] = []
         rendered_messages = []
-        for m in messages:
+
+        def escaped(value: Any) -> Any:
+            """A JSON value with every string swapped for a sentinel (tool arguments and results are text)."""
+            if isinstance(value, str):
+                texts.append(value)
+                return _SENTINEL.format(len(texts) - 1)
+            if isinstance(value, dict):
+                return {k: escaped(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [escaped(v) for v in value]
+            return value
+
+        for m in prepare_messages(messages):
             role, content = m["role"], m.get("content")
             if content is None or isinstance(content, str):
                 parts = [] if not content else [{"type": "text", "text": content}]
@@ -142,14 +156,17 @@ class ChatEncoder:
                 rendered_messages.append({"role": role, "content": out})
             else:
                 rendered_messages.append({"role": role, "content": out[0]["text"] if out else ""})
+            rendered_messages[-1].update(self._tool_fields(m, escaped))
 
         rendered = self.processor.tokenizer.apply_chat_template(
-            rendered_messages, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking)
+            rendered_messages, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking,
+            tools=tools)
         found = [self._placeholders[m.group(0)] for m in self._specials.finditer(rendered)
                  if m.group(0) in self._placeholders] if self._specials else []
         if found != [k for k, _ in sources]:
             raise InputError("The chat template did not place every image, audio clip or video of the messages "
-                             "(media are only read in user turns); move them into a user message.")
+                             "(media are only read in user turns and tool results); move them into a user "
+                             "message.")
 
         used: dict[tuple, tuple[Any, MediaItem]] = {}
         items: list[MediaItem] = []
@@ -204,6 +221,22 @@ class ChatEncoder:
         trusted(rendered)
         flush()
         return EncodedChat(np.array(ids, dtype=np.int32), np.array(keys, dtype=np.int64), spans)
+
+
+    @staticmethod
+    def _tool_fields(message: dict[str, Any], escaped: Callable[[Any], Any]) -> dict[str, Any]:
+        """The tool-use keys of a prepared message (see tool_use.prepare_messages), their text escaped."""
+        out: dict[str, Any] = {k: message[k] for k in ("name", "tool_call_id") if message.get(k) is not None}
+        if message.get("tool_calls"):
+            out["tool_calls"] = [{**c, "function": {**c["function"], "arguments": escaped(c["function"]["arguments"])}}
+                                 for c in message["tool_calls"]]
+        if message.get("tool_responses"):
+            out["tool_responses"] = [{"name": r["name"], "response": escaped(r["response"])}
+                                     for r in message["tool_responses"]]
+        thinking = message.get("reasoning") or message.get("reasoning_content")
+        if thinking:
+            out["reasoning"] = escaped(str(thinking))
+        return out
 
 
 def stack_inputs(items: list[MediaItem]) -> dict[str, Any]:

@@ -268,12 +268,14 @@ class Tokenizer:
 
         A message's content is a string or a list of parts {"type": "text", "text": ...} /
         {"type": "image" | "audio" | "video", ...}; media parts become the placeholder the template writes.
-        `tools` are JSON-schema dicts or plain Python functions (see mlx_gemma4.tools.tool_schema).
+        `tools` are JSON-schema dicts or plain Python functions (see mlx_gemma4.tools.tool_schema). Assistant
+        messages may carry ``tool_calls`` and ``role: "tool"`` messages answer them (see mlx_gemma4.tool_use).
         """
+        from ..tool_use import prepare_messages
         from ..tools import tool_schemas
 
         prompt = self.hf.apply_chat_template(
-            messages, chat_template=self.chat_template, tools=tool_schemas(tools),
+            prepare_messages(messages), chat_template=self.chat_template, tools=tool_schemas(tools),
             add_generation_prompt=add_generation_prompt,
             enable_thinking=enable_thinking, tokenize=False, **kwargs)
         return self.encode(prompt) if tokenize else prompt

@@ -1,0 +1,236 @@
+"""Tool turns in a conversation: a model answer split into thinking, text and tool calls (whole or streamed), and
+tool results put back into the messages the way Gemma 4's chat template renders them.
+
+Message shapes follow OpenAI's chat format where the template reads them:
+
+    {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function",
+                                                         "function": {"name": "f", "arguments": {"x": 1}}}]}
+    {"role": "tool", "tool_call_id": "call_1", "name": "f", "content": "sunny"}
+
+A tool's ``content`` may be a string, a JSON value (dict, list, number, ...) or a list of parts with images, audio
+or video (``{"type": "image", "image": PIL.Image | path}``). The template renders a string or a list of parts on a
+``tool`` message, and any JSON value on the legacy ``tool_responses`` of the assistant message
+(``response:f{key:value}``, the form the model learned for structured results); ``prepare_messages`` moves results
+there when no media are among them, so both kinds render. ``arguments`` given as a JSON string (as OpenAI clients
+send them) are parsed, since the template writes a string verbatim between the call's braces.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .errors import InputError
+from .tools import ToolCall, ToolCallError, ToolCallStream
+
+MEDIA_KINDS = ("image", "audio", "video")
+_THINK_OPEN, _THINK_CLOSE, _THINK_LABEL = "<|channel>", "<channel|>", "thought\n"
+
+
+def new_call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:16]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Answers
+
+
+@dataclass
+class Answer:
+    """A finished model answer: ``thinking``, ``text`` (outside thoughts and calls, stripped) and ``tool_calls``.
+    ``error`` holds a ``ToolCallError`` when a call did not parse; its raw text is then kept in ``text``."""
+
+    thinking: str = ""
+    text: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    error: ToolCallError | None = None
+
+    def to_message(self) -> dict[str, Any]:
+        """The assistant message that records this answer in a conversation. With tool calls, the thinking goes
+        in ``reasoning`` (the template keeps it for the turn being answered) and the text is left out: the
+        template writes an assistant message's text after its tool results and closes the turn there, which
+        would cut off the answer the model is about to write from those results."""
+        if not self.tool_calls:
+            return {"role": "assistant", "content": self.text}
+        message: dict[str, Any] = {"role": "assistant", "content": "",
+                                   "tool_calls": [c.to_message() for c in self.tool_calls]}
+        if self.thinking:
+            message["reasoning"] = self.thinking
+        return message
+
+
+class AnswerStream:
+    """Feed streamed answer text; get ``(thinking, text, calls)`` for each piece: thought text, answer text outside
+    thoughts and calls (held back only while it may be the start of a marker), and the calls completed by it.
+    ``close()`` flushes the end and returns the whole ``Answer`` (also kept in ``answer``). Every call gets an
+    ``id``. Thoughts are ``<|channel>thought\\n...<channel|>`` blocks, as ``split_thinking`` reads them."""
+
+    def __init__(self) -> None:
+        self._calls = ToolCallStream(keep_errors=True)
+        self._buf = ""
+        self._in_thought = False
+        self._label: str | None = None  # the start of a thought block while it may still be the label
+        self._blocks: list[str] = []    # thought blocks so far
+        self._text: list[str] = []
+        self.answer = Answer()
+
+    def feed(self, piece: str) -> tuple[str, str, list[ToolCall]]:
+        self._buf += piece
+        thinking: list[str] = []
+        text: list[str] = []
+        calls: list[ToolCall] = []
+        while True:
+            marker = _THINK_CLOSE if self._in_thought else _THINK_OPEN
+            at = self._buf.find(marker)
+            cut = at if at >= 0 else len(self._buf) - _partial_suffix(self._buf, marker)
+            body, self._buf = self._buf[:cut], self._buf[cut:]
+            if self._in_thought:
+                thinking.append(self._thought(body))
+            else:
+                t, c = self._outside(body)
+                text.append(t)
+                calls += c
+            if at < 0:
+                return "".join(thinking), "".join(text), calls
+            self._buf = self._buf[len(marker):]
+            if self._in_thought and self._label is not None:
+                self._blocks[-1] = "" if self._label == _THINK_LABEL.strip() else self._label
+                self._label = None
+            self._in_thought = not self._in_thought
+            if self._in_thought:
+                self._label = ""
+                self._blocks.append("")
+                if any(b.strip() for b in self._blocks[:-1]):
+                    thinking.append("\n")
+
+    def _thought(self, body: str) -> str:
+        if self._label is not None:
+            self._label += body
+            if _THINK_LABEL.startswith(self._label) and self._label != _THINK_LABEL:
+                return ""  # the label may still be arriving
+            body, self._label = self._label.removeprefix(_THINK_LABEL), None
+        self._blocks[-1] += body
+        return body
+
+    def _outside(self, body: str, closing: bool = False) -> tuple[str, list[ToolCall]]:
+        events = self._calls.feed(body) + (self._calls.close() if closing else [])
+        text, calls = [], []
+        for e in events:
+            if isinstance(e, ToolCall):
+                calls.append(replace(e, id=new_call_id()))
+            elif isinstance(e, ToolCallError):
+                self.answer.error = self.answer.error or e
+                text.append(e.raw)  # shown as it came, so nothing the model wrote is lost
+            else:
+                text.append(e)
+        self.answer.tool_calls += calls
+        self._text += text
+        return "".join(text), calls
+
+    def close(self) -> Answer:
+        """The whole answer; an unfinished call becomes ``error``, with its raw text kept in ``text``."""
+        rest, self._buf = self._buf, ""
+        if self._in_thought:
+            self._thought(rest)  # an unfinished thought counts as thinking in full; a half label as nothing
+            rest = ""
+        self._outside(rest, closing=True)
+        self.answer.thinking = "\n".join(b.strip() for b in self._blocks if b.strip())
+        self.answer.text = "".join(self._text).replace(_THINK_CLOSE, "").strip()
+        return self.answer
+
+
+def split_answer(text: str) -> Answer:
+    """A whole answer (decoded with special tokens kept) as thinking, text and tool calls."""
+    stream = AnswerStream()
+    stream.feed(text)
+    return stream.close()
+
+
+def _partial_suffix(text: str, token: str) -> int:
+    for n in range(min(len(text), len(token) - 1), 0, -1):
+        if text.endswith(token[:n]):
+            return n
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tool results
+
+
+def tool_result_message(call: ToolCall, result: Any) -> dict[str, Any]:
+    """The ``tool`` message answering ``call`` with what the tool returned: a string, a JSON value, a PIL image,
+    or a list of parts (``{"type": "text" | "image" | "audio" | "video", ...}``)."""
+    if _is_image(result):
+        result = [{"type": "image", "image": result}]
+    return {"role": "tool", "tool_call_id": call.id, "name": call.name, "content": result}
+
+
+def _is_image(value: Any) -> bool:
+    return type(value).__module__.startswith("PIL.") and hasattr(value, "mode")
+
+
+def is_parts(content: Any) -> bool:
+    """Whether ``content`` is a list of message parts (as opposed to a JSON array returned by a tool)."""
+    return (isinstance(content, list) and bool(content)
+            and all(isinstance(p, dict) and p.get("type") in ("text", *MEDIA_KINDS) for p in content))
+
+
+def prepare_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``messages`` in the form the chat template renders (the list and its messages are not changed):
+    arguments given as JSON strings are parsed, and tool results without media move onto their assistant
+    message's ``tool_responses`` (where JSON values render natively), keyed by the name of the call they answer."""
+    out: list[dict[str, Any]] = []
+    i = 0
+    while i < len(messages):
+        m = messages[i]
+        if not isinstance(m, dict) or "role" not in m:
+            raise InputError(f"Message {i} is {m!r}; each message is a dict with a 'role' and a 'content'.")
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            m = {**m, "tool_calls": [_call_entry(c, i) for c in m["tool_calls"]]}
+            results = []
+            j = i + 1
+            while j < len(messages) and isinstance(messages[j], dict) and messages[j].get("role") == "tool":
+                results.append(messages[j])
+                j += 1
+            if results and not m.get("tool_responses") and not any(is_parts(r.get("content")) for r in results):
+                names = {c.get("id"): c["function"]["name"] for c in m["tool_calls"]}
+                m["tool_responses"] = [
+                    {"name": names.get(r.get("tool_call_id")) or r.get("name") or "unknown",
+                     "response": "" if r.get("content") is None else r["content"]} for r in results]
+                out.append(m)
+                i = j
+                continue
+            out.append(m)
+            i += 1
+            continue
+        if m["role"] == "tool" and not (m.get("content") is None or isinstance(m["content"], str)
+                                        or is_parts(m["content"])):
+            # Beside media, a JSON result can only be written as text.
+            m = {**m, "content": json.dumps(m["content"], ensure_ascii=False)}
+        out.append(m)
+        i += 1
+    return out
+
+
+def _call_entry(call: Any, index: int) -> dict[str, Any]:
+    where = f"A tool call of message {index}"
+    if isinstance(call, ToolCall):
+        return call.to_message()
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise InputError(f"{where} is {call!r}; write it as "
+                         "{'type': 'function', 'function': {'name': ..., 'arguments': {...}}}.")
+    args = fn.get("arguments")
+    if args is None or args == "":
+        args = {}
+    elif isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where} ({fn['name']}) has arguments that are not JSON ({e}); pass a dict or a "
+                             "JSON object string.") from e
+    if not isinstance(args, dict):
+        raise InputError(f"{where} ({fn['name']}) has arguments {args!r}; they must be a JSON object (a dict).")
+    return {**call, "function": {**fn, "arguments": args}}

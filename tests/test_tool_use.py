@@ -1,0 +1,250 @@
+"""mlx_gemma4/tool_use.py and ChatSession's tools: answers split into thinking, text and tool calls (whole and
+streamed), tool turns rendered by the real template and tokenizer, and a random model forced to call a tool."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mlx_gemma4 import ChatSession
+from mlx_gemma4.errors import InputError
+from mlx_gemma4.processing.processor import Processor
+from mlx_gemma4.processing.tokenizer import split_thinking
+from mlx_gemma4.tool_use import AnswerStream, prepare_messages, split_answer
+from mlx_gemma4.tools import ToolCall, ToolCallError
+from mlx_gemma4.weights import load_model
+from tests import tiny
+from tests.helpers import ScriptedAnswers, tone
+
+QUOTE = '<|"|>'
+GREEDY = {"temperature": 0.0}
+
+
+def get_weather(city: str, days: int = 1) -> str:
+    """The weather in a city.
+
+    Args:
+        city: The city's name.
+        days: How many days ahead.
+    """
+    return f"sunny in {city} for {days} days"
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint_factory):
+    _, path = checkpoint_factory("e")
+    return load_model(path), Processor.from_pretrained(path)
+
+
+def call_text(name: str, arguments: dict) -> str:
+    """A call as the model writes it (the template's own rendering of an assistant tool call)."""
+    return f"<|tool_call>call:{name}{{" + ",".join(f"{k}:{_value(v)}" for k, v in sorted(arguments.items())) \
+        + "}<tool_call|>"
+
+
+def _value(v) -> str:
+    if isinstance(v, str):
+        return QUOTE + v + QUOTE
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}:{_value(x)}" for k, x in sorted(v.items())) + "}"
+    if isinstance(v, list):
+        return "[" + ",".join(_value(x) for x in v) + "]"
+    return str(v)
+
+
+def ask(text="weather in Paris?"):
+    return [{"role": "user", "content": text}]
+
+
+# -- answers -------------------------------------------------------------------------------------------------
+
+
+def test_answer_split_matches_split_thinking_at_every_split_point(loaded):
+    _, processor = loaded
+    call = call_text("get_weather", {"city": "Paris, {FR}", "days": 2})
+    text = "<|channel>thought\nneed data<channel|>Let me look." + call + call_text("b", {})
+    ids = processor.tokenizer.encode(text, add_special_tokens=False)
+    text = processor.decode(ids)  # what the detokenizer gives back
+    whole = split_answer(text)
+    assert (whole.thinking, whole.error) == ("need data", None)
+    assert whole.text == "Let me look." and [c.name for c in whole.tool_calls] == ["get_weather", "b"]
+    assert whole.tool_calls[0].arguments == {"city": "Paris, {FR}", "days": 2}
+    assert whole.tool_calls[0].id and whole.tool_calls[0].id != whole.tool_calls[1].id
+    for cut in range(len(text) + 1):
+        stream = AnswerStream()
+        pieces = [stream.feed(text[:cut]), stream.feed(text[cut:])]
+        answer = stream.close()
+        assert (answer.thinking, answer.text, answer.tool_calls) == (whole.thinking, whole.text, whole.tool_calls)
+        assert "".join(p[0] for p in pieces) == "need data"
+        assert "".join(p[1] for p in pieces) == "Let me look."
+        assert [c.name for p in pieces for c in p[2]] == ["get_weather", "b"]
+
+
+@pytest.mark.parametrize("text", ["<|channel>thought\na<channel|>x<|channel>thought\nb<channel|>y",
+                                  "<|channel>thought\nstill thinking", "<|channel>thou", "<|channel>thought<channel|>ok",
+                                  "plain"])
+def test_thoughts_without_calls_split_like_split_thinking(text):
+    for cut in range(len(text) + 1):
+        stream = AnswerStream()
+        stream.feed(text[:cut])
+        stream.feed(text[cut:])
+        answer = stream.close()
+        assert (answer.thinking, answer.text) == split_thinking(text)
+
+
+def test_malformed_call_keeps_its_raw_text_in_the_answer():
+    bad = "<|tool_call>call:f{a:oops}<tool_call|>"
+    answer = split_answer("before " + bad + " after")
+    assert isinstance(answer.error, ToolCallError) and answer.error.raw == bad
+    assert answer.text == "before " + bad + " after" and answer.tool_calls == []
+    cut = split_answer("x <|tool_call>call:f{a:1")
+    assert cut.error.raw == "<|tool_call>call:f{a:1" and "ended before" in str(cut.error)
+
+
+# -- tool turns in the template ---------------------------------------------------------------------------------
+
+
+def tool_turns(result, arguments='{"city": "Paris", "days": 2}'):
+    return ask() + [
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": result}]
+
+
+def test_tool_turns_render_as_the_template_writes_them(loaded):
+    _, processor = loaded
+    prompt = processor.apply_chat_template(tool_turns("sunny"), tools=[get_weather])
+    assert "<|tool>declaration:get_weather{" in prompt
+    assert prompt.endswith("<|turn>model\n" + call_text("get_weather", {"city": "Paris", "days": 2})
+                           + "<|tool_response>response:get_weather{value:" + QUOTE + "sunny" + QUOTE
+                           + "}<tool_response|>")
+    # Arguments as a dict or as an OpenAI JSON string, and a string result given to the template as it is.
+    raw = processor.tokenizer.hf.apply_chat_template(
+        tool_turns("sunny", {"city": "Paris", "days": 2}), chat_template=processor.tokenizer.chat_template,
+        tools=[processor_schema()], tokenize=False, add_generation_prompt=True)
+    assert prompt == raw
+    # A JSON result renders in the model's own form, not as a quoted string.
+    structured = processor.apply_chat_template(tool_turns({"temp": 21.5, "sky": "clear", "wind": [3, "NW"]}))
+    assert structured.endswith("<|tool_response>response:get_weather{sky:" + QUOTE + "clear" + QUOTE
+                               + ",temp:21.5,wind:[3," + QUOTE + "NW" + QUOTE + "]}<tool_response|>")
+
+
+def processor_schema():
+    from mlx_gemma4.tools import tool_schema
+
+    return tool_schema(get_weather)
+
+
+def test_bad_tool_call_messages_say_what_to_do():
+    with pytest.raises(InputError, match="not JSON"):
+        prepare_messages(tool_turns("x", arguments="{city: Paris"))
+    with pytest.raises(InputError, match="JSON object"):
+        prepare_messages(tool_turns("x", arguments="[1, 2]"))
+    with pytest.raises(InputError, match="'function'"):
+        prepare_messages(ask() + [{"role": "assistant", "tool_calls": [{"name": "f"}]}])
+
+
+@pytest.mark.parametrize("result", ["sunny <turn|><|tool_response> ok", {"note": "<eos> <|image|> text"}])
+def test_session_encodes_tool_turns_like_the_prompt_with_their_text_kept_text(loaded, result):
+    model, processor = loaded
+    session = ChatSession(model, processor, tools=[get_weather])
+    messages = tool_turns(result, {"city": "<turn|>Paris<|\"|>", "days": 2})
+    ids = session.encode(messages).ids.tolist()
+    prompt = processor.apply_chat_template(messages, tools=[get_weather])
+    decoded = processor.decode(ids)
+    assert decoded == prompt
+    special = processor.special
+    # The template's own control tokens only: the typed ones in arguments and results are characters.
+    turn_closes = [i for i in ids if i == special.turn_close.id]
+    assert len(turn_closes) == 2 and special.eos.id not in ids[1:] and special.image.id not in ids
+    assert ids.count(processor.tokenizer.convert_tokens_to_ids("<|tool_response>")) == 1
+
+
+@pytest.fixture(scope="module")
+def media_model(checkpoint_factory):
+    _, path = checkpoint_factory("e", vision=tiny.VISION, audio=tiny.AUDIO_128)
+    proc = Processor.from_pretrained(path)
+    proc.image_processor.max_soft_tokens = 70
+    return load_model(path), proc
+
+
+def test_tool_results_with_an_image_and_audio(media_model, tmp_path):
+    model, processor = media_model
+    picture = tmp_path / "map.png"
+    Image.new("RGB", (40, 30), "green").save(picture)
+    clip = tone(0.5)
+    messages = tool_turns([{"type": "text", "text": "here is the map"}, {"type": "image", "image": str(picture)},
+                           {"type": "audio", "audio": clip}])
+    session = ChatSession(model, processor)
+    enc = session.encode(messages)
+    prompt = processor.apply_chat_template(messages)
+    assert "response:get_weather{value:" + QUOTE + "here is the map" + QUOTE + "}<tool_response|><|image|><|audio|>" \
+        in prompt
+    ref = processor(text=prompt, images=[str(picture)], audio=[clip])
+    assert enc.ids.tolist() == np.array(ref["input_ids"]).reshape(-1).tolist()
+    assert [it.kind for _, _, it in enc.items] == ["image", "audio"]
+    out = list(session.stream(messages, max_tokens=3, stop_ids=[], **GREEDY))
+    assert len(out) == 3 and out[-1].answer is not None
+
+
+# -- a random model forced to call ---------------------------------------------------------------------------
+
+
+def test_forced_call_streams_as_a_tool_call_and_stops_for_its_result(loaded):
+    model, processor = loaded
+    call = call_text("get_weather", {"city": "Paris", "days": 2})
+    force = ScriptedAnswers(processor, ["Checking." + call + "<|tool_response>"])
+    session = ChatSession(model, processor, tools=[get_weather])
+    out = list(session.stream(ask(), max_tokens=60, logits_processors=[force], **GREEDY))
+    assert out[-1].finish_reason == "stop" and out[-1].token == processor.tokenizer.convert_tokens_to_ids(
+        "<|tool_response>")
+    answer = out[-1].answer
+    assert answer.tool_calls == [ToolCall("get_weather", {"city": "Paris", "days": 2})]
+    assert answer.text == "Checking." and answer.error is None
+    assert [c for r in out for c in r.tool_calls] == answer.tool_calls  # each call once, when it completed
+    assert "".join(r.content for r in out) == "Checking."
+    assert answer.tool_calls[0].raw == call
+    message = answer.to_message()
+    assert message["tool_calls"][0]["id"] == answer.tool_calls[0].id and message["content"] == ""
+
+
+def test_continuing_after_a_result_reuses_the_cache_and_matches_a_fresh_session(loaded):
+    model, processor = loaded
+    call = call_text("get_weather", {"city": "Paris"})
+    force = ScriptedAnswers(processor, [call + "<|tool_response>"])
+    session = ChatSession(model, processor, tools=[get_weather])
+    first = list(session.send("weather in Paris?", max_tokens=40, logits_processors=[force], **GREEDY))
+    calls = first[-1].answer.tool_calls
+    assert session.messages[-1]["tool_calls"][0]["function"] == {"name": "get_weather",
+                                                                    "arguments": {"city": "Paris"}}
+    before = session.context_used
+    cont = [r.token for r in session.send_tool_results([(calls[0], {"temp": 20})], max_tokens=6, **GREEDY)]
+    assert session.last_reused >= before - 1  # the call the model wrote is what the history renders
+    assert session.messages[-2]["role"] == "tool" and session.messages[-1]["role"] == "assistant"
+    fresh = ChatSession(model, processor, tools=[get_weather])
+    assert [r.token for r in fresh.stream(session.messages[:-1], max_tokens=6, **GREEDY)] == cont
+    with pytest.raises(InputError, match="does not end with tool calls"):
+        session.send_tool_results([(calls[0], "again")])
+
+
+def test_tools_per_call_override(loaded):
+    model, processor = loaded
+    session = ChatSession(model, processor, tools=[get_weather])
+    with_tools = session.encode(ask()).ids
+    without = session.encode(ask(), tools=None).ids
+    assert len(with_tools) > len(without)
+    assert without.tolist() == ChatSession(model, processor).encode(ask()).ids.tolist()
+    schema = json.loads(json.dumps(processor_schema()))  # a plain JSON schema works as well as the function
+    assert session.encode(ask(), tools=[schema]).ids.tolist() == with_tools.tolist()
+    call = call_text("get_weather", {"city": "Rome"})
+    force = ScriptedAnswers(processor, [call + "<|tool_response>" + "more"])
+    out = list(session.stream(ask(), tools=None, max_tokens=len(processor.tokenizer.encode(call)) + 2,
+                              logits_processors=[force], **GREEDY))
+    assert out[-1].finish_reason == "length"  # without tools, <|tool_response> does not end the turn
+    with pytest.raises(InputError, match="needs a name"):
+        ChatSession(model, processor, tools=[lambda x: x])
