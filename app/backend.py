@@ -93,11 +93,8 @@ def chat_session(model: Any, processor: Any, settings: Settings) -> Session:
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
-def split_thinking(text: str) -> tuple[str, str]:
-    """(thinking, answer) of streamed text, without control characters."""
-    from mlx_gemma4.processing.tokenizer import split_thinking as split
-
-    return split(_CONTROL.sub("", text))
+def _call_dict(call: Any) -> dict:
+    return {"id": call.id, "name": call.name, "arguments": call.arguments}
 
 
 def process_memory_gb() -> float:
@@ -149,11 +146,13 @@ class Working(TurnEvent):
 
 @dataclass
 class Streamed(TurnEvent):
-    """A batch of new text: the whole thinking and answer so far, so handlers never lose a piece."""
+    """A batch of new text: the whole thinking and answer so far, so handlers never lose a piece; the tool calls
+    completed so far ({"id", "name", "arguments"}), shown as calls rather than the tokens they were written in."""
 
     thinking: str
     answer: str
     stats: Stats
+    tool_calls: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -162,6 +161,7 @@ class Finished(TurnEvent):
     answer: str          # as kept in the conversation (no thoughts, no media placeholders)
     finish_reason: str   # "stop" | "length" | "context" | "cancelled"
     stats: Stats
+    tool_calls: list[dict] = field(default_factory=list)  # as in Streamed
 
 
 @dataclass
@@ -306,14 +306,20 @@ class Backend:
         session = self.session
         if session is None:
             raise RuntimeError(f"No model is loaded. {self.load_error or ''}".strip())
+        from mlx_gemma4.tool_use import AnswerStream
+
         session.enable_thinking = self.settings.enable_thinking
-        text, stats, reason, last_post = "", Stats(), "stop", 0.0
+        stats, reason, last_post = Stats(), "stop", 0.0
+        thinking, answer, calls = "", "", []
+        pieces = AnswerStream()  # thinking, answer and tool calls, a complete call at a time
         should_stop = lambda: stop.is_set() or self._closing.is_set()  # noqa: E731
         progress = lambda done, total: post(Working(cid, turn, done, total))  # noqa: E731
         with closing(session.stream(messages, should_stop=should_stop, progress=progress,
                                     **self.settings.sampling())) as stream:
             for r in stream:
-                text += r.text
+                more_thinking, more_answer, more_calls = pieces.feed(_CONTROL.sub("", r.text))
+                thinking, answer = thinking + more_thinking, answer + more_answer
+                calls += [_call_dict(c) for c in more_calls]
                 stats = self._stats(r, stats)
                 if r.finish_reason:
                     reason = r.finish_reason
@@ -321,11 +327,12 @@ class Backend:
                 now = time.monotonic()
                 if now - last_post >= 1.0 / self.fps:
                     last_post = now
-                    post(Streamed(cid, turn, *split_thinking(text), stats))
+                    post(Streamed(cid, turn, thinking.strip(), answer.strip(), stats, list(calls)))
         if should_stop() and reason == "stop":
             reason = "cancelled"
-        thinking, _ = split_thinking(text)
-        post(Finished(cid, turn, thinking, _CONTROL.sub("", session.answer_text(text)), reason, stats))
+        done = pieces.close()  # a call the answer did not finish stays in the text, as written
+        post(Finished(cid, turn, done.thinking, session.answer_text(done.text), reason, stats,
+                      [_call_dict(c) for c in done.tool_calls]))
 
     def _stats(self, r: GenerationResponse, before: Stats) -> Stats:
         """The turn's stats after response `r` (memory: the highest seen this turn)."""

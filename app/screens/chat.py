@@ -30,6 +30,7 @@ from ..widgets.meter import LevelMeter
 from ..widgets.prompt import PLACEHOLDER, PromptArea
 from ..widgets.status import StatusBar
 from ..widgets.thumbnail import ImagePreview
+from ..widgets.tool_calls import result_line
 from .attaching import AttachingScreen
 from .confirm import ConfirmScreen
 
@@ -42,9 +43,19 @@ def finish_note(reason: str | None) -> str:
 
 
 def session_messages(saved: list[SavedMessage]) -> list[dict]:
-    """History rows as chat messages for the model (text plus the saved copies of attachments)."""
+    """History rows as chat messages for the model (text plus the saved copies of attachments). An answer that
+    called tools becomes the calls, their results (the app runs none: the model is told so) and its text."""
     out = []
     for m in saved:
+        calls = m.stats.get("tool_calls") if m.role == "assistant" else None
+        if calls:
+            out.append({"role": "assistant", "content": "", "tool_calls": [
+                {"id": c.get("id", ""), "type": "function",
+                 "function": {"name": c["name"], "arguments": c.get("arguments") or {}}} for c in calls]})
+            out += [{"role": "tool", "tool_call_id": c.get("id", ""), "name": c["name"],
+                     "content": result_line(c)} for c in calls]
+            out.append({"role": "assistant", "content": m.content})  # closes the model's turn
+            continue
         if not m.attachments:
             out.append({"role": m.role, "content": m.content})
             continue
@@ -179,7 +190,8 @@ class ChatScreen(AttachingScreen):
             if m.role == "user":
                 widgets.append(UserMessage(m.content, [(a.kind, a.path, a.label) for a in m.attachments]))
             else:
-                widgets.append(ModelMessage(m.thinking, m.content, finish_note(m.stats.get("finish"))))
+                widgets.append(ModelMessage(m.thinking, m.content, finish_note(m.stats.get("finish")),
+                                            calls=m.stats.get("tool_calls")))
                 if m.stats.get("annotated") and Path(m.stats["annotated"]).exists():
                     widgets.append(ImagePreview(Path(m.stats["annotated"])))
         self.transcript.mount_all(widgets)
@@ -294,12 +306,14 @@ class ChatScreen(AttachingScreen):
         if event.thinking or event.answer:
             self.query_one(Activity).stop()
         self.query_one(StatusBar).stats = event.stats
-        await self.current.show(event.thinking, event.answer)
+        await self.current.show(event.thinking, event.answer, event.tool_calls)
 
     @on(b.Finished)
     async def finished(self, event: b.Finished) -> None:
         history = self.chat.history
         stats = dict(vars(event.stats), finish=event.finish_reason)
+        if event.tool_calls:  # kept with the answer (the messages table has no column for them)
+            stats["tool_calls"] = event.tool_calls
         if not self._mine(event):
             # The user left this conversation mid-answer: its record still gets the (partial) answer, unless it
             # was deleted (add_message then saves nothing) or the answer replaced one (regenerate) and was stopped.
@@ -326,7 +340,7 @@ class ChatScreen(AttachingScreen):
             self.offer_to_drop_turns(f"The conversation now fills the context ({event.stats.context_used}"
                                      f"/{event.stats.context_limit} tokens).", 1)
         if message is not None:
-            await message.show(event.thinking, event.answer)
+            await message.show(event.thinking, event.answer, event.tool_calls)
 
     def _answered(self, conversation_id: int, turn_id: int) -> bool:
         later = [m for m in self.chat.history.messages(conversation_id) if m.id > turn_id]

@@ -10,6 +10,7 @@ from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Collapsible, Label, Markdown, Static
 
 from .chips import AttachmentChips
+from .tool_calls import ToolCallView
 
 _CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
 
@@ -34,15 +35,18 @@ class UserMessage(Vertical):
 
 
 class ModelMessage(Vertical):
-    """One answer: a collapsed Thinking section (when there is one), the Markdown answer, a footer note.
+    """One answer: a collapsed Thinking section (when there is one), the Markdown answer, the tool calls it
+    made (name, arguments, result), a footer note.
 
-    `thinking` / `answer` are what it should show; text may arrive before the widget is composed or mounted
-    (a fast first token), so `show` only records it there and the widget catches up when it is mounted.
+    `thinking` / `answer` / `calls` are what it should show; text may arrive before the widget is composed or
+    mounted (a fast first token), so `show` only records it there and the widget catches up when it is mounted.
     """
 
-    def __init__(self, thinking: str = "", answer: str = "", note: str = "") -> None:
+    def __init__(self, thinking: str = "", answer: str = "", note: str = "",
+                 calls: list[dict] | None = None) -> None:
         super().__init__(classes="message model")
         self.thinking, self.answer, self.note = thinking, answer, note
+        self.calls: list[dict] = list(calls or [])
         self._shown: tuple[str, str] | None = None  # what the child widgets hold, once composed
 
     def compose(self) -> ComposeResult:
@@ -51,6 +55,8 @@ class ModelMessage(Vertical):
             c.display = bool(self.thinking)
             yield Markdown(self.thinking, classes="thinking-text")
         yield Markdown(self.answer, classes="answer")
+        for call in self.calls:
+            yield ToolCallView(call)
         note = Label(self.note, classes="note", markup=False)
         note.display = bool(self.note)
         yield note
@@ -59,9 +65,12 @@ class ModelMessage(Vertical):
     async def on_mount(self) -> None:
         await self._sync()
 
-    async def show(self, thinking: str, answer: str) -> None:
-        """Bring the widget up to date with the text so far; appends when the answer only grew."""
+    async def show(self, thinking: str, answer: str, calls: list[dict] | None = None) -> None:
+        """Bring the widget up to date with the text so far; appends when the answer only grew. ``calls``
+        (None: unchanged) replaces the tool calls shown."""
         self.thinking, self.answer = thinking, answer
+        if calls is not None:
+            self.calls = list(calls)
         await self._sync()
 
     async def _sync(self) -> None:
@@ -80,6 +89,18 @@ class ModelMessage(Vertical):
                 await md.append(answer[len(shown_answer):])
         elif answer != shown_answer:
             await md.update(answer)
+        await self._sync_calls()
+
+    async def _sync_calls(self) -> None:
+        views = list(self.query(ToolCallView))
+        for view, call in zip(views, self.calls):
+            if view.call != call:
+                view.call = call
+                view.update(view.text())
+        for view in views[len(self.calls):]:
+            await view.remove()
+        if len(self.calls) > len(views):
+            await self.mount_all([ToolCallView(c) for c in self.calls[len(views):]], before=self.query_one(".note"))
 
     def set_note(self, note: str) -> None:
         self.note = note
