@@ -142,7 +142,8 @@ class ChatSession:
                **gen_kwargs) -> Iterator[ChatResponse]:
         """Stream the model's answer to ``messages`` (ending with a user turn, or with tool results for the calls
         of the last assistant message). ``messages`` is not changed. ``tools`` replaces the session's tools for
-        this call (None: none); with tools, ``<|tool_response>`` (a call waits for its result) also stops.
+        this call (None: none); with tools, ``<|tool_response>`` (a call waits for its result) also stops, unless
+        ``stop_ids`` are given.
 
         Takes stream_generate's keywords (``max_tokens``, ``temperature``, ``should_stop``, ...). Responses report
         the prompt tokens computed for this turn (``last_reused`` says how many came from the cache), and the

@@ -205,6 +205,10 @@ def prepare_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             out.append(m)
             i += 1
             continue
+        if m["role"] == "tool" and not (out and (out[-1].get("tool_calls") or out[-1]["role"] == "tool")):
+            raise InputError(f"Message {i} is a tool result that follows no tool call; a role 'tool' message "
+                             "answers a call of the assistant message just before it (after that message's other "
+                             "results).")
         if m["role"] == "tool" and not (m.get("content") is None or isinstance(m["content"], str)
                                         or is_parts(m["content"])):
             # Beside media, a JSON result can only be written as text.

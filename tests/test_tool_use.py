@@ -145,6 +145,8 @@ def test_bad_tool_call_messages_say_what_to_do():
         prepare_messages(tool_turns("x", arguments="{city: Paris"))
     with pytest.raises(InputError, match="JSON object"):
         prepare_messages(tool_turns("x", arguments="[1, 2]"))
+    with pytest.raises(InputError, match="follows no tool call"):
+        prepare_messages(ask() + [{"role": "assistant", "content": "hi"}, {"role": "tool", "content": "x"}])
     with pytest.raises(InputError, match="'function'"):
         prepare_messages(ask() + [{"role": "assistant", "tool_calls": [{"name": "f"}]}])
 
@@ -248,3 +250,22 @@ def test_tools_per_call_override(loaded):
     assert out[-1].finish_reason == "length"  # without tools, <|tool_response> does not end the turn
     with pytest.raises(InputError, match="needs a name"):
         ChatSession(model, processor, tools=[lambda x: x])
+
+
+def test_thoughts_before_a_call_are_kept_for_the_turn_being_answered(loaded):
+    model, processor = loaded
+    call = call_text("get_weather", {"city": "Paris"})
+    force = ScriptedAnswers(processor, ["<|channel>thought\nI need data\n<channel|>" + call + "<|tool_response>"])
+    session = ChatSession(model, processor, enable_thinking=True, tools=[get_weather])
+    out = list(session.send("weather in Paris?", max_tokens=60, logits_processors=[force], **GREEDY))
+    answer = out[-1].answer
+    assert answer.thinking == "I need data" and "".join(r.thinking for r in out).strip() == "I need data"
+    assert session.messages[-1]["reasoning"] == "I need data"
+    before = session.context_used
+    list(session.send_tool_results([(answer.tool_calls[0], "rain")], max_tokens=3, **GREEDY))
+    assert session.last_reused >= before - 1  # the thought is rendered as the model wrote it
+    prompt = processor.apply_chat_template(session.messages[:-1], enable_thinking=True, tools=[get_weather])
+    assert "<|turn>model\n<|channel>thought\nI need data\n<channel|>" + call in prompt
+    # Once a later user turn is answered, the template drops it.
+    later = session.messages + [{"role": "user", "content": "thanks"}]
+    assert "I need data" not in processor.apply_chat_template(later, enable_thinking=True, tools=[get_weather])

@@ -202,3 +202,13 @@ def test_template_takes_functions_as_tools(processor):
             == processor.apply_chat_template(messages, tools=[tool_schema(weather)]))
     with pytest.raises(InputError, match="no type hint"):
         processor.apply_chat_template(messages, tools=[no_hint])
+
+
+def test_stream_can_hand_back_malformed_calls_and_go_on():
+    stream = ToolCallStream(keep_errors=True)
+    events = stream.feed("a <|tool_call>call:f{x:bad}<tool_call|> b <|tool_call>call:g{y:1}<tool_call|>")
+    events += stream.feed(" c <|tool_call>call:h{") + stream.close()
+    kinds = [type(e).__name__ for e in events]
+    assert kinds == ["str", "ToolCallError", "str", "ToolCall", "str", "ToolCallError"]
+    assert events[1].raw == "<|tool_call>call:f{x:bad}<tool_call|>" and events[3] == ToolCall("g", {"y": 1})
+    assert events[5].raw == "<|tool_call>call:h{"
