@@ -49,12 +49,11 @@ class Answer:
 
     def to_message(self) -> dict[str, Any]:
         """The assistant message that records this answer in a conversation. With tool calls, the thinking goes
-        in ``reasoning`` (the template keeps it for the turn being answered) and the text is left out: the
-        template writes an assistant message's text after its tool results and closes the turn there, which
-        would cut off the answer the model is about to write from those results."""
+        in ``reasoning`` (the template keeps it for the turn being answered); the text before the calls is kept
+        in ``content`` but not rendered (see ``prepare_messages``)."""
         if not self.tool_calls:
             return {"role": "assistant", "content": self.text}
-        message: dict[str, Any] = {"role": "assistant", "content": "",
+        message: dict[str, Any] = {"role": "assistant", "content": self.text,
                                    "tool_calls": [c.to_message() for c in self.tool_calls]}
         if self.thinking:
             message["reasoning"] = self.thinking
@@ -179,8 +178,10 @@ def is_parts(content: Any) -> bool:
 
 def prepare_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``messages`` in the form the chat template renders (the list and its messages are not changed):
-    arguments given as JSON strings are parsed, and tool results without media move onto their assistant
-    message's ``tool_responses`` (where JSON values render natively), keyed by the name of the call they answer."""
+    arguments given as JSON strings are parsed, tool results without media move onto their assistant message's
+    ``tool_responses`` (where JSON values render natively), keyed by the name of the call they answer, and the
+    text of an assistant message with tool calls is left out (the template would write it after the results and
+    close the model's turn before the answer it writes from them)."""
     out: list[dict[str, Any]] = []
     i = 0
     while i < len(messages):
@@ -188,7 +189,10 @@ def prepare_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not isinstance(m, dict) or "role" not in m:
             raise InputError(f"Message {i} is {m!r}; each message is a dict with a 'role' and a 'content'.")
         if m["role"] == "assistant" and m.get("tool_calls"):
-            m = {**m, "tool_calls": [_call_entry(c, i) for c in m["tool_calls"]]}
+            # The model writes its text before its calls, but the template writes an assistant message's text
+            # after the calls and their results and closes the turn there, cutting off the answer the model
+            # goes on to write from the results: the text is left out of the prompt.
+            m = {**m, "content": "", "tool_calls": [_call_entry(c, i) for c in m["tool_calls"]]}
             results = []
             j = i + 1
             while j < len(messages) and isinstance(messages[j], dict) and messages[j].get("role") == "tool":

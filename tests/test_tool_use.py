@@ -212,7 +212,12 @@ def test_forced_call_streams_as_a_tool_call_and_stops_for_its_result(loaded):
     assert "".join(r.content for r in out) == "Checking."
     assert answer.tool_calls[0].raw == call
     message = answer.to_message()
-    assert message["tool_calls"][0]["id"] == answer.tool_calls[0].id and message["content"] == ""
+    assert message["tool_calls"][0]["id"] == answer.tool_calls[0].id and message["content"] == "Checking."
+    # The text before the calls is kept in the record, not in the prompt: the turn stays open for the answer.
+    result = {"role": "tool", "tool_call_id": answer.tool_calls[0].id, "content": "rain"}
+    prompt = processor.apply_chat_template(ask() + [message, result], tools=[get_weather])
+    assert prompt.endswith("<|turn>model\n" + call + "<|tool_response>response:get_weather{value:" + QUOTE
+                           + "rain" + QUOTE + "}<tool_response|>")
 
 
 def test_continuing_after_a_result_reuses_the_cache_and_matches_a_fresh_session(loaded):
