@@ -86,8 +86,8 @@ def test_answer_split_matches_split_thinking_at_every_split_point(loaded):
 
 
 @pytest.mark.parametrize("text", ["<|channel>thought\na<channel|>x<|channel>thought\nb<channel|>y",
-                                  "<|channel>thought\nstill thinking", "<|channel>thou", "<|channel>thought<channel|>ok",
-                                  "plain"])
+                                  "<|channel>thought\nstill thinking", "<|channel>thou",
+                                  "<|channel>thought<channel|>ok", "plain"])
 def test_thoughts_without_calls_split_like_split_thinking(text):
     for cut in range(len(text) + 1):
         stream = AnswerStream()
