@@ -11,7 +11,8 @@ cutting ``k*16``-pixel patches directly gives the same values in the same order.
 Pixel arithmetic follows the reference's torch backend, so values match bit for bit: float32 ``x * rescale_factor``,
 or, when normalizing too (the video default, an identity), ``(x - mean / rescale_factor) / (std / rescale_factor)``.
 Resizing uses Pillow's bicubic filter, as Gemma 4's video frames do (the reference uses torchvision's antialiased
-bicubic; resized pixels differ by a 1/255 step here and there).
+bicubic; the two round their passes differently, so resized pixels differ by a 1/255 step here and there, two
+at most).
 """
 
 from __future__ import annotations
