@@ -318,6 +318,12 @@ def test_budgets_come_from_the_call_or_the_config(proc, ckpt, tmp_path):
     for bad in (0, 100, 2240, "70", True):
         with pytest.raises(InputError, match="max_soft_tokens must be one of"):
             proc(text="<|image|>", images=image, max_soft_tokens=bad)
+    # Video frames: the config's 70 per frame, or the call's budget (video_max_soft_tokens= for frames only).
+    frames = np.stack([np.asarray(image)] * 2)  # (T, H, W, 3)
+    assert proc(text="<|video|>", videos=frames)["pixel_values_videos"].shape == (2, 70, 6912)
+    assert proc(text="<|video|>", videos=frames, max_soft_tokens=140)["pixel_values_videos"].shape == (2, 140, 6912)
+    both = proc(text="<|image|><|video|>", images=image, videos=frames, video_max_soft_tokens=560)
+    assert both["pixel_values"].shape == (1, 280, 6912) and both["pixel_values_videos"].shape == (2, 560, 6912)
 
 
 def test_image_prompt_expands_like_reference(proc, ref, ref_tok, ref_image):
