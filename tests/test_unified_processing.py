@@ -1,163 +1,36 @@
-"""mlx_gemma4/processing/unified*.py against transformers' Gemma4UnifiedProcessor (Gemma 4 12B).
-
-The reference's image and video processors import torchvision at the top, which must not be installed here, so
-their own functions and ``_preprocess`` methods are compiled from the reference source files (see
-``_reference_code``) and run with torch: the resize they call is torch's bicubic interpolation on uint8, which is
-what torchvision's resize runs on CPU; rescaling is TorchvisionBackend's own method. The audio feature extractor
-and the composite processor's placeholder methods import as they are. Expected ids are the reference tokenizer's
-on the reference's expanded prompt, as in tests/test_processor.py.
-"""
+"""mlx_gemma4/processing/unified*.py against transformers' Gemma4UnifiedProcessor (Gemma 4 12B), piece by piece:
+the reference's image and video ``_preprocess`` (run without torchvision, see tests/unified_reference.py), its audio
+feature extractor, and the ids of its placeholder expansion under the reference tokenizer."""
 
 from __future__ import annotations
 
-import ast
-import importlib.util
 import json
 import math
 import shutil
-from pathlib import Path
-from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from mlx_gemma4.errors import ContextLengthError, InputError
-from mlx_gemma4.processing.image import load_image
 from mlx_gemma4.processing.processor import Processor
 from mlx_gemma4.processing.unified import UnifiedProcessor
 from tests.fixtures_tokenizer import make_tokenizer
 from tests.tiny import SPECIAL_IDS
-
-# ------------------------------------------------------------------------------------------------------------------
-# The reference's pieces
-# ------------------------------------------------------------------------------------------------------------------
-
-
-def _torch_resize(image, size, interpolation=None, antialias=True):
-    # What torchvision's resize does on CPU for uint8 bicubic: torch's own uint8 interpolation, antialiased.
-    batched = image if image.ndim == 4 else image[None]
-    out = torch.nn.functional.interpolate(batched, size=list(size), mode="bicubic", antialias=antialias)
-    return out if image.ndim == 4 else out[0]
-
-
-def _reference_code(module: str, functions: tuple[str, ...], cls: str, methods: tuple[str, ...]) -> SimpleNamespace:
-    """Module-level ``functions`` and ``cls``'s ``methods`` of transformers' gemma4_unified ``module``, compiled from
-    its source with torch, and a stand-in ``tvF`` whose resize is :func:`_torch_resize`."""
-    from transformers.image_processing_backends import TorchvisionBackend
-    from transformers.image_processing_utils import BatchFeature
-    from transformers.image_utils import PILImageResampling
-    from transformers.utils import TensorType
-
-    folder = Path(importlib.util.find_spec("transformers.models.gemma4_unified").submodule_search_locations[0])
-    tree = ast.parse((folder / f"{module}.py").read_text())
-    wanted = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in functions]
-    budgets = [n for n in tree.body if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "_SUPPORTED_SOFT_TOKENS"]
-    [class_def] = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls]
-    wanted += [n for n in class_def.body if isinstance(n, ast.FunctionDef) and n.name in methods]
-    assert sorted(n.name for n in wanted) == sorted(functions + methods), "the reference file changed"
-    wanted = budgets + wanted
-    namespace = {"math": math, "torch": torch, "BatchFeature": BatchFeature, "TensorType": TensorType,
-                 "PILImageResampling": PILImageResampling, "tvF": SimpleNamespace(resize=_torch_resize)}
-    code = compile(ast.Module(body=wanted, type_ignores=[]), str(folder / f"{module}.py"), "exec")
-    exec(code, namespace)  # noqa: S102  (the installed reference's own source, nothing else)
-
-    class Backend:  # the processor object its methods run on: TorchvisionBackend's rescaling, torchvision's normalize
-        rescale_and_normalize = TorchvisionBackend.rescale_and_normalize
-        rescale = TorchvisionBackend.rescale
-        _fuse_mean_std_and_rescale_factor = TorchvisionBackend._fuse_mean_std_and_rescale_factor
-
-        def normalize(self, image, mean, std, inplace=False):  # torchvision: (x - mean) / std per channel
-            mean, std = torch.as_tensor(mean).view(-1, 1, 1), torch.as_tensor(std).view(-1, 1, 1)
-            return (image - mean) / std
-
-    for name in methods:
-        setattr(Backend, name, namespace[name])
-    return SimpleNamespace(backend=Backend(), **{k: namespace[k] for k in functions})
-
-
-@pytest.fixture(scope="module")
-def ref_image():
-    return _reference_code("image_processing_gemma4_unified",
-                           ("get_aspect_ratio_preserving_size", "convert_image_to_patches", "pad_along_first_dim",
-                            "patches_merge"),
-                           "Gemma4UnifiedImageProcessor", ("aspect_ratio_preserving_resize", "_preprocess"))
-
-
-@pytest.fixture(scope="module")
-def ref_video():
-    return _reference_code("video_processing_gemma4_unified",
-                           ("get_aspect_ratio_preserving_size", "convert_video_to_patches", "pad_to_max_patches",
-                            "patches_merge"),
-                           "Gemma4UnifiedVideoProcessor", ("aspect_ratio_preserving_resize", "_preprocess"))
-
-
-def _ref_images(ref, images, budget, do_normalize=False):
-    """The reference image processor's output for these images (decoded as ours are: RGB, EXIF applied)."""
-    tensors = [torch.from_numpy(np.array(load_image(i))).permute(2, 0, 1).contiguous() for i in images]
-    out = ref.backend._preprocess(tensors, do_resize=True, resample="bicubic", do_rescale=True,
-                                  rescale_factor=1 / 255, do_normalize=do_normalize, image_mean=(0.0, 0.0, 0.0),
-                                  image_std=(1.0, 1.0, 1.0), return_tensors=None, patch_size=16,
-                                  max_soft_tokens=budget, pooling_kernel_size=3)
-    return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
-
-
-def _ref_videos(ref, videos, budget):
-    """The reference video processor's output for these (T, H, W, 3) uint8 videos (frames already sampled)."""
-    tensors = [torch.from_numpy(np.ascontiguousarray(v)).permute(0, 3, 1, 2).contiguous() for v in videos]
-    out = ref.backend._preprocess(tensors, do_resize=True, resample="bicubic", do_rescale=True,
-                                  rescale_factor=1 / 255, do_normalize=True, image_mean=(0.0, 0.0, 0.0),
-                                  image_std=(1.0, 1.0, 1.0), return_tensors=None, patch_size=16,
-                                  max_soft_tokens=budget, pooling_kernel_size=3)
-    return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
-
-
-def _ref_audio(clips):
-    from transformers.models.gemma4_unified.feature_extraction_gemma4_unified import (
-        Gemma4UnifiedAudioFeatureExtractor,
-    )
-
-    return Gemma4UnifiedAudioFeatureExtractor()(list(clips))
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# A 12B-shaped checkpoint directory (tokenizer + processor files) and the reference's prompt expansion
-# ------------------------------------------------------------------------------------------------------------------
-
-
-def unified_processor_config() -> dict:
-    """processor_config.json as Gemma4UnifiedProcessor's save_pretrained nests it (the reference's defaults)."""
-    from transformers.models.gemma4_unified.feature_extraction_gemma4_unified import (
-        Gemma4UnifiedAudioFeatureExtractor,
-    )
-
-    vision = {"do_convert_rgb": True, "do_rescale": True, "do_resize": True, "image_mean": [0.0, 0.0, 0.0],
-              "image_std": [1.0, 1.0, 1.0], "patch_size": 16, "pooling_kernel_size": 3, "resample": 3,
-              "rescale_factor": 1 / 255}
-    return {
-        "processor_class": "Gemma4UnifiedProcessor", "image_seq_length": 280, "audio_seq_length": 750,
-        "audio_ms_per_token": 40,
-        "image_processor": {**vision, "image_processor_type": "Gemma4UnifiedImageProcessor", "do_normalize": False,
-                            "max_soft_tokens": 280},
-        "feature_extractor": Gemma4UnifiedAudioFeatureExtractor().to_dict(),
-        "video_processor": {**vision, "video_processor_type": "Gemma4UnifiedVideoProcessor", "do_normalize": True,
-                            "do_sample_frames": True, "max_soft_tokens": 70, "num_frames": 4},
-    }
-
-
-def _unified_dir(path: Path, *, config: dict | None = None, processor_config: dict | None = None) -> Path:
-    make_tokenizer(path, processor_config=False)
-    (path / "processor_config.json").write_text(json.dumps(processor_config or unified_processor_config()))
-    if config is not None:
-        (path / "config.json").write_text(json.dumps(config))
-    return path
+from tests.unified_reference import (
+    expected_ids,
+    reference_audio,
+    reference_images,
+    reference_videos,
+    unified_dir,
+    unified_processor_config,
+)
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return _unified_dir(tmp_path_factory.mktemp("uproc"), config={
+    return unified_dir(tmp_path_factory.mktemp("uproc"), config={
         "model_type": "gemma4_unified", "text_config": {"max_position_embeddings": 131072}})
 
 
@@ -171,38 +44,6 @@ def ref_tok(ckpt):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(ckpt))
-
-
-@pytest.fixture(scope="module")
-def ref(ref_tok):
-    """Gemma4UnifiedProcessor's token attributes, for calling its methods unbound."""
-    return SimpleNamespace(
-        image_token="<|image|>", boi_token=ref_tok.boi_token, eoi_token=ref_tok.eoi_token,
-        audio_token=ref_tok.audio_token, boa_token=ref_tok.boa_token, eoa_token=ref_tok.eoa_token,
-        video_token="<|video|>", all_special_multimodal_tokens=["<|image|>", "<|video|>", "<|audio|>"],
-        image_token_ids=[ref_tok.image_token_id], audio_token_ids=[ref_tok.audio_token_id],
-        video_token_ids=[ref_tok.convert_tokens_to_ids("<|video|>")])
-
-
-def _expected(ref, ref_tok, text, image_out=None, video_out=None, audio_out=None):
-    """input_ids and mm_token_type_ids Gemma4UnifiedProcessor gives for `text` and its media outputs."""
-    from transformers.models.gemma4_unified import (
-        processing_gemma4_unified as reference,
-    )
-    from transformers.processing_utils import ProcessorMixin
-
-    P = reference.Gemma4UnifiedProcessor
-
-    def runs(out, method, key):
-        return [method(ref, out, i) for i in range(len(out[key]))] if out is not None else []
-
-    image_repl = runs(image_out, P.replace_image_token, "num_soft_tokens_per_image")
-    video_repl = runs(video_out, P.replace_video_token, "num_soft_tokens_per_video")
-    audio_repl = runs(audio_out, P.replace_audio_token, "input_features_mask")
-    [expanded], _ = ProcessorMixin.get_text_with_replacements(ref, [text], image_repl, video_repl, audio_repl)
-    ids = ref_tok(expanded, add_special_tokens=not expanded.startswith("<bos>")).input_ids
-    [types] = ProcessorMixin.create_mm_token_type_ids(ref, [ids])
-    return ids, types
 
 
 def _check_ids(out, ids, types):
@@ -244,7 +85,7 @@ def test_load_picks_the_unified_processor(tmp_path, ckpt):
 
     assert type(load_processor(ckpt)) is UnifiedProcessor  # load()'s path, by config.json's model_type
     # No config.json: the processor files say it, nested (processor_config.json) or flat (preprocessor_config.json).
-    assert type(Processor.from_pretrained(_unified_dir(tmp_path / "nested"))) is UnifiedProcessor
+    assert type(Processor.from_pretrained(unified_dir(tmp_path / "nested"))) is UnifiedProcessor
     flat = make_tokenizer(tmp_path / "flat", processor_config=False)
     (flat / "preprocessor_config.json").write_text(json.dumps(unified_processor_config()["feature_extractor"]))
     assert type(Processor.from_pretrained(flat)) is UnifiedProcessor
@@ -275,10 +116,10 @@ def test_converter_copies_the_processor_files():
     ((240, 672), 70),
     ((480, 672), 140),
 ])
-def test_image_patches_match_reference_exactly(proc, ref_image, size, budget):
+def test_image_patches_match_reference_exactly(proc, size, budget):
     images = [_noise(*size, seed=budget)]
     ours = proc.image_processor(images, max_soft_tokens=budget)
-    theirs = _ref_images(ref_image, images, budget)
+    theirs = reference_images(images, budget)
     assert ours["num_soft_tokens_per_image"] == theirs["num_soft_tokens_per_image"]
     np.testing.assert_array_equal(ours["image_position_ids"], theirs["image_position_ids"])
     assert ours["pixel_values"].dtype == np.float32 and ours["pixel_values"].shape == (1, budget, 48 * 48 * 3)
@@ -293,10 +134,10 @@ def test_image_patches_match_reference_exactly(proc, ref_image, size, budget):
     ((1, 1), 70),        # tiny
     ((5, 3), 560),
 ])
-def test_resized_images_match_reference(proc, ref_image, size, budget):
+def test_resized_images_match_reference(proc, size, budget):
     images = [_smooth(*size, seed=len(size) + budget), _noise(*size[::-1], seed=budget)]
     ours = proc.image_processor(images, max_soft_tokens=budget)
-    theirs = _ref_images(ref_image, images, budget)
+    theirs = reference_images(images, budget)
     assert ours["num_soft_tokens_per_image"] == theirs["num_soft_tokens_per_image"]
     np.testing.assert_array_equal(ours["image_position_ids"], theirs["image_position_ids"])
     close_to_reference(ours["pixel_values"][0], theirs["pixel_values"][0])
@@ -313,7 +154,7 @@ def test_budgets_come_from_the_call_or_the_config(proc, ckpt, tmp_path):
     assert proc.image_processor([image])["pixel_values"].shape[1] == 280  # the config's
     config = unified_processor_config()
     config["image_processor"]["max_soft_tokens"] = 140
-    other = Processor.from_pretrained(_unified_dir(tmp_path / "c140", processor_config=config))
+    other = Processor.from_pretrained(unified_dir(tmp_path / "c140", processor_config=config))
     assert other(text="<|image|>", images=image)["pixel_values"].shape == (1, 140, 6912)
     for bad in (0, 100, 2240, "70", True):
         with pytest.raises(InputError, match="max_soft_tokens must be one of"):
@@ -326,11 +167,11 @@ def test_budgets_come_from_the_call_or_the_config(proc, ckpt, tmp_path):
     assert both["pixel_values"].shape == (1, 280, 6912) and both["pixel_values_videos"].shape == (2, 560, 6912)
 
 
-def test_image_prompt_expands_like_reference(proc, ref, ref_tok, ref_image):
+def test_image_prompt_expands_like_reference(proc, ref_tok):
     images = [_noise(100, 150, 0), _smooth(300, 90, 1)]
     text = "<bos><|turn>user\nCompare <|image|> with\n\n<|image|>\n\nplease<turn|>\n<|turn>model\n"
     out = proc(text=text, images=images, max_soft_tokens=70)
-    _check_ids(out, *_expected(ref, ref_tok, text, image_out=_ref_images(ref_image, images, 70)))
+    _check_ids(out, *expected_ids(ref_tok, text, image_out=reference_images(images, 70)))
     assert set(out) == {"input_ids", "mm_token_type_ids", "pixel_values", "image_position_ids"}
     assert out["pixel_values"].dtype == mx.float32 and out["image_position_ids"].shape == (2, 70, 2)
 
@@ -356,17 +197,17 @@ def _write_mp4(path, frames: int, size=(48, 64), rate=4):
     return str(path)
 
 
-def test_video_frames_match_reference_exactly(proc, ref_video):
+def test_video_frames_match_reference_exactly(proc):
     frames = np.stack([np.asarray(_noise(336, 480, seed=i)) for i in range(3)])  # (T, H, W, 3), budget 70's size
     ours = proc.video_processor([frames])
-    theirs = _ref_videos(ref_video, [frames], 70)
+    theirs = reference_videos([frames], 70)
     assert ours["num_frames_per_video"] == theirs["num_frames_per_video"] == [3]
     assert ours["num_soft_tokens_per_video"] == theirs["num_soft_tokens_per_video"] == [70]
     np.testing.assert_array_equal(ours["video_position_ids"], theirs["video_position_ids"])
     np.testing.assert_array_equal(ours["pixel_values_videos"], theirs["pixel_values_videos"])
 
 
-def test_video_sampling_patching_and_prompt_match_reference(proc, ref, ref_tok, ref_video, ref_image, tmp_path):
+def test_video_sampling_patching_and_prompt_match_reference(proc, ref_tok, tmp_path):
     from transformers.video_utils import VideoMetadata, default_sample_indices_fn
 
     from mlx_gemma4.processing.video import load_video
@@ -380,10 +221,10 @@ def test_video_sampling_patching_and_prompt_match_reference(proc, ref, ref_tok, 
     indices = default_sample_indices_fn(VideoMetadata(total_num_frames=10, fps=4.0), num_frames=4)
     decoded = load_video(clip, num_frames=None).frames  # every frame, decoded as the video module does
     videos = [decoded[indices], np.stack(frames)]
-    theirs = _ref_videos(ref_video, videos, 70)
+    theirs = reference_videos(videos, 70)
     theirs["video_metadata"] = [VideoMetadata(total_num_frames=10, fps=4.0, frames_indices=indices),
                                 VideoMetadata(total_num_frames=2, fps=None, frames_indices=[0, 1])]
-    ids, types = _expected(ref, ref_tok, text, image_out=_ref_images(ref_image, [image], 280), video_out=theirs)
+    ids, types = expected_ids(ref_tok, text, image_out=reference_images([image], 280), video_out=theirs)
     _check_ids(out, ids, types)
     assert out["pixel_values_videos"].shape == (6, 70, 6912) and out["video_position_ids"].shape == (6, 70, 2)
     np.testing.assert_array_equal(np.array(out["video_position_ids"]), theirs["video_position_ids"])
@@ -400,30 +241,30 @@ def test_video_sampling_patching_and_prompt_match_reference(proc, ref, ref_tok, 
 def test_audio_frames_match_reference(proc, lengths):
     clips = [_wave(n, seed=i) for i, n in enumerate(lengths)]
     ours = proc.audio_extractor(clips)
-    theirs = _ref_audio(clips)
+    theirs = reference_audio(clips)
     assert ours["input_features"].dtype == np.float32 and ours["input_features_mask"].dtype == np.bool_
     np.testing.assert_array_equal(ours["input_features"], theirs["input_features"])
     np.testing.assert_array_equal(ours["input_features_mask"], theirs["input_features_mask"])
     assert ours["num_soft_tokens_per_audio"] == [math.ceil(n / 640) for n in lengths]
 
 
-def test_audio_prompt_expands_like_reference(proc, ref, ref_tok, ref_image):
+def test_audio_prompt_expands_like_reference(proc, ref_tok):
     clips = [_wave(16000, 0), _wave(16000 * 2.37, 1), _wave(641, 2)]
     image = _noise(64, 200, 3)
     text = "Transcribe <|audio|> then <|audio|> about <|image|> and <|audio|>."
     out = proc(text=text, audio=clips, images=[image], max_soft_tokens=140)
-    _check_ids(out, *_expected(ref, ref_tok, text, image_out=_ref_images(ref_image, [image], 140),
-                               audio_out=_ref_audio(clips)))
+    _check_ids(out, *expected_ids(ref_tok, text, image_out=reference_images([image], 140),
+                               audio_out=reference_audio(clips)))
     assert out["input_features"].shape == (3, 60, 640) and out["input_features_mask"].dtype == mx.bool_
 
 
-def test_audio_longer_than_30_s_is_one_run_as_in_the_reference(proc, ref, ref_tok, tmp_path):
+def test_audio_longer_than_30_s_is_one_run_as_in_the_reference(proc, ref_tok, tmp_path):
     import soundfile as sf
 
     wave = _wave(16000 * 45 + 100)  # 45 s: one run of ceil(n / 640) tokens, neither cut nor split
     sf.write(tmp_path / "long.wav", wave, 16000, subtype="FLOAT")
     out = proc(text="<|audio|>", audio=str(tmp_path / "long.wav"))
-    _check_ids(out, *_expected(ref, ref_tok, "<|audio|>", audio_out=_ref_audio([wave])))
+    _check_ids(out, *expected_ids(ref_tok, "<|audio|>", audio_out=reference_audio([wave])))
     ids = out["input_ids"][0].tolist()
     assert ids.count(SPECIAL_IDS["audio"]) == math.ceil(len(wave) / 640) == 1126 and ids.count(SPECIAL_IDS["boa"]) == 1
 
