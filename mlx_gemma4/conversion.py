@@ -40,7 +40,7 @@ CHUNK_BYTES = 256 * 1024**2
 # Tokenizer, processor, chat template and generation settings: copied as they are.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
               "added_tokens.json", "processor_config.json", "preprocessor_config.json", "chat_template.jinja",
-              "chat_template.json", "generation_config.json")
+              "chat_template.json", "generation_config.json", "video_preprocessor_config.json")
 INDEX = "model.safetensors.index.json"
 
 Progress = Callable[[int, int, str], None]

@@ -1,6 +1,6 @@
-"""Property-based checks over the image, audio and video processors: whatever the input, the result is either
-well-formed output or a Gemma4Error whose message says what to do; never another exception type, a hang or a
-silent wrong value. Sizes are kept small so the whole file runs in seconds."""
+"""Property-based checks over the image, audio and video processors, Gemma 4's and the 12B's: whatever the input,
+the result is either well-formed output or a Gemma4Error whose message says what to do; never another exception
+type, a hang or a silent wrong value. Sizes are kept small so the whole file runs in seconds."""
 
 from __future__ import annotations
 
@@ -16,6 +16,11 @@ from PIL import Image
 from mlx_gemma4.errors import Gemma4Error
 from mlx_gemma4.processing.audio import AudioFeatureExtractor, load_audio
 from mlx_gemma4.processing.image import SUPPORTED_SOFT_TOKENS, ImageProcessor
+from mlx_gemma4.processing.unified_audio import UnifiedAudioFeatureExtractor
+from mlx_gemma4.processing.unified_vision import (
+    UnifiedImageProcessor,
+    UnifiedVideoProcessor,
+)
 from mlx_gemma4.processing.video import VideoProcessor
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
@@ -23,8 +28,10 @@ SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
 DTYPES = st.sampled_from([np.uint8, np.uint16, np.int8, np.int16, np.int32, np.int64, np.float16, np.float32,
                           np.float64, np.bool_, np.complex64])
 BUDGETS = st.one_of(st.none(), st.sampled_from([*SUPPORTED_SOFT_TOKENS, 0, -70, 69, 71, 2240, 70.0, True, "70"]))
-IMAGE_PROC = ImageProcessor()
-AUDIO_FE = AudioFeatureExtractor()
+IMAGE_PROCS = [ImageProcessor(), UnifiedImageProcessor()]
+AUDIO_FES = [AudioFeatureExtractor(), UnifiedAudioFeatureExtractor()]
+VIDEO_PROCS = [VideoProcessor, UnifiedVideoProcessor]
+FAMILIES = pytest.mark.parametrize("family", [0, 1], ids=["gemma4", "unified"])
 
 
 def helpful(error: Gemma4Error) -> None:
@@ -56,33 +63,39 @@ def _elements(dtype):
     return None
 
 
-def check_image_output(out: dict, n_images: int, budget: int) -> None:
+def check_image_output(out: dict, n_images: int, budget: int, proc: ImageProcessor) -> None:
+    # Gemma 4: one 16-pixel patch per row, 9 rows per soft token; the 12B: one 48-pixel patch per soft token.
+    rows_per_token, side = (1, 48) if isinstance(proc, UnifiedImageProcessor) else (9, 16)
     pixels, positions, counts = out["pixel_values"], out["image_position_ids"], out["num_soft_tokens_per_image"]
-    assert pixels.shape == (n_images, budget * 9, 16 * 16 * 3) and pixels.dtype == np.float32
-    assert positions.shape == (n_images, budget * 9, 2)
+    assert pixels.shape == (n_images, budget * rows_per_token, side * side * 3) and pixels.dtype == np.float32
+    assert positions.shape == (n_images, budget * rows_per_token, 2)
     assert np.isfinite(pixels).all() and pixels.min() >= 0 and pixels.max() <= 1
     for i, n in enumerate(counts):
         assert 1 <= n <= budget
-        real = positions[i, : n * 9]
-        assert (real >= 0).all() and (positions[i, n * 9:] == -1).all()
+        real = positions[i, : n * rows_per_token]
+        assert (real >= 0).all() and (positions[i, n * rows_per_token:] == -1).all()
 
 
+@FAMILIES
 @SETTINGS
 @given(image=arrays(), budget=BUDGETS)
-def test_image_arrays(image, budget):
-    out = outcome(IMAGE_PROC, image, max_soft_tokens=budget)
+def test_image_arrays(family, image, budget):
+    proc = IMAGE_PROCS[family]
+    out = outcome(proc, image, max_soft_tokens=budget)
     if out is not None:
-        check_image_output(out, 1, budget or IMAGE_PROC.max_soft_tokens)
+        check_image_output(out, 1, budget or proc.max_soft_tokens, proc)
         assert image.size > 0 and image.ndim in (2, 3)
 
 
 MODES = ["1", "L", "P", "RGB", "RGBA", "LA", "PA", "I", "I;16", "F", "CMYK", "YCbCr", "LAB", "HSV", "La", "RGBa"]
 
 
+@FAMILIES
 @SETTINGS
 @given(mode=st.sampled_from(MODES), width=st.integers(0, 3000), height=st.integers(0, 3000),
        seed=st.integers(0, 2**32 - 1), budget=BUDGETS)
-def test_pil_images_of_every_mode_and_aspect_ratio(mode, width, height, seed, budget):
+def test_pil_images_of_every_mode_and_aspect_ratio(family, mode, width, height, seed, budget):
+    proc = IMAGE_PROCS[family]
     if width * height > 200_000:  # keep it quick: weird ratios, not big pictures
         height = max(1, 200_000 // max(width, 1))
     image = Image.new(mode, (width, height))
@@ -90,9 +103,9 @@ def test_pil_images_of_every_mode_and_aspect_ratio(mode, width, height, seed, bu
         bands = len(image.getbands())
         raw = np.random.default_rng(seed).integers(0, 256, width * height * bands * 4, dtype=np.uint8)
         image.frombytes(raw.tobytes()[: len(image.tobytes())])
-    out = outcome(IMAGE_PROC, image, max_soft_tokens=budget)
+    out = outcome(proc, image, max_soft_tokens=budget)
     if out is not None:
-        check_image_output(out, 1, budget or IMAGE_PROC.max_soft_tokens)
+        check_image_output(out, 1, budget or proc.max_soft_tokens, proc)
         assert width >= 1 and height >= 1
 
 
@@ -131,28 +144,34 @@ def audio_arrays():
         lambda d: hnp.arrays(d[0], d[1], elements=_elements(d[0])))
 
 
+@FAMILIES
 @SETTINGS
 @given(samples=audio_arrays(), rate=st.one_of(st.none(), st.sampled_from(
     [8000, 16000, 22050, 44100, 0, -1, 999, 10**7, 16000.5, float("nan"), True])))
-def test_audio_arrays(samples, rate):
+def test_audio_arrays(family, samples, rate):
+    fe = AUDIO_FES[family]
     clip = outcome(load_audio, samples, sampling_rate=rate)
     if clip is None:
         return
     assert clip.ndim == 1 and clip.dtype == np.float32 and np.isfinite(clip).all() and len(clip) > 0
-    feats = outcome(AUDIO_FE, [clip])
+    feats = outcome(fe, [clip])
     if feats is None:
         return
     tokens = feats["num_soft_tokens_per_audio"]
     assert np.isfinite(feats["input_features"]).all()
-    assert sum(tokens) + 2 * len(tokens) == AUDIO_FE.prompt_length(len(clip))
-    assert all(0 <= t <= AUDIO_FE.audio_seq_length for t in tokens)
+    assert sum(tokens) + 2 * len(tokens) == fe.prompt_length(len(clip))
+    if isinstance(fe, UnifiedAudioFeatureExtractor):  # one 640-sample frame per token, any length
+        assert tokens == [math.ceil(len(clip) / 640)] and feats["input_features_mask"].sum() == tokens[0]
+    else:
+        assert all(0 <= t <= fe.audio_seq_length for t in tokens)
 
 
+@FAMILIES
 @SETTINGS
 @given(frames=st.lists(arrays(max_dims=4, max_side=24), min_size=0, max_size=4), as_array=st.booleans(),
        budget=BUDGETS, num_frames=st.integers(1, 5))
-def test_videos_of_frames(frames, as_array, budget, num_frames):
-    vp = VideoProcessor(num_frames=num_frames)
+def test_videos_of_frames(family, frames, as_array, budget, num_frames):
+    vp = VIDEO_PROCS[family](num_frames=num_frames)
     src = frames
     if as_array and frames and len({f.shape for f in frames}) == 1:
         src = np.stack(frames)  # (T, ...) one array
@@ -167,12 +186,18 @@ def test_videos_of_frames(frames, as_array, budget, num_frames):
         assert stamps == sorted(stamps) and all(math.isfinite(t) for t in stamps)
 
 
-@pytest.fixture(scope="module")
-def proc(tmp_path_factory):
+@pytest.fixture(scope="module", params=["gemma4", "gemma4_unified"])
+def proc(request, tmp_path_factory):
+    import json
+
     from mlx_gemma4.processing.processor import Processor
     from tests.fixtures_tokenizer import make_tokenizer
 
-    return Processor.from_pretrained(make_tokenizer(tmp_path_factory.mktemp("props")))
+    path = make_tokenizer(tmp_path_factory.mktemp("props"))
+    (path / "config.json").write_text(json.dumps({"model_type": request.param}))
+    proc = Processor.from_pretrained(path)
+    assert (type(proc).__name__ == "UnifiedProcessor") == (request.param == "gemma4_unified")
+    return proc
 
 
 TEXT = st.lists(st.one_of(st.characters(), st.sampled_from(["\ud800", "\udfff", "<|video|>", "<|image|>", "<bos>"])),

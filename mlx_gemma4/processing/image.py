@@ -336,14 +336,17 @@ class ImageProcessor:
             height, width, self.patch_size, self.max_patches(budget), self.pooling_kernel_size
         )
 
-    def preprocess_one(self, image: ImageInput, max_soft_tokens: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """One image -> (patches [max_patches, p*p*3] float32, positions [max_patches, 2] int64, soft tokens)."""
+    def pixels(self, image: ImageInput, max_soft_tokens: int) -> np.ndarray:
+        """One image loaded, resized to fit ``max_soft_tokens`` and scaled: (C, H, W) float32."""
         img = load_image(image)
         if self.do_resize:
             h, w = self.target_size(img.height, img.width, max_soft_tokens)
             if (h, w) != (img.height, img.width):
                 img = img.resize((w, h), resample=self.resample)
-        pixels = np.asarray(img).transpose(2, 0, 1)  # (H, W, C) -> (C, H, W), still uint8
+        return self.scale(np.asarray(img).transpose(2, 0, 1))  # (H, W, C) -> (C, H, W), still uint8
+
+    def scale(self, pixels: np.ndarray) -> np.ndarray:
+        """(C, H, W) uint8 -> float32, rescaled and normalized as configured."""
         if self.do_rescale:
             # float64 then float32, as the reference's rescale, so values match bit for bit.
             pixels = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)
@@ -351,6 +354,11 @@ class ImageProcessor:
             mean = np.asarray(self.image_mean, dtype=np.float32)[:, None, None]  # (C, 1, 1)
             std = np.asarray(self.image_std, dtype=np.float32)[:, None, None]  # (C, 1, 1)
             pixels = ((pixels - mean) / std).astype(np.float32)
+        return pixels.astype(np.float32, copy=False)
+
+    def preprocess_one(self, image: ImageInput, max_soft_tokens: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """One image -> (patches [max_patches, p*p*3] float32, positions [max_patches, 2] int64, soft tokens)."""
+        pixels = self.pixels(image, max_soft_tokens)
         p = self.patch_size
         patches = patchify(pixels, p)
         positions = patch_positions(pixels.shape[1] // p, pixels.shape[2] // p)

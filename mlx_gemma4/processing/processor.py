@@ -23,8 +23,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from ..media import MEDIA
 from ..errors import ConfigError, ContextLengthError, InputError
+from ..media import MEDIA
 from .tokenizer import SpecialTokens, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,17 @@ def _context_length(config: dict[str, Any]) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
+def _is_unified(config: dict[str, Any], *processor_files: dict[str, Any] | None) -> bool:
+    """Whether a checkpoint is Gemma 4 12B (encoder-free): config.json's model_type says so or, in a directory
+    without one, the processor files name the unified processor classes."""
+    if config.get("model_type"):
+        return str(config["model_type"]).startswith("gemma4_unified")
+    sections = [s for d in processor_files if d
+                for s in (d, d.get("image_processor"), d.get("feature_extractor"), d.get("video_processor"))]
+    keys = ("processor_class", "image_processor_type", "feature_extractor_type", "video_processor_type")
+    return any(isinstance(s, dict) and str(s.get(k, "")).startswith("Gemma4Unified") for s in sections for k in keys)
+
+
 def _duration(samples: int, rate: int) -> str:
     seconds = samples / rate
     return f"{int(seconds // 60)} min {seconds % 60:.1f} s" if seconds >= 60 else f"{seconds:.1f} s"
@@ -87,16 +98,24 @@ class Processor:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Processor:
-        """Load from a local checkpoint directory (tokenizer files, config.json, processor_config.json)."""
+        """Load from a local checkpoint directory (tokenizer files, config.json, processor_config.json).
+
+        Called on ``Processor``, it returns the processor of the checkpoint's family: a
+        :class:`~mlx_gemma4.processing.unified.UnifiedProcessor` for Gemma 4 12B (``gemma4_unified``)."""
         path = Path(path)
         if not path.is_dir():
             raise ConfigError(f"{path} is not a directory; pass a converted checkpoint directory.")
-        tokenizer = Tokenizer.from_pretrained(path)
+        config = _read_json(path / "config.json")
         processor_config = _read_json(path / "processor_config.json")
         image_config = _read_json(path / "preprocessor_config.json") or None
         video_config = _read_json(path / "video_preprocessor_config.json") or None
-        return cls(tokenizer, processor_config, image_config, video_config,
-                   _context_length(_read_json(path / "config.json")))
+        family = cls
+        if cls is Processor and _is_unified(config, processor_config, image_config, video_config):
+            from .unified import UnifiedProcessor
+
+            family = UnifiedProcessor
+        tokenizer = Tokenizer.from_pretrained(path)
+        return family(tokenizer, processor_config, image_config, video_config, _context_length(config))
 
     # -- tokenizer facade ----------------------------------------------------------------------------------------
 
@@ -137,28 +156,36 @@ class Processor:
 
     # -- media preprocessors (lazy) ------------------------------------------------------------------------------
 
+    def _build(self, kind: str) -> Any:
+        """The preprocessor of one media kind ("image", "audio", "video") from the checkpoint's settings."""
+        if kind == "image":
+            from .image import ImageProcessor
+
+            return ImageProcessor.from_dict(self._image_config or self.processor_config)
+        if kind == "audio":
+            from .audio import AudioFeatureExtractor
+
+            return AudioFeatureExtractor.from_dict(self.processor_config)
+        from .video import VideoProcessor
+
+        return VideoProcessor.from_dict(self._video_config or self.processor_config)
+
     @property
     def image_processor(self) -> Any:
         if self._image_processor is None:
-            from .image import ImageProcessor
-
-            self._image_processor = ImageProcessor.from_dict(self._image_config or self.processor_config)
+            self._image_processor = self._build("image")
         return self._image_processor
 
     @property
     def audio_extractor(self) -> Any:
         if self._audio_extractor is None:
-            from .audio import AudioFeatureExtractor
-
-            self._audio_extractor = AudioFeatureExtractor.from_dict(self.processor_config)
+            self._audio_extractor = self._build("audio")
         return self._audio_extractor
 
     @property
     def video_processor(self) -> Any:
         if self._video_processor is None:
-            from .video import VideoProcessor
-
-            self._video_processor = VideoProcessor.from_dict(self._video_config or self.processor_config)
+            self._video_processor = self._build("video")
         return self._video_processor
 
     # -- the call ------------------------------------------------------------------------------------------------

@@ -266,8 +266,8 @@ class VideoProcessor:
     def from_dict(cls, d: dict[str, Any]) -> VideoProcessor:
         """Build from processor_config.json (its "video_processor" section) or a flat video_preprocessor_config."""
         s = d["video_processor"] if isinstance(d.get("video_processor"), dict) else d
-        defaults = _video_frame_processor()
-        frames = ImageProcessor.from_dict({"max_soft_tokens": defaults.max_soft_tokens,
+        defaults = cls().frames  # a subclass's default frame processor, of its own type
+        frames = type(defaults).from_dict({"max_soft_tokens": defaults.max_soft_tokens,
                                            "do_normalize": defaults.do_normalize, **s})
         own = {k: s[k] for k in ("num_frames", "fps", "do_sample_frames") if s.get(k) is not None}
         return cls(frames=frames, **own)
