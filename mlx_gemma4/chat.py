@@ -20,6 +20,7 @@ also keeps a few snapshots (taken just before the last token of each prompt) to 
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterator
 
@@ -156,12 +157,15 @@ class ChatSession:
                 and "stop_ids" not in gen_kwargs:
             gen_kwargs["stop_ids"] = sorted(set(_stop_ids(self.model, self.processor)) | {waits})
         pieces = AnswerStream()
-        for r in self._stream(messages, schemas, **gen_kwargs):
-            thinking, content, calls = pieces.feed(r.text)
-            done = {"answer": self._finish(pieces.close())} if r.finish_reason else {}
-            yield ChatResponse(**{f.name: getattr(r, f.name) for f in fields(GenerationResponse)},
-                               thinking=thinking, content=strip_placeholders(self.processor, content),
-                               tool_calls=calls, **done)
+        # closing: a caller that stops early closes this generator, and the inner one's bookkeeping of what the
+        # cache holds must run then, not whenever it is collected.
+        with closing(self._stream(messages, schemas, **gen_kwargs)) as responses:
+            for r in responses:
+                thinking, content, calls = pieces.feed(r.text)
+                done = {"answer": self._finish(pieces.close())} if r.finish_reason else {}
+                yield ChatResponse(**{f.name: getattr(r, f.name) for f in fields(GenerationResponse)},
+                                   thinking=thinking, content=strip_placeholders(self.processor, content),
+                                   tool_calls=calls, **done)
 
     def _finish(self, answer: Answer) -> Answer:
         answer.text = strip_placeholders(self.processor, answer.text).strip()

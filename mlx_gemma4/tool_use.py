@@ -23,9 +23,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import InputError
+from .media import BY_KIND
 from .tools import ToolCall, ToolCallError, ToolCallStream
 
-MEDIA_KINDS = ("image", "audio", "video")
 _THINK_OPEN, _THINK_CLOSE, _THINK_LABEL = "<|channel>", "<channel|>", "thought\n"
 
 
@@ -173,7 +173,7 @@ def _is_image(value: Any) -> bool:
 def is_parts(content: Any) -> bool:
     """Whether ``content`` is a list of message parts (as opposed to a JSON array returned by a tool)."""
     return (isinstance(content, list) and bool(content)
-            and all(isinstance(p, dict) and p.get("type") in ("text", *MEDIA_KINDS) for p in content))
+            and all(isinstance(p, dict) and (p.get("type") == "text" or p.get("type") in BY_KIND) for p in content))
 
 
 def prepare_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
