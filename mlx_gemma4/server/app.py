@@ -1,0 +1,253 @@
+"""The OpenAI-compatible HTTP app (Starlette): ``GET /v1/models``, ``POST /v1/chat/completions``, ``GET /health``.
+
+``create_app`` takes an ``Engine`` (the model's thread) so a program that already holds a model, or a test, can
+serve it in-process with any ASGI server; ``mlx_gemma4.server.cli`` is the command line around it.
+
+A request is checked and its media decoded before it joins the engine's line; errors found then, and errors the
+model thread finds before the first token (an image that does not decode, a conversation over the context), come
+back as 4xx JSON errors in OpenAI's shape, for streamed requests too. The response says how many requests were
+ahead (``X-Requests-Ahead`` header, ``timings.requests_ahead``) and how long it waited (``timings.queued_ms``); a
+full line gives 503 at once. A client that goes away cancels its job, waiting or generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import secrets
+import tempfile
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..errors import ContextLengthError, InputError
+from . import responses as out
+from .engine import Done, Engine, Job, Piece
+from .requests import ChatRequest, Limits, MediaStore, RequestError, parse_body, parse_chat
+
+
+def create_app(engine: Engine, *, model_id: str, limits: Limits | None = None, api_key: str | None = None,
+               media_dir: str | Path | None = None, default_thinking: bool = False) -> Starlette:
+    """The ASGI app serving ``engine``'s model as ``model_id``.
+
+    ``api_key``: when set, every ``/v1`` request must carry ``Authorization: Bearer <api_key>``. ``media_dir``:
+    where decoded images and audio are kept for the app's lifetime (a temporary folder, removed at shutdown, when
+    None). ``default_thinking``: whether the model thinks when a request does not say (``reasoning_effort`` or
+    ``chat_template_kwargs.enable_thinking``).
+    """
+    limits = limits or Limits()
+    temp = tempfile.TemporaryDirectory(prefix="gemma4-serve-") if media_dir is None else None
+    media = MediaStore(Path(temp.name if temp else media_dir))
+    created = int(time.time())
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise RequestError("Missing or wrong API key: send 'Authorization: Bearer <key>' with the key the server "
+                               "was started with.", status=401, kind="authentication_error", code="invalid_api_key")
+
+    def model_card() -> dict[str, Any]:
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "mlx-gemma4"}
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "model": model_id, "pending": engine.pending})
+
+    async def models(request: Request) -> Response:
+        authorize(request)
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    async def model(request: Request) -> Response:
+        authorize(request)
+        if request.path_params["name"] != model_id:
+            raise RequestError(f"No model {request.path_params['name']!r} here; this server serves {model_id!r}.",
+                               status=404, code="model_not_found")
+        return JSONResponse(model_card())
+
+    async def chat(request: Request) -> Response:
+        authorize(request)
+        body = parse_body(await _read_body(request, limits.max_request_bytes))
+        req = await run_in_threadpool(parse_chat, body, model_id=model_id, limits=limits, media=media,
+                                      default_thinking=default_thinking)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Piece | Done] = asyncio.Queue()
+
+        def emit(event: Piece | Done) -> None:  # called on the model thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop is gone (shutting down): nobody is listening
+                pass
+
+        job = Job(req.messages, req.options, emit, enable_thinking=req.enable_thinking, tools=req.tools)
+        engine.submit(job)
+        reply = _Reply(job, req, model_id)
+        watcher = asyncio.ensure_future(_disconnected(request))
+        try:
+            if req.stream:
+                first = await _next(events, watcher)  # so an error before the first token is still a 4xx
+                if first is None:
+                    job.cancel.set()
+                    return Response(status_code=499)
+                if isinstance(first, Done) and first.error is not None:
+                    raise first.error
+                watcher.cancel()  # from here StreamingResponse watches the connection itself
+                return StreamingResponse(reply.sse(first, events), media_type="text/event-stream",
+                                         headers=reply.headers())
+            while True:
+                event = await _next(events, watcher)
+                if event is None:  # the client went away: free the model for the next request
+                    job.cancel.set()
+                    return Response(status_code=499)
+                if isinstance(event, Done):
+                    if event.error is not None:
+                        raise event.error
+                    return JSONResponse(reply.completion(), headers=reply.headers())
+                reply.take(event)
+        except BaseException:
+            job.cancel.set()
+            raise
+        finally:
+            watcher.cancel()
+
+    def with_errors(handler):
+        async def wrapped(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestError as e:
+                return JSONResponse(e.body(), status_code=e.status)
+            except ContextLengthError as e:
+                return JSONResponse(RequestError(str(e), param="messages", code="context_length_exceeded").body(),
+                                    status_code=400)
+            except InputError as e:
+                return JSONResponse(RequestError(str(e), param="messages").body(), status_code=400)
+        return wrapped
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return JSONResponse(RequestError(f"{exc.detail}: {request.method} {request.url.path}. This server offers "
+                                         "GET /v1/models and POST /v1/chat/completions.", status=exc.status_code,
+                                         code="not_found" if exc.status_code == 404 else None).body(),
+                            status_code=exc.status_code)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        if temp is not None:
+            temp.cleanup()
+
+    routes = [Route("/health", health), Route("/v1/models", with_errors(models)),
+              Route("/v1/models/{name:path}", with_errors(model)),
+              Route("/v1/chat/completions", with_errors(chat), methods=["POST"])]
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+
+
+class _Reply:
+    """One request's answer as it is built: the text split into deltas, the last stats, the ids."""
+
+    def __init__(self, job: Job, req: ChatRequest, model_id: str) -> None:
+        self.job, self.req, self.model_id = job, req, model_id
+        self.id = "chatcmpl-" + secrets.token_hex(12)
+        self.created = int(time.time())
+        self.answer = out.Answer(req.stop)
+        self.deltas: list[dict[str, Any]] = []
+        self.last = None
+        self.cached = 0
+
+    def headers(self) -> dict[str, str]:
+        return {"X-Requests-Ahead": str(self.job.ahead)}
+
+    def take(self, piece: Piece) -> list[dict[str, Any]]:
+        """The deltas of one streamed response (a stop string found in it cancels the rest of the job)."""
+        r = piece.response
+        self.last, self.cached = r, piece.cached_tokens
+        deltas = self.answer.feed(r.text) if r.token != -1 else []
+        if r.finish_reason:
+            deltas += self.answer.close()
+        if self.answer.stopped:
+            self.job.cancel.set()
+        self.deltas += deltas
+        return deltas
+
+    def _stats(self) -> dict[str, Any]:
+        started = self.job.started_at or time.perf_counter()
+        return {"usage": out.usage(self.last, self.cached),
+                "timings": out.timings(self.last, started - self.job.queued_at, self.job.ahead)}
+
+    def completion(self) -> dict[str, Any]:
+        self.deltas += self.answer.close()
+        choice = {"index": 0, "message": out.message(self.deltas),
+                  "finish_reason": out.finish_reason(self.answer, self.last)}
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model_id,
+                "choices": [choice], **self._stats()}
+
+    def _chunk(self, delta: dict[str, Any] | None, finish: str | None = None, **extra: Any) -> str:
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model_id,
+                "choices": choices, **extra}
+        return f"data: {json.dumps(body)}\n\n"
+
+    async def sse(self, first: Piece | Done, events: asyncio.Queue) -> AsyncIterator[str]:
+        try:
+            yield self._chunk({"role": "assistant", "content": ""})
+            event = first
+            while isinstance(event, Piece):
+                for delta in self.take(event):
+                    yield self._chunk(delta)
+                event = await events.get()
+            if event.error is not None:  # failed after the first token: the status line is long gone
+                err = event.error
+                body = err.body() if isinstance(err, RequestError) else \
+                    {"error": {"message": str(err), "type": "server_error", "param": None, "code": None}}
+                yield f"data: {json.dumps(body)}\n\n"
+                return
+            for delta in self.answer.close():
+                yield self._chunk(delta)
+            stats = self._stats()
+            yield self._chunk({}, out.finish_reason(self.answer, self.last), timings=stats["timings"])
+            if self.req.include_usage:
+                yield self._chunk(None, usage=stats["usage"], timings=stats["timings"])
+            yield "data: [DONE]\n\n"
+        finally:
+            self.job.cancel.set()  # a client that went away mid-stream frees the model
+
+
+async def _read_body(request: Request, cap: int) -> bytes:
+    too_big = RequestError(f"The request body is over this server's limit of {cap / 2**20:g} MiB; send smaller "
+                           "or fewer media (or start the server with a higher --max-request-mb).", status=413,
+                           code="request_too_large")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > cap:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has closed the connection (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _next(events: asyncio.Queue, watcher: asyncio.Future) -> Piece | Done | None:
+    """The job's next event, or None if the client disconnects first."""
+    get = asyncio.ensure_future(events.get())
+    done, _ = await asyncio.wait({get, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if get in done:
+        return get.result()
+    get.cancel()
+    return None

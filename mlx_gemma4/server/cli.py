@@ -1,0 +1,85 @@
+"""``gemma4-serve`` / ``python -m mlx_gemma4.server``: load one model and serve it over HTTP (OpenAI's API)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+
+log = logging.getLogger("gemma4-serve")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="gemma4-serve", description="Serve a converted Gemma 4 model with an "
+                                "OpenAI-compatible API (/v1/chat/completions, /v1/models).")
+    p.add_argument("--model", required=True, help="converted model directory (or a hub id)")
+    p.add_argument("--model-id", help="the name clients use in 'model' (default: the directory's name)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key", default=os.environ.get("GEMMA4_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $GEMMA4_API_KEY, else no key)")
+    p.add_argument("--max-tokens", type=int, default=4096, help="most tokens one answer may generate")
+    p.add_argument("--max-request-mb", type=float, default=32.0, help="largest request body, media included")
+    p.add_argument("--max-waiting", type=int, default=16,
+                   help="requests that may wait behind the one generating; more get 503 at once")
+    p.add_argument("--allow-paths", action=argparse.BooleanOptionalAction, default=None,
+                   help="accept media as file paths on this machine (default: only when bound to localhost)")
+    p.add_argument("--thinking", action="store_true", help="think before answering unless a request says not to")
+    p.add_argument("--prefill-chunk", type=int, default=2048)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = p.parse_args(argv)
+    for name in ("port", "max_tokens", "max_waiting", "prefill_chunk"):
+        value = getattr(args, name)
+        if value < (0 if name in ("port", "max_waiting") else 1):
+            p.error(f"--{name.replace('_', '-')} must be a whole number >= {0 if name != 'max_tokens' else 1}")
+    if args.max_request_mb <= 0:
+        p.error("--max-request-mb must be > 0")
+    return args
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    import uvicorn
+
+    from .. import ChatSession, load
+    from ..errors import Gemma4Error
+    from .app import create_app
+    from .engine import Engine
+    from .requests import Limits
+
+    local = _is_loopback(args.host)
+    if not local and not args.api_key:
+        log.warning("Bound to %s without --api-key: anyone who can reach this port can use the model.", args.host)
+    try:
+        model, processor = load(args.model)
+    except Gemma4Error as e:
+        print(f"gemma4-serve: {e}", file=sys.stderr)
+        return 2
+    model_id = args.model_id or os.path.basename(os.path.normpath(args.model))
+    engine = Engine(ChatSession(model, processor, prefill_chunk=args.prefill_chunk), max_waiting=args.max_waiting)
+    limits = Limits(max_request_bytes=int(args.max_request_mb * 2**20), max_tokens=args.max_tokens,
+                    allow_paths=local if args.allow_paths is None else args.allow_paths)
+    app = create_app(engine, model_id=model_id, limits=limits, api_key=args.api_key, default_thinking=args.thinking)
+    log.info("Serving %s at http://%s:%d/v1", model_id, args.host, args.port)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.close(timeout=10)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

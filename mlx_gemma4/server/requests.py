@@ -1,0 +1,326 @@
+"""An OpenAI chat-completions request body as this package's chat messages and generation settings.
+
+Everything a client can get wrong is checked here, before the request joins the model's queue, and raised as a
+``RequestError`` that the app turns into a 4xx JSON error. Media arrive as ``image_url`` (a ``data:`` URI or, when
+the server allows it, a file path or ``file://`` URL) and ``input_audio`` (base64 with a ``format``). Decoded
+bytes are written once to a content-addressed file (``MediaStore``): the chat session keys media by path, so the
+same image sent again in the next turn of a conversation is recognised and the cached prefix reaches past it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+_DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?:;[\w-]+=[^;,]*)*;base64,(?P<data>.*)", re.S)
+_IMAGE_EXT = {"image/png": ".png", "image/jpeg": ".jpg", "image/jpg": ".jpg", "image/webp": ".webp",
+              "image/gif": ".gif", "image/bmp": ".bmp"}
+_AUDIO_FORMATS = {"wav", "mp3", "flac", "ogg"}
+
+
+class RequestError(InputError):
+    """A request the server refuses: ``status`` (4xx/5xx), OpenAI's error ``type``, and the ``param`` at fault."""
+
+    def __init__(self, message: str, *, status: int = 400, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Limits:
+    """What one request may ask for."""
+
+    max_request_bytes: int = 32 * 2**20     # the whole JSON body, media included
+    max_tokens: int = 4096                  # the most a request may ask to generate (also the default)
+    max_prompt_tokens: int | None = None    # None: the model's context bounds the prompt
+    allow_paths: bool = True                # media given as file paths on the server's machine
+
+
+@dataclass
+class ChatRequest:
+    messages: list[dict[str, Any]]
+    options: dict[str, Any]                 # ChatSession.stream's keywords (sampling, max_tokens)
+    stream: bool = False
+    include_usage: bool = False
+    stop: list[str] = field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+    enable_thinking: bool = False
+
+
+class MediaStore:
+    """Decoded media bytes as files named by their content, so equal bytes are the same path (and mtime)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def save(self, data: bytes, suffix: str) -> Path:
+        path = self.folder / (hashlib.sha256(data).hexdigest()[:32] + suffix)
+        if not path.exists():
+            tmp = path.with_suffix(path.suffix + ".part")
+            tmp.write_bytes(data)
+            tmp.replace(path)  # a reader never sees half a file
+        return path
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RequestError(f"The request body is not valid JSON ({e}); send a JSON object.") from e
+    if not isinstance(body, dict):
+        raise RequestError("The request body must be a JSON object with 'model' and 'messages'.")
+    return body
+
+
+def parse_chat(body: dict[str, Any], *, model_id: str, limits: Limits, media: MediaStore,
+               default_thinking: bool = False) -> ChatRequest:
+    """Check an OpenAI chat-completions body and turn it into a ``ChatRequest``."""
+    model = body.get("model")
+    if model is not None and model != model_id:
+        raise RequestError(f"The model {model!r} is not served here; this server serves {model_id!r} "
+                           "(see GET /v1/models).", status=404, param="model", code="model_not_found")
+    _refuse_unsupported(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty list of {'role': ..., 'content': ...} objects.",
+                           param="messages")
+    converted = [_message(m, i, limits, media) for i, m in enumerate(messages)]
+    if converted[-1]["role"] not in ("user", "tool"):
+        raise RequestError("The last message must be a user message (or a tool result) for the model to answer; "
+                           f"it is a {converted[-1]['role']} message.", param="messages")
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise RequestError("'stream_options' must be an object like {'include_usage': true}.",
+                           param="stream_options")
+    tools = _tools(body)
+    return ChatRequest(messages=converted, options=_options(body, limits), stream=_bool(body, "stream", False),
+                       include_usage=bool(stream_options.get("include_usage", False)), stop=_stop(body),
+                       tools=tools, enable_thinking=_thinking(body, default_thinking))
+
+
+# -- sampling ------------------------------------------------------------------------------------------------------
+def _number(body: dict[str, Any], name: str, lo: float, hi: float, default: Any) -> Any:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not lo <= value <= hi:
+        raise RequestError(f"'{name}' must be a number in [{lo:g}, {hi:g}]; got {value!r}.", param=name)
+    return value
+
+
+def _int(body: dict[str, Any], name: str, lo: int, hi: int, default: Any) -> Any:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise RequestError(f"'{name}' must be a whole number in [{lo}, {hi}]; got {value!r}.", param=name)
+    return value
+
+
+def _bool(body: dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise RequestError(f"'{name}' must be true or false; got {value!r}.", param=name)
+    return value
+
+
+def _options(body: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = body.get(name)
+    if max_tokens is not None and isinstance(max_tokens, int) and not isinstance(max_tokens, bool) \
+            and max_tokens > limits.max_tokens:
+        raise RequestError(f"'{name}' is {max_tokens}, over this server's limit of {limits.max_tokens} tokens per "
+                           "answer; ask for fewer (or start the server with a higher --max-tokens).", param=name)
+    options = {"max_tokens": _int(body, name, 1, limits.max_tokens, limits.max_tokens),
+               "temperature": _number(body, "temperature", 0.0, 2.0, 1.0),
+               "top_p": _number(body, "top_p", 0.0, 1.0, 1.0) or 1.0,
+               "top_k": _int(body, "top_k", 0, 2**31 - 1, 0),
+               "min_p": _number(body, "min_p", 0.0, 0.999, 0.0)}
+    seed = _int(body, "seed", 0, 2**63 - 1, None)
+    if seed is not None:
+        options["seed"] = seed
+    penalty = _number(body, "repetition_penalty", 0.01, 10.0, None)
+    if penalty is not None:
+        options["repetition_penalty"] = penalty
+    return options
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    """Settings this server cannot honour are refused rather than silently ignored."""
+    if body.get("n") not in (None, 1):
+        raise RequestError("Only one answer per request is generated ('n' must be 1); send several requests.",
+                           param="n")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if body.get(name) not in (None, 0, 0.0):
+            raise RequestError(f"'{name}' is not supported; use 'repetition_penalty' (e.g. 1.1) instead.",
+                               param=name)
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise RequestError("Log-probabilities are not returned by this server; drop 'logprobs'.", param="logprobs")
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise RequestError("Only 'response_format': {'type': 'text'} is supported (no JSON mode or schemas); "
+                           "ask for JSON in the prompt instead.", param="response_format")
+
+
+def _stop(body: dict[str, Any]) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise RequestError("'stop' must be a non-empty string or a list of up to 4 non-empty strings.",
+                           param="stop")
+    return stop
+
+
+def _thinking(body: dict[str, Any], default: bool) -> bool:
+    kwargs = body.get("chat_template_kwargs")
+    if isinstance(kwargs, dict) and "enable_thinking" in kwargs:
+        return _bool(kwargs, "enable_thinking", default)
+    effort = body.get("reasoning_effort")
+    if effort is None:
+        return default
+    if effort not in ("none", "minimal", "low", "medium", "high"):
+        raise RequestError(f"'reasoning_effort' must be none, minimal, low, medium or high; got {effort!r}.",
+                           param="reasoning_effort")
+    return effort not in ("none", "minimal")  # Gemma 4 thinks or does not; there are no levels
+
+
+# -- tools -----------------------------------------------------------------------------------------------------------
+def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is None:
+        if choice not in (None, "none", "auto"):
+            raise RequestError("'tool_choice' names a tool but no 'tools' were given.", param="tool_choice")
+        return None
+    if not isinstance(tools, list) or not all(
+            isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str) for t in tools):
+        raise RequestError("'tools' must be a list of {'type': 'function', 'function': {'name': ..., "
+                           "'description': ..., 'parameters': {...}}} objects.", param="tools")
+    if choice in (None, "auto"):
+        return tools or None
+    if choice == "none":
+        return None
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        name = (choice.get("function") or {}).get("name")
+        chosen = [t for t in tools if t["function"]["name"] == name]
+        if not chosen:
+            raise RequestError(f"'tool_choice' names {name!r}, which is not among 'tools'.", param="tool_choice")
+        return chosen  # only that tool is declared; the model is not forced to call it
+    raise RequestError("'tool_choice' must be 'auto', 'none' or {'type': 'function', 'function': {'name': ...}} "
+                       "('required' is not supported: the model decides whether to call a tool).",
+                       param="tool_choice")
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    if not isinstance(calls, list):
+        raise RequestError(f"{where}.tool_calls must be a list.", param="messages")
+    out = []
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise RequestError(f"Each of {where}.tool_calls needs a 'function' with a 'name'.", param="messages")
+        args = fn.get("arguments") or {}
+        if isinstance(args, str):  # OpenAI sends the arguments as a JSON string; the template wants the object
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError as e:
+                raise RequestError(f"{where}.tool_calls: the arguments of {fn['name']!r} are not valid JSON ({e}).",
+                                   param="messages") from e
+        if not isinstance(args, dict):
+            raise RequestError(f"{where}.tool_calls: the arguments of {fn['name']!r} must be a JSON object.",
+                               param="messages")
+        out.append({"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
+# -- messages and media --------------------------------------------------------------------------------------------
+def _message(m: Any, i: int, limits: Limits, media: MediaStore) -> dict[str, Any]:
+    where = f"messages[{i}]"
+    if not isinstance(m, dict) or m.get("role") not in ROLES:
+        raise RequestError(f"{where} must be an object with a 'role' of {', '.join(ROLES)}.", param="messages")
+    role = ROLES[m["role"]]
+    content = m.get("content")
+    out: dict[str, Any] = {"role": role}
+    if content is None or isinstance(content, str):
+        out["content"] = content or ""
+    elif isinstance(content, list):
+        out["content"] = [_part(p, f"{where}.content[{j}]", role, limits, media) for j, p in enumerate(content)]
+    else:
+        raise RequestError(f"{where}.content must be a string or a list of parts.", param="messages")
+    if role == "assistant" and m.get("tool_calls"):
+        out["tool_calls"] = _tool_calls(m["tool_calls"], where)
+    if role == "tool":
+        for key in ("tool_call_id", "name"):
+            if m.get(key) is not None:
+                out[key] = m[key]
+    return out
+
+
+def _part(p: Any, where: str, role: str, limits: Limits, media: MediaStore) -> dict[str, Any]:
+    kind = p.get("type") if isinstance(p, dict) else None
+    if kind == "text" and isinstance(p.get("text"), str):
+        return {"type": "text", "text": p["text"]}
+    if kind == "image_url":
+        url = p.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        if not isinstance(url, str) or not url:
+            raise RequestError(f"{where}.image_url needs a 'url': a data: URI or a file path.", param="messages")
+        return {"type": "image", "image": _image_source(url, where, limits, media)}
+    if kind == "input_audio":
+        audio = p.get("input_audio")
+        if not isinstance(audio, dict) or not isinstance(audio.get("data"), str):
+            raise RequestError(f"{where}.input_audio needs 'data' (base64) and 'format' (wav, mp3, flac or ogg).",
+                               param="messages")
+        fmt = str(audio.get("format", "wav")).lower()
+        if fmt not in _AUDIO_FORMATS:
+            raise RequestError(f"{where}.input_audio.format is {fmt!r}; send wav, mp3, flac or ogg.",
+                               param="messages")
+        return {"type": "audio", "audio": str(media.save(_b64(audio["data"], where), "." + fmt))}
+    raise RequestError(f"{where} must be a part of type 'text' (with 'text'), 'image_url' or 'input_audio'"
+                       f"{'' if kind is None else f'; got type {kind!r}'}.", param="messages")
+
+
+def _image_source(url: str, where: str, limits: Limits, media: MediaStore) -> str:
+    if url.startswith("data:"):
+        m = _DATA_URI.fullmatch(url)
+        if not m:
+            raise RequestError(f"{where}.image_url is a data: URI that is not base64 "
+                               "(use data:image/png;base64,...).", param="messages")
+        mime = (m.group("mime") or "").lower()
+        if mime and not mime.startswith("image/"):
+            raise RequestError(f"{where}.image_url carries {mime!r}, not an image.", param="messages")
+        return str(media.save(_b64(m.group("data"), where), _IMAGE_EXT.get(mime, ".img")))
+    if re.match(r"[a-z][a-z0-9+.-]*://", url, re.I) and not url.startswith("file://"):
+        raise RequestError(f"{where}.image_url is a {url.split(':', 1)[0]} URL; this server does not download. "
+                           "Send the image as a data: URI (data:image/png;base64,...).", param="messages")
+    if not limits.allow_paths:
+        raise RequestError(f"{where}.image_url is a file path, which this server does not accept (it was started "
+                           "without --allow-paths); send a data: URI.", param="messages")
+    return url.removeprefix("file://")
+
+
+def _b64(data: str, where: str) -> bytes:
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise RequestError(f"{where}: the base64 data does not decode ({e}).", param="messages") from e
