@@ -66,3 +66,14 @@ def write_bomb_png(path, side: int = 30_000):
 @pytest.fixture(scope="session")
 def bomb_png(tmp_path_factory):
     return write_bomb_png(tmp_path_factory.mktemp("bomb") / "huge.png")
+
+
+@pytest.fixture(scope="session")
+def converted_towers(checkpoint_factory, tmp_path_factory):
+    """A tiny E-family checkpoint with vision and audio towers (the audio one takes real 128-bin log-mel
+    features), converted by our converter in float32."""
+    from mlx_gemma4.conversion import convert
+    from tests.tiny import AUDIO_128, VISION
+
+    _, src = checkpoint_factory("e", vision=VISION, audio=AUDIO_128)
+    return convert(src, tmp_path_factory.mktemp("converted") / "tiny-gemma4", dtype="float32")

@@ -61,7 +61,8 @@ def create_app(engine: Engine, *, model_id: str, limits: Limits | None = None, a
         return {"id": model_id, "object": "model", "created": created, "owned_by": "mlx-gemma4"}
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": model_id, "pending": engine.pending})
+        return JSONResponse({"status": "ok" if engine.ready else "loading", "model": model_id,
+                             "pending": engine.pending}, status_code=200 if engine.ready else 503)
 
     async def models(request: Request) -> Response:
         authorize(request)

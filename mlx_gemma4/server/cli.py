@@ -63,13 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     local = _is_loopback(args.host)
     if not local and not args.api_key:
         log.warning("Bound to %s without --api-key: anyone who can reach this port can use the model.", args.host)
-    try:
+    def session() -> ChatSession:
         model, processor = load(args.model)
+        return ChatSession(model, processor, prefill_chunk=args.prefill_chunk)
+
+    engine = Engine(session, max_waiting=args.max_waiting)
+    try:
+        engine.wait_ready()
     except Gemma4Error as e:
         print(f"gemma4-serve: {e}", file=sys.stderr)
         return 2
     model_id = args.model_id or os.path.basename(os.path.normpath(args.model))
-    engine = Engine(ChatSession(model, processor, prefill_chunk=args.prefill_chunk), max_waiting=args.max_waiting)
     limits = Limits(max_request_bytes=int(args.max_request_mb * 2**20), max_tokens=args.max_tokens,
                     allow_paths=local if args.allow_paths is None else args.allow_paths)
     app = create_app(engine, model_id=model_id, limits=limits, api_key=args.api_key, default_thinking=args.thinking)

@@ -50,19 +50,26 @@ class Job:
 
 
 class Engine:
-    """Runs jobs one after another on a dedicated thread.
+    """Loads the model and runs jobs one after another, all on one dedicated thread.
 
-    ``max_waiting`` bounds the line behind the running job: a job past it is refused at once (the client is told
-    the server is busy) instead of waiting for minutes. ``generation`` holds keywords every job's generation gets
-    (e.g. a logits processor or a sampler an embedding program installs); a request's settings override none of
-    them.
+    ``load`` runs first on that thread and returns the chat session every job is answered with (MLX arrays
+    belong to the thread whose stream made them, so the model must be loaded where it runs); ``wait_ready()``
+    returns once it has, and raises what it raised. ``max_waiting`` bounds the line behind the running job: a job
+    past it is refused at once (the client is told the server is busy) instead of waiting for minutes.
+    ``generation`` holds keywords every job's generation gets (e.g. a logits processor a program embedding the
+    server installs); they take precedence over a request's settings.
     """
 
-    def __init__(self, session, *, max_waiting: int = 16, generation: dict[str, Any] | None = None) -> None:
-        self.session = session
+    def __init__(self, load: Callable[[], Any], *, max_waiting: int = 16,
+                 generation: dict[str, Any] | None = None) -> None:
         self.max_waiting = max_waiting
         self.generation = dict(generation or {})
-        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self.session: Any = None
+        self.current: Job | None = None     # the job generating now
+        self._load = load
+        self._load_error: BaseException | None = None
+        self._ready = threading.Event()
+        self._jobs: queue.Queue[Job | Callable[[], None] | None] = queue.Queue()
         self._lock = threading.Lock()
         self._pending = 0                   # queued + running
         self._thread = threading.Thread(target=self._run, name="gemma4-model", daemon=True)
@@ -73,9 +80,24 @@ class Engine:
         with self._lock:
             return self._pending
 
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and self._load_error is None
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait for the model to load; True once it has (False on timeout). Re-raises a failed load's error."""
+        if not self._ready.wait(timeout):
+            return False
+        if self._load_error is not None:
+            raise self._load_error
+        return True
+
     def submit(self, job: Job) -> int:
         """Queue ``job``; return how many jobs are ahead of it. Raises RequestError (503) when the line is full."""
         with self._lock:
+            if not self.ready:
+                raise RequestError("The model is still loading (or failed to load); retry in a moment.",
+                                   status=503, kind="server_busy", code="model_loading")
             if self._pending > self.max_waiting:
                 raise RequestError(f"The server is busy: {self._pending} requests are ahead and the line is full "
                                    f"({self.max_waiting} waiting at most). Retry in a moment.", status=503,
@@ -85,20 +107,53 @@ class Engine:
         self._jobs.put(job)
         return job.ahead
 
+    def call(self, fn: Callable[[Any], Any]) -> Any:
+        """Run ``fn(session)`` on the model thread, in line with the jobs, and return its result (for programs
+        and benchmarks that use the loaded model directly)."""
+        box: dict[str, Any] = {}
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                box["value"] = fn(self.session)
+            except BaseException as e:  # handed to the caller
+                box["error"] = e
+            finally:
+                done.set()
+
+        self._jobs.put(run)
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
     def close(self, timeout: float | None = None) -> None:
         """Finish the running job's current step, cancel the waiting ones and stop the thread."""
+        if self.current is not None:
+            self.current.cancel.set()
         self._jobs.put(None)
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        try:
+            self.session = self._load()
+        except BaseException as e:  # wait_ready() raises it in the caller's thread
+            self._load_error = e
+        finally:
+            self._ready.set()
         while True:
             job = self._jobs.get()
             if job is None:
                 self._drain()
                 return
+            if not isinstance(job, Job):
+                job()
+                continue
             try:
+                self.current = job
                 self._answer(job)
             finally:
+                self.current = None
                 with self._lock:
                     self._pending -= 1
 
@@ -108,8 +163,10 @@ class Engine:
                 job = self._jobs.get_nowait()
             except queue.Empty:
                 return
-            if job is not None:
+            if isinstance(job, Job):
                 job.emit(Done(RequestError("The server is shutting down.", status=503, kind="server_busy")))
+            elif job is not None:
+                job()
 
     def _answer(self, job: Job) -> None:
         error: BaseException | None = None
@@ -132,4 +189,3 @@ class Engine:
                 log.exception("generation failed")
             error = e
         job.emit(Done(error))
-

@@ -1,0 +1,242 @@
+"""gemma4-serve as a real process on a free localhost port, driven by the official openai client: answers match the
+Python API on the same converted tiny checkpoint (text, image, audio), bad requests get clear 4xx JSON errors, a
+client that leaves mid-stream frees the model, concurrent clients are served in turn."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from tests.helpers import tone
+from tests.server_helpers import ProcessServer, request
+
+openai = pytest.importorskip("openai")
+
+KEY = "test-key"
+MAX_TOKENS = 48
+
+
+@pytest.fixture(scope="module")
+def server(converted_towers):
+    srv = ProcessServer(converted_towers, "--api-key", KEY, "--max-tokens", str(MAX_TOKENS),
+                        "--max-request-mb", "1", "--max-waiting", "4")
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def reference(converted_towers):
+    """The Python API on the same checkpoint: what the server's answers must equal."""
+    from mlx_gemma4 import ChatSession, load
+    from mlx_gemma4.server.responses import Answer, message
+
+    session = ChatSession(*load(converted_towers))
+
+    def answer(messages, max_tokens):
+        responses = list(session.stream(messages, max_tokens=max_tokens, temperature=0.0))
+        text = "".join(r.text for r in responses)
+        ans = Answer()
+        deltas = ans.feed(text) + ans.close()
+        return message(deltas), responses[-1], len(session.encode(messages).ids)
+
+    return answer
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("media")
+    png = folder / "cat.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(png)
+    wav = folder / "tone.wav"
+    import soundfile as sf
+
+    sf.write(wav, tone(0.5), 16000)
+    return png, wav
+
+
+def data_uri(path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def test_models_lists_the_one_model(client, converted_towers):
+    assert [m.id for m in client.models.list().data] == [converted_towers.name]
+
+
+def test_stream_matches_whole_answer_and_python_api(client, reference, converted_towers):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three rivers."}]
+    whole = client.chat.completions.create(model=converted_towers.name, messages=messages, max_tokens=12,
+                                           temperature=0)
+    chunks = list(client.chat.completions.create(model=converted_towers.name, messages=messages, max_tokens=12,
+                                                  temperature=0, stream=True,
+                                                  stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    expected, last, prompt_len = reference(messages, 12)
+    assert whole.choices[0].message.content == streamed == expected["content"]
+    assert whole.choices[0].finish_reason == {"length": "length", "stop": "stop"}[last.finish_reason]
+    assert whole.usage.prompt_tokens == chunks[-1].usage.prompt_tokens == prompt_len
+    assert whole.usage.completion_tokens == chunks[-1].usage.completion_tokens == last.generation_tokens
+    assert chunks[0].choices[0].delta.role == "assistant"
+    timings = whole.model_extra["timings"]
+    assert timings["requests_ahead"] == 0 and timings["ttft_ms"] > 0
+
+
+def test_next_turn_reuses_the_cached_prefix(client, converted_towers):
+    first = [{"role": "user", "content": "Tell me about the sea."}]
+    answer = client.chat.completions.create(model=converted_towers.name, messages=first, max_tokens=6,
+                                            temperature=0)
+    turn2 = first + [{"role": "assistant", "content": answer.choices[0].message.content},
+                     {"role": "user", "content": "And the mountains?"}]
+    again = client.chat.completions.create(model=converted_towers.name, messages=turn2, max_tokens=6, temperature=0)
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < again.usage.prompt_tokens
+    assert cached >= answer.usage.prompt_tokens - 2  # all of the first prompt but the turn's last tokens
+
+
+def test_image_and_audio_reach_the_model(client, reference, media, converted_towers):
+    png, wav = media
+    audio = {"data": base64.b64encode(wav.read_bytes()).decode(), "format": "wav"}
+    sent = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_uri(png)}},
+        {"type": "input_audio", "input_audio": audio},
+        {"type": "text", "text": "What do you see and hear?"}]}]
+    got = client.chat.completions.create(model=converted_towers.name, messages=sent, max_tokens=8, temperature=0)
+    same = [{"role": "user", "content": [{"type": "image", "image": str(png)}, {"type": "audio", "audio": str(wav)},
+                                         {"type": "text", "text": "What do you see and hear?"}]}]
+    expected, _, prompt_len = reference(same, 8)
+    assert got.usage.prompt_tokens == prompt_len  # the soft tokens of both media are in the prompt
+    assert got.choices[0].message.content == expected["content"]
+    by_path = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(png)}},
+                                            {"type": "text", "text": "And now?"}]}]
+    path_answer = client.chat.completions.create(model=converted_towers.name, messages=by_path, max_tokens=4,
+                                                 temperature=0)
+    expected, _, prompt_len = reference([{"role": "user", "content": [{"type": "image", "image": str(png)},
+                                                                      {"type": "text", "text": "And now?"}]}], 4)
+    assert path_answer.usage.prompt_tokens == prompt_len
+    assert path_answer.choices[0].message.content == expected["content"]
+
+
+BAD = [
+    (dict(messages=[]), openai.BadRequestError, "'messages' must be a non-empty list"),
+    (dict(messages=[{"role": "wizard", "content": "hi"}]), openai.BadRequestError, "'role' of system"),
+    (dict(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]),
+     openai.BadRequestError, "last message must be a user message"),
+    (dict(max_tokens=MAX_TOKENS + 1), openai.BadRequestError, f"limit of {MAX_TOKENS} tokens"),
+    (dict(temperature=-1), openai.BadRequestError, "'temperature' must be a number in [0, 2]"),
+    (dict(n=2), openai.BadRequestError, "'n' must be 1"),
+    (dict(presence_penalty=0.5), openai.BadRequestError, "use 'repetition_penalty'"),
+    (dict(model="gpt-4o"), openai.NotFoundError, "is not served here"),
+    (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]),
+     openai.BadRequestError, "does not download"),
+    (dict(messages=[{"role": "user", "content": [{"type": "image_url",
+                                                  "image_url": {"url": "data:image/png;base64,@@@"}}]}]),
+     openai.BadRequestError, "base64 data does not decode"),
+    (dict(messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format":
+                                                                                         "aiff"}}]}]),
+     openai.BadRequestError, "send wav, mp3, flac or ogg"),
+    (dict(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="required"),
+     openai.BadRequestError, "'required' is not supported"),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("change,error,fragment", BAD, ids=[b[2][:28] for b in BAD])
+def test_bad_request_gets_a_clear_4xx(client, converted_towers, change, error, fragment, stream):
+    kwargs = {"model": converted_towers.name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+              **change}
+    with pytest.raises(error) as e:
+        client.chat.completions.create(stream=stream, **kwargs)
+    assert fragment in e.value.body["message"], e.value.body
+    assert e.value.status_code in (400, 404)
+
+
+def test_media_that_fails_in_the_model_thread_is_a_4xx_too(client, converted_towers):
+    """Bytes that are base64 but no image only fail when the model thread decodes them: still before the first
+    token, so even a streamed request gets a 400 (and the model serves the next request)."""
+    junk = "data:image/png;base64," + base64.b64encode(b"not a picture at all").decode()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": junk}}]}]
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=converted_towers.name, messages=messages, stream=stream)
+        assert "image" in e.value.body["message"].lower()
+    ok = client.chat.completions.create(model=converted_towers.name, messages=[{"role": "user", "content": "hi"}],
+                                        max_tokens=2)
+    assert ok.choices[0].finish_reason in ("length", "stop")
+
+
+def test_api_key_body_size_json_and_routes(server, converted_towers):
+    anon = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        anon.models.list()
+    assert "API key" in e.value.body["message"]
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    status, body = request(server.url + "/v1/chat/completions", b"{not json", auth)
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    # A body over the limit is refused from its announced length, before it is read.
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
+    conn.putrequest("POST", "/v1/chat/completions")
+    for name, value in {**auth, "Content-Length": str(2**21)}.items():
+        conn.putheader(name, value)
+    conn.endheaders(b'{"messages": [')
+    response = conn.getresponse()
+    assert response.status == 413 and "--max-request-mb" in json.loads(response.read())["error"]["message"]
+    conn.close()
+    status, body = request(server.url + "/v1/completions", b"{}", auth)
+    assert status == 404 and "/v1/chat/completions" in body["error"]["message"]
+
+
+def test_client_leaving_mid_stream_frees_the_model(client, server, converted_towers):
+    messages = [{"role": "user", "content": "Write a long story."}]
+    stream = client.chat.completions.create(model=converted_towers.name, messages=messages, stream=True,
+                                            max_tokens=MAX_TOKENS, temperature=0)
+    next(iter(stream))
+    stream.close()
+    after = client.chat.completions.create(model=converted_towers.name, messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=3, temperature=0)
+    assert after.choices[0].finish_reason in ("length", "stop")
+    assert server.health()["pending"] == 0
+
+
+def test_two_clients_at_once_are_served_in_turn(server, converted_towers):
+    prompts = ["Count to five.", "Spell a word."]
+    clients = [openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0) for _ in prompts]
+
+    def ask(i, stream=False):
+        kw = dict(model=converted_towers.name, messages=[{"role": "user", "content": prompts[i]}], max_tokens=10,
+                  temperature=0)
+        if not stream:
+            return clients[i].chat.completions.create(**kw).choices[0].message.content
+        return "".join(c.choices[0].delta.content or "" for c in clients[i].chat.completions.create(stream=True, **kw)
+                       if c.choices)
+
+    alone = [ask(0), ask(1)]
+    got: dict[int, str] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def run(i):
+        try:
+            start.wait()
+            got[i] = ask(i, stream=i == 0)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert [got[0], got[1]] == alone
+
