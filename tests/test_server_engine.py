@@ -1,0 +1,149 @@
+"""The server's app factory served in-process, with a logits processor the test steers through the Engine's
+``generation`` keywords: tool calls, thoughts and stop strings on forced tokens through the real tokenizer,
+template and detokenizer; a client that leaves mid-answer cancels it; the line of waiting requests."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from tests.server_helpers import Steer, ThreadServer, request, wait_until
+
+openai = pytest.importorskip("openai")
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def steer():
+    return Steer()
+
+
+@pytest.fixture(scope="module")
+def served(converted_towers, steer):
+    from mlx_gemma4 import ChatSession, load
+    from mlx_gemma4.server import Engine, Limits, create_app
+
+    engine = Engine(lambda: ChatSession(*load(converted_towers)), max_waiting=1,
+                    generation={"logits_processors": [steer]})
+    engine.wait_ready()
+    server = ThreadServer(create_app(engine, model_id=MODEL, limits=Limits(max_tokens=400)))
+    yield engine, server
+    server.close()
+    engine.close()
+
+
+@pytest.fixture
+def client(served, steer):
+    steer.reset()
+    return openai.OpenAI(base_url=served[1].url + "/v1", api_key="none", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def processor(converted_towers):
+    from mlx_gemma4.processing.processor import Processor
+
+    return Processor.from_pretrained(converted_towers)
+
+
+def ids(processor, text: str) -> list[int]:
+    """``text`` as the model would write it, then end of turn."""
+    return processor.tokenizer.encode(text, add_special_tokens=False) + [processor.special.turn_close.id]
+
+
+CALL = '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>,days:[1,2],opts:{metric:true}}<tool_call|>'
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather for a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "array"},
+                                                    "opts": {"type": "object"}}, "required": ["city"]}}}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_tool_call_comes_back_structured(client, steer, processor, stream):
+    steer.force = ids(processor, "Let me check." + CALL)
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}], max_tokens=200)
+    if stream:
+        chunks = list(client.chat.completions.create(stream=True, **kw))
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert [c.index for c in calls] == [0]
+    else:
+        choice = client.chat.completions.create(**kw).choices[0]
+        content, calls, finish = choice.message.content, choice.message.tool_calls, [choice.finish_reason]
+    assert content == "Let me check."
+    assert finish == ["tool_calls"]
+    assert [c.function.name for c in calls] == ["get_weather"] and calls[0].id.startswith("call_")
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris", "days": [1, 2], "opts": {"metric": True}}
+
+
+def test_thoughts_are_reasoning_content(client, steer, processor):
+    steer.force = ids(processor, "<|channel>thought\nIt is cold there.<channel|>Bring a coat.")
+    message = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Paris?"}],
+                                             max_tokens=200, reasoning_effort="high").choices[0].message
+    assert message.content == "Bring a coat."
+    assert message.model_extra["reasoning_content"] == "It is cold there."
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_stop_string_ends_the_answer(client, steer, processor, stream):
+    forced = ids(processor, "one two three STOP four five six seven eight nine ten")
+    steer.force = forced
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "count"}], max_tokens=200, stop=["STOP", "zzz"])
+    if stream:
+        chunks = list(client.chat.completions.create(stream=True, **kw))
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason][0]
+    else:
+        choice = client.chat.completions.create(**kw).choices[0]
+        content, finish = choice.message.content, choice.finish_reason
+    assert content == "one two three " and finish == "stop"
+    assert steer.calls < len(forced)  # the model stopped there too, not at the end of the forced text
+
+
+def test_client_leaving_mid_stream_cancels_the_answer(client, served, steer, processor):
+    engine, _ = served
+    steer.no_stop = processor.eos_token_ids
+    steer.hold_at = 3
+    steer.hold = lambda: engine.current.cancel  # the third token waits until the server has cancelled the job
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Go on and on."}],
+                                            max_tokens=400, stream=True)
+    next(iter(stream))
+    assert steer.held.wait(300)
+    stream.close()
+    wait_until(lambda: engine.pending == 0, "the cancelled job to end")
+    assert steer.calls <= steer.hold_at + 1  # far from the 400 tokens it was asked for
+    steer.reset()
+    after = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert after.usage.completion_tokens >= 1
+
+
+def test_requests_wait_in_line_and_a_full_line_is_refused(client, served, steer):
+    engine, server = served
+    release = threading.Event()
+    steer.hold = lambda: release  # the first request holds the model until the test lets it go
+    results: dict[str, object] = {}
+
+    def ask(name: str) -> None:
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": f"question {name}"}], max_tokens=2)
+        results[name] = (raw.headers["x-requests-ahead"], raw.parse().model_extra["timings"]["requests_ahead"])
+
+    first = threading.Thread(target=ask, args=("first",))
+    first.start()
+    assert steer.held.wait(300)
+    second = threading.Thread(target=ask, args=("second",))
+    second.start()
+    wait_until(lambda: engine.pending == 2, "the second request to queue")
+    # max_waiting=1: one generating, one waiting; a third is told at once that the server is busy.
+    status, body = request(server.url + "/v1/chat/completions", json.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": "third"}]}).encode(),
+        {"Content-Type": "application/json"})
+    assert status == 503 and "busy" in body["error"]["message"]
+    assert request(server.url + "/health")[1]["pending"] == 2
+    release.set()
+    first.join()
+    second.join()
+    assert results == {"first": ("0", 0), "second": ("1", 1)}
