@@ -26,7 +26,7 @@ class Answer:
         self._buf = ""                      # text not yet placed (may be the start of a marker)
         self._in_thought = False
         self._label_left: str | None = None  # what of the thought label may still come
-        self._calls = ToolCallStream()
+        self._calls = _Calls()
         self._held = ""                     # answer text that may be the start of a stop string
 
     def feed(self, text: str) -> list[dict[str, Any]]:
@@ -55,11 +55,7 @@ class Answer:
             return []
         rest, self._buf = self._buf, ""
         deltas = self._place(rest)
-        try:
-            events = self._calls.close()
-        except ToolCallError as e:  # an unfinished call is shown as the text it is
-            events = [e.raw]
-        deltas += self._answer_text(events)
+        deltas += self._answer_text(self._calls.close())
         if self._held and not self.stopped:
             deltas.append({"content": self._held})
             self._held = ""
@@ -70,12 +66,7 @@ class Answer:
         if not piece:
             return []
         if not self._in_thought:
-            try:
-                events = self._calls.feed(piece)
-            except ToolCallError as e:  # a malformed call reaches the client as the raw text it was
-                self._calls = ToolCallStream()
-                events = [e.raw]
-            return self._answer_text(events)
+            return self._answer_text(self._calls.feed(piece))
         if self._label_left:  # the section's "thought\n" label is not part of the thoughts
             n = 0
             while n < min(len(piece), len(self._label_left)) and piece[n] == self._label_left[n]:
@@ -114,6 +105,40 @@ class Answer:
         self._held = text[len(text) - keep:]
         out = text[:len(text) - keep]
         return [{"content": out}] if out else []
+
+
+class _Calls:
+    """ToolCallStream, but a call that does not parse comes out as the text it was, and no text around it is lost
+    (ToolCallStream raises from the middle of a feed)."""
+
+    def __init__(self) -> None:
+        self._stream = ToolCallStream()
+        self._fed = ""          # text fed since the last event that consumed all of it
+        self._used = 0          # how much of _fed the events so far stand for
+
+    def feed(self, text: str) -> list[str | ToolCall]:
+        self._fed += text
+        try:
+            return self._account(self._stream.feed(text))
+        except ToolCallError as e:
+            return self._recover(e.raw)
+
+    def close(self) -> list[str | ToolCall]:
+        try:
+            return self._account(self._stream.close())
+        except ToolCallError as e:  # an unfinished call is shown as the text it is
+            return self._recover(e.raw)
+
+    def _account(self, events: list[str | ToolCall]) -> list[str | ToolCall]:
+        self._used += sum(len(e) if isinstance(e, str) else len(e.raw) for e in events)
+        self._fed, self._used = self._fed[self._used:], 0
+        return events
+
+    def _recover(self, raw: str) -> list[str | ToolCall]:
+        at = self._fed.find(raw, self._used)
+        before, rest = self._fed[self._used:at], self._fed[at + len(raw):]
+        self._stream, self._fed, self._used = ToolCallStream(), "", 0
+        return [t for t in (before, raw) if t] + (self.feed(rest) if rest else [])
 
 
 def _merge(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
