@@ -180,9 +180,12 @@ class _Reply:
         return deltas
 
     def _stats(self) -> dict[str, Any]:
-        started = self.job.started_at or time.perf_counter()
+        job = self.job
+        now = time.perf_counter()
+        started = job.started_at or now
         return {"usage": out.usage(self.last, self.cached),
-                "timings": out.timings(self.last, started - self.job.queued_at, self.job.ahead)}
+                "timings": out.timings(self.last, started - job.queued_at, (job.finished_at or now) - started,
+                                       job.ahead)}
 
     def completion(self) -> dict[str, Any]:
         self.deltas += self.answer.close()

@@ -46,6 +46,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
+    finished_at: float | None = None
     ahead: int = 0                          # jobs in line before this one when it was queued
 
 
@@ -188,4 +189,5 @@ class Engine:
             if not isinstance(e, InputError):
                 log.exception("generation failed")
             error = e
+        job.finished_at = time.perf_counter()
         job.emit(Done(error))

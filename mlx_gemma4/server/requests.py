@@ -46,7 +46,6 @@ class Limits:
 
     max_request_bytes: int = 32 * 2**20     # the whole JSON body, media included
     max_tokens: int = 4096                  # the most a request may ask to generate (also the default)
-    max_prompt_tokens: int | None = None    # None: the model's context bounds the prompt
     allow_paths: bool = True                # media given as file paths on the server's machine
 
 

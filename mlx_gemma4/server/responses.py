@@ -187,9 +187,11 @@ def usage(last: GenerationResponse | None, cached: int) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-def timings(last: GenerationResponse | None, queued_s: float, ahead: int) -> dict[str, Any]:
-    """Where the time went (milliseconds), and how many requests were ahead when this one arrived."""
-    return {"queued_ms": round(queued_s * 1000, 3), "requests_ahead": ahead,
+def timings(last: GenerationResponse | None, queued_s: float, model_s: float, ahead: int) -> dict[str, Any]:
+    """Where the time went (milliseconds): waiting in line, and on the model's thread from taking the request to
+    its last token (what the server added is the rest of what a client measures); and how many requests were
+    ahead when this one arrived."""
+    return {"queued_ms": round(queued_s * 1000, 3), "model_ms": round(model_s * 1000, 3), "requests_ahead": ahead,
             "ttft_ms": round(last.ttft * 1000, 3) if last else None,
             "prompt_tokens_per_second": round(last.prompt_tps, 2) if last else None,
             "generation_tokens_per_second": round(last.generation_tps, 2) if last else None}
