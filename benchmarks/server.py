@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compare", default="mlx-lm", help="'mlx-lm' or '' (ours alone)")
     ap.add_argument("--json", type=Path, help="append the results here as one JSON object")
     a = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the servers are stopped on the way out
 
     a.work.mkdir(parents=True, exist_ok=True)
     names = ["ours"] + [n for n in a.compare.split(",") if n]

@@ -7,13 +7,16 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
 import pytest
 
 from tests.helpers import tone
-from tests.server_helpers import ProcessServer, request
+from tests.server_helpers import ROOT, ProcessServer, request
 
 openai = pytest.importorskip("openai")
 
@@ -68,6 +71,13 @@ def media(tmp_path_factory):
 
 def data_uri(path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def test_cli_refuses_a_model_it_cannot_load(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-m", "mlx_gemma4.server", "--model", str(tmp_path / "nothing")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.startswith("gemma4-serve: ") and "nothing" in done.stderr
 
 
 def test_models_lists_the_one_model(client, converted_towers):
