@@ -41,16 +41,13 @@ def client(server):
 def reference(converted_towers):
     """The Python API on the same checkpoint: what the server's answers must equal."""
     from mlx_gemma4 import ChatSession, load
-    from mlx_gemma4.server.responses import Answer, message
 
     session = ChatSession(*load(converted_towers))
 
     def answer(messages, max_tokens):
         responses = list(session.stream(messages, max_tokens=max_tokens, temperature=0.0))
-        text = "".join(r.text for r in responses)
-        ans = Answer()
-        deltas = ans.feed(text) + ans.close()
-        return message(deltas), responses[-1], len(session.encode(messages).ids)
+        content = "".join(r.content for r in responses)
+        return {"content": content}, responses[-1], len(session.encode(messages).ids)
 
     return answer
 

@@ -48,9 +48,9 @@ def processor(converted_towers):
     return Processor.from_pretrained(converted_towers)
 
 
-def ids(processor, text: str) -> list[int]:
-    """``text`` as the model would write it, then end of turn."""
-    return processor.tokenizer.encode(text, add_special_tokens=False) + [processor.special.turn_close.id]
+def ids(processor, text: str, end: str = "<turn|>") -> list[int]:
+    """``text`` as the model would write it, then ``end`` (end of turn, or ``<|tool_response>`` after calls)."""
+    return processor.tokenizer.encode(text + end, add_special_tokens=False)
 
 
 CALL = '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>,days:[1,2],opts:{metric:true}}<tool_call|>'
@@ -61,9 +61,11 @@ WEATHER = {"type": "function", "function": {
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-def test_tool_call_comes_back_structured(client, steer, processor, stream):
-    steer.force = ids(processor, "Let me check." + CALL)
-    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}], max_tokens=200)
+def test_tool_call_comes_back_structured_and_its_result_goes_in(client, served, steer, processor, stream):
+    engine, _ = served
+    steer.force = ids(processor, "Let me check." + CALL, end="<|tool_response>")
+    asked = [{"role": "user", "content": "Weather in Paris?"}]
+    kw = dict(model=MODEL, messages=asked, max_tokens=200, tools=[WEATHER])
     if stream:
         chunks = list(client.chat.completions.create(stream=True, **kw))
         content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -76,7 +78,22 @@ def test_tool_call_comes_back_structured(client, steer, processor, stream):
     assert content == "Let me check."
     assert finish == ["tool_calls"]
     assert [c.function.name for c in calls] == ["get_weather"] and calls[0].id.startswith("call_")
-    assert json.loads(calls[0].function.arguments) == {"city": "Paris", "days": [1, 2], "opts": {"metric": True}}
+    arguments = json.loads(calls[0].function.arguments)
+    assert arguments == {"city": "Paris", "days": [1, 2], "opts": {"metric": True}}
+
+    # The client runs the tool and sends the result back, as OpenAI clients do (arguments and result as JSON text).
+    steer.reset()
+    call = {"id": calls[0].id, "type": "function",
+            "function": {"name": "get_weather", "arguments": calls[0].function.arguments}}
+    followed = asked + [{"role": "assistant", "content": content, "tool_calls": [call]},
+                        {"role": "tool", "tool_call_id": calls[0].id, "content": '{"temp": 21, "sky": "clear"}'}]
+    after = client.chat.completions.create(model=MODEL, messages=followed, max_tokens=3, tools=[WEATHER])
+    ours = asked + [{"role": "assistant", "content": content, "tool_calls": [
+        {"id": calls[0].id, "type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": calls[0].id, "content": {"temp": 21, "sky": "clear"}}]
+    expected = engine.call(lambda session: len(session.encode(ours, tools=[WEATHER]).ids))
+    assert after.usage.prompt_tokens == expected  # the call and its structured result are in the prompt
+    assert after.usage.prompt_tokens_details.cached_tokens > 0
 
 
 def test_thoughts_are_reasoning_content(client, steer, processor):

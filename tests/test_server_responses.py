@@ -1,5 +1,5 @@
-"""mlx_gemma4/server/responses.py and requests.py without a server: the answer split into thoughts, text and tool
-calls wherever the stream is cut, stop strings, and the request checks."""
+"""mlx_gemma4/server/responses.py and requests.py without a server: a chat session's responses as deltas, stop
+strings across pieces, and the request checks."""
 
 from __future__ import annotations
 
@@ -8,55 +8,51 @@ import json
 
 import pytest
 
+from mlx_gemma4.chat import ChatResponse
 from mlx_gemma4.errors import InputError
 from mlx_gemma4.server.requests import Limits, MediaStore, RequestError, parse_chat
-from mlx_gemma4.server.responses import Answer, message
-
-TEXT = ('<|channel>thought\nplan: call it<channel|>Sure, '
-        '<|tool_call>call:f{q:<|"|>a, {b}<|"|>,n:[1,{x:2}]}<tool_call|> and done.')
+from mlx_gemma4.server.responses import Answer, finish_reason, message
+from mlx_gemma4.tools import ToolCall
 
 
-def run(pieces: list[str], stop: list[str] | None = None) -> tuple[dict, Answer]:
-    answer = Answer(stop)
-    deltas = [d for p in pieces for d in answer.feed(p)] + answer.close()
-    return message(deltas), answer
+def piece(content: str = "", thinking: str = "", calls: tuple = (), finish: str | None = None) -> ChatResponse:
+    return ChatResponse(thinking + content, 7, prompt_tokens=3, prompt_tps=1.0, generation_tokens=1,
+                        generation_tps=1.0, ttft=0.1, peak_memory_gb=0.0, finish_reason=finish, thinking=thinking,
+                        content=content, tool_calls=list(calls))
 
 
-def test_whole_answer_split_into_parts():
-    msg, answer = run([TEXT])
-    assert msg["reasoning_content"] == "plan: call it"
-    assert msg["content"] == "Sure,  and done."
-    assert [json.loads(c["function"]["arguments"]) for c in msg["tool_calls"]] == [{"q": "a, {b}", "n": [1, {"x": 2}]}]
-    assert answer.calls[0].name == "f"
-
-
-def test_every_split_point_gives_the_same_message():
-    whole, _ = run([TEXT])
-    for cut in range(len(TEXT) + 1):
-        for cut2 in (cut, min(len(TEXT), cut + 7)):
-            msg, _ = run([TEXT[:cut], TEXT[cut:cut2], TEXT[cut2:]])
-            strip = {k: v for k, v in msg.items() if k != "tool_calls"}
-            assert strip == {k: v for k, v in whole.items() if k != "tool_calls"}, (cut, cut2)
-            assert [c["function"] for c in msg["tool_calls"]] == [c["function"] for c in whole["tool_calls"]]
+def test_thinking_text_and_calls_become_deltas_and_a_message():
+    call = ToolCall("f", {"q": "a, {b}", "n": [1, {"x": 2}]}, id="call_1")
+    answer = Answer()
+    deltas = [answer.feed(piece(thinking="plan")), answer.feed(piece("Sure, ")), answer.feed(piece(calls=[call])),
+              answer.feed(piece(finish="stop"))]
+    assert deltas[0] == [{"reasoning_content": "plan"}] and deltas[1] == [{"content": "Sure, "}]
+    assert deltas[2] == [{"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {
+        "name": "f", "arguments": json.dumps(call.arguments)}}]}]
+    msg = message([d for ds in deltas for d in ds])
+    assert msg["content"] == "Sure, " and msg["reasoning_content"] == "plan"
+    assert json.loads(msg["tool_calls"][0]["function"]["arguments"]) == call.arguments
+    assert finish_reason(answer, piece(finish="stop")) == "tool_calls"
 
 
 def test_stop_string_across_pieces_and_held_back_text():
     answer = Answer(["END"])
-    assert answer.feed("abc E") == [{"content": "abc "}]  # "E" may start the stop string
-    assert answer.feed("Nx") == [{"content": "ENx"}]      # it did not
-    assert answer.feed("yy EN") == [{"content": "yy "}]
-    assert answer.feed("D more") == [] and answer.stopped
-    assert answer.feed("after") == [] and answer.close() == []
+    assert answer.feed(piece("abc E")) == [{"content": "abc "}]  # "E" may start the stop string
+    assert answer.feed(piece("Nx")) == [{"content": "ENx"}]      # it did not
+    assert answer.feed(piece("yy EN")) == [{"content": "yy "}]
+    assert answer.feed(piece("D more")) == [] and answer.stopped
+    assert answer.feed(piece("after", finish="stop")) == []
+    assert finish_reason(answer, piece(finish="length")) == "stop"
 
 
-def test_malformed_or_unfinished_call_stays_text():
-    bad = "A <|tool_call>call:f{x:}<tool_call|> B <|tool_call>call:g{}<tool_call|>C"
-    for cut in range(len(bad) + 1):
-        msg, answer = run([bad[:cut], bad[cut:]])
-        assert msg["content"] == "A <|tool_call>call:f{x:}<tool_call|> B C", cut
-        assert [c.name for c in answer.calls] == ["g"]
-    msg, _ = run(["A <|tool_call>call:f{x:1"])
-    assert msg["content"] == "A <|tool_call>call:f{x:1" and "tool_calls" not in msg
+def test_held_back_text_is_flushed_at_the_end_and_before_a_call():
+    answer = Answer(["END"])
+    assert answer.feed(piece("x EN")) == [{"content": "x "}]
+    call = ToolCall("f", {}, id="c")
+    assert answer.feed(piece(calls=[call]))[0] == {"content": "EN"}
+    answer = Answer(["END"])
+    answer.feed(piece("x EN"))
+    assert answer.feed(piece("", finish="length")) == [{"content": "EN"}]
 
 
 @pytest.fixture
@@ -77,14 +73,14 @@ def test_request_becomes_chat_messages_and_options(store):
                                      {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]},
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]},
-        {"role": "tool", "tool_call_id": "c1", "content": "42"}], max_tokens=9, temperature=0, seed=3,
+        {"role": "tool", "tool_call_id": "c1", "content": '{"temp": 21}'}], max_tokens=9, temperature=0, seed=3,
         stop="x", stream=True, stream_options={"include_usage": True})
     system, user, assistant, tool = req.messages
     assert system == {"role": "system", "content": "rules"}
     image = user["content"][1]
     assert image["type"] == "image" and open(image["image"], "rb").read() == b"\x89PNG fake"
     assert assistant["tool_calls"][0]["function"] == {"name": "f", "arguments": {"a": 1}}
-    assert tool == {"role": "tool", "tool_call_id": "c1", "content": "42"}
+    assert tool == {"role": "tool", "tool_call_id": "c1", "content": {"temp": 21}}  # JSON text as its value
     assert req.options == {"max_tokens": 9, "temperature": 0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "seed": 3}
     assert req.stop == ["x"] and req.stream and req.include_usage
     again = parse(store, messages=[{"role": "user", "content": [

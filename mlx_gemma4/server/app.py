@@ -171,9 +171,7 @@ class _Reply:
         """The deltas of one streamed response (a stop string found in it cancels the rest of the job)."""
         r = piece.response
         self.last, self.cached = r, piece.cached_tokens
-        deltas = self.answer.feed(r.text) if r.token != -1 else []
-        if r.finish_reason:
-            deltas += self.answer.close()
+        deltas = self.answer.feed(r)
         if self.answer.stopped:
             self.job.cancel.set()
         self.deltas += deltas
@@ -188,7 +186,6 @@ class _Reply:
                                        job.ahead)}
 
     def completion(self) -> dict[str, Any]:
-        self.deltas += self.answer.close()
         choice = {"index": 0, "message": out.message(self.deltas),
                   "finish_reason": out.finish_reason(self.answer, self.last)}
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model_id,
@@ -214,8 +211,6 @@ class _Reply:
                     {"error": {"message": str(err), "type": "server_error", "param": None, "code": None}}
                 yield f"data: {json.dumps(body)}\n\n"
                 return
-            for delta in self.answer.close():
-                yield self._chunk(delta)
             stats = self._stats()
             yield self._chunk({}, out.finish_reason(self.answer, self.last), timings=stats["timings"])
             if self.req.include_usage:

@@ -177,9 +177,7 @@ class Engine:
         job.started_at = time.perf_counter()
         session = self.session
         session.enable_thinking = job.enable_thinking  # read when the conversation is encoded, on this thread
-        kwargs = {**job.options, **self.generation, "should_stop": job.cancel.is_set}
-        if job.tools:
-            kwargs["tools"] = job.tools
+        kwargs = {**job.options, **self.generation, "should_stop": job.cancel.is_set, "tools": job.tools}
         try:
             for r in session.stream(job.messages, **kwargs):
                 job.emit(Piece(r, session.last_reused))

@@ -272,7 +272,19 @@ def _message(m: Any, i: int, limits: Limits, media: MediaStore) -> dict[str, Any
         for key in ("tool_call_id", "name"):
             if m.get(key) is not None:
                 out[key] = m[key]
+        out["content"] = _tool_result(out["content"])
     return out
+
+
+def _tool_result(content: Any) -> Any:
+    """A tool result that is a JSON object or array in a string (all OpenAI clients can send) as that value: the
+    template writes structured results in the form the model learned for them."""
+    if isinstance(content, str) and content.strip()[:1] in ("{", "["):
+        try:
+            return json.loads(content)
+        except json.JSONDecodeError:
+            pass  # text that only looks like JSON stays text
+    return content
 
 
 def _part(p: Any, where: str, role: str, limits: Limits, media: MediaStore) -> dict[str, Any]:

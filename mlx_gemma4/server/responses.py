@@ -1,21 +1,19 @@
-"""The model's streamed text as OpenAI chat-completion objects.
+"""A chat session's streamed responses as OpenAI chat-completion objects.
 
-``Answer`` splits the text as it streams into what a client shows separately: thoughts
-(``<|channel>thought\\n...<channel|>``, sent as ``reasoning_content``), tool calls (``<|tool_call>...<tool_call|>``,
-sent as structured ``tool_calls`` once each call is complete) and the answer itself (``content``), and applies the
-request's stop strings to the answer. The same object builds streamed deltas and, joined, the whole message.
+The session already splits each piece into thinking, answer text and completed tool calls (tool_use.AnswerStream);
+``Answer`` turns those into deltas (``reasoning_content``, ``content``, structured ``tool_calls``) and applies the
+request's stop strings to the answer text, holding back only what may be the start of one. The same deltas,
+joined, make the whole message of a non-streamed request.
 """
 
 from __future__ import annotations
 
 import json
-import secrets
 from typing import Any
 
+from ..chat import ChatResponse
 from ..generation import GenerationResponse
-from ..tools import ToolCall, ToolCallError, ToolCallStream, _partial_suffix
-
-THINK_OPEN, THINK_CLOSE, THINK_LABEL = "<|channel>", "<channel|>", "thought\n"
+from ..tools import ToolCall
 
 
 class Answer:
@@ -23,73 +21,28 @@ class Answer:
         self.stop = list(stop or [])
         self.stopped = False                # a stop string ended the answer
         self.calls: list[ToolCall] = []
-        self._buf = ""                      # text not yet placed (may be the start of a marker)
-        self._in_thought = False
-        self._label_left: str | None = None  # what of the thought label may still come
-        self._calls = _Calls()
         self._held = ""                     # answer text that may be the start of a stop string
 
-    def feed(self, text: str) -> list[dict[str, Any]]:
-        """Deltas (``{"content": ...}``, ``{"reasoning_content": ...}``, ``{"tool_calls": [...]}``) for ``text``."""
+    def feed(self, r: ChatResponse) -> list[dict[str, Any]]:
+        """Deltas (``{"reasoning_content": ...}``, ``{"content": ...}``, ``{"tool_calls": [...]}``) of one of
+        ChatSession.stream's responses; the last one (``finish_reason`` set) also flushes what was held back."""
         if self.stopped:
             return []
-        self._buf += text
         deltas: list[dict[str, Any]] = []
-        while self._buf and not self.stopped:
-            marker = THINK_CLOSE if self._in_thought else THINK_OPEN
-            at = self._buf.find(marker)
-            if at < 0:
-                keep = _partial_suffix(self._buf, marker)
-                piece, self._buf = self._buf[:len(self._buf) - keep], self._buf[len(self._buf) - keep:]
-                deltas += self._place(piece)
-                break
-            piece, self._buf = self._buf[:at], self._buf[at + len(marker):]
-            deltas += self._place(piece)
-            self._in_thought = not self._in_thought
-            self._label_left = THINK_LABEL if self._in_thought else None
+        if r.thinking:
+            deltas.append({"reasoning_content": r.thinking})
+        deltas += self._stop_filter(r.content)
+        for call in [] if self.stopped else r.tool_calls:
+            deltas += self._flush()
+            deltas.append({"tool_calls": [tool_call_json(call, len(self.calls))]})
+            self.calls.append(call)
+        if r.finish_reason and not self.stopped:
+            deltas += self._flush()
         return _merge(deltas)
 
-    def close(self) -> list[dict[str, Any]]:
-        """Deltas for whatever was held back at the end of the stream."""
-        if self.stopped:
-            return []
-        rest, self._buf = self._buf, ""
-        deltas = self._place(rest)
-        deltas += self._answer_text(self._calls.close())
-        if self._held and not self.stopped:
-            deltas.append({"content": self._held})
-            self._held = ""
-        return _merge(deltas)
-
-    # -- placing text --------------------------------------------------------------------------------------------
-    def _place(self, piece: str) -> list[dict[str, Any]]:
-        if not piece:
-            return []
-        if not self._in_thought:
-            return self._answer_text(self._calls.feed(piece))
-        if self._label_left:  # the section's "thought\n" label is not part of the thoughts
-            n = 0
-            while n < min(len(piece), len(self._label_left)) and piece[n] == self._label_left[n]:
-                n += 1
-            self._label_left = self._label_left[n:] if n == len(piece) else ""
-            piece = piece[n:]
-        return [{"reasoning_content": piece}] if piece else []
-
-    def _answer_text(self, events: list[str | ToolCall]) -> list[dict[str, Any]]:
-        deltas: list[dict[str, Any]] = []
-        for event in events:
-            if isinstance(event, ToolCall):
-                if self._held:
-                    deltas.append({"content": self._held})
-                    self._held = ""
-                index = len(self.calls)
-                self.calls.append(event)
-                deltas.append({"tool_calls": [tool_call_json(event, index)]})
-            else:
-                deltas += self._stop_filter(event)
-            if self.stopped:
-                break
-        return deltas
+    def _flush(self) -> list[dict[str, Any]]:
+        held, self._held = self._held, ""
+        return [{"content": held}] if held else []
 
     def _stop_filter(self, text: str) -> list[dict[str, Any]]:
         if not self.stop:
@@ -107,42 +60,13 @@ class Answer:
         return [{"content": out}] if out else []
 
 
-class _Calls:
-    """ToolCallStream, but a call that does not parse comes out as the text it was, and no text around it is lost
-    (ToolCallStream raises from the middle of a feed)."""
-
-    def __init__(self) -> None:
-        self._stream = ToolCallStream()
-        self._fed = ""          # text fed since the last event that consumed all of it
-        self._used = 0          # how much of _fed the events so far stand for
-
-    def feed(self, text: str) -> list[str | ToolCall]:
-        self._fed += text
-        try:
-            return self._account(self._stream.feed(text))
-        except ToolCallError as e:
-            return self._recover(e.raw)
-
-    def close(self) -> list[str | ToolCall]:
-        try:
-            return self._account(self._stream.close())
-        except ToolCallError as e:  # an unfinished call is shown as the text it is
-            return self._recover(e.raw)
-
-    def _account(self, events: list[str | ToolCall]) -> list[str | ToolCall]:
-        self._used += sum(len(e) if isinstance(e, str) else len(e.raw) for e in events)
-        self._fed, self._used = self._fed[self._used:], 0
-        return events
-
-    def _recover(self, raw: str) -> list[str | ToolCall]:
-        at = self._fed.find(raw, self._used)
-        before, rest = self._fed[self._used:at], self._fed[at + len(raw):]
-        self._stream, self._fed, self._used = ToolCallStream(), "", 0
-        return [t for t in (before, raw) if t] + (self.feed(rest) if rest else [])
+def _partial_suffix(text: str, stop: str) -> int:
+    """Length of the longest end of ``text`` that is a proper start of ``stop`` (it may be completed next)."""
+    return next((n for n in range(min(len(text), len(stop) - 1), 0, -1) if text.endswith(stop[:n])), 0)
 
 
 def _merge(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Adjacent deltas of the same text field joined, so one token gives at most one chunk per field."""
+    """Adjacent deltas of the same text field joined, so one response gives at most one chunk per field."""
     out: list[dict[str, Any]] = []
     for d in deltas:
         (key, value), = d.items()
@@ -154,7 +78,8 @@ def _merge(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def tool_call_json(call: ToolCall, index: int | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"id": "call_" + secrets.token_hex(12), "type": "function",
+    """A call in OpenAI's shape: arguments as a JSON string, the id the chat session gave it."""
+    out: dict[str, Any] = {"id": call.id, "type": "function",
                            "function": {"name": call.name, "arguments": json.dumps(call.arguments)}}
     return out if index is None else {"index": index, **out}
 
