@@ -13,8 +13,11 @@ minute = 60 / median request time (one client, one request at a time).
 
 Overhead over the Python API: the same conversation through ``ChatSession.stream`` in this process (same model
 files, same greedy tokens), request time against answer time; the median difference is what HTTP, JSON, SSE, the
-request line and the client cost per request. Random weights may end an answer early; generated token counts are
-printed so unequal work shows.
+request line and the client cost per request, but two processes' timings on a busy machine differ by more than that.
+So the server also reports its own time (``timings.queued_ms`` + ``timings.model_ms``: waiting in line, and on the
+model's thread from taking the request to its last token), and what a client waits beyond it is the overhead, per
+chat request and, at the end, for --overhead-requests one-token requests over plain HTTP and through the openai
+client. Random weights may end an answer early; generated token counts are printed so unequal work shows.
 """
 
 from __future__ import annotations
@@ -86,6 +89,31 @@ class Server:
             out["outside_model_ms"] = out["request_ms"] - server["queued_ms"] - server["model_ms"]
         return out
 
+    def outside_model(self, messages: list[dict], n: int) -> dict:
+        """Medians over ``n`` one-token requests of what a client waits beyond the server's own queued + model
+        time (ours only: it reports them), through plain HTTP and through the openai client."""
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", self.port)
+        out = {}
+        for via in ("http", "openai"):
+            samples = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                if via == "http":
+                    conn.request("POST", "/v1/chat/completions", json.dumps(
+                        {"model": self.model, "messages": messages, "max_tokens": 1, "temperature": 0.0}),
+                        {"Content-Type": "application/json"})
+                    timings = json.loads(conn.getresponse().read())["timings"]
+                else:
+                    timings = self.client.chat.completions.create(
+                        model=self.model, messages=messages, max_tokens=1, temperature=0.0).model_extra["timings"]
+                wall = (time.perf_counter() - t0) * 1000
+                samples.append(wall - timings["queued_ms"] - timings["model_ms"])
+            out[via] = statistics.median(samples)
+        conn.close()
+        return out
+
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=60)
@@ -135,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--turns", type=int, default=8, help="follow-up requests timed")
     ap.add_argument("--gen", type=int, default=16, help="tokens generated per request")
     ap.add_argument("--compare", default="mlx-lm", help="'mlx-lm' or '' (ours alone)")
+    ap.add_argument("--overhead-requests", type=int, default=30,
+                    help="one-token requests that time what our server adds outside the model thread")
     ap.add_argument("--json", type=Path, help="append the results here as one JSON object")
     a = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the servers are stopped on the way out
@@ -162,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
                     runs[impl.name].append(r)
                     print(f"# turn {t} {impl.name}: " + json.dumps({k: round(v, 1) for k, v in r.items()}),
                           flush=True)
+        fixed = impls[0].outside_model(conversation(a.first, 1, seed=0)[-1], a.overhead_requests)
     finally:
         for impl in impls:
             if isinstance(impl, Server):
@@ -172,13 +203,16 @@ def main(argv: list[str] | None = None) -> None:
     overhead = statistics.median(s["request_ms"] - p["request_ms"] for s, p in zip(runs["ours"], runs["python-api"]))
     outside = statistics.median(r["outside_model_ms"] for r in runs["ours"])
     result = dict(size=a.size, q_bits=a.q_bits, first_tokens=a.first, turns=a.turns, gen=a.gen,
-                  machine=platform.machine(), median=med, overhead_ms=overhead, outside_model_ms=outside, all=runs)
+                  machine=platform.machine(), median=med, overhead_ms=overhead, outside_model_ms=outside,
+                  one_token_outside_model_ms=fixed, all=runs)
     print(f"\nfollow-up turn (30-token message, {a.gen} tokens generated), medians of {a.turns} requests:")
     print("| | TTFT | request | requests/min |\n|---|---|---|---|")
     for n, m in med.items():
         print(f"| {n} | {m['ttft_ms']:.1f} ms | {m['request_ms']:.1f} ms | {m['requests_per_min']:.0f} |")
     print(f"ours over the Python API: {overhead:+.1f} ms per request (median of per-turn differences)")
-    print(f"ours outside the model thread (client-measured request - server's queued + model time): {outside:.1f} ms")
+    print(f"ours outside the model thread (client-measured request - server's queued + model time): {outside:.1f} ms "
+          f"per chat request; one-token requests: {fixed['http']:.1f} ms over plain HTTP, {fixed['openai']:.1f} ms "
+          "through the openai client")
     if a.json:
         with open(a.json, "a") as f:
             f.write(json.dumps(result) + "\n")

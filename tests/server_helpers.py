@@ -109,7 +109,8 @@ class Steer:
     """A logits processor the test drives. ``force`` (token ids): emit them in order, whatever the model says
     (the next one is the one after the longest part of ``force`` the history already ends with). ``hold`` (a
     callable returning an Event): at the ``hold_at``-th call, block until that event is set. ``no_stop`` (ids):
-    never emit these, so an answer runs to max_tokens. ``calls`` counts calls since the last ``reset``."""
+    never emit these, so an answer runs to max_tokens. ``fail``: raise it. ``calls`` counts calls since the last
+    ``reset``."""
 
     def __init__(self) -> None:
         self.reset()
@@ -121,9 +122,12 @@ class Steer:
         self.hold_at = 1
         self.held = threading.Event()       # set while a call is blocked
         self.calls = 0
+        self.fail: Exception | None = None  # raised from the next call (a model that breaks)
 
     def __call__(self, history: mx.array, logits: mx.array) -> mx.array:
         self.calls += 1
+        if self.fail is not None:
+            raise self.fail
         if self.hold is not None and self.calls == self.hold_at:
             self.held.set()
             assert self.hold().wait(HANG_GUARD_S), "the steered call was never released"

@@ -164,3 +164,15 @@ def test_requests_wait_in_line_and_a_full_line_is_refused(client, served, steer)
     first.join()
     second.join()
     assert results == {"first": ("0", 0), "second": ("1", 1)}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_failing_model_gives_a_json_500_and_serves_on(client, steer, stream):
+    steer.fail = RuntimeError("device lost")
+    with pytest.raises(openai.InternalServerError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                       stream=stream)
+    assert "device lost" in e.value.body["message"] and e.value.body["type"] == "server_error"
+    steer.reset()
+    after = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert after.usage.completion_tokens >= 1

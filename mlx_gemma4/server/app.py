@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import secrets
 import tempfile
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -33,6 +35,8 @@ from ..errors import ContextLengthError, InputError
 from . import responses as out
 from .engine import Done, Engine, Job, Piece
 from .requests import ChatRequest, Limits, MediaStore, RequestError, parse_body, parse_chat
+
+log = logging.getLogger(__name__)
 
 
 def create_app(engine: Engine, *, model_id: str, limits: Limits | None = None, api_key: str | None = None,
@@ -102,8 +106,10 @@ def create_app(engine: Engine, *, model_id: str, limits: Limits | None = None, a
                 if isinstance(first, Done) and first.error is not None:
                     raise first.error
                 watcher.cancel()  # from here StreamingResponse watches the connection itself
+                # The background task also runs when the client leaves before the stream's first chunk was asked
+                # for (the generator's own cleanup would never run then).
                 return StreamingResponse(reply.sse(first, events), media_type="text/event-stream",
-                                         headers=reply.headers())
+                                         headers=reply.headers(), background=BackgroundTask(job.cancel.set))
             while True:
                 event = await _next(events, watcher)
                 if event is None:  # the client went away: free the model for the next request
@@ -131,6 +137,10 @@ def create_app(engine: Engine, *, model_id: str, limits: Limits | None = None, a
                                     status_code=400)
             except InputError as e:
                 return JSONResponse(RequestError(str(e), param="messages").body(), status_code=400)
+            except Exception as e:  # the model failed: the client gets JSON too; the traceback goes to the log
+                log.exception("request failed")
+                return JSONResponse(RequestError(f"The server failed to answer ({type(e).__name__}: {e}); see its "
+                                                 "log.", status=500, kind="server_error").body(), status_code=500)
         return wrapped
 
     async def http_error(request: Request, exc: Exception) -> Response:

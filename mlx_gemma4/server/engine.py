@@ -11,18 +11,14 @@ next chunk or token, or before it starts if it is still waiting.
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..errors import InputError
 from ..generation import GenerationResponse
 from .requests import RequestError
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -183,9 +179,7 @@ class Engine:
                 job.emit(Piece(r, session.last_reused))
                 if r.finish_reason or job.cancel.is_set():
                     break
-        except Exception as e:  # reported to the client; the thread lives on for the next job
-            if not isinstance(e, InputError):
-                log.exception("generation failed")
-            error = e
+        except Exception as e:  # handed to the request (the app logs what is not the client's fault); the thread
+            error = e           # lives on for the next job
         job.finished_at = time.perf_counter()
         job.emit(Done(error))
