@@ -1,5 +1,5 @@
-"""mlx_gemma4/server/responses.py and requests.py without a server: a chat session's responses as deltas, stop
-strings across pieces, and the request checks."""
+"""mlx_gemma4/server/responses.py, requests.py and cli.py without a server: a chat session's responses as deltas,
+stop strings across pieces, the request checks, and what the bind address allows."""
 
 from __future__ import annotations
 
@@ -112,3 +112,14 @@ def test_paths_only_when_allowed(store, tmp_path):
     assert parse(store, **body).messages[0]["content"][0]["image"] == "/x/y.png"
     with pytest.raises(RequestError, match="--allow-paths"):
         parse_chat({"model": "m", **body}, model_id="m", limits=Limits(allow_paths=False), media=store)
+
+
+@pytest.mark.parametrize("flags,allowed", [([], True), (["--host", "::1"], True), (["--host", "0.0.0.0"], False),
+                                           (["--host", "0.0.0.0", "--allow-paths"], True),
+                                           (["--no-allow-paths"], False)])
+def test_media_paths_follow_the_bind_address(flags, allowed):
+    from mlx_gemma4.server.cli import limits, parse_args
+
+    args = parse_args(["--model", "m", *flags])
+    assert args.host == (flags[1] if flags[:1] == ["--host"] else "127.0.0.1")
+    assert limits(args).allow_paths is allowed and limits(args).max_tokens == 4096

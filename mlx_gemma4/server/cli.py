@@ -8,6 +8,8 @@ import logging
 import os
 import sys
 
+from .requests import Limits
+
 log = logging.getLogger("gemma4-serve")
 
 
@@ -49,6 +51,12 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def limits(args: argparse.Namespace) -> Limits:
+    """What a request may ask for; media paths only on a server bound to this machine, unless said otherwise."""
+    allow = _is_loopback(args.host) if args.allow_paths is None else args.allow_paths
+    return Limits(max_request_bytes=int(args.max_request_mb * 2**20), max_tokens=args.max_tokens, allow_paths=allow)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -58,10 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..errors import Gemma4Error
     from .app import create_app
     from .engine import Engine
-    from .requests import Limits
 
-    local = _is_loopback(args.host)
-    if not local and not args.api_key:
+    if not _is_loopback(args.host) and not args.api_key:
         log.warning("Bound to %s without --api-key: anyone who can reach this port can use the model.", args.host)
     def session() -> ChatSession:
         model, processor = load(args.model)
@@ -74,9 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gemma4-serve: {e}", file=sys.stderr)
         return 2
     model_id = args.model_id or os.path.basename(os.path.normpath(args.model))
-    limits = Limits(max_request_bytes=int(args.max_request_mb * 2**20), max_tokens=args.max_tokens,
-                    allow_paths=local if args.allow_paths is None else args.allow_paths)
-    app = create_app(engine, model_id=model_id, limits=limits, api_key=args.api_key, default_thinking=args.thinking)
+    app = create_app(engine, model_id=model_id, limits=limits(args), api_key=args.api_key,
+                     default_thinking=args.thinking)
     log.info("Serving %s at http://%s:%d/v1", model_id, args.host, args.port)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
