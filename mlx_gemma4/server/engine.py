@@ -1,8 +1,8 @@
 """The model's own thread: one ChatSession, one request generating at a time, the rest waiting in line.
 
-MLX streams are not safe to share across threads, so every forward pass runs on this one thread; the web server's
-event loop only queues jobs and reads their events. One ChatSession answers every request, so a conversation's
-next turn (or any request sharing a prefix with the last one) prefills only what is new.
+MLX arrays belong to the thread whose stream made them, so loading and every forward pass run on this one thread;
+the web server's event loop only queues jobs and reads their events. One ChatSession answers every request, so a
+conversation's next turn (or any request sharing a prefix with the last one) prefills only what is new.
 
 A job's events go to its ``emit`` callback, called on the model thread: ``Piece`` for each streamed response,
 then exactly one ``Done`` (with the error, if the answer failed). Setting ``job.cancel`` stops the job at the
@@ -17,13 +17,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..generation import GenerationResponse
+from ..chat import ChatResponse
 from .requests import RequestError
 
 
 @dataclass
 class Piece:
-    response: GenerationResponse
+    response: ChatResponse
     cached_tokens: int                      # prompt tokens found in the cache for this answer
 
 
