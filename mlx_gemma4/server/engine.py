@@ -148,11 +148,12 @@ class Engine:
                 continue
             try:
                 self.current = job
-                self._answer(job)
+                done = self._answer(job)
             finally:
                 self.current = None
                 with self._lock:
                     self._pending -= 1
+            job.emit(done)  # after the model is free: a client that has its answer finds the server idle
 
     def _drain(self) -> None:
         while True:
@@ -165,11 +166,10 @@ class Engine:
             elif job is not None:
                 job()
 
-    def _answer(self, job: Job) -> None:
+    def _answer(self, job: Job) -> Done:
         error: BaseException | None = None
         if job.cancel.is_set():  # the client left while waiting
-            job.emit(Done())
-            return
+            return Done()
         job.started_at = time.perf_counter()
         session = self.session
         session.enable_thinking = job.enable_thinking  # read when the conversation is encoded, on this thread
@@ -182,4 +182,4 @@ class Engine:
         except Exception as e:  # handed to the request (the app logs what is not the client's fault); the thread
             error = e           # lives on for the next job
         job.finished_at = time.perf_counter()
-        job.emit(Done(error))
+        return Done(error)
