@@ -12,6 +12,7 @@ What the rest of the package asks of a cache (the ``KVCache`` protocol):
 - ``update_and_fetch(keys, values)``: write ``n`` new tokens, return the keys/values they attend to;
 - ``hand_over()`` / ``take_back(keys, values)`` and ``step_view(keys, values, pos)``: the buffers for the compiled
   one-token step (decode.py), which writes them in place at a traced position;
+- ``recent(n)``: the last ``n`` positions' keys and values in order (for a drafter);
 - ``rewind(n)`` / ``rewindable``, ``snapshot()`` / ``restore()``, ``offset``, ``empty``, ``state``, ``nbytes``.
 """
 
@@ -41,6 +42,7 @@ class KVCache(Protocol):
     @property
     def rewindable(self) -> int: ...
     def rewind(self, n: int) -> None: ...
+    def recent(self, n: int) -> tuple[mx.array, mx.array]: ...
     def snapshot(self) -> Any: ...
     def restore(self, snap: Any) -> None: ...
     @property
@@ -186,6 +188,12 @@ class GlobalCache(_Buffers):
     def rewindable(self) -> int:
         return self._offset
 
+    def recent(self, n: int) -> tuple[mx.array, mx.array]:
+        """The keys and values (B, Hkv, n, D) of the last ``n`` positions, oldest first (a drafter reads them)."""
+        if not 0 < n <= self._offset:
+            raise CacheError(f"This cache holds {self._offset} positions; {n} were asked for.")
+        return self._keys[:, :, self._offset - n : self._offset], self._values[:, :, self._offset - n : self._offset]
+
     def rewind(self, n: int) -> None:
         """Take back the last ``n`` tokens (any number: positions are only ever overwritten by later writes)."""
         self._check_rewind(n)
@@ -287,6 +295,14 @@ class SlidingCache(_Buffers):
     def _advance(self, end: int) -> None:
         self._offset = end
         self._first = max(self._first, end - self.slots)
+
+    def recent(self, n: int) -> tuple[mx.array, mx.array]:
+        """The keys and values (B, Hkv, n, D) of the last ``n`` positions, oldest first (a drafter reads them).
+        After a rewind the ring holds ``offset - first`` of them; a larger ``max_rewind`` keeps more."""
+        if not 0 < n <= self._offset - self._first:
+            raise CacheError(f"This ring holds the last {self._offset - self._first} positions; {n} were asked for. "
+                             "Make the cache with a larger max_rewind.")
+        return self._ordered(n)
 
     @property
     def rewindable(self) -> int:

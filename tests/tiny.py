@@ -114,3 +114,42 @@ def save_checkpoint(model, path: Path) -> Path:
     path = Path(path)
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def make_assistant_config(family: str = "e", hidden_size: int = 48, num_hidden_layers: int = 2,
+                          ordered: bool = False, num_centroids: int = 8, top_k: int = 2, **text_overrides):
+    """A Gemma4AssistantConfig for a drafter of the tiny target ``family``: its layers read the target's K/V, so
+    head sizes (and, for k_eq_v targets, the global K/V heads) follow the target's."""
+    from transformers import Gemma4AssistantConfig
+
+    t = TEXT_FAMILIES[family]
+    types = ["sliding_attention"] * (num_hidden_layers - 1) + ["full_attention"]
+    text = dict(
+        vocab_size=t["vocab_size"], hidden_size=hidden_size, intermediate_size=64, num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4, num_key_value_heads=t["num_key_value_heads"], head_dim=t["head_dim"],
+        global_head_dim=t["global_head_dim"], num_global_key_value_heads=t.get("num_global_key_value_heads"),
+        attention_k_eq_v=t.get("attention_k_eq_v", False), sliding_window=t["sliding_window"], layer_types=types,
+        hidden_size_per_layer_input=0, vocab_size_per_layer_input=0, rms_norm_eps=1e-6,
+        max_position_embeddings=t["max_position_embeddings"], final_logit_softcapping=None,
+        pad_token_id=0, eos_token_id=[1, 106], bos_token_id=2,
+    )
+    text.update(text_overrides)
+    return Gemma4AssistantConfig(text_config=text, backbone_hidden_size=t["hidden_size"],
+                                 use_ordered_embeddings=ordered, num_centroids=num_centroids,
+                                 centroid_intermediate_top_k=top_k)
+
+
+def make_assistant(family: str = "e", seed: int = 1, **kw):
+    """A float32 Gemma4AssistantForCausalLM in eval mode with random weights (and, with ``ordered``, a random
+    token ordering for the centroid-masked head)."""
+    from transformers import Gemma4AssistantForCausalLM
+
+    torch.manual_seed(seed)
+    config = make_assistant_config(family, **kw)
+    config._attn_implementation = "eager"
+    model = Gemma4AssistantForCausalLM(config).float().eval()
+    randomize(model, seed)
+    if config.use_ordered_embeddings:
+        g = torch.Generator().manual_seed(seed)
+        model.masked_embedding.token_ordering.copy_(torch.randperm(config.text_config.vocab_size, generator=g))
+    return model
