@@ -8,7 +8,7 @@ from .errors import ConfigError, ContextLengthError, Gemma4Error, InputError, Ou
 
 __all__ = [
     "ConfigError", "ContextLengthError", "Gemma4Error", "InputError", "OutputError", "WeightsError",
-    "load", "generate", "stream_generate", "ChatSession",
+    "load", "load_assistant", "generate", "stream_generate", "ChatSession",
     "ToolCall", "ToolCallError", "tool_schema", "parse_tool_calls", "split_answer", "ToolLoop", "run_tools",
 ]
 
@@ -16,6 +16,7 @@ __all__ = [
 # CLI's --help and the app's start-up. No submodule shares a name with a public function.
 _LAZY = {
     "load": "weights",
+    "load_assistant": "assistant",
     "generate": "generation",
     "stream_generate": "generation",
     "GenerationResponse": "generation",

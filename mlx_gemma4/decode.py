@@ -16,16 +16,18 @@ from .cache import KVCache
 
 
 class CompiledStep:
-    def __init__(self, model):
+    def __init__(self, model, with_hidden: bool = False):
         self.model = model
+        self.with_hidden = with_hidden  # also return the final-normed hidden state (a drafter reads it)
         # Empty caches of the model's kinds: inside the trace they say how to write and mask each buffer.
         self._layout = model.make_cache()
         self._step = mx.compile(self._trace)
 
     def __call__(self, ids: mx.array, token_inputs: mx.array | None, cache: list[KVCache]) -> mx.array:
-        """Logits (1, 1, vocab) for ``ids`` (1, 1), already mapped for embedding, and their per-layer embedding
-        rows, which are gathered outside the traced step: a memory-mapped table (ple.py) reads them on the host,
-        which a compiled function cannot do. Every cache must hold buffers (after a prefill)."""
+        """Logits (1, 1, vocab) (with ``with_hidden``: and the hidden state (1, 1, hidden)) for ``ids`` (1, 1),
+        already mapped for embedding, and their per-layer embedding rows, which are gathered outside the traced
+        step: a memory-mapped table (ple.py) reads them on the host, which a compiled function cannot do. Every
+        cache must hold buffers (after a prefill)."""
         pos = mx.array(cache[0].offset, dtype=mx.int32)
         logits, buffers = self._step(ids, token_inputs, pos, [c.hand_over() for c in cache])
         for c, (keys, values) in zip(cache, buffers):
@@ -36,4 +38,5 @@ class CompiledStep:
         views = [c.step_view(k, v, pos) for c, (k, v) in zip(self._layout, buffers)]
         lm = self.model.language_model
         h = lm(lm.embed(ids), token_inputs, views)
-        return self.model.logits(h), [v.buffers for v in views]
+        out = (self.model.logits(h), h) if self.with_hidden else self.model.logits(h)
+        return out, [v.buffers for v in views]

@@ -39,6 +39,8 @@ class GenerationResponse:
     ttft: float                     # seconds from the call to the first token
     peak_memory_gb: float
     finish_reason: str | None = None  # None while streaming, then "stop" | "length" | "context" | "cancelled"
+    drafted_tokens: int = 0         # with an assistant: tokens drafted so far in this run
+    accepted_tokens: int = 0        # ... and how many of them the model kept
 
 
 def prefill(model, inputs: dict[str, Any], cache: list[KVCache], chunk_size: int = 2048,
@@ -210,7 +212,9 @@ def generate_step(
     should_stop: Callable[[], bool] | None = None,
     progress: Callable[[int, int], None] | None = None,
     on_prefilled: Callable[[], None] | None = None,
-) -> TokenLoop:
+    assistant=None,
+    draft_tokens: int | None = None,
+):
     """The token loop: iterate it for ``(token, logprobs)``, up to ``max_tokens`` tokens after the prompt.
 
     ``sampler`` maps log-probabilities (1, vocab) to a token (1,); greedy when None. Each logits processor is
@@ -227,7 +231,21 @@ def generate_step(
     From the second token on, the next step is queued before the current token is handed out, so building step
     n+1 overlaps evaluating step n (the loop waits on the device only for the token it yields); the first token is
     handed out as soon as it exists. ``loop.fed`` counts the yielded tokens that are in the cache.
+
+    With ``assistant`` (a drafter from ``load_assistant``) the loop decodes speculatively (speculative.py): the
+    same tokens for the same sampler, ``draft_tokens`` drafts per round (None: chosen as it goes), and
+    ``loop.drafted`` / ``loop.accepted`` count drafted and kept tokens. A given ``cache`` then needs sliding rings
+    that can rewind a round (``model.make_cache(max_rewind=...)``; the error says how much).
     """
+    if assistant is not None:
+        from .speculative import SpeculativeLoop
+
+        return SpeculativeLoop(model, assistant, inputs, cache, start=start, max_tokens=max_tokens, sampler=sampler,
+                               logits_processors=logits_processors, prefill_chunk=prefill_chunk,
+                               should_stop=should_stop, progress=progress, on_prefilled=on_prefilled,
+                               draft_tokens=draft_tokens)
+    if draft_tokens is not None:
+        raise InputError("draft_tokens is set but no assistant was given; pass assistant=load_assistant(DIR).")
     return TokenLoop(model, inputs, cache, start=start, max_tokens=max_tokens, sampler=sampler,
                      logits_processors=logits_processors, prefill_chunk=prefill_chunk, should_stop=should_stop,
                      progress=progress, on_prefilled=on_prefilled)
@@ -258,6 +276,8 @@ def stream_tokens(
     on_prefilled: Callable[[], None] | None = None,
     started: float | None = None,
     prompt_tokens: int | None = None,
+    assistant=None,
+    draft_tokens: int | None = None,
 ) -> Iterator[GenerationResponse]:
     """The generation loop over an already-processed prompt, with text and stats.
 
@@ -267,7 +287,7 @@ def stream_tokens(
 
     ``sampler`` / ``logits_processors`` replace the ones built from the sampling settings. ``on_token`` sees
     every token that went through the model (so is in the cache). ``progress(done, total)`` reports prefill;
-    ``on_prefilled`` as in ``generate_step``.
+    ``on_prefilled``, ``assistant`` and ``draft_tokens`` as in ``generate_step``.
     Stopped by ``should_stop`` before the first token, it yields one response with no text, ``token`` -1 and
     ``finish_reason`` "cancelled".
     """
@@ -277,7 +297,7 @@ def stream_tokens(
                         seed=seed, prefill_chunk=prefill_chunk)
     if seed is not None:
         mx.random.seed(int(seed))
-    if cache is None:
+    if cache is None and assistant is None:   # the speculative loop makes its own, with rings that rewind a round
         cache = model.make_cache()
     default_sampler, default_processors = make_policies(temperature, top_p, top_k, min_p, repetition_penalty,
                                                         repetition_context_size)
@@ -289,7 +309,7 @@ def stream_tokens(
                           sampler=sampler or default_sampler,
                           logits_processors=default_processors if logits_processors is None else logits_processors,
                           prefill_chunk=prefill_chunk, should_stop=should_stop, progress=progress,
-                          on_prefilled=on_prefilled)
+                          on_prefilled=on_prefilled, assistant=assistant, draft_tokens=draft_tokens)
     ttft = prompt_tps = 0.0
     t_first = None
     n = 0
@@ -309,7 +329,8 @@ def stream_tokens(
             prompt_tps = n_prompt / max(ttft, 1e-9)
         stats = dict(prompt_tokens=n_prompt, prompt_tps=prompt_tps, generation_tokens=n,
                      generation_tps=(n - 1) / max(now - t_first, 1e-9) if n > 1 else 0.0,
-                     ttft=ttft, peak_memory_gb=peak_gb())
+                     ttft=ttft, peak_memory_gb=peak_gb(), drafted_tokens=getattr(steps, "drafted", 0),
+                     accepted_tokens=getattr(steps, "accepted", 0))
         if token in stop:
             detok.finalize()
             yield GenerationResponse(detok.last_segment, token, finish_reason="stop", **stats)
@@ -370,4 +391,5 @@ def generate(model, processor, prompt: str, images=None, audio=None, videos=None
 _SAMPLING_KWARGS = {"max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                     "repetition_context_size", "seed", "prefill_chunk"}
 _STREAM_KWARGS = _SAMPLING_KWARGS | {"sampler", "logits_processors", "stop_ids", "should_stop", "on_token",
-                                     "cache", "progress", "on_prefilled", "started", "prompt_tokens"}
+                                     "cache", "progress", "on_prefilled", "started", "prompt_tokens", "assistant",
+                                     "draft_tokens"}

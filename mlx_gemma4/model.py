@@ -85,6 +85,7 @@ class Gemma4(nn.Module):
         self.config = config
         self._text_ids: mx.array | None = None
         self._compiled_step = None
+        self._compiled_hidden_step = None
         self.language_model = TextModel(config.text_config)
         if not config.tied_head:
             self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
@@ -180,6 +181,22 @@ class Gemma4(nn.Module):
             return self._compiled(ids, token_inputs, cache)
         lm = self.language_model
         return self.logits(lm(lm.embed(ids), token_inputs, cache))
+
+    def step_hidden(self, token_ids: mx.array, cache: list[KVCache]) -> tuple[mx.array, mx.array]:
+        """``step`` that also returns the final-normed hidden states (1, L, hidden), which a drafter reads:
+        (logits (1, L, vocab), hidden states)."""
+        L = token_ids.shape[-1]
+        self._check_room(cache, L)
+        ids, token_inputs = self._text_inputs(token_ids)
+        if L == 1 and cache and not any(c.empty for c in cache):
+            if self._compiled_hidden_step is None:
+                from .decode import CompiledStep
+
+                self._compiled_hidden_step = CompiledStep(self, with_hidden=True)
+            return self._compiled_hidden_step(ids, token_inputs, cache)
+        lm = self.language_model
+        h = lm(lm.embed(ids), token_inputs, cache)
+        return self.logits(h), h
 
     def context_left(self, cache: list[KVCache] | None) -> int:
         """How many more positions fit in the context after what ``cache`` holds (the one bound everything uses)."""

@@ -1,0 +1,263 @@
+"""Speculative decoding with an assistant drafter: draft k tokens, verify them in one target forward, keep the
+longest agreeing prefix plus the target's own next token, rewind the rest.
+
+Reference: transformers ``generation/candidate_generator.py`` (``SinglePositionMultiTokenCandidateGenerator``)
+and assisted generation in ``generation/utils.py``. One round, with the target's cache holding positions
+``0 .. P-1``, the token ``t`` at ``P`` not yet fed, and the target's hidden state ``h`` that predicted ``t``:
+
+1. the drafter drafts ``d1 .. dk`` greedily at the constant position ``P``, reading the target's K/V of
+   ``0 .. P-1`` (its last producer layer of each type; sliding layers: the last ``window + 1`` of them);
+2. the target runs ``[t, d1 .. dk]`` at ``P .. P+k`` in one forward and picks its own token ``y0 .. yk`` at
+   each position with the caller's logits processors and sampler (history: the tokens before it, drafts
+   included);
+3. the drafts are kept while ``d(i+1) == y(i)``: with ``m`` kept, ``t, d1 .. dm`` stay in the cache, the other
+   ``k - m`` positions are rewound (exactly, also in sliding rings that have wrapped), and ``y(m)`` with its
+   hidden state starts the next round.
+
+Every kept token is the one the target's sampler picked at that position given the same history, so greedy
+output equals plain greedy decoding token for token. With sampling this is the speculative-sampling rule for a
+drafter that proposes one token with certainty (q = 1 at d): a draft is accepted with probability p(d) and on
+rejection the token comes from p without d, renormalised; drawing y ~ p and accepting when y == d does exactly
+that, so every token follows the target's distribution. The drafts are greedy, as in the reference.
+
+All of a round (k drafting steps, the verification, the k + 1 samples) is built lazily and evaluated once.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .cache import KVCache, SlidingCache
+from .cache import rewind as rewind_cache
+from .errors import InputError
+
+DEFAULT_MAX_DRAFT = 6   # the most tokens the automatic choice drafts in one round
+
+
+class DraftLength:
+    """How many tokens to draft in the next round: a fixed ``k``, or (``fixed`` None) the ``k`` in
+    ``0 .. k_max`` that maximises expected tokens per second.
+
+    With acceptance rate ``a`` per drafted token, a round of ``k`` drafts yields ``(1 - a**(k+1)) / (1 - a)``
+    tokens on average; a round's cost is measured (seconds per round for each ``k`` used, smoothed; ``k`` not yet
+    measured are interpolated). ``k = 0`` is a plain decode step, so when drafting does not pay the loop decodes
+    as fast as without a drafter; every ``explore_every`` rounds a neighbouring ``k`` is tried so that both the
+    acceptance rate and the costs stay current.
+    """
+
+    def __init__(self, fixed: int | None = None, k_max: int = DEFAULT_MAX_DRAFT, explore_every: int = 8,
+                 prior_acceptance: float = 0.6, smoothing: float = 0.7):
+        self.fixed, self.k_max = fixed, fixed if fixed is not None else k_max
+        self.explore_every, self.smoothing = explore_every, smoothing
+        self.acceptance = prior_acceptance
+        self.seconds: dict[int, float] = {}
+        self.rounds = 0
+        self._explore_up = True
+
+    def expected_tokens(self, k: int) -> float:
+        a = min(self.acceptance, 0.999)
+        return (1 - a ** (k + 1)) / (1 - a)
+
+    def estimated_seconds(self, k: int) -> float | None:
+        if k in self.seconds:
+            return self.seconds[k]
+        known = sorted(self.seconds)
+        if not known:
+            return None
+        if len(known) == 1:
+            # One measurement: assume each drafted token adds a quarter of a round's base cost.
+            k1 = known[0]
+            return self.seconds[k1] * (1 + 0.25 * k) / (1 + 0.25 * k1)
+        lo = max([j for j in known if j < k], default=known[0])
+        hi = min([j for j in known if j > k], default=known[-1])
+        if lo == hi:   # outside the measured range: extend the nearest two points' slope
+            lo, hi = (known[0], known[1]) if k < known[0] else (known[-2], known[-1])
+        slope = max((self.seconds[hi] - self.seconds[lo]) / (hi - lo), 0.0)
+        return max(self.seconds[lo] + slope * (k - lo), 1e-9)
+
+    def choose(self, limit: int) -> int:
+        """The next round's draft length, at most ``limit``."""
+        if self.fixed is not None:
+            return max(0, min(self.fixed, limit))
+        self.rounds += 1
+        costs = {k: self.estimated_seconds(k) for k in range(self.k_max + 1)}
+        if costs[0] is None:
+            best = min(2, self.k_max)
+        else:
+            best = max(costs, key=lambda k: self.expected_tokens(k) / costs[k])
+        if self.rounds % self.explore_every == 0:
+            step = 1 if self._explore_up else -1
+            self._explore_up = not self._explore_up
+            best = min(max(best + step, 0 if best else 1), self.k_max)
+        return max(0, min(best, limit))
+
+    def record(self, k: int, accepted: int, seconds: float) -> None:
+        """What a round of ``k`` drafts gave: ``accepted`` drafts kept, in ``seconds``."""
+        s = self.smoothing
+        self.seconds[k] = seconds if k not in self.seconds else s * self.seconds[k] + (1 - s) * seconds
+        if k:
+            tried = accepted + (accepted < k)   # drafts the target judged: all kept ones and the first rejected
+            rate = accepted / tried
+            w = s ** tried
+            self.acceptance = w * self.acceptance + (1 - w) * rate
+
+
+def producer_caches(model, cache: list[KVCache]) -> dict[str, KVCache]:
+    """Layer type -> the cache of the target's last K/V-producing layer of that type (what the drafter reads)."""
+    tc = model.config.text_config
+    return {t: cache[i] for i, t in enumerate(tc.layer_types[: tc.first_kv_shared_layer])}
+
+
+def required_max_rewind(model, assistant, k_max: int) -> int:
+    """The ``max_rewind`` a target cache needs so that its sliding rings still hold the drafter's window after a
+    round of ``k_max`` drafts rejected them all."""
+    window = model.config.text_config.sliding_window
+    return max(1, k_max + 2 + assistant.config.text_config.sliding_window - window)
+
+
+def check_draft_tokens(draft_tokens: Any) -> None:
+    if draft_tokens is None:
+        return
+    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, (int, np.integer)) or not \
+            0 <= draft_tokens <= 64:
+        raise InputError(f"draft_tokens must be a whole number from 0 to 64, or None to choose it automatically; "
+                         f"got {draft_tokens!r}.")
+
+
+class SpeculativeLoop:
+    """A token loop with a drafter: iterating yields ``(token, logprobs)`` like ``generation.TokenLoop`` (same
+    ``finish_reason`` and ``fed``), plus ``drafted`` / ``accepted``: drafted tokens and kept drafts so far."""
+
+    def __init__(self, model, assistant, inputs: dict[str, Any], cache: list[KVCache] | None, *, start: int,
+                 max_tokens: int, sampler: Callable[[mx.array], mx.array] | None,
+                 logits_processors: Sequence[Callable[[mx.array, mx.array], mx.array]], prefill_chunk: int,
+                 should_stop: Callable[[], bool] | None, progress: Callable[[int, int], None] | None = None,
+                 on_prefilled: Callable[[], None] | None = None, draft_tokens: int | None = None):
+        check_draft_tokens(draft_tokens)
+        assistant.check_fits(model)
+        self.model, self.assistant, self.inputs, self.start = model, assistant, inputs, start
+        self.lengths = DraftLength(draft_tokens)
+        if cache is None:
+            cache = model.make_cache(max_rewind=required_max_rewind(model, assistant, self.lengths.k_max))
+        self.cache = cache
+        self._check_ring_room()
+        self.max_tokens, self.prefill_chunk, self.should_stop = max_tokens, prefill_chunk, should_stop
+        self.progress, self.on_prefilled = progress, on_prefilled
+        self.sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
+        self.processors = list(logits_processors)
+        self.finish_reason: str | None = None
+        self.fed = 0
+        self.drafted = self.accepted = 0
+
+    def _check_ring_room(self) -> None:
+        need = required_max_rewind(self.model, self.assistant, self.lengths.k_max)
+        for c in self.cache:
+            if isinstance(c, SlidingCache) and c.slots - c.window + 1 < need:
+                raise InputError(f"The cache's sliding rings can rewind {c.slots - c.window + 1} tokens; drafting "
+                                 f"{self.lengths.k_max} needs {need}. Make it with "
+                                 f"model.make_cache(max_rewind={need}).")
+
+    # -- one round --------------------------------------------------------------------------------------------
+    def _draft(self, token: mx.array, hidden: mx.array, k: int) -> list[mx.array]:
+        """``k`` greedy drafts (lazy scalars) after ``token`` at the cache's next position."""
+        position = self.cache[0].offset
+        kv = {t: c.recent(self.assistant.visible(t, position)) for t, c in producer_caches(self.model,
+                                                                                           self.cache).items()}
+        embed = self.model.language_model.embed
+        drafts = []
+        for _ in range(k):
+            d, hidden = self.assistant.draft_token(embed(token.reshape(1, 1)), hidden, position, kv)
+            drafts.append(d)
+            token = d
+        return drafts
+
+    def _pick(self, logits: mx.array, history: mx.array | None) -> tuple[mx.array, mx.array]:
+        """The target's token and log-probs (vocab,) at one position, with the processors and sampler."""
+        logits = logits[None]                                                       # (1, vocab)
+        for p in self.processors:
+            logits = p(history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return self.sampler(logprobs)[0], logprobs[0]
+
+    def _verify(self, token: mx.array, drafts: list[mx.array], history: mx.array | None):
+        """The target's tokens, log-probs and hidden states at ``token`` and each draft (all lazy)."""
+        ids = mx.stack([token.reshape(()), *drafts]).reshape(1, -1).astype(mx.int32)  # (1, k + 1)
+        logits, hidden = self.model.step_hidden(ids, self.cache)
+        picks = []
+        for i in range(ids.shape[1]):
+            h = None if history is None else mx.concatenate([history, ids[0, 1 : i + 1]])
+            picks.append(self._pick(logits[0, i], h))
+        return [p[0] for p in picks], [p[1] for p in picks], hidden
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+    def _prefill(self) -> tuple[mx.array, mx.array, mx.array] | None:
+        """Prompt into the cache; the first token, its log-probs and the hidden state that predicted it."""
+        ids = mx.array(self.inputs["input_ids"]).reshape(1, -1)
+        L = ids.shape[1]
+        if L - 1 > self.start:
+            # All but the last token through the ordinary prefill; the last one through the step that also
+            # returns its hidden state (the drafter's first input).
+            head = {**self.inputs, "input_ids": ids[:, : L - 1]}
+            if self.model.prefill(head, self.cache, chunk_size=self.prefill_chunk, start=self.start,
+                                  should_stop=self.should_stop, progress=self.progress) is None:
+                return None
+        elif L <= self.start:
+            raise InputError(f"Nothing to prefill: the prompt has {self.start} tokens and all are already in the "
+                             "cache.")
+        logits, hidden = self.model.step_hidden(ids[:, L - 1 :], self.cache)
+        history = ids[0].astype(mx.int32) if self.processors else None
+        y, logprobs = self._pick(logits[0, -1], history)
+        return y, logprobs, hidden[:, -1:]
+
+    def __iter__(self) -> Iterator[tuple[int, mx.array]]:
+        model, cache = self.model, self.cache
+        first = self._prefill()
+        if first is None:
+            self.finish_reason = "cancelled"
+            return
+        y, logprobs, hidden = first
+        mx.eval(y, logprobs, hidden)
+        if self.on_prefilled is not None:
+            self.on_prefilled()
+        history = mx.array(np.array(self.inputs["input_ids"]).reshape(-1), dtype=mx.int32) \
+            if self.processors else None
+        n = 0
+        while True:
+            # y (not yet fed) goes out now; the checks say whether another round follows.
+            n += 1
+            if n >= self.max_tokens:
+                self.finish_reason = "length"
+            elif model.context_left(cache) < 1:
+                self.finish_reason = "context"
+            elif self.should_stop is not None and self.should_stop():
+                self.finish_reason = "cancelled"
+            yield int(y.item()), logprobs
+            if self.finish_reason is not None:
+                return
+            if history is not None:
+                history = mx.concatenate([history, y.reshape(1).astype(mx.int32)])
+            k = self.lengths.choose(min(self.max_tokens - n - 1, model.context_left(cache) - 1))
+            t0 = time.perf_counter()
+            drafts = self._draft(y, hidden, k)
+            tokens, all_logprobs, hiddens = self._verify(y, drafts, history)
+            mx.eval(drafts, tokens, all_logprobs, hiddens)
+            d, t = [int(x.item()) for x in drafts], [int(x.item()) for x in tokens]
+            m = 0
+            while m < k and d[m] == t[m]:
+                m += 1
+            rewind_cache(cache, k - m)
+            self.lengths.record(k, m, time.perf_counter() - t0)
+            self.drafted += k
+            self.accepted += m
+            self.fed = n  # y is in the cache now
+            for i in range(m):  # kept drafts: in the cache as they go out
+                n += 1
+                self.fed = n
+                if history is not None:
+                    history = mx.concatenate([history, drafts[i].reshape(1).astype(mx.int32)])
+                yield d[i], all_logprobs[i]
+            y, logprobs, hidden = tokens[m], all_logprobs[m], hiddens[:, m : m + 1]
