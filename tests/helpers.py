@@ -111,3 +111,33 @@ class ScriptedAnswers:
         forced = np.full(logits.shape, -1e9, dtype=np.float32)
         forced[..., self.scripts[step][at]] = 0.0
         return mx.array(forced)
+
+
+def assistant_from(hf_assistant):
+    """Our Assistant carrying the weights of a transformers Gemma4AssistantForCausalLM."""
+    from mlx_gemma4.assistant import Assistant, AssistantConfig
+
+    ours = Assistant(AssistantConfig.from_dict(hf_assistant.config.to_dict()))
+    weights = {k: mx.array(v.detach().numpy()) for k, v in hf_assistant.state_dict().items() if k != "lm_head.weight"}
+    key = "masked_embedding.token_ordering"
+    if key in weights:
+        weights[key] = weights[key].astype(mx.int32)
+    load_into(ours, weights)
+    return ours
+
+
+def mimic(hf_target, hf_assistant) -> None:
+    """Make a drafter that agrees with its target often, without training: for a target whose K/V producers are
+    its only layers ([sliding, full]), the drafter takes the target's layers (it then runs the target's own
+    forward at the drafted position, minus that position's own K/V), reads only the token embedding
+    (pre_projection = [I, 0]) and passes its state on unchanged (post_projection = I)."""
+    sd = hf_target.state_dict()
+    with torch.no_grad():
+        for name, p in [*hf_assistant.named_parameters(), *hf_assistant.named_buffers()]:
+            src = "model.language_model." + name[len("model."):]
+            if name.startswith("model.") and src in sd:
+                p.copy_(sd[src])
+        h = hf_assistant.config.backbone_hidden_size
+        hf_assistant.pre_projection.weight.zero_()
+        hf_assistant.pre_projection.weight[:, :h] = torch.eye(h)
+        hf_assistant.post_projection.weight.copy_(torch.eye(h))
