@@ -1,0 +1,222 @@
+"""Speculative decoding: the same tokens as plain decoding (and as transformers), the same accepted drafts per
+round as transformers' assisted generation, exact rewinds, and the draft-length policy."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mlx_gemma4 import InputError
+from mlx_gemma4.cache import rewind
+from mlx_gemma4.generation import generate_step
+from mlx_gemma4.speculative import DraftLength, producer_caches
+from tests import helpers, tiny
+
+PROMPT = 30          # tokens: the tiny models' sliding window is 8, so prompt and answer cross it many times
+NEW = 50
+
+
+@pytest.fixture(scope="module")
+def drafters():
+    made = {}
+
+    def get(family: str):
+        if family not in made:
+            made[family] = helpers.assistant_from(tiny.make_assistant(family, ordered=family == "e"))
+        return made[family]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def mimicking():
+    """A 2-layer dense target and a drafter built from its layers (helpers.mimic): they agree often."""
+    hf, model = helpers.build("dense", num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
+    # The drafter's window is one below the target's so that the reference's drafter always has its window of
+    # K/V at hand (its target keeps window - 1 past positions plus the round's).
+    hf_a = tiny.make_assistant("dense", hidden_size=64, intermediate_size=96, sliding_window=7)
+    helpers.mimic(hf, hf_a)
+    return hf, model, hf_a, helpers.assistant_from(hf_a)
+
+
+def _inputs(n: int = PROMPT, seed: int = 0) -> dict:
+    return {"input_ids": mx.array(helpers.ids_of(n, seed).numpy().astype(np.int32))}
+
+
+def _run(model, inputs, **kw) -> tuple[list[int], object, list[int]]:
+    """Tokens, the loop, and the drafts kept in each round."""
+    loop = generate_step(model, inputs, **kw)
+    kept = []
+    if hasattr(loop, "lengths"):
+        record = loop.lengths.record
+        loop.lengths.record = lambda k, m, s: (kept.append(m), record(k, m, s))
+    return [t for t, _ in loop], loop, kept
+
+
+@pytest.mark.parametrize("family", ["e", "dense"])
+def test_greedy_with_a_drafter_is_greedy_without_it_and_the_reference(text_pair, drafters, family):
+    hf, model = text_pair(family)
+    inputs = _inputs()
+    plain, _, _ = _run(model, inputs, max_tokens=NEW)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(np.array(inputs["input_ids"]), dtype=torch.long), max_new_tokens=NEW,
+                          do_sample=False)[0, PROMPT:].tolist()
+    assert plain == ref
+    for k in (1, 2, 3, 4, None):
+        tokens, loop, _ = _run(model, inputs, max_tokens=NEW, assistant=drafters(family), draft_tokens=k)
+        assert tokens == plain, k
+        assert loop.finish_reason == "length"
+        if k:
+            assert loop.drafted > 0
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_accepted_drafts_per_round_match_the_references_assisted_generation(mimicking, k, monkeypatch):
+    from transformers.generation.candidate_generator import SinglePositionMultiTokenCandidateGenerator as Gen
+
+    hf, model, hf_a, ours = mimicking
+    inputs = _inputs()
+    tokens, loop, kept = _run(model, inputs, max_tokens=NEW, assistant=ours, draft_tokens=k)
+
+    ref_kept = []
+    update, candidates = Gen.update_candidate_strategy, Gen.get_candidates
+
+    def record(self, input_ids, scores, n_matches):
+        ref_kept.append(int(n_matches))
+        return update(self, input_ids, scores, n_matches)
+
+    def accepted_kv_only(self, input_ids, model_kwargs, model_outputs, is_first_iteration, n_last_matches, **kw):
+        # The reference cuts the target's K/V at the sequence length, which after a rejection still includes the
+        # first rejected draft's K/V (and, for sliding layers past the window, all rejected ones): the drafter
+        # then attends to a token that is not in the text. We give it the accepted positions only, as we do.
+        kv = getattr(model_outputs, "shared_kv_states", None)
+        if kv is not None:
+            extra = kv["full_attention"][0].shape[2] - (input_ids.shape[1] - 1)
+            for t, (keys, values) in list(kv.items()):
+                kv[t] = (keys[:, :, : keys.shape[2] - extra], values[:, :, : values.shape[2] - extra])
+        return candidates(self, input_ids, model_kwargs, model_outputs, is_first_iteration, n_last_matches, **kw)
+
+    monkeypatch.setattr(Gen, "update_candidate_strategy", record)
+    monkeypatch.setattr(Gen, "get_candidates", accepted_kv_only)
+    monkeypatch.setattr(hf_a.generation_config, "num_assistant_tokens", k)
+    monkeypatch.setattr(hf_a.generation_config, "num_assistant_tokens_schedule", "constant")
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(np.array(inputs["input_ids"]), dtype=torch.long), max_new_tokens=NEW,
+                          do_sample=False, assistant_model=hf_a)[0, PROMPT:].tolist()
+    assert tokens == ref
+    assert kept == ref_kept[1:]   # the reference's first round is its prefill (no drafts)
+    # A sharp check: the rounds mix full, partial and no acceptance (0.51 at k=4 to 0.81 at k=1 here).
+    rate = loop.accepted / loop.drafted
+    assert 0.4 < rate < 0.95 and 0 in kept and k in kept, (rate, kept)
+
+
+def test_sampling_keeps_what_the_targets_sampler_picks(mimicking):
+    """With a sampler, every kept token is the sampler's pick given the same history: a deterministic sampler
+    (the second most likely token) and a history-reading processor give plain decoding's tokens."""
+    _, model, _, ours = mimicking
+
+    def second_best(logprobs):
+        return mx.argsort(logprobs, axis=-1)[:, -2]
+
+    def penalise_seen(history, logits):
+        return logits - 0.5 * mx.zeros(logits.shape[-1]).at[history].add(1.0)[None]
+
+    kw = dict(max_tokens=NEW, sampler=second_best, logits_processors=[penalise_seen])
+    plain, _, _ = _run(model, _inputs(), **kw)
+    tokens, loop, _ = _run(model, _inputs(), assistant=ours, draft_tokens=3, **kw)
+    assert tokens == plain
+    assert loop.accepted > 0
+
+
+def test_sampled_tokens_follow_the_targets_distribution(mimicking):
+    """Drawing with temperature: the first two tokens' joint frequencies match plain decoding's (both decoders
+    draw from the target's distribution; the drafter only changes which draws are kept)."""
+    from mlx_lm.sample_utils import make_sampler
+
+    _, model, _, ours = mimicking
+    inputs = _inputs(12)
+    sampler = make_sampler(temp=1.5)
+    counts = [dict(), dict()]
+    for i, extra in enumerate([{}, {"assistant": ours, "draft_tokens": 2}]):
+        mx.random.seed(0)
+        for _ in range(300):
+            pair = tuple(_run(model, inputs, max_tokens=2, sampler=sampler, **extra)[0])
+            counts[i][pair] = counts[i].get(pair, 0) + 1
+    keys = set(counts[0]) | set(counts[1])
+    a = np.array([counts[0].get(k, 0) for k in keys]) / 300
+    b = np.array([counts[1].get(k, 0) for k in keys]) / 300
+    assert 0.5 * np.abs(a - b).sum() < 0.15   # total variation; two draws of 300 from one distribution
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(1, 4), st.integers(0, 4)), min_size=1, max_size=12))
+def test_rewind_leaves_the_cache_of_plain_decoding(text_pair, rounds):
+    """Rounds of k drafts with m kept (any pattern, across the wrapped sliding rings): the cache then equals
+    the cache that plain decoding of the kept tokens builds, and the next step gives the same logits."""
+    _, model = text_pair("e")
+    prompt = np.array(_inputs(20)["input_ids"])   # past the 13-slot rings: they have wrapped
+    spec, plain = model.make_cache(max_rewind=6), model.make_cache(max_rewind=6)
+    model.prefill({"input_ids": mx.array(prompt)}, spec)
+    model.prefill({"input_ids": mx.array(prompt)}, plain)
+    rng = np.random.default_rng(len(rounds))
+    for k, m in rounds:
+        m = min(m, k)
+        ids = rng.integers(5, 250, size=k + 1).astype(np.int32)
+        model.step_hidden(mx.array(ids[None]), spec)
+        rewind(spec, k - m)
+        for t in ids[: m + 1]:
+            model.step(mx.array([[int(t)]]), plain)
+    assert spec[0].offset == plain[0].offset
+    for t, c in producer_caches(model, spec).items():
+        n = min(c.offset, 9)
+        a, b = c.recent(n), producer_caches(model, plain)[t].recent(n)
+        # (a round runs its tokens in one forward, plain decoding one at a time: float rounding differs)
+        np.testing.assert_allclose(np.array(a[0]), np.array(b[0]), atol=1e-5)
+        np.testing.assert_allclose(np.array(a[1]), np.array(b[1]), atol=1e-5)
+    nxt = mx.array([[42]])
+    np.testing.assert_allclose(np.array(model.step(nxt, spec)), np.array(model.step(nxt, plain)), atol=1e-5)
+
+
+def test_automatic_draft_length_drafts_when_it_pays_and_stops_when_it_does_not():
+    lengths = DraftLength(k_max=6)
+    for _ in range(40):   # every draft kept; a round costs the base plus 10% per draft
+        k = lengths.choose(100)
+        lengths.record(k, k, 1.0 + 0.1 * k)
+    assert lengths.choose(100) >= 4
+    for _ in range(80):   # nothing kept
+        k = lengths.choose(100)
+        lengths.record(k, 0, 1.0 + 0.1 * k)
+    picks = [lengths.choose(100) for _ in range(16)]
+    assert picks.count(0) >= 14   # plain steps, with an occasional probe
+    assert DraftLength(fixed=3).choose(2) == 2   # never past the limit it is given
+
+
+def test_speculation_counts_and_argument_checks(loaded_e, drafters):
+    model, processor = loaded_e
+    from mlx_gemma4 import stream_generate
+
+    responses = list(stream_generate(model, processor, "hello there", max_tokens=12, assistant=drafters("e"),
+                                     draft_tokens=2))
+    last = responses[-1]
+    assert last.drafted_tokens > 0 and 0 <= last.accepted_tokens <= last.drafted_tokens
+    assert all(a.drafted_tokens <= b.drafted_tokens for a, b in zip(responses, responses[1:]))
+    with pytest.raises(InputError, match="draft_tokens"):
+        list(stream_generate(model, processor, "hi", assistant=drafters("e"), draft_tokens=-1))
+    with pytest.raises(InputError, match="no assistant"):
+        list(stream_generate(model, processor, "hi", draft_tokens=2))
+    with pytest.raises(InputError, match="max_rewind"):
+        list(generate_step(model, _inputs(), model.make_cache(max_rewind=2), assistant=drafters("e"),
+                           draft_tokens=4))
+
+
+@pytest.fixture(scope="module")
+def loaded_e(checkpoint_factory):
+    from mlx_gemma4.processing.processor import Processor
+    from mlx_gemma4.weights import load_model
+
+    _, path = checkpoint_factory("e")
+    return load_model(path), Processor.from_pretrained(path)
