@@ -78,10 +78,19 @@ def _rewind(cache: list, snapshots: list[tuple[int, Any]], have: int, want: int)
 
 class ChatSession:
     def __init__(self, model, processor, system_prompt: str | None = None, enable_thinking: bool = False,
-                 prefill_chunk: int = 2048, tools: list[Any] | None = None):
+                 prefill_chunk: int = 2048, tools: list[Any] | None = None, assistant=None,
+                 draft_tokens: int | None = None):
+        """``assistant`` (from ``load_assistant``) makes every answer decode speculatively, ``draft_tokens`` per
+        round (None: chosen as it goes); the answers are the same."""
         check_positive_int("prefill_chunk", prefill_chunk)
         self.tools = tools  # functions or JSON schemas (see tools.tool_schema), declared in every turn
         tool_schemas(tools)  # checked now, not at the first turn
+        if assistant is not None:
+            from .speculative import check_draft_tokens
+
+            check_draft_tokens(draft_tokens)
+            assistant.check_fits(model)
+        self.assistant, self.draft_tokens = assistant, draft_tokens
         self.model = model
         self.processor = processor
         self.system_prompt = system_prompt
@@ -95,7 +104,13 @@ class ChatSession:
 
     # -- the cache -------------------------------------------------------------------------------------------
     def _fresh_cache(self) -> None:
-        self.cache = self.model.make_cache()
+        if self.assistant is None:
+            self.cache = self.model.make_cache()
+        else:   # sliding rings that can take back a whole round of drafts
+            from .speculative import DraftLength, required_max_rewind
+
+            k_max = self.draft_tokens if self.draft_tokens is not None else DraftLength().k_max
+            self.cache = self.model.make_cache(max_rewind=required_max_rewind(self.model, self.assistant, k_max))
         self._cached = np.zeros(0, dtype=np.int64)  # keys (EncodedChat.keys) of the tokens in the cache
         self._snapshots: list[tuple[int, Any]] = []
 
@@ -175,6 +190,9 @@ class ChatSession:
                 **gen_kwargs) -> Iterator[GenerationResponse]:
         should_stop = gen_kwargs.get("should_stop")
         chunk = gen_kwargs.pop("prefill_chunk", self.prefill_chunk)
+        if self.assistant is not None:
+            gen_kwargs.setdefault("assistant", self.assistant)
+            gen_kwargs.setdefault("draft_tokens", self.draft_tokens)
         progress = gen_kwargs.pop("progress", None)  # (done, total) prompt tokens, for a UI
         t0 = time.perf_counter()
         mx.reset_peak_memory()

@@ -259,5 +259,10 @@ class SpeculativeLoop:
                 self.fed = n
                 if history is not None:
                     history = mx.concatenate([history, drafts[i].reshape(1).astype(mx.int32)])
-                yield d[i], all_logprobs[i]
+                try:
+                    yield d[i], all_logprobs[i]
+                except GeneratorExit:
+                    # The caller stopped (a stop token): the cache keeps only what went out, like plain decoding.
+                    rewind_cache(cache, m - i - 1)
+                    raise
             y, logprobs, hidden = tokens[m], all_logprobs[m], hiddens[:, m : m + 1]

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from mlx_gemma4 import InputError
 from mlx_gemma4.cache import rewind
-from mlx_gemma4.generation import generate_step
+from mlx_gemma4.generation import generate_step, stream_tokens
 from mlx_gemma4.speculative import DraftLength, producer_caches
 from tests import helpers, tiny
 
@@ -33,14 +33,18 @@ def drafters():
 
 
 @pytest.fixture(scope="module")
-def mimicking():
-    """A 2-layer dense target and a drafter built from its layers (helpers.mimic): they agree often."""
-    hf, model = helpers.build("dense", num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
+def mimicking(checkpoint_factory):
+    """A 2-layer dense target (a checkpoint with a tokenizer) and a drafter built from its layers
+    (helpers.mimic): they agree often. (transformers target, our target, processor, transformers drafter, ours)"""
+    from mlx_gemma4.processing.processor import Processor
+    from mlx_gemma4.weights import load_model
+
+    hf, path = checkpoint_factory("dense", num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
     # The drafter's window is one below the target's so that the reference's drafter always has its window of
     # K/V at hand (its target keeps window - 1 past positions plus the round's).
     hf_a = tiny.make_assistant("dense", hidden_size=64, intermediate_size=96, sliding_window=7)
     helpers.mimic(hf, hf_a)
-    return hf, model, hf_a, helpers.assistant_from(hf_a)
+    return hf, load_model(path), Processor.from_pretrained(path), hf_a, helpers.assistant_from(hf_a)
 
 
 def _inputs(n: int = PROMPT, seed: int = 0) -> dict:
@@ -78,7 +82,7 @@ def test_greedy_with_a_drafter_is_greedy_without_it_and_the_reference(text_pair,
 def test_accepted_drafts_per_round_match_the_references_assisted_generation(mimicking, k, monkeypatch):
     from transformers.generation.candidate_generator import SinglePositionMultiTokenCandidateGenerator as Gen
 
-    hf, model, hf_a, ours = mimicking
+    hf, model, _, hf_a, ours = mimicking
     inputs = _inputs()
     tokens, loop, kept = _run(model, inputs, max_tokens=NEW, assistant=ours, draft_tokens=k)
 
@@ -117,7 +121,7 @@ def test_accepted_drafts_per_round_match_the_references_assisted_generation(mimi
 def test_sampling_keeps_what_the_targets_sampler_picks(mimicking):
     """With a sampler, every kept token is the sampler's pick given the same history: a deterministic sampler
     (the second most likely token) and a history-reading processor give plain decoding's tokens."""
-    _, model, _, ours = mimicking
+    _, model, _, _, ours = mimicking
 
     def second_best(logprobs):
         return mx.argsort(logprobs, axis=-1)[:, -2]
@@ -137,7 +141,7 @@ def test_sampled_tokens_follow_the_targets_distribution(mimicking):
     draw from the target's distribution; the drafter only changes which draws are kept)."""
     from mlx_lm.sample_utils import make_sampler
 
-    _, model, _, ours = mimicking
+    _, model, _, _, ours = mimicking
     inputs = _inputs(12)
     sampler = make_sampler(temp=1.5)
     counts = [dict(), dict()]
@@ -220,3 +224,42 @@ def loaded_e(checkpoint_factory):
 
     _, path = checkpoint_factory("e")
     return load_model(path), Processor.from_pretrained(path)
+
+
+def test_stopping_inside_a_round_leaves_only_what_went_out_in_the_cache(mimicking):
+    """A caller that stops reading (a stop token, a stop string, a cancel) right after a kept draft that has more
+    kept drafts after it: the cache holds the prompt and the tokens reported to on_token, as in plain decoding."""
+    _, model, processor, _, ours = mimicking
+    inputs = _inputs()
+    tokens, _, kept = _run(model, inputs, max_tokens=NEW, assistant=ours, draft_tokens=4)
+    inside, pos = [], 0   # positions of kept drafts followed by more kept drafts in their round
+    for m in kept:
+        inside += [pos + j for j in range(1, m)]
+        pos += m + 1
+    assert inside
+    for stop_at in (inside[0], inside[-1]):
+        cache = model.make_cache(max_rewind=6)
+        fed: list[int] = []
+        out = []
+        for r in stream_tokens(model, processor, inputs, cache, max_tokens=NEW, assistant=ours, draft_tokens=4,
+                               stop_ids=[], on_token=fed.append):
+            out.append(r.token)
+            if len(out) == stop_at + 1:
+                break
+        assert out == tokens[: stop_at + 1]
+        assert cache[0].offset == PROMPT + len(fed) and fed == tokens[: len(fed)]
+
+
+def test_chat_session_with_an_assistant_gives_the_same_answers(mimicking):
+    from mlx_gemma4 import ChatSession
+
+    _, model, processor, _, ours = mimicking
+    plain, spec = ChatSession(model, processor), ChatSession(model, processor, assistant=ours)
+    for text in ("hello there", "and again, please"):
+        a = "".join(r.text for r in plain.send(text, max_tokens=24))
+        responses = list(spec.send(text, max_tokens=24))
+        assert "".join(r.text for r in responses) == a
+        assert responses[-1].accepted_tokens > 0
+        assert spec.cache[0].offset == len(spec._cached) == plain.cache[0].offset
+    with pytest.raises(InputError, match="draft_tokens"):
+        ChatSession(model, processor, assistant=ours, draft_tokens=1.5)
