@@ -2,6 +2,7 @@
 
     python convert.py --q-bits 4                      # google/gemma-4-E4B-it -> models/gemma-4-E4B-it-4bit
     python convert.py --hf-path DIR_OR_REPO --mlx-path DST [--q-bits N] [--q-group-size G] [--dtype D] [--force]
+    python convert.py --hf-path google/gemma-4-e2b-it-assistant --q-bits 4   # an assistant drafter, the same way
 
 docs/QUANTIZATION.md says what each setting quantizes and what it costs.
 """

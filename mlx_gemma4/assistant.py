@@ -222,6 +222,27 @@ class Assistant(nn.Module):
                              "E2B).")
 
 
+def assistant_recipe(model: Assistant, bits: int, group_size: int) -> dict:
+    """The quantization section for a drafter: its decoder layers, head (the tied embedding) and projections at
+    ``bits``; the centroid scorer stays in the output dtype (a few thousand rows that pick which tokens get
+    logits at all). A module whose input size ``group_size`` does not divide stays unquantized."""
+    from .quantize import _quantizable, check_settings
+
+    check_settings(bits, group_size)
+    q: dict = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    for path, m in _quantizable(model):
+        if path.startswith("masked_embedding.") or m.weight.shape[-1] % group_size:
+            q[path] = False
+    return q
+
+
+def assistant_jobs(names, config: AssistantConfig):
+    """The converter's jobs for a drafter checkpoint: our names are the checkpoint's; the tied head is dropped."""
+    from .weights import TensorJob
+
+    return [TensorJob(n, (n,)) for n in sorted(names) if n != "lm_head.weight"]
+
+
 def load_assistant(path: str | Path, target=None, **hub_kwargs) -> Assistant:
     """The drafter in ``path`` (a converted or raw assistant checkpoint dir, or a hub id); with ``target`` (a
     model from ``load``), check that it fits it (generation checks again when both are used)."""

@@ -21,6 +21,7 @@ from typing import Callable
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .assistant import Assistant, AssistantConfig, assistant_jobs, assistant_recipe, is_assistant_dir
 from .config import ModelConfig
 from .destination import (check_destination, check_not_source, replace, resolve_destination, temp_output,
                           write_marker)
@@ -183,15 +184,20 @@ def convert(
     check_destination(dst, force)
     src = resolve(hf_path, **hub_kwargs)
     check_not_source(dst, src)    # a hub snapshot: known only now
-    config = ModelConfig.from_file(src)
+    drafter = is_assistant_dir(src)   # an assistant drafter for speculative decoding (assistant.py)
+    config = AssistantConfig.from_file(src) if drafter else ModelConfig.from_file(src)
     if config.quantization:
         raise ConfigError(f"{src} is already quantized; convert the original (unquantized) checkpoint instead.")
-    model = build_model(config)   # parameters stay lazy (never evaluated): used for names, shapes and the recipe
-    quant = recipe(model, q_bits, q_group_size, ple_bits, tower_bits) if q_bits else None
+    # Parameters stay lazy (never evaluated): used for names, shapes and the recipe.
+    model = Assistant(config) if drafter else build_model(config)
+    quant = None
+    if q_bits:
+        quant = assistant_recipe(model, q_bits, q_group_size) if drafter else \
+            recipe(model, q_bits, q_group_size, ple_bits, tower_bits)
     decisions = plan(model, quant)
 
     sources = {k: v for f in safetensors_files(src) for k, v in read_header(f).tensors.items()}
-    jobs = tensor_jobs(sources, config, model)
+    jobs = assistant_jobs(sources, config) if drafter else tensor_jobs(sources, config, model)
     ple_file = bool(config.text_config.hidden_size_per_layer_input)
     steps, job_shapes = _plan_steps(jobs, sources, decisions, OUTPUT_DTYPES[dtype], ple_file, max_shard_bytes)
     # Fail before writing anything when the checkpoint does not match its config (same rules as loading).

@@ -94,3 +94,27 @@ def _flat(module):
     from mlx.utils import tree_flatten
 
     return tree_flatten(module.parameters())
+
+
+def test_convert_writes_a_drafter_that_loads_plain_and_quantized(tmp_path, text_pair):
+    from mlx_gemma4.conversion import convert
+    from mlx_gemma4.generation import generate_step
+
+    _, target = text_pair("e")
+    hf_a = tiny.make_assistant("e", hidden_size=64, ordered=True)
+    hf_a.save_pretrained(tmp_path / "src", safe_serialization=True)
+    ref = helpers.assistant_from(hf_a)
+
+    plain = load_assistant(convert(tmp_path / "src", tmp_path / "f32", dtype="float32"), target=target)
+    for (name, a), (_, b) in zip(sorted(_flat(plain)), sorted(_flat(ref))):
+        np.testing.assert_array_equal(np.array(a), np.array(b), err_msg=name)
+
+    dst = convert(tmp_path / "src", tmp_path / "q4", q_bits=4, q_group_size=32, dtype="float32")
+    quant = json.loads((dst / "config.json").read_text())["quantization"]
+    assert quant["bits"] == 4 and quant["masked_embedding.centroids"] is False
+    q4 = load_assistant(dst, target=target)
+    assert "scales" in q4.model.layers[0].mlp.gate_proj and "scales" in q4.model.embed_tokens
+    # Quantized drafts are other drafts, never other tokens: the output is the target's.
+    inputs = {"input_ids": mx.array(helpers.ids_of(20).numpy().astype(np.int32))}
+    expected = [t for t, _ in generate_step(target, inputs, max_tokens=16)]
+    assert [t for t, _ in generate_step(target, inputs, max_tokens=16, assistant=q4, draft_tokens=3)] == expected
