@@ -33,11 +33,14 @@ def _our_kv(ours, shared, cut=None):
     return kv
 
 
-@pytest.mark.parametrize("family", ["e", "dense"])
+@pytest.mark.parametrize("family", ["e", "dense", "dense-unified"])
 @pytest.mark.parametrize("ordered", [False, True], ids=["tied-head", "centroid-head"])
 def test_drafter_logits_match_the_reference(text_pair, family, ordered):
+    """gemma4_assistant for E-style and dense targets; gemma4_unified_assistant (the 12B's drafter: the same
+    model over a gemma4_unified_text config) against a dense k_eq_v target's states."""
+    family, unified = family.split("-")[0], family.endswith("unified")
     hf, _ = text_pair(family)
-    hf_a = tiny.make_assistant(family, ordered=ordered)
+    hf_a = tiny.make_assistant(family, ordered=ordered, unified=unified)
     ours = helpers.assistant_from(hf_a)
     n = 20   # more than the window (8) + 1: the drafter's sliding layers see only the last window + 1
     shared, hidden, embed = _target_states(hf, n, token=77)

@@ -117,10 +117,12 @@ def save_checkpoint(model, path: Path) -> Path:
 
 
 def make_assistant_config(family: str = "e", hidden_size: int = 48, num_hidden_layers: int = 2,
-                          ordered: bool = False, num_centroids: int = 8, top_k: int = 2, **text_overrides):
+                          ordered: bool = False, num_centroids: int = 8, top_k: int = 2, unified: bool = False,
+                          **text_overrides):
     """A Gemma4AssistantConfig for a drafter of the tiny target ``family``: its layers read the target's K/V, so
-    head sizes (and, for k_eq_v targets, the global K/V heads) follow the target's."""
-    from transformers import Gemma4AssistantConfig
+    head sizes (and, for k_eq_v targets, the global K/V heads) follow the target's. ``unified``: the
+    gemma4_unified_assistant spelling (a gemma4_unified_text config without the PLE keys)."""
+    from transformers import Gemma4AssistantConfig, Gemma4UnifiedAssistantConfig
 
     t = TEXT_FAMILIES[family]
     types = ["sliding_attention"] * (num_hidden_layers - 1) + ["full_attention"]
@@ -134,7 +136,11 @@ def make_assistant_config(family: str = "e", hidden_size: int = 48, num_hidden_l
         pad_token_id=0, eos_token_id=[1, 106], bos_token_id=2,
     )
     text.update(text_overrides)
-    return Gemma4AssistantConfig(text_config=text, backbone_hidden_size=t["hidden_size"],
+    if unified:
+        del text["hidden_size_per_layer_input"], text["vocab_size_per_layer_input"]
+        text["model_type"] = "gemma4_unified_text"
+    kind = Gemma4UnifiedAssistantConfig if unified else Gemma4AssistantConfig
+    return kind(text_config=text, backbone_hidden_size=t["hidden_size"],
                                  use_ordered_embeddings=ordered, num_centroids=num_centroids,
                                  centroid_intermediate_top_k=top_k)
 
@@ -142,12 +148,13 @@ def make_assistant_config(family: str = "e", hidden_size: int = 48, num_hidden_l
 def make_assistant(family: str = "e", seed: int = 1, **kw):
     """A float32 Gemma4AssistantForCausalLM in eval mode with random weights (and, with ``ordered``, a random
     token ordering for the centroid-masked head)."""
-    from transformers import Gemma4AssistantForCausalLM
+    from transformers import Gemma4AssistantForCausalLM, Gemma4UnifiedAssistantForCausalLM
 
     torch.manual_seed(seed)
     config = make_assistant_config(family, **kw)
     config._attn_implementation = "eager"
-    model = Gemma4AssistantForCausalLM(config).float().eval()
+    kind = Gemma4UnifiedAssistantForCausalLM if kw.get("unified") else Gemma4AssistantForCausalLM
+    model = kind(config).float().eval()
     randomize(model, seed)
     if config.use_ordered_embeddings:
         g = torch.Generator().manual_seed(seed)
