@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+from pathlib import Path
 
 from .model_source import DEFAULT_NAME, ModelNotFound, load_fn, resolve
 
@@ -24,6 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--thinking", action="store_true", default=None, help="start with thinking on")
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--assistant", default=None, metavar="DIR",
+                   help="a converted assistant drafter (convert.py --hf-path google/gemma-4-e2b-it-assistant): "
+                        "answers decode speculatively, with the same text; saved as a setting ('' turns it off)")
     return p.parse_args(argv)
 
 
@@ -58,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     store = SettingsStore(data)
     given = {"system_prompt": args.system, "enable_thinking": args.thinking, "max_tokens": args.max_tokens,
              "temperature": args.temperature}
+    if args.assistant is not None:
+        given["assistant"] = str(Path(args.assistant).expanduser().resolve()) if args.assistant else ""
     settings = dataclasses.replace(store.load(), **{k: v for k, v in given.items() if v is not None})
+    if args.assistant is not None:   # the drafter is kept for the next runs (until --assistant '')
+        store.save(settings)
     backend = Backend(choice.name, load_fn(choice, data), demo=choice.kind == "demo", settings=settings)
     ChatApp(backend, history, resume=args.resume, offer_download=choice.kind == "download",
             settings_store=store).run()

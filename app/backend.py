@@ -47,6 +47,7 @@ class Settings:
     top_p: float = 0.95
     top_k: int = 64
     max_tokens: int = 1024
+    assistant: str = ""             # a converted assistant drafter's folder: answers decode speculatively ("" = off)
 
     def sampling(self) -> dict:
         return dict(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
@@ -64,6 +65,12 @@ class Stats:
     context_limit: int = 0
     cached_tokens: int = 0          # prompt tokens found in the cache
     memory_kind: str = "peak"       # "peak" (MLX) or "RSS" (the backend reports no peak, e.g. some CPU builds)
+    drafted_tokens: int = 0         # with an assistant drafter: tokens drafted this turn
+    accepted_tokens: int = 0        # ... and kept
+
+    @property
+    def acceptance(self) -> float | None:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else None
 
 
 class Session(Protocol):
@@ -86,7 +93,12 @@ SessionFactory = Callable[[Any, Any, Settings], Session]
 def chat_session(model: Any, processor: Any, settings: Settings) -> Session:
     from mlx_gemma4.chat import ChatSession
 
-    return ChatSession(model, processor, enable_thinking=settings.enable_thinking)
+    assistant = None
+    if settings.assistant:   # a drafter that does not fit the model fails the load, with the reason shown
+        from mlx_gemma4.assistant import load_assistant
+
+        assistant = load_assistant(settings.assistant, target=model)
+    return ChatSession(model, processor, enable_thinking=settings.enable_thinking, assistant=assistant)
 
 
 # Control characters (a random model writes plenty) would reach the terminal; tabs and newlines stay.
@@ -346,6 +358,7 @@ class Backend:
             peak_memory_gb=max(peak, before.peak_memory_gb), memory_kind=kind,
             context_used=s.context_used if s else 0, context_limit=s.context_limit if s else 0,
             cached_tokens=s.last_reused if s else 0,
+            drafted_tokens=r.drafted_tokens, accepted_tokens=r.accepted_tokens,
         )
 
     def shutdown(self, timeout: float = 30.0) -> None:

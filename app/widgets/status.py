@@ -1,4 +1,5 @@
-"""Status bar: model, state, thinking, time to first token, tok/s, peak memory and context, in one line.
+"""Status bar: model, state, thinking, time to first token, tok/s, (with an assistant drafter) the share of
+drafts kept, peak memory and context, in one line.
 
 It is laid out for the width it has: at 80 columns the numbers that matter while chatting (TTFT, generation
 tok/s, memory, context) always fit; the prompt speed, then the words around the numbers, then the model name go
@@ -32,6 +33,8 @@ def status_parts(model: str, state: str, thinking: bool, s: Stats) -> list[tuple
             (2, f"prompt {s.prompt_tps:.0f} tok/s" + (f" +{s.cached_tokens} cached" if s.cached_tokens else ""), ""),
             (8, f"{s.generation_tps:.1f} tok/s", f"{s.generation_tps:.0f} tok/s"),
         ]
+        if s.acceptance is not None:   # speculative decoding: the share of drafted tokens the model kept
+            parts.append((4, f"drafts {s.acceptance:.0%} kept", f"{s.acceptance:.0%} kept"))
         if s.peak_memory_gb:
             mem = f"{s.peak_memory_gb:.1f} GB" if s.peak_memory_gb >= 1 else f"{s.peak_memory_gb * 1000:.0f} MB"
             parts.append((7, f"{s.memory_kind} {mem}", mem))  # "peak" (MLX's allocator) or "RSS" (the process)
