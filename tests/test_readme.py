@@ -2,7 +2,8 @@
 
 The blocks name a converted model under ``models/`` and media files (``cat.jpg``, ...); the test runs them in a
 folder where those names exist: the model path is a tiny checkpoint with vision and audio towers converted by our
-converter, and each media file named in a block is generated (an image, a WAV clip, a short video).
+converter (a path with "assistant" in its name: a tiny drafter for it, converted the same way), and each media
+file named in a block is generated (an image, a WAV clip, a short video).
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ def workdir(tmp_path_factory):
     src = save_checkpoint(make_model("e", vision=VISION, audio=AUDIO), base / "hf")
     make_tokenizer(src)
     model_dir = convert(src, base / "converted", dtype="float32")
+    from tests.tiny import make_assistant
+
+    make_assistant("e", ordered=True).save_pretrained(base / "hf-assistant", safe_serialization=True)
+    convert(base / "hf-assistant", base / "converted-assistant", dtype="float32")
     work = base / "work"
     work.mkdir()
     return work, model_dir
@@ -74,7 +79,8 @@ def test_readme_block_runs_verbatim(workdir, index):
         if name.startswith("models/"):
             if not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
-                target.symlink_to(model_dir, target_is_directory=True)
+                source = model_dir.with_name("converted-assistant") if "assistant" in name else model_dir
+                target.symlink_to(source, target_is_directory=True)
         elif re.search(r"\.(jpe?g|png|webp|bmp|gif|wav|flac|ogg|mp4|mov|mkv|webm|avi)$", name, re.I):
             if not target.exists():
                 _make_media(name, work)

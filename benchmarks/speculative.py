@@ -1,0 +1,237 @@
+"""Cost curve of speculative decoding with an assistant drafter, on random weights of the real sizes.
+
+    python -m benchmarks.speculative --size e2b --q-bits 4 --prompt 1024
+    python -m benchmarks.speculative --size medium --q-bits 4 --dtype float32 --prompt 256    # a CPU smoke run
+
+Random weights cannot show a real acceptance rate, so this measures what a rate turns into. Target and drafter
+are built directly in MLX (no checkpoint), cast to --dtype (bfloat16) and quantized at --q-bits (the drafter as
+convert.py quantizes one: layers, head and projections; its centroid scorer kept). The drafter's own sizes are
+not in the target's config: --drafter-hidden / --drafter-layers set them (its attention sizes follow the target's
+K/V). After a prompt of --prompt tokens, each of these is timed (medians of --runs, after warm-up):
+
+- ``plain``: one decode step as the token loop runs it (compiled, queued one step ahead), seconds per token;
+- ``verify k``: the target on k + 1 tokens (what one round verifies), then the rewind;
+- ``draft``: one drafter step (the centroid-masked head's greedy path);
+- ``round k``: a whole round as speculative.py runs it: k drafts, the verification, one wait for the device.
+
+From the round costs: tokens/s at acceptance rates 0.2 .. 0.9 (a round of k drafts yields (1 - a^(k+1)) / (1 - a)
+tokens on average), the best k at each rate, and the break-even rate (the lowest at which some k beats plain
+decoding). Then the real loop, end to end, greedy for --gen tokens: plain; with the random drafter and k chosen
+automatically (it keeps almost nothing, so this is the "never slower" check); and with an oracle drafter that runs
+the drafter's compute but proposes the target's own greedy tokens (the ceiling), fixed k and automatic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from tests import random_checkpoint as rc
+
+SIZES = {"medium": rc.MEDIUM_TEXT, "e2b": rc.E2B_TEXT, "e4b": rc.E4B_TEXT}
+RATES = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def build(size: str, bits: int | None, group_size: int, drafter_hidden: int, drafter_layers: int, centroids: int,
+          dtype: mx.Dtype = mx.bfloat16):
+    from mlx_gemma4.assistant import Assistant, AssistantConfig, assistant_recipe
+    from mlx_gemma4.config import ModelConfig
+    from mlx_gemma4.model import Gemma4
+    from mlx_gemma4.quantize import apply_quantization
+
+    text = dict(SIZES[size])
+    target = Gemma4(ModelConfig.from_dict({**text, "model_type": "gemma4_text"}))
+    tc = target.config.text_config
+    kinds = ["sliding_attention"] * (drafter_layers - 1) + ["full_attention"]
+    drafter_text = {
+        "vocab_size": tc.vocab_size, "hidden_size": drafter_hidden, "intermediate_size": 4 * drafter_hidden,
+        "num_hidden_layers": drafter_layers, "num_attention_heads": tc.num_attention_heads,
+        "num_key_value_heads": tc.num_key_value_heads, "head_dim": tc.head_dim,
+        "global_head_dim": tc.global_head_dim, "num_global_key_value_heads": tc.num_global_key_value_heads,
+        "attention_k_eq_v": tc.attention_k_eq_v, "sliding_window": tc.sliding_window, "layer_types": kinds,
+    }
+    drafter = Assistant(AssistantConfig.from_dict({
+        "model_type": "gemma4_assistant", "text_config": drafter_text, "backbone_hidden_size": tc.hidden_size,
+        "use_ordered_embeddings": centroids > 0, "num_centroids": max(centroids, 1),
+        "centroid_intermediate_top_k": min(32, max(centroids, 1)),
+    }))
+    if centroids:
+        drafter.masked_embedding.token_ordering = mx.random.permutation(tc.vocab_size).astype(mx.int32)
+    for m in (target, drafter):
+        m.set_dtype(dtype)
+    if bits:
+        nn.quantize(target, group_size=group_size, bits=bits)
+        apply_quantization(drafter, assistant_recipe(drafter, bits, group_size))
+    mx.eval(target.parameters(), drafter.parameters())
+    return target, drafter
+
+
+class Oracle:
+    """A drafter that runs the real drafter's compute but proposes the target's own greedy tokens."""
+
+    def __init__(self, drafter, greedy: list[int], prompt_len: int):
+        self.drafter, self.greedy, self.prompt_len = drafter, greedy, prompt_len
+        self.config = drafter.config
+        self._at, self._i = -1, 0
+
+    def check_fits(self, target) -> None:
+        self.drafter.check_fits(target)
+
+    def visible(self, kind: str, n: int) -> int:
+        return self.drafter.visible(kind, n)
+
+    def draft_token(self, embed, hidden, position, kv):
+        token, hidden = self.drafter.draft_token(embed, hidden, position, kv)
+        self._i = self._i + 1 if position == self._at else 0
+        self._at = position
+        j = position - self.prompt_len + 1 + self._i
+        return (mx.array(self.greedy[j]) if j < len(self.greedy) else token), hidden
+
+
+def _median_seconds(fn, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        mx.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_parts(target, drafter, prompt: mx.array, k_max: int, runs: int) -> dict:
+    from mlx_gemma4.cache import restore, rewind, snapshot
+    from mlx_gemma4.speculative import SpeculativeLoop, producer_caches, required_max_rewind
+
+    # One more than a round needs: the timed rounds rewind their first token too, to start again from one state.
+    cache = target.make_cache(max_rewind=required_max_rewind(target, drafter, k_max) + 1)
+    target.prefill({"input_ids": prompt[:, :-1]}, cache)
+    _, hidden = target.step_hidden(prompt[:, -1:], cache)
+    tok = prompt[:, -1:]
+    mx.eval(hidden, *[c.state for c in cache])
+
+    def plain(n: int = 16) -> None:
+        # Restored, not rewound: a ring rewound this far no longer holds the drafter's window.
+        snap = snapshot(cache)
+        t = tok
+        for _ in range(n):
+            t = mx.argmax(target.step(t, cache)[:, -1], axis=-1).reshape(1, 1)
+            mx.async_eval(t)
+        mx.eval(t)
+        restore(cache, snap)
+
+    def verify(k: int) -> None:
+        logits, h = target.step_hidden(mx.repeat(tok, k + 1, axis=1), cache)
+        mx.eval(mx.argmax(logits, axis=-1), h)
+        rewind(cache, k + 1)
+
+    position = cache[0].offset
+    kv = {t: c.recent(drafter.visible(t, position)) for t, c in producer_caches(target, cache).items()}
+    embed = target.language_model.embed(tok)
+
+    def draft() -> None:
+        mx.eval(drafter.draft_token(embed, hidden, position, kv))
+
+    loop = SpeculativeLoop(target, drafter, {"input_ids": prompt}, cache, start=0, max_tokens=2, sampler=None,
+                           logits_processors=(), prefill_chunk=2048, should_stop=None, draft_tokens=k_max)
+
+    def round_(k: int) -> None:
+        drafts = loop._draft(tok[0, 0], hidden, k)
+        tokens, logprobs, hs = loop._verify(tok[0, 0], drafts, None)
+        mx.eval(drafts, tokens, hs)
+        rewind(cache, k + 1)
+
+    for fn in (plain, draft, *(lambda k=k: verify(k) for k in range(k_max + 1)),
+               *(lambda k=k: round_(k) for k in range(k_max + 1))):
+        fn(), fn()   # warm-up: kernels (and the compiled step) are built per shape
+    out = {"plain_s": _median_seconds(plain, runs) / 16, "draft_s": _median_seconds(draft, runs)}
+    out["verify_s"] = {k: _median_seconds(lambda k=k: verify(k), runs) for k in range(k_max + 1)}
+    out["round_s"] = {k: _median_seconds(lambda k=k: round_(k), runs) for k in range(k_max + 1)}
+    return out
+
+
+def curve(parts: dict) -> tuple[list[dict], float | None]:
+    """Tokens/s at each acceptance rate with the best k (k = 0 is plain decoding), and the break-even rate."""
+    plain = 1 / parts["plain_s"]
+    rows = []
+    for a in RATES:
+        rates = {k: (1 - a ** (k + 1)) / (1 - a) / s for k, s in parts["round_s"].items() if k > 0}
+        best = max(rates, key=rates.get)
+        rows.append({"acceptance": a, "best_k": best, "tok_s": round(rates[best], 1),
+                     "vs_plain": round(rates[best] / plain, 2)})
+    even = None
+    for i in range(1, 100):
+        a = i / 100
+        if any((1 - a ** (k + 1)) / (1 - a) / s >= plain for k, s in parts["round_s"].items() if k > 0):
+            even = a
+            break
+    return rows, even
+
+
+def end_to_end(target, drafter, prompt: mx.array, n_gen: int, k_fixed: int) -> dict:
+    from mlx_gemma4.generation import generate_step
+
+    inputs = {"input_ids": prompt}
+
+    def run(**kw) -> tuple[float, list[int], object]:
+        loop = generate_step(target, inputs, max_tokens=n_gen, **kw)
+        tokens, t_first = [], None
+        for t, _ in loop:
+            tokens.append(t)
+            if t_first is None:
+                t_first = time.perf_counter()
+        return (len(tokens) - 1) / (time.perf_counter() - t_first), tokens, loop
+
+    run()   # warm-up
+    plain_tps, greedy, _ = run()
+    oracle = Oracle(drafter, greedy, prompt.shape[1])
+    out = {"plain_tok_s": round(plain_tps, 1)}
+    for name, kw in (("random_auto", dict(assistant=drafter)),
+                     (f"oracle_k{k_fixed}", dict(assistant=oracle, draft_tokens=k_fixed)),
+                     ("oracle_auto", dict(assistant=oracle))):
+        run(**kw)   # warm-up
+        tps, tokens, loop = run(**kw)
+        assert tokens == greedy, f"{name}: speculative output differs from plain greedy"
+        out[name] = {"tok_s": round(tps, 1), "vs_plain": round(tps / plain_tps, 2),
+                     "acceptance": round(loop.accepted / max(loop.drafted, 1), 2), "drafted": loop.drafted}
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=list(SIZES), default="e2b")
+    ap.add_argument("--q-bits", type=int, default=4, help="0 for bfloat16")
+    ap.add_argument("--q-group-size", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=1024, help="prompt tokens before the timed steps")
+    ap.add_argument("--gen", type=int, default=128, help="tokens of each end-to-end run")
+    ap.add_argument("--k-max", type=int, default=6, help="largest draft length timed")
+    ap.add_argument("--drafter-hidden", type=int, default=512)
+    ap.add_argument("--drafter-layers", type=int, default=4)
+    ap.add_argument("--centroids", type=int, default=2048, help="masked-head clusters (0: a plain tied head)")
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                    help="dtype of the weights (and of quantization scales); float32 for MLX's CPU backend")
+    ap.add_argument("--runs", type=int, default=7, help="timed repetitions (medians reported)")
+    a = ap.parse_args(argv)
+    mx.random.seed(0)
+    target, drafter = build(a.size, a.q_bits or None, a.q_group_size, a.drafter_hidden, a.drafter_layers,
+                            a.centroids, getattr(mx, a.dtype))
+    vocab = target.config.text_config.vocab_size
+    prompt = mx.random.randint(10, vocab - 10, (1, a.prompt)).astype(mx.int32)
+    parts = measure_parts(target, drafter, prompt, a.k_max, a.runs)
+    rows, even = curve(parts)
+    head = dict(size=a.size, bits=a.q_bits, dtype=a.dtype, prompt=a.prompt, device=str(mx.default_device()),
+                plain_ms=round(parts["plain_s"] * 1e3, 2), draft_ms=round(parts["draft_s"] * 1e3, 2),
+                verify_ms={k: round(v * 1e3, 2) for k, v in parts["verify_s"].items()},
+                round_ms={k: round(v * 1e3, 2) for k, v in parts["round_s"].items()}, break_even=even)
+    print(json.dumps(head), flush=True)
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    print(json.dumps({"end_to_end": end_to_end(target, drafter, prompt, a.gen, min(4, a.k_max))}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
