@@ -193,6 +193,19 @@ class SpeculativeLoop:
             picks.append(self._pick(logits[0, i], h))
         return [p[0] for p in picks], [p[1] for p in picks], hidden
 
+    def _queue(self, y: mx.array, hidden: mx.array, history: mx.array | None, n: int):
+        """Build the round that feeds ``y`` (the ``n``-th token) and queue it on the device; the round (k, start
+        time, drafts, the target's tokens, log-probs and hidden states) and the history with ``y``."""
+        if history is not None:
+            history = mx.concatenate([history, y.reshape(1).astype(mx.int32)])
+        k = self.lengths.choose(min(self.max_tokens - n - 1, self.model.context_left(self.cache) - 1))
+        t0 = time.perf_counter()
+        drafts = self._draft(y, hidden, k)
+        tokens, all_logprobs, hiddens = self._verify(y, drafts, history)
+        mx.async_eval(drafts, tokens, all_logprobs, hiddens)
+        self.fed = n   # y is in the cache from now on
+        return (k, t0, drafts, tokens, all_logprobs, hiddens), history
+
     # -- the loop ---------------------------------------------------------------------------------------------
     def _prefill(self) -> tuple[mx.array, mx.array, mx.array] | None:
         """Prompt into the cache; the first token, its log-probs and the hidden state that predicted it."""
@@ -227,7 +240,9 @@ class SpeculativeLoop:
             if self.processors else None
         n = 0
         while True:
-            # y (not yet fed) goes out now; the checks say whether another round follows.
+            # y (not yet fed) goes out now; the checks say whether another round follows. From the second token
+            # on, that round is built and queued before y goes out, so the device works while the caller handles
+            # y (as in the plain loop); the first token goes out as soon as it exists.
             n += 1
             if n >= self.max_tokens:
                 self.finish_reason = "length"
@@ -235,15 +250,20 @@ class SpeculativeLoop:
                 self.finish_reason = "context"
             elif self.should_stop is not None and self.should_stop():
                 self.finish_reason = "cancelled"
-            yield int(y.item()), logprobs
+            queued = None
+            if self.finish_reason is None and n > 1:
+                queued, history = self._queue(y, hidden, history, n)
+            try:
+                yield int(y.item()), logprobs
+            except GeneratorExit:
+                if queued is not None:   # y stays in the cache (it went out); the round's drafts go
+                    rewind_cache(cache, queued[0])
+                raise
             if self.finish_reason is not None:
                 return
-            if history is not None:
-                history = mx.concatenate([history, y.reshape(1).astype(mx.int32)])
-            k = self.lengths.choose(min(self.max_tokens - n - 1, model.context_left(cache) - 1))
-            t0 = time.perf_counter()
-            drafts = self._draft(y, hidden, k)
-            tokens, all_logprobs, hiddens = self._verify(y, drafts, history)
+            if queued is None:
+                queued, history = self._queue(y, hidden, history, n)
+            k, t0, drafts, tokens, all_logprobs, hiddens = queued
             mx.eval(drafts, tokens, all_logprobs, hiddens)
             d, t = [int(x.item()) for x in drafts], [int(x.item()) for x in tokens]
             m = 0
@@ -253,7 +273,6 @@ class SpeculativeLoop:
             self.lengths.record(k, m, time.perf_counter() - t0)
             self.drafted += k
             self.accepted += m
-            self.fed = n  # y is in the cache now
             for i in range(m):  # kept drafts: in the cache as they go out
                 n += 1
                 self.fed = n

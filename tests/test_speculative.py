@@ -237,7 +237,7 @@ def test_stopping_inside_a_round_leaves_only_what_went_out_in_the_cache(mimickin
         inside += [pos + j for j in range(1, m)]
         pos += m + 1
     assert inside
-    for stop_at in (inside[0], inside[-1]):
+    for stop_at in (inside[0], inside[-1], kept[0] + 1):   # inside a round, and at a round's own token
         cache = model.make_cache(max_rewind=6)
         fed: list[int] = []
         out = []
