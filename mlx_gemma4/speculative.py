@@ -55,6 +55,7 @@ class DraftLength:
         self.explore_every, self.smoothing = explore_every, smoothing
         self.acceptance = prior_acceptance
         self.seconds: dict[int, float] = {}
+        self._seen: set[int] = set()
         self.rounds = 0
         self._explore_up = True
 
@@ -85,7 +86,7 @@ class DraftLength:
             return max(0, min(self.fixed, limit))
         self.rounds += 1
         costs = {k: self.estimated_seconds(k) for k in range(self.k_max + 1)}
-        if costs[0] is None:
+        if costs[0] is None:   # nothing measured yet
             best = min(2, self.k_max)
         else:
             best = max(costs, key=lambda k: self.expected_tokens(k) / costs[k])
@@ -98,12 +99,29 @@ class DraftLength:
     def record(self, k: int, accepted: int, seconds: float) -> None:
         """What a round of ``k`` drafts gave: ``accepted`` drafts kept, in ``seconds``."""
         s = self.smoothing
-        self.seconds[k] = seconds if k not in self.seconds else s * self.seconds[k] + (1 - s) * seconds
+        if k not in self._seen:   # the first round of a length builds its kernels (and traces the step): not its cost
+            self._seen.add(k)
+        else:
+            self.seconds[k] = seconds if k not in self.seconds else s * self.seconds[k] + (1 - s) * seconds
         if k:
             tried = accepted + (accepted < k)   # drafts the target judged: all kept ones and the first rejected
             rate = accepted / tried
             w = s ** tried
             self.acceptance = w * self.acceptance + (1 - w) * rate
+
+
+_POLICIES: dict[tuple[int, int], DraftLength] = {}   # (id(assistant), id(model)) -> its automatic policy
+
+
+def automatic_policy(model, assistant) -> DraftLength:
+    """The automatic draft-length policy of this drafter and model: one per pair, kept across calls (a chat's
+    turns), so what it measured carries over instead of being learnt again each turn."""
+    key = (id(assistant), id(model))
+    if key not in _POLICIES:
+        while len(_POLICIES) >= 8:
+            _POLICIES.pop(next(iter(_POLICIES)))
+        _POLICIES[key] = DraftLength()
+    return _POLICIES[key]
 
 
 def producer_caches(model, cache: list[KVCache]) -> dict[str, KVCache]:
@@ -140,7 +158,7 @@ class SpeculativeLoop:
         check_draft_tokens(draft_tokens)
         assistant.check_fits(model)
         self.model, self.assistant, self.inputs, self.start = model, assistant, inputs, start
-        self.lengths = DraftLength(draft_tokens)
+        self.lengths = DraftLength(draft_tokens) if draft_tokens is not None else automatic_policy(model, assistant)
         if cache is None:
             cache = model.make_cache(max_rewind=required_max_rewind(model, assistant, self.lengths.k_max))
         self.cache = cache
