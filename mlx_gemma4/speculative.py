@@ -182,6 +182,8 @@ class SpeculativeLoop:
     # -- one round --------------------------------------------------------------------------------------------
     def _draft(self, token: mx.array, hidden: mx.array, k: int) -> list[mx.array]:
         """``k`` greedy drafts (lazy scalars) after ``token`` at the cache's next position."""
+        if k == 0:
+            return []
         position = self.cache[0].offset
         kv = {t: c.recent(self.assistant.visible(t, position)) for t, c in producer_caches(self.model,
                                                                                            self.cache).items()}
