@@ -196,8 +196,11 @@ def test_automatic_draft_length_drafts_when_it_pays_and_stops_when_it_does_not()
     for _ in range(80):   # nothing kept
         k = lengths.choose(100)
         lengths.record(k, 0, 1.0 + 0.1 * k)
-    picks = [lengths.choose(100) for _ in range(16)]
-    assert picks.count(0) >= 14   # plain steps, with an occasional probe
+    picks = [lengths.choose(100) for _ in range(100)]
+    assert 11 <= 100 - picks.count(0) <= 13   # plain steps; a probe costs 10% more than a step: one every 8 rounds...
+    lengths.seconds[1] = 2.0      # ... and when a probe costs a whole step more, one every 50 rounds
+    picks = [lengths.choose(100) for _ in range(100)]
+    assert 1 <= picks.count(1) <= 2 and picks.count(0) >= 98
     assert DraftLength(fixed=3).choose(2) == 2   # never past the limit it is given
 
 
