@@ -26,6 +26,7 @@ All of a round (k drafting steps, the verification, the k + 1 samples) is built 
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Any, Callable, Iterator, Sequence
 
 import mlx.core as mx
@@ -119,18 +120,20 @@ class DraftLength:
             self.acceptance = w * self.acceptance + (1 - w) * rate
 
 
-_POLICIES: dict[tuple[int, int], DraftLength] = {}   # (id(assistant), id(model)) -> its automatic policy
+# (id(assistant), id(model)) -> (weak references to both, their automatic policy)
+_POLICIES: dict[tuple[int, int], tuple[weakref.ref, weakref.ref, DraftLength]] = {}
 
 
 def automatic_policy(model, assistant) -> DraftLength:
     """The automatic draft-length policy of this drafter and model: one per pair, kept across calls (a chat's
     turns), so what it measured carries over instead of being learnt again each turn."""
     key = (id(assistant), id(model))
-    if key not in _POLICIES:
-        while len(_POLICIES) >= 8:
-            _POLICIES.pop(next(iter(_POLICIES)))
-        _POLICIES[key] = DraftLength()
-    return _POLICIES[key]
+    held = _POLICIES.get(key)
+    if held is None or held[0]() is not assistant or held[1]() is not model:   # new, or ids of collected objects
+        for k in [k for k, (a, m, _) in _POLICIES.items() if a() is None or m() is None]:
+            del _POLICIES[k]
+        held = _POLICIES[key] = (weakref.ref(assistant), weakref.ref(model), DraftLength())
+    return held[2]
 
 
 def producer_caches(model, cache: list[KVCache]) -> dict[str, KVCache]:

@@ -259,12 +259,15 @@ def test_chat_session_with_an_assistant_gives_the_same_answers(mimicking):
     from mlx_gemma4 import ChatSession
 
     _, model, processor, _, ours = mimicking
-    plain, spec = ChatSession(model, processor), ChatSession(model, processor, assistant=ours)
+    plain, spec = ChatSession(model, processor), ChatSession(model, processor, assistant=ours, draft_tokens=2)
+    auto = ChatSession(model, processor, assistant=ours)   # k chosen as it goes (on this CPU: mostly none)
     for text in ("hello there", "and again, please"):
         a = "".join(r.text for r in plain.send(text, max_tokens=24))
         responses = list(spec.send(text, max_tokens=24))
         assert "".join(r.text for r in responses) == a
+        assert "".join(r.text for r in auto.send(text, max_tokens=24)) == a
         assert responses[-1].accepted_tokens > 0
-        assert spec.cache[0].offset == len(spec._cached) == plain.cache[0].offset
+        for session in (spec, auto):
+            assert session.cache[0].offset == len(session._cached) == plain.cache[0].offset
     with pytest.raises(InputError, match="draft_tokens"):
         ChatSession(model, processor, assistant=ours, draft_tokens=1.5)
