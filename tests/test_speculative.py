@@ -179,10 +179,11 @@ def test_rewind_leaves_the_cache_of_plain_decoding(text_pair, rounds):
         n = min(c.offset, 9)
         a, b = c.recent(n), producer_caches(model, plain)[t].recent(n)
         # (a round runs its tokens in one forward, plain decoding one at a time: float rounding differs)
-        np.testing.assert_allclose(np.array(a[0]), np.array(b[0]), atol=1e-5)
-        np.testing.assert_allclose(np.array(a[1]), np.array(b[1]), atol=1e-5)
+        np.testing.assert_allclose(np.array(a[0]), np.array(b[0]), atol=helpers.TEXT_ATOL)
+        np.testing.assert_allclose(np.array(a[1]), np.array(b[1]), atol=helpers.TEXT_ATOL)
     nxt = mx.array([[42]])
-    np.testing.assert_allclose(np.array(model.step(nxt, spec)), np.array(model.step(nxt, plain)), atol=1e-5)
+    np.testing.assert_allclose(np.array(model.step(nxt, spec)), np.array(model.step(nxt, plain)),
+                               atol=helpers.TEXT_ATOL)
 
 
 def test_automatic_draft_length_drafts_when_it_pays_and_stops_when_it_does_not():
