@@ -51,10 +51,12 @@ class KVCache(Protocol):
     def nbytes(self) -> int: ...
 
 
-def window_mask(n: int, offset: int, prev: int, window: int, vision_blocks: mx.array | None = None) -> mx.array:
+def window_mask(n: int, offset: int, prev: int, window: int, vision_blocks: mx.array | None = None,
+                blocks_in_window: bool = True) -> mx.array:
     """(n, prev + n) bool mask for queries at ``offset ..`` over keys at ``offset - prev ..`` (in order): causal,
     within ``window``, and bidirectional inside a vision block (``vision_blocks`` (n,) gives each new token
-    its block id, -1 outside; earlier tokens are never in a new token's block because prefill does not split one)."""
+    its block id, -1 outside; earlier tokens are never in a new token's block because prefill does not split one).
+    ``blocks_in_window=False`` lets a block's tokens see each other however far apart (gemma4_unified)."""
     q_pos = mx.arange(offset, offset + n)[:, None]
     k_pos = mx.arange(offset - prev, offset + n)[None, :]
     in_window = k_pos > q_pos - window
@@ -62,7 +64,7 @@ def window_mask(n: int, offset: int, prev: int, window: int, vision_blocks: mx.a
     if vision_blocks is not None:
         k_blocks = mx.concatenate([mx.full((prev,), -1, dtype=vision_blocks.dtype), vision_blocks])
         same = (vision_blocks[:, None] == k_blocks[None, :]) & (vision_blocks[:, None] >= 0)
-        mask = mask | (same & in_window)
+        mask = mask | ((same & in_window) if blocks_in_window else same)
     return mask
 
 
@@ -156,6 +158,9 @@ class GlobalCache(_Buffers):
     step = 256
 
     def make_mask(self, n: int, vision_blocks: mx.array | None = None) -> Mask:
+        if vision_blocks is not None:
+            # Every key so far: causal except inside a vision block (gemma4_unified's full layers).
+            return window_mask(n, self._offset, self._offset, self._offset + n + 1, vision_blocks)
         # The keys are every position up to the new ones; sdpa's "causal" aligns the queries at the end.
         return "causal" if n > 1 else None
 
@@ -217,8 +222,9 @@ class SlidingCache(_Buffers):
     the new end intact.
     """
 
-    def __init__(self, window: int, max_rewind: int = MAX_REWIND) -> None:
+    def __init__(self, window: int, max_rewind: int = MAX_REWIND, blocks_in_window: bool = True) -> None:
         super().__init__()
+        self.blocks_in_window = blocks_in_window  # see window_mask
         if max_rewind < 1:
             raise CacheError(f"max_rewind must be at least 1; got {max_rewind}.")
         self.window = window
@@ -231,7 +237,7 @@ class SlidingCache(_Buffers):
             if self._offset + 1 <= self.window:
                 return None
             return _ring_mask(self._offset, min(self._offset + 1, self.slots), self.slots, self.window)
-        return window_mask(n, self._offset, self._previous(), self.window, vision_blocks)
+        return window_mask(n, self._offset, self._previous(), self.window, vision_blocks, self.blocks_in_window)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         L = keys.shape[2]  # keys: (B, Hkv, L, D)
@@ -334,7 +340,8 @@ def make_cache(config, max_rewind: int = MAX_REWIND) -> list[KVCache]:
     from .config import SLIDING
 
     return [
-        SlidingCache(config.sliding_window, max_rewind) if t == SLIDING else GlobalCache()
+        SlidingCache(config.sliding_window, max_rewind, config.vision_block_layers != "every") if t == SLIDING
+        else GlobalCache()
         for t in config.layer_types[: config.first_kv_shared_layer]
     ]
 

@@ -197,6 +197,9 @@ class TextConfig(_Config):
     top_k_experts: int | None = None
     moe_intermediate_size: int | None = None
     per_layer_config: dict | None = None
+    # Where vision blocks attend bidirectionally: "sliding" (gemma4: sliding layers, inside the window) or "every"
+    # (gemma4_unified: every layer, whole block; the reference's forward masks it so). Set by ModelConfig.
+    vision_block_layers: str = field(default="sliding", init=False)
     # Derived in __post_init__ (one entry per layer).
     layer_head_dims: list[int] = field(init=False)
     layer_kv_heads: list[int] = field(init=False)
@@ -221,8 +224,15 @@ class TextConfig(_Config):
         self.rope_parameters = rope
         for t in (SLIDING, FULL):
             _check_rope(f"text_config.rope_parameters.{t}", rope[t], ("default", "proportional"))
+        if self.use_bidirectional_attention not in (None, "vision", "all"):
+            _fail("text_config.use_bidirectional_attention", self.use_bidirectional_attention,
+                  'null, "vision" or "all"')
         if self.use_bidirectional_attention == "all":
-            raise ConfigError("use_bidirectional_attention='all' (embedding models) is not a Gemma 4 chat model.")
+            # Embedding models (every token sees every other): config.json stores the window a causal model would
+            # have; the reference halves it (plus one) on load. A chat model never has this.
+            raise ConfigError("config.json sets use_bidirectional_attention='all': that is an embedding model (no "
+                              "causal decoding), not a Gemma 4 chat model. Use a chat checkpoint such as "
+                              "google/gemma-4-12B-it.")
 
         # Per-layer head sizes: published spelling first, then save_pretrained's per_layer_config.
         global_dim = self.global_head_dim or 512  # the reference's default when the key is absent
@@ -332,10 +342,51 @@ class AudioConfig(_Config):
 
 
 @dataclass
+class EmbedderVisionConfig(_Config):
+    """gemma4_unified's vision_config: no tower, raw 48 x 48 pixel patches straight into an embedder (unified.py)."""
+
+    patch_size: int = 16
+    pooling_kernel_size: int = 3
+    mm_embed_dim: int = 3840
+    mm_posemb_size: int = 1120
+    output_proj_dims: int = 3840
+    rms_norm_eps: float = 1e-6
+
+    @property
+    def patch_dim(self) -> int:
+        """Raw values per model patch: (patch_size * pooling_kernel_size)^2 pixels x 3 channels."""
+        return (self.patch_size * self.pooling_kernel_size) ** 2 * 3
+
+    def __post_init__(self) -> None:
+        if self.output_proj_dims != self.mm_embed_dim:
+            raise ConfigError(f"config.json: vision_config.output_proj_dims ({self.output_proj_dims}) must equal "
+                              f"mm_embed_dim ({self.mm_embed_dim}): the patch embedding feeds the projection. "
+                              "Fix them, or download the checkpoint again.")
+
+
+@dataclass
+class EmbedderAudioConfig(_Config):
+    """gemma4_unified's audio_config: each soft token is ``audio_embed_dim`` raw waveform samples (640 = 40 ms at
+    16 kHz) through the multimodal embedder."""
+
+    audio_embed_dim: int = 640
+    rms_norm_eps: float = 1e-6
+
+
+# What gemma4_unified's text config defaults to where it differs from gemma4's (config.json omits defaults).
+_UNIFIED_TEXT_DEFAULTS = {"sliding_window": 1024, "max_position_embeddings": 262_144,
+                          "use_bidirectional_attention": "vision"}
+_MODEL_TYPES = {"gemma4": False, "gemma4_text": False, "gemma4_unified": True, "gemma4_unified_text": True}
+
+
+@dataclass
 class ModelConfig(_Config):
     text_config: TextConfig
     vision_config: VisionConfig | None = None
     audio_config: AudioConfig | None = None
+    # gemma4_unified (12B) has no towers: its vision_config / audio_config describe embedders (unified.py).
+    vision_embedder_config: EmbedderVisionConfig | None = None
+    audio_embedder_config: EmbedderAudioConfig | None = None
     model_type: str = "gemma4"
     boi_token_id: int = 255_999
     eoi_token_id: int = 258_882
@@ -347,6 +398,23 @@ class ModelConfig(_Config):
     quantization: dict | None = None
     raw: dict = field(default_factory=dict, repr=False)  # the config.json as read, written back by convert
 
+    def __post_init__(self) -> None:
+        if self.unified:
+            self.text_config.vision_block_layers = "every"
+
+    @property
+    def unified(self) -> bool:
+        """Encoder-free (gemma4_unified, the 12B): raw patches and waveform frames go straight into embedders."""
+        return _MODEL_TYPES.get(self.model_type, False)
+
+    @property
+    def takes_images(self) -> bool:
+        return self.vision_config is not None or self.vision_embedder_config is not None
+
+    @property
+    def takes_audio(self) -> bool:
+        return self.audio_config is not None or self.audio_embedder_config is not None
+
     @property
     def tied_head(self) -> bool:
         """Whether the LM head is the token embedding (always, in the published models)."""
@@ -355,15 +423,17 @@ class ModelConfig(_Config):
     @classmethod
     def _normalize(cls, d: dict[str, Any]) -> dict[str, Any]:
         model_type = d.get("model_type")
-        if model_type == "gemma4_text":   # a text-only checkpoint: the file is the text config
-            return {"text_config": d, "model_type": model_type, "quantization": d.get("quantization"), "raw": d}
-        if model_type != "gemma4":
+        if model_type not in _MODEL_TYPES:
             raise ConfigError(
                 f"config.json has model_type={model_type!r}; mlx-gemma4 only runs Gemma 4 checkpoints "
-                "('gemma4' or 'gemma4_text'). Point it at a Gemma 4 model such as google/gemma-4-E4B-it."
+                f"({', '.join(map(repr, _MODEL_TYPES))}). Point it at a Gemma 4 model such as google/gemma-4-E4B-it."
             )
+        unified = _MODEL_TYPES[model_type]
+        if model_type.endswith("_text"):   # a text-only checkpoint: the file is the text config
+            return {"text_config": _text_defaults(d, unified), "model_type": model_type,
+                    "quantization": d.get("quantization"), "raw": d}
         if "text_config" not in d:
-            raise ConfigError("A 'gemma4' config.json needs a 'text_config' section; this file has none.")
+            raise ConfigError(f"A {model_type!r} config.json needs a 'text_config' section; this file has none.")
         text = d["text_config"]
         # Generation EOS ids sometimes live at the top level only.
         if isinstance(text, dict) and "eos_token_id" not in text and "eos_token_id" in d:
@@ -374,7 +444,10 @@ class ModelConfig(_Config):
         if eoa is not None:
             out["eoa_token_id"] = eoa
         towers = {k: None if d.get(k) in (None, {}) else d[k] for k in ("vision_config", "audio_config")}
-        return {**out, **towers, "text_config": text, "model_type": model_type, "raw": d,
+        if unified:
+            towers = {"vision_embedder_config": towers["vision_config"],
+                      "audio_embedder_config": towers["audio_config"]}
+        return {**out, **towers, "text_config": _text_defaults(text, unified), "model_type": model_type, "raw": d,
                 "quantization": d.get("quantization") or d.get("quantization_config")}
 
     @classmethod
@@ -391,3 +464,10 @@ class ModelConfig(_Config):
         if not isinstance(d, dict):
             raise ConfigError(f"{path} does not hold a JSON object.")
         return cls.from_dict(d)
+
+
+def _text_defaults(text: Any, unified: bool) -> Any:
+    """The text section with gemma4_unified's own defaults filled in where the file leaves them out."""
+    if not unified or not isinstance(text, dict):
+        return text
+    return {**_UNIFIED_TEXT_DEFAULTS, **text}

@@ -103,6 +103,16 @@ class Gemma4(nn.Module):
             self.audio_tower = AudioModel(ac)
             self.embed_audio = MultimodalEmbedder(ac.output_proj_dims or ac.hidden_size, config.text_config.hidden_size,
                                              ac.rms_norm_eps)
+        # gemma4_unified (12B): no towers, raw patches / waveform frames through embedders (unified.py).
+        if config.vision_embedder_config is not None:
+            from .unified import VisionEmbedder
+
+            vc = config.vision_embedder_config
+            self.vision_embedder = VisionEmbedder(vc)
+            self.embed_vision = MultimodalEmbedder(vc.mm_embed_dim, config.text_config.hidden_size, vc.rms_norm_eps)
+        if config.audio_embedder_config is not None:
+            ac = config.audio_embedder_config
+            self.embed_audio = MultimodalEmbedder(ac.audio_embed_dim, config.text_config.hidden_size, ac.rms_norm_eps)
 
     # -- public API -----------------------------------------------------------------------------------------------
     def make_cache(self, max_rewind: int = MAX_REWIND) -> list[KVCache]:
@@ -281,15 +291,25 @@ class Gemma4(nn.Module):
         return embeds, token_inputs, blocks
 
     def _encode_images(self, pixel_values, position_ids) -> mx.array:
-        if not hasattr(self, "vision_tower"):
+        if "vision_embedder" in self:
+            from .unified import encode_patches
+
+            return encode_patches(self.vision_embedder, self.embed_vision, mx.array(pixel_values),
+                                  mx.array(position_ids))
+        if "vision_tower" not in self:
             raise InputError("This model has no vision tower; it cannot take images or video.")
         from .vision import encode_images
 
         return encode_images(self.vision_tower, self.embed_vision, mx.array(pixel_values), mx.array(position_ids))
 
     def _encode_audio(self, features, mask) -> mx.array:
-        if not hasattr(self, "audio_tower"):
-            raise InputError("This model has no audio tower; it cannot take audio.")
-        from .audio import encode_audio
+        if "audio_tower" in self:
+            from .audio import encode_audio
 
-        return encode_audio(self.audio_tower, self.embed_audio, mx.array(features), mx.array(mask))
+            return encode_audio(self.audio_tower, self.embed_audio, mx.array(features), mx.array(mask))
+        if "embed_audio" not in self:
+            raise InputError("This model has no audio tower; it cannot take audio.")
+        from .unified import encode_waveform
+
+        width = self.config.audio_embedder_config.audio_embed_dim
+        return encode_waveform(self.embed_audio, mx.array(features), None if mask is None else mx.array(mask), width)

@@ -318,9 +318,12 @@ class TextModel(nn.Module):
         positions)."""
         cfg = self.config
         blocks = vision_blocks if cfg.use_bidirectional_attention == "vision" else None
+        # gemma4 opens vision blocks in the sliding layers only; gemma4_unified's reference forward in every layer.
+        every = cfg.vision_block_layers == "every"
         if cache:
-            return {t: cache[i].make_mask(L, blocks if t == SLIDING else None)
+            return {t: cache[i].make_mask(L, blocks if t == SLIDING or every else None)
                     for t, i in self._first_of_type.items()}
         if L == 1:
             return {FULL: None, SLIDING: None}
-        return {FULL: "causal", SLIDING: window_mask(L, 0, 0, cfg.sliding_window, blocks)}
+        full = window_mask(L, 0, 0, L + 1, blocks) if every and blocks is not None else "causal"
+        return {FULL: full, SLIDING: window_mask(L, 0, 0, cfg.sliding_window, blocks, not every)}

@@ -35,6 +35,12 @@ WEIGHT_MAP: dict[str, str | None] = {
     "model.language_model.layers.{}.experts.down_proj": "language_model.layers.{}.experts.down_proj.weight",
     "model.language_model.{*}": "language_model.{*}",
     "model.vision_tower.{*}": "vision_tower.{*}",
+    # gemma4_unified (12B): the published names (vision_embedder.*, embed_vision.embedding_projection) and
+    # transformers' in-memory ones (everything under embed_vision, the projection as multimodal_embedder)
+    "model.vision_embedder.{*}": "vision_embedder.{*}",
+    "model.embed_vision.patch_{*}": "vision_embedder.patch_{*}",
+    "model.embed_vision.pos_{*}": "vision_embedder.pos_{*}",
+    "model.embed_vision.multimodal_embedder.{*}": "embed_vision.{*}",
     "model.embed_vision.{*}": "embed_vision.{*}",
     "model.audio_tower.{*}": "audio_tower.{*}",
     "model.embed_audio.{*}": "embed_audio.{*}",
@@ -52,9 +58,10 @@ WEIGHT_MAP: dict[str, str | None] = {
 UNUSED: dict[str, Callable[[ModelConfig, int | None], bool]] = {
     "lm_head.{*}": lambda c, _: c.tied_head,                           # the tied head is the token embedding
     "vision_tower.{*}": lambda c, _: c.vision_config is None,
-    "embed_vision.{*}": lambda c, _: c.vision_config is None,
+    "vision_embedder.{*}": lambda c, _: c.vision_embedder_config is None,
+    "embed_vision.{*}": lambda c, _: not c.takes_images,
     "audio_tower.{*}": lambda c, _: c.audio_config is None,
-    "embed_audio.{*}": lambda c, _: c.audio_config is None,
+    "embed_audio.{*}": lambda c, _: not c.takes_audio,
     **{f"language_model.layers.{{}}.self_attn.{p}.{{*}}": lambda c, i: _kv_shared(c, i)
        for p in ("k_proj", "v_proj", "k_norm", "v_norm")},
 }

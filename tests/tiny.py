@@ -83,7 +83,7 @@ def randomize(model, seed: int) -> None:
         for name, p in model.named_parameters():
             if p.ndim == 1 and ("norm" in name or "scale" in name):
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith("position_embedding_table"):
+            elif name.endswith(("position_embedding_table", "pos_embedding")):
                 p.copy_(0.5 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(0.05 * torch.randn(p.shape, generator=g) * (p.shape[-1] ** 0.5) / 8)
