@@ -444,9 +444,8 @@ class ModelConfig(_Config):
         if eoa is not None:
             out["eoa_token_id"] = eoa
         towers = {k: None if d.get(k) in (None, {}) else d[k] for k in ("vision_config", "audio_config")}
-        if unified:
-            towers = {"vision_embedder_config": towers["vision_config"],
-                      "audio_embedder_config": towers["audio_config"]}
+        if unified:   # an empty section is the embedder with its defaults, as in the reference
+            towers = {"vision_embedder_config": d.get("vision_config"), "audio_embedder_config": d.get("audio_config")}
         return {**out, **towers, "text_config": _text_defaults(text, unified), "model_type": model_type, "raw": d,
                 "quantization": d.get("quantization") or d.get("quantization_config")}
 

@@ -1,0 +1,203 @@
+"""Gemma 4 12B (gemma4_unified, encoder-free): parity with transformers' Gemma4UnifiedForConditionalGeneration on
+tiny random checkpoints (tests/tiny_unified.py), in float32.
+
+Full-forward logits for text, one and two images of different aspect, video frames, audio, audio with an image;
+the text-only form (gemma4_unified_text); chunked prefill and token-by-token decoding across the window (8) with
+the bidirectional vision blocks, which the reference's forward opens in every layer and for the whole block (a
+12-token image is longer than the window); greedy generation equal to transformers' generate. Tolerance: that of
+tests/test_model.py (measured ~1e-5 here: the embedders are two norms and two matmuls).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+from mlx_gemma4.config import ModelConfig
+from mlx_gemma4.errors import InputError
+from mlx_gemma4.generation import generate_step
+from mlx_gemma4.weights import load_model
+from tests import tiny_unified as tu
+from tests.helpers import MODEL_ATOL
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    hf = tu.make_model()
+    path = tmp_path_factory.mktemp("unified")
+    hf.save_pretrained(path, safe_serialization=True)
+    return hf, load_model(path)
+
+
+def _mx(inputs: dict) -> dict:
+    return {k: mx.array(v) for k, v in inputs.items()}
+
+
+def _check(hf, model, inputs: dict) -> np.ndarray:
+    ours = np.array(model(**_mx(inputs)))
+    ref = tu.reference_logits(hf, inputs)
+    assert ours.shape == ref.shape
+    np.testing.assert_allclose(ours, ref, atol=MODEL_ATOL, rtol=0)
+    return ours
+
+
+def _images(grids, *words, seed=0) -> dict:
+    pixels, positions = tu.patches(grids, seed)
+    parts = [p for i, g in enumerate(grids) for p in (words[i], ("image", g[0] * g[1]))] + [words[-1]]
+    return {"input_ids": tu.prompt(*parts, seed=seed), "pixel_values": pixels, "image_position_ids": positions}
+
+
+def _video(grid, frames: int, seed=0) -> dict:
+    pixels, positions = tu.patches([grid] * frames, seed)
+    n = grid[0] * grid[1]
+    # As the processor writes a video: a timestamp, then each frame between boi / eoi.
+    parts = ["clip"] + [p for _ in range(frames) for p in ("00:0 1", ("video", n))] + ["describe it"]
+    return {"input_ids": tu.prompt(*parts, seed=seed), "pixel_values_videos": pixels, "video_position_ids": positions}
+
+
+def _audio(seconds: float, *, image: tuple[int, int] | None = None) -> dict:
+    frames = tu.waveform_frames([seconds])
+    n = int(frames["input_features_mask"].sum())
+    parts = ["hear", ("audio", n), "now"]
+    out = dict(frames)
+    if image is not None:
+        pixels, positions = tu.patches([image], seed=3)
+        parts += [("image", image[0] * image[1]), "and this"]
+        out.update(pixel_values=pixels, image_position_ids=positions)
+    return {"input_ids": tu.prompt(*parts), **out}
+
+
+def test_text(pair):
+    hf, model = pair
+    _check(hf, model, {"input_ids": tu.prompt("one two three four five six seven eight nine ten eleven twelve")})
+
+
+def test_one_image(pair):
+    hf, model = pair
+    _check(hf, model, _images([(2, 3)], "look at", "what is it"))
+
+
+def test_two_images_of_different_aspect(pair):
+    hf, model = pair
+    _check(hf, model, _images([(1, 4), (3, 2)], "first", "then", "compare them", seed=1))
+
+
+def test_image_longer_than_the_window(pair):
+    """12 soft tokens, window 8: the reference lets the whole block see itself, in sliding and full layers."""
+    hf, model = pair
+    inputs = _images([(3, 4)], "see", "and say", seed=2)
+    ours = _check(hf, model, inputs)
+    model.config.text_config.vision_block_layers = "sliding"   # gemma4's rule gives other logits
+    try:
+        assert np.abs(np.array(model(**_mx(inputs))) - ours).max() > 1e-2
+    finally:
+        model.config.text_config.vision_block_layers = "every"
+
+
+def test_video_frames(pair):
+    hf, model = pair
+    _check(hf, model, _video((2, 2), 3))
+
+
+@pytest.mark.parametrize("seconds", [0.3, 1.1])
+def test_audio(pair, seconds):
+    hf, model = pair
+    inputs = _audio(seconds)
+    assert 0 < inputs["input_features_mask"].sum() == np.ceil(seconds * 16000 / 640)
+    _check(hf, model, inputs)
+
+
+def test_audio_with_image(pair):
+    hf, model = pair
+    _check(hf, model, _audio(0.7, image=(2, 2)))
+
+
+def test_padding_audio_frames_are_dropped(pair):
+    """Two clips in one batch: the shorter one's padding frames give no soft tokens."""
+    hf, model = pair
+    frames = tu.waveform_frames([0.2, 0.5])
+    n = frames["input_features_mask"].sum(axis=1)
+    assert n[0] < n[1] == frames["input_features"].shape[1]
+    inputs = {"input_ids": tu.prompt(("audio", int(n[0])), "and", ("audio", int(n[1])), "end"), **frames}
+    _check(hf, model, inputs)
+
+
+def test_text_only_form(tmp_path):
+    hf = tu.make_text_model(seed=1)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    model = load_model(tmp_path)
+    assert model.config.model_type == "gemma4_unified_text" and not model.config.takes_images
+    ids = tu.prompt("a b c d e f g h i j k l m n o p q r")
+    with torch.no_grad():
+        ref = hf(input_ids=torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+    np.testing.assert_allclose(np.array(model(mx.array(ids))), ref, atol=MODEL_ATOL, rtol=0)
+
+
+def test_chunked_and_token_by_token_decoding_match_full_forward(pair):
+    hf, model = pair
+    inputs = _images([(3, 4), (1, 3)], "a b c", "d e", "f g h i j k l m n o", seed=4)
+    full = np.array(model(**_mx(inputs)))
+    L = inputs["input_ids"].shape[1]
+    ids = mx.array(inputs["input_ids"])
+    tail = 6   # the last text tokens go one at a time
+    for chunk in (3, 8, 64):
+        cache = model.make_cache()
+        ends = []
+        last = model.prefill(_mx(inputs) | {"input_ids": ids[:, : L - tail]}, cache, chunk_size=chunk,
+                             progress=lambda done, total: ends.append(done))
+        np.testing.assert_allclose(np.array(last), full[0, L - tail - 1], atol=MODEL_ATOL, rtol=0)
+        is_image = inputs["input_ids"][0] == model.config.image_token_id
+        assert not any(is_image[e - 1] and is_image[e] for e in ends[1:])   # no chunk splits an image
+        for t in range(L - tail, L):
+            step = np.array(model.step(ids[:, t : t + 1], cache))[0, 0]
+            np.testing.assert_allclose(step, full[0, t], atol=MODEL_ATOL, rtol=0)
+
+
+def test_greedy_generation_equals_transformers(pair):
+    hf, model = pair
+    inputs = _images([(2, 3)], "look at", "and tell me", seed=5)
+    ours = [int(t) for t, _ in generate_step(model, _mx(inputs), max_tokens=12, prefill_chunk=4)]
+    kw = {k: torch.from_numpy(v.astype(np.int64) if v.dtype.kind in "iu" else v) for k, v in inputs.items()}
+    kw["mm_token_type_ids"] = torch.from_numpy(tu.token_types(inputs["input_ids"]).astype(np.int64))
+    with torch.no_grad():
+        ref = hf.generate(**kw, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert ours == ref[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def test_bad_media_inputs_are_input_errors(pair):
+    _, model = pair
+    good = _images([(2, 2)], "x", "y")
+    with pytest.raises(InputError, match="6912"):
+        model(**_mx(good | {"pixel_values": good["pixel_values"][..., :768]}))
+    with pytest.raises(InputError, match="position ids"):
+        model(**_mx(good | {"image_position_ids": good["image_position_ids"][:, :2]}))
+    audio = _audio(0.3)
+    with pytest.raises(InputError, match="input_features_mask"):
+        model(**_mx({k: v for k, v in audio.items() if k != "input_features_mask"}))
+    with pytest.raises(InputError, match="soft tokens"):
+        model(**_mx(audio | {"input_ids": tu.prompt(("audio", 3))}))
+
+
+def test_text_only_checkpoint_refuses_media(tmp_path):
+    hf = tu.make_model(vision=None, audio=None)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    model = load_model(tmp_path)
+    assert not model.config.takes_images and not model.config.takes_audio
+    pixels, positions = tu.patches([(1, 2)])
+    with pytest.raises(InputError, match="no vision"):
+        model(mx.array(tu.prompt(("image", 2))), pixel_values=mx.array(pixels),
+              image_position_ids=mx.array(positions))
+
+
+def test_config_defaults_of_the_unified_text_config():
+    """config.json leaves out values equal to the defaults; gemma4_unified's differ from gemma4's."""
+    cfg = ModelConfig.from_dict({"model_type": "gemma4_unified", "text_config": {"num_hidden_layers": 6},
+                                 "vision_config": {}, "audio_config": {}})
+    t = cfg.text_config
+    assert (t.sliding_window, t.max_position_embeddings, t.use_bidirectional_attention) == (1024, 262_144, "vision")
+    assert t.vision_block_layers == "every" and cfg.vision_embedder_config.patch_dim == 6912
+    assert cfg.audio_embedder_config.audio_embed_dim == 640 and cfg.vision_config is None
+    g = ModelConfig.from_dict({"model_type": "gemma4", "text_config": {"num_hidden_layers": 6}}).text_config
+    assert (g.sliding_window, g.use_bidirectional_attention, g.vision_block_layers) == (512, None, "sliding")
