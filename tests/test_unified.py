@@ -201,3 +201,47 @@ def test_config_defaults_of_the_unified_text_config():
     assert cfg.audio_embedder_config.audio_embed_dim == 640 and cfg.vision_config is None
     g = ModelConfig.from_dict({"model_type": "gemma4", "text_config": {"num_hidden_layers": 6}}).text_config
     assert (g.sliding_window, g.use_bidirectional_attention, g.vision_block_layers) == (512, None, "sliding")
+
+
+# -- conversion ---------------------------------------------------------------------------------------------------
+def _put_on_grid(hf, bits: int, group_size: int, seed: int = 0) -> None:
+    """Give every weight that the converter's recipe quantizes values that the quantizer represents exactly: per
+    group of ``group_size``, a power-of-two step times integer codes spanning the whole range 0 .. 2**bits - 1,
+    shifted so that 0 is a code (as MLX's affine quantizer places its grid). A quantized conversion must then give
+    the float32 logits."""
+    from mlx_gemma4.model import Gemma4
+    from mlx_gemma4.quantize import plan, recipe
+
+    cfg = ModelConfig.from_dict(hf.config.to_dict())
+    quantized = plan(Gemma4(cfg), recipe(Gemma4(cfg), bits, group_size))
+    rng = np.random.default_rng(seed)
+    top = 2**bits - 1
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.removeprefix("model.").removesuffix(".weight") not in quantized:
+                continue
+            groups = p.numel() // group_size
+            codes = rng.integers(0, top + 1, (groups, group_size))
+            codes[:, 0], codes[:, 1] = 0, top                       # each group spans the whole grid
+            step = 2.0 ** rng.integers(-7, -4, (groups, 1))          # 1/128 .. 1/32
+            p.copy_(torch.from_numpy((step * (codes - (top + 1) // 2)).astype(np.float32).reshape(p.shape)))
+
+
+def test_4bit_conversion_of_grid_aligned_weights_equals_float32(tmp_path):
+    from mlx_gemma4 import load
+    from mlx_gemma4.conversion import convert
+    from tests.fixtures_tokenizer import make_tokenizer
+
+    hf = tu.make_model(seed=2)
+    _put_on_grid(hf, 4, 32)
+    hf.save_pretrained(tmp_path / "src", safe_serialization=True)
+    make_tokenizer(tmp_path / "src")
+    dst = convert(tmp_path / "src", tmp_path / "q4", q_bits=4, q_group_size=32, dtype="float32")
+    model, _ = load(dst)
+    q = model.language_model.layers[0].self_attn.q_proj
+    assert getattr(q, "bits", None) == 4                       # the decoder is quantized ...
+    assert "scales" not in model.vision_embedder.patch_dense   # ... the embedders stay in float (QUANTIZATION.md)
+    assert "scales" not in model.embed_vision.embedding_projection and "scales" not in model.embed_audio.embedding_projection
+    inputs = _audio(0.5, image=(2, 3))
+    ours = np.array(model(**_mx(inputs)))
+    np.testing.assert_allclose(ours, tu.reference_logits(hf, inputs), atol=MODEL_ATOL, rtol=0)
