@@ -70,7 +70,23 @@ SMALL_TEXT = dict(
     num_key_value_heads=1, head_dim=64, global_head_dim=128, num_kv_shared_layers=2, hidden_size_per_layer_input=32,
     layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 2,
 )
-SIZES = {"e2b": (E2B_TEXT, E2B_VISION, E2B_AUDIO), "e4b": (E4B_TEXT, None, None), "26b": (A26B_TEXT, None, None),
+# 12B (gemma4_unified, encoder-free): our reading of the published google/gemma-4-12B-it config, written from
+# transformers' Gemma4Unified*Config defaults and the release's stated sizes (3840 hidden, 48 layers, 16 heads, 8 KV
+# heads, one global KV head, k_eq_v, window 1024 at 5:1, global head dim 512, no PLE or KV sharing; the MLP width is
+# mlx-vlm's default for it). ``model_type`` marks the family for _hf_config; the 12B has no towers, only embedders:
+# 48 x 48 x 3 raw pixels -> 3840 with a 1120-row factorized position table, and 640-sample waveform frames.
+UNIFIED_12B_TEXT = dict(
+    model_type="gemma4_unified_text", vocab_size=262_144, hidden_size=3840, intermediate_size=15360,
+    num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
+    num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=1024, use_bidirectional_attention="vision",
+    layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 8, final_logit_softcapping=30.0,
+    max_position_embeddings=262_144, rms_norm_eps=1e-6, tie_word_embeddings=True,
+    rope_parameters=E2B_TEXT["rope_parameters"], eos_token_id=[1, 106], bos_token_id=2, pad_token_id=0,
+)
+UNIFIED_12B_VISION = dict(patch_size=16, pooling_kernel_size=3, mm_embed_dim=3840, mm_posemb_size=1120,
+                          output_proj_dims=3840)
+UNIFIED_12B_AUDIO = dict(audio_embed_dim=640)
+SIZES = {"e2b": (E2B_TEXT, E2B_VISION, E2B_AUDIO), "12b": (UNIFIED_12B_TEXT, UNIFIED_12B_VISION, UNIFIED_12B_AUDIO), "e4b": (E4B_TEXT, None, None), "26b": (A26B_TEXT, None, None),
          "31b": (DENSE_31B_TEXT, None, None), "small": (SMALL_TEXT, None, None), "medium": (MEDIUM_TEXT, None, None)}
 # The published special-token ids (tests.tiny / the demo squeeze them into a small vocabulary instead).
 REAL_SPECIAL_IDS = {
@@ -83,13 +99,31 @@ _NOISE = ("architectures", "output_hidden_states", "return_dict", "dtype", "chun
           "per_layer_config")
 
 
-def _hf_config(text_config: dict, vision_config: dict | None = None, audio_config: dict | None = None):
-    from transformers import Gemma4Config
+def _unified(text_config: dict) -> bool:
+    return text_config.get("model_type") == "gemma4_unified_text"
 
-    text = dict(text_config)
+
+def _hf_config(text_config: dict, vision_config: dict | None = None, audio_config: dict | None = None):
+    from transformers import Gemma4Config, Gemma4UnifiedConfig
+
+    text = {k: v for k, v in text_config.items() if k != "model_type"}
     if "layer_types" in text:
         text["layer_types"] = list(text["layer_types"])
-    return Gemma4Config(text_config=text, vision_config=vision_config, audio_config=audio_config)
+    cls = Gemma4UnifiedConfig if _unified(text_config) else Gemma4Config
+    return cls(text_config=text, vision_config=vision_config, audio_config=audio_config)
+
+
+# transformers' in-memory names of the 12B's embedders -> the published ones (what save_pretrained writes).
+_PUBLISHED_NAMES = (("model.embed_vision.multimodal_embedder.", "model.embed_vision."),
+                    ("model.embed_vision.patch_", "model.vision_embedder.patch_"),
+                    ("model.embed_vision.pos_", "model.vision_embedder.pos_"))
+
+
+def _published(name: str) -> str:
+    for old, new in _PUBLISHED_NAMES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
 
 
 def config_dict(text_config: dict, vision_config: dict | None = None, audio_config: dict | None = None,
@@ -107,7 +141,8 @@ def config_dict(text_config: dict, vision_config: dict | None = None, audio_conf
     for k in ("num_global_key_value_heads",):
         if k in text_config:
             raw["text_config"][k] = text_config[k]
-    raw["architectures"] = ["Gemma4ForConditionalGeneration"]
+    raw["architectures"] = ["Gemma4UnifiedForConditionalGeneration" if _unified(text_config)
+                            else "Gemma4ForConditionalGeneration"]
     if raw["text_config"]["vocab_size"] != 262_144:   # mlx-lm's gemma4 reads the top-level key (default 262,144)
         raw["vocab_size"] = raw["text_config"]["vocab_size"]
     raw["dtype"] = dtype
@@ -118,12 +153,13 @@ def hf_shapes(text_config: dict, vision_config: dict | None = None,
               audio_config: dict | None = None) -> dict[str, tuple[int, ...]]:
     """HF tensor name -> shape, as save_pretrained writes them (tied lm_head left out)."""
     import torch
-    from transformers import Gemma4ForConditionalGeneration
+    from transformers import Gemma4ForConditionalGeneration, Gemma4UnifiedForConditionalGeneration
 
     cfg = _hf_config(text_config, vision_config, audio_config)
+    cls = Gemma4UnifiedForConditionalGeneration if _unified(text_config) else Gemma4ForConditionalGeneration
     with torch.device("meta"):
-        model = Gemma4ForConditionalGeneration(cfg)
-    out = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        model = cls(cfg)
+    out = {_published(k): tuple(v.shape) for k, v in model.state_dict().items()}
     if cfg.text_config.tie_word_embeddings:
         out.pop("lm_head.weight", None)
     return out

@@ -10,6 +10,8 @@ tests/test_model.py (measured ~1e-5 here: the embedders are two norms and two ma
 
 from __future__ import annotations
 
+import json
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -245,3 +247,29 @@ def test_4bit_conversion_of_grid_aligned_weights_equals_float32(tmp_path):
     inputs = _audio(0.5, image=(2, 3))
     ours = np.array(model(**_mx(inputs)))
     np.testing.assert_allclose(ours, tu.reference_logits(hf, inputs), atol=MODEL_ATOL, rtol=0)
+
+
+def test_published_12b_config_parses_and_builds():
+    """Our reading of google/gemma-4-12B-it's config.json (tests/random_checkpoint.py) gives a model whose
+    parameters are exactly the checkpoint's tensors, by name and shape (nothing allocated: shapes only)."""
+    from mlx.utils import tree_flatten
+
+    from mlx_gemma4.model import Gemma4
+    from mlx_gemma4.weights import check_names, map_name
+    from tests import random_checkpoint as rc
+
+    text, vision, audio = rc.SIZES["12b"]
+    cfg = ModelConfig.from_dict(json.loads(json.dumps(rc.config_dict(text, vision, audio))))
+    t = cfg.text_config
+    assert cfg.unified and cfg.vision_config is None and cfg.audio_config is None
+    assert (t.hidden_size, t.num_hidden_layers, t.sliding_window, t.first_kv_shared_layer) == (3840, 48, 1024, 48)
+    assert t.layer_types.count("full_attention") == 8 and set(t.layer_head_dims) == {256, 512}
+    assert set(t.layer_kv_heads) == {8, 1} and t.attention_k_eq_v and t.hidden_size_per_layer_input == 0
+    model = Gemma4(cfg)
+    ours = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    published = {map_name(k, cfg): s for k, s in rc.hf_shapes(text, vision, audio).items()}
+    check_names(ours, published)
+    assert ours["vision_embedder.patch_dense.weight"] == (3840, 6912)
+    assert ours["vision_embedder.pos_embedding"] == (1120, 2, 3840)
+    assert ours["embed_audio.embedding_projection.weight"] == (3840, 640)
+    assert 11.9e9 < sum(np.prod(s) for s in ours.values()) < 12.1e9
