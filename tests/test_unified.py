@@ -273,3 +273,39 @@ def test_published_12b_config_parses_and_builds():
     assert ours["vision_embedder.pos_embedding"] == (1120, 2, 3840)
     assert ours["embed_audio.embedding_projection.weight"] == (3840, 640)
     assert 11.9e9 < sum(np.prod(s) for s in ours.values()) < 12.1e9
+
+
+def test_mlx_vlm_conversion_loads_with_its_logits_and_soft_tokens(tmp_path):
+    """A 4-bit mlx-vlm conversion of a 12B-style checkpoint (what mlx-community repos hold) loads: the decoder's
+    logits and the image and audio soft tokens are mlx-vlm's own."""
+    pytest.importorskip("mlx_vlm")
+    from mlx_vlm import convert as vlm_convert
+    from mlx_vlm.utils import load_model as vlm_load_model
+
+    from mlx_gemma4 import load
+    from tests.fixtures_tokenizer import make_tokenizer
+
+    src = tmp_path / "src"
+    tu.make_model(seed=4).save_pretrained(src, safe_serialization=True)
+    make_tokenizer(src)
+    # mlx-vlm reads the published spelling of the config (global_head_dim), not save_pretrained's per_layer_config.
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["text_config"].pop("per_layer_config")
+    cfg["text_config"].update(global_head_dim=32, num_global_key_value_heads=1)
+    (src / "config.json").write_text(json.dumps(cfg))
+    dst = tmp_path / "vlm4"
+    vlm_convert(str(src), mlx_path=str(dst), quantize=True, q_bits=4, q_group_size=32, trust_remote_code=False)
+
+    ours, _ = load(dst)
+    theirs = vlm_load_model(dst)
+    ids = mx.array(tu.prompt("a b c d e f g h i j k l m n"))
+    out = theirs.language_model(ids)
+    np.testing.assert_allclose(np.array(ours(ids)), np.array(getattr(out, "logits", out)), atol=1e-4, rtol=0)
+    pixels, positions = (mx.array(a) for a in tu.patches([(2, 3), (1, 2)]))
+    np.testing.assert_allclose(np.array(ours._encode_images(pixels, positions)),
+                               np.array(theirs.get_image_features(pixels, positions)), atol=1e-4, rtol=0)
+    frames = _mx(tu.waveform_frames([0.2, 0.5]))
+    np.testing.assert_allclose(
+        np.array(ours._encode_audio(frames["input_features"], frames["input_features_mask"])),
+        np.array(theirs.get_audio_features(frames["input_features"], frames["input_features_mask"])),
+        atol=1e-4, rtol=0)
