@@ -86,7 +86,13 @@ UNIFIED_12B_TEXT = dict(
 UNIFIED_12B_VISION = dict(patch_size=16, pooling_kernel_size=3, mm_embed_dim=3840, mm_posemb_size=1120,
                           output_proj_dims=3840)
 UNIFIED_12B_AUDIO = dict(audio_embed_dim=640)
-SIZES = {"e2b": (E2B_TEXT, E2B_VISION, E2B_AUDIO), "12b": (UNIFIED_12B_TEXT, UNIFIED_12B_VISION, UNIFIED_12B_AUDIO), "e4b": (E4B_TEXT, None, None), "26b": (A26B_TEXT, None, None),
+# The 12B's shape, narrow, with the full vocabulary and embedders at its width: timeable on a CPU end to end.
+UNIFIED_SMALL_TEXT = dict(UNIFIED_12B_TEXT, hidden_size=256, intermediate_size=1024, num_hidden_layers=12,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=64, global_head_dim=128,
+                          layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 2)
+UNIFIED_SMALL_VISION = dict(UNIFIED_12B_VISION, mm_embed_dim=256, output_proj_dims=256)
+SIZES = {"e2b": (E2B_TEXT, E2B_VISION, E2B_AUDIO), "12b": (UNIFIED_12B_TEXT, UNIFIED_12B_VISION, UNIFIED_12B_AUDIO),
+         "12b-small": (UNIFIED_SMALL_TEXT, UNIFIED_SMALL_VISION, UNIFIED_12B_AUDIO), "e4b": (E4B_TEXT, None, None), "26b": (A26B_TEXT, None, None),
          "31b": (DENSE_31B_TEXT, None, None), "small": (SMALL_TEXT, None, None), "medium": (MEDIUM_TEXT, None, None)}
 # The published special-token ids (tests.tiny / the demo squeeze them into a small vocabulary instead).
 REAL_SPECIAL_IDS = {
