@@ -124,11 +124,13 @@ class Gemma4(nn.Module):
         return self.language_model.layers
 
     def __call__(self, input_ids: mx.array, cache: list[KVCache] | None = None, mm_token_type_ids=None,
+                 num_soft_tokens_per_image=None, num_soft_tokens_per_video=None,
                  **media: mx.array | None) -> mx.array:
         """Logits (1, L, vocab) for every position of ``input_ids`` (1, L), after what ``cache`` holds.
 
-        ``media`` are the processor's media outputs (media.MEDIA_KEYS). ``mm_token_type_ids`` is accepted because
-        the processor returns it, and not needed: the soft-token positions are read off ``input_ids``.
+        ``media`` are the processor's media outputs (media.MEDIA_KEYS). ``mm_token_type_ids`` and the 12B
+        processor's soft-token counts are accepted because a processor returns them, and not needed: the soft-token
+        positions are read off ``input_ids`` (and the padding rows off the position ids).
         """
         embeds, token_inputs, blocks = self.embed(input_ids, **media)
         self._check_room(cache, embeds.shape[1])
