@@ -3,20 +3,19 @@
 Reference: transformers ``models/gemma4/configuration_gemma4.py``. Two spellings of the text config exist:
 published checkpoints carry ``global_head_dim`` / ``num_global_key_value_heads``; ``save_pretrained`` writes a
 ``per_layer_config`` mapping layer index -> overrides. Both resolve to the same per-layer head sizes here.
+gemma4_unified (the 12B) and its text-only form read into the same dataclasses, its embedders into their own.
+Every field is checked as it is read (config_checks.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config_checks import Section, check, check_heads, check_rope, fail
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -29,122 +28,6 @@ _DEFAULT_ROPE = {
     FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
 }
 
-# Range rules for every whole-number field: sizes are >= 1 unless listed here; ids are >= 0.
-_MAY_BE_ZERO = {"hidden_size_per_layer_input", "num_kv_shared_layers", "attention_context_left",
-                "attention_context_right"}
-_MAX = {"num_hidden_layers": 1024}   # more layers than any real model: a typo, not a model
-_MAX_SIZE = 2**31 - 1                # one dimension of an MLX array
-_POSITIVE = {"rms_norm_eps", "final_logit_softcapping", "attention_logit_cap", "gradient_clipping", "rope_theta",
-             "factor", "partial_rotary_factor"}
-
-
-def _fail(where: str, value: Any, must: str) -> None:
-    raise ConfigError(f"config.json: {where} is {json.dumps(value)[:60]}; it must be {must}. Fix that entry (the "
-                      "model's published config.json has the right value) or download the checkpoint again.")
-
-
-def _check(where: str, value: Any, tp: Any) -> None:
-    """Raise ConfigError unless ``value`` has type ``tp`` (a dataclass field's annotation) and is in range."""
-    name = where.rsplit(".", 1)[-1].split("[")[0]
-    if not _matches(value, tp):
-        _fail(where, value, _describe(tp, name))
-    for v in value if isinstance(value, (list, tuple)) else [value]:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            continue
-        lo = 0 if name.endswith(("_id", "_index")) or name in _MAY_BE_ZERO else 1
-        if isinstance(v, int) and not lo <= v <= _MAX.get(name, _MAX_SIZE):
-            _fail(where, value, _describe(tp, name))
-        if isinstance(v, float) and name in _POSITIVE and not v > 0:
-            _fail(where, value, "a number above 0")
-
-
-def _matches(value: Any, tp: Any) -> bool:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if tp is str:
-        return isinstance(value, str)
-    if origin is list:
-        return isinstance(value, (list, tuple)) and all(_matches(v, typing.get_args(tp)[0]) for v in value)
-    if tp is dict or origin is dict or dataclasses.is_dataclass(tp):
-        return isinstance(value, dict)
-    return True
-
-
-def _describe(tp: Any, name: str) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a, name) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    if tp is int:
-        lo = 0 if name.endswith(("_id", "_index")) or name in _MAY_BE_ZERO else 1
-        return f"a whole number from {lo} to {_MAX.get(name, _MAX_SIZE)}"
-    if origin is list:
-        return f"a list of {_describe(typing.get_args(tp)[0], name).replace('a ', '', 1)}s"
-    return {bool: "true or false", float: "a finite number", str: "a string"}.get(tp, "a JSON object")
-
-
-class _Config:
-    """One ``from_dict`` for every config dataclass: each known key is type- and range-checked (ConfigError names
-    the field), nested configs are built the same way, unknown keys are ignored (logged at DEBUG)."""
-
-    @classmethod
-    def _normalize(cls, d: dict[str, Any]) -> dict[str, Any]:
-        """Other spellings of this section -> field names (override where a section has them)."""
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Any, where: str = ""):
-        if not isinstance(d, dict):
-            _fail(where.rstrip(".") or "the file", d, "a JSON object")
-        original, d = d, cls._normalize(d)
-        hints = typing.get_type_hints(cls)
-        fields = {f.name for f in dataclasses.fields(cls) if f.init}
-        unknown = sorted(k for k in d if k not in fields)
-        if unknown:
-            logger.debug("%s: ignoring keys %s", cls.__name__, unknown)
-        kwargs = {}
-        for name in fields & set(d):
-            value, tp = d[name], hints[name]
-            nested = next((a for a in (tp, *typing.get_args(tp)) if isinstance(a, type) and issubclass(a, _Config)),
-                          None)
-            if nested is not None and value is not None:
-                value = nested.from_dict(value, where if value is original else f"{where}{name}.")
-            else:
-                _check(f"{where}{name}", value, tp)
-            kwargs[name] = value
-        return cls(**kwargs)
-
-
-def _check_heads(where: str, heads: int, kv_heads: int, head_dim: int) -> None:
-    if heads % kv_heads:
-        raise ConfigError(f"config.json: {where} has {heads} attention heads, not a multiple of its {kv_heads} "
-                          "key/value heads. Fix num_attention_heads / num_key_value_heads, or download it again.")
-    if head_dim % 2:
-        raise ConfigError(f"config.json: {where} has head_dim {head_dim}; rotary embeddings need an even size. "
-                          "Fix head_dim, or download the checkpoint again.")
-
-
-def _check_rope(where: str, params: Any, kinds: tuple[str, ...] | None = None) -> None:
-    if not isinstance(params, dict):
-        _fail(where, params, "a JSON object")
-    for key in ("rope_theta", "factor", "partial_rotary_factor"):
-        if key in params:
-            _check(f"{where}.{key}", params[key], float)
-    if params.get("partial_rotary_factor", 1.0) > 1:
-        _fail(f"{where}.partial_rotary_factor", params["partial_rotary_factor"], "a number from 0 to 1")
-    if kinds and params.get("rope_type", kinds[0]) not in kinds:
-        _fail(f"{where}.rope_type", params.get("rope_type"), " or ".join(map(repr, kinds)))
-
 
 def _layer_overrides(per_layer_config: dict | None, n: int) -> dict[int, dict]:
     """save_pretrained's per_layer_config (layer index -> head_dim / num_key_value_heads), checked."""
@@ -152,18 +35,18 @@ def _layer_overrides(per_layer_config: dict | None, n: int) -> dict[int, dict]:
     for k, v in (per_layer_config or {}).items():
         where = f"text_config.per_layer_config[{k!r}]"
         if not (isinstance(k, (str, int)) and str(k).isdigit() and int(k) < n):
-            _fail(where, k, f"keyed by a layer index below num_hidden_layers ({n})")
+            fail(where, k, f"keyed by a layer index below num_hidden_layers ({n})")
         if not isinstance(v, dict):
-            _fail(where, v, "a JSON object")
+            fail(where, v, "a JSON object")
         for key in ("head_dim", "num_key_value_heads"):
             if key in v:
-                _check(f"{where}.{key}", v[key], int)
+                check(f"{where}.{key}", v[key], int)
         out[int(k)] = v
     return out
 
 
 @dataclass
-class TextConfig(_Config):
+class TextConfig(Section):
     vocab_size: int = 262_144
     hidden_size: int = 2304
     intermediate_size: int = 9216
@@ -223,9 +106,9 @@ class TextConfig(_Config):
         rope.update(self.rope_parameters or {})
         self.rope_parameters = rope
         for t in (SLIDING, FULL):
-            _check_rope(f"text_config.rope_parameters.{t}", rope[t], ("default", "proportional"))
+            check_rope(f"text_config.rope_parameters.{t}", rope[t], ("default", "proportional"))
         if self.use_bidirectional_attention not in (None, "vision", "all"):
-            _fail("text_config.use_bidirectional_attention", self.use_bidirectional_attention,
+            fail("text_config.use_bidirectional_attention", self.use_bidirectional_attention,
                   'null, "vision" or "all"')
         if self.use_bidirectional_attention == "all":
             # Embedding models (every token sees every other): config.json stores the window a causal model would
@@ -249,7 +132,7 @@ class TextConfig(_Config):
             overrides.get(i, {}).get("num_key_value_heads", self.num_key_value_heads) for i in range(n)
         ]
         for i, (dim, kv) in enumerate(zip(self.layer_head_dims, self.layer_kv_heads)):
-            _check_heads(f"text_config layer {i}", self.num_attention_heads, kv, dim)
+            check_heads(f"text_config layer {i}", self.num_attention_heads, kv, dim)
         full = [i for i, t in enumerate(self.layer_types) if t == FULL]
         if full:
             self.global_head_dim = self.layer_head_dims[full[0]]
@@ -289,7 +172,7 @@ class TextConfig(_Config):
 
 
 @dataclass
-class VisionConfig(_Config):
+class VisionConfig(Section):
     hidden_size: int = 768
     intermediate_size: int = 3072
     num_hidden_layers: int = 16
@@ -308,12 +191,12 @@ class VisionConfig(_Config):
 
     def __post_init__(self) -> None:
         self.rope_parameters = {"rope_type": "axial", "rope_theta": 100.0, **(self.rope_parameters or {})}
-        _check_rope("vision_config.rope_parameters", self.rope_parameters)
-        _check_heads("vision_config", self.num_attention_heads, self.num_key_value_heads, self.head_dim)
+        check_rope("vision_config.rope_parameters", self.rope_parameters)
+        check_heads("vision_config", self.num_attention_heads, self.num_key_value_heads, self.head_dim)
 
 
 @dataclass
-class AudioConfig(_Config):
+class AudioConfig(Section):
     hidden_size: int = 1024
     num_hidden_layers: int = 12
     num_attention_heads: int = 8
@@ -334,7 +217,7 @@ class AudioConfig(_Config):
     def __post_init__(self) -> None:
         self.subsampling_conv_channels = list(self.subsampling_conv_channels)
         if len(self.subsampling_conv_channels) != 2:
-            _fail("audio_config.subsampling_conv_channels", self.subsampling_conv_channels,
+            fail("audio_config.subsampling_conv_channels", self.subsampling_conv_channels,
                   "a list of two whole numbers (one per subsampling convolution)")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"config.json: audio_config.hidden_size ({self.hidden_size}) is not a multiple of its "
@@ -342,7 +225,7 @@ class AudioConfig(_Config):
 
 
 @dataclass
-class EmbedderVisionConfig(_Config):
+class EmbedderVisionConfig(Section):
     """gemma4_unified's vision_config: no tower, raw 48 x 48 pixel patches straight into an embedder (unified.py)."""
 
     patch_size: int = 16
@@ -365,7 +248,7 @@ class EmbedderVisionConfig(_Config):
 
 
 @dataclass
-class EmbedderAudioConfig(_Config):
+class EmbedderAudioConfig(Section):
     """gemma4_unified's audio_config: each soft token is ``audio_embed_dim`` raw waveform samples (640 = 40 ms at
     16 kHz) through the multimodal embedder."""
 
@@ -380,7 +263,7 @@ _MODEL_TYPES = {"gemma4": False, "gemma4_text": False, "gemma4_unified": True, "
 
 
 @dataclass
-class ModelConfig(_Config):
+class ModelConfig(Section):
     text_config: TextConfig
     vision_config: VisionConfig | None = None
     audio_config: AudioConfig | None = None
