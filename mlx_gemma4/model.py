@@ -1,9 +1,11 @@
 """Gemma4: the text decoder plus the optional vision and audio towers, joined as the reference joins them.
 
-Reference: transformers ``Gemma4Model`` / ``Gemma4ForConditionalGeneration``. Placeholder tokens (image, video,
-audio) are embedded as the pad token and then overwritten with the towers' soft tokens; the per-layer embeddings
-(PLE) also see the pad id there. With ``use_bidirectional_attention == "vision"``, tokens of one image or video
-frame see each other in the sliding layers only. The head is tied to the token embedding and soft-capped.
+Reference: transformers ``Gemma4Model`` / ``Gemma4ForConditionalGeneration``, and ``Gemma4UnifiedModel`` for the
+encoder-free 12B (``gemma4_unified``), whose embedders (unified.py) stand where the towers stand. Placeholder
+tokens (image, video, audio) are embedded as the pad token and then overwritten with the soft tokens; the
+per-layer embeddings (PLE) also see the pad id there. With ``use_bidirectional_attention == "vision"``, tokens of
+one image or video frame see each other: in the sliding layers only and within the window, or (gemma4_unified, as
+its reference forward masks them) in every layer. The head is tied to the token embedding and soft-capped.
 
 Besides the full forward (``model(**inputs)``, ``model(ids, cache=cache)``), generation calls two entry points:
 ``prefill`` (a prompt into the cache, in chunks; logits of its last token) and ``step`` (tokens after the cache,
