@@ -313,3 +313,18 @@ def test_mlx_vlm_conversion_loads_with_its_logits_and_soft_tokens(tmp_path):
         np.array(ours._encode_audio(frames["input_features"], frames["input_features_mask"])),
         np.array(theirs.get_audio_features(frames["input_features"], frames["input_features_mask"])),
         atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ["gemma4", "gemma4_unified"])
+def test_bidirectional_all_and_unknown_values_are_refused(model_type):
+    """"all" (every token sees every other: an embedding model; the reference also halves the stored window) is not
+    a chat model; any other value is a typo."""
+    from mlx_gemma4.errors import ConfigError
+
+    def parse(value):
+        ModelConfig.from_dict({"model_type": model_type, "text_config": {"use_bidirectional_attention": value}})
+
+    with pytest.raises(ConfigError, match="embedding model"):
+        parse("all")
+    with pytest.raises(ConfigError, match="use_bidirectional_attention"):
+        parse("images")
