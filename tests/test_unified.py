@@ -244,8 +244,8 @@ def test_4bit_conversion_of_grid_aligned_weights_equals_float32(tmp_path):
     make_tokenizer(tmp_path / "src")
     dst = convert(tmp_path / "src", tmp_path / "q4", q_bits=4, q_group_size=32, dtype="float32")
     model, _ = load(dst)
-    q = model.language_model.layers[0].self_attn.q_proj
-    assert getattr(q, "bits", None) == 4                       # the decoder is quantized ...
+    o = model.language_model.layers[0].self_attn.o_proj
+    assert getattr(o, "bits", None) == 4                       # the decoder is quantized ...
     assert "scales" not in model.vision_embedder.patch_dense   # ... the embedders stay in float (QUANTIZATION.md)
     assert "scales" not in model.embed_vision.embedding_projection and "scales" not in model.embed_audio.embedding_projection
     inputs = _audio(0.5, image=(2, 3))
