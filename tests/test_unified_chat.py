@@ -1,7 +1,10 @@
-"""Gemma 4 12B (gemma4_unified) in a chat: ChatSession and the app take a converted 12B-style checkpoint for text.
+"""Gemma 4 12B (gemma4_unified) end to end: our processor's outputs through the converted model, ChatSession and
+the app.
 
 The checkpoint is the tiny random one of tests/tiny_unified.py, converted by our converter, with the tests'
-tokenizer and chat template. Greedy answers are transformers' greedy generate on the same prompt.
+tokenizer and chat template; load() gives the 12B processor for it. Logits are compared with transformers'
+Gemma4UnifiedForConditionalGeneration fed the same processor outputs (as tests/test_model.py does for gemma4);
+greedy answers with transformers' greedy generate on the same prompt.
 """
 
 from __future__ import annotations
@@ -30,6 +33,55 @@ def converted(tmp_path_factory):
     hf.save_pretrained(src, safe_serialization=True)
     make_tokenizer(src)
     return hf, convert(src, tmp_path_factory.mktemp("unified-mlx") / "out", dtype="float32")
+
+
+def _image(w: int, h: int, seed: int):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (max(h // 8, 1), max(w // 8, 1), 3), dtype=np.uint8)).resize((w, h))
+
+
+def _reference(hf, inputs) -> np.ndarray:
+    skip = ("mm_token_type_ids", "num_soft_tokens_per_image", "num_soft_tokens_per_video")
+    return tu.reference_logits(hf, {k: np.array(v) for k, v in inputs.items() if k not in skip})
+
+
+@pytest.mark.parametrize("case", ["image", "two images", "video", "audio", "audio and image"])
+def test_processor_outputs_give_the_references_logits(converted, case):
+    from tests.helpers import MODEL_ATOL, tone
+
+    hf, path = converted
+    model, processor = load(path)
+    assert type(processor).__name__ == "UnifiedProcessor"
+    kw = {
+        "image": dict(text="look <|image|> what is it?", images=[_image(96, 64, 0)]),
+        "two images": dict(text="first <|image|> then <|image|> compare", images=[_image(150, 48, 1),
+                                                                                 _image(48, 110, 2)]),
+        "video": dict(text="clip: <|video|> describe", videos=[[_image(64, 64, s) for s in range(3)]]),
+        "audio": dict(text="listen <|audio|> transcribe", audio=[tone(0.9)]),
+        "audio and image": dict(text="<|image|> and <|audio|>", images=[_image(48, 48, 3)], audio=[tone(0.5, 300)]),
+    }[case]
+    inputs = processor(**kw, max_soft_tokens=70)
+    ours = np.array(model(**inputs))
+    np.testing.assert_allclose(ours, _reference(hf, inputs), atol=MODEL_ATOL, rtol=0)
+
+
+def test_chat_session_with_an_image_answers_as_transformers_generates(converted):
+    hf, path = converted
+    model, processor = load(path)
+    processor.image_processor.max_soft_tokens = 70   # the tiny model's context is 512
+    session = ChatSession(model, processor)
+    image = _image(96, 48, 4)
+    ours = [r.token for r in session.send("what is this?", images=[image], max_tokens=8, **GREEDY)]
+    prompt = processor.apply_chat_template(session.messages[:-1], add_generation_prompt=True)
+    inputs = processor(text=prompt, images=[image])
+    assert (np.array(inputs["input_ids"]) == model.config.image_token_id).sum() > 8
+    kw = {k: torch.from_numpy(np.array(v).astype(np.int64) if np.array(v).dtype.kind in "iu" else np.array(v))
+          for k, v in inputs.items() if k not in ("num_soft_tokens_per_image",)}
+    with torch.no_grad():
+        ref = hf.generate(**kw, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert ours == ref[0, inputs["input_ids"].shape[1]:].tolist()
 
 
 def test_chat_session_answers_as_transformers_generates(converted):

@@ -20,7 +20,7 @@ from mlx_gemma4.demo import SPECIAL_IDS
 from tests import tiny
 
 UNIFIED_TEXT = dict(tiny.TEXT_FAMILIES["dense"], use_bidirectional_attention="vision")
-UNIFIED_VISION = dict(mm_embed_dim=32, output_proj_dims=32, mm_posemb_size=16)
+UNIFIED_VISION = dict(mm_embed_dim=32, output_proj_dims=32, mm_posemb_size=64)
 UNIFIED_AUDIO: dict = {}
 PATCH_DIM = 48 * 48 * 3
 FRAME = 640
