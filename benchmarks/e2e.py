@@ -248,7 +248,8 @@ def make_prompt(ours: Ours, n_tokens: int) -> tuple[str, int]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default="e4b", help="a size of tests/random_checkpoint.py (e2b, e4b, 12b, 26b, 31b, small, 12b-small)")
+    ap.add_argument("--size", default="e4b",
+                    help="a size of tests/random_checkpoint.py (e2b, e4b, 12b, 26b, 31b, small, 12b-small)")
     ap.add_argument("--hf-path", type=Path, help="an HF checkpoint to start from (default: write a random one)")
     ap.add_argument("--work", type=Path, default=Path("bench-work"), help="where checkpoints are written")
     ap.add_argument("--q-bits", type=int, default=4, help="0: unquantized bfloat16")

@@ -92,7 +92,8 @@ UNIFIED_SMALL_TEXT = dict(UNIFIED_12B_TEXT, hidden_size=256, intermediate_size=1
                           layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 2)
 UNIFIED_SMALL_VISION = dict(UNIFIED_12B_VISION, mm_embed_dim=256, output_proj_dims=256)
 SIZES = {"e2b": (E2B_TEXT, E2B_VISION, E2B_AUDIO), "12b": (UNIFIED_12B_TEXT, UNIFIED_12B_VISION, UNIFIED_12B_AUDIO),
-         "12b-small": (UNIFIED_SMALL_TEXT, UNIFIED_SMALL_VISION, UNIFIED_12B_AUDIO), "e4b": (E4B_TEXT, None, None), "26b": (A26B_TEXT, None, None),
+         "12b-small": (UNIFIED_SMALL_TEXT, UNIFIED_SMALL_VISION, UNIFIED_12B_AUDIO), "e4b": (E4B_TEXT, None, None),
+         "26b": (A26B_TEXT, None, None),
          "31b": (DENSE_31B_TEXT, None, None), "small": (SMALL_TEXT, None, None), "medium": (MEDIUM_TEXT, None, None)}
 # The published special-token ids (tests.tiny / the demo squeeze them into a small vocabulary instead).
 REAL_SPECIAL_IDS = {

@@ -247,7 +247,8 @@ def test_4bit_conversion_of_grid_aligned_weights_equals_float32(tmp_path):
     o = model.language_model.layers[0].self_attn.o_proj
     assert getattr(o, "bits", None) == 4                       # the decoder is quantized ...
     assert "scales" not in model.vision_embedder.patch_dense   # ... the embedders stay in float (QUANTIZATION.md)
-    assert "scales" not in model.embed_vision.embedding_projection and "scales" not in model.embed_audio.embedding_projection
+    assert "scales" not in model.embed_vision.embedding_projection
+    assert "scales" not in model.embed_audio.embedding_projection
     inputs = _audio(0.5, image=(2, 3))
     ours = np.array(model(**_mx(inputs)))
     np.testing.assert_allclose(ours, tu.reference_logits(hf, inputs), atol=MODEL_ATOL, rtol=0)
