@@ -24,7 +24,8 @@ from typing import Any, Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import FULL, SLIDING, TextConfig, _Config
+from .config import FULL, SLIDING, TextConfig
+from .config_checks import Section
 from .errors import ConfigError, InputError
 from .layers import RMSNorm
 from .text import DecoderLayer
@@ -36,7 +37,7 @@ EXTERNAL = -1   # kv_producers entry of a drafter layer: its K/V come from the t
 
 
 @dataclass
-class AssistantConfig(_Config):
+class AssistantConfig(Section):
     text_config: TextConfig
     model_type: str = "gemma4_assistant"
     backbone_hidden_size: int = 1536
