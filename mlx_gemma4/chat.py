@@ -14,7 +14,9 @@ piece into ``thinking``, ``content`` and completed ``tool_calls``, and the last 
 ``answer.to_message()`` and one ``role: "tool"`` message per call, and streams again (tool_loop.py does that).
 
 Rewinding: a growing buffer can always be cut back; a sliding ring cannot once it has wrapped, so the session
-also keeps a few snapshots (taken just before the last token of each prompt) to fall back on.
+also keeps a few snapshots to fall back on: where the last few turns start, and at each prompt's end, together
+with the logits of its last position. Asked the same prompt again (answer again, a client that retries), the
+session restores that snapshot and the generation loop starts from the kept logits: no prompt token is computed.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import numpy as np
 from . import cache as kv
 from .errors import ContextLengthError, InputError
 from .media import MEDIA
-from .generation import GenerationResponse, _stop_ids, cancelled_response, check_positive_int, prefill, stream_tokens
+from .generation import (GenerationResponse, PromptEnd, _stop_ids, cancelled_response, check_positive_int, prefill,
+                         stream_tokens)
 from .processing.chat_prompt import ChatEncoder, EncodedChat, Stopped, stack_inputs, strip_placeholders
 from .processing.tokenizer import split_thinking
 from .tool_use import Answer, AnswerStream, tool_result_message
@@ -52,7 +55,14 @@ class ChatResponse(GenerationResponse):
     answer: Answer | None = None
 
 
-def _rewind(cache: list, snapshots: list[tuple[int, Any]], have: int, want: int) -> int:
+@dataclass
+class _Snapshot:
+    n: int                          # tokens the cache held
+    caches: list                    # cache.snapshot(cache)
+    end: PromptEnd | None = None    # where n is a prompt's end: what its prefill left (logits, hidden state)
+
+
+def _rewind(cache: list, snapshots: list[_Snapshot], have: int, want: int) -> int:
     """Take ``cache`` from ``have`` tokens back to at most ``want``; return how many it holds afterwards.
 
     The one place that knows how caches rewind: rewind where every layer can (a ring keeps only a few positions
@@ -68,11 +78,12 @@ def _rewind(cache: list, snapshots: list[tuple[int, Any]], have: int, want: int)
             c.rewind(have - want)
         kept = want
     else:
-        usable = [s for s in snapshots if s[0] <= want]
+        usable = [s for s in snapshots if s.n <= want]
         if usable:
-            kept, snap = max(usable, key=lambda s: s[0])
-            kv.restore(cache, snap)
-    snapshots[:] = [s for s in snapshots if s[0] <= kept]
+            snap = max(usable, key=lambda s: s.n)
+            kv.restore(cache, snap.caches)
+            kept = snap.n
+    snapshots[:] = [s for s in snapshots if s.n <= kept]
     return kept
 
 
@@ -112,7 +123,7 @@ class ChatSession:
             k_max = self.draft_tokens if self.draft_tokens is not None else DraftLength().k_max
             self.cache = self.model.make_cache(max_rewind=required_max_rewind(self.model, self.assistant, k_max))
         self._cached = np.zeros(0, dtype=np.int64)  # keys (EncodedChat.keys) of the tokens in the cache
-        self._snapshots: list[tuple[int, Any]] = []
+        self._snapshots: list[_Snapshot] = []
 
     @property
     def context_used(self) -> int:
@@ -136,22 +147,29 @@ class ChatSession:
         """How many tokens of the context ``messages`` (default: this session's) take."""
         return len(self.encode(self.messages if messages is None else messages, add_generation_prompt=False).ids)
 
-    def _reuse(self, enc: EncodedChat) -> int:
-        """Rewind the cache to the longest prefix it shares with ``enc`` (never all of it: the last prompt token
-        is fed by the generation loop, and never inside a media item); return its length."""
-        cached, keys = self._cached, enc.keys
-        n = min(len(cached), len(keys))
+    def _reuse(self, enc: EncodedChat) -> tuple[int, PromptEnd | None]:
+        """Rewind the cache to the longest prefix it shares with ``enc`` (never inside a media item); return its
+        length, and the PromptEnd that stands in for the prefill when that is all of ``enc``. All of it is only
+        reused when the same prompt ran before and its end is still kept (the generation loop starts from those
+        logits); otherwise the last prompt token is left for the loop to feed."""
+        cached, keys, L = self._cached, enc.keys, len(enc.keys)
+        n = min(len(cached), L)
         diff = np.flatnonzero(cached[:n] != keys[:n])
         common = int(diff[0]) if diff.size else n
-        want = min(common, len(keys) - 1)
-        for start, end, _ in enc.items:
-            if start < want < end:
+        end = self._end_at(L) if common == L else None
+        want = L if end is not None else min(common, L - 1)
+        for start, stop, _ in enc.items:
+            if start < want < stop:
                 want = start
         kept = _rewind(self.cache, self._snapshots, len(cached), want)
         if kept == 0 and len(cached):
             self._fresh_cache()
         self._cached = cached[:kept]
-        return kept
+        return kept, end if kept == L else None
+
+    def _end_at(self, n: int) -> PromptEnd | None:
+        """The kept PromptEnd of the prompt whose first ``n`` tokens are in the cache, if there is one."""
+        return next((s.end for s in self._snapshots if s.n == n and s.end is not None), None)
 
     # -- answering any conversation --------------------------------------------------------------------------
     def stream(self, messages: list[dict[str, Any]], tools: Any = _SESSION_TOOLS,
@@ -205,7 +223,7 @@ class ChatSession:
         L = len(enc.ids)
         if L > self.model.context_left(None):  # the model's own bound, checked before any media work
             raise self._too_long(messages, L, schemas)
-        start = self._reuse(enc)
+        start, end = self._reuse(enc)
         self.last_reused = start
         # The last user turn is where an answer-again or an edited message parts from this conversation: the cache
         # is snapshotted there (pass 1); the generation loop prefills the rest and answers (pass 2), with a
@@ -221,8 +239,9 @@ class ChatSession:
         report = None if progress is None else (lambda d, t: progress(split - start + d, L - start))
         try:
             for r in stream_tokens(self.model, self.processor, tail, self.cache, start=split, on_token=fed.append,
-                                   prefill_chunk=chunk, progress=report, on_prefilled=lambda: self._snapshot(L),
-                                   started=t0, prompt_tokens=L - start, **gen_kwargs):
+                                   prefill_chunk=chunk, progress=report, prefilled=end,
+                                   on_prefilled=lambda e: self._snapshot(L, e), started=t0, prompt_tokens=L - start,
+                                   **gen_kwargs):
                 if r.token == -1:  # stopped during the tail's prefill: the cache holds whole chunks of it
                     self._cached = enc.keys[: self.cache[0].offset]
                     yield r
@@ -248,8 +267,10 @@ class ChatSession:
         """The answer part of streamed text as it is kept in a conversation: no thoughts, no media placeholders."""
         return strip_placeholders(self.processor, split_thinking(streamed)[1]).strip()
 
-    def _snapshot(self, n: int) -> None:
-        self._snapshots = [s for s in self._snapshots if s[0] != n] + [(n, kv.snapshot(self.cache))]
+    def _snapshot(self, n: int, end: PromptEnd | None = None) -> None:
+        """Keep the cache's state at ``n`` tokens (and, at a prompt's end, what its prefill left: one vocab-sized
+        array per snapshot at most)."""
+        self._snapshots = [s for s in self._snapshots if s.n != n] + [_Snapshot(n, kv.snapshot(self.cache), end)]
         del self._snapshots[:-_MAX_SNAPSHOTS]
 
     def _last_user_turn(self, enc: EncodedChat, L: int) -> int:

@@ -14,7 +14,6 @@ output is not read), and the last chunk computes logits for its final position o
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -25,6 +24,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer
 
 from .cache import KVCache
+from .checks import check_positive_int, check_sampling_args
 from .errors import InputError
 
 
@@ -41,6 +41,17 @@ class GenerationResponse:
     finish_reason: str | None = None  # None while streaming, then "stop" | "length" | "context" | "cancelled"
     drafted_tokens: int = 0         # with an assistant: tokens drafted so far in this run
     accepted_tokens: int = 0        # ... and how many of them the model kept
+
+
+@dataclass
+class PromptEnd:
+    """What a prompt's prefill leaves besides the cache: the logits (vocab,) at its last position, before any
+    logits processor or sampler, and (from the speculative loop) the final hidden state (1, 1, hidden) that a
+    drafter starts from. Passed back as ``prefilled=`` with a cache that holds the whole prompt again, it stands
+    in for the prefill, so answering the same prompt again computes no prompt token."""
+
+    logits: mx.array
+    hidden: mx.array | None = None
 
 
 def prefill(model, inputs: dict[str, Any], cache: list[KVCache], chunk_size: int = 2048,
@@ -73,52 +84,6 @@ def cancelled_response(prompt_tokens: int, ttft: float = 0.0) -> GenerationRespo
                               generation_tps=0.0, ttft=ttft, peak_memory_gb=peak_gb(), finish_reason="cancelled")
 
 
-# -- argument checks ---------------------------------------------------------------------------------------------
-def _is_int(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
-def _is_real(x: Any) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_)) \
-        and math.isfinite(float(x))
-
-
-def check_positive_int(name: str, value: Any) -> None:
-    if not _is_int(value) or value < 1:
-        raise InputError(f"{name} must be a whole number >= 1; got {value!r}.")
-
-
-def _check_real(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False,
-                meaning: str = "") -> None:
-    ok = _is_real(value)
-    if ok:
-        v = float(value)
-        ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-    if not ok:
-        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
-        rng = f"{lb}{lo:g}, {hi:g}{rb}".replace("inf", "infinity")
-        raise InputError(f"{name} must be a number in {rng}{meaning}; got {value!r}.")
-
-
-def check_sampling_args(*, max_tokens: Any = 1, temperature: Any = 0.0, top_p: Any = 1.0, top_k: Any = 0,
-                        min_p: Any = 0.0, repetition_penalty: Any = None, repetition_context_size: Any = 20,
-                        seed: Any = None, prefill_chunk: Any = 2048) -> None:
-    """Validate generation arguments up front; raise InputError naming the argument and its valid range."""
-    check_positive_int("max_tokens", max_tokens)
-    _check_real("temperature", temperature, 0.0, math.inf, hi_open=True, meaning=" (0 = greedy)")
-    _check_real("top_p", top_p, 0.0, 1.0, lo_open=True, meaning=" (1 = off)")
-    if not _is_int(top_k) or top_k < 0:
-        raise InputError(f"top_k must be a whole number >= 0 (0 = off); got {top_k!r}.")
-    _check_real("min_p", min_p, 0.0, 1.0, hi_open=True, meaning=" (0 = off)")
-    if repetition_penalty is not None:
-        _check_real("repetition_penalty", repetition_penalty, 0.0, math.inf, lo_open=True, hi_open=True,
-                    meaning=" (1 = off)")
-    check_positive_int("repetition_context_size", repetition_context_size)
-    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**64):
-        raise InputError(f"seed must be a whole number in [0, 2**64) or None; got {seed!r}.")
-    check_positive_int("prefill_chunk", prefill_chunk)
-
-
 def make_policies(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
                   repetition_penalty: float | None = None, repetition_context_size: int = 20
                   ) -> tuple[Callable[[mx.array], mx.array], list[Callable[[mx.array, mx.array], mx.array]]]:
@@ -140,11 +105,12 @@ class TokenLoop:
                  logits_processors: Sequence[Callable[[mx.array, mx.array], mx.array]], prefill_chunk: int,
                  should_stop: Callable[[], bool] | None,
                  progress: Callable[[int, int], None] | None = None,
-                 on_prefilled: Callable[[], None] | None = None):
+                 on_prefilled: Callable[[PromptEnd], None] | None = None, prefilled: PromptEnd | None = None):
         check_positive_int("max_tokens", max_tokens)
         check_positive_int("prefill_chunk", prefill_chunk)
         self.model, self.inputs, self.start = model, inputs, start
         self.cache = model.make_cache() if cache is None else cache
+        self.prefilled = check_prefilled(inputs, self.cache, prefilled)
         self.max_tokens, self.prefill_chunk, self.should_stop = max_tokens, prefill_chunk, should_stop
         self.progress, self.on_prefilled = progress, on_prefilled
         self.sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
@@ -163,14 +129,19 @@ class TokenLoop:
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             return self.sampler(logprobs)[0], logprobs[0]
 
-        logits = prefill(model, self.inputs, cache, self.prefill_chunk, self.start, self.progress, self.should_stop)
+        if self.prefilled is None:
+            logits = prefill(model, self.inputs, cache, self.prefill_chunk, self.start, self.progress,
+                             self.should_stop)
+        else:  # the cache holds the whole prompt; asked once, as a prefill would be
+            stopped = self.should_stop is not None and self.should_stop()
+            logits = None if stopped else self.prefilled.logits
         if logits is None:  # stopped during prefill: no token
             self.finish_reason = "cancelled"
             return
         y, logprobs = sample(logits, history)
         mx.async_eval(y, logprobs)
         if self.on_prefilled is not None:
-            self.on_prefilled()
+            self.on_prefilled(PromptEnd(logits))
         n = 0
         while True:
             n += 1
@@ -199,6 +170,24 @@ class TokenLoop:
         mx.async_eval(next_y, next_logprobs)
         return next_y, next_logprobs, history
 
+
+def check_prefilled(inputs: dict[str, Any], cache: list[KVCache] | None, prefilled: Any) -> PromptEnd | None:
+    """``prefilled`` as a PromptEnd (a bare logits array is taken as one), checked against what ``cache`` holds."""
+    if prefilled is None:
+        return None
+    if isinstance(prefilled, mx.array):
+        prefilled = PromptEnd(prefilled)
+    if not isinstance(prefilled, PromptEnd):
+        raise InputError(f"prefilled must be a PromptEnd (what on_prefilled was given) or its logits array; got "
+                         f"{type(prefilled).__name__}.")
+    n = int(np.array(inputs["input_ids"]).size)
+    held = cache[0].offset if cache else 0
+    if held != n:
+        raise InputError(f"prefilled stands for a prompt already in the cache, but the cache holds {held} tokens and "
+                         f"the prompt has {n}. Restore the cache the logits came with, or leave prefilled out.")
+    return prefilled
+
+
 def generate_step(
     model,
     inputs: dict[str, Any],
@@ -211,7 +200,8 @@ def generate_step(
     prefill_chunk: int = 2048,
     should_stop: Callable[[], bool] | None = None,
     progress: Callable[[int, int], None] | None = None,
-    on_prefilled: Callable[[], None] | None = None,
+    on_prefilled: Callable[[PromptEnd], None] | None = None,
+    prefilled: PromptEnd | mx.array | None = None,
     assistant=None,
     draft_tokens: int | None = None,
 ):
@@ -223,8 +213,10 @@ def generate_step(
     The loop ends after ``max_tokens`` tokens, when the context is full, or when ``should_stop()`` turns true
     (checked between prefill chunks and before each step is queued; stopped during prefill, it yields nothing);
     the returned loop's ``finish_reason`` says which. ``progress(done, total)`` reports prefill progress;
-    ``on_prefilled()`` is called once the whole prompt is in the cache, before the first decode step (a chat
-    snapshots the cache there). Every yielded token
+    ``on_prefilled(end)`` is called once the whole prompt is in the cache, before the first decode step, with the
+    prompt's PromptEnd (a chat snapshots the cache there and keeps ``end``). ``prefilled`` (such a PromptEnd, or
+    its logits) says ``cache`` already holds the whole prompt: nothing is prefilled and the first token comes from
+    those logits (logits processors still see the whole prompt as history). Every yielded token
     but the last has been fed to the model, so the cache then holds the prompt plus all yielded tokens but the
     last (a caller that stops iterating early: see ``loop.fed``).
 
@@ -243,12 +235,12 @@ def generate_step(
         return SpeculativeLoop(model, assistant, inputs, cache, start=start, max_tokens=max_tokens, sampler=sampler,
                                logits_processors=logits_processors, prefill_chunk=prefill_chunk,
                                should_stop=should_stop, progress=progress, on_prefilled=on_prefilled,
-                               draft_tokens=draft_tokens)
+                               prefilled=prefilled, draft_tokens=draft_tokens)
     if draft_tokens is not None:
         raise InputError("draft_tokens is set but no assistant was given; pass assistant=load_assistant(DIR).")
     return TokenLoop(model, inputs, cache, start=start, max_tokens=max_tokens, sampler=sampler,
                      logits_processors=logits_processors, prefill_chunk=prefill_chunk, should_stop=should_stop,
-                     progress=progress, on_prefilled=on_prefilled)
+                     progress=progress, on_prefilled=on_prefilled, prefilled=prefilled)
 
 
 def stream_tokens(
@@ -273,7 +265,8 @@ def stream_tokens(
     should_stop: Callable[[], bool] | None = None,
     on_token: Callable[[int], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
-    on_prefilled: Callable[[], None] | None = None,
+    on_prefilled: Callable[[PromptEnd], None] | None = None,
+    prefilled: PromptEnd | mx.array | None = None,
     started: float | None = None,
     prompt_tokens: int | None = None,
     assistant=None,
@@ -287,7 +280,8 @@ def stream_tokens(
 
     ``sampler`` / ``logits_processors`` replace the ones built from the sampling settings. ``on_token`` sees
     every token that went through the model (so is in the cache). ``progress(done, total)`` reports prefill;
-    ``on_prefilled``, ``assistant`` and ``draft_tokens`` as in ``generate_step``.
+    ``on_prefilled``, ``prefilled`` (then no prompt token is computed), ``assistant`` and ``draft_tokens`` as in
+    ``generate_step``.
     Stopped by ``should_stop`` before the first token, it yields one response with no text, ``token`` -1 and
     ``finish_reason`` "cancelled".
     """
@@ -302,14 +296,18 @@ def stream_tokens(
     default_sampler, default_processors = make_policies(temperature, top_p, top_k, min_p, repetition_penalty,
                                                         repetition_context_size)
     stop = set(stop_ids if stop_ids is not None else _stop_ids(model, processor))
-    n_prompt = int(np.array(inputs["input_ids"]).size) - start if prompt_tokens is None else prompt_tokens
+    if prompt_tokens is not None:
+        n_prompt = prompt_tokens
+    else:
+        n_prompt = 0 if prefilled is not None else int(np.array(inputs["input_ids"]).size) - start
     make = getattr(processor.tokenizer, "make_detokenizer", None)
     detok = make() if make else NaiveStreamingDetokenizer(processor.tokenizer)
     steps = generate_step(model, inputs, cache, start=start, max_tokens=max_tokens,
                           sampler=sampler or default_sampler,
                           logits_processors=default_processors if logits_processors is None else logits_processors,
                           prefill_chunk=prefill_chunk, should_stop=should_stop, progress=progress,
-                          on_prefilled=on_prefilled, assistant=assistant, draft_tokens=draft_tokens)
+                          on_prefilled=on_prefilled, prefilled=prefilled, assistant=assistant,
+                          draft_tokens=draft_tokens)
     ttft = prompt_tps = 0.0
     t_first = None
     n = 0
@@ -391,5 +389,5 @@ def generate(model, processor, prompt: str, images=None, audio=None, videos=None
 _SAMPLING_KWARGS = {"max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                     "repetition_context_size", "seed", "prefill_chunk"}
 _STREAM_KWARGS = _SAMPLING_KWARGS | {"sampler", "logits_processors", "stop_ids", "should_stop", "on_token",
-                                     "cache", "progress", "on_prefilled", "started", "prompt_tokens", "assistant",
-                                     "draft_tokens"}
+                                     "cache", "progress", "on_prefilled", "prefilled", "started", "prompt_tokens",
+                                     "assistant", "draft_tokens"}

@@ -35,6 +35,7 @@ import numpy as np
 from .cache import KVCache, SlidingCache
 from .cache import rewind as rewind_cache
 from .errors import InputError
+from .generation import PromptEnd, check_prefilled
 
 DEFAULT_MAX_DRAFT = 6   # the most tokens the automatic choice drafts in one round
 
@@ -166,7 +167,8 @@ class SpeculativeLoop:
                  max_tokens: int, sampler: Callable[[mx.array], mx.array] | None,
                  logits_processors: Sequence[Callable[[mx.array, mx.array], mx.array]], prefill_chunk: int,
                  should_stop: Callable[[], bool] | None, progress: Callable[[int, int], None] | None = None,
-                 on_prefilled: Callable[[], None] | None = None, draft_tokens: int | None = None):
+                 on_prefilled: Callable[[PromptEnd], None] | None = None, prefilled: PromptEnd | None = None,
+                 draft_tokens: int | None = None):
         check_draft_tokens(draft_tokens)
         assistant.check_fits(model)
         self.model, self.assistant, self.inputs, self.start = model, assistant, inputs, start
@@ -174,6 +176,7 @@ class SpeculativeLoop:
         if cache is None:
             cache = model.make_cache(max_rewind=required_max_rewind(model, assistant, self.lengths.k_max))
         self.cache = cache
+        self.prefilled = check_prefilled(inputs, cache, prefilled)
         self._check_ring_room()
         self.max_tokens, self.prefill_chunk, self.should_stop = max_tokens, prefill_chunk, should_stop
         self.progress, self.on_prefilled = progress, on_prefilled
@@ -243,6 +246,18 @@ class SpeculativeLoop:
         """Prompt into the cache; the first token, its log-probs and the hidden state that predicted it."""
         ids = mx.array(self.inputs["input_ids"]).reshape(1, -1)
         L = ids.shape[1]
+        history = ids[0].astype(mx.int32) if self.processors else None
+        end = self.prefilled
+        if end is not None:   # the cache holds the whole prompt
+            if self.should_stop is not None and self.should_stop():
+                return None
+            if end.hidden is not None:
+                self._end = end
+                y, logprobs = self._pick(end.logits, history)
+                return y, logprobs, end.hidden
+            # Kept by the plain loop, without the hidden state a drafter starts from: feed the last token again.
+            rewind_cache(self.cache, 1)
+            self.start = L - 1
         if L - 1 > self.start:
             # All but the last token through the ordinary prefill; the last one through the step that also
             # returns its hidden state (the drafter's first input).
@@ -254,9 +269,9 @@ class SpeculativeLoop:
             raise InputError(f"Nothing to prefill: the prompt has {self.start} tokens and all are already in the "
                              "cache.")
         logits, hidden = self.model.step_hidden(ids[:, L - 1 :], self.cache)
-        history = ids[0].astype(mx.int32) if self.processors else None
-        y, logprobs = self._pick(logits[0, -1], history)
-        return y, logprobs, hidden[:, -1:]
+        self._end = PromptEnd(logits[0, -1], hidden[:, -1:])
+        y, logprobs = self._pick(self._end.logits, history)
+        return y, logprobs, self._end.hidden
 
     def __iter__(self) -> Iterator[tuple[int, mx.array]]:
         model, cache = self.model, self.cache
@@ -267,7 +282,7 @@ class SpeculativeLoop:
         y, logprobs, hidden = first
         mx.eval(y, logprobs, hidden)
         if self.on_prefilled is not None:
-            self.on_prefilled()
+            self.on_prefilled(self._end)
         history = mx.array(np.array(self.inputs["input_ids"]).reshape(-1), dtype=mx.int32) \
             if self.processors else None
         n = 0

@@ -1,0 +1,56 @@
+"""Argument checks shared by the generation entry points: each raises InputError naming the argument and its
+valid range, before any work is done."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_)) \
+        and math.isfinite(float(x))
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    if not _is_int(value) or value < 1:
+        raise InputError(f"{name} must be a whole number >= 1; got {value!r}.")
+
+
+def _check_real(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False,
+                meaning: str = "") -> None:
+    ok = _is_real(value)
+    if ok:
+        v = float(value)
+        ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok:
+        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
+        rng = f"{lb}{lo:g}, {hi:g}{rb}".replace("inf", "infinity")
+        raise InputError(f"{name} must be a number in {rng}{meaning}; got {value!r}.")
+
+
+def check_sampling_args(*, max_tokens: Any = 1, temperature: Any = 0.0, top_p: Any = 1.0, top_k: Any = 0,
+                        min_p: Any = 0.0, repetition_penalty: Any = None, repetition_context_size: Any = 20,
+                        seed: Any = None, prefill_chunk: Any = 2048) -> None:
+    """Validate generation arguments up front; raise InputError naming the argument and its valid range."""
+    check_positive_int("max_tokens", max_tokens)
+    _check_real("temperature", temperature, 0.0, math.inf, hi_open=True, meaning=" (0 = greedy)")
+    _check_real("top_p", top_p, 0.0, 1.0, lo_open=True, meaning=" (1 = off)")
+    if not _is_int(top_k) or top_k < 0:
+        raise InputError(f"top_k must be a whole number >= 0 (0 = off); got {top_k!r}.")
+    _check_real("min_p", min_p, 0.0, 1.0, hi_open=True, meaning=" (0 = off)")
+    if repetition_penalty is not None:
+        _check_real("repetition_penalty", repetition_penalty, 0.0, math.inf, lo_open=True, hi_open=True,
+                    meaning=" (1 = off)")
+    check_positive_int("repetition_context_size", repetition_context_size)
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**64):
+        raise InputError(f"seed must be a whole number in [0, 2**64) or None; got {seed!r}.")
+    check_positive_int("prefill_chunk", prefill_chunk)
