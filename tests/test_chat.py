@@ -4,6 +4,7 @@ gives; text in messages is text (control tokens and placeholders typed by a user
 
 from __future__ import annotations
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
@@ -93,7 +94,7 @@ def test_regenerate_and_drop_turns_match_a_fresh_session(loaded):
     session = ChatSession(model, processor)
     a = tokens(session.send("tell me a story", max_tokens=6, **GREEDY))
     b = tokens(session.regenerate(max_tokens=6, **GREEDY))
-    assert a == b and session.last_reused == len(session.encode(session.messages[:1]).ids) - 1
+    assert a == b and session.last_reused == len(session.encode(session.messages[:1]).ids)  # all of it
     assert [m["role"] for m in session.messages] == ["user", "assistant"]
     tokens(session.send("more", max_tokens=3, **GREEDY))
     session.drop_oldest_turns(1)
@@ -231,3 +232,101 @@ def test_bad_prefill_chunk_is_refused_up_front(loaded, chunk):
     model, processor = loaded
     with pytest.raises(InputError, match="prefill_chunk"):
         ChatSession(model, processor, prefill_chunk=chunk)
+
+
+# -- answering the same prompt again ---------------------------------------------------------------------------
+LONG = "tell me a long story about the sea, the sky and the mountains, please"   # longer than the tiny window (8)
+
+
+def test_answering_again_computes_no_prompt_token(loaded):
+    """Regenerate and the same messages streamed again start from the kept logits of the prompt's end, also after
+    an answer longer than the rings can rewind (the snapshot is restored), in a first and in a later turn."""
+    model, processor = loaded
+    session = ChatSession(model, processor, system_prompt="be brief")
+    for text in (LONG, "and what about the forests there?"):
+        first = tokens(session.send(text, max_tokens=20, **GREEDY))
+        prompt = session.messages[:-1]
+        L = len(session.encode(prompt).ids)
+        assert L > 8 and min(c.rewindable for c in session.cache) < 20   # wrapped: rewinding cannot reach L
+        assert first == fresh(model, processor, prompt, 20)
+        again = list(session.regenerate(max_tokens=20, **GREEDY))
+        assert [r.token for r in again] == first
+        assert session.last_reused == L and again[-1].prompt_tokens == 0 and again[-1].ttft > 0
+        same = list(session.stream(prompt, max_tokens=20, **GREEDY))   # a client sending the same request again
+        assert [r.token for r in same] == first and session.last_reused == L and same[-1].prompt_tokens == 0
+
+
+def test_answering_again_with_a_seed_samples_the_same_tokens(loaded):
+    model, processor = loaded
+    messages = convo(LONG)
+    sampled = dict(stop_ids=[], temperature=1.0, top_k=50, seed=7)
+    want = tokens(ChatSession(model, processor).stream(messages, max_tokens=16, **sampled))
+    session = ChatSession(model, processor)
+    other = tokens(session.stream(messages, max_tokens=16, **dict(sampled, seed=8)))
+    assert other != want   # the seed matters, so the equalities below say something
+    assert tokens(session.stream(messages, max_tokens=16, **sampled)) == want
+    assert session.last_reused == len(session.encode(messages).ids)
+
+
+def test_answering_again_gives_logits_processors_the_whole_history(loaded):
+    model, processor = loaded
+    messages = convo(LONG)
+    vocab = model.config.text_config.vocab_size
+
+    def run(session):
+        seen: list[list[int]] = []
+
+        def no_repeats(history, logits):   # reads the whole history: each token seen so far is pushed down
+            seen.append(np.array(history).tolist())
+            return logits - 5.0 * (mx.zeros((vocab,)).at[history].add(1.0) > 0)
+
+        out = tokens(session.stream(messages, max_tokens=12, logits_processors=[no_repeats], **GREEDY))
+        return out, seen
+
+    session = ChatSession(model, processor)
+    want, history = run(session)
+    assert history[0] == session.encode(messages).ids.tolist()
+    assert run(session) == (want, history) and session.last_reused == len(history[0])
+    assert run(ChatSession(model, processor)) == (want, history)
+
+
+def count_letters(word: str) -> int:
+    """How many letters a word has.
+
+    Args:
+        word: The word.
+    """
+    return len(word)
+
+
+def test_answering_again_with_tools(loaded):
+    model, processor = loaded
+    session = ChatSession(model, processor, tools=[count_letters])
+    first = [r.token for r in session.send(LONG, max_tokens=14, stop_ids=[])]
+    again = list(session.regenerate(max_tokens=14, stop_ids=[]))
+    assert [r.token for r in again] == first and again[-1].prompt_tokens == 0
+    prompt = session.messages[:-1]
+    assert session.last_reused == len(session.encode(prompt).ids)
+    assert first == tokens(ChatSession(model, processor, tools=[count_letters]).stream(prompt, max_tokens=14,
+                                                                                        stop_ids=[]))
+    # Without the tools the prompt differs, so it is prefilled from where it parts.
+    plain = tokens(session.stream(prompt, tools=None, max_tokens=14, stop_ids=[]))
+    assert session.last_reused < len(session.encode(prompt, tools=None).ids)
+    assert plain == fresh(model, processor, prompt, 14)
+
+
+def test_an_edited_last_message_and_a_stop_before_the_first_token(loaded):
+    model, processor = loaded
+    session = ChatSession(model, processor)
+    original = convo(LONG)
+    tokens(session.stream(original, max_tokens=12, **GREEDY))
+    for text in (LONG + "!", LONG[:-8], LONG):   # longer, shorter, and back (its end was dropped on the way)
+        messages = convo(text)
+        out = list(session.stream(messages, max_tokens=12, **GREEDY))
+        L = len(session.encode(messages).ids)
+        assert 0 < session.last_reused < L and out[-1].prompt_tokens == L - session.last_reused
+        assert [r.token for r in out] == fresh(model, processor, messages, 12)
+    [r] = list(session.stream(original, max_tokens=12, should_stop=lambda: True, **GREEDY))
+    assert r.token == -1 and r.finish_reason == "cancelled" and session.last_reused == session.context_used == L
+    out = tokens(session.stream(original, max_tokens=12, **GREEDY))
+    assert session.last_reused == L and out == fresh(model, processor, original, 12)

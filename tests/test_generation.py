@@ -92,6 +92,30 @@ def test_on_token_matches_what_the_cache_holds(loaded):
     assert cache[0].offset == L + len(fed) and len(fed) == 5
 
 
+def test_a_prompt_already_in_the_cache_starts_from_its_kept_logits(loaded):
+    model, processor = loaded
+    inputs = processor(text="count with me, one two three four five")
+    L = int(np.array(inputs["input_ids"]).size)
+    ends = []
+    want = list(stream_tokens(model, processor, inputs, model.make_cache(), max_tokens=10, stop_ids=[],
+                              on_prefilled=ends.append, repetition_penalty=1.5))
+    [end] = ends
+    assert end.logits.shape == (model.config.text_config.vocab_size,) and end.hidden is None
+    cache = model.make_cache()
+    logits = model.prefill(inputs, cache)
+    assert cache[0].offset == L
+    for prefilled in (logits, end):  # a bare logits array or what on_prefilled was given
+        c = model.make_cache()
+        model.prefill(inputs, c)
+        got = list(stream_tokens(model, processor, inputs, c, prefilled=prefilled, max_tokens=10, stop_ids=[],
+                                 repetition_penalty=1.5))
+        assert [r.token for r in got] == [r.token for r in want] and got[-1].prompt_tokens == 0
+    with pytest.raises(InputError, match="holds 0 tokens"):
+        generate_step(model, inputs, model.make_cache(), prefilled=end)
+    with pytest.raises(InputError, match="prefilled must be"):
+        generate_step(model, inputs, cache, prefilled=[1.0])
+
+
 # -- arguments ---------------------------------------------------------------------------------------------------
 BAD = [
     dict(max_tokens=0), dict(max_tokens=-3), dict(max_tokens=2.5), dict(max_tokens=True), dict(max_tokens="5"),

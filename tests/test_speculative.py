@@ -272,3 +272,31 @@ def test_chat_session_with_an_assistant_gives_the_same_answers(mimicking):
             assert session.cache[0].offset == len(session._cached) == plain.cache[0].offset
     with pytest.raises(InputError, match="draft_tokens"):
         ChatSession(model, processor, assistant=ours, draft_tokens=1.5)
+
+
+def test_answering_again_with_an_assistant_computes_no_prompt_token(mimicking):
+    """The prompt's end keeps the hidden state the drafter starts from; an end kept by the plain loop (no hidden
+    state) makes the drafting loop feed the last prompt token again."""
+    from mlx_gemma4 import ChatSession
+
+    _, model, processor, _, ours = mimicking
+    plain = ChatSession(model, processor)
+    want = [r.token for r in plain.send("hello there, tell me about the sea", max_tokens=24, stop_ids=[])]
+    spec = ChatSession(model, processor, assistant=ours, draft_tokens=2)
+    first = list(spec.send("hello there, tell me about the sea", max_tokens=24, stop_ids=[]))
+    again = list(spec.regenerate(max_tokens=24, stop_ids=[]))
+    L = len(spec.encode(spec.messages[:-1]).ids)
+    assert [r.token for r in first] == [r.token for r in again] == want
+    assert spec.last_reused == L and again[-1].prompt_tokens == 0 and again[-1].accepted_tokens > 0
+    inputs = _inputs()
+    plain_tokens, _, _ = _run(model, inputs, max_tokens=NEW)
+    for with_hidden in (True, False):
+        ends: list = []
+        _run(model, inputs, max_tokens=4, on_prefilled=ends.append,
+             **(dict(assistant=ours, draft_tokens=2) if with_hidden else {}))
+        assert (ends[0].hidden is not None) == with_hidden
+        cache = model.make_cache(max_rewind=8)
+        model.prefill(inputs, cache)   # the cache the kept end stands for: the whole prompt
+        tokens, loop, _ = _run(model, inputs, cache=cache, max_tokens=NEW, prefilled=ends[0], assistant=ours,
+                               draft_tokens=2)
+        assert tokens == plain_tokens and loop.drafted > 0
