@@ -111,6 +111,19 @@ def test_next_turn_reuses_the_cached_prefix(client, converted_towers):
     assert cached >= answer.usage.prompt_tokens - 2  # all of the first prompt but the turn's last tokens
 
 
+def test_the_same_request_again_is_answered_from_the_cache(client, converted_towers):
+    """A client retrying (or re-sending) a request: the whole prompt comes from the cache, the answer is the same."""
+    sent = [{"role": "system", "content": "You answer in long sentences."},
+            {"role": "user", "content": "Tell me about the sea, the sky, the mountains and the rivers."}]
+    kw = dict(model=converted_towers.name, messages=sent, max_tokens=20, temperature=0)
+    first = client.chat.completions.create(**kw)
+    again = client.chat.completions.create(**kw)
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert again.usage.prompt_tokens == first.usage.prompt_tokens
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens
+    assert again.model_extra["timings"]["prompt_tokens_per_second"] == 0   # no prompt token was computed
+
+
 def test_image_and_audio_reach_the_model(client, reference, media, converted_towers):
     png, wav = media
     audio = {"data": base64.b64encode(wav.read_bytes()).decode(), "format": "wav"}
