@@ -14,10 +14,14 @@ What the rest of the package asks of a cache (the ``KVCache`` protocol):
   one-token step (decode.py), which writes them in place at a traced position;
 - ``recent(n)``: the last ``n`` positions' keys and values in order (for a drafter);
 - ``rewind(n)`` / ``rewindable``, ``snapshot()`` / ``restore()``, ``offset``, ``empty``, ``state``, ``nbytes``.
+
+For prompt reuse over a list of caches, ``rewind_to`` goes back to a shorter prefix by rewinding where every layer
+can, else by restoring a kept ``Snapshot``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol, Union
 
 import mlx.core as mx
@@ -363,3 +367,37 @@ def rewind(cache: list[KVCache], n: int) -> None:
         for c in cache:
             if c is not tightest:
                 c.rewind(n)
+
+
+@dataclass
+class Snapshot:
+    """The caches' state when they held ``n`` tokens (``snapshot(cache)``), with what a caller keeps beside it
+    (a chat keeps a prompt's end, generation.PromptEnd, there)."""
+
+    n: int
+    caches: list
+    end: Any = None
+
+
+def rewind_to(cache: list[KVCache], snapshots: list[Snapshot], have: int, want: int) -> int:
+    """Take ``cache`` from ``have`` tokens back to at most ``want``; return how many it holds afterwards.
+
+    Rewind where every layer can (a ring keeps only a few positions it can take back), else restore the newest
+    snapshot that is not past ``want``, else 0 (the caller starts a fresh cache). Snapshots past the result are
+    dropped: the positions they would restore are about to be overwritten.
+    """
+    kept = 0
+    if want >= have:
+        kept = have
+    elif all(c.rewindable >= have - want for c in cache):
+        for c in cache:
+            c.rewind(have - want)
+        kept = want
+    else:
+        usable = [s for s in snapshots if s.n <= want]
+        if usable:
+            snap = max(usable, key=lambda s: s.n)
+            restore(cache, snap.caches)
+            kept = snap.n
+    snapshots[:] = [s for s in snapshots if s.n <= kept]
+    return kept

@@ -55,38 +55,6 @@ class ChatResponse(GenerationResponse):
     answer: Answer | None = None
 
 
-@dataclass
-class _Snapshot:
-    n: int                          # tokens the cache held
-    caches: list                    # cache.snapshot(cache)
-    end: PromptEnd | None = None    # where n is a prompt's end: what its prefill left (logits, hidden state)
-
-
-def _rewind(cache: list, snapshots: list[_Snapshot], have: int, want: int) -> int:
-    """Take ``cache`` from ``have`` tokens back to at most ``want``; return how many it holds afterwards.
-
-    The one place that knows how caches rewind: rewind where every layer can (a ring keeps only a few positions
-    it can take back), else restore the newest snapshot that is not past ``want``, else 0 (the caller starts a
-    fresh cache). Snapshots past the result are dropped: the positions they would restore are about to be
-    overwritten.
-    """
-    kept = 0
-    if want >= have:
-        kept = have
-    elif all(c.rewindable >= have - want for c in cache):
-        for c in cache:
-            c.rewind(have - want)
-        kept = want
-    else:
-        usable = [s for s in snapshots if s.n <= want]
-        if usable:
-            snap = max(usable, key=lambda s: s.n)
-            kv.restore(cache, snap.caches)
-            kept = snap.n
-    snapshots[:] = [s for s in snapshots if s.n <= kept]
-    return kept
-
-
 class ChatSession:
     def __init__(self, model, processor, system_prompt: str | None = None, enable_thinking: bool = False,
                  prefill_chunk: int = 2048, tools: list[Any] | None = None, assistant=None,
@@ -123,7 +91,7 @@ class ChatSession:
             k_max = self.draft_tokens if self.draft_tokens is not None else DraftLength().k_max
             self.cache = self.model.make_cache(max_rewind=required_max_rewind(self.model, self.assistant, k_max))
         self._cached = np.zeros(0, dtype=np.int64)  # keys (EncodedChat.keys) of the tokens in the cache
-        self._snapshots: list[_Snapshot] = []
+        self._snapshots: list[kv.Snapshot] = []  # newest last, at most _MAX_SNAPSHOTS
 
     @property
     def context_used(self) -> int:
@@ -161,7 +129,7 @@ class ChatSession:
         for start, stop, _ in enc.items:
             if start < want < stop:
                 want = start
-        kept = _rewind(self.cache, self._snapshots, len(cached), want)
+        kept = kv.rewind_to(self.cache, self._snapshots, len(cached), want)
         if kept == 0 and len(cached):
             self._fresh_cache()
         self._cached = cached[:kept]
@@ -270,7 +238,7 @@ class ChatSession:
     def _snapshot(self, n: int, end: PromptEnd | None = None) -> None:
         """Keep the cache's state at ``n`` tokens (and, at a prompt's end, what its prefill left: one vocab-sized
         array per snapshot at most)."""
-        self._snapshots = [s for s in self._snapshots if s.n != n] + [_Snapshot(n, kv.snapshot(self.cache), end)]
+        self._snapshots = [s for s in self._snapshots if s.n != n] + [kv.Snapshot(n, kv.snapshot(self.cache), end)]
         del self._snapshots[:-_MAX_SNAPSHOTS]
 
     def _last_user_turn(self, enc: EncodedChat, L: int) -> int:

@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_gemma4.cache import GlobalCache, SlidingCache, make_cache, restore, rewind, snapshot
+from mlx_gemma4.cache import GlobalCache, SlidingCache, Snapshot, make_cache, restore, rewind, rewind_to, snapshot
 from mlx_gemma4.config import TextConfig
 from mlx_gemma4.errors import CacheError
 from tests.random_checkpoint import E4B_TEXT
@@ -168,3 +168,18 @@ def test_snapshot_restore_rewinds_exactly():
     restore(caches, snap)
     assert [c.offset for c in caches] == [12, 12]
     assert [_write(c, 1) for c in caches] == before
+
+
+def test_rewind_to_rewinds_where_it_can_else_restores_the_newest_snapshot_not_past_the_target():
+    caches = [SlidingCache(W, max_rewind=3), GlobalCache()]
+    snaps = []
+    for n in (10, 20, 30):
+        for c in caches:
+            _write(c, 10)
+        snaps.append(Snapshot(n, snapshot(caches), end=f"end {n}"))
+    assert rewind_to(caches, snaps, 30, 30) == 30 and len(snaps) == 3       # nothing to take back
+    assert rewind_to(caches, snaps, 30, 28) == 28 and [s.n for s in snaps] == [10, 20]   # the ring can: rewound
+    assert rewind_to(caches, snaps, 28, 25) == 20   # the ring cannot take 3 more back: the snapshot at 20
+    assert [c.offset for c in caches] == [20, 20] and [s.end for s in snaps] == ["end 10", "end 20"]
+    assert [_write(c, 1) for c in caches] == [[list(range(13, 21))], [list(range(21))]]   # restored exactly
+    assert rewind_to(caches, snaps, 21, 5) == 0 and snaps == []   # no snapshot early enough: start afresh
