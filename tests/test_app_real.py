@@ -18,6 +18,7 @@ from app.history import History
 from app.model_source import load_fn, resolve
 from app.screens.confirm import ConfirmScreen
 from app.widgets.messages import ModelMessage, Notice, UserMessage
+from app.widgets.status import status_parts
 from tests.app_helpers import send
 from tests.app_helpers import until as wait_for
 
@@ -167,10 +168,12 @@ def test_typed_placeholders_regenerate_stats_and_dropping_turns(tiny_dir, tmp_pa
             await send(pilot, "go on")
             await wait_for(pilot, lambda: not chat.generating and len(chat.query(ModelMessage)) == 3)
             assert not [n for n in chat.query(Notice) if "failed" in str(n.render())]
-            # Regenerate: the status describes the new answer, with the reused prompt counted as cached.
+            # Regenerate: the status describes the new answer; the whole prompt came from the cache.
             await pilot.press("ctrl+g")
             await wait_for(pilot, lambda: not chat.generating and len(chat.query(ModelMessage)) == 3)
-            assert status.stats.cached_tokens > 10 and status.stats.prompt_tokens >= 1
+            assert status.stats.cached_tokens > 10 and status.stats.prompt_tokens == 0
+            parts = [full for _, full, _ in status_parts("m", "", False, status.stats)]
+            assert f"prompt {status.stats.cached_tokens} cached" in parts
             assert status.stats.generation_tokens >= 1
             assert [m.role for m in app.history.messages(cid)] == ["user", "assistant"] * 3
             # A conversation that outgrew the context: the offer names how many turns to drop, no API names.

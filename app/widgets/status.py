@@ -30,7 +30,8 @@ def status_parts(model: str, state: str, thinking: bool, s: Stats) -> list[tuple
     if s.generation_tokens or s.prompt_tokens:
         parts += [
             (8, f"TTFT {s.ttft:.2f}s", f"TTFT {s.ttft:.1f}s"),
-            (2, f"prompt {s.prompt_tps:.0f} tok/s" + (f" +{s.cached_tokens} cached" if s.cached_tokens else ""), ""),
+            (2, f"prompt {s.cached_tokens} cached" if s.cached_tokens and not s.prompt_tokens  # answered again
+             else f"prompt {s.prompt_tps:.0f} tok/s" + (f" +{s.cached_tokens} cached" if s.cached_tokens else ""), ""),
             (8, f"{s.generation_tps:.1f} tok/s", f"{s.generation_tps:.0f} tok/s"),
         ]
         if s.acceptance is not None:   # speculative decoding: the share of drafted tokens the model kept
