@@ -14,9 +14,7 @@ What the rest of the package asks of a cache (the ``KVCache`` protocol):
   one-token step (decode.py), which writes them in place at a traced position;
 - ``recent(n)``: the last ``n`` positions' keys and values in order (for a drafter);
 - ``rewind(n)`` / ``rewindable``, ``snapshot()`` / ``restore()``, ``offset``, ``empty``, ``state``, ``nbytes``.
-
-For prompt reuse over a list of caches, ``rewind_to`` goes back to a shorter prefix by rewinding where every layer
-can, else by restoring a kept ``Snapshot``.
+Prompt reuse over a list of caches: ``rewind_to`` (rewind where every layer can, else restore a kept ``Snapshot``).
 """
 
 from __future__ import annotations
@@ -371,9 +369,7 @@ def rewind(cache: list[KVCache], n: int) -> None:
 
 @dataclass
 class Snapshot:
-    """The caches' state when they held ``n`` tokens (``snapshot(cache)``), with what a caller keeps beside it
-    (a chat keeps a prompt's end, generation.PromptEnd, there)."""
-
+    """The caches' state at ``n`` tokens (``snapshot(cache)``), and what a caller keeps beside it (a PromptEnd)."""
     n: int
     caches: list
     end: Any = None
