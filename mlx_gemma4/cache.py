@@ -10,8 +10,9 @@ What the rest of the package asks of a cache (the ``KVCache`` protocol):
 - ``make_mask(n, vision_blocks)``: the attention mask for ``n`` new tokens over the keys ``update_and_fetch``
   will return for them (asked before the write);
 - ``update_and_fetch(keys, values)``: write ``n`` new tokens, return the keys/values they attend to;
-- ``hand_over()`` / ``take_back(keys, values)`` and ``step_view(keys, values, pos)``: the buffers for the compiled
-  one-token step (decode.py), which writes them in place at a traced position;
+- ``hand_over(n)`` / ``take_back(keys, values, n)`` and ``step_view(keys, values, pos, n)``: the buffers for the
+  compiled step of ``n`` tokens (decode.py), which writes them in place at a traced position; ``fits_step(n)``
+  says whether the buffers can take such a step;
 - ``recent(n)``: the last ``n`` positions' keys and values in order (for a drafter);
 - ``rewind(n)`` / ``rewindable``, ``snapshot()`` / ``restore()``, ``offset``, ``empty``, ``state``, ``nbytes``.
 Prompt reuse over a list of caches: ``rewind_to`` (rewind where every layer can, else restore a kept ``Snapshot``).
@@ -38,9 +39,10 @@ class KVCache(Protocol):
     def empty(self) -> bool: ...
     def make_mask(self, n: int, vision_blocks: mx.array | None = None) -> Mask: ...
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]: ...
-    def hand_over(self) -> tuple[mx.array, mx.array]: ...
-    def take_back(self, keys: mx.array, values: mx.array) -> None: ...
-    def step_view(self, keys: mx.array, values: mx.array, pos: mx.array) -> StepSlots: ...
+    def fits_step(self, n: int) -> bool: ...
+    def hand_over(self, n: int = 1) -> tuple[mx.array, mx.array]: ...
+    def take_back(self, keys: mx.array, values: mx.array, n: int = 1) -> None: ...
+    def step_view(self, keys: mx.array, values: mx.array, pos: mx.array, n: int = 1) -> StepSlots: ...
     @property
     def rewindable(self) -> int: ...
     def rewind(self, n: int) -> None: ...
@@ -71,29 +73,41 @@ def window_mask(n: int, offset: int, prev: int, window: int, vision_blocks: mx.a
 
 
 def _ring_mask(pos: int | mx.array, n: int, slots: int, window: int) -> mx.array:
-    """(n,) bool mask over the first ``n`` ring slots for a query at ``pos`` whose own token is already written:
-    a slot is visible when the token it holds is at most ``window - 1`` positions back and not from before 0."""
+    """(n,) bool mask over the first ``n`` ring slots for a query at ``pos`` whose own token is already written
+    (``pos`` (L, 1): (L, n), one row per query): a slot is visible when the token it holds is at most
+    ``window - 1`` positions back and not from before 0."""
     back = (pos - mx.arange(n)) % slots   # how many positions back the token in each slot is
     return (back < window) & (back <= pos)
 
 
+def _query_positions(pos: mx.array, n: int) -> mx.array:
+    """The traced positions of ``n`` new tokens from ``pos``: ``pos`` itself for one, (n, 1) for more (so a mask
+    built from them has one row per query)."""
+    return pos if n == 1 else pos + mx.arange(n)[:, None]
+
+
 class StepSlots:
-    """A cache inside the compiled one-token step: whole buffers written at a traced slot, with a traced mask.
+    """A cache inside the compiled step: whole buffers written at traced slots, with a traced mask.
 
     It answers the same calls the forward pass makes on a cache (``offset``, ``make_mask``, ``update_and_fetch``),
-    so the step runs the one forward pass of text.py over it."""
+    so the step runs the one forward pass of text.py over it. ``at`` is where the new tokens go: a 0-d start of a
+    run of consecutive slots, or (L,) one slot per token (a ring's run may wrap past its end)."""
 
-    def __init__(self, keys: mx.array, values: mx.array, pos: mx.array, slot: mx.array, mask):
+    def __init__(self, keys: mx.array, values: mx.array, pos: mx.array, at: mx.array, mask):
         self.keys, self.values, self.offset = keys, values, pos
-        self._slot, self._mask = slot.reshape(1), mask
+        self._at, self._mask = at, mask
 
     def make_mask(self, n: int, vision_blocks: mx.array | None = None) -> mx.array:
         return self._mask()
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        self.keys = mx.slice_update(self.keys, keys, self._slot, axes=[2])
-        self.values = mx.slice_update(self.values, values, self._slot, axes=[2])
+        self.keys, self.values = self._put(self.keys, keys), self._put(self.values, values)
         return self.keys, self.values
+
+    def _put(self, buffer: mx.array, new: mx.array) -> mx.array:
+        if self._at.ndim == 0:
+            return mx.slice_update(buffer, new, self._at.reshape(1), axes=[2])
+        return mx.put_along_axis(buffer, self._at[None, None, :, None], new, axis=2)   # index (1, 1, L, 1)
 
     @property
     def buffers(self) -> tuple[mx.array, mx.array]:
@@ -127,18 +141,18 @@ class _Buffers:
     def nbytes(self) -> int:
         return 0 if self._keys is None else self._keys.nbytes + self._values.nbytes
 
-    def hand_over(self) -> tuple[mx.array, mx.array]:
-        """Give the buffers to the compiled step, with room for one more token. The cache lets go of them so MLX
-        can write the new slot in place instead of copying; ``take_back`` returns them."""
-        self._reserve(self._offset + 1)
+    def hand_over(self, n: int = 1) -> tuple[mx.array, mx.array]:
+        """Give the buffers to the compiled step, with room for ``n`` more tokens. The cache lets go of them so
+        MLX can write the new slots in place instead of copying; ``take_back`` returns them."""
+        self._reserve(self._offset + n)
         keys, values = self._keys, self._values
         self._keys = self._values = None
         return keys, values
 
-    def take_back(self, keys: mx.array, values: mx.array) -> None:
-        """Receive the buffers from the compiled step, which wrote one token."""
+    def take_back(self, keys: mx.array, values: mx.array, n: int = 1) -> None:
+        """Receive the buffers from the compiled step, which wrote ``n`` tokens."""
         self._keys, self._values = keys, values
-        self._advance(self._offset + 1)
+        self._advance(self._offset + n)
 
     def _reserve(self, n: int) -> None:
         pass
@@ -178,9 +192,15 @@ class GlobalCache(_Buffers):
         self._offset = end
         return self._keys[:, :, :end], self._values[:, :, :end]
 
-    def step_view(self, keys: mx.array, values: mx.array, pos: mx.array) -> StepSlots:
-        """The buffers inside the compiled step for a token at traced ``pos``: written at slot ``pos``."""
-        return StepSlots(keys, values, pos, pos, lambda: mx.arange(keys.shape[2]) <= pos)
+    def fits_step(self, n: int) -> bool:
+        """Whether the compiled step can write ``n`` tokens: once the buffers exist (it grows them beforehand)."""
+        return self._keys is not None
+
+    def step_view(self, keys: mx.array, values: mx.array, pos: mx.array, n: int = 1) -> StepSlots:
+        """The buffers inside the compiled step for ``n`` tokens from traced ``pos``: written at slots
+        ``pos ..``; each query sees the slots up to its own."""
+        q = _query_positions(pos, n)
+        return StepSlots(keys, values, pos, pos, lambda: mx.arange(keys.shape[2]) <= q)
 
     def _reserve(self, n: int) -> None:
         """Make room for ``n`` positions (the compiled step writes in place and cannot grow a buffer)."""
@@ -258,10 +278,22 @@ class SlidingCache(_Buffers):
         self._write(keys, values)
         return all_k, all_v
 
-    def step_view(self, keys: mx.array, values: mx.array, pos: mx.array) -> StepSlots:
-        """The ring inside the compiled step for a token at traced ``pos``: written at slot ``pos % slots``."""
+    def fits_step(self, n: int) -> bool:
+        """Whether the compiled step can write ``n`` tokens: once the ring exists, and for at most ``max_rewind``
+        (``slots - window + 1``) of them. The step's queries read the ring after all ``n`` writes, so a write
+        must not land on a slot that an earlier query of the same step still reads (its token ``slots`` positions
+        back, within that query's window); up to ``max_rewind`` tokens it cannot, and the ring mask then also
+        hides every later token of the step from an earlier query (they look ``window`` or more positions back).
+        """
+        return self._keys is not None and n <= self.slots - self.window + 1
+
+    def step_view(self, keys: mx.array, values: mx.array, pos: mx.array, n: int = 1) -> StepSlots:
+        """The ring inside the compiled step for ``n`` tokens from traced ``pos``: position ``p`` written at slot
+        ``p % slots`` (the run may wrap), each query masked as ``_ring_mask`` says."""
         slots = keys.shape[2]
-        return StepSlots(keys, values, pos, pos % slots, lambda: _ring_mask(pos, slots, slots, self.window))
+        at = pos % slots if n == 1 else (pos + mx.arange(n)) % slots
+        q = _query_positions(pos, n)
+        return StepSlots(keys, values, pos, at, lambda: _ring_mask(q, slots, slots, self.window))
 
     def _previous(self) -> int:
         """How many earlier tokens new queries can see: the last ``window - 1``."""

@@ -23,6 +23,7 @@ import mlx.nn as nn
 
 from .cache import MAX_REWIND, KVCache, make_cache
 from .config import ModelConfig
+from .decode import CompiledStep, fits_compiled_step
 from .errors import ContextLengthError, InputError
 from .layers import MultimodalEmbedder
 from .media import MEDIA, MEDIA_KEYS
@@ -186,12 +187,12 @@ class Gemma4(nn.Module):
 
     def step(self, token_ids: mx.array, cache: list[KVCache]) -> mx.array:
         """Logits (1, L, vocab) for text tokens ``token_ids`` (1, L) already on the device, after what ``cache``
-        holds, without a host round trip (the decode loop's path). One token after a prefill runs the compiled
-        step (decode.py)."""
+        holds, without a host round trip (the decode loop's path). After a prefill, one token or a speculative
+        verify's few run the compiled step (decode.py)."""
         L = token_ids.shape[-1]
         self._check_room(cache, L)
         ids, token_inputs = self._text_inputs(token_ids)
-        if L == 1 and cache and not any(c.empty for c in cache):
+        if fits_compiled_step(cache, L):
             return self._compiled(ids, token_inputs, cache)
         lm = self.language_model
         return self.logits(lm(lm.embed(ids), token_inputs, cache))
@@ -202,10 +203,8 @@ class Gemma4(nn.Module):
         L = token_ids.shape[-1]
         self._check_room(cache, L)
         ids, token_inputs = self._text_inputs(token_ids)
-        if L == 1 and cache and not any(c.empty for c in cache):
+        if fits_compiled_step(cache, L):
             if self._compiled_hidden_step is None:
-                from .decode import CompiledStep
-
                 self._compiled_hidden_step = CompiledStep(self, with_hidden=True)
             return self._compiled_hidden_step(ids, token_inputs, cache)
         lm = self.language_model
@@ -242,8 +241,6 @@ class Gemma4(nn.Module):
     @property
     def _compiled(self):
         if self._compiled_step is None:
-            from .decode import CompiledStep
-
             self._compiled_step = CompiledStep(self)
         return self._compiled_step
 

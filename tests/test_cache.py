@@ -48,15 +48,15 @@ def _visible(keys, values, mask, L):
 
 
 def _write(c, L, how="plain"):
-    """Write the next L tokens the way the forward pass does, or (L == 1) the way the compiled step does;
-    return what each new token attends to. The step needs buffers (it follows a prefill)."""
+    """Write the next L tokens the way the forward pass does, or the way the compiled step does; return what each
+    new token attends to. The step needs buffers (it follows a prefill) that fit it."""
     start = c.offset
     if how == "step" and not c.empty:
-        assert L == 1
-        view = c.step_view(*c.hand_over(), mx.array(start, dtype=mx.int32))
-        mask = view.make_mask(1)
-        keys, values = view.update_and_fetch(*_kv(1, start))
-        c.take_back(*view.buffers)
+        assert c.fits_step(L)
+        view = c.step_view(*c.hand_over(L), mx.array(start, dtype=mx.int32), L)
+        mask = view.make_mask(L)
+        keys, values = view.update_and_fetch(*_kv(L, start))
+        c.take_back(*view.buffers, L)
     else:
         mask = c.make_mask(L)
         keys, values = c.update_and_fetch(*_kv(L, start))
@@ -76,6 +76,24 @@ def test_each_new_token_sees_its_window(how):
         for t in range(3, 40):  # wraps the ring several times
             assert _write(c, 1, how) == _expected(t, 1, window)
         assert _write(c, 5) == _expected(40, 5, window)
+
+
+def test_a_step_of_several_tokens_sees_each_window_as_the_ring_wraps_and_rewinds():
+    """The compiled verify's write: L tokens at once into a ring (wrapping past its end) or a growing buffer, each
+    query seeing its own window only, also right after rewinds."""
+    s, g = SlidingCache(W, max_rewind=4), GlobalCache()
+    assert not s.fits_step(1) and not g.fits_step(1)   # no buffers before the first write
+    for c, window in ((s, W), (g, None)):
+        _write(c, 3)
+        t = 3
+        while t < GlobalCache.step + 20:   # the ring wraps many times; the full buffer grows once
+            L = 2 + t % 3
+            assert _write(c, L, "step") == _expected(t, L, window)
+            back = t % L   # tokens the verify rejects
+            c.rewind(back)
+            t += L - back
+    assert s.fits_step(4) and not s.fits_step(5)   # at most max_rewind tokens: more would overwrite what is read
+    assert g.fits_step(GlobalCache.step + 1)
 
 
 def test_sliding_buffer_stays_fixed_however_long_the_prompt():
