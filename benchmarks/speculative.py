@@ -11,6 +11,8 @@ K/V). After a prompt of --prompt tokens, each of these is timed (medians of --ru
 
 - ``plain``: one decode step as the token loop runs it (compiled, queued one step ahead), seconds per token;
 - ``verify k``: the target on k + 1 tokens (what one round verifies), then the rewind;
+- ``verify build k``: the host time to build (not run) that verification's graph: where decoding is bound by
+  building the graph (MLX's GPU backends at batch 1) this, not the device, sets a round's cost;
 - ``draft``: one drafter step (the centroid-masked head's greedy path);
 - ``round k``: a whole round as speculative.py runs it: k drafts, the verification, one wait for the device.
 
@@ -133,6 +135,16 @@ def measure_parts(target, drafter, prompt: mx.array, k_max: int, runs: int) -> d
     kv = {t: c.recent(drafter.visible(t, position)) for t, c in producer_caches(target, cache).items()}
     embed = target.language_model.embed(tok)
 
+    def build_seconds(k: int) -> float:
+        ids = mx.repeat(tok, k + 1, axis=1)
+        mx.eval(ids)
+        t0 = time.perf_counter()
+        out = target.step_hidden(ids, cache)
+        built = time.perf_counter() - t0
+        mx.eval(out)
+        rewind(cache, k + 1)
+        return built
+
     def draft() -> None:
         mx.eval(drafter.draft_token(embed, hidden, position, kv))
 
@@ -151,6 +163,7 @@ def measure_parts(target, drafter, prompt: mx.array, k_max: int, runs: int) -> d
     out = {"plain_s": _median_seconds(plain, runs) / 16, "draft_s": _median_seconds(draft, runs)}
     out["verify_s"] = {k: _median_seconds(lambda k=k: verify(k), runs) for k in range(k_max + 1)}
     out["round_s"] = {k: _median_seconds(lambda k=k: round_(k), runs) for k in range(k_max + 1)}
+    out["build_s"] = {k: statistics.median(build_seconds(k) for _ in range(runs)) for k in range(k_max + 1)}
     return out
 
 
@@ -226,7 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     head = dict(size=a.size, bits=a.q_bits, dtype=a.dtype, prompt=a.prompt, device=str(mx.default_device()),
                 plain_ms=round(parts["plain_s"] * 1e3, 2), draft_ms=round(parts["draft_s"] * 1e3, 2),
                 verify_ms={k: round(v * 1e3, 2) for k, v in parts["verify_s"].items()},
-                round_ms={k: round(v * 1e3, 2) for k, v in parts["round_s"].items()}, break_even=even)
+                round_ms={k: round(v * 1e3, 2) for k, v in parts["round_s"].items()},
+                verify_build_ms={k: round(v * 1e3, 2) for k, v in parts["build_s"].items()}, break_even=even)
     print(json.dumps(head), flush=True)
     for r in rows:
         print(json.dumps(r), flush=True)
