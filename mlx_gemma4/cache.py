@@ -26,6 +26,7 @@ from typing import Any, Protocol, Union
 import mlx.core as mx
 
 from .errors import CacheError
+from .step_slots import StepSlots, query_positions
 
 Mask = Union[None, str, mx.array]   # what mx.fast.scaled_dot_product_attention takes: None, "causal" or bool array
 
@@ -78,40 +79,6 @@ def _ring_mask(pos: int | mx.array, n: int, slots: int, window: int) -> mx.array
     ``window - 1`` positions back and not from before 0."""
     back = (pos - mx.arange(n)) % slots   # how many positions back the token in each slot is
     return (back < window) & (back <= pos)
-
-
-def _query_positions(pos: mx.array, n: int) -> mx.array:
-    """The traced positions of ``n`` new tokens from ``pos``: ``pos`` itself for one, (n, 1) for more (so a mask
-    built from them has one row per query)."""
-    return pos if n == 1 else pos + mx.arange(n)[:, None]
-
-
-class StepSlots:
-    """A cache inside the compiled step: whole buffers written at traced slots, with a traced mask.
-
-    It answers the same calls the forward pass makes on a cache (``offset``, ``make_mask``, ``update_and_fetch``),
-    so the step runs the one forward pass of text.py over it. ``at`` is where the new tokens go: a 0-d start of a
-    run of consecutive slots, or (L,) one slot per token (a ring's run may wrap past its end)."""
-
-    def __init__(self, keys: mx.array, values: mx.array, pos: mx.array, at: mx.array, mask):
-        self.keys, self.values, self.offset = keys, values, pos
-        self._at, self._mask = at, mask
-
-    def make_mask(self, n: int, vision_blocks: mx.array | None = None) -> mx.array:
-        return self._mask()
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        self.keys, self.values = self._put(self.keys, keys), self._put(self.values, values)
-        return self.keys, self.values
-
-    def _put(self, buffer: mx.array, new: mx.array) -> mx.array:
-        if self._at.ndim == 0:
-            return mx.slice_update(buffer, new, self._at.reshape(1), axes=[2])
-        return mx.put_along_axis(buffer, self._at[None, None, :, None], new, axis=2)   # index (1, 1, L, 1)
-
-    @property
-    def buffers(self) -> tuple[mx.array, mx.array]:
-        return self.keys, self.values
 
 
 class _Buffers:
@@ -199,7 +166,7 @@ class GlobalCache(_Buffers):
     def step_view(self, keys: mx.array, values: mx.array, pos: mx.array, n: int = 1) -> StepSlots:
         """The buffers inside the compiled step for ``n`` tokens from traced ``pos``: written at slots
         ``pos ..``; each query sees the slots up to its own."""
-        q = _query_positions(pos, n)
+        q = query_positions(pos, n)
         return StepSlots(keys, values, pos, pos, lambda: mx.arange(keys.shape[2]) <= q)
 
     def _reserve(self, n: int) -> None:
@@ -292,7 +259,7 @@ class SlidingCache(_Buffers):
         ``p % slots`` (the run may wrap), each query masked as ``_ring_mask`` says."""
         slots = keys.shape[2]
         at = pos % slots if n == 1 else (pos + mx.arange(n)) % slots
-        q = _query_positions(pos, n)
+        q = query_positions(pos, n)
         return StepSlots(keys, values, pos, at, lambda: _ring_mask(q, slots, slots, self.window))
 
     def _previous(self) -> int:
