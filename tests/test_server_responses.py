@@ -4,6 +4,7 @@ stop strings across pieces, the request checks, and what the bind address allows
 from __future__ import annotations
 
 import base64
+import os
 import json
 
 import pytest
@@ -123,3 +124,25 @@ def test_media_paths_follow_the_bind_address(flags, allowed):
     args = parse_args(["--model", "m", *flags])
     assert args.host == (flags[1] if flags[:1] == ["--host"] else "127.0.0.1")
     assert limits(args).allow_paths is allowed and limits(args).max_tokens == 4096
+
+
+def test_media_store_keeps_recent_files_within_its_budget(tmp_path):
+    """A long-running server does not fill the disk: past its budget the least recently used files go; the file
+    just saved and files saved again (used) stay; equal bytes are one file."""
+    store = MediaStore(tmp_path, keep_bytes=250)
+    blobs = [bytes([i]) * 100 for i in range(4)]
+    first = store.save(blobs[0], ".png")
+    os.utime(first, ns=(1, 1))  # the oldest by far
+    second = store.save(blobs[1], ".png")
+    os.utime(second, ns=(2, 2))
+    assert store.save(blobs[0], ".png") == first  # used again: now the newest
+    assert first.stat().st_mtime_ns > second.stat().st_mtime_ns
+    third = store.save(blobs[2], ".wav")  # 300 bytes > 250: the least recently used (second) goes
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, third.name])
+    os.utime(first, ns=(3, 3))  # (explicit times: a coarse file-system clock could tie the two)
+    os.utime(third, ns=(4, 4))
+    fourth = store.save(blobs[3], ".png")
+    assert fourth.exists() and third.exists() and not first.exists()
+    assert fourth.read_bytes() == blobs[3]
+    big = store.save(b"x" * 1000, ".png")  # larger than the budget alone: kept, everything else goes
+    assert [p.name for p in tmp_path.iterdir()] == [big.name]

@@ -50,7 +50,9 @@ def create_app(engine: Engine, *, model_id: str, limits: Limits | None = None, a
     """
     limits = limits or Limits()
     temp = tempfile.TemporaryDirectory(prefix="gemma4-serve-") if media_dir is None else None
-    media = MediaStore(Path(temp.name if temp else media_dir))
+    # Every request in the line (the running one and max_waiting behind it) may hold a body's worth of media.
+    keep = max(2**30, 2 * (engine.max_waiting + 2) * limits.max_request_bytes)
+    media = MediaStore(Path(temp.name if temp else media_dir), keep_bytes=keep)
     created = int(time.time())
 
     def authorize(request: Request) -> None:

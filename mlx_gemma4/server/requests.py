@@ -14,6 +14,7 @@ import binascii
 import hashlib
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,19 +62,42 @@ class ChatRequest:
 
 
 class MediaStore:
-    """Decoded media bytes as files named by their content, so equal bytes are the same path (and mtime)."""
+    """Decoded media bytes as files named by their content, so equal bytes are the same path (and the same cached
+    prompt). A long-running server must not fill the disk: past ``keep_bytes`` the files used least recently go
+    (saving the same bytes again counts as a use). create_app sizes ``keep_bytes`` above what every request in
+    the line can hold at once, so a file is not removed while a request that names it waits."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, keep_bytes: int = 2**30) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.keep_bytes = keep_bytes
 
     def save(self, data: bytes, suffix: str) -> Path:
         path = self.folder / (hashlib.sha256(data).hexdigest()[:32] + suffix)
-        if not path.exists():
-            tmp = path.with_suffix(path.suffix + ".part")
-            tmp.write_bytes(data)
-            tmp.replace(path)  # a reader never sees half a file
+        if path.exists():
+            os.utime(path)  # used again: the newest
+            return path
+        tmp = path.with_suffix(path.suffix + ".part")
+        tmp.write_bytes(data)
+        tmp.replace(path)  # a reader never sees half a file
+        self._evict(keep=path)
         return path
+
+    def _evict(self, keep: Path) -> None:
+        files = []
+        for f in self.folder.iterdir():
+            if f != keep and f.suffix != ".part":
+                try:
+                    st = f.stat()
+                except FileNotFoundError:
+                    continue
+                files.append((st.st_mtime_ns, st.st_size, f))
+        total = sum(size for _, size, _ in files) + keep.stat().st_size
+        for _, size, f in sorted(files, key=lambda t: t[0]):
+            if total <= self.keep_bytes:
+                break
+            f.unlink(missing_ok=True)
+            total -= size
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
