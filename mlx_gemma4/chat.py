@@ -36,7 +36,7 @@ from .generation import (GenerationResponse, PromptEnd, _stop_ids, cancelled_res
                          stream_tokens)
 from .processing.chat_prompt import ChatEncoder, EncodedChat, Stopped, stack_inputs, strip_placeholders
 from .processing.tokenizer import split_thinking
-from .tool_use import Answer, AnswerStream, tool_result_message
+from .tool_use import Answer, AnswerStream, forced_call, tool_result_message
 from .tools import ToolCall, tool_schemas
 
 _MAX_SNAPSHOTS = 6
@@ -140,12 +140,13 @@ class ChatSession:
         return next((s.end for s in self._snapshots if s.n == n and s.end is not None), None)
 
     # -- answering any conversation --------------------------------------------------------------------------
-    def stream(self, messages: list[dict[str, Any]], tools: Any = _SESSION_TOOLS,
+    def stream(self, messages: list[dict[str, Any]], tools: Any = _SESSION_TOOLS, tool_choice: str | None = None,
                **gen_kwargs) -> Iterator[ChatResponse]:
         """Stream the model's answer to ``messages`` (ending with a user turn, or with tool results for the calls
         of the last assistant message). ``messages`` is not changed. ``tools`` replaces the session's tools for
         this call (None: none); with tools, ``<|tool_response>`` (a call waits for its result) also stops, unless
-        ``stop_ids`` are given.
+        ``stop_ids`` are given. ``tool_choice``: "required" makes the answer open with a call of some tool, a
+        tool's name with a call of that tool (None or "auto": the model decides).
 
         Takes stream_generate's keywords (``max_tokens``, ``temperature``, ``should_stop``, ...). Responses report
         the prompt tokens computed for this turn (``last_reused`` says how many came from the cache), and the
@@ -153,6 +154,9 @@ class ChatSession:
         stopped before its first token ends with one response with ``token == -1`` and no text.
         """
         schemas = self._schemas(tools)
+        force = forced_call(self.processor.tokenizer, schemas, tool_choice)
+        if force is not None:
+            gen_kwargs["logits_processors"] = [*gen_kwargs.get("logits_processors", ()), force]
         waits = self.processor.tokenizer.convert_tokens_to_ids("<|tool_response>") if schemas else None
         if waits is not None and waits != getattr(self.processor.tokenizer.hf, "unk_token_id", None) \
                 and "stop_ids" not in gen_kwargs:

@@ -24,7 +24,7 @@ from typing import Any
 
 from .errors import InputError
 from .media import BY_KIND
-from .tools import ToolCall, ToolCallError, ToolCallStream
+from .tools import CALL_OPEN, ToolCall, ToolCallError, ToolCallStream
 
 _THINK_OPEN, _THINK_CLOSE, _THINK_LABEL = "<|channel>", "<channel|>", "thought\n"
 
@@ -242,3 +242,40 @@ def _call_entry(call: Any, index: int) -> dict[str, Any]:
     if not isinstance(args, dict):
         raise InputError(f"{where} ({fn['name']}) has arguments {args!r}; they must be a JSON object (a dict).")
     return {**call, "function": {**fn, "arguments": args}}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Making the model call a tool
+
+
+def forced_call(tokenizer: Any, schemas: list[dict[str, Any]] | None, choice: str | None) -> Any:
+    """A logits processor that opens the answer with a tool call, or None for ``choice`` None / "auto".
+
+    ``choice`` is "required" (some tool: the tokens of ``<|tool_call>call:`` are forced, the model picks the name)
+    or a tool's name (``<|tool_call>call:NAME{`` is forced); the model writes the rest. It reads only the
+    history's length (the first call sees the prompt), so it adds no wait for the device.
+    """
+    if choice in (None, "auto"):
+        return None
+    names = [s["function"]["name"] for s in schemas or []]
+    if not names:
+        raise InputError(f"tool_choice={choice!r} needs tools; declare them (tools=[...]) or leave tool_choice out.")
+    if choice != "required" and choice not in names:
+        raise InputError(f"tool_choice={choice!r} is not a declared tool ({', '.join(names)}); name one of them, "
+                         "or use 'required' or 'auto'.")
+    import mlx.core as mx
+
+    text = CALL_OPEN + ("call:" if choice == "required" else f"call:{choice}{{")
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    start: list[int] = []
+
+    def force(history: mx.array, logits: mx.array) -> mx.array:
+        if not start:
+            start.append(history.shape[-1])
+        k = history.shape[-1] - start[0]
+        if k >= len(ids):
+            return logits
+        keep = mx.arange(logits.shape[-1]) == ids[k]
+        return mx.where(keep, logits, mx.array(-mx.inf, dtype=logits.dtype))
+
+    return force

@@ -165,8 +165,9 @@ BAD = [
     (dict(messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format":
                                                                                          "aiff"}}]}]),
      openai.BadRequestError, "send wav, mp3, flac or ogg"),
-    (dict(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="required"),
-     openai.BadRequestError, "'required' is not supported"),
+    (dict(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="always"),
+     openai.BadRequestError, "'tool_choice' must be 'auto', 'none', 'required'"),
+    (dict(tool_choice="required"), openai.BadRequestError, "no 'tools' were given"),
 ]
 
 

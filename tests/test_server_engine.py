@@ -96,6 +96,24 @@ def test_tool_call_comes_back_structured_and_its_result_goes_in(client, served, 
     assert after.usage.prompt_tokens_details.cached_tokens > 0
 
 
+def test_tool_choice_makes_the_answer_a_call(client, steer, processor):
+    """tool_choice naming a tool opens the answer with a call of it (the model writes the arguments: scripted
+    here); "required" opens it with a call, the model naming the tool (the random model then writes no valid call,
+    which comes back as text)."""
+    steer.force = ids(processor, CALL, end="<|tool_response>")
+    choice = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Paris?"}], max_tokens=200, tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls[0].function.name == "get_weather"
+    steer.reset()
+    free = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Paris?"}],
+                                          max_tokens=30, tools=[WEATHER]).choices[0].message
+    assert not (free.content or "").startswith("<|tool_call>") and not free.tool_calls
+    forced = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Paris?"}],
+                                            max_tokens=30, tools=[WEATHER], tool_choice="required").choices[0]
+    assert forced.message.tool_calls or forced.message.content.startswith("<|tool_call>call:")
+
+
 def test_thoughts_are_reasoning_content(client, steer, processor):
     steer.force = ids(processor, "<|channel>thought\nIt is cold there.<channel|>Bring a coat.")
     message = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Paris?"}],

@@ -274,3 +274,28 @@ def test_thoughts_before_a_call_are_kept_for_the_turn_being_answered(loaded):
     # Once a later user turn is answered, the template drops it.
     later = session.messages + [{"role": "user", "content": "thanks"}]
     assert "I need data" not in processor.apply_chat_template(later, enable_thinking=True, tools=[get_weather])
+
+
+@pytest.mark.parametrize("choice", ["get_weather", "required"])
+def test_tool_choice_opens_the_answer_with_a_call(loaded, choice):
+    """tool_choice="required" forces ``<|tool_call>call:`` (the model names the tool), a tool's name forces a call
+    of that tool; the random model left alone does not open with a call. With the rest of a call scripted, the
+    forced opening and the model's own tokens make one structured call."""
+    model, processor = loaded
+    session = ChatSession(model, processor, tools=[get_weather])
+    free = "".join(r.text for r in session.stream(ask(), max_tokens=12, **GREEDY))
+    assert not free.startswith("<|tool_call>")
+    text = "".join(r.text for r in session.stream(ask(), tool_choice=choice, max_tokens=40, **GREEDY))
+    assert text.startswith("<|tool_call>call:get_weather{" if choice != "required" else "<|tool_call>call:")
+    call = call_text("get_weather", {"city": "Oslo"})
+    force = ScriptedAnswers(processor, [call + "<|tool_response>"])
+    out = list(session.stream(ask(), tool_choice=choice, max_tokens=40, logits_processors=[force], **GREEDY))
+    assert out[-1].answer.tool_calls == [ToolCall("get_weather", {"city": "Oslo"})]
+
+
+def test_tool_choice_needs_a_declared_tool(loaded):
+    model, processor = loaded
+    with pytest.raises(InputError, match="needs tools"):
+        next(ChatSession(model, processor).stream(ask(), tool_choice="required"))
+    with pytest.raises(InputError, match="not a declared tool"):
+        next(ChatSession(model, processor, tools=[get_weather]).stream(ask(), tool_choice="get_time"))

@@ -130,8 +130,11 @@ def parse_chat(body: dict[str, Any], *, model_id: str, limits: Limits, media: Me
     if not isinstance(stream_options, dict):
         raise RequestError("'stream_options' must be an object like {'include_usage': true}.",
                            param="stream_options")
-    tools = _tools(body)
-    return ChatRequest(messages=converted, options=_options(body, limits), stream=_bool(body, "stream", False),
+    tools, choice = _tools(body)
+    options = _options(body, limits)
+    if choice is not None:
+        options["tool_choice"] = choice  # ChatSession.stream opens the answer with that call
+    return ChatRequest(messages=converted, options=options, stream=_bool(body, "stream", False),
                        include_usage=bool(stream_options.get("include_usage", False)), stop=_stop(body),
                        tools=tools, enable_thinking=_thinking(body, default_thinking))
 
@@ -228,30 +231,35 @@ def _thinking(body: dict[str, Any], default: bool) -> bool:
 
 
 # -- tools -----------------------------------------------------------------------------------------------------------
-def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+def _tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, str | None]:
+    """The tools to declare, and what the answer must open with: None (the model decides), "required" (a call of
+    some tool) or a tool's name (a call of that tool)."""
     tools, choice = body.get("tools"), body.get("tool_choice")
     if tools is None:
         if choice not in (None, "none", "auto"):
-            raise RequestError("'tool_choice' names a tool but no 'tools' were given.", param="tool_choice")
-        return None
+            raise RequestError("'tool_choice' asks for a tool call but no 'tools' were given.", param="tool_choice")
+        return None, None
     if not isinstance(tools, list) or not all(
             isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
             and isinstance(t["function"].get("name"), str) for t in tools):
         raise RequestError("'tools' must be a list of {'type': 'function', 'function': {'name': ..., "
                            "'description': ..., 'parameters': {...}}} objects.", param="tools")
     if choice in (None, "auto"):
-        return tools or None
+        return tools or None, None
     if choice == "none":
-        return None
+        return None, None
+    if not tools:
+        raise RequestError("'tool_choice' asks for a tool call but 'tools' is empty.", param="tool_choice")
+    if choice == "required":
+        return tools, "required"
     if isinstance(choice, dict) and choice.get("type") == "function":
         name = (choice.get("function") or {}).get("name")
         chosen = [t for t in tools if t["function"]["name"] == name]
         if not chosen:
             raise RequestError(f"'tool_choice' names {name!r}, which is not among 'tools'.", param="tool_choice")
-        return chosen  # only that tool is declared; the model is not forced to call it
-    raise RequestError("'tool_choice' must be 'auto', 'none' or {'type': 'function', 'function': {'name': ...}} "
-                       "('required' is not supported: the model decides whether to call a tool).",
-                       param="tool_choice")
+        return chosen, name
+    raise RequestError("'tool_choice' must be 'auto', 'none', 'required' or {'type': 'function', 'function': "
+                       "{'name': ...}}.", param="tool_choice")
 
 
 def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
