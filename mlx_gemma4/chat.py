@@ -167,7 +167,10 @@ class ChatSession:
         with closing(self._stream(messages, schemas, **gen_kwargs)) as responses:
             for r in responses:
                 thinking, content, calls = pieces.feed(r.text)
-                done = {"answer": self._finish(pieces.close())} if r.finish_reason else {}
+                done = {}
+                if r.finish_reason:  # the last piece also carries what was held back (an unfinished call, ...)
+                    done["answer"] = self._finish(pieces.close())
+                    thinking, content, calls = (a + b for a, b in zip((thinking, content, calls), pieces.tail))
                 yield ChatResponse(**{f.name: getattr(r, f.name) for f in fields(GenerationResponse)},
                                    thinking=thinking, content=strip_placeholders(self.processor, content),
                                    tool_calls=calls, **done)

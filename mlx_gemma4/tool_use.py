@@ -74,6 +74,7 @@ class AnswerStream:
         self._blocks: list[str] = []    # thought blocks so far
         self._text: list[str] = []
         self.answer = Answer()
+        self.tail: tuple[str, str, list[ToolCall]] = ("", "", [])  # what close() let out
 
     def feed(self, piece: str) -> tuple[str, str, list[ToolCall]]:
         self._buf += piece
@@ -129,12 +130,15 @@ class AnswerStream:
         return "".join(text), calls
 
     def close(self) -> Answer:
-        """The whole answer; an unfinished call becomes ``error``, with its raw text kept in ``text``."""
+        """The whole answer; an unfinished call becomes ``error``, with its raw text kept in ``text``. What was
+        still held back comes out as ``tail`` ``(thinking, text, calls)``, for a stream's last piece."""
         rest, self._buf = self._buf, ""
+        thinking = ""
         if self._in_thought:
-            self._thought(rest)  # an unfinished thought counts as thinking in full; a half label as nothing
+            thinking = self._thought(rest)  # an unfinished thought counts as thinking in full; a half label as nothing
             rest = ""
-        self._outside(rest, closing=True)
+        text, calls = self._outside(rest, closing=True)
+        self.tail = (thinking, text, calls)
         self.answer.thinking = "\n".join(b.strip() for b in self._blocks if b.strip())
         self.answer.text = "".join(self._text).replace(_THINK_CLOSE, "").strip()
         return self.answer

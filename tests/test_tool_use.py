@@ -299,3 +299,17 @@ def test_tool_choice_needs_a_declared_tool(loaded):
         next(ChatSession(model, processor).stream(ask(), tool_choice="required"))
     with pytest.raises(InputError, match="not a declared tool"):
         next(ChatSession(model, processor, tools=[get_weather]).stream(ask(), tool_choice="get_time"))
+
+
+@pytest.mark.parametrize("cut", ['Sure. <|tool_call>call:get_weather{city:<|"|>Par', "Sure. <|tool_c", "Sure. <|chan"])
+def test_streamed_pieces_end_with_what_was_held_back(loaded, cut):
+    """An answer that ends (here: max_tokens) inside an unfinished call or a marker's first characters: the last
+    streamed piece carries that text, so the pieces add up to the answer's text (nothing the model wrote is lost)."""
+    model, processor = loaded
+    n = len(processor.tokenizer.encode(cut, add_special_tokens=False))
+    force = ScriptedAnswers(processor, [cut + " and more"])
+    out = list(ChatSession(model, processor, tools=[get_weather]).stream(
+        ask(), max_tokens=n, logits_processors=[force], **GREEDY))
+    assert out[-1].finish_reason == "length"
+    assert "".join(r.content for r in out).strip() == out[-1].answer.text == cut
+    assert (out[-1].answer.error is not None) == ("call:" in cut)
