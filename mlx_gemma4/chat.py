@@ -32,8 +32,8 @@ import numpy as np
 from . import cache as kv
 from .errors import ContextLengthError, InputError
 from .media import MEDIA
-from .generation import (GenerationResponse, PromptEnd, _stop_ids, cancelled_response, check_positive_int, prefill,
-                         stream_tokens)
+from .generation import (GenerationResponse, PromptEnd, cancelled_response, check_positive_int, default_stop_ids,
+                         prefill, stream_tokens)
 from .processing.chat_prompt import ChatEncoder, EncodedChat, Stopped, stack_inputs, strip_placeholders
 from .processing.tokenizer import split_thinking
 from .tool_use import Answer, AnswerStream, forced_call, tool_result_message
@@ -160,7 +160,7 @@ class ChatSession:
         waits = self.processor.tokenizer.convert_tokens_to_ids("<|tool_response>") if schemas else None
         if waits is not None and waits != getattr(self.processor.tokenizer.hf, "unk_token_id", None) \
                 and "stop_ids" not in gen_kwargs:
-            gen_kwargs["stop_ids"] = sorted(set(_stop_ids(self.model, self.processor)) | {waits})
+            gen_kwargs["stop_ids"] = sorted(set(default_stop_ids(self.model, self.processor)) | {waits})
         pieces = AnswerStream()
         # closing: a caller that stops early closes this generator, and the inner one's bookkeeping of what the
         # cache holds must run then, not whenever it is collected.

@@ -295,7 +295,7 @@ def stream_tokens(
         cache = model.make_cache()
     default_sampler, default_processors = make_policies(temperature, top_p, top_k, min_p, repetition_penalty,
                                                         repetition_context_size)
-    stop = set(stop_ids if stop_ids is not None else _stop_ids(model, processor))
+    stop = set(stop_ids if stop_ids is not None else default_stop_ids(model, processor))
     if prompt_tokens is not None:
         n_prompt = prompt_tokens
     else:
@@ -344,7 +344,8 @@ def stream_tokens(
         yield cancelled_response(n_prompt)
 
 
-def _stop_ids(model, processor) -> list[int]:
+def default_stop_ids(model, processor) -> list[int]:
+    """The ids that end an answer when the caller gives no ``stop_ids``: the model's and the processor's eos."""
     ids = set(model.config.text_config.eos_token_ids)
     ids.update(getattr(processor, "eos_token_ids", None) or [])
     return sorted(ids)
