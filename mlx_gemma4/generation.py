@@ -96,6 +96,17 @@ def make_policies(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, 
 
 
 # -- the token loop ----------------------------------------------------------------------------------------------
+def why_finished(n: int, max_tokens: int, model, cache: list[KVCache], should_stop: Callable | None) -> str | None:
+    """Whether a token loop ends with its ``n``-th token, and why: "length", "context", "cancelled" (or None)."""
+    if n >= max_tokens:
+        return "length"
+    if model.context_left(cache) < 1:
+        return "context"
+    if should_stop is not None and should_stop():
+        return "cancelled"
+    return None
+
+
 class TokenLoop:
     """Iterating yields ``(token, logprobs)``; ``finish_reason`` is set just before the last token is yielded
     ("length", "context" or "cancelled"; None while more follow). See ``generate_step``."""
@@ -145,13 +156,8 @@ class TokenLoop:
         n = 0
         while True:
             n += 1
-            if n >= self.max_tokens:
-                self.finish_reason = "length"
-            elif model.context_left(cache) < 1:
-                self.finish_reason = "context"
-            elif self.should_stop is not None and self.should_stop():
-                self.finish_reason = "cancelled"
-            elif n > 1:
+            self.finish_reason = why_finished(n, self.max_tokens, model, cache, self.should_stop)
+            if self.finish_reason is None and n > 1:
                 next_y, next_logprobs, history = self._queue(model, cache, sample, y, history)
                 self.fed = n
             yield int(y.item()), logprobs

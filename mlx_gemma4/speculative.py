@@ -35,7 +35,7 @@ import numpy as np
 from .cache import KVCache, SlidingCache
 from .cache import rewind as rewind_cache
 from .errors import InputError
-from .generation import PromptEnd, check_prefilled
+from .generation import PromptEnd, check_prefilled, why_finished
 
 DEFAULT_MAX_DRAFT = 6   # the most tokens the automatic choice drafts in one round
 
@@ -291,12 +291,7 @@ class SpeculativeLoop:
             # on, that round is built and queued before y goes out, so the device works while the caller handles
             # y (as in the plain loop); the first token goes out as soon as it exists.
             n += 1
-            if n >= self.max_tokens:
-                self.finish_reason = "length"
-            elif model.context_left(cache) < 1:
-                self.finish_reason = "context"
-            elif self.should_stop is not None and self.should_stop():
-                self.finish_reason = "cancelled"
+            self.finish_reason = why_finished(n, self.max_tokens, model, cache, self.should_stop)
             queued = None
             if self.finish_reason is None and n > 1:
                 queued, history = self._queue(y, hidden, history, n)
