@@ -7,6 +7,7 @@ the real-size configs), never from each other.
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import mlx.core as mx
@@ -61,6 +62,17 @@ def reference_logits(hf, inputs: dict) -> np.ndarray:
         kw["num_frames_per_video"] = torch.tensor([kw["pixel_values_videos"].shape[0]])
     with torch.no_grad():
         return hf(**kw).logits.numpy()
+
+
+def reference_tokens(ref_tok) -> SimpleNamespace:
+    """The token attributes of the reference processor (Gemma4Processor and Gemma4UnifiedProcessor alike), from the
+    reference tokenizer, for calling its methods unbound."""
+    return SimpleNamespace(
+        image_token="<|image|>", boi_token=ref_tok.boi_token, eoi_token=ref_tok.eoi_token,
+        audio_token=ref_tok.audio_token, boa_token=ref_tok.boa_token, eoa_token=ref_tok.eoa_token,
+        video_token="<|video|>", all_special_multimodal_tokens=["<|image|>", "<|video|>", "<|audio|>"],
+        image_token_ids=[ref_tok.image_token_id], audio_token_ids=[ref_tok.audio_token_id],
+        video_token_ids=[ref_tok.convert_tokens_to_ids("<|video|>")])
 
 
 def raises_naming(load: Callable[[Any], Any], src: Any, name: str, match: str = "") -> None:

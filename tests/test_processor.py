@@ -18,6 +18,7 @@ from PIL import Image
 from mlx_gemma4.errors import InputError
 from mlx_gemma4.processing.processor import Processor
 from tests.fixtures_tokenizer import make_tokenizer
+from tests.helpers import reference_tokens
 from tests.tiny import SPECIAL_IDS
 
 
@@ -41,12 +42,7 @@ def ref_tok(ckpt):
 @pytest.fixture(scope="module")
 def ref(ref_tok):
     """The reference processor's token attributes, for calling its methods unbound."""
-    return SimpleNamespace(
-        image_token="<|image|>", boi_token=ref_tok.boi_token, eoi_token=ref_tok.eoi_token,
-        audio_token=ref_tok.audio_token, boa_token=ref_tok.boa_token, eoa_token=ref_tok.eoa_token,
-        video_token="<|video|>", all_special_multimodal_tokens=["<|image|>", "<|video|>", "<|audio|>"],
-        image_token_ids=[ref_tok.image_token_id], audio_token_ids=[ref_tok.audio_token_id],
-        video_token_ids=[ref_tok.convert_tokens_to_ids("<|video|>")])
+    return reference_tokens(ref_tok)
 
 
 def _expected(ref, ref_tok, text, images=(), audio=(), max_soft_tokens=280):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from mlx_gemma4.demo import SPECIAL_IDS
-from tests import tiny
+from tests import helpers, tiny
 
 UNIFIED_TEXT = dict(tiny.TEXT_FAMILIES["dense"], use_bidirectional_attention="vision")
 UNIFIED_VISION = dict(mm_embed_dim=32, output_proj_dims=32, mm_posemb_size=64)
@@ -126,12 +126,5 @@ def token_types(input_ids: np.ndarray) -> np.ndarray:
 def reference_logits(hf, inputs: dict[str, np.ndarray]) -> np.ndarray:
     """The reference's logits for processor-layout inputs (numpy), mm_token_type_ids included (the reference
     opens the bidirectional vision blocks from them)."""
-    kw = {k: torch.from_numpy(np.asarray(v).astype(np.int64) if np.asarray(v).dtype.kind in "iu" else np.asarray(v))
-          for k, v in inputs.items()}
-    kw["mm_token_type_ids"] = torch.from_numpy(token_types(np.asarray(inputs["input_ids"])).astype(np.int64))
-    if "input_features_mask" in kw:
-        kw["input_features_mask"] = kw["input_features_mask"].bool()
-    if "pixel_values_videos" in kw:
-        kw["num_frames_per_video"] = torch.tensor([kw["pixel_values_videos"].shape[0]])
-    with torch.no_grad():
-        return hf(**kw).logits.numpy()
+    types = token_types(np.asarray(inputs["input_ids"]))
+    return helpers.reference_logits(hf, {**inputs, "mm_token_type_ids": types})

@@ -23,6 +23,7 @@ import torch
 
 from mlx_gemma4.processing.image import load_image
 from tests.fixtures_tokenizer import make_tokenizer
+from tests.helpers import reference_tokens
 
 
 def _torch_resize(image, size, interpolation=None, antialias=True):
@@ -141,16 +142,6 @@ def unified_dir(path: Path, *, config: dict | None = None, processor_config: dic
     if config is not None:
         (path / "config.json").write_text(json.dumps(config))
     return path
-
-
-def reference_tokens(ref_tok) -> SimpleNamespace:
-    """Gemma4UnifiedProcessor's token attributes (from the reference tokenizer), for calling its methods unbound."""
-    return SimpleNamespace(
-        image_token="<|image|>", boi_token=ref_tok.boi_token, eoi_token=ref_tok.eoi_token,
-        audio_token=ref_tok.audio_token, boa_token=ref_tok.boa_token, eoa_token=ref_tok.eoa_token,
-        video_token="<|video|>", all_special_multimodal_tokens=["<|image|>", "<|video|>", "<|audio|>"],
-        image_token_ids=[ref_tok.image_token_id], audio_token_ids=[ref_tok.audio_token_id],
-        video_token_ids=[ref_tok.convert_tokens_to_ids("<|video|>")])
 
 
 def expected_ids(ref_tok, text: str, image_out=None, video_out=None, audio_out=None) -> tuple:
