@@ -96,6 +96,17 @@ def make_policies(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, 
 
 
 # -- the token loop ----------------------------------------------------------------------------------------------
+def pick(logits: mx.array, history: mx.array | None, processors: Sequence[Callable], sampler: Callable
+         ) -> tuple[mx.array, mx.array]:
+    """The token and log-probs (vocab,) at one position: ``logits`` (vocab,) through the logits processors (which
+    read ``history``), normalized, then the sampler."""
+    logits = logits[None]                                                          # (1, vocab)
+    for p in processors:
+        logits = p(history, logits)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return sampler(logprobs)[0], logprobs[0]
+
+
 def why_finished(n: int, max_tokens: int, model, cache: list[KVCache], should_stop: Callable | None) -> str | None:
     """Whether a token loop ends with its ``n``-th token, and why: "length", "context", "cancelled" (or None)."""
     if n >= max_tokens:
@@ -133,13 +144,6 @@ class TokenLoop:
         model, cache, processors = self.model, self.cache, self.processors
         history = mx.array(np.array(self.inputs["input_ids"]).reshape(-1), dtype=mx.int32) if processors else None
 
-        def sample(logits: mx.array, history: mx.array | None) -> tuple[mx.array, mx.array]:
-            logits = logits[None]                                              # (1, vocab)
-            for p in processors:
-                logits = p(history, logits)
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            return self.sampler(logprobs)[0], logprobs[0]
-
         if self.prefilled is None:
             logits = prefill(model, self.inputs, cache, self.prefill_chunk, self.start, self.progress,
                              self.should_stop)
@@ -149,7 +153,7 @@ class TokenLoop:
         if logits is None:  # stopped during prefill: no token
             self.finish_reason = "cancelled"
             return
-        y, logprobs = sample(logits, history)
+        y, logprobs = pick(logits, history, processors, self.sampler)
         mx.async_eval(y, logprobs)
         if self.on_prefilled is not None:
             self.on_prefilled(PromptEnd(logits))
@@ -158,21 +162,22 @@ class TokenLoop:
             n += 1
             self.finish_reason = why_finished(n, self.max_tokens, model, cache, self.should_stop)
             if self.finish_reason is None and n > 1:
-                next_y, next_logprobs, history = self._queue(model, cache, sample, y, history)
+                next_y, next_logprobs, history = self._queue(model, cache, y, history)
                 self.fed = n
             yield int(y.item()), logprobs
             if self.finish_reason is not None:
                 return
             if n == 1:  # the first token went out before its step was built: it is what a user waits for
-                next_y, next_logprobs, history = self._queue(model, cache, sample, y, history)
+                next_y, next_logprobs, history = self._queue(model, cache, y, history)
                 self.fed = 1
             y, logprobs = next_y, next_logprobs
 
-    def _queue(self, model, cache, sample, y: mx.array, history: mx.array | None):
+    def _queue(self, model, cache, y: mx.array, history: mx.array | None):
         """Build and queue the step that feeds ``y``; its sampled token and log-probs (and the grown history)."""
         if self.processors:  # only logits processors read the history; keep the plain loop free of it
             history = mx.concatenate([history, y[None].astype(mx.int32)])
-        next_y, next_logprobs = sample(model.step(y.reshape(1, 1), cache)[0, -1], history)
+        next_y, next_logprobs = pick(model.step(y.reshape(1, 1), cache)[0, -1], history, self.processors,
+                                     self.sampler)
         mx.async_eval(next_y, next_logprobs)
         return next_y, next_logprobs, history
 

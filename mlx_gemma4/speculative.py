@@ -35,7 +35,7 @@ import numpy as np
 from .cache import KVCache, SlidingCache
 from .cache import rewind as rewind_cache
 from .errors import InputError
-from .generation import PromptEnd, check_prefilled, why_finished
+from .generation import PromptEnd, check_prefilled, pick, why_finished
 
 DEFAULT_MAX_DRAFT = 6   # the most tokens the automatic choice drafts in one round
 
@@ -212,11 +212,7 @@ class SpeculativeLoop:
 
     def _pick(self, logits: mx.array, history: mx.array | None) -> tuple[mx.array, mx.array]:
         """The target's token and log-probs (vocab,) at one position, with the processors and sampler."""
-        logits = logits[None]                                                       # (1, vocab)
-        for p in self.processors:
-            logits = p(history, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return self.sampler(logprobs)[0], logprobs[0]
+        return pick(logits, history, self.processors, self.sampler)
 
     def _verify(self, token: mx.array, drafts: list[mx.array], history: mx.array | None):
         """The target's tokens, log-probs and hidden states at ``token`` and each draft (all lazy)."""
