@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 from textual.message import Message
 
 if TYPE_CHECKING:
+    from mlx_gemma4.chat import ChatResponse
     from mlx_gemma4.generation import GenerationResponse
 
 log = logging.getLogger(__name__)
@@ -81,9 +82,8 @@ class Session(Protocol):
     context_limit: int
     last_reused: int
 
-    def stream(self, messages: list[dict], **kwargs: Any) -> Iterator[GenerationResponse]: ...
+    def stream(self, messages: list[dict], **kwargs: Any) -> Iterator[ChatResponse]: ...
     def count_tokens(self, messages: list[dict]) -> int: ...
-    def answer_text(self, streamed: str) -> str: ...
 
 
 LoadFn = Callable[[Progress], tuple[Any, Any]]
@@ -103,6 +103,11 @@ def chat_session(model: Any, processor: Any, settings: Settings) -> Session:
 
 # Control characters (a random model writes plenty) would reach the terminal; tabs and newlines stay.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def printable(text: str) -> str:
+    """Model text as the terminal shows it: control characters (escape sequences, bells) dropped."""
+    return _CONTROL.sub("", text)
 
 
 def _call_dict(call: Any) -> dict:
@@ -318,23 +323,19 @@ class Backend:
         session = self.session
         if session is None:
             raise RuntimeError(f"No model is loaded. {self.load_error or ''}".strip())
-        from mlx_gemma4.tool_use import AnswerStream
-
         session.enable_thinking = self.settings.enable_thinking
         stats, reason, last_post = Stats(), "stop", 0.0
-        thinking, answer, calls = "", "", []
-        pieces = AnswerStream()  # thinking, answer and tool calls, a complete call at a time
+        thinking, answer, calls, final = "", "", [], None
         should_stop = lambda: stop.is_set() or self._closing.is_set()  # noqa: E731
         progress = lambda done, total: post(Working(cid, turn, done, total))  # noqa: E731
         with closing(session.stream(messages, should_stop=should_stop, progress=progress,
                                     **self.settings.sampling())) as stream:
-            for r in stream:
-                more_thinking, more_answer, more_calls = pieces.feed(_CONTROL.sub("", r.text))
-                thinking, answer = thinking + more_thinking, answer + more_answer
-                calls += [_call_dict(c) for c in more_calls]
+            for r in stream:  # the session splits thinking, answer and complete tool calls as they stream
+                thinking, answer = thinking + printable(r.thinking), answer + printable(r.content)
+                calls += [_call_dict(c) for c in r.tool_calls]
                 stats = self._stats(r, stats)
                 if r.finish_reason:
-                    reason = r.finish_reason
+                    reason, final = r.finish_reason, r.answer
                     break
                 now = time.monotonic()
                 if now - last_post >= 1.0 / self.fps:
@@ -342,9 +343,12 @@ class Backend:
                     post(Streamed(cid, turn, thinking.strip(), answer.strip(), stats, list(calls)))
         if should_stop() and reason == "stop":
             reason = "cancelled"
-        done = pieces.close()  # a call the answer did not finish stays in the text, as written
-        post(Finished(cid, turn, done.thinking, session.answer_text(done.text), reason, stats,
-                      [_call_dict(c) for c in done.tool_calls]))
+        if final is None:  # the stream ended without its last piece (closed early): keep what was shown
+            post(Finished(cid, turn, thinking.strip(), answer.strip(), reason, stats, calls))
+            return
+        # a call the answer did not finish stays in the text, as written
+        post(Finished(cid, turn, printable(final.thinking), printable(final.text), reason, stats,
+                      [_call_dict(c) for c in final.tool_calls]))
 
     def _stats(self, r: GenerationResponse, before: Stats) -> Stats:
         """The turn's stats after response `r` (memory: the highest seen this turn)."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from contextlib import closing
 from dataclasses import dataclass, field, fields
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -53,6 +53,24 @@ class ChatResponse(GenerationResponse):
     content: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
     answer: Answer | None = None
+
+
+def chat_responses(responses: Iterable[GenerationResponse], clean: Callable[[str], str] = str
+                   ) -> Iterator[ChatResponse]:
+    """``responses`` as ChatResponses: each piece split into thinking, content and the tool calls it completed;
+    the last piece (the one with a finish reason) also carries what was held back and the whole ``answer``.
+    ``clean`` is applied to content and to the answer's text (the session drops media placeholders)."""
+    pieces = AnswerStream()
+    for r in responses:
+        thinking, content, calls = pieces.feed(r.text)
+        done = {}
+        if r.finish_reason:
+            answer = pieces.close()
+            answer.text = clean(answer.text).strip()
+            done["answer"] = answer
+            thinking, content, calls = (a + b for a, b in zip((thinking, content, calls), pieces.tail))
+        yield ChatResponse(**{f.name: getattr(r, f.name) for f in fields(GenerationResponse)},
+                           thinking=thinking, content=clean(content), tool_calls=calls, **done)
 
 
 class ChatSession:
@@ -161,23 +179,11 @@ class ChatSession:
         if waits is not None and waits != getattr(self.processor.tokenizer.hf, "unk_token_id", None) \
                 and "stop_ids" not in gen_kwargs:
             gen_kwargs["stop_ids"] = sorted(set(default_stop_ids(self.model, self.processor)) | {waits})
-        pieces = AnswerStream()
         # closing: a caller that stops early closes this generator, and the inner one's bookkeeping of what the
         # cache holds must run then, not whenever it is collected.
         with closing(self._stream(messages, schemas, **gen_kwargs)) as responses:
-            for r in responses:
-                thinking, content, calls = pieces.feed(r.text)
-                done = {}
-                if r.finish_reason:  # the last piece also carries what was held back (an unfinished call, ...)
-                    done["answer"] = self._finish(pieces.close())
-                    thinking, content, calls = (a + b for a, b in zip((thinking, content, calls), pieces.tail))
-                yield ChatResponse(**{f.name: getattr(r, f.name) for f in fields(GenerationResponse)},
-                                   thinking=thinking, content=strip_placeholders(self.processor, content),
-                                   tool_calls=calls, **done)
+            yield from chat_responses(responses, lambda text: strip_placeholders(self.processor, text))
 
-    def _finish(self, answer: Answer) -> Answer:
-        answer.text = strip_placeholders(self.processor, answer.text).strip()
-        return answer
 
     def _stream(self, messages: list[dict[str, Any]], schemas: list[dict[str, Any]] | None,
                 **gen_kwargs) -> Iterator[GenerationResponse]:

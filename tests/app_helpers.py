@@ -13,6 +13,7 @@ from app.app import ChatApp
 from app.backend import Backend, Settings
 from app.history import History
 from app.widgets.prompt import PromptArea
+from mlx_gemma4.chat import chat_responses
 from mlx_gemma4.generation import GenerationResponse
 
 # Only a guard against a test that would hang for ever: the waits below end when the state is reached.
@@ -38,7 +39,7 @@ class ScriptedSession:
 
     def stream(self, messages, **kw):
         self.calls.append(dict(kw, messages=[dict(m) for m in messages], thinking=self.enable_thinking))
-        return self._answer(kw)
+        return chat_responses(self._answer(kw))  # split as ChatSession splits its pieces
 
     def _answer(self, kw):
         words = self.reply.split(" ")
@@ -57,9 +58,6 @@ class ScriptedSession:
 
     def count_tokens(self, messages):
         return sum(len(str(m["content"]).split()) for m in messages)
-
-    def answer_text(self, streamed):
-        return streamed.strip()
 
 
 def user_turn(call: dict) -> tuple[str, list[str]]:

@@ -52,3 +52,23 @@ async def _tool_call_is_shown_as_a_call_and_kept(tmp_path):
     first = h.messages(conv.id)[1]
     assert first.content == "Let me check."
     assert first.stats["tool_calls"][0]["arguments"] == {"city": "New York", "days": 2}
+
+
+def test_control_characters_never_reach_the_terminal(tmp_path):
+    asyncio.run(_control_characters_never_reach_the_terminal(tmp_path))
+
+
+async def _control_characters_never_reach_the_terminal(tmp_path):
+    # A model can write escape sequences and bells, in its answer and inside a call's arguments.
+    reply = f"\x1b[2JCleared\x07 <|tool_call>call:echo{{text:{Q}\x1b[31mred\x7f{Q}}}<tool_call|>"
+    app = make_app(tmp_path, reply=reply)
+    async with app.run_test(size=(100, 40)) as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded)
+        await send(pilot, "go")
+        chat = app.chat_screen
+        await wait_for(pilot, lambda: not chat.generating and chat.query(ToolCallView))
+        msg = chat.query_one(ModelMessage)
+        assert msg.answer == "[2JCleared"
+        [view] = chat.query(ToolCallView)
+        assert not any(c in view.text() for c in "\x1b\x07\x7f")
+        assert "red" in view.text()

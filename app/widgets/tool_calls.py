@@ -7,6 +7,8 @@ from typing import Any
 
 from textual.widgets import Static
 
+from app.backend import printable
+
 # The app runs no tools of its own: a call is shown, and the model is told it was not run.
 NOT_RUN = "not run: this chat has no tools"
 
@@ -33,4 +35,4 @@ class ToolCallView(Static):
         super().__init__(self.text(), classes="tool-call", markup=False)
 
     def text(self) -> str:
-        return f"⚙ {call_line(self.call)}\n→ {result_line(self.call)}"
+        return printable(f"⚙ {call_line(self.call)}\n→ {result_line(self.call)}")
