@@ -153,3 +153,52 @@ def mimic(hf_target, hf_assistant) -> None:
         hf_assistant.pre_projection.weight.zero_()
         hf_assistant.pre_projection.weight[:, :h] = torch.eye(h)
         hf_assistant.post_projection.weight.copy_(torch.eye(h))
+
+
+def reference_assisted(hf, hf_assistant, k: int, monkeypatch, max_new_tokens: int, **inputs) -> tuple[list, list]:
+    """transformers' assisted greedy generation with ``k`` drafts per round: (the new tokens, the drafts it kept
+    in each round after its first, which is its prefill). ``inputs``: torch tensors for ``hf.generate``.
+
+    The reference cuts the target's K/V at the sequence length, which after a rejection still includes the first
+    rejected draft's K/V (and, for sliding layers past the window, all rejected ones): its drafter then attends to
+    a token that is not in the text. Here it gets the accepted positions only, as ours does."""
+    from transformers.generation.candidate_generator import SinglePositionMultiTokenCandidateGenerator as Gen
+
+    kept: list[int] = []
+    update, candidates = Gen.update_candidate_strategy, Gen.get_candidates
+
+    def record(self, input_ids, scores, n_matches):
+        kept.append(int(n_matches))
+        return update(self, input_ids, scores, n_matches)
+
+    def accepted_kv_only(self, input_ids, model_kwargs, model_outputs, is_first_iteration, n_last_matches, **kw):
+        kv = getattr(model_outputs, "shared_kv_states", None)
+        if kv is not None:
+            extra = kv["full_attention"][0].shape[2] - (input_ids.shape[1] - 1)
+            for t, (keys, values) in list(kv.items()):
+                kv[t] = (keys[:, :, : keys.shape[2] - extra], values[:, :, : values.shape[2] - extra])
+        return candidates(self, input_ids, model_kwargs, model_outputs, is_first_iteration, n_last_matches, **kw)
+
+    monkeypatch.setattr(Gen, "update_candidate_strategy", record)
+    monkeypatch.setattr(Gen, "get_candidates", accepted_kv_only)
+    # (the tiny drafters have no generation_config.json, so nothing sets a draft length otherwise)
+    monkeypatch.setattr(hf_assistant.generation_config, "num_assistant_tokens", k)
+    monkeypatch.setattr(hf_assistant.generation_config, "num_assistant_tokens_schedule", "constant")
+    L = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        out = hf.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, assistant_model=hf_assistant,
+                          eos_token_id=None, pad_token_id=0)
+    return out[0, L:].tolist(), kept[1:]
+
+
+def run_rounds(model, inputs: dict, **kw) -> tuple[list[int], Any, list[int]]:
+    """``generate_step(model, inputs, **kw)`` run to the end: its tokens, the loop, and (with a fixed
+    ``draft_tokens``) the drafts kept in each round."""
+    from mlx_gemma4.generation import generate_step
+
+    loop = generate_step(model, inputs, **kw)
+    kept: list[int] = []
+    if kw.get("draft_tokens") is not None:   # (the automatic policy is shared across calls: left alone)
+        record = loop.lengths.record
+        loop.lengths.record = lambda k, m, s: (kept.append(m), record(k, m, s))
+    return [t for t, _ in loop], loop, kept

@@ -15,6 +15,7 @@ from mlx_gemma4.cache import rewind
 from mlx_gemma4.generation import generate_step, stream_tokens
 from mlx_gemma4.speculative import DraftLength, producer_caches
 from tests import helpers, tiny
+from tests.helpers import run_rounds
 
 PROMPT = 30          # tokens: the tiny models' sliding window is 8, so prompt and answer cross it many times
 NEW = 50
@@ -51,27 +52,17 @@ def _inputs(n: int = PROMPT, seed: int = 0) -> dict:
     return {"input_ids": mx.array(helpers.ids_of(n, seed).numpy().astype(np.int32))}
 
 
-def _run(model, inputs, **kw) -> tuple[list[int], object, list[int]]:
-    """Tokens, the loop, and the drafts kept in each round."""
-    loop = generate_step(model, inputs, **kw)
-    kept = []
-    if kw.get("draft_tokens") is not None:   # (the automatic policy is shared across calls: left alone)
-        record = loop.lengths.record
-        loop.lengths.record = lambda k, m, s: (kept.append(m), record(k, m, s))
-    return [t for t, _ in loop], loop, kept
-
-
 @pytest.mark.parametrize("family", ["e", "dense"])
 def test_greedy_with_a_drafter_is_greedy_without_it_and_the_reference(text_pair, drafters, family):
     hf, model = text_pair(family)
     inputs = _inputs()
-    plain, _, _ = _run(model, inputs, max_tokens=NEW)
+    plain, _, _ = run_rounds(model, inputs, max_tokens=NEW)
     with torch.no_grad():
         ref = hf.generate(torch.tensor(np.array(inputs["input_ids"]), dtype=torch.long), max_new_tokens=NEW,
                           do_sample=False)[0, PROMPT:].tolist()
     assert plain == ref
     for k in (1, 2, 3, 4, None):
-        tokens, loop, _ = _run(model, inputs, max_tokens=NEW, assistant=drafters(family), draft_tokens=k)
+        tokens, loop, _ = run_rounds(model, inputs, max_tokens=NEW, assistant=drafters(family), draft_tokens=k)
         assert tokens == plain, k
         assert loop.finish_reason == "length"
         if k:
@@ -80,39 +71,13 @@ def test_greedy_with_a_drafter_is_greedy_without_it_and_the_reference(text_pair,
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 def test_accepted_drafts_per_round_match_the_references_assisted_generation(mimicking, k, monkeypatch):
-    from transformers.generation.candidate_generator import SinglePositionMultiTokenCandidateGenerator as Gen
-
     hf, model, _, hf_a, ours = mimicking
     inputs = _inputs()
-    tokens, loop, kept = _run(model, inputs, max_tokens=NEW, assistant=ours, draft_tokens=k)
-
-    ref_kept = []
-    update, candidates = Gen.update_candidate_strategy, Gen.get_candidates
-
-    def record(self, input_ids, scores, n_matches):
-        ref_kept.append(int(n_matches))
-        return update(self, input_ids, scores, n_matches)
-
-    def accepted_kv_only(self, input_ids, model_kwargs, model_outputs, is_first_iteration, n_last_matches, **kw):
-        # The reference cuts the target's K/V at the sequence length, which after a rejection still includes the
-        # first rejected draft's K/V (and, for sliding layers past the window, all rejected ones): the drafter
-        # then attends to a token that is not in the text. We give it the accepted positions only, as we do.
-        kv = getattr(model_outputs, "shared_kv_states", None)
-        if kv is not None:
-            extra = kv["full_attention"][0].shape[2] - (input_ids.shape[1] - 1)
-            for t, (keys, values) in list(kv.items()):
-                kv[t] = (keys[:, :, : keys.shape[2] - extra], values[:, :, : values.shape[2] - extra])
-        return candidates(self, input_ids, model_kwargs, model_outputs, is_first_iteration, n_last_matches, **kw)
-
-    monkeypatch.setattr(Gen, "update_candidate_strategy", record)
-    monkeypatch.setattr(Gen, "get_candidates", accepted_kv_only)
-    monkeypatch.setattr(hf_a.generation_config, "num_assistant_tokens", k)
-    monkeypatch.setattr(hf_a.generation_config, "num_assistant_tokens_schedule", "constant")
-    with torch.no_grad():
-        ref = hf.generate(torch.tensor(np.array(inputs["input_ids"]), dtype=torch.long), max_new_tokens=NEW,
-                          do_sample=False, assistant_model=hf_a)[0, PROMPT:].tolist()
+    tokens, loop, kept = run_rounds(model, inputs, max_tokens=NEW, assistant=ours, draft_tokens=k)
+    ref, ref_kept = helpers.reference_assisted(hf, hf_a, k, monkeypatch, NEW,
+                                               input_ids=torch.tensor(np.array(inputs["input_ids"]), dtype=torch.long))
     assert tokens == ref
-    assert kept == ref_kept[1:]   # the reference's first round is its prefill (no drafts)
+    assert kept == ref_kept
     # A sharp check: the rounds mix full, partial and no acceptance (0.51 at k=4 to 0.81 at k=1 here).
     rate = loop.accepted / loop.drafted
     assert 0.4 < rate < 0.95 and 0 in kept and k in kept, (rate, kept)
@@ -130,8 +95,8 @@ def test_sampling_keeps_what_the_targets_sampler_picks(mimicking):
         return logits - 0.5 * mx.zeros(logits.shape[-1]).at[history].add(1.0)[None]
 
     kw = dict(max_tokens=NEW, sampler=second_best, logits_processors=[penalise_seen])
-    plain, _, _ = _run(model, _inputs(), **kw)
-    tokens, loop, _ = _run(model, _inputs(), assistant=ours, draft_tokens=3, **kw)
+    plain, _, _ = run_rounds(model, _inputs(), **kw)
+    tokens, loop, _ = run_rounds(model, _inputs(), assistant=ours, draft_tokens=3, **kw)
     assert tokens == plain
     assert loop.accepted > 0
 
@@ -148,7 +113,7 @@ def test_sampled_tokens_follow_the_targets_distribution(mimicking):
     for i, extra in enumerate([{}, {"assistant": ours, "draft_tokens": 2}]):
         mx.random.seed(0)
         for _ in range(300):
-            pair = tuple(_run(model, inputs, max_tokens=2, sampler=sampler, **extra)[0])
+            pair = tuple(run_rounds(model, inputs, max_tokens=2, sampler=sampler, **extra)[0])
             counts[i][pair] = counts[i].get(pair, 0) + 1
     keys = set(counts[0]) | set(counts[1])
     a = np.array([counts[0].get(k, 0) for k in keys]) / 300
@@ -237,7 +202,7 @@ def test_stopping_inside_a_round_leaves_only_what_went_out_in_the_cache(mimickin
     kept drafts after it: the cache holds the prompt and the tokens reported to on_token, as in plain decoding."""
     _, model, processor, _, ours = mimicking
     inputs = _inputs()
-    tokens, _, kept = _run(model, inputs, max_tokens=NEW, assistant=ours, draft_tokens=4)
+    tokens, _, kept = run_rounds(model, inputs, max_tokens=NEW, assistant=ours, draft_tokens=4)
     inside, pos = [], 0   # positions of kept drafts followed by more kept drafts in their round
     for m in kept:
         inside += [pos + j for j in range(1, m)]
@@ -289,14 +254,14 @@ def test_answering_again_with_an_assistant_computes_no_prompt_token(mimicking):
     assert [r.token for r in first] == [r.token for r in again] == want
     assert spec.last_reused == L and again[-1].prompt_tokens == 0 and again[-1].accepted_tokens > 0
     inputs = _inputs()
-    plain_tokens, _, _ = _run(model, inputs, max_tokens=NEW)
+    plain_tokens, _, _ = run_rounds(model, inputs, max_tokens=NEW)
     for with_hidden in (True, False):
         ends: list = []
-        _run(model, inputs, max_tokens=4, on_prefilled=ends.append,
+        run_rounds(model, inputs, max_tokens=4, on_prefilled=ends.append,
              **(dict(assistant=ours, draft_tokens=2) if with_hidden else {}))
         assert (ends[0].hidden is not None) == with_hidden
         cache = model.make_cache(max_rewind=8)
         model.prefill(inputs, cache)   # the cache the kept end stands for: the whole prompt
-        tokens, loop, _ = _run(model, inputs, cache=cache, max_tokens=NEW, prefilled=ends[0], assistant=ours,
+        tokens, loop, _ = run_rounds(model, inputs, cache=cache, max_tokens=NEW, prefilled=ends[0], assistant=ours,
                                draft_tokens=2)
         assert tokens == plain_tokens and loop.drafted > 0
