@@ -144,10 +144,11 @@ def producer_caches(model, cache: list[KVCache]) -> dict[str, KVCache]:
 
 
 def required_max_rewind(model, assistant, k_max: int) -> int:
-    """The ``max_rewind`` a target cache needs so that its sliding rings still hold the drafter's window after a
-    round of ``k_max`` drafts rejected them all."""
+    """The ``max_rewind`` a target cache needs so that its sliding rings take a round of ``k_max`` drafts in one
+    step (``k_max + 1`` tokens) and, after all of them are rejected and rewound, still hold the drafter's window
+    (which may be wider than the target's: more rewind room; or narrower: no less than the round)."""
     window = model.config.text_config.sliding_window
-    return max(1, k_max + 2 + assistant.config.text_config.sliding_window - window)
+    return k_max + max(1, 2 + assistant.config.text_config.sliding_window - window)
 
 
 def check_draft_tokens(draft_tokens: Any) -> None:

@@ -83,6 +83,19 @@ def test_accepted_drafts_per_round_match_the_references_assisted_generation(mimi
     assert 0.4 < rate < 0.95 and 0 in kept and k in kept, (rate, kept)
 
 
+def test_a_drafter_with_a_window_well_under_the_targets_drafts_whole_rounds(mimicking):
+    """The target's rings take back a whole rejected round even when the drafter reads fewer of their positions
+    than the target keeps (its window 4, the target's 8)."""
+    hf, model, _, _, _ = mimicking
+    hf_a = tiny.make_assistant("dense", hidden_size=64, intermediate_size=96, sliding_window=4)
+    helpers.mimic(hf, hf_a)
+    narrow = helpers.assistant_from(hf_a)
+    plain, _, _ = run_rounds(model, _inputs(), max_tokens=NEW)
+    for k in (2, 4):
+        tokens, _, kept = run_rounds(model, _inputs(), max_tokens=NEW, assistant=narrow, draft_tokens=k)
+        assert tokens == plain and 0 in kept, (k, kept)
+
+
 def test_sampling_keeps_what_the_targets_sampler_picks(mimicking):
     """With a sampler, every kept token is the sampler's pick given the same history: a deterministic sampler
     (the second most likely token) and a history-reading processor give plain decoding's tokens."""
