@@ -50,6 +50,15 @@ def tone(seconds: float, freq: float = 440.0) -> np.ndarray:
         np.float32)
 
 
+def blocky_image(w: int, h: int, seed: int):
+    """A ``w`` x ``h`` RGB PIL image of random 8-pixel blocks, smoothed (an image with some structure)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (max(h // 8, 1), max(w // 8, 1), 3), dtype=np.uint8)
+    return Image.fromarray(base).resize((w, h), Image.BILINEAR)
+
+
 def reference_logits(hf, inputs: dict) -> np.ndarray:
     """The reference's logits for our processor's output, converted to the torch types it expects."""
     kw = {}

@@ -12,19 +12,12 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from PIL import Image
 
 from mlx_gemma4.errors import InputError
 from mlx_gemma4.processing.processor import Processor
 from mlx_gemma4.weights import load_model
 from tests import tiny
-from tests.helpers import MODEL_ATOL, ids_of, reference_logits, tone
-
-
-def _image(w, h, seed):
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 255, (max(h // 8, 1), max(w // 8, 1), 3), dtype=np.uint8)
-    return Image.fromarray(base).resize((w, h), Image.BILINEAR)
+from tests.helpers import MODEL_ATOL, blocky_image, ids_of, reference_logits, tone
 
 
 @pytest.fixture(scope="module")
@@ -51,22 +44,22 @@ def _check(hf, model, inputs):
 @pytest.mark.parametrize("which", ["e_model", "large_model"])
 def test_one_image(request, which):
     hf, model, proc = request.getfixturevalue(which)
-    inputs = proc(text="<bos>look <|image|> what is it?", images=[_image(64, 48, 0)], max_soft_tokens=70)
+    inputs = proc(text="<bos>look <|image|> what is it?", images=[blocky_image(64, 48, 0)], max_soft_tokens=70)
     _check(hf, model, inputs)
 
 
 @pytest.mark.parametrize("which", ["e_model", "large_model"])
 def test_two_images_of_different_sizes(request, which):
     hf, model, proc = request.getfixturevalue(which)
-    inputs = proc(text="first <|image|> then <|image|> compare", images=[_image(96, 32, 1), _image(40, 80, 2)],
-                  max_soft_tokens=70)
+    inputs = proc(text="first <|image|> then <|image|> compare",
+                  images=[blocky_image(96, 32, 1), blocky_image(40, 80, 2)], max_soft_tokens=70)
     _check(hf, model, inputs)
 
 
 @pytest.mark.parametrize("which", ["e_model", "large_model"])
 def test_video_frames(request, which):
     hf, model, proc = request.getfixturevalue(which)
-    frames = [_image(48, 48, s) for s in range(3)]
+    frames = [blocky_image(48, 48, s) for s in range(3)]
     inputs = proc(text="clip: <|video|> describe", videos=[frames])
     _check(hf, model, inputs)
 
@@ -80,14 +73,14 @@ def test_audio(e_model, seconds):
 
 def test_audio_with_image(e_model):
     hf, model, proc = e_model
-    inputs = proc(text="<|image|> and <|audio|>", images=[_image(32, 32, 3)], audio=[tone(0.7, 300)],
+    inputs = proc(text="<|image|> and <|audio|>", images=[blocky_image(32, 32, 3)], audio=[tone(0.7, 300)],
                   max_soft_tokens=70)
     _check(hf, model, inputs)
 
 
 def test_chunked_prefill_with_vision_blocks_matches_full(large_model):
     hf, model, proc = large_model
-    inputs = proc(text="a <|image|> b <|image|> c", images=[_image(48, 48, 4), _image(64, 32, 5)],
+    inputs = proc(text="a <|image|> b <|image|> c", images=[blocky_image(48, 48, 4), blocky_image(64, 32, 5)],
                   max_soft_tokens=70)
     full = np.array(model(**inputs))
     cache = model.make_cache()
@@ -106,7 +99,7 @@ def test_chunked_prefill_with_vision_blocks_matches_full(large_model):
 def test_prefill_chunks_never_split_a_vision_block(large_model):
     """A chunk that would end inside an image grows to the image's end (its tokens attend to each other)."""
     hf, model, proc = large_model
-    inputs = proc(text="a <|image|> b <|image|> c", images=[_image(48, 48, 4), _image(64, 32, 5)],
+    inputs = proc(text="a <|image|> b <|image|> c", images=[blocky_image(48, 48, 4), blocky_image(64, 32, 5)],
                   max_soft_tokens=70)
     reported = []
     model.prefill(inputs, model.make_cache(), chunk_size=5, progress=lambda done, total: reported.append(done))
@@ -148,7 +141,7 @@ def test_prefill_stops_between_chunks_when_asked(text_pair):
 
 def test_placeholders_without_media_are_an_error(e_model):
     hf, model, proc = e_model
-    ids = proc(text="x <|image|>", images=[_image(32, 32, 0)], max_soft_tokens=70)["input_ids"]
+    ids = proc(text="x <|image|>", images=[blocky_image(32, 32, 0)], max_soft_tokens=70)["input_ids"]
     with pytest.raises(InputError, match="no image inputs"):
         model(ids)
 

@@ -22,6 +22,7 @@ from tests import tiny_unified as tu
 from tests.app_helpers import send
 from tests.app_helpers import until as wait_for
 from tests.fixtures_tokenizer import make_tokenizer
+from tests.helpers import blocky_image
 
 GREEDY = dict(stop_ids=[], temperature=0.0)
 
@@ -33,13 +34,6 @@ def converted(tmp_path_factory):
     hf.save_pretrained(src, safe_serialization=True)
     make_tokenizer(src)
     return hf, convert(src, tmp_path_factory.mktemp("unified-mlx") / "out", dtype="float32")
-
-
-def _image(w: int, h: int, seed: int):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (max(h // 8, 1), max(w // 8, 1), 3), dtype=np.uint8)).resize((w, h))
 
 
 def _reference(hf, inputs) -> np.ndarray:
@@ -55,12 +49,13 @@ def test_processor_outputs_give_the_references_logits(converted, case):
     model, processor = load(path)
     assert type(processor).__name__ == "UnifiedProcessor"
     kw = {
-        "image": dict(text="look <|image|> what is it?", images=[_image(96, 64, 0)]),
-        "two images": dict(text="first <|image|> then <|image|> compare", images=[_image(150, 48, 1),
-                                                                                 _image(48, 110, 2)]),
-        "video": dict(text="clip: <|video|> describe", videos=[[_image(64, 64, s) for s in range(3)]]),
+        "image": dict(text="look <|image|> what is it?", images=[blocky_image(96, 64, 0)]),
+        "two images": dict(text="first <|image|> then <|image|> compare", images=[blocky_image(150, 48, 1),
+                                                                                 blocky_image(48, 110, 2)]),
+        "video": dict(text="clip: <|video|> describe", videos=[[blocky_image(64, 64, s) for s in range(3)]]),
         "audio": dict(text="listen <|audio|> transcribe", audio=[tone(0.9)]),
-        "audio and image": dict(text="<|image|> and <|audio|>", images=[_image(48, 48, 3)], audio=[tone(0.5, 300)]),
+        "audio and image": dict(text="<|image|> and <|audio|>", images=[blocky_image(48, 48, 3)],
+                                audio=[tone(0.5, 300)]),
     }[case]
     inputs = processor(**kw, max_soft_tokens=70)
     ours = np.array(model(**inputs))
@@ -72,7 +67,7 @@ def test_chat_session_with_an_image_answers_as_transformers_generates(converted)
     model, processor = load(path)
     processor.image_processor.max_soft_tokens = 70   # the tiny model's context is 512
     session = ChatSession(model, processor)
-    image = _image(96, 48, 4)
+    image = blocky_image(96, 48, 4)
     ours = [r.token for r in session.send("what is this?", images=[image], max_tokens=8, **GREEDY)]
     prompt = processor.apply_chat_template(session.messages[:-1], add_generation_prompt=True)
     inputs = processor(text=prompt, images=[image])
