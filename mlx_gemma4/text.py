@@ -46,6 +46,37 @@ def _rope_freqs(head_dim: int, params: dict) -> mx.array:
     return mx.concatenate([periods, mx.full((head_dim // 2 - rotated,), mx.inf)])
 
 
+def _fused_attention_sizes() -> tuple[int, int]:
+    """(head size up to which mx.fast's attention has a fused kernel, and the largest head size of its few-query
+    (decode) kernel) on the default device, as MLX 0.32 has them: none on the CPU; 128 on CUDA; 128, and 256 for
+    up to 8 queries, on Metal."""
+    if mx.default_device() != mx.gpu:
+        return 0, 0
+    return (128, 256) if mx.metal.is_available() else (128, 128)
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, mask: Mask) -> mx.array:
+    """softmax(q k^T, masked) v for q (B, H, L, D) and k, v (B, Hkv, N, D), scale 1 (Gemma 4's q/k norms replace
+    1/sqrt(d)). Where the backend has a fused kernel for this head size, mx.fast's; elsewhere (Gemma 4's 256 and
+    512 wide heads on CUDA and the CPU, 512 on Metal) MLX would run its unfused fallback, and this is that math
+    written out, with the query heads that share a K/V head stacked into one matmul instead of a broadcast batch,
+    and no multiply by a scale of 1: the same numbers, from fewer and larger kernels."""
+    B, H, L, D = q.shape
+    fused, few_queries = _fused_attention_sizes()
+    if D <= fused or (L <= 8 and D <= few_queries):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+    Hkv, N = k.shape[1], k.shape[2]
+    rep = H // Hkv
+    scores = q.reshape(B, Hkv, rep * L, D) @ k.swapaxes(-1, -2)                  # (B, Hkv, rep * L, N)
+    if mask is not None:
+        if isinstance(mask, str):  # "causal": the queries are the last L positions, as sdpa aligns it
+            mask = mx.arange(N - L, N)[:, None] >= mx.arange(N)[None]
+        lowest = mx.array(mx.finfo(scores.dtype).min, scores.dtype)
+        scores = mx.where(mask, scores.reshape(B, Hkv, rep, L, N), lowest).reshape(B, Hkv, rep * L, N)
+    weights = mx.softmax(scores, axis=-1, precise=True)
+    return (weights @ v).reshape(B, H, L, v.shape[-1])
+
+
 @partial(mx.compile, shapeless=True)
 def geglu(gate: mx.array, x: mx.array) -> mx.array:
     """gelu_tanh(gate) * x as one fused kernel (and one graph node to build per call, which decode feels)."""
@@ -166,8 +197,7 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.update_and_fetch(k, v)
 
-        # q/k norms replace the usual 1/sqrt(d) scaling in Gemma 4, hence scale=1.
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+        out = attention(q, k, v, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), (k, v)
 
     def fuse(self) -> None:
