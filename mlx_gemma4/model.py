@@ -53,11 +53,11 @@ def _eval_each_layer(n_tokens: int) -> Callable | None:
     def after_layer(h: mx.array, layer_cache: KVCache | None) -> None:
         nonlocal count
         count += 1
-        state = layer_cache.state if layer_cache is not None else ()
+        arrays = [a for a in (h, *(layer_cache.state if layer_cache is not None else ())) if a is not None]
         if count % every == 0:
-            mx.eval(h, *state)
+            mx.eval(arrays)
         else:
-            mx.async_eval(h, *state)
+            mx.async_eval(arrays)
 
     return after_layer
 
@@ -150,8 +150,9 @@ class Gemma4(nn.Module):
         ``inputs`` is the processor's output; ``start`` > 0 means ``cache`` already holds the first ``start``
         tokens (media for them must not be in ``inputs``). The prompt runs in chunks of about ``chunk_size`` tokens
         (longer where an image or video frame would be split: its tokens attend to each other). Chunks before the
-        last stop before the KV-shared layers (those write no cache and their output is not read); the last chunk
-        keeps only its final position from there on. ``should_stop()`` is asked before each chunk: when it turns
+        last stop before the KV-shared layers (those write no cache and their output is not read), and the layer
+        before those only writes its K/V; in the last chunk that layer computes its output for the final position
+        only, and the pass goes on with that one. ``should_stop()`` is asked before each chunk: when it turns
         true, prefill returns None and ``cache`` holds the chunks done so far (its ``offset`` says how many tokens).
         ``progress(done, total)`` (prompt tokens) is called before the first chunk and after each chunk but the last.
         """
@@ -175,9 +176,9 @@ class Gemma4(nn.Module):
                 return None
             p = lm.begin(embeds[:, s:e], None if token_inputs is None else token_inputs[:, s:e], cache,
                          None if blocks is None else blocks[s:e])
-            lm.run(p, cache, range(first_shared), _eval_each_layer(e - s))
+            # The last layer before the KV-shared ones has its output read only at the prompt's last position.
+            lm.run(p, cache, range(first_shared), _eval_each_layer(e - s), narrow_last=1 if e == L else 0)
             if e == L:
-                p.keep_last(1)
                 lm.run(p, cache, range(first_shared, len(lm.layers)))
                 return self.logits(lm.norm(p.h))[0, -1]
             mx.eval([c.state for c in cache])

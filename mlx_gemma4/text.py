@@ -172,18 +172,21 @@ class Attention(nn.Module):
                             freqs=self._freqs)
 
     def __call__(self, x: mx.array, offset: int | mx.array, mask: Mask, cache: KVCache | None = None,
-                 shared_kv: tuple[mx.array, mx.array] | None = None) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+                 shared_kv: tuple[mx.array, mx.array] | None = None, queries: int | None = None
+                 ) -> tuple[mx.array | None, tuple[mx.array, mx.array]]:
         """Attention output and the (keys, values) attended to: this layer's own (written to ``cache``), or
-        ``shared_kv`` for a KV-shared layer."""
+        ``shared_kv`` for a KV-shared layer. ``queries``: only the last this many positions of ``x`` ask (``mask``
+        still has a row for every position; 0: none, the layer only writes its K/V and returns None for its
+        output); the keys and values are those of every position."""
         B, L, _ = x.shape
+        Lq = L if queries is None else queries
         if "qkv_proj" in self:
             q_out = self.n_heads * self.head_dim
             cuts = [q_out] if self.k_eq_v else [q_out, q_out + self.n_kv_heads * self.head_dim]
             q, *kv = mx.split(self.qkv_proj(x), cuts, axis=-1)
+            q = q[:, L - Lq:]
         else:
-            q, kv = self.q_proj(x), None
-        q = self.q_norm(q.reshape(B, L, self.n_heads, self.head_dim))               # (B, L, H, D)
-        q = self._rope(q.transpose(0, 2, 1, 3), offset)                             # (B, H, L, D)
+            q, kv = (self.q_proj(x[:, L - Lq:]) if Lq else None), None
 
         if self.is_shared:
             k, v = shared_kv
@@ -196,9 +199,15 @@ class Attention(nn.Module):
             v = self.v_norm(raw_v).transpose(0, 2, 1, 3)                            # (B, Hkv, L, D)
             if cache is not None:
                 k, v = cache.update_and_fetch(k, v)
+        if Lq == 0:
+            return None, (k, v)
 
+        q = self.q_norm(q.reshape(B, Lq, self.n_heads, self.head_dim))              # (B, Lq, H, D)
+        q = self._rope(q.transpose(0, 2, 1, 3), offset + L - Lq)                    # (B, H, Lq, D)
+        if Lq < L and isinstance(mask, mx.array):
+            mask = mask[..., L - Lq:, :]  # sdpa's "causal" is aligned bottom-right: it stays right
         out = attention(q, k, v, mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), (k, v)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, Lq, -1)), (k, v)
 
     def fuse(self) -> None:
         """Replace q_proj, k_proj (and v_proj) by one projection (``qkv_proj``), as MLP.fuse does; a KV-shared
@@ -239,10 +248,16 @@ class DecoderLayer(nn.Module):
             self.post_per_layer_input_norm = RMSNorm(hidden, eps)
 
     def __call__(self, x: mx.array, per_layer_input: mx.array | None, offset: int | mx.array, mask: Mask,
-                 cache: KVCache | None = None, shared_kv: tuple[mx.array, mx.array] | None = None
-                 ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
-        """The layer's output and the (keys, values) its attention read."""
-        attn, kv = self.self_attn(self.input_layernorm(x), offset, mask, cache, shared_kv)
+                 cache: KVCache | None = None, shared_kv: tuple[mx.array, mx.array] | None = None,
+                 queries: int | None = None) -> tuple[mx.array | None, tuple[mx.array, mx.array]]:
+        """The layer's output and the (keys, values) its attention read. ``queries``: the layer writes the K/V of
+        every position of ``x`` but computes its output for the last this many only (0: no output, None)."""
+        attn, kv = self.self_attn(self.input_layernorm(x), offset, mask, cache, shared_kv, queries)
+        if attn is None:
+            return None, kv
+        if queries is not None and queries < x.shape[1]:
+            x = x[:, -queries:]
+            per_layer_input = None if per_layer_input is None else per_layer_input[:, -queries:]
         h = x + self.post_attention_layernorm(attn)
 
         ff = self.mlp(self.pre_feedforward_layernorm(h))
@@ -327,17 +342,24 @@ class TextModel(nn.Module):
         return Pass(embeds, per_layer, offset, self._masks(L, cache, vision_blocks), {})
 
     def run(self, p: Pass, cache: list[KVCache] | None, layers: range,
-            after_layer: Callable[[mx.array, KVCache | None], None] | None = None) -> None:
+            after_layer: Callable[[mx.array | None, KVCache | None], None] | None = None,
+            narrow_last: int | None = None) -> None:
         """Run ``layers`` (consecutive, in order) over ``p``. A KV-shared layer reads the K/V its producer
         (``config.kv_producers``) wrote earlier in the same pass. ``after_layer(h, layer_cache)`` is called after
-        each layer (prefill evaluates there for long inputs)."""
+        each layer (prefill evaluates there for long inputs). ``narrow_last=n``: the last of ``layers`` writes
+        the K/V of every position but computes its output for the last ``n`` only, and the pass goes on with
+        those (``Pass.keep_last``); 0: it only writes its K/V and ``p.h`` becomes None (nothing after it reads
+        more: prefill's last layer before the KV-shared ones, or the last of all)."""
         producers = self.config.kv_producers
         for i in layers:
             src = producers[i]
             layer_cache = cache[i] if cache is not None and src == i else None
-            p.h, kv = self.layers[i](p.h, p.per_layer[:, :, i] if p.per_layer is not None else None, p.offset,
-                                     p.masks[self.config.layer_types[i]], layer_cache,
-                                     p.kvs[src] if src != i else None)
+            args = (p.h, p.per_layer[:, :, i] if p.per_layer is not None else None, p.offset,
+                    p.masks[self.config.layer_types[i]], layer_cache, p.kvs[src] if src != i else None)
+            queries = narrow_last if i == layers[-1] else None
+            if queries:
+                p.keep_last(queries)
+            p.h, kv = self.layers[i](*args, queries=queries)
             if i in self._read_by_shared:
                 p.kvs[i] = kv
             if after_layer is not None:

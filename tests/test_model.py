@@ -10,6 +10,7 @@ eager by 2.3e-4). A wrong merge, mask or position moves these logits by 1e-2 or 
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -120,6 +121,39 @@ def test_chunked_prefill_matches_full_forward(family, text_pair):
         np.testing.assert_allclose(np.array(last), full[0, 39], atol=MODEL_ATOL, rtol=0)
         assert cache[0].offset == 40
         np.testing.assert_allclose(np.array(model.step(ids[:, 40:], cache))[0, 0], full[0, 40], atol=MODEL_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["e", "dense"])
+def test_prefill_writes_what_the_full_forward_writes(family, text_pair):
+    """Prefill skips work whose output nobody reads (the KV-shared layers but at the last position, and all but
+    the K/V of the layer before them); every cache still ends up as a forward over the whole prompt leaves it."""
+    _, model = text_pair(family)
+    ids = mx.array(ids_of(30, seed=4).numpy().astype(np.int32))
+    want = model.make_cache()
+    mx.eval(model(ids, cache=want))
+    for chunk in (4, 8, 30):
+        got = model.make_cache()
+        model.prefill({"input_ids": ids}, got, chunk_size=chunk)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert a.offset == b.offset == 30
+            for x, y in zip(a.state, b.state):
+                np.testing.assert_allclose(np.array(x), np.array(y), atol=1e-5, rtol=0, err_msg=f"layer {i}")
+    # And the work is skipped: the MLP of the layer before the KV-shared ones (of the last layer, without
+    # sharing) runs once, at the last position, however many chunks.
+    layer = model.language_model.layers[model.language_model.config.first_kv_shared_layer - 1]
+    mlp, seen = layer.mlp, []
+
+    class Spy(nn.Module):
+        def __call__(self, x):
+            seen.append(x.shape[1])
+            return mlp(x)
+
+    layer.mlp = Spy()
+    try:
+        model.prefill({"input_ids": ids}, model.make_cache(), chunk_size=8)
+    finally:
+        layer.mlp = mlp
+    assert seen == [1]
 
 
 def test_prefill_stops_between_chunks_when_asked(text_pair):
