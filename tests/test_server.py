@@ -191,6 +191,15 @@ def test_media_that_fails_in_the_model_thread_is_a_4xx_too(client, converted_tow
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=converted_towers.name, messages=messages, stream=stream)
         assert "image" in e.value.body["message"].lower()
+        # named as the part the client sent, not as the file the server saved it to
+        assert "messages[0].content[0].image_url" in e.value.body["message"], e.value.body
+        assert "gemma4-serve" not in e.value.body["message"] and "/" not in e.value.body["message"], e.value.body
+    clip = base64.b64encode(b"RIFF not a wave").decode()
+    messages = [{"role": "user", "content": [{"type": "text", "text": "hear"},
+                                             {"type": "input_audio", "input_audio": {"data": clip, "format": "wav"}}]}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=converted_towers.name, messages=messages)
+    assert "messages[0].content[1].input_audio" in e.value.body["message"] and "/" not in e.value.body["message"]
     ok = client.chat.completions.create(model=converted_towers.name, messages=[{"role": "user", "content": "hi"}],
                                         max_tokens=2)
     assert ok.choices[0].finish_reason in ("length", "stop")

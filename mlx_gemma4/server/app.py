@@ -34,7 +34,7 @@ from starlette.routing import Route
 from ..errors import ContextLengthError, InputError
 from . import responses as out
 from .engine import Done, Engine, Job, Piece
-from .requests import ChatRequest, Limits, MediaStore, RequestError, parse_body, parse_chat
+from .requests import ChatRequest, Limits, MediaStore, RequestError, name_saved_media, parse_body, parse_chat
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def create_app(engine: Engine, *, model_id: str, limits: Limits | None = None, a
                     job.cancel.set()
                     return Response(status_code=499)
                 if isinstance(first, Done) and first.error is not None:
-                    raise first.error
+                    raise name_saved_media(first.error, req, media)
                 watcher.cancel()  # from here StreamingResponse watches the connection itself
                 # The background task also runs when the client leaves before the stream's first chunk was asked
                 # for (the generator's own cleanup would never run then).
@@ -119,7 +119,7 @@ def create_app(engine: Engine, *, model_id: str, limits: Limits | None = None, a
                     return Response(status_code=499)
                 if isinstance(event, Done):
                     if event.error is not None:
-                        raise event.error
+                        raise name_saved_media(event.error, req, media)
                     return JSONResponse(reply.completion(), headers=reply.headers())
                 reply.take(event)
         except BaseException:

@@ -139,6 +139,21 @@ def parse_chat(body: dict[str, Any], *, model_id: str, limits: Limits, media: Me
                        tools=tools, enable_thinking=_thinking(body, default_thinking))
 
 
+def name_saved_media(error: BaseException, req: ChatRequest, media: MediaStore) -> BaseException:
+    """``error`` with the files ``media`` wrote for this request named as the parts they came from: the processor
+    names the file it read (a server temp path the client never saw), the client knows ``messages[i].content[j]``."""
+    message = str(error)
+    for i, m in enumerate(req.messages):
+        parts = m["content"] if isinstance(m["content"], list) else []
+        for j, part in enumerate(parts):
+            kind = part.get("type") if isinstance(part, dict) else None
+            path = Path(str(part.get(kind))) if kind in ("image", "audio") else None
+            if path is not None and path.parent == media.folder and str(path) in message:
+                where = f"messages[{i}].content[{j}].{'image_url' if kind == 'image' else 'input_audio'}"
+                message = message.replace(str(path), where).replace(path.name, where)
+    return error if message == str(error) else RequestError(message, param="messages")
+
+
 # -- sampling ------------------------------------------------------------------------------------------------------
 def _number(body: dict[str, Any], name: str, lo: float, hi: float, default: Any) -> Any:
     value = body.get(name)
