@@ -64,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
              "temperature": args.temperature}
     if args.assistant is not None:
         given["assistant"] = str(Path(args.assistant).expanduser().resolve()) if args.assistant else ""
+        if given["assistant"] and not (Path(given["assistant"]) / "config.json").is_file():
+            # refused before it is saved: a wrong path kept as a setting would fail every later start
+            print(f"gemma4-chat: --assistant {args.assistant}: no converted drafter there (no config.json). Pass the "
+                  "folder convert.py wrote for the drafter, or --assistant '' to turn it off.", file=sys.stderr)
+            return 2
     settings = dataclasses.replace(store.load(), **{k: v for k, v in given.items() if v is not None})
     if args.assistant is not None:   # the drafter is kept for the next runs (until --assistant '')
         store.save(settings)

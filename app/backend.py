@@ -96,8 +96,13 @@ def chat_session(model: Any, processor: Any, settings: Settings) -> Session:
     assistant = None
     if settings.assistant:   # a drafter that does not fit the model fails the load, with the reason shown
         from mlx_gemma4.assistant import load_assistant
+        from mlx_gemma4.errors import Gemma4Error
 
-        assistant = load_assistant(settings.assistant, target=model)
+        try:
+            assistant = load_assistant(settings.assistant, target=model)
+        except Gemma4Error as e:  # the drafter is a saved setting: say which one failed and how to drop it
+            raise type(e)(f"The assistant drafter {settings.assistant} did not load: {e} To chat without it, start "
+                          "gemma4-chat with --assistant ''.") from e
     return ChatSession(model, processor, enable_thinking=settings.enable_thinking, assistant=assistant)
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 
-from app.__main__ import parse_args
+import pytest
+
+from app.__main__ import main, parse_args
 from app.backend import Backend, Finished, LoadFailed, ModelLoaded, Settings, Stats
 from app.settings_store import SettingsStore
 from app.widgets.status import status_parts
@@ -70,3 +72,20 @@ def test_assistant_setting_round_trips(tmp_path):
     store.save(Settings(assistant="/x/drafter"))
     assert store.load().assistant == "/x/drafter"
     assert json.loads((tmp_path / "settings.json").read_text())["assistant"] == "/x/drafter"
+
+
+def test_a_drafter_folder_that_is_gone_fails_the_load_saying_how_to_turn_it_off(checkpoint_factory, tmp_path):
+    _, path = checkpoint_factory("e")
+    backend, posted = _backend(path, Settings(assistant=str(tmp_path / "deleted-drafter")))
+    try:
+        [failed] = [m for m in posted if isinstance(m, LoadFailed)]
+        assert "assistant drafter" in failed.error and "--assistant ''" in failed.error, failed.error
+    finally:
+        backend.shutdown()
+
+
+def test_a_wrong_assistant_path_is_refused_before_it_is_saved(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("app.app.ChatApp.run", lambda self: pytest.fail("the app started"))
+    assert main(["--demo", "--data-dir", str(tmp_path), "--assistant", str(tmp_path / "nope")]) == 2
+    assert "--assistant ''" in capsys.readouterr().err
+    assert SettingsStore(tmp_path).load().assistant == ""
