@@ -28,7 +28,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--assistant", default=None, metavar="DIR",
                    help="a converted assistant drafter (convert.py --hf-path google/gemma-4-e2b-it-assistant): "
                         "answers decode speculatively, with the same text; saved as a setting ('' turns it off)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    from .screens.settings import FIELDS  # the ranges the settings screen accepts
+
+    for key, _, _, lo, hi in FIELDS:
+        value = getattr(args, key, None)
+        if value is not None and not lo <= value <= hi:
+            p.error(f"--{key.replace('_', '-')} must be from {lo} to {hi}; got {value}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ import json
 import threading
 from pathlib import Path
 
+import pytest
 from PIL import Image
 from rich.console import Console
 
@@ -159,6 +160,16 @@ def test_command_line_overrides_only_what_it_names(tmp_path, monkeypatch):
     assert (s.temperature, s.enable_thinking, s.system_prompt, s.max_tokens) == (0.2, True, "saved", 9)
     assert ran["demo"] and ran["history"] == tmp_path / "demo"  # demo chats apart from real ones
 
+
+
+@pytest.mark.parametrize("flag,value", [("--temperature", "-3"), ("--max-tokens", "0")])
+def test_command_line_refuses_a_setting_out_of_range(flag, value, capsys):
+    """As the settings screen would: an answer length of 0 failed every message, and only once one was sent."""
+    import app.__main__ as main_mod
+
+    with pytest.raises(SystemExit) as e:
+        main_mod.parse_args([flag, value])
+    assert e.value.code == 2 and f"{flag} must be from" in capsys.readouterr().err
 
 # -- chips, recording bar, activity ----------------------------------------------------------------------
 
