@@ -352,6 +352,24 @@ def test_offline_offers_the_demo_on_one_key(tmp_path, monkeypatch):
     run(go())
 
 
+@pytest.mark.parametrize("size", [SIZE, (60, 20)])
+def test_get_model_buttons_stay_on_a_small_screen(tmp_path, monkeypatch, size):
+    """The longest message (HF_HUB_OFFLINE set) pushed the buttons below the dialog's edge."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    async def go():
+        backend = Backend("gemma-4-E4B-it", lambda progress: (_ for _ in ()).throw(AssertionError("no download")))
+        app = ChatApp(backend, History(tmp_path / "data"), offer_download=True, hub_check=lambda: False)
+        async with app.run_test(size=size) as pilot:
+            await until(pilot, lambda: isinstance(app.screen, GetModelScreen) and app.screen.reachable is False)
+            await pilot.pause()
+            inside = app.screen.query_one("#get-model").content_region
+            for button in ("#demo", "#quit"):
+                region = app.screen.query_one(button).region
+                assert inside.contains_region(region), (button, region, inside)
+    run(go())
+
+
 def test_offline_message_names_hf_hub_offline_only_when_set(tmp_path, monkeypatch):
     from app.model_source import offline_message
 

@@ -12,7 +12,7 @@ from typing import Callable
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Static
 
@@ -35,7 +35,8 @@ class GetModelScreen(ModalScreen[str | None]):
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog", id="get-model"):
             yield Static("No converted Gemma 4 model yet", classes="title")
-            yield Static("Checking whether the Hugging Face hub can be reached…", id="question", markup=False)
+            with VerticalScroll(id="question-box"):
+                yield Static("Checking whether the Hugging Face hub can be reached…", id="question", markup=False)
             with Horizontal(classes="buttons"):
                 yield Button("Download and convert", id="download", variant="primary", disabled=True)
                 yield Button("Demo model (d)", id="demo")
