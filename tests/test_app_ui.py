@@ -370,6 +370,19 @@ def test_get_model_buttons_stay_on_a_small_screen(tmp_path, monkeypatch, size):
     run(go())
 
 
+@pytest.mark.parametrize("size,lines", [(SIZE, 1), ((60, 20), 2)])
+def test_demo_banner_wraps_rather_than_cut(tmp_path, size, lines):
+    async def go():
+        backend = Backend("demo", lambda progress: (None, None), demo=True,
+                          session_factory=lambda m, p, s: ScriptedSession("hi"))
+        app = ChatApp(backend, History(tmp_path / "data"))
+        async with app.run_test(size=size) as pilot:
+            await until(pilot, lambda: app.backend.loaded)
+            await pilot.pause()
+            assert app.chat_screen.query_one("#banner").region.height == lines
+    run(go())
+
+
 def test_offline_message_names_hf_hub_offline_only_when_set(tmp_path, monkeypatch):
     from app.model_source import offline_message
 
