@@ -34,14 +34,17 @@ def resolve(path_or_repo: str | Path, revision: str | None = None, cache_dir: st
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     logger.info("Fetching %s from the Hugging Face hub (only %s)", s, ", ".join(ALLOW_PATTERNS))
+    # 'models/gemma-4-E4B-it-4bit' is a local path and a repo id alike: a typo in the path ends up here
+    no_folder = f" There is no folder {path.absolute()} either; if you meant a local model, check the path."
     try:
         out = snapshot_download(s, revision=revision, cache_dir=cache_dir, allow_patterns=ALLOW_PATTERNS,
                                 local_files_only=local_files_only)
     except RepositoryNotFoundError as e:
-        raise ConfigError(f"The hub has no repo {s!r} (or it is gated: run `hf auth login`). Check the name.") from e
+        raise ConfigError(f"The hub has no repo {s!r} (or it is gated: run `hf auth login`). Check the name."
+                          + no_folder) from e
     except LocalEntryNotFoundError as e:
         raise WeightsError(f"{s} is not in the local hub cache and downloading is off or failed ({e}). "
-                           "Connect to the network or unset HF_HUB_OFFLINE, then try again.") from e
+                           "Connect to the network or unset HF_HUB_OFFLINE, then try again." + no_folder) from e
     except HfHubHTTPError as e:
         raise WeightsError(f"Downloading {s} failed: {e}. Try again, or download it and pass the directory.") from e
     return Path(out)

@@ -47,6 +47,13 @@ def test_hub_id_resolves_through_the_cache_offline(tmp_path):
         resolve("not a repo id/../x")
 
 
+def test_a_local_path_with_a_typo_is_named_as_missing_too(tmp_path, monkeypatch):
+    """'models/x' reads as a hub repo id too; offline, the message only spoke of the hub cache."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(WeightsError, match=f"no folder {tmp_path / 'models' / 'typo'} either"):
+        resolve("models/typo", cache_dir=tmp_path / "cache", local_files_only=True)
+
+
 def test_load_eager_and_with_processor(tmp_path):
     src = save_checkpoint(make_model("e"), tmp_path / "src")
     make_tokenizer(src)
