@@ -168,6 +168,8 @@ BAD = [
     (dict(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="always"),
      openai.BadRequestError, "'tool_choice' must be 'auto', 'none', 'required'"),
     (dict(tool_choice="required"), openai.BadRequestError, "no 'tools' were given"),
+    (dict(messages=[{"role": "user", "content": [{"type": "text", "text": 5}]}]), openai.BadRequestError,
+     "messages[0].content[0].text must be a string; got int"),
 ]
 
 

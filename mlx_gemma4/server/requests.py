@@ -336,7 +336,10 @@ def _tool_result(content: Any) -> Any:
 
 def _part(p: Any, where: str, role: str, limits: Limits, media: MediaStore) -> dict[str, Any]:
     kind = p.get("type") if isinstance(p, dict) else None
-    if kind == "text" and isinstance(p.get("text"), str):
+    if kind == "text":
+        if not isinstance(p.get("text"), str):
+            raise RequestError(f"{where}.text must be a string; got {type(p.get('text')).__name__}.",
+                               param="messages")
         return {"type": "text", "text": p["text"]}
     if kind == "image_url":
         url = p.get("image_url")
