@@ -83,6 +83,12 @@ def test_status_shortens_by_priority():
         assert part in narrow
 
 
+def test_status_of_an_answer_stopped_before_its_first_token_shows_no_speed():
+    s = Stats(prompt_tokens=130, prompt_tps=900, peak_memory_gb=0.02, context_used=835, context_limit=4096)
+    line = fit(status_parts("demo", "", False, s), 200)
+    assert "TTFT" not in line and "0.0 tok/s" not in line and "prompt 900 tok/s" in line, line
+
+
 def test_ctrl_j_is_a_new_line_and_help_fits(tmp_path):
     async def go():
         app = make_app(tmp_path)

@@ -28,12 +28,13 @@ def status_parts(model: str, state: str, thinking: bool, s: Stats) -> list[tuple
         parts.append((10, state, state))
     parts.append((3, "thinking on" if thinking else "thinking off", "think" if thinking else ""))
     if s.generation_tokens or s.prompt_tokens:
-        parts += [
-            (8, f"TTFT {s.ttft:.2f}s", f"TTFT {s.ttft:.1f}s"),
+        if s.generation_tokens:  # stopped before its first token: no time to first token, no speed
+            parts.append((8, f"TTFT {s.ttft:.2f}s", f"TTFT {s.ttft:.1f}s"))
+        parts.append(
             (2, f"prompt {s.cached_tokens} cached" if s.cached_tokens and not s.prompt_tokens  # answered again
-             else f"prompt {s.prompt_tps:.0f} tok/s" + (f" +{s.cached_tokens} cached" if s.cached_tokens else ""), ""),
-            (8, f"{s.generation_tps:.1f} tok/s", f"{s.generation_tps:.0f} tok/s"),
-        ]
+             else f"prompt {s.prompt_tps:.0f} tok/s" + (f" +{s.cached_tokens} cached" if s.cached_tokens else ""), ""))
+        if s.generation_tokens:
+            parts.append((8, f"{s.generation_tps:.1f} tok/s", f"{s.generation_tps:.0f} tok/s"))
         if s.acceptance is not None:   # speculative decoding: the share of drafted tokens the model kept
             parts.append((4, f"drafts {s.acceptance:.0%} kept", f"{s.acceptance:.0%} kept"))
         if s.peak_memory_gb:
