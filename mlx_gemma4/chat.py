@@ -277,7 +277,9 @@ class ChatSession:
         marks = {m for m in self._turn_starts(enc) if start < m <= end}
         cuts = sorted({e for s, e, _ in enc.items if start < e < end} | marks | {end})
         first = start
-        report = None if progress is None else (lambda base: lambda d, t: progress(base - first + d, end - first))
+        # the total is the whole prompt's, as the generation loop reports it for the rest: one bar, not two
+        report = None if progress is None else (lambda base: lambda d, t: progress(base - first + d,
+                                                                                    len(enc.ids) - first))
         try:
             for cut in cuts:
                 if start >= cut:

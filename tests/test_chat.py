@@ -330,3 +330,15 @@ def test_an_edited_last_message_and_a_stop_before_the_first_token(loaded):
     assert r.token == -1 and r.finish_reason == "cancelled" and session.last_reused == session.context_used == L
     out = tokens(session.stream(original, max_tokens=12, **GREEDY))
     assert session.last_reused == L and out == fresh(model, processor, original, 12)
+
+
+def test_progress_counts_against_the_whole_prompt(loaded):
+    """The prompt is read in two passes (up to the last user turn, then the rest); both report one total."""
+    model, processor = loaded
+    messages = convo("hello there " * 20, "hi! how are you", "fine, and you? " * 20)
+    calls = []
+    tokens(ChatSession(model, processor).stream(messages, max_tokens=1, prefill_chunk=16, progress=lambda d, t:
+                                                calls.append((d, t)), **GREEDY))
+    L = len(ChatSession(model, processor).encode(messages).ids)
+    assert {t for _, t in calls} == {L}, calls
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
