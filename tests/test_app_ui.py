@@ -114,6 +114,19 @@ def test_ctrl_j_is_a_new_line_and_help_fits(tmp_path):
 # -- settings --------------------------------------------------------------------------------------------
 
 
+def test_settings_at_60x20_cut_no_label_and_keep_save(tmp_path):
+    async def go():
+        app = make_app(tmp_path)
+        async with app.run_test(size=(60, 20)) as pilot:
+            await until(pilot, lambda: app.backend.loaded)
+            await pilot.press("f2")
+            await pilot.pause()
+            label = app.screen.query_one("#system-label")
+            assert label.region.height == 2  # wrapped: the whole sentence shows
+            assert inside(app.screen.query_one("#save"), 60, 20)
+    run(go())
+
+
 def test_settings_fit_focus_first_field_and_persist(tmp_path):
     async def go():
         store = SettingsStore(tmp_path / "data")

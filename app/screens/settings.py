@@ -45,7 +45,7 @@ class SettingsScreen(ModalScreen[Settings | None]):
             yield Static("Settings · Ctrl+S saves · Esc cancels", classes="title")
             if self.model_info:
                 yield Static(self.model_info, id="model-info", markup=False)
-            yield Label("System prompt (a change starts a new conversation)")
+            yield Label("System prompt (a change starts a new conversation)", id="system-label")
             yield TextArea(s.system_prompt, id="system_prompt", soft_wrap=True, compact=True)
             with Grid(id="fields"):
                 yield Label("Thinking")
