@@ -170,6 +170,7 @@ BAD = [
     (dict(tool_choice="required"), openai.BadRequestError, "no 'tools' were given"),
     (dict(messages=[{"role": "user", "content": [{"type": "text", "text": 5}]}]), openai.BadRequestError,
      "messages[0].content[0].text must be a string; got int"),
+    (dict(extra_body={"temprature": 0}), openai.BadRequestError, "Unknown field(s) 'temprature'"),
 ]
 
 

@@ -27,6 +27,15 @@ _DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?:;[\w-]+=[^;,]*)*;ba
 _IMAGE_EXT = {"image/png": ".png", "image/jpeg": ".jpg", "image/jpg": ".jpg", "image/webp": ".webp",
               "image/gif": ".gif", "image/bmp": ".bmp"}
 _AUDIO_FORMATS = {"wav", "mp3", "flac", "ogg"}
+# What a chat-completions body may hold: OpenAI's fields (honoured, refused when they cannot be, or harmless to
+# ignore, like 'user') and the sampling extensions other local servers take. Any other name is a typo to report,
+# not a setting to drop in silence ('temprature': 0 would otherwise sample at 1.0).
+_FIELDS = {"model", "messages", "audio", "frequency_penalty", "function_call", "functions", "logit_bias", "logprobs",
+           "max_completion_tokens", "max_tokens", "metadata", "modalities", "n", "parallel_tool_calls", "prediction",
+           "presence_penalty", "prompt_cache_key", "reasoning_effort", "response_format", "safety_identifier",
+           "seed", "service_tier", "stop", "store", "stream", "stream_options", "temperature", "tool_choice", "tools",
+           "top_logprobs", "top_p", "user", "verbosity", "web_search_options",
+           "top_k", "min_p", "repetition_penalty", "chat_template_kwargs"}
 
 
 class RequestError(InputError):
@@ -117,6 +126,11 @@ def parse_chat(body: dict[str, Any], *, model_id: str, limits: Limits, media: Me
     if model is not None and model != model_id:
         raise RequestError(f"The model {model!r} is not served here; this server serves {model_id!r} "
                            "(see GET /v1/models).", status=404, param="model", code="model_not_found")
+    unknown = sorted(set(body) - _FIELDS)
+    if unknown:
+        raise RequestError(f"Unknown field(s) {', '.join(map(repr, unknown))} in the request; check the name (this "
+                           "server reads OpenAI's chat-completions fields and top_k, min_p, repetition_penalty, "
+                           "chat_template_kwargs).", param=unknown[0])
     _refuse_unsupported(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
