@@ -83,10 +83,10 @@ class ChatSession:
         self.tools = tools  # functions or JSON schemas (see tools.tool_schema), declared in every turn
         tool_schemas(tools)  # checked now, not at the first turn
         if assistant is not None:
-            from .speculative import check_draft_tokens
+            from .speculative import check_assistant, check_draft_tokens
 
             check_draft_tokens(draft_tokens)
-            assistant.check_fits(model)
+            check_assistant(assistant, model)
         self.assistant, self.draft_tokens = assistant, draft_tokens
         self.model = model
         self.processor = processor

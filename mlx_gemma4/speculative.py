@@ -160,6 +160,16 @@ def check_draft_tokens(draft_tokens: Any) -> None:
                          f"got {draft_tokens!r}.")
 
 
+def check_assistant(assistant: Any, model) -> None:
+    """``assistant`` must be a drafter from ``load_assistant`` made for ``model``."""
+    from .assistant import Assistant
+
+    if not isinstance(assistant, Assistant):
+        raise InputError(f"assistant must be a drafter loaded with load_assistant(DIR, target=model); got "
+                         f"{type(assistant).__name__}.")
+    assistant.check_fits(model)
+
+
 class SpeculativeLoop:
     """A token loop with a drafter: iterating yields ``(token, logprobs)`` like ``generation.TokenLoop`` (same
     ``finish_reason`` and ``fed``), plus ``drafted`` / ``accepted``: drafted tokens and kept drafts so far."""
@@ -171,7 +181,7 @@ class SpeculativeLoop:
                  on_prefilled: Callable[[PromptEnd], None] | None = None, prefilled: PromptEnd | None = None,
                  draft_tokens: int | None = None):
         check_draft_tokens(draft_tokens)
-        assistant.check_fits(model)
+        check_assistant(assistant, model)
         self.model, self.assistant, self.inputs, self.start = model, assistant, inputs, start
         self.lengths = DraftLength(draft_tokens) if draft_tokens is not None else automatic_policy(model, assistant)
         if cache is None:

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from mlx_gemma4 import ConfigError, InputError, load_assistant
+from mlx_gemma4 import ChatSession, ConfigError, InputError, load_assistant
 from mlx_gemma4.assistant import AssistantConfig
+from mlx_gemma4.generation import generate_step
 from tests import helpers, tiny
 
 
@@ -80,6 +81,15 @@ def test_a_drafter_for_another_head_size_does_not_fit(text_pair):
     draft = helpers.assistant_from(tiny.make_assistant("e", head_dim=8))
     with pytest.raises(InputError, match="sliding_attention head size is 8"):
         draft.check_fits(target)
+
+
+def test_an_assistant_that_is_not_a_drafter_is_an_input_error(text_pair):
+    """A path passed where load_assistant's result goes was an AttributeError ('str' has no 'check_fits')."""
+    _, target = text_pair("e")
+    with pytest.raises(InputError, match="load_assistant"):
+        generate_step(target, {"input_ids": mx.array([[2, 5, 6]], dtype=mx.int32)}, assistant="models/drafter")
+    with pytest.raises(InputError, match="load_assistant"):
+        ChatSession(target, None, assistant="models/drafter")
 
 
 def test_assistant_config_refuses_other_models(tmp_path):
