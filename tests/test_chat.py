@@ -342,3 +342,12 @@ def test_progress_counts_against_the_whole_prompt(loaded):
     L = len(ChatSession(model, processor).encode(messages).ids)
     assert {t for _, t in calls} == {L}, calls
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+def test_no_messages_is_an_input_error(loaded):
+    """transformers' own ValueError reached the caller, outside the Gemma4Error family."""
+    model, processor = loaded
+    with pytest.raises(InputError, match="no messages"):
+        list(ChatSession(model, processor).stream([], max_tokens=1))
+    with pytest.raises(InputError, match="no messages"):
+        processor.apply_chat_template([])

@@ -274,6 +274,9 @@ class Tokenizer:
         from ..tool_use import prepare_messages
         from ..tools import tool_schemas
 
+        if isinstance(messages, (list, tuple)) and not messages:  # transformers' ValueError, as an InputError
+            raise InputError("There are no messages to render; pass at least one, like {'role': 'user', "
+                             "'content': 'Hello'}.")
         prompt = self.hf.apply_chat_template(
             prepare_messages(messages), chat_template=self.chat_template, tools=tool_schemas(tools),
             add_generation_prompt=add_generation_prompt,
