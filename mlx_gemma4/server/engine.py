@@ -11,11 +11,14 @@ next chunk or token, or before it starts if it is still waiting.
 
 from __future__ import annotations
 
+import gc
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+import mlx.core as mx
 
 from ..chat import ChatResponse
 from .requests import RequestError
@@ -142,6 +145,13 @@ class Engine:
             job = self._jobs.get()
             if job is None:
                 self._drain()
+                # The model and MLX's streams of this thread go with it: left to the interpreter's exit, they
+                # aborted the process now and then ("terminate called without an active exception",
+                # ml-explore/mlx#3126).
+                self.session = None
+                gc.collect()
+                if hasattr(mx, "clear_streams"):  # recent MLX
+                    mx.clear_streams()
                 return
             if not isinstance(job, Job):
                 job()
