@@ -106,6 +106,17 @@ def chat_session(model: Any, processor: Any, settings: Settings) -> Session:
     return ChatSession(model, processor, enable_thinking=settings.enable_thinking, assistant=assistant)
 
 
+def release_mlx_thread() -> None:
+    """Free what MLX made on the calling thread (its arrays no longer referenced, then its streams)."""
+    import gc
+
+    import mlx.core as mx
+
+    gc.collect()
+    if hasattr(mx, "clear_streams"):  # recent MLX
+        mx.clear_streams()
+
+
 # Control characters (a random model writes plenty) would reach the terminal; tabs and newlines stay.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
@@ -254,6 +265,10 @@ class Backend:
                 future.set_result(fn(*args))
             except BaseException as e:  # the caller looks at the future; the thread goes on
                 future.set_exception(e)
+        # The model and MLX's streams of this thread go with it: left to the interpreter's exit, they aborted the
+        # process now and then ("terminate called without an active exception", ml-explore/mlx#3126).
+        self.session = self.model = self.processor = None
+        release_mlx_thread()
 
     @property
     def thread_alive(self) -> bool:

@@ -181,6 +181,34 @@ def test_command_line_overrides_only_what_it_names(tmp_path, monkeypatch):
 
 
 
+_LOAD_ANSWER_QUIT = """
+import sys
+from app.backend import Backend
+from mlx_gemma4 import load
+backend = Backend("tiny", lambda progress: load(sys.argv[1]))
+backend.load(lambda event: None).result()
+backend.generate(lambda event: None, 1, 1, [{"role": "user", "content": "hi"}]).result()
+backend.shutdown()
+"""
+
+
+def test_process_exits_cleanly_after_the_backend_shuts_down(checkpoint_factory, tmp_path):
+    """MLX arrays made on the model's thread and alive at exit aborted the process now and then (quitting the app:
+    exit code 134, 'terminate called without an active exception'; a 4-bit model did it most)."""
+    import subprocess
+    import sys
+
+    from mlx_gemma4.conversion import convert
+
+    _, src = checkpoint_factory("e")
+    model = convert(src, tmp_path / "q4", q_bits=4, q_group_size=32, dtype="float32")
+    root = Path(__file__).resolve().parents[1]
+    for _ in range(6):
+        done = subprocess.run([sys.executable, "-c", _LOAD_ANSWER_QUIT, str(model)], cwd=root, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0 and "terminate called" not in done.stderr, done.stderr[-500:]
+
+
 @pytest.mark.parametrize("flag,value", [("--temperature", "-3"), ("--max-tokens", "0")])
 def test_command_line_refuses_a_setting_out_of_range(flag, value, capsys):
     """As the settings screen would: an answer length of 0 failed every message, and only once one was sent."""
