@@ -6,9 +6,8 @@ import argparse
 import dataclasses
 import logging
 import sys
-from pathlib import Path
 
-from .model_source import DEFAULT_NAME, ModelNotFound, load_fn, resolve
+from .model_source import DEFAULT_NAME, ModelNotFound, drafter_dir, load_fn, resolve
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,11 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     given = {"system_prompt": args.system, "enable_thinking": args.thinking, "max_tokens": args.max_tokens,
              "temperature": args.temperature}
     if args.assistant is not None:
-        given["assistant"] = str(Path(args.assistant).expanduser().resolve()) if args.assistant else ""
-        if given["assistant"] and not (Path(given["assistant"]) / "config.json").is_file():
-            # refused before it is saved: a wrong path kept as a setting would fail every later start
-            print(f"gemma4-chat: --assistant {args.assistant}: no converted drafter there (no config.json). Pass the "
-                  "folder convert.py wrote for the drafter, or --assistant '' to turn it off.", file=sys.stderr)
+        given["assistant"], problem = drafter_dir(args.assistant)
+        if problem:  # refused before it is saved: a wrong path kept as a setting would fail every later start
+            print(f"gemma4-chat: --assistant {args.assistant}: {problem}. Pass the folder convert.py wrote for the "
+                  "drafter, or --assistant '' to turn it off.", file=sys.stderr)
             return 2
     settings = dataclasses.replace(store.load(), **{k: v for k, v in given.items() if v is not None})
     if args.assistant is not None:   # the drafter is kept for the next runs (until --assistant '')

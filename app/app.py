@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Iterable
 
 from textual import on
@@ -9,7 +10,7 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
-from .backend import Backend
+from .backend import AssistantChanged, AssistantRefused, Backend
 from .history import History
 from .model_source import DEFAULT_NAME, hub_reachable, models_dir
 from .recorder import Recorder
@@ -114,6 +115,22 @@ class ChatApp(App):
         """Show a saved conversation; the model picks it up from the history store with the next message."""
         self.chat_screen.open_conversation(conversation_id)
 
+    @on(AssistantChanged)
+    def assistant_changed(self, event: AssistantChanged) -> None:
+        self.backend.settings = replace(self.backend.settings, assistant=event.path)
+        self.save_settings()
+        status = self.chat_screen.query_one("#status")
+        status.stats = replace(status.stats, drafted_tokens=0, accepted_tokens=0)  # the last turn's drafts
+        self.chat_screen.count_context()  # a new session: its cache starts empty
+        self.notify(f"Drafter {event.path} in use: answers decode speculatively, with the same text."
+                    if event.path else "Drafter off: answers decode without one.")
+
+    @on(AssistantRefused)
+    def assistant_refused(self, event: AssistantRefused) -> None:
+        kept = self.backend.settings.assistant or "none"
+        self.notify(f"The drafter {event.path} was not taken: {event.error} The drafter stays as it was ({kept}).",
+                    severity="error", timeout=12)
+
     @on(ConversationsScreen.Deleted)
     def conversation_deleted(self, event: ConversationsScreen.Deleted) -> None:
         if event.conversation_id == self.chat_screen.conversation_id:
@@ -132,8 +149,11 @@ class ChatApp(App):
         def saved(new) -> None:
             if new is None:
                 return
-            self.backend.settings = new
+            # a new drafter is kept once the model's thread has loaded it and found that it fits
+            self.backend.settings = replace(new, assistant=old.assistant)
             self.save_settings()
+            if new.assistant != old.assistant:
+                self.backend.set_assistant(self.chat_screen.post_message, new.assistant)
             self.chat_screen.query_one("#status").thinking = new.enable_thinking
             if new.system_prompt != old.system_prompt:
                 self.chat_screen.action_new_conversation()
@@ -174,5 +194,5 @@ class ChatApp(App):
         yield SystemCommand("Conversations", "Resume, delete or export saved chats (Ctrl+L)", self.action_conversations)
         yield SystemCommand("Export conversation", "Save this chat as Markdown", self.action_export)
         yield SystemCommand("Drop oldest turn", "Make room in the context", chat.drop_oldest_turn)
-        yield SystemCommand("Settings", "System prompt, thinking, sampling (F2)", self.action_settings)
+        yield SystemCommand("Settings", "System prompt, thinking, sampling, drafter (F2)", self.action_settings)
         yield SystemCommand("Help", "Keys and commands (F1)", self.action_help)

@@ -23,7 +23,7 @@ import threading
 import time
 from concurrent.futures import Future
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 from textual.message import Message
@@ -101,8 +101,8 @@ def chat_session(model: Any, processor: Any, settings: Settings) -> Session:
         try:
             assistant = load_assistant(settings.assistant, target=model)
         except Gemma4Error as e:  # the drafter is a saved setting: say which one failed and how to drop it
-            raise type(e)(f"The assistant drafter {settings.assistant} did not load: {e} To chat without it, start "
-                          "gemma4-chat with --assistant ''.") from e
+            raise type(e)(f"The assistant drafter {settings.assistant} did not load: {e} To chat without it, clear "
+                          "the drafter folder in the settings (F2), or start gemma4-chat with --assistant ''.") from e
     return ChatSession(model, processor, enable_thinking=settings.enable_thinking, assistant=assistant)
 
 
@@ -160,6 +160,21 @@ class ModelLoaded(Message):
 
 @dataclass
 class LoadFailed(Message):
+    error: str
+
+
+@dataclass
+class AssistantChanged(Message):
+    """The drafter in `path` is in use ("" : none); answers from now on decode with it."""
+
+    path: str
+
+
+@dataclass
+class AssistantRefused(Message):
+    """The drafter in `path` could not be used (`error` says why); the one before stays."""
+
+    path: str
     error: str
 
 
@@ -297,6 +312,27 @@ class Backend:
             post(LoadFailed(self.load_error))
             return
         post(ModelLoaded(self.name, self.session.context_limit))
+
+    def set_assistant(self, post: Post, path: str) -> Future:
+        """Use the drafter in `path` ("" drops it) from the next answer on, once the jobs before it are done; posts
+        AssistantChanged, or AssistantRefused when it does not load or does not fit the model. The session (and
+        its cache) is made anew. `settings.assistant` is left to the caller, who keeps it on a refusal."""
+        return self._submit(self._set_assistant, post, path)
+
+    def _set_assistant(self, post: Post, path: str) -> None:
+        from mlx_gemma4.errors import Gemma4Error
+
+        if self.model is not None:  # no model (its load failed): the next load uses the setting
+            try:
+                session = self.session_factory(self.model, self.processor, replace(self.settings, assistant=path))
+            except Gemma4Error as e:
+                reason = e.__cause__ if isinstance(e.__cause__, Gemma4Error) else e  # without the start-up advice
+                post(AssistantRefused(path, str(reason)))
+                return
+            loaded, self.session, self.load_error = self.loaded, session, None
+            if not loaded:  # the drafter saved before failed the load: the model is there, now with a session
+                post(ModelLoaded(self.name, session.context_limit))
+        post(AssistantChanged(path))
 
     # -- generation --------------------------------------------------------------------------------
 

@@ -46,6 +46,25 @@ class ModelChoice:
 # -- where conversions are ---------------------------------------------------------------------------
 
 
+def drafter_dir(folder: str) -> tuple[str, str | None]:
+    """(the folder as saved, resolved; what is wrong with it or None): a drafter setting must name the folder
+    convert.py wrote for an assistant drafter ("" turns it off and is always fine)."""
+    if not folder.strip():
+        return "", None
+    path = Path(folder.strip()).expanduser().resolve()
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except FileNotFoundError:
+        return str(path), "no converted drafter there (no config.json)"
+    except (OSError, ValueError, AttributeError) as e:
+        return str(path), f"its config.json cannot be read ({e})"
+    from mlx_gemma4.assistant import ASSISTANT_TYPES
+
+    if model_type not in ASSISTANT_TYPES:
+        return str(path), f"that is not an assistant drafter (config.json has model_type={model_type!r})"
+    return str(path), None
+
+
 def models_dir(data: Path) -> Path:
     return data / "models"
 

@@ -1,17 +1,22 @@
-"""The app with an assistant drafter: --assistant is kept as a setting, the backend decodes speculatively with the
-same answer, and the status bar shows the share of drafts kept."""
+"""The app with an assistant drafter: --assistant and the settings screen's drafter folder are kept as a setting,
+the backend decodes speculatively with the same answer, and the status bar shows the share of drafts kept."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
 from app.__main__ import main, parse_args
+from app.app import ChatApp
 from app.backend import Backend, Finished, LoadFailed, ModelLoaded, Settings, Stats
+from app.history import History
+from app.screens.settings import SettingsScreen
 from app.settings_store import SettingsStore
 from app.widgets.status import status_parts
 from tests import tiny
+from tests.app_helpers import record_notes, send, until
 
 
 def _backend(path, settings: Settings) -> tuple[Backend, list]:
@@ -89,3 +94,113 @@ def test_a_wrong_assistant_path_is_refused_before_it_is_saved(tmp_path, capsys, 
     assert main(["--demo", "--data-dir", str(tmp_path), "--assistant", str(tmp_path / "nope")]) == 2
     assert "--assistant ''" in capsys.readouterr().err
     assert SettingsStore(tmp_path).load().assistant == ""
+
+
+# -- the drafter folder in the settings screen (F2) ------------------------------------------------------
+
+
+def _drafter(tmp_path, name: str, **kw):
+    """A converted tiny drafter for the "e" checkpoints (kw such as head_dim=8 make one that does not fit)."""
+    from mlx_gemma4.conversion import convert
+
+    tiny.make_assistant("e", ordered=True, **kw).save_pretrained(tmp_path / f"{name}-src", safe_serialization=True)
+    return convert(tmp_path / f"{name}-src", tmp_path / name, dtype="float32")
+
+
+def _app(path, tmp_path, settings: Settings):
+    from mlx_gemma4.weights import load
+
+    store = SettingsStore(tmp_path / "data")
+    store.save(settings)
+    backend = Backend("tiny", lambda progress: load(path), settings=settings)
+    return record_notes(ChatApp(backend, History(tmp_path / "data"), settings_store=store)), store
+
+
+async def _set_drafter(pilot, folder: str) -> None:
+    await pilot.press("f2")
+    await until(pilot, lambda: isinstance(pilot.app.screen, SettingsScreen))
+    pilot.app.screen.query_one("#assistant").value = folder
+    await pilot.press("ctrl+s")
+
+
+def _status_text(app) -> str:
+    status = app.chat_screen.query_one("#status")
+    return " ".join(full for _, full, _ in status_parts("m", "", False, status.stats))
+
+
+def test_the_drafter_is_set_and_dropped_in_the_settings_without_a_restart(checkpoint_factory, tmp_path):
+    _, path = checkpoint_factory("e")
+    drafter = _drafter(tmp_path, "drafter")
+
+    async def go():
+        app, store = _app(path, tmp_path, Settings(temperature=0.0, max_tokens=8))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await until(pilot, lambda: app.backend.loaded)
+            await _set_drafter(pilot, str(drafter))
+            await until(pilot, lambda: app.backend.settings.assistant == str(drafter))
+            assert app.backend.session.assistant is not None
+            assert store.load().assistant == str(drafter)
+            await send(pilot, "hello there")
+            await until(pilot, lambda: not app.chat_screen.generating and app.history.latest() is not None
+                        and len(app.history.messages(app.history.latest().id)) == 2)
+            assert "kept" in _status_text(app)
+            await _set_drafter(pilot, "")
+            await until(pilot, lambda: app.backend.settings.assistant == "")
+            assert app.backend.session.assistant is None and store.load().assistant == ""
+            assert "kept" not in _status_text(app)  # the last turn's drafts are not shown as the drafter's now
+            assert any("Drafter off" in n for n in app.notes)
+    asyncio.run(go())
+
+
+def test_a_folder_with_no_drafter_is_refused_in_the_settings(checkpoint_factory, tmp_path):
+    _, path = checkpoint_factory("e")
+    (tmp_path / "empty").mkdir()
+
+    async def go():
+        app, store = _app(path, tmp_path, Settings())
+        async with app.run_test(size=(80, 24)) as pilot:
+            await until(pilot, lambda: app.backend.loaded)
+            await _set_drafter(pilot, str(tmp_path / "empty"))
+            await pilot.pause()
+            assert isinstance(app.screen, SettingsScreen)  # stays open, saying what is wrong
+            error = str(app.screen.query_one("#error").render())
+            assert "no converted drafter there" in error and "leave it empty" in error, error
+            app.screen.query_one("#assistant").value = str(path)  # a model, not a drafter
+            await pilot.press("ctrl+s")
+            await pilot.pause()
+            assert "not an assistant drafter" in str(app.screen.query_one("#error").render())
+        assert app.backend.settings.assistant == "" and store.load().assistant == ""
+    asyncio.run(go())
+
+
+def test_a_drafter_that_does_not_fit_is_refused_and_the_old_one_kept(checkpoint_factory, tmp_path):
+    _, path = checkpoint_factory("e")
+    good, bad = _drafter(tmp_path, "good"), _drafter(tmp_path, "bad", head_dim=8)
+
+    async def go():
+        app, store = _app(path, tmp_path, Settings(assistant=str(good)))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await until(pilot, lambda: app.backend.loaded)
+            session = app.backend.session
+            await _set_drafter(pilot, str(bad))
+            await until(pilot, lambda: any("not taken" in n for n in app.notes))
+            [note] = [n for n in app.notes if "not taken" in n]
+            assert "does not fit" in note and str(good) in note, note
+            assert app.backend.settings.assistant == str(good) and store.load().assistant == str(good)
+            assert app.backend.session is session  # the drafter in use goes on
+    asyncio.run(go())
+
+
+def test_clearing_a_drafter_that_failed_the_load_brings_the_model_up(checkpoint_factory, tmp_path):
+    _, path = checkpoint_factory("e")
+    bad = _drafter(tmp_path, "bad", head_dim=8)
+
+    async def go():
+        app, store = _app(path, tmp_path, Settings(assistant=str(bad)))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await until(pilot, lambda: app.backend.load_error is not None)
+            assert "settings (F2)" in app.backend.load_error
+            await _set_drafter(pilot, "")
+            await until(pilot, lambda: app.backend.loaded)
+            assert app.backend.session.assistant is None and store.load().assistant == ""
+    asyncio.run(go())

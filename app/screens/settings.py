@@ -1,4 +1,4 @@
-"""Settings: system prompt, thinking, sampling, answer length; plus what model is loaded.
+"""Settings: system prompt, thinking, sampling, answer length, the assistant drafter; plus what model is loaded.
 
 Laid out to fit 80x24 whole (compact fields, two to a row), with the focus on the first field.
 """
@@ -16,6 +16,7 @@ from textual.validation import Number
 from textual.widgets import Button, Input, Label, Static, Switch, TextArea
 
 from ..backend import Settings
+from ..model_source import drafter_dir
 
 FIELDS = [  # (id, label, type, min, max)
     ("temperature", "Temperature", float, 0.0, 2.0),
@@ -54,6 +55,10 @@ class SettingsScreen(ModalScreen[Settings | None]):
                     yield Label(label)
                     yield Input(str(getattr(s, key)), id=key, type="number" if kind is float else "integer",
                                 validators=[Number(minimum=lo, maximum=hi)], compact=True)
+            with Horizontal(id="drafter-row"):
+                yield Label("Drafter folder")
+                yield Input(s.assistant, id="assistant", placeholder="none: answers decode without a drafter",
+                            compact=True)
             yield Static("", id="error")
             with Horizontal(classes="buttons"):
                 yield Button("Save", id="save", variant="primary", compact=True)
@@ -73,6 +78,13 @@ class SettingsScreen(ModalScreen[Settings | None]):
                 field.focus()
                 return
             values[key] = kind(float(field.value))
+        field = self.query_one("#assistant", Input)
+        values["assistant"], problem = drafter_dir(field.value)
+        if problem:  # the app checks that it fits the model once the dialog closes
+            self.query_one("#error", Static).update(f"Drafter folder {values['assistant']}: {problem}. Give the "
+                                                    "folder convert.py wrote for the drafter, or leave it empty.")
+            field.focus()
+            return
         values["system_prompt"] = self.query_one("#system_prompt", TextArea).text.strip()
         values["enable_thinking"] = self.query_one("#enable_thinking", Switch).value
         self.dismiss(replace(self.settings, **values))
