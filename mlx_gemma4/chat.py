@@ -36,7 +36,7 @@ from .generation import (GenerationResponse, PromptEnd, cancelled_response, chec
                          prefill, stream_tokens)
 from .processing.chat_prompt import ChatEncoder, EncodedChat, Stopped, stack_inputs, strip_placeholders
 from .processing.tokenizer import split_thinking
-from .tool_use import Answer, AnswerStream, forced_call, tool_result_message
+from .tool_use import Answer, AnswerStream, forced_call, prepare_messages, tool_result_message
 from .tools import ToolCall, tool_schemas
 
 _MAX_SNAPSHOTS = 6
@@ -80,6 +80,8 @@ class ChatSession:
         """``assistant`` (from ``load_assistant``) makes every answer decode speculatively, ``draft_tokens`` per
         round (None: chosen as it goes); the answers are the same."""
         check_positive_int("prefill_chunk", prefill_chunk)
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise InputError(f"system_prompt must be a string or None; got a {type(system_prompt).__name__}.")
         self.tools = tools  # functions or JSON schemas (see tools.tool_schema), declared in every turn
         tool_schemas(tools)  # checked now, not at the first turn
         if assistant is not None:
@@ -323,6 +325,10 @@ class ChatSession:
     def load_messages(self, messages: list[dict[str, Any]]) -> None:
         """Replace the conversation (e.g. resuming a saved chat). Media parts carry their source under their
         kind's key or "path": ``{"type": "image", "image": "cat.png"}``. History is treated like live turns."""
+        if not isinstance(messages, list):
+            raise InputError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts; got a "
+                             f"{type(messages).__name__}.")
+        prepare_messages(messages)  # roles and tool results checked now, not at the next turn
         self.messages = [dict(m) for m in messages]
 
     def send(self, text: str, images=None, audio=None, videos=None, **gen_kwargs) -> Iterator[GenerationResponse]:
@@ -362,6 +368,7 @@ class ChatSession:
 
     def drop_oldest_turns(self, n: int = 1) -> None:
         """Remove the ``n`` oldest user/model exchanges; the next turn reuses whatever prefix still matches."""
+        check_positive_int("n (how many of the oldest exchanges to drop)", n)
         start = 1 if self.messages and self.messages[0]["role"] == "system" else 0
         for _ in range(n):
             if start >= len(self.messages):

@@ -180,6 +180,21 @@ def is_parts(content: Any) -> bool:
             and all(isinstance(p, dict) and (p.get("type") == "text" or p.get("type") in BY_KIND) for p in content))
 
 
+# What the chat template renders: a system (or, as OpenAI spells it, developer) prompt, then user turns, the model's
+# turns and tool results. "developer" is the system prompt only as the first message; later the template would
+# write it as a turn of a role the model does not know.
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def check_role(role: Any, i: int) -> None:
+    """Raise InputError unless message ``i`` may have ``role``."""
+    if role not in ROLES:
+        raise InputError(f"Message {i} has the role {role!r}; use one of " + ", ".join(map(repr, ROLES)) + ".")
+    if role == "developer" and i > 0:
+        raise InputError(f"Message {i} has the role 'developer', which the chat template reads only as the first "
+                         "message (the system prompt); move it first or make it a 'system' or 'user' message.")
+
+
 def prepare_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``messages`` in the form the chat template renders (the list and its messages are not changed):
     arguments given as JSON strings are parsed, tool results without media move onto their assistant message's
@@ -192,6 +207,7 @@ def prepare_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         m = messages[i]
         if not isinstance(m, dict) or "role" not in m:
             raise InputError(f"Message {i} is {m!r}; each message is a dict with a 'role' and a 'content'.")
+        check_role(m["role"], i)
         if m["role"] == "assistant" and m.get("tool_calls"):
             # The model writes its text before its calls, but the template writes an assistant message's text
             # after the calls and their results and closes the turn there, cutting off the answer the model

@@ -351,3 +351,44 @@ def test_no_messages_is_an_input_error(loaded):
         list(ChatSession(model, processor).stream([], max_tokens=1))
     with pytest.raises(InputError, match="no messages"):
         processor.apply_chat_template([])
+
+
+@pytest.mark.parametrize("role", ["wizard", "model", None])
+def test_a_message_of_a_role_the_template_does_not_know_is_an_input_error(loaded, role):
+    """An unknown role was written into the prompt as a turn of that name (`<|turn>wizard`)."""
+    model, processor = loaded
+    messages = [{"role": "user", "content": "hi"}, {"role": role, "content": "hello"},
+                {"role": "user", "content": "and?"}]
+    session = ChatSession(model, processor)
+    with pytest.raises(InputError, match=f"Message 1 has the role {role!r}; use one of 'system'"):
+        list(session.stream(messages, max_tokens=1))
+    with pytest.raises(InputError, match="Message 1 has the role"):
+        session.load_messages(messages)
+    with pytest.raises(InputError, match="Message 1 has the role"):
+        processor.apply_chat_template(messages)
+
+
+def test_developer_is_the_system_prompt_only_first(loaded):
+    model, processor = loaded
+    first = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    assert processor.apply_chat_template(first) == processor.apply_chat_template([{**first[0], "role": "system"},
+                                                                                  first[1]])
+    with pytest.raises(InputError, match="'developer'.*only as the first message"):
+        list(ChatSession(model, processor).stream(first[::-1], max_tokens=1))
+
+
+@pytest.mark.parametrize("prompt", [3, ["be brief"], b"be brief"])
+def test_a_system_prompt_that_is_not_text_is_refused_up_front(loaded, prompt):
+    model, processor = loaded
+    with pytest.raises(InputError, match="system_prompt must be a string or None"):
+        ChatSession(model, processor, system_prompt=prompt)
+
+
+@pytest.mark.parametrize("n", [-1, 0, 1.5, True, "2", None])
+def test_a_bad_count_of_turns_to_drop_is_refused(loaded, n):
+    model, processor = loaded
+    session = ChatSession(model, processor)
+    session.load_messages([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
+    with pytest.raises(InputError, match=r"n \(how many of the oldest exchanges to drop\) must be a whole number"):
+        session.drop_oldest_turns(n)
+    assert len(session.messages) == 2
