@@ -363,12 +363,15 @@ class Backend:
         post(ContextCounted(conversation_id, used, self.session.context_limit))
 
     def _generate(self, post: Post, cid: int, turn: int, messages: list[dict], stop: threading.Event) -> None:
-        from mlx_gemma4.errors import ContextLengthError
+        from mlx_gemma4.errors import ContextLengthError, MissingFileError
 
         try:
             self._run(post, cid, turn, messages, stop)
         except ContextLengthError as e:
             post(GenerationFailed(cid, turn, str(e), context_full=True, drop_turns=e.drop_turns))
+        except MissingFileError as e:  # an attachment of the conversation was moved or deleted since
+            post(GenerationFailed(cid, turn, f"InputError: {e.path}: no such file. Check the path (drag the file in "
+                                             "again, or quote spaces)."))
         except Exception as e:
             log.exception("generation failed")
             post(GenerationFailed(cid, turn, f"{type(e).__name__}: {e}"))

@@ -23,6 +23,15 @@ class InputError(Gemma4Error):
     """A prompt, image, audio clip or video the user gave cannot be used."""
 
 
+class MissingFileError(InputError):
+    """A media file a prompt or message names is not there; ``path`` is where it was looked for (a caller can
+    add its own advice: the app asks for the file to be dragged in again)."""
+
+    def __init__(self, message: str, *, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+
 class ContextLengthError(InputError):
     """The prompt does not fit in the model's context window.
 

@@ -179,3 +179,30 @@ def test_portrait_photo_size_is_as_displayed(tmp_path):
     exif[0x0112] = 6  # rotate 90 degrees on display
     stored.save(tmp_path / "portrait.jpg", exif=exif)
     assert check(tmp_path / "portrait.jpg").size == (4, 8)
+
+
+def test_an_attachment_gone_since_it_was_sent_asks_for_it_again(tmp_path):
+    """The processor says only "no such file"; the app says what to do in its own terms."""
+    from app.backend import Backend, GenerationFailed
+    from mlx_gemma4.processing.files import media_path
+
+    class Session:
+        context_limit = context_used = last_reused = 0
+        enable_thinking = False
+
+        def stream(self, messages, **kw):
+            media_path(messages[-1]["content"][0]["image"], "image")
+            yield from ()
+
+    posted: list = []
+    backend = Backend("fake", lambda progress: (None, None), session_factory=lambda *a: Session())
+    try:
+        backend.load(posted.append).result()
+        gone = tmp_path / "cat.png"
+        backend.generate(posted.append, 1, 1, [{"role": "user", "content": [
+            {"type": "image", "image": str(gone)}, {"type": "text", "text": "what is it?"}]}]).result()
+    finally:
+        backend.shutdown()
+    [failed] = [m for m in posted if isinstance(m, GenerationFailed)]
+    assert failed.error == f"InputError: {gone}: no such file. Check the path (drag the file in again, or quote " \
+                           "spaces)."

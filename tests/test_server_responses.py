@@ -101,6 +101,13 @@ def test_request_becomes_chat_messages_and_options(store):
     (dict(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [
         {"function": {"name": "f", "arguments": "{bad"}}]}, {"role": "tool", "content": "1"}]), "not valid JSON"),
     (dict(reasoning_effort="max"), "reasoning_effort"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}},
+                 {"type": "function", "function": {"name": "g", "parameters": "{}"}}]),
+     "'tools[1].function.parameters' must be a JSON Schema object like {\"type\": \"object\", \"properties\": "
+     "{...}}; got a string"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": [1]}}]), "parameters' must be"),
+    (dict(chat_template_kwargs=["enable_thinking"]), "'chat_template_kwargs' must be an object"),
+    (dict(chat_template_kwargs="enable_thinking=true"), "'chat_template_kwargs' must be an object"),
 ])
 def test_bad_requests_name_the_problem(store, body, fragment):
     with pytest.raises(RequestError) as e:
@@ -108,11 +115,34 @@ def test_bad_requests_name_the_problem(store, body, fragment):
     assert fragment in str(e.value) and isinstance(e.value, InputError) and e.value.status == 400
 
 
+def _image_at(url: str) -> dict:
+    return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}
+
+
 def test_paths_only_when_allowed(store, tmp_path):
-    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/x/y.png"}}]}]}
-    assert parse(store, **body).messages[0]["content"][0]["image"] == "/x/y.png"
+    (tmp_path / "y.png").write_bytes(b"png")
+    body = _image_at(str(tmp_path / "y.png"))
+    assert parse(store, **body).messages[0]["content"][0]["image"] == str(tmp_path / "y.png")
     with pytest.raises(RequestError, match="--allow-paths"):
         parse_chat({"model": "m", **body}, model_id="m", limits=Limits(allow_paths=False), media=store)
+
+
+def test_a_missing_path_is_a_400_in_the_server_s_words(store, tmp_path):
+    """The processor's message was the app's ("drag the file in again"), which means nothing to an API client."""
+    for url in (str(tmp_path / "gone.png"), f"file://{tmp_path}/gone.png", str(tmp_path)):
+        with pytest.raises(RequestError) as e:
+            parse(store, **_image_at(url))
+        assert e.value.status == 400 and "messages[0].content[0].image_url" in str(e.value), str(e.value)
+        assert "no file on the server's machine" in str(e.value) and "drag" not in str(e.value)
+
+
+def test_the_processor_s_message_for_a_missing_file_is_neutral(tmp_path):
+    from mlx_gemma4.errors import MissingFileError
+    from mlx_gemma4.processing.files import media_path
+
+    with pytest.raises(MissingFileError, match="no such file. Check the path.$") as e:
+        media_path(tmp_path / "gone.png", "image")
+    assert isinstance(e.value, InputError) and e.value.path == str(tmp_path / "gone.png")
 
 
 @pytest.mark.parametrize("flags,allowed", [([], True), (["--host", "::1"], True), (["--host", "0.0.0.0"], False),

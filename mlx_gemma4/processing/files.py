@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, MissingFileError
 
 # What each kind of file is, for messages that say what to pick instead.
 _EXAMPLES = {"image": "a PNG, JPEG, WebP, GIF or BMP file", "audio": "a WAV, FLAC, OGG or MP3 file",
@@ -20,7 +20,7 @@ def media_path(src: str | Path, kind: str) -> Path:
     what = _EXAMPLES.get(kind, "a media file")
     try:
         if not path.exists():
-            raise InputError(f"{path}: no such file. Check the path (drag the file in again, or quote spaces).")
+            raise MissingFileError(f"{path}: no such file. Check the path.", path=str(path))
         if path.is_dir():
             raise InputError(f"{path} is a directory, not {_a(kind)} file. Pick {what} inside it.")
         if not path.is_file():

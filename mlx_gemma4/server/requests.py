@@ -248,6 +248,9 @@ def _stop(body: dict[str, Any]) -> list[str]:
 
 def _thinking(body: dict[str, Any], default: bool) -> bool:
     kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise RequestError(f"'chat_template_kwargs' must be an object like {{\"enable_thinking\": true}}; got "
+                           f"{_json_type(kwargs)}.", param="chat_template_kwargs")
     if isinstance(kwargs, dict) and "enable_thinking" in kwargs:
         return _bool(kwargs, "enable_thinking", default)
     effort = body.get("reasoning_effort")
@@ -257,6 +260,15 @@ def _thinking(body: dict[str, Any], default: bool) -> bool:
         raise RequestError(f"'reasoning_effort' must be none, minimal, low, medium or high; got {effort!r}.",
                            param="reasoning_effort")
     return effort not in ("none", "minimal")  # Gemma 4 thinks or does not; there are no levels
+
+
+def _json_type(value: Any) -> str:
+    """What a JSON value is, as a client would say it: "a string", "an array", ..."""
+    for kind, name in ((bool, "a boolean"), (str, "a string"), (list, "an array"), (dict, "an object"),
+                       ((int, float), "a number")):
+        if isinstance(value, kind):
+            return name
+    return "null" if value is None else f"a {type(value).__name__}"
 
 
 # -- tools -----------------------------------------------------------------------------------------------------------
@@ -273,6 +285,11 @@ def _tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, str | Non
             and isinstance(t["function"].get("name"), str) for t in tools):
         raise RequestError("'tools' must be a list of {'type': 'function', 'function': {'name': ..., "
                            "'description': ..., 'parameters': {...}}} objects.", param="tools")
+    for i, t in enumerate(tools):
+        params = t["function"].get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise RequestError(f"'tools[{i}].function.parameters' must be a JSON Schema object like {{\"type\": "
+                               f"\"object\", \"properties\": {{...}}}}; got {_json_type(params)}.", param="tools")
     if choice in (None, "auto"):
         return tools or None, None
     if choice == "none":
@@ -391,7 +408,11 @@ def _image_source(url: str, where: str, limits: Limits, media: MediaStore) -> st
     if not limits.allow_paths:
         raise RequestError(f"{where}.image_url is a file path, which this server does not accept (it was started "
                            "without --allow-paths); send a data: URI.", param="messages")
-    return url.removeprefix("file://")
+    path = url.removeprefix("file://")
+    if not Path(path).expanduser().is_file():
+        raise RequestError(f"{where}.image_url names {path}, which is no file on the server's machine (paths are "
+                           "read there). Check the path, or send a data: URI.", param="messages")
+    return path
 
 
 def _b64(data: str, where: str) -> bytes:
