@@ -30,7 +30,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import cache as kv
-from .errors import ContextLengthError, InputError
+from .errors import ContextLengthError, InputError, with_article
 from .media import MEDIA
 from .generation import (GenerationResponse, PromptEnd, cancelled_response, check_positive_int, default_stop_ids,
                          prefill, stream_tokens)
@@ -81,7 +81,8 @@ class ChatSession:
         round (None: chosen as it goes); the answers are the same."""
         check_positive_int("prefill_chunk", prefill_chunk)
         if system_prompt is not None and not isinstance(system_prompt, str):
-            raise InputError(f"system_prompt must be a string or None; got a {type(system_prompt).__name__}.")
+            raise InputError("system_prompt must be a string or None; got "
+                             f"{with_article(type(system_prompt).__name__)}.")
         self.tools = tools  # functions or JSON schemas (see tools.tool_schema), declared in every turn
         tool_schemas(tools)  # checked now, not at the first turn
         if assistant is not None:

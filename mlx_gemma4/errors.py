@@ -51,3 +51,8 @@ class CacheError(Gemma4Error):
 def preview(items: list[str], n: int = 8) -> str:
     """The first ``n`` names and how many more: for messages that list what is missing or in the way."""
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def with_article(word: str) -> str:
+    """``word`` with its article, for messages: "an image", "a video", "an assistant"."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -43,8 +44,23 @@ def resolve(path_or_repo: str | Path, revision: str | None = None, cache_dir: st
         raise ConfigError(f"The hub has no repo {s!r} (or it is gated: run `hf auth login`). Check the name."
                           + no_folder) from e
     except LocalEntryNotFoundError as e:
-        raise WeightsError(f"{s} is not in the local hub cache and downloading is off or failed ({e}). "
-                           "Connect to the network or unset HF_HUB_OFFLINE, then try again." + no_folder) from e
+        switch = _offline_switch()
+        if switch:
+            fix = f"{switch} is set, so nothing is downloaded: unset it (and connect to the network), then try again."
+        elif local_files_only:
+            fix = "Downloading was turned off for this call (local_files_only); allow it, then try again."
+        else:
+            fix = "Check the network connection, then try again."
+        raise WeightsError(f"{s} is not in the local hub cache and downloading is off or failed ({e}). {fix}"
+                           + no_folder) from e
     except HfHubHTTPError as e:
         raise WeightsError(f"Downloading {s} failed: {e}. Try again, or download it and pass the directory.") from e
     return Path(out)
+
+
+def _offline_switch() -> str | None:
+    """The environment variable that keeps huggingface_hub from downloading, if one is set."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # as huggingface_hub reads them
+        if os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return name
+    return None

@@ -392,3 +392,19 @@ def test_a_bad_count_of_turns_to_drop_is_refused(loaded, n):
     with pytest.raises(InputError, match=r"n \(how many of the oldest exchanges to drop\) must be a whole number"):
         session.drop_oldest_turns(n)
     assert len(session.messages) == 2
+
+
+def test_messages_about_parts_and_contents_read_right(loaded):
+    """"A image part", "is a int": the article follows the word."""
+    model, processor = loaded
+    part = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it?"}]}]
+    with pytest.raises(InputError, match="^An image part of the messages has no 'image'"):
+        list(ChatSession(model, processor).stream(part, max_tokens=1))
+    with pytest.raises(InputError, match="^An image part of the messages has no 'image'"):
+        processor.apply_chat_template(part, tokenize=True)
+    with pytest.raises(InputError, match="^An assistant message's content is an int"):
+        list(ChatSession(model, processor).stream([{"role": "user", "content": "hi"},
+                                                   {"role": "assistant", "content": 3},
+                                                   {"role": "user", "content": "?"}], max_tokens=1))
+    with pytest.raises(InputError, match="got an int"):
+        ChatSession(model, processor, system_prompt=3)

@@ -101,6 +101,8 @@ def test_request_becomes_chat_messages_and_options(store):
     (dict(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [
         {"function": {"name": "f", "arguments": "{bad"}}]}, {"role": "tool", "content": "1"}]), "not valid JSON"),
     (dict(reasoning_effort="max"), "reasoning_effort"),
+    (dict(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]),
+     "it is an assistant message"),
     (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}},
                  {"type": "function", "function": {"name": "g", "parameters": "{}"}}]),
      "'tools[1].function.parameters' must be a JSON Schema object like {\"type\": \"object\", \"properties\": "

@@ -47,6 +47,19 @@ def test_hub_id_resolves_through_the_cache_offline(tmp_path):
         resolve("not a repo id/../x")
 
 
+@pytest.mark.parametrize("env,said", [({}, "local_files_only"), ({"HF_HUB_OFFLINE": "0"}, "local_files_only"),
+                                      ({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+                                      ({"TRANSFORMERS_OFFLINE": "yes"}, "TRANSFORMERS_OFFLINE is set")])
+def test_a_repo_not_in_the_cache_names_the_offline_switch_only_when_it_is_set(tmp_path, monkeypatch, env, said):
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(WeightsError) as e:
+        resolve("someone/absent", cache_dir=tmp_path / "cache", local_files_only=True)
+    assert said in str(e.value) and ("OFFLINE" in str(e.value)) == ("OFFLINE" in said), str(e.value)
+
+
 def test_a_local_path_with_a_typo_is_named_as_missing_too(tmp_path, monkeypatch):
     """'models/x' reads as a hub repo id too; offline, the message only spoke of the hub cache."""
     monkeypatch.chdir(tmp_path)

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, with_article
 from .files import media_path
 
 logger = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ def load_audio(src: str | Path | np.ndarray, sampling_rate: int | None = None) -
         except (ValueError, TypeError) as e:  # a ragged list
             raise InputError(f"Cannot read these audio samples as an array ({e}). Pass a 1-D numpy array.") from e
     else:
-        raise InputError(f"Cannot use a {type(src).__name__} as audio; pass a file path or a numpy array.")
+        raise InputError(f"Cannot use {with_article(type(src).__name__)} as audio; pass a file path or a numpy array.")
     return _resample(_to_mono_float(data, what), rate, what)
 
 

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, with_article
 from ..tool_use import prepare_messages
 from .tokenizer import split_thinking
 
@@ -136,7 +136,8 @@ class ChatEncoder:
             elif isinstance(content, list):
                 parts = content
             else:
-                raise InputError(f"A {role} message's content is a {type(content).__name__}; use a string or a "
+                raise InputError(f"{with_article(str(role)).capitalize()} message's content is "
+                                 f"{with_article(type(content).__name__)}; use a string or a "
                                  "list of parts like {'type': 'text', 'text': ...}.")
             out = []
             for part in parts:
@@ -149,7 +150,8 @@ class ChatEncoder:
                 elif kind in MEDIA_KINDS:
                     src = next((part[k] for k in (kind, "path", "url", "file") if part.get(k) is not None), None)
                     if src is None:
-                        raise InputError(f"A {kind} part of the messages has no {kind!r} or 'path' key to load.")
+                        raise InputError(f"{with_article(kind).capitalize()} part of the messages has no {kind!r} "
+                                         "or 'path' key to load.")
                     sources.append((kind, src))
                     out.append({"type": kind})
             if isinstance(content, list):

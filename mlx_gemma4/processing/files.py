@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import InputError, MissingFileError
+from ..errors import InputError, MissingFileError, with_article
 
 # What each kind of file is, for messages that say what to pick instead.
 _EXAMPLES = {"image": "a PNG, JPEG, WebP, GIF or BMP file", "audio": "a WAV, FLAC, OGG or MP3 file",
@@ -22,7 +22,7 @@ def media_path(src: str | Path, kind: str) -> Path:
         if not path.exists():
             raise MissingFileError(f"{path}: no such file. Check the path.", path=str(path))
         if path.is_dir():
-            raise InputError(f"{path} is a directory, not {_a(kind)} file. Pick {what} inside it.")
+            raise InputError(f"{path} is a directory, not {with_article(kind)} file. Pick {what} inside it.")
         if not path.is_file():
             raise InputError(f"{path} is not a regular file (a pipe or device?). Pass {what}.")
         with path.open("rb") as f:
@@ -35,7 +35,3 @@ def media_path(src: str | Path, kind: str) -> Path:
     if empty:
         raise InputError(f"{path} is empty (0 bytes). Re-save or re-download the {kind}.")
     return path
-
-
-def _a(kind: str) -> str:
-    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"

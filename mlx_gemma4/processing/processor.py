@@ -23,7 +23,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from ..errors import ConfigError, ContextLengthError, InputError
+from ..errors import ConfigError, ContextLengthError, InputError, with_article
 from ..media import MEDIA
 from .tokenizer import SpecialTokens, Tokenizer
 
@@ -149,7 +149,8 @@ class Processor:
                 if kind in media:
                     src = next((part[k] for k in (kind, "path", "url", "file") if part.get(k) is not None), None)
                     if src is None:
-                        raise InputError(f"A {kind} part of the messages has no {kind!r} or 'path' key to load.")
+                        raise InputError(f"{with_article(kind).capitalize()} part of the messages has no {kind!r} "
+                                         "or 'path' key to load.")
                     media[kind].append(src)
         return self(text=prompt, images=media["image"] or None, audio=media["audio"] or None,
                     videos=media["video"] or None)

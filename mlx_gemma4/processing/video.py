@@ -22,7 +22,7 @@ from typing import Any, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from ..errors import InputError
+from ..errors import InputError, with_article
 from .files import media_path
 from .image import ImageProcessor, load_image
 
@@ -223,7 +223,7 @@ def _describe(item: Any) -> str:
         return f"an array of shape {item.shape}"
     if isinstance(item, (str, Path)):
         return f"the still image {item}"
-    return f"a {type(item).__name__}"
+    return with_article(type(item).__name__)
 
 
 def video_prompt_text(num_soft_tokens_per_frame: int, timestamps: Sequence[float], boi: str, video_token: str,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..errors import InputError, with_article
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 _DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?:;[\w-]+=[^;,]*)*;base64,(?P<data>.*)", re.S)
@@ -139,7 +139,7 @@ def parse_chat(body: dict[str, Any], *, model_id: str, limits: Limits, media: Me
     converted = [_message(m, i, limits, media) for i, m in enumerate(messages)]
     if converted[-1]["role"] not in ("user", "tool"):
         raise RequestError("The last message must be a user message (or a tool result) for the model to answer; "
-                           f"it is a {converted[-1]['role']} message.", param="messages")
+                           f"it is {with_article(converted[-1]['role'])} message.", param="messages")
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise RequestError("'stream_options' must be an object like {'include_usage': true}.",
@@ -268,7 +268,7 @@ def _json_type(value: Any) -> str:
                        ((int, float), "a number")):
         if isinstance(value, kind):
             return name
-    return "null" if value is None else f"a {type(value).__name__}"
+    return "null" if value is None else with_article(type(value).__name__)
 
 
 # -- tools -----------------------------------------------------------------------------------------------------------
