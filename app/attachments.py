@@ -158,6 +158,27 @@ def _a(kind: str) -> str:
     return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
 
 
+def once_each(attachments: list[Attachment]) -> tuple[list[Attachment], list[Attachment]]:
+    """``attachments`` with each file once, in order, and the repeats left out: the same file however its path was
+    written (relative, file://, through a link)."""
+    seen: set = set()
+    kept: list[Attachment] = []
+    repeats: list[Attachment] = []
+    for a in attachments:
+        try:
+            st = a.path.stat()
+            key: object = (st.st_dev, st.st_ino)
+        except OSError:
+            key = a.path.resolve()
+        (repeats if key in seen else kept).append(a)
+        seen.add(key)
+    return kept, repeats
+
+
+def repeat_notice(a: Attachment) -> str:
+    return f"{a.path.name} is already attached; it goes with the message once."
+
+
 def _claimed_kind(path: Path) -> Kind | None:
     ext = path.suffix.lower()
     if ext in IMAGE_EXTS:

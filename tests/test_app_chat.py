@@ -104,12 +104,40 @@ async def _pasted_paths_become_attachments(tmp_path):
         await pilot.press("enter")
         await wait_for(pilot, lambda: not app.chat_screen.generating and app.chat_screen.query(ModelMessage))
         saved = app.history.messages(app.chat_screen.conversation_id)[0]
-        assert [x.name for x in saved.attachments] == ["a b.png", "c.png", "c.png"]
+        assert [x.name for x in saved.attachments] == ["a b.png", "c.png"]  # c.png pasted, then typed: sent once
+        shown = [str(w.render()) for w in app.chat_screen.query(Notice)]
+        assert any("c.png is already attached; it goes with the message once." in t for t in shown), shown
         # The model is handed the history's copies of the files.
         assert user_turn(app.sessions[0].calls[0]) == ("what are these?", [str(x.path) for x in saved.attachments])
 
 
 test_pasted_paths_become_attachments = run(_pasted_paths_become_attachments)
+
+
+async def _the_same_file_twice_is_attached_once(tmp_path):
+    img = png(tmp_path / "cat.png")
+    (tmp_path / "link.png").symlink_to(img)
+    app = make_app(tmp_path)
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded)
+        chat = app.chat_screen
+        prompt = chat.query_one(PromptArea)
+        chat.post_message(PromptArea.Pasted(prompt, f"{img} {img.as_uri()}"))
+        await wait_for(pilot, lambda: chat.pending and notes(app))
+        await send(pilot, f"/image {tmp_path / 'link.png'}")  # the same file through a link
+        await wait_for(pilot, lambda: len(notes(app)) == 2)
+        assert [a.path for a in chat.pending] == [img]
+        assert notes(app) == [f"{name} is already attached; it goes with the message once."
+                              for name in ("cat.png", "link.png")]
+        await send(pilot, f"what is it? {img} '{img}'")
+        await wait_for(pilot, lambda: not chat.generating and chat.query(ModelMessage))
+        [saved] = [m for m in app.history.messages(chat.conversation_id) if m.role == "user"]
+        assert len(saved.attachments) == 1 and user_turn(app.sessions[0].calls[0])[0] == "what is it?"
+        shown = [str(w.render()) for w in chat.query(Notice)]
+        assert sum("cat.png is already attached" in t for t in shown) == 2, shown
+
+
+test_the_same_file_twice_is_attached_once = run(_the_same_file_twice_is_attached_once)
 
 
 async def _slash_commands_and_bad_files(tmp_path):

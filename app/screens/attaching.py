@@ -13,7 +13,7 @@ from textual.timer import Timer
 
 from mlx_gemma4.media import MEDIA
 
-from ..attachments import Attachment, AttachmentError, check, parse_prompt
+from ..attachments import Attachment, AttachmentError, check, once_each, parse_prompt, repeat_notice
 from ..recorder import RecorderError
 from ..widgets.chips import AttachmentChips
 from ..widgets.messages import Notice
@@ -61,7 +61,9 @@ class AttachingScreen(Screen):
     # -- pending attachments -----------------------------------------------------------------------
 
     def attach(self, attachments: list[Attachment]) -> None:
-        self.pending.extend(attachments)
+        self.pending, repeats = once_each(self.pending + attachments)
+        for a in repeats:
+            self.notify(repeat_notice(a), timeout=6)
         self.show_pending()
 
     def take_pending(self) -> list[Attachment]:

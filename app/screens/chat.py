@@ -20,7 +20,7 @@ from textual.widgets import Footer, Label, ProgressBar, Static
 from mlx_gemma4.media import MEDIA
 
 from .. import backend as b
-from ..attachments import Attachment, parse_prompt
+from ..attachments import Attachment, once_each, parse_prompt, repeat_notice
 from ..demo import BANNER
 from ..history import SavedMessage
 from ..widgets.activity import Activity
@@ -244,7 +244,10 @@ class ChatScreen(AttachingScreen):
             self.notice(n, "warning")
         pending = self.take_pending()
         event.prompt.clear()
-        self.send(parsed.text, pending + parsed.attachments, typed=(event.text, pending))
+        attachments, repeats = once_each(pending + parsed.attachments)
+        for a in repeats:
+            self.notice(repeat_notice(a))
+        self.send(parsed.text, attachments, typed=(event.text, pending))
 
     def send(self, text: str, attachments: list[Attachment],
              typed: tuple[str, list[Attachment]] | None = None) -> None:
