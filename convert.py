@@ -85,6 +85,8 @@ def main(argv=None) -> int:
                 bar = tqdm(total=total, unit="tensor", desc="Converting")
             bar.set_postfix_str(name[-40:], refresh=False)
             bar.update(done - bar.n)
+            if done >= total:  # drawn whole before the converter logs what it wrote
+                bar.close()
 
         try:
             dst = convert(args.hf_path, args.mlx_path, q_bits=args.q_bits, q_group_size=args.q_group_size,

@@ -251,6 +251,18 @@ def test_cli_write_failure_is_one_line(sources, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_cli_says_what_it_wrote_after_the_progress_bar(sources, tmp_path):
+    """The "Wrote" line was logged while the bar still stood at 0%, on the bar's own line."""
+    r = subprocess.run([sys.executable, "convert.py", "--hf-path", str(sources["e"][0]), "--mlx-path",
+                        str(tmp_path / "out"), "--dtype", "float32"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    [wrote] = [i for i, line in enumerate(lines) if "Wrote" in line]
+    assert lines[wrote].startswith("INFO Wrote"), r.stderr
+    assert "100%" in lines[wrote - 1].rsplit("\r", 1)[-1], r.stderr  # the bar, finished, just before it
+    assert not any("Converting" in line for line in lines[wrote:]), r.stderr
+
+
 def test_bad_inputs(sources, tmp_path):
     src, _ = sources["moe"]
     (tmp_path / "no-config").mkdir()
