@@ -65,7 +65,8 @@ def to_8bit(pixels: np.ndarray, name: str, full_scale: float | None = None) -> n
     integer = np.issubdtype(pixels.dtype, np.integer)
     if not (integer or np.issubdtype(pixels.dtype, np.floating)):
         raise InputError(f"{name}: pixels of dtype {pixels.dtype} are not numbers. Pass uint8 pixels.")
-    x = pixels.astype(np.float64)
+    with np.errstate(invalid="ignore"):  # NaN and infinities are reported just below, not warned about
+        x = pixels.astype(np.float64)
     if not np.isfinite(x).all():
         bad = int((~np.isfinite(x)).sum())
         raise InputError(f"{name}: {bad} pixel values are NaN or infinite. Replace them first "
