@@ -49,7 +49,7 @@ def _rope_freqs(head_dim: int, params: dict) -> mx.array:
 def _fused_attention_sizes() -> tuple[int, int]:
     """(head size up to which mx.fast's attention has a fused kernel, and the largest head size of its few-query
     (decode) kernel) on the default device, as MLX 0.32 has them: none on the CPU; 128 on CUDA; 128, and 256 for
-    up to 8 queries, on Metal."""
+    up to 8 queries (32 with the query heads of one K/V head counted), on Metal."""
     if mx.default_device() != mx.gpu:
         return 0, 0
     return (128, 256) if mx.metal.is_available() else (128, 128)
@@ -62,11 +62,11 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: Mask) -> mx.array:
     written out, with the query heads that share a K/V head stacked into one matmul instead of a broadcast batch,
     and no multiply by a scale of 1: the same numbers, from fewer and larger kernels."""
     B, H, L, D = q.shape
-    fused, few_queries = _fused_attention_sizes()
-    if D <= fused or (L <= 8 and D <= few_queries):
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
     Hkv, N = k.shape[1], k.shape[2]
     rep = H // Hkv
+    fused, few_queries = _fused_attention_sizes()
+    if D <= fused or (L <= 8 and L * rep <= 32 and D <= few_queries):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
     scores = q.reshape(B, Hkv, rep * L, D) @ k.swapaxes(-1, -2)                  # (B, Hkv, rep * L, N)
     if mask is not None:
         if isinstance(mask, str):  # "causal": the queries are the last L positions, as sdpa aligns it
