@@ -1,0 +1,211 @@
+"""Where our time to first token and decode step go, part by part, beside mlx-lm's, on converted checkpoints.
+
+    python -m benchmarks.parts OURS_DIR MLX_LM_DIR --tokens 1059
+
+OURS_DIR is a ``convert.py`` output and MLX_LM_DIR an ``mlx_lm.convert`` output of the same checkpoint (what
+``benchmarks.e2e`` writes under its --work folder: ours-4bit, mlx-lm-4bit). On one prompt of --tokens token ids it
+times (medians after warm-up, each synchronised):
+
+- prefill: ours (``model.prefill``), ours as one lazy graph, ours over every layer at every position, and mlx-lm's
+  as its ``stream_generate`` runs it (all but the last token with the cache evaluated, then the last token);
+- one layer of each kind at prompt length and its parts (attention, projections, MLP, sdpa, a norm);
+- 4-bit matmuls at prompt sizes: MLX's quantized matmul against dequantize + dense matmul;
+- decode: a bare greedy loop (queued one step ahead) of ours and mlx-lm's, the host time to build one of our
+  steps and one of mlx-lm's, and one step evaluated synchronously;
+- A/B switches: mx.fast's attention everywhere instead of the written-out one (text.attention), and prefill with
+  each 4-bit weight dequantized for its matmul.
+
+Not the user's path (that is benchmarks.e2e): this explains its numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def med(f, runs: int = 5, warm: int = 2) -> float:
+    for _ in range(warm):
+        f()
+    ts = []
+    for _ in range(runs):
+        mx.synchronize()
+        t0 = time.perf_counter()
+        f()
+        mx.synchronize()
+        ts.append((time.perf_counter() - t0) * 1000)
+    return round(statistics.median(ts), 2)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("ours")
+    ap.add_argument("mlx_lm")
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--decode", type=int, default=64, help="tokens of each bare decode loop")
+    ap.add_argument("--no-matmuls", action="store_true", help="leave out the 4-bit matmul sizes (slow on a CPU)")
+    a = ap.parse_args(argv)
+
+    import mlx_lm
+    from mlx_lm.models.cache import make_prompt_cache
+
+    import mlx_gemma4.text as text
+    from mlx_gemma4 import load
+
+    model, _ = load(a.ours)
+    lmodel, _ = mlx_lm.load(a.mlx_lm)
+    lm = model.language_model
+    ids = mx.array([[(i * 7919) % 200_000 + 1000 for i in range(a.tokens)]], dtype=mx.int32)
+    inputs = {"input_ids": ids}
+    y = mx.array([[1234]], dtype=mx.int32)
+    res: dict[str, object] = {}
+
+    def ours_prefill():
+        mx.eval(model.prefill(inputs, model.make_cache()))
+
+    def ours_every_layer():
+        e, ti, _ = model.embed(ids)
+        mx.eval(model.logits(lm(e, ti, model.make_cache())[:, -1:]))
+
+    def lm_prefill():
+        c = make_prompt_cache(lmodel)
+        lmodel(ids[:, :-1], cache=c)
+        mx.eval([x.state for x in c])
+        mx.eval(lmodel(ids[:, -1:], cache=c))
+
+    res["prefill ms: ours"] = med(ours_prefill)
+    import mlx_gemma4.model as gm
+    every = gm.EVAL_EACH_LAYER_FROM
+    gm.EVAL_EACH_LAYER_FROM = 10**9
+    res["prefill ms: ours, one lazy graph"] = med(ours_prefill)
+    gm.EVAL_EACH_LAYER_FROM = every
+    res["prefill ms: ours, every layer at every position"] = med(ours_every_layer)
+    res["prefill ms: mlx-lm (n-1, then 1)"] = med(lm_prefill)
+
+    for i in (lm.config.layer_types.index("sliding_attention"), lm.config.layer_types.index("full_attention")):
+        res[f"layer {i} ({lm.config.layer_types[i]}) at prompt length, ms"] = _layer_parts(model, ids, i)
+
+    for M in () if a.no_matmuls else (a.tokens, 256):
+        for K, N in ((2560, 20480), (10240, 2560), (2560, 3072)):
+            res[f"4-bit matmul M={M} K={K} N={N}: quantized, dequantized+dense ms"] = _matmuls(M, K, N)
+
+    def ours_decode():
+        c = model.make_cache()
+        mx.eval(model.prefill(inputs, c))
+        t, mx_y = time.perf_counter(), y
+        for _ in range(a.decode):
+            mx_y = mx.argmax(model.step(mx_y, c)[:, -1:], axis=-1).astype(mx.int32)
+            mx.async_eval(mx_y)
+        mx.eval(mx_y)
+        return a.decode / (time.perf_counter() - t)
+
+    def lm_decode():
+        c = make_prompt_cache(lmodel)
+        mx.eval(lmodel(ids, cache=c))
+        t, mx_y = time.perf_counter(), y
+        for _ in range(a.decode):
+            mx_y = mx.argmax(lmodel(mx_y, cache=c)[:, -1:], axis=-1).astype(mx.int32)
+            mx.async_eval(mx_y)
+        mx.eval(mx_y)
+        return a.decode / (time.perf_counter() - t)
+
+    def tps(f):
+        f()
+        f()
+        return round(statistics.median(f() for _ in range(3)), 1)
+
+    res["bare decode tok/s: ours"] = tps(ours_decode)
+    res["bare decode tok/s: mlx-lm"] = tps(lm_decode)
+    c = model.make_cache()
+    mx.eval(model.prefill(inputs, c))
+    lc = make_prompt_cache(lmodel)
+    mx.eval(lmodel(ids, cache=lc))
+    res["step build ms (host): ours"] = _build_ms(lambda: model.step(y, c))
+    res["step build ms (host): mlx-lm"] = _build_ms(lambda: lmodel(y, cache=lc))
+    res["step evaluated ms: ours"] = med(lambda: mx.eval(model.step(y, c)), runs=20)
+    res["step evaluated ms: mlx-lm"] = med(lambda: mx.eval(lmodel(y, cache=lc)), runs=20)
+
+    # A/B: mx.fast's attention everywhere (the compiled step is traced again for each setting)
+    sizes = text._fused_attention_sizes
+    text._fused_attention_sizes = lambda: (4096, 4096)
+    model._compiled_step = None
+    res["A/B prefill ms: mx.fast attention"] = med(ours_prefill)
+    res["A/B bare decode tok/s: mx.fast attention"] = tps(ours_decode)
+    text._fused_attention_sizes = sizes
+    model._compiled_step = None
+    res["A/B prefill ms: written-out attention"] = med(ours_prefill)
+    res["A/B bare decode tok/s: written-out attention"] = tps(ours_decode)
+
+    # A/B: prefill matmuls on dequantized weights
+    quantized = nn.QuantizedLinear.__call__
+
+    def dense_when_many(self, x):
+        if x.size // x.shape[-1] < 64:
+            return quantized(self, x)
+        w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
+                          bits=self.bits, mode=self.mode)
+        out = x @ w.T
+        return out + self["bias"] if "bias" in self else out
+
+    nn.QuantizedLinear.__call__ = dense_when_many
+    res["A/B prefill ms: dequantized matmuls"] = med(ours_prefill)
+    nn.QuantizedLinear.__call__ = quantized
+    res["A/B prefill ms: quantized matmuls"] = med(ours_prefill)
+    for k, v in res.items():
+        print(f"{k}: {v}", flush=True)
+
+
+def _layer_parts(model, ids: mx.array, i: int) -> dict[str, float]:
+    lm = model.language_model
+    layer, attn = lm.layers[i], lm.layers[i].self_attn
+    e, ti, _ = model.embed(ids)
+    p = lm.begin(e, ti, model.make_cache(), None)
+    mx.eval(p.h, p.per_layer)
+    x, mask = p.h, p.masks[lm.config.layer_types[i]]
+    per_layer = None if p.per_layer is None else p.per_layer[:, :, i]
+    xn = layer.input_layernorm(x)
+    proj = attn.qkv_proj if "qkv_proj" in attn else attn.q_proj
+    q = mx.random.normal((1, attn.n_heads, x.shape[1], attn.head_dim)).astype(x.dtype)
+    k = mx.random.normal((1, attn.n_kv_heads, x.shape[1], attn.head_dim)).astype(x.dtype)
+    mx.eval(xn, q, k)
+    return {
+        "layer": med(lambda: mx.eval(layer(x, per_layer, 0, mask, model.make_cache()[i])[0])),
+        "attention": med(lambda: mx.eval(attn(xn, 0, mask, model.make_cache()[i])[0])),
+        "q(kv) projection": med(lambda: mx.eval(proj(xn))),
+        "mlp": med(lambda: mx.eval(layer.mlp(xn))),
+        "attention math": med(lambda: mx.eval(_attention(q, k, mask))),
+        "norm": med(lambda: mx.eval(layer.input_layernorm(x))),
+    }
+
+
+def _attention(q, k, mask):
+    from mlx_gemma4.text import attention
+
+    return attention(q, k, k, mask)
+
+
+def _matmuls(M: int, K: int, N: int) -> tuple[float, float]:
+    w = mx.random.normal((N, K)).astype(mx.bfloat16) * 0.02
+    wq, scales, biases = mx.quantize(w, group_size=64, bits=4)
+    x = mx.random.normal((1, M, K)).astype(mx.bfloat16)
+    mx.eval(wq, scales, biases, x)
+    return (med(lambda: mx.eval(mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=64, bits=4))),
+            med(lambda: mx.eval(x @ mx.dequantize(wq, scales, biases, group_size=64, bits=4).T)))
+
+
+def _build_ms(build) -> float:
+    ts = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        out = build()
+        ts.append((time.perf_counter() - t0) * 1000)
+        mx.eval(out)
+    return round(statistics.median(ts[5:]), 3)
+
+
+if __name__ == "__main__":
+    main()
