@@ -66,6 +66,7 @@ class ChatApp(App):
         for text in self.startup_messages + ([self.history.notice] if self.history.notice else []):
             self.chat_screen.notice(text, "warning")
         if self.offer_download:
+            self.chat_screen.query_one("#loading").display = False  # nothing loads until a model is chosen
             self.ask_to_download()
         else:
             self.backend.load(self.chat_screen.post_message)
@@ -85,6 +86,7 @@ class ChatApp(App):
     def ask_to_download(self) -> None:
         def answered(choice: str | None) -> None:
             if choice == "download":
+                self.chat_screen.query_one("#loading").display = True
                 self.backend.load(self.chat_screen.post_message)
             elif choice == "demo":
                 self.use_demo()
