@@ -144,8 +144,9 @@ class Gemma4(nn.Module):
 
     def prefill(self, inputs: dict[str, Any], cache: list[KVCache], *, chunk_size: int = 2048, start: int = 0,
                 should_stop: Callable[[], bool] | None = None,
-                progress: Callable[[int, int], None] | None = None) -> mx.array | None:
-        """Run ``inputs["input_ids"][:, start:]`` (and its media) into ``cache``; logits (vocab,) of the last token.
+                progress: Callable[[int, int], None] | None = None, with_hidden: bool = False) -> Any:
+        """Run ``inputs["input_ids"][:, start:]`` (and its media) into ``cache``; logits (vocab,) of the last token
+        (``with_hidden``: and its final-normed hidden state (1, 1, hidden), which a drafter starts from).
 
         ``inputs`` is the processor's output; ``start`` > 0 means ``cache`` already holds the first ``start``
         tokens (media for them must not be in ``inputs``). The prompt runs in chunks of about ``chunk_size`` tokens
@@ -180,7 +181,8 @@ class Gemma4(nn.Module):
             lm.run(p, cache, range(first_shared), _eval_each_layer(e - s), narrow_last=1 if e == L else 0)
             if e == L:
                 lm.run(p, cache, range(first_shared, len(lm.layers)))
-                return self.logits(lm.norm(p.h))[0, -1]
+                h = lm.norm(p.h)
+                return (self.logits(h)[0, -1], h) if with_hidden else self.logits(h)[0, -1]
             mx.eval([c.state for c in cache])
             if progress is not None:
                 progress(e, L)

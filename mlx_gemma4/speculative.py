@@ -258,27 +258,22 @@ class SpeculativeLoop:
         if end is not None:   # the cache holds the whole prompt
             if self.should_stop is not None and self.should_stop():
                 return None
-            if end.hidden is not None:
-                self._end = end
-                y, logprobs = self._pick(end.logits, history)
-                return y, logprobs, end.hidden
-            # Kept by the plain loop, without the hidden state a drafter starts from: feed the last token again.
-            rewind_cache(self.cache, 1)
-            self.start = L - 1
-        if L - 1 > self.start:
-            # All but the last token through the ordinary prefill; the last one through the step that also
-            # returns its hidden state (the drafter's first input).
-            head = {**self.inputs, "input_ids": ids[:, : L - 1]}
-            if self.model.prefill(head, self.cache, chunk_size=self.prefill_chunk, start=self.start,
-                                  should_stop=self.should_stop, progress=self.progress) is None:
+            if end.hidden is None:
+                # Kept by the plain loop, without the hidden state a drafter starts from: feed the last token again
+                # (text only: any media of the prompt is already in the cache).
+                rewind_cache(self.cache, 1)
+                logits, hidden = self.model.step_hidden(ids[:, L - 1:], self.cache)
+                end = PromptEnd(logits[0, -1], hidden[:, -1:])
+        else:
+            # One pass, which also returns the last position's hidden state (the drafter's first input).
+            end = self.model.prefill(self.inputs, self.cache, chunk_size=self.prefill_chunk, start=self.start,
+                                     should_stop=self.should_stop, progress=self.progress, with_hidden=True)
+            if end is None:
                 return None
-        elif L <= self.start:
-            raise InputError(f"Nothing to prefill: the prompt has {self.start} tokens and all are already in the "
-                             "cache.")
-        logits, hidden = self.model.step_hidden(ids[:, L - 1 :], self.cache)
-        self._end = PromptEnd(logits[0, -1], hidden[:, -1:])
-        y, logprobs = self._pick(self._end.logits, history)
-        return y, logprobs, self._end.hidden
+            end = PromptEnd(*end)
+        self._end = end
+        y, logprobs = self._pick(end.logits, history)
+        return y, logprobs, end.hidden
 
     def __iter__(self) -> Iterator[tuple[int, mx.array]]:
         model, cache = self.model, self.cache

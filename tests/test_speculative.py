@@ -183,6 +183,23 @@ def test_automatic_draft_length_drafts_when_it_pays_and_stops_when_it_does_not()
     assert DraftLength(fixed=3).choose(2) == 2   # never past the limit it is given
 
 
+def test_the_first_token_comes_from_one_pass_over_the_prompt(loaded_e, drafters, monkeypatch):
+    """The drafter's first input (the prompt's last hidden state) comes out of the prefill itself: no second pass
+    over the last token before the first token goes out."""
+    model, processor = loaded_e
+    from mlx_gemma4 import stream_generate
+
+    passes = []
+    for name in ("prefill", "step", "step_hidden"):
+        method = getattr(model, name)
+        monkeypatch.setattr(model, name, lambda *a, _m=method, _n=name, **k: passes.append(_n) or _m(*a, **k))
+    stream = stream_generate(model, processor, "hello there, how are you", max_tokens=8, assistant=drafters("e"),
+                             draft_tokens=2)
+    next(stream)
+    assert passes == ["prefill"]
+    stream.close()
+
+
 def test_speculation_counts_and_argument_checks(loaded_e, drafters):
     model, processor = loaded_e
     from mlx_gemma4 import stream_generate
