@@ -187,7 +187,6 @@ class ChatSession:
         with closing(self._stream(messages, schemas, **gen_kwargs)) as responses:
             yield from chat_responses(responses, lambda text: strip_placeholders(self.processor, text))
 
-
     def _stream(self, messages: list[dict[str, Any]], schemas: list[dict[str, Any]] | None,
                 **gen_kwargs) -> Iterator[GenerationResponse]:
         should_stop = gen_kwargs.get("should_stop")

@@ -77,6 +77,12 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: Mask) -> mx.array:
     return (weights @ v).reshape(B, H, L, v.shape[-1])
 
 
+def last_queries(mask: Mask, n: int) -> Mask:
+    """``mask`` (one row per query) for its last ``n`` queries only; sdpa's "causal" is aligned bottom-right, so it
+    stays as it is."""
+    return mask[..., -n:, :] if isinstance(mask, mx.array) else mask
+
+
 @partial(mx.compile, shapeless=True)
 def geglu(gate: mx.array, x: mx.array) -> mx.array:
     """gelu_tanh(gate) * x as one fused kernel (and one graph node to build per call, which decode feels)."""
@@ -134,14 +140,14 @@ class Pass:
 
     def keep_last(self, n: int) -> None:
         """Drop all but the last ``n`` queries (the layers after this write no cache, so only the positions whose
-        output is read matter). sdpa's "causal" is aligned bottom-right, so it stays right."""
+        output is read matter)."""
         L = self.h.shape[1]
         if n >= L:
             return
         self.h = self.h[:, -n:]
         if self.per_layer is not None:
             self.per_layer = self.per_layer[:, -n:]
-        self.masks = {t: m[-n:] if isinstance(m, mx.array) else m for t, m in self.masks.items()}
+        self.masks = {t: last_queries(m, n) for t, m in self.masks.items()}
         self.offset = self.offset + L - n
 
 
@@ -204,8 +210,8 @@ class Attention(nn.Module):
 
         q = self.q_norm(q.reshape(B, Lq, self.n_heads, self.head_dim))              # (B, Lq, H, D)
         q = self._rope(q.transpose(0, 2, 1, 3), offset + L - Lq)                    # (B, H, Lq, D)
-        if Lq < L and isinstance(mask, mx.array):
-            mask = mask[..., L - Lq:, :]  # sdpa's "causal" is aligned bottom-right: it stays right
+        if Lq < L:
+            mask = last_queries(mask, Lq)
         out = attention(q, k, v, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, Lq, -1)), (k, v)
 
