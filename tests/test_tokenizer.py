@@ -6,6 +6,8 @@ import json
 import logging
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mlx_gemma4.errors import ConfigError
 from mlx_gemma4.processing.tokenizer import (
@@ -224,3 +226,30 @@ def test_streaming_detokenizer_matches_decode(tok):
         detok.add_token(i)
     detok.finalize()
     assert detok.text == tok.decode(ids)
+
+
+_BYTES = [0x41, 0x0A, 0x20, 0x80, 0x89, 0x9F, 0xA9, 0xAD, 0xB8, 0xC3, 0xE2, 0x96, 0x81, 0xE4, 0xF0, 0xFF]
+_PIECES = ["▁", "a", "▁the", "\n", "▁▁", "ing", "<", "|", "<|channel>", "<channel|>", "<|turn>", "<eos>", "<pad>",
+           "<|image|>", '<|"|>']
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(st.sampled_from([f"<0x{b:02X}>" for b in _BYTES]), st.sampled_from(_PIECES),
+                          st.sampled_from(["日本語", "é", "🎉👍🏽"])), max_size=12))
+def test_streamed_pieces_join_into_the_full_decode(tok, parts):
+    # Byte tokens that form characters across tokens, runs that are not valid UTF-8 (the decoder turns each of
+    # their bytes into U+FFFD, valid characters in the run included), special tokens, spaces.
+    ids = []
+    for part in parts:
+        known = tok.convert_tokens_to_ids(part)
+        ids += [known] if known != tok.hf.unk_token_id else tok.encode(part, add_special_tokens=False)
+    detok = tok.make_detokenizer()
+    pieces = []
+    for i in ids:
+        detok.add_token(i)
+        pieces.append(detok.last_segment)
+    detok.finalize()
+    pieces.append(detok.last_segment)
+    full = tok.decode(ids)
+    assert "".join(pieces) == full
+    assert all("\ufffd" not in p for p in pieces) or "\ufffd" in full

@@ -288,15 +288,18 @@ class Tokenizer:
 
         Building one reads the whole vocabulary (the SPM detokenizer maps every id to its bytes: about a second
         for Gemma 4's 262,144 entries), so that is done once per tokenizer; each call gets a reset copy that
-        shares the read-only map and has its own streaming state.
+        shares the read-only map and has its own streaming state. Its pieces join into ``decode(ids)``
+        (see detokenizer.py).
         """
         if self._detokenizer is None:
-            from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer, SPMStreamingDetokenizer
+            from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer
+
+            from .detokenizer import ByteRunDetokenizer
 
             decoder = json.loads(self.hf.backend_tokenizer.to_str()).get("decoder") or {}
             steps = [d.get("type") for d in decoder.get("decoders", [])] if decoder.get("type") == "Sequence" else []
             if steps[:3] == ["Replace", "ByteFallback", "Fuse"]:
-                self._detokenizer = SPMStreamingDetokenizer(self.hf, trim_space=steps[3:] == ["Strip"])
+                self._detokenizer = ByteRunDetokenizer(self.hf, trim_space=steps[3:] == ["Strip"])
             else:
                 self._detokenizer = NaiveStreamingDetokenizer(self.hf)
         detokenizer = copy.copy(self._detokenizer)
