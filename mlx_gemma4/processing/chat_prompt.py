@@ -146,7 +146,8 @@ class ChatEncoder:
                     text = self.clean(role, str(part.get("text") or ""))
                     if text:
                         texts.append(text)
-                        out.append({"type": "text", "text": _SENTINEL.format(len(texts) - 1)})
+                        text = _SENTINEL.format(len(texts) - 1)
+                    out.append({"type": "text", "text": text})  # an empty part renders too (system: a space)
                 elif kind in MEDIA_KINDS:
                     src = next((part[k] for k in (kind, "path", "url", "file") if part.get(k) is not None), None)
                     if src is None:
