@@ -233,10 +233,10 @@ def prepare_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             raise InputError(f"Message {i} is a tool result that follows no tool call; a role 'tool' message "
                              "answers a call of the assistant message just before it (after that message's other "
                              "results).")
-        if m["role"] == "tool" and not (m.get("content") is None or isinstance(m["content"], str)
-                                        or is_parts(m["content"])):
-            # Beside media, a JSON result can only be written as text.
-            m = {**m, "content": json.dumps(m["content"], ensure_ascii=False)}
+        if m["role"] == "tool" and not (isinstance(m.get("content"), str) or is_parts(m.get("content"))):
+            # Beside media, a JSON result can only be written as text; no result is empty, as in tool_responses
+            # (the template would write None).
+            m = {**m, "content": "" if m.get("content") is None else json.dumps(m["content"], ensure_ascii=False)}
         out.append(m)
         i += 1
     return out

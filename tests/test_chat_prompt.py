@@ -76,3 +76,38 @@ def test_conversations_encode_like_the_rendered_template(proc, ref, messages, th
     assert proc.apply_chat_template(messages, **kw) == ref.apply_chat_template(messages, tokenize=False, **kw)
     assert ChatEncoder(proc).encode(messages, **kw).ids.tolist() == _template_ids(proc, messages, **kw)
 
+
+VALUES = st.recursive(st.one_of(TEXTS, st.integers(-3, 3), st.booleans(), st.none()),
+                      lambda inner: st.one_of(st.lists(inner, max_size=2),
+                                              st.dictionaries(st.sampled_from(["a", "city"]), inner, max_size=2)),
+                      max_leaves=4)
+RESULTS = st.one_of(VALUES, st.just([{"type": "text", "text": "see"}, {"type": "image", "image": IMAGE}]))
+
+
+@st.composite
+def tool_rounds(draw):
+    messages = [{"role": "user", "content": draw(TEXTS)}]
+    for r in range(draw(st.integers(1, 2))):
+        calls = [{"id": f"c{r}{k}", "type": "function",
+                  "function": {"name": "weather", "arguments": {"city": draw(VALUES)}}}
+                 for k in range(draw(st.integers(1, 2)))]
+        messages.append({"role": "assistant", "content": draw(TEXTS), "tool_calls": calls})
+        messages += [{"role": "tool", "tool_call_id": c["id"], "content": draw(RESULTS)} for c in calls]
+    return messages
+
+
+def weather(city: str) -> str:
+    """The weather.
+
+    Args:
+        city: where
+    """
+    return "sunny"
+
+
+@FAST
+@given(messages=tool_rounds(), thinking=st.booleans())
+def test_tool_calls_and_results_encode_like_the_rendered_template(proc, messages, thinking):
+    # Arguments and results of any JSON shape, results with media beside results without (or with none at all).
+    kw = dict(add_generation_prompt=True, enable_thinking=thinking, tools=[weather])
+    assert ChatEncoder(proc).encode(messages, **kw).ids.tolist() == _template_ids(proc, messages, **kw)
