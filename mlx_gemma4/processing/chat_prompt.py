@@ -113,7 +113,7 @@ class ChatEncoder:
 
     def encode(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
                enable_thinking: bool = False, should_stop: Callable[[], bool] | None = None,
-               tools: list[Any] | None = None) -> EncodedChat:
+               tools: list[Any] | None = None, **template_kwargs: Any) -> EncodedChat:
         texts: list[str] = []
         sources: list[tuple[str, Any]] = []
         rendered_messages = []
@@ -163,7 +163,7 @@ class ChatEncoder:
 
         rendered = self.processor.tokenizer.apply_chat_template(
             rendered_messages, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking,
-            tools=tools)
+            tools=tools, **template_kwargs)
         found = [self._placeholders[m.group(0)] for m in self._specials.finditer(rendered)
                  if m.group(0) in self._placeholders] if self._specials else []
         if found != [k for k, _ in sources]:

@@ -23,7 +23,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from ..errors import ConfigError, ContextLengthError, InputError, with_article
+from ..errors import ConfigError, ContextLengthError, InputError
 from ..media import MEDIA
 from .tokenizer import SpecialTokens, Tokenizer
 
@@ -135,25 +135,20 @@ class Processor:
                             enable_thinking: bool = False, tools: list[Any] | None = None,
                             tokenize: bool = False, **kwargs: Any) -> str | dict[str, mx.array]:
         """The prompt string for `messages` (see Tokenizer.apply_chat_template). With ``tokenize=True`` the
-        prompt is run through this processor with the media found in the messages' parts (keys "image",
-        "audio", "video", or "path" / "url" / "file") and the input dict is returned."""
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                    enable_thinking=enable_thinking, tools=tools, **kwargs)
+        input dict of the messages, with the media found in their parts (keys "image", "audio", "video", or
+        "path" / "url" / "file"): the ids of the prompt string, except that the messages' text stays text (a
+        control token or placeholder typed in it is not one; see chat_prompt.py), as in a ChatSession."""
         if not tokenize:
-            return prompt
-        media: dict[str, list[Any]] = {"image": [], "audio": [], "video": []}
-        for message in messages:
-            content = message.get("content")
-            for part in content if isinstance(content, list) else []:
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind in media:
-                    src = next((part[k] for k in (kind, "path", "url", "file") if part.get(k) is not None), None)
-                    if src is None:
-                        raise InputError(f"{with_article(kind).capitalize()} part of the messages has no {kind!r} "
-                                         "or 'path' key to load.")
-                    media[kind].append(src)
-        return self(text=prompt, images=media["image"] or None, audio=media["audio"] or None,
-                    videos=media["video"] or None)
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                      enable_thinking=enable_thinking, tools=tools, **kwargs)
+        from .chat_prompt import ChatEncoder, stack_inputs
+
+        enc = ChatEncoder(self).encode(messages, add_generation_prompt=add_generation_prompt,
+                                       enable_thinking=enable_thinking, tools=tools, **kwargs)
+        inputs = {"input_ids": mx.array(enc.ids[None]),  # (1, L)
+                  "mm_token_type_ids": mx.array(self.mm_token_type_ids(enc.ids)[None])}  # (1, L)
+        inputs.update(stack_inputs([item for _, _, item in enc.items]))
+        return inputs
 
     # -- media preprocessors (lazy) ------------------------------------------------------------------------------
 
