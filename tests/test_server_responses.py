@@ -8,8 +8,6 @@ import os
 import json
 
 import pytest
-from hypothesis import example, given, settings
-from hypothesis import strategies as st
 
 from mlx_gemma4.chat import ChatResponse
 from mlx_gemma4.errors import InputError
@@ -180,23 +178,3 @@ def test_media_store_keeps_recent_files_within_its_budget(tmp_path):
     assert fourth.read_bytes() == blobs[3]
     big = store.save(b"x" * 1000, ".png")  # larger than the budget alone: kept, everything else goes
     assert [p.name for p in tmp_path.iterdir()] == [big.name]
-
-
-_CHARS = st.text(alphabet="ab \n", max_size=12)
-
-
-@settings(max_examples=500, deadline=None)
-@given(text=_CHARS, stops=st.lists(st.text(alphabet="ab \n", min_size=1, max_size=3), min_size=1, max_size=3),
-       cuts=st.lists(st.integers(0, 12), max_size=4))
-@example(text="a b", stops=[" ", "a b"], cuts=[2])
-def test_stop_strings_cut_the_answer_where_the_first_one_begins(text, stops, cuts):
-    # However the text comes in pieces; stop strings that overlap (a longer one that begins first but is
-    # completed after a shorter one) included.
-    cuts = sorted({min(c, len(text)) for c in cuts})
-    pieces = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)])]
-    answer = Answer(stops)
-    deltas = [d for i, p in enumerate(pieces)
-              for d in answer.feed(piece(p, finish="stop" if i == len(pieces) - 1 else None))]
-    first = min((text.find(s) for s in stops if s in text), default=len(text))
-    assert "".join(d["content"] for d in deltas) == text[:first]
-    assert answer.stopped == (first < len(text))

@@ -34,8 +34,6 @@ class Answer:
         deltas += self._stop_filter(r.content)
         for call in [] if self.stopped else r.tool_calls:
             deltas += self._flush()
-            if self.stopped:
-                break
             deltas.append({"tool_calls": [tool_call_json(call, len(self.calls))]})
             self.calls.append(call)
         if r.finish_reason and not self.stopped:
@@ -43,22 +41,23 @@ class Answer:
         return _merge(deltas)
 
     def _flush(self) -> list[dict[str, Any]]:
-        """What was held back, now that no more answer text follows (up to a stop string in it)."""
-        return self._stop_filter("", final=True)
+        held, self._held = self._held, ""
+        return [{"content": held}] if held else []
 
-    def _stop_filter(self, text: str, final: bool = False) -> list[dict[str, Any]]:
+    def _stop_filter(self, text: str) -> list[dict[str, Any]]:
         if not self.stop:
             return [{"content": text}] if text else []
         text = self._held + text
-        at = min((text.find(s) for s in self.stop if s in text), default=None)
-        # Where a stop string that later text may complete begins: one that begins before a complete one
-        # ends the answer there instead.
-        held = len(text) - (0 if final else max(_partial_suffix(text, s) for s in self.stop))
-        if at is not None and at <= held:
+        hits = [(text.find(s), s) for s in self.stop if s in text]
+        if hits:
             self.stopped = True
-            held = at
-        self._held = "" if self.stopped else text[held:]
-        return [{"content": text[:held]}] if held else []
+            self._held = ""
+            at = min(hits)[0]
+            return [{"content": text[:at]}] if at else []
+        keep = max(_partial_suffix(text, s) for s in self.stop)
+        self._held = text[len(text) - keep:]
+        out = text[:len(text) - keep]
+        return [{"content": out}] if out else []
 
 
 def _partial_suffix(text: str, stop: str) -> int:
