@@ -171,7 +171,6 @@ def test_apply_chat_template_tokenize_collects_media(proc, ref, ref_tok):
     _check(out, *_expected(ref, ref_tok, prompt, images=[image]))
 
 
-
 def test_apply_chat_template_tokenize_keeps_typed_control_tokens_as_text(proc):
     # A user who types a placeholder or a turn marker next to an attached image gets one image and one turn.
     image, audio = _image(120, 80, 5), _wave(0.5)
@@ -187,6 +186,7 @@ def test_apply_chat_template_tokenize_keeps_typed_control_tokens_as_text(proc):
     alone = proc(text="<|image|><|audio|>", images=[image], audio=[audio])
     for key in ("pixel_values", "input_features"):
         np.testing.assert_array_equal(np.array(out[key]), np.array(alone[key]))
+
 
 def test_eos_ids_and_decode(proc):
     assert proc.eos_token_ids == [SPECIAL_IDS["eos"], SPECIAL_IDS["turn_close"]]
