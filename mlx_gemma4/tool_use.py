@@ -82,9 +82,10 @@ class AnswerStream:
         text: list[str] = []
         calls: list[ToolCall] = []
         while True:
-            marker = _THINK_CLOSE if self._in_thought else _THINK_OPEN
-            at = self._buf.find(marker)
-            cut = at if at >= 0 else len(self._buf) - _partial_suffix(self._buf, marker)
+            # Outside a thought a closing marker with no opening one is dropped, as the whole answer drops it.
+            markers = (_THINK_CLOSE,) if self._in_thought else (_THINK_OPEN, _THINK_CLOSE)
+            at, marker = min(((self._buf.find(m), m) for m in markers if m in self._buf), default=(-1, ""))
+            cut = at if at >= 0 else len(self._buf) - max(_partial_suffix(self._buf, m) for m in markers)
             body, self._buf = self._buf[:cut], self._buf[cut:]
             if self._in_thought:
                 thinking.append(self._thought(body))
@@ -95,6 +96,8 @@ class AnswerStream:
             if at < 0:
                 return "".join(thinking), "".join(text), calls
             self._buf = self._buf[len(marker):]
+            if marker == _THINK_CLOSE and not self._in_thought:
+                continue
             if self._in_thought and self._label is not None:
                 self._blocks[-1] = "" if self._label == _THINK_LABEL.strip() else self._label
                 self._label = None

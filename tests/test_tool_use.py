@@ -97,6 +97,19 @@ def test_thoughts_without_calls_split_like_split_thinking(text):
         assert (answer.thinking, answer.text) == split_thinking(text)
 
 
+@pytest.mark.parametrize("text", ["<channel|>x", "a<channel|>b<channel|>", "x<channel|><|channel>thought\nt<channel|>y",
+                                  "<|channel>thought\nt<channel|><channel|>y", "a<channel", "<channel|"])
+def test_streamed_text_is_the_answer_also_with_an_unmatched_closing_marker(text):
+    # The answer drops a <channel|> that closes no thought; the stream must not show it either.
+    for cut in range(len(text) + 1):
+        stream = AnswerStream()
+        pieces = [stream.feed(text[:cut]), stream.feed(text[cut:])]
+        answer = stream.close()
+        streamed = "".join(p[1] for p in [*pieces, stream.tail])
+        assert "<channel|>" not in streamed
+        assert streamed.strip() == answer.text == split_thinking(text)[1]
+
+
 def test_malformed_call_keeps_its_raw_text_in_the_answer():
     bad = "<|tool_call>call:f{a:oops}<tool_call|>"
     answer = split_answer("before " + bad + " after")

@@ -167,7 +167,7 @@ def split_thinking(text: str) -> tuple[str, str]:
     rest = text
     while open_tok in rest:
         before, rest = rest.split(open_tok, 1)
-        answer.append(before)
+        answer.append(before.replace(close_tok, ""))  # a closing marker that closes nothing is dropped
         body, closed, rest = rest.partition(close_tok)
         if body.startswith(label):
             body = body[len(label):]
