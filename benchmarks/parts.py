@@ -48,6 +48,8 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--decode", type=int, default=64, help="tokens of each bare decode loop")
     ap.add_argument("--no-matmuls", action="store_true", help="leave out the 4-bit matmul sizes (slow on a CPU)")
+    ap.add_argument("--parts", default="prefill,layers,matmuls,decode,ab",
+                    help="comma-separated: which of prefill, layers, matmuls, decode, ab to time (default all)")
     a = ap.parse_args(argv)
 
     import mlx_lm
@@ -62,7 +64,7 @@ def main(argv=None) -> None:
     ids = mx.array([[(i * 7919) % 200_000 + 1000 for i in range(a.tokens)]], dtype=mx.int32)
     inputs = {"input_ids": ids}
     y = mx.array([[1234]], dtype=mx.int32)
-    res: dict[str, object] = {}
+    res = _Results()
 
     def ours_prefill():
         mx.eval(model.prefill(inputs, model.make_cache()))
@@ -77,19 +79,22 @@ def main(argv=None) -> None:
         mx.eval([x.state for x in c])
         mx.eval(lmodel(ids[:, -1:], cache=c))
 
-    res["prefill ms: ours"] = med(ours_prefill)
-    import mlx_gemma4.model as gm
-    every = gm.EVAL_EACH_LAYER_FROM
-    gm.EVAL_EACH_LAYER_FROM = 10**9
-    res["prefill ms: ours, one lazy graph"] = med(ours_prefill)
-    gm.EVAL_EACH_LAYER_FROM = every
-    res["prefill ms: ours, every layer at every position"] = med(ours_every_layer)
-    res["prefill ms: mlx-lm (n-1, then 1)"] = med(lm_prefill)
+    parts = set(a.parts.split(","))
+    if "prefill" in parts:
+        res["prefill ms: ours"] = med(ours_prefill)
+        import mlx_gemma4.model as gm
+        every = gm.EVAL_EACH_LAYER_FROM
+        gm.EVAL_EACH_LAYER_FROM = 10**9
+        res["prefill ms: ours, one lazy graph"] = med(ours_prefill)
+        gm.EVAL_EACH_LAYER_FROM = every
+        res["prefill ms: ours, every layer at every position"] = med(ours_every_layer)
+        res["prefill ms: mlx-lm (n-1, then 1)"] = med(lm_prefill)
 
     for i in (lm.config.layer_types.index("sliding_attention"), lm.config.layer_types.index("full_attention")):
-        res[f"layer {i} ({lm.config.layer_types[i]}) at prompt length, ms"] = _layer_parts(model, ids, i)
+        if "layers" in parts:
+            res[f"layer {i} ({lm.config.layer_types[i]}) at prompt length, ms"] = _layer_parts(model, ids, i)
 
-    for M in () if a.no_matmuls else (a.tokens, 256):
+    for M in () if a.no_matmuls or "matmuls" not in parts else (a.tokens, 256):
         for K, N in ((2560, 20480), (10240, 2560), (2560, 3072)):
             res[f"4-bit matmul M={M} K={K} N={N}: quantized, dequantized+dense ms"] = _matmuls(M, K, N)
 
@@ -118,16 +123,19 @@ def main(argv=None) -> None:
         f()
         return round(statistics.median(f() for _ in range(3)), 1)
 
-    res["bare decode tok/s: ours"] = tps(ours_decode)
-    res["bare decode tok/s: mlx-lm"] = tps(lm_decode)
-    c = model.make_cache()
-    mx.eval(model.prefill(inputs, c))
-    lc = make_prompt_cache(lmodel)
-    mx.eval(lmodel(ids, cache=lc))
-    res["step build ms (host): ours"] = _build_ms(lambda: model.step(y, c))
-    res["step build ms (host): mlx-lm"] = _build_ms(lambda: lmodel(y, cache=lc))
-    res["step evaluated ms: ours"] = med(lambda: mx.eval(model.step(y, c)), runs=20)
-    res["step evaluated ms: mlx-lm"] = med(lambda: mx.eval(lmodel(y, cache=lc)), runs=20)
+    if "decode" in parts:
+        res["bare decode tok/s: ours"] = tps(ours_decode)
+        res["bare decode tok/s: mlx-lm"] = tps(lm_decode)
+        c = model.make_cache()
+        mx.eval(model.prefill(inputs, c))
+        lc = make_prompt_cache(lmodel)
+        mx.eval(lmodel(ids, cache=lc))
+        res["step build ms (host): ours"] = _build_ms(lambda: model.step(y, c))
+        res["step build ms (host): mlx-lm"] = _build_ms(lambda: lmodel(y, cache=lc))
+        res["step evaluated ms: ours"] = med(lambda: mx.eval(model.step(y, c)), runs=20)
+        res["step evaluated ms: mlx-lm"] = med(lambda: mx.eval(lmodel(y, cache=lc)), runs=20)
+    if "ab" not in parts:
+        return
 
     # A/B: mx.fast's attention everywhere (the compiled step is traced again for each setting)
     sizes = text._fused_attention_sizes
@@ -155,8 +163,14 @@ def main(argv=None) -> None:
     res["A/B prefill ms: dequantized matmuls"] = med(ours_prefill)
     nn.QuantizedLinear.__call__ = quantized
     res["A/B prefill ms: quantized matmuls"] = med(ours_prefill)
-    for k, v in res.items():
-        print(f"{k}: {v}", flush=True)
+
+
+class _Results(dict):
+    """Each result printed as it is measured: a run cut short by a time limit still leaves what it measured."""
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        print(f"{key}: {value}", flush=True)
 
 
 def _layer_parts(model, ids: mx.array, i: int) -> dict[str, float]:
