@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -268,9 +268,11 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, progress: Callab
 
     path = Path(path)
     config = ModelConfig.from_file(path)
-    model = build_model(config)
     files = safetensors_files(path)
-    weights = sanitize(read_safetensors(files), config, model, hf_layout=not is_mlx_layout(files))
+    raw = read_safetensors(files)
+    config = drop_absent_towers(config, raw)
+    model = build_model(config)
+    weights = sanitize(raw, config, model, hf_layout=not is_mlx_layout(files))
     ple_path = path / PLE_FILE
     ple = MappedPerLayerEmbedding(ple_path) if ple_path.exists() else None
     placement = None
@@ -296,6 +298,31 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, progress: Callab
     if progress is not None:
         progress(1, 1)
     return model
+
+
+# Our name prefixes of each modality's modules, and the config sections that describe them.
+_TOWERS = {
+    "vision": (("vision_tower.", "vision_embedder.", "embed_vision."), ("vision_config", "vision_embedder_config")),
+    "audio": (("audio_tower.", "embed_audio."), ("audio_config", "audio_embedder_config")),
+}
+
+
+def drop_absent_towers(config: ModelConfig, weights: Iterable[str]) -> ModelConfig:
+    """``config`` without the towers of which the checkpoint holds no tensor at all.
+
+    mlx-lm's converter keeps only the text model but copies config.json whole, vision and audio sections included;
+    such a checkpoint is a text-only model (it refuses media with an InputError). A tower with some but not all of
+    its tensors is still reported by the strict load.
+    """
+    ours = [n for n in (map_name(n, config) for n in weights) if n is not None]
+    drop = {}
+    for kind, (prefixes, sections) in _TOWERS.items():
+        present = [s for s in sections if getattr(config, s) is not None]
+        if present and not any(n.startswith(prefixes) for n in ours):
+            logger.info("config.json describes %s input but the checkpoint has no %s weights (a text-only "
+                        "conversion, as mlx-lm writes); loading the text model alone", kind, kind)
+            drop.update(dict.fromkeys(present))
+    return replace(config, **drop) if drop else config
 
 
 def _check_ple(ple: MappedPerLayerEmbedding, model: nn.Module) -> None:

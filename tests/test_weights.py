@@ -106,6 +106,43 @@ def test_mlx_vlm_conversion_loads_with_same_logits(tmp_path):
     assert processor is not None
 
 
+def _published_spelling(src: Path) -> Path:
+    """``src`` with config.json in the published spelling (global_head_dim, top-level vocab_size), as mlx-lm and
+    mlx-vlm read it; returns ``src``."""
+    cfg = json.loads((src / "config.json").read_text())
+    text = cfg["text_config"]
+    full = next(iter(text.pop("per_layer_config").values()))
+    text["global_head_dim"] = full["head_dim"]
+    if "num_key_value_heads" in full:
+        text["num_global_key_value_heads"] = full["num_key_value_heads"]
+    cfg["vocab_size"] = text["vocab_size"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    return src
+
+
+def test_mlx_lm_conversion_of_a_model_with_towers_loads_as_text_only(tmp_path):
+    """mlx-lm keeps only the text model (here with its mixed 3/6-bit recipe: per-module bits) but copies the
+    audio section of config.json: that is a text-only model, read with mlx-lm's own logits."""
+    pytest.importorskip("mlx_lm")
+    from mlx_lm import convert as lm_convert
+    from mlx_lm import load as lm_load
+
+    from tests.tiny import AUDIO
+
+    src = make_tokenizer(save_checkpoint(make_model("e", vision=VISION, audio=AUDIO, hidden_size_per_layer_input=32),
+                                         tmp_path / "src"))
+    dst = tmp_path / "lm"
+    lm_convert(str(_published_spelling(src)), mlx_path=str(dst), quantize=True, q_group_size=32,
+               quant_predicate="mixed_3_6", dtype="float32")
+    assert "audio_config" in json.loads((dst / "config.json").read_text())
+
+    ours, processor = load(dst)
+    assert not ours.config.takes_audio and not ours.config.takes_images and processor is not None
+    theirs, _ = lm_load(str(dst))
+    # Same packed weights, same float32 math up to op order.
+    np.testing.assert_allclose(_logits(ours), np.array(theirs(mx.array(IDS, dtype=mx.int32))), atol=1e-4, rtol=0)
+
+
 def test_missing_and_corrupt_files(tmp_path):
     src = save_checkpoint(make_model("dense"), tmp_path / "src")
     dst = convert(src, tmp_path / "conv", dtype="float32")
