@@ -53,14 +53,25 @@ class Experts(nn.Module):
             inverse = mx.argsort(order)
             x = x.flatten(0, -3)[order // k]                                 # (N*K, 1, hidden)
             idx = flat[order]
-        gu = self.gate_up_proj(x, idx, sorted_indices=do_sort)
+        gu = _project(self.gate_up_proj, x, idx, do_sort)
         gate, up = mx.split(gu, 2, axis=-1)
-        y = self.down_proj(nn.gelu_approx(gate) * up, idx, sorted_indices=do_sort)
+        y = _project(self.down_proj, nn.gelu_approx(gate) * up, idx, do_sort)
         if do_sort:
             y = y[inverse].reshape(n_tokens, k, 1, shape[-1])
         y = y.squeeze(-2)                                                    # (N, K, hidden)
         w = weights.reshape(n_tokens, k)[..., None].astype(y.dtype)
         return (y * w).sum(axis=-2).reshape(shape)
+
+
+def _project(layer: nn.Module, x: mx.array, idx: mx.array, sorted_indices: bool) -> mx.array:
+    """``layer(x, idx)``. MLX's CPU gather_mm (0.32) multiplies float32 only, so there an unquantized bfloat16 or
+    float16 expert stack is multiplied in float32 and the result cast back (the quantized kernel takes them all)."""
+    w = layer.get("weight") if isinstance(layer, SwitchLinear) else None
+    if w is None or w.dtype == mx.float32 or mx.default_device() != mx.cpu:
+        return layer(x, idx, sorted_indices=sorted_indices)
+    y = mx.gather_mm(x.astype(mx.float32), w.astype(mx.float32).swapaxes(-1, -2), rhs_indices=idx,
+                     sorted_indices=sorted_indices)
+    return y.astype(x.dtype)
 
 
 class MoEBlock:
