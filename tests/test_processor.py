@@ -8,6 +8,7 @@ carries the processor's token attributes. The expected ids are the reference tok
 
 from __future__ import annotations
 
+import shutil
 from types import SimpleNamespace
 
 import mlx.core as mx
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlx_gemma4.errors import InputError
+from mlx_gemma4.errors import ConfigError, InputError
 from mlx_gemma4.processing.processor import Processor
 from tests.fixtures_tokenizer import make_tokenizer
 from tests.helpers import reference_tokens
@@ -99,6 +100,15 @@ def test_text_never_builds_a_media_preprocessor(ckpt, monkeypatch):
     proc = Processor.from_pretrained(ckpt)
     assert proc(text="hello")["input_ids"].shape[0] == 1
     proc.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=True)
+
+
+@pytest.mark.parametrize("name", ["processor_config.json", "preprocessor_config.json",
+                                  "video_preprocessor_config.json"])
+def test_a_processor_file_that_is_not_an_object_is_named(ckpt, tmp_path, name):
+    bad = shutil.copytree(ckpt, tmp_path / "bad")
+    (bad / name).write_text("[1]")
+    with pytest.raises(ConfigError, match=f"{name} holds .*not a JSON object"):
+        Processor.from_pretrained(bad)
 
 
 def test_bos_not_doubled(proc):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -105,6 +106,32 @@ def test_config_ids_must_agree_with_tokenizer(ckpt, tmp_path):
     # An id the tokenizer does not name is found through config.json.
     ok = Tokenizer(hf, config={"video_token_id": 384})
     assert ok.special.video.id == 384
+
+
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "special_tokens_map.json", "generation_config.json"])
+@pytest.mark.parametrize("text", ["[1]", "null"])
+def test_a_tokenizer_file_that_is_not_an_object_is_named(ckpt, tmp_path, name, text):
+    """transformers' tokenizer (and our eos lookup) raised an AttributeError naming no file."""
+    bad = shutil.copytree(ckpt, tmp_path / "bad")
+    (bad / name).write_text(text)
+    with pytest.raises(ConfigError, match=f"{name} holds .*not a JSON object"):
+        Tokenizer.from_pretrained(bad)
+
+
+@pytest.mark.parametrize("eos", ["<turn|>", -1, True, [1, 2.5]])
+def test_eos_ids_that_are_not_token_ids_are_named(ckpt, tmp_path, eos):
+    bad = shutil.copytree(ckpt, tmp_path / "bad")
+    (bad / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+    with pytest.raises(ConfigError, match="generation_config.json: eos_token_id holds"):
+        Tokenizer.from_pretrained(bad)
+
+
+def test_a_chat_template_that_does_not_parse_is_a_config_error(ckpt, tmp_path):
+    bad = shutil.copytree(ckpt, tmp_path / "bad")
+    (bad / "chat_template.jinja").write_text("{{ bos_token }}\n{% if %}")
+    tok = Tokenizer.from_pretrained(bad)
+    with pytest.raises(ConfigError, match="chat template does not parse .line 2"):
+        tok.apply_chat_template([{"role": "user", "content": "x"}])
 
 
 def test_missing_tokenizer_files(tmp_path):

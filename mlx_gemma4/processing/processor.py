@@ -38,9 +38,13 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
         raise ConfigError(f"{path} is not valid JSON ({e}); re-download or re-convert the checkpoint.") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds {json.dumps(data)[:40]}, not a JSON object; re-download or re-convert the "
+                          "checkpoint.")
+    return data
 
 
 def _as_list(x: Any) -> list[Any] | None:

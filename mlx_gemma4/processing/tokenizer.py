@@ -58,9 +58,13 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
         raise ConfigError(f"{path} is not valid JSON ({e}); re-download or re-convert the checkpoint.") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds {json.dumps(data)[:40]}, not a JSON object; re-download or re-convert the "
+                          "checkpoint.")
+    return data
 
 
 def find_chat_template(path: str | Path) -> str | None:
@@ -201,6 +205,8 @@ class Tokenizer:
         if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
             raise ConfigError(f"no tokenizer.json or tokenizer_config.json in {path}; convert the checkpoint with "
                               "convert.py, which copies the tokenizer files.")
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):  # transformers' errors name neither
+            _read_json(path / name)
         try:
             from transformers import AutoTokenizer
 
@@ -214,10 +220,14 @@ class Tokenizer:
 
     def _eos_ids(self, config: dict[str, Any] | None, generation_config: dict[str, Any] | None) -> list[int]:
         out: list[int] = []
-        for source in (config_token_ids(config).get("eos_token_id"), (generation_config or {}).get("eos_token_id")):
+        for name, source in (("config.json", config_token_ids(config).get("eos_token_id")),
+                             ("generation_config.json", (generation_config or {}).get("eos_token_id"))):
             for i in source if isinstance(source, list) else [source]:
-                if i is not None and int(i) not in out:
-                    out.append(int(i))
+                if i is not None and (isinstance(i, bool) or not isinstance(i, int) or i < 0):
+                    raise ConfigError(f"{name}: eos_token_id holds {json.dumps(i)[:40]}; it must be a token id (a "
+                                      "whole number from 0) or a list of them. Fix that entry or download it again.")
+                if i is not None and i not in out:
+                    out.append(i)
         for tok in (self.special.eos, self.special.turn_close):
             if tok is not None and tok.id not in out:
                 out.append(tok.id)
@@ -277,10 +287,17 @@ class Tokenizer:
         if isinstance(messages, (list, tuple)) and not messages:  # transformers' ValueError, as an InputError
             raise InputError("There are no messages to render; pass at least one, like {'role': 'user', "
                              "'content': 'Hello'}.")
-        prompt = self.hf.apply_chat_template(
-            prepare_messages(messages), chat_template=self.chat_template, tools=tool_schemas(tools),
-            add_generation_prompt=add_generation_prompt,
-            enable_thinking=enable_thinking, tokenize=False, **kwargs)
+        from jinja2 import TemplateSyntaxError
+
+        try:
+            prompt = self.hf.apply_chat_template(
+                prepare_messages(messages), chat_template=self.chat_template, tools=tool_schemas(tools),
+                add_generation_prompt=add_generation_prompt,
+                enable_thinking=enable_thinking, tokenize=False, **kwargs)
+        except TemplateSyntaxError as e:
+            raise ConfigError(f"The checkpoint's chat template does not parse (line {e.lineno}: {e.message}). Fix "
+                              "it in chat_template.jinja (or the chat_template entry of tokenizer_config.json / "
+                              "chat_template.json), or delete it to use the bundled Gemma 4 template.") from e
         return self.encode(prompt) if tokenize else prompt
 
     def make_detokenizer(self) -> Any:
