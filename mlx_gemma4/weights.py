@@ -175,6 +175,7 @@ def safetensors_files(path: Path) -> list[Path]:
         return [path / n for n in names]
     files = sorted(f for f in path.glob("*.safetensors") if f.name != PLE_FILE)
     if files:
+        _check_numbered_shards(path, files)
         return files
     pickles = sorted(f.name for pattern in _PICKLES for f in path.glob(pattern))
     if pickles:
@@ -183,6 +184,23 @@ def safetensors_files(path: Path) -> list[Path]:
             "pickles: loading one can run arbitrary code. Convert it to safetensors first (in Python: "
             "transformers' from_pretrained, then save_pretrained(DIR, safe_serialization=True)) and use DIR.")
     raise WeightsError(f"No *.safetensors files in {path}. Is this a Gemma 4 checkpoint directory?")
+
+
+_SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)\.safetensors$")
+
+
+def _check_numbered_shards(path: Path, files: list[Path]) -> None:
+    """Without an index, shards named ``model-00002-of-00004.safetensors`` still say how many there should be."""
+    found: dict[tuple[str, str], set[int]] = {}
+    for f in files:
+        m = _SHARD.match(f.name)
+        if m:
+            found.setdefault((m["stem"], m["n"]), set()).add(int(m["i"]))
+    missing = [f"{stem}-{i:0{len(n)}d}-of-{n}.safetensors" for (stem, n), have in sorted(found.items())
+               for i in range(1, int(n) + 1) if i not in have]
+    if missing:
+        raise WeightsError(f"{path} is missing shard(s) {preview(missing, 3)} (and has no "
+                           "model.safetensors.index.json). The download is incomplete: download it again.")
 
 
 def read_safetensors(files: Iterable[Path]) -> dict[str, mx.array]:

@@ -158,6 +158,24 @@ def test_missing_and_corrupt_files(tmp_path):
         load(tmp_path / "empty")
 
 
+def test_sharded_checkpoint_with_and_without_its_index(tmp_path):
+    """Shards load with or without the index; without it, a missing shard is named from the shards' numbering
+    (it was reported as the missing tensors that happened to live in it)."""
+    hf = make_model("dense")
+    src = save_checkpoint(hf, tmp_path / "src")
+    ref, _ = load(make_tokenizer(src))
+    sharded = make_tokenizer(tmp_path / "sharded")
+    hf.save_pretrained(sharded, safe_serialization=True, max_shard_size="100KB")
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    np.testing.assert_array_equal(_logits(load(sharded)[0]), _logits(ref))
+    (sharded / "model.safetensors.index.json").unlink()
+    np.testing.assert_array_equal(_logits(load(sharded)[0]), _logits(ref))
+    shards[1].unlink()
+    with pytest.raises(WeightsError, match=f"missing shard.*{shards[1].name} .and has no model.safetensors.index"):
+        load(sharded)
+
+
 def test_mismatched_weights_are_listed(tmp_path):
     from mlx_gemma4.config import ModelConfig
     from mlx_gemma4.model import Gemma4
