@@ -117,11 +117,11 @@ class TextConfig(Section):
                               "causal decoding), not a Gemma 4 chat model. Use a chat checkpoint such as "
                               "google/gemma-4-12B-it.")
 
-        # Per-layer head sizes: published spelling first, then save_pretrained's per_layer_config.
+        # Per-layer head sizes: save_pretrained's per_layer_config where the file has one, else the published spelling.
         global_dim = self.global_head_dim or 512  # the reference's default when the key is absent
         global_kv = self.num_global_key_value_heads if self.attention_k_eq_v else None
         overrides = _layer_overrides(self.per_layer_config, n)
-        if not overrides:
+        if self.per_layer_config is None:   # present but empty: every layer at head_dim, as in the reference
             overrides = {
                 i: {"head_dim": global_dim, **({"num_key_value_heads": global_kv} if global_kv else {})}
                 for i, t in enumerate(self.layer_types)

@@ -23,6 +23,16 @@ def test_published_and_save_pretrained_spellings_agree():
     assert a.layer_kv_heads == b.layer_kv_heads == [2, 1, 2, 1]
 
 
+def test_an_empty_per_layer_config_overrides_no_layer():
+    """Full layers as wide as the sliding ones: save_pretrained writes per_layer_config {} and no global_head_dim;
+    the reference reads every layer at head_dim (the 512 default applies only when per_layer_config is absent)."""
+    hf = tiny.make_model("e", head_dim=32, global_head_dim=32)
+    saved = hf.config.to_dict()
+    assert saved["text_config"]["per_layer_config"] == {} and saved["text_config"].get("global_head_dim") is None
+    ref = [layer.self_attn.q_proj.out_features // 4 for layer in hf.model.language_model.layers]
+    assert ModelConfig.from_dict(saved).text_config.layer_head_dims == ref == [32] * 7
+
+
 def test_global_kv_heads_only_with_k_eq_v():
     d = dict(E4B_TEXT, num_global_key_value_heads=1)
     cfg = TextConfig.from_dict(d)  # attention_k_eq_v is off: full layers keep num_key_value_heads
