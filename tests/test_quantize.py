@@ -47,12 +47,21 @@ def test_recipe_leaves_small_side_layers_and_rejects_bulk_that_does_not_divide()
         recipe(e, 7, 32)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_quantized_load_equals_fake_quantized_float_model(tmp_path, bits):
+# Every quantizable input width a multiple of 128 (heads 4 x 32, PLE 7 x 128, experts 128 wide), so every group
+# size applies everywhere.
+WIDE = dict(hidden_size=128, intermediate_size=128, head_dim=32, global_head_dim=32, moe_intermediate_size=128)
+
+
+@pytest.mark.parametrize("family,bits,group_size", [
+    ("e", 4, 32), ("e", 8, 32), ("e", 2, 64), ("e", 3, 128), ("e", 5, 64), ("e", 6, 128),
+    ("moe", 3, 64), ("moe", 5, 128), ("dense", 2, 128), ("dense", 6, 64)])
+def test_quantized_load_equals_fake_quantized_float_model(tmp_path, family, bits, group_size):
     """Converter + loader introduce nothing beyond the rounding itself: same logits as quantize->dequantize."""
-    src = make_tokenizer(save_checkpoint(make_model("e", hidden_size_per_layer_input=32), tmp_path / "src"))
+    overrides = dict(hidden_size_per_layer_input=32) if group_size == 32 else {
+        **WIDE, **({"hidden_size_per_layer_input": 128} if family == "e" else {})}
+    src = make_tokenizer(save_checkpoint(make_model(family, **overrides), tmp_path / "src"))
     ids = mx.array(np.random.default_rng(1).integers(5, 250, size=(1, 24)), dtype=mx.int32)
-    qdst = convert(src, tmp_path / "q", q_bits=bits, q_group_size=32, dtype="float32")
+    qdst = convert(src, tmp_path / "q", q_bits=bits, q_group_size=group_size, dtype="float32")
     fdst = convert(src, tmp_path / "f", dtype="float32")
     quantized, _ = load(qdst)
     ref, _ = load(fdst, mapped_ple=False)
