@@ -197,6 +197,8 @@ def convert(
     decisions = plan(model, quant)
 
     sources = {k: v for f in safetensors_files(src) for k, v in read_header(f).tensors.items()}
+    if not drafter and (src / PLE_FILE).is_file():   # an earlier output of ours: the PLE table has a file of its own
+        sources.update({f"{PLE}.{k}": v for k, v in read_header(src / PLE_FILE).tensors.items()})
     jobs = assistant_jobs(sources, config) if drafter else tensor_jobs(sources, config, model)
     ple_file = bool(config.text_config.hidden_size_per_layer_input)
     steps, job_shapes = _plan_steps(jobs, sources, decisions, OUTPUT_DTYPES[dtype], ple_file, max_shard_bytes)

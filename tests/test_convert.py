@@ -102,6 +102,17 @@ def test_half_precision_moe_runs_prefill_and_decode(sources, tmp_path, dtype):
     np.testing.assert_allclose(np.array(step.astype(mx.float32))[0, -1], logits[0, 8], atol=0.1, rtol=0)
 
 
+def test_an_earlier_output_converts_again(sources, tmp_path):
+    """Our own unquantized output as the source (to another dtype or to 4-bit): its PLE table, in a file of its
+    own, was left out and the conversion stopped at a missing embed_tokens_per_layer."""
+    src, _ = sources["e"]
+    first = convert(src, tmp_path / "f32", dtype="float32")
+    np.testing.assert_array_equal(_logits(convert(first, tmp_path / "again", dtype="float32")), _logits(first))
+    np.testing.assert_array_equal(
+        _logits(convert(first, tmp_path / "q4", q_bits=4, q_group_size=32, dtype="float32")),
+        _logits(convert(src, tmp_path / "q4src", q_bits=4, q_group_size=32, dtype="float32")))
+
+
 def test_mapped_ple_gives_same_logits_as_in_memory(sources, tmp_path):
     src, _ = sources["e"]
     for bits in (None, 8):
