@@ -29,7 +29,8 @@ from .errors import ConfigError, OutputError
 from .ple import PLE_FILE, open_table
 from .quantize import PLE, plan, quantize_weight, recipe
 from .safetensors_io import TensorFileWriter, TensorInfo, read_header, read_rows
-from .weights import TensorJob, build_model, check_names, safetensors_files, shapes, tensor_jobs
+from .weights import (TensorJob, build_model, check_names, drop_absent_towers, safetensors_files, shapes,
+                      tensor_jobs)
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +189,11 @@ def convert(
     config = AssistantConfig.from_file(src) if drafter else ModelConfig.from_file(src)
     if config.quantization:
         raise ConfigError(f"{src} is already quantized; convert the original (unquantized) checkpoint instead.")
+    sources = {k: v for f in safetensors_files(src) for k, v in read_header(f).tensors.items()}
+    if not drafter:
+        if (src / PLE_FILE).is_file():   # an earlier output of ours: the PLE table has a file of its own
+            sources.update({f"{PLE}.{k}": v for k, v in read_header(src / PLE_FILE).tensors.items()})
+        config = drop_absent_towers(config, sources)   # mlx-lm's text-only conversions
     # Parameters stay lazy (never evaluated): used for names, shapes and the recipe.
     model = Assistant(config) if drafter else build_model(config)
     quant = None
@@ -196,9 +202,6 @@ def convert(
             recipe(model, q_bits, q_group_size, ple_bits, tower_bits)
     decisions = plan(model, quant)
 
-    sources = {k: v for f in safetensors_files(src) for k, v in read_header(f).tensors.items()}
-    if not drafter and (src / PLE_FILE).is_file():   # an earlier output of ours: the PLE table has a file of its own
-        sources.update({f"{PLE}.{k}": v for k, v in read_header(src / PLE_FILE).tensors.items()})
     jobs = assistant_jobs(sources, config) if drafter else tensor_jobs(sources, config, model)
     ple_file = bool(config.text_config.hidden_size_per_layer_input)
     steps, job_shapes = _plan_steps(jobs, sources, decisions, OUTPUT_DTYPES[dtype], ple_file, max_shard_bytes)

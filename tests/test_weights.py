@@ -143,6 +143,22 @@ def test_mlx_lm_conversion_of_a_model_with_towers_loads_as_text_only(tmp_path):
     np.testing.assert_allclose(_logits(ours), np.array(theirs(mx.array(IDS, dtype=mx.int32))), atol=1e-4, rtol=0)
 
 
+def test_mlx_lm_unquantized_text_only_conversion_converts_again(tmp_path):
+    """convert.py on mlx-lm's unquantized output: the text model, as the converter's own output of the source."""
+    pytest.importorskip("mlx_lm")
+    from mlx_lm import convert as lm_convert
+
+    from tests.tiny import AUDIO
+
+    src = make_tokenizer(save_checkpoint(make_model("e", audio=AUDIO, hidden_size_per_layer_input=32),
+                                         tmp_path / "src"))
+    lm_convert(str(_published_spelling(src)), mlx_path=str(tmp_path / "lm"), dtype="float32")
+    ours, _ = load(convert(tmp_path / "lm", tmp_path / "q4", q_bits=4, q_group_size=32, dtype="float32"))
+    direct, _ = load(convert(src, tmp_path / "direct", q_bits=4, q_group_size=32, dtype="float32"))
+    assert not ours.config.takes_audio
+    np.testing.assert_array_equal(_logits(ours), _logits(direct))
+
+
 def test_missing_and_corrupt_files(tmp_path):
     src = save_checkpoint(make_model("dense"), tmp_path / "src")
     dst = convert(src, tmp_path / "conv", dtype="float32")
