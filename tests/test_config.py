@@ -57,6 +57,12 @@ def test_non_gemma4_config_is_rejected(bad):
         ModelConfig.from_dict(bad)
 
 
+@pytest.mark.parametrize("model_type", ["gemma4_assistant", "gemma4_unified_assistant"])
+def test_an_assistant_config_points_to_load_assistant(model_type):
+    with pytest.raises(ConfigError, match="assistant drafter.*load_assistant"):
+        ModelConfig.from_dict({"model_type": model_type, "text_config": {}})
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="No config.json"):
         ModelConfig.from_file(tmp_path)
