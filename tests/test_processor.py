@@ -111,6 +111,31 @@ def test_a_processor_file_that_is_not_an_object_is_named(ckpt, tmp_path, name):
         Processor.from_pretrained(bad)
 
 
+def _settings_read(folder):
+    p = Processor.from_pretrained(folder)
+    return p.image_processor.max_soft_tokens, p.audio_extractor.mel_floor, p.video_processor.max_soft_tokens
+
+
+def test_preprocessor_settings_are_read_where_transformers_reads_them(ckpt, tmp_path):
+    """processor_config.json's section first, else the preprocessor's own file (a flat preprocessor_config.json
+    also holds the audio settings; video falls back to it too): audio settings there were ignored, and
+    preprocessor_config.json won over processor_config.json's image section."""
+    import json
+
+    nested = json.loads((ckpt / "processor_config.json").read_text())
+    flat = {**nested["image_processor"], **nested["feature_extractor"], "max_soft_tokens": 140, "mel_floor": 0.5}
+    old = shutil.copytree(ckpt, tmp_path / "old")
+    (old / "processor_config.json").unlink()
+    (old / "preprocessor_config.json").write_text(json.dumps(flat))
+    assert _settings_read(old) == (140, 0.5, 140)
+    both = shutil.copytree(ckpt, tmp_path / "both")
+    (both / "preprocessor_config.json").write_text(json.dumps(flat))
+    assert _settings_read(both) == _settings_read(ckpt) == (280, 1e-3, 70)
+    (both / "processor_config.json").write_text(json.dumps(
+        {"processor_class": "Gemma4Processor", "audio_processor": {**nested["feature_extractor"], "mel_floor": 0.25}}))
+    assert _settings_read(both)[1] == 0.25
+
+
 def test_bos_not_doubled(proc):
     with_bos, without = proc(text="<bos>hello")["input_ids"][0].tolist(), proc(text="hello")["input_ids"][0].tolist()
     assert with_bos == without and with_bos[0] == SPECIAL_IDS["bos"] and with_bos[1] != SPECIAL_IDS["bos"]

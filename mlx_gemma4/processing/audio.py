@@ -306,7 +306,7 @@ class AudioFeatureExtractor:
     def from_dict(cls, d: Mapping[str, Any]) -> AudioFeatureExtractor:
         """Settings from a checkpoint's processor_config.json (a "feature_extractor" section plus top-level
         ``audio_seq_length``) or a flat preprocessor_config.json. Unknown keys are ignored."""
-        fe = dict(d.get("feature_extractor") or d)
+        fe = dict(d.get("feature_extractor") or d.get("audio_processor") or d)
         for key in ("audio_seq_length",):
             if key in d and key not in fe:
                 fe[key] = d[key]

@@ -156,19 +156,30 @@ class Processor:
 
     # -- media preprocessors (lazy) ------------------------------------------------------------------------------
 
+    def _settings(self, kind: str) -> dict[str, Any]:
+        """The settings of one media kind's preprocessor, looked up where transformers looks: its section of
+        processor_config.json, else its own file (preprocessor_config.json; for video
+        video_preprocessor_config.json, then preprocessor_config.json), else processor_config.json as it is."""
+        sections, files = {"image": (("image_processor",), [self._image_config]),
+                           "audio": (("feature_extractor", "audio_processor"), [self._image_config]),
+                           "video": (("video_processor",), [self._video_config, self._image_config])}[kind]
+        if any(isinstance(self.processor_config.get(k), dict) for k in sections):
+            return self.processor_config
+        return next((f for f in files if f), self.processor_config)
+
     def _build(self, kind: str) -> Any:
         """The preprocessor of one media kind ("image", "audio", "video") from the checkpoint's settings."""
         if kind == "image":
             from .image import ImageProcessor
 
-            return ImageProcessor.from_dict(self._image_config or self.processor_config)
+            return ImageProcessor.from_dict(self._settings("image"))
         if kind == "audio":
             from .audio import AudioFeatureExtractor
 
-            return AudioFeatureExtractor.from_dict(self.processor_config)
+            return AudioFeatureExtractor.from_dict(self._settings("audio"))
         from .video import VideoProcessor
 
-        return VideoProcessor.from_dict(self._video_config or self.processor_config)
+        return VideoProcessor.from_dict(self._settings("video"))
 
     @property
     def image_processor(self) -> Any:

@@ -28,11 +28,11 @@ class UnifiedProcessor(Processor):
         if kind == "image":
             from .unified_vision import UnifiedImageProcessor
 
-            return UnifiedImageProcessor.from_dict(self._image_config or self.processor_config)
+            return UnifiedImageProcessor.from_dict(self._settings("image"))
         if kind == "audio":
             from .unified_audio import UnifiedAudioFeatureExtractor
 
-            return UnifiedAudioFeatureExtractor.from_dict(self.processor_config)
+            return UnifiedAudioFeatureExtractor.from_dict(self._settings("audio"))
         from .unified_vision import UnifiedVideoProcessor
 
-        return UnifiedVideoProcessor.from_dict(self._video_config or self.processor_config)
+        return UnifiedVideoProcessor.from_dict(self._settings("video"))

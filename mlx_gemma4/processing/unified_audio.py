@@ -48,7 +48,7 @@ class UnifiedAudioFeatureExtractor:
     def from_dict(cls, d: Mapping[str, Any]) -> UnifiedAudioFeatureExtractor:
         """Settings from processor_config.json (its "feature_extractor" section) or a flat preprocessor_config.json.
         Unknown keys are ignored."""
-        fe = dict(d.get("feature_extractor") or d)
+        fe = dict(d.get("feature_extractor") or d.get("audio_processor") or d)
         names = set(inspect.signature(cls.__init__).parameters) - {"self"}
         logger.debug("UnifiedAudioFeatureExtractor: ignoring keys %s", sorted(set(fe) - names))
         return cls(**{k: v for k, v in fe.items() if k in names and v is not None})
