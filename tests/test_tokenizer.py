@@ -135,7 +135,10 @@ def test_a_chat_template_that_does_not_parse_is_a_config_error(ckpt, tmp_path):
 
 
 def test_missing_tokenizer_files(tmp_path):
-    with pytest.raises(ConfigError, match="tokenizer"):
+    with pytest.raises(ConfigError, match="no tokenizer.json or tokenizer_config.json.*Copy both"):
+        Tokenizer.from_pretrained(tmp_path)
+    (tmp_path / "tokenizer.model").write_bytes(b"\n\x00")
+    with pytest.raises(ConfigError, match="tokenizer.model alone does not say how to read it"):
         Tokenizer.from_pretrained(tmp_path)
 
 

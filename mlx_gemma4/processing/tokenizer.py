@@ -203,8 +203,9 @@ class Tokenizer:
         """Load tokenizer.json / tokenizer_config.json, config.json and the chat template from a local directory."""
         path = Path(path)
         if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
-            raise ConfigError(f"no tokenizer.json or tokenizer_config.json in {path}; convert the checkpoint with "
-                              "convert.py, which copies the tokenizer files.")
+            spm = " (tokenizer.model alone does not say how to read it)" if (path / "tokenizer.model").is_file() else ""
+            raise ConfigError(f"no tokenizer.json or tokenizer_config.json in {path}{spm}. Copy both from the "
+                              "original checkpoint (every Gemma 4 checkpoint on the hub has them) into it.")
         for name in ("tokenizer_config.json", "special_tokens_map.json"):  # transformers' errors name neither
             _read_json(path / name)
         try:
