@@ -315,6 +315,12 @@ class ModelConfig(Section):
                 f"config.json has model_type={model_type!r}; mlx-gemma4 only runs Gemma 4 checkpoints "
                 f"({', '.join(map(repr, _MODEL_TYPES))}). Point it at a Gemma 4 model such as google/gemma-4-E4B-it."
             )
+        hf_quant = d.get("quantization_config")
+        if isinstance(hf_quant, dict) and "quant_method" in hf_quant:   # mlx-lm / mlx-vlm write one without it
+            raise ConfigError(f"config.json says the weights are quantized with {hf_quant['quant_method']!r} (a "
+                              "transformers quantization method), which mlx-gemma4 does not read. Use the unquantized "
+                              "checkpoint (e.g. google/gemma-4-E4B-it); convert.py --q-bits 4 makes a small model "
+                              "from it.")
         unified = _MODEL_TYPES[model_type]
         if model_type.endswith("_text"):   # a text-only checkpoint: the file is the text config
             return {"text_config": _text_defaults(d, unified), "model_type": model_type,

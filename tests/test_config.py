@@ -63,6 +63,16 @@ def test_an_assistant_config_points_to_load_assistant(model_type):
         ModelConfig.from_dict({"model_type": model_type, "text_config": {}})
 
 
+@pytest.mark.parametrize("method", ["bitsandbytes", "fp8", "compressed-tensors"])
+def test_a_transformers_quantization_is_named(method):
+    """Their packed weights were reported as names and shapes that do not match the config."""
+    cfg = tiny.make_config("dense").to_dict()
+    with pytest.raises(ConfigError, match=f"quantized with '{method}'.*unquantized checkpoint"):
+        ModelConfig.from_dict({**cfg, "quantization_config": {"quant_method": method}})
+    mlx_lm_spelling = {"group_size": 64, "bits": 4, "mode": "affine"}
+    assert ModelConfig.from_dict({**cfg, "quantization_config": mlx_lm_spelling}).quantization == mlx_lm_spelling
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="No config.json"):
         ModelConfig.from_file(tmp_path)
