@@ -292,6 +292,9 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, progress: Callab
     model = build_model(config)
     weights = sanitize(raw, config, model, hf_layout=not is_mlx_layout(files))
     ple_path = path / PLE_FILE
+    if not ple_path.exists() and (config.raw.get("mlx_gemma4") or {}).get("ple_file"):
+        raise WeightsError(f"{path} lacks {PLE_FILE}, which convert.py wrote beside the other files (config.json "
+                           "names it). Copy it from where the conversion was made, or convert again.")
     ple = MappedPerLayerEmbedding(ple_path) if ple_path.exists() else None
     placement = None
     if ple is not None:

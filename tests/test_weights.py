@@ -255,6 +255,16 @@ def test_corrupt_ple_metadata_is_a_weights_error(e_checkpoint, tmp_path, metadat
         load(bad)
 
 
+def test_a_missing_ple_file_is_named(e_checkpoint, tmp_path):
+    """It was reported as a missing embed_tokens_per_layer weight, with advice to check config.json."""
+    from mlx_gemma4.ple import PLE_FILE
+
+    _, conv = e_checkpoint
+    bad = shutil.copytree(conv, tmp_path / "bad", ignore=shutil.ignore_patterns(PLE_FILE))
+    with pytest.raises(WeightsError, match=f"lacks {PLE_FILE}, which convert.py wrote"):
+        load(bad)
+
+
 def test_ple_table_that_does_not_match_the_config(e_checkpoint, tmp_path):
     from mlx_gemma4.ple import PLE_FILE, save_table
 
