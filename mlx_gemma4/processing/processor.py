@@ -13,7 +13,6 @@ The image, audio and video preprocessors are imported on first use, so text-only
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -25,26 +24,13 @@ import numpy as np
 
 from ..errors import ConfigError, ContextLengthError, InputError
 from ..media import MEDIA
-from .tokenizer import SpecialTokens, Tokenizer
+from .tokenizer import SpecialTokens, Tokenizer, read_json_object
 
 logger = logging.getLogger(__name__)
 
 # Bookkeeping the sub-processors return that is not a model input.
 _NOT_INPUTS = {"num_soft_tokens_per_image", "num_soft_tokens_per_audio", "num_soft_tokens_per_video",
                "segments_per_audio", "timestamps", "video_metadata", "num_frames_per_video", "fps"}
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); re-download or re-convert the checkpoint.") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} holds {json.dumps(data)[:40]}, not a JSON object; re-download or re-convert the "
-                          "checkpoint.")
-    return data
 
 
 def _as_list(x: Any) -> list[Any] | None:
@@ -109,10 +95,10 @@ class Processor:
         path = Path(path)
         if not path.is_dir():
             raise ConfigError(f"{path} is not a directory; pass a converted checkpoint directory.")
-        config = _read_json(path / "config.json")
-        processor_config = _read_json(path / "processor_config.json")
-        image_config = _read_json(path / "preprocessor_config.json") or None
-        video_config = _read_json(path / "video_preprocessor_config.json") or None
+        config = read_json_object(path / "config.json") or {}
+        processor_config = read_json_object(path / "processor_config.json") or {}
+        image_config = read_json_object(path / "preprocessor_config.json") or None
+        video_config = read_json_object(path / "video_preprocessor_config.json") or None
         family = cls
         if cls is Processor and _is_unified(config, processor_config, image_config, video_config):
             from .unified import UnifiedProcessor

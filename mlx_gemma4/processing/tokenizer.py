@@ -54,7 +54,8 @@ def bundled_chat_template() -> str:
     return BUNDLED_TEMPLATE.read_text(encoding="utf-8")
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """A checkpoint's JSON settings file as a dict; None when it is absent, a ConfigError when it is no object."""
     if not path.is_file():
         return None
     try:
@@ -73,7 +74,7 @@ def find_chat_template(path: str | Path) -> str | None:
     if (path / "chat_template.jinja").is_file():
         return (path / "chat_template.jinja").read_text(encoding="utf-8")
     for name in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
-        data = _read_json(path / name) or {}
+        data = read_json_object(path / name) or {}
         tpl = data.get("chat_template")
         if isinstance(tpl, list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
@@ -207,7 +208,7 @@ class Tokenizer:
             raise ConfigError(f"no tokenizer.json or tokenizer_config.json in {path}{spm}. Copy both from the "
                               "original checkpoint (every Gemma 4 checkpoint on the hub has them) into it.")
         for name in ("tokenizer_config.json", "special_tokens_map.json"):  # transformers' errors name neither
-            _read_json(path / name)
+            read_json_object(path / name)
         try:
             from transformers import AutoTokenizer
 
@@ -217,7 +218,8 @@ class Tokenizer:
         template = find_chat_template(path)
         if template is None:
             logger.info("no chat template in %s; using the bundled Gemma 4 template", path)
-        return cls(hf, template, _read_json(path / "config.json"), _read_json(path / "generation_config.json"))
+        return cls(hf, template, read_json_object(path / "config.json"),
+                   read_json_object(path / "generation_config.json"))
 
     def _eos_ids(self, config: dict[str, Any] | None, generation_config: dict[str, Any] | None) -> list[int]:
         out: list[int] = []
