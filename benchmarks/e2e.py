@@ -227,11 +227,13 @@ def timed(impl: Impl, prompt: str, gen: int, n_prompt: int) -> dict:
         t_last = time.perf_counter()
         if t_first is None:
             t_first = t_last
+            first_peak = mx.get_peak_memory()
         n += 1
     ttft = t_first - t0
     return dict(ttft_ms=ttft * 1000, prefill_tps=n_prompt / ttft,
                 decode_tps=(n - 1) / (t_last - t_first) if n > 1 else float("nan"), tokens=n,
-                peak_gb=impl.weights_gb + max(mx.get_peak_memory() - base, 0) / 1e9)
+                peak_gb=impl.weights_gb + max(mx.get_peak_memory() - base, 0) / 1e9,
+                prefill_peak_gb=impl.weights_gb + max(first_peak - base, 0) / 1e9)
 
 
 def make_prompt(ours: Ours, n_tokens: int) -> tuple[str, int]:
@@ -354,9 +356,10 @@ def _table(r: dict) -> str:
              "| impl | weights GB | TTFT ms | prefill tok/s | decode tok/s | peak GB | 2nd-turn TTFT ms |",
              "|---|---|---|---|---|---|---|"]
     for name, m in med.items():
-        f = r["followup_ttft_ms"].get(name)
+        f, first = r["followup_ttft_ms"].get(name), m.get("prefill_peak_gb", float("nan"))
         lines.append(f"| {name} | {r['weights_gb'][name]:.2f} | {m['ttft_ms']:.0f} | {m['prefill_tps']:,.0f} | "
-                     f"{m['decode_tps']:.1f} | {m['peak_gb']:.2f} | {'' if f is None else f'{f:.0f}'} |")
+                     f"{m['decode_tps']:.1f} | {m['peak_gb']:.2f} ({first:.2f} at 1st token) | "
+                     f"{'' if f is None else f'{f:.0f}'} |")
     for name, m in med.items():
         if name != "ours" and base:
             f0, f1 = r["followup_ttft_ms"].get("ours"), r["followup_ttft_ms"].get(name)

@@ -33,9 +33,10 @@ import time
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_gemma4.assistant import Assistant
 from tests import random_checkpoint as rc
 
-SIZES = {"medium": rc.MEDIUM_TEXT, "e2b": rc.E2B_TEXT, "e4b": rc.E4B_TEXT}
+SIZES = {"small": rc.SMALL_TEXT, "medium": rc.MEDIUM_TEXT, "e2b": rc.E2B_TEXT, "e4b": rc.E4B_TEXT}
 RATES = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
@@ -73,22 +74,18 @@ def build(size: str, bits: int | None, group_size: int, drafter_hidden: int, dra
     return target, drafter
 
 
-class Oracle:
-    """A drafter that runs the real drafter's compute but proposes the target's own greedy tokens."""
+class Oracle(Assistant):
+    """The drafter's own compute, proposing the target's plain greedy tokens instead of its own."""
 
-    def __init__(self, drafter, greedy: list[int], prompt_len: int):
-        self.drafter, self.greedy, self.prompt_len = drafter, greedy, prompt_len
-        self.config = drafter.config
+    def __init__(self, drafter: Assistant, greedy: list[int], prompt_len: int):
+        nn.Module.__init__(self)
+        self.__dict__.update(vars(drafter))     # the same modules and settings: a view of the drafter
+        dict.update(self, drafter)
+        self.greedy, self.prompt_len = greedy, prompt_len
         self._at, self._i = -1, 0
 
-    def check_fits(self, target) -> None:
-        self.drafter.check_fits(target)
-
-    def visible(self, kind: str, n: int) -> int:
-        return self.drafter.visible(kind, n)
-
     def draft_token(self, embed, hidden, position, kv):
-        token, hidden = self.drafter.draft_token(embed, hidden, position, kv)
+        token, hidden = super().draft_token(embed, hidden, position, kv)
         self._i = self._i + 1 if position == self._at else 0
         self._at = position
         j = position - self.prompt_len + 1 + self._i
@@ -185,7 +182,41 @@ def curve(parts: dict) -> tuple[list[dict], float | None]:
     return rows, even
 
 
-def end_to_end(target, drafter, prompt: mx.array, n_gen: int, k_fixed: int) -> dict:
+def plain_gaps(target, prompt: mx.array, tokens: list[int]) -> tuple[list[float], list[float]]:
+    """Feed ``tokens`` through the plain token loop (the kernels plain decoding runs) and return, per token, how
+    far its log-probability is below that step's best, and the step's gap between its best two."""
+    forced, gaps, margins = iter(tokens), [], []
+
+    def sampler(logprobs: mx.array) -> mx.array:
+        t = next(forced)
+        top2 = mx.topk(logprobs, 2, axis=-1)
+        gaps.append(mx.max(logprobs, axis=-1) - logprobs[:, t])
+        margins.append(mx.max(top2, axis=-1) - mx.min(top2, axis=-1))
+        return mx.array([t], dtype=mx.uint32)
+
+    from mlx_gemma4.generation import generate_step
+    for _ in generate_step(target, {"input_ids": prompt}, max_tokens=len(tokens), sampler=sampler):
+        pass
+    return [g.item() for g in gaps], [m.item() for m in margins]
+
+
+def check_tokens(target, prompt: mx.array, greedy: list[int], tokens: list[int], tol: float) -> dict:
+    """Speculative greedy against plain greedy. Identical is the expectation; where low-precision kernels of a
+    k+1-token verification round differently from a one-token step, a near-tie can flip, and the outputs part.
+    Then every emitted token is checked against the plain loop fed the same tokens: each must be its best, or
+    within ``tol`` (log-probability) of it."""
+    if tokens == greedy:
+        return {"identical": True}
+    gaps, margins = plain_gaps(target, prompt, tokens)
+    off = [(i, round(g, 4)) for i, g in enumerate(gaps) if g > 0]
+    worst = max(g for _, g in off)
+    report = {"identical": False, "first_difference": next(i for i, (a, b) in enumerate(zip(tokens, greedy)) if a != b),
+              "not_plain_best": off, "worst_gap": worst, "median_top2_margin": round(statistics.median(margins), 4)}
+    assert worst <= tol, f"speculative output is not plain greedy beyond rounding: {report}"
+    return report
+
+
+def end_to_end(target, drafter, prompt: mx.array, n_gen: int, k_fixed: int, tol: float) -> dict:
     from mlx_gemma4.generation import generate_step
 
     inputs = {"input_ids": prompt}
@@ -208,9 +239,10 @@ def end_to_end(target, drafter, prompt: mx.array, n_gen: int, k_fixed: int) -> d
                      ("oracle_auto", dict(assistant=oracle))):
         run(**kw)   # warm-up
         tps, tokens, loop = run(**kw)
-        assert tokens == greedy, f"{name}: speculative output differs from plain greedy"
         out[name] = {"tok_s": round(tps, 1), "vs_plain": round(tps / plain_tps, 2),
-                     "acceptance": round(loop.accepted / max(loop.drafted, 1), 2), "drafted": loop.drafted}
+                     "acceptance": round(loop.accepted / max(loop.drafted, 1), 2), "drafted": loop.drafted,
+                     "check": check_tokens(target, prompt, greedy, tokens, tol)}
+        print(json.dumps({name: out[name]}), flush=True)
     return out
 
 
@@ -228,6 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                     help="dtype of the weights (and of quantization scales); float32 for MLX's CPU backend")
     ap.add_argument("--runs", type=int, default=7, help="timed repetitions (medians reported)")
+    ap.add_argument("--tol", type=float, default=0.25,
+                    help="log-probability gap below plain decoding's best that counts as a rounding tie")
     a = ap.parse_args(argv)
     mx.random.seed(0)
     target, drafter = build(a.size, a.q_bits or None, a.q_group_size, a.drafter_hidden, a.drafter_layers,
@@ -244,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(head), flush=True)
     for r in rows:
         print(json.dumps(r), flush=True)
-    print(json.dumps({"end_to_end": end_to_end(target, drafter, prompt, a.gen, min(4, a.k_max))}), flush=True)
+    print(json.dumps({"end_to_end": end_to_end(target, drafter, prompt, a.gen, min(4, a.k_max), a.tol)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -295,3 +295,24 @@ def test_answering_again_with_an_assistant_computes_no_prompt_token(mimicking):
         tokens, loop, _ = run_rounds(model, inputs, cache=cache, max_tokens=NEW, prefilled=ends[0], assistant=ours,
                                draft_tokens=2)
         assert tokens == plain_tokens and loop.drafted > 0
+
+
+def test_the_benchmarks_check_accepts_plain_greedy_and_measures_a_token_it_would_not_pick(text_pair):
+    """benchmarks/speculative.py checks a speculative run against the plain loop fed the same tokens; a token the
+    plain loop would not pick is reported with its gap below the best, and fails beyond the tolerance."""
+    from benchmarks.speculative import check_tokens, plain_gaps
+
+    _, model = text_pair("e")
+    prompt = _inputs(12)["input_ids"]
+    plain, _, _ = run_rounds(model, {"input_ids": prompt}, max_tokens=10)
+    gaps, margins = plain_gaps(model, prompt, plain)
+    assert gaps == [0.0] * len(plain) and all(m >= 0 for m in margins)
+    assert check_tokens(model, prompt, plain, list(plain), tol=0.0) == {"identical": True}
+    other = list(plain)
+    other[4] = (plain[4] + 1) % model.config.text_config.vocab_size
+    gaps, _ = plain_gaps(model, prompt, other)
+    assert gaps[4] > 0 and gaps[:4] == [0.0] * 4
+    report = check_tokens(model, prompt, plain, other, tol=gaps[4] + 1e-6)
+    assert report["first_difference"] == 4 and report["not_plain_best"][0][0] == 4
+    with pytest.raises(AssertionError, match="beyond rounding"):
+        check_tokens(model, prompt, plain, other, tol=gaps[4] / 2)
