@@ -21,6 +21,15 @@ tokenizer's EOS set emptied): each run generates exactly --gen tokens.
 mlx-lm through ``stream_generate`` with the ``make_prompt_cache`` cache of the first turn and the new turn's tokens.
 The first answer is forced (a sampler that emits a fixed sentence and end-of-turn) so that, as with a real model's
 answer, it reads back through the template as the same tokens; random weights' answers would not.
+
+--direct skips the Hugging Face checkpoint (52 GB for 26B-A4B in bfloat16; with the two 4-bit conversions it does
+not fit a 64 GB disk): its weights are generated on demand and handed straight to each converter's own code, which
+writes the same files it would write from that checkpoint (benchmarks/direct.py): ours through
+``mlx_gemma4.conversion.convert``, mlx-lm through its loader's model class, ``sanitize``, ``quantize_model`` and
+``save`` as ``mlx_lm.convert`` runs them, with the same generated weights (not its random init). Only the two
+outputs (~15 GB each for 26B at 4 bits) and a few MB of settings reach the disk; ours and mlx-lm only.
+
+    python -m benchmarks.e2e --size 26b --q-bits 4 --compare mlx-lm --direct
 """
 
 from __future__ import annotations
@@ -251,7 +260,7 @@ def make_prompt(ours: Ours, n_tokens: int) -> tuple[str, int]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="e4b",
-                    help="a size of tests/random_checkpoint.py (e2b, e4b, 12b, 26b, 31b, small, 12b-small)")
+                    help="a size of tests/random_checkpoint.py (e2b, e4b, 12b, 26b, 31b, small, 12b-small, 26b-small)")
     ap.add_argument("--hf-path", type=Path, help="an HF checkpoint to start from (default: write a random one)")
     ap.add_argument("--work", type=Path, default=Path("bench-work"), help="where checkpoints are written")
     ap.add_argument("--q-bits", type=int, default=4, help="0: unquantized bfloat16")
@@ -264,12 +273,21 @@ def main(argv=None) -> None:
     ap.add_argument("--followup", type=int, default=0, help="also time a second chat turn after ~N tokens")
     ap.add_argument("--breakdown", action="store_true", help="also time the parts of our TTFT")
     ap.add_argument("--json", type=Path, help="append the results here as one JSON object")
+    ap.add_argument("--direct", action="store_true",
+                    help="convert generated weights without writing the HF checkpoint (ours and mlx-lm only)")
     a = ap.parse_args(argv)
 
     names = ["ours"] + [n for n in a.compare.split(",") if n]
     a.work.mkdir(parents=True, exist_ok=True)
-    src = a.hf_path or make_checkpoint(a.size, a.work / f"hf-{a.size}")
-    paths = convert_all(src, a.work, names, a.q_bits, a.q_group_size)
+    if a.direct:
+        if a.hf_path or not set(names) <= {"ours", "mlx-lm"}:
+            ap.error("--direct makes ours and mlx-lm's checkpoints from a --size; it takes no --hf-path or mlx-vlm")
+        from benchmarks.direct import convert_all as convert_direct
+
+        paths = convert_direct(a.size, a.work, names, a.q_bits, a.q_group_size)
+    else:
+        src = a.hf_path or make_checkpoint(a.size, a.work / f"hf-{a.size}")
+        paths = convert_all(src, a.work, names, a.q_bits, a.q_group_size)
     impls, errors = [], {}
     for n in names:
         if n not in paths:

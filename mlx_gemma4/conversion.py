@@ -1,11 +1,12 @@
 """Streaming conversion of a Hugging Face Gemma 4 checkpoint into an MLX directory (what convert.py runs).
 
 One job per parameter (weights.tensor_jobs: its checkpoint sources and layout fix), one path for every job: read
-the sources in row chunks straight from the files, cast or quantize each chunk (quantize.recipe decides), and
-write it to its place in an output file whose layout was fixed before anything was written. Quantization groups
-run along rows, so chunking changes no value. Peak memory is about one chunk (``CHUNK_BYTES``), whatever the
-size of the model. The per-layer embedding table goes to its own file (ple.py). Everything is written into a
-marked temp dir beside the destination and renamed into place at the end (destination.py).
+the sources in row chunks straight from the files (or from any other TensorSource handed in), cast or quantize each
+chunk (quantize.recipe decides), and write it to its place in an output file whose layout was fixed before anything
+was written. Quantization groups run along rows, so chunking changes no value. Peak memory is about one chunk
+(``CHUNK_BYTES``), whatever the size of the model. The per-layer embedding table goes to its own file (ple.py).
+Everything is written into a marked temp dir beside the destination and renamed into place at the end
+(destination.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -28,7 +29,7 @@ from .destination import (check_destination, check_not_source, replace, resolve_
 from .errors import ConfigError, OutputError
 from .ple import PLE_FILE, open_table
 from .quantize import PLE, plan, quantize_weight, recipe
-from .safetensors_io import TensorFileWriter, TensorInfo, read_header, read_rows
+from .safetensors_io import TensorFileWriter, TensorSource, read_header
 from .weights import (TensorJob, build_model, check_names, drop_absent_towers, safetensors_files, shapes,
                       tensor_jobs)
 
@@ -60,7 +61,7 @@ class _Step:
     (file, name in that file)."""
 
     job: TensorJob
-    sources: list[TensorInfo]
+    sources: list[TensorSource]
     convert: Callable[[mx.array], dict[str, mx.array]]
     specs: Specs
     outputs: dict[str, tuple[str, str]]
@@ -74,7 +75,7 @@ class _Step:
 
     def run(self, files: dict[str, TensorFileWriter]) -> None:
         row0 = 0
-        for parts in zip(*(read_rows(s, self.rows) for s in self.sources)):
+        for parts in zip(*(s.chunks(self.rows) for s in self.sources)):
             out = self.convert(self.job(list(parts)))
             mx.eval(*out.values())
             for name, value in out.items():
@@ -94,7 +95,7 @@ def _converter(name: str, decisions: dict[str, tuple[int, int]], dtype: mx.Dtype
     return lambda v: {name: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v}
 
 
-def _probe(step_sources: list[TensorInfo], job: TensorJob, convert) -> tuple[tuple[int, ...], Specs]:
+def _probe(step_sources: list[TensorSource], job: TensorJob, convert) -> tuple[tuple[int, ...], Specs]:
     """(the job's output shape, every tensor it writes -> (dtype, shape)), from one lazy zero row: no data read."""
     first = step_sources[0].shape
     row = [mx.zeros((1, *s.shape[1:]) if s.shape else (), s.mlx_dtype) for s in step_sources]
@@ -103,7 +104,7 @@ def _probe(step_sources: list[TensorInfo], job: TensorJob, convert) -> tuple[tup
     return full(value.shape), {k: (v.dtype, full(v.shape)) for k, v in convert(value).items()}
 
 
-def _plan_steps(jobs: list[TensorJob], sources: dict[str, TensorInfo], decisions, dtype: mx.Dtype,
+def _plan_steps(jobs: list[TensorJob], sources: Mapping[str, TensorSource], decisions, dtype: mx.Dtype,
                 ple_file: bool, max_shard_bytes: int) -> tuple[list[_Step], dict[str, tuple[int, ...]]]:
     """Steps with their outputs placed: the PLE table in its own file, the rest packed into shards in name order
     (a shard is closed when the next tensor would overflow it), plus each job's output shape."""
@@ -171,9 +172,14 @@ def convert(
     tower_bits: int | None = 8,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     progress: Progress | None = None,
+    tensors: Mapping[str, TensorSource] | None = None,
     **hub_kwargs,
 ) -> Path:
-    """Convert ``hf_path`` (local dir or hub id) into ``mlx_path``; returns the destination (absolute)."""
+    """Convert ``hf_path`` (local dir or hub id) into ``mlx_path``; returns the destination (absolute).
+
+    ``tensors`` (name -> TensorSource) stands in for the checkpoint's safetensors files, which ``hf_path`` then
+    need not have: it still gives config.json and the tokenizer files. The benchmarks convert generated weights
+    this way without writing them to disk first."""
     from .hub import resolve
 
     if dtype not in OUTPUT_DTYPES:
@@ -189,9 +195,13 @@ def convert(
     config = AssistantConfig.from_file(src) if drafter else ModelConfig.from_file(src)
     if config.quantization:
         raise ConfigError(f"{src} is already quantized; convert the original (unquantized) checkpoint instead.")
-    sources = {k: v for f in safetensors_files(src) for k, v in read_header(f).tensors.items()}
+    if tensors is not None:
+        sources = dict(tensors)
+    else:
+        sources = {k: v for f in safetensors_files(src) for k, v in read_header(f).tensors.items()}
     if not drafter:
-        if (src / PLE_FILE).is_file():   # an earlier output of ours: the PLE table has a file of its own
+        # An earlier output of ours: the PLE table has a file of its own.
+        if tensors is None and (src / PLE_FILE).is_file():
             sources.update({f"{PLE}.{k}": v for k, v in read_header(src / PLE_FILE).tensors.items()})
         config = drop_absent_towers(config, sources)   # mlx-lm's text-only conversions
     # Parameters stay lazy (never evaluated): used for names, shapes and the recipe.

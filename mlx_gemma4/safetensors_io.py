@@ -14,7 +14,7 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import mlx.core as mx
 import numpy as np
@@ -56,6 +56,24 @@ class TensorInfo:
     def mlx_dtype(self) -> mx.Dtype:
         """The dtype its rows come out of ``read_rows`` in (float64 comes out as float32)."""
         return DTYPES[self.dtype][0] or mx.float32
+
+    def chunks(self, rows: int) -> Iterator[mx.array]:
+        return read_rows(self, rows)
+
+
+class TensorSource(Protocol):
+    """A named source tensor as the converter reads it: its shape, size, the dtype of its chunks, and its rows in
+    chunks along axis 0. TensorInfo reads them from a safetensors file; a benchmark may generate them instead."""
+
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int: ...
+
+    @property
+    def mlx_dtype(self) -> mx.Dtype: ...
+
+    def chunks(self, rows: int) -> Iterator[mx.array]: ...
 
 
 @dataclass(frozen=True)

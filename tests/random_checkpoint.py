@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import struct
 from pathlib import Path
+from typing import Iterator
 
+import mlx.core as mx
 import numpy as np
 
 E2B_TEXT = dict(
@@ -91,9 +94,16 @@ UNIFIED_SMALL_TEXT = dict(UNIFIED_12B_TEXT, hidden_size=256, intermediate_size=1
                           num_attention_heads=4, num_key_value_heads=2, head_dim=64, global_head_dim=128,
                           layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 2)
 UNIFIED_SMALL_VISION = dict(UNIFIED_12B_VISION, mm_embed_dim=256, output_proj_dims=256)
+# 26B-A4B's layout (128 experts top-8 beside the dense MLP, k_eq_v global layers, 5:1), narrow, with the full
+# vocabulary: proves the 26B paths end to end on a CPU.
+A26B_SMALL_TEXT = dict(
+    A26B_TEXT, hidden_size=256, num_hidden_layers=6, intermediate_size=256, num_attention_heads=4,
+    num_key_value_heads=2, num_global_key_value_heads=1, head_dim=64, global_head_dim=128, moe_intermediate_size=64,
+    layer_types=["sliding_attention"] * 5 + ["full_attention"],
+)
 SIZES = {"e2b": (E2B_TEXT, E2B_VISION, E2B_AUDIO), "12b": (UNIFIED_12B_TEXT, UNIFIED_12B_VISION, UNIFIED_12B_AUDIO),
          "12b-small": (UNIFIED_SMALL_TEXT, UNIFIED_SMALL_VISION, UNIFIED_12B_AUDIO), "e4b": (E4B_TEXT, None, None),
-         "26b": (A26B_TEXT, None, None),
+         "26b": (A26B_TEXT, None, None), "26b-small": (A26B_SMALL_TEXT, None, None),
          "31b": (DENSE_31B_TEXT, None, None), "small": (SMALL_TEXT, None, None), "medium": (MEDIUM_TEXT, None, None)}
 # The published special-token ids (tests.tiny / the demo squeeze them into a small vocabulary instead).
 REAL_SPECIAL_IDS = {
@@ -244,6 +254,14 @@ def write(path: str | Path, text_config: dict, dtype: str = "float32", shard_byt
     if n > 1:
         (path / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return write_settings(path, text_config, dtype, vision_config, audio_config, tokenizer)
+
+
+def write_settings(path: str | Path, text_config: dict, dtype: str = "float32", vision_config: dict | None = None,
+                   audio_config: dict | None = None, tokenizer: bool = False) -> Path:
+    """What ``write`` puts beside the weights: config.json (and optionally the tokenizer files)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config_dict(text_config, vision_config, audio_config, dtype),
                                                  indent=2))
     if tokenizer:
@@ -253,6 +271,59 @@ def write(path: str | Path, text_config: dict, dtype: str = "float32", shard_byt
         ids = REAL_SPECIAL_IDS if vocab > max(REAL_SPECIAL_IDS.values()) else None
         write_tokenizer(path, **({"special_ids": ids} if ids else {}), vocab_size=vocab)
     return path
+
+
+class GeneratedTensor:
+    """One tensor of ``write(..., repeat_noise=True)`` made on demand instead of read back: the writer lays its
+    block of random values end to end, so element i of the flattened tensor is ``block[i % block.size]``. Gives
+    what the converter reads (mlx_gemma4.safetensors_io.TensorSource: shape, nbytes, mlx_dtype, row chunks) and
+    the whole tensor as one lazy array. Values are made by MLX on the default device when evaluated."""
+
+    def __init__(self, shape: tuple[int, ...], block: mx.array):
+        self.shape, self.block = tuple(shape), block
+
+    @property
+    def mlx_dtype(self) -> mx.Dtype:
+        return self.block.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.block.dtype.size
+
+    def _flat(self, start: int, n: int) -> mx.array:
+        """Elements start .. start + n of the flattened tensor (lazy)."""
+        size, first = self.block.size, start % self.block.size
+        if first + n <= size:
+            return self.block[first:first + n]
+        full, rest = divmod(n - (size - first), size)
+        parts = [self.block[first:], *[self.block] * full, *([self.block[:rest]] if rest else [])]
+        return mx.concatenate(parts)
+
+    def chunks(self, rows: int) -> Iterator[mx.array]:
+        count = self.shape[0] if self.shape else 1
+        row = math.prod(self.shape[1:])
+        for r0 in range(0, count, rows):
+            k = min(rows, count - r0)
+            yield self._flat(r0 * row, k * row).reshape((k, *self.shape[1:]) if self.shape else ())
+
+    def array(self) -> mx.array:
+        return self._flat(0, math.prod(self.shape)).reshape(self.shape)
+
+
+def generated_tensors(text_config: dict, dtype: str = "bfloat16", seed: int = 0, vision_config: dict | None = None,
+                      audio_config: dict | None = None) -> dict[str, GeneratedTensor]:
+    """HF name -> the tensor ``write(..., dtype, seed=seed, repeat_noise=True)`` would write, made on demand: the
+    weights of that checkpoint without the checkpoint. Holds one block of values per (mean, std): a few MB."""
+    rng = _RepeatedNoise(seed)
+    blocks: dict = {}
+    out = {}
+    for name, shape in hf_shapes(text_config, vision_config, audio_config).items():
+        key = _init(name)
+        if key not in blocks:   # drawn in the writer's order, so each block holds the writer's values
+            block = mx.array(rng.values(_CHUNK, *key, dtype))
+            blocks[key] = block.view(mx.bfloat16) if dtype == "bfloat16" else block
+        out[name] = GeneratedTensor(shape, blocks[key])
+    return out
 
 
 def _write_shard(f: Path, names: list[str], shapes: dict, rng, dtype: str, st_dtype: str, itemsize: int) -> int:
@@ -324,7 +395,6 @@ def write_mlx(path: str | Path, text_config: dict, q_bits: int | None = 4, q_gro
     """Write a random *converted* (MLX, quantized by our recipe) text model straight from MLX, with the converter's
     config, index and PLE file writers: what convert.py would write for a random checkpoint of this size, without
     the (large) HF checkpoint on disk. Generates and quantizes row chunks, so memory stays near one tensor."""
-    import mlx.core as mx
     from mlx.utils import tree_flatten
 
     from mlx_gemma4.config import ModelConfig
@@ -391,8 +461,6 @@ def _status() -> dict[str, float]:
 
 def measure_rss(path: str | Path, mapped_ple: bool, prompt: int = 8, gen: int = 4) -> dict:
     """RSS after ``load(path, lazy=False)`` and after a short greedy generation (run it in a fresh process)."""
-    import mlx.core as mx
-
     from mlx_gemma4.generation import prefill
     from mlx_gemma4.weights import load_model
 
