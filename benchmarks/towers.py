@@ -1,6 +1,10 @@
 """Vision and audio tower speed at the E4B sizes, random weights, optionally against mlx-vlm's gemma4 towers.
 
-    python -m benchmarks.towers --tower {vision,audio,both} [--compare mlx-vlm] [--dtype bfloat16] [--tiny]
+    python -m benchmarks.towers [--model {e4b,12b}] --tower {vision,audio,both} [--compare mlx-vlm]
+        [--dtype bfloat16] [--tiny]
+
+``--model 12b`` times Gemma 4 12B's encoder-free image and audio path instead, processors included, against
+mlx-vlm's gemma4_unified (towers_12b.py says how); the rest of this docstring is about the E4B towers.
 
 Vision: one random ~4:3 image through our ImageProcessor at 280 and 1120 soft tokens, then
 ``encode_images`` (VisionModel + MultimodalEmbedder). Audio: 5 s and 30 s of noise through our
@@ -11,8 +15,8 @@ is reported. Each case is run twice to warm up (MLX builds kernels per shape), t
 (alternating implementations, ``mx.eval`` on the output); the median and the peak memory are printed.
 
 mlx-vlm is imported module by module (``mlx_vlm.models.gemma4.vision`` / ``.audio``) without running
-``mlx_vlm/__init__``, so only mlx, numpy and Pillow are needed; ``--vlm-root`` names the directory holding the
-``mlx_vlm`` package when it is not installed.
+``mlx_vlm/__init__``, so only mlx, numpy and Pillow are needed (for the 12B, its gemma4_unified modules also need
+transformers); ``--vlm-root`` names the directory holding the ``mlx_vlm`` package when it is not installed.
 """
 
 from __future__ import annotations
@@ -58,11 +62,17 @@ DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
 
 # ----------------------------------------------------------------------------------------------- mlx-vlm
-def import_vlm(root: str | None):
-    """mlx-vlm's gemma4 vision / audio / config modules, without running the package's ``__init__``."""
-    if "mlx_vlm.models.gemma4.audio" in sys.modules:
-        return tuple(sys.modules[f"mlx_vlm.models.gemma4.{m}"] for m in ("config", "vision", "audio"))
-    if root is None:
+def vlm_modules(root: str | None, family: str, names: tuple[str, ...]) -> tuple[types.ModuleType, ...]:
+    """mlx-vlm's ``mlx_vlm.models.<family>.<name>`` modules, without running the ``__init__`` of ``mlx_vlm``,
+    ``mlx_vlm.models``, ``.gemma4`` or ``.<family>`` (each stands in as an empty package) unless mlx-vlm has been
+    imported already (then its packages are imported as usual, so no stand-in shadows them)."""
+    modules = tuple(f"mlx_vlm.models.{family}.{n}" for n in names)
+    vlm = sys.modules.get("mlx_vlm")
+    if vlm is not None and vlm.__spec__ is not None:
+        return tuple(importlib.import_module(m) for m in modules)
+    if vlm is not None:  # the stand-in made by an earlier call
+        pkg_dir = list(vlm.__path__)[0]
+    elif root is None:
         spec = importlib.util.find_spec("mlx_vlm")
         if spec is None or not spec.submodule_search_locations:
             raise SystemExit("mlx-vlm not found: install it or pass --vlm-root DIR (the directory holding mlx_vlm/)")
@@ -70,15 +80,18 @@ def import_vlm(root: str | None):
     else:
         pkg_dir = f"{root.rstrip('/')}/mlx_vlm"
     for name, path in (("mlx_vlm", pkg_dir), ("mlx_vlm.models", f"{pkg_dir}/models"),
-                       ("mlx_vlm.models.gemma4", f"{pkg_dir}/models/gemma4")):
+                       ("mlx_vlm.models.gemma4", f"{pkg_dir}/models/gemma4"),
+                       (f"mlx_vlm.models.{family}", f"{pkg_dir}/models/{family}")):
         if name not in sys.modules:
             mod = types.ModuleType(name)
             mod.__path__ = [path]
             sys.modules[name] = mod
-    cfg = importlib.import_module("mlx_vlm.models.gemma4.config")
-    vision = importlib.import_module("mlx_vlm.models.gemma4.vision")
-    audio = importlib.import_module("mlx_vlm.models.gemma4.audio")
-    return cfg, vision, audio
+    return tuple(importlib.import_module(m) for m in modules)
+
+
+def import_vlm(root: str | None):
+    """mlx-vlm's gemma4 config / vision / audio modules."""
+    return vlm_modules(root, "gemma4", ("config", "vision", "audio"))
 
 
 class VlmEmbedder(nn.Module):
@@ -97,20 +110,21 @@ class VlmEmbedder(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- helpers
 def randomize(module: nn.Module, seed: int) -> None:
-    """Random weights that give non-trivial activations: norms ~1, tables / scales small normals; linear and
-    conv weights keep MLX's uniform init; clip bounds stay +-inf."""
+    """Random weights that give non-trivial activations: norm scales ~1, biases / tables / scales small normals;
+    linear and conv weights keep MLX's uniform init; clip bounds stay +-inf."""
     mx.random.seed(seed)
 
     def f(path: str, v: mx.array) -> mx.array:
         last = path.split(".")[-1]
         if last in ("input_min", "input_max", "output_min", "output_max"):
             return v
-        if last == "position_embedding_table":
+        if last in ("position_embedding_table", "pos_embedding"):
             return 0.02 * mx.random.normal(v.shape)
         if last == "per_dim_scale":
             return 0.1 * mx.random.normal(v.shape)
-        if v.ndim == 1:  # norm weights, biases
-            return 1.0 + 0.1 * mx.random.normal(v.shape) if "norm" in path else 0.02 * mx.random.normal(v.shape)
+        if v.ndim == 1:  # norm weights (RMSNorm "*norm*", the 12B's LayerNorms "*_ln*"), biases
+            is_scale = last != "bias" and ("norm" in path or "_ln" in path)
+            return 1.0 + 0.1 * mx.random.normal(v.shape) if is_scale else 0.02 * mx.random.normal(v.shape)
         return v
 
     module.update(tree_map_with_path(f, module.parameters()))
@@ -133,13 +147,18 @@ def nbytes(module: nn.Module) -> int:
     return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
 
 
+def eval_arrays(out) -> None:
+    """``mx.eval`` the MLX arrays in ``out`` (other leaves, such as a processor's numpy arrays, are ready)."""
+    mx.eval([a for _, a in tree_flatten(out) if isinstance(a, mx.array)])
+
+
 def timed(fns: dict, runs: int, warmup: int = 2) -> dict:
     """Warm every function, then time them alternately. Returns name -> (median s, all times, peak bytes)."""
     outs = {}
     for name, fn in fns.items():
         for _ in range(warmup):
             outs[name] = fn()
-            mx.eval(outs[name])
+            eval_arrays(outs[name])
     times = {name: [] for name in fns}
     peaks = {name: 0 for name in fns}
     for _ in range(runs):
@@ -149,7 +168,7 @@ def timed(fns: dict, runs: int, warmup: int = 2) -> dict:
             mx.reset_peak_memory()
             t0 = time.perf_counter()
             out = fn()
-            mx.eval(out)
+            eval_arrays(out)
             mx.synchronize()
             times[name].append(time.perf_counter() - t0)
             peaks[name] = max(peaks[name], mx.get_peak_memory())
@@ -175,28 +194,36 @@ def report(rows: list[dict], tower: str, case: str, res: dict, weights: dict, ex
         print(json.dumps(row), flush=True)
 
 
+def twin(ours: nn.Module, seed: int, dtype, theirs: nn.Module | None = None) -> None:
+    """Random weights for ``ours`` in ``dtype`` and, when given, the same weights copied into mlx-vlm's ``theirs``."""
+    randomize(ours, seed)
+    ours.set_dtype(dtype)
+    mx.eval(ours.parameters())
+    if theirs is not None:
+        theirs.set_dtype(dtype)
+        copy_weights(ours, theirs)
+        mx.eval(theirs.parameters())
+
+
 def build_pair(tower: nn.Module, out_dims: int, text_hidden: int, eps: float, dtype, seeds: tuple[int, int],
                vlm_tower: nn.Module | None):
     """Our tower + embedder with random weights in ``dtype``, and (when given) mlx-vlm's tower with a copy of
     them; returns ((tower, embed), impls, weights) where impls maps "mlx-vlm" to its (tower, embedder)."""
     embed = MultimodalEmbedder(out_dims, text_hidden, eps)
-    randomize(tower, seeds[0])
-    randomize(embed, seeds[1])
-    tower.set_dtype(dtype)
-    embed.set_dtype(dtype)
-    mx.eval(tower.parameters(), embed.parameters())
+    vembed = None if vlm_tower is None else VlmEmbedder(out_dims, text_hidden, eps)
+    twin(tower, seeds[0], dtype, vlm_tower)
+    twin(embed, seeds[1], dtype, vembed)
     impls = {"ours": None}
     weights = {"ours": nbytes(tower) + nbytes(embed)}
     if vlm_tower is not None:
-        vembed = VlmEmbedder(out_dims, text_hidden, eps)
-        vlm_tower.set_dtype(dtype)
-        vembed.set_dtype(dtype)
-        copy_weights(tower, vlm_tower)
-        copy_weights(embed, vembed)
-        mx.eval(vlm_tower.parameters(), vembed.parameters())
         weights["mlx-vlm"] = nbytes(vlm_tower) + nbytes(vembed)
         impls["mlx-vlm"] = (vlm_tower, vembed)
     return (tower, embed), impls, weights
+
+
+def random_image(width: int, height: int) -> Image.Image:
+    """RGB noise, the same image for every run."""
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def compare_outputs(a: mx.array, b: mx.array) -> dict:
@@ -219,8 +246,7 @@ def bench_vision(args, dtype, rows) -> None:
     (tower, embed), impls, weights = build_pair(VisionModel(cfg), cfg.hidden_size, text_hidden, cfg.rms_norm_eps,
                                                 dtype, (0, 1), vlm_tower)
 
-    rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 256, (args.image_height, args.image_width, 3), dtype=np.uint8))
+    image = random_image(args.image_width, args.image_height)
     proc = ImageProcessor()
     for budget in args.vision_tokens:
         inp = proc(image, max_soft_tokens=budget)
@@ -283,8 +309,11 @@ def bench_audio(args, dtype, rows) -> None:
         report(rows, "audio", case, res, weights, extra)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=["e4b", "12b"], default="e4b",
+                   help="e4b: the vision and audio towers; 12b: gemma4_unified's image and audio embedders with "
+                        "the processors (benchmarks/towers_12b.py)")
     p.add_argument("--tower", choices=["vision", "audio", "both"], default="both")
     p.add_argument("--compare", choices=["mlx-vlm"], default=None)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
@@ -301,17 +330,24 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     dtype = DTYPES[args.dtype]
     rows: list[dict] = []
-    print(json.dumps(dict(mlx=mx.__version__, device=str(mx.default_device()), tiny=args.tiny, dtype=args.dtype,
-                          runs=args.runs)), flush=True)
+    print(json.dumps(dict(mlx=mx.__version__, device=str(mx.default_device()), model=args.model, tiny=args.tiny,
+                          dtype=args.dtype, runs=args.runs)), flush=True)
+    if args.model == "12b":
+        from benchmarks import towers_12b
+
+        vision, audio = towers_12b.bench_image, towers_12b.bench_audio
+    else:
+        vision, audio = bench_vision, bench_audio
     if args.tower in ("vision", "both"):
-        bench_vision(args, dtype, rows)
+        vision(args, dtype, rows)
     if args.tower in ("audio", "both"):
-        bench_audio(args, dtype, rows)
+        audio(args, dtype, rows)
     print("\n| tower | case | impl | median ms | peak GB | ratio vs mlx-vlm | max abs diff |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['tower']} | {r['case']} | {r['impl']} | {r['median_ms']} | {r['peak_gb']} | "
-              f"{r.get('ratio_vs_mlx_vlm', '')} | {r.get('max_abs_diff', '')} |")
+              f"{r.get('ratio_vs_mlx_vlm', '')} | {r.get('max_abs_diff', r.get('host_max_abs_diff', ''))} |")
+    return rows
 
 
 if __name__ == "__main__":
