@@ -47,7 +47,8 @@ class DraftLength:
     With acceptance rate ``a`` per drafted token, a round of ``k`` drafts yields ``(1 - a**(k+1)) / (1 - a)``
     tokens on average; a round's cost is measured (seconds per round for each ``k`` used, smoothed; ``k`` not yet
     measured are interpolated; the first round of each ``k`` builds kernels and is not counted). ``k = 0`` is a
-    plain decode step, so when drafting does not pay the loop decodes as fast as without a drafter; every
+    plain decode step, queued before the previous one is read as the plain loop does (its cost is the time between
+    two tokens), so when drafting does not pay the loop decodes as fast as without a drafter; every
     ``explore_every`` rounds a neighbouring ``k`` is tried so that both the acceptance rate and the costs stay
     current (while ``k = 0`` wins, rarely enough that the probes cost at most about 2%).
     """
@@ -288,6 +289,8 @@ class SpeculativeLoop:
         history = mx.array(np.array(self.inputs["input_ids"]).reshape(-1), dtype=mx.int32) \
             if self.processors else None
         n = 0
+        plain_round = False   # y came from a round without drafts, still lazy: its cost is recorded once read
+        last_read = time.perf_counter()
         while True:
             # y (not yet fed) goes out now; the checks say whether another round follows. From the second token
             # on, that round is built and queued before y goes out, so the device works while the caller handles
@@ -297,8 +300,14 @@ class SpeculativeLoop:
             queued = None
             if self.finish_reason is None and n > 1:
                 queued, history = self._queue(y, hidden, history, n)
+            token = int(y.item())
+            now = time.perf_counter()
+            if plain_round:   # a round without drafts costs the time between two tokens, as a plain step does
+                self.lengths.record(0, 0, now - last_read)
+                plain_round = False
+            last_read = now
             try:
-                yield int(y.item()), logprobs
+                yield token, logprobs
             except GeneratorExit:
                 if queued is not None:   # y stays in the cache (it went out); the round's drafts go
                     rewind_cache(cache, queued[0])
@@ -308,6 +317,12 @@ class SpeculativeLoop:
             if queued is None:
                 queued, history = self._queue(y, hidden, history, n)
             k, t0, drafts, tokens, all_logprobs, hiddens = queued
+            if k == 0:
+                # No drafts to judge: the target's own token is next, whatever it is. It stays lazy, so the next
+                # round is built while the device runs this one: the plain loop's overlap, and its speed.
+                plain_round = True
+                y, logprobs, hidden = tokens[0], all_logprobs[0], hiddens[:, :1]
+                continue
             mx.eval(drafts, tokens, all_logprobs, hiddens)
             d, t = [int(x.item()) for x in drafts], [int(x.item()) for x in tokens]
             m = 0

@@ -326,3 +326,18 @@ def test_the_benchmarks_check_accepts_plain_greedy_and_measures_a_token_it_would
     with pytest.raises(AssertionError, match="beyond rounding"):
         check_tokens(model, prompt, plain, other, [lp + 0.5 * (mx.arange(lp.size) % 2) for lp in logprobs],
                      tol=gaps[4] / 2)
+
+
+def test_rounds_without_drafts_overlap_like_plain_decoding(loaded_e, drafters, monkeypatch):
+    """When the policy drafts nothing, a round's token is the target's own whatever it is: the next round is built
+    on it while the device still runs the round (no wait per round), as the plain loop does, with its tokens."""
+    model, _ = loaded_e
+    inputs = _inputs(12)
+    plain, _, _ = run_rounds(model, inputs, max_tokens=10)
+    events = []
+    step_hidden, evaluate = model.step_hidden, mx.eval
+    monkeypatch.setattr(model, "step_hidden", lambda *a, **k: events.append("round") or step_hidden(*a, **k))
+    monkeypatch.setattr(mx, "eval", lambda *a, **k: events.append("wait") or evaluate(*a, **k))
+    tokens, loop, _ = run_rounds(model, inputs, max_tokens=10, assistant=drafters("e"), draft_tokens=0)
+    assert tokens == plain and loop.drafted == 0
+    assert events[0] == "wait" and events[1:] == ["round"] * 9   # the prompt's token, then rounds never waited on
