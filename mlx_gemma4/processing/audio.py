@@ -77,10 +77,10 @@ def _to_mono_float(x: np.ndarray, what: str) -> np.ndarray:
         raise InputError(f"{what} has shape {x.shape}; expected (samples,), (samples, channels) or "
                          "(channels, samples).")
     if np.issubdtype(x.dtype, np.floating):  # checked in the given dtype: a cast could overflow first
-        if not np.isfinite(x).all():
+        peak = float(np.abs(x).max())   # NaN or infinite if any sample is: one pass over the clip
+        if not math.isfinite(peak):
             bad = int((~np.isfinite(x)).sum())
             raise InputError(f"{what} contains {bad} NaN or infinite samples. Re-export or re-record the clip.")
-        peak = float(np.abs(x).max())
         if peak > MAX_FLOAT_PEAK:
             raise InputError(f"{what} has float samples up to {peak:g}, but float audio is in [-1, 1]. If these "
                              "are 16-bit PCM values, pass them as np.int16 (or divide them by 32768).")

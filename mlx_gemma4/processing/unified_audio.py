@@ -83,15 +83,18 @@ class UnifiedAudioFeatureExtractor:
             a = np.asarray(a)
             if a.ndim != 1:
                 raise InputError(f"Audio clip {i} has shape {a.shape}; load it with load_audio() first.")
-            clips.append(self.frames(_to_mono_float(a, f"Audio clip {i}")))
-        longest = max(len(c) for c in clips)
-        feats = np.full((len(clips), longest, self.audio_samples_per_token), self.padding_value, np.float32)
-        mask = np.zeros((len(clips), longest), np.bool_)  # (N, T)
-        for i, c in enumerate(clips):
-            feats[i, :len(c)] = c
-            mask[i, :len(c)] = True
-        return {"input_features": feats, "input_features_mask": mask,
-                "num_soft_tokens_per_audio": [len(c) for c in clips]}
+            clips.append(_to_mono_float(a, f"Audio clip {i}"))
+        n = self.audio_samples_per_token
+        counts = [self.num_soft_tokens(len(c)) for c in clips]
+        feats = np.full((len(clips), max(counts), n), self.padding_value, np.float32)
+        mask = np.zeros((len(clips), max(counts)), np.bool_)  # (N, T)
+        for i, (c, t) in enumerate(zip(clips, counts)):
+            # Samples straight into their frames (one copy); zeros complete the last frame, as frames() does.
+            row = feats[i].reshape(-1)
+            row[: len(c)] = c
+            row[len(c) : t * n] = 0.0
+            mask[i, :t] = True
+        return {"input_features": feats, "input_features_mask": mask, "num_soft_tokens_per_audio": counts}
 
     @staticmethod
     def prompt_texts(features: Mapping[str, Any], boa: str, audio_token: str, eoa: str) -> list[str]:
