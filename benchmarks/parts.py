@@ -1,6 +1,6 @@
 """Where our time to first token and decode step go, part by part, beside mlx-lm's, on converted checkpoints.
 
-    python -m benchmarks.parts OURS_DIR MLX_LM_DIR --tokens 1059
+    python -m benchmarks.parts OURS_DIR [MLX_LM_DIR] --tokens 1059
 
 OURS_DIR is a ``convert.py`` output and MLX_LM_DIR an ``mlx_lm.convert`` output of the same checkpoint (what
 ``benchmarks.e2e`` writes under its --work folder: ours-4bit, mlx-lm-4bit). On one prompt of --tokens token ids it
@@ -44,7 +44,8 @@ def med(f, runs: int = 5, warm: int = 2) -> float:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("ours")
-    ap.add_argument("mlx_lm")
+    ap.add_argument("mlx_lm", nargs="?", help="an mlx_lm.convert output of the same checkpoint (optional: the 12B has "
+                    "none; then only ours is timed)")
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--decode", type=int, default=64, help="tokens of each bare decode loop")
     ap.add_argument("--no-matmuls", action="store_true", help="leave out the 4-bit matmul sizes (slow on a CPU)")
@@ -59,7 +60,7 @@ def main(argv=None) -> None:
     from mlx_gemma4 import load
 
     model, _ = load(a.ours)
-    lmodel, _ = mlx_lm.load(a.mlx_lm)
+    lmodel = mlx_lm.load(a.mlx_lm)[0] if a.mlx_lm else None
     lm = model.language_model
     ids = mx.array([[(i * 7919) % 200_000 + 1000 for i in range(a.tokens)]], dtype=mx.int32)
     inputs = {"input_ids": ids}
@@ -88,7 +89,8 @@ def main(argv=None) -> None:
         res["prefill ms: ours, one lazy graph"] = med(ours_prefill)
         gm.EVAL_EACH_LAYER_FROM = every
         res["prefill ms: ours, every layer at every position"] = med(ours_every_layer)
-        res["prefill ms: mlx-lm (n-1, then 1)"] = med(lm_prefill)
+        if lmodel is not None:
+            res["prefill ms: mlx-lm (n-1, then 1)"] = med(lm_prefill)
 
     for i in (lm.config.layer_types.index("sliding_attention"), lm.config.layer_types.index("full_attention")):
         if "layers" in parts:
@@ -125,15 +127,17 @@ def main(argv=None) -> None:
 
     if "decode" in parts:
         res["bare decode tok/s: ours"] = tps(ours_decode)
-        res["bare decode tok/s: mlx-lm"] = tps(lm_decode)
+        if lmodel is not None:
+            res["bare decode tok/s: mlx-lm"] = tps(lm_decode)
         c = model.make_cache()
         mx.eval(model.prefill(inputs, c))
-        lc = make_prompt_cache(lmodel)
-        mx.eval(lmodel(ids, cache=lc))
         res["step build ms (host): ours"] = _build_ms(lambda: model.step(y, c))
-        res["step build ms (host): mlx-lm"] = _build_ms(lambda: lmodel(y, cache=lc))
         res["step evaluated ms: ours"] = med(lambda: mx.eval(model.step(y, c)), runs=20)
-        res["step evaluated ms: mlx-lm"] = med(lambda: mx.eval(lmodel(y, cache=lc)), runs=20)
+        if lmodel is not None:
+            lc = make_prompt_cache(lmodel)
+            mx.eval(lmodel(ids, cache=lc))
+            res["step build ms (host): mlx-lm"] = _build_ms(lambda: lmodel(y, cache=lc))
+            res["step evaluated ms: mlx-lm"] = med(lambda: mx.eval(lmodel(y, cache=lc)), runs=20)
     if "ab" not in parts:
         return
 
