@@ -11,6 +11,14 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
+def compute_dtype(linear: nn.Module) -> mx.Dtype:
+    """The dtype a linear layer computes in: its weight's, or its scales' when the weight is packed (affine
+    quantization, the only kind loaded). The reference casts a tower's raw input to its first projection's weight
+    dtype; this is that dtype here."""
+    weight = linear.weight
+    return weight.dtype if mx.issubdtype(weight.dtype, mx.floating) else linear.scales.dtype
+
+
 class RMSNorm(nn.Module):
     """Gemma 4 RMSNorm: ``x / rms(x) * weight`` (weight initialised to one, not offset by one as in Gemma 3).
     The fused kernel accumulates in float32 whatever the input dtype, as the reference's upcast does."""

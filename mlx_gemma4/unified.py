@@ -21,6 +21,7 @@ import numpy as np
 
 from .config import EmbedderVisionConfig
 from .errors import InputError
+from .layers import compute_dtype
 
 
 class VisionEmbedder(nn.Module):
@@ -38,18 +39,26 @@ class VisionEmbedder(nn.Module):
 
     def __call__(self, pixel_values: mx.array, position_ids: mx.array) -> mx.array:
         """(n, P, patch_dim) patches and (n, P, 2) positions -> (n, P, mm_embed_dim)."""
-        h = self.patch_ln2(self.patch_dense(self.patch_ln1(pixel_values.astype(self.patch_ln1.weight.dtype))))
-        valid = (position_ids != -1).astype(h.dtype)[..., None]                   # (n, P, 2, 1)
+        # As the reference: float32 pixels are cast to the dense layer's dtype, the whole path runs in it.
+        h = self.patch_ln1(pixel_values.astype(compute_dtype(self.patch_dense)))
+        h = self.patch_ln2(self.patch_dense(h))
+        valid = (position_ids != -1).astype(self.pos_embedding.dtype)[..., None]  # (n, P, 2, 1)
         clamped = mx.maximum(position_ids, 0)
         # One row of the table per axis: x from column 0, y from column 1; padding rows get nothing.
         pos = self.pos_embedding[clamped, mx.arange(2)]                           # (n, P, 2, dim)
-        return self.pos_norm(h + (pos.astype(h.dtype) * valid).sum(axis=-2))
+        return self.pos_norm(h + (pos * valid).sum(axis=-2))
 
 
 def _check_rows(name: str, x: mx.array, width: int, what: str) -> None:
     if x.ndim != 3 or x.shape[-1] != width:
         raise InputError(f"{name} has shape {tuple(x.shape)}; this model takes (count, tokens, {width}) {what}. "
                          "Build the inputs with this model's processor.")
+
+
+def _project(projection: nn.Module, x: mx.array) -> mx.array:
+    """The multimodal embedder of the reference, which first casts its input to the projection's dtype: raw
+    float32 waveform frames (or patch embeddings of another dtype) are normed and projected in the model's dtype."""
+    return projection(x.astype(compute_dtype(projection.embedding_projection)))
 
 
 def encode_patches(embedder: VisionEmbedder, projection: nn.Module, pixel_values: mx.array,
@@ -61,7 +70,7 @@ def encode_patches(embedder: VisionEmbedder, projection: nn.Module, pixel_values
                          f"{tuple(pixel_values.shape)}; they need one (x, y) pair per patch. Build the inputs with "
                          "this model's processor.")
     real = np.nonzero(np.array((position_ids != -1).all(axis=-1)).reshape(-1))[0]
-    tokens = projection(embedder(pixel_values, position_ids))                     # (n, P, text_hidden)
+    tokens = _project(projection, embedder(pixel_values, position_ids))          # (n, P, text_hidden)
     return tokens.reshape(-1, tokens.shape[-1])[mx.array(real)]                  # (n_real, text_hidden)
 
 
@@ -73,5 +82,5 @@ def encode_waveform(projection: nn.Module, frames: mx.array, mask: mx.array, wid
         raise InputError(f"input_features_mask must have shape {tuple(frames.shape[:2])} (one flag per frame); "
                          "build the inputs with this model's processor.")
     keep = np.nonzero(np.array(mask).astype(bool).reshape(-1))[0]
-    tokens = projection(frames)                                                   # (n, T, text_hidden)
+    tokens = _project(projection, frames)                                         # (n, T, text_hidden)
     return tokens.reshape(-1, tokens.shape[-1])[mx.array(keep)]

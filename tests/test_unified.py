@@ -130,6 +130,76 @@ def test_padding_audio_frames_are_dropped(pair):
     _check(hf, model, inputs)
 
 
+# -- bfloat16: the arithmetic of the reference in its dtypes ------------------------------------------------------
+# The published 12B is bfloat16. The reference casts raw float32 audio frames to the audio projection's dtype, so
+# its embedder runs in bfloat16. Same steps here give the same bfloat16 numbers, but for a row that can be one unit
+# in the last place off where the float32 RMSNorm of a frame (sums of squares added in another order) rounds to the
+# other bfloat16 neighbour, which the projection then spreads over that row (measured: 1 % of values). Running the
+# path in float32 instead leaves about half of the values off by a unit or more.
+BF16_EQUAL = 0.97
+
+
+@pytest.fixture(scope="module")
+def bf16_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("unified_bf16")
+    hf = tu.make_model(seed=5).to(torch.bfloat16)
+    hf.save_pretrained(path, safe_serialization=True)
+    return hf, path
+
+
+@pytest.fixture(scope="module")
+def bf16_pair(bf16_path):
+    hf, path = bf16_path
+    model = load_model(path)
+    assert model.embed_audio.embedding_projection.weight.dtype == mx.bfloat16
+    return hf, model
+
+
+def _assert_bf16_soft_tokens(ours: mx.array, ref: torch.Tensor) -> None:
+    """Our soft tokens are bfloat16 and equal the reference's, up to rounding at the scale of each row."""
+    assert ours.dtype == mx.bfloat16
+    o, r = np.array(ours.astype(mx.float32)), ref.float().numpy()
+    assert o.shape == r.shape
+    assert (o == r).mean() >= BF16_EQUAL, f"only {(o == r).mean():.1%} of values equal the reference's"
+    row_ulp = 2.0 ** (np.floor(np.log2(np.abs(r).max(axis=-1, keepdims=True))) - 7)   # bfloat16: 8-bit mantissa
+    assert (np.abs(o - r) <= row_ulp).all()
+
+
+def _ref_audio(hf, frames: dict) -> torch.Tensor:
+    mask = torch.from_numpy(frames["input_features_mask"]).bool()
+    with torch.no_grad():
+        out = hf.model.get_audio_features(torch.from_numpy(frames["input_features"]), mask)
+    return out.pooler_output[mask]                                               # what the merge keeps
+
+
+@pytest.mark.parametrize("seconds", [[0.3], [0.2, 1.1]])
+def test_bfloat16_audio_soft_tokens_equal_the_reference(bf16_pair, seconds):
+    hf, model = bf16_pair
+    frames = tu.waveform_frames(seconds, seed=len(seconds))
+    ours = model._encode_audio(mx.array(frames["input_features"]), mx.array(frames["input_features_mask"]))
+    _assert_bf16_soft_tokens(ours, _ref_audio(hf, frames))
+
+
+def test_quantized_embedders_compute_in_the_dtype_of_their_scales(bf16_path):
+    """A checkpoint whose embedders are quantized (convert.py keeps them in float; other converters may not):
+    the inputs are cast to the scales' dtype, as the reference casts them to its weights'."""
+    import mlx.nn as nn
+
+    _, path = bf16_path
+    model = load_model(path)
+    names = ("vision_embedder.patch_dense", "embed_vision.embedding_projection", "embed_audio.embedding_projection")
+    nn.quantize(model, group_size=32, bits=8, class_predicate=lambda p, m: p in names)
+    assert model.embed_audio.embedding_projection.scales.dtype == mx.bfloat16
+    frames = tu.waveform_frames([0.3])
+    x, mask = mx.array(frames["input_features"]), frames["input_features_mask"]
+    soft = model._encode_audio(x, mx.array(mask))
+    expected = model.embed_audio(x.astype(mx.bfloat16))[0, : int(mask.sum())]          # (valid frames, hidden)
+    assert soft.dtype == mx.bfloat16
+    np.testing.assert_array_equal(np.array(soft.astype(mx.float32)), np.array(expected.astype(mx.float32)))
+    pixels, positions = tu.patches([(2, 2)])
+    assert model._encode_images(pixels, positions).dtype == mx.bfloat16
+
+
 def test_text_only_form(tmp_path):
     hf = tu.make_text_model(seed=1)
     hf.save_pretrained(tmp_path, safe_serialization=True)
