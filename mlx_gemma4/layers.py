@@ -33,6 +33,16 @@ class RMSNorm(nn.Module):
         return mx.fast.rms_norm(x, self.get("weight"), self.eps)
 
 
+class LayerNorm(nn.LayerNorm):
+    """torch's LayerNorm arithmetic in half precision: normalized, scaled and shifted in float32, rounded once.
+    (MLX's fused kernel rounds the normalized value to the input dtype before the affine part, which moves a
+    quarter of bfloat16 outputs by one unit in the last place.) Same parameters as ``nn.LayerNorm``."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        w, b = (None if a is None else a.astype(mx.float32) for a in (self.get("weight"), self.get("bias")))
+        return mx.fast.layer_norm(x.astype(mx.float32), w, b, self.eps).astype(x.dtype)
+
+
 class ClippableLinear(nn.Module):
     """A bias-free linear whose input and output are clamped to bounds stored in the checkpoint (when the tower's
     config says ``use_clipped_linears``); the bounds start unbounded."""

@@ -21,7 +21,7 @@ import numpy as np
 
 from .config import EmbedderVisionConfig
 from .errors import InputError
-from .layers import compute_dtype
+from .layers import LayerNorm, compute_dtype
 
 
 class VisionEmbedder(nn.Module):
@@ -31,11 +31,11 @@ class VisionEmbedder(nn.Module):
         super().__init__()
         dim = config.mm_embed_dim
         self.patch_dim = config.patch_dim
-        self.patch_ln1 = nn.LayerNorm(self.patch_dim)       # torch's LayerNorm defaults: eps 1e-5, affine, bias
+        self.patch_ln1 = LayerNorm(self.patch_dim)          # torch's LayerNorm defaults: eps 1e-5, affine, bias
         self.patch_dense = nn.Linear(self.patch_dim, dim)
-        self.patch_ln2 = nn.LayerNorm(dim)
+        self.patch_ln2 = LayerNorm(dim)
         self.pos_embedding = mx.zeros((config.mm_posemb_size, 2, dim))  # (positions, axis x / y, dim)
-        self.pos_norm = nn.LayerNorm(dim)
+        self.pos_norm = LayerNorm(dim)
 
     def __call__(self, pixel_values: mx.array, position_ids: mx.array) -> mx.array:
         """(n, P, patch_dim) patches and (n, P, 2) positions -> (n, P, mm_embed_dim)."""

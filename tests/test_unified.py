@@ -1,5 +1,5 @@
 """Gemma 4 12B (gemma4_unified, encoder-free): parity with transformers' Gemma4UnifiedForConditionalGeneration on
-tiny random checkpoints (tests/tiny_unified.py), in float32.
+tiny random checkpoints (tests/tiny_unified.py), in float32, and the soft tokens of every medium in bfloat16.
 
 Full-forward logits for text, one and two images of different aspect, video frames, audio, audio with an image;
 the text-only form (gemma4_unified_text); chunked prefill and token-by-token decoding across the window (8) with
@@ -131,11 +131,12 @@ def test_padding_audio_frames_are_dropped(pair):
 
 
 # -- bfloat16: the arithmetic of the reference in its dtypes ------------------------------------------------------
-# The published 12B is bfloat16. The reference casts raw float32 audio frames to the audio projection's dtype, so
-# its embedder runs in bfloat16. Same steps here give the same bfloat16 numbers, but for a row that can be one unit
-# in the last place off where the float32 RMSNorm of a frame (sums of squares added in another order) rounds to the
-# other bfloat16 neighbour, which the projection then spreads over that row (measured: 1 % of values). Running the
-# path in float32 instead leaves about half of the values off by a unit or more.
+# The published 12B is bfloat16. The reference casts raw float32 pixels to the patch projection's dtype and audio
+# frames to the audio projection's, so both embedders run in bfloat16; its LayerNorms compute in float32 and round
+# once. Same steps here give the same bfloat16 numbers: image and video soft tokens are bit-equal; an audio row can
+# be one unit in the last place off where the float32 RMSNorm of a frame (sums of squares added in another order)
+# rounds to the other bfloat16 neighbour, which the projection then spreads over that row (measured: 1 % of
+# values). Running a path in float32 instead leaves about half of the values off by a unit or more.
 BF16_EQUAL = 0.97
 
 
@@ -178,6 +179,20 @@ def test_bfloat16_audio_soft_tokens_equal_the_reference(bf16_pair, seconds):
     frames = tu.waveform_frames(seconds, seed=len(seconds))
     ours = model._encode_audio(mx.array(frames["input_features"]), mx.array(frames["input_features_mask"]))
     _assert_bf16_soft_tokens(ours, _ref_audio(hf, frames))
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_bfloat16_image_and_video_soft_tokens_equal_the_reference(bf16_pair, kind):
+    hf, model = bf16_pair
+    grids = [(2, 3), (1, 4)] if kind == "image" else [(2, 2)] * 3
+    pixels, positions = tu.patches(grids, seed=6)
+    px, pos = torch.from_numpy(pixels), torch.from_numpy(positions).long()
+    with torch.no_grad():
+        if kind == "image":
+            ref = hf.model.get_image_features(px, pos).pooler_output
+        else:
+            ref = hf.model.get_video_features(px, pos, num_frames_per_video=torch.tensor([len(grids)])).pooler_output
+    _assert_bf16_soft_tokens(model._encode_images(pixels, positions), torch.cat(ref))
 
 
 def test_quantized_embedders_compute_in_the_dtype_of_their_scales(bf16_path):
