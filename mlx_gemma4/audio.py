@@ -23,7 +23,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import AudioConfig
-from .layers import ClippableLinear, MultimodalEmbedder, RMSNorm
+from .layers import ClippableLinear, LayerNorm, MultimodalEmbedder, RMSNorm
 
 
 def _clip_value(gradient_clipping: float, dtype: mx.Dtype) -> float:
@@ -35,12 +35,13 @@ class SubSampleConvLayer(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, eps: float):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=1, bias=False)
-        self.norm = nn.LayerNorm(out_channels, eps=eps, affine=True, bias=False)
+        self.norm = LayerNorm(out_channels, eps=eps, affine=True, bias=False)
 
     def __call__(self, x: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
         # x: (B, T, F, C) channels-last; padded frames are zeroed before each conv.
         x = x * mask[:, :, None, None].astype(x.dtype)
-        x = nn.relu(self.norm(self.conv(x)))  # (B, ceil(T/2), ceil(F/2), C_out)
+        # As the reference: the (float32) features are cast to the conv's dtype, so the tower runs in the model's.
+        x = nn.relu(self.norm(self.conv(x.astype(self.conv.weight.dtype))))  # (B, ceil(T/2), ceil(F/2), C_out)
         return x, mask[:, ::2]
 
 

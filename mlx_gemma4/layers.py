@@ -21,7 +21,9 @@ def compute_dtype(linear: nn.Module) -> mx.Dtype:
 
 class RMSNorm(nn.Module):
     """Gemma 4 RMSNorm: ``x / rms(x) * weight`` (weight initialised to one, not offset by one as in Gemma 3).
-    The fused kernel accumulates in float32 whatever the input dtype, as the reference's upcast does."""
+    The fused kernel accumulates in float32 whatever the input dtype, as the reference's upcast does; it rounds
+    ``x / rms(x)`` to the input dtype before the weight multiplies it (the reference rounds once, after), so in
+    half precision a weighted norm can differ from the reference's by a unit in the last place."""
 
     def __init__(self, dims: int, eps: float = 1e-6, with_scale: bool = True):
         super().__init__()

@@ -18,7 +18,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import VisionConfig
-from .layers import ClippableLinear, MultimodalEmbedder, RMSNorm
+from .layers import ClippableLinear, MultimodalEmbedder, RMSNorm, compute_dtype
 
 _ACTIVATIONS = {"gelu_pytorch_tanh": nn.gelu_approx, "gelu": nn.gelu, "silu": nn.silu}
 
@@ -127,7 +127,7 @@ class VisionPatchEmbedder(nn.Module):
 
     def __call__(self, pixel_values: mx.array, positions: mx.array, padding: mx.array) -> mx.array:
         # Pixels arrive in [0, 1]; the model wants [-1, 1].
-        x = self.input_proj((2 * (pixel_values - 0.5)).astype(self.position_embedding_table.dtype))  # (B, L, h)
+        x = self.input_proj((2 * (pixel_values - 0.5)).astype(compute_dtype(self.input_proj)))  # (B, L, h)
         clamped = mx.maximum(positions, 0)  # padding (-1) -> a valid row, zeroed below
         pos = self.position_embedding_table[0][clamped[..., 0]] + self.position_embedding_table[1][clamped[..., 1]]
         pos = mx.where(padding[..., None], mx.zeros((), dtype=pos.dtype), pos)  # (B, L, h)

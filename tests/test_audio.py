@@ -1,4 +1,5 @@
-"""mlx_gemma4.audio against transformers' Gemma4AudioModel + Gemma4MultimodalEmbedder (tiny, random, float32).
+"""mlx_gemma4.audio against transformers' Gemma4AudioModel + Gemma4MultimodalEmbedder (tiny, random, float32;
+one test in bfloat16).
 
 Tolerance: ``atol=2e-5`` on outputs of magnitude ~1. Both sides compute in float32 but in a different order
 (conv algorithms, matmul accumulation, softmax, rsqrt vs pow(-0.5)); observed differences are ~5e-7.
@@ -209,3 +210,21 @@ def test_peak_memory_of_the_tower_does_not_grow_with_the_recording(towers):
     (short, short_out), (long, long_out) = peak_and_output(2), peak_and_output(16)
     # Only the soft tokens themselves may grow with the length; one batch of 16 segments costs ~12x more.
     assert long - short < 2 * (long_out - short_out), (short, long, long_out - short_out)
+
+
+def test_bfloat16_tower_runs_in_bfloat16():
+    """As the reference casts the float32 features to the first conv's dtype, a bfloat16 tower computes in
+    bfloat16 (not in float32, which the features would otherwise promote every layer to) and stays within
+    bfloat16 rounding of the reference's bfloat16 tower (a unit in the last place at 1 is 2**-7)."""
+    ref, ref_embed, ours, embed = build(dict(tiny.AUDIO), seed=2)
+    ref, ref_embed = ref.to(torch.bfloat16), ref_embed.to(torch.bfloat16)
+    ours.set_dtype(mx.bfloat16)
+    embed.set_dtype(mx.bfloat16)
+    x, m = features(40, 29, TINY_MEL, seed=4)
+    with torch.no_grad():
+        out = ref(torch.tensor(x), torch.tensor(m), return_dict=True)
+        soft_ref = ref_embed(out.last_hidden_state)[out.attention_mask].float().numpy()
+    h, _ = ours(mx.array(x), mx.array(m))
+    soft = encode_audio(ours, embed, mx.array(x), mx.array(m))
+    assert h.dtype == soft.dtype == mx.bfloat16
+    np.testing.assert_allclose(np.array(soft.astype(mx.float32)), soft_ref, rtol=0, atol=4 * 2.0**-7)
