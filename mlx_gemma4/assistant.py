@@ -24,6 +24,7 @@ from typing import Any, Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from .cache import KVCache, Mask
 from .config import FULL, SLIDING, TextConfig
 from .config_checks import Section
 from .errors import ConfigError, InputError
@@ -150,20 +151,22 @@ class Assistant(nn.Module):
         self.post_projection = nn.Linear(t.hidden_size, config.backbone_hidden_size, bias=False)
         if config.use_ordered_embeddings:
             self.masked_embedding = MaskedEmbedder(config)
+        self._compiled_draft = None   # draft_step.CompiledDraft, made on first use
 
-    def hidden(self, embed: mx.array, hidden: mx.array, position: int,
-               target_kv: dict[str, tuple[mx.array, mx.array]]) -> mx.array:
+    def hidden(self, embed: mx.array, hidden: mx.array, position: int | mx.array,
+               target_kv: dict[str, tuple[mx.array, mx.array]], masks: dict[str, Mask] | None = None) -> mx.array:
         """The drafter's final-normed hidden state (1, 1, hidden) for one step.
 
         ``embed`` / ``hidden`` (1, 1, backbone_hidden): the target's (scaled) embedding of the last token and the
-        state that predicted it; ``position``: that token's position; ``target_kv``: layer type -> (keys, values)
-        (1, Hkv, n, D) of the target's last producer of that type, already cut to what the drafter may see
-        (see ``visible``), so no mask is needed.
+        state that predicted it; ``position``: that token's position (traced in the compiled step); ``target_kv``:
+        layer type -> (keys, values) (1, Hkv, n, D) of the target's last producer of that type, either already cut
+        to what the drafter may see (see ``visible``; no ``masks``) or whole buffers with ``masks``: layer type ->
+        which of their slots it sees (draft_step.py).
         """
         x = self.pre_projection(mx.concatenate([embed, hidden], axis=-1))          # (1, 1, hidden)
         types = self.config.text_config.layer_types
         for layer, t in zip(self.model.layers, types):
-            x, _ = layer(x, None, position, None, None, target_kv[t])
+            x, _ = layer(x, None, position, None if masks is None else masks[t], None, target_kv[t])
         return self.model.norm(x)
 
     def visible(self, kind: str, n: int) -> int:
@@ -183,17 +186,36 @@ class Assistant(nn.Module):
             logits = self.model.embed_tokens.as_linear(h)
         return logits, self.post_projection(h)
 
-    def draft_token(self, embed: mx.array, hidden: mx.array, position: int,
-                    target_kv: dict[str, tuple[mx.array, mx.array]]) -> tuple[mx.array, mx.array]:
+    def draft_token(self, embed: mx.array, hidden: mx.array, position: int | mx.array,
+                    target_kv: dict[str, tuple[mx.array, mx.array]], masks: dict[str, Mask] | None = None
+                    ) -> tuple[mx.array, mx.array]:
         """(greedy token (), projected hidden state): the cheapest path to the drafter's argmax (the masked head
-        scores only its selected tokens)."""
-        h = self.hidden(embed, hidden, position, target_kv)
+        scores only its selected tokens). Arguments as ``hidden``'s."""
+        h = self.hidden(embed, hidden, position, target_kv, masks)
         if "masked_embedding" in self:
             ids, logits = self.masked_embedding.selected(h[0, 0], self.model.embed_tokens)
             token = ids[mx.argmax(logits)]
         else:
             token = mx.argmax(self.model.embed_tokens.as_linear(h[0, 0]))
         return token, self.post_projection(h)
+
+    def draft_step(self, target, producers: dict[str, KVCache], compiled: bool = True
+                   ) -> Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]:
+        """The drafting step of a round after what ``producers`` (layer type -> the cache of ``target``'s last
+        producer layer of that type) hold: ``step(token, hidden) -> (greedy draft, projected hidden state)``, all
+        lazy, every call at the caches' next position. It runs the compiled step (draft_step.py; traced once per
+        shape, kept for the last target drafted for) where it fits and ``compiled`` is left on, else op by op."""
+        from .draft_step import CompiledDraft, fits_compiled_draft
+
+        if compiled and fits_compiled_draft(producers):
+            held = self._compiled_draft
+            if held is None or held.target() is not target:
+                held = self._compiled_draft = CompiledDraft(target, self)
+            return held.bind(producers)
+        position = next(iter(producers.values())).offset
+        kv = {t: c.recent(self.visible(t, position)) for t, c in producers.items()}
+        embed = target.language_model.embed
+        return lambda token, hidden: self.draft_token(embed(token.reshape(1, 1)), hidden, position, kv)
 
     def check_fits(self, target) -> None:
         """Raise InputError unless this drafter was made for ``target`` (a Gemma4): hidden sizes, vocabulary and

@@ -13,7 +13,9 @@ What the rest of the package asks of a cache (the ``KVCache`` protocol):
 - ``hand_over(n)`` / ``take_back(keys, values, n)`` and ``step_view(keys, values, pos, n)``: the buffers for the
   compiled step of ``n`` tokens (decode.py), which writes them in place at a traced position; ``fits_step(n)``
   says whether the buffers can take such a step;
-- ``recent(n)``: the last ``n`` positions' keys and values in order (for a drafter);
+- ``recent(n)``: the last ``n`` positions' keys and values in order (for a drafter); for a compiled drafter
+  (draft_step.py), ``read_buffers(n)``: the whole buffers, and ``read_mask(size, pos, n)``: which of their slots
+  hold those positions, for a traced ``pos``;
 - ``rewind(n)`` / ``rewindable``, ``snapshot()`` / ``restore()``, ``offset``, ``empty``, ``state``, ``nbytes``.
 Prompt reuse over a list of caches: ``rewind_to`` (rewind where every layer can, else restore a kept ``Snapshot``).
 """
@@ -48,6 +50,8 @@ class KVCache(Protocol):
     def rewindable(self) -> int: ...
     def rewind(self, n: int) -> None: ...
     def recent(self, n: int) -> tuple[mx.array, mx.array]: ...
+    def read_buffers(self, n: int) -> tuple[mx.array, mx.array]: ...
+    def read_mask(self, size: int, pos: mx.array, n: int) -> mx.array: ...
     def snapshot(self) -> Any: ...
     def restore(self, snap: Any) -> None: ...
     @property
@@ -121,6 +125,12 @@ class _Buffers:
         self._keys, self._values = keys, values
         self._advance(self._offset + n)
 
+    def read_buffers(self, n: int) -> tuple[mx.array, mx.array]:
+        """The whole buffers as they lie, for a compiled reader of the last ``n`` positions (``read_mask`` says
+        which slots hold them); raises as ``recent(n)`` does if they are not all held."""
+        self._check_held(n)
+        return self._keys, self._values
+
     def _reserve(self, n: int) -> None:
         pass
 
@@ -184,9 +194,18 @@ class GlobalCache(_Buffers):
 
     def recent(self, n: int) -> tuple[mx.array, mx.array]:
         """The keys and values (B, Hkv, n, D) of the last ``n`` positions, oldest first (a drafter reads them)."""
+        self._check_held(n)
+        return self._keys[:, :, self._offset - n : self._offset], self._values[:, :, self._offset - n : self._offset]
+
+    def read_mask(self, size: int, pos: mx.array, n: int) -> mx.array:
+        """(size,) bool mask over the ``size`` slots of ``read_buffers`` for a reader at traced ``pos`` (not yet
+        written): the slots of the last ``n`` positions before it."""
+        slot = mx.arange(size)
+        return (slot < pos) & (slot >= pos - n)
+
+    def _check_held(self, n: int) -> None:
         if not 0 < n <= self._offset:
             raise CacheError(f"This cache holds {self._offset} positions; {n} were asked for.")
-        return self._keys[:, :, self._offset - n : self._offset], self._values[:, :, self._offset - n : self._offset]
 
     def rewind(self, n: int) -> None:
         """Take back the last ``n`` tokens (any number: positions are only ever overwritten by later writes)."""
@@ -306,10 +325,18 @@ class SlidingCache(_Buffers):
     def recent(self, n: int) -> tuple[mx.array, mx.array]:
         """The keys and values (B, Hkv, n, D) of the last ``n`` positions, oldest first (a drafter reads them).
         After a rewind the ring holds ``offset - first`` of them; a larger ``max_rewind`` keeps more."""
+        self._check_held(n)
+        return self._ordered(n)
+
+    def read_mask(self, size: int, pos: mx.array, n: int) -> mx.array:
+        """(size,) bool mask over the ring's ``size`` slots (``read_buffers``) for a reader at traced ``pos`` (not
+        yet written): the slots of the last ``n`` positions before it, in slot order."""
+        return _ring_mask(pos - 1, size, size, n)
+
+    def _check_held(self, n: int) -> None:
         if not 0 < n <= self._offset - self._first:
             raise CacheError(f"This ring holds the last {self._offset - self._first} positions; {n} were asked for. "
                              "Make the cache with a larger max_rewind.")
-        return self._ordered(n)
 
     @property
     def rewindable(self) -> int:

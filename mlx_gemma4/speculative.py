@@ -211,15 +211,11 @@ class SpeculativeLoop:
         """``k`` greedy drafts (lazy scalars) after ``token`` at the cache's next position."""
         if k == 0:
             return []
-        position = self.cache[0].offset
-        kv = {t: c.recent(self.assistant.visible(t, position)) for t, c in producer_caches(self.model,
-                                                                                           self.cache).items()}
-        embed = self.model.language_model.embed
+        step = self.assistant.draft_step(self.model, producer_caches(self.model, self.cache))
         drafts = []
         for _ in range(k):
-            d, hidden = self.assistant.draft_token(embed(token.reshape(1, 1)), hidden, position, kv)
-            drafts.append(d)
-            token = d
+            token, hidden = step(token, hidden)
+            drafts.append(token)
         return drafts
 
     def _pick(self, logits: mx.array, history: mx.array | None) -> tuple[mx.array, mx.array]:
