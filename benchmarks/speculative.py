@@ -13,7 +13,10 @@ K/V). After a prompt of --prompt tokens, each of these is timed (medians of --ru
 - ``verify k``: the target on k + 1 tokens (what one round verifies), then the rewind;
 - ``verify build k``: the host time to build (not run) that verification's graph: where decoding is bound by
   building the graph (MLX's GPU backends at batch 1) this, not the device, sets a round's cost;
-- ``draft``: one drafter step (the centroid-masked head's greedy path);
+- ``draft``: one drafter step as the loop runs it (compiled, draft_step.py; the centroid-masked head's greedy
+  path), and ``draft uncompiled``: the same step built op by op (the path before the compiled one, and the one
+  taken where the compiled step does not fit);
+- ``draft build k``: the host time to build (not run) a round's k drafts, compiled and uncompiled;
 - ``round k``: a whole round as speculative.py runs it: k drafts, the verification, one wait for the device.
 
 From the round costs: tokens/s at acceptance rates 0.2 .. 0.9 (a round of k drafts yields (1 - a^(k+1)) / (1 - a)
@@ -88,18 +91,22 @@ class Oracle(Assistant):
         dict.update(self, drafter)
         self.greedy, self.prompt_len, self.rate = greedy, prompt_len, rate
         self._rng = random.Random(seed)
-        self._at, self._i = -1, 0
 
-    def draft_token(self, embed, hidden, position, kv):
-        token, hidden = super().draft_token(embed, hidden, position, kv)
-        self._i = self._i + 1 if position == self._at else 0
-        self._at = position
-        j = position - self.prompt_len + 1 + self._i
-        if j >= len(self.greedy):
-            return token, hidden
-        right = self.greedy[j]
-        return mx.array(right if self._rng.random() < self.rate else (right + 1) % self.config.text_config.vocab_size
-                        ), hidden
+    def draft_step(self, target, producers, compiled=True):
+        step = super().draft_step(target, producers, compiled)
+        j = next(iter(producers.values())).offset - self.prompt_len   # the round's first draft is greedy[j + 1]
+
+        def propose(token, hidden):
+            nonlocal j
+            token, hidden = step(token, hidden)
+            j += 1
+            if j >= len(self.greedy):
+                return token, hidden
+            right = self.greedy[j]
+            wrong = (right + 1) % self.config.text_config.vocab_size
+            return mx.array(right if self._rng.random() < self.rate else wrong, dtype=mx.int32), hidden
+
+        return propose
 
 
 def _median_seconds(fn, runs: int) -> float:
@@ -138,9 +145,8 @@ def measure_parts(target, drafter, prompt: mx.array, k_max: int, runs: int) -> d
         mx.eval(mx.argmax(logits, axis=-1), h)
         rewind(cache, k + 1)
 
-    position = cache[0].offset
-    kv = {t: c.recent(drafter.visible(t, position)) for t, c in producer_caches(target, cache).items()}
-    embed = target.language_model.embed(tok)
+    producers = producer_caches(target, cache)
+    steps = {True: drafter.draft_step(target, producers), False: drafter.draft_step(target, producers, False)}
 
     def build_seconds(k: int) -> float:
         ids = mx.repeat(tok, k + 1, axis=1)
@@ -152,8 +158,18 @@ def measure_parts(target, drafter, prompt: mx.array, k_max: int, runs: int) -> d
         rewind(cache, k + 1)
         return built
 
-    def draft() -> None:
-        mx.eval(drafter.draft_token(embed, hidden, position, kv))
+    def draft(compiled: bool = True) -> None:
+        mx.eval(steps[compiled](tok[0, 0], hidden))
+
+    def draft_build_seconds(k: int, compiled: bool) -> float:
+        t0 = time.perf_counter()
+        step, t, h, drafts = drafter.draft_step(target, producers, compiled), tok[0, 0], hidden, []
+        for _ in range(k):
+            t, h = step(t, h)
+            drafts.append(t)
+        built = time.perf_counter() - t0
+        mx.eval(drafts, h)
+        return built
 
     loop = SpeculativeLoop(target, drafter, {"input_ids": prompt}, cache, start=0, max_tokens=2, sampler=None,
                            logits_processors=(), prefill_chunk=2048, should_stop=None, draft_tokens=k_max)
@@ -164,10 +180,14 @@ def measure_parts(target, drafter, prompt: mx.array, k_max: int, runs: int) -> d
         mx.eval(drafts, tokens, hs)
         rewind(cache, k + 1)
 
-    for fn in (plain, draft, *(lambda k=k: verify(k) for k in range(k_max + 1)),
+    for fn in (plain, draft, lambda: draft(False), *(lambda k=k: verify(k) for k in range(k_max + 1)),
                *(lambda k=k: round_(k) for k in range(k_max + 1))):
-        fn(), fn()   # warm-up: kernels (and the compiled step) are built per shape
-    out = {"plain_s": _median_seconds(plain, runs) / 16, "draft_s": _median_seconds(draft, runs)}
+        fn(), fn()   # warm-up: kernels (and the compiled steps) are built per shape
+    out = {"plain_s": _median_seconds(plain, runs) / 16, "draft_s": _median_seconds(draft, runs),
+           "draft_uncompiled_s": _median_seconds(lambda: draft(False), runs)}
+    for compiled in (True, False):
+        out["draft_build_s" if compiled else "draft_build_uncompiled_s"] = {
+            k: statistics.median(draft_build_seconds(k, compiled) for _ in range(runs)) for k in range(1, k_max + 1)}
     out["verify_s"] = {k: _median_seconds(lambda k=k: verify(k), runs) for k in range(k_max + 1)}
     out["round_s"] = {k: _median_seconds(lambda k=k: round_(k), runs) for k in range(k_max + 1)}
     out["build_s"] = {k: statistics.median(build_seconds(k) for _ in range(runs)) for k in range(k_max + 1)}
@@ -331,6 +351,9 @@ def main(argv: list[str] | None = None) -> None:
     rows, even = curve(parts)
     head = dict(size=a.size, bits=a.q_bits, dtype=a.dtype, prompt=a.prompt, device=str(mx.default_device()),
                 plain_ms=round(parts["plain_s"] * 1e3, 2), draft_ms=round(parts["draft_s"] * 1e3, 2),
+                draft_uncompiled_ms=round(parts["draft_uncompiled_s"] * 1e3, 2),
+                draft_build_ms={k: round(v * 1e3, 2) for k, v in parts["draft_build_s"].items()},
+                draft_build_uncompiled_ms={k: round(v * 1e3, 2) for k, v in parts["draft_build_uncompiled_s"].items()},
                 verify_ms={k: round(v * 1e3, 2) for k, v in parts["verify_s"].items()},
                 round_ms={k: round(v * 1e3, 2) for k, v in parts["round_s"].items()},
                 verify_build_ms={k: round(v * 1e3, 2) for k, v in parts["build_s"].items()}, break_even=even)
