@@ -96,6 +96,29 @@ def test_a_step_of_several_tokens_sees_each_window_as_the_ring_wraps_and_rewinds
     assert g.fits_step(GlobalCache.step + 1)
 
 
+def test_a_compiled_reader_sees_the_positions_recent_gives_as_the_ring_wraps_and_rewinds():
+    """A drafter's read: ``read_mask`` over the whole buffers at a traced position keeps exactly the positions
+    ``recent(n)`` cuts out, for a ring that wraps and rewinds (it holds at least W after any rewind here) and a
+    buffer that grows."""
+    for make, n in ((lambda: SlidingCache(W, max_rewind=4), 5), (lambda: SlidingCache(W, max_rewind=4), W),
+                    (GlobalCache, None)):
+        c = make()
+        _write(c, 3)
+        t = 3
+        while t < GlobalCache.step + 20:
+            L = 2 + t % 3
+            _write(c, L, "step")
+            c.rewind(t % L)
+            t += L - t % L
+            want = min(n or t, t)
+            keys, values = c.read_buffers(want)
+            mask = c.read_mask(keys.shape[2], mx.array(t, dtype=mx.int32), want)
+            seen = _visible(keys, values, mask, 1)[0]
+            assert seen == sorted(np.array(c.recent(want)[0][0, 0, :, 0]).tolist()) == list(range(t - want, t))
+    with pytest.raises(CacheError, match="max_rewind"):
+        SlidingCache(W, max_rewind=4).read_buffers(1)
+
+
 def test_sliding_buffer_stays_fixed_however_long_the_prompt():
     sizes = []
     for total in (10, 100, 1000):
