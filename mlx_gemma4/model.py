@@ -14,6 +14,7 @@ one at a time through the compiled step of decode.py). Both run the text model's
 
 from __future__ import annotations
 
+from collections import deque
 from functools import partial
 from typing import Any, Callable
 
@@ -37,27 +38,28 @@ def _softcap(x: mx.array, cap: mx.array) -> mx.array:
 
 
 # Long passes are evaluated layer by layer: on GPU backends whose frees wait for the stream, one lazy graph over all
-# layers keeps every layer's temporaries alive at once. Each layer is queued with async_eval as soon as it is built
-# (the device works while the host builds the next), and the host waits for the device once this many
-# token-layers have been queued, which bounds the temporaries in flight without a host-device round trip per layer.
+# layers keeps every layer's temporaries alive at once (an op's buffers are allocated when the host queues it and
+# freed when the device has run it). Each layer is queued with async_eval as soon as it is built, and the host then
+# waits for the layer queued ``ahead`` layers before it: the device always has the layers after that one to run
+# while the host builds the next (it never drains, as a wait for the layer just queued would make it), and at
+# most ``ahead + 1`` layers' temporaries are alive. ``ahead`` covers about this many token-layers (at least one
+# layer), so short passes, whose layers take the device less time than the host takes to build them, queue more.
 EVAL_EACH_LAYER_FROM = 64
-SYNC_EVERY_TOKEN_LAYERS = 4096
+QUEUED_TOKEN_LAYERS = 2048
 
 
 def _eval_each_layer(n_tokens: int) -> Callable | None:
     if n_tokens < EVAL_EACH_LAYER_FROM:
         return None
-    every = max(1, SYNC_EVERY_TOKEN_LAYERS // n_tokens)
-    count = 0
+    ahead = max(1, QUEUED_TOKEN_LAYERS // n_tokens)
+    queued: deque[list[mx.array]] = deque()
 
-    def after_layer(h: mx.array, layer_cache: KVCache | None) -> None:
-        nonlocal count
-        count += 1
+    def after_layer(h: mx.array | None, layer_cache: KVCache | None) -> None:
         arrays = [a for a in (h, *(layer_cache.state if layer_cache is not None else ())) if a is not None]
-        if count % every == 0:
-            mx.eval(arrays)
-        else:
-            mx.async_eval(arrays)
+        mx.async_eval(arrays)
+        queued.append(arrays)
+        if len(queued) > ahead:
+            mx.eval(queued.popleft())  # queued before the layers still in flight: waits for it, not for them
 
     return after_layer
 
