@@ -14,7 +14,9 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+from mlx_gemma4.config import ModelConfig
 from mlx_gemma4.errors import InputError
+from mlx_gemma4.model import Gemma4
 from mlx_gemma4.processing.processor import Processor
 from mlx_gemma4.weights import load_model
 from tests import tiny
@@ -195,3 +197,42 @@ def test_model_takes_the_processors_keys_and_refuses_others(e_model):
     np.testing.assert_array_equal(np.array(model(**inputs)), np.array(model(inputs["input_ids"])))
     with pytest.raises(InputError, match="pixel_value"):
         model(inputs["input_ids"], pixel_value=mx.zeros((1, 3)))
+
+
+def _memory_model(ple_dim: int, shared: int) -> Gemma4:
+    """12 layers of 256 wide, float32, 4 heads over one K/V head, window 128: big enough that a layer's temporaries
+    (about 10 MB at 512 tokens) dwarf what else a prefill allocates."""
+    sliding, full = "sliding_attention", "full_attention"
+    text = dict(model_type="gemma4_text", vocab_size=1024, hidden_size=256, intermediate_size=1024,
+                num_hidden_layers=12, num_attention_heads=4, num_key_value_heads=1, head_dim=64, global_head_dim=128,
+                sliding_window=128, layer_types=[sliding, sliding, full] * 4, final_logit_softcapping=30.0,
+                max_position_embeddings=4096, hidden_size_per_layer_input=ple_dim, vocab_size_per_layer_input=1024,
+                num_kv_shared_layers=shared)
+    model = Gemma4(ModelConfig.from_dict(text))
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.mark.parametrize("ple_dim, shared", [(0, 0), (32, 6)], ids=["dense", "e-style"])
+def test_prefill_transient_memory_is_a_few_layers_of_activations(ple_dim, shared):
+    """Prefill's peak over what was allocated before it is bounded by the cache it leaves plus a few layers'
+    temporaries, from the model's shapes: one layer's activations at L tokens are the residual stream, the q and
+    K/V projections, the MLP's two intermediates (L x hidden, q, 2 kv, 2 intermediate wide) and the attention scores
+    (heads x L x L); the per-layer inputs of the pass are alive throughout. The CPU backend's scheduler keeps about
+    two layers' ops queued here (measured 2.0-2.1 layers); a temporary that outlives its layer (kept by a Python
+    reference, say) adds its size once per layer and fails the bound (every layer's attention weights kept: 6)."""
+    model = _memory_model(ple_dim, shared)
+    tc = model.config.text_config
+    L, item = 512, 4
+    width = max(tc.head_dim, tc.global_head_dim)
+    layer = item * (L * (tc.hidden_size + (tc.num_attention_heads + 2 * tc.num_key_value_heads) * width
+                         + 2 * tc.intermediate_size) + tc.num_attention_heads * L * L)
+    per_layer_inputs = 3 * item * L * tc.num_hidden_layers * tc.hidden_size_per_layer_input
+    ids = mx.random.randint(3, tc.vocab_size, (1, L), key=mx.random.key(0)).astype(mx.int32)
+    cache = model.make_cache()
+    mx.synchronize()
+    mx.reset_peak_memory()
+    start = mx.get_active_memory()
+    mx.eval(model.prefill({"input_ids": ids}, cache))
+    transient = mx.get_peak_memory() - start - sum(c.nbytes for c in cache)
+    assert transient <= per_layer_inputs + 3 * layer, (transient / layer, layer)
