@@ -236,3 +236,34 @@ def test_prefill_transient_memory_is_a_few_layers_of_activations(ple_dim, shared
     mx.eval(model.prefill({"input_ids": ids}, cache))
     transient = mx.get_peak_memory() - start - sum(c.nbytes for c in cache)
     assert transient <= per_layer_inputs + 3 * layer, (transient / layer, layer)
+
+
+def test_long_passes_wait_for_an_earlier_layer_never_the_one_just_queued(monkeypatch):
+    """Layer by layer, prefill queues each layer and then waits for the one queued ``ahead`` before it: the device
+    is never left without queued work by a wait, and no more than ``ahead + 1`` layers are in flight."""
+    import mlx_gemma4.model as gm
+
+    log = []
+
+    class Recorder:
+        def __getattr__(self, name):
+            return getattr(mx, name)
+
+        def async_eval(self, arrays):
+            log.append(("queue", int(arrays[0].item())))
+
+        def eval(self, arrays):
+            log.append(("wait", int(arrays[0].item())))
+
+    monkeypatch.setattr(gm, "mx", Recorder())
+    assert gm._eval_each_layer(gm.EVAL_EACH_LAYER_FROM - 1) is None  # short passes stay one lazy graph
+    for tokens, ahead in ((1059, 1), (2048, 1), (4096, 1), (512, 4), (64, 32)):
+        log.clear()
+        after_layer = gm._eval_each_layer(tokens)
+        for i in range(40):
+            after_layer(mx.array(i), None)
+        waits = [i for kind, i in log if kind == "wait"]
+        assert waits == list(range(40 - ahead)), (tokens, waits)
+        for n, (kind, i) in enumerate(log):
+            if kind == "wait":  # the wait comes right after queuing the layer `ahead` later
+                assert log[n - 1] == ("queue", i + ahead)
