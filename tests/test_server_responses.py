@@ -158,6 +158,20 @@ def test_media_paths_follow_the_bind_address(flags, allowed):
     assert limits(args).allow_paths is allowed and limits(args).max_tokens == 4096
 
 
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--port", "70000"], "--port must be a whole number from 0 to 65535; got 70000"),
+    (["--max-request-mb", "nan"], "--max-request-mb must be a finite number"),
+    (["--max-request-mb", "inf"], "--max-request-mb must be a finite number"),
+    (["--prefill-chunk", "0"], "--prefill-chunk must be a whole number >= 1; got 0")])
+def test_bad_command_line_values_are_refused_before_the_model_loads(flags, fragment, capsys):
+    """Found only when uvicorn bound the port or the limits were built, after the model had loaded: a traceback."""
+    from mlx_gemma4.server.cli import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--model", "m", *flags])
+    assert e.value.code == 2 and fragment in capsys.readouterr().err
+
 def test_media_store_keeps_recent_files_within_its_budget(tmp_path):
     """A long-running server does not fill the disk: past its budget the least recently used files go; the file
     just saved and files saved again (used) stay; equal bytes are one file."""

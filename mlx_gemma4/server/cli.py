@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import math
 import os
 import sys
 
@@ -33,12 +34,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill-chunk", type=int, default=2048)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)
-    for name in ("port", "max_tokens", "max_waiting", "prefill_chunk"):
+    for name, lo, hi in (("port", 0, 65535), ("max_tokens", 1, None), ("max_waiting", 0, None),
+                         ("prefill_chunk", 1, None)):
         value = getattr(args, name)
-        if value < (0 if name in ("port", "max_waiting") else 1):
-            p.error(f"--{name.replace('_', '-')} must be a whole number >= {0 if name != 'max_tokens' else 1}")
-    if args.max_request_mb <= 0:
-        p.error("--max-request-mb must be > 0")
+        if value < lo or (hi is not None and value > hi):
+            p.error(f"--{name.replace('_', '-')} must be a whole number " + (f">= {lo}" if hi is None else
+                                                                              f"from {lo} to {hi}") + f"; got {value}")
+    if not (math.isfinite(args.max_request_mb) and args.max_request_mb > 0):
+        p.error(f"--max-request-mb must be a finite number of MiB above 0 (e.g. 32); got {args.max_request_mb}")
     return args
 
 
