@@ -114,6 +114,30 @@ def test_tool_choice_makes_the_answer_a_call(client, steer, processor):
     assert forced.message.tool_calls or forced.message.content.startswith("<|tool_call>call:")
 
 
+
+TIME = {"type": "function", "function": {"name": "get_time", "description": "Time in a zone.",
+                                         "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}}}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_parallel_tool_calls_false_ends_the_answer_at_the_first_call(client, steer, processor, stream):
+    """OpenAI's parallel_tool_calls=false promises at most one call; the model may write two in a row (it was
+    accepted and ignored: both came back)."""
+    forced = ids(processor, CALL + '<|tool_call>call:get_time{tz:<|"|>CET<|"|>}<tool_call|>', end="<|tool_response>")
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Paris?"}], max_tokens=200, tools=[WEATHER, TIME])
+    for parallel, names in ((True, ["get_weather", "get_time"]), (False, ["get_weather"])):
+        steer.reset()
+        steer.force = forced
+        if stream:
+            chunks = list(client.chat.completions.create(stream=True, parallel_tool_calls=parallel, **kw))
+            calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        else:
+            choice = client.chat.completions.create(parallel_tool_calls=parallel, **kw).choices[0]
+            calls, finish = choice.message.tool_calls, [choice.finish_reason]
+        assert [c.function.name for c in calls] == names and finish == ["tool_calls"]
+    assert steer.calls < len(forced)  # the model stopped after the first call too
+
 def test_thoughts_are_reasoning_content(client, steer, processor):
     steer.force = ids(processor, "<|channel>thought\nIt is cold there.<channel|>Bring a coat.")
     message = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Paris?"}],

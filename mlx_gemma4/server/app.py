@@ -171,7 +171,7 @@ class _Reply:
         self.job, self.req, self.model_id = job, req, model_id
         self.id = "chatcmpl-" + secrets.token_hex(12)
         self.created = int(time.time())
-        self.answer = out.Answer(req.stop)
+        self.answer = out.Answer(req.stop, one_call=not req.parallel_tool_calls)
         self.deltas: list[dict[str, Any]] = []
         self.last = None
         self.cached = 0
@@ -180,7 +180,8 @@ class _Reply:
         return {"X-Requests-Ahead": str(self.job.ahead)}
 
     def take(self, piece: Piece) -> list[dict[str, Any]]:
-        """The deltas of one streamed response (a stop string found in it cancels the rest of the job)."""
+        """The deltas of one streamed response (a stop string found in it, or the one tool call allowed, cancels
+        the rest of the job)."""
         r = piece.response
         self.last, self.cached = r, piece.cached_tokens
         deltas = self.answer.feed(r)

@@ -67,6 +67,7 @@ class ChatRequest:
     include_usage: bool = False
     stop: list[str] = field(default_factory=list)
     tools: list[dict[str, Any]] | None = None
+    parallel_tool_calls: bool = True        # False: the answer ends with its first call
     enable_thinking: bool = False
 
 
@@ -150,7 +151,8 @@ def parse_chat(body: dict[str, Any], *, model_id: str, limits: Limits, media: Me
         options["tool_choice"] = choice  # ChatSession.stream opens the answer with that call
     return ChatRequest(messages=converted, options=options, stream=_bool(body, "stream", False),
                        include_usage=bool(stream_options.get("include_usage", False)), stop=_stop(body),
-                       tools=tools, enable_thinking=_thinking(body, default_thinking))
+                       tools=tools, parallel_tool_calls=_bool(body, "parallel_tool_calls", True),
+                       enable_thinking=_thinking(body, default_thinking))
 
 
 def name_saved_media(error: BaseException, req: ChatRequest, media: MediaStore) -> BaseException:

@@ -17,9 +17,13 @@ from ..tools import ToolCall
 
 
 class Answer:
-    def __init__(self, stop: list[str] | None = None) -> None:
+    """``stop``: strings that end the answer text. ``one_call``: the answer ends with its first tool call (a request
+    with ``parallel_tool_calls: false``); the model may have gone on to write more calls."""
+
+    def __init__(self, stop: list[str] | None = None, one_call: bool = False) -> None:
         self.stop = list(stop or [])
-        self.stopped = False                # a stop string ended the answer
+        self.one_call = one_call
+        self.stopped = False                # a stop string (or the one call allowed) ended the answer
         self.calls: list[ToolCall] = []
         self._held = ""                     # answer text that may be the start of a stop string
 
@@ -36,6 +40,9 @@ class Answer:
             deltas += self._flush()
             deltas.append({"tool_calls": [tool_call_json(call, len(self.calls))]})
             self.calls.append(call)
+            if self.one_call:
+                self.stopped = True
+                break
         if r.finish_reason and not self.stopped:
             deltas += self._flush()
         return _merge(deltas)
