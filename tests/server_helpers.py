@@ -86,13 +86,14 @@ class ProcessServer:
 
 
 class ThreadServer:
-    """``create_app(engine)`` served by uvicorn on a thread of the test process (port chosen by the OS)."""
+    """``create_app(engine)`` served by uvicorn on a thread of the test process (port chosen by the OS);
+    ``make_server`` builds the server from its config (default: ``uvicorn.Server``)."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, make_server: Callable[[Any], Any] | None = None) -> None:
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                                    lifespan="on"))
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        self.server = (make_server or uvicorn.Server)(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         wait_until(lambda: self.server.started or not self.thread.is_alive(), "uvicorn to start")

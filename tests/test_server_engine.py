@@ -5,6 +5,7 @@ template and detokenizer; a client that leaves mid-answer cancels it; the line o
 from __future__ import annotations
 
 import json
+import signal
 import threading
 
 import pytest
@@ -218,3 +219,47 @@ def test_a_failing_model_gives_a_json_500_and_serves_on(client, steer, stream):
     steer.reset()
     after = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
     assert after.usage.completion_tokens >= 1
+
+
+def test_shutdown_ends_the_answer_being_written_and_the_waiting_ones(converted_towers, processor):
+    """Ctrl+C or SIGTERM while a client streams: uvicorn waits for open responses, so the answer ran on to its
+    max_tokens (and the requests in line after it) before the server could exit. gemma4-serve's server stops the
+    engine: the stream ends at its next token with an error event, the waiting request gets a 503, the server
+    exits."""
+    from mlx_gemma4 import ChatSession, load
+    from mlx_gemma4.server import Engine, Limits, create_app
+    from mlx_gemma4.server.cli import Server
+
+    steer = Steer()
+    engine = Engine(lambda: ChatSession(*load(converted_towers)), generation={"logits_processors": [steer]})
+    engine.wait_ready()
+    served = ThreadServer(create_app(engine, model_id=MODEL, limits=Limits(max_tokens=400)),
+                          make_server=lambda config: Server(config, engine))
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0)
+    steer.no_stop = processor.eos_token_ids
+    steer.hold_at = 3
+    steer.hold = lambda: engine.current.cancel  # the third token waits until the shutdown has stopped the job
+    stream = iter(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Go on."}],
+                                                 max_tokens=400, stream=True))
+    next(stream)
+    assert steer.held.wait(300)
+    waiting: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "next"}], max_tokens=3)
+        except openai.APIStatusError as e:
+            waiting.append(e)
+
+    second = threading.Thread(target=ask)
+    second.start()
+    wait_until(lambda: engine.pending == 2, "the second request to queue")
+    served.server.handle_exit(signal.SIGTERM, None)  # what the signal handler calls on the main thread
+    with pytest.raises(openai.APIError, match="shutting down"):
+        list(stream)
+    second.join()
+    assert [e.status_code for e in waiting] == [503] and "shutting down" in waiting[0].body["message"]
+    served.thread.join(timeout=300)
+    assert not served.thread.is_alive()
+    assert steer.calls <= steer.hold_at + 1  # far from the 400 tokens it was asked for
+    engine.close()

@@ -8,8 +8,15 @@ import logging
 import math
 import os
 import sys
+from types import FrameType
+from typing import TYPE_CHECKING
+
+import uvicorn
 
 from .requests import Limits
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 log = logging.getLogger("gemma4-serve")
 
@@ -60,11 +67,24 @@ def limits(args: argparse.Namespace) -> Limits:
     return Limits(max_request_bytes=int(args.max_request_mb * 2**20), max_tokens=args.max_tokens, allow_paths=allow)
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server, which also stops ``engine`` when told to exit (Ctrl+C, SIGTERM). uvicorn's graceful
+    shutdown waits for open responses: a streamed answer ran on to its max_tokens, and every request in line after
+    it, before the process could exit (a service manager then killed it). Stopped, the engine ends the answer being
+    written at its next token and the waiting ones at once, each with a 503 error the client reads."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
+        super().__init__(config)
+        self.engine = engine
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.engine.stop()
+        super().handle_exit(sig, frame)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    import uvicorn
-
     from .. import ChatSession, load
     from ..errors import Gemma4Error
     from .app import create_app
@@ -86,11 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(engine, model_id=model_id, limits=limits(args), api_key=args.api_key,
                      default_thinking=args.thinking)
     log.info("Serving %s at http://%s:%d/v1", model_id, args.host, args.port)
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level), engine)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        server.run()
+    except KeyboardInterrupt:  # Ctrl+C, raised again by uvicorn once it has shut down
+        pass
     finally:
         engine.close(timeout=10)
-    return 0
+    return 0 if server.started else 3  # 3: could not start (the port is taken), as uvicorn.run says
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ class Engine:
         self._jobs: queue.Queue[Job | Callable[[], None] | None] = queue.Queue()
         self._lock = threading.Lock()
         self._pending = 0                   # queued + running
+        self._stopping = False              # stop() was called: every job still to answer gets a 503
         self._thread = threading.Thread(target=self._run, name="gemma4-model", daemon=True)
         self._thread.start()
 
@@ -95,6 +96,8 @@ class Engine:
     def submit(self, job: Job) -> int:
         """Queue ``job``; return how many jobs are ahead of it. Raises RequestError (503) when the line is full."""
         with self._lock:
+            if self._stopping:
+                raise _shutting_down()
             if not self.ready:
                 raise RequestError("The model is still loading (or failed to load); retry in a moment.",
                                    status=503, kind="server_busy", code="model_loading")
@@ -126,6 +129,15 @@ class Engine:
         if "error" in box:
             raise box["error"]
         return box["value"]
+
+    def stop(self) -> None:
+        """Refuse new jobs and end the running one at its next step and the waiting ones at once, each with a 503
+        (the server is shutting down): a graceful shutdown waits for open responses, which then end in moments,
+        not when their answers would have. Takes no lock, so a signal handler may call it."""
+        self._stopping = True
+        job = self.current
+        if job is not None:
+            job.cancel.set()
 
     def close(self, timeout: float | None = None) -> None:
         """Finish the running job's current step, cancel the waiting ones and stop the thread."""
@@ -172,24 +184,35 @@ class Engine:
             except queue.Empty:
                 return
             if isinstance(job, Job):
-                job.emit(Done(RequestError("The server is shutting down.", status=503, kind="server_busy")))
+                job.emit(Done(_shutting_down()))
             elif job is not None:
                 job()
 
     def _answer(self, job: Job) -> Done:
         error: BaseException | None = None
+        if self._stopping:
+            return Done(_shutting_down())
         if job.cancel.is_set():  # the client left while waiting
             return Done()
         job.started_at = time.perf_counter()
         session = self.session
         session.enable_thinking = job.enable_thinking  # read when the conversation is encoded, on this thread
         kwargs = {**job.options, **self.generation, "should_stop": job.cancel.is_set, "tools": job.tools}
+        finish = None
         try:
             for r in session.stream(job.messages, **kwargs):
                 job.emit(Piece(r, session.last_reused))
+                finish = r.finish_reason
                 if r.finish_reason or job.cancel.is_set():
                     break
         except Exception as e:  # handed to the request (the app logs what is not the client's fault); the thread
             error = e           # lives on for the next job
+        if error is None and self._stopping and finish in (None, "cancelled"):  # cut short: say so, not "stop"
+            error = _shutting_down()
         job.finished_at = time.perf_counter()
         return Done(error)
+
+
+def _shutting_down() -> RequestError:
+    return RequestError("The server is shutting down; this answer was not finished. Send the request again once "
+                        "it is back.", status=503, kind="server_error", code="server_shutting_down")
