@@ -167,7 +167,7 @@ class ChatSession:
         of the last assistant message). ``messages`` is not changed. ``tools`` replaces the session's tools for
         this call (None: none); with tools, ``<|tool_response>`` (a call waits for its result) also stops, unless
         ``stop_ids`` are given. ``tool_choice``: "required" makes the answer open with a call of some tool, a
-        tool's name with a call of that tool (None or "auto": the model decides).
+        tool's name with a call of that tool, "none" keeps it from calling any (None or "auto": the model decides).
 
         Takes stream_generate's keywords (``max_tokens``, ``temperature``, ``should_stop``, ...). Responses report
         the prompt tokens computed for this turn (``last_reused`` says how many came from the cache), and the

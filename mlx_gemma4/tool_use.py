@@ -276,18 +276,26 @@ def forced_call(tokenizer: Any, schemas: list[dict[str, Any]] | None, choice: st
 
     ``choice`` is "required" (some tool: the tokens of ``<|tool_call>call:`` are forced, the model picks the name)
     or a tool's name (``<|tool_call>call:NAME{`` is forced); the model writes the rest. It reads only the
-    history's length (the first call sees the prompt), so it adds no wait for the device.
+    history's length (the first call sees the prompt), so it adds no wait for the device. "none": the tools stay
+    declared but ``<|tool_call>`` is never sampled, so the answer calls nothing.
     """
     if choice in (None, "auto"):
         return None
+    import mlx.core as mx
+
+    if choice == "none":
+        opens = tokenizer.encode(CALL_OPEN, add_special_tokens=False)[0]
+
+        def no_call(history: mx.array, logits: mx.array) -> mx.array:
+            return mx.where(mx.arange(logits.shape[-1]) == opens, mx.array(-mx.inf, dtype=logits.dtype), logits)
+
+        return no_call
     names = [s["function"]["name"] for s in schemas or []]
     if not names:
         raise InputError(f"tool_choice={choice!r} needs tools; declare them (tools=[...]) or leave tool_choice out.")
     if choice != "required" and choice not in names:
         raise InputError(f"tool_choice={choice!r} is not a declared tool ({', '.join(names)}); name one of them, "
                          "or use 'required' or 'auto'.")
-    import mlx.core as mx
-
     text = CALL_OPEN + ("call:" if choice == "required" else f"call:{choice}{{")
     ids = tokenizer.encode(text, add_special_tokens=False)
     start: list[int] = []

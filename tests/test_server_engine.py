@@ -116,6 +116,23 @@ def test_tool_choice_makes_the_answer_a_call(client, steer, processor):
 
 
 
+
+def test_tool_choice_none_never_calls(client, steer, processor):
+    """tool_choice="none" dropped the tools from the prompt, and a model that called one anyway (a conversation
+    with earlier calls invites it) came back with tool_calls and finish_reason "tool_calls". Now the tools stay
+    declared, as OpenAI does, and the call-opening token is never sampled."""
+    steer.force = ids(processor, CALL, end="<|tool_response>")
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Paris?"}], max_tokens=200, temperature=0,
+              tools=[WEATHER])
+    called = client.chat.completions.create(**kw).choices[0]
+    assert called.finish_reason == "tool_calls"
+    steer.reset()
+    steer.force = ids(processor, CALL, end="<|tool_response>")
+    refused = client.chat.completions.create(tool_choice="none", **kw)
+    assert not refused.choices[0].message.tool_calls and refused.choices[0].finish_reason != "tool_calls"
+    assert "<|tool_call>" not in refused.choices[0].message.content
+    assert refused.usage.prompt_tokens == client.chat.completions.create(**kw).usage.prompt_tokens  # declared
+
 TIME = {"type": "function", "function": {"name": "get_time", "description": "Time in a zone.",
                                          "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}}}
 

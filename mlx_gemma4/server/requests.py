@@ -276,7 +276,7 @@ def _json_type(value: Any) -> str:
 # -- tools -----------------------------------------------------------------------------------------------------------
 def _tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, str | None]:
     """The tools to declare, and what the answer must open with: None (the model decides), "required" (a call of
-    some tool) or a tool's name (a call of that tool)."""
+    some tool), a tool's name (a call of that tool) or "none" (no call)."""
     tools, choice = body.get("tools"), body.get("tool_choice")
     if tools is None:
         if choice not in (None, "none", "auto"):
@@ -292,10 +292,10 @@ def _tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, str | Non
         if params is not None and not isinstance(params, dict):
             raise RequestError(f"'tools[{i}].function.parameters' must be a JSON Schema object like {{\"type\": "
                                f"\"object\", \"properties\": {{...}}}}; got {_json_type(params)}.", param="tools")
-    if choice in (None, "auto"):
+    if choice in (None, "auto") or (choice == "none" and not tools):
         return tools or None, None
-    if choice == "none":
-        return None, None
+    if choice == "none":  # declared, as OpenAI does (a conversation with calls in it reads the same), not callable
+        return tools, "none"
     if not tools:
         raise RequestError("'tool_choice' asks for a tool call but 'tools' is empty.", param="tool_choice")
     if choice == "required":
