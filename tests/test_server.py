@@ -235,6 +235,10 @@ def test_api_key_body_size_json_and_routes(server, converted_towers):
     with pytest.raises(openai.AuthenticationError) as e:
         anon.models.list()
     assert "API key" in e.value.body["message"]
+    # The scheme's case is free (clients send "bearer" too); another scheme or key is refused.
+    for header, status in ((f"bearer {KEY}", 200), (f"Bearer  {KEY} ", 200), (f"Basic {KEY}", 401), (KEY, 401),
+                           ("Bearer", 401)):
+        assert request(server.url + "/v1/models", headers={"Authorization": header})[0] == status, header
     auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     status, body = request(server.url + "/v1/chat/completions", b"{not json", auth)
     assert status == 400 and "not valid JSON" in body["error"]["message"]

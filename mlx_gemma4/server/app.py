@@ -58,8 +58,9 @@ def create_app(engine: Engine, *, model_id: str, limits: Limits | None = None, a
     def authorize(request: Request) -> None:
         if api_key is None:
             return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+        # The scheme's case is free (RFC 9110: "bearer" is "Bearer"), and so is the space around the key.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
             raise RequestError("Missing or wrong API key: send 'Authorization: Bearer <key>' with the key the server "
                                "was started with.", status=401, kind="authentication_error", code="invalid_api_key")
 
