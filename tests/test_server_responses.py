@@ -110,6 +110,14 @@ def test_request_becomes_chat_messages_and_options(store):
     (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": [1]}}]), "parameters' must be"),
     (dict(chat_template_kwargs=["enable_thinking"]), "'chat_template_kwargs' must be an object"),
     (dict(chat_template_kwargs="enable_thinking=true"), "'chat_template_kwargs' must be an object"),
+    # No content was an empty message, answered: a misspelt key lost the user's text in silence.
+    (dict(messages=[{"role": "user", "text": "hi"}]), "messages[0] (user) has no 'content'; give it a string or a "
+                                                      "list of parts (keys sent: 'role', 'text')."),
+    (dict(messages=[{"role": "developer", "content": None}, {"role": "user", "content": "x"}]),
+     "messages[0] (developer) has no 'content'"),
+    (dict(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "function": {"name": "f", "arguments": "{}"}}]}, {"role": "tool", "tool_call_id": "c"}]),
+     "messages[2] (tool) has no 'content'"),
 ])
 def test_bad_requests_name_the_problem(store, body, fragment):
     with pytest.raises(RequestError) as e:

@@ -340,6 +340,10 @@ def _message(m: Any, i: int, limits: Limits, media: MediaStore) -> dict[str, Any
     role = ROLES[m["role"]]
     content = m.get("content")
     out: dict[str, Any] = {"role": role}
+    if content is None and role != "assistant":  # only an assistant's turn may be calls alone
+        raise RequestError(f"{where} ({m['role']}) has no 'content'; give it a string or a list of parts"
+                           f"{'' if 'content' in m else ' (keys sent: ' + ', '.join(map(repr, m)) + ')'}.",
+                           param="messages")
     if content is None or isinstance(content, str):
         out["content"] = content or ""
     elif isinstance(content, list):
