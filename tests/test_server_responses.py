@@ -110,6 +110,12 @@ def test_request_becomes_chat_messages_and_options(store):
     (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": [1]}}]), "parameters' must be"),
     (dict(chat_template_kwargs=["enable_thinking"]), "'chat_template_kwargs' must be an object"),
     (dict(chat_template_kwargs="enable_thinking=true"), "'chat_template_kwargs' must be an object"),
+    # Accepted and ignored in silence: the model never saw the functions, the bias was not applied, no audio came.
+    (dict(functions=[{"name": "f", "parameters": {"type": "object"}}]), "send the functions as 'tools'"),
+    (dict(function_call="auto"), "legacy 'functions' / 'function_call'"),
+    (dict(logit_bias={"50256": -100}), "'logit_bias' is not supported"),
+    (dict(modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"}), "answers in text only"),
+    (dict(web_search_options={}), "does not search the web"),
     # No content was an empty message, answered: a misspelt key lost the user's text in silence.
     (dict(messages=[{"role": "user", "text": "hi"}]), "messages[0] (user) has no 'content'; give it a string or a "
                                                       "list of parts (keys sent: 'role', 'text')."),

@@ -231,6 +231,21 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
                                param=name)
     if body.get("logprobs") or body.get("top_logprobs"):
         raise RequestError("Log-probabilities are not returned by this server; drop 'logprobs'.", param="logprobs")
+    if body.get("functions") or body.get("function_call") is not None:
+        raise RequestError("The legacy 'functions' / 'function_call' fields are not supported; send the functions "
+                           "as 'tools': [{'type': 'function', 'function': {...}}] (and 'tool_choice').",
+                           param="functions" if body.get("functions") else "function_call")
+    if body.get("logit_bias"):
+        raise RequestError("'logit_bias' is not supported (token ids are this model's own, not OpenAI's); drop it.",
+                           param="logit_bias")
+    modalities = body.get("modalities")
+    if (modalities is not None and modalities != ["text"]) or body.get("audio") is not None:
+        raise RequestError("This server answers in text only: 'modalities' may only be [\"text\"], and 'audio' "
+                           "(spoken answers) is not supported. Audio input goes in a message as an 'input_audio' "
+                           "part.", param="modalities" if body.get("audio") is None else "audio")
+    if body.get("web_search_options") is not None:
+        raise RequestError("This server does not search the web; drop 'web_search_options'.",
+                           param="web_search_options")
     fmt = body.get("response_format")
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
         raise RequestError("Only 'response_format': {'type': 'text'} is supported (no JSON mode or schemas); "
