@@ -11,7 +11,7 @@ import pytest
 
 from mlx_gemma4.chat import ChatResponse
 from mlx_gemma4.errors import InputError
-from mlx_gemma4.server.requests import Limits, MediaStore, RequestError, parse_chat
+from mlx_gemma4.server.requests import Limits, MediaStore, RequestError, parse_body, parse_chat
 from mlx_gemma4.server.responses import Answer, finish_reason, message
 from mlx_gemma4.tools import ToolCall
 
@@ -130,6 +130,24 @@ def test_bad_requests_name_the_problem(store, body, fragment):
         parse(store, **body)
     assert fragment in str(e.value) and isinstance(e.value, InputError) and e.value.status == 400
 
+
+
+def test_json_nested_deeper_than_any_request_needs_is_a_400(store):
+    """json.loads overflowed the stack on the body, and rendering the prompt on 900-deep tool arguments: a 500
+    'RecursionError' for what is the client's mistake."""
+    with pytest.raises(RequestError, match="not valid JSON [(]nested deeper than 64 levels[)]") as e:
+        parse_body(b"[" * 100_000 + b"]" * 100_000)
+    assert e.value.status == 400
+    deep: object = "x"
+    for _ in range(900):
+        deep = {"a": deep}
+    called = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "function": {"name": "f", "arguments": json.dumps(deep)}}]}]
+    with pytest.raises(RequestError, match="the arguments of 'f' are not valid JSON [(]nested deeper than 64"):
+        parse(store, messages=[*called, {"role": "tool", "tool_call_id": "c", "content": "1"}])
+    called[1]["tool_calls"][0]["function"]["arguments"] = "{}"
+    req = parse(store, messages=[*called, {"role": "tool", "tool_call_id": "c", "content": json.dumps(deep)}])
+    assert req.messages[-1]["content"] == json.dumps(deep)  # a result that deep stays text
 
 def _image_at(url: str) -> dict:
     return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}

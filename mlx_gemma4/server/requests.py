@@ -110,10 +110,41 @@ class MediaStore:
             total -= size
 
 
+# Deeper JSON than any request needs (a tool's parameters schema is the deepest part) overflowed Python's stack
+# while parsing or rendering the prompt: a 500 instead of the client's 400.
+MAX_DEPTH = 64
+
+
+def _too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    todo = [(value, 1)]
+    while todo:
+        v, depth = todo.pop()
+        if isinstance(v, (dict, list)):
+            if depth > limit:
+                return True
+            todo.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return False
+
+
+class _TooDeep(ValueError):
+    pass
+
+
+def _loads(text: str | bytes) -> Any:
+    """JSON text as its value; ``_TooDeep`` past MAX_DEPTH levels (json.loads itself overflows the stack at ~1000)."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise _TooDeep(f"nested deeper than {MAX_DEPTH} levels") from None
+    if _too_deep(value):
+        raise _TooDeep(f"nested deeper than {MAX_DEPTH} levels")
+    return value
+
+
 def parse_body(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        body = _loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, _TooDeep) as e:
         raise RequestError(f"The request body is not valid JSON ({e}); send a JSON object.") from e
     if not isinstance(body, dict):
         raise RequestError("The request body must be a JSON object with 'model' and 'messages'.")
@@ -336,8 +367,8 @@ def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
         args = fn.get("arguments") or {}
         if isinstance(args, str):  # OpenAI sends the arguments as a JSON string; the template wants the object
             try:
-                args = json.loads(args) if args.strip() else {}
-            except json.JSONDecodeError as e:
+                args = _loads(args) if args.strip() else {}
+            except (json.JSONDecodeError, _TooDeep) as e:
                 raise RequestError(f"{where}.tool_calls: the arguments of {fn['name']!r} are not valid JSON ({e}).",
                                    param="messages") from e
         if not isinstance(args, dict):
@@ -380,9 +411,9 @@ def _tool_result(content: Any) -> Any:
     template writes structured results in the form the model learned for them."""
     if isinstance(content, str) and content.strip()[:1] in ("{", "["):
         try:
-            return json.loads(content)
-        except json.JSONDecodeError:
-            pass  # text that only looks like JSON stays text
+            return _loads(content)
+        except (json.JSONDecodeError, _TooDeep):
+            pass  # text that only looks like JSON (or too deep to read as such) stays text
     return content
 
 
