@@ -77,6 +77,31 @@ def test_cli_refuses_a_model_it_cannot_load(tmp_path):
     assert done.returncode == 2 and done.stderr.startswith("gemma4-serve: ") and "nothing" in done.stderr
 
 
+
+def test_ctrl_c_while_the_model_loads_exits_at_once(tmp_path):
+    """The model loads on its own thread, which cannot be stopped: Ctrl+C then gave a traceback, and exiting with
+    that thread alive aborted the process now and then. The model's config.json is a pipe here, so the load
+    waits on it for as long as the test wants."""
+    import errno
+    import signal
+    import time
+
+    os.mkfifo(tmp_path / "config.json")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_gemma4.server", "--model", str(tmp_path), "--port", "0"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while True:  # a pipe opens for writing only once a reader has it open: the load has started
+        try:
+            writer = os.open(tmp_path / "config.json", os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError as e:
+            assert e.errno == errno.ENXIO and proc.poll() is None, proc.communicate()[0]
+            time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=300)[0]
+    os.close(writer)
+    assert proc.returncode == 130 and out.strip() == "gemma4-serve: interrupted while loading the model.", out
+
 def test_cli_on_a_port_in_use_exits_cleanly(checkpoint_factory, tmp_path):
     """The model was loaded on its own thread; exiting with it still alive aborted the process now and then
     (exit code 134, 'terminate called without an active exception'; a 4-bit model did it most), so the check runs

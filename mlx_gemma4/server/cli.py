@@ -96,12 +96,17 @@ def main(argv: list[str] | None = None) -> int:
         model, processor = load(args.model)
         return ChatSession(model, processor, prefill_chunk=args.prefill_chunk)
 
-    engine = Engine(session, max_waiting=args.max_waiting)
     try:
+        engine = Engine(session, max_waiting=args.max_waiting)
         engine.wait_ready()
     except Gemma4Error as e:
         print(f"gemma4-serve: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl+C while the model loads on its thread, which cannot be stopped: an ordinary exit with it still
+        # working aborted the process ("terminate called without an active exception") after a traceback.
+        print("gemma4-serve: interrupted while loading the model.", file=sys.stderr, flush=True)
+        os._exit(130)
     model_id = args.model_id or os.path.basename(os.path.normpath(args.model))
     app = create_app(engine, model_id=model_id, limits=limits(args), api_key=args.api_key,
                      default_thinking=args.thinking)
