@@ -238,6 +238,42 @@ def test_a_failing_model_gives_a_json_500_and_serves_on(client, steer, stream):
     assert after.usage.completion_tokens >= 1
 
 
+
+def test_browser_pages_need_cors_origin(served):
+    """A chat front-end running in a browser asks with OPTIONS first (a preflight) and reads an answer only with
+    Access-Control-Allow-Origin: without --cors-origin the preflight's 405 says what to do; with it, it passes."""
+    import urllib.request
+
+    from mlx_gemma4.server import create_app
+
+    page = "http://localhost:3000"
+    preflight = {"Origin": page, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"}
+
+    def options(url, origin=page):
+        req = urllib.request.Request(url + "/v1/chat/completions", headers={**preflight, "Origin": origin},
+                                     method="OPTIONS")
+        try:
+            with urllib.request.urlopen(req, timeout=300) as r:
+                return r.status, r.headers, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers, e.read()
+
+    status, _, body = options(served[1].url)
+    assert status == 405 and "--cors-origin" in json.loads(body)["error"]["message"]
+    browser = ThreadServer(create_app(served[0], model_id=MODEL, cors_origins=[page]))
+    try:
+        status, headers, _ = options(browser.url)
+        assert status == 200 and headers["access-control-allow-origin"] == page
+        assert "x-stainless-os" in headers["access-control-allow-headers"].lower()
+        req = urllib.request.Request(browser.url + "/v1/models", headers={"Origin": page})
+        with urllib.request.urlopen(req, timeout=300) as r:
+            assert r.headers["access-control-allow-origin"] == page
+        status, headers, _ = options(browser.url, origin="http://elsewhere.example")  # a page not let in
+        assert status == 400 and "access-control-allow-origin" not in headers
+    finally:
+        browser.close()
+
 def test_shutdown_ends_the_answer_being_written_and_the_waiting_ones(converted_towers, processor):
     """Ctrl+C or SIGTERM while a client streams: uvicorn waits for open responses, so the answer ran on to its
     max_tokens (and the requests in line after it) before the server could exit. gemma4-serve's server stops the

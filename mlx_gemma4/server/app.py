@@ -21,12 +21,14 @@ import tempfile
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -40,13 +42,15 @@ log = logging.getLogger(__name__)
 
 
 def create_app(engine: Engine, *, model_id: str, limits: Limits | None = None, api_key: str | None = None,
-               media_dir: str | Path | None = None, default_thinking: bool = False) -> Starlette:
+               media_dir: str | Path | None = None, default_thinking: bool = False,
+               cors_origins: Sequence[str] = ()) -> Starlette:
     """The ASGI app serving ``engine``'s model as ``model_id``.
 
     ``api_key``: when set, every ``/v1`` request must carry ``Authorization: Bearer <api_key>``. ``media_dir``:
     where decoded images and audio are kept for the app's lifetime (a temporary folder, removed at shutdown, when
     None). ``default_thinking``: whether the model thinks when a request does not say (``reasoning_effort`` or
-    ``chat_template_kwargs.enable_thinking``).
+    ``chat_template_kwargs.enable_thinking``). ``cors_origins``: the web pages (``http://localhost:3000``, or
+    ``*`` for any) whose scripts may call the API from a browser; none by default.
     """
     limits = limits or Limits()
     temp = tempfile.TemporaryDirectory(prefix="gemma4-serve-") if media_dir is None else None
@@ -148,8 +152,10 @@ def create_app(engine: Engine, *, model_id: str, limits: Limits | None = None, a
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
+        hint = " An OPTIONS request is a browser's cross-origin check: start the server with --cors-origin " \
+               "for the page's origin." if request.method == "OPTIONS" and not cors_origins else ""
         return JSONResponse(RequestError(f"{exc.detail}: {request.method} {request.url.path}. This server offers "
-                                         "GET /v1/models and POST /v1/chat/completions.", status=exc.status_code,
+                                         f"GET /v1/models and POST /v1/chat/completions.{hint}", status=exc.status_code,
                                          code="not_found" if exc.status_code == 404 else None).body(),
                             status_code=exc.status_code)
 
@@ -162,7 +168,11 @@ def create_app(engine: Engine, *, model_id: str, limits: Limits | None = None, a
     routes = [Route("/health", health), Route("/v1/models", with_errors(models)),
               Route("/v1/models/{name:path}", with_errors(model)),
               Route("/v1/chat/completions", with_errors(chat), methods=["POST"])]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+    # Any request header: the openai package for JavaScript adds its own (x-stainless-*) to every request.
+    cors = [Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                       allow_headers=["*"], expose_headers=["X-Requests-Ahead"])] if cors_origins else []
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan,
+                     middleware=cors)
 
 
 class _Reply:

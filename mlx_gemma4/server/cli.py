@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="requests that may wait behind the one generating; more get 503 at once")
     p.add_argument("--allow-paths", action=argparse.BooleanOptionalAction, default=None,
                    help="accept media as file paths on this machine (default: only when bound to localhost)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let scripts of web pages from ORIGIN (e.g. http://localhost:3000; '*': any page, then "
+                        "use --api-key) call the API from a browser; repeatable. Default: none")
     p.add_argument("--thinking", action="store_true", help="think before answering unless a request says not to")
     p.add_argument("--prefill-chunk", type=int, default=2048)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(130)
     model_id = args.model_id or os.path.basename(os.path.normpath(args.model))
     app = create_app(engine, model_id=model_id, limits=limits(args), api_key=args.api_key,
-                     default_thinking=args.thinking)
+                     default_thinking=args.thinking, cors_origins=args.cors_origin)
     log.info("Serving %s at http://%s:%d/v1", model_id, args.host, args.port)
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level), engine)
     try:
