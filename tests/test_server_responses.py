@@ -84,6 +84,10 @@ def test_request_becomes_chat_messages_and_options(store):
     assert tool == {"role": "tool", "tool_call_id": "c1", "content": {"temp": 21}}  # JSON text as its value
     assert req.options == {"max_tokens": 9, "temperature": 0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "seed": 3}
     assert req.stop == ["x"] and req.stream and req.include_usage
+    # top_p 0: only the most likely token, greedy (it was read as top_p 1: sampling from the whole distribution)
+    greedy = parse(store, top_p=0, temperature=1.5).options
+    assert greedy["temperature"] == 0.0 and greedy["top_p"] == 1.0
+    assert parse(store, top_p=0.5, temperature=1.5).options["temperature"] == 1.5
     again = parse(store, messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]}])
     assert again.messages[0]["content"][0]["image"] == image["image"]  # same bytes, same file: the cache sees it

@@ -237,9 +237,12 @@ def _options(body: dict[str, Any], limits: Limits) -> dict[str, Any]:
             and max_tokens > limits.max_tokens:
         raise RequestError(f"'{name}' is {max_tokens}, over this server's limit of {limits.max_tokens} tokens per "
                            "answer; ask for fewer (or start the server with a higher --max-tokens).", param=name)
+    temperature, top_p = _number(body, "temperature", 0.0, 2.0, 1.0), _number(body, "top_p", 0.0, 1.0, 1.0)
     options = {"max_tokens": _int(body, name, 1, limits.max_tokens, limits.max_tokens),
-               "temperature": _number(body, "temperature", 0.0, 2.0, 1.0),
-               "top_p": _number(body, "top_p", 0.0, 1.0, 1.0) or 1.0,
+               # top_p 0 keeps only the most likely token, which is greedy decoding (the sampler takes (0, 1]; 0
+               # was read as 1, no cut at all).
+               "temperature": 0.0 if top_p == 0 else temperature,
+               "top_p": top_p or 1.0,
                "top_k": _int(body, "top_k", 0, 2**31 - 1, 0),
                "min_p": _number(body, "min_p", 0.0, 0.999, 0.0)}
     seed = _int(body, "seed", 0, 2**63 - 1, None)
