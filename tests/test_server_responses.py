@@ -88,6 +88,10 @@ def test_request_becomes_chat_messages_and_options(store):
     greedy = parse(store, top_p=0, temperature=1.5).options
     assert greedy["temperature"] == 0.0 and greedy["top_p"] == 1.0
     assert parse(store, top_p=0.5, temperature=1.5).options["temperature"] == 1.5
+    # An assistant turn sent back as OpenAI writes one that declined (a 'refusal' part): its words, as text.
+    declined = parse(store, messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": [
+        {"type": "refusal", "refusal": "I can't."}]}, {"role": "user", "content": "y"}]).messages[1]
+    assert declined == {"role": "assistant", "content": [{"type": "text", "text": "I can't."}]}
     again = parse(store, messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]}])
     assert again.messages[0]["content"][0]["image"] == image["image"]  # same bytes, same file: the cache sees it

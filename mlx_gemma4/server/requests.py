@@ -427,6 +427,8 @@ def _part(p: Any, where: str, role: str, limits: Limits, media: MediaStore) -> d
             raise RequestError(f"{where}.text must be a string; got {type(p.get('text')).__name__}.",
                                param="messages")
         return {"type": "text", "text": p["text"]}
+    if kind == "refusal" and role == "assistant" and isinstance(p.get("refusal"), str):
+        return {"type": "text", "text": p["refusal"]}  # OpenAI's part for an answer that declined: what it said
     if kind == "image_url":
         url = p.get("image_url")
         url = url.get("url") if isinstance(url, dict) else url
