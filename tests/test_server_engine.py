@@ -239,6 +239,18 @@ def test_a_failing_model_gives_a_json_500_and_serves_on(client, steer, stream):
 
 
 
+
+def test_an_empty_api_key_is_no_key(served):
+    """GEMMA4_API_KEY exported empty: the command line warned that no key was set, but the app asked every request
+    for the empty key, and no client could send it (401 for all)."""
+    from mlx_gemma4.server import create_app
+
+    open_server = ThreadServer(create_app(served[0], model_id=MODEL, api_key=""))
+    try:
+        assert request(open_server.url + "/v1/models")[0] == 200
+    finally:
+        open_server.close()
+
 def test_browser_pages_need_cors_origin(served):
     """A chat front-end running in a browser asks with OPTIONS first (a preflight) and reads an answer only with
     Access-Control-Allow-Origin: without --cors-origin the preflight's 405 says what to do; with it, it passes."""

@@ -60,7 +60,7 @@ def create_app(engine: Engine, *, model_id: str, limits: Limits | None = None, a
     created = int(time.time())
 
     def authorize(request: Request) -> None:
-        if api_key is None:
+        if not api_key:  # an empty key (GEMMA4_API_KEY= exported empty) is no key, as the command line reads it
             return
         scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
         # The scheme's case is free (RFC 9110: "bearer" is "Bearer"), and so is the space around the key.
