@@ -284,7 +284,10 @@ def forced_call(tokenizer: Any, schemas: list[dict[str, Any]] | None, choice: st
     import mlx.core as mx
 
     if choice == "none":
-        opens = tokenizer.encode(CALL_OPEN, add_special_tokens=False)[0]
+        ids = tokenizer.encode(CALL_OPEN, add_special_tokens=False)
+        if len(ids) != 1:  # no token opens a call in this vocabulary: nothing to keep from being sampled
+            return None
+        opens = ids[0]
 
         def no_call(history: mx.array, logits: mx.array) -> mx.array:
             return mx.where(mx.arange(logits.shape[-1]) == opens, mx.array(-mx.inf, dtype=logits.dtype), logits)
