@@ -123,12 +123,20 @@ def resolve(model: str | None, demo: bool = False, data: Path | None = None, cwd
     if model is None:
         best = next((d for d in found if d.name == DEFAULT_NAME), found[0] if found else None)
         return ModelChoice("local", str(best)) if best else ModelChoice("download", DEFAULT_HUB_ID)
+    if not model.strip():
+        raise ModelNotFound("--model is empty. Pass a converted model directory, its name, or a hub id; "
+                            "leave --model out to use the default model; or try --demo.")
     path = Path(os.path.expanduser(model))
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelNotFound(f"{path} has no config.json, so it is not a converted model. Convert one with "
                                 f"`python convert.py --hf-path {DEFAULT_HUB_ID} --mlx-path {path} --q-bits 4`.")
+        _check_config(path)
         return ModelChoice("local", str(path))
+    if path.exists():  # a file (config.json itself, a .safetensors shard, ...) rather than the folder
+        hint = (f" Pass the folder that holds it: --model {path.parent}" if path.name == "config.json"
+                or path.suffix in (".safetensors", ".json") else "")
+        raise ModelNotFound(f"{path} is a file, not a model directory.{hint or ' Pass the folder convert.py wrote.'}")
     named = next((d for d in found if d.name == model), None)
     if named is not None:
         return ModelChoice("local", str(named))
@@ -140,6 +148,18 @@ def resolve(model: str | None, demo: bool = False, data: Path | None = None, cwd
             else f"{model} is neither a directory nor the name of a converted model")
     raise ModelNotFound(f"{what} (converted models: {known}). Pass --model with a converted model directory, "
                         f"its name, or a hub id; convert one with `python convert.py --q-bits 4`; or try --demo.")
+
+
+def _check_config(path: Path) -> None:
+    """Refuse, before the app opens, a folder whose config.json is not a Gemma 4 model's (the model's own check:
+    one message for the command line and for load())."""
+    from mlx_gemma4.config import ModelConfig
+    from mlx_gemma4.errors import ConfigError
+
+    try:
+        ModelConfig.from_file(path)
+    except ConfigError as e:
+        raise ModelNotFound(f"{path}: {e}") from e
 
 
 # -- the hub -----------------------------------------------------------------------------------------
