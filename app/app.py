@@ -79,6 +79,7 @@ class ChatApp(App):
 
     def on_unmount(self) -> None:
         # Stop the model's thread and wait for it: a thread still running when the interpreter exits can abort it.
+        self.chat_screen.keep_partial_answer()
         self.backend.shutdown()
         if self.recorder.recording:
             self.recorder.cancel()

@@ -394,6 +394,27 @@ def test_quit_mid_answer_stops_the_model_thread(tmp_path):
     assert not app.backend.thread_alive  # joined before exit, not left running into interpreter shutdown
 
 
+def test_quit_mid_answer_keeps_the_answer_so_far(tmp_path):
+    """Ctrl+Q while the model writes: what was on screen is saved as a stopped answer, so the conversation does
+    not end on an unanswered message when it is resumed."""
+    gate = threading.Semaphore(0)
+    app = make_app(tmp_path, reply="once upon a time", gate=gate)
+
+    async def go():
+        async with app.run_test() as pilot:
+            await wait_for(pilot, lambda: app.backend.loaded)
+            await send(pilot, "talk")
+            gate.release(1)
+            await wait_for(pilot, lambda: app.chat_screen.current and app.chat_screen.current.answer == "once")
+            await pilot.press("ctrl+q")
+
+    asyncio.run(go())
+    history = History(tmp_path / "data")
+    saved = history.messages(history.latest().id)
+    assert [(m.role, m.content) for m in saved] == [("user", "talk"), ("assistant", "once")]
+    assert saved[1].stats["finish"] == "cancelled"
+
+
 async def _message_typed_while_loading_is_sent_when_ready(tmp_path):
     loading = threading.Event()
 

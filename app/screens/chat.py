@@ -204,6 +204,20 @@ class ChatScreen(AttachingScreen):
         self.turn_id = self.current = self.replacing = self.typed = None
         self.generating = False
 
+    def keep_partial_answer(self) -> None:
+        """The app is closing mid-answer: the model's thread is stopped and its last events never arrive, so
+        the answer as shown so far is saved now (as a stopped answer) and the turn is left."""
+        message, cid = self.current, self.conversation_id
+        if self.generating and message is not None and self.turn_id is not None and self.replacing is None:
+            history = self.chat.history
+            if history.exists(cid) and not self._answered(cid, self.turn_id):
+                bars = self.query(StatusBar)  # gone when the app has already taken its screens down
+                stats = dict(vars(bars.first().stats if bars else b.Stats()), finish="cancelled")
+                if message.calls:
+                    stats["tool_calls"] = message.calls
+                history.add_message(cid, "assistant", message.answer, thinking=message.thinking, stats=stats)
+        self.turn_id = self.current = self.replacing = self.typed = None  # a late Finished is not this turn's
+
     def open_conversation(self, conversation_id: int | None) -> None:
         """Show another conversation (None: a new, empty one)."""
         self.leave_turn()
