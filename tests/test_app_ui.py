@@ -495,3 +495,26 @@ def test_download_progress_reaches_the_progress_bar(tmp_path):
             gate.set()
             await until(pilot, lambda: app.backend.loaded)
     run(go())
+
+
+@pytest.mark.parametrize("size", [SIZE, (60, 20), (60, 14)])
+def test_settings_buttons_and_every_field_reachable_on_a_small_screen(tmp_path, size):
+    """Below 80x24 the settings dialog was cut at the screen's edge: Save, Cancel and the drafter field could
+    not be seen. The fields now scroll (the focused one into view) and the buttons stay below them."""
+    async def go():
+        app = make_app(tmp_path)
+        async with app.run_test(size=size) as pilot:
+            await until(pilot, lambda: app.backend.loaded)
+            await pilot.press("f2")
+            await until(pilot, lambda: isinstance(app.screen, SettingsScreen))
+            await pilot.pause()
+            screen = app.screen
+            inside, body = screen.query_one("#settings").content_region, screen.query_one("#settings-body").region
+            for button in ("#save", "#cancel"):
+                region = screen.query_one(button).region
+                assert inside.contains_region(region) and not body.overlaps(region), (button, region, body)
+            for field in ("#system_prompt", "#enable_thinking", "#max_tokens", "#assistant"):
+                screen.query_one(field).focus()
+                await pilot.pause()
+                assert body.contains_region(screen.query_one(field).region), field
+    run(go())

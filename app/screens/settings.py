@@ -10,7 +10,7 @@ from dataclasses import replace
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Grid, Horizontal, Vertical
+from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.validation import Number
 from textual.widgets import Button, Input, Label, Static, Switch, TextArea
@@ -44,21 +44,23 @@ class SettingsScreen(ModalScreen[Settings | None]):
         s = self.settings
         with Vertical(classes="dialog", id="settings"):
             yield Static("Settings · Ctrl+S saves · Esc cancels", classes="title")
-            if self.model_info:
-                yield Static(self.model_info, id="model-info", markup=False)
-            yield Label("System prompt (a change starts a new conversation)", id="system-label")
-            yield TextArea(s.system_prompt, id="system_prompt", soft_wrap=True, compact=True)
-            with Grid(id="fields"):
-                yield Label("Thinking")
-                yield Switch(s.enable_thinking, id="enable_thinking")
-                for key, label, kind, lo, hi in FIELDS:
-                    yield Label(label)
-                    yield Input(str(getattr(s, key)), id=key, type="number" if kind is float else "integer",
-                                validators=[Number(minimum=lo, maximum=hi)], compact=True)
-            with Horizontal(id="drafter-row"):
-                yield Label("Drafter folder")
-                yield Input(s.assistant, id="assistant", placeholder="none: answers decode without a drafter",
-                            compact=True)
+            # On a short screen the fields scroll (the focused one into view) and the buttons stay in sight.
+            with VerticalScroll(id="settings-body"):
+                if self.model_info:
+                    yield Static(self.model_info, id="model-info", markup=False)
+                yield Label("System prompt (a change starts a new conversation)", id="system-label")
+                yield TextArea(s.system_prompt, id="system_prompt", soft_wrap=True, compact=True)
+                with Grid(id="fields"):
+                    yield Label("Thinking")
+                    yield Switch(s.enable_thinking, id="enable_thinking")
+                    for key, label, kind, lo, hi in FIELDS:
+                        yield Label(label)
+                        yield Input(str(getattr(s, key)), id=key, type="number" if kind is float else "integer",
+                                    validators=[Number(minimum=lo, maximum=hi)], compact=True)
+                with Horizontal(id="drafter-row"):
+                    yield Label("Drafter folder")
+                    yield Input(s.assistant, id="assistant", placeholder="none: answers decode without a drafter",
+                                compact=True)
             yield Static("", id="error")
             with Horizontal(classes="buttons"):
                 yield Button("Save", id="save", variant="primary", compact=True)
