@@ -100,3 +100,36 @@ def test_demo_chat_in_tmux_at_80x24(tmp_path):
     rows = db.execute("SELECT role, content FROM messages ORDER BY id").fetchall()
     assert rows[0] == ("user", "hello world") and rows[1][0] == "assistant" and rows[1][1].strip()
     assert not (tmp_path / "models").exists()  # nothing is written relative to the current folder
+
+
+def start_demo(tmp_path: Path, size: tuple[int, int] = (80, 24), *args: str) -> tuple[str, Path]:
+    """`gemma4-chat --demo` in a fresh tmux session of `size`; (session, data folder) once the prompt is up."""
+    data = tmp_path / "data"
+    session = f"gemma4-{uuid.uuid4().hex[:8]}"
+    cmd = [*chat_command(), "--demo", "--data-dir", str(data), "--max-tokens", "8", "--temperature", "0", *args]
+    tmux("new-session", "-d", "-s", session, "-x", str(size[0]), "-y", str(size[1]), "-c", str(tmp_path),
+         "env", "TERM=xterm-256color", f"PYTHONPATH={ROOT}", *cmd)
+    wait_pane(session, "Message Gemma")
+    return session, data
+
+
+def saved_user_messages(data: Path) -> list[str]:
+    db = sqlite3.connect(data / "demo" / "history.db")
+    return [row[0] for row in db.execute("SELECT content FROM messages WHERE role = 'user' ORDER BY id")]
+
+
+def test_typed_joiners_and_direction_marks_are_kept(tmp_path):
+    """Typed (not pasted) text keeps its format characters: the joiner inside an emoji family, the ZWNJ a Persian
+    keyboard types, a right-to-left mark. Textual drops them as unprintable keys, so they vanished from what was
+    sent."""
+    session, data = start_demo(tmp_path)
+    typed = "family 👨\u200d👩\u200d👧 می\u200cخواهم \u200fשלום"
+    try:
+        tmux("send-keys", "-t", session, "-l", typed)
+        tmux("send-keys", "-t", session, "Enter")
+        wait_pane(session, lambda pane: "tok/s" in pane and answer_lines(pane))
+        tmux("send-keys", "-t", session, "C-q")
+        wait_gone(session)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    assert saved_user_messages(data) == [typed]

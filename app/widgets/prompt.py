@@ -7,6 +7,7 @@ new-line key: most terminals send it as Esc followed by Enter, which arrives as 
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 
 from textual import events
@@ -15,6 +16,10 @@ from textual.widgets import TextArea
 
 NEWLINE_KEYS = {"ctrl+j", "shift+enter"}
 PLACEHOLDER = "Message Gemma · Enter send · Ctrl+J new line · F1 help"
+
+
+def _is_format_char(character: str | None) -> bool:
+    return character is not None and len(character) == 1 and unicodedata.category(character) == "Cf"
 
 
 class PromptArea(TextArea):
@@ -50,6 +55,13 @@ class PromptArea(TextArea):
             return
         if event.key == "backspace" and not self.text:
             self.post_message(self.BackspaceOnEmpty(self))
+        if _is_format_char(event.character):
+            # Textual counts these as unprintable and drops them, but they are part of what was typed: the
+            # joiner in emoji sequences, the ZWNJ of a Persian keyboard, direction marks in RTL text.
+            event.stop()
+            event.prevent_default()
+            self.insert(event.character)
+            return
         await super()._on_key(event)
 
     async def _on_paste(self, event: events.Paste) -> None:
