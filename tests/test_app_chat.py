@@ -148,13 +148,18 @@ async def _slash_commands_and_bad_files(tmp_path):
         await wait_for(pilot, lambda: app.backend.loaded)
         chat = app.chat_screen
         await send(pilot, f"/image '{img}'")
-        assert [a.path for a in chat.pending] == [img]
+        assert [a.path for a in chat.pending] == [img] and chat.prompt.text == ""
         await send(pilot, f"/audio {tmp_path}/fake.wav")
         await send(pilot, f"/audio {img}")
         messages = [m for m in notes(app)]
         assert any("fake.wav: not an image, audio or video file" in m for m in messages)
         assert any("is an image, not an audio" in m for m in messages)
         assert len(chat.pending) == 1
+        # A command that failed stays in the prompt, to be corrected rather than typed again.
+        assert chat.prompt.text == f"/audio {img}"
+        await send(pilot, "/video")
+        assert chat.prompt.text == "/video" and "Usage: /video PATH" in notes(app)[-1]
+        chat.prompt.clear()
         await pilot.press("backspace")  # on an empty prompt: drops the last pending file
         assert chat.pending == []
 

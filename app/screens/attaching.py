@@ -74,11 +74,14 @@ class AttachingScreen(Screen):
     def show_pending(self) -> None:
         self.query_one("#pending", AttachmentChips).show(chips_of(self.pending))
 
-    def attach_checked(self, path: Path | str, expect: str | None = None) -> None:
+    def attach_checked(self, path: Path | str, expect: str | None = None) -> bool:
+        """Attach the file if it is one the model takes (True); else say why (False)."""
         try:
             self.attach([check(path, expect=expect)])
         except AttachmentError as e:
             self.notify(str(e), severity="error", timeout=8)
+            return False
+        return True
 
     @on(PromptArea.Pasted)
     def pasted(self, event: PromptArea.Pasted) -> None:
@@ -95,15 +98,15 @@ class AttachingScreen(Screen):
             self.pending.pop()
             self.show_pending()
 
-    def media_command(self, name: str, arg: str) -> bool:
-        """`/image PATH` and friends; False when `name` is not one of them."""
+    def media_command(self, name: str, arg: str) -> bool | None:
+        """`/image PATH` and friends: True when the file was attached, False when it was not (the message says
+        why), None when `name` is not one of them."""
         if name not in MEDIA_COMMANDS:
-            return False
+            return None
         if not arg:
             self.notify(f"Usage: {name} PATH", severity="warning")
-        else:
-            self.attach_checked(parse_prompt_path(arg), expect=MEDIA_COMMANDS[name])
-        return True
+            return False
+        return self.attach_checked(parse_prompt_path(arg), expect=MEDIA_COMMANDS[name])
 
     def action_attach(self) -> None:
         def chosen(path: Path | None) -> None:

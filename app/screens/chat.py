@@ -244,8 +244,10 @@ class ChatScreen(AttachingScreen):
             self.action_record()
         if not text and not self.pending:
             return
-        if text.startswith("/") and self.command(text):
-            event.prompt.clear()
+        done = self.command(text) if text.startswith("/") else None
+        if done is not None:
+            if done:  # a command that failed (a mistyped /image path) stays in the prompt to be corrected
+                event.prompt.clear()
             return
         if self.generating:
             self.notify("Still answering; Esc stops it.", severity="warning")
@@ -289,12 +291,14 @@ class ChatScreen(AttachingScreen):
         self.chat.backend.generate(self.post_message, self.conversation_id, turn_id,
                                    self.conversation_messages(self.conversation_id, upto=turn_id))
 
-    def command(self, text: str) -> bool:
-        """Slash commands; False means 'not a command, send it as it is'."""
+    def command(self, text: str) -> bool | None:
+        """Slash commands: True when done, False when it failed (the user was told why), None for 'not a
+        command, send it as it is'."""
         name, _, arg = text.partition(" ")
         arg = arg.strip()
-        if self.media_command(name, arg):
-            return True
+        attached = self.media_command(name, arg)
+        if attached is not None:
+            return attached
         if name == "/new":
             self.action_new_conversation()
             return True
@@ -307,7 +311,7 @@ class ChatScreen(AttachingScreen):
         if name == "/help":
             self.action_help()
             return True
-        return False
+        return None
 
     # -- streaming ---------------------------------------------------------------------------------
 
