@@ -93,7 +93,8 @@ class ChatApp(App):
                 self.use_demo()
             elif choice == "quit":
                 self.exit()
-            else:
+            else:  # nothing will load: messages are refused with this reason rather than waiting for a model
+                self.backend.load_error = "No model was chosen."
                 self.chat_screen.load_failed_text(
                     "No model loaded. Start again with `--model DIR` naming a converted model, or `--demo`.")
 

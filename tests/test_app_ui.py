@@ -34,7 +34,8 @@ from app.widgets.meter import LevelMeter
 from app.widgets.prompt import PromptArea
 from app.widgets.status import StatusBar, fit, status_parts
 from app.widgets.thumbnail import ImagePreview, Picture
-from tests.app_helpers import ScriptedSession, make_app, send, until
+from app.widgets.messages import Notice
+from tests.app_helpers import ScriptedSession, make_app, record_notes, send, until
 
 SIZE = (80, 24)
 
@@ -397,6 +398,27 @@ def test_offline_offers_the_demo_on_one_key(tmp_path, monkeypatch):
             await until(pilot, lambda: app.backend.loaded)
             assert app.backend.demo and app.history.dir == tmp_path / "data" / "demo"
             assert app.chat_screen.query("#banner")
+    run(go())
+
+
+def test_closing_get_model_leaves_no_model_and_a_message_is_refused(tmp_path):
+    """Esc on the get-model dialog: nothing will load, so the status says so and a message stays in the prompt
+    with what to do (it used to show "loading" and fail the turn with "RuntimeError: No model is loaded.")."""
+    async def go():
+        backend = Backend("gemma-4-E4B-it", lambda progress: (_ for _ in ()).throw(AssertionError("no download")))
+        app = record_notes(ChatApp(backend, History(tmp_path / "data"), offer_download=True,
+                                   hub_check=lambda: False))
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: isinstance(app.screen, GetModelScreen))
+            await pilot.press("escape")
+            await until(pilot, lambda: app.screen is app.chat_screen)
+            await send(pilot, "hello")
+            await pilot.pause()
+            chat = app.chat_screen
+            assert not chat.generating and chat.prompt.text == "hello"
+            assert chat.query_one(StatusBar).state == "no model"
+            assert "--demo" in app.notes[-1] and "No model is loaded" in app.notes[-1]
+            assert not [n for n in chat.query(Notice) if "failed" in str(n.render())]
     run(go())
 
 

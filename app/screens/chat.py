@@ -253,7 +253,8 @@ class ChatScreen(AttachingScreen):
             self.notify("Still answering; Esc stops it.", severity="warning")
             return
         if self.chat.backend.load_error is not None:
-            self.notify("No model is loaded yet.", severity="warning")
+            self.notify("No model is loaded, so nothing can answer. Start again with --model DIR naming a converted "
+                        "model, or --demo.", severity="warning", timeout=10)
             return
         parsed = parse_prompt(text)
         for n in parsed.notices:
