@@ -198,8 +198,7 @@ def parse_prompt(text: str) -> ParsedPrompt:
     extension, a file that is not media, or media that does not open gets a notice and stays in the text.
     """
     out = ParsedPrompt(text="")
-    keep: list[tuple[int, int]] = []  # spans of the text that stay
-    pos = 0
+    cuts: list[tuple[int, int]] = []  # spans of the text taken out: attached paths and the blanks beside them
     for m in _WORD.finditer(text):
         word = _unescape(m)
         if not _PATH_START.match(word):
@@ -221,13 +220,38 @@ def parse_prompt(text: str) -> ParsedPrompt:
         if claimed and claimed != att.kind:
             out.notices.append(f"{path.name}: named like {_a(claimed)} but is {_a(att.kind)}; attached as {att.kind}")
         out.attachments.append(att)
-        keep.append((pos, m.start()))
-        pos = m.end()
-    keep.append((pos, len(text)))
-    joined = "".join(text[a:b] for a, b in keep)
-    # Removing paths leaves runs of spaces; collapse them but keep the user's line breaks.
-    out.text = "\n".join(re.sub(r"[ \t]{2,}", " ", line).strip() for line in joined.splitlines()).strip()
+        cuts.append(_with_blank_beside(text, m.start(), m.end(), cuts[-1][1] if cuts else 0))
+    out.text = _cut(text, cuts)
     return out
+
+
+def _with_blank_beside(text: str, start: int, end: int, floor: int) -> tuple[int, int]:
+    """The span of a path to take out, with the spaces after it (or, at the end of a line, those before it), so
+    "look at /a.png please" reads "look at please" and nothing else in the text moves."""
+    after = end
+    while after < len(text) and text[after] in " \t":
+        after += 1
+    if after > end:
+        return start, after
+    while start > floor and text[start - 1] in " \t":
+        start -= 1
+    return start, end
+
+
+def _cut(text: str, cuts: list[tuple[int, int]]) -> str:
+    """`text` without the `cuts`; the user's spacing, indentation and line breaks stay as typed, except lines
+    that held only paths, which go."""
+    if not cuts:
+        return text.strip()
+    kept, pos = [], 0
+    for a, b in cuts:
+        kept.append(text[pos:a])
+        pos = b
+    kept.append(text[pos:])
+    before, after = text.split("\n"), "".join(kept).split("\n")
+    if len(before) == len(after):  # (a quoted path may span lines; then no line is dropped)
+        after = [new for old, new in zip(before, after) if new.strip() or not old.strip()]
+    return "\n".join(after).strip()
 
 
 def _unescape(m: re.Match) -> str:

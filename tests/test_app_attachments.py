@@ -103,6 +103,17 @@ def test_multiline_text_keeps_line_breaks(media):
     assert p.text == "first line\nsecond line"
 
 
+def test_code_and_spacing_survive_as_typed(media):
+    """Every line used to be stripped and runs of spaces collapsed, with or without a path in the message: code
+    sent in a message lost its indentation, and a table its columns."""
+    code = "fix this:\n\ndef f(x):\n    if x:\n\treturn  1   # two  spaces\n"
+    assert parse_prompt(code).text == code.strip()
+    wav = str(media["wav"]).replace(" ", "\\ ")
+    p = parse_prompt(f"{code}\n'{media['png']}'\nwhat is  wrong?  {wav} thanks")
+    assert [a.kind for a in p.attachments] == ["image", "audio"]
+    assert p.text == code + "\nwhat is  wrong?  thanks"  # the line that held only a path is gone
+
+
 def test_check_expected_kind(media):
     assert check(str(media["png"]), expect="image").kind == "image"
     with pytest.raises(AttachmentError, match="is an audio, not an image"):
