@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from PIL import Image
+from textual import events
 
 from app.app import ChatApp
 from app.backend import Backend
@@ -138,6 +139,25 @@ async def _the_same_file_twice_is_attached_once(tmp_path):
 
 
 test_the_same_file_twice_is_attached_once = run(_the_same_file_twice_is_attached_once)
+
+
+async def _keys_typed_right_after_a_paste_land_after_it(tmp_path):
+    """The paste is read on the screen (dragged files are checked) while keys already queued went straight into
+    the prompt: text typed right after a drag landed before the pasted text."""
+    img = png(tmp_path / "drag me.png")
+    app = make_app(tmp_path)
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded)
+        chat = app.chat_screen
+        chat.prompt.post_message(events.Paste(f"'{img}' what is this"))
+        for ch in "?!":
+            chat.prompt.post_message(events.Key(ch if ch.isalnum() else {"?": "question_mark",
+                                                                           "!": "exclamation_mark"}[ch], ch))
+        await wait_for(pilot, lambda: "!" in chat.prompt.text and "this" in chat.prompt.text)
+        assert chat.prompt.text == "what is this?!" and [a.path for a in chat.pending] == [img]
+
+
+test_keys_typed_right_after_a_paste_land_after_it = run(_keys_typed_right_after_a_paste_land_after_it)
 
 
 async def _slash_commands_and_bad_files(tmp_path):

@@ -41,8 +41,16 @@ class PromptArea(TextArea):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(soft_wrap=True, show_line_numbers=False, tab_behavior="focus", **kwargs)
+        # Keys that arrive while the screen reads a paste (checking dragged files takes a while) wait for it, so
+        # what is typed after a paste lands after it.
+        self._held: list[events.Key] | None = None
 
     async def _on_key(self, event: events.Key) -> None:
+        if self._held is not None:
+            event.stop()
+            event.prevent_default()
+            self._held.append(events.Key(event.key, event.character))
+            return
         if event.key == "enter":
             event.stop()
             event.prevent_default()
@@ -68,9 +76,14 @@ class PromptArea(TextArea):
         # The chat screen takes attachment paths out of the text and inserts the rest with insert_pasted().
         event.stop()
         event.prevent_default()
+        if self._held is None:
+            self._held = []
         self.post_message(self.Pasted(self, event.text))
 
     def insert_pasted(self, text: str) -> None:
         if text:
             self.insert(text)
         self.focus()
+        held, self._held = self._held or [], None
+        for key in held:
+            self.post_message(key)
