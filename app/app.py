@@ -73,7 +73,9 @@ class ChatApp(App):
         if self.resume_id:
             latest = self.history.latest() if self.resume_id is True else self.history.get(int(self.resume_id))
             if latest is None:
-                self.chat_screen.notice("There is no saved conversation to resume.", "warning")
+                self.chat_screen.notice("There is no saved conversation to resume." if self.resume_id is True else
+                                        f"There is no saved conversation #{self.resume_id}; Ctrl+L lists the "
+                                        "saved ones.", "warning")
             else:
                 self.resume(latest.id)
 

@@ -200,3 +200,25 @@ def test_data_dir_naming_a_file_is_a_clear_error(tmp_path, capsys):
         raise AssertionError("no HistoryError")
     assert main(["--demo", "--data-dir", str(f)]) == 2
     assert "is a file" in capsys.readouterr().err and f.read_text() == "mine"
+
+
+def test_resume_of_an_unknown_id_names_it(tmp_path):
+    """--resume 99 said "There is no saved conversation to resume." although there were some, just not #99."""
+    import asyncio
+
+    from app.widgets.messages import Notice
+    from tests.app_helpers import make_app, until
+
+    history = History(tmp_path / "data")
+    cid = history.new_conversation(model="m", system_prompt="")
+    history.add_message(cid, "user", "hi")
+    history.close()
+
+    async def go():
+        app = make_app(tmp_path, resume=cid + 98)
+        async with app.run_test() as pilot:
+            await until(pilot, lambda: app.chat_screen.query(Notice))
+            said = str(app.chat_screen.query_one(Notice).render())
+            assert f"no saved conversation #{cid + 98}" in said and "Ctrl+L" in said
+
+    asyncio.run(go())
