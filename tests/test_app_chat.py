@@ -474,12 +474,16 @@ async def _failed_send_restores_text_cursor_and_attachments(tmp_path):
 
         app.sessions[0].stream = broken
         await send(pilot, f"/image {img}")
-        typed = f"describe {typed_img} please"
+        typed = f"describe {typed_img} please {tmp_path / 'gone.png'}"
         await send(pilot, typed)
         await wait_for(pilot, lambda: any("fell over" in str(n.render()) for n in chat.query(Notice)))
         assert chat.prompt.text == typed and chat.prompt.cursor_location == chat.prompt.document.end
         assert [a.path for a in chat.pending] == [img]  # the chip comes back; the typed path is in the text
         assert app.history.messages(chat.conversation_id) == [] and not chat.query(UserMessage)
+        assert not chat.query(ModelMessage)
+        # What the app said about the message's files stays on screen with the failure (it used to be wiped).
+        said = [str(n.render()) for n in chat.query(Notice)]
+        assert len(said) == 2 and "gone.png: no such file" in said[0] and "fell over" in said[1]
         assert not list((tmp_path / "data" / "attachments").rglob("*.png"))  # no orphaned copies
 
 

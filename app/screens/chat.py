@@ -372,15 +372,22 @@ class ChatScreen(AttachingScreen):
     def failed(self, event: b.GenerationFailed) -> None:
         if not self._mine(event):
             return
-        typed, replacing = self.typed, self.replacing
+        typed, replacing, message = self.typed, self.replacing, self.current
         self.turn_id = self.current = self.replacing = self.typed = None
         self.generating = False
         if replacing is None:
-            # The turn did not happen: it leaves history, and what the user typed goes back to the prompt.
+            # The turn did not happen: it leaves history and the transcript (the notices above it stay: they say
+            # what happened to its files), and what the user typed goes back to the prompt.
             self.chat.history.delete_message(event.turn_id)
             if typed is not None:
                 self.put_back(*typed)
-        self.render_conversation()
+            users = self.transcript.query(UserMessage)
+            if users:
+                users.last().remove()
+            if message is not None:
+                message.remove()
+        else:
+            self.render_conversation()  # the answer a regenerate would have replaced comes back
         if event.context_full and event.drop_turns:
             self.offer_to_drop_turns(event.error, event.drop_turns)
         elif event.context_full:
