@@ -540,3 +540,26 @@ def test_settings_buttons_and_every_field_reachable_on_a_small_screen(tmp_path, 
                 await pilot.pause()
                 assert body.contains_region(screen.query_one(field).region), field
     run(go())
+
+
+@pytest.mark.parametrize("size", [SIZE, (60, 20), (60, 14)])
+def test_conversations_hint_stays_on_a_small_screen(tmp_path, size):
+    """With many saved chats the list kept its 16 rows below 80x24 and pushed the keys hint (resume, delete,
+    export) off the screen."""
+    history = History(tmp_path / "data")
+    for i in range(12):
+        history.add_message(history.new_conversation(model="m", system_prompt=""), "user", f"chat {i}")
+    history.close()
+
+    async def go():
+        app = make_app(tmp_path)
+        async with app.run_test(size=size) as pilot:
+            await until(pilot, lambda: app.backend.loaded)
+            await pilot.press("ctrl+l")
+            await until(pilot, lambda: isinstance(app.screen, ConversationsScreen))
+            await pilot.pause()
+            dialog = app.screen.query_one("#conversations-dialog")
+            listed, hint = app.screen.query_one("#conversations"), app.screen.query_one(".hint")
+            assert dialog.content_region.contains_region(hint.region) and not listed.region.overlaps(hint.region)
+            assert listed.region.height >= 3
+    run(go())

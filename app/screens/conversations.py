@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from textual import on
+from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.message import Message
@@ -18,6 +18,9 @@ from textual.widgets.option_list import Option
 
 from ..history import Conversation, History
 from .confirm import ConfirmScreen
+
+
+LIST_ROWS = 16  # the most rows the list takes (all of them at 80x24)
 
 
 @dataclass
@@ -58,6 +61,11 @@ class ConversationsScreen(ModalScreen[Choice | None]):
             yield Static("Conversations", classes="title")
             yield OptionList(id="conversations")
             yield Static("Enter resume · d delete · e export to Markdown · Esc close", classes="hint")
+
+    def on_resize(self, event: events.Resize) -> None:
+        # The list gives up rows on a short screen so the hint below it stays in view: the dialog's border,
+        # padding, title and a hint wrapped onto two lines take 8.
+        self.query_one(OptionList).styles.max_height = max(3, min(LIST_ROWS, event.size.height - 8))
 
     def on_mount(self) -> None:
         self.refresh_list()
