@@ -22,8 +22,9 @@ AUDIO_EXTS = {".wav", ".mp3", ".flac", ".ogg", ".oga", ".opus", ".m4a", ".aac", 
 VIDEO_EXTS = {".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi"}
 MEDIA_EXTS = IMAGE_EXTS | AUDIO_EXTS | VIDEO_EXTS
 
-# One word of a pasted line: a quoted string, or a run of non-space characters where "\x" escapes x.
-_WORD = re.compile(r"""'(?P<sq>[^']*)'|"(?P<dq>(?:\\.|[^"\\])*)"|(?P<bare>(?:\\.|[^\s'"\\])+)""")
+# One word of a pasted line: a quoted string, or a run of non-space characters where "\x" escapes x. Inside single
+# quotes, '\'' is an apostrophe: GNOME Terminal and kitty drop "Bob's pic.png" as 'Bob'\''s pic.png'.
+_WORD = re.compile(r"""'(?P<sq>(?:[^']|'\\'')*)'|"(?P<dq>(?:\\.|[^"\\])*)"|(?P<bare>(?:\\.|[^\s'"\\])+)""")
 _NOT_MEDIA_FORMATS = {"tty", "txt", "srt", "ass", "webvtt", "image2", "png_pipe", "jpeg_pipe"}
 _PATH_START = re.compile(r"^(?:file://|~|/|\.{1,2}/)")
 
@@ -256,7 +257,7 @@ def _cut(text: str, cuts: list[tuple[int, int]]) -> str:
 
 def _unescape(m: re.Match) -> str:
     if m.group("sq") is not None:
-        return m.group("sq")
+        return m.group("sq").replace("'\\''", "'")
     if m.group("dq") is not None:
         return re.sub(r"\\(.)", r"\1", m.group("dq"))
     return re.sub(r"\\(.)", r"\1", m.group("bare"))

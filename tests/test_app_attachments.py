@@ -68,6 +68,17 @@ def test_quoted_escaped_and_uri_paths_several_at_once(media):
     assert p.notices == []
 
 
+def test_apostrophe_in_a_single_quoted_drop(media):
+    """GNOME Terminal and kitty quote a dropped "Bob's pic.png" as 'Bob'\\''s pic.png': it was cut at the apostrophe
+    and reported missing."""
+    bob = media["png"].parent / "Bob's pic (1).png"
+    bob.write_bytes(media["png"].read_bytes())
+    shell_quoted = "'" + str(bob).replace("'", "'\\''") + "'"
+    p = parse_prompt(f"compare {shell_quoted} '{media['png']}' now")
+    assert [a.path for a in p.attachments] == [bob, media["png"]]
+    assert p.text == "compare now" and p.notices == []
+
+
 def test_file_uri_with_percent_escapes(media):
     p = parse_prompt(media["png"].as_uri())
     assert "%20" in media["png"].as_uri()
