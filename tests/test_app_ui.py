@@ -537,8 +537,9 @@ def test_settings_buttons_and_every_field_reachable_on_a_small_screen(tmp_path, 
                 assert inside.contains_region(region) and not body.overlaps(region), (button, region, body)
             for field in ("#system_prompt", "#enable_thinking", "#max_tokens", "#assistant"):
                 screen.query_one(field).focus()
-                await pilot.pause()
-                assert body.contains_region(screen.query_one(field).region), field
+                # Focus scrolls the field into view, animated: wait for it to land (a bounded wait: it fails if
+                # the field never comes into view).
+                await until(pilot, lambda f=field: body.contains_region(screen.query_one(f).region))
     run(go())
 
 
