@@ -19,7 +19,7 @@ EDITING = [
 ]
 COMMANDS = [
     ("/image PATH", "attach an image"),
-    ("/audio PATH", "attach audio (sent in 30 s parts)"),
+    ("/audio PATH", "attach audio (any length)"),
     ("/video PATH", "attach a video"),
     ("/system TEXT", "system prompt (new chat)"),
     ("/new", "new conversation"),
