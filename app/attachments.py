@@ -78,9 +78,11 @@ def sniff(path: Path) -> Attachment:
         raise AttachmentError(f"{path}: not a file")
     try:
         with path.open("rb") as f:
-            f.read(1)
+            first = f.read(1)
     except OSError as e:
         raise AttachmentError(f"{path}: cannot be read ({e.strerror or e})") from e
+    if not first:
+        raise AttachmentError(f"{path.name}: the file is empty (0 bytes)")
     found = _sniff_image(path) or _sniff_audio(path) or _sniff_av(path)
     if found is None:
         raise AttachmentError(f"{path.name}: not an image, audio or video file")
@@ -118,7 +120,7 @@ def _sniff_audio(path: Path) -> Attachment | None:
     except Exception:  # LibsndfileError, RuntimeError, TypeError, ...: not a format libsndfile reads
         return None
     if info.frames <= 0:
-        return None
+        raise AttachmentError(f"{path.name}: the audio file holds no sound (0 samples); record or choose another clip")
     return Attachment(path, "audio", duration=info.frames / info.samplerate)
 
 

@@ -228,3 +228,17 @@ def test_an_attachment_gone_since_it_was_sent_asks_for_it_again(tmp_path):
     [failed] = [m for m in posted if isinstance(m, GenerationFailed)]
     assert failed.error == f"InputError: {gone}: no such file. Check the path (drag the file in again, or quote " \
                            "spaces)."
+
+
+def test_empty_files_say_they_are_empty(tmp_path):
+    """A 0-byte file and a valid audio file with no samples are named as empty, not as an unknown kind."""
+    empty = tmp_path / "clip.wav"
+    empty.write_bytes(b"")
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(0, np.float32), 16_000)
+    with pytest.raises(AttachmentError, match=r"clip.wav: the file is empty \(0 bytes\)"):
+        check(str(empty))
+    with pytest.raises(AttachmentError, match=r"silent.wav: the audio file holds no sound \(0 samples\)"):
+        check(str(silent))
+    p = parse_prompt(f"hear '{silent}' please")
+    assert p.attachments == [] and "no sound" in p.notices[0] and str(silent) in p.text
