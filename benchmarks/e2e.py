@@ -127,6 +127,7 @@ class Impl:
 
 class Ours(Impl):
     name = "ours"
+    prefill_chunk = 2048   # stream_generate's default; --prefill-chunk sets it
 
     def load(self, path):
         from mlx_gemma4 import load
@@ -147,12 +148,13 @@ class Ours(Impl):
     def stream(self, prompt, gen):
         from mlx_gemma4 import stream_generate
 
-        yield from stream_generate(self.model, self.processor, prompt, max_tokens=gen, stop_ids=[])
+        yield from stream_generate(self.model, self.processor, prompt, max_tokens=gen, stop_ids=[],
+                                   prefill_chunk=self.prefill_chunk)
 
     def followup(self, first, message, gen):
         from mlx_gemma4 import ChatSession
 
-        session = ChatSession(self.model, self.processor)
+        session = ChatSession(self.model, self.processor, prefill_chunk=self.prefill_chunk)
         forced = self.answer_ids()
         for _ in session.send(first, max_tokens=len(forced), sampler=_forcing(forced)):
             pass
@@ -269,6 +271,8 @@ def main(argv=None) -> None:
     ap.add_argument("--gen", type=int, default=128, help="generated tokens")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2, help="untimed runs of each implementation first")
+    ap.add_argument("--prefill-chunk", type=int, default=2048,
+                    help="our prefill chunk (tokens): smaller chunks lower the peak, at some cost in TTFT")
     ap.add_argument("--compare", default="mlx-lm", help="comma-separated: mlx-lm, mlx-vlm ('' for ours alone)")
     ap.add_argument("--followup", type=int, default=0, help="also time a second chat turn after ~N tokens")
     ap.add_argument("--breakdown", action="store_true", help="also time the parts of our TTFT")
@@ -295,6 +299,8 @@ def main(argv=None) -> None:
             continue
         try:
             impls.append(IMPLS[n](paths[n]))
+            if n == "ours":
+                impls[-1].prefill_chunk = a.prefill_chunk
         except Exception as e:  # a peer that cannot load this checkpoint is reported, not fatal
             errors[n] = f"{type(e).__name__}: {e}"
             print(f"# {n} could not load: {errors[n]}", flush=True)
@@ -325,6 +331,7 @@ def main(argv=None) -> None:
         print("# ours, TTFT parts (ms): " + json.dumps(_breakdown(ours, prompt)), flush=True)
     med = {name: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for name, rs in runs.items()}
     result = dict(size=a.size, q_bits=a.q_bits, group=a.q_group_size, prompt_tokens=n_prompt, gen=a.gen,
+                  prefill_chunk=a.prefill_chunk,
                   runs=a.runs, device=str(mx.default_device()), machine=platform.machine(),
                   versions=_versions(names), weights_gb={i.name: round(i.weights_gb, 3) for i in impls},
                   notes={i.name: i.note for i in impls if i.note}, median=med, all=runs, errors=errors,
@@ -370,7 +377,8 @@ def _versions(names) -> dict:
 def _table(r: dict) -> str:
     med, base = r["median"], r["median"].get("ours")
     lines = [f"{r['size']} {r['q_bits']}-bit (group {r['group']}), prompt {r['prompt_tokens']} tokens, "
-             f"{r['gen']} generated, median of {r['runs']}, {r['device']}, {r['versions']}",
+             f"{r['gen']} generated, median of {r['runs']}, {r['device']}, {r['versions']}"
+             + (f", our prefill chunk {r['prefill_chunk']}" if r.get("prefill_chunk", 2048) != 2048 else ""),
              "| impl | weights GB | TTFT ms | prefill tok/s | decode tok/s | peak GB | 2nd-turn TTFT ms |",
              "|---|---|---|---|---|---|---|"]
     for name, m in med.items():
