@@ -77,3 +77,16 @@ def converted_towers(checkpoint_factory, tmp_path_factory):
 
     _, src = checkpoint_factory("e", vision=VISION, audio=AUDIO_128)
     return convert(src, tmp_path_factory.mktemp("converted") / "tiny-gemma4", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def drafters():
+    """family -> a tiny random assistant drafter of that family (ours), made once per test module."""
+    made = {}
+
+    def get(family: str):
+        if family not in made:
+            made[family] = helpers.assistant_from(tiny.make_assistant(family, ordered=family == "e"))
+        return made[family]
+
+    return get

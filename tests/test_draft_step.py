@@ -9,23 +9,11 @@ import pytest
 
 from mlx_gemma4.generation import generate_step
 from mlx_gemma4.speculative import producer_caches, required_max_rewind
-from tests import helpers, tiny
+from tests import helpers
 
 # The compiled step reads the whole buffers under a mask, in slot order, and fuses element-wise ops, so its float32
 # sums round differently: about 1e-6 per step here (fed its own outputs, the random drafter grows that ~4x a step).
 HIDDEN_ATOL = 5e-6
-
-
-@pytest.fixture(scope="module")
-def drafter():
-    made = {}
-
-    def get(family: str):
-        if family not in made:
-            made[family] = helpers.assistant_from(tiny.make_assistant(family, ordered=family == "e"))
-        return made[family]
-
-    return get
 
 
 def _ids(n: int) -> mx.array:
@@ -33,12 +21,12 @@ def _ids(n: int) -> mx.array:
 
 
 @pytest.mark.parametrize("family", ["e", "dense"])
-def test_compiled_drafts_are_the_drafts_op_by_op(text_pair, drafter, family):
+def test_compiled_drafts_are_the_drafts_op_by_op(text_pair, drafters, family):
     """At every position from 240 to 272 (the full layers' buffer grows from 256 to 512 slots; the 8-token
     sliding rings have wrapped many times), three drafting steps of both paths, each from the same token and
     hidden state (the uncompiled path's previous outputs)."""
     _, model = text_pair(family)
-    ours = drafter(family)
+    ours = drafters(family)
     ours._compiled_draft = None   # count this test's traces only
     ids = _ids(272)
     cache = model.make_cache(max_rewind=required_max_rewind(model, ours, 4))
@@ -57,11 +45,11 @@ def test_compiled_drafts_are_the_drafts_op_by_op(text_pair, drafter, family):
     assert ours._compiled_draft.traces == 2   # the full buffer at 256 slots, then at 512
 
 
-def test_a_long_generation_traces_once_per_buffer_size_and_stays_greedy(text_pair, drafter):
+def test_a_long_generation_traces_once_per_buffer_size_and_stays_greedy(text_pair, drafters):
     """300 tokens after a 30-token prompt with 3 drafts a round: the full layers' buffer takes two sizes, so the
     drafter's step is traced twice, and the output is plain greedy's."""
     _, model = text_pair("e")
-    ours = drafter("e")
+    ours = drafters("e")
     ours._compiled_draft = None   # count this generation's traces only
     inputs = {"input_ids": _ids(30)}
     plain = [t for t, _ in generate_step(model, inputs, max_tokens=300)]

@@ -22,18 +22,6 @@ NEW = 50
 
 
 @pytest.fixture(scope="module")
-def drafters():
-    made = {}
-
-    def get(family: str):
-        if family not in made:
-            made[family] = helpers.assistant_from(tiny.make_assistant(family, ordered=family == "e"))
-        return made[family]
-
-    return get
-
-
-@pytest.fixture(scope="module")
 def mimicking(checkpoint_factory):
     """A 2-layer dense target (a checkpoint with a tokenizer) and a drafter built from its layers
     (helpers.mimic): they agree often. (transformers target, our target, processor, transformers drafter, ours)"""
