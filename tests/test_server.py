@@ -260,6 +260,7 @@ def test_api_key_body_size_json_and_routes(server, converted_towers):
     with pytest.raises(openai.AuthenticationError) as e:
         anon.models.list()
     assert "API key" in e.value.body["message"]
+    assert (e.value.body["type"], e.value.body["code"]) == ("invalid_request_error", "invalid_api_key")  # as OpenAI
     # The scheme's case is free (clients send "bearer" too); another scheme or key is refused.
     for header, status in ((f"bearer {KEY}", 200), (f"Bearer  {KEY} ", 200), (f"Basic {KEY}", 401), (KEY, 401),
                            ("Bearer", 401)):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -215,10 +217,13 @@ def test_requests_wait_in_line_and_a_full_line_is_refused(client, served, steer)
     second.start()
     wait_until(lambda: engine.pending == 2, "the second request to queue")
     # max_waiting=1: one generating, one waiting; a third is told at once that the server is busy.
-    status, body = request(server.url + "/v1/chat/completions", json.dumps(
+    third = urllib.request.Request(server.url + "/v1/chat/completions", data=json.dumps(
         {"model": MODEL, "messages": [{"role": "user", "content": "third"}]}).encode(),
-        {"Content-Type": "application/json"})
-    assert status == 503 and "busy" in body["error"]["message"]
+        headers={"Content-Type": "application/json"}, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as busy:
+        urllib.request.urlopen(third, timeout=300)
+    assert busy.value.code == 503 and "busy" in json.loads(busy.value.read())["error"]["message"]
+    assert busy.value.headers["Retry-After"] == "1"   # when to ask again
     assert request(server.url + "/health")[1]["pending"] == 2
     release.set()
     first.join()
@@ -254,7 +259,6 @@ def test_an_empty_api_key_is_no_key(served):
 def test_browser_pages_need_cors_origin(served):
     """A chat front-end running in a browser asks with OPTIONS first (a preflight) and reads an answer only with
     Access-Control-Allow-Origin: without --cors-origin the preflight's 405 says what to do; with it, it passes."""
-    import urllib.request
 
     from mlx_gemma4.server import create_app
 

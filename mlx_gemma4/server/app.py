@@ -66,7 +66,7 @@ def create_app(engine: Engine, *, model_id: str, limits: Limits | None = None, a
         # The scheme's case is free (RFC 9110: "bearer" is "Bearer"), and so is the space around the key.
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
             raise RequestError("Missing or wrong API key: send 'Authorization: Bearer <key>' with the key the server "
-                               "was started with.", status=401, kind="authentication_error", code="invalid_api_key")
+                               "was started with.", status=401, code="invalid_api_key")   # OpenAI's type and code
 
     def model_card() -> dict[str, Any]:
         return {"id": model_id, "object": "model", "created": created, "owned_by": "mlx-gemma4"}
@@ -138,7 +138,9 @@ def create_app(engine: Engine, *, model_id: str, limits: Limits | None = None, a
             try:
                 return await handler(request)
             except RequestError as e:
-                return JSONResponse(e.body(), status_code=e.status)
+                # A busy or stopping server: clients that honour Retry-After (the openai client does) try again.
+                headers = {"Retry-After": "1"} if e.status == 503 else None
+                return JSONResponse(e.body(), status_code=e.status, headers=headers)
             except ContextLengthError as e:
                 return JSONResponse(RequestError(str(e), param="messages", code="context_length_exceeded").body(),
                                     status_code=400)
