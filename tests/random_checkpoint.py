@@ -352,101 +352,18 @@ def _write_shard(f: Path, names: list[str], shapes: dict, rng, dtype: str, st_dt
     return offset
 
 
-class ShardWriter:
-    """Whole, evaluated MLX tensors into shards named as the converter names them (a shard is written when the
-    next tensor would overflow it), then the converter's index. ``convert`` streams row chunks instead."""
-
-    def __init__(self, root: Path, max_bytes: int):
-        self.root, self.max_bytes = root, max_bytes
-        self.pending: dict = {}
-        self.pending_bytes = 0
-        self.shards: list[list[str]] = []
-        self.total = 0
-
-    def add(self, name: str, value) -> None:
-        if self.pending and self.pending_bytes + value.nbytes > self.max_bytes:
-            self.flush()
-        self.pending[name] = value
-        self.pending_bytes += value.nbytes
-        self.total += value.nbytes
-
-    def flush(self) -> None:
-        from mlx_gemma4.safetensors_io import save
-
-        if self.pending:
-            save(self.root / f"shard-{len(self.shards):05d}.tmp.safetensors", self.pending, {"format": "mlx"})
-            self.shards.append(list(self.pending))
-            self.pending, self.pending_bytes = {}, 0
-
-    def finish(self) -> None:
-        from mlx_gemma4.conversion import write_index
-
-        self.flush()
-        n, weight_map = len(self.shards), {}
-        for i, names in enumerate(self.shards):
-            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            (self.root / f"shard-{i:05d}.tmp.safetensors").rename(self.root / final)
-            weight_map.update({k: final for k in names})
-        write_index(self.root, weight_map, self.total)
-
-
 def write_mlx(path: str | Path, text_config: dict, q_bits: int | None = 4, q_group_size: int = 64,
               seed: int = 0) -> Path:
-    """Write a random *converted* (MLX, quantized by our recipe) text model straight from MLX, with the converter's
-    config, index and PLE file writers: what convert.py would write for a random checkpoint of this size, without
-    the (large) HF checkpoint on disk. Generates and quantizes row chunks, so memory stays near one tensor."""
-    from mlx.utils import tree_flatten
-
-    from mlx_gemma4.config import ModelConfig
-    from mlx_gemma4.conversion import write_config
-    from mlx_gemma4.model import Gemma4
-    from mlx_gemma4.ple import PLE_FILE, save_table
-    from mlx_gemma4.quantize import PLE, plan, quantize_weight, recipe
+    """Write a random *converted* (MLX, quantized by our recipe) text model: convert.py's own converter run on the
+    weights ``write`` would write for this size (``generated_tensors``), without the (large) HF checkpoint on
+    disk; only its config.json is written, into ``path``'s sibling ``.NAME-settings``. Streams row chunks, so
+    memory stays near one chunk."""
+    from mlx_gemma4.conversion import convert
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    raw = config_dict(text_config)
-    raw.pop("vision_config", None), raw.pop("audio_config", None)
-    config = ModelConfig.from_dict(raw)
-    model = Gemma4(config)
-    quant = recipe(model, q_bits, q_group_size) if q_bits else None
-    decisions = plan(model, quant)
-    mx.random.seed(seed)
-    pool = mx.random.normal((2 * _CHUNK,))
-    writer = ShardWriter(path, 5 * 1024**3)
-    for name, p in tree_flatten(model.parameters()):
-        module = name.rsplit(".", 1)[0]
-        mean, std = _init(name)
-        rows = max(1, _CHUNK // max(1, int(np.prod(p.shape[1:]))))
-        parts = []
-        for r0 in range(0, p.shape[0] if p.ndim else 1, rows):
-            shape = (min(rows, p.shape[0] - r0), *p.shape[1:]) if p.ndim else ()
-            k = int(np.prod(shape))   # a window of a pre-drawn pool: random draws cost more than the rest here
-            start = int(mx.random.randint(0, pool.size - k + 1, ()).item()) if pool.size > k else 0
-            x = (mean + std * pool[start:start + k].reshape(shape)).astype(mx.bfloat16)
-            if name.endswith(".weight") and module in decisions:
-                bits, group = decisions[module]
-                x = quantize_weight(x, bits, group, mx.bfloat16)
-            else:
-                x = (x,)
-            mx.eval(*x)
-            parts.append(x)
-        keys = [name, f"{module}.scales", f"{module}.biases"][: len(parts[0])]
-        tensors = {k: mx.concatenate([pt[i] for pt in parts]) if len(parts) > 1 else parts[0][i]
-                   for i, k in enumerate(keys)}
-        mx.eval(*tensors.values())
-        del parts
-        if module == PLE:
-            bits, group = decisions.get(module, (0, 0))
-            save_table(path / PLE_FILE, {k.rsplit(".", 1)[1]: v for k, v in tensors.items()},
-                       model.language_model.ple_scale, p.shape[-1], bits, group)
-        else:
-            for k, v in tensors.items():
-                writer.add(k, v)
-        del tensors
-    writer.finish()
-    write_config(path, config, quant, "bfloat16")
-    return path
+    settings = write_settings(path.parent / f".{path.name}-settings", text_config, "bfloat16")
+    tensors = generated_tensors(text_config, "bfloat16", seed=seed)
+    return convert(settings, path, q_bits=q_bits, q_group_size=q_group_size, dtype="bfloat16", tensors=tensors)
 
 
 def _status() -> dict[str, float]:
