@@ -212,18 +212,16 @@ def curve(parts: dict) -> tuple[list[dict], float | None]:
     return rows, even
 
 
-def plain_gaps(target, prompt: mx.array, tokens: list[int],
-               keep: set[int] = frozenset()) -> tuple[list[float], list[float], dict[int, mx.array]]:
+def plain_gaps(target, prompt: mx.array, tokens: list[int]) -> tuple[list[float], list[float], list[mx.array]]:
     """Feed ``tokens`` through the plain token loop (the kernels plain decoding runs) and return, per token, how
-    far its log-probability is below that step's best, the step's gap between its best two, and the
-    log-probabilities of the steps in ``keep``."""
-    forced, gaps, margins, kept = iter(tokens), [], [], {}
+    far its log-probability is below that step's best, the step's gap between its best two, and the step's
+    log-probabilities (vocab,)."""
+    forced, gaps, margins, logprobs_out = iter(tokens), [], [], []
 
     def sampler(logprobs: mx.array) -> mx.array:
         t = next(forced)
         top2 = mx.topk(logprobs, 2, axis=-1)
-        if len(gaps) in keep:
-            kept[len(gaps)] = logprobs[0]
+        logprobs_out.append(logprobs[0])
         gaps.append(mx.max(logprobs, axis=-1) - logprobs[:, t])
         margins.append(mx.max(top2, axis=-1) - mx.min(top2, axis=-1))
         return mx.array([t], dtype=mx.uint32)
@@ -231,7 +229,7 @@ def plain_gaps(target, prompt: mx.array, tokens: list[int],
     from mlx_gemma4.generation import generate_step
     for _ in generate_step(target, {"input_ids": prompt}, max_tokens=len(tokens), sampler=sampler):
         pass
-    return [g.item() for g in gaps], [m.item() for m in margins], kept
+    return [g.item() for g in gaps], [m.item() for m in margins], logprobs_out
 
 
 def one_pass(target, prompt: mx.array, tokens: list[int], i: int) -> mx.array:
@@ -252,11 +250,9 @@ def check_tokens(target, prompt: mx.array, greedy: list[int], tokens: list[int],
     speculative loop is no farther from the one-pass forward than 1.5x the plain loop is."""
     if tokens == greedy:
         return {"identical": True}
-    keep = set(range(0, len(tokens), max(1, len(tokens) // 8)))
-    gaps, margins, _ = plain_gaps(target, prompt, tokens)
+    gaps, margins, plain_lp = plain_gaps(target, prompt, tokens)
     off = [(i, round(g, 4)) for i, g in enumerate(gaps) if g > 0]
-    keep |= {i for i, _ in off[:8]}
-    _, _, plain_lp = plain_gaps(target, prompt, tokens, keep)
+    keep = set(range(0, len(tokens), max(1, len(tokens) // 8))) | {i for i, _ in off[:8]}
     d_plain = d_spec = 0.0
     for i in sorted(keep):
         ref = one_pass(target, prompt, tokens, i)

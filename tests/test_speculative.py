@@ -293,18 +293,16 @@ def test_the_benchmarks_check_accepts_plain_greedy_and_measures_a_token_it_would
     _, model = text_pair("e")
     prompt = _inputs(12)["input_ids"]
     plain, _, _ = run_rounds(model, {"input_ids": prompt}, max_tokens=10)
-    gaps, margins, kept = plain_gaps(model, prompt, plain, {3})
+    gaps, margins, kept = plain_gaps(model, prompt, plain)
     assert gaps == [0.0] * len(plain) and all(m >= 0 for m in margins)
     # The plain loop's log-probabilities are those of one pass over the same tokens.
     assert mx.allclose(kept[3], one_pass(model, prompt, plain, 3), atol=1e-4)
     assert check_tokens(model, prompt, plain, list(plain), [], tol=0.0) == {"identical": True}
     other = list(plain)
     other[4] = (plain[4] + 1) % model.config.text_config.vocab_size
-    gaps, _, _ = plain_gaps(model, prompt, other)
+    gaps, _, logprobs = plain_gaps(model, prompt, other)
     assert gaps[4] > 0 and gaps[:4] == [0.0] * 4
     # What a loop that picked ``other`` reported: the plain loop's own log-probabilities pass ...
-    _, _, own = plain_gaps(model, prompt, other, set(range(len(other))))
-    logprobs = [own[i] for i in range(len(other))]
     report = check_tokens(model, prompt, plain, other, logprobs, tol=0.0)
     assert report["first_difference"] == 4 and report["not_plain_best"][0][0] == 4
     assert report["plain_vs_one_pass"] < 1e-4
