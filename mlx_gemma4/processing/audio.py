@@ -58,6 +58,15 @@ def _int_to_float(x: np.ndarray) -> np.ndarray:
     return (x.astype(np.float64) / -float(info.min)).astype(np.float32)
 
 
+# Where processor_config.json keeps the audio preprocessor's settings (transformers' name, then an older one).
+AUDIO_SECTIONS = ("feature_extractor", "audio_processor")
+
+
+def audio_section(d: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The audio settings in ``d``: its audio section, or ``d`` itself when flat (preprocessor_config.json)."""
+    return next((d[k] for k in AUDIO_SECTIONS if d.get(k)), d)
+
+
 def _to_mono_float(x: np.ndarray, what: str) -> np.ndarray:
     """Any numeric array of samples -> 1-D float32; channels are averaged."""
     x = np.asarray(x)
@@ -306,7 +315,7 @@ class AudioFeatureExtractor:
     def from_dict(cls, d: Mapping[str, Any]) -> AudioFeatureExtractor:
         """Settings from a checkpoint's processor_config.json (a "feature_extractor" section plus top-level
         ``audio_seq_length``) or a flat preprocessor_config.json. Unknown keys are ignored."""
-        fe = dict(d.get("feature_extractor") or d.get("audio_processor") or d)
+        fe = dict(audio_section(d))
         for key in ("audio_seq_length",):
             if key in d and key not in fe:
                 fe[key] = d[key]

@@ -146,8 +146,10 @@ class Processor:
         """The settings of one media kind's preprocessor, looked up where transformers looks: its section of
         processor_config.json, else its own file (preprocessor_config.json; for video
         video_preprocessor_config.json, then preprocessor_config.json), else processor_config.json as it is."""
+        from .audio import AUDIO_SECTIONS
+
         sections, files = {"image": (("image_processor",), [self._image_config]),
-                           "audio": (("feature_extractor", "audio_processor"), [self._image_config]),
+                           "audio": (AUDIO_SECTIONS, [self._image_config]),
                            "video": (("video_processor",), [self._video_config, self._image_config])}[kind]
         if any(isinstance(self.processor_config.get(k), dict) for k in sections):
             return self.processor_config

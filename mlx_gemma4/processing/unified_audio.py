@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from .audio import SAMPLING_RATE, _to_mono_float, audio_prompt_text
+from .audio import SAMPLING_RATE, _to_mono_float, audio_prompt_text, audio_section
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class UnifiedAudioFeatureExtractor:
     def from_dict(cls, d: Mapping[str, Any]) -> UnifiedAudioFeatureExtractor:
         """Settings from processor_config.json (its "feature_extractor" section) or a flat preprocessor_config.json.
         Unknown keys are ignored."""
-        fe = dict(d.get("feature_extractor") or d.get("audio_processor") or d)
+        fe = dict(audio_section(d))
         names = set(inspect.signature(cls.__init__).parameters) - {"self"}
         logger.debug("UnifiedAudioFeatureExtractor: ignoring keys %s", sorted(set(fe) - names))
         return cls(**{k: v for k, v in fe.items() if k in names and v is not None})
@@ -64,12 +64,6 @@ class UnifiedAudioFeatureExtractor:
     def longest_clip(self, max_tokens: int) -> int:
         """Samples of the longest clip whose prompt run fits in ``max_tokens`` tokens (0 if none does)."""
         return max(0, max_tokens - 2) * self.audio_samples_per_token
-
-    def frames(self, wave: np.ndarray) -> np.ndarray:
-        """(samples,) -> (ceil(samples / n), n) float32 frames of n = audio_samples_per_token samples."""
-        n = self.audio_samples_per_token
-        wave = np.pad(wave, (0, (-len(wave)) % n))  # zeros complete the last frame
-        return wave.reshape(-1, n).astype(np.float32)  # (frames, n)
 
     def __call__(self, audios: Sequence[np.ndarray] | np.ndarray) -> dict[str, Any]:
         """Frames for a batch of 16 kHz mono clips. Returns ``input_features`` (N, T, n) float32,
@@ -89,7 +83,7 @@ class UnifiedAudioFeatureExtractor:
         feats = np.full((len(clips), max(counts), n), self.padding_value, np.float32)
         mask = np.zeros((len(clips), max(counts)), np.bool_)  # (N, T)
         for i, (c, t) in enumerate(zip(clips, counts)):
-            # Samples straight into their frames (one copy); zeros complete the last frame, as frames() does.
+            # Samples straight into their frames (one copy); zeros complete the last frame.
             row = feats[i].reshape(-1)
             row[: len(c)] = c
             row[len(c) : t * n] = 0.0
