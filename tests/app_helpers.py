@@ -105,6 +105,14 @@ async def until(pilot, cond) -> None:
         await pilot.pause(0.02)
 
 
+async def open_screen(pilot, key: str, kind: type):
+    """Press ``key`` and let the app run until a screen of ``kind`` is up and laid out; that screen."""
+    await pilot.press(key)
+    await until(pilot, lambda: isinstance(pilot.app.screen, kind))
+    await pilot.pause()
+    return pilot.app.screen
+
+
 async def send(pilot, text: str) -> None:
     prompt = pilot.app.screen.query_one(PromptArea)
     prompt.text = text

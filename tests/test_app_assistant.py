@@ -16,7 +16,7 @@ from app.screens.settings import SettingsScreen
 from app.settings_store import SettingsStore
 from app.widgets.status import status_parts
 from tests import tiny
-from tests.app_helpers import record_notes, send, until
+from tests.app_helpers import open_screen, record_notes, send, until
 
 
 def _backend(path, settings: Settings) -> tuple[Backend, list]:
@@ -117,9 +117,8 @@ def _app(path, tmp_path, settings: Settings):
 
 
 async def _set_drafter(pilot, folder: str) -> None:
-    await pilot.press("f2")
-    await until(pilot, lambda: isinstance(pilot.app.screen, SettingsScreen))
-    pilot.app.screen.query_one("#assistant").value = folder
+    screen = await open_screen(pilot, "f2", SettingsScreen)
+    screen.query_one("#assistant").value = folder
     await pilot.press("ctrl+s")
 
 

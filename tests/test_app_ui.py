@@ -35,7 +35,7 @@ from app.widgets.prompt import PromptArea
 from app.widgets.status import StatusBar, fit, status_parts
 from app.widgets.thumbnail import ImagePreview, Picture
 from app.widgets.messages import Notice
-from tests.app_helpers import ScriptedSession, make_app, record_notes, send, until
+from tests.app_helpers import ScriptedSession, make_app, open_screen, record_notes, send, until
 
 SIZE = (80, 24)
 
@@ -527,10 +527,7 @@ def test_settings_buttons_and_every_field_reachable_on_a_small_screen(tmp_path, 
         app = make_app(tmp_path)
         async with app.run_test(size=size) as pilot:
             await until(pilot, lambda: app.backend.loaded)
-            await pilot.press("f2")
-            await until(pilot, lambda: isinstance(app.screen, SettingsScreen))
-            await pilot.pause()
-            screen = app.screen
+            screen = await open_screen(pilot, "f2", SettingsScreen)
             inside, body = screen.query_one("#settings").content_region, screen.query_one("#settings-body").region
             for button in ("#save", "#cancel"):
                 region = screen.query_one(button).region
@@ -556,11 +553,9 @@ def test_conversations_hint_stays_on_a_small_screen(tmp_path, size):
         app = make_app(tmp_path)
         async with app.run_test(size=size) as pilot:
             await until(pilot, lambda: app.backend.loaded)
-            await pilot.press("ctrl+l")
-            await until(pilot, lambda: isinstance(app.screen, ConversationsScreen))
-            await pilot.pause()
-            dialog = app.screen.query_one("#conversations-dialog")
-            listed, hint = app.screen.query_one("#conversations"), app.screen.query_one(".hint")
+            screen = await open_screen(pilot, "ctrl+l", ConversationsScreen)
+            dialog = screen.query_one("#conversations-dialog")
+            listed, hint = screen.query_one("#conversations"), screen.query_one(".hint")
             assert dialog.content_region.contains_region(hint.region) and not listed.region.overlaps(hint.region)
             assert listed.region.height >= 3
     run(go())
