@@ -37,10 +37,11 @@ from mlx_gemma4.layers import MultimodalEmbedder
 from mlx_gemma4.processing.unified_audio import UnifiedAudioFeatureExtractor
 from mlx_gemma4.processing.unified_vision import UnifiedImageProcessor
 from mlx_gemma4.unified import VisionEmbedder, encode_patches, encode_waveform
+from tests import random_checkpoint as rc
 
-VISION_12B = dict(patch_size=16, pooling_kernel_size=3, mm_embed_dim=3840, mm_posemb_size=1120, output_proj_dims=3840)
-AUDIO_12B = dict(audio_embed_dim=640)
-TEXT_HIDDEN_12B = 3840
+VISION_12B = rc.UNIFIED_12B_VISION
+AUDIO_12B = rc.UNIFIED_12B_AUDIO
+TEXT_HIDDEN_12B = rc.UNIFIED_12B_TEXT["hidden_size"]
 TINY_VISION_12B = dict(VISION_12B, mm_embed_dim=64, output_proj_dims=64)
 TINY_TEXT_HIDDEN_12B = 128
 
