@@ -35,6 +35,7 @@ outputs (~15 GB each for 26B at 4 bits) and a few MB of settings reach the disk;
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import itertools
 import json
@@ -128,12 +129,25 @@ class Impl:
 class Ours(Impl):
     name = "ours"
     prefill_chunk = 2048   # stream_generate's default; --prefill-chunk sets it
+    dense_prefill = None   # model.dense_prefill while this one streams (None: the backend's default)
 
     def load(self, path):
         from mlx_gemma4 import load
 
         self.model, self.processor = load(path)
         self.note = f"PLE table {self.model.ple_placement}" if self.model.ple_placement else ""
+
+    def with_chunk(self, chunk: int) -> Ours:
+        """The same loaded model under the name ours-cCHUNK, prefilling in chunks of ``chunk`` tokens."""
+        other = copy.copy(self)
+        other.name, other.prefill_chunk = f"ours-c{chunk}", chunk
+        return other
+
+    def with_quantized_prefill(self) -> Ours:
+        """The same loaded model under the name ours-qmm, its prefill on the quantized matmuls (prefill_matmul.py)."""
+        other = copy.copy(self)
+        other.name, other.dense_prefill = "ours-qmm", False
+        return other
 
     def chat_prompt(self, text: str) -> str:
         return self.processor.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
@@ -148,12 +162,14 @@ class Ours(Impl):
     def stream(self, prompt, gen):
         from mlx_gemma4 import stream_generate
 
+        self.model.dense_prefill = self.dense_prefill
         yield from stream_generate(self.model, self.processor, prompt, max_tokens=gen, stop_ids=[],
                                    prefill_chunk=self.prefill_chunk)
 
     def followup(self, first, message, gen):
         from mlx_gemma4 import ChatSession
 
+        self.model.dense_prefill = self.dense_prefill
         session = ChatSession(self.model, self.processor, prefill_chunk=self.prefill_chunk)
         forced = self.answer_ids()
         for _ in session.send(first, max_tokens=len(forced), sampler=_forcing(forced)):
@@ -271,8 +287,13 @@ def main(argv=None) -> None:
     ap.add_argument("--gen", type=int, default=128, help="generated tokens")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2, help="untimed runs of each implementation first")
-    ap.add_argument("--prefill-chunk", type=int, default=2048,
-                    help="our prefill chunk (tokens): smaller chunks lower the peak, at some cost in TTFT")
+    ap.add_argument("--prefill-chunk", type=_chunks, default=[2048],
+                    help="our prefill chunk (tokens): smaller chunks lower the peak, at some cost in TTFT; a "
+                         "comma-separated list adds our model again under ours-cN for each further chunk N (the same "
+                         "loaded weights, timed in the same interleaved rounds)")
+    ap.add_argument("--quantized-prefill-too", action="store_true",
+                    help="add our model again as ours-qmm, its prefill on quantized matmuls (where the backend "
+                         "dequantizes by default: prefill_matmul.py)")
     ap.add_argument("--compare", default="mlx-lm", help="comma-separated: mlx-lm, mlx-vlm ('' for ours alone)")
     ap.add_argument("--followup", type=int, default=0, help="also time a second chat turn after ~N tokens")
     ap.add_argument("--breakdown", action="store_true", help="also time the parts of our TTFT")
@@ -300,7 +321,10 @@ def main(argv=None) -> None:
         try:
             impls.append(IMPLS[n](paths[n]))
             if n == "ours":
-                impls[-1].prefill_chunk = a.prefill_chunk
+                impls[-1].prefill_chunk = a.prefill_chunk[0]
+                impls.extend(impls[-1].with_chunk(c) for c in a.prefill_chunk[1:])
+                if a.quantized_prefill_too:
+                    impls.append(impls[-1 - (len(a.prefill_chunk) - 1)].with_quantized_prefill())
         except Exception as e:  # a peer that cannot load this checkpoint is reported, not fatal
             errors[n] = f"{type(e).__name__}: {e}"
             print(f"# {n} could not load: {errors[n]}", flush=True)
@@ -331,7 +355,7 @@ def main(argv=None) -> None:
         print("# ours, TTFT parts (ms): " + json.dumps(_breakdown(ours, prompt)), flush=True)
     med = {name: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for name, rs in runs.items()}
     result = dict(size=a.size, q_bits=a.q_bits, group=a.q_group_size, prompt_tokens=n_prompt, gen=a.gen,
-                  prefill_chunk=a.prefill_chunk,
+                  prefill_chunk=a.prefill_chunk[0],
                   runs=a.runs, device=str(mx.default_device()), machine=platform.machine(),
                   versions=_versions(names), weights_gb={i.name: round(i.weights_gb, 3) for i in impls},
                   notes={i.name: i.note for i in impls if i.note}, median=med, all=runs, errors=errors,
@@ -362,6 +386,16 @@ def _breakdown(ours: Ours, prompt: str, runs: int = 3) -> dict:
     return {k: round(statistics.median(v), 2) for k, v in out.items()}
 
 
+def _chunks(text: str) -> list[int]:
+    try:
+        chunks = [int(c) for c in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected token counts separated by commas, got {text!r}") from None
+    if not chunks or min(chunks) < 1:
+        raise argparse.ArgumentTypeError(f"chunks must be positive token counts, got {text!r}")
+    return chunks
+
+
 def _versions(names) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -386,11 +420,15 @@ def _table(r: dict) -> str:
         lines.append(f"| {name} | {r['weights_gb'][name]:.2f} | {m['ttft_ms']:.0f} | {m['prefill_tps']:,.0f} | "
                      f"{m['decode_tps']:.1f} | {m['peak_gb']:.2f} ({first:.2f} at 1st token) | "
                      f"{'' if f is None else f'{f:.0f}'} |")
-    for name, m in med.items():
-        if name != "ours" and base:
-            f0, f1 = r["followup_ttft_ms"].get("ours"), r["followup_ttft_ms"].get(name)
-            lines.append(f"ours / {name}: TTFT {base['ttft_ms'] / m['ttft_ms']:.2f}x, decode "
-                         f"{base['decode_tps'] / m['decode_tps']:.2f}x, peak {base['peak_gb'] / m['peak_gb']:.2f}x"
+    ours_like = [n for n in med if n == "ours" or n.startswith("ours-")]
+    for mine in ours_like if base else []:
+        for name, m in med.items():
+            if name in ours_like:
+                continue
+            b = med[mine]
+            f0, f1 = r["followup_ttft_ms"].get(mine), r["followup_ttft_ms"].get(name)
+            lines.append(f"{mine} / {name}: TTFT {b['ttft_ms'] / m['ttft_ms']:.2f}x, decode "
+                         f"{b['decode_tps'] / m['decode_tps']:.2f}x, peak {b['peak_gb'] / m['peak_gb']:.2f}x"
                          + (f", 2nd-turn TTFT {f0 / f1:.2f}x" if f0 and f1 else ""))
     for name, note in r["notes"].items():
         lines.append(f"{name}: {note}")

@@ -9,11 +9,12 @@ times (medians after warm-up, each synchronised):
 - prefill: ours (``model.prefill``), ours as one lazy graph, ours over every layer at every position, and mlx-lm's
   as its ``stream_generate`` runs it (all but the last token with the cache evaluated, then the last token);
 - one layer of each kind at prompt length and its parts (attention, projections, MLP, sdpa, a norm);
-- 4-bit matmuls at prompt sizes: MLX's quantized matmul against dequantize + dense matmul;
+- 4-bit matmuls at prompt sizes: MLX's quantized matmul against dequantize + dense matmul; with `--parts rows`, at
+  1 to 8 rows (a speculative verify's), as they are and padded to 8;
 - decode: a bare greedy loop (queued one step ahead) of ours and mlx-lm's, the host time to build one of our
   steps and one of mlx-lm's, and one step evaluated synchronously;
-- A/B switches: mx.fast's attention everywhere instead of the written-out one (text.attention), and prefill with
-  each 4-bit weight dequantized for its matmul.
+- A/B switches: mx.fast's attention everywhere against the written-out one everywhere (text.attention), and
+  prefill with its 4-bit weights dequantized for their matmuls (prefill_matmul.py) or not, with each one's peak.
 
 Not the user's path (that is benchmarks.e2e): this explains its numbers.
 """
@@ -25,7 +26,6 @@ import statistics
 import time
 
 import mlx.core as mx
-import mlx.nn as nn
 
 
 def med(f, runs: int = 5, warm: int = 2) -> float:
@@ -50,7 +50,8 @@ def main(argv=None) -> None:
     ap.add_argument("--decode", type=int, default=64, help="tokens of each bare decode loop")
     ap.add_argument("--no-matmuls", action="store_true", help="leave out the 4-bit matmul sizes (slow on a CPU)")
     ap.add_argument("--parts", default="prefill,layers,matmuls,decode,ab",
-                    help="comma-separated: which of prefill, layers, matmuls, decode, ab to time (default all)")
+                    help="comma-separated: which of prefill, layers, matmuls, rows, decode, ab to time (default all "
+                         "but rows)")
     a = ap.parse_args(argv)
 
     import mlx_lm
@@ -96,9 +97,15 @@ def main(argv=None) -> None:
         if "layers" in parts:
             res[f"layer {i} ({lm.config.layer_types[i]}) at prompt length, ms"] = _layer_parts(model, ids, i)
 
-    for M in () if a.no_matmuls or "matmuls" not in parts else (a.tokens, 256):
-        for K, N in ((2560, 20480), (10240, 2560), (2560, 3072)):
+    hidden, inter = lm.config.hidden_size, lm.config.intermediate_size
+    shapes = ((hidden, 2 * inter), (inter, hidden))          # this model's gate/up and down projections
+    for M in () if a.no_matmuls or "matmuls" not in parts else (a.tokens, 512, 256, 128, 64):
+        for K, N in shapes:
             res[f"4-bit matmul M={M} K={K} N={N}: quantized, dequantized+dense ms"] = _matmuls(M, K, N)
+    if "rows" in parts:   # a speculative verify's few rows: as they are, and padded to 8
+        for K, N in shapes:
+            res[f"4-bit matmul K={K} N={N}, ms at M=1..8"] = [_rows(M, K, N) for M in range(1, 9)]
+            res[f"4-bit matmul K={K} N={N}, ms at M=1..8 padded to 8"] = [_rows(M, K, N, 8) for M in range(1, 9)]
 
     def ours_decode():
         c = model.make_cache()
@@ -141,32 +148,27 @@ def main(argv=None) -> None:
     if "ab" not in parts:
         return
 
-    # A/B: mx.fast's attention everywhere (the compiled step is traced again for each setting)
+    # A/B: mx.fast's attention everywhere, against the written-out math everywhere (the compiled step is traced
+    # again for each setting); the default picks per head size and query count (text._fused_attention_sizes).
     sizes = text._fused_attention_sizes
-    text._fused_attention_sizes = lambda: (4096, 4096)
-    model._compiled_step = None
-    res["A/B prefill ms: mx.fast attention"] = med(ours_prefill)
-    res["A/B bare decode tok/s: mx.fast attention"] = tps(ours_decode)
+    for label, setting in (("mx.fast attention", (1 << 30,) * 3), ("written-out attention", (0, 0, 0))):
+        text._fused_attention_sizes = lambda setting=setting: setting
+        model._compiled_step = None
+        res[f"A/B prefill ms: {label}"] = med(ours_prefill)
+        res[f"A/B bare decode tok/s: {label}"] = tps(ours_decode)
     text._fused_attention_sizes = sizes
     model._compiled_step = None
-    res["A/B prefill ms: written-out attention"] = med(ours_prefill)
-    res["A/B bare decode tok/s: written-out attention"] = tps(ours_decode)
 
-    # A/B: prefill matmuls on dequantized weights
-    quantized = nn.QuantizedLinear.__call__
-
-    def dense_when_many(self, x):
-        if x.size // x.shape[-1] < 64:
-            return quantized(self, x)
-        w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
-                          bits=self.bits, mode=self.mode)
-        out = x @ w.T
-        return out + self["bias"] if "bias" in self else out
-
-    nn.QuantizedLinear.__call__ = dense_when_many
-    res["A/B prefill ms: dequantized matmuls"] = med(ours_prefill)
-    nn.QuantizedLinear.__call__ = quantized
-    res["A/B prefill ms: quantized matmuls"] = med(ours_prefill)
+    # A/B: prefill's projections on dequantized weights (prefill_matmul.py) or quantized, with each one's peak
+    for label, dense in (("dequantized matmuls", True), ("quantized matmuls", False)):
+        model.dense_prefill = dense
+        res[f"A/B prefill ms: {label}"] = med(ours_prefill)
+        mx.synchronize()
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        ours_prefill()
+        res[f"A/B prefill peak over start MB: {label}"] = round((mx.get_peak_memory() - before) / 1e6)
+    model.dense_prefill = None
 
 
 class _Results(dict):
@@ -213,6 +215,19 @@ def _matmuls(M: int, K: int, N: int) -> tuple[float, float]:
     mx.eval(wq, scales, biases, x)
     return (med(lambda: mx.eval(mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=64, bits=4))),
             med(lambda: mx.eval(x @ mx.dequantize(wq, scales, biases, group_size=64, bits=4).T)))
+
+
+def _rows(M: int, K: int, N: int, pad_to: int = 0) -> float:
+    w = mx.random.normal((N, K)).astype(mx.bfloat16) * 0.02
+    wq, scales, biases = mx.quantize(w, group_size=64, bits=4)
+    x = mx.random.normal((1, M, K)).astype(mx.bfloat16)
+    mx.eval(wq, scales, biases, x)
+
+    def run():
+        xp = mx.pad(x, [(0, 0), (0, pad_to - M), (0, 0)]) if pad_to > M else x
+        return mx.quantized_matmul(xp, wq, scales, biases, transpose=True, group_size=64, bits=4)[:, :M]
+
+    return round(med(lambda: mx.eval(run()), runs=20), 4)
 
 
 def _build_ms(build) -> float:

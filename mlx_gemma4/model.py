@@ -28,6 +28,7 @@ from .decode import CompiledStep, fits_compiled_step
 from .errors import ContextLengthError, InputError
 from .layers import MultimodalEmbedder
 from .media import MEDIA, MEDIA_KEYS
+from . import prefill_matmul
 from .text import TextModel
 
 
@@ -91,6 +92,7 @@ class Gemma4(nn.Module):
         self._text_ids: mx.array | None = None
         self._compiled_step = None
         self._compiled_hidden_step = None
+        self.dense_prefill: bool | None = None   # None: prefill_matmul.default_enabled()
         self.language_model = TextModel(config.text_config)
         if not config.tied_head:
             self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
@@ -180,7 +182,8 @@ class Gemma4(nn.Module):
             p = lm.begin(embeds[:, s:e], None if token_inputs is None else token_inputs[:, s:e], cache,
                          None if blocks is None else blocks[s:e])
             # The last layer before the KV-shared ones has its output read only at the prompt's last position.
-            lm.run(p, cache, range(first_shared), _eval_each_layer(e - s), narrow_last=1 if e == L else 0)
+            with prefill_matmul.dense_matmuls(self._dense_prefill(e - s)):
+                lm.run(p, cache, range(first_shared), _eval_each_layer(e - s), narrow_last=1 if e == L else 0)
             if e == L:
                 lm.run(p, cache, range(first_shared, len(lm.layers)))
                 h = lm.norm(p.h)
@@ -189,6 +192,12 @@ class Gemma4(nn.Module):
             if progress is not None:
                 progress(e, L)
             s = e
+
+    def _dense_prefill(self, n_tokens: int) -> bool:
+        """Whether a prefill chunk of ``n_tokens`` runs its quantized projections on dequantized weights
+        (prefill_matmul.py): ``self.dense_prefill`` when set (True / False), else where the backend gains."""
+        wanted = prefill_matmul.default_enabled() if self.dense_prefill is None else self.dense_prefill
+        return wanted and n_tokens >= prefill_matmul.DENSE_FROM_ROWS
 
     def step(self, token_ids: mx.array, cache: list[KVCache]) -> mx.array:
         """Logits (1, L, vocab) for text tokens ``token_ids`` (1, L) already on the device, after what ``cache``

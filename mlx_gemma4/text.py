@@ -22,6 +22,7 @@ from .cache import KVCache, Mask, window_mask
 from .config import FULL, SLIDING, TextConfig
 from .layers import RMSNorm
 from .moe import MoEBlock
+from .prefill_matmul import project
 
 
 def _scaled(x: mx.array, scale: float) -> mx.array:
@@ -46,13 +47,16 @@ def _rope_freqs(head_dim: int, params: dict) -> mx.array:
     return mx.concatenate([periods, mx.full((head_dim // 2 - rotated,), mx.inf)])
 
 
-def _fused_attention_sizes() -> tuple[int, int]:
-    """(head size up to which mx.fast's attention has a fused kernel, and the largest head size of its few-query
-    (decode) kernel) on the default device, as MLX 0.32 has them: none on the CPU; 128 on CUDA; 128, and 256 for
-    up to 8 queries (32 with the query heads of one K/V head counted), on Metal."""
+def _fused_attention_sizes() -> tuple[int, int, int]:
+    """Where mx.fast's attention is the better path on the default device, as MLX 0.32 has it: (head size up to
+    which it has a fused kernel for any number of queries; head size up to which a few-query (decode) pass takes
+    mx.fast; and how many query rows, the query heads of one K/V head counted, such a pass may have). None on the
+    CPU. CUDA: fused 128; for few queries at any head size mx.fast's own fallback beats the written-out math below
+    (an H200, 12B decode 79.9 against 73.5 tok/s: it keeps one query row per batch entry, which MLX runs as
+    matrix-vector products). Metal: fused 128, and 256 for up to 8 queries (32 rows)."""
     if mx.default_device() != mx.gpu:
-        return 0, 0
-    return (128, 256) if mx.metal.is_available() else (128, 128)
+        return 0, 0, 0
+    return (128, 256, 32) if mx.metal.is_available() else (128, 1 << 30, 1 << 30)
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, mask: Mask) -> mx.array:
@@ -64,8 +68,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: Mask) -> mx.array:
     B, H, L, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     rep = H // Hkv
-    fused, few_queries = _fused_attention_sizes()
-    if D <= fused or (L <= 8 and L * rep <= 32 and D <= few_queries):
+    fused, few_queries, few_rows = _fused_attention_sizes()
+    if D <= fused or (L <= 8 and L * rep <= few_rows and D <= few_queries):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
     scores = q.reshape(B, Hkv, rep * L, D) @ k.swapaxes(-1, -2)                  # (B, Hkv, rep * L, N)
     if mask is not None:
@@ -115,9 +119,9 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         if "gate_up_proj" in self:
-            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)               # (B, L, I) each
-            return self.down_proj(geglu(gate, up))
-        return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
+            gate, up = mx.split(project(self.gate_up_proj, x), 2, axis=-1)               # (B, L, I) each
+            return project(self.down_proj, geglu(gate, up))
+        return project(self.down_proj, geglu(project(self.gate_proj, x), project(self.up_proj, x)))
 
     def fuse(self) -> None:
         """Replace gate_proj and up_proj by one projection to both (``gate_up_proj``): one matmul per call instead
@@ -189,16 +193,16 @@ class Attention(nn.Module):
         if "qkv_proj" in self:
             q_out = self.n_heads * self.head_dim
             cuts = [q_out] if self.k_eq_v else [q_out, q_out + self.n_kv_heads * self.head_dim]
-            q, *kv = mx.split(self.qkv_proj(x), cuts, axis=-1)
+            q, *kv = mx.split(project(self.qkv_proj, x), cuts, axis=-1)
             q = q[:, L - Lq:]
         else:
-            q, kv = (self.q_proj(x[:, L - Lq:]) if Lq else None), None
+            q, kv = (project(self.q_proj, x[:, L - Lq:]) if Lq else None), None
 
         if self.is_shared:
             k, v = shared_kv
         else:
             if not kv:
-                kv = [self.k_proj(x)] if self.k_eq_v else [self.k_proj(x), self.v_proj(x)]
+                kv = [project(self.k_proj, x)] if self.k_eq_v else [project(self.k_proj, x), project(self.v_proj, x)]
             raw_k = kv[0].reshape(B, L, self.n_kv_heads, self.head_dim)             # (B, L, Hkv, D)
             raw_v = raw_k if self.k_eq_v else kv[1].reshape(B, L, self.n_kv_heads, self.head_dim)
             k = self._rope(self.k_norm(raw_k).transpose(0, 2, 1, 3), offset)        # (B, Hkv, L, D)
@@ -213,7 +217,7 @@ class Attention(nn.Module):
         if Lq < L:
             mask = last_queries(mask, Lq)
         out = attention(q, k, v, mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, Lq, -1)), (k, v)
+        return project(self.o_proj, out.transpose(0, 2, 1, 3).reshape(B, Lq, -1)), (k, v)
 
     def fuse(self) -> None:
         """Replace q_proj, k_proj (and v_proj) by one projection (``qkv_proj``), as MLP.fuse does; a KV-shared

@@ -1,0 +1,75 @@
+"""Prefill's projections on dequantized weights, where that is faster than MLX's quantized matmul.
+
+On MLX 0.32's CUDA backend a 4-bit matmul over many rows runs its Ampere-style kernel (``qmm_sm80``; the Hopper
+one needs a quantization group as long as the input), while a dense bfloat16 matmul runs cuBLAS: on an H200, a
+1,059-token 12B prefill took 202 ms with quantized matmuls and 84 ms with each weight dequantized for its matmul
+(benchmarks/parts.py, "A/B prefill ms"). Decoding (one row, or a verify's few) keeps the quantized kernels, which
+read a quarter of the bytes.
+
+Dequantized weights are big (the 12B's gate/up projection is 236 MB in bfloat16), and a GPU backend frees a
+buffer only once the device has run the op that used it, so the host must not queue many of them ahead of the
+device. Each weight is dequantized a slice of its output rows at a time (at most ``SLICE_BYTES``), each slice's
+output is queued as soon as it is built, and the host then waits for the slice queued before it: at most two
+slices are alive, and the device always has the next one to run while the host builds the one after.
+
+Only ``prefill`` turns it on (``dense_matmuls``), for chunks of at least ``DENSE_FROM_ROWS`` tokens, and only
+where ``default_enabled()`` says (the CUDA backend); elsewhere, and inside compiled or one-graph passes, projections
+are the plain module call.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+import mlx.core as mx
+import mlx.nn as nn
+
+DENSE_FROM_ROWS = 256
+SLICE_BYTES = 64 << 20
+
+_queue: ContextVar[deque | None] = ContextVar("dense_prefill_queue", default=None)
+
+
+def default_enabled() -> bool:
+    """Whether prefill dequantizes its weights by default: on MLX's CUDA backend (measured faster there). Metal's
+    quantized matmul has its own many-row kernel, and the CPU has no faster dense path to gain."""
+    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+
+
+@contextmanager
+def dense_matmuls(enabled: bool = True):
+    """Inside, ``project`` runs quantized projections of at least DENSE_FROM_ROWS rows on dequantized weights,
+    evaluating as it goes (so not inside mx.compile or a graph meant to stay lazy)."""
+    token = _queue.set(deque() if enabled else None)
+    try:
+        yield
+    finally:
+        _queue.reset(token)
+
+
+def project(linear: nn.Module, x: mx.array) -> mx.array:
+    """``linear(x)``; inside ``dense_matmuls``, a quantized ``linear`` over many rows runs on its dequantized
+    weight, a slice of output rows at a time, with at most two slices in flight."""
+    queue = _queue.get()
+    if queue is None or not isinstance(linear, nn.QuantizedLinear) or x.size // x.shape[-1] < DENSE_FROM_ROWS:
+        return linear(x)
+    w, scales, biases = linear["weight"], linear["scales"], linear.get("biases")
+    n_out = w.shape[0]
+    in_dims = scales.shape[-1] * linear.group_size
+    rows = max(1, SLICE_BYTES // (in_dims * x.dtype.size))
+    outs = []
+    for s in range(0, n_out, rows):
+        e = min(s + rows, n_out)
+        dense = mx.dequantize(w[s:e], scales[s:e], None if biases is None else biases[s:e],
+                              group_size=linear.group_size, bits=linear.bits, mode=linear.mode).astype(x.dtype)
+        out = x @ dense.T
+        if "bias" in linear:
+            out = out + linear["bias"][s:e]
+        mx.async_eval(out)
+        queue.append(out)
+        if len(queue) > 1:
+            mx.eval(queue.popleft())   # the slice before this one: the device goes on with this one meanwhile
+        outs.append(out)
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)

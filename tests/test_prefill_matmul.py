@@ -1,0 +1,138 @@
+"""prefill_matmul: prefill's quantized projections on dequantized weights (the CUDA backend's default), a slice of
+output rows at a time with at most two slices queued; and text.attention's choice of mx.fast for few queries."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from mlx_gemma4 import prefill_matmul, text
+from mlx_gemma4.prefill_matmul import dense_matmuls, project
+from tests.helpers import build, ids_of
+
+
+def _quantized_linear(n_in=128, n_out=96, bias=False, seed=0):
+    mx.random.seed(seed)
+    lin = nn.Linear(n_in, n_out, bias=bias)
+    lin.weight = mx.random.normal((n_out, n_in)) * 0.05
+    if bias:
+        lin.bias = mx.random.normal((n_out,))
+    return nn.QuantizedLinear.from_linear(lin, group_size=64, bits=4)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_project_is_the_quantized_matmul_slice_by_slice(monkeypatch, bias):
+    lin = _quantized_linear(bias=bias)
+    x = mx.random.normal((1, 300, 128))
+    monkeypatch.setattr(prefill_matmul, "SLICE_BYTES", 40 * 128 * 4)   # 40 rows a slice: 3 slices, the last short
+    with dense_matmuls():
+        out = project(lin, x)
+    ref = lin(x)
+    assert out.shape == ref.shape == (1, 300, 96)
+    assert mx.allclose(out, ref, atol=1e-5, rtol=1e-5).item()
+
+
+def test_project_outside_or_few_rows_is_the_module_call(monkeypatch):
+    lin = _quantized_linear()
+    calls = []
+    real = mx.dequantize
+    monkeypatch.setattr(prefill_matmul.mx, "dequantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    few = mx.random.normal((1, prefill_matmul.DENSE_FROM_ROWS - 1, 128))
+    many = mx.random.normal((1, prefill_matmul.DENSE_FROM_ROWS, 128))
+    project(lin, many)                       # not inside dense_matmuls
+    with dense_matmuls():
+        project(lin, few)                    # too few rows
+        project(nn.Linear(128, 8), many)     # not quantized
+    with dense_matmuls(enabled=False):
+        project(lin, many)
+    assert calls == []
+    with dense_matmuls():
+        project(lin, many)
+    assert calls == [1]
+
+
+def test_at_most_two_slices_are_queued(monkeypatch):
+    """Each slice is queued as it is built and the host then waits for the one before: when slice i is queued,
+    every slice before i - 1 has been waited for."""
+    lin = _quantized_linear(n_out=128)
+    x = mx.random.normal((1, 256, 128))
+    monkeypatch.setattr(prefill_matmul, "SLICE_BYTES", 16 * 128 * 4)   # 8 slices of 16 rows
+    queued, waited, order = [], [], []
+    real_async, real_eval = mx.async_eval, mx.eval
+
+    def async_eval(*arrays):
+        queued.append(arrays[0])
+        order.append(("queue", len(queued) - 1))
+        return real_async(*arrays)
+
+    def eval_(*arrays):
+        i = next(j for j, q in enumerate(queued) if q is arrays[0])
+        waited.append(i)
+        order.append(("wait", i))
+        return real_eval(*arrays)
+
+    monkeypatch.setattr(prefill_matmul.mx, "async_eval", async_eval)
+    monkeypatch.setattr(prefill_matmul.mx, "eval", eval_)
+    with dense_matmuls():
+        out = project(lin, x)
+    assert len(queued) == 8 and waited == list(range(7))
+    for step, (kind, i) in enumerate(order):
+        if kind == "queue" and i >= 2:
+            assert ("wait", i - 2) in order[:step]
+    assert mx.allclose(out, lin(x), atol=1e-5).item()
+
+
+def test_default_is_off_on_the_cpu():
+    assert prefill_matmul.default_enabled() is (mx.default_device() == mx.gpu and mx.cuda.is_available())
+    if mx.default_device() == mx.cpu:
+        assert not prefill_matmul.default_enabled()
+
+
+@pytest.mark.parametrize("family", ["e", "dense"])
+def test_prefill_on_dequantized_weights_matches_quantized(family, monkeypatch):
+    """A whole 4-bit prefill (chunked, across the sliding window) with the dense path forced on: the same
+    logits and the same cache as with quantized matmuls, and the dense path really taken."""
+    _, model = build(family)
+    nn.quantize(model, group_size=64, bits=4, class_predicate=lambda p, m: isinstance(m, nn.Linear)
+                and m.weight.shape[-1] % 64 == 0)
+    for layer in model.language_model.layers:
+        layer.self_attn.fuse()
+        layer.mlp.fuse()
+    monkeypatch.setattr(prefill_matmul, "DENSE_FROM_ROWS", 16)
+    inputs = {"input_ids": mx.array(ids_of(70).numpy())}
+    results = {}
+    taken = []
+    real = prefill_matmul.mx.dequantize
+    monkeypatch.setattr(prefill_matmul.mx, "dequantize", lambda *a, **k: taken.append(1) or real(*a, **k))
+    for dense in (False, True):
+        model.dense_prefill = dense
+        cache = model.make_cache()
+        logits = model.prefill(inputs, cache, chunk_size=32)
+        mx.eval(logits)
+        results[dense] = (logits, [mx.array(s) for c in cache for s in c.state if s is not None])
+        assert bool(taken) is dense
+    (l0, s0), (l1, s1) = results[False], results[True]
+    assert mx.allclose(l0, l1, atol=1e-4, rtol=1e-4).item()
+    assert len(s0) == len(s1) and all(mx.allclose(a, b, atol=1e-4).item() for a, b in zip(s0, s1))
+
+
+def test_few_queries_take_mx_fast_on_cuda_settings(monkeypatch):
+    """With CUDA's settings (text._fused_attention_sizes), a pass of up to 8 queries goes through mx.fast's
+    attention at any head size and any number of grouped heads; a longer one through the written-out math."""
+    monkeypatch.setattr(text.mx, "default_device", lambda: mx.gpu)
+    monkeypatch.setattr(text.mx.metal, "is_available", lambda: False)
+    assert text._fused_attention_sizes()[0] == 128
+    calls = []
+    real = mx.fast.scaled_dot_product_attention
+    monkeypatch.setattr(text.mx.fast, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    for L, D, H in [(1, 512, 8), (5, 256, 8), (8, 512, 16)]:
+        q, k, v = (mx.random.normal(s) for s in ((1, H, L, D), (1, 1, 40, D), (1, 1, 40, D)))
+        with mx.stream(mx.cpu):
+            text.attention(q, k, v, None)
+    assert len(calls) == 3
+    q, k, v = (mx.random.normal(s) for s in ((1, 8, 9, 256), (1, 2, 40, 256), (1, 2, 40, 256)))
+    with mx.stream(mx.cpu):
+        text.attention(q, k, v, None)
+    assert len(calls) == 3
