@@ -159,15 +159,23 @@ def main(argv=None) -> None:
     text._fused_attention_sizes = sizes
     model._compiled_step = None
 
-    # A/B: prefill's projections on dequantized weights (prefill_matmul.py) or quantized, with each one's peak
-    for label, dense in (("dequantized matmuls", True), ("quantized matmuls", False)):
+    # A/B: prefill's projections on dequantized weights (prefill_matmul.py) or quantized, with each one's peak;
+    # dequantized as the default does it (slices, two queued), and each weight whole with no waits of its own
+    from mlx_gemma4 import prefill_matmul as pm
+
+    default = pm.SLICE_BYTES, pm.QUEUED_SLICES
+    for label, dense, setting in (("dequantized matmuls", True, default),
+                                  ("dequantized whole, no waits", True, (1 << 40, 0)),
+                                  ("quantized matmuls", False, default)):
         model.dense_prefill = dense
+        pm.SLICE_BYTES, pm.QUEUED_SLICES = setting
         res[f"A/B prefill ms: {label}"] = med(ours_prefill)
         mx.synchronize()
         mx.reset_peak_memory()
         before = mx.get_active_memory()
         ours_prefill()
         res[f"A/B prefill peak over start MB: {label}"] = round((mx.get_peak_memory() - before) / 1e6)
+    pm.SLICE_BYTES, pm.QUEUED_SLICES = default
     model.dense_prefill = None
 
 

@@ -28,6 +28,8 @@ import mlx.nn as nn
 
 DENSE_FROM_ROWS = 256
 SLICE_BYTES = 64 << 20
+QUEUED_SLICES = 2   # slices alive at once (the host waits for the one queued before); 0: never wait here
+DENSE_MIN_WEIGHTS = 0   # smaller weights (output x input) keep the quantized matmul
 
 _queue: ContextVar[deque | None] = ContextVar("dense_prefill_queue", default=None)
 
@@ -58,6 +60,8 @@ def project(linear: nn.Module, x: mx.array) -> mx.array:
     w, scales, biases = linear["weight"], linear["scales"], linear.get("biases")
     n_out = w.shape[0]
     in_dims = scales.shape[-1] * linear.group_size
+    if n_out * in_dims < DENSE_MIN_WEIGHTS:
+        return linear(x)
     rows = max(1, SLICE_BYTES // (in_dims * x.dtype.size))
     outs = []
     for s in range(0, n_out, rows):
@@ -67,9 +71,10 @@ def project(linear: nn.Module, x: mx.array) -> mx.array:
         out = x @ dense.T
         if "bias" in linear:
             out = out + linear["bias"][s:e]
-        mx.async_eval(out)
-        queue.append(out)
-        if len(queue) > 1:
-            mx.eval(queue.popleft())   # the slice before this one: the device goes on with this one meanwhile
+        if QUEUED_SLICES:
+            mx.async_eval(out)
+            queue.append(out)
+            if len(queue) >= QUEUED_SLICES:
+                mx.eval(queue.popleft())   # the slice before this one: the device goes on with this one meanwhile
         outs.append(out)
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)

@@ -1,0 +1,68 @@
+"""Prefill on dequantized weights (mlx_gemma4/prefill_matmul.py) against quantized matmuls, and its settings, on a
+model of a size's real widths with a few layers built in memory (no checkpoint): prefill ms and peak per setting.
+
+    python -m benchmarks.dense_prefill --size 12b --layers 12 --tokens 1059
+
+Settings: quantized matmuls; dequantized in slices of SLICE_BYTES with QUEUED_SLICES queued; whole weights with
+waits per projection; whole weights with no waits of their own (the layer-level waits only); dequantized only for
+weights of at least DENSE_MIN_WEIGHTS elements. Medians of --runs after two warm-ups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import mlx.core as mx
+
+from benchmarks.prefill_memory import SIZES, build
+from mlx_gemma4 import prefill_matmul as pm
+
+SETTINGS = {   # name: (dense, SLICE_BYTES, QUEUED_SLICES, DENSE_MIN_WEIGHTS)
+    "quantized": (False, 64 << 20, 2, 0),
+    "dense 64MB slices, 2 queued": (True, 64 << 20, 2, 0),
+    "dense 64MB slices, 3 queued": (True, 64 << 20, 3, 0),
+    "dense 128MB slices, 2 queued": (True, 128 << 20, 2, 0),
+    "dense whole, 2 queued": (True, 1 << 40, 2, 0),
+    "dense whole, no waits": (True, 1 << 40, 0, 0),
+    "dense >= 32M weights, 64MB slices": (True, 64 << 20, 2, 32 << 20),
+    "dense >= 64M weights, 64MB slices": (True, 64 << 20, 2, 64 << 20),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", choices=list(SIZES), default="12b")
+    ap.add_argument("--layers", type=int, default=12, help="layers (the size's pattern of layer types repeated)")
+    ap.add_argument("--tokens", type=int, default=1059)
+    ap.add_argument("--runs", type=int, default=5)
+    a = ap.parse_args()
+    spec = SIZES[a.size]
+    pattern = spec["layer_types"]
+    SIZES[a.size] = dict(spec, num_hidden_layers=a.layers, layer_types=(pattern * a.layers)[:a.layers])
+    if spec.get("num_kv_shared_layers"):
+        SIZES[a.size]["num_kv_shared_layers"] = a.layers // 2
+    model = build(a.size, mx.bfloat16, 4)
+    ids = mx.random.randint(3, 200_000, (1, a.tokens), key=mx.random.key(0)).astype(mx.int32)
+    print(f"{a.size}, {a.layers} layers at real width, 4 bits, {a.tokens} tokens, {mx.default_device()}")
+    default = pm.SLICE_BYTES, pm.QUEUED_SLICES, pm.DENSE_MIN_WEIGHTS
+    for name, (dense, *setting) in SETTINGS.items():
+        model.dense_prefill = dense
+        pm.SLICE_BYTES, pm.QUEUED_SLICES, pm.DENSE_MIN_WEIGHTS = setting
+        ts, peaks = [], []
+        for r in range(a.runs + 2):
+            mx.synchronize()
+            base = mx.get_active_memory()
+            mx.reset_peak_memory()
+            t0 = time.perf_counter()
+            mx.eval(model.prefill({"input_ids": ids}, model.make_cache()))
+            if r >= 2:
+                ts.append((time.perf_counter() - t0) * 1000)
+                peaks.append((mx.get_peak_memory() - base) / 1e6)
+        print(f"{name}: {statistics.median(ts):.1f} ms, peak {statistics.median(peaks):.0f} MB over start", flush=True)
+    pm.SLICE_BYTES, pm.QUEUED_SLICES, pm.DENSE_MIN_WEIGHTS = default
+
+
+if __name__ == "__main__":
+    main()
