@@ -173,7 +173,9 @@ def check_assistant(assistant: Any, model) -> None:
 
 class SpeculativeLoop:
     """A token loop with a drafter: iterating yields ``(token, logprobs)`` like ``generation.TokenLoop`` (same
-    ``finish_reason`` and ``fed``), plus ``drafted`` / ``accepted``: drafted tokens and kept drafts so far."""
+    ``finish_reason`` and ``fed``), plus ``drafted`` / ``accepted``: drafted tokens and kept drafts so far, and
+    ``judged``: the drafts the target judged (the kept ones and each round's first rejected one; the drafts after it
+    were never compared), so ``accepted / judged`` is the acceptance rate per draft."""
 
     def __init__(self, model, assistant, inputs: dict[str, Any], cache: list[KVCache] | None, *, start: int,
                  max_tokens: int, sampler: Callable[[mx.array], mx.array] | None,
@@ -196,7 +198,7 @@ class SpeculativeLoop:
         self.processors = list(logits_processors)
         self.finish_reason: str | None = None
         self.fed = 0
-        self.drafted = self.accepted = 0
+        self.drafted = self.accepted = self.judged = 0
 
     def _check_ring_room(self) -> None:
         need = required_max_rewind(self.model, self.assistant, self.lengths.k_max)
@@ -328,6 +330,7 @@ class SpeculativeLoop:
             self.lengths.record(k, m, time.perf_counter() - t0)
             self.drafted += k
             self.accepted += m
+            self.judged += m + (m < k)
             for i in range(m):  # kept drafts: in the cache as they go out
                 n += 1
                 self.fed = n

@@ -327,3 +327,42 @@ def test_rounds_without_drafts_overlap_like_plain_decoding(loaded_e, drafters, m
     tokens, loop, _ = run_rounds(model, inputs, max_tokens=10, assistant=drafters("e"), draft_tokens=0)
     assert tokens == plain and loop.drafted == 0
     assert events[0] == "wait" and events[1:] == ["round"] * 9   # the prompt's token, then rounds never waited on
+
+
+def test_the_benchmarks_oracle_follows_the_loops_own_picks_at_its_rate(text_pair, drafters):
+    """benchmarks/speculative.py's oracle proposes, in each context, the token the loop picked there in an earlier
+    run. One that knows picks the loop does not make (what a near-tie rounded the other way at the first token
+    leaves it with, as bfloat16 verifications did on CUDA) is blind past them in its first run, and right at its
+    rate in the next, with k fixed or automatic; the acceptance counted is per draft judged."""
+    from benchmarks.speculative import Oracle, learn
+
+    _, model = text_pair("e")
+    inputs = _inputs(12)
+    plain, _, _ = run_rounds(model, inputs, max_tokens=NEW)
+    # The picks after another first token: where a loop goes on from a near-tie rounded the other way.
+    other = (plain[1] + 1) % model.config.text_config.vocab_size
+    turned = mx.concatenate([inputs["input_ids"], mx.array([[plain[0], other]], dtype=mx.int32)], axis=1)
+    after, _, _ = run_rounds(model, {"input_ids": turned}, max_tokens=NEW - 2)
+    known: dict = {}
+    learn(known, [plain[0], other, *after])
+
+    def run(rate: float, k: int | None, seed: int = 0):
+        oracle = Oracle(drafters("e"), known, 12, rate)
+        oracle.restart([], seed)
+        loop = generate_step(model, inputs, max_tokens=NEW, assistant=oracle, draft_tokens=k)
+        for t, _ in loop:
+            oracle.out.append(t)
+        return oracle, loop
+
+    oracle, loop = run(1.0, 3)
+    assert oracle.out == plain and loop.accepted == 0 and oracle.blind > 0
+    assert not learn(known, oracle.out)
+    for k in (3, None):
+        oracle, loop = run(1.0, k)
+        assert oracle.out == plain and oracle.blind == 0
+        assert loop.judged > 0 and loop.accepted == loop.judged
+    assert learn(known, oracle.out)
+    oracle, loop = run(0.5, 3, seed=1)
+    assert oracle.out == plain and oracle.blind == 0
+    assert loop.accepted <= loop.judged <= loop.drafted
+    assert 0.25 <= loop.accepted / loop.judged <= 0.75 and loop.accepted < loop.judged < loop.drafted
