@@ -4,8 +4,8 @@ model of a size's real widths with a few layers built in memory (no checkpoint):
     python -m benchmarks.dense_prefill --size 12b --layers 12 --tokens 1059
 
 Settings: quantized matmuls; dequantized in slices of SLICE_BYTES with QUEUED_SLICES queued; whole weights with
-waits per projection; whole weights with no waits of their own (the layer-level waits only); dequantized only for
-weights of at least DENSE_MIN_WEIGHTS elements. Medians of --runs after two warm-ups.
+waits per projection; whole weights with no waits of their own (the layer-level waits only). Medians of --runs
+after two warm-ups.
 """
 
 from __future__ import annotations
@@ -19,15 +19,13 @@ import mlx.core as mx
 from benchmarks.prefill_memory import SIZES, build
 from mlx_gemma4 import prefill_matmul as pm
 
-SETTINGS = {   # name: (dense, SLICE_BYTES, QUEUED_SLICES, DENSE_MIN_WEIGHTS)
-    "quantized": (False, 64 << 20, 2, 0),
-    "dense 64MB slices, 2 queued": (True, 64 << 20, 2, 0),
-    "dense 64MB slices, 3 queued": (True, 64 << 20, 3, 0),
-    "dense 128MB slices, 2 queued": (True, 128 << 20, 2, 0),
-    "dense whole, 2 queued": (True, 1 << 40, 2, 0),
-    "dense whole, no waits": (True, 1 << 40, 0, 0),
-    "dense >= 32M weights, 64MB slices": (True, 64 << 20, 2, 32 << 20),
-    "dense >= 64M weights, 64MB slices": (True, 64 << 20, 2, 64 << 20),
+SETTINGS = {   # name: (dense, SLICE_BYTES, QUEUED_SLICES)
+    "quantized": (False, 128 << 20, 2),
+    "dense 64MB slices, 2 queued": (True, 64 << 20, 2),
+    "dense 64MB slices, 3 queued": (True, 64 << 20, 3),
+    "dense 128MB slices, 2 queued": (True, 128 << 20, 2),
+    "dense whole, 2 queued": (True, 1 << 40, 2),
+    "dense whole, no waits": (True, 1 << 40, 0),
 }
 
 
@@ -46,10 +44,10 @@ def main() -> None:
     model = build(a.size, mx.bfloat16, 4)
     ids = mx.random.randint(3, 200_000, (1, a.tokens), key=mx.random.key(0)).astype(mx.int32)
     print(f"{a.size}, {a.layers} layers at real width, 4 bits, {a.tokens} tokens, {mx.default_device()}")
-    default = pm.SLICE_BYTES, pm.QUEUED_SLICES, pm.DENSE_MIN_WEIGHTS
+    default = pm.SLICE_BYTES, pm.QUEUED_SLICES
     for name, (dense, *setting) in SETTINGS.items():
         model.dense_prefill = dense
-        pm.SLICE_BYTES, pm.QUEUED_SLICES, pm.DENSE_MIN_WEIGHTS = setting
+        pm.SLICE_BYTES, pm.QUEUED_SLICES = setting
         ts, peaks = [], []
         for r in range(a.runs + 2):
             mx.synchronize()
@@ -61,7 +59,7 @@ def main() -> None:
                 ts.append((time.perf_counter() - t0) * 1000)
                 peaks.append((mx.get_peak_memory() - base) / 1e6)
         print(f"{name}: {statistics.median(ts):.1f} ms, peak {statistics.median(peaks):.0f} MB over start", flush=True)
-    pm.SLICE_BYTES, pm.QUEUED_SLICES, pm.DENSE_MIN_WEIGHTS = default
+    pm.SLICE_BYTES, pm.QUEUED_SLICES = default
 
 
 if __name__ == "__main__":
