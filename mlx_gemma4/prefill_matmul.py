@@ -21,7 +21,7 @@ an H100 (benchmarks/dense_prefill.py, 12 layers at real width, 1,059 tokens; pre
     whole weights, no waits          23.4 / 2141    10.0 / 736
 
 Only ``prefill`` turns it on (``dense_matmuls``), for chunks of at least ``DENSE_FROM_ROWS`` tokens, and only
-where ``default_enabled()`` says (the CUDA backend); elsewhere, and inside compiled or one-graph passes, projections
+where ``default_enabled()`` says (not on Metal); elsewhere, and inside compiled or one-graph passes, projections
 are the plain module call.
 """
 
@@ -42,9 +42,11 @@ _queue: ContextVar[deque | None] = ContextVar("dense_prefill_queue", default=Non
 
 
 def default_enabled() -> bool:
-    """Whether prefill dequantizes its weights by default: on MLX's CUDA backend (measured faster there). Metal's
-    quantized matmul has its own many-row kernel, and the CPU has no faster dense path to gain."""
-    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+    """Whether prefill dequantizes its weights by default: everywhere but Metal, whose quantized matmul has its own
+    many-row kernel. On the CUDA backend see above; on the CPU backend a 4-bit matmul of 256 x 1024 x 4096 took
+    7.5 s in bfloat16 against 0.39 s dequantized (0.93 against 0.87 s in float32) on this project's 2-core test
+    machine."""
+    return not (mx.default_device() == mx.gpu and mx.metal.is_available())
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""prefill_matmul: prefill's quantized projections on dequantized weights (the CUDA backend's default), a slice of
+"""prefill_matmul: prefill's quantized projections on dequantized weights (the default but on Metal), a slice of
 output rows at a time with at most two slices queued; and text.attention's choice of mx.fast for few queries."""
 
 from __future__ import annotations
@@ -83,10 +83,13 @@ def test_at_most_two_slices_are_queued(monkeypatch):
     assert mx.allclose(out, lin(x), atol=1e-5).item()
 
 
-def test_default_is_off_on_the_cpu():
-    assert prefill_matmul.default_enabled() is (mx.default_device() == mx.gpu and mx.cuda.is_available())
-    if mx.default_device() == mx.cpu:
-        assert not prefill_matmul.default_enabled()
+def test_default_is_on_but_for_metal(monkeypatch):
+    assert prefill_matmul.default_enabled() is not (mx.default_device() == mx.gpu and mx.metal.is_available())
+    monkeypatch.setattr(prefill_matmul.mx, "default_device", lambda: mx.gpu)
+    monkeypatch.setattr(prefill_matmul.mx.metal, "is_available", lambda: True)
+    assert not prefill_matmul.default_enabled()
+    monkeypatch.setattr(prefill_matmul.mx.metal, "is_available", lambda: False)
+    assert prefill_matmul.default_enabled()
 
 
 @pytest.mark.parametrize("family", ["e", "dense"])
