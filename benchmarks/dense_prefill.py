@@ -1,4 +1,4 @@
-"""Prefill on dequantized weights (mlx_gemma4/prefill_matmul.py) against quantized matmuls, and its settings, on a
+"""Prefill on dequantized weights (mlx_gemma4/projection.py) against quantized matmuls, and its settings, on a
 model of a size's real widths with a few layers built in memory (no checkpoint): prefill ms and peak per setting.
 
     python -m benchmarks.dense_prefill --size 12b --layers 12 --tokens 1059
@@ -17,7 +17,7 @@ import time
 import mlx.core as mx
 
 from benchmarks.prefill_memory import SIZES, build
-from mlx_gemma4 import prefill_matmul as pm
+from mlx_gemma4 import projection as pm
 
 SETTINGS = {   # name: (dense, SLICE_BYTES, QUEUED_SLICES)
     "quantized": (False, 128 << 20, 2),

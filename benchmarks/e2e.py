@@ -144,7 +144,7 @@ class Ours(Impl):
         return other
 
     def with_quantized_prefill(self) -> Ours:
-        """The same loaded model under the name ours-qmm, its prefill on the quantized matmuls (prefill_matmul.py)."""
+        """The same loaded model under the name ours-qmm, its prefill on the quantized matmuls (projection.py)."""
         other = copy.copy(self)
         other.name, other.dense_prefill = "ours-qmm", False
         return other
@@ -293,7 +293,7 @@ def main(argv=None) -> None:
                          "loaded weights, timed in the same interleaved rounds)")
     ap.add_argument("--quantized-prefill-too", action="store_true",
                     help="add our model again as ours-qmm, its prefill on quantized matmuls (where the backend "
-                         "dequantizes by default: prefill_matmul.py)")
+                         "dequantizes by default: projection.py)")
     ap.add_argument("--compare", default="mlx-lm", help="comma-separated: mlx-lm, mlx-vlm ('' for ours alone)")
     ap.add_argument("--followup", type=int, default=0, help="also time a second chat turn after ~N tokens")
     ap.add_argument("--breakdown", action="store_true", help="also time the parts of our TTFT")

@@ -14,7 +14,7 @@ times (medians after warm-up, each synchronised):
 - decode: a bare greedy loop (queued one step ahead) of ours and mlx-lm's, the host time to build one of our
   steps and one of mlx-lm's, and one step evaluated synchronously;
 - A/B switches: mx.fast's attention everywhere against the written-out one everywhere (text.attention), and
-  prefill with its 4-bit weights dequantized for their matmuls (prefill_matmul.py) or not, with each one's peak.
+  prefill with its 4-bit weights dequantized for their matmuls (projection.py) or not, with each one's peak.
 
 Not the user's path (that is benchmarks.e2e): this explains its numbers.
 """
@@ -159,9 +159,9 @@ def main(argv=None) -> None:
     text._fused_attention_sizes = sizes
     model._compiled_step = None
 
-    # A/B: prefill's projections on dequantized weights (prefill_matmul.py) or quantized, with each one's peak;
+    # A/B: prefill's projections on dequantized weights (projection.py) or quantized, with each one's peak;
     # dequantized as the default does it (slices, two queued), and each weight whole with no waits of its own
-    from mlx_gemma4 import prefill_matmul as pm
+    from mlx_gemma4 import projection as pm
 
     default = pm.SLICE_BYTES, pm.QUEUED_SLICES
     for label, dense, setting in (("dequantized matmuls", True, default),

@@ -28,7 +28,7 @@ from .decode import CompiledStep, fits_compiled_step
 from .errors import ContextLengthError, InputError
 from .layers import MultimodalEmbedder
 from .media import MEDIA, MEDIA_KEYS
-from . import prefill_matmul
+from . import projection
 from .text import TextModel
 
 
@@ -92,7 +92,7 @@ class Gemma4(nn.Module):
         self._text_ids: mx.array | None = None
         self._compiled_step = None
         self._compiled_hidden_step = None
-        self.dense_prefill: bool | None = None   # None: prefill_matmul.default_enabled()
+        self.dense_prefill: bool | None = None   # None: projection.default_enabled()
         self.language_model = TextModel(config.text_config)
         if not config.tied_head:
             self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
@@ -182,7 +182,7 @@ class Gemma4(nn.Module):
             p = lm.begin(embeds[:, s:e], None if token_inputs is None else token_inputs[:, s:e], cache,
                          None if blocks is None else blocks[s:e])
             # The last layer before the KV-shared ones has its output read only at the prompt's last position.
-            with prefill_matmul.dense_matmuls(self._dense_prefill(e - s)):
+            with projection.dense_matmuls(self._dense_prefill(e - s)):
                 lm.run(p, cache, range(first_shared), _eval_each_layer(e - s), narrow_last=1 if e == L else 0)
             if e == L:
                 lm.run(p, cache, range(first_shared, len(lm.layers)))
@@ -195,9 +195,9 @@ class Gemma4(nn.Module):
 
     def _dense_prefill(self, n_tokens: int) -> bool:
         """Whether a prefill chunk of ``n_tokens`` runs its quantized projections on dequantized weights
-        (prefill_matmul.py): ``self.dense_prefill`` when set (True / False), else where the backend gains."""
-        wanted = prefill_matmul.default_enabled() if self.dense_prefill is None else self.dense_prefill
-        return wanted and n_tokens >= prefill_matmul.DENSE_FROM_ROWS
+        (projection.py): ``self.dense_prefill`` when set (True / False), else where the backend gains."""
+        wanted = projection.default_enabled() if self.dense_prefill is None else self.dense_prefill
+        return wanted and n_tokens >= projection.DENSE_FROM_ROWS
 
     def step(self, token_ids: mx.array, cache: list[KVCache]) -> mx.array:
         """Logits (1, L, vocab) for text tokens ``token_ids`` (1, L) already on the device, after what ``cache``
@@ -259,7 +259,8 @@ class Gemma4(nn.Module):
         return self._compiled_step
 
     def logits(self, h: mx.array) -> mx.array:
-        out = self.lm_head(h) if "lm_head" in self else self.language_model.embed_tokens.as_linear(h)
+        out = projection.project(self.lm_head, h) if "lm_head" in self \
+            else projection.head(self.language_model.embed_tokens, h)
         cap = self.config.text_config.final_logit_softcapping
         return _softcap(out, mx.array(cap, dtype=out.dtype)) if cap else out
 

@@ -22,7 +22,7 @@ from .cache import KVCache, Mask, window_mask
 from .config import FULL, SLIDING, TextConfig
 from .layers import RMSNorm
 from .moe import MoEBlock
-from .prefill_matmul import project
+from .projection import project
 
 
 def _scaled(x: mx.array, scale: float) -> mx.array:
@@ -279,8 +279,8 @@ class DecoderLayer(nn.Module):
         h = h + self.post_feedforward_layernorm(ff)
 
         if self.ple_dim:
-            gated = geglu(self.per_layer_input_gate(h), per_layer_input)
-            h = h + self.post_per_layer_input_norm(self.per_layer_projection(gated))
+            gated = geglu(project(self.per_layer_input_gate, h), per_layer_input)
+            h = h + self.post_per_layer_input_norm(project(self.per_layer_projection, gated))
         return h * self.layer_scalar, kv
 
 
@@ -323,7 +323,7 @@ class TextModel(nn.Module):
 
     def _combine_per_layer_inputs(self, embeds: mx.array, token_inputs: mx.array) -> mx.array:
         B, L, _ = embeds.shape
-        proj = self.per_layer_model_projection(embeds) * (embeds.shape[-1] ** -0.5)
+        proj = project(self.per_layer_model_projection, embeds) * (embeds.shape[-1] ** -0.5)
         proj = self.per_layer_projection_norm(proj.reshape(B, L, len(self.layers), self.ple_dim))
         return (proj + token_inputs.astype(proj.dtype)) * (2.0**-0.5)    # (B, L, n_layers, ple_dim)
 

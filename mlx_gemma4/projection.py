@@ -1,10 +1,10 @@
-"""Prefill's projections on dequantized weights, where that is faster than MLX's quantized matmul.
+"""How a projection runs, per backend: the module call, except where MLX's quantized matmul has a faster path.
 
-On MLX 0.32's CUDA backend a 4-bit matmul over many rows runs its Ampere-style kernel (``qmm_sm80``; the Hopper
-one needs a quantization group as long as the input), while a dense bfloat16 matmul runs cuBLAS: on an H200, a
-1,059-token 12B prefill took 202 ms with quantized matmuls and 84 ms with each weight dequantized for its matmul
-(benchmarks/parts.py, "A/B prefill ms"). Decoding (one row, or a verify's few) keeps the quantized kernels, which
-read a quarter of the bytes.
+**Prefill on dequantized weights.** On MLX 0.32's CUDA backend a 4-bit matmul over many rows runs its Ampere-style
+kernel (``qmm_sm80``; the Hopper one needs a quantization group as long as the input), while a dense bfloat16 matmul
+runs cuBLAS: on an H200, a 1,059-token 12B prefill took 202 ms with quantized matmuls and 84 ms with each weight
+dequantized for its matmul (benchmarks/parts.py, "A/B prefill ms"). Decoding (one row, or a verify's few) keeps the
+quantized kernels, which read a quarter of the bytes.
 
 Dequantized weights are big (the 12B's gate/up projection is 236 MB in bfloat16), and a GPU backend frees a
 buffer only once the device has run the op that used it, so the host must not queue many of them ahead of the
@@ -23,6 +23,11 @@ an H100 (benchmarks/dense_prefill.py, 12 layers at real width, 1,059 tokens; pre
 Only ``prefill`` turns it on (``dense_matmuls``), for chunks of at least ``DENSE_FROM_ROWS`` tokens, and only
 where ``default_enabled()`` says (not on Metal); elsewhere, and inside compiled or one-graph passes, projections
 are the plain module call.
+
+**Float32 inputs on the CPU.** MLX's CPU backend runs a 4-bit matmul about 8x faster on float32 inputs than on
+bfloat16 ones (this project's 2-core machine: the 262,144 x 256 head of one token 59 against 471 ms; a 2,048 x
+16,384 projection 31 against 236 ms), so there a bfloat16 or float16 input is widened for the quantized matmul and
+its output rounded back (``project``, ``head``): what decoding a 4-bit model on the CPU waits for.
 """
 
 from __future__ import annotations
@@ -60,12 +65,27 @@ def dense_matmuls(enabled: bool = True):
         _queue.reset(token)
 
 
+def _widened(x: mx.array) -> bool:
+    """Whether a quantized matmul on ``x`` runs on float32 inputs instead (the CPU backend; see above)."""
+    return x.dtype in (mx.bfloat16, mx.float16) and mx.default_device() == mx.cpu
+
+
+def head(table: nn.Module, h: mx.array) -> mx.array:
+    """Logits of ``h`` through a tied embedding table (``table.as_linear``), widened on the CPU as ``project``."""
+    if isinstance(table, nn.QuantizedEmbedding) and _widened(h):
+        return table.as_linear(h.astype(mx.float32)).astype(h.dtype)
+    return table.as_linear(h)
+
+
 def project(linear: nn.Module, x: mx.array) -> mx.array:
     """``linear(x)``; inside ``dense_matmuls``, a quantized ``linear`` over many rows runs on its dequantized
-    weight, a slice of output rows at a time, with at most two slices in flight."""
-    queue = _queue.get()
-    if queue is None or not isinstance(linear, nn.QuantizedLinear) or x.size // x.shape[-1] < DENSE_FROM_ROWS:
+    weight, a slice of output rows at a time, with at most two slices in flight; on the CPU, a quantized ``linear``
+    on bfloat16 / float16 inputs runs on them widened to float32."""
+    if not isinstance(linear, nn.QuantizedLinear):
         return linear(x)
+    queue = _queue.get()
+    if queue is None or x.size // x.shape[-1] < DENSE_FROM_ROWS:
+        return linear(x.astype(mx.float32)).astype(x.dtype) if _widened(x) else linear(x)
     w, scales, biases = linear["weight"], linear["scales"], linear.get("biases")
     n_out = w.shape[0]
     in_dims = scales.shape[-1] * linear.group_size

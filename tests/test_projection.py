@@ -1,4 +1,4 @@
-"""prefill_matmul: prefill's quantized projections on dequantized weights (the default but on Metal), a slice of
+"""projection: prefill's quantized projections on dequantized weights (the default but on Metal), a slice of
 output rows at a time with at most two slices queued; and text.attention's choice of mx.fast for few queries."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
-from mlx_gemma4 import prefill_matmul, text
-from mlx_gemma4.prefill_matmul import dense_matmuls, project
+from mlx_gemma4 import projection, text
+from mlx_gemma4.projection import dense_matmuls, project
 from tests.helpers import build, ids_of
 
 
@@ -25,7 +25,7 @@ def _quantized_linear(n_in=128, n_out=96, bias=False, seed=0):
 def test_project_is_the_quantized_matmul_slice_by_slice(monkeypatch, bias):
     lin = _quantized_linear(bias=bias)
     x = mx.random.normal((1, 300, 128))
-    monkeypatch.setattr(prefill_matmul, "SLICE_BYTES", 40 * 128 * 4)   # 40 rows a slice: 3 slices, the last short
+    monkeypatch.setattr(projection, "SLICE_BYTES", 40 * 128 * 4)   # 40 rows a slice: 3 slices, the last short
     with dense_matmuls():
         out = project(lin, x)
     ref = lin(x)
@@ -37,9 +37,9 @@ def test_project_outside_or_few_rows_is_the_module_call(monkeypatch):
     lin = _quantized_linear()
     calls = []
     real = mx.dequantize
-    monkeypatch.setattr(prefill_matmul.mx, "dequantize", lambda *a, **k: calls.append(1) or real(*a, **k))
-    few = mx.random.normal((1, prefill_matmul.DENSE_FROM_ROWS - 1, 128))
-    many = mx.random.normal((1, prefill_matmul.DENSE_FROM_ROWS, 128))
+    monkeypatch.setattr(projection.mx, "dequantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    few = mx.random.normal((1, projection.DENSE_FROM_ROWS - 1, 128))
+    many = mx.random.normal((1, projection.DENSE_FROM_ROWS, 128))
     project(lin, many)                       # not inside dense_matmuls
     with dense_matmuls():
         project(lin, few)                    # too few rows
@@ -57,7 +57,7 @@ def test_at_most_two_slices_are_queued(monkeypatch):
     every slice before i - 1 has been waited for."""
     lin = _quantized_linear(n_out=128)
     x = mx.random.normal((1, 256, 128))
-    monkeypatch.setattr(prefill_matmul, "SLICE_BYTES", 16 * 128 * 4)   # 8 slices of 16 rows
+    monkeypatch.setattr(projection, "SLICE_BYTES", 16 * 128 * 4)   # 8 slices of 16 rows
     queued, waited, order = [], [], []
     real_async, real_eval = mx.async_eval, mx.eval
 
@@ -72,8 +72,8 @@ def test_at_most_two_slices_are_queued(monkeypatch):
         order.append(("wait", i))
         return real_eval(*arrays)
 
-    monkeypatch.setattr(prefill_matmul.mx, "async_eval", async_eval)
-    monkeypatch.setattr(prefill_matmul.mx, "eval", eval_)
+    monkeypatch.setattr(projection.mx, "async_eval", async_eval)
+    monkeypatch.setattr(projection.mx, "eval", eval_)
     with dense_matmuls():
         out = project(lin, x)
     assert len(queued) == 8 and waited == list(range(7))
@@ -84,12 +84,12 @@ def test_at_most_two_slices_are_queued(monkeypatch):
 
 
 def test_default_is_on_but_for_metal(monkeypatch):
-    assert prefill_matmul.default_enabled() is not (mx.default_device() == mx.gpu and mx.metal.is_available())
-    monkeypatch.setattr(prefill_matmul.mx, "default_device", lambda: mx.gpu)
-    monkeypatch.setattr(prefill_matmul.mx.metal, "is_available", lambda: True)
-    assert not prefill_matmul.default_enabled()
-    monkeypatch.setattr(prefill_matmul.mx.metal, "is_available", lambda: False)
-    assert prefill_matmul.default_enabled()
+    assert projection.default_enabled() is not (mx.default_device() == mx.gpu and mx.metal.is_available())
+    monkeypatch.setattr(projection.mx, "default_device", lambda: mx.gpu)
+    monkeypatch.setattr(projection.mx.metal, "is_available", lambda: True)
+    assert not projection.default_enabled()
+    monkeypatch.setattr(projection.mx.metal, "is_available", lambda: False)
+    assert projection.default_enabled()
 
 
 @pytest.mark.parametrize("family", ["e", "dense"])
@@ -102,12 +102,12 @@ def test_prefill_on_dequantized_weights_matches_quantized(family, monkeypatch):
     for layer in model.language_model.layers:
         layer.self_attn.fuse()
         layer.mlp.fuse()
-    monkeypatch.setattr(prefill_matmul, "DENSE_FROM_ROWS", 16)
+    monkeypatch.setattr(projection, "DENSE_FROM_ROWS", 16)
     inputs = {"input_ids": mx.array(ids_of(70).numpy())}
     results = {}
     taken = []
-    real = prefill_matmul.mx.dequantize
-    monkeypatch.setattr(prefill_matmul.mx, "dequantize", lambda *a, **k: taken.append(1) or real(*a, **k))
+    real = projection.mx.dequantize
+    monkeypatch.setattr(projection.mx, "dequantize", lambda *a, **k: taken.append(1) or real(*a, **k))
     for dense in (False, True):
         model.dense_prefill = dense
         cache = model.make_cache()
@@ -139,3 +139,42 @@ def test_few_queries_take_mx_fast_on_cuda_settings(monkeypatch):
     with mx.stream(mx.cpu):
         text.attention(q, k, v, None)
     assert len(calls) == 3
+
+
+def test_cpu_widens_half_precision_inputs_of_quantized_matmuls(monkeypatch):
+    """On the CPU backend a bfloat16 / float16 input reaches the quantized matmul as float32 (8x faster there) and
+    the output is rounded back; float32 inputs, plain Linears and other backends are left as they are."""
+    lin = _quantized_linear()
+    seen = []
+    real = mx.quantized_matmul
+    monkeypatch.setattr(projection.mx, "quantized_matmul", lambda x, *a, **k: seen.append(x.dtype) or real(x, *a, **k))
+    for dtype in (mx.bfloat16, mx.float16):
+        x = mx.random.normal((1, 3, 128)).astype(dtype)
+        with mx.stream(mx.cpu):
+            monkeypatch.setattr(projection.mx, "default_device", lambda: mx.cpu)
+            out = project(lin, x)
+            ref = lin(x.astype(mx.float32)).astype(dtype)
+        assert out.dtype == dtype and mx.array_equal(out, ref).item()
+    assert seen[::2] == [mx.float32, mx.float32]
+    seen.clear()
+    project(lin, mx.random.normal((1, 3, 128)))                       # float32 already
+    plain = nn.Linear(128, 8)
+    assert mx.array_equal(project(plain, mx.ones((1, 128), mx.bfloat16)),
+                          plain(mx.ones((1, 128), mx.bfloat16))).item()
+    monkeypatch.setattr(projection.mx, "default_device", lambda: mx.gpu)
+    with mx.stream(mx.cpu):
+        project(lin, mx.random.normal((1, 3, 128)).astype(mx.bfloat16))   # another backend: as it is
+    assert seen == [mx.float32, mx.bfloat16]
+
+
+def test_tied_head_widens_on_the_cpu(monkeypatch):
+    mx.random.seed(3)
+    emb = nn.Embedding(512, 128)
+    emb.weight = mx.random.normal((512, 128)) * 0.05
+    q = nn.QuantizedEmbedding.from_embedding(emb, group_size=64, bits=4)
+    h = mx.random.normal((1, 2, 128)).astype(mx.bfloat16)
+    monkeypatch.setattr(projection.mx, "default_device", lambda: mx.cpu)
+    out = projection.head(q, h)
+    assert out.dtype == mx.bfloat16 and out.shape == (1, 2, 512)
+    assert mx.array_equal(out, q.as_linear(h.astype(mx.float32)).astype(mx.bfloat16)).item()
+    assert mx.array_equal(projection.head(emb, h), emb.as_linear(h)).item()
