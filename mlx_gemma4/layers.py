@@ -10,6 +10,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from .projection import project
+
 
 def compute_dtype(linear: nn.Module) -> mx.Dtype:
     """The dtype a linear layer computes in: its weight's, or its scales' when the weight is packed (affine
@@ -62,7 +64,7 @@ class ClippableLinear(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         if self.clipped:
             x = mx.clip(x, self.input_min.astype(x.dtype), self.input_max.astype(x.dtype))
-        x = self.linear(x)
+        x = project(self.linear, x)
         if self.clipped:
             x = mx.clip(x, self.output_min.astype(x.dtype), self.output_max.astype(x.dtype))
         return x
