@@ -29,6 +29,7 @@ from .config import FULL, SLIDING, TextConfig
 from .config_checks import Section
 from .errors import ConfigError, InputError
 from .layers import RMSNorm
+from .projection import head, project
 from .text import DecoderLayer
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class MaskedEmbedder(nn.Module):
     def selected(self, h: mx.array, rows: Callable[[mx.array], mx.array]) -> tuple[mx.array, mx.array]:
         """(token ids, logits) of the best clusters' tokens for one position ``h`` (hidden,). ``rows(ids)`` gives
         the head's embedding rows for ``ids``."""
-        scores = self.centroids(h)                                                  # (C,)
+        scores = project(self.centroids, h)                                         # (C,)
         best = mx.argpartition(-scores, self.top_k - 1)[: self.top_k]               # (top_k,) unordered
         clusters = self.token_ordering.reshape(self.num_centroids, -1)              # (C, vocab // C)
         ids = clusters[best].reshape(-1)                                            # (top_k * vocab // C,)
@@ -163,7 +164,7 @@ class Assistant(nn.Module):
         to what the drafter may see (see ``visible``; no ``masks``) or whole buffers with ``masks``: layer type ->
         which of their slots it sees (draft_step.py).
         """
-        x = self.pre_projection(mx.concatenate([embed, hidden], axis=-1))          # (1, 1, hidden)
+        x = project(self.pre_projection, mx.concatenate([embed, hidden], axis=-1))  # (1, 1, hidden)
         types = self.config.text_config.layer_types
         for layer, t in zip(self.model.layers, types):
             x, _ = layer(x, None, position, None if masks is None else masks[t], None, target_kv[t])
@@ -183,8 +184,8 @@ class Assistant(nn.Module):
         if "masked_embedding" in self:
             logits = self.masked_embedding.full(h[0, 0], self.model.embed_tokens, vocab)[None, None]
         else:
-            logits = self.model.embed_tokens.as_linear(h)
-        return logits, self.post_projection(h)
+            logits = head(self.model.embed_tokens, h)
+        return logits, project(self.post_projection, h)
 
     def draft_token(self, embed: mx.array, hidden: mx.array, position: int | mx.array,
                     target_kv: dict[str, tuple[mx.array, mx.array]], masks: dict[str, Mask] | None = None
@@ -196,8 +197,8 @@ class Assistant(nn.Module):
             ids, logits = self.masked_embedding.selected(h[0, 0], self.model.embed_tokens)
             token = ids[mx.argmax(logits)]
         else:
-            token = mx.argmax(self.model.embed_tokens.as_linear(h[0, 0]))
-        return token, self.post_projection(h)
+            token = mx.argmax(head(self.model.embed_tokens, h[0, 0]))
+        return token, project(self.post_projection, h)
 
     def draft_step(self, target, producers: dict[str, KVCache], compiled: bool = True
                    ) -> Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]:
