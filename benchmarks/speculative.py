@@ -37,6 +37,7 @@ import json
 import random
 import statistics
 import time
+from contextlib import contextmanager
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -221,6 +222,65 @@ def measure_parts(target, drafter, prompt: mx.array, k_max: int, runs: int) -> d
     return out
 
 
+def measure_verify(target, drafter, prompt: mx.array, k_max: int, runs: int) -> dict:
+    """Seconds of the target's verify of k + 1 tokens (k = 0..k_max), as measure_parts times it."""
+    from mlx_gemma4.cache import rewind
+    from mlx_gemma4.speculative import required_max_rewind
+
+    cache = target.make_cache(max_rewind=required_max_rewind(target, drafter, k_max) + 1)
+    target.prefill({"input_ids": prompt[:, :-1]}, cache)
+    mx.eval(target.step_hidden(prompt[:, -1:], cache), *[c.state for c in cache])
+    tok = prompt[:, -1:]
+
+    def verify(k: int) -> None:
+        logits, h = target.step_hidden(mx.repeat(tok, k + 1, axis=1), cache)
+        mx.eval(mx.argmax(logits, axis=-1), h)
+        rewind(cache, k + 1)
+
+    for k in range(k_max + 1):
+        verify(k), verify(k)
+    return {k: _median_seconds(lambda k=k: verify(k), runs) for k in range(k_max + 1)}
+
+
+@contextmanager
+def padded_verify(target, wide_only: bool):
+    """Inside, the target's quantized projections (and tied head) on 2 to 7 rows run on those rows padded with
+    zeros to 8 (``wide_only``: only those whose output is at least twice their input), the compiled steps traced
+    again; an A/B of MLX's few-row kernel choice, not the library's path."""
+    from mlx_gemma4 import projection, text
+
+    real_project, real_head = text.project, projection.head
+
+    def few(x: mx.array) -> int:
+        rows = x.size // x.shape[-1]
+        return rows if 2 <= rows < 8 else 0
+
+    def pad(x: mx.array) -> mx.array:
+        rows = x.size // x.shape[-1]
+        return mx.pad(x.reshape(rows, x.shape[-1]), [(0, 8 - rows), (0, 0)])
+
+    def project(linear, x):
+        rows = few(x)
+        if not rows or not isinstance(linear, nn.QuantizedLinear) \
+                or (wide_only and linear["weight"].shape[0] < 2 * x.shape[-1]):
+            return real_project(linear, x)
+        return real_project(linear, pad(x))[:rows].reshape(*x.shape[:-1], -1)
+
+    def head(table, h):
+        rows = few(h)
+        if not rows or not isinstance(table, nn.QuantizedEmbedding):
+            return real_head(table, h)
+        return real_head(table, pad(h))[:rows].reshape(*h.shape[:-1], -1)
+
+    text.project, projection.head = project, head
+    target._compiled_step = target._compiled_hidden_step = None
+    try:
+        yield
+    finally:
+        text.project, projection.head = real_project, real_head
+        target._compiled_step = target._compiled_hidden_step = None
+
+
 def curve(parts: dict) -> tuple[list[dict], float | None]:
     """Tokens/s at each acceptance rate with the best k (k = 0 is plain decoding), and the break-even rate."""
     plain = 1 / parts["plain_s"]
@@ -371,6 +431,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", type=int, default=7, help="timed repetitions (medians reported)")
     ap.add_argument("--rates", default="0.3,0.5,0.7",
                     help="acceptance rates at which an oracle right that often runs end to end (automatic k)")
+    ap.add_argument("--ab-verify-pad", action="store_true",
+                    help="also time the verify with its 2-7 rows padded to 8 in the quantized projections (MLX's "
+                         "CUDA backend runs fewer than 8 rows as one matrix-vector pass each): all of them, and the "
+                         "wide ones only (output at least twice the input: gate/up, the head)")
     ap.add_argument("--tol", type=float, default=0.25,
                     help="log-probability gap below plain decoding's best that counts as a rounding tie")
     a = ap.parse_args(argv)
@@ -389,6 +453,11 @@ def main(argv: list[str] | None = None) -> None:
                 verify_ms={k: round(v * 1e3, 2) for k, v in parts["verify_s"].items()},
                 round_ms={k: round(v * 1e3, 2) for k, v in parts["round_s"].items()},
                 verify_build_ms={k: round(v * 1e3, 2) for k, v in parts["build_s"].items()}, break_even=even)
+    if a.ab_verify_pad:
+        for label, wide_only in (("verify_ms_padded_all", False), ("verify_ms_padded_wide", True)):
+            with padded_verify(target, wide_only):
+                timed = measure_verify(target, drafter, prompt, a.k_max, a.runs)
+            head[label] = {k: round(v * 1e3, 2) for k, v in timed.items()}
     print(json.dumps(head), flush=True)
     for r in rows:
         print(json.dumps(r), flush=True)
