@@ -22,13 +22,13 @@ import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import projection
 from .cache import MAX_REWIND, KVCache, make_cache
 from .config import ModelConfig
 from .decode import CompiledStep, fits_compiled_step
 from .errors import ContextLengthError, InputError
 from .layers import MultimodalEmbedder
 from .media import MEDIA, MEDIA_KEYS
-from . import projection
 from .text import TextModel
 
 
