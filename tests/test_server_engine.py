@@ -303,7 +303,7 @@ def test_shutdown_ends_the_answer_being_written_and_the_waiting_ones(converted_t
     engine = Engine(lambda: ChatSession(*load(converted_towers)), generation={"logits_processors": [steer]})
     engine.wait_ready()
     served = ThreadServer(create_app(engine, model_id=MODEL, limits=Limits(max_tokens=400)),
-                          make_server=lambda config: Server(config, engine))
+                          make_server=lambda config: Server(config, engine, MODEL))
     client = openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0)
     steer.no_stop = processor.eos_token_ids
     steer.hold_at = 3
@@ -332,3 +332,21 @@ def test_shutdown_ends_the_answer_being_written_and_the_waiting_ones(converted_t
     assert not served.thread.is_alive()
     assert steer.calls <= steer.hold_at + 1  # far from the 400 tokens it was asked for
     engine.close()
+
+
+def test_the_serving_line_names_the_port_bound(served, caplog):
+    """``--port 0`` asks the system for a free port; the "Serving ... at" line said port 0, which no client can
+    use. It is logged once the server listens, with the port bound."""
+    import logging
+
+    from mlx_gemma4.server import create_app
+    from mlx_gemma4.server.cli import Server
+
+    with caplog.at_level(logging.INFO, logger="gemma4-serve"):
+        srv = ThreadServer(create_app(served[0], model_id=MODEL), make_server=lambda c: Server(c, served[0], MODEL))
+    try:
+        port = int(srv.url.rsplit(":", 1)[1])
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Serving")]
+        assert port != 0 and lines == [f"Serving {MODEL} at http://127.0.0.1:{port}/v1"]
+    finally:
+        srv.close()

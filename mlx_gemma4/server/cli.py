@@ -76,9 +76,18 @@ class Server(uvicorn.Server):
     it, before the process could exit (a service manager then killed it). Stopped, the engine ends the answer being
     written at its next token and the waiting ones at once, each with a 503 error the client reads."""
 
-    def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
+    def __init__(self, config: uvicorn.Config, engine: Engine, model_id: str) -> None:
         super().__init__(config)
         self.engine = engine
+        self.model_id = model_id
+
+    async def startup(self, sockets=None) -> None:
+        """uvicorn's startup, then one line with the address clients use: the port bound (``--port 0`` asks the
+        system for a free one, which the line said was 0)."""
+        await super().startup(sockets=sockets)
+        if self.started:
+            port = next((s.getsockname()[1] for srv in self.servers for s in srv.sockets or ()), self.config.port)
+            log.info("Serving %s at http://%s:%d/v1", self.model_id, self.config.host, port)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.engine.stop()
@@ -113,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     model_id = args.model_id or os.path.basename(os.path.normpath(args.model))
     app = create_app(engine, model_id=model_id, limits=limits(args), api_key=args.api_key,
                      default_thinking=args.thinking, cors_origins=args.cors_origin)
-    log.info("Serving %s at http://%s:%d/v1", model_id, args.host, args.port)
-    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level), engine)
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level), engine, model_id)
     try:
         server.run()
     except KeyboardInterrupt:  # Ctrl+C, raised again by uvicorn once it has shut down
