@@ -92,7 +92,7 @@ def test_default_is_on_but_for_metal(monkeypatch):
     assert projection.default_enabled()
 
 
-@pytest.mark.parametrize("family", ["e", "dense"])
+@pytest.mark.parametrize("family", ["e", "dense", "moe"])
 def test_prefill_on_dequantized_weights_matches_quantized(family, monkeypatch):
     """A whole 4-bit prefill (chunked, across the sliding window) with the dense path forced on: the same
     logits and the same cache as with quantized matmuls, and the dense path really taken."""
