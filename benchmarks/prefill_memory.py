@@ -44,9 +44,7 @@ def build(size: str, dtype: mx.Dtype, bits: int, group_size: int = 64):
     model.set_dtype(dtype)
     if bits:
         nn.quantize(model, group_size=group_size, bits=bits)
-    for layer in model.language_model.layers:   # as load() leaves them
-        layer.self_attn.fuse()
-        layer.mlp.fuse()
+    model.language_model.fuse()
     mx.eval(model.parameters())
     return model
 

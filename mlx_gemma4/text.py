@@ -310,6 +310,13 @@ class TextModel(nn.Module):
             self.per_layer_model_projection = nn.Linear(cfg.hidden_size, n * self.ple_dim, bias=False)
             self.per_layer_projection_norm = RMSNorm(self.ple_dim, cfg.rms_norm_eps)
 
+    def fuse(self) -> None:
+        """Join the projections that read the same input in every layer (Attention.fuse, MLP.fuse): how load()
+        leaves a model."""
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+
     def embed(self, ids: mx.array) -> mx.array:
         """Token embeddings (B, L, hidden), scaled by sqrt(hidden)."""
         return _scaled(self.embed_tokens(ids), self.embed_scale)

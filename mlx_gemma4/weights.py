@@ -311,9 +311,7 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, progress: Callab
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     load_into(model, weights)
     if fuse:
-        for layer in model.language_model.layers:
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
+        model.language_model.fuse()
     model.eval()
     model.ple_placement = placement
     if progress is not None:

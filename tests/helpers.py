@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from typing import Any, Callable
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
@@ -35,6 +36,15 @@ def build(family: str, **text_overrides) -> tuple:
     weights = {k: mx.array(v.detach().numpy()) for k, v in hf.state_dict().items()}
     load_into(model, sanitize(weights, cfg, model))
     return hf, model
+
+
+def build_4bit(family: str, quantize: Callable[[str, Any], bool]) -> Gemma4:
+    """Our model of a tiny text family with the modules ``quantize(path, module)`` picks at 4 bits (group 64), its
+    projections fused as load() leaves them."""
+    _, model = build(family)
+    nn.quantize(model, group_size=64, bits=4, class_predicate=quantize)
+    model.language_model.fuse()
+    return model
 
 
 def ids_of(n: int, seed: int = 0) -> torch.Tensor:

@@ -9,7 +9,7 @@ import pytest
 
 from mlx_gemma4 import projection, text
 from mlx_gemma4.projection import dense_matmuls, project
-from tests.helpers import build, ids_of
+from tests.helpers import build_4bit, ids_of
 
 
 def _quantized_linear(n_in=128, n_out=96, bias=False, seed=0):
@@ -96,12 +96,7 @@ def test_default_is_on_but_for_metal(monkeypatch):
 def test_prefill_on_dequantized_weights_matches_quantized(family, monkeypatch):
     """A whole 4-bit prefill (chunked, across the sliding window) with the dense path forced on: the same
     logits and the same cache as with quantized matmuls, and the dense path really taken."""
-    _, model = build(family)
-    nn.quantize(model, group_size=64, bits=4, class_predicate=lambda p, m: isinstance(m, nn.Linear)
-                and m.weight.shape[-1] % 64 == 0)
-    for layer in model.language_model.layers:
-        layer.self_attn.fuse()
-        layer.mlp.fuse()
+    model = build_4bit(family, lambda p, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % 64 == 0)
     monkeypatch.setattr(projection, "DENSE_FROM_ROWS", 16)
     inputs = {"input_ids": mx.array(ids_of(70).numpy())}
     results = {}

@@ -372,18 +372,11 @@ def test_the_benchmarks_padded_verify_computes_the_same_logits(monkeypatch):
     """benchmarks/speculative.py's --ab-verify-pad pads a verify's 2-7 rows to 8 in the quantized projections and
     the head: an A/B of kernel choice only, so the real rows' logits and hidden states must not change, and the
     compiled steps are traced again inside and after it."""
-    import mlx.nn as nn
-
     from benchmarks.speculative import padded_verify
     from mlx_gemma4 import projection
-    from tests.helpers import build, ids_of
+    from tests.helpers import build_4bit, ids_of
 
-    _, model = build("e")
-    nn.quantize(model, group_size=64, bits=4, class_predicate=lambda p, m: hasattr(m, "to_quantized")
-                and m.weight.shape[-1] % 64 == 0)
-    for layer in model.language_model.layers:
-        layer.self_attn.fuse()
-        layer.mlp.fuse()
+    model = build_4bit("e", lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 64 == 0)
     prompt = mx.array(ids_of(20).numpy())
     padded_rows = []
     real_head = projection.head
