@@ -173,6 +173,9 @@ class Gemma4(nn.Module):
         embeds, token_inputs, blocks = self.embed(ids, **media)
         lm = self.language_model
         first_shared = lm.config.first_kv_shared_layer
+        # Long chunks' quantized projections on dequantized weights (projection.py): self.dense_prefill when set,
+        # else where the backend gains.
+        dense = projection.default_enabled() if self.dense_prefill is None else self.dense_prefill
         s = 0
         if progress is not None:
             progress(0, L)
@@ -182,7 +185,7 @@ class Gemma4(nn.Module):
             p = lm.begin(embeds[:, s:e], None if token_inputs is None else token_inputs[:, s:e], cache,
                          None if blocks is None else blocks[s:e])
             # The last layer before the KV-shared ones has its output read only at the prompt's last position.
-            with projection.dense_matmuls(self._dense_prefill(e - s)):
+            with projection.dense_matmuls(dense):
                 lm.run(p, cache, range(first_shared), _eval_each_layer(e - s), narrow_last=1 if e == L else 0)
             if e == L:
                 lm.run(p, cache, range(first_shared, len(lm.layers)))
@@ -192,12 +195,6 @@ class Gemma4(nn.Module):
             if progress is not None:
                 progress(e, L)
             s = e
-
-    def _dense_prefill(self, n_tokens: int) -> bool:
-        """Whether a prefill chunk of ``n_tokens`` runs its quantized projections on dequantized weights
-        (projection.py): ``self.dense_prefill`` when set (True / False), else where the backend gains."""
-        wanted = projection.default_enabled() if self.dense_prefill is None else self.dense_prefill
-        return wanted and n_tokens >= projection.DENSE_FROM_ROWS
 
     def step(self, token_ids: mx.array, cache: list[KVCache]) -> mx.array:
         """Logits (1, L, vocab) for text tokens ``token_ids`` (1, L) already on the device, after what ``cache``

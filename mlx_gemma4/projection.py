@@ -20,8 +20,8 @@ an H100 (benchmarks/dense_prefill.py, 12 layers at real width, 1,059 tokens; pre
     whole weights, 2 queued          27.2 / 893     11.5 / 297
     whole weights, no waits          23.4 / 2141    10.0 / 736
 
-Only ``prefill`` turns it on (``dense_matmuls``), for chunks of at least ``DENSE_FROM_ROWS`` tokens, and only
-where ``default_enabled()`` says (not on Metal); elsewhere, and inside compiled or one-graph passes, projections
+Only ``prefill`` turns it on (``dense_matmuls``), where ``default_enabled()`` says (not on Metal), for projections
+of at least ``DENSE_FROM_ROWS`` rows; elsewhere, and inside compiled or one-graph passes, projections
 are the plain module call.
 
 **Float32 inputs on the CPU.** MLX's CPU backend runs a 4-bit matmul about 8x faster on float32 inputs than on
