@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from contextlib import contextmanager
 
 import mlx.core as mx
 
@@ -27,6 +28,32 @@ SETTINGS = {   # name: (dense, SLICE_BYTES, QUEUED_SLICES)
     "dense whole, 2 queued": (True, 1 << 40, 2),
     "dense whole, no waits": (True, 1 << 40, 0),
 }
+
+
+@contextmanager
+def setting(model, dense: bool, slice_bytes: int, queued: int):
+    """Inside, ``model``'s prefill runs with one of SETTINGS (as ``*SETTINGS[name]``); restored after."""
+    saved = model.dense_prefill, pm.SLICE_BYTES, pm.QUEUED_SLICES
+    model.dense_prefill, pm.SLICE_BYTES, pm.QUEUED_SLICES = dense, slice_bytes, queued
+    try:
+        yield
+    finally:
+        model.dense_prefill, pm.SLICE_BYTES, pm.QUEUED_SLICES = saved
+
+
+def time_prefill(model, inputs: dict, runs: int) -> tuple[float, float]:
+    """Medians of ``model.prefill(inputs)`` into a new cache, after two warm-ups: (ms, peak MB over start)."""
+    ts, peaks = [], []
+    for r in range(runs + 2):
+        mx.synchronize()
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        t0 = time.perf_counter()
+        mx.eval(model.prefill(inputs, model.make_cache()))
+        if r >= 2:
+            ts.append((time.perf_counter() - t0) * 1000)
+            peaks.append((mx.get_peak_memory() - base) / 1e6)
+    return statistics.median(ts), statistics.median(peaks)
 
 
 def main() -> None:
@@ -44,22 +71,10 @@ def main() -> None:
     model = build(a.size, mx.bfloat16, 4)
     ids = mx.random.randint(3, 200_000, (1, a.tokens), key=mx.random.key(0)).astype(mx.int32)
     print(f"{a.size}, {a.layers} layers at real width, 4 bits, {a.tokens} tokens, {mx.default_device()}")
-    default = pm.SLICE_BYTES, pm.QUEUED_SLICES
-    for name, (dense, *setting) in SETTINGS.items():
-        model.dense_prefill = dense
-        pm.SLICE_BYTES, pm.QUEUED_SLICES = setting
-        ts, peaks = [], []
-        for r in range(a.runs + 2):
-            mx.synchronize()
-            base = mx.get_active_memory()
-            mx.reset_peak_memory()
-            t0 = time.perf_counter()
-            mx.eval(model.prefill({"input_ids": ids}, model.make_cache()))
-            if r >= 2:
-                ts.append((time.perf_counter() - t0) * 1000)
-                peaks.append((mx.get_peak_memory() - base) / 1e6)
-        print(f"{name}: {statistics.median(ts):.1f} ms, peak {statistics.median(peaks):.0f} MB over start", flush=True)
-    pm.SLICE_BYTES, pm.QUEUED_SLICES = default
+    for name, values in SETTINGS.items():
+        with setting(model, *values):
+            ms, peak = time_prefill(model, {"input_ids": ids}, a.runs)
+        print(f"{name}: {ms:.1f} ms, peak {peak:.0f} MB over start", flush=True)
 
 
 if __name__ == "__main__":

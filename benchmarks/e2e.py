@@ -137,16 +137,13 @@ class Ours(Impl):
         self.model, self.processor = load(path)
         self.note = f"PLE table {self.model.ple_placement}" if self.model.ple_placement else ""
 
-    def with_chunk(self, chunk: int) -> Ours:
-        """The same loaded model under the name ours-cCHUNK, prefilling in chunks of ``chunk`` tokens."""
+    def variant(self, name: str, **settings) -> Ours:
+        """The same loaded model under another name with other ``settings`` (prefill_chunk, dense_prefill): ours-cN
+        prefills in chunks of N tokens, ours-qmm on the quantized matmuls (projection.py)."""
         other = copy.copy(self)
-        other.name, other.prefill_chunk = f"ours-c{chunk}", chunk
-        return other
-
-    def with_quantized_prefill(self) -> Ours:
-        """The same loaded model under the name ours-qmm, its prefill on the quantized matmuls (projection.py)."""
-        other = copy.copy(self)
-        other.name, other.dense_prefill = "ours-qmm", False
+        other.name = name
+        for key, value in settings.items():
+            setattr(other, key, value)
         return other
 
     def chat_prompt(self, text: str) -> str:
@@ -321,10 +318,11 @@ def main(argv=None) -> None:
         try:
             impls.append(IMPLS[n](paths[n]))
             if n == "ours":
-                impls[-1].prefill_chunk = a.prefill_chunk[0]
-                impls.extend(impls[-1].with_chunk(c) for c in a.prefill_chunk[1:])
+                ours = impls[-1]
+                ours.prefill_chunk = a.prefill_chunk[0]
+                impls.extend(ours.variant(f"ours-c{c}", prefill_chunk=c) for c in a.prefill_chunk[1:])
                 if a.quantized_prefill_too:
-                    impls.append(impls[-1 - (len(a.prefill_chunk) - 1)].with_quantized_prefill())
+                    impls.append(ours.variant("ours-qmm", dense_prefill=False))
         except Exception as e:  # a peer that cannot load this checkpoint is reported, not fatal
             errors[n] = f"{type(e).__name__}: {e}"
             print(f"# {n} could not load: {errors[n]}", flush=True)

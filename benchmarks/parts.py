@@ -159,24 +159,15 @@ def main(argv=None) -> None:
     text._fused_attention_sizes = sizes
     model._compiled_step = None
 
-    # A/B: prefill's projections on dequantized weights (projection.py) or quantized, with each one's peak;
-    # dequantized as the default does it (slices, two queued), and each weight whole with no waits of its own
-    from mlx_gemma4 import projection as pm
+    # A/B: prefill's projections on dequantized weights (projection.py) as the default runs them, each weight
+    # whole with no waits of its own, and quantized; with each one's peak (benchmarks/dense_prefill.py has more)
+    from benchmarks.dense_prefill import SETTINGS, setting, time_prefill
 
-    default = pm.SLICE_BYTES, pm.QUEUED_SLICES
-    for label, dense, setting in (("dequantized matmuls", True, default),
-                                  ("dequantized whole, no waits", True, (1 << 40, 0)),
-                                  ("quantized matmuls", False, default)):
-        model.dense_prefill = dense
-        pm.SLICE_BYTES, pm.QUEUED_SLICES = setting
-        res[f"A/B prefill ms: {label}"] = med(ours_prefill)
-        mx.synchronize()
-        mx.reset_peak_memory()
-        before = mx.get_active_memory()
-        ours_prefill()
-        res[f"A/B prefill peak over start MB: {label}"] = round((mx.get_peak_memory() - before) / 1e6)
-    pm.SLICE_BYTES, pm.QUEUED_SLICES = default
-    model.dense_prefill = None
+    for label in ("dense 128MB slices, 2 queued", "dense whole, no waits", "quantized"):
+        with setting(model, *SETTINGS[label]):
+            ms, peak = time_prefill(model, inputs, 5)
+        res[f"A/B prefill ms: {label}"] = round(ms, 2)
+        res[f"A/B prefill peak over start MB: {label}"] = round(peak)
 
 
 class _Results(dict):
@@ -216,20 +207,23 @@ def _attention(q, k, mask):
     return attention(q, k, k, mask)
 
 
-def _matmuls(M: int, K: int, N: int) -> tuple[float, float]:
+def _operands(M: int, K: int, N: int) -> tuple[mx.array, ...]:
+    """x (1, M, K) and a 4-bit (group 64) weight (N, K) as (packed, scales, biases), bfloat16, evaluated."""
     w = mx.random.normal((N, K)).astype(mx.bfloat16) * 0.02
     wq, scales, biases = mx.quantize(w, group_size=64, bits=4)
     x = mx.random.normal((1, M, K)).astype(mx.bfloat16)
     mx.eval(wq, scales, biases, x)
+    return x, wq, scales, biases
+
+
+def _matmuls(M: int, K: int, N: int) -> tuple[float, float]:
+    x, wq, scales, biases = _operands(M, K, N)
     return (med(lambda: mx.eval(mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=64, bits=4))),
             med(lambda: mx.eval(x @ mx.dequantize(wq, scales, biases, group_size=64, bits=4).T)))
 
 
 def _rows(M: int, K: int, N: int, pad_to: int = 0) -> float:
-    w = mx.random.normal((N, K)).astype(mx.bfloat16) * 0.02
-    wq, scales, biases = mx.quantize(w, group_size=64, bits=4)
-    x = mx.random.normal((1, M, K)).astype(mx.bfloat16)
-    mx.eval(wq, scales, biases, x)
+    x, wq, scales, biases = _operands(M, K, N)
 
     def run():
         xp = mx.pad(x, [(0, 0), (0, pad_to - M), (0, 0)]) if pad_to > M else x

@@ -168,11 +168,6 @@ def measure_parts(target, drafter, prompt: mx.array, k_max: int, runs: int) -> d
         mx.eval(t)
         restore(cache, snap)
 
-    def verify(k: int) -> None:
-        logits, h = target.step_hidden(mx.repeat(tok, k + 1, axis=1), cache)
-        mx.eval(mx.argmax(logits, axis=-1), h)
-        rewind(cache, k + 1)
-
     producers = producer_caches(target, cache)
     steps = {True: drafter.draft_step(target, producers), False: drafter.draft_step(target, producers, False)}
 
@@ -208,22 +203,23 @@ def measure_parts(target, drafter, prompt: mx.array, k_max: int, runs: int) -> d
         mx.eval(drafts, tokens, hs)
         rewind(cache, k + 1)
 
-    for fn in (plain, draft, lambda: draft(False), *(lambda k=k: verify(k) for k in range(k_max + 1)),
-               *(lambda k=k: round_(k) for k in range(k_max + 1))):
+    for fn in (plain, draft, lambda: draft(False), *(lambda k=k: round_(k) for k in range(k_max + 1))):
         fn(), fn()   # warm-up: kernels (and the compiled steps) are built per shape
     out = {"plain_s": _median_seconds(plain, runs) / 16, "draft_s": _median_seconds(draft, runs),
            "draft_uncompiled_s": _median_seconds(lambda: draft(False), runs)}
     for compiled in (True, False):
         out["draft_build_s" if compiled else "draft_build_uncompiled_s"] = {
             k: statistics.median(draft_build_seconds(k, compiled) for _ in range(runs)) for k in range(1, k_max + 1)}
-    out["verify_s"] = {k: _median_seconds(lambda k=k: verify(k), runs) for k in range(k_max + 1)}
+    out["verify_s"] = measure_verify(target, drafter, prompt, k_max, runs)
     out["round_s"] = {k: _median_seconds(lambda k=k: round_(k), runs) for k in range(k_max + 1)}
     out["build_s"] = {k: statistics.median(build_seconds(k) for _ in range(runs)) for k in range(k_max + 1)}
     return out
 
 
 def measure_verify(target, drafter, prompt: mx.array, k_max: int, runs: int) -> dict:
-    """Seconds of the target's verify of k + 1 tokens (k = 0..k_max), as measure_parts times it."""
+    """Median seconds of the target's verify of k + 1 tokens (k = 0..k_max): one forward after a prompt, the
+    argmax and hidden states evaluated, then the rewind. On a cache of its own, so that it also serves the
+    padded A/B (padded_verify)."""
     from mlx_gemma4.cache import rewind
     from mlx_gemma4.speculative import required_max_rewind
 

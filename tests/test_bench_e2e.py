@@ -20,7 +20,7 @@ def test_chunk_lists_parse_and_bad_ones_are_refused():
 def test_variants_share_the_loaded_model_and_differ_only_in_their_setting():
     ours = e2e.Ours.__new__(e2e.Ours)
     ours.model, ours.processor, ours.weights_gb, ours.note = object(), object(), 1.5, ""
-    c512, qmm = ours.with_chunk(512), ours.with_quantized_prefill()
+    c512, qmm = ours.variant("ours-c512", prefill_chunk=512), ours.variant("ours-qmm", dense_prefill=False)
     assert (c512.name, c512.prefill_chunk, c512.dense_prefill) == ("ours-c512", 512, None)
     assert (qmm.name, qmm.prefill_chunk, qmm.dense_prefill) == ("ours-qmm", 2048, False)
     assert c512.model is qmm.model is ours.model and c512.weights_gb == qmm.weights_gb == 1.5
