@@ -42,6 +42,7 @@ from contextlib import contextmanager
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_gemma4 import projection
 from mlx_gemma4.assistant import Assistant
 from tests import random_checkpoint as rc
 
@@ -219,7 +220,7 @@ def measure_parts(target, drafter, prompt: mx.array, k_max: int, runs: int) -> d
 def measure_verify(target, drafter, prompt: mx.array, k_max: int, runs: int) -> dict:
     """Median seconds of the target's verify of k + 1 tokens (k = 0..k_max): one forward after a prompt, the
     argmax and hidden states evaluated, then the rewind. On a cache of its own, so that it also serves the
-    padded A/B (padded_verify)."""
+    padded A/B (pad_from_out)."""
     from mlx_gemma4.cache import rewind
     from mlx_gemma4.speculative import required_max_rewind
 
@@ -239,41 +240,16 @@ def measure_verify(target, drafter, prompt: mx.array, k_max: int, runs: int) -> 
 
 
 @contextmanager
-def padded_verify(target, wide_only: bool):
-    """Inside, the target's quantized projections (and tied head) on 2 to 7 rows run on those rows padded with
-    zeros to 8 (``wide_only``: only those whose output is at least twice their input), the compiled steps traced
-    again; an A/B of MLX's few-row kernel choice, not the library's path."""
-    from mlx_gemma4 import projection, text
-
-    real_project, real_head = text.project, projection.head
-
-    def few(x: mx.array) -> int:
-        rows = x.size // x.shape[-1]
-        return rows if 2 <= rows < 8 else 0
-
-    def pad(x: mx.array) -> mx.array:
-        rows = x.size // x.shape[-1]
-        return mx.pad(x.reshape(rows, x.shape[-1]), [(0, 8 - rows), (0, 0)])
-
-    def project(linear, x):
-        rows = few(x)
-        if not rows or not isinstance(linear, nn.QuantizedLinear) \
-                or (wide_only and linear["weight"].shape[0] < 2 * x.shape[-1]):
-            return real_project(linear, x)
-        return real_project(linear, pad(x))[:rows].reshape(*x.shape[:-1], -1)
-
-    def head(table, h):
-        rows = few(h)
-        if not rows or not isinstance(table, nn.QuantizedEmbedding):
-            return real_head(table, h)
-        return real_head(table, pad(h))[:rows].reshape(*h.shape[:-1], -1)
-
-    text.project, projection.head = project, head
+def pad_from_out(target, value: int | None):
+    """Inside, the library's few-row padding (projection.PAD_FROM_OUT: quantized projections at least this wide on
+    2 to 7 rows run on them padded to 8 on CUDA; 0 all, None none), the target's compiled steps traced again."""
+    saved = projection.PAD_FROM_OUT
+    projection.PAD_FROM_OUT = value
     target._compiled_step = target._compiled_hidden_step = None
     try:
         yield
     finally:
-        text.project, projection.head = real_project, real_head
+        projection.PAD_FROM_OUT = saved
         target._compiled_step = target._compiled_hidden_step = None
 
 
@@ -428,12 +404,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rates", default="0.3,0.5,0.7",
                     help="acceptance rates at which an oracle right that often runs end to end (automatic k)")
     ap.add_argument("--ab-verify-pad", action="store_true",
-                    help="also time the verify with its 2-7 rows padded to 8 in the quantized projections (MLX's "
-                         "CUDA backend runs fewer than 8 rows as one matrix-vector pass each): all of them, and the "
-                         "wide ones only (output at least twice the input: gate/up, the head)")
+                    help="also time the verify with no quantized projection on 2-7 rows padded to 8 (MLX's CUDA "
+                         "backend runs fewer than 8 rows as one matrix-vector pass each) and with all of them padded "
+                         "(the library pads those at least projection.PAD_FROM_OUT wide)")
+    ap.add_argument("--pad-from-out", type=int, default=None,
+                    help="set projection.PAD_FROM_OUT for the whole run (-1: pad none)")
+    ap.add_argument("--no-end-to-end", action="store_true", help="time the parts only")
     ap.add_argument("--tol", type=float, default=0.25,
                     help="log-probability gap below plain decoding's best that counts as a rounding tie")
     a = ap.parse_args(argv)
+    if a.pad_from_out is not None:
+        projection.PAD_FROM_OUT = None if a.pad_from_out < 0 else a.pad_from_out
     mx.random.seed(0)
     target, drafter = build(a.size, a.q_bits or None, a.q_group_size, a.drafter_hidden, a.drafter_layers,
                             a.centroids, getattr(mx, a.dtype))
@@ -442,6 +423,7 @@ def main(argv: list[str] | None = None) -> None:
     parts = measure_parts(target, drafter, prompt, a.k_max, a.runs)
     rows, even = curve(parts)
     head = dict(size=a.size, bits=a.q_bits, dtype=a.dtype, prompt=a.prompt, device=str(mx.default_device()),
+                pad_from_out=projection.PAD_FROM_OUT,
                 plain_ms=round(parts["plain_s"] * 1e3, 2), draft_ms=round(parts["draft_s"] * 1e3, 2),
                 draft_uncompiled_ms=round(parts["draft_uncompiled_s"] * 1e3, 2),
                 draft_build_ms={k: round(v * 1e3, 2) for k, v in parts["draft_build_s"].items()},
@@ -450,13 +432,15 @@ def main(argv: list[str] | None = None) -> None:
                 round_ms={k: round(v * 1e3, 2) for k, v in parts["round_s"].items()},
                 verify_build_ms={k: round(v * 1e3, 2) for k, v in parts["build_s"].items()}, break_even=even)
     if a.ab_verify_pad:
-        for label, wide_only in (("verify_ms_padded_all", False), ("verify_ms_padded_wide", True)):
-            with padded_verify(target, wide_only):
+        for label, value in (("verify_ms_unpadded", None), ("verify_ms_padded_all", 0)):
+            with pad_from_out(target, value):
                 timed = measure_verify(target, drafter, prompt, a.k_max, a.runs)
             head[label] = {k: round(v * 1e3, 2) for k, v in timed.items()}
     print(json.dumps(head), flush=True)
     for r in rows:
         print(json.dumps(r), flush=True)
+    if a.no_end_to_end:
+        return
     print(json.dumps({"end_to_end": end_to_end(target, drafter, prompt, a.gen, min(4, a.k_max), a.tol,
                                                         tuple(float(r) for r in a.rates.split(",") if r))}), flush=True)
 

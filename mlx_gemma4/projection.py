@@ -24,6 +24,13 @@ Only ``prefill`` turns it on (``dense_matmuls``), where ``default_enabled()`` sa
 of at least ``DENSE_FROM_ROWS`` rows; elsewhere, and inside compiled or one-graph passes, projections
 are the plain module call.
 
+**A few rows on CUDA, padded to 8.** MLX 0.32's CUDA backend runs a quantized matmul of fewer than 8 rows as one
+matrix-vector pass per row (each pass reads the whole weight) and one of 8 or more on a tiled kernel that reads it
+once, so a speculative verify of k + 1 tokens grew ~2.6 ms per token on an H200's E4B. A wide projection
+(output at least ``PAD_FROM_OUT``: the fused gate/up, the tied head) on 2 to 7 rows runs on them padded with zero
+rows to 8 instead (on an H100, E4B's gate/up at 5 rows 0.16 against 0.25 ms); a narrow one (the down projection,
+whose tiled kernel has too few output tiles to fill the device: 0.24 against 0.18 ms) keeps the per-row passes.
+
 **Float32 inputs on the CPU.** MLX's CPU backend runs a 4-bit matmul about 8x faster on float32 inputs than on
 bfloat16 ones (this project's 2-core machine: the 262,144 x 256 head of one token 59 against 471 ms; a 2,048 x
 16,384 projection 31 against 236 ms), so there a bfloat16 or float16 input is widened for the quantized matmul and
@@ -40,6 +47,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 DENSE_FROM_ROWS = 256
+PAD_ROWS_TO = 8        # CUDA: a quantized matmul of 2 to 7 rows runs on its rows padded with zeros to this many
+PAD_FROM_OUT = 8192    # ... where its output is at least this wide (0: every one; None: none)
 SLICE_BYTES = 128 << 20
 QUEUED_SLICES = 2   # slices alive at once (the host waits for the one queued before); 0: never wait here
 
@@ -70,22 +79,49 @@ def _widened(x: mx.array) -> bool:
     return x.dtype in (mx.bfloat16, mx.float16) and mx.default_device() == mx.cpu
 
 
+def _few_rows(x: mx.array, n_out: int) -> int:
+    """How many rows ``x`` has where a quantized matmul to ``n_out`` outputs runs them padded (see above), else 0."""
+    rows = x.size // x.shape[-1]
+    if not 2 <= rows < PAD_ROWS_TO or PAD_FROM_OUT is None or n_out < PAD_FROM_OUT:
+        return 0
+    return rows if _on_cuda() else 0
+
+
+def _on_cuda() -> bool:
+    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+
+
+def _padded(fn, x: mx.array, rows: int) -> mx.array:
+    """``fn`` of ``x``'s ``rows`` rows padded with zeros to PAD_ROWS_TO, cut back to those rows."""
+    flat = mx.pad(x.reshape(rows, x.shape[-1]), [(0, PAD_ROWS_TO - rows), (0, 0)])
+    out = fn(flat)
+    return out[:rows].reshape(*x.shape[:-1], out.shape[-1])
+
+
 def head(table: nn.Module, h: mx.array) -> mx.array:
-    """Logits of ``h`` through a tied embedding table (``table.as_linear``), widened on the CPU as ``project``."""
-    if isinstance(table, nn.QuantizedEmbedding) and _widened(h):
+    """Logits of ``h`` through a tied embedding table (``table.as_linear``), widened on the CPU and padded on CUDA
+    as ``project``."""
+    if not isinstance(table, nn.QuantizedEmbedding):
+        return table.as_linear(h)
+    if _widened(h):
         return table.as_linear(h.astype(mx.float32)).astype(h.dtype)
-    return table.as_linear(h)
+    rows = _few_rows(h, table["weight"].shape[0])
+    return _padded(table.as_linear, h, rows) if rows else table.as_linear(h)
 
 
 def project(linear: nn.Module, x: mx.array) -> mx.array:
     """``linear(x)``; inside ``dense_matmuls``, a quantized ``linear`` over many rows runs on its dequantized
     weight, a slice of output rows at a time, with at most two slices in flight; on the CPU, a quantized ``linear``
-    on bfloat16 / float16 inputs runs on them widened to float32."""
+    on bfloat16 / float16 inputs runs on them widened to float32; on CUDA, a wide one on 2 to 7 rows runs on
+    them padded to 8."""
     if not isinstance(linear, nn.QuantizedLinear):
         return linear(x)
     queue = _queue.get()
     if queue is None or x.size // x.shape[-1] < DENSE_FROM_ROWS:
-        return linear(x.astype(mx.float32)).astype(x.dtype) if _widened(x) else linear(x)
+        if _widened(x):
+            return linear(x.astype(mx.float32)).astype(x.dtype)
+        rows = _few_rows(x, linear["weight"].shape[0])
+        return _padded(linear, x, rows) if rows else linear(x)
     w, scales, biases = linear["weight"], linear["scales"], linear.get("biases")
     n_out = w.shape[0]
     in_dims = scales.shape[-1] * linear.group_size

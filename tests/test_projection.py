@@ -173,3 +173,85 @@ def test_tied_head_widens_on_the_cpu(monkeypatch):
     assert out.dtype == mx.bfloat16 and out.shape == (1, 2, 512)
     assert mx.array_equal(out, q.as_linear(h.astype(mx.float32)).astype(mx.bfloat16)).item()
     assert mx.array_equal(projection.head(emb, h), emb.as_linear(h)).item()
+
+
+def _rows_seen(monkeypatch) -> list[int]:
+    seen = []
+    real = mx.quantized_matmul
+    monkeypatch.setattr(projection.mx, "quantized_matmul",
+                        lambda x, *a, **k: seen.append(x.size // x.shape[-1]) or real(x, *a, **k))
+    return seen
+
+
+def test_cuda_pads_few_rows_of_wide_quantized_matmuls(monkeypatch):
+    """On CUDA a quantized projection at least PAD_FROM_OUT wide on 2 to 7 rows reaches the kernel as 8 rows (the
+    tiled kernel instead of one pass per row); the real rows' outputs are the unpadded call's, in their shape."""
+    lin = _quantized_linear()
+    seen = _rows_seen(monkeypatch)
+    monkeypatch.setattr(projection, "_on_cuda", lambda: True)
+    monkeypatch.setattr(projection, "PAD_FROM_OUT", 96)
+    for shape in [(1, r, 128) for r in range(1, 10)] + [(2, 3, 128), (5, 128)]:
+        x = mx.random.normal(shape)
+        seen.clear()
+        out = project(lin, x)
+        rows = x.size // 128
+        assert seen == [8 if 2 <= rows < 8 else rows], shape
+        ref = lin(x)
+        assert out.shape == ref.shape == (*shape[:-1], 96)
+        assert mx.allclose(out, ref, atol=1e-6, rtol=1e-6).item()
+
+
+def test_padding_leaves_narrow_projections_and_other_backends(monkeypatch):
+    lin = _quantized_linear()
+    seen = _rows_seen(monkeypatch)
+    x = mx.random.normal((1, 4, 128))
+    monkeypatch.setattr(projection, "PAD_FROM_OUT", 96)
+    project(lin, x)                                       # not CUDA
+    monkeypatch.setattr(projection, "_on_cuda", lambda: True)
+    monkeypatch.setattr(projection, "PAD_FROM_OUT", 97)
+    project(lin, x)                                       # narrower than PAD_FROM_OUT
+    monkeypatch.setattr(projection, "PAD_FROM_OUT", None)
+    project(lin, x)                                       # padding off
+    assert seen == [4, 4, 4]
+    plain = nn.Linear(128, 96)
+    monkeypatch.setattr(projection, "PAD_FROM_OUT", 0)
+    assert mx.array_equal(project(plain, x), plain(x)).item() and seen == [4, 4, 4]
+
+
+def test_tied_head_pads_few_rows_on_cuda(monkeypatch):
+    mx.random.seed(4)
+    emb = nn.Embedding(512, 128)
+    emb.weight = mx.random.normal((512, 128)) * 0.05
+    q = nn.QuantizedEmbedding.from_embedding(emb, group_size=64, bits=4)
+    h = mx.random.normal((1, 3, 128))
+    seen = _rows_seen(monkeypatch)
+    monkeypatch.setattr(projection, "_on_cuda", lambda: True)
+    out = projection.head(q, h)                           # 512 outputs: under the default PAD_FROM_OUT
+    monkeypatch.setattr(projection, "PAD_FROM_OUT", 512)
+    padded = projection.head(q, h)
+    assert seen == [3, 8]
+    assert padded.shape == out.shape == (1, 3, 512) and mx.allclose(padded, out, atol=1e-6, rtol=1e-6).item()
+
+
+def test_padded_verify_step_gives_the_same_logits_and_hidden_states(monkeypatch):
+    """A whole verify step (k + 1 = 4 tokens after a prompt, the compiled step) with every quantized projection and
+    the head padded to 8 rows: the real rows' logits and hidden states are the unpadded step's."""
+    from benchmarks.speculative import pad_from_out
+
+    model = build_4bit("e", lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 64 == 0)
+    prompt = mx.array(ids_of(20).numpy())
+    monkeypatch.setattr(projection, "_on_cuda", lambda: True)
+
+    def outputs():
+        cache = model.make_cache()
+        model.prefill({"input_ids": prompt[:, :-1]}, cache)
+        return model.step_hidden(mx.repeat(prompt[:, -1:], 4, axis=1), cache)
+
+    with pad_from_out(model, None):
+        ref_logits, ref_hidden = outputs()
+    seen = _rows_seen(monkeypatch)
+    with pad_from_out(model, 0):
+        logits, hidden = outputs()
+    assert 8 in seen and 4 not in seen          # the traced step's 4-row projections all ran padded
+    assert model._compiled_hidden_step is None   # traced again after the A/B
+    assert mx.allclose(logits, ref_logits, atol=1e-4).item() and mx.allclose(hidden, ref_hidden, atol=1e-4).item()
