@@ -199,9 +199,7 @@ def measure_parts(target, drafter, prompt: mx.array, k_max: int, runs: int) -> d
                            logits_processors=(), prefill_chunk=2048, should_stop=None, draft_tokens=k_max)
 
     def round_(k: int) -> None:
-        drafts = loop._draft(tok[0, 0], hidden, k)
-        tokens, logprobs, hs = loop._verify(tok[0, 0], drafts, None)
-        mx.eval(drafts, tokens, hs)
+        mx.eval(loop._round(tok[0, 0], hidden, None, k))
         rewind(cache, k + 1)
 
     for fn in (plain, draft, lambda: draft(False), *(lambda k=k: round_(k) for k in range(k_max + 1))):

@@ -241,11 +241,20 @@ class SpeculativeLoop:
             history = mx.concatenate([history, y.reshape(1).astype(mx.int32)])
         k = self.lengths.choose(min(self.max_tokens - n - 1, self.model.context_left(self.cache) - 1))
         t0 = time.perf_counter()
-        drafts = self._draft(y, hidden, k)
-        tokens, all_logprobs, hiddens = self._verify(y, drafts, history)
-        mx.async_eval(drafts, tokens, all_logprobs, hiddens)
+        drafts, tokens, all_logprobs, hiddens = self._round(y, hidden, history, k)
         self.fed = n   # y is in the cache from now on
         return (k, t0, drafts, tokens, all_logprobs, hiddens), history
+
+    def _round(self, y: mx.array, hidden: mx.array, history: mx.array | None, k: int):
+        """``k`` drafts after ``y`` and their verification, queued on the device: the drafts first, so that the
+        device drafts while the host builds the verification (on a fast device that build would otherwise leave it
+        idle: ~1.8 ms of an E4B round on an H200)."""
+        drafts = self._draft(y, hidden, k)
+        if drafts:
+            mx.async_eval(drafts)
+        tokens, all_logprobs, hiddens = self._verify(y, drafts, history)
+        mx.async_eval(drafts, tokens, all_logprobs, hiddens)
+        return drafts, tokens, all_logprobs, hiddens
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def _prefill(self) -> tuple[mx.array, mx.array, mx.array] | None:

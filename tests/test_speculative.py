@@ -367,3 +367,21 @@ def test_the_benchmarks_oracle_follows_the_loops_own_picks_at_its_rate(text_pair
     assert loop.accepted <= loop.judged <= loop.drafted
     assert 0.25 <= loop.accepted / loop.judged <= 0.75 and loop.accepted < loop.judged < loop.drafted
 
+
+
+def test_drafts_are_queued_before_the_verification_is_built(mimicking, monkeypatch):
+    """A round queues its drafts on the device first, then builds the verification (the device drafts meanwhile);
+    the output stays plain greedy."""
+    _, model, _, _, drafter = mimicking
+    inputs = _inputs(12)
+    plain, _, _ = run_rounds(model, inputs, max_tokens=10)
+    events = []
+    step_hidden, queue = model.step_hidden, mx.async_eval
+    monkeypatch.setattr(model, "step_hidden", lambda ids, *a, **k: events.append(("verify", ids.shape[1] - 1))
+                        or step_hidden(ids, *a, **k))
+    monkeypatch.setattr(mx, "async_eval", lambda *a: events.append(("queue", len(a[0]) if isinstance(a[0], list)
+                                                                      else None)) or queue(*a))
+    tokens, loop, _ = run_rounds(model, inputs, max_tokens=10, assistant=drafter, draft_tokens=3)
+    assert tokens == plain and loop.drafted > 0
+    drafted = [(i, k) for i, (what, k) in enumerate(events) if what == "verify" and k]
+    assert drafted and all(events[i - 1] == ("queue", k) for i, k in drafted)
