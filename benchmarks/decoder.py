@@ -83,6 +83,7 @@ def bench_ours(size: str, bits: int | None, group_size: int, prompt: mx.array, n
 
     model = Gemma4(ModelConfig.from_dict(_text_config(size)))
     weights_gb = _prepare(model, bits, group_size)
+    model.language_model.fuse()   # as load() leaves it
     if mapped_ple and model.language_model.ple_dim:
         weights_gb -= _map_ple(model, bits, group_size)
 

@@ -80,6 +80,8 @@ def build(size: str, bits: int | None, group_size: int, drafter_hidden: int, dra
     if bits:
         nn.quantize(target, group_size=group_size, bits=bits)
         apply_quantization(drafter, assistant_recipe(drafter, bits, group_size))
+    target.language_model.fuse()   # the projections joined as load() and load_assistant() leave them
+    drafter.fuse()
     mx.eval(target.parameters(), drafter.parameters())
     return target, drafter
 

@@ -218,6 +218,12 @@ class Assistant(nn.Module):
         embed = target.language_model.embed
         return lambda token, hidden: self.draft_token(embed(token.reshape(1, 1)), hidden, position, kv)
 
+    def fuse(self) -> None:
+        """Join each layer's gate and up projections into one (MLP.fuse): a drafting step is a chain of small
+        kernels, each of which a fast device feels. Done after loading, as for the target (TextModel.fuse)."""
+        for layer in self.model.layers:
+            layer.mlp.fuse()
+
     def check_fits(self, target) -> None:
         """Raise InputError unless this drafter was made for ``target`` (a Gemma4): hidden sizes, vocabulary and
         the K/V shapes of the layers it reads."""
@@ -283,6 +289,7 @@ def load_assistant(path: str | Path, target=None, **hub_kwargs) -> Assistant:
         weights[key] = weights[key].astype(mx.int32)
     apply_quantization(model, weights=weights)
     load_into(model, weights)
+    model.fuse()
     model.eval()
     if target is not None:
         model.check_fits(target)

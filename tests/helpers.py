@@ -145,7 +145,8 @@ class ScriptedAnswers:
 
 
 def assistant_from(hf_assistant):
-    """Our Assistant carrying the weights of a transformers Gemma4AssistantForCausalLM."""
+    """Our Assistant carrying the weights of a transformers Gemma4AssistantForCausalLM, its projections fused as
+    load_assistant leaves them."""
     from mlx_gemma4.assistant import Assistant, AssistantConfig
 
     ours = Assistant(AssistantConfig.from_dict(hf_assistant.config.to_dict()))
@@ -154,6 +155,7 @@ def assistant_from(hf_assistant):
     if key in weights:
         weights[key] = weights[key].astype(mx.int32)
     load_into(ours, weights)
+    ours.fuse()
     return ours
 
 

@@ -126,7 +126,7 @@ def test_convert_writes_a_drafter_that_loads_plain_and_quantized(tmp_path, text_
     quant = json.loads((dst / "config.json").read_text())["quantization"]
     assert quant["bits"] == 4 and quant["masked_embedding.centroids"] is False
     q4 = load_assistant(dst, target=target)
-    assert "scales" in q4.model.layers[0].mlp.gate_proj and "scales" in q4.model.embed_tokens
+    assert "scales" in q4.model.layers[0].mlp.gate_up_proj and "scales" in q4.model.embed_tokens
     # Quantized drafts are other drafts, never other tokens: the output is the target's.
     inputs = {"input_ids": mx.array(helpers.ids_of(20).numpy().astype(np.int32))}
     expected = [t for t, _ in generate_step(target, inputs, max_tokens=16)]
