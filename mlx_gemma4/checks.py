@@ -54,3 +54,37 @@ def check_sampling_args(*, max_tokens: Any = 1, temperature: Any = 0.0, top_p: A
     if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**64):
         raise InputError(f"seed must be a whole number in [0, 2**64) or None; got {seed!r}.")
     check_positive_int("prefill_chunk", prefill_chunk)
+
+
+def check_callable(name: str, value: Any) -> None:
+    """``value`` must be None or something to call (a function, a lambda, an object with ``__call__``)."""
+    if value is not None and not callable(value):
+        raise InputError(f"{name} must be a function (or None); got {type(value).__name__} {value!r:.60}.")
+
+
+def check_token_ids(name: str, value: Any) -> None:
+    """``value`` must be None or a collection of whole-number token ids (not one bare id, not strings)."""
+    if value is None:
+        return
+    if _is_int(value) or isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise InputError(f"{name} must be a list of token ids (e.g. [1, 106]) or None; got {value!r:.60}.")
+    bad = [v for v in value if not _is_int(v) or v < 0]
+    if bad:
+        raise InputError(f"{name} must hold whole-number token ids >= 0; got {bad[0]!r:.60}. Turn strings into "
+                         "ids with processor.tokenizer.convert_tokens_to_ids(...).")
+
+
+def check_policies(*, sampler: Any = None, logits_processors: Any = None, stop_ids: Any = None,
+                   **callbacks: Any) -> None:
+    """Validate the non-numeric generation arguments up front: ``sampler``, each of ``logits_processors``, and the
+    named ``callbacks`` (``should_stop``, ``on_token``, ``progress``, ...) must be callables; ``stop_ids`` ids."""
+    check_callable("sampler", sampler)
+    if logits_processors is not None:
+        if callable(logits_processors) or not isinstance(logits_processors, (list, tuple)):
+            raise InputError("logits_processors must be a list of functions p(history, logits) -> logits (or "
+                             f"None); got {type(logits_processors).__name__}.")
+        for i, p in enumerate(logits_processors):
+            check_callable(f"logits_processors[{i}]", p)
+    check_token_ids("stop_ids", stop_ids)
+    for name, value in callbacks.items():
+        check_callable(name, value)

@@ -24,7 +24,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer
 
 from .cache import KVCache
-from .checks import check_positive_int, check_sampling_args
+from .checks import check_policies, check_positive_int, check_sampling_args
 from .errors import InputError
 
 
@@ -85,9 +85,13 @@ def cancelled_response(prompt_tokens: int, ttft: float = 0.0) -> GenerationRespo
 
 
 def make_policies(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
-                  repetition_penalty: float | None = None, repetition_context_size: int = 20
+                  repetition_penalty: float | None = None, repetition_context_size: int = 20,
+                  vocab_size: int | None = None
                   ) -> tuple[Callable[[mx.array], mx.array], list[Callable[[mx.array, mx.array], mx.array]]]:
-    """mlx-lm's sampler and logits processors for these settings."""
+    """mlx-lm's sampler and logits processors for these settings. A ``top_k`` of ``vocab_size`` or more keeps every
+    token, so it is off (mlx-lm's top-k refuses it mid-sampling, which also leaves MLX's random state broken)."""
+    if vocab_size is not None and top_k >= vocab_size:
+        top_k = 0
     sampler = make_sampler(temp=float(temperature), top_p=float(top_p) if top_p < 1 else 0.0,
                            min_p=float(min_p), top_k=int(top_k))
     processors = make_logits_processors(repetition_penalty=repetition_penalty,
@@ -300,12 +304,15 @@ def stream_tokens(
     check_sampling_args(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                         repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size,
                         seed=seed, prefill_chunk=prefill_chunk)
+    check_policies(sampler=sampler, logits_processors=logits_processors, stop_ids=stop_ids, should_stop=should_stop,
+                   on_token=on_token, progress=progress, on_prefilled=on_prefilled)
     if seed is not None:
         mx.random.seed(int(seed))
     if cache is None and assistant is None:   # the speculative loop makes its own, with rings that rewind a round
         cache = model.make_cache()
     default_sampler, default_processors = make_policies(temperature, top_p, top_k, min_p, repetition_penalty,
-                                                        repetition_context_size)
+                                                        repetition_context_size,
+                                                        vocab_size=model.config.text_config.vocab_size)
     stop = set(stop_ids if stop_ids is not None else default_stop_ids(model, processor))
     if prompt_tokens is not None:
         n_prompt = prompt_tokens
@@ -363,18 +370,19 @@ def default_stop_ids(model, processor) -> list[int]:
 
 
 def stream_generate(model, processor, prompt: str, images=None, audio=None, videos=None, *,
-                    max_soft_tokens: int | None = None, **kwargs) -> Iterator[GenerationResponse]:
+                    max_soft_tokens: int | None = None, sampling_rate: int | None = None,
+                    **kwargs) -> Iterator[GenerationResponse]:
     """Stream the answer to ``prompt`` (used verbatim: no chat template is applied here).
 
-    ``max_soft_tokens`` sets the image (and video frame) token budget; the other keywords are those of
-    ``stream_tokens`` (sampling settings, ``max_tokens``, ``stop_ids``, ``should_stop``, ...). Arguments are
-    checked before any work is done.
+    ``max_soft_tokens`` sets the image (and video frame) token budget; ``sampling_rate`` is the rate of audio
+    given as arrays (default 16 kHz); the other keywords are those of ``stream_tokens`` (sampling settings,
+    ``max_tokens``, ``stop_ids``, ``should_stop``, ...). Arguments are checked before any work is done.
     """
-    unknown = set(kwargs) - _STREAM_KWARGS
-    if unknown:
-        raise InputError(f"Unknown argument(s) {sorted(unknown)}; stream_generate takes {sorted(_STREAM_KWARGS)}.")
-    check_sampling_args(**{k: v for k, v in kwargs.items() if k in _SAMPLING_KWARGS})
-    inputs = processor(text=prompt, images=images, audio=audio, videos=videos, max_soft_tokens=max_soft_tokens)
+    check_generation_kwargs(kwargs, _STREAM_KWARGS, "stream_generate")
+    check_assistant_args(model, kwargs.get("assistant"), kwargs.get("draft_tokens"))
+    rate = {} if sampling_rate is None else {"sampling_rate": sampling_rate}
+    inputs = processor(text=prompt, images=images, audio=audio, videos=videos, max_soft_tokens=max_soft_tokens,
+                       **rate)
     yield from stream_tokens(model, processor, inputs, **kwargs)
 
 
@@ -398,8 +406,33 @@ def generate(model, processor, prompt: str, images=None, audio=None, videos=None
     return "".join(text)
 
 
+def check_generation_kwargs(kwargs: dict[str, Any], allowed: set[str], caller: str) -> None:
+    """The keywords a generation entry point passes on, checked before any work: names, ranges, callables."""
+    unknown = set(kwargs) - allowed
+    if unknown:
+        raise InputError(f"Unknown argument(s) {sorted(unknown)}; {caller} takes {sorted(allowed)}.")
+    check_sampling_args(**{k: v for k, v in kwargs.items() if k in _SAMPLING_KWARGS})
+    check_policies(**{k: v for k, v in kwargs.items() if k in _POLICY_KWARGS})
+
+
+def check_assistant_args(model, assistant: Any, draft_tokens: Any) -> None:
+    """``assistant`` (None, or a drafter for ``model``) and ``draft_tokens``, checked before any work."""
+    if assistant is None:
+        if draft_tokens is not None:
+            raise InputError("draft_tokens is set but no assistant was given; pass assistant=load_assistant(DIR).")
+        return
+    from .speculative import check_assistant, check_draft_tokens
+
+    check_draft_tokens(draft_tokens)
+    check_assistant(assistant, model)
+
+
+_POLICY_KWARGS = {"sampler", "logits_processors", "stop_ids", "should_stop", "on_token", "progress", "on_prefilled"}
 _SAMPLING_KWARGS = {"max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                     "repetition_context_size", "seed", "prefill_chunk"}
 _STREAM_KWARGS = _SAMPLING_KWARGS | {"sampler", "logits_processors", "stop_ids", "should_stop", "on_token",
                                      "cache", "progress", "on_prefilled", "prefilled", "started", "prompt_tokens",
                                      "assistant", "draft_tokens"}
+# What ChatSession.stream / send pass on (the session itself owns the cache, its prefill and what it reports).
+CHAT_KWARGS = _SAMPLING_KWARGS | {"sampler", "logits_processors", "stop_ids", "should_stop", "progress", "assistant",
+                                  "draft_tokens"}

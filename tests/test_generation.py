@@ -189,6 +189,43 @@ def test_sampling_runs_for_valid_edge_values(loaded):
         assert len(out) == 3 and all(0 <= r.token < model.config.text_config.vocab_size for r in out)
 
 
+def test_a_top_k_of_the_whole_vocabulary_or_more_is_off(loaded):
+    # mlx-lm's top-k refuses k >= vocabulary mid-sampling, and that failure left MLX's random state unusable for
+    # every later sampled call in the process.
+    model, processor = loaded
+    vocab = model.config.text_config.vocab_size
+    run = dict(max_tokens=6, stop_ids=[], temperature=1.0, seed=7)
+    want = [r.token for r in stream_generate(model, processor, "hi", **run)]
+    for k in (vocab, vocab + 1, 10**9):
+        assert [r.token for r in stream_generate(model, processor, "hi", top_k=k, **run)] == want
+    assert [r.token for r in stream_generate(model, processor, "hi", top_k=vocab - 1, **run)]
+
+
+BAD_POLICIES = [
+    dict(sampler=5), dict(logits_processors=5), dict(logits_processors=[5]), dict(logits_processors=len),
+    dict(should_stop=True), dict(on_token="x"), dict(progress=1), dict(on_prefilled=[]),
+    dict(stop_ids=1), dict(stop_ids="<eos>"), dict(stop_ids=["<eos>"]), dict(stop_ids=[1.0]), dict(stop_ids=[-1]),
+]
+
+
+@pytest.mark.parametrize("bad", BAD_POLICIES, ids=[f"{k}={v!r}" for b in BAD_POLICIES for k, v in b.items()])
+def test_bad_callables_and_stop_ids_are_refused_before_any_work(loaded, bad):
+    # The image does not exist: a check that ran after the processor would report the missing file instead.
+    model, processor = loaded
+    name = next(iter(bad))
+    with pytest.raises(InputError, match=name):
+        generate(model, processor, "<|image|> hi", images=["/no/such/image.png"], **bad)
+    inputs = processor(text="hi")
+    with pytest.raises(InputError, match=name):
+        next(iter(stream_tokens(model, processor, inputs, **bad)))
+
+
+def test_draft_tokens_without_an_assistant_is_refused_before_any_work(loaded):
+    model, processor = loaded
+    with pytest.raises(InputError, match="draft_tokens"):
+        generate(model, processor, "<|image|> hi", images=["/no/such/image.png"], draft_tokens=3)
+
+
 # -- nothing vocabulary-sized per call -------------------------------------------------------------------------
 def test_detokenizer_and_vocabulary_tables_are_built_once(loaded, monkeypatch):
     model, processor = loaded
