@@ -196,6 +196,31 @@ def test_text_must_be_a_string(proc):
         proc(text=["a", "b"])
 
 
+def test_audio_arrays_at_another_sampling_rate(proc, ref, ref_tok):
+    # The README's `sampling_rate=`: arrays recorded at 44.1 kHz are resampled to 16 kHz, not read as 16 kHz.
+    from mlx_gemma4.processing.audio import load_audio
+
+    t = np.arange(44100) / 44100
+    wave = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)   # one second
+    out = proc(text="<|audio|>", audio=[wave], sampling_rate=44100)
+    _check(out, *_expected(ref, ref_tok, "<|audio|>", audio=[load_audio(wave, 44100)]))
+    assert out["input_ids"].shape != proc(text="<|audio|>", audio=[wave])["input_ids"].shape
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"sampling_rate": 0}, "sampling_rate"), ({"sampling_rate": "44100"}, "sampling_rate"),
+    ({"max_soft_tokens": 100}, "max_soft_tokens"), ({"video_max_soft_tokens": 3}, "max_soft_tokens"),
+    ({"max_soft_token": 70}, "max_soft_token"), ({"add_special_tokens": False}, "add_special_tokens"),
+])
+def test_bad_or_unknown_keywords_are_refused_even_without_media(proc, kw, match):
+    with pytest.raises(InputError, match=match):
+        proc(text="hi", **kw)
+
+
+def test_return_tensors_is_accepted_and_gives_mx_arrays(proc):
+    assert isinstance(proc(text="hi", return_tensors="np")["input_ids"], mx.array)
+
+
 def test_apply_chat_template_tokenize_collects_media(proc, ref, ref_tok):
     image = _image(120, 80, 5)
     messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]}]

@@ -213,12 +213,12 @@ class Processor:
         boi, image, eoi = self._placeholder("boi"), self._placeholder("image"), self._placeholder("eoi")
         return out, [f"{boi}{image * int(n)}{eoi}" for n in out["num_soft_tokens_per_image"]]
 
-    def _audio_runs(self, audio: list[Any]) -> tuple[dict[str, Any], list[str]]:
+    def _audio_runs(self, audio: list[Any], sampling_rate: int | None = None) -> tuple[dict[str, Any], list[str]]:
         from .audio import load_audio, probe_length
 
         if self.context_length is not None:  # first from the files' headers, before decoding anything
             self._check_audio_fits([n for n in map(probe_length, audio) if n is not None])
-        clips = [load_audio(a) for a in audio]
+        clips = [load_audio(a, sampling_rate) for a in audio]
         self._check_audio_fits([len(c) for c in clips])
         out = self.audio_extractor(clips)
         boa, token, eoa = self._placeholder("boa"), self._placeholder("audio"), self._placeholder("eoa")
@@ -276,7 +276,8 @@ class Processor:
         return re.sub(pattern, lambda m: next(queues[tokens[m.group(0)]]), text)
 
     def __call__(self, text: str, images: Any = None, audio: Any = None, videos: Any = None,
-                 max_soft_tokens: int | None = None, **kw: Any) -> dict[str, mx.array]:
+                 max_soft_tokens: int | None = None, sampling_rate: int | None = None,
+                 video_max_soft_tokens: int | None = None, **kw: Any) -> dict[str, mx.array]:
         """Tokenize `text`, expanding one placeholder per image / audio clip / video (counts must match).
 
         images: PIL images or paths; audio: 1-D float32 arrays at 16 kHz or paths to audio files; videos: one
@@ -285,11 +286,15 @@ class Processor:
         list of frames is ONE video; a list of paths to video files or of frame lists is several.
         ``max_soft_tokens`` sets the token budget per image and, as in the reference, per video frame (one of
         70, 140, 280, 560, 1120; default: the checkpoint's); ``video_max_soft_tokens=`` overrides it for video
-        frames only. BOS is added as the checkpoint's tokenizer adds it, never twice (a prompt that starts with
-        ``<bos>`` keeps only that one).
+        frames only. ``sampling_rate`` is the rate of audio given as arrays (default 16 kHz; files carry their
+        own). BOS is added as the checkpoint's tokenizer adds it, never twice (a prompt that starts with
+        ``<bos>`` keeps only that one). Every argument is checked before any media is read; ``return_tensors``
+        is accepted for transformers' sake and ignored (the inputs are always mx.arrays), any other keyword is
+        refused.
         """
         if not isinstance(text, str):
             raise InputError(f"text must be one prompt string; got {type(text).__name__}.")
+        self._check_keywords(kw, max_soft_tokens, video_max_soft_tokens, sampling_rate)
         images, audio = _as_list(images), _as_list(audio)
         videos = self._group_videos(videos)
         self._check_counts(text, "image", images, "images")
@@ -303,14 +308,12 @@ class Processor:
             out, runs["image"] = self._image_runs(images, max_soft_tokens)
             features.update(out)
         if audio:
-            out, runs["audio"] = self._audio_runs(audio)
+            out, runs["audio"] = self._audio_runs(audio, sampling_rate)
             features.update(out)
         if videos:
-            budget = kw.pop("video_max_soft_tokens", None)
-            out, runs["video"] = self._video_runs(videos, max_soft_tokens if budget is None else budget)
+            budget = max_soft_tokens if video_max_soft_tokens is None else video_max_soft_tokens
+            out, runs["video"] = self._video_runs(videos, budget)
             features.update(out)
-        if kw:
-            logger.debug("Processor: ignoring keywords %s", sorted(kw))
 
         ids = np.asarray(self.tokenizer.encode(self.expand_placeholders(text, runs)), dtype=np.int32)
         inputs: dict[str, mx.array] = {
@@ -322,6 +325,25 @@ class Processor:
                 continue
             inputs[key] = value if isinstance(value, mx.array) else mx.array(np.asarray(value))
         return inputs
+
+    @staticmethod
+    def _check_keywords(kw: dict[str, Any], max_soft_tokens: Any, video_max_soft_tokens: Any,
+                        sampling_rate: Any) -> None:
+        """The keywords of a call, checked up front, whether or not media of their kind came with it (a misspelt
+        or out-of-range setting is an error, not a silent default)."""
+        unknown = sorted(set(kw) - {"return_tensors"})
+        if unknown:
+            raise InputError(f"Unknown argument(s) {unknown}; the processor takes text, images, audio, videos, "
+                             "max_soft_tokens, video_max_soft_tokens and sampling_rate.")
+        for budget in (max_soft_tokens, video_max_soft_tokens):
+            if budget is not None:
+                from .image import ImageProcessor
+
+                ImageProcessor.check_budget(budget)
+        if sampling_rate is not None:
+            from .audio import _check_rate
+
+            _check_rate(sampling_rate)
 
     @staticmethod
     def _group_videos(videos: Any) -> list[Any] | None:
