@@ -27,7 +27,7 @@ import mlx.nn as nn
 from .cache import KVCache, Mask
 from .config import FULL, SLIDING, TextConfig
 from .config_checks import Section
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, with_article
 from .layers import RMSNorm
 from .projection import head, project
 from .text import DecoderLayer
@@ -227,6 +227,9 @@ class Assistant(nn.Module):
     def check_fits(self, target) -> None:
         """Raise InputError unless this drafter was made for ``target`` (a Gemma4): hidden sizes, vocabulary and
         the K/V shapes of the layers it reads."""
+        if not hasattr(getattr(getattr(target, "config", None), "text_config", None), "hidden_size"):
+            raise InputError(f"target must be the model that load(DIR) returns (the first of model, processor); "
+                             f"got {with_article(type(target).__name__)}.")
         tc, dc = target.config.text_config, self.config.text_config
         problems = []
         if self.config.backbone_hidden_size != tc.hidden_size:

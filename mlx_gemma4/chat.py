@@ -32,8 +32,8 @@ import numpy as np
 from . import cache as kv
 from .errors import ContextLengthError, InputError, with_article
 from .media import MEDIA
-from .generation import (GenerationResponse, PromptEnd, cancelled_response, check_positive_int, default_stop_ids,
-                         prefill, stream_tokens)
+from .generation import (CHAT_KWARGS, GenerationResponse, PromptEnd, cancelled_response, check_assistant_args,
+                         check_generation_kwargs, check_positive_int, default_stop_ids, prefill, stream_tokens)
 from .processing.chat_prompt import ChatEncoder, EncodedChat, Stopped, stack_inputs, strip_placeholders
 from .processing.tokenizer import split_thinking
 from .tool_use import Answer, AnswerStream, forced_call, prepare_messages, tool_result_message
@@ -83,13 +83,15 @@ class ChatSession:
         if system_prompt is not None and not isinstance(system_prompt, str):
             raise InputError("system_prompt must be a string or None; got "
                              f"{with_article(type(system_prompt).__name__)}.")
+        if not isinstance(enable_thinking, (bool, np.bool_)):
+            raise InputError(f"enable_thinking must be True or False; got {enable_thinking!r:.60}.")
+        check_assistant_args(model, assistant, draft_tokens)
+        if not callable(getattr(model, "make_cache", None)) or not callable(getattr(processor,
+                                                                                  "apply_chat_template", None)):
+            raise InputError("ChatSession takes the model and the processor that load(DIR) returns, in that order: "
+                             "model, processor = load(DIR); ChatSession(model, processor).")
         self.tools = tools  # functions or JSON schemas (see tools.tool_schema), declared in every turn
         tool_schemas(tools)  # checked now, not at the first turn
-        if assistant is not None:
-            from .speculative import check_assistant, check_draft_tokens
-
-            check_draft_tokens(draft_tokens)
-            check_assistant(assistant, model)
         self.assistant, self.draft_tokens = assistant, draft_tokens
         self.model = model
         self.processor = processor
@@ -172,8 +174,12 @@ class ChatSession:
         Takes stream_generate's keywords (``max_tokens``, ``temperature``, ``should_stop``, ...). Responses report
         the prompt tokens computed for this turn (``last_reused`` says how many came from the cache), and the
         peak memory of this turn. ``should_stop`` is also asked between media items and prefill chunks; a turn
-        stopped before its first token ends with one response with ``token == -1`` and no text.
+        stopped before its first token ends with one response with ``token == -1`` and no text. The keywords are
+        checked before any message is encoded.
         """
+        check_generation_kwargs(gen_kwargs, CHAT_KWARGS, "ChatSession.stream")
+        check_assistant_args(self.model, gen_kwargs.get("assistant", self.assistant),
+                             gen_kwargs.get("draft_tokens", self.draft_tokens))
         schemas = self._schemas(tools)
         force = forced_call(self.processor.tokenizer, schemas, tool_choice)
         if force is not None:
@@ -334,6 +340,8 @@ class ChatSession:
     def send(self, text: str, images=None, audio=None, videos=None, **gen_kwargs) -> Iterator[GenerationResponse]:
         """Add a user turn and stream the model's answer; the answer joins ``messages`` when it ends (a turn
         that cannot be processed or does not fit is not kept)."""
+        if not isinstance(text, str):
+            raise InputError(f"text must be the message as a string; got {with_article(type(text).__name__)}.")
         given = {"images": images, "audio": audio, "videos": videos}
         parts: list[dict[str, Any]] = []
         for key, kind in ((m.arg, m.kind) for m in MEDIA):

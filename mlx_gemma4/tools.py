@@ -71,7 +71,12 @@ def tool_schema(tool: Callable[..., Any] | dict[str, Any]) -> dict[str, Any]:
 
 def tool_schemas(tools: list[Any] | None) -> list[dict[str, Any]] | None:
     """``tool_schema`` over a list (None stays None), for callers that take tools in either form."""
-    return None if tools is None else [tool_schema(t) for t in tools]
+    if tools is None:
+        return None
+    if not isinstance(tools, (list, tuple)):
+        raise InputError(f"tools must be a list of functions or JSON schemas (or None); got "
+                         f"{type(tools).__name__}. Wrap a single tool in a list: tools=[get_weather].")
+    return [tool_schema(t) for t in tools]
 
 
 def _hint_schema(hint: Any, where: str) -> dict[str, Any]:

@@ -92,6 +92,14 @@ def test_an_assistant_that_is_not_a_drafter_is_an_input_error(text_pair):
         ChatSession(target, None, assistant="models/drafter")
 
 
+@pytest.mark.parametrize("target", [5, "models/gemma-4-E4B-it-4bit", None])
+def test_a_target_that_is_not_a_model_is_an_input_error(drafters, target):
+    """load_assistant(DIR, target=processor) or a path was an AttributeError ('... has no attribute config')."""
+    draft = drafters("e")
+    with pytest.raises(InputError, match="target must be the model"):
+        draft.check_fits(target if target is not None else object())
+
+
 def test_assistant_config_refuses_other_models(tmp_path):
     with pytest.raises(ConfigError, match="assistant drafter"):
         AssistantConfig.from_dict({"model_type": "gemma4", "text_config": {}})

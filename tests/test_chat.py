@@ -384,6 +384,49 @@ def test_a_system_prompt_that_is_not_text_is_refused_up_front(loaded, prompt):
         ChatSession(model, processor, system_prompt=prompt)
 
 
+BAD_TURN_KWARGS = [dict(temperature=-1), dict(top_p=0), dict(max_tokens=0), dict(seed="x"), dict(stop_ids=5),
+                   dict(sampler=3), dict(should_stop="no"), dict(draft_tokens=2), dict(assistant="draft"),
+                   dict(max_token=5), dict(cache=[])]
+
+
+@pytest.mark.parametrize("bad", BAD_TURN_KWARGS, ids=[f"{k}={v!r}" for b in BAD_TURN_KWARGS for k, v in b.items()])
+def test_bad_turn_arguments_are_refused_before_the_messages_are_encoded(loaded, bad, monkeypatch):
+    # They used to surface after the conversation was encoded and prefilled (a TypeError for an unknown name).
+    model, processor = loaded
+    session = ChatSession(model, processor)
+    monkeypatch.setattr(session.encoder, "encode", lambda *a, **k: pytest.fail("encoded before the check"))
+    name = next(iter(bad))
+    with pytest.raises(InputError, match=name):
+        list(session.send("hi", **bad))
+    assert session.messages == []   # the turn that could not run is not kept
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(enable_thinking="yes"), "enable_thinking"), (dict(enable_thinking=None), "enable_thinking"),
+    (dict(draft_tokens=3), "draft_tokens"), (dict(tools=5), "tools must be a list"),
+])
+def test_bad_session_arguments_are_refused_up_front(loaded, kw, match):
+    model, processor = loaded
+    with pytest.raises(InputError, match=match):
+        ChatSession(model, processor, **kw)
+
+
+def test_model_and_processor_swapped_or_missing_are_named(loaded):
+    model, processor = loaded
+    for args in ((processor, model), (None, processor)):
+        with pytest.raises(InputError, match="model, processor = load"):
+            ChatSession(*args)
+
+
+@pytest.mark.parametrize("text", [None, 5, ["hi"]])
+def test_a_message_that_is_not_text_is_refused(loaded, text):
+    model, processor = loaded
+    session = ChatSession(model, processor)
+    with pytest.raises(InputError, match="text must be the message as a string"):
+        session.send(text)
+    assert session.messages == []
+
+
 @pytest.mark.parametrize("n", [-1, 0, 1.5, True, "2", None])
 def test_a_bad_count_of_turns_to_drop_is_refused(loaded, n):
     model, processor = loaded
