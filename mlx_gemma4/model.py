@@ -24,7 +24,7 @@ import mlx.nn as nn
 
 from . import projection
 from .cache import MAX_REWIND, KVCache, make_cache
-from .config import ModelConfig
+from .config import SLIDING, ModelConfig
 from .decode import CompiledStep, fits_compiled_step
 from .errors import ContextLengthError, InputError
 from .layers import MultimodalEmbedder
@@ -139,6 +139,7 @@ class Gemma4(nn.Module):
         processor's soft-token counts are accepted because a processor returns them, and not needed: the soft-token
         positions are read off ``input_ids`` (and the padding rows off the position ids).
         """
+        self._check_cache(cache)
         embeds, token_inputs, blocks = self.embed(input_ids, **media)
         self._check_room(cache, embeds.shape[1])
         lm = self.language_model
@@ -226,6 +227,20 @@ class Gemma4(nn.Module):
         """How many more positions fit in the context after what ``cache`` holds (the one bound everything uses)."""
         return self.config.text_config.max_position_embeddings - (cache[0].offset if cache else 0)
 
+    def _check_cache(self, cache: Any) -> None:
+        """``cache`` must be None or what ``make_cache()`` gives: one cache per KV-producing layer, in order."""
+        if cache is None:
+            return
+        from .cache import GlobalCache, SlidingCache
+
+        tc = self.config.text_config
+        want = [SlidingCache if t == SLIDING else GlobalCache for t in tc.layer_types[: tc.first_kv_shared_layer]]
+        if not isinstance(cache, (list, tuple)) or len(cache) != len(want) \
+                or not all(isinstance(c, k) for c, k in zip(cache, want)):
+            raise InputError("cache must be the list model.make_cache() returns (for this model), or None; got "
+                             f"{type(cache).__name__}{f' of {len(cache)}' if isinstance(cache, (list, tuple)) else ''}."
+                             )
+
     def _check_room(self, cache: list[KVCache] | None, n: int) -> None:
         left = self.context_left(cache)
         if n > left:
@@ -270,11 +285,7 @@ class Gemma4(nn.Module):
             raise InputError(f"Unknown model input(s) {sorted(unknown)}; the model takes input_ids and "
                              f"{', '.join(MEDIA_KEYS)} (what the processor returns).")
         cfg = self.config
-        if input_ids.ndim == 1:
-            input_ids = input_ids[None]
-        if input_ids.shape[0] != 1:
-            raise InputError("Only a batch of one prompt is supported: input_ids must have shape [1, L].")
-        ids_np = np.array(input_ids[0])
+        ids_np = self._check_ids(input_ids)
         slots = {m.kind: ids_np == getattr(cfg, m.token_id_attr) for m in MEDIA}
 
         ids, token_inputs = self._text_inputs(mx.array(ids_np[None].astype(np.int32)))
@@ -287,6 +298,9 @@ class Gemma4(nn.Module):
                 if mask.any():
                     raise InputError(f"The prompt has {m.kind} placeholder tokens but no {m.kind} inputs were given.")
                 continue
+            if extra is None and (m.tower == "vision" or "audio_tower" in self):
+                raise InputError(f"{m.inputs[0]} came without {m.inputs[1]}; pass the processor's whole output "
+                                 "(model(**processor(text=..., ...))).")
             encode = self._encode_images if m.tower == "vision" else self._encode_audio
             feats = encode(features, extra)
             n_slots = int(mask.sum())
@@ -302,6 +316,31 @@ class Gemma4(nn.Module):
         if cfg.text_config.use_bidirectional_attention == "vision" and is_vision.any():
             blocks = mx.array(_vision_blocks(is_vision))
         return embeds, token_inputs, blocks
+
+    def _check_ids(self, input_ids: Any) -> np.ndarray:
+        """``input_ids`` (L,) or (1, L) of whole-number token ids in the vocabulary, as numpy (L,)."""
+        try:
+            ids = np.array(input_ids)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"input_ids must be an array of token ids, shape [1, L]; got {type(input_ids).__name__} "
+                             f"({e}). Build it with processor(text=...).") from e
+        if ids.dtype.kind not in "iu":
+            raise InputError(f"input_ids must hold whole-number token ids (int32); got dtype {ids.dtype}. Build it "
+                             "with processor(text=...).")
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.shape[0] != 1:
+            raise InputError("Only a batch of one prompt is supported: input_ids must have shape [1, L]; got "
+                             f"{list(ids.shape)}.")
+        if ids.shape[1] == 0:
+            raise InputError("input_ids is empty: there is no token to run. Pass at least one token (a prompt "
+                             "from processor(text=...) always starts with <bos>).")
+        vocab = self.config.text_config.vocab_size
+        bad = ids[(ids < 0) | (ids >= vocab)]
+        if bad.size:
+            raise InputError(f"input_ids holds {bad.size} id(s) outside this model's vocabulary of {vocab} tokens "
+                             f"(e.g. {int(bad[0])}); tokenize with this model's processor.")
+        return ids[0]
 
     def _encode_images(self, pixel_values, position_ids) -> mx.array:
         if "vision_embedder" in self:

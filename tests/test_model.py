@@ -199,6 +199,46 @@ def test_model_takes_the_processors_keys_and_refuses_others(e_model):
         model(inputs["input_ids"], pixel_value=mx.zeros((1, 3)))
 
 
+@pytest.mark.parametrize("ids, match", [
+    (mx.array([[2, 5, 400]], dtype=mx.int32), "outside this model's vocabulary of 400"),   # one past the end
+    (mx.array([[2, -3, 6]], dtype=mx.int32), "outside this model's vocabulary"),
+    (mx.array([[2.0, 5.0]]), "whole-number token ids"),
+    (mx.zeros((1, 0), dtype=mx.int32), "input_ids is empty"),
+    (mx.zeros((1, 2, 3), dtype=mx.int32), r"shape \[1, L\]"),
+    ([[2, 5], [6]], "array of token ids"),
+])
+def test_bad_input_ids_are_named_not_gathered_out_of_bounds(e_model, ids, match):
+    # An id past the vocabulary used to give logits from whatever the gather read; an empty or ragged one a
+    # TypeError deep in the decoder.
+    _, model, _ = e_model
+    with pytest.raises(InputError, match=match):
+        model(ids)
+
+
+def test_input_ids_as_lists_and_numpy_give_the_same_logits(e_model):
+    _, model, _ = e_model
+    want = np.array(model(mx.array([[2, 5, 6, 7]], dtype=mx.int32)))
+    for ids in ([[2, 5, 6, 7]], np.array([[2, 5, 6, 7]], dtype=np.int64), [2, 5, 6, 7]):
+        np.testing.assert_array_equal(np.array(model(ids)), want)
+
+
+@pytest.mark.parametrize("cache", [[1, 2], [], "cache", None])
+def test_a_cache_that_is_not_make_caches_is_named(e_model, cache):
+    _, model, _ = e_model
+    ids = mx.array([[2, 5, 6]], dtype=mx.int32)
+    if cache is None:   # another model's cache: the right kinds, the wrong count
+        cache = model.make_cache()[:-1]
+    with pytest.raises(InputError, match="make_cache"):
+        model(ids, cache=cache)
+
+
+def test_pixel_values_without_their_positions_are_named(e_model):
+    _, model, proc = e_model
+    inputs = proc(text="x <|image|>", images=[blocky_image(32, 32, 0)], max_soft_tokens=70)
+    with pytest.raises(InputError, match="image_position_ids"):
+        model(inputs["input_ids"], pixel_values=inputs["pixel_values"])
+
+
 def _memory_model(ple_dim: int, shared: int) -> Gemma4:
     """12 layers of 256 wide, float32, 4 heads over one K/V head, window 128: big enough that a layer's temporaries
     (about 10 MB at 512 tokens) dwarf what else a prefill allocates."""
