@@ -18,12 +18,17 @@ from mlx_gemma4.errors import Gemma4Error
 
 
 def _size(s: str) -> int:
-    """'500MB', '5GB', '1024' (bytes)."""
+    """'500MB', '5GB', '1024' (bytes); at least one byte."""
     s = s.strip().upper()
     for unit, mult in (("GB", 1024**3), ("MB", 1024**2), ("KB", 1024), ("B", 1)):
         if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(s)
+            n = int(float(s[: -len(unit)]) * mult)
+            break
+    else:
+        n = int(s)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a size of at least one byte (e.g. 5GB, 500MB)")
+    return n
 
 
 def parse_args(argv=None) -> argparse.Namespace:

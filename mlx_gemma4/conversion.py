@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,8 +181,14 @@ def convert(
     ``tensors`` (name -> TensorSource) stands in for the checkpoint's safetensors files, which ``hf_path`` then
     need not have: it still gives config.json and the tokenizer files. The benchmarks convert generated weights
     this way without writing them to disk first."""
-    from .hub import resolve
+    from .hub import check_source, resolve
 
+    check_source(hf_path, "--hf-path")
+    if mlx_path is not None and (not isinstance(mlx_path, (str, os.PathLike)) or not str(mlx_path).strip()):
+        raise OutputError(f"--mlx-path {mlx_path!r:.60} is not a folder to write to; pass one, or leave --mlx-path "
+                          "out for models/<name>-<bits>bit (is a shell variable unset?).")
+    if not isinstance(max_shard_bytes, int) or isinstance(max_shard_bytes, bool) or max_shard_bytes < 1:
+        raise ConfigError(f"The shard size must be a whole number of bytes >= 1; got {max_shard_bytes!r}.")
     if dtype not in OUTPUT_DTYPES:
         raise ConfigError(f"--dtype {dtype} is not supported; choose one of {sorted(OUTPUT_DTYPES)}.")
     dst = resolve_destination(mlx_path or default_mlx_path(str(hf_path), q_bits, dtype))

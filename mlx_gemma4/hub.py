@@ -17,12 +17,24 @@ ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
+def check_source(path_or_repo: object, what: str = "The model") -> None:
+    """``path_or_repo`` must be a non-empty path or repo id: an empty string would otherwise mean the current
+    folder, and None or a number a TypeError deep in pathlib."""
+    if not isinstance(path_or_repo, (str, os.PathLike)):
+        raise ConfigError(f"{what} must be a directory path or a hub repo id like 'google/gemma-4-E4B-it'; got "
+                          f"{type(path_or_repo).__name__} {path_or_repo!r:.60}.")
+    if not str(os.fspath(path_or_repo)).strip():
+        raise ConfigError(f"{what} path is empty; pass a model directory or a hub repo id like "
+                          "'google/gemma-4-E4B-it' (is a shell variable unset?).")
+
+
 def resolve(path_or_repo: str | Path, revision: str | None = None, cache_dir: str | Path | None = None,
             local_files_only: bool = False) -> Path:
     """A local directory holding the model: ``path_or_repo`` itself, or a hub snapshot of it.
 
     The hub download shows huggingface_hub's own progress bars; it honours HF_HUB_OFFLINE and HF_HUB_CACHE.
     """
+    check_source(path_or_repo)
     path = Path(path_or_repo).expanduser()
     if path.exists():
         if not path.is_dir():

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -365,12 +365,24 @@ def load(path_or_repo: str | Path, progress: Callable | None = None, lazy: bool 
     """
     from .hub import resolve
 
+    _check_load_args(progress=progress, lazy=lazy, mapped_ple=mapped_ple)
     path = resolve(path_or_repo, **hub_kwargs)
     model = load_model(path, progress=progress, mapped_ple=mapped_ple)
     processor = load_processor(path)
     if not lazy:
         mx.eval(model.parameters())
     return model, processor
+
+
+def _check_load_args(progress: Any, lazy: Any, mapped_ple: Any) -> None:
+    """load()'s settings, checked before anything is read or downloaded."""
+    if progress is not None and not callable(progress):
+        raise ConfigError(f"progress must be a function (or None); got {type(progress).__name__}.")
+    if not isinstance(lazy, bool):
+        raise ConfigError(f"lazy must be True or False; got {lazy!r:.60}.")
+    if mapped_ple is not None and not isinstance(mapped_ple, bool):
+        raise ConfigError(f"mapped_ple must be True (memory-map the per-layer embedding table), False (load it) or "
+                          f"None (decide from free memory); got {mapped_ple!r:.60}.")
 
 
 def load_processor(path: Path):

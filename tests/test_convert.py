@@ -315,6 +315,31 @@ def test_bad_inputs(sources, tmp_path):
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
 
 
+@pytest.mark.parametrize("flag, value, said", [
+    ("--mlx-path", "", "--mlx-path '' is not a folder to write to"),
+    ("--mlx-path", "  ", "is not a folder to write to"),
+    ("--hf-path", "", "--hf-path path is empty"),
+])
+def test_cli_refuses_an_empty_path_and_writes_nothing(sources, tmp_path, flag, value, said):
+    """An empty --mlx-path (an unset shell variable) used to write models/<name>-<dtype> into the current folder,
+    and an empty --hf-path read the current folder as the checkpoint."""
+    args = {"--hf-path": str(sources["e"][0]), "--mlx-path": str(tmp_path / "out"), flag: value}
+    work = tmp_path / "cwd"
+    work.mkdir()
+    r = subprocess.run([sys.executable, str(ROOT / "convert.py"), *[x for kv in args.items() for x in kv]],
+                       cwd=work, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert list(work.iterdir()) == [] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("size", ["0", "0MB", "0.0001KB"])
+def test_cli_refuses_a_shard_size_under_one_byte(tmp_path, size):
+    """--max-shard-size 0 used to write one shard per tensor."""
+    r = subprocess.run([sys.executable, "convert.py", "--hf-path", str(tmp_path), "--mlx-path", str(tmp_path / "o"),
+                        "--max-shard-size", size], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "at least one byte" in r.stderr and not (tmp_path / "o").exists()
+
+
 def test_cli_rejects_unsupported_bits(tmp_path):
     r = subprocess.run([sys.executable, "convert.py", "--hf-path", str(tmp_path), "--q-bits", "7"], cwd=ROOT,
                        capture_output=True, text=True)

@@ -67,6 +67,22 @@ def test_a_local_path_with_a_typo_is_named_as_missing_too(tmp_path, monkeypatch)
         resolve("models/typo", cache_dir=tmp_path / "cache", local_files_only=True)
 
 
+@pytest.mark.parametrize("src, said", [(None, "got NoneType"), (5, "got int"), ("", "path is empty"),
+                                       ("  ", "path is empty")])
+def test_a_source_that_is_not_a_path_is_named(src, said):
+    """None or a number was a TypeError from pathlib; "" loaded the current folder ("No config.json at
+    config.json")."""
+    with pytest.raises(ConfigError, match=said):
+        load(src)
+
+
+@pytest.mark.parametrize("kw, said", [(dict(mapped_ple="yes"), "mapped_ple"), (dict(mapped_ple=1), "mapped_ple"),
+                                      (dict(lazy="no"), "lazy"), (dict(progress=5), "progress")])
+def test_load_settings_are_checked_before_reading(tmp_path, kw, said):
+    with pytest.raises(ConfigError, match=said):
+        load(tmp_path / "not-even-there", **kw)
+
+
 def test_load_eager_and_with_processor(tmp_path):
     src = save_checkpoint(make_model("e"), tmp_path / "src")
     make_tokenizer(src)
