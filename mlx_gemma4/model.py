@@ -140,8 +140,9 @@ class Gemma4(nn.Module):
         positions are read off ``input_ids`` (and the padding rows off the position ids).
         """
         self._check_cache(cache)
-        embeds, token_inputs, blocks = self.embed(input_ids, **media)
-        self._check_room(cache, embeds.shape[1])
+        ids = self._check_ids(input_ids)
+        self._check_room(cache, ids.size)   # before any tower runs
+        embeds, token_inputs, blocks = self.embed(ids[None], **media)
         lm = self.language_model
         p = lm.begin(embeds, token_inputs, cache, blocks)
         lm.run(p, cache, range(len(lm.layers)), _eval_each_layer(p.h.shape[1]))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from mlx_gemma4.config import ModelConfig
-from mlx_gemma4.errors import InputError
+from mlx_gemma4.errors import ContextLengthError, InputError
 from mlx_gemma4.model import Gemma4
 from mlx_gemma4.processing.processor import Processor
 from mlx_gemma4.weights import load_model
@@ -230,6 +230,14 @@ def test_a_cache_that_is_not_make_caches_is_named(e_model, cache):
         cache = model.make_cache()[:-1]
     with pytest.raises(InputError, match="make_cache"):
         model(ids, cache=cache)
+
+
+def test_a_prompt_past_the_context_is_refused_before_the_towers_run(e_model, monkeypatch):
+    _, model, proc = e_model
+    inputs = proc(text="x <|image|>" + " y" * 500, images=[blocky_image(32, 32, 0)], max_soft_tokens=70)
+    monkeypatch.setattr(model, "_encode_images", lambda *a: pytest.fail("the vision tower ran"))
+    with pytest.raises(ContextLengthError):
+        model(**inputs)
 
 
 def test_pixel_values_without_their_positions_are_named(e_model):
