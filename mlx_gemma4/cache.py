@@ -22,6 +22,7 @@ Prompt reuse over a list of caches: ``rewind_to`` (rewind where every layer can,
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any, Protocol, Union
 
@@ -233,8 +234,8 @@ class SlidingCache(_Buffers):
     def __init__(self, window: int, max_rewind: int = MAX_REWIND, blocks_in_window: bool = True) -> None:
         super().__init__()
         self.blocks_in_window = blocks_in_window  # see window_mask
-        if max_rewind < 1:
-            raise CacheError(f"max_rewind must be at least 1; got {max_rewind}.")
+        if not isinstance(max_rewind, numbers.Integral) or isinstance(max_rewind, bool) or max_rewind < 1:
+            raise CacheError(f"max_rewind must be a whole number of tokens, at least 1; got {max_rewind!r:.40}.")
         self.window = window
         self.slots = window - 1 + max_rewind
         self._first = 0

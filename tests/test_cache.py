@@ -119,6 +119,14 @@ def test_a_compiled_reader_sees_the_positions_recent_gives_as_the_ring_wraps_and
         SlidingCache(W, max_rewind=4).read_buffers(1)
 
 
+@pytest.mark.parametrize("bad", [0, -1, "8", 8.0, True, None])
+def test_a_bad_max_rewind_is_a_cache_error(bad):
+    """make_cache(max_rewind="8") was a TypeError ('<' between str and int)."""
+    with pytest.raises(CacheError, match="max_rewind must be a whole number"):
+        SlidingCache(W, max_rewind=bad)
+    assert SlidingCache(W, max_rewind=np.int64(3)).slots == W - 1 + 3
+
+
 def test_sliding_buffer_stays_fixed_however_long_the_prompt():
     sizes = []
     for total in (10, 100, 1000):

@@ -201,6 +201,18 @@ def test_a_top_k_of_the_whole_vocabulary_or_more_is_off(loaded):
     assert [r.token for r in stream_generate(model, processor, "hi", top_k=vocab - 1, **run)]
 
 
+def test_numpy_numbers_are_taken_for_every_setting(loaded):
+    """A numpy float32 repetition_penalty passed our checks and was then refused by mlx-lm (a ValueError)."""
+    model, processor = loaded
+    run = dict(max_tokens=4, stop_ids=[], seed=np.uint64(5))
+    # values float32 holds exactly, so the numpy run must sample what the plain one does
+    plain = dict(temperature=0.75, top_p=0.875, top_k=5, min_p=0.0625, repetition_penalty=1.25,
+                 repetition_context_size=8)
+    want = [r.token for r in stream_generate(model, processor, "hi", **run, **plain)]
+    as_numpy = {k: (np.int64(v) if isinstance(v, int) else np.float32(v)) for k, v in plain.items()}
+    assert [r.token for r in stream_generate(model, processor, "hi", **run, **as_numpy)] == want
+
+
 BAD_POLICIES = [
     dict(sampler=5), dict(logits_processors=5), dict(logits_processors=[5]), dict(logits_processors=len),
     dict(should_stop=True), dict(on_token="x"), dict(progress=1), dict(on_prefilled=[]),
