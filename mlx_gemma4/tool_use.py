@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .errors import InputError
+from .errors import InputError, with_article
 from .media import BY_KIND
 from .tools import CALL_OPEN, ToolCall, ToolCallError, ToolCallStream
 
@@ -204,6 +204,9 @@ def prepare_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ``tool_responses`` (where JSON values render natively), keyed by the name of the call they answer, and the
     text of an assistant message with tool calls is left out (the template would write it after the results and
     close the model's turn before the answer it writes from them)."""
+    if not isinstance(messages, (list, tuple)):
+        raise InputError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts; got "
+                         f"{with_article(type(messages).__name__)}. Wrap a single message in a list.")
     out: list[dict[str, Any]] = []
     i = 0
     while i < len(messages):
@@ -211,6 +214,8 @@ def prepare_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not isinstance(m, dict) or "role" not in m:
             raise InputError(f"Message {i} is {m!r}; each message is a dict with a 'role' and a 'content'.")
         check_role(m["role"], i)
+        if m["role"] != "tool":   # a tool's list may be a JSON result; anyone else's is parts
+            _check_parts(m.get("content"), i)
         if m["role"] == "assistant" and m.get("tool_calls"):
             # The model writes its text before its calls, but the template writes an assistant message's text
             # after the calls and their results and closes the turn there, cutting off the answer the model
@@ -243,6 +248,18 @@ def prepare_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append(m)
         i += 1
     return out
+
+
+def _check_parts(content: Any, index: int) -> None:
+    """A list content must be parts the template renders: a part of another type (OpenAI's ``image_url``, a
+    typo) would be dropped without a word, and the model would answer without it."""
+    if not isinstance(content, list):
+        return
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" and kind not in BY_KIND:
+            raise InputError(f"Part {j} of message {index} is {part!r:.80}; a part is {{'type': 'text', 'text': "
+                             "...} or {'type': 'image', 'image': path_or_picture} (likewise 'audio', 'video').")
 
 
 def _call_entry(call: Any, index: int) -> dict[str, Any]:

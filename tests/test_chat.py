@@ -427,6 +427,26 @@ def test_a_message_that_is_not_text_is_refused(loaded, text):
     assert session.messages == []
 
 
+@pytest.mark.parametrize("part", [{"type": "image_url", "image_url": {"url": "cat.png"}}, {"type": "txt", "text": "hi"},
+                                  "hi", {"text": "hi"}])
+def test_a_part_the_template_would_drop_is_refused_not_lost(loaded, part):
+    """Such parts were dropped without a word: the model answered without the picture or the text."""
+    model, processor = loaded
+    messages = [{"role": "user", "content": [part, {"type": "text", "text": "what is this?"}]}]
+    with pytest.raises(InputError, match="Part 0 of message 0"):
+        list(ChatSession(model, processor).stream(messages, max_tokens=2))
+    for tokenize in (False, True):
+        with pytest.raises(InputError, match="Part 0 of message 0"):
+            processor.apply_chat_template(messages, tokenize=tokenize)
+
+
+def test_one_message_not_in_a_list_is_named(loaded):
+    """apply_chat_template({"role": ..., "content": ...}) was a KeyError."""
+    model, processor = loaded
+    with pytest.raises(InputError, match="Wrap a single message in a list"):
+        processor.apply_chat_template({"role": "user", "content": "hi"})
+
+
 @pytest.mark.parametrize("n", [-1, 0, 1.5, True, "2", None])
 def test_a_bad_count_of_turns_to_drop_is_refused(loaded, n):
     model, processor = loaded
