@@ -92,6 +92,12 @@ def test_load_image_modes_and_exif(tmp_path):
     assert load_image(str(tmp_path / "r.jpg")).size == (10, 20)
 
 
+def test_a_file_url_is_read_as_its_path(tmp_path):
+    _image(40, 30).save(tmp_path / "my cat.png")
+    url = (tmp_path / "my cat.png").as_uri()   # file:///.../my%20cat.png
+    assert np.array_equal(np.array(load_image(url)), np.array(load_image(tmp_path / "my cat.png")))
+
+
 def test_bad_inputs_name_the_file(tmp_path, monkeypatch):
     check_unusable_paths(load_image, tmp_path, ".png", "not an image")
     _image(64, 64).save(tmp_path / "full.jpg", quality=90)

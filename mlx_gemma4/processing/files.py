@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ..errors import InputError, MissingFileError, with_article
@@ -9,6 +10,7 @@ from ..errors import InputError, MissingFileError, with_article
 # What each kind of file is, for messages that say what to pick instead.
 _EXAMPLES = {"image": "a PNG, JPEG, WebP, GIF or BMP file", "audio": "a WAV, FLAC, OGG or MP3 file",
              "video": "an MP4, MOV, WebM or MKV file"}
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
 
 
 def media_path(src: str | Path, kind: str) -> Path:
@@ -16,8 +18,16 @@ def media_path(src: str | Path, kind: str) -> Path:
 
     Raises :class:`InputError` naming the path and saying what to do: missing, a directory, unreadable or empty.
     """
-    path = Path(src).expanduser()
     what = _EXAMPLES.get(kind, "a media file")
+    scheme = _URL.match(str(src)) if isinstance(src, str) else None
+    if scheme and scheme.group(1).lower() != "file":
+        raise InputError(f"{src} is a URL; media are read from files, never downloaded. Download it and pass the "
+                         f"file's path (or a PIL image / array), e.g. {what}.")
+    if scheme:   # file:///home/me/cat.png
+        from urllib.parse import unquote, urlparse
+
+        src = unquote(urlparse(src).path)
+    path = Path(src).expanduser()
     try:
         if not path.exists():
             raise MissingFileError(f"{path}: no such file. Check the path.", path=str(path))
