@@ -73,6 +73,18 @@ def chat_responses(responses: Iterable[GenerationResponse], clean: Callable[[str
                            thinking=thinking, content=clean(content), tool_calls=calls, **done)
 
 
+def _media_items(kind: str, given: Any) -> list[Any]:
+    """The items of ``send``'s ``images=`` / ``audio=`` / ``videos=``, as generate's processor reads them: one item
+    or a list of them (for video, a flat list of frames is one video)."""
+    if given is None:
+        return []
+    if kind == "video":
+        from .processing.video import group_videos
+
+        return group_videos(given)
+    return list(given) if isinstance(given, (list, tuple)) else [given]
+
+
 class ChatSession:
     def __init__(self, model, processor, system_prompt: str | None = None, enable_thinking: bool = False,
                  prefill_chunk: int = 2048, tools: list[Any] | None = None, assistant=None,
@@ -345,8 +357,7 @@ class ChatSession:
         given = {"images": images, "audio": audio, "videos": videos}
         parts: list[dict[str, Any]] = []
         for key, kind in ((m.arg, m.kind) for m in MEDIA):
-            items = given[key]
-            for item in ([items] if isinstance(items, (str, bytes)) else items or []):
+            for item in _media_items(kind, given[key]):
                 parts.append({"type": kind, kind: item})
         parts.append({"type": "text", "text": text})
         self.messages.append({"role": "user", "content": parts if len(parts) > 1 else text})

@@ -202,6 +202,24 @@ def test_images_are_reused_by_source_and_never_mixed_up(vision, tmp_path):
     assert enc.ids.tolist() == np.array(ref).reshape(-1).tolist()
 
 
+def test_send_takes_one_media_item_or_a_list_as_generate_does(vision, tmp_path):
+    """send(images=PIL_image) was a TypeError ('Image' object is not iterable), send(audio=array) a ValueError, and
+    send(videos=[frame, frame]) made one video of each frame where generate makes one video of the list."""
+    model, processor = vision
+    image = Image.new("RGB", (40, 30), "red")
+    frames = [Image.new("RGB", (32, 32), c) for c in ("red", "green")]
+    for one, listed in ((dict(images=image), dict(images=[image])), (dict(images=tmp_path), None),
+                        (dict(videos=frames), dict(videos=[frames]))):
+        if listed is None:   # a Path: one item, named as such when it is unusable (here: a folder)
+            with pytest.raises(InputError, match="directory"):
+                list(ChatSession(model, processor).send("what?", **one))
+            continue
+        session = ChatSession(model, processor)
+        got = tokens(session.send("what?", max_tokens=3, **GREEDY, **one))
+        assert got == tokens(ChatSession(model, processor).send("what?", max_tokens=3, **GREEDY, **listed))
+        assert len(session.messages[0]["content"]) == 2   # one media part and the text
+
+
 def test_stop_between_media_items(vision, tmp_path):
     model, processor = vision
     paths = []
