@@ -33,7 +33,8 @@ from . import cache as kv
 from .errors import ContextLengthError, InputError, with_article
 from .media import MEDIA
 from .generation import (CHAT_KWARGS, GenerationResponse, PromptEnd, cancelled_response, check_assistant_args,
-                         check_generation_kwargs, check_positive_int, default_stop_ids, prefill, stream_tokens)
+                         check_generation_kwargs, check_model_and_processor, check_positive_int, default_stop_ids,
+                         prefill, stream_tokens)
 from .processing.chat_prompt import ChatEncoder, EncodedChat, Stopped, stack_inputs, strip_placeholders
 from .processing.tokenizer import split_thinking
 from .tool_use import Answer, AnswerStream, forced_call, prepare_messages, tool_result_message
@@ -98,10 +99,7 @@ class ChatSession:
         if not isinstance(enable_thinking, (bool, np.bool_)):
             raise InputError(f"enable_thinking must be True or False; got {enable_thinking!r:.60}.")
         check_assistant_args(model, assistant, draft_tokens)
-        if not callable(getattr(model, "make_cache", None)) or not callable(getattr(processor,
-                                                                                  "apply_chat_template", None)):
-            raise InputError("ChatSession takes the model and the processor that load(DIR) returns, in that order: "
-                             "model, processor = load(DIR); ChatSession(model, processor).")
+        check_model_and_processor(model, processor, "ChatSession")
         self.tools = tools  # functions or JSON schemas (see tools.tool_schema), declared in every turn
         tool_schemas(tools)  # checked now, not at the first turn
         self.assistant, self.draft_tokens = assistant, draft_tokens

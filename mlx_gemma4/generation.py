@@ -381,6 +381,7 @@ def stream_generate(model, processor, prompt: str, images=None, audio=None, vide
     given as arrays (default 16 kHz); the other keywords are those of ``stream_tokens`` (sampling settings,
     ``max_tokens``, ``stop_ids``, ``should_stop``, ...). Arguments are checked before any work is done.
     """
+    check_model_and_processor(model, processor, "stream_generate")
     check_generation_kwargs(kwargs, _STREAM_KWARGS, "stream_generate")
     check_assistant_args(model, kwargs.get("assistant"), kwargs.get("draft_tokens"))
     rate = {} if sampling_rate is None else {"sampling_rate": sampling_rate}
@@ -416,6 +417,16 @@ def check_generation_kwargs(kwargs: dict[str, Any], allowed: set[str], caller: s
         raise InputError(f"Unknown argument(s) {sorted(unknown)}; {caller} takes {sorted(allowed)}.")
     check_sampling_args(**{k: v for k, v in kwargs.items() if k in _SAMPLING_KWARGS})
     check_policies(**{k: v for k, v in kwargs.items() if k in _POLICY_KWARGS})
+
+
+def check_model_and_processor(model: Any, processor: Any, caller: str) -> None:
+    """The first two arguments must be what ``load()`` returns, in its order (swapped, or one left out, they used
+    to fail with a TypeError or AttributeError from deep inside)."""
+    if not callable(getattr(model, "make_cache", None)) or not callable(getattr(processor, "apply_chat_template",
+                                                                                 None)):
+        raise InputError(f"{caller} takes the model and the processor that load(DIR) returns, in that order: "
+                         f"model, processor = load(DIR); {caller}(model, processor, ...); got "
+                         f"{type(model).__name__} and {type(processor).__name__}.")
 
 
 def check_assistant_args(model, assistant: Any, draft_tokens: Any) -> None:

@@ -163,6 +163,10 @@ class Gemma4(nn.Module):
         true, prefill returns None and ``cache`` holds the chunks done so far (its ``offset`` says how many tokens).
         ``progress(done, total)`` (prompt tokens) is called before the first chunk and after each chunk but the last.
         """
+        if not isinstance(inputs, dict) or inputs.get("input_ids") is None:
+            raise InputError(f"inputs must be the processor's output, a dict with input_ids; got "
+                             f"{type(inputs).__name__}{f' of {sorted(inputs)}' if isinstance(inputs, dict) else ''}.")
+        self._check_cache(cache)
         ids = mx.array(inputs["input_ids"])
         if ids.ndim == 1:
             ids = ids[None]

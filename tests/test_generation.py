@@ -232,6 +232,22 @@ def test_bad_callables_and_stop_ids_are_refused_before_any_work(loaded, bad):
         next(iter(stream_tokens(model, processor, inputs, **bad)))
 
 
+def test_model_and_processor_swapped_or_missing_are_named(loaded):
+    """generate(processor, model, ...) was a TypeError from Gemma4.__call__, generate(None, ...) an AttributeError."""
+    model, processor = loaded
+    for args in ((processor, model), (None, processor), (model, None)):
+        with pytest.raises(InputError, match="model, processor = load"):
+            generate(*args, "hi", max_tokens=2)
+
+
+def test_generate_step_names_inputs_without_ids_and_a_foreign_cache(loaded):
+    model, processor = loaded
+    with pytest.raises(InputError, match="dict with input_ids"):
+        list(generate_step(model, {}, max_tokens=2))
+    with pytest.raises(InputError, match="make_cache"):
+        list(generate_step(model, processor(text="hi"), [1, 2], max_tokens=2))
+
+
 def test_draft_tokens_without_an_assistant_is_refused_before_any_work(loaded):
     model, processor = loaded
     with pytest.raises(InputError, match="draft_tokens"):
