@@ -37,13 +37,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mlx-path", default=None, help="output dir (default models/<name>-<bits>bit)")
     p.add_argument("--q-bits", type=int, choices=[2, 3, 4, 5, 6, 8], default=None,
                    help="quantize the bulk of the weights to this many bits (default: no quantization)")
-    p.add_argument("--q-group-size", type=int, choices=[32, 64, 128], default=64)
+    p.add_argument("--q-group-size", type=int, choices=[32, 64, 128], default=None,
+                   help="quantization group size (default 64)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                    help="dtype of everything left unquantized, scales included")
-    p.add_argument("--ple-bits", type=int, choices=[0, 4, 8], default=8,
-                   help="bits of the per-layer embedding table when quantizing (0: keep it in --dtype)")
-    p.add_argument("--tower-bits", type=int, choices=[0, 4, 8], default=8,
-                   help="bits of the vision/audio encoder layers when quantizing (0: keep them in --dtype)")
+    p.add_argument("--ple-bits", type=int, choices=[0, 4, 8], default=None,
+                   help="bits of the per-layer embedding table when quantizing (default 8; 0: keep it in --dtype)")
+    p.add_argument("--tower-bits", type=int, choices=[0, 4, 8], default=None,
+                   help="bits of the vision/audio encoder layers when quantizing (default 8; 0: keep them in "
+                        "--dtype)")
     p.add_argument("--force", action="store_true",
                    help="replace --mlx-path when it holds an earlier output of this converter (nothing else)")
     p.add_argument("--max-shard-size", type=_size, default="5GB", help=argparse.SUPPRESS)
@@ -80,6 +82,11 @@ def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+        unused = [f for f, v in (("--q-group-size", args.q_group_size), ("--ple-bits", args.ple_bits),
+                                 ("--tower-bits", args.tower_bits)) if v is not None]
+        if args.q_bits is None and unused:
+            log.warning("%s only matter%s with --q-bits; without it the output is unquantized, in --dtype %s.",
+                        " and ".join(unused), "" if len(unused) > 1 else "s", args.dtype)
         from tqdm import tqdm
 
         from mlx_gemma4.conversion import convert
@@ -94,8 +101,9 @@ def main(argv=None) -> int:
                 bar.close()
 
         try:
-            dst = convert(args.hf_path, args.mlx_path, q_bits=args.q_bits, q_group_size=args.q_group_size,
-                          dtype=args.dtype, force=args.force, ple_bits=args.ple_bits, tower_bits=args.tower_bits,
+            dst = convert(args.hf_path, args.mlx_path, q_bits=args.q_bits, q_group_size=args.q_group_size or 64,
+                          dtype=args.dtype, force=args.force, ple_bits=8 if args.ple_bits is None else args.ple_bits,
+                          tower_bits=8 if args.tower_bits is None else args.tower_bits,
                           max_shard_bytes=args.max_shard_size, progress=progress)
         finally:
             if bar is not None:
