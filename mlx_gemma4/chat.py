@@ -347,16 +347,23 @@ class ChatSession:
         prepare_messages(messages)  # roles and tool results checked now, not at the next turn
         self.messages = [dict(m) for m in messages]
 
-    def send(self, text: str, images=None, audio=None, videos=None, **gen_kwargs) -> Iterator[GenerationResponse]:
+    def send(self, text: str, images=None, audio=None, videos=None, sampling_rate: int | None = None,
+             **gen_kwargs) -> Iterator[GenerationResponse]:
         """Add a user turn and stream the model's answer; the answer joins ``messages`` when it ends (a turn
-        that cannot be processed or does not fit is not kept)."""
+        that cannot be processed or does not fit is not kept). ``sampling_rate`` is the rate of audio arrays
+        (default 16 kHz), kept on their parts (``{"type": "audio", "audio": array, "sampling_rate": 44100}``)."""
         if not isinstance(text, str):
             raise InputError(f"text must be the message as a string; got {with_article(type(text).__name__)}.")
+        if sampling_rate is not None:
+            from .processing.audio import _check_rate
+
+            _check_rate(sampling_rate)
         given = {"images": images, "audio": audio, "videos": videos}
         parts: list[dict[str, Any]] = []
         for key, kind in ((m.arg, m.kind) for m in MEDIA):
             for item in _media_items(kind, given[key]):
-                parts.append({"type": kind, kind: item})
+                rate = {"sampling_rate": sampling_rate} if kind == "audio" and sampling_rate is not None else {}
+                parts.append({"type": kind, kind: item, **rate})
         parts.append({"type": "text", "text": text})
         self.messages.append({"role": "user", "content": parts if len(parts) > 1 else text})
         return self._answer(new_turn=True, **gen_kwargs)

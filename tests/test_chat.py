@@ -220,6 +220,25 @@ def test_send_takes_one_media_item_or_a_list_as_generate_does(vision, tmp_path):
         assert len(session.messages[0]["content"]) == 2   # one media part and the text
 
 
+def test_audio_arrays_at_another_rate_in_a_chat(checkpoint_factory):
+    """The chat had no way to say an array was not 16 kHz: 44.1 kHz audio was read as 16 kHz, 2.8 times longer."""
+    from mlx_gemma4.processing.audio import load_audio
+
+    _, path = checkpoint_factory("e", audio=tiny.AUDIO_128)
+    model, processor = load_model(path), Processor.from_pretrained(path)
+    wave = (0.3 * np.sin(2 * np.pi * 440 * np.arange(44100) / 44100)).astype(np.float32)
+    session = ChatSession(model, processor)
+    got = tokens(session.send("what is it?", audio=wave, sampling_rate=44100, max_tokens=4, **GREEDY))
+    resampled = [{"role": "user", "content": [{"type": "audio", "audio": load_audio(wave, 44100)},
+                                              {"type": "text", "text": "what is it?"}]}]
+    assert got == fresh(model, processor, resampled, 4)
+    assert session.count_tokens(session.messages[:1]) == session.count_tokens(resampled)
+    assert session.count_tokens(session.messages[:1]) < ChatSession(model, processor).count_tokens(
+        [{"role": "user", "content": [{"type": "audio", "audio": wave}, {"type": "text", "text": "what is it?"}]}])
+    with pytest.raises(InputError, match="sampling_rate"):
+        session.send("again", audio=wave, sampling_rate=0)
+
+
 def test_stop_between_media_items(vision, tmp_path):
     model, processor = vision
     paths = []

@@ -59,7 +59,7 @@ def strip_placeholders(processor, text: str) -> str:
     return text
 
 
-def _source_key(kind: str, source: Any) -> tuple:
+def _source_key(kind: str, source: Any, rate: int | None = None) -> tuple:
     if isinstance(source, (str, Path)):
         path = Path(os.path.expanduser(str(source)))
         try:
@@ -67,7 +67,7 @@ def _source_key(kind: str, source: Any) -> tuple:
             return (kind, str(path.resolve()), st.st_mtime_ns, st.st_size)
         except OSError:
             return (kind, str(path))  # the processor says what is wrong with it
-    return (kind, "object", id(source))
+    return (kind, "object", id(source), rate)
 
 
 class ChatEncoder:
@@ -101,10 +101,10 @@ class ChatEncoder:
 
     # -- media -----------------------------------------------------------------------------------------------
 
-    def _item(self, kind: str, source: Any) -> MediaItem:
-        key = _source_key(kind, source)
+    def _item(self, kind: str, source: Any, rate: int | None = None) -> MediaItem:
+        key = _source_key(kind, source, rate)
         if key not in self._media:
-            inputs, [run] = self.processor.media_inputs(kind, [source])
+            inputs, [run] = self.processor.media_inputs(kind, [source], sampling_rate=rate)
             self._media[key] = (source, MediaItem(kind, self._next_key, inputs, run))  # source keeps id() valid
             self._next_key += 1
         return self._media[key][1]
@@ -115,7 +115,7 @@ class ChatEncoder:
                enable_thinking: bool = False, should_stop: Callable[[], bool] | None = None,
                tools: list[Any] | None = None, **template_kwargs: Any) -> EncodedChat:
         texts: list[str] = []
-        sources: list[tuple[str, Any]] = []
+        sources: list[tuple[str, Any, int | None]] = []
         rendered_messages = []
 
         def escaped(value: Any) -> Any:
@@ -153,7 +153,8 @@ class ChatEncoder:
                     if src is None:
                         raise InputError(f"{with_article(kind).capitalize()} part of the messages has no {kind!r} "
                                          "or 'path' key to load.")
-                    sources.append((kind, src))
+                    # an audio array's rate, when it is not 16 kHz (files carry their own)
+                    sources.append((kind, src, part.get("sampling_rate") if kind == "audio" else None))
                     out.append({"type": kind})
             if isinstance(content, list):
                 rendered_messages.append({"role": role, "content": out})
@@ -166,18 +167,18 @@ class ChatEncoder:
             tools=tools, **template_kwargs)
         found = [self._placeholders[m.group(0)] for m in self._specials.finditer(rendered)
                  if m.group(0) in self._placeholders] if self._specials else []
-        if found != [k for k, _ in sources]:
+        if found != [k for k, _, _ in sources]:
             raise InputError("The chat template did not place every image, audio clip or video of the messages "
                              "(media are only read in user turns and tool results); move them into a user "
                              "message.")
 
         used: dict[tuple, tuple[Any, MediaItem]] = {}
         items: list[MediaItem] = []
-        for kind, src in sources:
+        for kind, src, rate in sources:
             if should_stop is not None and should_stop():
                 raise Stopped
-            items.append(self._item(kind, src))
-            used[_source_key(kind, src)] = self._media[_source_key(kind, src)]
+            items.append(self._item(kind, src, rate))
+            used[_source_key(kind, src, rate)] = self._media[_source_key(kind, src, rate)]
         self._media = used  # keep only what this conversation uses
 
         ids: list[int] = []

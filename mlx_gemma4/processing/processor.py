@@ -250,11 +250,12 @@ class Processor:
                 for n, stamps in zip(out["num_soft_tokens_per_video"], out["timestamps"])]
         return out, runs
 
-    def media_inputs(self, kind: str, items: list[Any], max_soft_tokens: int | None = None
-                     ) -> tuple[dict[str, np.ndarray], list[str]]:
+    def media_inputs(self, kind: str, items: list[Any], max_soft_tokens: int | None = None,
+                     sampling_rate: int | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
         """One modality's model inputs (numpy, batched over ``items``) and the text each item's placeholder
-        expands to, as ``__call__`` makes them. Chat sessions call it one item at a time to cache the result."""
-        run = {"image": self._image_runs, "audio": lambda x, _: self._audio_runs(x),
+        expands to, as ``__call__`` makes them (``sampling_rate``: of audio arrays). Chat sessions call it one item
+        at a time to cache the result."""
+        run = {"image": self._image_runs, "audio": lambda x, _: self._audio_runs(x, sampling_rate),
                "video": self._video_runs}.get(kind)
         if run is None:
             raise InputError(f"Unknown media kind {kind!r}; use 'image', 'audio' or 'video'.")
