@@ -215,7 +215,7 @@ class ChatSession:
         mx.reset_peak_memory()
         try:
             enc = self.encoder.encode(messages, enable_thinking=self.enable_thinking, should_stop=should_stop,
-                                      tools=schemas)
+                                      tools=schemas, check_media=self.model.check_media)
         except Stopped:
             yield cancelled_response(0, time.perf_counter() - t0)
             return

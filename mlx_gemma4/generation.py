@@ -384,6 +384,8 @@ def stream_generate(model, processor, prompt: str, images=None, audio=None, vide
     check_model_and_processor(model, processor, "stream_generate")
     check_generation_kwargs(kwargs, _STREAM_KWARGS, "stream_generate")
     check_assistant_args(model, kwargs.get("assistant"), kwargs.get("draft_tokens"))
+    given = {"image": images, "audio": audio, "video": videos}
+    model.check_media(k for k, v in given.items() if v is not None and not (isinstance(v, (list, tuple)) and not v))
     rate = {} if sampling_rate is None else {"sampling_rate": sampling_rate}
     inputs = processor(text=prompt, images=images, audio=audio, videos=videos, max_soft_tokens=max_soft_tokens,
                        **rate)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import deque
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import mlx.core as mx
@@ -28,7 +28,7 @@ from .config import SLIDING, ModelConfig
 from .decode import CompiledStep, fits_compiled_step
 from .errors import ContextLengthError, InputError
 from .layers import MultimodalEmbedder
-from .media import MEDIA, MEDIA_KEYS
+from .media import BY_KIND, MEDIA, MEDIA_KEYS
 from .text import TextModel
 
 
@@ -125,6 +125,18 @@ class Gemma4(nn.Module):
     def make_cache(self, max_rewind: int = MAX_REWIND) -> list[KVCache]:
         """Empty caches for this model; sliding rings can rewind ``max_rewind`` tokens after any write."""
         return make_cache(self.config.text_config, max_rewind)
+
+    def takes(self, tower: str) -> bool:
+        """Whether this checkpoint has the tower (or, for the 12B, the embedder) for "vision" or "audio" input."""
+        return ("vision_tower" in self or "vision_embedder" in self) if tower == "vision" else "embed_audio" in self
+
+    def check_media(self, kinds: Iterable[str]) -> None:
+        """Refuse media kinds ("image", "video", "audio") this model has no tower for, before any is read."""
+        for kind in dict.fromkeys(kinds):
+            if not self.takes(BY_KIND[kind].tower):
+                raise InputError(f"This model has no {BY_KIND[kind].tower} tower; it cannot take {kind} input. Use "
+                                 "a Gemma 4 checkpoint converted with its towers, or leave the "
+                                 f"{BY_KIND[kind].arg} out.")
 
     @property
     def layers(self):

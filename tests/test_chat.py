@@ -239,6 +239,14 @@ def test_audio_arrays_at_another_rate_in_a_chat(checkpoint_factory):
         session.send("again", audio=wave, sampling_rate=0)
 
 
+def test_media_for_a_tower_the_model_lacks_is_refused_before_it_is_read(loaded):
+    model, processor = loaded   # text-only checkpoints
+    messages = [{"role": "user", "content": [{"type": "image", "image": "/no/such.png"},
+                                             {"type": "text", "text": "what?"}]}]
+    with pytest.raises(InputError, match="no vision tower"):
+        list(ChatSession(model, processor).stream(messages, max_tokens=2))
+
+
 def test_stop_between_media_items(vision, tmp_path):
     model, processor = vision
     paths = []

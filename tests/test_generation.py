@@ -248,6 +248,18 @@ def test_generate_step_names_inputs_without_ids_and_a_foreign_cache(loaded):
         list(generate_step(model, processor(text="hi"), [1, 2], max_tokens=2))
 
 
+@pytest.mark.parametrize("kw, tower", [(dict(images=["/no/such.png"]), "vision"),
+                                       (dict(videos="/no/such.mp4"), "vision"),
+                                       (dict(audio=np.zeros(16000, np.float32)), "audio")])
+def test_media_for_a_tower_the_model_lacks_is_refused_before_it_is_read(loaded, kw, tower):
+    """The media used to be decoded and preprocessed first (the file here does not even exist)."""
+    model, processor = loaded
+    kind = {"images": "image", "videos": "video", "audio": "audio"}[next(iter(kw))]
+    with pytest.raises(InputError, match=f"no {tower} tower; it cannot take {kind}"):
+        generate(model, processor, f"<|{kind}|> hi", max_tokens=2, **kw)
+    assert generate(model, processor, "hi", max_tokens=2, images=[], audio=None)   # none given: fine
+
+
 def test_draft_tokens_without_an_assistant_is_refused_before_any_work(loaded):
     model, processor = loaded
     with pytest.raises(InputError, match="draft_tokens"):

@@ -113,7 +113,9 @@ class ChatEncoder:
 
     def encode(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
                enable_thinking: bool = False, should_stop: Callable[[], bool] | None = None,
-               tools: list[Any] | None = None, **template_kwargs: Any) -> EncodedChat:
+               tools: list[Any] | None = None, check_media: Callable[[list[str]], None] | None = None,
+               **template_kwargs: Any) -> EncodedChat:
+        """``check_media(kinds)`` (the model's) may refuse the media kinds the messages hold before any is read."""
         texts: list[str] = []
         sources: list[tuple[str, Any, int | None]] = []
         rendered_messages = []
@@ -172,6 +174,8 @@ class ChatEncoder:
                              "(media are only read in user turns and tool results); move them into a user "
                              "message.")
 
+        if check_media is not None:
+            check_media([k for k, _, _ in sources])
         used: dict[tuple, tuple[Any, MediaItem]] = {}
         items: list[MediaItem] = []
         for kind, src, rate in sources:
