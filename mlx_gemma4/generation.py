@@ -206,6 +206,20 @@ def check_prefilled(inputs: dict[str, Any], cache: list[KVCache] | None, prefill
     return prefilled
 
 
+def check_start(inputs: dict[str, Any], cache: list[KVCache] | None, start: Any) -> None:
+    """``start`` > 0 must be how many of the prompt's tokens ``cache`` already holds, and leave at least one to run
+    (a wrong one put the rest of the prompt at the wrong positions without a word). ``start`` 0 runs the whole
+    prompt after whatever the cache holds (a continuation, as mlx-lm's prompt cache does)."""
+    if not isinstance(inputs, dict) or inputs.get("input_ids") is None:
+        raise InputError(f"inputs must be the processor's output, a dict with input_ids; got {type(inputs).__name__}.")
+    n = int(np.asarray(inputs["input_ids"]).size)
+    held = cache[0].offset if cache else 0
+    whole = isinstance(start, (int, np.integer)) and not isinstance(start, bool)
+    if not whole or not 0 <= start < n or start not in (0, held):
+        raise InputError(f"start must be 0 or the number of the prompt's tokens the cache already holds ({held}), "
+                         f"and below the prompt's {n} tokens; got {start!r:.40}.")
+
+
 def generate_step(
     model,
     inputs: dict[str, Any],
@@ -247,6 +261,11 @@ def generate_step(
     ``loop.drafted`` / ``loop.accepted`` count drafted and kept tokens. A given ``cache`` then needs sliding rings
     that can rewind a round (``model.make_cache(max_rewind=...)``; the error says how much).
     """
+    check_policies(sampler=sampler, logits_processors=logits_processors, should_stop=should_stop, progress=progress,
+                   on_prefilled=on_prefilled)
+    model.check_cache(cache)
+    if prefilled is None:
+        check_start(inputs, cache, start)
     if assistant is not None:
         from .speculative import SpeculativeLoop
 

@@ -151,7 +151,7 @@ class Gemma4(nn.Module):
         processor's soft-token counts are accepted because a processor returns them, and not needed: the soft-token
         positions are read off ``input_ids`` (and the padding rows off the position ids).
         """
-        self._check_cache(cache)
+        self.check_cache(cache)
         ids = self._check_ids(input_ids)
         self._check_room(cache, ids.size)   # before any tower runs
         embeds, token_inputs, blocks = self.embed(ids[None], **media)
@@ -178,7 +178,7 @@ class Gemma4(nn.Module):
         if not isinstance(inputs, dict) or inputs.get("input_ids") is None:
             raise InputError(f"inputs must be the processor's output, a dict with input_ids; got "
                              f"{type(inputs).__name__}{f' of {sorted(inputs)}' if isinstance(inputs, dict) else ''}.")
-        self._check_cache(cache)
+        self.check_cache(cache)
         ids = mx.array(inputs["input_ids"])
         if ids.ndim == 1:
             ids = ids[None]
@@ -244,7 +244,7 @@ class Gemma4(nn.Module):
         """How many more positions fit in the context after what ``cache`` holds (the one bound everything uses)."""
         return self.config.text_config.max_position_embeddings - (cache[0].offset if cache else 0)
 
-    def _check_cache(self, cache: Any) -> None:
+    def check_cache(self, cache: Any) -> None:
         """``cache`` must be None or what ``make_cache()`` gives: one cache per KV-producing layer, in order."""
         if cache is None:
             return

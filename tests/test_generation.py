@@ -260,6 +260,26 @@ def test_media_for_a_tower_the_model_lacks_is_refused_before_it_is_read(loaded, 
     assert generate(model, processor, "hi", max_tokens=2, images=[], audio=None)   # none given: fine
 
 
+@pytest.mark.parametrize("start", [-1, 2, 100, "1", 1.0])
+def test_a_start_the_cache_does_not_hold_is_refused(loaded, start):
+    """start=2 with an empty cache put the prompt's tokens 2.. at positions 0.. without a word; -1 ran the last
+    token alone."""
+    model, processor = loaded
+    with pytest.raises(InputError, match="start must be 0 or the number"):
+        generate_step(model, processor(text="hello there"), model.make_cache(), start=start, max_tokens=2)
+
+
+def test_start_is_what_the_cache_holds_or_a_continuation_after_it(loaded):
+    model, processor = loaded
+    inputs = processor(text="hello there, how are you")
+    want = [t for t, _ in generate_step(model, inputs, max_tokens=4)]
+    cache = model.make_cache()
+    model.prefill({"input_ids": inputs["input_ids"][:, :3]}, cache)
+    assert [t for t, _ in generate_step(model, inputs, cache, start=3, max_tokens=4)] == want
+    # start 0 with a cache that holds something: the prompt runs after it, as with mlx-lm's prompt cache
+    assert len([t for t, _ in generate_step(model, inputs, cache, max_tokens=2)]) == 2
+
+
 def test_draft_tokens_without_an_assistant_is_refused_before_any_work(loaded):
     model, processor = loaded
     with pytest.raises(InputError, match="draft_tokens"):
