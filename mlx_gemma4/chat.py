@@ -355,9 +355,9 @@ class ChatSession:
         if not isinstance(text, str):
             raise InputError(f"text must be the message as a string; got {with_article(type(text).__name__)}.")
         if sampling_rate is not None:
-            from .processing.audio import _check_rate
+            from .processing.audio import check_sampling_rate
 
-            _check_rate(sampling_rate)
+            check_sampling_rate(sampling_rate)
         given = {"images": images, "audio": audio, "videos": videos}
         parts: list[dict[str, Any]] = []
         for key, kind in ((m.arg, m.kind) for m in MEDIA):

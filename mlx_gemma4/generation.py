@@ -92,7 +92,6 @@ def make_policies(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, 
     token, so it is off (mlx-lm's top-k refuses it mid-sampling, which also leaves MLX's random state broken)."""
     if vocab_size is not None and top_k >= vocab_size:
         top_k = 0
-    top_k = int(top_k)
     sampler = make_sampler(temp=float(temperature), top_p=float(top_p) if top_p < 1 else 0.0,
                            min_p=float(min_p), top_k=int(top_k))
     # mlx-lm takes Python numbers only (a numpy float32 penalty is refused mid-setup)

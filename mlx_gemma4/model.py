@@ -252,11 +252,11 @@ class Gemma4(nn.Module):
 
         tc = self.config.text_config
         want = [SlidingCache if t == SLIDING else GlobalCache for t in tc.layer_types[: tc.first_kv_shared_layer]]
-        if not isinstance(cache, (list, tuple)) or len(cache) != len(want) \
-                or not all(isinstance(c, k) for c, k in zip(cache, want)):
-            raise InputError("cache must be the list model.make_cache() returns (for this model), or None; got "
-                             f"{type(cache).__name__}{f' of {len(cache)}' if isinstance(cache, (list, tuple)) else ''}."
-                             )
+        listed = isinstance(cache, (list, tuple))
+        if not listed or len(cache) != len(want) or not all(isinstance(c, k) for c, k in zip(cache, want)):
+            got = f"{type(cache).__name__} of {len(cache)}" if listed else type(cache).__name__
+            raise InputError(f"cache must be the list model.make_cache() returns (for this model), or None; got {got} "
+                             f"(this model keeps {len(want)} layer caches).")
 
     def _check_room(self, cache: list[KVCache] | None, n: int) -> None:
         left = self.context_left(cache)

@@ -175,7 +175,7 @@ def _read_file(path: Path) -> tuple[np.ndarray, int]:
     )
 
 
-def _check_rate(sampling_rate: Any) -> int:
+def check_sampling_rate(sampling_rate: Any) -> int:
     lo, hi = RATE_RANGE
     ok = isinstance(sampling_rate, (int, float, np.integer, np.floating)) and not isinstance(sampling_rate, bool)
     if not ok or not lo <= sampling_rate <= hi or int(sampling_rate) != sampling_rate:
@@ -226,7 +226,7 @@ def load_audio(src: str | Path | np.ndarray, sampling_rate: int | None = None) -
         if sampling_rate is not None and sampling_rate != rate:
             logger.warning("%s is %d Hz; ignoring sampling_rate=%d", path, rate, sampling_rate)
     elif isinstance(src, np.ndarray) or (isinstance(src, Sequence) and not isinstance(src, (bytes, str))):
-        rate, what = SAMPLING_RATE if sampling_rate is None else _check_rate(sampling_rate), "Audio"
+        rate, what = SAMPLING_RATE if sampling_rate is None else check_sampling_rate(sampling_rate), "Audio"
         try:
             data = np.asarray(src)
         except (ValueError, TypeError) as e:  # a ragged list

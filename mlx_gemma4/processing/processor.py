@@ -342,9 +342,9 @@ class Processor:
 
                 ImageProcessor.check_budget(budget)
         if sampling_rate is not None:
-            from .audio import _check_rate
+            from .audio import check_sampling_rate
 
-            _check_rate(sampling_rate)
+            check_sampling_rate(sampling_rate)
 
     @staticmethod
     def _group_videos(videos: Any) -> list[Any] | None:
