@@ -399,6 +399,7 @@ def stream_generate(model, processor, prompt: str, images=None, audio=None, vide
     given as arrays (default 16 kHz); the other keywords are those of ``stream_tokens`` (sampling settings,
     ``max_tokens``, ``stop_ids``, ``should_stop``, ...). Arguments are checked before any work is done.
     """
+    kwargs.setdefault("started", time.perf_counter())   # TTFT counts the media preprocessing, as a chat's does
     check_model_and_processor(model, processor, "stream_generate")
     check_generation_kwargs(kwargs, _STREAM_KWARGS, "stream_generate")
     check_assistant_args(model, kwargs.get("assistant"), kwargs.get("draft_tokens"))

@@ -44,6 +44,32 @@ def test_stream_generate_text_and_stats(loaded):
     assert text == "".join(p.text for p in pieces)
 
 
+def test_ttft_counts_the_prompts_preprocessing(loaded, monkeypatch):
+    """TTFT and prompt tok/s started after the processor had read and preprocessed the media, so an image's or a
+    clip's preprocessing never showed (a chat's TTFT counted it). A fake clock: the processor takes 10 "seconds"."""
+    from types import SimpleNamespace
+
+    from mlx_gemma4 import generation
+
+    hf, model, processor = loaded
+    now = [0.0]
+    monkeypatch.setattr(generation, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+
+    class SlowProcessor:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def __call__(self, **kw):
+            now[0] += 10.0
+            return self.inner(**kw)
+
+    [r] = list(stream_generate(model, SlowProcessor(processor), "hello there", max_tokens=1, stop_ids=[]))
+    assert r.ttft >= 10.0 and r.prompt_tps <= r.prompt_tokens / 10.0
+
+
 def test_stops_on_eos(loaded):
     hf, model, processor = loaded
     inputs = processor(text="hello there")
