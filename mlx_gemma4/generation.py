@@ -406,6 +406,7 @@ def stream_generate(model, processor, prompt: str, images=None, audio=None, vide
     given = {"image": images, "audio": audio, "video": videos}
     model.check_media(k for k, v in given.items() if v is not None and not (isinstance(v, (list, tuple)) and not v))
     rate = {} if sampling_rate is None else {"sampling_rate": sampling_rate}
+    mx.reset_peak_memory()   # the peak of this call, not of everything the process did before it
     inputs = processor(text=prompt, images=images, audio=audio, videos=videos, max_soft_tokens=max_soft_tokens,
                        **rate)
     yield from stream_tokens(model, processor, inputs, **kwargs)

@@ -70,6 +70,16 @@ def test_ttft_counts_the_prompts_preprocessing(loaded, monkeypatch):
     assert r.ttft >= 10.0 and r.prompt_tps <= r.prompt_tokens / 10.0
 
 
+def test_peak_memory_is_this_calls(loaded):
+    """peak_memory_gb was MLX's peak since the process started: a big array freed before the call still showed."""
+    hf, model, processor = loaded
+    big = mx.zeros((100_000_000,), dtype=mx.float32)   # 0.4 GB
+    mx.eval(big)
+    del big
+    [r] = list(stream_generate(model, processor, "hello there", max_tokens=1, stop_ids=[]))
+    assert 0 < r.peak_memory_gb < 0.3
+
+
 def test_stops_on_eos(loaded):
     hf, model, processor = loaded
     inputs = processor(text="hello there")
