@@ -52,7 +52,9 @@ Specs = dict[str, tuple[mx.Dtype, tuple[int, ...]]]
 
 
 def default_mlx_path(hf_path: str, bits: int | None, dtype: str) -> Path:
-    name = Path(str(hf_path).rstrip("/")).name
+    local = Path(str(hf_path)).expanduser()
+    # a local folder by its real name: "." or ".." has none of its own (it gave "models/-4bit")
+    name = local.resolve().name if local.exists() else Path(str(hf_path).rstrip("/")).name
     return Path("models") / (f"{name}-{bits}bit" if bits else f"{name}-{dtype}")
 
 

@@ -220,6 +220,25 @@ def test_dot_as_destination(sources, tmp_path, monkeypatch):
     assert (empty / "config.json").exists() and _leftovers(tmp_path) == []
 
 
+def test_default_destination_is_named_after_the_source_folder(sources, tmp_path, monkeypatch):
+    """--hf-path .. (or .) gave the default destination models/-bfloat16: a name with nothing of the model in it."""
+    import shutil
+
+    src = tmp_path / "my-gemma"
+    shutil.copytree(sources["dense"][0], src)
+    work = src / "sub"
+    work.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(work)
+    from mlx_gemma4.conversion import default_mlx_path
+
+    assert default_mlx_path("..", None, "float32") == Path("models/my-gemma-float32")
+    assert default_mlx_path(str(src) + "/", 4, "float32") == Path("models/my-gemma-4bit")
+    assert default_mlx_path("google/gemma-4-E4B-it", 4, "bfloat16") == Path("models/gemma-4-E4B-it-4bit")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert convert("../my-gemma", dtype="float32") == (tmp_path / "elsewhere" / "models" / "my-gemma-float32")
+
+
 def test_output_of_an_earlier_version_is_recognised(sources, tmp_path):
     """Outputs written before the marker existed carry config.json's mlx_gemma4 section: --force replaces them
     when they hold only files the converter writes."""
