@@ -235,7 +235,18 @@ class History:
         no longer exists (deleted while its answer was still coming)."""
         if not self.exists(conversation_id):
             return None
-        copies = [self._copy_in(conversation_id, a) for a in attachments]
+        copies: list[Path] = []
+        try:
+            copies += [self._copy_in(conversation_id, a) for a in attachments]
+            return self._insert_message(conversation_id, role, content, thinking, stats, attachments, copies)
+        except BaseException:  # nothing of a message that was not saved stays behind
+            for a, copy in zip(attachments, copies):
+                if copy != a.path:  # a copy made just now, never a file of an earlier message
+                    copy.unlink(missing_ok=True)
+            raise
+
+    def _insert_message(self, conversation_id: int, role: str, content: str, thinking: str, stats: dict | None,
+                        attachments: list[Attachment], copies: list[Path]) -> int:
         now = time.time()
         with self._tx() as c:
             cur = c.execute(

@@ -508,3 +508,72 @@ async def _resumed_chips_keep_size_and_thumbnail(tmp_path):
 
 
 test_resumed_chips_keep_size_and_thumbnail = run(_resumed_chips_keep_size_and_thumbnail)
+
+
+async def _text_typed_while_a_turn_fails_is_kept(tmp_path):
+    gate = threading.Event()
+    app = make_app(tmp_path)
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded)
+        chat = app.chat_screen
+
+        def broken(messages, **kw):
+            gate.wait(timeout=60)
+            raise RuntimeError("the model fell over")
+
+        app.sessions[0].stream = broken
+        await send(pilot, "first question")
+        await wait_for(pilot, lambda: chat.generating and chat.prompt.text == "")
+        await pilot.press(*"next one")  # the user drafts the next message while the first is answered
+        await wait_for(pilot, lambda: chat.prompt.text == "next one")
+        gate.set()
+        await wait_for(pilot, lambda: not chat.generating)
+        await wait_for(pilot, lambda: any("fell over" in str(n.render()) for n in chat.query(Notice)))
+        assert chat.prompt.text == "first question\nnext one"  # both: the failed message and the draft
+
+
+test_text_typed_while_a_turn_fails_is_kept = run(_text_typed_while_a_turn_fails_is_kept)
+
+
+async def _attachment_deleted_before_sending_keeps_the_message(tmp_path):
+    kept, gone = png(tmp_path / "kept.png"), png(tmp_path / "gone.png")
+    app = make_app(tmp_path)
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded)
+        chat = app.chat_screen
+        await send(pilot, f"/image {kept}")
+        await send(pilot, f"/image {gone}")
+        assert [a.path for a in chat.pending] == [kept, gone]
+        gone.unlink()  # moved or deleted after it was dragged in
+        await send(pilot, "what do these show?")
+        assert app.is_running and chat.prompt.text == "what do these show?"
+        assert [a.path for a in chat.pending] == [kept]
+        said = [str(n.render()) for n in chat.query(Notice)]
+        assert len(said) == 1 and str(gone) in said[0] and "not sent" in said[0] and "Attach" in said[0]
+        assert not chat.query(UserMessage) and app.sessions[0].calls == []
+        await pilot.press("enter")  # sent as it is now, with the file that is still there
+        await wait_for(pilot, lambda: not chat.generating and chat.query(ModelMessage))
+        assert user_turn(app.sessions[0].calls[0]) == ("what do these show?", [str(
+            app.history.messages(chat.conversation_id)[0].attachments[0].path)])
+
+
+test_attachment_deleted_before_sending_keeps_the_message = run(_attachment_deleted_before_sending_keeps_the_message)
+
+
+async def _message_that_cannot_be_saved_goes_back_to_the_prompt(tmp_path):
+    img = png(tmp_path / "pic.png")
+    app = make_app(tmp_path)
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded)
+        chat = app.chat_screen
+        (tmp_path / "data" / "attachments").write_text("not a folder")  # copies of attachments cannot be made
+        await send(pilot, f"/image {img}")
+        await send(pilot, "describe it")
+        assert app.is_running and chat.prompt.text == "describe it"
+        assert [a.path for a in chat.pending] == [img]
+        [said] = [str(n.render()) for n in chat.query(Notice)]
+        assert "not sent" in said and "press Enter again" in said
+        assert not chat.generating and not chat.query(UserMessage) and app.sessions[0].calls == []
+
+
+test_message_that_cannot_be_saved_goes_back_to_the_prompt = run(_message_that_cannot_be_saved_goes_back_to_the_prompt)

@@ -7,6 +7,7 @@ Collecting attachments and recording live in AttachingScreen, which this screen 
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import replace
 from pathlib import Path
 
@@ -256,6 +257,8 @@ class ChatScreen(AttachingScreen):
             self.notify("No model is loaded, so nothing can answer. Start again with --model DIR naming a converted "
                         "model, or --demo.", severity="warning", timeout=10)
             return
+        if self.drop_gone_pending():
+            return  # the message stays in the prompt, to be sent again without the file or with it attached anew
         parsed = parse_prompt(text)
         for n in parsed.notices:
             self.notice(n, "warning")
@@ -266,15 +269,33 @@ class ChatScreen(AttachingScreen):
             self.notice(repeat_notice(a))
         self.send(parsed.text, attachments, typed=(event.text, pending))
 
+    def drop_gone_pending(self) -> bool:
+        """Take out of the waiting attachments the files moved or deleted since they were attached, saying so
+        (True when there were any: the message is not sent as if they were still there)."""
+        gone = [a for a in self.pending if not a.path.is_file()]
+        for a in gone:
+            self.notice(f"{a.path} was moved or deleted after it was attached, so the message was not sent. Attach "
+                        "the file again (drag it in), or press Enter to send the message without it.", "error")
+        if gone:
+            self.pending = [a for a in self.pending if a not in gone]
+            self.show_pending()
+        return bool(gone)
+
     def send(self, text: str, attachments: list[Attachment],
              typed: tuple[str, list[Attachment]] | None = None) -> None:
         """Save the user's message, show it and ask for the answer (queued behind loading if need be)."""
         history = self.chat.history
-        if not history.exists(self.conversation_id):  # new, or deleted while open
-            s = self.chat.backend.settings
-            self.conversation_id = history.new_conversation(model=self.chat.backend.name,
-                                                            system_prompt=s.system_prompt)
-        mid = history.add_message(self.conversation_id, "user", text, attachments=attachments)
+        try:
+            if not history.exists(self.conversation_id):  # new, or deleted while open
+                s = self.chat.backend.settings
+                self.conversation_id = history.new_conversation(model=self.chat.backend.name,
+                                                                system_prompt=s.system_prompt)
+            mid = history.add_message(self.conversation_id, "user", text, attachments=attachments)
+        except (OSError, sqlite3.Error) as e:  # a file gone while it was copied, a full disk: nothing is sent
+            self.put_back(*(typed or (text, attachments)))
+            self.notice(f"The message was not sent: it could not be saved ({e}). It is back in the prompt; check "
+                        f"the attached files and the free space in {history.dir}, then press Enter again.", "error")
+            return
         saved = history.messages(self.conversation_id)[-1]
         self.transcript.mount(UserMessage(text, [(a.kind, a.path, a.label) for a in saved.attachments]))
         self.typed = typed or (text, attachments)
@@ -398,7 +419,8 @@ class ChatScreen(AttachingScreen):
     def put_back(self, text: str, pending: list[Attachment]) -> None:
         """Restore a message that was not sent: its text (paths typed in it included), cursor at the end, and
         the attachments that were waiting."""
-        self.prompt.text = text
+        typed_since = self.prompt.text.strip()  # what the user started while the turn ran is kept after it
+        self.prompt.text = f"{text}\n{typed_since}" if typed_since else text
         self.prompt.move_cursor(self.prompt.document.end)
         self.pending = list(pending) + self.pending
         self.show_pending()
