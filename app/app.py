@@ -185,7 +185,8 @@ class ChatApp(App):
         try:
             self.notify(f"Exported to {self.history.export_markdown(cid)}", timeout=8)
         except OSError as e:
-            self.notify(f"Could not export: {e}", severity="error")
+            self.notify(f"Could not export: {e}. Make {self.history.dir} writable, or start with --data-dir "
+                        "pointing at a writable folder.", severity="error", timeout=12)
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)

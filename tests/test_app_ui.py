@@ -243,6 +243,27 @@ def test_chip_rows_wrap_at_80_columns(tmp_path):
     run(go())
 
 
+def test_many_waiting_files_leave_the_prompt_status_and_keys_in_view(tmp_path):
+    async def go():
+        files = [png(tmp_path / f"picture-number-{i}.png") for i in range(30)]
+        app = make_app(tmp_path)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.backend.loaded)
+            chat = app.chat_screen
+            chat.attach([check(f) for f in files])
+            await until(pilot, lambda: len(chat.query(AttachmentChip)) == 30)
+            await pilot.pause()
+            for sel in ("#transcript", "#pending", "#prompt", "#status", "Footer"):
+                assert inside(chat.query_one(sel)), sel
+            assert chat.query_one("#transcript").region.height >= 8  # the conversation is still readable
+            pending = chat.query_one("#pending")
+            pending.scroll_end(animate=False)  # every file can be scrolled to
+            await pilot.pause()
+            last = chat.query(AttachmentChip).last()
+            assert pending.region.contains_region(last.region)
+    run(go())
+
+
 class GatedSession(ScriptedSession):
     """Reports prefill progress, then waits for the test before the first token."""
 
@@ -342,6 +363,23 @@ def test_history_list_shows_ids_dates_model_and_delete_asks(tmp_path):
             await pilot.press("y")
             await until(pilot, lambda: len(app.history.conversations()) == 1)
             assert app.history.conversations()[0].title == "first chat"
+    run(go())
+
+
+def test_export_that_cannot_be_written_says_so_and_the_app_stays(tmp_path):
+    async def go():
+        app = make_app(tmp_path)
+        cid = app.history.new_conversation(model="demo")
+        app.history.add_message(cid, "user", "keep me")
+        (tmp_path / "data" / "exports").write_text("a file where the exports folder goes")
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.backend.loaded)
+            await pilot.press("ctrl+l")
+            assert isinstance(app.screen, ConversationsScreen)
+            await pilot.press("e")  # the export runs (and says how it went) within the key press
+            await pilot.pause()
+            assert app.is_running and isinstance(app.screen, ConversationsScreen)
+            assert f"Could not export conversation #{cid}" in app.notes[-1] and "--data-dir" in app.notes[-1]
     run(go())
 
 

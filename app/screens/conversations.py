@@ -108,9 +108,15 @@ class ConversationsScreen(ModalScreen[Choice | None]):
 
     def action_export(self) -> None:
         cid = self._selected()
-        if cid is not None:
+        if cid is None:
+            return
+        try:
             path = self.history.export_markdown(cid)
-            self.notify(f"Exported to {path}", timeout=8)
+        except OSError as e:  # a read-only or full data folder
+            self.notify(f"Could not export conversation #{cid}: {e}. Make {self.history.dir} writable, or start "
+                        "with --data-dir pointing at a writable folder.", severity="error", timeout=12)
+            return
+        self.notify(f"Exported to {path}", timeout=8)
 
     def action_dismiss_none(self) -> None:
         self.dismiss(None)
