@@ -114,8 +114,14 @@ class ChatApp(App):
         self.backend.load(self.chat_screen.post_message)
 
     def save_settings(self) -> None:
-        if self.settings_store is not None:
+        if self.settings_store is None:
+            return
+        try:
             self.settings_store.save(self.backend.settings)
+        except OSError as e:  # a read-only or full data folder: the settings still hold for this run
+            self.notify(f"The settings hold for this run but could not be saved ({e}). Make {self.data_dir} "
+                        "writable, or start with --data-dir pointing at a writable folder.", severity="error",
+                        timeout=12)
 
     def resume(self, conversation_id: int) -> None:
         """Show a saved conversation; the model picks it up from the history store with the next message."""

@@ -26,13 +26,21 @@ class SettingsStore:
         except (OSError, ValueError) as e:
             log.warning("ignoring unreadable %s: %s", self.path, e)
             return Settings()
+        from .screens.settings import FIELDS  # the ranges the settings screen and the command line accept
+
+        ranges = {key: (lo, hi) for key, _, _, lo, hi in FIELDS}
         defaults = Settings()
         values = {}
         for f in dataclasses.fields(Settings):
             value = saved.get(f.name) if isinstance(saved, dict) else None
             default = getattr(defaults, f.name)
-            # A hand-edited file with a wrong type falls back to the default for that field only.
+            # A hand-edited file with a wrong type, or a number out of range, falls back to the default for that
+            # field only.
             if type(value) is type(default) or (type(default) is float and type(value) is int):
+                lo, hi = ranges.get(f.name, (None, None))
+                if lo is not None and not lo <= value <= hi:
+                    log.warning("ignoring %s=%r in %s: not from %s to %s", f.name, value, self.path, lo, hi)
+                    continue
                 values[f.name] = type(default)(value)
         return dataclasses.replace(defaults, **values)
 

@@ -159,6 +159,27 @@ def test_settings_store_ignores_bad_values(tmp_path):
     assert loaded.max_tokens == Settings().max_tokens
     store.path.write_text("{not json")
     assert store.load() == Settings()
+    # Numbers the settings screen and the command line refuse are refused from the file too, field by field.
+    store.path.write_text('{"max_tokens": 0, "temperature": NaN, "top_p": 7, "top_k": -1, "enable_thinking": true}')
+    assert store.load() == Settings(enable_thinking=True)
+    store.path.write_text('{"max_tokens": 32768, "temperature": 0, "top_p": 1.0, "top_k": 0}')
+    assert store.load() == Settings(max_tokens=32768, temperature=0.0, top_p=1.0, top_k=0)
+
+
+def test_settings_that_cannot_be_saved_still_hold_and_say_so(tmp_path):
+    async def go():
+        store = SettingsStore(tmp_path / "data")
+        store.path.parent.mkdir(parents=True)
+        store.path.mkdir()  # settings.json cannot be written
+        app = make_app(tmp_path, settings_store=store)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.backend.loaded)
+            await pilot.press("ctrl+t")
+            await pilot.pause()
+            assert app.is_running and app.backend.settings.enable_thinking
+            assert any("could not be saved" in n and "--data-dir" in n for n in app.notes)
+            assert app.chat_screen.query_one(StatusBar).thinking
+    run(go())
 
 
 def test_command_line_overrides_only_what_it_names(tmp_path, monkeypatch):
