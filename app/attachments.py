@@ -73,9 +73,11 @@ def sniff(path: Path) -> Attachment:
     """
     state = _state(path)
     if state == "missing":
-        raise AttachmentError(f"{path}: no such file")
+        raise AttachmentError(f"{path}: no such file; check the path (quote it, or escape its spaces with \\)")
+    if state == "dir":
+        raise AttachmentError(f"{path}: is a folder; name an image, audio or video file in it")
     if state != "file":
-        raise AttachmentError(f"{path}: not a file")
+        raise AttachmentError(f"{path}: not a file; name an image, audio or video file")
     try:
         with path.open("rb") as f:
             first = f.read(1)
@@ -153,7 +155,8 @@ def check(path: str | Path, expect: Kind | None = None) -> Attachment:
     p = to_path(str(path).strip()) if isinstance(path, str) else path
     att = sniff(p)
     if expect is not None and att.kind != expect:
-        raise AttachmentError(f"{p.name}: is {_a(att.kind)}, not {_a(expect)}")
+        raise AttachmentError(f"{p.name}: is {_a(att.kind)}, not {_a(expect)}; attach it with /{att.kind} PATH, "
+                              "or paste its path into the message")
     return att
 
 

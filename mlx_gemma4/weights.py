@@ -183,7 +183,9 @@ def safetensors_files(path: Path) -> list[Path]:
             f"{path} holds {preview(pickles, 3)} (PyTorch pickle) but no .safetensors files. mlx-gemma4 refuses "
             "pickles: loading one can run arbitrary code. Convert it to safetensors first (in Python: "
             "transformers' from_pretrained, then save_pretrained(DIR, safe_serialization=True)) and use DIR.")
-    raise WeightsError(f"No *.safetensors files in {path}. Is this a Gemma 4 checkpoint directory?")
+    raise WeightsError(f"No *.safetensors weight files in {path}: the download or conversion did not finish, or the "
+                       "weights were moved. Download the model again, or convert it again with convert.py "
+                       "(--force replaces an earlier output).")
 
 
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)\.safetensors$")

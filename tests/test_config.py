@@ -74,7 +74,7 @@ def test_a_transformers_quantization_is_named(method):
 
 
 def test_missing_config_file(tmp_path):
-    with pytest.raises(ConfigError, match="No config.json"):
+    with pytest.raises(ConfigError, match="No config.json.*Pass the folder that convert.py wrote"):
         ModelConfig.from_file(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="Cannot read"):

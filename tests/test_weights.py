@@ -359,3 +359,10 @@ def test_name_map_table():
     assert map_name("model.language_model.layers.1.self_attn.k_proj.weight", cfg).startswith("language_model.")
     # A layer index past the config's layers is kept (and reported as unexpected), not an IndexError.
     assert map_name("model.language_model.layers.99.self_attn.k_proj.weight", cfg) is not None
+
+
+def test_folder_with_no_weights_says_what_to_do(tmp_path):
+    from mlx_gemma4.weights import safetensors_files
+
+    with pytest.raises(WeightsError, match="No \\*.safetensors weight files.*convert it again with convert.py"):
+        safetensors_files(tmp_path)
