@@ -349,7 +349,8 @@ class ModelConfig(Section):
             path = path / "config.json"
         if not path.exists():
             raise ConfigError(f"No config.json at {path}, so it is not a Gemma 4 checkpoint. Pass the folder that "
-                              "convert.py wrote (or a Hugging Face Gemma 4 checkpoint), or convert one with convert.py.")
+                              "convert.py wrote (or a Hugging Face Gemma 4 checkpoint), or convert one with "
+                              "convert.py.")
         try:
             d = json.loads(path.read_text())
         except (OSError, ValueError) as e:
