@@ -88,6 +88,12 @@ def test_status_of_an_answer_stopped_before_its_first_token_shows_no_speed():
     s = Stats(prompt_tokens=130, prompt_tps=900, peak_memory_gb=0.02, context_used=835, context_limit=4096)
     line = fit(status_parts("demo", "", False, s), 200)
     assert "TTFT" not in line and "0.0 tok/s" not in line and "prompt 900 tok/s" in line, line
+    # Stopped right after its first token: a time to first token, but no speed from one token.
+    one = fit(status_parts("demo", "", False, Stats(ttft=2.04, prompt_tokens=130, prompt_tps=900,
+                                                    generation_tokens=1, generation_tps=0.0)), 200)
+    assert "TTFT 2.04s" in one and "0.0 tok/s" not in one and "prompt 900 tok/s" in one, one
+    two = fit(status_parts("demo", "", False, Stats(ttft=0.1, generation_tokens=2, generation_tps=40.0)), 200)
+    assert "40.0 tok/s" in two, two
 
 
 def test_ctrl_j_is_a_new_line_and_help_fits(tmp_path):

@@ -33,7 +33,7 @@ def status_parts(model: str, state: str, thinking: bool, s: Stats) -> list[tuple
         parts.append(
             (2, f"prompt {s.cached_tokens} cached" if s.cached_tokens and not s.prompt_tokens  # answered again
              else f"prompt {s.prompt_tps:.0f} tok/s" + (f" +{s.cached_tokens} cached" if s.cached_tokens else ""), ""))
-        if s.generation_tokens:
+        if s.generation_tokens > 1:  # one token gives no rate (the library reports 0), so none is shown
             parts.append((8, f"{s.generation_tps:.1f} tok/s", f"{s.generation_tps:.0f} tok/s"))
         if s.acceptance is not None:   # speculative decoding: the share of drafted tokens the model kept
             parts.append((4, f"drafts {s.acceptance:.0%} kept", f"{s.acceptance:.0%} kept"))
