@@ -8,6 +8,7 @@ from typing import Callable, Iterable
 from textual import on
 from textual.app import App, SystemCommand
 from textual.binding import Binding
+from textual.notifications import SeverityLevel
 from textual.screen import Screen
 
 from .backend import AssistantChanged, AssistantRefused, Backend
@@ -85,6 +86,15 @@ class ChatApp(App):
         self.backend.shutdown()
         if self.recorder.recording:
             self.recorder.cancel()
+
+    def notify(self, message: str, *, title: str = "", severity: SeverityLevel = "information",
+               timeout: float | None = None, markup: bool = True) -> None:
+        # Toasts carry file names, paths and error text, which show as written ("photo [1].png"), never as markup.
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=False)
+
+    def action_help_quit(self) -> None:
+        # Textual's own hint for Ctrl+C is written in markup, which toasts here do not read.
+        self.notify("Press Ctrl+Q to quit the app.", title="Do you want to quit?")
 
     def ask_to_download(self) -> None:
         def answered(choice: str | None) -> None:

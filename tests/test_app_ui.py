@@ -291,6 +291,26 @@ def test_many_waiting_files_leave_the_prompt_status_and_keys_in_view(tmp_path):
     run(go())
 
 
+def test_toasts_show_file_names_as_written(tmp_path):
+    from textual.widgets._toast import Toast, ToastRack
+
+    def toasts(app) -> list[Toast]:
+        return [w for w in app.screen.get_child_by_type(ToastRack).walk_children() if isinstance(w, Toast)]
+
+    async def go():
+        img = png(tmp_path / "photo [bold]1 [i].png")
+        app = make_app(tmp_path)
+        async with app.run_test(size=SIZE, notifications=True) as pilot:
+            await until(pilot, lambda: app.backend.loaded)
+            await send(pilot, f"/audio '{img}'")
+            assert app.notes  # the refusal is a toast
+            await until(pilot, lambda: toasts(app))
+            await pilot.pause()
+            shown = " ".join(" ".join(s.text for s in t.render_lines(t.region.reset_offset)) for t in toasts(app))
+            assert "photo [bold]1 [i].png" in " ".join(shown.split()), shown
+    run(go())
+
+
 class GatedSession(ScriptedSession):
     """Reports prefill progress, then waits for the test before the first token."""
 
