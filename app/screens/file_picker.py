@@ -3,7 +3,6 @@ be typed (or pasted) into the field below the tree: a folder opens there, a file
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Iterable
 
@@ -14,7 +13,7 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import DirectoryTree, Input, Static
 
-from ..attachments import MEDIA_EXTS, parse_prompt
+from ..attachments import MEDIA_EXTS, parse_prompt, to_path
 
 HINT = "Enter attach · Backspace up · Tab type a path · Esc cancel"
 
@@ -41,7 +40,7 @@ def typed_path(text: str) -> Path:
         return parsed.attachments[0].path
     if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
         text = text[1:-1]
-    return Path(os.path.expanduser(text.replace("\\ ", " ")))
+    return to_path(text.replace("\\ ", " "))  # file:// URIs (of folders too) and ~ as well
 
 
 class FilePickerScreen(ModalScreen[Path | None]):
