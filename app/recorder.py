@@ -8,6 +8,7 @@ the callback themselves; the default factory opens sounddevice's InputStream.
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -125,19 +126,28 @@ class Recorder:
         stream, self._stream = self._stream, None
         if stream is None:
             return None
-        try:
-            stream.stop()
-        finally:
-            stream.close()
+        _close(stream)
         with self._lock:
             audio = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.float32)
             self._chunks = []
         if audio.size == 0:
             return None
+        # What was said is kept even when the data folder cannot be written: the system's temporary folder next.
+        problems = []
+        for folder in (self.out_dir, Path(tempfile.gettempdir()) / "gemma4-chat-recordings"):
+            try:
+                return self._save(audio, folder)
+            except Exception as e:  # OSError, soundfile's LibsndfileError, ...
+                log.warning("could not save the recording in %s: %s", folder, e)
+                problems.append(f"{folder}: {e}")
+        raise RecorderError(f"The recording could not be saved ({'; '.join(problems)}). Make {self.out_dir} "
+                            "writable, or start with --data-dir pointing at a writable folder.")
+
+    def _save(self, audio: np.ndarray, folder: Path) -> Path:
         import soundfile as sf
 
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / f"recording-{time.strftime('%Y%m%d-%H%M%S')}.wav"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"recording-{time.strftime('%Y%m%d-%H%M%S')}.wav"
         n = 1
         while path.exists():
             n += 1
@@ -148,6 +158,18 @@ class Recorder:
     def cancel(self) -> None:
         stream, self._stream = self._stream, None
         if stream is not None:
-            stream.stop()
-            stream.close()
+            _close(stream)
         self._chunks = []
+
+
+def _close(stream: InputStream) -> None:
+    """Stop and close a stream; a device that went away while recording fails to stop, which loses nothing."""
+    try:
+        stream.stop()
+    except Exception as e:  # PortAudioError when the microphone was unplugged, ...
+        log.warning("the microphone stream did not stop cleanly: %s", e)
+    finally:
+        try:
+            stream.close()
+        except Exception as e:
+            log.warning("the microphone stream did not close cleanly: %s", e)

@@ -77,3 +77,35 @@ def test_no_portaudio_or_no_device_is_a_clear_error(tmp_path):
     else:  # a machine with a real microphone
         r.cancel()
         pytest.skip("a microphone is present")
+
+
+def test_unplugged_microphone_or_unwritable_folder_keeps_the_recording(tmp_path, monkeypatch):
+    class Unplugged(FakeStream):
+        def stop(self):
+            raise RuntimeError("Error stopping stream: device unavailable")
+
+    streams = []
+
+    def factory(**kw):
+        streams.append(Unplugged(**kw))
+        return streams[-1]
+
+    (tmp_path / "data").write_text("a file where the data folder goes")
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    rec = Recorder(tmp_path / "data" / "recordings", stream_factory=factory)
+    rec.start()
+    audio = sine(0.5, amp=0.25)
+    streams[0].feed(audio)
+    path = rec.stop()  # the stream would not stop and the data folder cannot be written: saved elsewhere
+    assert streams[0].closed and not rec.recording
+    assert path.parent == tmp_path / "tmp" / "gemma4-chat-recordings"
+    np.testing.assert_allclose(sf.read(path, dtype="float32")[0], audio, atol=1e-4)
+    rec.start()
+    streams[1].feed(audio)
+    rec.cancel()  # discarding a clip of an unplugged microphone is no crash either
+    assert streams[1].closed and not rec.recording
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "data" / "tmp"))  # nowhere to write at all
+    rec.start()
+    streams[2].feed(audio)
+    with pytest.raises(RecorderError, match="could not be saved.*--data-dir"):
+        rec.stop()

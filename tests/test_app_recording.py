@@ -64,3 +64,31 @@ def test_no_microphone_keeps_the_app_working(tmp_path):
             await wait_for(pilot, lambda: app.sessions[0].calls)
 
     asyncio.run(go())
+
+
+def test_a_recording_that_cannot_be_saved_is_a_notice(tmp_path):
+    streams = []
+
+    def factory(**kw):
+        streams.append(FakeStream(**kw))
+        return streams[-1]
+
+    class Unsaveable(Recorder):
+        def _save(self, audio, folder):
+            raise OSError(28, "No space left on device")
+
+    async def go():
+        app = make_app(tmp_path)
+        app.recorder = Unsaveable(tmp_path / "rec", stream_factory=factory)
+        async with app.run_test() as pilot:
+            await wait_for(pilot, lambda: app.backend.loaded)
+            chat = app.chat_screen
+            await pilot.press("ctrl+r")
+            streams[0].feed(sine(0.5))
+            await pilot.press("ctrl+r")
+            await wait_for(pilot, lambda: any("could not be saved" in str(n.render()) for n in chat.query(Notice)))
+            assert app.is_running and not chat.recording and not chat.pending
+            await send(pilot, "still here?")
+            await wait_for(pilot, lambda: app.sessions[0].calls)
+
+    asyncio.run(go())

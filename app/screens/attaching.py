@@ -133,7 +133,11 @@ class AttachingScreen(Screen):
             self._meter_timer = self.set_interval(1 / 15, self.update_meter)
             return
         self.recording = False
-        path = rec.stop()
+        try:
+            path = rec.stop()
+        except RecorderError as e:
+            self.notice(str(e), "error")
+            return
         if path is None:
             self.notify("Nothing was recorded.", severity="warning")
             return
