@@ -577,3 +577,24 @@ async def _message_that_cannot_be_saved_goes_back_to_the_prompt(tmp_path):
 
 
 test_message_that_cannot_be_saved_goes_back_to_the_prompt = run(_message_that_cannot_be_saved_goes_back_to_the_prompt)
+
+
+async def _regenerate_says_why_it_cannot(tmp_path):
+    gate = threading.Semaphore(0)
+    app = make_app(tmp_path, reply="one two three", gate=gate)
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded)
+        chat = app.chat_screen
+        await pilot.press("ctrl+g")  # a new conversation: nothing to answer again
+        assert app.notes[-1] == "Nothing to regenerate yet."
+        await send(pilot, "count")
+        await wait_for(pilot, lambda: chat.generating)
+        await pilot.press("ctrl+g")  # mid-answer: the key is not silently ignored
+        assert "Still answering" in app.notes[-1] and "Esc" in app.notes[-1]
+        for _ in range(3):
+            gate.release()
+        await wait_for(pilot, lambda: not chat.generating)
+        assert len(app.sessions[0].calls) == 1 and chat.query_one(ModelMessage).answer == "one two three"
+
+
+test_regenerate_says_why_it_cannot = run(_regenerate_says_why_it_cannot)

@@ -488,9 +488,10 @@ class ChatScreen(AttachingScreen):
         self.notify(f"Thinking {'on' if on else 'off'}.")
 
     def action_regenerate(self) -> None:
-        if self.generating or self.conversation_id is None:
+        if self.generating:
+            self.notify("Still answering; Esc stops it, then Ctrl+G answers again.", severity="warning")
             return
-        saved = self.chat.history.messages(self.conversation_id)
+        saved = self.chat.history.messages(self.conversation_id) if self.conversation_id is not None else []
         users = [m for m in saved if m.role == "user"]
         if not users or self.transcript.last_model_message() is None:
             self.notify("Nothing to regenerate yet.")
