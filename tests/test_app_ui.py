@@ -442,6 +442,20 @@ def test_export_that_cannot_be_written_says_so_and_the_app_stays(tmp_path):
 # -- detection boxes -------------------------------------------------------------------------------------
 
 
+def test_thumbnails_are_upright_and_drawn_once(tmp_path):
+    from app.widgets.thumbnail import Thumbnail
+
+    path = tmp_path / "portrait.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored on its side, shown turned a quarter: 20 wide, 40 tall, as a phone writes it
+    Image.new("RGB", (40, 20), "red").save(path, exif=exif)
+    thumb = Thumbnail(path, cells=(16, 8))
+    lines = thumb.render().plain.split("\n")
+    assert (len(lines), len(lines[0])) == (8, 8)  # taller than wide, as the model sees it
+    path.unlink()
+    assert thumb.render().plain.split("\n") == lines  # drawn once: a later refresh or resize decodes nothing
+
+
 def test_box_preview_is_large_opens_and_is_kept(tmp_path):
     reply = '```json\n[{"box_2d": [100, 100, 500, 600], "label": "thing"}]\n```'
 

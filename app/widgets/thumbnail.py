@@ -34,10 +34,11 @@ def fit_cells(size: tuple[int, int], width: int, height: int, upscale: bool = Fa
 
 def half_block_text(path: Path, width: int, height: int, upscale: bool = False) -> Text:
     """At most `height` rows of `width` cells; each cell is an upper and a lower pixel ("▀" fg over bg)."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     with Image.open(path) as im:
-        im = im.convert("RGB")
+        im.draft("RGB", (4 * width, 4 * height))  # a JPEG decodes at a fraction of its size: a photo takes ms, not s
+        im = ImageOps.exif_transpose(im).convert("RGB")  # upright, as the model sees it (a phone's portrait photo)
         im = im.resize(fit_cells(im.size, width, height, upscale), Image.Resampling.LANCZOS)
         px = im.load()
         w, h = im.size
@@ -62,12 +63,15 @@ class Thumbnail(Widget):
         super().__init__(**kwargs)
         self.path = path
         self.cells = cells
+        self._text: Text | None = None  # drawn once: a refresh, a scroll or a resize does not decode it again
 
     def render(self) -> Text:
-        try:
-            return half_block_text(self.path, *self.cells)
-        except Exception:  # a thumbnail is decoration; the chip beside it still names the file
-            return Text("")
+        if self._text is None:
+            try:
+                self._text = half_block_text(self.path, *self.cells)
+            except Exception:  # a thumbnail is decoration; the chip beside it still names the file
+                self._text = Text("")
+        return self._text
 
 
 class Picture(Widget):
@@ -78,11 +82,14 @@ class Picture(Widget):
     def __init__(self, path: Path, max_rows: int = 20, **kwargs) -> None:
         super().__init__(**kwargs)
         self.path, self.max_rows = path, max_rows
+        self._drawn: tuple[int, Text] | None = None  # (width, picture): drawn again only when the width changes
         try:
             from PIL import Image
 
             with Image.open(path) as im:
-                self.image_size: tuple[int, int] | None = im.size
+                w, h = im.size
+                # EXIF orientations 5-8 turn the picture a quarter: it is drawn upright, so its shape is turned too
+                self.image_size: tuple[int, int] | None = (h, w) if im.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)
         except Exception:
             self.image_size = None
 
@@ -92,10 +99,14 @@ class Picture(Widget):
         return math.ceil(fit_cells(self.image_size, width, self.max_rows, upscale=True)[1] / 2)
 
     def render(self) -> Text:
-        try:
-            return half_block_text(self.path, self.content_size.width, self.max_rows, upscale=True)
-        except Exception:
-            return Text(f"(cannot draw {self.path.name})")
+        width = self.content_size.width
+        if self._drawn is None or self._drawn[0] != width:
+            try:
+                picture = half_block_text(self.path, width, self.max_rows, upscale=True)
+            except Exception:
+                picture = Text(f"(cannot draw {self.path.name})")
+            self._drawn = (width, picture)
+        return self._drawn[1]
 
 
 def open_in_viewer(path: Path) -> None:
