@@ -151,14 +151,16 @@ def resolve(model: str | None, demo: bool = False, data: Path | None = None, cwd
 
 
 def _check_config(path: Path) -> None:
-    """Refuse, before the app opens, a folder whose config.json is not a Gemma 4 model's (the model's own check:
-    one message for the command line and for load())."""
+    """Refuse, before the app opens, a folder whose config.json is not a Gemma 4 model's, or that has no weights
+    (the loader's own checks: one message for the command line and for load())."""
     from mlx_gemma4.config import ModelConfig
-    from mlx_gemma4.errors import ConfigError
+    from mlx_gemma4.errors import ConfigError, WeightsError
+    from mlx_gemma4.weights import safetensors_files
 
     try:
         ModelConfig.from_file(path)
-    except ConfigError as e:
+        safetensors_files(path)
+    except (ConfigError, WeightsError) as e:
         raise ModelNotFound(f"{path}: {e}") from e
 
 

@@ -137,18 +137,24 @@ def test_missing_model_dir_is_a_clear_error(tmp_path, capsys):
     assert "does not exist" in err and "--demo" in err
 
 
-def test_model_that_is_no_model_dir_is_refused_before_the_app_opens(tmp_path, capsys):
-    """A file, an empty --model and a folder of another model family each get their own message on the command
-    line (they used to say "does not exist", suggest converting into ".", or open an app that could do nothing)."""
+def test_model_that_is_no_model_dir_is_refused_before_the_app_opens(tiny_dir, tmp_path, capsys):
+    """A file, an empty --model, a folder of another model family and a Gemma 4 folder without its weights each
+    get their own message on the command line (they used to say "does not exist", suggest converting into ".", or
+    open an app that could do nothing)."""
+    import shutil
+
     from app.__main__ import main
 
+    (tmp_path / "no-weights").mkdir()
+    shutil.copy(tiny_dir / "config.json", tmp_path / "no-weights" / "config.json")
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama", "hidden_size": 8}')
     (tmp_path / "weights.bin").write_bytes(b"x")
     cases = {str(tmp_path / "weights.bin"): "is a file, not a model directory",
              str(tmp_path / "llama" / "config.json"): f"--model {tmp_path / 'llama'}",
              "": "--model is empty",
-             str(tmp_path / "llama"): "model_type='llama'"}
+             str(tmp_path / "llama"): "model_type='llama'",
+             str(tmp_path / "no-weights"): "No *.safetensors weight files"}
     for model, said in cases.items():
         assert main(["--model", model, "--data-dir", str(tmp_path / "data")]) == 2
         err = capsys.readouterr().err
