@@ -44,6 +44,9 @@ def sounddevice_stream(**kwargs: Any) -> InputStream:
             "Recording needs the PortAudio library, which was not found "
             "(macOS: brew install portaudio; Debian/Ubuntu: apt install libportaudio2)."
         ) from e
+    except ImportError as e:
+        raise RecorderError("Recording needs the sounddevice package, which is not installed: pip install "
+                            "sounddevice (and PortAudio: brew install portaudio, or apt install libportaudio2).") from e
     try:
         sd.query_devices(kind="input")
         return sd.InputStream(**kwargs)

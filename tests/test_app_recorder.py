@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -77,6 +79,12 @@ def test_no_portaudio_or_no_device_is_a_clear_error(tmp_path):
     else:  # a machine with a real microphone
         r.cancel()
         pytest.skip("a microphone is present")
+
+
+def test_no_sounddevice_package_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sounddevice", None)  # import sounddevice raises ImportError
+    with pytest.raises(RecorderError, match="pip install sounddevice"):
+        Recorder(tmp_path, stream_factory=sounddevice_stream).start()
 
 
 def test_unplugged_microphone_or_unwritable_folder_keeps_the_recording(tmp_path, monkeypatch):
