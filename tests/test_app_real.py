@@ -137,7 +137,7 @@ def test_missing_model_dir_is_a_clear_error(tmp_path, capsys):
     assert "does not exist" in err and "--demo" in err
 
 
-def test_model_that_is_no_model_dir_is_refused_before_the_app_opens(tiny_dir, tmp_path, capsys):
+def test_model_that_is_no_model_dir_is_refused_before_the_app_opens(tiny_dir, tmp_path, capsys, monkeypatch):
     """A file, an empty --model, a folder of another model family and a Gemma 4 folder without its weights each
     get their own message on the command line (they used to say "does not exist", suggest converting into ".", or
     open an app that could do nothing)."""
@@ -145,6 +145,7 @@ def test_model_that_is_no_model_dir_is_refused_before_the_app_opens(tiny_dir, tm
 
     from app.__main__ import main
 
+    monkeypatch.setattr("app.app.ChatApp.run", lambda self: pytest.fail("the app opened"))
     (tmp_path / "no-weights").mkdir()
     shutil.copy(tiny_dir / "config.json", tmp_path / "no-weights" / "config.json")
     (tmp_path / "llama").mkdir()
