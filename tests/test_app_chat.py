@@ -598,3 +598,29 @@ async def _regenerate_says_why_it_cannot(tmp_path):
 
 
 test_regenerate_says_why_it_cannot = run(_regenerate_says_why_it_cannot)
+
+
+async def _typed_ahead_keys_reach_the_field_tab_moved_to(tmp_path):
+    """Settings: Tab Tab 7 arriving in one burst (as a terminal delivers typed-ahead or scripted keys) puts the 7
+    in the field the two Tabs moved to (Temperature), not in the system prompt the burst started from."""
+    from app.screens.settings import SettingsScreen
+
+    app = make_app(tmp_path)
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded)
+        await pilot.press("f2")
+        assert isinstance(app.screen, SettingsScreen)
+        await pilot.pause()
+        prompt = app.screen.query_one("#system_prompt").text
+        for key, char in (("tab", "\t"), ("tab", "\t"), ("7", "7")):
+            app.post_message(events.Key(key, char))
+        await pilot.pause(0.2)
+        assert app.screen.query_one("#system_prompt").text == prompt
+        assert app.focused is app.screen.query_one("#temperature") and "7" in app.focused.value
+        for key, char in (("shift+tab", None), ("shift+tab", None), ("x", "x")):
+            app.post_message(events.Key(key, char))
+        await pilot.pause(0.2)
+        assert app.focused is app.screen.query_one("#system_prompt") and "x" in app.focused.text
+
+
+test_typed_ahead_keys_reach_the_field_tab_moved_to = run(_typed_ahead_keys_reach_the_field_tab_moved_to)

@@ -33,6 +33,10 @@ class SettingsScreen(ModalScreen[Settings | None]):
     BINDINGS = [
         Binding("escape", "cancel", "Cancel", id="settings.cancel"),
         Binding("ctrl+s", "save", "Save", id="settings.save"),
+        # Moving the focus as the key arrives (priority), not once the field it left has handled it: keys typed
+        # ahead of the move (a burst a terminal delivers at once) then land in the field moved to.
+        Binding("tab", "app.focus_next", show=False, priority=True),
+        Binding("shift+tab", "app.focus_previous", show=False, priority=True),
     ]
 
     def __init__(self, settings: Settings, model_info: str = "") -> None:
