@@ -237,7 +237,8 @@ class History:
             return None
         copies: list[Path] = []
         try:
-            copies += [self._copy_in(conversation_id, a) for a in attachments]
+            for a in attachments:   # one at a time, so that a failure part way still knows the copies made
+                copies.append(self._copy_in(conversation_id, a))
             return self._insert_message(conversation_id, role, content, thinking, stats, attachments, copies)
         except BaseException:  # nothing of a message that was not saved stays behind
             for a, copy in zip(attachments, copies):

@@ -222,3 +222,21 @@ def test_resume_of_an_unknown_id_names_it(tmp_path):
             assert f"no saved conversation #{cid + 98}" in said and "Ctrl+L" in said
 
     asyncio.run(go())
+
+
+def test_a_message_whose_second_file_is_gone_leaves_no_copy_of_the_first(tmp_path):
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    for p in (first, second):
+        Image.new("RGB", (4, 4)).save(p)
+    h = History(tmp_path / "data")
+    cid = h.new_conversation()
+    attachments = [check(first), check(second)]
+    second.unlink()   # gone between attaching and sending
+    try:
+        h.add_message(cid, "user", "two pictures", attachments=attachments)
+    except OSError:
+        pass
+    else:
+        raise AssertionError("a message with a missing file was saved")
+    assert h.messages(cid) == []
+    assert not [p for p in (tmp_path / "data").rglob("*.png")]   # the first file's copy went too
