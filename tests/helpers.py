@@ -231,3 +231,11 @@ def run_rounds(model, inputs: dict, **kw) -> tuple[list[int], Any, list[int]]:
         record = loop.lengths.record
         loop.lengths.record = lambda k, m, s: (kept.append(m), record(k, m, s))
     return [t for t, _ in loop], loop, kept
+
+
+def foreground_signals() -> None:
+    """``preexec_fn`` for a child that a test interrupts with SIGINT: Ctrl+C's default, as a terminal's foreground
+    process has it (a shell starts background jobs, and so everything they start, with SIGINT ignored)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from app.attachments import check
 from app.history import History
+from tests.helpers import foreground_signals
 
 
 def test_data_dir_from_env(tmp_path, monkeypatch):
@@ -97,11 +98,14 @@ while True:
 
 def test_interrupt_while_writing_leaves_history_intact(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path)], stdout=subprocess.PIPE,
-                            cwd=Path(__file__).resolve().parents[1])
-    assert proc.stdout.readline().strip() == b"ready"
-    time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=10)
+                            cwd=Path(__file__).resolve().parents[1], preexec_fn=foreground_signals)
+    try:
+        assert proc.stdout.readline().strip() == b"ready"
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)
+    finally:
+        proc.kill()   # (a writer still running after a failure must not write on for ever)
     assert sqlite3.connect(tmp_path / "history.db").execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     h = History(tmp_path)
     assert h.notice is None

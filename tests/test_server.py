@@ -15,7 +15,7 @@ import threading
 import numpy as np
 import pytest
 
-from tests.helpers import tone
+from tests.helpers import foreground_signals, tone
 from tests.server_helpers import ROOT, ProcessServer, request
 
 openai = pytest.importorskip("openai")
@@ -89,7 +89,8 @@ def test_ctrl_c_while_the_model_loads_exits_at_once(tmp_path):
     os.mkfifo(tmp_path / "config.json")
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     proc = subprocess.Popen([sys.executable, "-m", "mlx_gemma4.server", "--model", str(tmp_path), "--port", "0"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=foreground_signals)
     while True:  # a pipe opens for writing only once a reader has it open: the load has started
         try:
             writer = os.open(tmp_path / "config.json", os.O_WRONLY | os.O_NONBLOCK)
