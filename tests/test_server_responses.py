@@ -157,6 +157,23 @@ def test_json_nested_deeper_than_any_request_needs_is_a_400(store):
     req = parse(store, messages=[*called, {"role": "tool", "tool_call_id": "c", "content": json.dumps(deep)}])
     assert req.messages[-1]["content"] == json.dumps(deep)  # a result that deep stays text
 
+
+def test_half_a_character_is_a_400_naming_where_it_is(store):
+    """A lone UTF-16 surrogate (JSON's "\\ud83d" without its pair: an emoji cut in half) parsed into a string no
+    tokenizer takes: the request failed on the model thread with a 500 TypeError."""
+    with pytest.raises(RequestError, match=r"messages\[0\]\.content holds a lone UTF-16 surrogate \(\\ud83d\)") as e:
+        parse_body(b'{"messages": [{"role": "user", "content": "smile \\ud83d!"}]}')
+    assert e.value.status == 400 and "send whole characters" in str(e.value)
+    assert parse_body(b'{"a": "\\ud83d\\ude00"}') == {"a": "\U0001f600"}  # a whole pair is one character
+    called = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "function": {"name": "f", "arguments": '{"q": "\\udc00"}'}}]}]
+    with pytest.raises(RequestError, match=r"arguments of 'f' are not valid JSON \(q holds a lone UTF-16"):
+        parse(store, messages=[*called, {"role": "tool", "tool_call_id": "c", "content": "1"}])
+    called[1]["tool_calls"][0]["function"]["arguments"] = "{}"
+    result = '{"r": "\\ud800"}'
+    assert parse(store, messages=[*called, {"role": "tool", "tool_call_id": "c", "content": result}]).messages[-1][
+        "content"] == result  # a result that cannot be read as JSON stays text (whole characters)
+
 def _image_at(url: str) -> dict:
     return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}
 

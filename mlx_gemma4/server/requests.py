@@ -115,29 +115,43 @@ class MediaStore:
 MAX_DEPTH = 64
 
 
-def _too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
-    todo = [(value, 1)]
+def _unreadable(value: Any, limit: int = MAX_DEPTH) -> str | None:
+    """Why a parsed JSON value cannot become a prompt, or None: nested past ``limit``, or a string holding a lone
+    UTF-16 surrogate (JSON's "\\ud83d" escape without its pair, as a client that cut an emoji in half sends), which
+    no tokenizer takes (the request failed with a 500 TypeError)."""
+    todo = [(value, 1, "")]
     while todo:
-        v, depth = todo.pop()
-        if isinstance(v, (dict, list)):
+        v, depth, where = todo.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return (f"{where.lstrip('.') or 'a string'} holds a lone UTF-16 surrogate "
+                        f"({ascii(v[e.start])[1:-1]}), half of a character: send whole characters")
+        elif isinstance(v, (dict, list)):
             if depth > limit:
-                return True
-            todo.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
-    return False
+                return f"nested deeper than {limit} levels"
+            items = v.items() if isinstance(v, dict) else enumerate(v)
+            for key, x in items:
+                todo.append((key, depth, where))  # a key is text too
+                todo.append((x, depth + 1, f"{where}.{key}" if isinstance(key, str) else f"{where}[{key}]"))
+    return None
 
 
 class _TooDeep(ValueError):
-    pass
+    """JSON that parses but cannot be used: nested too deep, or text that is not whole characters."""
 
 
 def _loads(text: str | bytes) -> Any:
-    """JSON text as its value; ``_TooDeep`` past MAX_DEPTH levels (json.loads itself overflows the stack at ~1000)."""
+    """JSON text as its value; ``_TooDeep`` past MAX_DEPTH levels (json.loads itself overflows the stack at ~1000)
+    or with a lone surrogate in a string."""
     try:
         value = json.loads(text)
     except RecursionError:
         raise _TooDeep(f"nested deeper than {MAX_DEPTH} levels") from None
-    if _too_deep(value):
-        raise _TooDeep(f"nested deeper than {MAX_DEPTH} levels")
+    why = _unreadable(value)
+    if why is not None:
+        raise _TooDeep(why)
     return value
 
 
