@@ -202,7 +202,7 @@ BAD = [
      openai.BadRequestError, "last message must be a user message"),
     (dict(max_tokens=MAX_TOKENS + 1), openai.BadRequestError, f"limit of {MAX_TOKENS} tokens"),
     (dict(temperature=-1), openai.BadRequestError, "'temperature' must be a number in [0, 2]"),
-    (dict(n=2), openai.BadRequestError, "'n' must be 1"),
+    (dict(n=9), openai.BadRequestError, "'n' must be a whole number in [1, 8]"),
     (dict(presence_penalty=0.5), openai.BadRequestError, "use 'repetition_penalty'"),
     (dict(model="gpt-4o"), openai.NotFoundError, "is not served here"),
     (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]),

@@ -182,6 +182,43 @@ def test_stop_string_ends_the_answer(client, steer, processor, stream):
     assert steer.calls < len(forced)  # the model stopped there too, not at the end of the forced text
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_n_answers_are_n_choices(client, steer, processor, stream):
+    """'n' was refused with a 400. Each choice is its own answer (a stop string ends only the choice it is in),
+    seeded choice i is what seed + i gives alone, and usage counts the prompt once and every choice's tokens."""
+    forced = ids(processor, "one two three STOP four five six seven eight nine ten")
+    steer.force = forced
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "count"}], max_tokens=200, stop="STOP", n=3,
+              stream_options={"include_usage": True} if stream else None)
+
+    def create(**kw):
+        if not stream:
+            got = client.chat.completions.create(**kw)
+            return ([c.index for c in got.choices], [c.message.content for c in got.choices],
+                    [c.finish_reason for c in got.choices], got.usage)
+        chunks = list(client.chat.completions.create(stream=True, **kw))
+        n = kw.get("n") or 1
+        parts = [[c.choices[0] for c in chunks if c.choices and c.choices[0].index == i] for i in range(n)]
+        assert all(p[0].delta.role == "assistant" and p[-1].finish_reason for p in parts)
+        order = [c.choices[0].index for c in chunks if c.choices]
+        assert order == sorted(order)  # one choice after another
+        return (sorted(set(order)), ["".join(c.delta.content or "" for c in p) for p in parts],
+                [p[-1].finish_reason for p in parts], chunks[-1].usage if kw.get("stream_options") else None)
+
+    index, contents, finishes, usage = create(**kw)
+    assert index == [0, 1, 2] and contents == ["one two three "] * 3 and finishes == ["stop"] * 3
+    assert steer.calls < 2 * len(forced)  # every choice stopped at STOP, not at the end of the forced text
+    steer.reset()
+    steer.no_stop = processor.eos_token_ids  # every choice runs to max_tokens
+    kw.update(stop=None, max_tokens=6, temperature=1.0, seed=11, n=2,
+              stream_options={"include_usage": True} if stream else None)
+    _, both, finishes, usage = create(**kw)
+    alone = [create(**{**kw, "n": None, "seed": 11 + i}) for i in range(2)]
+    assert both == [a[1][0] for a in alone] and both[0] != both[1] and finishes == ["length"] * 2
+    assert usage.prompt_tokens == alone[0][3].prompt_tokens and usage.completion_tokens == 12
+    assert usage.total_tokens == usage.prompt_tokens + 12
+
+
 def test_client_leaving_mid_stream_cancels_the_answer(client, served, steer, processor):
     engine, _ = served
     steer.no_stop = processor.eos_token_ids

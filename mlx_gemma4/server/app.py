@@ -100,7 +100,7 @@ def create_app(engine: Engine, *, model_id: str, limits: Limits | None = None, a
             except RuntimeError:  # the event loop is gone (shutting down): nobody is listening
                 pass
 
-        job = Job(req.messages, req.options, emit, enable_thinking=req.enable_thinking, tools=req.tools)
+        job = Job(req.messages, req.options, emit, enable_thinking=req.enable_thinking, tools=req.tools, n=req.n)
         engine.submit(job)
         reply = _Reply(job, req, model_id)
         watcher = asyncio.ensure_future(_disconnected(request))
@@ -178,47 +178,55 @@ def create_app(engine: Engine, *, model_id: str, limits: Limits | None = None, a
 
 
 class _Reply:
-    """One request's answer as it is built: the text split into deltas, the last stats, the ids."""
+    """One request's answer as it is built: per choice the text split into deltas and the last stats; the ids."""
 
     def __init__(self, job: Job, req: ChatRequest, model_id: str) -> None:
         self.job, self.req, self.model_id = job, req, model_id
         self.id = "chatcmpl-" + secrets.token_hex(12)
         self.created = int(time.time())
-        self.answer = out.Answer(req.stop, one_call=not req.parallel_tool_calls)
-        self.deltas: list[dict[str, Any]] = []
-        self.last = None
-        self.cached = 0
+        self.answers = [out.Answer(req.stop, one_call=not req.parallel_tool_calls) for _ in range(job.n)]
+        self.deltas: list[list[dict[str, Any]]] = [[] for _ in range(job.n)]
+        self.last: list[Any] = [None] * job.n
+        self.cached = 0                     # the first choice's: the later ones find the whole prompt cached
 
     def headers(self) -> dict[str, str]:
         return {"X-Requests-Ahead": str(self.job.ahead)}
 
     def take(self, piece: Piece) -> list[dict[str, Any]]:
-        """The deltas of one streamed response (a stop string found in it, or the one tool call allowed, cancels
-        the rest of the job)."""
-        r = piece.response
-        self.last, self.cached = r, piece.cached_tokens
-        deltas = self.answer.feed(r)
-        if self.answer.stopped:
-            self.job.cancel.set()
-        self.deltas += deltas
+        """The deltas of one streamed response of choice ``piece.index`` (a stop string found in it, or the one
+        tool call allowed, ends that choice)."""
+        i, r = piece.index, piece.response
+        if self.last[i] is None and i == 0:
+            self.cached = piece.cached_tokens
+        self.last[i] = r
+        deltas = self.answers[i].feed(r)
+        if self.answers[i].stopped:
+            self.job.ended[i].set()
+        self.deltas[i] += deltas
         return deltas
 
     def _stats(self) -> dict[str, Any]:
         job = self.job
         now = time.perf_counter()
         started = job.started_at or now
-        return {"usage": out.usage(self.last, self.cached),
-                "timings": out.timings(self.last, started - job.queued_at, (job.finished_at or now) - started,
+        usage = out.usage(self.last[0], self.cached)
+        usage["completion_tokens"] = sum(out.usage(last, 0)["completion_tokens"] for last in self.last)
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return {"usage": usage,
+                "timings": out.timings(self.last[0], started - job.queued_at, (job.finished_at or now) - started,
                                        job.ahead)}
 
-    def completion(self) -> dict[str, Any]:
-        choice = {"index": 0, "message": out.message(self.deltas),
-                  "finish_reason": out.finish_reason(self.answer, self.last)}
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model_id,
-                "choices": [choice], **self._stats()}
+    def _finish(self, i: int) -> str:
+        return out.finish_reason(self.answers[i], self.last[i])
 
-    def _chunk(self, delta: dict[str, Any] | None, finish: str | None = None, **extra: Any) -> str:
-        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+    def completion(self) -> dict[str, Any]:
+        choices = [{"index": i, "message": out.message(self.deltas[i]), "finish_reason": self._finish(i)}
+                   for i in range(self.job.n)]
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model_id,
+                "choices": choices, **self._stats()}
+
+    def _chunk(self, delta: dict[str, Any] | None, finish: str | None = None, index: int = 0, **extra: Any) -> str:
+        choices = [] if delta is None else [{"index": index, "delta": delta, "finish_reason": finish}]
         body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model_id,
                 "choices": choices, **extra}
         return f"data: {json.dumps(body)}\n\n"
@@ -226,10 +234,14 @@ class _Reply:
     async def sse(self, first: Piece | Done, events: asyncio.Queue) -> AsyncIterator[str]:
         try:
             yield self._chunk({"role": "assistant", "content": ""})
-            event = first
+            event, at = first, 0            # at: the choice being streamed
             while isinstance(event, Piece):
+                while event.index > at:     # the choice before is complete: its last chunk, the next one's first
+                    yield self._chunk({}, self._finish(at), index=at)
+                    at += 1
+                    yield self._chunk({"role": "assistant", "content": ""}, index=at)
                 for delta in self.take(event):
-                    yield self._chunk(delta)
+                    yield self._chunk(delta, index=at)
                 event = await events.get()
             if event.error is not None:  # failed after the first token: the status line is long gone
                 err = event.error
@@ -238,7 +250,10 @@ class _Reply:
                 yield f"data: {json.dumps(body)}\n\n"
                 return
             stats = self._stats()
-            yield self._chunk({}, out.finish_reason(self.answer, self.last), timings=stats["timings"])
+            for i in range(at, self.job.n):  # a choice that gave no piece (none does now) still ends
+                if i > at:
+                    yield self._chunk({"role": "assistant", "content": ""}, index=i)
+                yield self._chunk({}, self._finish(i), index=i, timings=stats["timings"])
             if self.req.include_usage:
                 yield self._chunk(None, usage=stats["usage"], timings=stats["timings"])
             yield "data: [DONE]\n\n"

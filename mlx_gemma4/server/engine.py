@@ -5,8 +5,10 @@ the web server's event loop only queues jobs and reads their events. One ChatSes
 conversation's next turn (or any request sharing a prefix with the last one) prefills only what is new.
 
 A job's events go to its ``emit`` callback, called on the model thread: ``Piece`` for each streamed response,
-then exactly one ``Done`` (with the error, if the answer failed). Setting ``job.cancel`` stops the job at the
-next chunk or token, or before it starts if it is still waiting.
+then exactly one ``Done`` (with the error, if the answer failed). A job of ``n`` choices answers the same messages
+``n`` times in a row (the second and later find the whole prompt in the cache); each piece says which choice it
+belongs to. Setting ``job.cancel`` stops the job at the next chunk or token, or before it starts if it is still
+waiting; setting ``job.ended[i]`` ends choice ``i`` alone (a stop string found in it).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .requests import RequestError
 class Piece:
     response: ChatResponse
     cached_tokens: int                      # prompt tokens found in the cache for this answer
+    index: int = 0                          # the choice it belongs to
 
 
 @dataclass
@@ -47,6 +50,11 @@ class Job:
     started_at: float | None = None
     finished_at: float | None = None
     ahead: int = 0                          # jobs in line before this one when it was queued
+    n: int = 1                              # answers to the same messages, one after another
+    ended: list[threading.Event] = field(init=False)  # per choice: set, it ends at its next token
+
+    def __post_init__(self) -> None:
+        self.ended = [threading.Event() for _ in range(self.n)]
 
 
 class Engine:
@@ -197,13 +205,25 @@ class Engine:
         job.started_at = time.perf_counter()
         session = self.session
         session.enable_thinking = job.enable_thinking  # read when the conversation is encoded, on this thread
-        kwargs = {**job.options, **self.generation, "should_stop": job.cancel.is_set, "tools": job.tools}
         finish = None
         try:
-            for r in session.stream(job.messages, **kwargs):
-                job.emit(Piece(r, session.last_reused))
-                finish = r.finish_reason
-                if r.finish_reason or job.cancel.is_set():
+            for i in range(job.n):
+                ended = job.ended[i]
+
+                def stop(ended: threading.Event = ended) -> bool:
+                    return job.cancel.is_set() or ended.is_set()
+
+                options = dict(job.options)
+                if "seed" in options:  # choices of one seeded request differ from each other, and come again
+                    options["seed"] = (options["seed"] + i) % 2**63
+                kwargs = {**options, **self.generation, "should_stop": stop, "tools": job.tools}
+                finish = None
+                for r in session.stream(job.messages, **kwargs):
+                    job.emit(Piece(r, session.last_reused, i))
+                    finish = r.finish_reason
+                    if r.finish_reason or stop():
+                        break
+                if job.cancel.is_set():
                     break
         except Exception as e:  # handed to the request (the app logs what is not the client's fault); the thread
             error = e           # lives on for the next job

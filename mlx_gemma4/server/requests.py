@@ -68,6 +68,7 @@ class ChatRequest:
     stop: list[str] = field(default_factory=list)
     tools: list[dict[str, Any]] | None = None
     parallel_tool_calls: bool = True        # False: the answer ends with its first call
+    n: int = 1                              # answers (choices) to generate, one after another
     enable_thinking: bool = False
 
 
@@ -109,6 +110,9 @@ class MediaStore:
             f.unlink(missing_ok=True)
             total -= size
 
+
+# Choices one request may ask for ('n'): they are generated one after another, each up to max_tokens long.
+MAX_CHOICES = 8
 
 # Deeper JSON than any request needs (a tool's parameters schema is the deepest part) overflowed Python's stack
 # while parsing or rendering the prompt: a 500 instead of the client's 400.
@@ -197,7 +201,7 @@ def parse_chat(body: dict[str, Any], *, model_id: str, limits: Limits, media: Me
     return ChatRequest(messages=converted, options=options, stream=_bool(body, "stream", False),
                        include_usage=bool(stream_options.get("include_usage", False)), stop=_stop(body),
                        tools=tools, parallel_tool_calls=_bool(body, "parallel_tool_calls", True),
-                       enable_thinking=_thinking(body, default_thinking))
+                       enable_thinking=_thinking(body, default_thinking), n=_int(body, "n", 1, MAX_CHOICES, 1))
 
 
 def name_saved_media(error: BaseException, req: ChatRequest, media: MediaStore) -> BaseException:
@@ -270,9 +274,6 @@ def _options(body: dict[str, Any], limits: Limits) -> dict[str, Any]:
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
     """Settings this server cannot honour are refused rather than silently ignored."""
-    if body.get("n") not in (None, 1):
-        raise RequestError("Only one answer per request is generated ('n' must be 1); send several requests.",
-                           param="n")
     for name in ("frequency_penalty", "presence_penalty"):
         if body.get(name) not in (None, 0, 0.0):
             raise RequestError(f"'{name}' is not supported; use 'repetition_penalty' (e.g. 1.1) instead.",
