@@ -88,6 +88,10 @@ def test_request_becomes_chat_messages_and_options(store):
     greedy = parse(store, top_p=0, temperature=1.5).options
     assert greedy["temperature"] == 0.0 and greedy["top_p"] == 1.0
     assert parse(store, top_p=0.5, temperature=1.5).options["temperature"] == 1.5
+    # Any 64-bit seed, as OpenAI takes it: a negative one (-1 from clients that mean "any") is its unsigned bits.
+    assert [parse(store, seed=v).options["seed"] for v in (-1, -2**63, 2**64 - 1)] == [2**64 - 1, 2**63, 2**64 - 1]
+    with pytest.raises(RequestError, match="'seed' must be a whole number"):
+        parse(store, seed=2**64)
     # An assistant turn sent back as OpenAI writes one that declined (a 'refusal' part): its words, as text.
     declined = parse(store, messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": [
         {"type": "refusal", "refusal": "I can't."}]}, {"role": "user", "content": "y"}]).messages[1]

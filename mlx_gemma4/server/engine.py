@@ -215,7 +215,7 @@ class Engine:
 
                 options = dict(job.options)
                 if "seed" in options:  # choices of one seeded request differ from each other, and come again
-                    options["seed"] = (options["seed"] + i) % 2**63
+                    options["seed"] = (options["seed"] + i) % 2**64
                 kwargs = {**options, **self.generation, "should_stop": stop, "tools": job.tools}
                 finish = None
                 for r in session.stream(job.messages, **kwargs):

@@ -263,9 +263,11 @@ def _options(body: dict[str, Any], limits: Limits) -> dict[str, Any]:
                "top_p": top_p or 1.0,
                "top_k": _int(body, "top_k", 0, 2**31 - 1, 0),
                "min_p": _number(body, "min_p", 0.0, 0.999, 0.0)}
-    seed = _int(body, "seed", 0, 2**63 - 1, None)
+    # OpenAI's seed is any 64-bit integer, and clients send -1 (llama.cpp's "any seed"): a negative seed is the
+    # same 64 bits read unsigned, as MLX takes them (-1 was a 400).
+    seed = _int(body, "seed", -2**63, 2**64 - 1, None)
     if seed is not None:
-        options["seed"] = seed
+        options["seed"] = seed % 2**64
     penalty = _number(body, "repetition_penalty", 0.01, 10.0, None)
     if penalty is not None:
         options["repetition_penalty"] = penalty
