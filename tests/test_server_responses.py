@@ -162,6 +162,22 @@ def test_json_nested_deeper_than_any_request_needs_is_a_400(store):
     assert req.messages[-1]["content"] == json.dumps(deep)  # a result that deep stays text
 
 
+def test_an_empty_body_or_a_form_says_what_to_send():
+    """An empty body read 'not valid JSON (Expecting value: line 1 column 1 (char 0))', and a form or upload did
+    not say what it had been sent as."""
+    for raw in (b"", b"  \n"):
+        with pytest.raises(RequestError, match="The request body is empty; send a JSON object with 'model' and "
+                                               "'messages' [(]Content-Type: application/json[)]"):
+            parse_body(raw)
+    with pytest.raises(RequestError, match="not valid JSON .*It was sent as 'multipart/form-data'[.]$"):
+        parse_body(b"--x\r\nContent-Disposition: form-data", "multipart/form-data; boundary=x")
+    with pytest.raises(RequestError) as e:
+        parse_body(b"{bad", "application/json")
+    assert "sent as" not in str(e.value)
+    # JSON is read whatever the header says (curl -d sends it as a form).
+    assert parse_body(b'{"a": 1}', "application/x-www-form-urlencoded") == {"a": 1}
+
+
 def test_half_a_character_is_a_400_naming_where_it_is(store):
     """A lone UTF-16 surrogate (JSON's "\\ud83d" without its pair: an emoji cut in half) parsed into a string no
     tokenizer takes: the request failed on the model thread with a 500 TypeError."""

@@ -88,7 +88,7 @@ def create_app(engine: Engine, *, model_id: str, limits: Limits | None = None, a
 
     async def chat(request: Request) -> Response:
         authorize(request)
-        body = parse_body(await _read_body(request, limits.max_request_bytes))
+        body = parse_body(await _read_body(request, limits.max_request_bytes), request.headers.get("content-type"))
         req = await run_in_threadpool(parse_chat, body, model_id=model_id, limits=limits, media=media,
                                       default_thinking=default_thinking)
         loop = asyncio.get_running_loop()

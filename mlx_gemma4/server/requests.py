@@ -159,11 +159,19 @@ def _loads(text: str | bytes) -> Any:
     return value
 
 
-def parse_body(raw: bytes) -> dict[str, Any]:
+def parse_body(raw: bytes, content_type: str | None = None) -> dict[str, Any]:
+    """The JSON object of a request body. ``content_type`` (the request's header) is only named when the body is
+    no JSON: a form or a file upload sent to a JSON API (its type is not checked otherwise, as curl's ``-d`` sends
+    JSON as a form)."""
+    if not raw.strip():
+        raise RequestError("The request body is empty; send a JSON object with 'model' and 'messages' "
+                           "(Content-Type: application/json).")
     try:
         body = _loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, _TooDeep) as e:
-        raise RequestError(f"The request body is not valid JSON ({e}); send a JSON object.") from e
+        sent = f" It was sent as {content_type.split(';')[0].strip()!r}." if content_type and "json" not in \
+            content_type.lower() and not isinstance(e, _TooDeep) else ""
+        raise RequestError(f"The request body is not valid JSON ({e}); send a JSON object.{sent}") from e
     if not isinstance(body, dict):
         raise RequestError("The request body must be a JSON object with 'model' and 'messages'.")
     return body
