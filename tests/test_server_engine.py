@@ -219,6 +219,16 @@ def test_n_answers_are_n_choices(client, steer, processor, stream):
     assert usage.total_tokens == usage.prompt_tokens + 12
 
 
+def test_instructions_alone_are_answered(client, steer, processor):
+    """A system (or developer) message alone, as a summariser sends it, was refused: 'the last message must be a
+    user message'. OpenAI answers it; the model's turn follows the instructions."""
+    steer.force = ids(processor, "The sky is blue.")
+    for role in ("system", "developer"):
+        got = client.chat.completions.create(model=MODEL, max_tokens=50, messages=[
+            {"role": role, "content": "Summarise in one line: the sky is blue because of Rayleigh scattering."}])
+        assert got.choices[0].message.content == "The sky is blue." and got.choices[0].finish_reason == "stop"
+
+
 def test_client_leaving_mid_stream_cancels_the_answer(client, served, steer, processor):
     engine, _ = served
     steer.no_stop = processor.eos_token_ids

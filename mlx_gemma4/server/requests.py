@@ -195,9 +195,11 @@ def parse_chat(body: dict[str, Any], *, model_id: str, limits: Limits, media: Me
         raise RequestError("'messages' must be a non-empty list of {'role': ..., 'content': ...} objects.",
                            param="messages")
     converted = [_message(m, i, limits, media) for i, m in enumerate(messages)]
-    if converted[-1]["role"] not in ("user", "tool"):
-        raise RequestError("The last message must be a user message (or a tool result) for the model to answer; "
-                           f"it is {with_article(converted[-1]['role'])} message.", param="messages")
+    # A conversation of instructions alone (a system or developer message last) is answered, as OpenAI does: the
+    # model's turn follows it. An assistant message last would be answered by a second assistant turn.
+    if converted[-1]["role"] not in ("user", "tool", "system"):
+        raise RequestError("The last message must be a user message (or a system message, or a tool result) for the "
+                           f"model to answer; it is {with_article(converted[-1]['role'])} message.", param="messages")
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise RequestError("'stream_options' must be an object like {'include_usage': true}.",
