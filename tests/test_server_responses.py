@@ -178,6 +178,29 @@ def test_an_empty_body_or_a_form_says_what_to_send():
     assert parse_body(b'{"a": 1}', "application/x-www-form-urlencoded") == {"a": 1}
 
 
+def test_base64_as_clients_write_it(store):
+    """`base64` on Linux wraps its output at 76 columns (so does MIME): curl -d "...$(base64 cat.png)..." was a
+    400, as were unpadded and URL-safe base64 and a clip sent as a data: URI, as images are."""
+    raw = bytes(range(256)) * 4
+
+    def saved(part):
+        return open(parse(store, messages=[{"role": "user", "content": [part]}]).messages[0]["content"][0][
+            part["type"].removeprefix("input_").removesuffix("_url")], "rb").read()
+
+    wrapped = base64.encodebytes(raw).decode()
+    assert "\n" in wrapped[:-1]
+    for text in (wrapped, base64.b64encode(raw).decode().rstrip("="), base64.urlsafe_b64encode(raw).decode()):
+        assert saved({"type": "image_url", "image_url": {"url": "data:image/png;base64," + text}}) == raw
+        assert saved({"type": "input_audio", "input_audio": {"data": text, "format": "wav"}}) == raw
+    assert saved({"type": "input_audio", "input_audio": {"data": "data:audio/wav;base64," + wrapped,
+                                                         "format": "wav"}}) == raw
+    with pytest.raises(RequestError, match=r"messages\[0\]\.content\[0\]: the base64 data does not decode "
+                                           r"\('\$' is no base64 character\); send the file's bytes in base64"):
+        saved({"type": "input_audio", "input_audio": {"data": "UklG$RiQ=", "format": "wav"}})
+    with pytest.raises(RequestError, match="input_audio.data is a data: URI that is not base64"):
+        saved({"type": "input_audio", "input_audio": {"data": "data:audio/wav,RIFF", "format": "wav"}})
+
+
 def test_half_a_character_is_a_400_naming_where_it_is(store):
     """A lone UTF-16 surrogate (JSON's "\\ud83d" without its pair: an emoji cut in half) parsed into a string no
     tokenizer takes: the request failed on the model thread with a 500 TypeError."""

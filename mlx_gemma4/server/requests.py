@@ -471,7 +471,14 @@ def _part(p: Any, where: str, role: str, limits: Limits, media: MediaStore) -> d
         if fmt not in _AUDIO_FORMATS:
             raise RequestError(f"{where}.input_audio.format is {fmt!r}; send wav, mp3, flac or ogg.",
                                param="messages")
-        return {"type": "audio", "audio": str(media.save(_b64(audio["data"], where), "." + fmt))}
+        data = audio["data"]
+        if data.startswith("data:"):  # some clients send the clip as a data: URI, as they send images
+            m = _DATA_URI.fullmatch(data)
+            if not m:
+                raise RequestError(f"{where}.input_audio.data is a data: URI that is not base64 (send the base64 "
+                                   "alone, or data:audio/wav;base64,...).", param="messages")
+            data = m.group("data")
+        return {"type": "audio", "audio": str(media.save(_b64(data, where), "." + fmt))}
     raise RequestError(f"{where} must be a part of type 'text' (with 'text'), 'image_url' or 'input_audio'"
                        f"{'' if kind is None else f'; got type {kind!r}'}.", param="messages")
 
@@ -500,7 +507,15 @@ def _image_source(url: str, where: str, limits: Limits, media: MediaStore) -> st
 
 
 def _b64(data: str, where: str) -> bytes:
+    """Base64 as clients write it: wrapped in lines (``base64`` on Linux and MIME wrap at 76 columns), with or
+    without its ``=`` padding, in the standard or the URL-safe alphabet. Anything else is refused, not skipped."""
+    data = re.sub(r"\s+", "", data)
+    alt = b"-_" if ("-" in data or "_" in data) and not ("+" in data or "/" in data) else None
+    data += "=" * (-len(data) % 4) if not data.endswith("=") else ""
     try:
-        return base64.b64decode(data, validate=True)
+        return base64.b64decode(data, altchars=alt, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise RequestError(f"{where}: the base64 data does not decode ({e}).", param="messages") from e
+        bad = next((c for c in data if not (c.isascii() and (c.isalnum() or c in "+/-_="))), None)
+        why = f"{bad!r} is no base64 character" if bad is not None else str(e)
+        raise RequestError(f"{where}: the base64 data does not decode ({why}); send the file's bytes in base64 "
+                           "(data:image/png;base64,... for an image).", param="messages") from e
