@@ -201,6 +201,21 @@ def test_base64_as_clients_write_it(store):
         saved({"type": "input_audio", "input_audio": {"data": "data:audio/wav,RIFF", "format": "wav"}})
 
 
+def test_every_field_of_the_openai_client_is_known(store):
+    """The openai package's newer fields ('prompt_cache_options', 'prompt_cache_retention', 'moderation') were
+    400s as misspelt names. Each field the installed client can send is read: accepted, or refused by name."""
+    params = pytest.importorskip("openai.types.chat.completion_create_params")
+    for name in params.CompletionCreateParamsBase.__annotations__:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], name: None}
+        try:
+            parse_chat(body, model_id="m", limits=Limits(), media=store)
+        except RequestError as e:
+            assert "Unknown field" not in str(e), name
+    parse(store, prompt_cache_options={"ttl": "30m"}, prompt_cache_retention="24h")  # caching here is automatic
+    with pytest.raises(RequestError, match="does not run moderation on requests or answers; drop .moderation."):
+        parse(store, moderation={"input": True})
+
+
 def test_half_a_character_is_a_400_naming_where_it_is(store):
     """A lone UTF-16 surrogate (JSON's "\\ud83d" without its pair: an emoji cut in half) parsed into a string no
     tokenizer takes: the request failed on the model thread with a 500 TypeError."""

@@ -32,7 +32,8 @@ _AUDIO_FORMATS = {"wav", "mp3", "flac", "ogg"}
 # not a setting to drop in silence ('temprature': 0 would otherwise sample at 1.0).
 _FIELDS = {"model", "messages", "audio", "frequency_penalty", "function_call", "functions", "logit_bias", "logprobs",
            "max_completion_tokens", "max_tokens", "metadata", "modalities", "n", "parallel_tool_calls", "prediction",
-           "presence_penalty", "prompt_cache_key", "reasoning_effort", "response_format", "safety_identifier",
+           "presence_penalty", "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention", "moderation",
+           "reasoning_effort", "response_format", "safety_identifier",
            "seed", "service_tier", "stop", "store", "stream", "stream_options", "temperature", "tool_choice", "tools",
            "top_logprobs", "top_p", "user", "verbosity", "web_search_options",
            "top_k", "min_p", "repetition_penalty", "chat_template_kwargs"}
@@ -304,6 +305,9 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
         raise RequestError("This server answers in text only: 'modalities' may only be [\"text\"], and 'audio' "
                            "(spoken answers) is not supported. Audio input goes in a message as an 'input_audio' "
                            "part.", param="modalities" if body.get("audio") is None else "audio")
+    if body.get("moderation") is not None:
+        raise RequestError("This server does not run moderation on requests or answers; drop 'moderation'.",
+                           param="moderation")
     if body.get("web_search_options") is not None:
         raise RequestError("This server does not search the web; drop 'web_search_options'.",
                            param="web_search_options")
