@@ -303,6 +303,15 @@ def test_an_empty_api_key_is_no_key(served):
     finally:
         open_server.close()
 
+
+def test_the_model_list_with_a_trailing_slash(served):
+    """GET /v1/models/ (a client whose base URL ends in a slash) was a 404 "No model '' here"."""
+    listing = request(served[1].url + "/v1/models")
+    assert request(served[1].url + "/v1/models/") == listing == (200, listing[1])
+    assert [m["id"] for m in listing[1]["data"]] == [MODEL]
+    assert request(served[1].url + "/v1/models/" + MODEL)[1]["id"] == MODEL
+
+
 def test_browser_pages_need_cors_origin(served):
     """A chat front-end running in a browser asks with OPTIONS first (a preflight) and reads an answer only with
     Access-Control-Allow-Origin: without --cors-origin the preflight's 405 says what to do; with it, it passes."""

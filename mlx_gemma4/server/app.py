@@ -80,6 +80,8 @@ def create_app(engine: Engine, *, model_id: str, limits: Limits | None = None, a
         return JSONResponse({"object": "list", "data": [model_card()]})
 
     async def model(request: Request) -> Response:
+        if not request.path_params["name"]:  # GET /v1/models/ (a base URL that ends in a slash) is the list
+            return await models(request)
         authorize(request)
         if request.path_params["name"] != model_id:
             raise RequestError(f"No model {request.path_params['name']!r} here; this server serves {model_id!r}.",
