@@ -136,6 +136,22 @@ def test_videos_are_read_by_content_not_name(tmp_path, name, fmt, codec):
     assert out["pixel_values_videos"].shape[0] == 6
 
 
+def test_animated_webp_is_a_video_of_its_frames(tmp_path):
+    # FFmpeg has no decoder for animated WebP (stickers, web animations); Pillow reads its frames.
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, size=(6, 30, 40, 4), dtype=np.uint8)
+    rgba[..., 3] = np.where(rng.random((6, 30, 40)) < 0.5, 0, 255)  # some pixels fully transparent
+    frames = [Image.fromarray(f) for f in rgba]
+    frames[0].save(tmp_path / "sticker.webp", save_all=True, append_images=frames[1:], duration=250, lossless=True)
+    video = load_video(tmp_path / "sticker.webp", num_frames=3)
+    assert video.frame_indices == [0, 2, 4] and video.total_num_frames == 6
+    assert video.fps == 4.0 and video.timestamps == [0.0, 0.5, 1.0]  # 250 ms a frame
+    expected = np.where(rgba[..., 3:] == 255, rgba[..., :3], 255)  # transparency on white, as images
+    np.testing.assert_array_equal(video.frames, expected[[0, 2, 4]])
+    out = VideoProcessor()(str(tmp_path / "sticker.webp"))
+    assert out["num_frames_per_video"] == [6]
+
+
 def test_audio_only_and_frameless_files_say_so(tmp_path):
     import soundfile as sf
 

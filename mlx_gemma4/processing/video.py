@@ -161,12 +161,44 @@ def _from_frames(frames: Sequence[FrameInput] | np.ndarray, num_frames: int | No
     return Video(np.stack(arrays), wanted, total, None)  # (T, H, W, 3)
 
 
+def _read_animated_image(path: Path, num_frames: int | None, fps: float | None) -> Video:
+    """An animated image (WebP, APNG, GIF) through Pillow's frames: FFmpeg decodes no animated WebP at all.
+    The frame rate is read off the frames' durations (milliseconds each), when the file gives them."""
+    with Image.open(path) as im:
+        total = int(getattr(im, "n_frames", 1))
+        durations = []
+        for i in range(total):
+            im.seek(i)
+            im.load()  # WebP reads a frame's duration as it decodes it
+            durations.append(im.info.get("duration") or 0)
+        seconds = sum(durations) / 1000
+        video_fps = total / seconds if seconds > 0 else None
+        wanted = sample_indices(total, num_frames, fps, video_fps)
+        frames = []
+        for i in wanted:
+            im.seek(i)
+            frames.append(np.asarray(load_image(im)))  # (H, W, 3) uint8, transparency on white
+    return Video(np.stack(frames), wanted, total, video_fps, str(path))  # frames (T, H, W, 3)
+
+
+def is_animated_image(path: Path) -> bool:
+    """True when Pillow reads ``path`` as an image of several frames."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return bool(getattr(im, "is_animated", False))
+    except Exception:
+        return False
+
+
 def load_video(src: VideoInput, num_frames: int | None = 32, fps: float | None = None) -> Video:
     """Decode ``src`` (a file path, a (T, H, W, C) array, or a list of frames / PIL images / image paths) and
     keep at most ``num_frames`` uniformly sampled frames (or ``fps`` frames per second of video).
 
     A file is read by its content, whatever its name: a still image is a video of one frame, anything else
-    goes to PyAV (MP4, MOV, WebM, MKV, AVI, MPEG-TS, Ogg, animated GIF, ...). Unusable input raises
+    goes to PyAV (MP4, MOV, WebM, MKV, AVI, MPEG-TS, Ogg, animated GIF, ...); an animated WebP,
+    which FFmpeg cannot decode, is read frame by frame with Pillow. Unusable input raises
     :class:`InputError` naming the file.
     """
     if isinstance(src, Video):
@@ -175,7 +207,13 @@ def load_video(src: VideoInput, num_frames: int | None = 32, fps: float | None =
         path = media_path(src, "video")
         if is_still_image(path):
             return _from_frames([path], num_frames, fps)
-        return _read_path(path, num_frames, fps)
+        try:
+            return _read_path(path, num_frames, fps)
+        except InputError:
+            if not is_animated_image(path):
+                raise
+            logger.debug("%s: PyAV cannot decode this animated image; reading its frames with Pillow", path)
+            return _read_animated_image(path, num_frames, fps)
     if isinstance(src, (np.ndarray, list, tuple)):
         return _from_frames(src, num_frames, fps)
     raise InputError(f"Cannot use {type(src).__name__} as a video; pass a file path or a list of frames.")
