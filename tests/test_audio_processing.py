@@ -139,6 +139,19 @@ def test_30s_clip_gives_exactly_750_tokens(ours, ref):
     assert a["segments_per_audio"] == [1] and a["num_soft_tokens_per_audio"] == [750] == [ref_num_tokens(ref, x)]
 
 
+@pytest.mark.parametrize("extra", [1, 100, 160])
+def test_a_tail_too_short_for_a_token_adds_no_empty_segment(ours, ref, extra):
+    # 30 s and a few ms: the reference gives 750 tokens; a second segment of under 10 ms would give none, only an
+    # empty <boa><eoa> run and a whole padded row for the audio tower to encode.
+    x = signal("noise", (480_000 + extra) / SR)
+    a = ours([x])
+    assert a["segments_per_audio"] == [1] and a["input_features"].shape[0] == 1
+    assert a["num_soft_tokens_per_audio"] == [750] == [ref_num_tokens(ref, x)]
+    assert_same_features(a, ref([x], return_tensors="np"), 0, 0)
+    assert ours.prompt_texts(a, "<", "a", ">") == ["<" + "a" * 750 + ">"]
+    assert ours.prompt_length(len(x)) == 752
+
+
 def test_from_processor_config_matches_reference_with_settings(ref):
     from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
 

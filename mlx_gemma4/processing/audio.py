@@ -332,6 +332,11 @@ class AudioFeatureExtractor:
                                key, fe[key], getattr(out, key), getattr(out, key))
         return out
 
+    @property
+    def min_samples(self) -> int:
+        """Samples of the shortest clip that gives one soft token (one whole analysis window)."""
+        return self.frame_length + 1 - self.frame_length // 2
+
     def num_soft_tokens(self, num_samples: int) -> int:
         """Soft tokens for a clip of ``num_samples`` samples at 16 kHz (processing_gemma4's arithmetic)."""
         frames = (num_samples + self.frame_length // 2 - (self.frame_length + 1)) // self.hop_length + 1
@@ -346,7 +351,8 @@ class AudioFeatureExtractor:
         """Prompt tokens a clip of ``num_samples`` takes: each 30 s segment's soft tokens plus its <boa>/<eoa>."""
         n = self.segment_samples
         full, rest = divmod(int(num_samples), n)
-        return full * (self.num_soft_tokens(n) + 2) + (self.num_soft_tokens(rest) + 2 if rest else 0)
+        tail = self.num_soft_tokens(rest)  # 0 for a tail shorter than one token, which split() drops
+        return full * (self.num_soft_tokens(n) + 2) + (tail + 2 if tail else 0)
 
     def longest_clip(self, max_tokens: int) -> int:
         """Samples of the longest clip whose prompt run fits in ``max_tokens`` tokens (0 if none does)."""
@@ -363,7 +369,12 @@ class AudioFeatureExtractor:
             return [audio]
         logger.info("Audio clip of %.1f s split into %d segments of at most %.0f s", len(audio) / self.sampling_rate,
                     math.ceil(len(audio) / n), n / self.sampling_rate)
-        return [audio[i:i + n] for i in range(0, len(audio), n)]
+        parts = [audio[i:i + n] for i in range(0, len(audio), n)]
+        if len(parts[-1]) < self.min_samples:  # a tail too short for one token: an empty <boa><eoa> run otherwise
+            logger.debug("dropping the last %d samples of a long clip: too short to give an audio token",
+                         len(parts[-1]))
+            parts.pop()
+        return parts
 
     def _log_mel(self, wave: np.ndarray) -> np.ndarray:
         """(samples,) float32, already padded -> (frames, feature_size) float32."""
@@ -408,7 +419,7 @@ class AudioFeatureExtractor:
             if a.ndim != 1:
                 raise InputError(f"Audio clip {i} has shape {a.shape}; load it with load_audio() first.")
             a = _to_mono_float(a, f"Audio clip {i}")
-            min_samples = self.frame_length + 1 - self.frame_length // 2
+            min_samples = self.min_samples
             if len(a) < min_samples:
                 raise InputError(f"Audio clip {i} is {1000 * len(a) / self.sampling_rate:.1f} ms long; it needs at "
                                  f"least {1000 * min_samples / self.sampling_rate:.0f} ms to give one audio token.")
