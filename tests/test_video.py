@@ -136,6 +136,22 @@ def test_videos_are_read_by_content_not_name(tmp_path, name, fmt, codec):
     assert out["pixel_values_videos"].shape[0] == 6
 
 
+def test_a_stream_that_changes_size_is_scaled_to_its_first_frame(tmp_path):
+    # Two MPEG-TS clips of different sizes joined byte for byte, as a stream that changes resolution part way.
+    _write_video(tmp_path / "a.ts", frames=6, size=(64, 48), fmt="mpegts", codec="mpeg2video")
+    _write_video(tmp_path / "b.ts", frames=6, size=(32, 48), fmt="mpegts", codec="mpeg2video")
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes((tmp_path / "a.ts").read_bytes() + (tmp_path / "b.ts").read_bytes())
+    video = load_video(joined, num_frames=None)
+    assert video.frames.shape[1:] == (48, 64, 3) and len(video.frames) > 6  # frames of both parts
+    with av.open(str(tmp_path / "a.ts")) as container:
+        first = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    # Frames of the first size are untouched (the join costs the first part its last frame).
+    np.testing.assert_array_equal(video.frames[:5], first[:5])
+    out = VideoProcessor()(str(joined))
+    assert out["num_frames_per_video"] == [len(video.frames)]
+
+
 def test_animated_webp_is_a_video_of_its_frames(tmp_path):
     # FFmpeg has no decoder for animated WebP (stickers, web animations); Pillow reads its frames.
     rng = np.random.default_rng(0)

@@ -126,11 +126,15 @@ def _read_path(path: Path, num_frames: int | None, fps: float | None) -> Video:
             raise InputError(f"{path} has a video stream but no frames. Re-encode or re-record the video.")
         wanted = sample_indices(total, num_frames, fps, video_fps)
         keep = set(wanted)
-        frames, kept = [], []
+        frames, kept, size = [], [], None
         try:
             for i, frame in enumerate(container.decode(video=0)):
                 if i in keep:
-                    frames.append(frame.to_ndarray(format="rgb24"))  # (H, W, 3) uint8
+                    # A stream may change size part way (clips joined, a WebRTC recording adapting to the
+                    # network, a screen recording rotated): every frame is scaled to the first kept one's size.
+                    size = size or (frame.width, frame.height)
+                    rgb = frame.reformat(width=size[0], height=size[1], format="rgb24")
+                    frames.append(rgb.to_ndarray())  # (H, W, 3) uint8
                     kept.append(i)
                 if i >= wanted[-1]:
                     break
