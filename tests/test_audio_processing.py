@@ -219,6 +219,25 @@ def test_compressed_formats_load(tmp_path, fmt, subtype, sr):
         np.testing.assert_allclose(y[200:-200], signal("tone", 1.0)[200:-200], atol=2e-3)
 
 
+def test_stereo_file_read_through_pyav_is_the_mean_of_its_channels(tmp_path):
+    # A container libsndfile does not read (Matroska; m4a and webm take the same path) goes through PyAV. Its
+    # channels are averaged to mono as a WAV's are, not downmixed by FFmpeg (which sums them at -3 dB).
+    import av
+
+    left = (signal("tone", 0.5) * 20_000).astype(np.int16)
+    pcm = np.stack([left, left // 2])  # (2, n): the right channel at half the level
+    with av.open(str(tmp_path / "stereo.mka"), "w") as container:
+        stream = container.add_stream("pcm_s16le", rate=SR, layout="stereo")
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm.T.reshape(1, -1)), format="s16", layout="stereo")
+        frame.sample_rate = SR
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+    sf.write(tmp_path / "stereo.wav", pcm.T, SR, subtype="PCM_16")
+    expected = load_audio(tmp_path / "stereo.wav")
+    np.testing.assert_allclose(expected, pcm.mean(axis=0) / 32768, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(load_audio(tmp_path / "stereo.mka"), expected, rtol=0, atol=1e-6)
+
+
 def test_stereo_file_and_8khz_int16_array(tmp_path):
     x = signal("tone", 0.5)
     path = tmp_path / "stereo.wav"

@@ -124,14 +124,18 @@ def _decode_with_av(path: Path) -> tuple[np.ndarray, int]:
         if not container.streams.audio:
             raise ValueError("no audio stream")
         stream = container.streams.audio[0]
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=stream.rate or SAMPLING_RATE)
+        # Planar float in the stream's own channels: the caller averages them to mono, as for every other file
+        # (FFmpeg's own stereo -> mono downmix sums the channels at -3 dB: 1.41x louder than their mean).
+        resampler = av.AudioResampler(format="fltp", layout=stream.layout, rate=stream.rate or SAMPLING_RATE)
         for frame in container.decode(stream):
             for out in resampler.resample(frame):
                 rate = out.sample_rate
-                chunks.append(out.to_ndarray().reshape(-1))  # (1, n) packed mono -> (n,)
+                chunks.append(out.to_ndarray())  # (channels, n)
         for out in resampler.resample(None):
-            chunks.append(out.to_ndarray().reshape(-1))
-    return (np.concatenate(chunks) if chunks else np.zeros(0, np.float32)), rate
+            chunks.append(out.to_ndarray())
+    if not chunks:
+        return np.zeros((0, 1), np.float32), rate
+    return np.concatenate(chunks, axis=1).T, rate  # (n, channels), as soundfile reads
 
 
 # libsndfile's header log: "data : 32000 (should be 15978)" when a chunk claims more bytes than the file holds.
