@@ -152,6 +152,21 @@ def test_a_stream_that_changes_size_is_scaled_to_its_first_frame(tmp_path):
     assert out["num_frames_per_video"] == [len(video.frames)]
 
 
+def test_a_phone_video_stored_turned_is_read_upright(tmp_path, video_path):
+    # A phone stores a portrait video landscape, with a display matrix in the MP4 track header saying "turn it
+    # 90 degrees clockwise" (the matrix an iPhone writes); the model must see the video upright.
+    import struct
+
+    identity = struct.pack(">9I", 0x10000, 0, 0, 0, 0x10000, 0, 0, 0, 0x40000000)
+    quarter_turn = struct.pack(">9I", 0, 0x10000, 0, 0xFFFF0000, 0, 0, 0, 0, 0x40000000)
+    data = video_path.read_bytes()
+    at = data.index(identity, data.index(b"tkhd"))
+    (tmp_path / "portrait.mp4").write_bytes(data[:at] + quarter_turn + data[at + 36:])
+    stored, turned = load_video(video_path, num_frames=4), load_video(tmp_path / "portrait.mp4", num_frames=4)
+    assert turned.frames.shape == (4, 64, 48, 3)  # (T, H, W, C): taller than wide
+    np.testing.assert_array_equal(turned.frames, np.rot90(stored.frames, k=-1, axes=(1, 2)))  # clockwise
+
+
 def test_animated_webp_is_a_video_of_its_frames(tmp_path):
     # FFmpeg has no decoder for animated WebP (stickers, web animations); Pillow reads its frames.
     rng = np.random.default_rng(0)

@@ -9,6 +9,8 @@ per frame, stamped ``frame_index / fps`` seconds.
 Two deliberate differences from the reference: a video shorter than ``num_frames`` keeps all its frames (the
 reference raises), and frames are resized with Pillow's bicubic filter like images (the reference uses
 torchvision's antialiased bicubic on tensors; pixel values differ by a few 1/255 steps where they differ).
+Frames are also turned upright by the video's display matrix (a phone's portrait video is stored landscape),
+as images are by their EXIF orientation.
 """
 
 from __future__ import annotations
@@ -109,6 +111,13 @@ def _count_frames(path: Path) -> int:
         container.close()
 
 
+def _upright(pixels: np.ndarray, frame: Any) -> np.ndarray:
+    """A frame as it is meant to be seen: a phone stores a portrait video landscape with a display matrix that
+    says to turn it (``frame.rotation``, degrees counterclockwise), as a JPEG carries EXIF orientation."""
+    turns = round((getattr(frame, "rotation", 0) or 0) / 90) % 4  # quarter turns counterclockwise
+    return np.ascontiguousarray(np.rot90(pixels, k=turns)) if turns else pixels
+
+
 def _read_path(path: Path, num_frames: int | None, fps: float | None) -> Video:
     import av
 
@@ -134,7 +143,7 @@ def _read_path(path: Path, num_frames: int | None, fps: float | None) -> Video:
                     # network, a screen recording rotated): every frame is scaled to the first kept one's size.
                     size = size or (frame.width, frame.height)
                     rgb = frame.reformat(width=size[0], height=size[1], format="rgb24")
-                    frames.append(rgb.to_ndarray())  # (H, W, 3) uint8
+                    frames.append(_upright(rgb.to_ndarray(), frame))  # (H, W, 3) uint8
                     kept.append(i)
                 if i >= wanted[-1]:
                     break
