@@ -362,3 +362,30 @@ def test_long_audio_file_is_refused_from_its_header(ckpt, tmp_path, monkeypatch)
     monkeypatch.setattr(sf, "read", no_decoding)
     with pytest.raises(ContextLengthError, match="1 min 30.0 s.*longest audio it can take is 39.8 s"):
         proc(text="<|audio|>", audio=str(tmp_path / "lecture.wav"))
+
+
+def test_media_paths_and_audio_lengths_are_checked_before_any_image_is_decoded(ckpt, proc, tmp_path, monkeypatch):
+    import json
+
+    import soundfile as sf
+
+    from mlx_gemma4.errors import ContextLengthError, MissingFileError
+    from mlx_gemma4.processing import image
+
+    _image(64, 64).save(tmp_path / "photo.png")
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("an image was decoded before the other inputs were checked")
+
+    monkeypatch.setattr(image, "load_image", no_decoding)
+    for kw in ({"audio": str(tmp_path / "gone.wav")}, {"videos": str(tmp_path / "gone.mp4")}):
+        with pytest.raises(MissingFileError, match="gone"):
+            proc(text="<|image|> <|image|> " + ("<|audio|>" if "audio" in kw else "<|video|>"),
+                 images=[str(tmp_path / "photo.png")] * 2, **kw)
+    limited = tmp_path / "ckpt"
+    shutil.copytree(ckpt, limited)
+    (limited / "config.json").write_text(json.dumps({"text_config": {"max_position_embeddings": 1000}}))
+    sf.write(tmp_path / "lecture.wav", np.zeros(8000 * 90, np.int16), 8000)  # 90 s: too long for 1,000 tokens
+    with pytest.raises(ContextLengthError, match="1 min 30.0 s"):
+        Processor.from_pretrained(limited)(text="<|image|> <|audio|>", images=str(tmp_path / "photo.png"),
+                                           audio=str(tmp_path / "lecture.wav"))

@@ -302,6 +302,7 @@ class Processor:
         self._check_counts(text, "audio", audio, "audio")
         self._check_counts(text, "video", videos, "videos")
         self.tokenizer.check_text(text)
+        self._check_media_first(images, audio, videos)
 
         features: dict[str, Any] = {}
         runs: dict[str, list[str]] = {}
@@ -326,6 +327,22 @@ class Processor:
                 continue
             inputs[key] = value if isinstance(value, mx.array) else mx.array(np.asarray(value))
         return inputs
+
+    def _check_media_first(self, images: list[Any] | None, audio: list[Any] | None,
+                           videos: list[Any] | None) -> None:
+        """The cheap checks of every media input, before any is decoded (a missing audio file must not wait for
+        ten photos to be resized): each path names a readable file, and audio files fit the context by their
+        headers."""
+        from .files import media_path
+
+        for kind, items in (("image", images), ("audio", audio), ("video", videos)):
+            for item in items or ():
+                if isinstance(item, (str, Path)):
+                    media_path(item, kind)
+        if audio and self.context_length is not None:
+            from .audio import probe_length
+
+            self._check_audio_fits([n for n in map(probe_length, audio) if n is not None])
 
     @staticmethod
     def _check_keywords(kw: dict[str, Any], max_soft_tokens: Any, video_max_soft_tokens: Any,
