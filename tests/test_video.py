@@ -136,6 +136,29 @@ def test_videos_are_read_by_content_not_name(tmp_path, name, fmt, codec):
     assert out["pixel_values_videos"].shape[0] == 6
 
 
+def test_a_download_cut_short_is_refused_not_read_in_part(tmp_path):
+    # A web MP4 keeps its index at the front ("faststart"): cut short, it still opens and promises every frame,
+    # but only the start decodes. Read in part, the model would answer about the first seconds as the whole video.
+    path = tmp_path / "web.mp4"
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        rng = np.random.default_rng(0)
+        for _ in range(40):
+            pixels = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    data = path.read_bytes()
+    assert data.index(b"moov") < data.index(b"mdat")
+    assert len(load_video(path, num_frames=8).frames) == 8  # whole, it reads
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) * 3 // 4])
+    raises_naming(load_video, tmp_path / "cut.mp4", "cut.mp4", "truncated")
+    with pytest.raises(InputError, match="promises 40 frames"):
+        VideoProcessor()(str(tmp_path / "cut.mp4"))
+
+
 def test_a_stream_that_changes_size_is_scaled_to_its_first_frame(tmp_path):
     # Two MPEG-TS clips of different sizes joined byte for byte, as a stream that changes resolution part way.
     _write_video(tmp_path / "a.ts", frames=6, size=(64, 48), fmt="mpegts", codec="mpeg2video")

@@ -135,9 +135,10 @@ def _read_path(path: Path, num_frames: int | None, fps: float | None) -> Video:
             raise InputError(f"{path} has a video stream but no frames. Re-encode or re-record the video.")
         wanted = sample_indices(total, num_frames, fps, video_fps)
         keep = set(wanted)
-        frames, kept, size = [], [], None
+        frames, kept, size, decoded = [], [], None, 0
         try:
             for i, frame in enumerate(container.decode(video=0)):
+                decoded = i + 1
                 if i in keep:
                     # A stream may change size part way (clips joined, a WebRTC recording adapting to the
                     # network, a screen recording rotated): every frame is scaled to the first kept one's size.
@@ -154,7 +155,11 @@ def _read_path(path: Path, num_frames: int | None, fps: float | None) -> Video:
     if not frames:
         raise InputError(f"{path}: no frames could be decoded. Re-encode or re-download it.")
     if len(kept) < len(wanted):
-        logger.warning("%s: header promised %d frames, decoded only %d", path, total, kept[-1] + 1)
+        if total - decoded > max(2, total // 100):  # more than a codec's flush can lose: the data is cut short
+            raise InputError(f"{path} is truncated or corrupt: its header promises {total} frames but only "
+                             f"{decoded} decode, so the model would see only the start. Re-download or re-encode "
+                             "it.")
+        logger.warning("%s: header promised %d frames, decoded only %d", path, total, decoded)
     return Video(np.stack(frames), kept, total, video_fps, str(path))  # frames (T, H, W, 3)
 
 
