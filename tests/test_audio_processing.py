@@ -294,6 +294,29 @@ def test_truncated_file_is_refused_not_read_in_part(tmp_path, fmt, ext):
     assert f"cut.{ext}" in str(e.value)
 
 
+def test_cut_m4a_says_truncated_not_unsupported(tmp_path):
+    # An m4a (read through PyAV) cut short part way through its audio: the data is bad, not the format.
+    import av
+
+    whole = tmp_path / "memo.m4a"
+    with av.open(str(whole), "w", options={"movflags": "faststart"}) as container:  # index first, as on the web
+        stream = container.add_stream("aac", rate=SR, layout="mono")
+        x = signal("tone", 5.0)[None].astype(np.float32)  # (1, n)
+        for i in range(0, x.shape[1], 1024):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x[:, i:i + 1024]), format="fltp", layout="mono")
+            frame.sample_rate = SR
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    assert abs(len(load_audio(whole)) - 5 * SR) < SR // 5  # AAC pads its start and its last frame
+    data = whole.read_bytes()
+    (tmp_path / "cut.m4a").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="truncated or corrupt.*re-download") as e:
+        load_audio(tmp_path / "cut.m4a")
+    assert "cut.m4a" in str(e.value) and "Use a WAV" not in str(e.value)
+
+
 def test_streamed_wav_with_unknown_length_is_read_whole(tmp_path):
     import struct
 

@@ -127,12 +127,16 @@ def _decode_with_av(path: Path) -> tuple[np.ndarray, int]:
         # Planar float in the stream's own channels: the caller averages them to mono, as for every other file
         # (FFmpeg's own stereo -> mono downmix sums the channels at -3 dB: 1.41x louder than their mean).
         resampler = av.AudioResampler(format="fltp", layout=stream.layout, rate=stream.rate or SAMPLING_RATE)
-        for frame in container.decode(stream):
-            for out in resampler.resample(frame):
-                rate = out.sample_rate
-                chunks.append(out.to_ndarray())  # (channels, n)
-        for out in resampler.resample(None):
-            chunks.append(out.to_ndarray())
+        try:
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    rate = out.sample_rate
+                    chunks.append(out.to_ndarray())  # (channels, n)
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray())
+        except av.FFmpegError as e:  # it opened as audio, so the data itself is bad: most often a partial download
+            raise InputError(f"Audio file {path}: the audio data is truncated or corrupt ({e}). Re-export, "
+                             "re-record or re-download it.") from e
     if not chunks:
         return np.zeros((0, 1), np.float32), rate
     return np.concatenate(chunks, axis=1).T, rate  # (n, channels), as soundfile reads
@@ -171,6 +175,8 @@ def _read_file(path: Path) -> tuple[np.ndarray, int]:
         return _decode_with_av(path)
     except ImportError:
         pass
+    except InputError:
+        raise
     except Exception as e:  # PyAV raises many error types for files that are not media
         logger.debug("PyAV could not decode %s: %s", path, e)
     raise InputError(
