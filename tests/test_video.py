@@ -204,6 +204,12 @@ def test_animated_webp_is_a_video_of_its_frames(tmp_path):
     np.testing.assert_array_equal(video.frames, expected[[0, 2, 4]])
     out = VideoProcessor()(str(tmp_path / "sticker.webp"))
     assert out["num_frames_per_video"] == [6]
+    # Its last frame's data wiped: Pillow still opens the file, then fails on that frame.
+    data = bytearray((tmp_path / "sticker.webp").read_bytes())
+    last = data.rindex(b"ANMF") + 60
+    data[last:last + 400] = bytes(400)
+    (tmp_path / "broken.webp").write_bytes(bytes(data))
+    raises_naming(load_video, tmp_path / "broken.webp", "broken.webp", "truncated or corrupt")
 
 
 def test_audio_only_and_frameless_files_say_so(tmp_path):

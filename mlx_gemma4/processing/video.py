@@ -231,7 +231,13 @@ def load_video(src: VideoInput, num_frames: int | None = 32, fps: float | None =
             if not is_animated_image(path):
                 raise
             logger.debug("%s: PyAV cannot decode this animated image; reading its frames with Pillow", path)
-            return _read_animated_image(path, num_frames, fps)
+            try:
+                return _read_animated_image(path, num_frames, fps)
+            except InputError:
+                raise
+            except Exception as e:  # Pillow's decoders raise OSError, EOFError, ValueError, ...
+                raise InputError(f"{path}: the animation's data is truncated or corrupt ({e}). Re-save or "
+                                 "re-download it.") from e
     if isinstance(src, (np.ndarray, list, tuple)):
         return _from_frames(src, num_frames, fps)
     raise InputError(f"Cannot use {type(src).__name__} as a video; pass a file path or a list of frames.")
