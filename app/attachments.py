@@ -140,8 +140,11 @@ def _sniff_av(path: Path) -> Attachment | None:
             # FFmpeg will "open" almost anything; decoding a first frame is the proof.
             if box.streams.video and box.streams.video[0].width > 0:
                 v = box.streams.video[0]
-                next(box.decode(video=0))
-                return Attachment(path, "video", size=(v.width, v.height), duration=duration)
+                first = next(box.decode(video=0))
+                size = (v.width, v.height)
+                if round((getattr(first, "rotation", 0) or 0) / 90) % 2:  # a phone's portrait video, stored turned
+                    size = (v.height, v.width)
+                return Attachment(path, "video", size=size, duration=duration)
             if box.streams.audio:
                 next(box.decode(audio=0))
                 return Attachment(path, "audio", duration=duration)

@@ -203,6 +203,27 @@ def test_portrait_photo_size_is_as_displayed(tmp_path):
     assert check(tmp_path / "portrait.jpg").size == (4, 8)
 
 
+def test_portrait_video_size_is_as_displayed(tmp_path):
+    # Stored 64x48 with the display matrix a phone writes for a portrait video (turn 90 degrees clockwise).
+    import struct
+
+    import av
+
+    with av.open(str(tmp_path / "stored.mp4"), "w") as box:
+        stream = box.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for packet in [*stream.encode(av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="rgb24")),
+                       *stream.encode()]:
+            box.mux(packet)
+    identity = struct.pack(">9I", 0x10000, 0, 0, 0, 0x10000, 0, 0, 0, 0x40000000)
+    data = (tmp_path / "stored.mp4").read_bytes()
+    at = data.index(identity, data.index(b"tkhd"))
+    turned = struct.pack(">9I", 0, 0x10000, 0, 0xFFFF0000, 0, 0, 0, 0, 0x40000000)
+    (tmp_path / "portrait.mp4").write_bytes(data[:at] + turned + data[at + 36:])
+    assert check(tmp_path / "stored.mp4").size == (64, 48)
+    assert check(tmp_path / "portrait.mp4").size == (48, 64)
+
+
 def test_an_attachment_gone_since_it_was_sent_asks_for_it_again(tmp_path):
     """The processor says only "no such file"; the app says what to do in its own terms."""
     from app.backend import Backend, GenerationFailed
