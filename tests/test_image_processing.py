@@ -110,8 +110,22 @@ def test_bad_inputs_name_the_file(tmp_path, monkeypatch):
     raises_naming(load_image, tmp_path / "cut.jpg", "cut.jpg", "truncated")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 2 - 1)  # > limit warns, > 2x limit errors
     raises_naming(load_image, tmp_path / "full.jpg", "full.jpg", "too large")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 - 1)
-    raises_naming(load_image, tmp_path / "full.jpg", "full.jpg", "too large")
+
+
+def test_a_photo_over_pillows_warning_limit_is_read(tmp_path, monkeypatch):
+    """Between Pillow's MAX_IMAGE_PIXELS and twice it Pillow only warns (a phone's 108 MP photo at the default):
+    read, as the reference reads it, from a path, a PIL image, and for the app's probe."""
+    from mlx_gemma4.processing.image import probe_image
+
+    _image(64, 48).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 48 - 1)
+    assert load_image(tmp_path / "big.png").size == (64, 48)
+    assert load_image(Image.open(tmp_path / "big.png")).size == (64, 48)
+    assert probe_image(tmp_path / "big.png") == (64, 48)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 48 // 2 - 1)
+    raises_naming(load_image, tmp_path / "big.png", "big.png", "too large")
+    with pytest.raises(InputError, match="too large"):
+        load_image(Image.new("RGB", (64, 48)))
 
 
 def test_decompression_bomb_is_a_clear_error_everywhere(bomb_png, monkeypatch):
@@ -120,7 +134,7 @@ def test_decompression_bomb_is_a_clear_error_everywhere(bomb_png, monkeypatch):
     with pytest.raises(InputError, match="too large"):
         ImageProcessor()([bomb_png])
     # A PIL image the caller opened (or made) over the limit is refused the same way.
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 - 1)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 2 - 1)
     with pytest.raises(InputError, match="too large.*MAX_IMAGE_PIXELS"):
         load_image(Image.new("RGB", (64, 64)))
 

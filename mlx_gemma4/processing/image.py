@@ -135,9 +135,12 @@ def _decode_error(name: str, e: Exception) -> InputError:
 
 
 def _check_pixel_count(image: Image.Image, name: str) -> None:
+    """Refuse what Pillow refuses to open: over twice ``MAX_IMAGE_PIXELS`` (~179 megapixels by default). Between
+    the limit and twice it Pillow only warns, and phones take such photos (108 and 200 MP modes): they are read, as
+    the reference reads them."""
     limit = Image.MAX_IMAGE_PIXELS
-    if limit and image.width * image.height > limit:
-        raise _bomb_error(name, f"{image.width}x{image.height} pixels, over Pillow's limit of {limit}")
+    if limit and image.width * image.height > 2 * limit:
+        raise _bomb_error(name, f"{image.width}x{image.height} pixels, over twice Pillow's limit of {limit}")
 
 
 def _force_load(image: Image.Image, name: str) -> None:
@@ -147,7 +150,7 @@ def _force_load(image: Image.Image, name: str) -> None:
         ImageFile.LOAD_TRUNCATED_IMAGES = False
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # see _check_pixel_count
                 image.load()
         except Exception as e:  # Pillow's decoders raise OSError, SyntaxError, struct.error, IndexError, ...
             raise _decode_error(name, e) from e
@@ -199,7 +202,7 @@ def load_image(src: ImageInput) -> Image.Image:
 def _open_path(path: Path) -> Image.Image:
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # see _check_pixel_count
             return Image.open(path)
     except UnidentifiedImageError as e:
         raise InputError(
@@ -219,7 +222,7 @@ def probe_image(path: str | Path) -> tuple[int, int] | None:
     """
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # see _check_pixel_count
             with Image.open(path) as im:
                 width, height = im.size
                 im.verify()  # must come first: it works on the freshly opened file
