@@ -88,7 +88,8 @@ def _few_rows(x: mx.array, n_out: int) -> int:
 
 
 def _on_cuda() -> bool:
-    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+    cuda = getattr(mx, "cuda", None)   # (not in every MLX build)
+    return mx.default_device() == mx.gpu and cuda is not None and cuda.is_available()
 
 
 def _padded(fn, x: mx.array, rows: int) -> mx.array:

@@ -255,3 +255,15 @@ def test_padded_verify_step_gives_the_same_logits_and_hidden_states(monkeypatch)
     assert 8 in seen and 4 not in seen          # the traced step's 4-row projections all ran padded
     assert model._compiled_hidden_step is None   # traced again after the A/B
     assert mx.allclose(logits, ref_logits, atol=1e-4).item() and mx.allclose(hidden, ref_hidden, atol=1e-4).item()
+
+
+def test_no_padding_where_mlx_has_no_cuda_module(monkeypatch):
+    """An MLX build without mx.cuda (or a GPU that is not CUDA: Metal) runs few rows as they are."""
+    lin = _quantized_linear()
+    seen = _rows_seen(monkeypatch)
+    monkeypatch.setattr(projection, "PAD_FROM_OUT", 0)
+    monkeypatch.setattr(projection.mx, "default_device", lambda: mx.gpu)
+    monkeypatch.delattr(mx, "cuda")
+    with mx.stream(mx.cpu):
+        project(lin, mx.random.normal((1, 3, 128)))
+    assert seen == [3]
