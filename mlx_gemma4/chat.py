@@ -36,6 +36,7 @@ from .generation import (CHAT_KWARGS, GenerationResponse, PromptEnd, cancelled_r
                          check_generation_kwargs, check_model_and_processor, check_positive_int, default_stop_ids,
                          prefill, stream_tokens)
 from .processing.chat_prompt import ChatEncoder, EncodedChat, Stopped, stack_inputs, strip_placeholders
+from .processing.processor import media_items
 from .processing.tokenizer import split_thinking
 from .tool_use import Answer, AnswerStream, forced_call, prepare_messages, tool_result_message
 from .tools import ToolCall, tool_schemas
@@ -72,18 +73,6 @@ def chat_responses(responses: Iterable[GenerationResponse], clean: Callable[[str
             thinking, content, calls = (a + b for a, b in zip((thinking, content, calls), pieces.tail))
         yield ChatResponse(**{f.name: getattr(r, f.name) for f in fields(GenerationResponse)},
                            thinking=thinking, content=clean(content), tool_calls=calls, **done)
-
-
-def _media_items(kind: str, given: Any) -> list[Any]:
-    """The items of ``send``'s ``images=`` / ``audio=`` / ``videos=``, as generate's processor reads them: one item
-    or a list of them (for video, a flat list of frames is one video)."""
-    if given is None:
-        return []
-    if kind == "video":
-        from .processing.video import group_videos
-
-        return group_videos(given)
-    return list(given) if isinstance(given, (list, tuple)) else [given]
 
 
 class ChatSession:
@@ -361,7 +350,7 @@ class ChatSession:
         given = {"images": images, "audio": audio, "videos": videos}
         parts: list[dict[str, Any]] = []
         for key, kind in ((m.arg, m.kind) for m in MEDIA):
-            for item in _media_items(kind, given[key]):
+            for item in media_items(kind, given[key]):
                 rate = {"sampling_rate": sampling_rate} if kind == "audio" and sampling_rate is not None else {}
                 parts.append({"type": kind, kind: item, **rate})
         parts.append({"type": "text", "text": text})

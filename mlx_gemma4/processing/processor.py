@@ -33,13 +33,16 @@ _NOT_INPUTS = {"num_soft_tokens_per_image", "num_soft_tokens_per_audio", "num_so
                "segments_per_audio", "timestamps", "video_metadata", "num_frames_per_video", "fps"}
 
 
-def _as_list(x: Any) -> list[Any] | None:
-    """None stays None; one item becomes [item]; a list or tuple is copied."""
-    if x is None:
-        return None
-    if isinstance(x, (list, tuple)):
-        return list(x)
-    return [x]
+def media_items(kind: str, given: Any) -> list[Any]:
+    """The items of an ``images=`` / ``audio=`` / ``videos=`` argument: [] for None, one item or a list of them (for
+    video, ``video.group_videos``: a flat list of frames is one video)."""
+    if given is None:
+        return []
+    if kind == "video":
+        from .video import group_videos
+
+        return group_videos(given)
+    return list(given) if isinstance(given, (list, tuple)) else [given]
 
 
 def _context_length(config: dict[str, Any]) -> int | None:
@@ -296,8 +299,8 @@ class Processor:
         if not isinstance(text, str):
             raise InputError(f"text must be one prompt string; got {type(text).__name__}.")
         self._check_keywords(kw, max_soft_tokens, video_max_soft_tokens, sampling_rate)
-        images, audio = _as_list(images), _as_list(audio)
-        videos = self._group_videos(videos)
+        images, audio, videos = (media_items(k, v) for k, v in (("image", images), ("audio", audio),
+                                                                 ("video", videos)))
         self._check_counts(text, "image", images, "images")
         self._check_counts(text, "audio", audio, "audio")
         self._check_counts(text, "video", videos, "videos")
@@ -362,14 +365,6 @@ class Processor:
             from .audio import check_sampling_rate
 
             check_sampling_rate(sampling_rate)
-
-    @staticmethod
-    def _group_videos(videos: Any) -> list[Any] | None:
-        if videos is None:
-            return None
-        from .video import group_videos
-
-        return group_videos(videos)
 
     def mm_token_type_ids(self, ids: np.ndarray | Sequence[int]) -> np.ndarray:
         """Per-token modality: 0 text, 1 image, 2 video, 3 audio soft token (int32, same shape as `ids`)."""
