@@ -153,11 +153,11 @@ def main(argv=None) -> None:
     sizes = text._fused_attention_sizes
     for label, setting in (("mx.fast attention", (1 << 30,) * 3), ("written-out attention", (0, 0, 0))):
         text._fused_attention_sizes = lambda setting=setting: setting
-        model._compiled_step = None
+        model.retrace()
         res[f"A/B prefill ms: {label}"] = med(ours_prefill)
         res[f"A/B bare decode tok/s: {label}"] = tps(ours_decode)
     text._fused_attention_sizes = sizes
-    model._compiled_step = None
+    model.retrace()
 
     # A/B: prefill's projections on dequantized weights (projection.py) as the default runs them, each weight
     # whole with no waits of its own, and quantized; with each one's peak (benchmarks/dense_prefill.py has more)

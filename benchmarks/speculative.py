@@ -245,12 +245,12 @@ def pad_from_out(target, value: int | None):
     2 to 7 rows run on them padded to 8 on CUDA; 0 all, None none), the target's compiled steps traced again."""
     saved = projection.PAD_FROM_OUT
     projection.PAD_FROM_OUT = value
-    target._compiled_step = target._compiled_hidden_step = None
+    target.retrace()
     try:
         yield
     finally:
         projection.PAD_FROM_OUT = saved
-        target._compiled_step = target._compiled_hidden_step = None
+        target.retrace()
 
 
 def curve(parts: dict) -> tuple[list[dict], float | None]:

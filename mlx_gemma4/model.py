@@ -122,6 +122,11 @@ class Gemma4(nn.Module):
             self.embed_audio = MultimodalEmbedder(ac.audio_embed_dim, config.text_config.hidden_size, ac.rms_norm_eps)
 
     # -- public API -----------------------------------------------------------------------------------------------
+    def retrace(self) -> None:
+        """Drop the compiled decode steps, so that the next step traces them again: after a change to how the
+        graph is built (a setting the benchmarks A/B), which a traced step would not see."""
+        self._compiled_step = self._compiled_hidden_step = None
+
     def make_cache(self, max_rewind: int = MAX_REWIND) -> list[KVCache]:
         """Empty caches for this model; sliding rings can rewind ``max_rewind`` tokens after any write."""
         return make_cache(self.config.text_config, max_rewind)
