@@ -37,6 +37,7 @@ import json
 import random
 import statistics
 import time
+from collections import Counter
 from contextlib import contextmanager
 
 import mlx.core as mx
@@ -338,6 +339,11 @@ def end_to_end(target, drafter, prompt: mx.array, n_gen: int, k_fixed: int, tol:
         if isinstance(kw.get("assistant"), Oracle):
             kw["assistant"].restart(tokens, seed)
         loop = generate_step(target, inputs, max_tokens=n_gen, **kw)
+        lengths = getattr(loop, "lengths", None)
+        if lengths is not None:   # count this run's rounds of each draft length (the policy's choices)
+            loop.rounds_by_k = counts = Counter()
+            record = type(lengths).record
+            lengths.record = lambda k, *a: (counts.update([k]), record(lengths, k, *a))
         for t, lp in loop:
             tokens.append(t)
             logprobs.append(lp)
@@ -346,19 +352,30 @@ def end_to_end(target, drafter, prompt: mx.array, n_gen: int, k_fixed: int, tol:
         return (len(tokens) - 1) / (time.perf_counter() - t_first), tokens, loop, logprobs
 
     run()   # warm-up
-    plain_tps, greedy, _, _ = run()
-    out = {"plain_tok_s": round(plain_tps, 1)}
+    run(assistant=drafter)   # warm-up
+    # Plain and the random drafter (automatic k) in turns, medians: the floor is a few percent, within a
+    # host's run-to-run spread.
+    plains, randoms = [], []
+    for _ in range(3):
+        plains.append(run())
+        randoms.append(run(assistant=drafter))
+    plain_tps = statistics.median(r[0] for r in plains)
+    greedy = plains[0][1]
+    random_auto = sorted(randoms, key=lambda r: r[0])[1]
+    out = {"plain_tok_s": round(plain_tps, 1), "plain_runs": [round(r[0], 1) for r in plains],
+           "random_auto_runs": [round(r[0], 1) for r in randoms]}
 
     def report(name: str, tps: float, tokens: list[int], loop, logprobs: list[mx.array], **extra) -> None:
+        lengths = loop.lengths
         out[name] = {"tok_s": round(tps, 1), "vs_plain": round(tps / plain_tps, 2),
                      "acceptance": round(loop.accepted / loop.judged, 2) if loop.judged else None,
                      "kept_of_drafted": round(loop.accepted / loop.drafted, 2) if loop.drafted else None,
-                     "drafted": loop.drafted, **extra,
+                     "drafted": loop.drafted, "rounds_by_k": dict(sorted(loop.rounds_by_k.items())),
+                     "policy_costs_ms": {k: round(v * 1e3, 2) for k, v in sorted(lengths.seconds.items())},
+                     "policy_acceptance": round(lengths.acceptance, 3), **extra,
                      "check": check_tokens(target, prompt, greedy, tokens, logprobs, tol)}
         print(json.dumps({name: out[name]}), flush=True)
 
-    run(assistant=drafter)   # warm-up
-    random_auto = run(assistant=drafter)
     report("random_auto", *random_auto)
     # The oracle proposes the tokens the speculative loop itself picks. Where its verification rounds differently
     # from a plain step (low precision), plain greedy tokens stop being its picks after the first near-tie, and
