@@ -24,7 +24,9 @@ Only ``prefill`` turns it on (``dense_matmuls``), where ``default_enabled()`` sa
 of at least ``DENSE_FROM_ROWS`` rows; elsewhere, and inside compiled or one-graph passes, projections
 are the plain module call.
 
-**A few rows on CUDA, padded to 8.** MLX 0.32's CUDA backend runs a quantized matmul of fewer than 8 rows as one
+**A few rows on CUDA: our kernel, else padded to 8.** A 4-bit bfloat16 projection on 1 to 7 rows runs on
+few_rows.py's kernel where it beats MLX's own (``few_rows.faster``: the wide projections at one row, most at 2-7
+rows); what it does not take is handled as below. MLX 0.32's CUDA backend runs a quantized matmul of fewer than 8 rows as one
 matrix-vector pass per row (each pass reads the whole weight) and one of 8 or more on a tiled kernel that reads it
 once, so a speculative verify of k + 1 tokens grew ~2.6 ms per token on an H200's E4B. A wide projection
 (output at least ``PAD_FROM_OUT``: the fused gate/up, the tied head) on 2 to 7 rows runs on them padded with zero
@@ -45,6 +47,8 @@ from contextvars import ContextVar
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from . import few_rows
 
 DENSE_FROM_ROWS = 256
 PAD_ROWS_TO = 8        # CUDA: a quantized matmul of 2 to 7 rows runs on its rows padded with zeros to this many
@@ -99,13 +103,28 @@ def _padded(fn, x: mx.array, rows: int) -> mx.array:
     return out[:rows].reshape(*x.shape[:-1], out.shape[-1])
 
 
+def _kernel_fits(module: nn.Module, x: mx.array) -> bool:
+    """Whether this quantized matmul runs on the few-rows kernel (few_rows.py): on CUDA, in the format it takes
+    (``few_rows.fits``), where it beats MLX's own (``few_rows.faster``)."""
+    w = module["weight"]
+    return (few_rows.ENABLED and few_rows.faster(x.size // x.shape[-1], w.shape[0], x.shape[-1]) and _on_cuda()
+            and few_rows.fits(x, w, module["scales"], module.get("biases"), module.group_size, module.bits,
+                              module.mode))
+
+
+def _kernel(module: nn.Module, x: mx.array) -> mx.array:
+    return few_rows.matmul(x, module["weight"], module["scales"], module["biases"], module.group_size)
+
+
 def head(table: nn.Module, h: mx.array) -> mx.array:
-    """Logits of ``h`` through a tied embedding table (``table.as_linear``), widened on the CPU and padded on CUDA
-    as ``project``."""
+    """Logits of ``h`` through a tied embedding table (``table.as_linear``), widened on the CPU and on the
+    few-rows kernel or padded on CUDA as ``project``."""
     if not isinstance(table, nn.QuantizedEmbedding):
         return table.as_linear(h)
     if _widened(h):
         return table.as_linear(h.astype(mx.float32)).astype(h.dtype)
+    if _kernel_fits(table, h):
+        return _kernel(table, h)
     rows = _few_rows(h, table["weight"].shape[0])
     return _padded(table.as_linear, h, rows) if rows else table.as_linear(h)
 
@@ -121,6 +140,9 @@ def project(linear: nn.Module, x: mx.array) -> mx.array:
     if queue is None or x.size // x.shape[-1] < DENSE_FROM_ROWS:
         if _widened(x):
             return linear(x.astype(mx.float32)).astype(x.dtype)
+        if _kernel_fits(linear, x):
+            out = _kernel(linear, x)
+            return out + linear["bias"] if "bias" in linear else out
         rows = _few_rows(x, linear["weight"].shape[0])
         return _padded(linear, x, rows) if rows else linear(x)
     w, scales, biases = linear["weight"], linear["scales"], linear.get("biases")

@@ -189,6 +189,7 @@ def test_cuda_pads_few_rows_of_wide_quantized_matmuls(monkeypatch):
     lin = _quantized_linear()
     seen = _rows_seen(monkeypatch)
     monkeypatch.setattr(projection, "_on_cuda", lambda: True)
+    monkeypatch.setattr(projection.few_rows, "ENABLED", False)   # the padding path (where the kernel does not fit)
     monkeypatch.setattr(projection, "PAD_FROM_OUT", 96)
     for shape in [(1, r, 128) for r in range(1, 10)] + [(2, 3, 128), (5, 128)]:
         x = mx.random.normal(shape)
@@ -208,6 +209,7 @@ def test_padding_leaves_narrow_projections_and_other_backends(monkeypatch):
     monkeypatch.setattr(projection, "PAD_FROM_OUT", 96)
     project(lin, x)                                       # not CUDA
     monkeypatch.setattr(projection, "_on_cuda", lambda: True)
+    monkeypatch.setattr(projection.few_rows, "ENABLED", False)   # the padding path (where the kernel does not fit)
     monkeypatch.setattr(projection, "PAD_FROM_OUT", 97)
     project(lin, x)                                       # narrower than PAD_FROM_OUT
     monkeypatch.setattr(projection, "PAD_FROM_OUT", None)
@@ -226,6 +228,7 @@ def test_tied_head_pads_few_rows_on_cuda(monkeypatch):
     h = mx.random.normal((1, 3, 128))
     seen = _rows_seen(monkeypatch)
     monkeypatch.setattr(projection, "_on_cuda", lambda: True)
+    monkeypatch.setattr(projection.few_rows, "ENABLED", False)   # the padding path (where the kernel does not fit)
     out = projection.head(q, h)                           # 512 outputs: under the default PAD_FROM_OUT
     monkeypatch.setattr(projection, "PAD_FROM_OUT", 512)
     padded = projection.head(q, h)
@@ -241,6 +244,7 @@ def test_padded_verify_step_gives_the_same_logits_and_hidden_states(monkeypatch)
     model = build_4bit("e", lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 64 == 0)
     prompt = mx.array(ids_of(20).numpy())
     monkeypatch.setattr(projection, "_on_cuda", lambda: True)
+    monkeypatch.setattr(projection.few_rows, "ENABLED", False)   # the padding path (where the kernel does not fit)
 
     def outputs():
         cache = model.make_cache()
@@ -267,3 +271,75 @@ def test_no_padding_where_mlx_has_no_cuda_module(monkeypatch):
     with mx.stream(mx.cpu):
         project(lin, mx.random.normal((1, 3, 128)))
     assert seen == [3]
+
+
+def test_few_rows_kernel_fits_only_what_was_checked_on_the_device():
+    """bfloat16 inputs, 4-bit affine weights in groups of 64 with biases, 1 to 8 rows."""
+    from mlx_gemma4 import few_rows
+
+    w32 = mx.random.normal((96, 128)).astype(mx.bfloat16)
+    w, s, b = mx.quantize(w32, group_size=64, bits=4)
+
+    def fits(x, w=w, s=s, b=b, g=64, bits=4, mode="affine"):
+        return few_rows.fits(x, w, s, b, g, bits, mode)
+
+    for rows in range(1, 9):
+        assert fits(mx.zeros((1, rows, 128), dtype=mx.bfloat16))
+    assert not fits(mx.zeros((1, 9, 128), dtype=mx.bfloat16))
+    assert not fits(mx.zeros((3, 128), dtype=mx.float32))               # scales of another dtype
+    w8, s8, b8 = mx.quantize(w32, group_size=64, bits=8)
+    assert not fits(mx.zeros((2, 128), dtype=mx.bfloat16), w8, s8, b8, bits=8)
+    assert not fits(mx.zeros((2, 128), dtype=mx.bfloat16), b=None)
+    assert not fits(mx.zeros((2, 128), dtype=mx.bfloat16), mode="mxfp4")
+    w32g, s32g, b32g = mx.quantize(w32, group_size=32, bits=4)
+    assert not fits(mx.zeros((2, 128), dtype=mx.bfloat16), w32g, s32g, b32g, g=32)   # not yet run on the device
+    f32 = mx.random.normal((96, 128))
+    assert not fits(mx.zeros((2, 128)), *mx.quantize(f32, group_size=64, bits=4))
+
+
+def test_few_rows_kernel_is_chosen_where_the_device_run_found_it_faster():
+    from mlx_gemma4.few_rows import faster
+
+    assert faster(1, 20480, 2560) and faster(1, 262144, 2560) and faster(1, 3840, 15360)   # gate/up, head, 12B down
+    assert not faster(1, 2560, 10240) and not faster(1, 2048, 2560)                       # E4B down, q
+    assert faster(2, 2560, 10240) and faster(2, 3840, 4096) and not faster(2, 2048, 2560)
+    assert faster(5, 2048, 2560) and not faster(5, 512, 2560)                              # q; k / v stay
+    assert not faster(8, 20480, 2560) and not faster(9, 20480, 2560)                       # MLX's tiled kernel
+
+
+def test_projections_and_the_head_take_the_few_rows_kernel_on_cuda(monkeypatch):
+    """On CUDA a projection or tied head the kernel fits (bfloat16, 4-bit) where it is faster goes to
+    few_rows.matmul (with the weight, scales, biases and group size; the module's bias added after); 9 rows,
+    other backends, ENABLED off, or where it is not faster do not."""
+    from mlx_gemma4 import few_rows
+
+    calls = []
+
+    def fake(x, w, scales, biases, group_size):
+        calls.append(x.size // x.shape[-1])
+        return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=4)
+
+    monkeypatch.setattr(few_rows, "matmul", fake)
+    monkeypatch.setattr(projection, "_widened", lambda x: False)    # as on a GPU
+    lin = _quantized_linear(bias=True)
+    lin.set_dtype(mx.bfloat16)
+    emb = nn.QuantizedEmbedding.from_embedding(nn.Embedding(512, 128), group_size=64, bits=4)
+    emb.set_dtype(mx.bfloat16)
+    x = mx.random.normal((1, 5, 128)).astype(mx.bfloat16)
+    project(lin, x)
+    projection.head(emb, x)
+    assert calls == []                                    # not CUDA
+    monkeypatch.setattr(projection, "_on_cuda", lambda: True)
+    project(lin, x)
+    assert calls == []                                    # too small to be faster
+    monkeypatch.setattr(few_rows, "faster", lambda rows, n, k: 1 <= rows <= 7)
+    for rows in (1, 5, 7):
+        xr = mx.random.normal((1, rows, 128)).astype(mx.bfloat16)
+        assert mx.array_equal(project(lin, xr), lin(xr)).item()
+        assert mx.array_equal(projection.head(emb, xr), emb.as_linear(xr)).item()
+    assert calls == [1, 1, 5, 5, 7, 7]
+    project(lin, mx.random.normal((1, 8, 128)).astype(mx.bfloat16))
+    project(lin, mx.random.normal((1, 5, 128)))          # float32
+    monkeypatch.setattr(few_rows, "ENABLED", False)
+    project(lin, x)
+    assert calls == [1, 1, 5, 5, 7, 7]

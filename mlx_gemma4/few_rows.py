@@ -1,0 +1,170 @@
+"""A 4-bit matmul of a few rows on MLX's CUDA backend that reads each weight once for all of them.
+
+Decoding multiplies one row (a speculative verify: k + 1 rows) by every quantized weight, so a decode step is
+bound by how fast those weights stream from memory. MLX 0.32's CUDA backend runs such a matmul with ``qmv``: a warp
+per output row, bfloat16 partial sums, and one whole pass over the weight per input row (a verify of 5 tokens reads
+each weight 5 times). This kernel gives each warp ``R`` output rows; each lane takes 32 weights (one 16-byte load)
+at a time, unpacks them exactly to float (``2**23 + q`` built from the bits, minus ``2**23``), and multiplies them
+with every input row, accumulating in float32 as ``scale * sum(x * q) + bias * sum(x)`` per group; a warp's lanes
+then reduce. Each output row's arithmetic does not depend on how many input rows come with it, so a verify's row
+is computed exactly as the same token's decode step computes it.
+
+Only 4-bit affine weights with groups of 32, 64 or 128 and an input width divisible by 32 take it, on 1 to
+``MAX_ROWS`` rows; ``fits`` says which. Compiled by MLX (NVRTC) once per dtype, row count and input width, and
+cached on disk by MLX. Reference for the format: ``mx.quantize`` (affine: ``w = scale * q + bias`` per group,
+eight 4-bit values per uint32, lowest bits first).
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+
+# On unless MLX_GEMMA4_FEW_ROWS=0 (which leaves every quantized matmul to MLX, to compare)
+ENABLED = os.environ.get("MLX_GEMMA4_FEW_ROWS", "1") != "0"
+MAX_ROWS = 8
+ONE_ROW_FROM = 32 << 20    # weight elements from which one row takes the kernel (see ``faster``)
+FEW_ROWS_FROM = 8 << 20    # ... and 2 or 3 rows (4 to 7: half of it)
+ROWS_PER_WARP = 2
+WARPS_PER_BLOCK = 4
+
+_SOURCE = r"""
+    const int N = w_shape[0];
+    const int lane = threadIdx.x;
+    const int row0 = (blockIdx.y * blockDim.y + threadIdx.y) * R;
+    if (row0 >= N) return;
+    constexpr int CHUNKS = K / 32;
+    constexpr int GPR = K / G;
+    constexpr int PER = 16 / sizeof(T);
+    const bool aligned =
+        ((reinterpret_cast<unsigned long long>(x) | reinterpret_cast<unsigned long long>(w)) & 15ull) == 0;
+    float acc[R][M];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
+    for (int c = lane; c < CHUNKS; c += 32) {
+        float wq[R][32];
+        float s[R], b[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int row = min(row0 + r, N - 1);
+            const uint32_t* wp = w + (size_t)row * (K / 8) + c * 4;
+            uint32_t q[4];
+            if (aligned) {
+                const uint4 v = *reinterpret_cast<const uint4*>(wp);
+                q[0] = v.x; q[1] = v.y; q[2] = v.z; q[3] = v.w;
+            } else {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) q[i] = wp[i];
+            }
+            const size_t g = (size_t)row * GPR + (c * 32) / G;
+            s[r] = static_cast<float>(scales[g]);
+            b[r] = static_cast<float>(biases[g]);
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 8; ++j)
+                    wq[r][i * 8 + j] = __int_as_float(0x4B000000u | ((q[i] >> (4 * j)) & 0xFu)) - 8388608.f;
+        }
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+            const T* xp = x + (size_t)m * K + c * 32;
+            float dot[R];
+#pragma unroll
+            for (int r = 0; r < R; ++r) dot[r] = 0.f;
+            float sx = 0.f;
+#pragma unroll
+            for (int v = 0; v < 32 / PER; ++v) {
+                uint4 u;
+                const T* e = reinterpret_cast<const T*>(&u);
+                if (aligned) {
+                    u = reinterpret_cast<const uint4*>(xp)[v];
+                } else {
+                    T* d = reinterpret_cast<T*>(&u);
+#pragma unroll
+                    for (int i = 0; i < PER; ++i) d[i] = xp[v * PER + i];
+                }
+#pragma unroll
+                for (int i = 0; i < PER; ++i) {
+                    const float xv = static_cast<float>(e[i]);
+                    sx += xv;
+#pragma unroll
+                    for (int r = 0; r < R; ++r) dot[r] = fmaf(xv, wq[r][v * PER + i], dot[r]);
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < R; ++r) acc[r][m] += s[r] * dot[r] + b[r] * sx;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int m = 0; m < M; ++m)
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1)
+                acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], off);
+    if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+            if (row0 + r < N)
+#pragma unroll
+                for (int m = 0; m < M; ++m) out[(size_t)m * N + row0 + r] = static_cast<T>(acc[r][m]);
+    }
+"""
+
+_kernel = None
+
+
+def _get_kernel():
+    global _kernel
+    if _kernel is None:
+        _kernel = mx.fast.cuda_kernel(name="gemma4_few_rows_q4", input_names=["x", "w", "scales", "biases"],
+                                      output_names=["out"], source=_SOURCE)
+    return _kernel
+
+
+def fits(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int,
+         mode: str = "affine") -> bool:
+    """Whether ``matmul`` takes this quantized matmul (``x @ dequantized(w).T``): what was checked on the device
+    (benchmarks/few_rows.py: bfloat16, 4 bits, groups of 64; the kernel's code is written for float16 / float32
+    and groups of 32 / 128 too, not yet run there)."""
+    k = x.shape[-1]
+    return (mode == "affine" and bits == 4 and biases is not None and group_size == 64
+            and k % 32 == 0 and w.ndim == 2 and w.dtype == mx.uint32 and w.shape[1] * 8 == k
+            and x.dtype == mx.bfloat16 and scales.dtype == x.dtype
+            and biases.dtype == x.dtype and 1 <= x.size // k <= MAX_ROWS
+            and -(-w.shape[0] // (ROWS_PER_WARP * WARPS_PER_BLOCK)) <= 65535)   # CUDA's grid height
+
+
+def faster(rows: int, n: int, k: int) -> bool:
+    """Whether the kernel beats MLX's own quantized matmul for ``rows`` rows of an (n, k) weight, from
+    ``python -m benchmarks.few_rows`` on an H100 (docs/BENCHMARKS.md): each call costs ~10 us at the least, against
+    ~4-6 us for MLX's ``qmv`` on a small weight, so one row takes it only on weights of at least ``ONE_ROW_FROM``
+    elements (E4B's gate/up 28.5 against 31.9 us, the 262,144-entry head 256 against 365 us; E4B's down
+    projection, 26M, 18.2 against 17.3), and 2 to 7 rows (where MLX reads the weight once per row) on weights of
+    at least ``FEW_ROWS_FROM``, or half that from 4 rows (E4B's q projection, 5.2M: 12.3 against 9.3 us at 2
+    rows, 14.5 against 18.3 at 5). From 8 rows MLX's tiled kernel is faster (gate/up 25.0 us at 8 rows)."""
+    size = n * k
+    if rows == 1:
+        return size >= ONE_ROW_FROM
+    if rows < 4:
+        return 2 <= rows and size >= FEW_ROWS_FROM
+    return rows <= MAX_ROWS - 1 and size >= FEW_ROWS_FROM // 2
+
+
+def matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int,
+           rows_per_warp: int | None = None, warps_per_block: int | None = None) -> mx.array:
+    """``x @ dequantized(w).T`` for 4-bit affine ``w`` (N, K / 8) on the few rows of ``x`` (..., K) (``fits``)."""
+    k = x.shape[-1]
+    m = x.size // k
+    n = w.shape[0]
+    r = rows_per_warp or ROWS_PER_WARP
+    warps = -(-n // r)
+    out = _get_kernel()(
+        inputs=[x.reshape(m, k), w, scales, biases],
+        template=[("T", x.dtype), ("M", m), ("K", k), ("G", group_size), ("R", r)],
+        grid=(32, warps, 1), threadgroup=(32, warps_per_block or WARPS_PER_BLOCK, 1),
+        output_shapes=[(m, n)], output_dtypes=[x.dtype])[0]
+    return out.reshape(*x.shape[:-1], n)
