@@ -351,8 +351,11 @@ def end_to_end(target, drafter, prompt: mx.array, n_gen: int, k_fixed: int, tol:
                 t_first = time.perf_counter()
         return (len(tokens) - 1) / (time.perf_counter() - t_first), tokens, loop, logprobs
 
-    run()   # warm-up
-    run(assistant=drafter)   # warm-up
+    # Warm-up: the first runs trace the compiled steps at each length the policy tries and at each cache size the
+    # runs reach, and compile their kernels (MLX keeps those on disk), which a chat pays once per process.
+    run()
+    for _ in range(3):
+        run(assistant=drafter)
     # Plain and the random drafter (automatic k) in turns, medians: the floor is a few percent, within a
     # host's run-to-run spread.
     plains, randoms = [], []
