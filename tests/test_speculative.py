@@ -369,6 +369,30 @@ def test_the_benchmarks_oracle_follows_the_loops_own_picks_at_its_rate(text_pair
 
 
 
+def test_the_benchmarks_scripted_oracle_is_accepted_at_its_rate(text_pair, drafters):
+    """benchmarks/speculative.py's scripted runs: the forcing processor makes plain and speculative greedy output
+    the script exactly, and a drafter proposing the script is kept at its rate (all, none, about half)."""
+    from benchmarks.speculative import ScriptedOracle, forcing
+
+    _, model = text_pair("e")
+    inputs = _inputs(12)
+    vocab = model.config.text_config.vocab_size
+    script = [(37 * i + 11) % (vocab - 20) + 10 for i in range(NEW + 8)]
+    force = [forcing(script, 12, vocab)]
+    plain, _, _ = run_rounds(model, inputs, max_tokens=NEW, logits_processors=force)
+    assert plain == script[:NEW]
+    for rate, k in ((1.0, 3), (1.0, None), (0.0, 3), (0.5, 3)):
+        loop = generate_step(model, inputs, max_tokens=NEW, assistant=ScriptedOracle(drafters("e"), script, 12, rate),
+                             draft_tokens=k, logits_processors=force)
+        out = [t for t, _ in loop]
+        assert out == script[:NEW], (rate, k)
+        if rate == 1.0:
+            assert loop.judged > 0 and loop.accepted == loop.judged
+        elif rate == 0.0:
+            assert loop.judged > 0 and loop.accepted == 0
+        else:
+            assert 0.2 <= loop.accepted / loop.judged <= 0.8
+
 def test_drafts_are_queued_before_the_verification_is_built(mimicking, monkeypatch):
     """A round queues its drafts on the device first, then builds the verification (the device drafts meanwhile);
     the output stays plain greedy."""
