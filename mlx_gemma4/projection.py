@@ -26,9 +26,9 @@ are the plain module call.
 
 **A few rows on CUDA: our kernel, else padded to 8.** A 4-bit bfloat16 projection on 1 to 7 rows runs on
 few_rows.py's kernel where it beats MLX's own (``few_rows.faster``: the wide projections at one row, most at 2-7
-rows); what it does not take is handled as below. MLX 0.32's CUDA backend runs a quantized matmul of fewer than 8 rows as one
-matrix-vector pass per row (each pass reads the whole weight) and one of 8 or more on a tiled kernel that reads it
-once, so a speculative verify of k + 1 tokens grew ~2.6 ms per token on an H200's E4B. A wide projection
+rows); what it does not take is handled as below. MLX 0.32's CUDA backend runs a quantized matmul of fewer than 8
+rows as one matrix-vector pass per row (each pass reads the whole weight) and one of 8 or more on a tiled kernel
+that reads it once, so a speculative verify of k + 1 tokens grew ~2.6 ms per token on an H200's E4B. A wide projection
 (output at least ``PAD_FROM_OUT``: the fused gate/up, the tied head) on 2 to 7 rows runs on them padded with zero
 rows to 8 instead (on an H100, E4B's gate/up at 5 rows 0.16 against 0.25 ms); a narrow one (the down projection,
 whose tiled kernel has too few output tiles to fill the device: 0.24 against 0.18 ms) keeps the per-row passes.
@@ -107,12 +107,17 @@ def _kernel_fits(module: nn.Module, x: mx.array) -> bool:
     """Whether this quantized matmul runs on the few-rows kernel (few_rows.py): on CUDA, in the format it takes
     (``few_rows.fits``), where it beats MLX's own (``few_rows.faster``)."""
     w = module["weight"]
+    if few_rows.CANDIDATE:
+        return _on_cuda() and few_rows.fits_candidate(x, w, module["scales"], module.get("biases"),
+                                                      module.group_size, module.bits, module.mode)
     return (few_rows.ENABLED and few_rows.faster(x.size // x.shape[-1], w.shape[0], x.shape[-1]) and _on_cuda()
             and few_rows.fits(x, w, module["scales"], module.get("biases"), module.group_size, module.bits,
                               module.mode))
 
 
 def _kernel(module: nn.Module, x: mx.array) -> mx.array:
+    if few_rows.CANDIDATE:
+        return few_rows.mma_matmul(x, module["weight"], module["scales"], module["biases"])
     return few_rows.matmul(x, module["weight"], module["scales"], module["biases"], module.group_size)
 
 

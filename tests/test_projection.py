@@ -343,3 +343,32 @@ def test_projections_and_the_head_take_the_few_rows_kernel_on_cuda(monkeypatch):
     monkeypatch.setattr(few_rows, "ENABLED", False)
     project(lin, x)
     assert calls == [1, 1, 5, 5, 7, 7]
+
+
+def test_the_candidate_kernel_takes_every_fitting_projection_when_opted_in(monkeypatch):
+    """MLX_GEMMA4_FEW_ROWS=mma (few_rows.CANDIDATE): on CUDA every 4-bit bfloat16 projection of 1 to 8 rows with an
+    input width divisible by 64 goes to few_rows.mma_matmul, whatever its size; 9 rows or another backend do not."""
+    from mlx_gemma4 import few_rows
+
+    calls = []
+
+    def fake(x, w, scales, biases):
+        calls.append(x.size // x.shape[-1])
+        return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=64, bits=4)
+
+    monkeypatch.setattr(few_rows, "mma_matmul", fake)
+    monkeypatch.setattr(few_rows, "CANDIDATE", True)
+    monkeypatch.setattr(projection, "_widened", lambda x: False)    # as on a GPU
+    lin = _quantized_linear(bias=True)
+    lin.set_dtype(mx.bfloat16)
+    x = mx.random.normal((1, 3, 128)).astype(mx.bfloat16)
+    project(lin, x)
+    assert calls == []                                    # not CUDA
+    monkeypatch.setattr(projection, "_on_cuda", lambda: True)
+    for rows in (1, 3, 8):
+        xr = mx.random.normal((1, rows, 128)).astype(mx.bfloat16)
+        assert mx.array_equal(project(lin, xr), lin(xr)).item()
+    project(lin, mx.random.normal((1, 9, 128)).astype(mx.bfloat16))
+    assert calls == [1, 3, 8]
+    w, s, b = mx.quantize(mx.random.normal((64, 96)).astype(mx.bfloat16), group_size=32, bits=4)
+    assert not few_rows.fits_candidate(mx.zeros((2, 96), dtype=mx.bfloat16), w, s, b, 32, 4)
