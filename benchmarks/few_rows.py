@@ -16,7 +16,7 @@ import time
 
 import mlx.core as mx
 
-from mlx_gemma4 import few_rows
+from mlx_gemma4 import few_rows, projection
 
 # (name, out, in, uses per decode step)
 SHAPES = {
@@ -51,8 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--group-size", type=int, default=64)
     args = ap.parse_args(argv)
-    cuda = getattr(mx, "cuda", None)
-    if not (mx.default_device() == mx.gpu and cuda is not None and cuda.is_available()):
+    if not projection._on_cuda():
         raise SystemExit("benchmarks.few_rows times CUDA kernels: it needs MLX's CUDA backend (mlx[cuda]) and a GPU.")
     dtype = getattr(mx, args.dtype)
     rows = [int(r) for r in args.rows.split(",")]

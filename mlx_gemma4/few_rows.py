@@ -9,10 +9,11 @@ with every input row, accumulating in float32 as ``scale * sum(x * q) + bias * s
 then reduce. Each output row's arithmetic does not depend on how many input rows come with it, so a verify's row
 is computed exactly as the same token's decode step computes it.
 
-Only 4-bit affine weights with groups of 32, 64 or 128 and an input width divisible by 32 take it, on 1 to
-``MAX_ROWS`` rows; ``fits`` says which. Compiled by MLX (NVRTC) once per dtype, row count and input width, and
-cached on disk by MLX. Reference for the format: ``mx.quantize`` (affine: ``w = scale * q + bias`` per group,
-eight 4-bit values per uint32, lowest bits first).
+Only bfloat16 inputs and 4-bit affine weights in groups of 64 (what has run on a device; the source is written for
+float16 / float32 and groups of 32 / 128 too) with an input width divisible by 32 take it, on 1 to ``MAX_ROWS``
+rows; ``fits`` says which, ``faster`` where it beats MLX's own. Compiled by MLX (NVRTC) once per row count and
+input width, and cached on disk by MLX. Reference for the format: ``mx.quantize`` (affine: ``w = scale * q +
+bias`` per group, eight 4-bit values per uint32, lowest bits first).
 """
 
 from __future__ import annotations
@@ -117,15 +118,15 @@ _SOURCE = r"""
     }
 """
 
-_kernel = None
+_kernels: dict[str, object] = {}
 
 
-def _get_kernel():
-    global _kernel
-    if _kernel is None:
-        _kernel = mx.fast.cuda_kernel(name="gemma4_few_rows_q4", input_names=["x", "w", "scales", "biases"],
-                                      output_names=["out"], source=_SOURCE)
-    return _kernel
+def _get_kernel(name: str, source: str, header: str = ""):
+    """The custom kernel ``name`` (inputs x, w, scales, biases; output out), made on first use."""
+    if name not in _kernels:
+        _kernels[name] = mx.fast.cuda_kernel(name=name, input_names=["x", "w", "scales", "biases"],
+                                             output_names=["out"], source=source, header=header)
+    return _kernels[name]
 
 
 def fits(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int,
@@ -159,9 +160,8 @@ def faster(rows: int, n: int, k: int) -> bool:
 
 def fits_candidate(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int,
                    mode: str = "affine") -> bool:
-    """Whether ``mma_matmul`` takes this quantized matmul: ``fits``, with an input width divisible by 64 and up to
-    8 rows."""
-    return fits(x, w, scales, biases, group_size, bits, mode) and x.shape[-1] % 64 == 0 and x.size // x.shape[-1] <= 8
+    """Whether ``mma_matmul`` takes this quantized matmul: ``fits``, with an input width divisible by 64."""
+    return fits(x, w, scales, biases, group_size, bits, mode) and x.shape[-1] % 64 == 0
 
 
 def matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int,
@@ -172,7 +172,7 @@ def matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_s
     n = w.shape[0]
     r = rows_per_warp or ROWS_PER_WARP
     warps = -(-n // r)
-    out = _get_kernel()(
+    out = _get_kernel("gemma4_few_rows_q4", _SOURCE)(
         inputs=[x.reshape(m, k), w, scales, biases],
         template=[("T", x.dtype), ("M", m), ("K", k), ("G", group_size), ("R", r)],
         grid=(32, warps, 1), threadgroup=(32, warps_per_block or WARPS_PER_BLOCK, 1),
@@ -271,21 +271,14 @@ _MMA_SOURCE = r"""
     }
 """
 
-_mma_kernel = None
-
-
 def mma_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, splits: int = 8) -> mx.array:
     """The candidate: ``x @ dequantized(w).T`` for bfloat16 ``x`` (..., K) of 1-8 rows, 4-bit ``w`` in groups of
     64 (K a multiple of 64)."""
-    global _mma_kernel
-    if _mma_kernel is None:
-        _mma_kernel = mx.fast.cuda_kernel(name="gemma4_few_rows_mma", input_names=["x", "w", "scales", "biases"],
-                                          output_names=["out"], source=_MMA_SOURCE, header=_MMA_HEADER)
     k = x.shape[-1]
     m = x.size // k
     n = w.shape[0]
-    out = _mma_kernel(inputs=[x.reshape(m, k), w, scales, biases],
-                      template=[("M", m), ("K", k), ("S", splits)],
-                      grid=(32, splits * -(-n // 16), 1), threadgroup=(32, splits, 1),
-                      output_shapes=[(m, n)], output_dtypes=[x.dtype])[0]
+    out = _get_kernel("gemma4_few_rows_mma", _MMA_SOURCE, _MMA_HEADER)(
+        inputs=[x.reshape(m, k), w, scales, biases], template=[("M", m), ("K", k), ("S", splits)],
+        grid=(32, splits * -(-n // 16), 1), threadgroup=(32, splits, 1),
+        output_shapes=[(m, n)], output_dtypes=[x.dtype])[0]
     return out.reshape(*x.shape[:-1], n)

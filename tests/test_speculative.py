@@ -330,11 +330,11 @@ def test_rounds_without_drafts_overlap_like_plain_decoding(loaded_e, drafters, m
 
 
 def test_the_benchmarks_oracle_follows_the_loops_own_picks_at_its_rate(text_pair, drafters):
-    """benchmarks/speculative.py's oracle proposes, in each context, the token the loop picked there in an earlier
+    """benchmarks/oracles.py's Oracle proposes, in each context, the token the loop picked there in an earlier
     run. One that knows picks the loop does not make (what a near-tie rounded the other way at the first token
     leaves it with, as bfloat16 verifications did on CUDA) is blind past them in its first run, and right at its
     rate in the next, with k fixed or automatic; the acceptance counted is per draft judged."""
-    from benchmarks.speculative import Oracle, learn
+    from benchmarks.oracles import Oracle, learn
 
     _, model = text_pair("e")
     inputs = _inputs(12)
@@ -372,7 +372,7 @@ def test_the_benchmarks_oracle_follows_the_loops_own_picks_at_its_rate(text_pair
 def test_the_benchmarks_scripted_oracle_is_accepted_at_its_rate(text_pair, drafters):
     """benchmarks/speculative.py's scripted runs: the forcing processor makes plain and speculative greedy output
     the script exactly, and a drafter proposing the script is kept at its rate (all, none, about half)."""
-    from benchmarks.speculative import ScriptedOracle, forcing
+    from benchmarks.oracles import ScriptedOracle, forcing
 
     _, model = text_pair("e")
     inputs = _inputs(12)
