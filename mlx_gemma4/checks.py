@@ -88,3 +88,10 @@ def check_policies(*, sampler: Any = None, logits_processors: Any = None, stop_i
     check_token_ids("stop_ids", stop_ids)
     for name, value in callbacks.items():
         check_callable(name, value)
+
+
+def check_inputs(inputs: Any) -> None:
+    """``inputs`` must be the processor's output: a dict with ``input_ids``."""
+    if not isinstance(inputs, dict) or inputs.get("input_ids") is None:
+        raise InputError(f"inputs must be the processor's output, a dict with input_ids; got "
+                         f"{type(inputs).__name__}{f' of {sorted(inputs)}' if isinstance(inputs, dict) else ''}.")

@@ -24,7 +24,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer
 
 from .cache import KVCache
-from .checks import check_policies, check_positive_int, check_sampling_args
+from .checks import check_inputs, check_policies, check_positive_int, check_sampling_args
 from .errors import InputError
 
 
@@ -209,8 +209,7 @@ def check_start(inputs: dict[str, Any], cache: list[KVCache] | None, start: Any)
     """``start`` > 0 must be how many of the prompt's tokens ``cache`` already holds, and leave at least one to run
     (a wrong one put the rest of the prompt at the wrong positions without a word). ``start`` 0 runs the whole
     prompt after whatever the cache holds (a continuation, as mlx-lm's prompt cache does)."""
-    if not isinstance(inputs, dict) or inputs.get("input_ids") is None:
-        raise InputError(f"inputs must be the processor's output, a dict with input_ids; got {type(inputs).__name__}.")
+    check_inputs(inputs)
     n = int(np.asarray(inputs["input_ids"]).size)
     held = cache[0].offset if cache else 0
     whole = isinstance(start, (int, np.integer)) and not isinstance(start, bool)

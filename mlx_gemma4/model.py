@@ -24,6 +24,7 @@ import mlx.nn as nn
 
 from . import projection
 from .cache import MAX_REWIND, KVCache, make_cache
+from .checks import check_inputs
 from .config import SLIDING, ModelConfig
 from .decode import CompiledStep, fits_compiled_step
 from .errors import ContextLengthError, InputError
@@ -180,9 +181,7 @@ class Gemma4(nn.Module):
         true, prefill returns None and ``cache`` holds the chunks done so far (its ``offset`` says how many tokens).
         ``progress(done, total)`` (prompt tokens) is called before the first chunk and after each chunk but the last.
         """
-        if not isinstance(inputs, dict) or inputs.get("input_ids") is None:
-            raise InputError(f"inputs must be the processor's output, a dict with input_ids; got "
-                             f"{type(inputs).__name__}{f' of {sorted(inputs)}' if isinstance(inputs, dict) else ''}.")
+        check_inputs(inputs)
         self.check_cache(cache)
         ids = mx.array(inputs["input_ids"])
         if ids.ndim == 1:
