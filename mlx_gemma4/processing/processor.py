@@ -217,10 +217,9 @@ class Processor:
         return out, [f"{boi}{image * int(n)}{eoi}" for n in out["num_soft_tokens_per_image"]]
 
     def _audio_runs(self, audio: list[Any], sampling_rate: int | None = None) -> tuple[dict[str, Any], list[str]]:
-        from .audio import load_audio, probe_length
+        from .audio import load_audio
 
-        if self.context_length is not None:  # first from the files' headers, before decoding anything
-            self._check_audio_fits([n for n in map(probe_length, audio) if n is not None])
+        # (the files' headers were checked against the context first: _check_media_first)
         clips = [load_audio(a, sampling_rate) for a in audio]
         self._check_audio_fits([len(c) for c in clips])
         out = self.audio_extractor(clips)
@@ -262,7 +261,9 @@ class Processor:
                "video": self._video_runs}.get(kind)
         if run is None:
             raise InputError(f"Unknown media kind {kind!r}; use 'image', 'audio' or 'video'.")
-        out, runs = run(list(items), max_soft_tokens)
+        items = list(items)
+        self._check_media_first(*(items if k == kind else None for k in ("image", "audio", "video")))
+        out, runs = run(items, max_soft_tokens)
         return {k: v for k, v in out.items() if k not in _NOT_INPUTS and v is not None}, runs
 
     def expand_placeholders(self, text: str, runs: dict[str, list[str]]) -> str:
