@@ -35,6 +35,7 @@ outputs (~15 GB each for 26B at 4 bits) and a few MB of settings reach the disk;
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import itertools
@@ -130,6 +131,7 @@ class Ours(Impl):
     name = "ours"
     prefill_chunk = 2048   # stream_generate's default; --prefill-chunk sets it
     dense_prefill = None   # model.dense_prefill while this one streams (None: the backend's default)
+    few_rows = None        # few_rows.ENABLED while this one streams (None: as the environment sets it)
 
     def load(self, path):
         from mlx_gemma4 import load
@@ -156,24 +158,39 @@ class Ours(Impl):
         tok = self.processor.tokenizer
         return tok.encode(ANSWER, add_special_tokens=False) + [self.processor.special.turn_close.id]
 
+    @contextlib.contextmanager
+    def _settings(self):
+        """This one's settings while it runs. The few-rows switch is read while projections are traced, so a
+        variant with its own setting loads its own model (its own compiled steps) rather than sharing one."""
+        from mlx_gemma4 import few_rows
+
+        self.model.dense_prefill = self.dense_prefill
+        before = few_rows.ENABLED
+        if self.few_rows is not None:
+            few_rows.ENABLED = self.few_rows
+        try:
+            yield
+        finally:
+            few_rows.ENABLED = before
+
     def stream(self, prompt, gen):
         from mlx_gemma4 import stream_generate
 
-        self.model.dense_prefill = self.dense_prefill
-        yield from stream_generate(self.model, self.processor, prompt, max_tokens=gen, stop_ids=[],
-                                   prefill_chunk=self.prefill_chunk)
+        with self._settings():
+            yield from stream_generate(self.model, self.processor, prompt, max_tokens=gen, stop_ids=[],
+                                       prefill_chunk=self.prefill_chunk)
 
     def followup(self, first, message, gen):
         from mlx_gemma4 import ChatSession
 
-        self.model.dense_prefill = self.dense_prefill
-        session = ChatSession(self.model, self.processor, prefill_chunk=self.prefill_chunk)
-        forced = self.answer_ids()
-        for _ in session.send(first, max_tokens=len(forced), sampler=_forcing(forced)):
-            pass
-        t0 = time.perf_counter()
-        for _ in session.send(message, max_tokens=gen, stop_ids=[]):
-            return time.perf_counter() - t0
+        with self._settings():
+            session = ChatSession(self.model, self.processor, prefill_chunk=self.prefill_chunk)
+            forced = self.answer_ids()
+            for _ in session.send(first, max_tokens=len(forced), sampler=_forcing(forced)):
+                pass
+            t0 = time.perf_counter()
+            for _ in session.send(message, max_tokens=gen, stop_ids=[]):
+                return time.perf_counter() - t0
 
 
 class MlxLM(Impl):
@@ -291,6 +308,9 @@ def main(argv=None) -> None:
     ap.add_argument("--quantized-prefill-too", action="store_true",
                     help="add our model again as ours-qmm, its prefill on quantized matmuls (where the backend "
                          "dequantizes by default: projection.py)")
+    ap.add_argument("--few-rows-too", action="store_true",
+                    help="load our model a second time as ours-nofr, every quantized matmul left to MLX (the "
+                         "few-rows kernel off, as MLX_GEMMA4_FEW_ROWS=0), timed in the same rounds")
     ap.add_argument("--compare", default="mlx-lm", help="comma-separated: mlx-lm, mlx-vlm ('' for ours alone)")
     ap.add_argument("--followup", type=int, default=0, help="also time a second chat turn after ~N tokens")
     ap.add_argument("--breakdown", action="store_true", help="also time the parts of our TTFT")
@@ -323,6 +343,9 @@ def main(argv=None) -> None:
                 impls.extend(ours.variant(f"ours-c{c}", prefill_chunk=c) for c in a.prefill_chunk[1:])
                 if a.quantized_prefill_too:
                     impls.append(ours.variant("ours-qmm", dense_prefill=False))
+                if a.few_rows_too:
+                    other = Ours(paths[n])   # its own model: its own compiled steps, traced with the kernel off
+                    impls.append(other.variant("ours-nofr", prefill_chunk=a.prefill_chunk[0], few_rows=False))
         except Exception as e:  # a peer that cannot load this checkpoint is reported, not fatal
             errors[n] = f"{type(e).__name__}: {e}"
             print(f"# {n} could not load: {errors[n]}", flush=True)
