@@ -3,6 +3,8 @@
 For the quantized projections of the real E2B / E4B / 12B sizes (random weights) at 1 to 8 rows: the largest
 difference of each from a float32 matmul on the same dequantized weights (checked: ours must be no farther than
 MLX's), and the time per call (100 calls queued at once, median of 5), with the weight bytes streamed per second.
+The calls cycle through copies of the weight that together exceed the device's last-level cache (``--cold-mb``),
+as a decode step reads each weight once: a weight small enough to stay cached would otherwise time too fast.
 
     python -m benchmarks.few_rows [--sizes e4b,12b] [--rows 1,2,5,8] [--variants 2x4,mma8,mma4]
 """
@@ -29,14 +31,15 @@ SHAPES = {
 }
 
 
-def timed(fn, x, calls: int = 100, runs: int = 5) -> float:
+def timed(fn, x, copies: list, calls: int = 100, runs: int = 5) -> float:
+    """Seconds per call of ``fn(x, *copy)``, the calls cycling through ``copies`` of the weight."""
     for _ in range(2):
-        mx.eval([fn(x) for _ in range(10)])
+        mx.eval([fn(x, *copies[i % len(copies)]) for i in range(10)])
     times = []
     for _ in range(runs):
         mx.synchronize()
         t0 = time.perf_counter()
-        mx.eval([fn(x) for _ in range(calls)])
+        mx.eval([fn(x, *copies[i % len(copies)]) for i in range(calls)])
         times.append((time.perf_counter() - t0) / calls)
     return statistics.median(times)
 
@@ -50,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
                          "with S warps per block), comma-separated")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--cold-mb", type=int, default=256,
+                    help="the copies of each weight the calls cycle through add up to at least this (0: one copy)")
     args = ap.parse_args(argv)
     if not projection._on_cuda():
         raise SystemExit("benchmarks.few_rows times CUDA kernels: it needs MLX's CUDA backend (mlx[cuda]) and a GPU.")
@@ -66,18 +71,21 @@ def main(argv: list[str] | None = None) -> None:
             w, scales, biases = mx.quantize(w32, group_size=args.group_size, bits=4)
             dense = mx.dequantize(w, scales, biases, group_size=args.group_size, bits=4).astype(mx.float32)
             nbytes = w.nbytes + scales.nbytes + biases.nbytes
+            extra = min(31, max(0, -(-args.cold_mb * 2**20 // nbytes) - 1))
+            copies = [(w, scales, biases)] + [(w ^ 0, scales + 0, biases + 0) for _ in range(extra)]  # own buffers
+            mx.eval(copies)
             for m in rows:
                 x = mx.random.normal((1, m, k)).astype(dtype)
                 ref = x.astype(mx.float32) @ dense.T
                 scale = mx.max(mx.abs(ref)).item()
 
-                def theirs(x):
+                def theirs(x, w=w, scales=scales, biases=biases):
                     return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=args.group_size,
                                                bits=4)
 
-                row = {"size": size, "proj": name, "n": n, "k": k, "rows": m}
+                row = {"size": size, "proj": name, "n": n, "k": k, "rows": m, "copies": len(copies)}
                 err_theirs = mx.max(mx.abs(theirs(x).astype(mx.float32) - ref)).item() / scale
-                t_theirs = timed(theirs, x)
+                t_theirs = timed(theirs, x, copies)
                 row["mlx_us"] = round(t_theirs * 1e6, 1)
                 row["mlx_tb_s"] = round(nbytes / t_theirs / 1e12, 2)
                 row["mlx_err"] = float(f"{err_theirs:.2e}")
@@ -89,19 +97,19 @@ def main(argv: list[str] | None = None) -> None:
                             continue
                         r, warps = "mma", variant[1]
 
-                        def ours(x, warps=warps):
+                        def ours(x, w=w, scales=scales, biases=biases, warps=warps):
                             return few_rows.mma_matmul(x, w, scales, biases, warps)
                     else:
                         r, warps = variant
 
-                        def ours(x, r=r, warps=warps):
+                        def ours(x, w=w, scales=scales, biases=biases, r=r, warps=warps):
                             return few_rows.matmul(x, w, scales, biases, args.group_size, r, warps)
                     try:
                         out = ours(x)
                         err = mx.max(mx.abs(out.astype(mx.float32) - ref)).item() / scale
                         compiled = mx.compile(ours)(x)
                         same = mx.array_equal(compiled, out).item()
-                        t = timed(ours, x)
+                        t = timed(ours, x, copies)
                     except Exception as e:   # a variant that does not build: say so and go on
                         row[f"{r}x{warps}"] = f"error: {e}"[:300]
                         continue
