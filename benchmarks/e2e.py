@@ -131,7 +131,7 @@ class Ours(Impl):
     name = "ours"
     prefill_chunk = 2048   # stream_generate's default; --prefill-chunk sets it
     dense_prefill = None   # model.dense_prefill while this one streams (None: the backend's default)
-    few_rows = None        # few_rows.ENABLED while this one streams (None: as the environment sets it)
+    few_rows = None        # few_rows.configure's setting while this one streams (None: as the environment sets it)
 
     def load(self, path):
         from mlx_gemma4 import load
@@ -165,13 +165,12 @@ class Ours(Impl):
         from mlx_gemma4 import few_rows
 
         self.model.dense_prefill = self.dense_prefill
-        before = few_rows.ENABLED
-        if self.few_rows is not None:
-            few_rows.ENABLED = self.few_rows
+        before = few_rows.configure(self.few_rows) if self.few_rows is not None else None
         try:
             yield
         finally:
-            few_rows.ENABLED = before
+            if before is not None:
+                few_rows.configure(before)
 
     def stream(self, prompt, gen):
         from mlx_gemma4 import stream_generate
@@ -289,6 +288,16 @@ def make_prompt(ours: Ours, n_tokens: int) -> tuple[str, int]:
     return prompt, ours.count(prompt)
 
 
+def _settings(text: str) -> list[str]:
+    from mlx_gemma4 import few_rows
+
+    settings = [t for t in text.split(",") if t]
+    for t in settings:
+        if t not in few_rows.SETTINGS:
+            raise argparse.ArgumentTypeError(f"{t!r} is not one of {', '.join(few_rows.SETTINGS)}")
+    return settings
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="e4b",
@@ -308,9 +317,9 @@ def main(argv=None) -> None:
     ap.add_argument("--quantized-prefill-too", action="store_true",
                     help="add our model again as ours-qmm, its prefill on quantized matmuls (where the backend "
                          "dequantizes by default: projection.py)")
-    ap.add_argument("--few-rows-too", action="store_true",
-                    help="load our model a second time as ours-nofr, every quantized matmul left to MLX (the "
-                         "few-rows kernel off, as MLX_GEMMA4_FEW_ROWS=0), timed in the same rounds")
+    ap.add_argument("--few-rows-too", type=_settings, default=[],
+                    help="comma-separated MLX_GEMMA4_FEW_ROWS settings (0, 1, inline, mma): load our model again "
+                         "for each, as ours-frS, timed in the same rounds (0: every quantized matmul left to MLX)")
     ap.add_argument("--compare", default="mlx-lm", help="comma-separated: mlx-lm, mlx-vlm ('' for ours alone)")
     ap.add_argument("--followup", type=int, default=0, help="also time a second chat turn after ~N tokens")
     ap.add_argument("--breakdown", action="store_true", help="also time the parts of our TTFT")
@@ -343,9 +352,9 @@ def main(argv=None) -> None:
                 impls.extend(ours.variant(f"ours-c{c}", prefill_chunk=c) for c in a.prefill_chunk[1:])
                 if a.quantized_prefill_too:
                     impls.append(ours.variant("ours-qmm", dense_prefill=False))
-                if a.few_rows_too:
-                    other = Ours(paths[n])   # its own model: its own compiled steps, traced with the kernel off
-                    impls.append(other.variant("ours-nofr", prefill_chunk=a.prefill_chunk[0], few_rows=False))
+                for setting in a.few_rows_too:   # each its own model: its own compiled steps, traced so
+                    impls.append(Ours(paths[n]).variant(f"ours-fr{setting}", prefill_chunk=a.prefill_chunk[0],
+                                                        few_rows=setting))
         except Exception as e:  # a peer that cannot load this checkpoint is reported, not fatal
             errors[n] = f"{type(e).__name__}: {e}"
             print(f"# {n} could not load: {errors[n]}", flush=True)

@@ -49,8 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", default="e4b,12b,e2b")
     ap.add_argument("--rows", default="1,2,4,5,8")
     ap.add_argument("--variants", default="2x4,mma8,mma4",
-                    help="the library kernel's rows per warp x warps per block, or mmaS (the tensor-core candidate "
-                         "with S warps per block), comma-separated")
+                    help="the library kernel's rows per warp x warps per block (a trailing i: the candidate that "
+                         "unpacks as it goes, e.g. 4x4i), or mmaS (the tensor-core candidate with S warps per block), "
+                         "comma-separated")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--cold-mb", type=int, default=256,
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("benchmarks.few_rows times CUDA kernels: it needs MLX's CUDA backend (mlx[cuda]) and a GPU.")
     dtype = getattr(mx, args.dtype)
     rows = [int(r) for r in args.rows.split(",")]
-    variants = [("mma", int(s[3:])) if s.startswith("mma") else tuple(int(v) for v in s.split("x"))
+    variants = [("mma", int(s[3:])) if s.startswith("mma") else
+                (*(int(v) for v in s.rstrip("i").split("x")), s.endswith("i"))
                 for s in args.variants.split(",")]
     print(json.dumps({"device": str(mx.default_device()), "mlx": mx.__version__, "dtype": args.dtype}), flush=True)
     total: dict[str, dict[int, float]] = {}
@@ -100,10 +102,11 @@ def main(argv: list[str] | None = None) -> None:
                         def ours(x, w=w, scales=scales, biases=biases, warps=warps):
                             return few_rows.mma_matmul(x, w, scales, biases, warps)
                     else:
-                        r, warps = variant
+                        r, warps, inline = variant
 
-                        def ours(x, w=w, scales=scales, biases=biases, r=r, warps=warps):
-                            return few_rows.matmul(x, w, scales, biases, args.group_size, r, warps)
+                        def ours(x, w=w, scales=scales, biases=biases, r=r, warps=warps, inline=inline):
+                            return few_rows.matmul(x, w, scales, biases, args.group_size, r, warps, inline)
+                        warps = f"{warps}i" if inline else warps
                     try:
                         out = ours(x)
                         err = mx.max(mx.abs(out.astype(mx.float32) - ref)).item() / scale

@@ -22,11 +22,25 @@ import os
 
 import mlx.core as mx
 
-# On unless MLX_GEMMA4_FEW_ROWS=0 (which leaves every quantized matmul to MLX, to compare); =mma opts in to the
-# tensor-core candidate below for every projection it fits on 1-8 rows, to time it end to end
-_SETTING = os.environ.get("MLX_GEMMA4_FEW_ROWS", "1")
-ENABLED = _SETTING != "0"
-CANDIDATE = _SETTING == "mma"
+SETTINGS = ("1", "0", "inline", "mma")
+ENABLED = CANDIDATE = INLINE = False
+
+
+def configure(setting: str) -> str:
+    """Set which kernel takes few-row quantized matmuls; returns the setting it replaces. "1" (the default): this
+    module's kernel where ``faster`` says; "0": every quantized matmul left to MLX (to compare); "inline": the
+    inline-unpacking candidate in the kernel's place; "mma": the tensor-core candidate for every projection it
+    fits on 1-8 rows. Read when projections are traced: a compiled step keeps the setting it was traced with.
+    ``MLX_GEMMA4_FEW_ROWS`` sets it at import."""
+    global ENABLED, CANDIDATE, INLINE
+    if setting not in SETTINGS:
+        raise ValueError(f"MLX_GEMMA4_FEW_ROWS={setting!r}: expected one of {', '.join(SETTINGS)}")
+    before = "0" if not ENABLED else "mma" if CANDIDATE else "inline" if INLINE else "1"
+    ENABLED, CANDIDATE, INLINE = setting != "0", setting == "mma", setting == "inline"
+    return before
+
+
+configure(os.environ.get("MLX_GEMMA4_FEW_ROWS", "1"))
 MAX_ROWS = 8
 ONE_ROW_FROM = 32 << 20    # weight elements from which one row takes the kernel (see ``faster``)
 FEW_ROWS_FROM = 8 << 20    # ... and 2 or 3 rows (4 to 7: half of it)
@@ -118,6 +132,104 @@ _SOURCE = r"""
     }
 """
 
+# A candidate (benchmarks/few_rows.py times it as "RxWi"): the same work as _SOURCE, but each packed word's eight
+# weights are unpacked as they are used, against eight inputs of every row at once, instead of all 32 of a
+# chunk ahead into registers: about half the registers a lane holds at one row, so more warps fit on a
+# multiprocessor and more weight loads are in flight.
+_INLINE_SOURCE = r"""
+    const int N = w_shape[0];
+    const int lane = threadIdx.x;
+    const int row0 = (blockIdx.y * blockDim.y + threadIdx.y) * R;
+    if (row0 >= N) return;
+    constexpr int CHUNKS = K / 32;
+    constexpr int GPR = K / G;
+    constexpr int PER = 16 / sizeof(T);
+    const bool aligned =
+        ((reinterpret_cast<unsigned long long>(x) | reinterpret_cast<unsigned long long>(w)) & 15ull) == 0;
+    float acc[R][M];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
+    for (int c = lane; c < CHUNKS; c += 32) {
+        uint32_t q[R][4];
+        float s[R], b[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int row = min(row0 + r, N - 1);
+            const uint32_t* wp = w + (size_t)row * (K / 8) + c * 4;
+            if (aligned) {
+                const uint4 v = *reinterpret_cast<const uint4*>(wp);
+                q[r][0] = v.x; q[r][1] = v.y; q[r][2] = v.z; q[r][3] = v.w;
+            } else {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) q[r][i] = wp[i];
+            }
+            const size_t g = (size_t)row * GPR + (c * 32) / G;
+            s[r] = static_cast<float>(scales[g]);
+            b[r] = static_cast<float>(biases[g]);
+        }
+        float dot[R][M], sx[M];
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+            sx[m] = 0.f;
+#pragma unroll
+            for (int r = 0; r < R; ++r) dot[r][m] = 0.f;
+        }
+#pragma unroll
+        for (int word = 0; word < 4; ++word) {
+            float xv[M][8];
+#pragma unroll
+            for (int m = 0; m < M; ++m) {
+                const T* xp = x + (size_t)m * K + c * 32 + word * 8;
+#pragma unroll
+                for (int h = 0; h < 8 / PER; ++h) {
+                    uint4 u;
+                    if (aligned) {
+                        u = reinterpret_cast<const uint4*>(xp)[h];
+                    } else {
+                        T* d = reinterpret_cast<T*>(&u);
+#pragma unroll
+                        for (int i = 0; i < PER; ++i) d[i] = xp[h * PER + i];
+                    }
+                    const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+                    for (int i = 0; i < PER; ++i) {
+                        xv[m][h * PER + i] = static_cast<float>(e[i]);
+                        sx[m] += xv[m][h * PER + i];
+                    }
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < 8; ++i)
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    const float wv = __int_as_float(0x4B000000u | ((q[r][word] >> (4 * i)) & 0xFu)) - 8388608.f;
+#pragma unroll
+                    for (int m = 0; m < M; ++m) dot[r][m] = fmaf(xv[m][i], wv, dot[r][m]);
+                }
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int m = 0; m < M; ++m) acc[r][m] += s[r] * dot[r][m] + b[r] * sx[m];
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int m = 0; m < M; ++m)
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1)
+                acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], off);
+    if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+            if (row0 + r < N)
+#pragma unroll
+                for (int m = 0; m < M; ++m) out[(size_t)m * N + row0 + r] = static_cast<T>(acc[r][m]);
+    }
+"""
+
 _kernels: dict[str, object] = {}
 
 
@@ -165,14 +277,18 @@ def fits_candidate(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array 
 
 
 def matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int,
-           rows_per_warp: int | None = None, warps_per_block: int | None = None) -> mx.array:
-    """``x @ dequantized(w).T`` for 4-bit affine ``w`` (N, K / 8) on the few rows of ``x`` (..., K) (``fits``)."""
+           rows_per_warp: int | None = None, warps_per_block: int | None = None, inline: bool | None = None
+           ) -> mx.array:
+    """``x @ dequantized(w).T`` for 4-bit affine ``w`` (N, K / 8) on the few rows of ``x`` (..., K) (``fits``).
+    ``inline``: the candidate that unpacks each word as it is used (``_INLINE_SOURCE``; default: ``INLINE``)."""
     k = x.shape[-1]
     m = x.size // k
     n = w.shape[0]
     r = rows_per_warp or ROWS_PER_WARP
     warps = -(-n // r)
-    out = _get_kernel("gemma4_few_rows_q4", _SOURCE)(
+    inline = INLINE if inline is None else inline
+    name, source = ("gemma4_few_rows_q4_inline", _INLINE_SOURCE) if inline else ("gemma4_few_rows_q4", _SOURCE)
+    out = _get_kernel(name, source)(
         inputs=[x.reshape(m, k), w, scales, biases],
         template=[("T", x.dtype), ("M", m), ("K", k), ("G", group_size), ("R", r)],
         grid=(32, warps, 1), threadgroup=(32, warps_per_block or WARPS_PER_BLOCK, 1),
