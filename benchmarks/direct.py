@@ -85,8 +85,7 @@ WRITERS = {"ours": write_ours, "mlx-lm": write_mlx_lm}
 
 
 def convert_all(size: str, work: Path, impls: list[str], bits: int, group: int) -> dict[str, Path]:
-    """Each implementation's checkpoint of ``size`` under ``work`` (named as e2e.convert_all names them; one already
-    there is reused)."""
+    """Each implementation's checkpoint of ``size`` under ``work`` (one already there is reused)."""
     text, vision, audio = rc.SIZES[size]
     settings = work / f"hf-{size}-settings"
     if not (settings / "config.json").exists():
@@ -96,7 +95,7 @@ def convert_all(size: str, work: Path, impls: list[str], bits: int, group: int) 
           "in bfloat16 (not written)", flush=True)
     out = {}
     for impl in impls:
-        dst = work / (f"{impl}-{bits}bit" if bits else f"{impl}-bf16")
+        dst = work / (f"{size}-direct-{impl}-{bits}bit" if bits else f"{size}-direct-{impl}-bf16")
         if not (dst / "config.json").exists():
             shutil.rmtree(dst, ignore_errors=True)
             t0 = time.perf_counter()

@@ -75,11 +75,21 @@ def _run(cmd: list[str]) -> float:
     return time.perf_counter() - t0
 
 
+SOURCE_MARK = "converted-from.txt"   # which checkpoint a conversion in the work folder was made from
+
+
+def converted_from(dst: Path, src: Path) -> bool:
+    """Whether ``dst`` holds a finished conversion of ``src`` (reused only then: a work folder serves several
+    sizes and checkpoints)."""
+    mark = dst / SOURCE_MARK
+    return (dst / "config.json").exists() and mark.exists() and mark.read_text() == str(src.resolve())
+
+
 def convert_all(src: Path, work: Path, impls: list[str], bits: int, group: int) -> dict[str, Path]:
     out = {}
     for impl in impls:
-        dst = work / (f"{impl}-{bits}bit" if bits else f"{impl}-bf16")
-        if not (dst / "config.json").exists():
+        dst = work / (f"{src.name}-{impl}-{bits}bit" if bits else f"{src.name}-{impl}-bf16")
+        if not converted_from(dst, src):
             shutil.rmtree(dst, ignore_errors=True)
             q = ["--q-bits", str(bits), "--q-group-size", str(group)] if bits else []
             if impl == "ours":
@@ -98,6 +108,7 @@ def convert_all(src: Path, work: Path, impls: list[str], bits: int, group: int) 
                 tail = (e.stderr or b"").decode(errors="replace").strip().splitlines()[-3:]
                 print(f"# {impl} could not convert: {' | '.join(tail) or e}", flush=True)
                 continue
+            (dst / SOURCE_MARK).write_text(str(src.resolve()))
         out[impl] = dst
     return out
 

@@ -3,7 +3,8 @@
     python -m benchmarks.parts OURS_DIR [MLX_LM_DIR] --tokens 1059
 
 OURS_DIR is a ``convert.py`` output and MLX_LM_DIR an ``mlx_lm.convert`` output of the same checkpoint (what
-``benchmarks.e2e`` writes under its --work folder: ours-4bit, mlx-lm-4bit). On one prompt of --tokens token ids it
+``benchmarks.e2e`` writes under its --work folder: hf-e4b-ours-4bit, hf-e4b-mlx-lm-4bit). On one prompt of
+--tokens token ids it
 times (medians after warm-up, each synchronised):
 
 - prefill: ours (``model.prefill``), ours as one lazy graph, ours over every layer at every position, and mlx-lm's
