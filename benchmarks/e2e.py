@@ -329,7 +329,7 @@ def main(argv=None) -> None:
                     help="add our model again as ours-qmm, its prefill on quantized matmuls (where the backend "
                          "dequantizes by default: projection.py)")
     ap.add_argument("--few-rows-too", type=_settings, default=[],
-                    help="comma-separated MLX_GEMMA4_FEW_ROWS settings (0, 1, inline, mma): load our model again "
+                    help="comma-separated MLX_GEMMA4_FEW_ROWS settings (0, 1, mma): load our model again "
                          "for each, as ours-frS, timed in the same rounds (0: every quantized matmul left to MLX)")
     ap.add_argument("--compare", default="mlx-lm", help="comma-separated: mlx-lm, mlx-vlm ('' for ours alone)")
     ap.add_argument("--followup", type=int, default=0, help="also time a second chat turn after ~N tokens")

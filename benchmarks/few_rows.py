@@ -6,7 +6,7 @@ MLX's), and the time per call (100 calls queued at once, median of 5), with the 
 The calls cycle through copies of the weight that together exceed the device's last-level cache (``--cold-mb``),
 as a decode step reads each weight once: a weight small enough to stay cached would otherwise time too fast.
 
-    python -m benchmarks.few_rows [--sizes e4b,12b] [--rows 1,2,5,8] [--variants 2x4,mma8,mma4]
+    python -m benchmarks.few_rows [--sizes e4b,12b] [--rows 1,2,5,8] [--variants 4x4,2x4,mma8,mma4]
 """
 
 from __future__ import annotations
@@ -48,10 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="e4b,12b,e2b")
     ap.add_argument("--rows", default="1,2,4,5,8")
-    ap.add_argument("--variants", default="2x4,mma8,mma4",
-                    help="the library kernel's rows per warp x warps per block (a trailing i: the candidate that "
-                         "unpacks as it goes, e.g. 4x4i), or mmaS (the tensor-core candidate with S warps per block), "
-                         "comma-separated")
+    ap.add_argument("--variants", default="4x4,mma8",
+                    help="the CUDA-core kernel's rows per warp x warps per block, or mmaS (the tensor-core kernel "
+                         "with S warps per block), comma-separated")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--cold-mb", type=int, default=256,
@@ -61,8 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("benchmarks.few_rows times CUDA kernels: it needs MLX's CUDA backend (mlx[cuda]) and a GPU.")
     dtype = getattr(mx, args.dtype)
     rows = [int(r) for r in args.rows.split(",")]
-    variants = [("mma", int(s[3:])) if s.startswith("mma") else
-                (*(int(v) for v in s.rstrip("i").split("x")), s.endswith("i"))
+    variants = [("mma", int(s[3:])) if s.startswith("mma") else tuple(int(v) for v in s.split("x"))
                 for s in args.variants.split(",")]
     print(json.dumps({"device": str(mx.default_device()), "mlx": mx.__version__, "dtype": args.dtype}), flush=True)
     total: dict[str, dict[int, float]] = {}
@@ -102,11 +100,10 @@ def main(argv: list[str] | None = None) -> None:
                         def ours(x, w=w, scales=scales, biases=biases, warps=warps):
                             return few_rows.mma_matmul(x, w, scales, biases, warps)
                     else:
-                        r, warps, inline = variant
+                        r, warps = variant
 
-                        def ours(x, w=w, scales=scales, biases=biases, r=r, warps=warps, inline=inline):
-                            return few_rows.matmul(x, w, scales, biases, args.group_size, r, warps, inline)
-                        warps = f"{warps}i" if inline else warps
+                        def ours(x, w=w, scales=scales, biases=biases, r=r, warps=warps):
+                            return few_rows.matmul(x, w, scales, biases, args.group_size, r, warps)
                     try:
                         out = ours(x)
                         err = mx.max(mx.abs(out.astype(mx.float32) - ref)).item() / scale

@@ -1,19 +1,26 @@
-"""A 4-bit matmul of a few rows on MLX's CUDA backend that reads each weight once for all of them.
+"""4-bit matmuls of a few rows on MLX's CUDA backend that read each weight once for all of them.
 
 Decoding multiplies one row (a speculative verify: k + 1 rows) by every quantized weight, so a decode step is
 bound by how fast those weights stream from memory. MLX 0.32's CUDA backend runs such a matmul with ``qmv``: a warp
 per output row, bfloat16 partial sums, and one whole pass over the weight per input row (a verify of 5 tokens reads
-each weight 5 times). This kernel gives each warp ``R`` output rows; each lane takes 32 weights (one 16-byte load)
-at a time, unpacks them exactly to float (``2**23 + q`` built from the bits, minus ``2**23``), and multiplies them
-with every input row, accumulating in float32 as ``scale * sum(x * q) + bias * sum(x)`` per group; a warp's lanes
-then reduce. Each output row's arithmetic does not depend on how many input rows come with it, so a verify's row
-is computed exactly as the same token's decode step computes it.
+each weight 5 times). Two kernels of our own, each accumulating in float32 as ``scale * sum(x * q) + bias * sum(x)``
+per group, with nibbles unpacked exactly:
 
-Only bfloat16 inputs and 4-bit affine weights in groups of 64 (what has run on a device; the source is written for
-float16 / float32 and groups of 32 / 128 too) with an input width divisible by 32 take it, on 1 to ``MAX_ROWS``
-rows; ``fits`` says which, ``faster`` where it beats MLX's own. Compiled by MLX (NVRTC) once per row count and
-input width, and cached on disk by MLX. Reference for the format: ``mx.quantize`` (affine: ``w = scale * q +
-bias`` per group, eight 4-bit values per uint32, lowest bits first).
+- ``matmul`` (CUDA cores): each warp takes ``ROWS_PER_WARP`` output rows; each lane 32 weights of each (one 16-byte
+  load) at a time, unpacking each 32-bit word's eight as it multiplies them with every input row (``2**23 + q``
+  built from the bits, minus ``2**23``); the warp's lanes then reduce. Few registers, so many warps in flight: what
+  one row (a decode step) wants.
+- ``mma_matmul`` (tensor cores, ``mma.sync``): 16 output rows x up to 8 input rows per warp, split over the groups
+  of the input width; for 2 to 7 rows (a verify), where it is bound by the weight's bytes whatever the row count.
+
+``mma_matmul`` sums in another order than ``matmul`` and MLX's ``qmv``, so a verify's logits can differ from a
+decode step's in the last bits, as MLX's own kernels for one row and for many do.
+
+Only bfloat16 inputs and 4-bit affine weights in groups of 64 (what has run on a device) with an input width
+divisible by 32 take them, on 1 to ``MAX_ROWS`` rows; ``fits`` says which, ``choose`` which kernel (or MLX's own)
+is fastest. Compiled by MLX (NVRTC) once per row count and input width, and cached on disk by MLX. Reference for
+the format: ``mx.quantize`` (affine: ``w = scale * q + bias`` per group, eight 4-bit values per uint32, lowest bits
+first).
 """
 
 from __future__ import annotations
@@ -22,121 +29,34 @@ import os
 
 import mlx.core as mx
 
-SETTINGS = ("1", "0", "inline", "mma")
-ENABLED = CANDIDATE = INLINE = False
+SETTINGS = ("1", "0", "mma")
+ENABLED = CANDIDATE = False
 
 
 def configure(setting: str) -> str:
-    """Set which kernel takes few-row quantized matmuls; returns the setting it replaces. "1" (the default): this
-    module's kernel where ``faster`` says; "0": every quantized matmul left to MLX (to compare); "inline": the
-    inline-unpacking candidate in the kernel's place; "mma": the tensor-core candidate for every projection it
-    fits on 1-8 rows. Read when projections are traced: a compiled step keeps the setting it was traced with.
-    ``MLX_GEMMA4_FEW_ROWS`` sets it at import."""
-    global ENABLED, CANDIDATE, INLINE
+    """Set which kernels take few-row quantized matmuls; returns the setting it replaces. "1" (the default): this
+    module's kernels where ``choose`` says; "0": every quantized matmul left to MLX (to compare); "mma": the
+    tensor-core kernel for every projection it fits on 1-8 rows, whatever its size (to compare). Read when
+    projections are traced: a compiled step keeps the setting it was traced with. ``MLX_GEMMA4_FEW_ROWS`` sets it
+    at import."""
+    global ENABLED, CANDIDATE
     if setting not in SETTINGS:
         raise ValueError(f"MLX_GEMMA4_FEW_ROWS={setting!r}: expected one of {', '.join(SETTINGS)}")
-    before = "0" if not ENABLED else "mma" if CANDIDATE else "inline" if INLINE else "1"
-    ENABLED, CANDIDATE, INLINE = setting != "0", setting == "mma", setting == "inline"
+    before = "0" if not ENABLED else "mma" if CANDIDATE else "1"
+    ENABLED, CANDIDATE = setting != "0", setting == "mma"
     return before
 
 
 configure(os.environ.get("MLX_GEMMA4_FEW_ROWS", "1"))
 MAX_ROWS = 8
-ONE_ROW_FROM = 32 << 20    # weight elements from which one row takes the kernel (see ``faster``)
-FEW_ROWS_FROM = 8 << 20    # ... and 2 or 3 rows (4 to 7: half of it)
-ROWS_PER_WARP = 2
+ONE_ROW_FROM = 28 << 20    # weight elements from which one row takes the CUDA-core kernel (see ``choose``)
+FEW_ROWS_FROM = 4 << 20    # ... and 2 to 7 rows the tensor-core kernel
+ROWS_PER_WARP = 4
 WARPS_PER_BLOCK = 4
+MMA_WARPS = 8              # the tensor-core kernel's warps per block (each a share of every group of 16 rows)
+
 
 _SOURCE = r"""
-    const int N = w_shape[0];
-    const int lane = threadIdx.x;
-    const int row0 = (blockIdx.y * blockDim.y + threadIdx.y) * R;
-    if (row0 >= N) return;
-    constexpr int CHUNKS = K / 32;
-    constexpr int GPR = K / G;
-    constexpr int PER = 16 / sizeof(T);
-    const bool aligned =
-        ((reinterpret_cast<unsigned long long>(x) | reinterpret_cast<unsigned long long>(w)) & 15ull) == 0;
-    float acc[R][M];
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
-    for (int c = lane; c < CHUNKS; c += 32) {
-        float wq[R][32];
-        float s[R], b[R];
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            const int row = min(row0 + r, N - 1);
-            const uint32_t* wp = w + (size_t)row * (K / 8) + c * 4;
-            uint32_t q[4];
-            if (aligned) {
-                const uint4 v = *reinterpret_cast<const uint4*>(wp);
-                q[0] = v.x; q[1] = v.y; q[2] = v.z; q[3] = v.w;
-            } else {
-#pragma unroll
-                for (int i = 0; i < 4; ++i) q[i] = wp[i];
-            }
-            const size_t g = (size_t)row * GPR + (c * 32) / G;
-            s[r] = static_cast<float>(scales[g]);
-            b[r] = static_cast<float>(biases[g]);
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-#pragma unroll
-                for (int j = 0; j < 8; ++j)
-                    wq[r][i * 8 + j] = __int_as_float(0x4B000000u | ((q[i] >> (4 * j)) & 0xFu)) - 8388608.f;
-        }
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-            const T* xp = x + (size_t)m * K + c * 32;
-            float dot[R];
-#pragma unroll
-            for (int r = 0; r < R; ++r) dot[r] = 0.f;
-            float sx = 0.f;
-#pragma unroll
-            for (int v = 0; v < 32 / PER; ++v) {
-                uint4 u;
-                const T* e = reinterpret_cast<const T*>(&u);
-                if (aligned) {
-                    u = reinterpret_cast<const uint4*>(xp)[v];
-                } else {
-                    T* d = reinterpret_cast<T*>(&u);
-#pragma unroll
-                    for (int i = 0; i < PER; ++i) d[i] = xp[v * PER + i];
-                }
-#pragma unroll
-                for (int i = 0; i < PER; ++i) {
-                    const float xv = static_cast<float>(e[i]);
-                    sx += xv;
-#pragma unroll
-                    for (int r = 0; r < R; ++r) dot[r] = fmaf(xv, wq[r][v * PER + i], dot[r]);
-                }
-            }
-#pragma unroll
-            for (int r = 0; r < R; ++r) acc[r][m] += s[r] * dot[r] + b[r] * sx;
-        }
-    }
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int m = 0; m < M; ++m)
-#pragma unroll
-            for (int off = 16; off > 0; off >>= 1)
-                acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], off);
-    if (lane == 0) {
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-            if (row0 + r < N)
-#pragma unroll
-                for (int m = 0; m < M; ++m) out[(size_t)m * N + row0 + r] = static_cast<T>(acc[r][m]);
-    }
-"""
-
-# A candidate (benchmarks/few_rows.py times it as "RxWi"): the same work as _SOURCE, but each packed word's eight
-# weights are unpacked as they are used, against eight inputs of every row at once, instead of all 32 of a
-# chunk ahead into registers: about half the registers a lane holds at one row, so more warps fit on a
-# multiprocessor and more weight loads are in flight.
-_INLINE_SOURCE = r"""
     const int N = w_shape[0];
     const int lane = threadIdx.x;
     const int row0 = (blockIdx.y * blockDim.y + threadIdx.y) * R;
@@ -244,8 +164,8 @@ def _get_kernel(name: str, source: str, header: str = ""):
 def fits(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int,
          mode: str = "affine") -> bool:
     """Whether ``matmul`` takes this quantized matmul (``x @ dequantized(w).T``): what was checked on the device
-    (benchmarks/few_rows.py: bfloat16, 4 bits, groups of 64; the kernel's code is written for float16 / float32
-    and groups of 32 / 128 too, not yet run there)."""
+    (benchmarks/few_rows.py: bfloat16, 4 bits, groups of 64; the CUDA-core kernel's code is written for float16 /
+    float32 and groups of 32 / 128 too, checked on the host only: tests/test_few_rows_host.py)."""
     k = x.shape[-1]
     return (mode == "affine" and bits == 4 and biases is not None and group_size == 64
             and k % 32 == 0 and w.ndim == 2 and w.dtype == mx.uint32 and w.shape[1] * 8 == k
@@ -254,50 +174,41 @@ def fits(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, gr
             and -(-w.shape[0] // (ROWS_PER_WARP * WARPS_PER_BLOCK)) <= 65535)   # CUDA's grid height
 
 
-def faster(rows: int, n: int, k: int) -> bool:
-    """Whether the kernel beats MLX's own quantized matmul for ``rows`` rows of an (n, k) weight, from
-    ``python -m benchmarks.few_rows`` on an H100 (docs/BENCHMARKS.md): each call costs ~10 us at the least, against
-    ~4-6 us for MLX's ``qmv`` on a small weight, so one row takes it only on weights of at least ``ONE_ROW_FROM``
-    elements (E4B's gate/up 28.5 against 31.9 us, the 262,144-entry head 256 against 365 us; E4B's down
-    projection, 26M, 18.2 against 17.3), and 2 to 7 rows (where MLX reads the weight once per row) on weights of
-    at least ``FEW_ROWS_FROM``, or half that from 4 rows (E4B's q projection, 5.2M: 12.3 against 9.3 us at 2
-    rows, 14.5 against 18.3 at 5). From 8 rows MLX's tiled kernel is faster (gate/up 25.0 us at 8 rows)."""
+def choose(rows: int, n: int, k: int) -> str | None:
+    """Which kernel takes ``rows`` rows of an (n, k) weight in the format ``fits`` takes: "mma" (``mma_matmul``),
+    "cores" (``matmul``) or None (MLX's own), from ``python -m benchmarks.few_rows`` on an H100 with weights read
+    cold (docs/BENCHMARKS.md). Each custom kernel call costs ~11 us at the least, against ~5-7 us for MLX's ``qmv``
+    on a small weight, so one row takes the CUDA-core kernel only on weights of at least ``ONE_ROW_FROM`` elements
+    (E4B's gate/up 25.2 against 32.5 us, the 12B's q/k/v 18.3 against 20.9, E4B's 262,144-entry head 195 against
+    365; E4B's down projection, 26M elements, 19.1 against 18.6). 2 to 7 rows (where MLX reads the weight once per
+    row) take the tensor-core kernel, which reads it once for all of them, on weights of at least
+    ``FEW_ROWS_FROM`` (E4B's q at 5 rows 11.5 against 18.7 us, its k/v, 1.3M, 11.0 against 7.7) and an input width
+    divisible by 64 (else the CUDA-core kernel). From 8 rows MLX's tiled kernel takes over."""
     size = n * k
     if rows == 1:
-        return size >= ONE_ROW_FROM
-    if rows < 4:
-        return 2 <= rows and size >= FEW_ROWS_FROM
-    return rows <= MAX_ROWS - 1 and size >= FEW_ROWS_FROM // 2
-
-
-def fits_candidate(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int,
-                   mode: str = "affine") -> bool:
-    """Whether ``mma_matmul`` takes this quantized matmul: ``fits``, with an input width divisible by 64."""
-    return fits(x, w, scales, biases, group_size, bits, mode) and x.shape[-1] % 64 == 0
+        return "cores" if size >= ONE_ROW_FROM else None
+    if 2 <= rows < MAX_ROWS and size >= FEW_ROWS_FROM:
+        return "mma" if k % 64 == 0 else "cores"
+    return None
 
 
 def matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int,
-           rows_per_warp: int | None = None, warps_per_block: int | None = None, inline: bool | None = None
-           ) -> mx.array:
-    """``x @ dequantized(w).T`` for 4-bit affine ``w`` (N, K / 8) on the few rows of ``x`` (..., K) (``fits``).
-    ``inline``: the candidate that unpacks each word as it is used (``_INLINE_SOURCE``; default: ``INLINE``)."""
+           rows_per_warp: int = ROWS_PER_WARP, warps_per_block: int = WARPS_PER_BLOCK) -> mx.array:
+    """``x @ dequantized(w).T`` for 4-bit affine ``w`` (N, K / 8) on the few rows of ``x`` (..., K) (``fits``), on
+    CUDA cores."""
     k = x.shape[-1]
     m = x.size // k
     n = w.shape[0]
-    r = rows_per_warp or ROWS_PER_WARP
-    warps = -(-n // r)
-    inline = INLINE if inline is None else inline
-    name, source = ("gemma4_few_rows_q4_inline", _INLINE_SOURCE) if inline else ("gemma4_few_rows_q4", _SOURCE)
-    out = _get_kernel(name, source)(
+    out = _get_kernel("gemma4_few_rows_q4", _SOURCE)(
         inputs=[x.reshape(m, k), w, scales, biases],
-        template=[("T", x.dtype), ("M", m), ("K", k), ("G", group_size), ("R", r)],
-        grid=(32, warps, 1), threadgroup=(32, warps_per_block or WARPS_PER_BLOCK, 1),
+        template=[("T", x.dtype), ("M", m), ("K", k), ("G", group_size), ("R", rows_per_warp)],
+        grid=(32, -(-n // rows_per_warp), 1), threadgroup=(32, warps_per_block, 1),
         output_shapes=[(m, n)], output_dtypes=[x.dtype])[0]
     return out.reshape(*x.shape[:-1], n)
 
 
-# A candidate, not yet run on a device (``MLX_GEMMA4_FEW_ROWS=mma`` opts in; benchmarks/few_rows.py times it as
-# "mmaS": S warps per block share each weight's groups): tensor-core matrix multiply-accumulates (mma.sync
+# The tensor-core kernel (benchmarks/few_rows.py times it as "mmaS": S warps per block share each weight's
+# groups): tensor-core matrix multiply-accumulates (mma.sync
 # m16n8k16, bfloat16 in, float32 out) on 16 output rows x up to 8 input rows per warp. Within each 16-wide k step
 # the tile's k order is relabelled (A and B alike) so that a lane's A fragment is the nibbles it loaded itself (two
 # 32-bit words of each of its two rows: 16 consecutive weights) and its B fragment the 16 consecutive inputs beside
@@ -387,9 +298,10 @@ _MMA_SOURCE = r"""
     }
 """
 
-def mma_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, splits: int = 8) -> mx.array:
-    """The candidate: ``x @ dequantized(w).T`` for bfloat16 ``x`` (..., K) of 1-8 rows, 4-bit ``w`` in groups of
-    64 (K a multiple of 64)."""
+def mma_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, splits: int = MMA_WARPS
+               ) -> mx.array:
+    """``x @ dequantized(w).T`` for bfloat16 ``x`` (..., K) of 1-8 rows, 4-bit ``w`` in groups of 64 (K a multiple
+    of 64), on tensor cores."""
     k = x.shape[-1]
     m = x.size // k
     n = w.shape[0]

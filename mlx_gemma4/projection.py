@@ -24,14 +24,15 @@ Only ``prefill`` turns it on (``dense_matmuls``), where ``default_enabled()`` sa
 of at least ``DENSE_FROM_ROWS`` rows; elsewhere, and inside compiled or one-graph passes, projections
 are the plain module call.
 
-**A few rows on CUDA: our kernel, else padded to 8.** A 4-bit bfloat16 projection on 1 to 7 rows runs on
-few_rows.py's kernel where it beats MLX's own (``few_rows.faster``: the wide projections at one row, most at 2-7
-rows); what it does not take is handled as below. MLX 0.32's CUDA backend runs a quantized matmul of fewer than 8
-rows as one matrix-vector pass per row (each pass reads the whole weight) and one of 8 or more on a tiled kernel
-that reads it once, so a speculative verify of k + 1 tokens grew ~2.6 ms per token on an H200's E4B. A wide projection
-(output at least ``PAD_FROM_OUT``: the fused gate/up, the tied head) on 2 to 7 rows runs on them padded with zero
-rows to 8 instead (on an H100, E4B's gate/up at 5 rows 0.16 against 0.25 ms); a narrow one (the down projection,
-whose tiled kernel has too few output tiles to fill the device: 0.24 against 0.18 ms) keeps the per-row passes.
+**A few rows on CUDA: our kernels, else padded to 8.** A 4-bit bfloat16 projection on 1 to 7 rows runs on one of
+few_rows.py's kernels where it beats MLX's own (``few_rows.choose``: the wide projections at one row on CUDA cores,
+all but the smallest at 2-7 rows on tensor cores); what they do not take is handled as below. MLX 0.32's CUDA
+backend runs a quantized matmul of fewer than 8 rows as one matrix-vector pass per row (each pass reads the whole
+weight) and one of 8 or more on a tiled kernel that reads it once, so a speculative verify of k + 1 tokens grew ~2.6
+ms per token on an H200's E4B. A wide projection (output at least ``PAD_FROM_OUT``: the fused gate/up, the tied
+head) on 2 to 7 rows runs on them padded with zero rows to 8 instead (on an H100, E4B's gate/up at 5 rows 0.16
+against 0.25 ms); a narrow one (the down projection, whose tiled kernel has too few output tiles to fill the device:
+0.24 against 0.18 ms) keeps the per-row passes.
 
 **Float32 inputs on the CPU.** MLX's CPU backend runs a 4-bit matmul about 8x faster on float32 inputs than on
 bfloat16 ones (this project's 2-core machine: the 262,144 x 256 head of one token 59 against 471 ms; a 2,048 x
@@ -103,20 +104,22 @@ def _padded(fn, x: mx.array, rows: int) -> mx.array:
     return out[:rows].reshape(*x.shape[:-1], out.shape[-1])
 
 
-def _kernel_fits(module: nn.Module, x: mx.array) -> bool:
-    """Whether this quantized matmul runs on the few-rows kernel (few_rows.py): on CUDA, in the format it takes
-    (``few_rows.fits``), where it beats MLX's own (``few_rows.faster``)."""
+def _kernel_for(module: nn.Module, x: mx.array) -> str | None:
+    """Which of the few-rows kernels (few_rows.py) runs this quantized matmul, if any: on CUDA, in the format they
+    take (``few_rows.fits``), where ``few_rows.choose`` finds one faster than MLX's own ("mma" for every fitting
+    one with MLX_GEMMA4_FEW_ROWS=mma)."""
     w = module["weight"]
+    if not (few_rows.ENABLED and _on_cuda() and few_rows.fits(x, w, module["scales"], module.get("biases"),
+                                                              module.group_size, module.bits, module.mode)):
+        return None
+    k = x.shape[-1]
     if few_rows.CANDIDATE:
-        return _on_cuda() and few_rows.fits_candidate(x, w, module["scales"], module.get("biases"),
-                                                      module.group_size, module.bits, module.mode)
-    return (few_rows.ENABLED and few_rows.faster(x.size // x.shape[-1], w.shape[0], x.shape[-1]) and _on_cuda()
-            and few_rows.fits(x, w, module["scales"], module.get("biases"), module.group_size, module.bits,
-                              module.mode))
+        return "mma" if k % 64 == 0 else None
+    return few_rows.choose(x.size // k, w.shape[0], k)
 
 
-def _kernel(module: nn.Module, x: mx.array) -> mx.array:
-    if few_rows.CANDIDATE:
+def _kernel(module: nn.Module, x: mx.array, which: str) -> mx.array:
+    if which == "mma":
         return few_rows.mma_matmul(x, module["weight"], module["scales"], module["biases"])
     return few_rows.matmul(x, module["weight"], module["scales"], module["biases"], module.group_size)
 
@@ -128,8 +131,9 @@ def head(table: nn.Module, h: mx.array) -> mx.array:
         return table.as_linear(h)
     if _widened(h):
         return table.as_linear(h.astype(mx.float32)).astype(h.dtype)
-    if _kernel_fits(table, h):
-        return _kernel(table, h)
+    which = _kernel_for(table, h)
+    if which:
+        return _kernel(table, h, which)
     rows = _few_rows(h, table["weight"].shape[0])
     return _padded(table.as_linear, h, rows) if rows else table.as_linear(h)
 
@@ -145,8 +149,9 @@ def project(linear: nn.Module, x: mx.array) -> mx.array:
     if queue is None or x.size // x.shape[-1] < DENSE_FROM_ROWS:
         if _widened(x):
             return linear(x.astype(mx.float32)).astype(x.dtype)
-        if _kernel_fits(linear, x):
-            out = _kernel(linear, x)
+        which = _kernel_for(linear, x)
+        if which:
+            out = _kernel(linear, x, which)
             return out + linear["bias"] if "bias" in linear else out
         rows = _few_rows(x, linear["weight"].shape[0])
         return _padded(linear, x, rows) if rows else linear(x)

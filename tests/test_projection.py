@@ -297,29 +297,56 @@ def test_few_rows_kernel_fits_only_what_was_checked_on_the_device():
     assert not fits(mx.zeros((2, 128)), *mx.quantize(f32, group_size=64, bits=4))
 
 
-def test_few_rows_kernel_is_chosen_where_the_device_run_found_it_faster():
-    from mlx_gemma4.few_rows import faster
+def test_few_rows_kernels_are_chosen_where_the_device_run_found_them_faster():
+    from mlx_gemma4.few_rows import choose
 
-    assert faster(1, 20480, 2560) and faster(1, 262144, 2560) and faster(1, 3840, 15360)   # gate/up, head, 12B down
-    assert not faster(1, 2560, 10240) and not faster(1, 2048, 2560)                       # E4B down, q
-    assert faster(2, 2560, 10240) and faster(2, 3840, 4096) and not faster(2, 2048, 2560)
-    assert faster(5, 2048, 2560) and not faster(5, 512, 2560)                              # q; k / v stay
-    assert not faster(8, 20480, 2560) and not faster(9, 20480, 2560)                       # MLX's tiled kernel
+    # one row: the CUDA-core kernel on the widest weights only
+    assert choose(1, 20480, 2560) == choose(1, 262144, 2560) == choose(1, 3840, 15360) == "cores"  # gate/up, head
+    assert choose(1, 8192, 3840) == "cores"                                                         # 12B q/k/v
+    assert choose(1, 2560, 10240) is None and choose(1, 2048, 2560) is None                         # E4B down, q
+    # 2 to 7 rows: the tensor-core kernel from 4M elements (input width a multiple of 64), else MLX's
+    for rows in range(2, 8):
+        assert choose(rows, 2048, 2560) == choose(rows, 20480, 2560) == "mma"
+        assert choose(rows, 512, 2560) is None                                                      # k / v
+    assert choose(5, 4096, 2080) == "cores"                                                         # 2080 % 64 != 0
+    assert choose(8, 20480, 2560) is None and choose(9, 20480, 2560) is None                       # MLX's tiled kernel
 
 
-def test_projections_and_the_head_take_the_few_rows_kernel_on_cuda(monkeypatch):
-    """On CUDA a projection or tied head the kernel fits (bfloat16, 4-bit) where it is faster goes to
-    few_rows.matmul (with the weight, scales, biases and group size; the module's bias added after); 9 rows,
-    other backends, ENABLED off, or where it is not faster do not."""
+def test_few_rows_settings():
+    """MLX_GEMMA4_FEW_ROWS: "1" (the default rules), "0" (MLX's own everywhere), "mma" (tensor cores for all that
+    fit); configure returns the setting it replaces and refuses anything else with the choices named."""
+    from mlx_gemma4 import few_rows
+
+    before = few_rows.configure("0")
+    try:
+        assert not few_rows.ENABLED and few_rows.configure("mma") == "0"
+        assert few_rows.ENABLED and few_rows.CANDIDATE and few_rows.configure("1") == "mma"
+        assert few_rows.ENABLED and not few_rows.CANDIDATE
+        with pytest.raises(ValueError, match="expected one of 1, 0, mma"):
+            few_rows.configure("fast")
+    finally:
+        few_rows.configure(before)
+
+
+def test_projections_and_the_head_take_the_few_rows_kernels_on_cuda(monkeypatch):
+    """On CUDA a projection or tied head the kernels fit (bfloat16, 4-bit) goes where few_rows.choose says:
+    few_rows.matmul ("cores": with the weight, scales, biases and group size) or few_rows.mma_matmul ("mma"), the
+    module's bias added after; 8 or 9 rows, float32, other backends, ENABLED off, or where choose says MLX's own do
+    not. Outputs equal the module's own."""
     from mlx_gemma4 import few_rows
 
     calls = []
 
-    def fake(x, w, scales, biases, group_size):
-        calls.append(x.size // x.shape[-1])
+    def cores(x, w, scales, biases, group_size):
+        calls.append(("cores", x.size // x.shape[-1]))
         return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=4)
 
-    monkeypatch.setattr(few_rows, "matmul", fake)
+    def mma(x, w, scales, biases):
+        calls.append(("mma", x.size // x.shape[-1]))
+        return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=64, bits=4)
+
+    monkeypatch.setattr(few_rows, "matmul", cores)
+    monkeypatch.setattr(few_rows, "mma_matmul", mma)
     monkeypatch.setattr(projection, "_widened", lambda x: False)    # as on a GPU
     lin = _quantized_linear(bias=True)
     lin.set_dtype(mx.bfloat16)
@@ -332,22 +359,24 @@ def test_projections_and_the_head_take_the_few_rows_kernel_on_cuda(monkeypatch):
     monkeypatch.setattr(projection, "_on_cuda", lambda: True)
     project(lin, x)
     assert calls == []                                    # too small to be faster
-    monkeypatch.setattr(few_rows, "faster", lambda rows, n, k: 1 <= rows <= 7)
+    monkeypatch.setattr(few_rows, "choose", lambda rows, n, k: "cores" if rows == 1 else "mma" if rows < 8 else None)
     for rows in (1, 5, 7):
         xr = mx.random.normal((1, rows, 128)).astype(mx.bfloat16)
         assert mx.array_equal(project(lin, xr), lin(xr)).item()
         assert mx.array_equal(projection.head(emb, xr), emb.as_linear(xr)).item()
-    assert calls == [1, 1, 5, 5, 7, 7]
+    assert calls == [("cores", 1)] * 2 + [("mma", 5)] * 2 + [("mma", 7)] * 2
     project(lin, mx.random.normal((1, 8, 128)).astype(mx.bfloat16))
+    project(lin, mx.random.normal((1, 9, 128)).astype(mx.bfloat16))
     project(lin, mx.random.normal((1, 5, 128)))          # float32
     monkeypatch.setattr(few_rows, "ENABLED", False)
     project(lin, x)
-    assert calls == [1, 1, 5, 5, 7, 7]
+    assert len(calls) == 6
 
 
-def test_the_candidate_kernel_takes_every_fitting_projection_when_opted_in(monkeypatch):
+def test_the_mma_setting_takes_every_fitting_projection(monkeypatch):
     """MLX_GEMMA4_FEW_ROWS=mma (few_rows.CANDIDATE): on CUDA every 4-bit bfloat16 projection of 1 to 8 rows with an
-    input width divisible by 64 goes to few_rows.mma_matmul, whatever its size; 9 rows or another backend do not."""
+    input width divisible by 64 goes to few_rows.mma_matmul, whatever its size; 9 rows, another width or another
+    backend do not."""
     from mlx_gemma4 import few_rows
 
     calls = []
@@ -370,5 +399,6 @@ def test_the_candidate_kernel_takes_every_fitting_projection_when_opted_in(monke
         assert mx.array_equal(project(lin, xr), lin(xr)).item()
     project(lin, mx.random.normal((1, 9, 128)).astype(mx.bfloat16))
     assert calls == [1, 3, 8]
-    w, s, b = mx.quantize(mx.random.normal((64, 96)).astype(mx.bfloat16), group_size=32, bits=4)
-    assert not few_rows.fits_candidate(mx.zeros((2, 96), dtype=mx.bfloat16), w, s, b, 32, 4)
+    narrow = nn.QuantizedLinear.from_linear(nn.Linear(96, 64, bias=False), group_size=32, bits=4)
+    narrow.set_dtype(mx.bfloat16)
+    assert projection._kernel_for(narrow, mx.zeros((2, 96), dtype=mx.bfloat16)) is None
