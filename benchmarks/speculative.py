@@ -277,7 +277,7 @@ def check_tokens(target, prompt: mx.array, greedy: list[int], tokens: list[int],
 
 
 def end_to_end(target, drafter, prompt: mx.array, n_gen: int, k_fixed: int, tol: float,
-               rates: tuple[float, ...] = (), script_rates: tuple[float, ...] = ()) -> dict:
+               rates: tuple[float, ...] = (), script_rates: tuple[float, ...] = (), oracles: bool = True) -> dict:
     from mlx_gemma4.generation import generate_step
 
     inputs = {"input_ids": prompt}
@@ -347,8 +347,9 @@ def end_to_end(target, drafter, prompt: mx.array, n_gen: int, k_fixed: int, tol:
                 break
         report(name, *result, runs_to_own_sequence=runs, blind=drafting.blind)
 
-    oracle(f"oracle_k{k_fixed}", draft_tokens=k_fixed)
-    oracle("oracle_auto")
+    if oracles:
+        oracle(f"oracle_k{k_fixed}", draft_tokens=k_fixed)
+        oracle("oracle_auto")
     # The oracle right only at a given rate (independently per draft): the automatic k at that acceptance.
     for rate in rates:
         oracle(f"oracle_{rate}_auto", rate)
@@ -417,6 +418,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pad-from-out", type=int, default=None,
                     help="set projection.PAD_FROM_OUT for the whole run (-1: pad none)")
     ap.add_argument("--no-end-to-end", action="store_true", help="time the parts only")
+    ap.add_argument("--no-oracle", action="store_true",
+                    help="end to end, skip the oracle of the loop's own picks (k fixed and automatic)")
     ap.add_argument("--tol", type=float, default=0.25,
                     help="log-probability gap below plain decoding's best that counts as a rounding tie")
     a = ap.parse_args(argv)
@@ -450,7 +453,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(json.dumps({"end_to_end": end_to_end(target, drafter, prompt, a.gen, min(4, a.k_max), a.tol,
                                                         tuple(float(r) for r in a.rates.split(",") if r),
-                                                        tuple(float(r) for r in a.script_rates.split(",") if r))}),
+                                                        tuple(float(r) for r in a.script_rates.split(",") if r),
+                                                        not a.no_oracle)}),
           flush=True)
 
 
