@@ -1,4 +1,4 @@
-"""The tensor-core candidate's index arithmetic (mlx_gemma4/few_rows.py, ``_MMA_SOURCE``), replayed in NumPy.
+"""The tensor-core kernel's index arithmetic (mlx_gemma4/few_rows.py, ``_MMA_SOURCE``), replayed in NumPy.
 
 The kernel itself runs only on CUDA. What can go wrong without a GPU is the bookkeeping: which nibbles each lane
 unpacks into its A fragment, which inputs it puts in its B fragment, and the k order both must share within an
@@ -39,7 +39,7 @@ def mma(frags_a, frags_b) -> np.ndarray:
 
 
 @pytest.mark.parametrize("m", [1, 3, 8])
-def test_the_candidates_fragments_give_the_matmul(m):
+def test_the_mma_kernels_fragments_give_the_matmul(m):
     rng = np.random.default_rng(m)
     n, k, groups = 16, 128, 2
     q = rng.integers(0, 16, (n, k))
@@ -83,7 +83,7 @@ def test_the_candidates_fragments_give_the_matmul(m):
     assert np.allclose(out, x @ dense.T, atol=1e-9)
 
 
-def test_the_candidate_source_matches_this_replay():
+def test_the_mma_kernel_source_matches_this_replay():
     """The replay above follows the source: the same shifts, masks and fragment order."""
     from mlx_gemma4 import few_rows
 
