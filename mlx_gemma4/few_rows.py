@@ -25,6 +25,7 @@ first).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import mlx.core as mx
@@ -174,6 +175,17 @@ def fits(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, gr
             and -(-w.shape[0] // (ROWS_PER_WARP * WARPS_PER_BLOCK)) <= 65535)   # CUDA's grid height
 
 
+@functools.cache
+def tensor_cores() -> bool:
+    """Whether the CUDA device runs ``mma_matmul`` (bfloat16 ``mma.sync``: compute capability 8.0 and up, Ampere
+    on); where MLX does not say, assumed so."""
+    try:
+        major = mx.device_info().get("compute_capability_major")
+    except Exception:
+        major = None
+    return not isinstance(major, int) or major >= 8
+
+
 def choose(rows: int, n: int, k: int) -> str | None:
     """Which kernel takes ``rows`` rows of an (n, k) weight in the format ``fits`` takes: "mma" (``mma_matmul``),
     "cores" (``matmul``) or None (MLX's own), from ``python -m benchmarks.few_rows`` on an H100 with weights read
@@ -183,12 +195,13 @@ def choose(rows: int, n: int, k: int) -> str | None:
     365; E4B's down projection, 26M elements, 19.1 against 18.6). 2 to 7 rows (where MLX reads the weight once per
     row) take the tensor-core kernel, which reads it once for all of them, on weights of at least
     ``FEW_ROWS_FROM`` (E4B's q at 5 rows 11.5 against 18.7 us, its k/v, 1.3M, 11.0 against 7.7) and an input width
-    divisible by 64 (else the CUDA-core kernel). From 8 rows MLX's tiled kernel takes over."""
+    divisible by 64 on a device with them (``tensor_cores``; else the CUDA-core kernel). From 8 rows MLX's tiled
+    kernel takes over."""
     size = n * k
     if rows == 1:
         return "cores" if size >= ONE_ROW_FROM else None
     if 2 <= rows < MAX_ROWS and size >= FEW_ROWS_FROM:
-        return "mma" if k % 64 == 0 else "cores"
+        return "mma" if k % 64 == 0 and tensor_cores() else "cores"
     return None
 
 

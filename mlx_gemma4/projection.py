@@ -114,7 +114,7 @@ def _kernel_for(module: nn.Module, x: mx.array) -> str | None:
         return None
     k = x.shape[-1]
     if few_rows.CANDIDATE:
-        return "mma" if k % 64 == 0 else None
+        return "mma" if k % 64 == 0 and few_rows.tensor_cores() else None
     return few_rows.choose(x.size // k, w.shape[0], k)
 
 

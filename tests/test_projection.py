@@ -312,6 +312,20 @@ def test_few_rows_kernels_are_chosen_where_the_device_run_found_them_faster():
     assert choose(8, 20480, 2560) is None and choose(9, 20480, 2560) is None                       # MLX's tiled kernel
 
 
+def test_few_rows_tensor_cores_only_where_the_device_has_them(monkeypatch):
+    """bfloat16 mma.sync needs compute capability 8.0: on an older GPU 2-7 rows take the CUDA-core kernel; where
+    MLX does not report the capability the tensor cores are assumed."""
+    from mlx_gemma4 import few_rows
+
+    for info, expected in (({"compute_capability_major": 7}, "cores"), ({"compute_capability_major": 9}, "mma"),
+                           ({}, "mma")):
+        monkeypatch.setattr(mx, "device_info", lambda info=info: info)
+        few_rows.tensor_cores.cache_clear()
+        assert few_rows.choose(5, 20480, 2560) == expected
+        assert few_rows.choose(1, 20480, 2560) == "cores"
+    few_rows.tensor_cores.cache_clear()
+
+
 def test_few_rows_settings():
     """MLX_GEMMA4_FEW_ROWS: "1" (the default rules), "0" (MLX's own everywhere), "mma" (tensor cores for all that
     fit); configure returns the setting it replaces and refuses anything else with the choices named."""
