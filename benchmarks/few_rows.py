@@ -2,7 +2,8 @@
 
 For the quantized projections of the real E2B / E4B / 12B sizes (random weights) at 1 to 8 rows: the largest
 difference of each from a float32 matmul on the same dequantized weights (checked: ours must be no farther than
-MLX's), and the time per call (100 calls queued at once, median of 5), with the weight bytes streamed per second.
+MLX's), and the time per call, compiled as a decode step runs it (100 calls queued at once, median of 5), with
+the weight bytes streamed per second.
 The calls cycle through copies of the weight that together exceed the device's last-level cache (``--cold-mb``),
 as a decode step reads each weight once: a weight small enough to stay cached would otherwise time too fast.
 
@@ -32,7 +33,10 @@ SHAPES = {
 
 
 def timed(fn, x, copies: list, calls: int = 100, runs: int = 5) -> float:
-    """Seconds per call of ``fn(x, *copy)``, the calls cycling through ``copies`` of the weight."""
+    """Seconds per call of ``fn(x, *copy)`` compiled (as a decode step calls it: MLX does the work of building each
+    call's graph once, where an uncompiled custom kernel, for one, assembles its source again on every call), the
+    calls cycling through ``copies`` of the weight."""
+    fn = mx.compile(fn)
     for _ in range(2):
         mx.eval([fn(x, *copies[i % len(copies)]) for i in range(10)])
     times = []
@@ -79,12 +83,12 @@ def main(argv: list[str] | None = None) -> None:
                 ref = x.astype(mx.float32) @ dense.T
                 scale = mx.max(mx.abs(ref)).item()
 
-                def theirs(x, w=w, scales=scales, biases=biases):
+                def theirs(x, w, scales, biases):
                     return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=args.group_size,
                                                bits=4)
 
                 row = {"size": size, "proj": name, "n": n, "k": k, "rows": m, "copies": len(copies)}
-                err_theirs = mx.max(mx.abs(theirs(x).astype(mx.float32) - ref)).item() / scale
+                err_theirs = mx.max(mx.abs(theirs(x, w, scales, biases).astype(mx.float32) - ref)).item() / scale
                 t_theirs = timed(theirs, x, copies)
                 row["mlx_us"] = round(t_theirs * 1e6, 1)
                 row["mlx_tb_s"] = round(nbytes / t_theirs / 1e12, 2)
@@ -97,17 +101,17 @@ def main(argv: list[str] | None = None) -> None:
                             continue
                         r, warps = "mma", variant[1]
 
-                        def ours(x, w=w, scales=scales, biases=biases, warps=warps):
+                        def ours(x, w, scales, biases, warps=warps):
                             return few_rows.mma_matmul(x, w, scales, biases, warps)
                     else:
                         r, warps = variant
 
-                        def ours(x, w=w, scales=scales, biases=biases, r=r, warps=warps):
+                        def ours(x, w, scales, biases, r=r, warps=warps):
                             return few_rows.matmul(x, w, scales, biases, args.group_size, r, warps)
                     try:
-                        out = ours(x)
+                        out = ours(x, w, scales, biases)
                         err = mx.max(mx.abs(out.astype(mx.float32) - ref)).item() / scale
-                        compiled = mx.compile(ours)(x)
+                        compiled = mx.compile(ours)(x, w, scales, biases)
                         same = mx.array_equal(compiled, out).item()
                         t = timed(ours, x, copies)
                     except Exception as e:   # a variant that does not build: say so and go on
