@@ -189,14 +189,14 @@ def tensor_cores() -> bool:
 def choose(rows: int, n: int, k: int) -> str | None:
     """Which kernel takes ``rows`` rows of an (n, k) weight in the format ``fits`` takes: "mma" (``mma_matmul``),
     "cores" (``matmul``) or None (MLX's own), from ``python -m benchmarks.few_rows`` on an H100 with weights read
-    cold (docs/BENCHMARKS.md). Each custom kernel call costs ~11 us at the least, against ~5-7 us for MLX's ``qmv``
-    on a small weight, so one row takes the CUDA-core kernel only on weights of at least ``ONE_ROW_FROM`` elements
-    (E4B's gate/up 25.2 against 32.5 us, the 12B's q/k/v 18.3 against 20.9, E4B's 262,144-entry head 195 against
-    365; E4B's down projection, 26M elements, 19.1 against 18.6). 2 to 7 rows (where MLX reads the weight once per
-    row) take the tensor-core kernel, which reads it once for all of them, on weights of at least
-    ``FEW_ROWS_FROM`` (E4B's q at 5 rows 11.5 against 18.7 us, its k/v, 1.3M, 11.0 against 7.7) and an input width
-    divisible by 64 on a device with them (``tensor_cores``; else the CUDA-core kernel). From 8 rows MLX's tiled
-    kernel takes over."""
+    cold (docs/BENCHMARKS.md). Each custom kernel call cost ~11 us at the least there (timed uncompiled), against
+    ~5-7 us for MLX's ``qmv`` on a small weight, so one row takes the CUDA-core kernel only on weights of at least
+    ``ONE_ROW_FROM`` elements (E4B's gate/up 25.2 against 32.5 us, the 12B's q/k/v 18.3 against 20.9, E4B's
+    262,144-entry head 195 against 365; E4B's down projection, 26M elements, 19.1 against 18.6). 2 to 7 rows (where
+    MLX reads the weight once per row) take the tensor-core kernel, which reads it once for all of them, on weights
+    of at least ``FEW_ROWS_FROM`` (E4B's q at 5 rows 11.5 against 18.7 us, its k/v, 1.3M, 11.0 against 7.7) and an
+    input width divisible by 64 on a device with them (``tensor_cores``; else the CUDA-core kernel). From 8 rows
+    MLX's tiled kernel takes over."""
     size = n * k
     if rows == 1:
         return "cores" if size >= ONE_ROW_FROM else None
