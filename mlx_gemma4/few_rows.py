@@ -196,7 +196,9 @@ def choose(rows: int, n: int, k: int) -> str | None:
     MLX reads the weight once per row) take the tensor-core kernel, which reads it once for all of them, on weights
     of at least ``FEW_ROWS_FROM`` (E4B's q at 5 rows 11.5 against 18.7 us, its k/v, 1.3M, 11.0 against 7.7) and an
     input width divisible by 64 on a device with them (``tensor_cores``; else the CUDA-core kernel). From 8 rows
-    MLX's tiled kernel takes over."""
+    MLX's tiled kernel takes over. With the "mma" setting (``configure``), the tensor-core kernel wherever it fits."""
+    if CANDIDATE:   # MLX_GEMMA4_FEW_ROWS=mma: the tensor-core kernel wherever it fits
+        return "mma" if k % 64 == 0 and tensor_cores() else None
     size = n * k
     if rows == 1:
         return "cores" if size >= ONE_ROW_FROM else None
@@ -220,14 +222,13 @@ def matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_s
     return out.reshape(*x.shape[:-1], n)
 
 
-# The tensor-core kernel (benchmarks/few_rows.py times it as "mmaS": S warps per block share each weight's
-# groups): tensor-core matrix multiply-accumulates (mma.sync
-# m16n8k16, bfloat16 in, float32 out) on 16 output rows x up to 8 input rows per warp. Within each 16-wide k step
-# the tile's k order is relabelled (A and B alike) so that a lane's A fragment is the nibbles it loaded itself (two
-# 32-bit words of each of its two rows: 16 consecutive weights) and its B fragment the 16 consecutive inputs beside
-# them. Nibbles become bfloat16 exactly (128 + q built from the bits, minus 128); a second multiply with an all-ones
-# A gives each group's input sums for the biases: out = sum over groups of scale * sum(x * q) + bias * sum(x).
-# Groups of 64 only; bfloat16 only.
+# The tensor-core kernel (benchmarks/few_rows.py times it as "mmaS": S warps per block share each weight's groups):
+# tensor-core matrix multiply-accumulates (mma.sync m16n8k16, bfloat16 in, float32 out) on 16 output rows x up to 8
+# input rows per warp. Within each 16-wide k step the tile's k order is relabelled (A and B alike) so that a lane's
+# A fragment is the nibbles it loaded itself (two 32-bit words of each of its two rows: 16 consecutive weights) and
+# its B fragment the 16 consecutive inputs beside them. Nibbles become bfloat16 exactly (128 + q built from the
+# bits, minus 128); a second multiply with an all-ones A gives each group's input sums for the biases: out = sum
+# over groups of scale * sum(x * q) + bias * sum(x). Groups of 64 only; bfloat16 only.
 _MMA_HEADER = r"""
 __device__ __forceinline__ uint32_t gemma4_pair(uint32_t u) {
     uint32_t v = (u & 0xFu) | ((u & 0xF0u) << 12) | 0x43004300u;

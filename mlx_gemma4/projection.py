@@ -106,15 +106,12 @@ def _padded(fn, x: mx.array, rows: int) -> mx.array:
 
 def _kernel_for(module: nn.Module, x: mx.array) -> str | None:
     """Which of the few-rows kernels (few_rows.py) runs this quantized matmul, if any: on CUDA, in the format they
-    take (``few_rows.fits``), where ``few_rows.choose`` finds one faster than MLX's own ("mma" for every fitting
-    one with MLX_GEMMA4_FEW_ROWS=mma)."""
+    take (``few_rows.fits``), where ``few_rows.choose`` finds one faster than MLX's own."""
     w = module["weight"]
     if not (few_rows.ENABLED and _on_cuda() and few_rows.fits(x, w, module["scales"], module.get("biases"),
                                                               module.group_size, module.bits, module.mode)):
         return None
     k = x.shape[-1]
-    if few_rows.CANDIDATE:
-        return "mma" if k % 64 == 0 and few_rows.tensor_cores() else None
     return few_rows.choose(x.size // k, w.shape[0], k)
 
 
