@@ -342,11 +342,9 @@ def test_few_rows_settings():
         few_rows.configure(before)
 
 
-def test_projections_and_the_head_take_the_few_rows_kernels_on_cuda(monkeypatch):
-    """On CUDA a projection or tied head the kernels fit (bfloat16, 4-bit) goes where few_rows.choose says:
-    few_rows.matmul ("cores": with the weight, scales, biases and group size) or few_rows.mma_matmul ("mma"), the
-    module's bias added after; 8 or 9 rows, float32, other backends, ENABLED off, or where choose says MLX's own do
-    not. Outputs equal the module's own."""
+def _recording_kernels(monkeypatch):
+    """few_rows' two kernels replaced by MLX's own matmul, recording (kernel, rows) per call, on a backend taken for
+    a GPU (no widening); and a bfloat16 4-bit linear with a bias to send through them."""
     from mlx_gemma4 import few_rows
 
     calls = []
@@ -361,9 +359,20 @@ def test_projections_and_the_head_take_the_few_rows_kernels_on_cuda(monkeypatch)
 
     monkeypatch.setattr(few_rows, "matmul", cores)
     monkeypatch.setattr(few_rows, "mma_matmul", mma)
-    monkeypatch.setattr(projection, "_widened", lambda x: False)    # as on a GPU
+    monkeypatch.setattr(projection, "_widened", lambda x: False)
     lin = _quantized_linear(bias=True)
     lin.set_dtype(mx.bfloat16)
+    return calls, lin
+
+
+def test_projections_and_the_head_take_the_few_rows_kernels_on_cuda(monkeypatch):
+    """On CUDA a projection or tied head the kernels fit (bfloat16, 4-bit) goes where few_rows.choose says:
+    few_rows.matmul ("cores": with the weight, scales, biases and group size) or few_rows.mma_matmul ("mma"), the
+    module's bias added after; 8 or 9 rows, float32, other backends, ENABLED off, or where choose says MLX's own do
+    not. Outputs equal the module's own."""
+    from mlx_gemma4 import few_rows
+
+    calls, lin = _recording_kernels(monkeypatch)
     emb = nn.QuantizedEmbedding.from_embedding(nn.Embedding(512, 128), group_size=64, bits=4)
     emb.set_dtype(mx.bfloat16)
     x = mx.random.normal((1, 5, 128)).astype(mx.bfloat16)
@@ -393,17 +402,8 @@ def test_the_mma_setting_takes_every_fitting_projection(monkeypatch):
     backend do not."""
     from mlx_gemma4 import few_rows
 
-    calls = []
-
-    def fake(x, w, scales, biases):
-        calls.append(x.size // x.shape[-1])
-        return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=64, bits=4)
-
-    monkeypatch.setattr(few_rows, "mma_matmul", fake)
+    calls, lin = _recording_kernels(monkeypatch)
     monkeypatch.setattr(few_rows, "CANDIDATE", True)
-    monkeypatch.setattr(projection, "_widened", lambda x: False)    # as on a GPU
-    lin = _quantized_linear(bias=True)
-    lin.set_dtype(mx.bfloat16)
     x = mx.random.normal((1, 3, 128)).astype(mx.bfloat16)
     project(lin, x)
     assert calls == []                                    # not CUDA
@@ -412,7 +412,7 @@ def test_the_mma_setting_takes_every_fitting_projection(monkeypatch):
         xr = mx.random.normal((1, rows, 128)).astype(mx.bfloat16)
         assert mx.array_equal(project(lin, xr), lin(xr)).item()
     project(lin, mx.random.normal((1, 9, 128)).astype(mx.bfloat16))
-    assert calls == [1, 3, 8]
+    assert calls == [("mma", 1), ("mma", 3), ("mma", 8)]
     narrow = nn.QuantizedLinear.from_linear(nn.Linear(96, 64, bias=False), group_size=32, bits=4)
     narrow.set_dtype(mx.bfloat16)
     assert projection._kernel_for(narrow, mx.zeros((2, 96), dtype=mx.bfloat16)) is None
