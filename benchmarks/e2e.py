@@ -299,7 +299,7 @@ def make_prompt(ours: Ours, n_tokens: int) -> tuple[str, int]:
     return prompt, ours.count(prompt)
 
 
-def _settings(text: str) -> list[str]:
+def _few_rows_settings(text: str) -> list[str]:
     from mlx_gemma4 import few_rows
 
     settings = [t for t in text.split(",") if t]
@@ -328,7 +328,7 @@ def main(argv=None) -> None:
     ap.add_argument("--quantized-prefill-too", action="store_true",
                     help="add our model again as ours-qmm, its prefill on quantized matmuls (where the backend "
                          "dequantizes by default: projection.py)")
-    ap.add_argument("--few-rows-too", type=_settings, default=[],
+    ap.add_argument("--few-rows-too", type=_few_rows_settings, default=[],
                     help="comma-separated MLX_GEMMA4_FEW_ROWS settings (0, 1, mma): load our model again "
                          "for each, as ours-frS, timed in the same rounds (0: every quantized matmul left to MLX)")
     ap.add_argument("--compare", default="mlx-lm", help="comma-separated: mlx-lm, mlx-vlm ('' for ours alone)")

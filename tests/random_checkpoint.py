@@ -307,8 +307,9 @@ class GeneratedTensor:
             yield self._flat(r0 * row, k * row).reshape((k, *self.shape[1:]) if self.shape else ())
 
     def array(self) -> mx.array:
-        if math.prod(self.shape) < 2**31 or len(self.shape) < 2:
-            return self._flat(0, math.prod(self.shape)).reshape(self.shape)
+        n = math.prod(self.shape)
+        if n < 2**31 or len(self.shape) < 2:
+            return self._flat(0, n).reshape(self.shape)
         # MLX's dimensions are 32-bit: a larger tensor (E4B's per-layer table) is joined from row blocks
         return mx.concatenate(list(self.chunks(max(1, 2**30 // math.prod(self.shape[1:])))), axis=0)
 
