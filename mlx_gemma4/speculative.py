@@ -50,22 +50,26 @@ class DraftLength:
     plain decode step, queued before the previous one is read as the plain loop does (its cost is the time between
     two tokens), so when drafting does not pay the loop decodes as fast as without a drafter; every
     ``explore_every`` rounds a neighbouring ``k`` is tried so that both the acceptance rate and the costs stay
-    current (while ``k = 0`` wins, rarely enough that the probes cost at most about 2%).
+    current. While ``k = 0`` wins, a probe (a round of the length that would pay at ``prior_acceptance``) comes
+    rarely enough that probes cost at most ``probe_share`` of the time, and half as often after each probe that kept
+    nothing (down to a quarter), so that a drafter that never agrees costs ~nothing; any kept draft brings the
+    probes back to their first rate.
     """
 
     def __init__(self, fixed: int | None = None, k_max: int = DEFAULT_MAX_DRAFT, explore_every: int = 8,
-                 prior_acceptance: float = 0.6, smoothing: float = 0.7):
+                 prior_acceptance: float = 0.6, smoothing: float = 0.7, probe_share: float = 0.01):
         self.fixed, self.k_max = fixed, fixed if fixed is not None else k_max
-        self.explore_every, self.smoothing = explore_every, smoothing
-        self.acceptance = prior_acceptance
+        self.explore_every, self.smoothing, self.probe_share = explore_every, smoothing, probe_share
+        self.acceptance = self.prior = prior_acceptance
         self.seconds: dict[int, float] = {}
         self._seen: set[int] = set()
         self.rounds = 0
         self._since_probe = 0
         self._explore_up = True
+        self._misses = 0   # rounds in a row (up to 2) whose drafts were all rejected
 
-    def expected_tokens(self, k: int) -> float:
-        a = min(self.acceptance, 0.999)
+    def expected_tokens(self, k: int, acceptance: float | None = None) -> float:
+        a = min(self.acceptance if acceptance is None else acceptance, 0.999)
         return (1 - a ** (k + 1)) / (1 - a)
 
     def estimated_seconds(self, k: int) -> float | None:
@@ -95,17 +99,22 @@ class DraftLength:
             best = min(2, self.k_max)
         else:
             best = max(costs, key=lambda k: self.expected_tokens(k) / costs[k])
-        interval = self.explore_every
+        interval, probe = self.explore_every, None
         if best == 0 and costs[1]:
-            # While plain decoding wins, a probe costs a round of 1 draft instead of a step: probe rarely enough
-            # that probes cost at most ~2% (on a compute-bound CPU a round of 1 costs 2 steps: every 50 rounds).
-            interval = max(interval, int((costs[1] / costs[0] - 1) / 0.02))
+            # While plain decoding wins, a probe drafts the length that would pay best if the drafter agreed as
+            # often as it was first taken to (prior_acceptance), so one probe tells a drafter that agrees again from
+            # one that still does not. Rarely enough that probes cost at most probe_share (a probe costing 2 steps,
+            # 1%: every 100 rounds), and less often while they keep nothing.
+            probe = max(range(1, self.k_max + 1), key=lambda k: self.expected_tokens(k, self.prior) / costs[k])
+            interval = max(interval, int((costs[probe] / costs[0] - 1) / self.probe_share)) << self._misses
         self._since_probe += 1
         if self._since_probe >= interval:
             self._since_probe = 0
-            step = 1 if self._explore_up else -1
-            self._explore_up = not self._explore_up
-            best = min(max(best + step, 0 if best else 1), self.k_max)
+            if probe is not None:
+                best = probe
+            else:   # a neighbouring length, up and down in turn
+                best = min(max(best + (1 if self._explore_up else -1), 0), self.k_max)
+                self._explore_up = not self._explore_up
         return max(0, min(best, limit))
 
     def record(self, k: int, accepted: int, seconds: float) -> None:
@@ -118,6 +127,7 @@ class DraftLength:
         if k:
             tried = accepted + (accepted < k)   # drafts the target judged: all kept ones and the first rejected
             rate = accepted / tried
+            self._misses = 0 if accepted else min(self._misses + 1, 2)
             w = s ** tried
             self.acceptance = w * self.acceptance + (1 - w) * rate
 
@@ -226,11 +236,14 @@ class SpeculativeLoop:
 
     def _verify(self, token: mx.array, drafts: list[mx.array], history: mx.array | None):
         """The target's tokens, log-probs and hidden states at ``token`` and each draft (all lazy)."""
-        ids = mx.stack([token.reshape(()), *drafts]).reshape(1, -1).astype(mx.int32)  # (1, k + 1)
+        if drafts:
+            ids = mx.stack([token.reshape(()), *drafts]).reshape(1, -1).astype(mx.int32)  # (1, k + 1)
+        else:   # a plain step: no more ops than the plain loop's
+            ids = token.reshape(1, 1)
         logits, hidden = self.model.step_hidden(ids, self.cache)
         picks = []
         for i in range(ids.shape[1]):
-            h = None if history is None else mx.concatenate([history, ids[0, 1 : i + 1]])
+            h = history if history is None or not i else mx.concatenate([history, ids[0, 1 : i + 1]])
             picks.append(self._pick(logits[0, i], h))
         return [p[0] for p in picks], [p[1] for p in picks], hidden
 
