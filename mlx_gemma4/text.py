@@ -18,6 +18,7 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import decode_attention
 from .cache import KVCache, Mask, window_mask
 from .config import FULL, SLIDING, TextConfig
 from .layers import RMSNorm
@@ -64,7 +65,10 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: Mask) -> mx.array:
     1/sqrt(d)). Where the backend has a fused kernel for this head size, mx.fast's; elsewhere (Gemma 4's 256 and
     512 wide heads on CUDA and the CPU, 512 on Metal) MLX would run its unfused fallback, and this is that math
     written out, with the query heads that share a K/V head stacked into one matmul instead of a broadcast batch,
-    and no multiply by a scale of 1: the same numbers, from fewer and larger kernels."""
+    and no multiply by a scale of 1: the same numbers, from fewer and larger kernels. On CUDA, a few queries (a
+    decode step, a verify) take decode_attention.py's two kernels instead of MLX's ~11-node fallback."""
+    if decode_attention.fits(q, k, v, mask):   # CUDA, a few queries: two kernels of our own
+        return decode_attention.attend(q, k, v, mask)
     B, H, L, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     rep = H // Hkv
