@@ -49,7 +49,8 @@ from benchmarks.oracles import Oracle, ScriptedOracle, forcing, learn
 from mlx_gemma4 import projection
 from tests import random_checkpoint as rc
 
-SIZES = {"small": rc.SMALL_TEXT, "medium": rc.MEDIUM_TEXT, "e2b": rc.E2B_TEXT, "e4b": rc.E4B_TEXT}
+SIZES = {"small": rc.SMALL_TEXT, "medium": rc.MEDIUM_TEXT, "e2b": rc.E2B_TEXT, "e4b": rc.E4B_TEXT,
+         "12b": rc.UNIFIED_12B_TEXT, "12b-small": rc.UNIFIED_SMALL_TEXT}
 RATES = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
@@ -61,7 +62,7 @@ def build(size: str, bits: int | None, group_size: int, drafter_hidden: int, dra
     from mlx_gemma4.quantize import apply_quantization
 
     text = dict(SIZES[size])
-    target = Gemma4(ModelConfig.from_dict({**text, "model_type": "gemma4_text"}))
+    target = Gemma4(ModelConfig.from_dict({**text, "model_type": text.get("model_type", "gemma4_text")}))
     tc = target.config.text_config
     kinds = ["sliding_attention"] * (drafter_layers - 1) + ["full_attention"]
     drafter_text = {
