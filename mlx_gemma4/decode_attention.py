@@ -104,8 +104,11 @@ _JOIN = r"""
 #pragma unroll
         for (int i = 0; i < PER; ++i) o[i] += c * part_o[at * D + lane * PER + i];
     }
+    // row = head * L + query; with HEADS_LAST the output is (1, L, H * D): (query * H + head) * D
+    const int H = gridDim.y / L;
+    const size_t to = HEADS_LAST ? ((size_t)(row % L) * H + row / L) * D : (size_t)row * D;
 #pragma unroll
-    for (int i = 0; i < PER; ++i) out[(size_t)row * D + lane * PER + i] = static_cast<T>(o[i] / total);
+    for (int i = 0; i < PER; ++i) out[to + lane * PER + i] = static_cast<T>(o[i] / total);
 """
 
 _kernels: dict[str, object] = {}
@@ -122,6 +125,17 @@ def _kernel(name: str):
                 name="gemma4_decode_attention_join", input_names=["part_o", "part_m", "part_sum"],
                 output_names=["out"], source=_JOIN)
     return _kernels[name]
+
+
+_NO_MASK: list = []
+
+
+def _no_mask() -> mx.array:
+    """One made-once boolean array to stand in the mask's place when there is none (a constant: no graph node)."""
+    if not _NO_MASK:
+        _NO_MASK.append(mx.zeros((1,), mx.bool_))
+        mx.eval(_NO_MASK[0])
+    return _NO_MASK[0]
 
 
 def _on_cuda() -> bool:
@@ -153,21 +167,22 @@ def slices(n: int) -> int:
     return max(1, -(-n // KEYS_PER_SLICE))
 
 
-def attend(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> mx.array:
+def attend(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None, heads_last: bool = False) -> mx.array:
     """softmax(q k^T, masked) v for q (1, H, L, D) and k, v (1, Hkv, N, D) with scale 1, in the form ``fits``
-    takes; (1, H, L, D) in q's dtype."""
+    takes; (1, H, L, D) in q's dtype, or with ``heads_last`` (1, L, H * D) (what an output projection reads)."""
     _, H, L, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     S = slices(N)
     masked = mask is not None
-    mask = mask.reshape(L, N) if masked else mx.zeros((1,), mx.bool_)
+    if not masked:   # the kernel does not read it, but takes an input there
+        mask = _no_mask()
     part_o, part_m, part_sum = _kernel("parts")(
         inputs=[q, k, v, mask],
         template=[("T", q.dtype), ("D", D), ("L", L), ("REP", H // Hkv), ("W", WARPS), ("MASKED", masked)],
         grid=(32, WARPS * S, H * L), threadgroup=(32, WARPS, 1),
         output_shapes=[(H * L, S, D), (H * L, S), (H * L, S)],
         output_dtypes=[mx.float32, mx.float32, mx.float32])
-    out = _kernel("join")(
-        inputs=[part_o, part_m, part_sum], template=[("T", q.dtype), ("D", D)],
-        grid=(32, H * L, 1), threadgroup=(32, 1, 1), output_shapes=[(1, H, L, D)], output_dtypes=[q.dtype])[0]
-    return out
+    shape = (1, L, H * D) if heads_last else (1, H, L, D)
+    return _kernel("join")(
+        inputs=[part_o, part_m, part_sum], template=[("T", q.dtype), ("D", D), ("L", L), ("HEADS_LAST", heads_last)],
+        grid=(32, H * L, 1), threadgroup=(32, 1, 1), output_shapes=[shape], output_dtypes=[q.dtype])[0]

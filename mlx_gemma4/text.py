@@ -60,15 +60,24 @@ def _fused_attention_sizes() -> tuple[int, int, int]:
     return (128, 256, 32) if mx.metal.is_available() else (128, 1 << 30, 1 << 30)
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, mask: Mask) -> mx.array:
+def attention(q: mx.array, k: mx.array, v: mx.array, mask: Mask, heads_last: bool = False) -> mx.array:
     """softmax(q k^T, masked) v for q (B, H, L, D) and k, v (B, Hkv, N, D), scale 1 (Gemma 4's q/k norms replace
     1/sqrt(d)). Where the backend has a fused kernel for this head size, mx.fast's; elsewhere (Gemma 4's 256 and
     512 wide heads on CUDA and the CPU, 512 on Metal) MLX would run its unfused fallback, and this is that math
     written out, with the query heads that share a K/V head stacked into one matmul instead of a broadcast batch,
     and no multiply by a scale of 1: the same numbers, from fewer and larger kernels. On CUDA, a few queries (a
-    decode step, a verify) take decode_attention.py's two kernels instead of MLX's ~11-node fallback."""
+    decode step, a verify) take decode_attention.py's two kernels instead of MLX's ~11-node fallback.
+    ``heads_last``: (B, L, H * D) instead, what the output projection reads (the decode kernels write it so)."""
     if decode_attention.fits(q, k, v, mask):   # CUDA, a few queries: two kernels of our own
-        return decode_attention.attend(q, k, v, mask)
+        return decode_attention.attend(q, k, v, mask, heads_last)
+    out = _attention(q, k, v, mask)
+    if heads_last:
+        B, H, L, D = out.shape
+        return out.transpose(0, 2, 1, 3).reshape(B, L, H * D)
+    return out
+
+
+def _attention(q: mx.array, k: mx.array, v: mx.array, mask: Mask) -> mx.array:
     B, H, L, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     rep = H // Hkv
@@ -220,8 +229,7 @@ class Attention(nn.Module):
         q = self._rope(q.transpose(0, 2, 1, 3), offset + L - Lq)                    # (B, H, Lq, D)
         if Lq < L:
             mask = last_queries(mask, Lq)
-        out = attention(q, k, v, mask)
-        return project(self.o_proj, out.transpose(0, 2, 1, 3).reshape(B, Lq, -1)), (k, v)
+        return project(self.o_proj, attention(q, k, v, mask, heads_last=True)), (k, v)
 
     def fuse(self) -> None:
         """Replace q_proj, k_proj (and v_proj) by one projection (``qkv_proj``), as MLP.fuse does; a KV-shared

@@ -38,9 +38,9 @@ struct bf16 {
     }
     operator float() const { uint32_t u = (uint32_t)bits << 16; float f; std::memcpy(&f, &u, 4); return f; }
 };
-typedef TYPE T;
-constexpr int D = HEAD, L = QUERIES, REP = REPEAT, W = WARPS;
-constexpr bool MASKED = HAS_MASK;
+typedef @TYPE@ T;
+constexpr int D = @D@, L = @L@, REP = @REP@, W = @W@;
+constexpr bool MASKED = @MASKED@, HEADS_LAST = @HEADS_LAST@;
 static thread_local dim3 threadIdx, blockIdx;
 static dim3 gridDim;
 static float slots[W][32];
@@ -57,10 +57,10 @@ inline float __shfl_xor_sync(unsigned, float v, int off) {
 inline void __syncthreads() { block_barrier->arrive_and_wait(); }
 static int k_shape[4], part_m_shape[2];
 void parts(const T* q, const T* k, const T* v, const bool* mask, float* part_o, float* part_m, float* part_sum) {
-PARTS
+@PARTS@
 }
 void join(const float* part_o, const float* part_m, const float* part_sum, T* out) {
-JOIN
+@JOIN@
 }
 template <typename U> std::vector<U> read(const char* path, size_t n) {
     std::vector<U> v(n);
@@ -122,7 +122,8 @@ def _from_bf16(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def _run(tmp_path, dtype: str, H: int, Hkv: int, L: int, D: int, N: int, mask: np.ndarray | None) -> None:
+def _run(tmp_path, dtype: str, H: int, Hkv: int, L: int, D: int, N: int, mask: np.ndarray | None,
+         heads_last: bool) -> None:
     rng = np.random.default_rng(H * 100 + L * 10 + D + N)
     q = rng.normal(size=(H, L, D)).astype(np.float32) * 0.15
     k = rng.normal(size=(Hkv, N, D)).astype(np.float32) * 0.15
@@ -135,14 +136,17 @@ def _run(tmp_path, dtype: str, H: int, Hkv: int, L: int, D: int, N: int, mask: n
     if mask is not None:
         mask.astype(np.uint8).tofile(tmp_path / "mask.bin")
     S = decode_attention.slices(N)
-    code = (HARNESS.replace("PARTS", decode_attention._PARTS).replace("JOIN", decode_attention._JOIN)
-            .replace("TYPE", "bf16" if dtype == "bf16" else "float").replace("HEAD", str(D))
-            .replace("QUERIES", str(L)).replace("REPEAT", str(H // Hkv))
-            .replace("WARPS", str(decode_attention.WARPS)).replace("HAS_MASK", "true" if mask is not None else "false"))
+    code = HARNESS
+    for name, value in (("PARTS", decode_attention._PARTS), ("JOIN", decode_attention._JOIN),
+                        ("TYPE", "bf16" if dtype == "bf16" else "float"), ("D", D), ("L", L), ("REP", H // Hkv),
+                        ("W", decode_attention.WARPS), ("MASKED", str(mask is not None).lower()),
+                        ("HEADS_LAST", str(heads_last).lower())):
+        code = code.replace(f"@{name}@", str(value))
     (tmp_path / "k.cpp").write_text(code)
     subprocess.run([CXX, "-std=c++20", "-O1", "-w", "-pthread", "k.cpp", "-o", "k"], cwd=tmp_path, check=True)
     subprocess.run(["./k", str(H), str(N), str(S)], cwd=tmp_path, check=True)
-    out = np.fromfile(tmp_path / "out.bin", dtype=np.float32).reshape(H, L, D)
+    out = np.fromfile(tmp_path / "out.bin", dtype=np.float32)
+    out = out.reshape(L, H, D).transpose(1, 0, 2) if heads_last else out.reshape(H, L, D)
 
     kk = np.repeat(k, H // Hkv, axis=0).astype(np.float64)                       # (H, N, D)
     vv = np.repeat(v, H // Hkv, axis=0).astype(np.float64)
@@ -166,13 +170,14 @@ def _ring(L: int, N: int, visible: int, seed: int) -> np.ndarray:
 
 
 @pytest.mark.skipif(CXX is None, reason="needs a C++20 compiler (g++ or clang++) to build the host replay")
-@pytest.mark.parametrize(("dtype", "H", "Hkv", "L", "D", "N", "mask"), [
-    ("bf16", 8, 2, 1, 256, 1059, "ring"),      # E4B's sliding layer at one query: keys over 17 slices, the last short
-    ("bf16", 4, 1, 5, 512, 300, "causal"),      # a verify of 4 drafts on a full layer's 512-wide heads
-    ("bf16", 2, 2, 1, 256, 200, "first"),      # only the first 30 keys visible: whole slices hidden
-    ("float", 2, 1, 3, 64, 70, None),          # float32, no mask
+@pytest.mark.parametrize(("dtype", "H", "Hkv", "L", "D", "N", "mask", "heads_last"), [
+    ("bf16", 8, 2, 1, 256, 1059, "ring", True),   # E4B's sliding layer at one query: 17 slices of keys, the last short
+    ("bf16", 4, 1, 5, 512, 300, "causal", True),  # a verify of 4 drafts on a full layer's 512-wide heads
+    ("bf16", 3, 1, 4, 256, 90, "causal", False),  # the (1, H, L, D) layout
+    ("bf16", 2, 2, 1, 256, 200, "first", True),   # only the first 30 keys visible: whole slices hidden
+    ("float", 2, 1, 3, 64, 70, None, False),      # float32, no mask
 ])
-def test_kernel_sources_match_numpy_on_the_host(tmp_path, dtype, H, Hkv, L, D, N, mask):
+def test_kernel_sources_match_numpy_on_the_host(tmp_path, dtype, H, Hkv, L, D, N, mask, heads_last):
     if mask == "ring":
         mask = _ring(L, N, 900, N)
     elif mask == "causal":   # the queries are the last L positions
@@ -180,7 +185,7 @@ def test_kernel_sources_match_numpy_on_the_host(tmp_path, dtype, H, Hkv, L, D, N
     elif mask == "first":
         mask = np.zeros((L, N), dtype=bool)
         mask[:, :30] = True
-    _run(tmp_path, dtype, H, Hkv, L, D, N, mask)
+    _run(tmp_path, dtype, H, Hkv, L, D, N, mask, heads_last)
 
 
 def test_fits_takes_decode_shapes_only_on_cuda():
