@@ -188,14 +188,58 @@ def test_kernel_sources_match_numpy_on_the_host(tmp_path, dtype, H, Hkv, L, D, N
     _run(tmp_path, dtype, H, Hkv, L, D, N, mask, heads_last)
 
 
-def test_fits_takes_decode_shapes_only_on_cuda():
-    q = mx_zeros((1, 8, 1, 256))
-    kv = mx_zeros((1, 2, 64, 256))
+def test_fits_takes_decode_shapes_only_on_cuda(monkeypatch):
+    import mlx.core as mx
+
+    q, kv = mx.zeros((1, 8, 1, 256), mx.bfloat16), mx.zeros((1, 2, 64, 256), mx.bfloat16)
     # This machine's MLX has no CUDA device: nothing is taken, whatever the shapes.
+    assert not decode_attention.fits(q, kv, kv, None)
+    monkeypatch.setattr(decode_attention, "_on_cuda", lambda: True)
+    ring = mx.ones((64,), mx.bool_)
+    assert decode_attention.fits(q, kv, kv, None) and decode_attention.fits(q, kv, kv, ring)
+    q5 = mx.zeros((1, 8, 5, 256), mx.bfloat16)
+    assert decode_attention.fits(q5, kv, kv, mx.ones((5, 64), mx.bool_))
+    refused = [
+        (mx.zeros((1, 8, 9, 256), mx.bfloat16), kv, None),                     # more queries than a verify's
+        (mx.zeros((2, 8, 1, 256), mx.bfloat16), mx.zeros((2, 2, 64, 256), mx.bfloat16), None),   # a batch
+        (mx.zeros((1, 8, 1, 48), mx.bfloat16), mx.zeros((1, 2, 64, 48), mx.bfloat16), None),     # head not /32
+        (mx.zeros((1, 8, 1, 1024), mx.bfloat16), mx.zeros((1, 2, 64, 1024), mx.bfloat16), None),  # too wide
+        (mx.zeros((1, 6, 1, 256), mx.bfloat16), mx.zeros((1, 4, 64, 256), mx.bfloat16), None),   # uneven groups
+        (q, kv.astype(mx.float16), None),                                         # mixed dtypes
+        (q, kv, mx.zeros((64,), mx.bfloat16)),                                   # an additive mask
+        (q, kv, "causal"),
+        (q5, kv, ring),                                                          # one mask row for 5 queries
+    ]
+    for qq, kk, mask in refused:
+        assert not decode_attention.fits(qq, kk, kk, mask), (qq.shape, kk.shape, mask)
+    monkeypatch.setattr(decode_attention, "ENABLED", False)
     assert not decode_attention.fits(q, kv, kv, None)
 
 
-def mx_zeros(shape):
+def test_a_layer_reads_the_kernels_output_layout(monkeypatch):
+    """Where the kernels take a layer's attention (stood in for here by the same math laid out as they lay it out:
+    (1, L, H * D)), the layer's output is what it is without them."""
     import mlx.core as mx
 
-    return mx.zeros(shape, dtype=mx.bfloat16)
+    from mlx_gemma4 import text
+    from mlx_gemma4.config import TextConfig
+    from tests.random_checkpoint import SMALL_TEXT
+
+    cfg = TextConfig.from_dict(dict(SMALL_TEXT, vocab_size=64, vocab_size_per_layer_input=64))
+    layer = text.Attention(cfg, 0)
+    mx.eval(layer.parameters())
+    x = mx.random.normal((1, 3, cfg.hidden_size))
+    mask = mx.ones((3, 3), mx.bool_)
+    expected, _ = layer(x, 0, mask)
+    calls = []
+
+    def attend(q, k, v, m, heads_last=False):
+        calls.append(heads_last)
+        out = text._attention(q, k, v, m)
+        return out.transpose(0, 2, 1, 3).reshape(1, q.shape[2], -1) if heads_last else out
+
+    monkeypatch.setattr(decode_attention, "fits", lambda *a: True)
+    monkeypatch.setattr(decode_attention, "attend", attend)
+    got, _ = layer(x, 0, mask)
+    assert calls == [True]
+    assert mx.allclose(got, expected, atol=1e-6).item()
