@@ -7,37 +7,14 @@ heads per key/value head, slices of keys that the mask hides entirely."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-
 import numpy as np
 import pytest
 
 from mlx_gemma4 import decode_attention
-
-CXX = shutil.which("g++") or shutil.which("clang++")
+from tests import host_cuda
 
 HARNESS = r"""
-#include <algorithm>
-#include <barrier>
-#include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <cstring>
-#include <thread>
-#include <vector>
-using std::min;
 #define __shared__ static
-struct dim3 { int x, y, z; };
-struct bf16 {
-    uint16_t bits;
-    bf16() = default;
-    explicit bf16(float f) {
-        uint32_t u; std::memcpy(&u, &f, 4);
-        bits = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-    }
-    operator float() const { uint32_t u = (uint32_t)bits << 16; float f; std::memcpy(&f, &u, 4); return f; }
-};
 typedef @TYPE@ T;
 constexpr int D = @D@, L = @L@, REP = @REP@, W = @W@;
 constexpr bool MASKED = @MASKED@, HEADS_LAST = @HEADS_LAST@;
@@ -113,15 +90,6 @@ int main(int argc, char** argv) {
 """
 
 
-def _bf16(a: np.ndarray) -> np.ndarray:
-    u = a.astype(np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def _from_bf16(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
 def _run(tmp_path, dtype: str, H: int, Hkv: int, L: int, D: int, N: int, mask: np.ndarray | None,
          heads_last: bool) -> None:
     rng = np.random.default_rng(H * 100 + L * 10 + D + N)
@@ -129,8 +97,8 @@ def _run(tmp_path, dtype: str, H: int, Hkv: int, L: int, D: int, N: int, mask: n
     k = rng.normal(size=(Hkv, N, D)).astype(np.float32) * 0.15
     v = rng.normal(size=(Hkv, N, D)).astype(np.float32)
     if dtype == "bf16":   # what the kernels see: the inputs rounded to bfloat16
-        q, k, v = (_from_bf16(_bf16(a)) for a in (q, k, v))
-    as_type = _bf16 if dtype == "bf16" else (lambda a: a.astype(np.float32))
+        q, k, v = (host_cuda.from_bf16(host_cuda.bf16(a)) for a in (q, k, v))
+    as_type = host_cuda.bf16 if dtype == "bf16" else (lambda a: a.astype(np.float32))
     for name, a in (("q", q), ("k", k), ("v", v)):
         as_type(a).tofile(tmp_path / f"{name}.bin")
     if mask is not None:
@@ -142,10 +110,7 @@ def _run(tmp_path, dtype: str, H: int, Hkv: int, L: int, D: int, N: int, mask: n
                         ("W", decode_attention.WARPS), ("MASKED", str(mask is not None).lower()),
                         ("HEADS_LAST", str(heads_last).lower())):
         code = code.replace(f"@{name}@", str(value))
-    (tmp_path / "k.cpp").write_text(code)
-    subprocess.run([CXX, "-std=c++20", "-O1", "-w", "-pthread", "k.cpp", "-o", "k"], cwd=tmp_path, check=True)
-    subprocess.run(["./k", str(H), str(N), str(S)], cwd=tmp_path, check=True)
-    out = np.fromfile(tmp_path / "out.bin", dtype=np.float32)
+    out = host_cuda.run(tmp_path, code, H, N, S)
     out = out.reshape(L, H, D).transpose(1, 0, 2) if heads_last else out.reshape(H, L, D)
 
     kk = np.repeat(k, H // Hkv, axis=0).astype(np.float64)                       # (H, N, D)
@@ -169,7 +134,7 @@ def _ring(L: int, N: int, visible: int, seed: int) -> np.ndarray:
     return mask
 
 
-@pytest.mark.skipif(CXX is None, reason="needs a C++20 compiler (g++ or clang++) to build the host replay")
+@pytest.mark.skipif(host_cuda.CXX is None, reason="needs a C++20 compiler (g++ or clang++) to build the host replay")
 @pytest.mark.parametrize(("dtype", "H", "Hkv", "L", "D", "N", "mask", "heads_last"), [
     ("bf16", 8, 2, 1, 256, 1059, "ring", True),   # E4B's sliding layer at one query: 17 slices of keys, the last short
     ("bf16", 4, 1, 5, 512, 300, "causal", True),  # a verify of 4 drafts on a full layer's 512-wide heads

@@ -6,37 +6,13 @@ rows that leave a warp and a block part-filled."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-
 import numpy as np
 import pytest
 
 from mlx_gemma4 import few_rows
-
-CXX = shutil.which("g++") or shutil.which("clang++")
+from tests import host_cuda
 
 HARNESS = r"""
-#include <algorithm>
-#include <barrier>
-#include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <cstring>
-#include <thread>
-#include <vector>
-using std::min;
-struct uint4 { uint32_t x, y, z, w; };
-struct dim3 { int x, y, z; };
-struct bf16 {
-    uint16_t bits;
-    bf16() = default;
-    explicit bf16(float f) {
-        uint32_t u; std::memcpy(&u, &f, 4);
-        bits = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-    }
-    operator float() const { uint32_t u = (uint32_t)bits << 16; float f; std::memcpy(&f, &u, 4); return f; }
-};
 static thread_local dim3 threadIdx, blockIdx;
 static dim3 blockDim;
 static float slots[32];
@@ -94,16 +70,6 @@ int main(int argc, char** argv) {
 """
 
 
-def _bf16(a: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even, as the harness's struct does."""
-    u = a.astype(np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def _from_bf16(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
 def _run(tmp_path, source: str, dtype: str, m: int, k: int, n: int, r: int, warps: int, shift: int,
          group: int = 64) -> None:
     rng = np.random.default_rng(m * 1000 + k + n + r + shift)
@@ -112,21 +78,18 @@ def _run(tmp_path, source: str, dtype: str, m: int, k: int, n: int, r: int, warp
     scales = (rng.normal(size=(n, k // group)) * 0.05).astype(np.float32)
     biases = (rng.normal(size=(n, k // group)) * 0.1).astype(np.float32)
     if dtype == "bf16":   # what the kernel sees: the inputs rounded to bfloat16
-        x, scales, biases = (_from_bf16(_bf16(a)) for a in (x, scales, biases))
+        x, scales, biases = (host_cuda.from_bf16(host_cuda.bf16(a)) for a in (x, scales, biases))
     packed = np.zeros((n, k // 8), dtype=np.uint32)
     for j in range(8):
         packed |= q[:, j::8] << np.uint32(4 * j)
-    as_type = _bf16 if dtype == "bf16" else (lambda a: a.astype(np.float32))
+    as_type = host_cuda.bf16 if dtype == "bf16" else (lambda a: a.astype(np.float32))
     for name, a in (("x", x), ("s", scales), ("b", biases)):
         as_type(a).tofile(tmp_path / f"{name}.bin")
     packed.tofile(tmp_path / "w.bin")
     code = (HARNESS.replace("SOURCE", source).replace("TYPE", "bf16" if dtype == "bf16" else "float")
             .replace("ROWS_IN", str(m)).replace("WIDTH", str(k)).replace("GROUP", str(group))
             .replace("ROWS_PER_WARP", str(r)).replace("WARPS", str(warps)))
-    (tmp_path / "k.cpp").write_text(code)
-    subprocess.run([CXX, "-std=c++20", "-O1", "-w", "-pthread", "k.cpp", "-o", "k"], cwd=tmp_path, check=True)
-    subprocess.run(["./k", str(n), str(shift)], cwd=tmp_path, check=True)
-    out = np.fromfile(tmp_path / "out.bin", dtype=np.float32).reshape(m, n)
+    out = host_cuda.run(tmp_path, code, n, shift).reshape(m, n)
 
     dense = (q.reshape(n, k // group, group) * scales[..., None] + biases[..., None]).reshape(n, k)
     ref = x.astype(np.float64) @ dense.T.astype(np.float64)
@@ -136,7 +99,7 @@ def _run(tmp_path, source: str, dtype: str, m: int, k: int, n: int, r: int, warp
     np.testing.assert_allclose(out, ref, atol=tol, rtol=0)
 
 
-@pytest.mark.skipif(CXX is None, reason="needs a C++20 compiler (g++ or clang++) to build the host replay")
+@pytest.mark.skipif(host_cuda.CXX is None, reason="needs a C++20 compiler (g++ or clang++) to build the host replay")
 @pytest.mark.parametrize(("dtype", "m", "k", "n", "r", "warps", "shift"), [
     ("bf16", 1, 2048, 37, 4, 4, 0),    # more 32-weight chunks than lanes; the last warp and block part-filled
     ("bf16", 2, 512, 21, 2, 4, 0),
