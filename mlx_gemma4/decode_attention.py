@@ -25,7 +25,14 @@ import os
 
 import mlx.core as mx
 
-ENABLED = os.environ.get("MLX_GEMMA4_DECODE_ATTENTION", "1") != "0"
+def _setting(value: str) -> bool:
+    if value not in ("0", "1"):
+        raise ValueError(f"MLX_GEMMA4_DECODE_ATTENTION={value!r}: expected 1 (the kernels, the default) or 0 "
+                         "(MLX's own)")
+    return value == "1"
+
+
+ENABLED = _setting(os.environ.get("MLX_GEMMA4_DECODE_ATTENTION", "1"))   # read when a step is traced
 MAX_QUERIES = 8        # a verify of up to 7 drafts; more queries go to MLX (prefill)
 WARPS = 4              # warps per block of _PARTS
 KEYS_PER_SLICE = 64    # about how many keys one block of _PARTS takes
