@@ -16,7 +16,7 @@ flash-decoding does:
 
 Scale 1 (Gemma 4's q/k norms replace 1/sqrt(d)), everything in float32 from the inputs' values, rounded once at
 the end: within rounding of MLX's fallback (which rounds the scores and the probabilities to the input dtype).
-``fits`` says what it takes; tests/test_decode_attention_host.py runs both kernels on the host against NumPy.
+``fits`` says what it takes; tests/test_decode_attention.py runs both kernels on the host against NumPy.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""The few-query attention kernels' sources (mlx_gemma4/decode_attention.py ``_PARTS`` and ``_JOIN``), run on the
-host: each block's threads as threads, the CUDA built-ins they use written in C++ (a warp shuffle is a
-barrier-synchronised exchange among a warp's lanes, ``__syncthreads`` a barrier of the block, ``__shared__``
-storage one per block as the blocks run one after another), so their arithmetic, masks, slices and tails are
-checked against NumPy before a GPU runs them: bfloat16 and float32, one query and a verify's few, groups of query
-heads per key/value head, slices of keys that the mask hides entirely."""
+"""mlx_gemma4/decode_attention.py. Its kernels' sources (``_PARTS`` and ``_JOIN``) run on the host: each block's
+threads as threads, the CUDA built-ins they use written in C++ (a warp shuffle is a barrier-synchronised exchange
+among a warp's lanes, ``__syncthreads`` a barrier of the block, ``__shared__`` storage one per block as the blocks
+run one after another), so their arithmetic, masks, slices and tails are checked against NumPy before a GPU runs
+them: bfloat16 and float32, one query and a verify's few, groups of query heads per key/value head, slices of keys
+that the mask hides entirely, both output layouts. Then what takes them (``fits``) and how a layer reads them."""
 
 from __future__ import annotations
 
