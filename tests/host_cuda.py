@@ -1,4 +1,4 @@
-"""What the host replays of our CUDA kernels share (tests/test_few_rows_host.py, tests/test_decode_attention_host.py):
+"""What the host replays of our CUDA kernels share (tests/test_few_rows_host.py, tests/test_decode_attention.py):
 the C++ the kernel sources need beside CUDA's built-ins (bfloat16 as CUDA stores it, rounded to nearest even;
 ``dim3``; ``uint4``), bfloat16 bit patterns from NumPy, and building and running one replay."""
 
