@@ -143,6 +143,7 @@ class Ours(Impl):
     prefill_chunk = 2048   # stream_generate's default; --prefill-chunk sets it
     dense_prefill = None   # model.dense_prefill while this one streams (None: the backend's default)
     few_rows = None        # few_rows.configure's setting while this one streams (None: as the environment sets it)
+    decode_attention = None   # decode_attention.ENABLED while this one streams (None: as the environment sets it)
 
     def load(self, path):
         from mlx_gemma4 import load
@@ -171,17 +172,22 @@ class Ours(Impl):
 
     @contextlib.contextmanager
     def _settings(self):
-        """This one's settings while it runs. The few-rows switch is read while projections are traced, so a
-        variant with its own setting loads its own model (its own compiled steps) rather than sharing one."""
-        from mlx_gemma4 import few_rows
+        """This one's settings while it runs. The few-rows and decode-attention switches are read while a step is
+        traced, so a variant with its own setting loads its own model (its own compiled steps) rather than sharing
+        one."""
+        from mlx_gemma4 import decode_attention, few_rows
 
         self.model.dense_prefill = self.dense_prefill
         before = few_rows.configure(self.few_rows) if self.few_rows is not None else None
+        attention_before = decode_attention.ENABLED
+        if self.decode_attention is not None:
+            decode_attention.ENABLED = self.decode_attention
         try:
             yield
         finally:
             if before is not None:
                 few_rows.configure(before)
+            decode_attention.ENABLED = attention_before
 
     def stream(self, prompt, gen):
         from mlx_gemma4 import stream_generate
@@ -331,6 +337,9 @@ def main(argv=None) -> None:
     ap.add_argument("--few-rows-too", type=_few_rows_settings, default=[],
                     help="comma-separated MLX_GEMMA4_FEW_ROWS settings (0, 1, mma): load our model again "
                          "for each, as ours-frS, timed in the same rounds (0: every quantized matmul left to MLX)")
+    ap.add_argument("--decode-attention-off-too", action="store_true",
+                    help="load our model again as ours-da0 with MLX_GEMMA4_DECODE_ATTENTION=0 (attention of a few "
+                         "queries left to MLX), timed in the same rounds")
     ap.add_argument("--compare", default="mlx-lm", help="comma-separated: mlx-lm, mlx-vlm ('' for ours alone)")
     ap.add_argument("--followup", type=int, default=0, help="also time a second chat turn after ~N tokens")
     ap.add_argument("--breakdown", action="store_true", help="also time the parts of our TTFT")
@@ -366,6 +375,9 @@ def main(argv=None) -> None:
                 for setting in a.few_rows_too:   # each its own model: its own compiled steps, traced so
                     impls.append(Ours(paths[n]).variant(f"ours-fr{setting}", prefill_chunk=a.prefill_chunk[0],
                                                         few_rows=setting))
+                if a.decode_attention_off_too:
+                    impls.append(Ours(paths[n]).variant("ours-da0", prefill_chunk=a.prefill_chunk[0],
+                                                        decode_attention=False))
         except Exception as e:  # a peer that cannot load this checkpoint is reported, not fatal
             errors[n] = f"{type(e).__name__}: {e}"
             print(f"# {n} could not load: {errors[n]}", flush=True)

@@ -1,4 +1,5 @@
-"""benchmarks/e2e.py's variants of our model (further prefill chunks, quantized prefill) and their table lines."""
+"""benchmarks/e2e.py's variants of our model (further prefill chunks, quantized prefill, kernel switches) and their
+table lines."""
 
 from __future__ import annotations
 
@@ -36,3 +37,17 @@ def test_the_table_compares_every_variant_of_ours_with_each_peer():
     assert "ours / mlx-lm: TTFT 0.50x, decode 1.25x" in table
     assert "ours-qmm / mlx-lm: TTFT 0.75x, decode 1.25x" in table
     assert "ours / ours-qmm" not in table and "mlx-lm / ours" not in table
+
+
+def test_a_variant_runs_under_its_own_switches_and_puts_them_back():
+    from mlx_gemma4 import decode_attention, few_rows
+
+    ours = e2e.Ours.__new__(e2e.Ours)
+    ours.model = type("Model", (), {"dense_prefill": None})()
+    off = ours.variant("ours-da0", decode_attention=False, few_rows="0")
+    before = (decode_attention.ENABLED, few_rows.ENABLED)
+    with off._settings():
+        assert (decode_attention.ENABLED, few_rows.ENABLED) == (False, False)
+    assert (decode_attention.ENABLED, few_rows.ENABLED) == before
+    with ours._settings():   # no settings of its own: the environment's stay
+        assert (decode_attention.ENABLED, few_rows.ENABLED) == before
