@@ -35,7 +35,8 @@ def _setting(value: str) -> bool:
 ENABLED = _setting(os.environ.get("MLX_GEMMA4_DECODE_ATTENTION", "1"))   # read when a step is traced
 MAX_QUERIES = 8        # a verify of up to 7 drafts; more queries go to MLX (prefill)
 WARPS = 4              # warps per block of _PARTS
-KEYS_PER_SLICE = 64    # about how many keys one block of _PARTS takes
+KEYS_PER_SLICE = 64    # about how many keys one block of _PARTS takes ...
+MAX_SLICES = 256       # ... up to this many slices (partial sums <= 0.5 MB per query head and row at 512 wide)
 
 _PARTS = r"""
     constexpr int PER = D / 32;
@@ -171,7 +172,7 @@ def fits(q: mx.array, k: mx.array, v: mx.array, mask) -> bool:
 
 def slices(n: int) -> int:
     """How many slices of the keys ``_PARTS`` splits ``n`` keys into."""
-    return max(1, -(-n // KEYS_PER_SLICE))
+    return max(1, min(MAX_SLICES, -(-n // KEYS_PER_SLICE)))
 
 
 def attend(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None, heads_last: bool = False) -> mx.array:

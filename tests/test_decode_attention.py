@@ -141,11 +141,15 @@ def _ring(L: int, N: int, visible: int, seed: int) -> np.ndarray:
     ("bf16", 3, 1, 4, 256, 90, "causal", False),  # the (1, H, L, D) layout
     ("bf16", 2, 2, 1, 256, 200, "first", True),   # only the first 30 keys visible: whole slices hidden
     ("float", 2, 1, 3, 64, 70, None, False),      # float32, no mask
+    ("bf16", 2, 1, 2, 256, 700, "few slices", True),   # more keys than MAX_SLICES slices of 64 (here 3)
 ])
-def test_kernel_sources_match_numpy_on_the_host(tmp_path, dtype, H, Hkv, L, D, N, mask, heads_last):
+def test_kernel_sources_match_numpy_on_the_host(tmp_path, monkeypatch, dtype, H, Hkv, L, D, N, mask, heads_last):
     if mask == "ring":
         mask = _ring(L, N, 900, N)
     elif mask == "causal":   # the queries are the last L positions
+        mask = np.arange(N)[None, :] <= (N - L + np.arange(L))[:, None]
+    elif mask == "few slices":
+        monkeypatch.setattr(decode_attention, "MAX_SLICES", 3)
         mask = np.arange(N)[None, :] <= (N - L + np.arange(L))[:, None]
     elif mask == "first":
         mask = np.zeros((L, N), dtype=bool)
