@@ -25,6 +25,7 @@ import os
 
 import mlx.core as mx
 
+
 def _setting(value: str) -> bool:
     if value not in ("0", "1"):
         raise ValueError(f"MLX_GEMMA4_DECODE_ATTENTION={value!r}: expected 1 (the kernels, the default) or 0 "
