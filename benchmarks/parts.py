@@ -23,7 +23,10 @@ Not the user's path (that is benchmarks.e2e): this explains its numbers.
 from __future__ import annotations
 
 import argparse
+import collections
+import re
 import statistics
+import tempfile
 import time
 
 import mlx.core as mx
@@ -51,8 +54,8 @@ def main(argv=None) -> None:
     ap.add_argument("--decode", type=int, default=64, help="tokens of each bare decode loop")
     ap.add_argument("--no-matmuls", action="store_true", help="leave out the 4-bit matmul sizes (slow on a CPU)")
     ap.add_argument("--parts", default="prefill,layers,matmuls,decode,ab",
-                    help="comma-separated: which of prefill, layers, matmuls, rows, decode, ab to time (default all "
-                         "but rows)")
+                    help="comma-separated: which of prefill, layers, matmuls, rows, decode, graph, ab to time "
+                         "(default all but rows and graph)")
     a = ap.parse_args(argv)
 
     import mlx_lm
@@ -146,6 +149,12 @@ def main(argv=None) -> None:
             mx.eval(lmodel(ids, cache=lc))
             res["step build ms (host): mlx-lm"] = _build_ms(lambda: lmodel(y, cache=lc))
             res["step evaluated ms: mlx-lm"] = med(lambda: mx.eval(lmodel(y, cache=lc)), runs=20)
+    if "graph" in parts:   # what one compiled decode step is made of, and whether the host keeps up with it
+        c = model.make_cache()
+        mx.eval(model.prefill(inputs, c))
+        for name, count in _step_nodes(model.step(y, c)).most_common():
+            res[f"step graph nodes: {name}"] = count
+        res["step host ms, period ms (host: model.step + mx.async_eval)"] = _host_and_period(model, c, y, a.decode)
     if "ab" not in parts:
         return
 
@@ -231,6 +240,33 @@ def _rows(M: int, K: int, N: int, pad_to: int = 0) -> float:
         return mx.quantized_matmul(xp, wq, scales, biases, transpose=True, group_size=64, bits=4)[:, :M]
 
     return round(med(lambda: mx.eval(run()), runs=20), 4)
+
+
+def _step_nodes(out: mx.array) -> collections.Counter:
+    """The primitives of ``out``'s graph (a step as the compiled step leaves it), counted by name: a decode step
+    bound by the host costs roughly its node count in dispatches."""
+    with tempfile.NamedTemporaryFile("r", suffix=".dot") as f:
+        mx.export_to_dot(f.name, out)
+        names = re.findall(r'label ="?([A-Za-z_0-9]+)', f.read())
+    mx.eval(out)
+    counts = collections.Counter(names)
+    counts["(all)"] = len(names)
+    return counts
+
+
+def _host_and_period(model, cache, y: mx.array, n: int) -> tuple[float, float]:
+    """A bare greedy loop queued one step ahead: the host's median time to build and dispatch a step (model.step
+    and mx.async_eval) against the loop's period, in ms. Equal: the loop waits on the host, not the device."""
+    host = []
+    t0 = time.perf_counter()
+    for _ in range(n):
+        t = time.perf_counter()
+        y = mx.argmax(model.step(y, cache)[:, -1:], axis=-1).astype(mx.int32)
+        mx.async_eval(y)
+        host.append(time.perf_counter() - t)
+    mx.eval(y)
+    period = (time.perf_counter() - t0) / n
+    return round(statistics.median(host) * 1000, 3), round(period * 1000, 3)
 
 
 def _build_ms(build) -> float:
