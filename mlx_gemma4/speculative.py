@@ -45,31 +45,44 @@ class DraftLength:
     ``0 .. k_max`` that maximises expected tokens per second.
 
     With acceptance rate ``a`` per drafted token, a round of ``k`` drafts yields ``(1 - a**(k+1)) / (1 - a)``
-    tokens on average; a round's cost is measured (seconds per round for each ``k`` used, smoothed; ``k`` not yet
-    measured are interpolated; the first round of each ``k`` builds kernels and is not counted). ``k = 0`` is a
-    plain decode step, queued before the previous one is read as the plain loop does (its cost is the time between
-    two tokens), so when drafting does not pay the loop decodes as fast as without a drafter; every
-    ``explore_every`` rounds a neighbouring ``k`` is tried so that both the acceptance rate and the costs stay
-    current. While ``k = 0`` wins, a probe (a round of the length that would pay at ``prior_acceptance``) comes
-    rarely enough that probes cost at most ``probe_share`` of the time, and half as often after each probe that kept
-    nothing (down to a quarter), so that a drafter that never agrees costs ~nothing; any kept draft brings the
-    probes back to their first rate.
+    tokens on average; a round's cost is measured (seconds per round for each ``k`` used, smoothed by ``smoothing``
+    per round; ``k`` not yet measured are interpolated; the first round of each ``k`` builds kernels and is not
+    counted). ``k = 0`` is a plain decode step, queued before the previous one is read as the plain loop does (its
+    cost is the time between two tokens), so when drafting does not pay the loop decodes as fast as without a
+    drafter. While a length above 0 wins, every ``explore_every`` rounds a neighbouring one is tried so that the
+    costs and the acceptance rate around it stay current. While ``k = 0`` wins, every ``shadow_every``-th round also
+    drafts one token on the side (``shadow_due``: a shadow draft, compared with the target's next token and never
+    fed, ``record_shadow``): the acceptance rate stays current for one drafter step now and then, with no round of
+    drafts to wait for, so a drafter that never agrees costs ~nothing (under 1% on an H100's E4B, where a drafter
+    step costs ~0.12 of a plain one) and one that agrees again is drafted with again within a few hundred tokens.
     """
 
     def __init__(self, fixed: int | None = None, k_max: int = DEFAULT_MAX_DRAFT, explore_every: int = 8,
-                 prior_acceptance: float = 0.6, smoothing: float = 0.7, probe_share: float = 0.01):
+                 prior_acceptance: float = 0.6, smoothing: float = 0.7, memory: float = 0.95, shadow_every: int = 16):
         self.fixed, self.k_max = fixed, fixed if fixed is not None else k_max
-        self.explore_every, self.smoothing, self.probe_share = explore_every, smoothing, probe_share
-        self.acceptance = self.prior = prior_acceptance
+        self.explore_every, self.smoothing, self.shadow_every = explore_every, smoothing, shadow_every
+        self.memory = memory
+        # The acceptance rate is kept drafts over judged ones, both counted with older drafts fading (by
+        # ``memory`` per draft judged since: ~20 drafts count): the rate the rounds' runs of kept drafts imply,
+        # unbiased where an average of each round's own rate is not (a round that kept 1 of 2 says less than one
+        # that kept 4 of 5), and steady enough not to fall under the break-even rate by chance.
+        self._kept, self._judged = 2 * prior_acceptance, 2.0
         self.seconds: dict[int, float] = {}
         self._seen: set[int] = set()
         self.rounds = 0
-        self._since_probe = 0
+        self._since_explore = self._since_shadow = 0
         self._explore_up = True
-        self._misses = 0   # rounds in a row (up to 2) whose drafts were all rejected
 
-    def expected_tokens(self, k: int, acceptance: float | None = None) -> float:
-        a = min(self.acceptance if acceptance is None else acceptance, 0.999)
+    @property
+    def acceptance(self) -> float:
+        return self._kept / self._judged
+
+    def _judge(self, kept: int, judged: int) -> None:
+        fade = self.memory ** judged
+        self._kept, self._judged = fade * self._kept + kept, fade * self._judged + judged
+
+    def expected_tokens(self, k: int) -> float:
+        a = min(self.acceptance, 0.999)
         return (1 - a ** (k + 1)) / (1 - a)
 
     def estimated_seconds(self, k: int) -> float | None:
@@ -99,23 +112,27 @@ class DraftLength:
             best = min(2, self.k_max)
         else:
             best = max(costs, key=lambda k: self.expected_tokens(k) / costs[k])
-        interval, probe = self.explore_every, None
-        if best == 0 and costs[1]:
-            # While plain decoding wins, a probe drafts the length that would pay best if the drafter agreed as
-            # often as it was first taken to (prior_acceptance), so one probe tells a drafter that agrees again from
-            # one that still does not. Rarely enough that probes cost at most probe_share (a probe costing 2 steps,
-            # 1%: every 100 rounds), and less often while they keep nothing.
-            probe = max(range(1, self.k_max + 1), key=lambda k: self.expected_tokens(k, self.prior) / costs[k])
-            interval = max(interval, int((costs[probe] / costs[0] - 1) / self.probe_share)) << self._misses
-        self._since_probe += 1
-        if self._since_probe >= interval:
-            self._since_probe = 0
-            if probe is not None:
-                best = probe
-            else:   # a neighbouring length, up and down in turn
+        if best:   # now and then a neighbouring length
+            self._since_explore += 1
+            if self._since_explore >= self.explore_every:
+                self._since_explore = 0
                 best = min(max(best + (1 if self._explore_up else -1), 0), self.k_max)
                 self._explore_up = not self._explore_up
         return max(0, min(best, limit))
+
+    def shadow_due(self) -> bool:
+        """Whether this round without drafts also drafts one token on the side (never with a fixed length)."""
+        if self.fixed is not None:
+            return False
+        self._since_shadow += 1
+        if self._since_shadow < self.shadow_every:
+            return False
+        self._since_shadow = 0
+        return True
+
+    def record_shadow(self, kept: bool) -> None:
+        """What a shadow draft gave: whether the target's next token was the drafted one (one draft judged)."""
+        self._judge(int(kept), 1)
 
     def record(self, k: int, accepted: int, seconds: float) -> None:
         """What a round of ``k`` drafts gave: ``accepted`` drafts kept, in ``seconds``."""
@@ -124,12 +141,8 @@ class DraftLength:
             self._seen.add(k)
         else:
             self.seconds[k] = seconds if k not in self.seconds else s * self.seconds[k] + (1 - s) * seconds
-        if k:
-            tried = accepted + (accepted < k)   # drafts the target judged: all kept ones and the first rejected
-            rate = accepted / tried
-            self._misses = 0 if accepted else min(self._misses + 1, 2)
-            w = s ** tried
-            self.acceptance = w * self.acceptance + (1 - w) * rate
+        if k:   # the drafts the target judged: all kept ones and the first rejected
+            self._judge(accepted, accepted + (accepted < k))
 
 
 # (id(assistant), id(model)) -> (weak references to both, their automatic policy)
@@ -254,20 +267,24 @@ class SpeculativeLoop:
             history = mx.concatenate([history, y.reshape(1).astype(mx.int32)])
         k = self.lengths.choose(min(self.max_tokens - n - 1, self.model.context_left(self.cache) - 1))
         t0 = time.perf_counter()
-        drafts, tokens, all_logprobs, hiddens = self._round(y, hidden, history, k)
+        shadow = k == 0 and self.lengths.shadow_due()
+        drafts, tokens, all_logprobs, hiddens, shadow = self._round(y, hidden, history, k, shadow)
         self.fed = n   # y is in the cache from now on
-        return (k, t0, drafts, tokens, all_logprobs, hiddens), history
+        return (k, t0, drafts, tokens, all_logprobs, hiddens, shadow), history
 
-    def _round(self, y: mx.array, hidden: mx.array, history: mx.array | None, k: int):
+    def _round(self, y: mx.array, hidden: mx.array, history: mx.array | None, k: int, shadow: bool):
         """``k`` drafts after ``y`` and their verification, queued on the device: the drafts first, so that the
         device drafts while the host builds the verification (on a fast device that build would otherwise leave it
-        idle: ~1.8 ms of an E4B round on an H200)."""
+        idle: ~1.8 ms of an E4B round on an H200), and so that nothing still reads the cache's buffers when the
+        verification writes them. ``shadow`` (a round without drafts): one draft on the side as well, judged
+        against the target's next token once that is read, never fed (DraftLength.shadow_due)."""
         drafts = self._draft(y, hidden, k)
-        if drafts:
-            mx.async_eval(drafts)
+        side = self._draft(y, hidden, 1) if shadow else []
+        if drafts or side:
+            mx.async_eval(drafts, side)
         tokens, all_logprobs, hiddens = self._verify(y, drafts, history)
         mx.async_eval(drafts, tokens, all_logprobs, hiddens)
-        return drafts, tokens, all_logprobs, hiddens
+        return drafts, tokens, all_logprobs, hiddens, side
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def _prefill(self) -> tuple[mx.array, mx.array, mx.array] | None:
@@ -310,6 +327,7 @@ class SpeculativeLoop:
             if self.processors else None
         n = 0
         plain_round = False   # y came from a round without drafts, still lazy: its cost is recorded once read
+        shadow: list = []     # that round's draft on the side, if it made one: judged once y is read
         last_read = time.perf_counter()
         while True:
             # y (not yet fed) goes out now; the checks say whether another round follows. From the second token
@@ -325,6 +343,9 @@ class SpeculativeLoop:
             if plain_round:   # a round without drafts costs the time between two tokens, as a plain step does
                 self.lengths.record(0, 0, now - last_read)
                 plain_round = False
+            if shadow:
+                self.lengths.record_shadow(int(shadow[0].item()) == token)
+                shadow = []
             last_read = now
             try:
                 yield token, logprobs
@@ -336,11 +357,11 @@ class SpeculativeLoop:
                 return
             if queued is None:
                 queued, history = self._queue(y, hidden, history, n)
-            k, t0, drafts, tokens, all_logprobs, hiddens = queued
+            k, t0, drafts, tokens, all_logprobs, hiddens, side = queued
             if k == 0:
                 # No drafts to judge: the target's own token is next, whatever it is. It stays lazy, so the next
                 # round is built while the device runs this one: the plain loop's overlap, and its speed.
-                plain_round = True
+                plain_round, shadow = True, side
                 y, logprobs, hidden = tokens[0], all_logprobs[0], hiddens[:, :1]
                 continue
             mx.eval(drafts, tokens, all_logprobs, hiddens)

@@ -164,37 +164,58 @@ def test_automatic_draft_length_drafts_when_it_pays_and_stops_when_it_does_not()
         k = lengths.choose(100)
         lengths.record(k, 0, 1.0 + 0.1 * k)
     picks = [lengths.choose(100) for _ in range(240)]
-    # plain steps, and a probe of the length that pays at the prior acceptance (3 drafts, 30% more than a step)
-    # every 30 rounds (1% of the time), every 120 once two rounds in a row kept nothing
-    assert [k for k in picks if k] == [3, 3] and picks.count(0) == 238
+    assert picks.count(0) == 240   # plain steps only: no round of drafts to wait for ...
+    shadows = [lengths.shadow_due() for _ in range(48)]
+    assert shadows.count(True) == 3 and shadows[15] and shadows[31] and shadows[47]   # ... one draft on the side in 16
+    for _ in range(8):   # the drafter agrees again, as the shadow drafts show: drafting resumes
+        lengths.record_shadow(True)
+    assert lengths.choose(100) >= 2
+    assert not DraftLength(fixed=0).shadow_due()   # a fixed length: no drafts but those asked for
     assert DraftLength(fixed=3).choose(2) == 2   # never past the limit it is given
 
 
-def _simulate(lengths: DraftLength, rounds: int, keeps, cost) -> tuple[float, int]:
-    """Seconds per token and tokens over ``rounds`` rounds where a round of k drafts keeps ``keeps(k)`` of them and
-    costs ``cost(k)`` seconds."""
+def _simulate(lengths: DraftLength, rounds: int, rate: float, cost, shadow_cost: float, seed: int = 0
+              ) -> tuple[float, int]:
+    """Seconds per token and tokens over ``rounds`` rounds of a loop whose drafts are each kept with probability
+    ``rate`` (the first rejected one ends the round), a round of k drafts costing ``cost(k)`` seconds and a round
+    without drafts that drafts one on the side ``shadow_cost`` more."""
+    rng = np.random.default_rng(seed)
     seconds = tokens = 0
     for _ in range(rounds):
         k = lengths.choose(10**6)
-        m = keeps(k)
+        if k == 0:
+            seconds += cost(0)
+            if lengths.shadow_due():
+                seconds += shadow_cost
+                lengths.record_shadow(bool(rng.random() < rate))
+            lengths.record(0, 0, cost(0))
+            tokens += 1
+            continue
+        m = 0
+        while m < k and rng.random() < rate:
+            m += 1
         lengths.record(k, m, cost(k))
         seconds, tokens = seconds + cost(k), tokens + m + 1
     return seconds / tokens, tokens
 
 
-def test_a_drafter_that_never_agrees_costs_about_nothing_and_one_that_agrees_again_is_used_again():
-    """Issue 14's floor (never below 0.97x plain): on a device where a round of one draft costs 2.4 plain steps (an
-    H100's E4B), a drafter whose every draft is rejected costs the loop under 1% once the policy has learnt it;
-    when its drafts are kept again, drafting resumes within a few hundred rounds."""
-    cost = lambda k: 1.0 if k == 0 else 2.2 + 0.1 * k   # noqa: E731
+def test_the_policy_never_costs_more_than_a_little_and_finds_a_drafter_that_agrees_again():
+    """Issue 14's floor (never below 0.97x plain) and its target at 0.7, on the costs of an H100's E4B (a round
+    of drafts ~1.5-1.8 plain steps, it waits for the device; a drafter step ~0.12 of a plain step): a drafter whose
+    every draft is rejected costs the loop under 1% once the policy has learnt it; at an acceptance of 0.5 and 0.7
+    it drafts and gains; when a drafter that stopped agreeing agrees again, drafting resumes within a few dozen
+    rounds."""
+    cost = lambda k: 1.0 if k == 0 else 1.45 + 0.06 * k   # noqa: E731
     lengths = DraftLength()
-    _simulate(lengths, 50, lambda k: k, cost)                 # a good drafter: it drafts
+    _simulate(lengths, 100, 1.0, cost, 0.12)                 # a good drafter: it drafts
     assert lengths.choose(10**6) >= 4
-    _simulate(lengths, 100, lambda k: 0, cost)                # it stops agreeing: learnt ...
-    per_token, _ = _simulate(lengths, 2000, lambda k: 0, cost)
-    assert per_token <= 1.01                                   # ... and then nearly free
-    _, tokens = _simulate(lengths, 1500, lambda k: k, cost)   # it agrees again: found and used
-    assert tokens > 3000
+    _simulate(lengths, 100, 0.0, cost, 0.12)                 # it stops agreeing: learnt ...
+    per_token, _ = _simulate(lengths, 2000, 0.0, cost, 0.12)
+    assert per_token <= 1.01                                  # ... and then nearly free
+    for rate, gain in ((0.3, 0.98), (0.5, 1.02), (0.7, 1.5)):   # (best k's gains: 1.0, 1.15, 1.69)
+        _simulate(lengths, 200, rate, cost, 0.12, seed=1)     # found again within 200 rounds ...
+        per_token, _ = _simulate(lengths, 1000, rate, cost, 0.12, seed=2)
+        assert 1 / per_token >= gain, rate                     # ... and drafted with at a gain (or not at a loss)
 
 
 def test_the_first_token_comes_from_one_pass_over_the_prompt(loaded_e, drafters, monkeypatch):
@@ -435,3 +456,29 @@ def test_drafts_are_queued_before_the_verification_is_built(mimicking, monkeypat
     assert tokens == plain and loop.drafted > 0
     drafted = [(i, k) for i, (what, k) in enumerate(events) if what == "verify" and k]
     assert drafted and all(events[i - 1] == ("queue", k) for i, k in drafted)
+
+
+def test_shadow_drafts_bring_an_agreeing_drafter_back_without_changing_a_token(mimicking, monkeypatch):
+    """While plain steps win, every shadow_every-th round drafts one token on the side and judges it against the
+    target's next token: with a drafter that agrees (mimicking), the acceptance rate the policy had written off
+    climbs back and drafting resumes; the tokens are plain greedy's all along, and no draft counts as drafted."""
+    from mlx_gemma4 import speculative
+
+    _, model, _, _, ours = mimicking
+    inputs = _inputs()
+    plain, _, _ = run_rounds(model, inputs, max_tokens=NEW)
+    policy = speculative.DraftLength(shadow_every=2)
+    policy.seconds.update({k: 1.0 + 0.1 * k for k in range(7)})
+    policy._seen.update(policy.seconds)
+    policy._kept, policy._judged = 0.0, 4.0             # written off: acceptance 0
+    monkeypatch.setattr(speculative, "automatic_policy", lambda model, assistant: policy)
+    rounds = []   # (the costs stay as set: this machine's timings are not what they stand for)
+    monkeypatch.setattr(policy, "record", lambda k, m, s: rounds.append(k))
+    judged = []
+    record_shadow = policy.record_shadow
+    monkeypatch.setattr(policy, "record_shadow", lambda kept: (judged.append(kept), record_shadow(kept)))
+    tokens, loop, _ = run_rounds(model, inputs, max_tokens=NEW, assistant=ours)
+    assert tokens == plain
+    assert len(judged) >= 2 and sum(judged) >= 0.6 * len(judged)   # the drafter agrees with its target ...
+    first = rounds.index(next(k for k in rounds if k))
+    assert first > 0 and loop.drafted == sum(rounds)                 # ... so drafting came back after plain rounds
