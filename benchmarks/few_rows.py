@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cold-mb", type=int, default=256,
                     help="the copies of each weight the calls cycle through add up to at least this (0: one copy)")
     args = ap.parse_args(argv)
-    if not projection._on_cuda():
+    if not projection.on_cuda():
         raise SystemExit("benchmarks.few_rows times CUDA kernels: it needs MLX's CUDA backend (mlx[cuda]) and a GPU.")
     dtype = getattr(mx, args.dtype)
     rows = [int(r) for r in args.rows.split(",")]

@@ -21,9 +21,12 @@ the end: within rounding of MLX's fallback (which rounds the scores and the prob
 
 from __future__ import annotations
 
+import functools
 import os
 
 import mlx.core as mx
+
+from .projection import on_cuda
 
 
 def _setting(value: str) -> bool:
@@ -120,36 +123,22 @@ _JOIN = r"""
     for (int i = 0; i < PER; ++i) out[to + lane * PER + i] = static_cast<T>(o[i] / total);
 """
 
-_kernels: dict[str, object] = {}
-
-
+@functools.cache
 def _kernel(name: str):
-    if name not in _kernels:
-        if name == "parts":
-            _kernels[name] = mx.fast.cuda_kernel(
-                name="gemma4_decode_attention_parts", input_names=["q", "k", "v", "mask"],
-                output_names=["part_o", "part_m", "part_sum"], source=_PARTS)
-        else:
-            _kernels[name] = mx.fast.cuda_kernel(
-                name="gemma4_decode_attention_join", input_names=["part_o", "part_m", "part_sum"],
-                output_names=["out"], source=_JOIN)
-    return _kernels[name]
+    """The kernel ``name`` ("parts" or "join"), made on first use."""
+    if name == "parts":
+        return mx.fast.cuda_kernel(name="gemma4_decode_attention_parts", input_names=["q", "k", "v", "mask"],
+                                   output_names=["part_o", "part_m", "part_sum"], source=_PARTS)
+    return mx.fast.cuda_kernel(name="gemma4_decode_attention_join", input_names=["part_o", "part_m", "part_sum"],
+                               output_names=["out"], source=_JOIN)
 
 
-_NO_MASK: list = []
-
-
+@functools.cache
 def _no_mask() -> mx.array:
     """One made-once boolean array to stand in the mask's place when there is none (a constant: no graph node)."""
-    if not _NO_MASK:
-        _NO_MASK.append(mx.zeros((1,), mx.bool_))
-        mx.eval(_NO_MASK[0])
-    return _NO_MASK[0]
-
-
-def _on_cuda() -> bool:
-    cuda = getattr(mx, "cuda", None)   # (not in every MLX build)
-    return mx.default_device() == mx.gpu and cuda is not None and cuda.is_available()
+    blank = mx.zeros((1,), mx.bool_)
+    mx.eval(blank)
+    return blank
 
 
 def fits(q: mx.array, k: mx.array, v: mx.array, mask) -> bool:
@@ -157,7 +146,7 @@ def fits(q: mx.array, k: mx.array, v: mx.array, mask) -> bool:
     query, key and value head sizes divisible by 32 up to 512, whole groups of query heads per key/value head,
     floating inputs of one dtype, and no mask or a boolean one with a row per query (or one row for a single
     query) over the keys."""
-    if not (ENABLED and _on_cuda()) or q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
+    if not (ENABLED and on_cuda()) or q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
         return False
     B, H, L, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]

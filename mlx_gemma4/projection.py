@@ -89,10 +89,11 @@ def _few_rows(x: mx.array, n_out: int) -> int:
     rows = x.size // x.shape[-1]
     if not 2 <= rows < PAD_ROWS_TO or PAD_FROM_OUT is None or n_out < PAD_FROM_OUT:
         return 0
-    return rows if _on_cuda() else 0
+    return rows if on_cuda() else 0
 
 
-def _on_cuda() -> bool:
+def on_cuda() -> bool:
+    """Whether work goes to MLX's CUDA backend (the few-rows and decode attention kernels' only home)."""
     cuda = getattr(mx, "cuda", None)   # (not in every MLX build)
     return mx.default_device() == mx.gpu and cuda is not None and cuda.is_available()
 
@@ -108,7 +109,7 @@ def _kernel_for(module: nn.Module, x: mx.array) -> str | None:
     """Which of the few-rows kernels (few_rows.py) runs this quantized matmul, if any: on CUDA, in the format they
     take (``few_rows.fits``), where ``few_rows.choose`` finds one faster than MLX's own."""
     w = module["weight"]
-    if not (few_rows.ENABLED and _on_cuda() and few_rows.fits(x, w, module["scales"], module.get("biases"),
+    if not (few_rows.ENABLED and on_cuda() and few_rows.fits(x, w, module["scales"], module.get("biases"),
                                                               module.group_size, module.bits, module.mode)):
         return None
     k = x.shape[-1]

@@ -267,10 +267,10 @@ class SpeculativeLoop:
             history = mx.concatenate([history, y.reshape(1).astype(mx.int32)])
         k = self.lengths.choose(min(self.max_tokens - n - 1, self.model.context_left(self.cache) - 1))
         t0 = time.perf_counter()
-        shadow = k == 0 and self.lengths.shadow_due()
-        drafts, tokens, all_logprobs, hiddens, shadow = self._round(y, hidden, history, k, shadow)
+        drafts, tokens, all_logprobs, hiddens, side = self._round(y, hidden, history, k,
+                                                                  k == 0 and self.lengths.shadow_due())
         self.fed = n   # y is in the cache from now on
-        return (k, t0, drafts, tokens, all_logprobs, hiddens, shadow), history
+        return (k, t0, drafts, tokens, all_logprobs, hiddens, side), history
 
     def _round(self, y: mx.array, hidden: mx.array, history: mx.array | None, k: int, shadow: bool):
         """``k`` drafts after ``y`` and their verification, queued on the device: the drafts first, so that the

@@ -163,7 +163,7 @@ def test_fits_takes_decode_shapes_only_on_cuda(monkeypatch):
     q, kv = mx.zeros((1, 8, 1, 256), mx.bfloat16), mx.zeros((1, 2, 64, 256), mx.bfloat16)
     # This machine's MLX has no CUDA device: nothing is taken, whatever the shapes.
     assert not decode_attention.fits(q, kv, kv, None)
-    monkeypatch.setattr(decode_attention, "_on_cuda", lambda: True)
+    monkeypatch.setattr(decode_attention, "on_cuda", lambda: True)
     ring = mx.ones((64,), mx.bool_)
     assert decode_attention.fits(q, kv, kv, None) and decode_attention.fits(q, kv, kv, ring)
     q5 = mx.zeros((1, 8, 5, 256), mx.bfloat16)

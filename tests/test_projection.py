@@ -188,7 +188,7 @@ def test_cuda_pads_few_rows_of_wide_quantized_matmuls(monkeypatch):
     tiled kernel instead of one pass per row); the real rows' outputs are the unpadded call's, in their shape."""
     lin = _quantized_linear()
     seen = _rows_seen(monkeypatch)
-    monkeypatch.setattr(projection, "_on_cuda", lambda: True)
+    monkeypatch.setattr(projection, "on_cuda", lambda: True)
     monkeypatch.setattr(projection.few_rows, "ENABLED", False)   # the padding path (where the kernel does not fit)
     monkeypatch.setattr(projection, "PAD_FROM_OUT", 96)
     for shape in [(1, r, 128) for r in range(1, 10)] + [(2, 3, 128), (5, 128)]:
@@ -208,7 +208,7 @@ def test_padding_leaves_narrow_projections_and_other_backends(monkeypatch):
     x = mx.random.normal((1, 4, 128))
     monkeypatch.setattr(projection, "PAD_FROM_OUT", 96)
     project(lin, x)                                       # not CUDA
-    monkeypatch.setattr(projection, "_on_cuda", lambda: True)
+    monkeypatch.setattr(projection, "on_cuda", lambda: True)
     monkeypatch.setattr(projection.few_rows, "ENABLED", False)   # the padding path (where the kernel does not fit)
     monkeypatch.setattr(projection, "PAD_FROM_OUT", 97)
     project(lin, x)                                       # narrower than PAD_FROM_OUT
@@ -227,7 +227,7 @@ def test_tied_head_pads_few_rows_on_cuda(monkeypatch):
     q = nn.QuantizedEmbedding.from_embedding(emb, group_size=64, bits=4)
     h = mx.random.normal((1, 3, 128))
     seen = _rows_seen(monkeypatch)
-    monkeypatch.setattr(projection, "_on_cuda", lambda: True)
+    monkeypatch.setattr(projection, "on_cuda", lambda: True)
     monkeypatch.setattr(projection.few_rows, "ENABLED", False)   # the padding path (where the kernel does not fit)
     out = projection.head(q, h)                           # 512 outputs: under the default PAD_FROM_OUT
     monkeypatch.setattr(projection, "PAD_FROM_OUT", 512)
@@ -243,7 +243,7 @@ def test_padded_verify_step_gives_the_same_logits_and_hidden_states(monkeypatch)
 
     model = build_4bit("e", lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 64 == 0)
     prompt = mx.array(ids_of(20).numpy())
-    monkeypatch.setattr(projection, "_on_cuda", lambda: True)
+    monkeypatch.setattr(projection, "on_cuda", lambda: True)
     monkeypatch.setattr(projection.few_rows, "ENABLED", False)   # the padding path (where the kernel does not fit)
 
     def outputs():
@@ -379,7 +379,7 @@ def test_projections_and_the_head_take_the_few_rows_kernels_on_cuda(monkeypatch)
     project(lin, x)
     projection.head(emb, x)
     assert calls == []                                    # not CUDA
-    monkeypatch.setattr(projection, "_on_cuda", lambda: True)
+    monkeypatch.setattr(projection, "on_cuda", lambda: True)
     project(lin, x)
     assert calls == []                                    # too small to be faster
     monkeypatch.setattr(few_rows, "choose", lambda rows, n, k: "cores" if rows == 1 else "mma" if rows < 8 else None)
@@ -407,7 +407,7 @@ def test_the_mma_setting_takes_every_fitting_projection(monkeypatch):
     x = mx.random.normal((1, 3, 128)).astype(mx.bfloat16)
     project(lin, x)
     assert calls == []                                    # not CUDA
-    monkeypatch.setattr(projection, "_on_cuda", lambda: True)
+    monkeypatch.setattr(projection, "on_cuda", lambda: True)
     for rows in (1, 3, 8):
         xr = mx.random.normal((1, rows, 128)).astype(mx.bfloat16)
         assert mx.array_equal(project(lin, xr), lin(xr)).item()
