@@ -46,29 +46,38 @@ class DraftLength:
 
     With acceptance rate ``a`` per drafted token, a round of ``k`` drafts yields ``(1 - a**(k+1)) / (1 - a)``
     tokens on average; a round's cost is measured (seconds per round for each ``k`` used, smoothed by ``smoothing``
-    per round; ``k`` not yet measured are interpolated; the first round of each ``k`` builds kernels and is not
-    counted). ``k = 0`` is a plain decode step, queued before the previous one is read as the plain loop does (its
-    cost is the time between two tokens), so when drafting does not pay the loop decodes as fast as without a
-    drafter. While a length above 0 wins, every ``explore_every`` rounds a neighbouring one is tried so that the
-    costs and the acceptance rate around it stay current. While ``k = 0`` wins, every ``shadow_every``-th round also
+    per round; the first round of each ``k`` builds kernels and is not counted). ``k = 0`` is a plain decode step,
+    queued before the previous one is read as the plain loop does (its cost is the time between two tokens), so
+    when drafting does not pay the loop decodes as fast as without a drafter; its cost is measured first and only
+    ever measured, while lengths above 0 not yet measured are estimated from the measured ones
+    (``estimated_seconds``). While a length above 0 wins, every ``explore_every`` rounds a neighbouring one is
+    tried so that the costs and the acceptance rate around it stay current; once drafting, the loop stops only when
+    plain steps win by more than ``keep`` (a rate a little over the break-even one, read with the estimate's
+    noise, would otherwise flip it off now and then). While ``k = 0`` wins, every ``shadow_every``-th round also
     drafts one token on the side (``shadow_due``: a shadow draft, compared with the target's next token and never
-    fed, ``record_shadow``): the acceptance rate stays current for one drafter step now and then, with no round of
-    drafts to wait for, so a drafter that never agrees costs ~nothing (under 1% on an H100's E4B, where a drafter
-    step costs ~0.12 of a plain one) and one that agrees again is drafted with again within a few hundred tokens.
+    fed, ``record_shadow``), every ``near_every``-th while drafting would be within ``near`` of plain steps'
+    speed: the acceptance rate stays current for one drafter step now and then, with no round of drafts to wait
+    for, so a drafter that never agrees costs ~nothing (under 1% on an H100's E4B, where a drafter step costs
+    ~0.12 of a plain one) and one that agrees again is drafted with again soon (within a few dozen tokens when
+    near the break-even rate).
     """
 
     def __init__(self, fixed: int | None = None, k_max: int = DEFAULT_MAX_DRAFT, explore_every: int = 8,
-                 prior_acceptance: float = 0.6, smoothing: float = 0.7, memory: float = 0.95, shadow_every: int = 16):
+                 prior_acceptance: float = 0.6, smoothing: float = 0.7, memory: float = 0.975, shadow_every: int = 16,
+                 keep: float = 0.03, near: float = 0.85, near_every: int = 4):
         self.fixed, self.k_max = fixed, fixed if fixed is not None else k_max
-        self.explore_every, self.smoothing, self.shadow_every = explore_every, smoothing, shadow_every
+        self.explore_every, self.smoothing = explore_every, smoothing
+        self.keep, self.near = keep, near
+        self.shadow_every, self.near_every = shadow_every, near_every
         self.memory = memory
         # The acceptance rate is kept drafts over judged ones, both counted with older drafts fading (by
-        # ``memory`` per draft judged since: ~20 drafts count): the rate the rounds' runs of kept drafts imply,
+        # ``memory`` per draft judged since: ~40 drafts count): the rate the rounds' runs of kept drafts imply,
         # unbiased where an average of each round's own rate is not (a round that kept 1 of 2 says less than one
         # that kept 4 of 5), and steady enough not to fall under the break-even rate by chance.
         self._kept, self._judged = 2 * prior_acceptance, 2.0
         self.seconds: dict[int, float] = {}
         self._seen: set[int] = set()
+        self._drafting = self._near = False   # the last choice drafted; drafting is within ``near`` of plain
         self.rounds = 0
         self._since_explore = self._since_shadow = 0
         self._explore_up = True
@@ -86,19 +95,26 @@ class DraftLength:
         return (1 - a ** (k + 1)) / (1 - a)
 
     def estimated_seconds(self, k: int) -> float | None:
+        """A round's cost for ``k`` drafts: measured, or from the measured rounds of drafts around it; ``k = 0`` (a
+        plain step) only ever measured: a round of drafts pays for the drafter's steps and a wider forward that a
+        plain step does not, so what drafting rounds cost says nothing of it (extended down to it, the costs of
+        rounds of 1 and 2 drafts made a plain step look nearly as dear as a round of drafts, and drafting look
+        worth it at any acceptance)."""
         if k in self.seconds:
             return self.seconds[k]
-        known = sorted(self.seconds)
-        if not known:
+        drafting = sorted(j for j in self.seconds if j)
+        if not k or not drafting:
             return None
-        if len(known) == 1:
-            # One measurement: assume each drafted token adds a quarter of a round's base cost.
-            k1 = known[0]
-            return self.seconds[k1] * (1 + 0.25 * k) / (1 + 0.25 * k1)
-        lo = max([j for j in known if j < k], default=known[0])
-        hi = min([j for j in known if j > k], default=known[-1])
+        if len(drafting) == 1:
+            # One measurement: assume each drafted token adds a tenth of a plain step (a drafter step and a row
+            # of the verification; ~0.05-0.07 on an H100's E4B and 12B), or a quarter of that round's cost.
+            j = drafting[0]
+            per_draft = 0.1 * self.seconds[0] if 0 in self.seconds else 0.25 * self.seconds[j] / (1 + 0.25 * j)
+            return max(self.seconds[j] + per_draft * (k - j), 1e-9)
+        lo = max([j for j in drafting if j < k], default=drafting[0])
+        hi = min([j for j in drafting if j > k], default=drafting[-1])
         if lo == hi:   # outside the measured range: extend the nearest two points' slope
-            lo, hi = (known[0], known[1]) if k < known[0] else (known[-2], known[-1])
+            lo, hi = (drafting[0], drafting[1]) if k < drafting[0] else (drafting[-2], drafting[-1])
         slope = max((self.seconds[hi] - self.seconds[lo]) / (hi - lo), 0.0)
         return max(self.seconds[lo] + slope * (k - lo), 1e-9)
 
@@ -107,11 +123,19 @@ class DraftLength:
         if self.fixed is not None:
             return max(0, min(self.fixed, limit))
         self.rounds += 1
-        costs = {k: self.estimated_seconds(k) for k in range(self.k_max + 1)}
-        if costs[0] is None:   # nothing measured yet
+        if 0 not in self.seconds:   # first a plain step's cost (the first one builds kernels: two rounds)
+            best = 0
+        elif set(self.seconds) == {0}:   # then a round of drafts (until one is measured)
             best = min(2, self.k_max)
         else:
-            best = max(costs, key=lambda k: self.expected_tokens(k) / costs[k])
+            costs = {k: self.estimated_seconds(k) for k in range(self.k_max + 1)}
+            speed = {k: self.expected_tokens(k) / costs[k] for k in costs}
+            best = max(speed, key=speed.get)
+            drafting = max((k for k in speed if k), key=speed.get, default=0)
+            if not best and self._drafting and speed[drafting] >= (1 - self.keep) * speed[0]:
+                best = drafting
+            self._near = bool(drafting) and speed[drafting] >= self.near * speed[0]
+            self._drafting = best > 0
         if best:   # now and then a neighbouring length
             self._since_explore += 1
             if self._since_explore >= self.explore_every:
@@ -125,7 +149,7 @@ class DraftLength:
         if self.fixed is not None:
             return False
         self._since_shadow += 1
-        if self._since_shadow < self.shadow_every:
+        if self._since_shadow < (min(self.near_every, self.shadow_every) if self._near else self.shadow_every):
             return False
         self._since_shadow = 0
         return True
