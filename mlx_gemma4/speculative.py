@@ -25,6 +25,7 @@ All of a round (k drafting steps, the verification, the k + 1 samples) is built 
 
 from __future__ import annotations
 
+import collections
 import time
 import weakref
 from typing import Any, Callable, Iterator, Sequence
@@ -45,28 +46,30 @@ class DraftLength:
     ``0 .. k_max`` that maximises expected tokens per second.
 
     With acceptance rate ``a`` per drafted token, a round of ``k`` drafts yields ``(1 - a**(k+1)) / (1 - a)``
-    tokens on average; a round's cost is measured (seconds per round for each ``k`` used, smoothed by ``smoothing``
-    per round; the first round of each ``k`` builds kernels and is not counted). ``k = 0`` is a plain decode step,
-    queued before the previous one is read as the plain loop does (its cost is the time between two tokens), so
-    when drafting does not pay the loop decodes as fast as without a drafter; its cost is measured first and only
-    ever measured, while lengths above 0 not yet measured are estimated from the measured ones
-    (``estimated_seconds``). While a length above 0 wins, every ``explore_every`` rounds a neighbouring one is
-    tried so that the costs and the acceptance rate around it stay current; once drafting, the loop stops only when
-    plain steps win by more than ``keep`` (a rate a little over the break-even one, read with the estimate's
-    noise, would otherwise flip it off now and then). While ``k = 0`` wins, every ``shadow_every``-th round also
-    drafts one token on the side (``shadow_due``: a shadow draft, compared with the target's next token and never
-    fed, ``record_shadow``), every ``near_every``-th while drafting would be within ``near`` of plain steps'
-    speed: the acceptance rate stays current for one drafter step now and then, with no round of drafts to wait
-    for, so a drafter that never agrees costs ~nothing (under 1% on an H100's E4B, where a drafter step costs
-    ~0.12 of a plain one) and one that agrees again is drafted with again soon (within a few dozen tokens when
-    near the break-even rate).
+    tokens on average. A round's cost is measured: seconds per round for each ``k`` used, the lower quartile of
+    its last ``recent`` rounds (a busy host's hiccups only ever add time); the first round of each ``k`` builds
+    kernels and is not counted; lengths not yet measured are estimated from the measured ones
+    (``estimated_seconds``), and no round of drafts is taken as cheaper than a plain step. ``k = 0`` is a plain
+    decode step, queued before the previous one is read as the plain loop does (its cost is the time between two
+    tokens), so when drafting does not pay the loop decodes as fast as without a drafter. Its cost is only ever
+    measured: first (two rounds of it, then two of drafts, so one hiccup does not decide), again whenever it looks
+    as dear as a round of drafts, and now and then while drafting. While a length above 0 wins, every
+    ``explore_every`` rounds a neighbouring one or a plain step is tried so that the costs and the acceptance rate
+    around it stay current; once drafting, the loop stops only when plain steps win by more than ``keep`` (a rate
+    a little over the break-even one, read with the estimate's noise, would otherwise flip it off now and then).
+    While ``k = 0`` wins, every ``shadow_every``-th round also drafts one token on the side (``shadow_due``: a
+    shadow draft, compared with the target's next token and never fed, ``record_shadow``), every
+    ``near_every``-th while drafting would be within ``near`` of plain steps' speed, and a round of drafts comes
+    now and then when near or when the drafter agrees often (its costs may be stale): a drafter that never agrees
+    costs ~nothing (under 1% on an H100's E4B, where a drafter step costs ~0.12 of a plain one) and one that
+    agrees again is drafted with again soon (within a few dozen tokens when near the break-even rate).
     """
 
     def __init__(self, fixed: int | None = None, k_max: int = DEFAULT_MAX_DRAFT, explore_every: int = 8,
-                 prior_acceptance: float = 0.6, smoothing: float = 0.7, memory: float = 0.975, shadow_every: int = 16,
+                 prior_acceptance: float = 0.6, recent: int = 9, memory: float = 0.975, shadow_every: int = 16,
                  keep: float = 0.03, near: float = 0.85, near_every: int = 4):
         self.fixed, self.k_max = fixed, fixed if fixed is not None else k_max
-        self.explore_every, self.smoothing = explore_every, smoothing
+        self.explore_every = explore_every
         self.keep, self.near = keep, near
         self.shadow_every, self.near_every = shadow_every, near_every
         self.memory = memory
@@ -75,12 +78,13 @@ class DraftLength:
         # unbiased where an average of each round's own rate is not (a round that kept 1 of 2 says less than one
         # that kept 4 of 5), and steady enough not to fall under the break-even rate by chance.
         self._kept, self._judged = 2 * prior_acceptance, 2.0
-        self.seconds: dict[int, float] = {}
+        self.seconds: dict[int, float] = {}   # k -> the median of its recent rounds' seconds
+        self._recent: dict[int, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=recent))
         self._seen: set[int] = set()
         self._drafting = self._near = False   # the last choice drafted; drafting is within ``near`` of plain
         self.rounds = 0
         self._since_explore = self._since_shadow = 0
-        self._explore_up = True
+        self._explored = 0   # explorations so far: a longer length, a shorter one, a plain step, in turn
 
     @property
     def acceptance(self) -> float:
@@ -123,12 +127,18 @@ class DraftLength:
         if self.fixed is not None:
             return max(0, min(self.fixed, limit))
         self.rounds += 1
-        if 0 not in self.seconds:   # first a plain step's cost (the first one builds kernels: two rounds)
+        drafting = 0   # the best length above 0
+        # First a plain step's cost, then a round of drafts': two rounds of each (after the one that builds
+        # kernels), so that one hiccup of the host does not decide.
+        if 0 not in self.seconds or len(self._recent[0]) == 1:
             best = 0
-        elif set(self.seconds) == {0}:   # then a round of drafts (until one is measured)
+        elif not any(k and len(self._recent[k]) != 1 for k in self.seconds):
             best = min(2, self.k_max)
+        elif any(k and c <= self.seconds[0] for k, c in self.seconds.items()):
+            best = 0   # a plain step's work is in every round: its cost is stale (hiccups): measure it again
         else:
             costs = {k: self.estimated_seconds(k) for k in range(self.k_max + 1)}
+            costs = {k: max(c, costs[0]) for k, c in costs.items()}   # (a plain step's work is in every round)
             speed = {k: self.expected_tokens(k) / costs[k] for k in costs}
             best = max(speed, key=speed.get)
             drafting = max((k for k in speed if k), key=speed.get, default=0)
@@ -136,12 +146,20 @@ class DraftLength:
                 best = drafting
             self._near = bool(drafting) and speed[drafting] >= self.near * speed[0]
             self._drafting = best > 0
-        if best:   # now and then a neighbouring length
+        if best:   # now and then a neighbouring length, or a plain step
             self._since_explore += 1
             if self._since_explore >= self.explore_every:
                 self._since_explore = 0
-                best = min(max(best + (1 if self._explore_up else -1), 0), self.k_max)
-                self._explore_up = not self._explore_up
+                step = self._explored % 3
+                best = 0 if step == 2 else min(max(best + (1 if step == 0 else -1), 0), self.k_max)
+                self._explored += 1
+        elif self._near or self.acceptance >= 0.5:
+            # Plain steps win, but not by much, or the drafter agrees often (its costs may be a hiccup's): now and
+            # then a round of drafts, so that their cost stays current.
+            self._since_explore += 1
+            if self._since_explore >= 4 * self.explore_every:
+                self._since_explore = 0
+                best = drafting
         return max(0, min(best, limit))
 
     def shadow_due(self) -> bool:
@@ -160,11 +178,12 @@ class DraftLength:
 
     def record(self, k: int, accepted: int, seconds: float) -> None:
         """What a round of ``k`` drafts gave: ``accepted`` drafts kept, in ``seconds``."""
-        s = self.smoothing
         if k not in self._seen:   # the first round of a length builds its kernels (and traces the step): not its cost
             self._seen.add(k)
         else:
-            self.seconds[k] = seconds if k not in self.seconds else s * self.seconds[k] + (1 - s) * seconds
+            recent = self._recent[k]
+            recent.append(seconds)
+            self.seconds[k] = sorted(recent)[(len(recent) - 1) // 4]   # the lower quartile
         if k:   # the drafts the target judged: all kept ones and the first rejected
             self._judge(accepted, accepted + (accepted < k))
 

@@ -205,14 +205,29 @@ def test_a_plain_step_is_only_ever_measured_and_drafting_stops_only_when_clearly
     assert lengths.choose(100) > 0
     lengths._kept = 0.5 * 40                           # ... and stops well under it
     assert lengths.choose(100) == 0
+    # Costs are the lower quartile of recent rounds (a host's hiccups only ever add time) ...
+    for seconds in (1.0, 1.0, 3.0, 1.0, 3.0, 3.0):
+        lengths.record(0, 0, seconds)
+    assert lengths.seconds[0] == 1.0
+    # ... and a plain step timed as dear as a round of drafts is timed again before anything else, even with a
+    # drafter that agrees.
+    for _ in range(9):
+        lengths.record(0, 0, 2.5)
+    lengths._kept = 0.9 * 40
+    assert [lengths.choose(100) for _ in range(3)] == [0, 0, 0]
+    for _ in range(5):
+        lengths.record(0, 0, 1.0)
+    assert lengths.choose(100) > 0
 
 
-def _simulate(lengths: DraftLength, rounds: int, rate: float, cost, shadow_cost: float, seed: int = 0
-              ) -> tuple[float, int]:
+def _simulate(lengths: DraftLength, rounds: int, rate: float, cost, shadow_cost: float, seed: int = 0,
+              hiccups: float = 0.0) -> tuple[float, int]:
     """Seconds per token and tokens over ``rounds`` rounds of a loop whose drafts are each kept with probability
     ``rate`` (the first rejected one ends the round), a round of k drafts costing ``cost(k)`` seconds and a round
-    without drafts that drafts one on the side ``shadow_cost`` more."""
+    without drafts that drafts one on the side ``shadow_cost`` more; with ``hiccups``, that share of rounds is
+    measured (not spent) at three times its cost, as a busy host's would be."""
     rng = np.random.default_rng(seed)
+    measured = lambda k: cost(k) * (3 if rng.random() < hiccups else 1)   # noqa: E731
     seconds = tokens = 0
     for _ in range(rounds):
         k = lengths.choose(10**6)
@@ -221,13 +236,13 @@ def _simulate(lengths: DraftLength, rounds: int, rate: float, cost, shadow_cost:
             if lengths.shadow_due():
                 seconds += shadow_cost
                 lengths.record_shadow(bool(rng.random() < rate))
-            lengths.record(0, 0, cost(0))
+            lengths.record(0, 0, measured(0))
             tokens += 1
             continue
         m = 0
         while m < k and rng.random() < rate:
             m += 1
-        lengths.record(k, m, cost(k))
+        lengths.record(k, m, measured(k))
         seconds, tokens = seconds + cost(k), tokens + m + 1
     return seconds / tokens, tokens
 
@@ -251,13 +266,17 @@ def test_the_policy_never_costs_more_than_a_little_and_finds_a_drafter_that_agre
         assert 1 / per_token >= gain, rate                     # ... and drafted with at a gain (or not at a loss)
 
 
+@pytest.mark.parametrize("hiccups", [0.0, 0.25])
 @pytest.mark.parametrize("shape", ["e4b", "12b"])
-def test_the_policy_is_near_the_best_length_on_the_costs_it_meets_on_an_h100(shape):
+def test_the_policy_is_near_the_best_length_on_the_costs_it_meets_on_an_h100(shape, hiccups):
     """The costs the policy itself measured in issue 14's H100 runs (session 12: with the decode attention kernels
     a plain step got faster, and a round of drafts costs 2.0-2.3 plain steps on E4B, 1.5-1.9 on the 12B), run as
     the benchmark runs it (a new policy at each rate, three runs of 96 tokens to learn, the median of three more):
-    over seeds, no loss where drafting does not pay, and at least 95% of the best fixed length's gain where it
-    does (the policy of session 11 got 1.09x of a possible 1.36x at 0.7 here, and 0.98x at 0.3 on the 12B)."""
+    over seeds, at most 3% lost where drafting does not pay (issue 14's floor), and at least 95% of the best fixed
+    length's gain where it does (the policy of session 11 got 1.09x of a possible 1.36x at 0.7 here, and 0.98x at
+    0.3 on the 12B); the same on a busy host that times a quarter of the rounds at three times their cost (session
+    12's second H100: a plain step timed at 7.6-16.3 ms where it takes 9.2, and the policy drafted at acceptance
+    0, 0.86x)."""
     steps = {"e4b": (1.0, 2.0, 2.1, 2.1, 2.2, 2.25, 2.3), "12b": (1.0, 1.53, 1.6, 1.65, 1.75, 1.85, 1.88)}[shape]
     cost = steps.__getitem__
     for rate in (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.9):
@@ -266,11 +285,11 @@ def test_the_policy_is_near_the_best_length_on_the_costs_it_meets_on_an_h100(sha
         gains = []
         for seed in range(10):
             lengths = DraftLength(k_max=6)
-            _simulate(lengths, 210, rate, cost, 0.06, seed=seed)
-            gains.append(statistics.median(1 / _simulate(lengths, 70, rate, cost, 0.06, seed=100 * seed + r)[0]
-                                           for r in range(3)))
+            _simulate(lengths, 210, rate, cost, 0.06, seed=seed, hiccups=hiccups)
+            runs = [_simulate(lengths, 70, rate, cost, 0.06, seed=100 * seed + r, hiccups=hiccups)[0] for r in range(3)]
+            gains.append(1 / statistics.median(runs))
         gain = statistics.mean(gains)
-        assert gain >= (0.98 if ideal <= 1 else 0.95 * ideal), (rate, gain, ideal)
+        assert gain >= (0.97 if ideal <= 1 else 0.95 * ideal), (rate, gain, ideal)   # (issue 14: >= 0.97x)
 
 
 def test_the_first_token_comes_from_one_pass_over_the_prompt(loaded_e, drafters, monkeypatch):
