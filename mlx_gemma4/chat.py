@@ -134,8 +134,12 @@ class ChatSession:
         return tool_schemas(self.tools if tools is _SESSION_TOOLS else tools) or None
 
     def count_tokens(self, messages: list[dict[str, Any]] | None = None) -> int:
-        """How many tokens of the context ``messages`` (default: this session's) take."""
-        return len(self.encode(self.messages if messages is None else messages, add_generation_prompt=False).ids)
+        """How many tokens of the context ``messages`` (default: this session's) take; none for no messages (a
+        conversation whose every turn was dropped)."""
+        messages = self.messages if messages is None else messages
+        if not messages:
+            return 0
+        return len(self.encode(messages, add_generation_prompt=False).ids)
 
     def _reuse(self, enc: EncodedChat) -> tuple[int, PromptEnd | None]:
         """Rewind the cache to the longest prefix it shares with ``enc`` (never inside a media item); return its
@@ -315,9 +319,10 @@ class ChatSession:
         for k in range(1, len(users)):
             rest = messages[:head] + messages[users[k]:]
             if len(self.encoder.encode(rest, enable_thinking=self.enable_thinking, tools=schemas).ids) <= limit:
+                oldest = "oldest turn" if k == 1 else f"{k} oldest turns"
                 return ContextLengthError(
-                    f"The conversation is {tokens} tokens but the model's context is {limit}. Drop the {k} oldest "
-                    f"turn{'s' if k > 1 else ''} or start a new chat.", tokens=tokens, limit=limit, drop_turns=k)
+                    f"The conversation is {tokens} tokens but the model's context is {limit}. Drop the {oldest} or "
+                    "start a new chat.", tokens=tokens, limit=limit, drop_turns=k)
         return ContextLengthError(
             f"This message needs {tokens} tokens with the conversation's start, but the model's context is "
             f"{limit}. Shorten it or send fewer or shorter attachments.", tokens=tokens, limit=limit)

@@ -7,6 +7,8 @@ the same app on the real backend with a tiny random model.
 from __future__ import annotations
 
 import asyncio
+import html
+import re
 import threading
 from pathlib import Path
 
@@ -41,6 +43,56 @@ async def _send_streams_and_saves(tmp_path):
     [conv] = h.conversations()
     assert [(m.role, m.content) for m in h.messages(conv.id)] == [("user", "hi there"),
                                                                   ("assistant", "Hello **there** friend")]
+
+
+def screen_text(app) -> str:
+    """What the screen shows, as plain text."""
+    svg = app.export_screenshot()
+    return html.unescape(re.sub(r"<[^>]+>", "", svg)).replace("\xa0", " ")
+
+
+def test_answers_show_angle_brackets_as_written(tmp_path):
+    asyncio.run(_answers_show_angle_brackets_as_written(tmp_path))
+
+
+async def _answers_show_angle_brackets_as_written(tmp_path):
+    """A model's text is not HTML: generics, tags and comparisons show as the model wrote them (Markdown's HTML
+    took them for tags and dropped them)."""
+    app = make_app(tmp_path, reply="Use List<String> names, a <div> tag; x<y and y>z.")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded)
+        await send(pilot, "hi")
+        chat = app.chat_screen
+        await wait_for(pilot, lambda: not chat.generating and chat.query(ModelMessage))
+        await pilot.pause()
+        assert "Use List<String> names, a <div> tag; x<y and y>z." in screen_text(app)
+
+
+def test_a_new_message_brings_the_scrolled_up_chat_back_down_and_typing_there_goes_to_the_prompt(tmp_path):
+    asyncio.run(_new_message_follows(tmp_path))
+
+
+async def _new_message_follows(tmp_path):
+    app = make_app(tmp_path, reply=" ".join(f"word{i}" for i in range(60)))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded)
+        chat = app.chat_screen
+        for i in range(3):   # a conversation taller than the screen
+            await send(pilot, f"message {i}")
+            await wait_for(pilot, lambda: not chat.generating)
+        transcript, prompt = chat.transcript, chat.prompt
+        await pilot.press("tab")                     # the conversation, to scroll it with the keys
+        assert app.focused is transcript
+        await pilot.press("pageup", "pageup")
+        await pilot.pause()
+        assert transcript.scroll_y < transcript.max_scroll_y
+        await pilot.press("w", "h", "y")             # typing there goes on in the prompt
+        assert app.focused is prompt and prompt.text == "why"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: not chat.generating)
+        await pilot.pause()
+        assert chat.query(ModelMessage).last().answer.endswith("word59")
+        assert transcript.scroll_y == transcript.max_scroll_y > 0   # back down, following the new answer
 
 
 def notes(app) -> list[str]:

@@ -648,6 +648,30 @@ def test_settings_buttons_and_every_field_reachable_on_a_small_screen(tmp_path, 
     run(go())
 
 
+@pytest.mark.parametrize("size", [SIZE, (60, 20)])
+def test_a_refused_setting_stays_in_view_with_its_reason(tmp_path, size):
+    """Save refused a drafter folder that is no drafter with a three-line reason, which pushed the field it had
+    focused out of the dialog's view: typing changed nothing that could be seen."""
+    not_a_drafter = tmp_path / "q4"
+    not_a_drafter.mkdir()
+    (not_a_drafter / "config.json").write_text(json.dumps({"model_type": "gemma4"}))
+
+    async def go():
+        app = make_app(tmp_path)
+        async with app.run_test(size=size) as pilot:
+            await until(pilot, lambda: app.backend.loaded)
+            screen = await open_screen(pilot, "f2", SettingsScreen)
+            field = screen.query_one("#assistant")
+            field.value = str(not_a_drafter)
+            field.focus()
+            await pilot.press("ctrl+s")
+            await until(pilot, lambda: "not an assistant drafter" in str(screen.query_one("#error").render()))
+            body = screen.query_one("#settings-body").region
+            await until(pilot, lambda: app.focused is field and body.contains_region(field.region))
+            assert isinstance(app.screen, SettingsScreen)
+    run(go())
+
+
 @pytest.mark.parametrize("size", [SIZE, (60, 20), (60, 14)])
 def test_conversations_hint_stays_on_a_small_screen(tmp_path, size):
     """With many saved chats the list kept its 16 rows below 80x24 and pushed the keys hint (resume, delete,

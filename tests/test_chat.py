@@ -167,7 +167,7 @@ def test_too_long_message_and_too_long_conversation(loaded):
     half = " ".join(["word"] * (limit // 3))
     with pytest.raises(ContextLengthError) as e:
         list(session.stream(convo(half, "ok", half, "ok", "and this?", system=None), max_tokens=2))
-    assert e.value.drop_turns == 1 and "Drop the 1 oldest turn" in str(e.value)
+    assert e.value.drop_turns == 1 and "Drop the oldest turn or" in str(e.value)
 
 
 def test_answer_stopped_by_the_context_is_labelled_context(loaded):
@@ -490,6 +490,15 @@ def test_one_message_not_in_a_list_is_named(loaded):
     model, processor = loaded
     with pytest.raises(InputError, match="Wrap a single message in a list"):
         processor.apply_chat_template({"role": "user", "content": "hi"})
+
+
+def test_no_messages_take_no_tokens(loaded):
+    """A conversation whose every turn was dropped takes nothing of the context (it raised, "no messages to
+    render", and the app's context count stayed where it was)."""
+    model, processor = loaded
+    session = ChatSession(model, processor)
+    assert session.count_tokens([]) == 0 and session.count_tokens() == 0
+    assert session.count_tokens([{"role": "user", "content": "hi"}]) > 0
 
 
 @pytest.mark.parametrize("n", [-1, 0, 1.5, True, "2", None])

@@ -68,17 +68,19 @@ def session_messages(saved: list[SavedMessage]) -> list[dict]:
 class ChatScreen(AttachingScreen):
     CSS_PATH = "chat.tcss"
     BINDINGS = [
+        # In the footer's order, which cuts what does not fit (80 columns: up to History): Help first, since it
+        # lists every key.
+        Binding("f1", "help", "Help", id="chat.help"),
         Binding("escape", "stop", "Stop", id="chat.stop"),
         Binding("ctrl+o", "attach", "Attach", id="chat.attach"),
         Binding("ctrl+r", "record", "Record", id="chat.record"),
         Binding("ctrl+t", "toggle_thinking", "Thinking", id="chat.thinking"),
-        Binding("ctrl+g", "regenerate", "Regenerate", id="chat.regenerate"),
         Binding("ctrl+n", "new_conversation", "New", id="chat.new"),
         Binding("ctrl+l", "conversations", "History", id="chat.history"),
+        Binding("f2", "settings", "Settings", id="chat.settings"),
+        Binding("ctrl+g", "regenerate", "Regenerate", id="chat.regenerate"),
         Binding("f3", "copy_answer", "Copy answer", id="chat.copy_answer"),
         Binding("ctrl+b", "copy_code", "Copy code", show=False, id="chat.copy_code"),
-        Binding("f2", "settings", "Settings", id="chat.settings"),
-        Binding("f1", "help", "Help", id="chat.help"),
     ]
 
     generating = reactive(False)
@@ -306,6 +308,7 @@ class ChatScreen(AttachingScreen):
         self.turn_id = turn_id
         self.current = ModelMessage()
         self.transcript.mount(self.current)
+        self.transcript.follow()   # scrolled up to read: a new turn brings the view back down
         self.generating = True
         self.query_one(Activity).start(media or {})
         if not self.chat.backend.loaded:

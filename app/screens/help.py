@@ -16,6 +16,7 @@ EDITING = [
     ("Ctrl+J", "new line (any terminal)"),
     ("Shift+Enter", "new line, if reported"),
     ("Backspace", "empty prompt: drop file"),
+    ("Tab", "scroll the chat"),
 ]
 COMMANDS = [
     ("/image PATH", "attach an image"),

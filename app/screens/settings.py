@@ -80,20 +80,24 @@ class SettingsScreen(ModalScreen[Settings | None]):
             field = self.query_one(f"#{key}", Input)
             result = field.validate(field.value)
             if result is not None and not result.is_valid:
-                self.query_one("#error", Static).update(f"{label} must be a number from {lo} to {hi}.")
-                field.focus()
+                self._refuse(field, f"{label} must be a number from {lo} to {hi}.")
                 return
             values[key] = kind(float(field.value))
         field = self.query_one("#assistant", Input)
         values["assistant"], problem = drafter_dir(field.value)
         if problem:  # the app checks that it fits the model once the dialog closes
-            self.query_one("#error", Static).update(f"Drafter folder {values['assistant']}: {problem}. Give the "
-                                                    "folder convert.py wrote for the drafter, or leave it empty.")
-            field.focus()
+            self._refuse(field, f"Drafter folder {values['assistant']}: {problem}. Give the folder convert.py wrote "
+                                "for the drafter, or leave it empty.")
             return
         values["system_prompt"] = self.query_one("#system_prompt", TextArea).text.strip()
         values["enable_thinking"] = self.query_one("#enable_thinking", Switch).value
         self.dismiss(replace(self.settings, **values))
+
+    def _refuse(self, field: Input, why: str) -> None:
+        """Say why Save was refused and put the field to fix in view (the reason's lines move it)."""
+        self.query_one("#error", Static).update(why)
+        field.focus()
+        self.call_after_refresh(field.scroll_visible, animate=False)
 
     @on(Button.Pressed, "#cancel")
     def action_cancel(self) -> None:

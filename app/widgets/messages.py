@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from markdown_it import MarkdownIt
+from textual import events
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Collapsible, Label, Markdown, Static
@@ -13,6 +15,13 @@ from .chips import AttachmentChips
 from .tool_calls import ToolCallView
 
 _CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
+
+
+def _markdown_parser() -> MarkdownIt:
+    """Textual's own "gfm-like" Markdown, without HTML: a model's text is never markup for a browser, and with
+    HTML on, anything in angle brackets (``List<String>``, ``<div>``, even ``x<y and y>z``) is taken for a tag
+    and not shown."""
+    return MarkdownIt("gfm-like", {"html": False})
 
 
 def last_code_block(markdown: str) -> str | None:
@@ -53,8 +62,8 @@ class ModelMessage(Vertical):
         yield Label("Gemma", classes="author")
         with Collapsible(title="Thinking", collapsed=True, classes="thinking") as c:
             c.display = bool(self.thinking)
-            yield Markdown(self.thinking, classes="thinking-text")
-        yield Markdown(self.answer, classes="answer")
+            yield Markdown(self.thinking, classes="thinking-text", parser_factory=_markdown_parser)
+        yield Markdown(self.answer, classes="answer", parser_factory=_markdown_parser)
         for call in self.calls:
             yield ToolCallView(call)
         note = Label(self.note, classes="note", markup=False)
@@ -117,10 +126,25 @@ class Notice(Static):
 
 
 class Transcript(VerticalScroll):
-    """The conversation, kept scrolled to the newest message unless the user scrolls up."""
+    """The conversation, kept scrolled to the newest message unless the user scrolls up (``follow`` takes it back
+    down: a new message). Focused with Tab to scroll it with the keys; typing there goes on in the prompt."""
 
     def on_mount(self) -> None:
         self.anchor()
+
+    def follow(self) -> None:
+        """Back to the newest message, and keep following it as it grows."""
+        self.anchor()
+        self.scroll_end(animate=False, immediate=True)
+
+    def on_key(self, event: events.Key) -> None:
+        if not (event.is_printable and event.character):
+            return
+        event.stop()
+        event.prevent_default()
+        prompt = self.screen.query_one("#prompt")
+        prompt.focus()
+        prompt.insert(event.character)
 
     def last_model_message(self) -> ModelMessage | None:
         found = self.query(ModelMessage)
