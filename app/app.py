@@ -108,7 +108,7 @@ class ChatApp(App):
             else:  # nothing will load: messages are refused with this reason rather than waiting for a model
                 self.backend.load_error = "No model was chosen."
                 self.chat_screen.load_failed_text(
-                    "No model loaded. Start again with `--model DIR` naming a converted model, or `--demo`.")
+                    "No model loaded. Start again with --model DIR naming a converted model, or with --demo.")
 
         dest = models_dir(self.data_dir) / DEFAULT_NAME
         self.push_screen(GetModelScreen(dest, self.hub_check), answered)

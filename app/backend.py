@@ -260,6 +260,19 @@ class Backend:
     def busy(self) -> bool:
         return bool(self._jobs)
 
+    def refuses(self, kind: str) -> str | None:
+        """Why the loaded model cannot take this kind of media ("image", "video", "audio"), or None (it can, or no
+        model is loaded yet: sending says so then)."""
+        model = self.model
+        if model is None or not hasattr(model, "children"):
+            return None
+        parts = model.children()
+        if kind in ("image", "video") and not ({"vision_tower", "vision_embedder"} & parts.keys()):
+            return "this model has no vision tower: it takes no images or video"
+        if kind == "audio" and not ({"audio_tower", "embed_audio"} & parts.keys()):
+            return "this model has no audio tower: it takes no audio"
+        return None
+
     def _submit(self, fn: Callable, *args: Any) -> Future:
         future: Future = Future()
         if self._closing.is_set():

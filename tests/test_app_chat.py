@@ -95,6 +95,47 @@ async def _new_message_follows(tmp_path):
         assert transcript.scroll_y == transcript.max_scroll_y > 0   # back down, following the new answer
 
 
+def test_a_mistyped_command_is_not_sent_and_two_slashes_send_text(tmp_path):
+    asyncio.run(_mistyped_command(tmp_path))
+
+
+async def _mistyped_command(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded)
+        chat = app.chat_screen
+        await send(pilot, "/sytem be terse")
+        await pilot.pause()
+        assert any("no command /sytem" in n and "/help" in n for n in app.notes)
+        assert chat.prompt.text == "/sytem be terse" and not chat.query(UserMessage)   # kept, to be corrected
+        await send(pilot, "//sytem is a typo")
+        await wait_for(pilot, lambda: not chat.generating and chat.query(ModelMessage))
+        assert chat.query_one(UserMessage).text == "/sytem is a typo"
+        assert app.sessions[0].calls[-1]["messages"][-1]["content"] == "/sytem is a typo"
+
+
+def test_media_the_model_cannot_take_is_refused_when_attached(tmp_path):
+    asyncio.run(_media_refused_when_attached(tmp_path))
+
+
+async def _media_refused_when_attached(tmp_path):
+    """A text-only model: an image was attached without a word and refused only once the message was sent."""
+    import mlx.nn as nn
+
+    img = png(tmp_path / "photo.png")
+    app = make_app(tmp_path, load=lambda progress: (nn.Module(), None))   # a model with no towers
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded)
+        chat = app.chat_screen
+        chat.prompt.post_message(events.Paste(f"'{img}' what is this"))
+        await wait_for(pilot, lambda: "what is this" in chat.prompt.text)
+        assert not chat.pending
+        assert any("photo.png was not attached" in n and "no vision tower" in n for n in app.notes)
+        await send(pilot, f"/image {img}")
+        await pilot.pause()
+        assert not chat.pending and chat.prompt.text == f"/image {img}"   # kept, as a command that failed
+
+
 def notes(app) -> list[str]:
     """The toasts shown so far (make_app records every notify call)."""
     return list(app.notes)

@@ -60,11 +60,20 @@ class AttachingScreen(Screen):
 
     # -- pending attachments -----------------------------------------------------------------------
 
-    def attach(self, attachments: list[Attachment]) -> None:
-        self.pending, repeats = once_each(self.pending + attachments)
+    def attach(self, attachments: list[Attachment]) -> list[Attachment]:
+        """Add to the waiting attachments those the loaded model takes (saying why of the others); those added."""
+        taken = []
+        for a in attachments:
+            why = self.chat.backend.refuses(a.kind)
+            if why:
+                self.notify(f"{a.path.name} was not attached: {why}.", severity="warning", timeout=8)
+            else:
+                taken.append(a)
+        self.pending, repeats = once_each(self.pending + taken)
         for a in repeats:
             self.notify(repeat_notice(a), timeout=6)
         self.show_pending()
+        return taken
 
     def take_pending(self) -> list[Attachment]:
         pending, self.pending = self.pending, []
@@ -77,11 +86,10 @@ class AttachingScreen(Screen):
     def attach_checked(self, path: Path | str, expect: str | None = None) -> bool:
         """Attach the file if it is one the model takes (True); else say why (False)."""
         try:
-            self.attach([check(path, expect=expect)])
+            return bool(self.attach([check(path, expect=expect)]))
         except AttachmentError as e:
             self.notify(str(e), severity="error", timeout=8)
             return False
-        return True
 
     @on(PromptArea.Pasted)
     def pasted(self, event: PromptArea.Pasted) -> None:

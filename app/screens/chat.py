@@ -7,6 +7,7 @@ Collecting attachments and recording live in AttachingScreen, which this screen 
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from dataclasses import replace
 from pathlib import Path
@@ -247,7 +248,7 @@ class ChatScreen(AttachingScreen):
             self.action_record()
         if not text and not self.pending:
             return
-        done = self.command(text) if text.startswith("/") else None
+        done = self.command(text) if text.startswith("/") and not text.startswith("//") else None
         if done is not None:
             if done:  # a command that failed (a mistyped /image path) stays in the prompt to be corrected
                 event.prompt.clear()
@@ -261,7 +262,7 @@ class ChatScreen(AttachingScreen):
             return
         if self.drop_gone_pending():
             return  # the message stays in the prompt, to be sent again without the file or with it attached anew
-        parsed = parse_prompt(text)
+        parsed = parse_prompt(text[1:] if text.startswith("//") else text)   # //text: text that starts with /
         for n in parsed.notices:
             self.notice(n, "warning")
         pending = self.take_pending()
@@ -336,6 +337,10 @@ class ChatScreen(AttachingScreen):
         if name == "/help":
             self.action_help()
             return True
+        if re.fullmatch(r"/[A-Za-z]+", name):   # a mistyped command (/sytem) is not sent to the model as text
+            self.notify(f"There is no command {name}; /help lists them. To send text that starts with a slash, "
+                        "begin it with two (//).", severity="warning", timeout=8)
+            return False
         return None
 
     # -- streaming ---------------------------------------------------------------------------------
