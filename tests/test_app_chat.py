@@ -273,8 +273,8 @@ async def _slash_commands_and_bad_files(tmp_path):
         await send(pilot, "/video")
         assert chat.prompt.text == "/video" and "Usage: /video PATH" in notes(app)[-1]
         chat.prompt.clear()
-        await pilot.press("backspace")  # on an empty prompt: drops the last pending file
-        assert chat.pending == []
+        await pilot.press("backspace")  # on an empty prompt: drops the last pending file, saying so
+        assert chat.pending == [] and notes(app)[-1] == "Removed my pic.png from the message."
 
 
 test_slash_commands_and_bad_files = run(_slash_commands_and_bad_files)
@@ -531,6 +531,9 @@ def test_quit_mid_answer_keeps_the_answer_so_far(tmp_path):
     saved = history.messages(history.latest().id)
     assert [(m.role, m.content) for m in saved] == [("user", "talk"), ("assistant", "once")]
     assert saved[1].stats["finish"] == "cancelled"
+    # ... with the stats it had so far (they were saved zeroed: the status bar was already gone)
+    assert (saved[1].stats["prompt_tokens"], saved[1].stats["generation_tokens"]) == (7, 1)
+    assert saved[1].stats["ttft"] > 0
 
 
 async def _message_typed_while_loading_is_sent_when_ready(tmp_path):

@@ -34,7 +34,7 @@ from app.widgets.meter import LevelMeter
 from app.widgets.prompt import PromptArea
 from app.widgets.status import StatusBar, fit, status_parts
 from app.widgets.thumbnail import ImagePreview, Picture
-from app.widgets.messages import Notice
+from app.widgets.messages import ModelMessage, Notice
 from tests.app_helpers import ScriptedSession, make_app, open_screen, record_notes, send, until
 
 SIZE = (80, 24)
@@ -350,6 +350,23 @@ def test_activity_line_says_what_and_how_far(tmp_path):
             app.sessions[0].gates[1].set()
             await until(pilot, lambda: not chat.generating)
             assert not activity.display
+    run(go())
+
+
+def test_a_message_sent_while_the_model_loads_says_it_waits_for_it(tmp_path):
+    """The activity line said "Preparing the prompt" while the message waited for the model to load."""
+    async def go():
+        gate = threading.Event()
+        app = make_app(tmp_path, reply="done now", load=lambda progress: (gate.wait(), (None, None))[1])
+        async with app.run_test(size=SIZE) as pilot:
+            chat = app.chat_screen
+            activity = chat.query_one(Activity)
+            await send(pilot, "hello")
+            await until(pilot, lambda: activity.display)
+            assert "Waiting for the model to load" in str(activity.render())
+            gate.set()
+            await until(pilot, lambda: not chat.generating)
+            assert chat.query(ModelMessage).last().answer == "done now"
     run(go())
 
 

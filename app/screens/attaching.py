@@ -103,8 +103,9 @@ class AttachingScreen(Screen):
     @on(PromptArea.BackspaceOnEmpty)
     def drop_last_pending(self) -> None:
         if self.pending:
-            self.pending.pop()
+            gone = self.pending.pop()
             self.show_pending()
+            self.notify(f"Removed {gone.path.name} from the message.", timeout=4)
 
     def media_command(self, name: str, arg: str) -> bool | None:
         """`/image PATH` and friends: True when the file was attached, False when it was not (the message says

@@ -94,6 +94,7 @@ class ChatScreen(AttachingScreen):
         self.replacing: int | None = None  # the answer a regenerate replaces once the new one is in
         self.typed: tuple[str, list[Attachment]] | None = None  # put back in the prompt if the turn fails
         self.turn_images: list[Path] = []  # images of the last user turn, for box answers
+        self.streamed_stats: b.Stats | None = None  # the answer's stats so far (saved with it if the app closes)
 
     def compose(self) -> ComposeResult:
         if self.chat.backend.demo:
@@ -215,8 +216,7 @@ class ChatScreen(AttachingScreen):
         if self.generating and message is not None and self.turn_id is not None and self.replacing is None:
             history = self.chat.history
             if history.exists(cid) and not self._answered(cid, self.turn_id):
-                bars = self.query(StatusBar)  # gone when the app has already taken its screens down
-                stats = dict(vars(bars.first().stats if bars else b.Stats()), finish="cancelled")
+                stats = dict(vars(self.streamed_stats or b.Stats()), finish="cancelled")
                 if message.calls:
                     stats["tool_calls"] = message.calls
                 history.add_message(cid, "assistant", message.answer, thinking=message.thinking, stats=stats)
@@ -306,12 +306,13 @@ class ChatScreen(AttachingScreen):
         self.start_answer(mid, {k: sum(a.kind == k for a in attachments) for k in (m.kind for m in MEDIA)})
 
     def start_answer(self, turn_id: int, media: dict[str, int] | None = None) -> None:
-        self.turn_id = turn_id
+        self.turn_id, self.streamed_stats = turn_id, None
         self.current = ModelMessage()
         self.transcript.mount(self.current)
         self.transcript.follow()   # scrolled up to read: a new turn brings the view back down
         self.generating = True
-        self.query_one(Activity).start(media or {})
+        backend = self.chat.backend
+        self.query_one(Activity).start(media or {}, waiting=lambda: not backend.loaded and backend.load_error is None)
         if not self.chat.backend.loaded:
             self.query_one(StatusBar).state = "waiting for the model…"
         self.chat.backend.generate(self.post_message, self.conversation_id, turn_id,
@@ -356,7 +357,7 @@ class ChatScreen(AttachingScreen):
             return  # a conversation no longer shown
         if event.thinking or event.answer:
             self.query_one(Activity).stop()
-        self.query_one(StatusBar).stats = event.stats
+        self.query_one(StatusBar).stats = self.streamed_stats = event.stats
         await self.current.show(event.thinking, event.answer, event.tool_calls)
 
     @on(b.Finished)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 from textual.reactive import reactive
 from textual.timer import Timer
@@ -17,9 +18,11 @@ def media_words(counts: dict[str, int]) -> str:
     return " and ".join([", ".join(words[:-1]), words[-1]] if len(words) > 1 else words)
 
 
-def activity_text(media: str, done: int, total: int, elapsed: float) -> str:
-    """What is happening, how far, and for how long."""
-    if total and done:
+def activity_text(media: str, done: int, total: int, elapsed: float, waiting: bool = False) -> str:
+    """What is happening, how far, and for how long (``waiting``: the model is still loading)."""
+    if waiting:
+        what = "Waiting for the model to load"
+    elif total and done:
         what = f"Reading the prompt: {done:,}/{total:,} tokens"
     elif media:
         what = f"Encoding {media}" + (f" and reading {total:,} prompt tokens" if total else "")
@@ -41,6 +44,7 @@ class Activity(Static):
     def __init__(self, **kwargs) -> None:
         super().__init__(markup=False, **kwargs)
         self.media = ""
+        self.waiting: Callable[[], bool] | None = None
         self.started = 0.0
         self._frame = 0
         self._timer: Timer | None = None
@@ -49,8 +53,10 @@ class Activity(Static):
     def active(self) -> bool:
         return self._timer is not None
 
-    def start(self, media: dict[str, int]) -> None:
+    def start(self, media: dict[str, int], waiting: Callable[[], bool] | None = None) -> None:
+        """Show it; ``waiting`` says whether the model is still loading (the message waits for it)."""
         self.media = media_words(media)
+        self.waiting = waiting
         self.done = self.total = 0
         self.started = time.monotonic()
         self.display = True
@@ -71,5 +77,6 @@ class Activity(Static):
 
     def tick(self) -> None:
         self._frame = (self._frame + 1) % len(SPINNER)
-        text = activity_text(self.media, self.done, self.total, time.monotonic() - self.started)
+        waiting = self.waiting is not None and self.waiting()
+        text = activity_text(self.media, self.done, self.total, time.monotonic() - self.started, waiting)
         self.update(f"{SPINNER[self._frame]} {text}")
