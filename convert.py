@@ -81,7 +81,13 @@ def main(argv=None) -> int:
         previous = {s: signal.signal(s, _stop) for s in SIGNALS}
     try:
         args = parse_args(argv)
-        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+        # Our own lines at INFO; other libraries' only from WARNING (torch, when transformers loads it, prints its
+        # cache statistics at INFO on exit: after the one line a stopped conversion promises), all with --verbose.
+        ours = logging.DEBUG if args.verbose else logging.INFO
+        logging.basicConfig(level=min(ours, logging.WARNING) if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(message)s")
+        for name in ("convert", "mlx_gemma4"):
+            logging.getLogger(name).setLevel(ours)
         unused = [f for f, v in (("--q-group-size", args.q_group_size), ("--ple-bits", args.ple_bits),
                                  ("--tower-bits", args.tower_bits)) if v is not None]
         if args.q_bits is None and unused:

@@ -53,6 +53,10 @@ def preview(items: list[str], n: int = 8) -> str:
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
+_SAYS_YOU = ("uni", "use", "usa", "usu", "uint")   # "a user", "a uint8 array": a vowel letter, a consonant sound
+
+
 def with_article(word: str) -> str:
-    """``word`` with its article, for messages: "an image", "a video", "an assistant"."""
-    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+    """``word`` with its article, for messages: "an image", "a video", "an assistant", "a user"."""
+    vowel = word[:1].lower() in "aeiou" and not word.lower().startswith(_SAYS_YOU)
+    return f"{'an' if vowel else 'a'} {word}"

@@ -84,15 +84,23 @@ def cancelled_response(prompt_tokens: int, ttft: float = 0.0) -> GenerationRespo
                               generation_tps=0.0, ttft=ttft, peak_memory_gb=peak_gb(), finish_reason="cancelled")
 
 
+MIN_TEMPERATURE = 1e-6   # below this, sampling is greedy (make_policies)
+
+
 def make_policies(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
                   repetition_penalty: float | None = None, repetition_context_size: int = 20,
                   vocab_size: int | None = None
                   ) -> tuple[Callable[[mx.array], mx.array], list[Callable[[mx.array, mx.array], mx.array]]]:
     """mlx-lm's sampler and logits processors for these settings. A ``top_k`` of ``vocab_size`` or more keeps every
-    token, so it is off (mlx-lm's top-k refuses it mid-sampling, which also leaves MLX's random state broken)."""
+    token, so it is off (mlx-lm's top-k refuses it mid-sampling, which also leaves MLX's random state broken). A
+    temperature under ``MIN_TEMPERATURE`` is greedy, the limit sampling tends to as the temperature falls (the
+    sampler divides the logits by it: at 1e-38 they overflow to infinity and it drew tokens at random)."""
     if vocab_size is not None and top_k >= vocab_size:
         top_k = 0
-    sampler = make_sampler(temp=float(temperature), top_p=float(top_p) if top_p < 1 else 0.0,
+    temperature = float(temperature)
+    if temperature < MIN_TEMPERATURE:
+        temperature = 0.0
+    sampler = make_sampler(temp=temperature, top_p=float(top_p) if top_p < 1 else 0.0,
                            min_p=float(min_p), top_k=int(top_k))
     # mlx-lm takes Python numbers only (a numpy float32 penalty is refused mid-setup)
     processors = make_logits_processors(

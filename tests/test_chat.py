@@ -525,3 +525,5 @@ def test_messages_about_parts_and_contents_read_right(loaded):
                                                    {"role": "user", "content": "?"}], max_tokens=1))
     with pytest.raises(InputError, match="got an int"):
         ChatSession(model, processor, system_prompt=3)
+    with pytest.raises(InputError, match="^A user message's content is an int"):   # not "An user"
+        list(ChatSession(model, processor).stream([{"role": "user", "content": 5}], max_tokens=1))

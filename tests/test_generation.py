@@ -189,6 +189,16 @@ def test_sampling_runs_for_valid_edge_values(loaded):
         assert len(out) == 3 and all(0 <= r.token < model.config.text_config.vocab_size for r in out)
 
 
+def test_a_vanishing_temperature_is_greedy(loaded):
+    """The sampler divides the logits by the temperature: at 1e-38 they overflowed to infinity and tokens were
+    drawn at random; under MIN_TEMPERATURE sampling is greedy, its limit."""
+    model, processor = loaded
+    run = dict(max_tokens=6, stop_ids=[], seed=3)
+    greedy = [r.token for r in stream_generate(model, processor, "hi", temperature=0.0, **run)]
+    for t in (1e-7, 1e-38, 1e-45, 5e-324):
+        assert [r.token for r in stream_generate(model, processor, "hi", temperature=t, **run)] == greedy, t
+
+
 def test_a_top_k_of_the_whole_vocabulary_or_more_is_off(loaded):
     # mlx-lm's top-k refuses k >= vocabulary mid-sampling, and that failure left MLX's random state unusable for
     # every later sampled call in the process.

@@ -118,11 +118,36 @@ def test_cli_on_a_port_in_use_exits_cleanly(checkpoint_factory, tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
+        # The port is checked before the model loads (next test): this is a port taken while it loaded, so the
+        # check is left out here.
+        late = ("import sys, mlx_gemma4.server.cli as cli; cli.address_problem = lambda host, port: None; "
+                "sys.exit(cli.main(sys.argv[1:]))")
         for _ in range(6):
-            done = subprocess.run([sys.executable, "-m", "mlx_gemma4.server", "--model", str(model),
+            done = subprocess.run([sys.executable, "-c", late, "--model", str(model),
                                    "--port", str(taken.getsockname()[1]), "--log-level", "warning"],
                                   env=env, capture_output=True, text=True, timeout=300)
             assert done.returncode in (1, 3) and "terminate called" not in done.stderr, done.stderr[-500:]  # uvicorn: 3
+
+
+def test_cli_checks_host_and_port_before_loading_the_model(tmp_path):
+    """A taken port was found only after the model had loaded (minutes for a large one), with uvicorn's bare
+    errno; a host that does not resolve the same."""
+    import socket
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    never_loaded = str(tmp_path / "no-model-here")   # it would be refused, were it loaded first
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "mlx_gemma4.server", "--model", never_loaded, "--port", str(port)],
+                              env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (f"gemma4-serve: port {port} on 127.0.0.1 is already in use "
+                                                    "(another server?); stop it or pick another with --port.")
+    done = subprocess.run([sys.executable, "-m", "mlx_gemma4.server", "--model", never_loaded,
+                           "--host", "nosuchhost.invalid"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "gemma4-serve: --host nosuchhost.invalid:" in done.stderr, done.stderr
 
 
 def test_models_lists_the_one_model(client, converted_towers):
@@ -251,6 +276,8 @@ def test_media_that_fails_in_the_model_thread_is_a_4xx_too(client, converted_tow
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=converted_towers.name, messages=messages)
     assert "messages[0].content[1].input_audio" in e.value.body["message"] and "/" not in e.value.body["message"]
+    assert "Cannot decode messages[0].content[1].input_audio.data as audio" in e.value.body["message"]
+    assert "ffmpeg" not in e.value.body["message"]   # advice about a file named after the JSON field
     ok = client.chat.completions.create(model=converted_towers.name, messages=[{"role": "user", "content": "hi"}],
                                         max_tokens=2)
     assert ok.choices[0].finish_reason in ("length", "stop")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import logging
 import math
 import os
+import socket
 import sys
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -64,6 +66,26 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def address_problem(host: str, port: int) -> tuple[str, int] | None:
+    """Why the server could not listen on ``host``:``port`` (and the exit code), checked before the model loads
+    (minutes, for a large one) rather than after; None when it can."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        return f"--host {host}: {e.strerror or e}. Give an address of this machine (127.0.0.1, 0.0.0.0).", 2
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return (f"port {port} on {host} is already in use (another server?); stop it or pick another with "
+                        "--port.", 3)
+            return f"cannot listen on {host}:{port}: {e.strerror or e}.", 3
+    return None
+
+
 def limits(args: argparse.Namespace) -> Limits:
     """What a request may ask for; media paths only on a server bound to this machine, unless said otherwise."""
     allow = _is_loopback(args.host) if args.allow_paths is None else args.allow_paths
@@ -104,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if not _is_loopback(args.host) and not args.api_key:
         log.warning("Bound to %s without --api-key: anyone who can reach this port can use the model.", args.host)
+    problem = address_problem(args.host, args.port)
+    if problem is not None:
+        print(f"gemma4-serve: {problem[0]}", file=sys.stderr)
+        return problem[1]
     def session() -> ChatSession:
         model, processor = load(args.model)
         return ChatSession(model, processor, prefill_chunk=args.prefill_chunk)

@@ -226,6 +226,11 @@ def name_saved_media(error: BaseException, req: ChatRequest, media: MediaStore) 
             path = Path(str(part.get(kind))) if kind in ("image", "audio") else None
             if path is not None and path.parent == media.folder and str(path) in message:
                 where = f"messages[{i}].content[{j}].{'image_url' if kind == 'image' else 'input_audio'}"
+                if kind == "audio" and message.startswith("Cannot decode"):
+                    # (the processor's advice is about a file the user has: an ffmpeg command line naming it)
+                    message = (f"Cannot decode {where}.data as audio: send base64 of a WAV, MP3, FLAC or OGG file "
+                               "(with its 'format').")
+                    continue
                 message = message.replace(str(path), where).replace(path.name, where)
     return error if message == str(error) else RequestError(message, param="messages")
 
