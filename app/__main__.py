@@ -74,12 +74,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gemma4-chat: --assistant {args.assistant}: {problem}. Pass the folder convert.py wrote for the "
                   "drafter, or --assistant '' to turn it off.", file=sys.stderr)
             return 2
-    settings = dataclasses.replace(store.load(), **{k: v for k, v in given.items() if v is not None})
-    if args.assistant is not None:   # the drafter is kept for the next runs (until --assistant '')
-        store.save(settings)
+    # The command line's settings hold for this run only; but --assistant DIR is kept for the next runs once the
+    # model has loaded with it (it fits), and --assistant '' turns the drafter off for good at once.
+    one_run = {k: v for k, v in given.items() if v is not None}
+    settings = dataclasses.replace(store.load(), **one_run)
+    if args.assistant == "":
+        del one_run["assistant"]
+        store.save(dataclasses.replace(store.load(), assistant=""))
     backend = Backend(choice.name, load_fn(choice, data), demo=choice.kind == "demo", settings=settings)
     ChatApp(backend, history, resume=args.resume, offer_download=choice.kind == "download",
-            settings_store=store).run()
+            settings_store=store, one_run=one_run).run()
     history.close()
     return 0
 

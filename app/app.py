@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from textual import on
 from textual.app import App, SystemCommand
@@ -49,12 +49,18 @@ class ChatApp(App):
         messages: list[str] = (),
         settings_store: SettingsStore | None = None,
         hub_check: Callable[[], bool] = hub_reachable,
+        one_run: dict[str, Any] | None = None,
     ) -> None:
+        """``one_run``: the settings the command line set for this run only ({name: value}; an ``assistant`` there
+        is kept once the model has loaded with it, when it is known to fit): what is saved keeps the stored value
+        of each one the user has not changed since."""
         super().__init__()
         self.backend = backend
         self.history = history
         self.data_dir = history.dir
         self.settings_store = settings_store
+        self.one_run = dict(one_run or {})
+        self.stored = settings_store.load() if settings_store is not None else None
         self.hub_check = hub_check
         self.recorder = recorder or Recorder(history.dir / "recordings")
         self.resume_id = resume
@@ -123,11 +129,22 @@ class ChatApp(App):
         self.chat_screen.model_changed()
         self.backend.load(self.chat_screen.post_message)
 
+    def model_loaded(self) -> None:
+        """The model loaded (with the drafter the command line named, if any: it fits, so it is kept now)."""
+        if self.one_run.get("assistant") and self.backend.settings.assistant == self.one_run["assistant"]:
+            del self.one_run["assistant"]
+            self.save_settings()
+
     def save_settings(self) -> None:
         if self.settings_store is None:
             return
+        settings = self.backend.settings
+        for name, value in self.one_run.items():
+            if getattr(settings, name) == value:   # still the command line's value for this run: not kept
+                settings = replace(settings, **{name: getattr(self.stored, name)})
         try:
-            self.settings_store.save(self.backend.settings)
+            self.settings_store.save(settings)
+            self.stored = settings
         except OSError as e:  # a read-only or full data folder: the settings still hold for this run
             self.notify(f"The settings hold for this run but could not be saved ({e}). Make {self.data_dir} "
                         "writable, or start with --data-dir pointing at a writable folder.", severity="error",

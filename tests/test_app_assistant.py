@@ -96,6 +96,28 @@ def test_a_wrong_assistant_path_is_refused_before_it_is_saved(tmp_path, capsys, 
     assert SettingsStore(tmp_path).load().assistant == ""
 
 
+def test_a_command_line_drafter_is_kept_only_once_the_model_loads_with_it(checkpoint_factory, tmp_path):
+    """--assistant DIR was saved before the load checked that the drafter fits: one that does not failed every
+    later start too. Now it is kept once the model has loaded with it; one that does not fit is not kept."""
+    from mlx_gemma4.weights import load
+
+    _, path = checkpoint_factory("e")
+    fits, misfit = _drafter(tmp_path, "fits"), _drafter(tmp_path, "misfit", head_dim=8)
+
+    async def go(drafter, data):
+        store = SettingsStore(data)
+        backend = Backend("tiny", lambda progress: load(path), settings=Settings(assistant=str(drafter)))
+        app = record_notes(ChatApp(backend, History(data), settings_store=store,
+                                   one_run={"assistant": str(drafter)}))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await until(pilot, lambda: backend.loaded or backend.load_error is not None)
+            await pilot.pause()
+        return store.load().assistant
+
+    assert asyncio.run(go(fits, tmp_path / "a")) == str(fits)
+    assert asyncio.run(go(misfit, tmp_path / "b")) == ""
+
+
 # -- the drafter folder in the settings screen (F2) ------------------------------------------------------
 
 

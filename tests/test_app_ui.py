@@ -10,6 +10,7 @@ import asyncio
 import io
 import json
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -207,6 +208,30 @@ def test_command_line_overrides_only_what_it_names(tmp_path, monkeypatch):
     assert (s.temperature, s.enable_thinking, s.system_prompt, s.max_tokens) == (0.2, True, "saved", 9)
     assert ran["demo"] and ran["history"] == tmp_path / "demo"  # demo chats apart from real ones
 
+
+
+def test_command_line_settings_hold_for_one_run_and_are_not_saved(tmp_path):
+    """--max-tokens, --temperature and --system were saved with the rest as soon as anything saved the settings
+    (Ctrl+T), so a one-off run changed every later one; a setting the user changes in the run is saved."""
+    async def go():
+        store = SettingsStore(tmp_path / "data")
+        store.save(Settings(temperature=0.2, max_tokens=500, system_prompt="saved"))
+        one_run = {"temperature": 0.9, "max_tokens": 9, "system_prompt": "one-off"}
+        app = make_app(tmp_path, settings_store=store, one_run=one_run)
+        app.backend.settings = replace(store.load(), **one_run)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.backend.loaded)
+            await pilot.press("ctrl+t")
+            await until(pilot, lambda: store.load().enable_thinking)
+            saved = store.load()
+            assert (saved.temperature, saved.max_tokens, saved.system_prompt) == (0.2, 500, "saved")
+            assert app.backend.settings.max_tokens == 9   # ... while this run keeps them
+            screen = await open_screen(pilot, "f2", SettingsScreen)
+            screen.query_one("#max_tokens").value = "77"
+            await pilot.press("ctrl+s")
+            await until(pilot, lambda: store.load().max_tokens == 77)   # changed by the user: saved
+            assert (store.load().temperature, store.load().system_prompt) == (0.2, "saved")
+    run(go())
 
 
 _LOAD_ANSWER_QUIT = """

@@ -160,6 +160,7 @@ class ChatScreen(AttachingScreen):
 
     @on(b.ModelLoaded)
     def model_loaded(self, event: b.ModelLoaded) -> None:
+        self.chat.model_loaded()
         self.query_one("#loading").display = False
         status = self.query_one(StatusBar)
         status.state = "answering" if self.generating else ""
