@@ -164,7 +164,7 @@ def check(path: str | Path, expect: Kind | None = None) -> Attachment:
 
 
 def _a(kind: str) -> str:
-    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+    return "audio" if kind == "audio" else f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
 
 
 def once_each(attachments: list[Attachment]) -> tuple[list[Attachment], list[Attachment]]:

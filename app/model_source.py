@@ -129,8 +129,11 @@ def resolve(model: str | None, demo: bool = False, data: Path | None = None, cwd
     path = Path(os.path.expanduser(model))
     if path.is_dir():
         if not (path / "config.json").exists():
+            # (into a folder of its own: convert.py never writes into one that holds other files)
+            target = path if not any(path.iterdir()) else Path("models") / f"{DEFAULT_HUB_ID.split('/')[-1]}-4bit"
             raise ModelNotFound(f"{path} has no config.json, so it is not a converted model. Convert one with "
-                                f"`python convert.py --hf-path {DEFAULT_HUB_ID} --mlx-path {path} --q-bits 4`.")
+                                f"`python convert.py --hf-path {DEFAULT_HUB_ID} --mlx-path {target} --q-bits 4` and "
+                                f"pass that folder to --model.")
         _check_config(path)
         return ModelChoice("local", str(path))
     if path.exists():  # a file (config.json itself, a .safetensors shard, ...) rather than the folder

@@ -251,8 +251,8 @@ class Assistant(nn.Module):
                                 f"{tc.layer_kv_heads[theirs[-1]]} {kind} K/V heads")
         if problems:
             raise InputError("This assistant does not fit the model: " + "; ".join(problems) + ". Use the "
-                             "assistant published for this model size (e.g. google/gemma-4-e2b-it-assistant for "
-                             "E2B).")
+                             "assistant published for this model's size (google/gemma-4-e2b-it-assistant for E2B, "
+                             "and so on for E4B, 12B, 26B-A4B and 31B).")
 
 
 def assistant_recipe(model: Assistant, bits: int, group_size: int) -> dict:

@@ -308,8 +308,10 @@ class ModelConfig(Section):
         model_type = d.get("model_type")
         if model_type in ("gemma4_assistant", "gemma4_unified_assistant"):
             raise ConfigError(f"config.json has model_type={model_type!r}: this is an assistant drafter for "
-                              "speculative decoding, not a model to chat with. Load it with load_assistant(DIR) and "
-                              "pass it to generate(..., assistant=draft); load() takes the model it drafts for.")
+                              "speculative decoding, not a model to chat with. Give the model it drafts for "
+                              "instead, and the drafter beside it: in Python load_assistant(DIR) and "
+                              "generate(..., assistant=draft); in the chat app gemma4-chat --model MODEL "
+                              "--assistant DIR.")
         if model_type not in _MODEL_TYPES:
             raise ConfigError(
                 f"config.json has model_type={model_type!r}; mlx-gemma4 only runs Gemma 4 checkpoints "

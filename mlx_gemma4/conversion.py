@@ -245,7 +245,7 @@ def convert(
                 for w in files.values():
                     w.close()
             write_config(tmp, config, quant, dtype)
-            _copy_side_files(src, tmp)
+            _copy_side_files(src, tmp, needs_tokenizer=not drafter)
             write_marker(tmp, state="complete", source=str(hf_path), q_bits=q_bits, dtype=dtype,
                          files=sorted(p.name for p in tmp.iterdir()))
             replace(tmp, dst)
@@ -277,10 +277,12 @@ def write_config(root: Path, config: ModelConfig, quant: dict | None, dtype: str
     (root / "config.json").write_text(json.dumps(raw, indent=2))
 
 
-def _copy_side_files(src: Path, root: Path) -> None:
+def _copy_side_files(src: Path, root: Path, needs_tokenizer: bool = True) -> None:
+    """The tokenizer, chat template and processor files beside the weights (a drafter uses its model's: it needs
+    none of its own)."""
     for name in SIDE_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, root / name)
-    if not any((root / n).exists() for n in ("tokenizer.json", "tokenizer.model")):
+    if needs_tokenizer and not any((root / n).exists() for n in ("tokenizer.json", "tokenizer.model")):
         logger.warning("%s has no tokenizer files; load() will refuse the converted model until tokenizer.json "
                        "is copied into it.", src)

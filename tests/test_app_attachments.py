@@ -127,7 +127,7 @@ def test_code_and_spacing_survive_as_typed(media):
 
 def test_check_expected_kind(media):
     assert check(str(media["png"]), expect="image").kind == "image"
-    with pytest.raises(AttachmentError, match="is an audio, not an image; attach it with /audio PATH"):
+    with pytest.raises(AttachmentError, match="is audio, not an image; attach it with /audio PATH"):
         check(media["wav"], expect="image")
     with pytest.raises(AttachmentError, match="no such file"):
         check("/definitely/not/here.png")

@@ -162,6 +162,23 @@ def test_model_that_is_no_model_dir_is_refused_before_the_app_opens(tiny_dir, tm
         assert said in err and "does not exist" not in err, err
 
 
+def test_a_folder_without_a_model_gets_advice_that_works(tmp_path, capsys, monkeypatch):
+    """A folder of the user's files was told to convert into itself, which convert.py refuses (it never writes
+    into a folder that holds other files); an empty one may be the destination."""
+    from app.__main__ import main
+
+    monkeypatch.setattr("app.app.ChatApp.run", lambda self: pytest.fail("the app opened"))
+    photos, empty = tmp_path / "photos", tmp_path / "empty"
+    photos.mkdir()
+    (photos / "cat.jpg").write_bytes(b"x")
+    empty.mkdir()
+    assert main(["--model", str(photos), "--data-dir", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err
+    assert "has no config.json" in err and f"--mlx-path {photos} " not in err and "--mlx-path models/" in err, err
+    assert main(["--model", str(empty), "--data-dir", str(tmp_path / "data")]) == 2
+    assert f"--mlx-path {empty} " in capsys.readouterr().err
+
+
 def test_both_entry_points_start(tmp_path):
     import subprocess
     import sys

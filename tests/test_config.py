@@ -59,8 +59,9 @@ def test_non_gemma4_config_is_rejected(bad):
 
 @pytest.mark.parametrize("model_type", ["gemma4_assistant", "gemma4_unified_assistant"])
 def test_an_assistant_config_points_to_load_assistant(model_type):
-    with pytest.raises(ConfigError, match="assistant drafter.*load_assistant"):
+    with pytest.raises(ConfigError, match="assistant drafter.*load_assistant") as e:
         ModelConfig.from_dict({"model_type": model_type, "text_config": {}})
+    assert "gemma4-chat --model MODEL --assistant DIR" in str(e.value)   # advice for the app's users too
 
 
 @pytest.mark.parametrize("method", ["bitsandbytes", "fp8", "compressed-tensors"])
