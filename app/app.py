@@ -106,6 +106,7 @@ class ChatApp(App):
         def answered(choice: str | None) -> None:
             if choice == "download":
                 self.chat_screen.query_one("#loading").display = True
+                self.chat_screen.query_one("#status").state = "loading"
                 self.backend.load(self.chat_screen.post_message)
             elif choice == "demo":
                 self.use_demo()
@@ -117,6 +118,7 @@ class ChatApp(App):
                     "No model loaded. Start again with --model DIR naming a converted model, or with --demo.")
 
         dest = models_dir(self.data_dir) / DEFAULT_NAME
+        self.chat_screen.query_one("#status").state = "no model yet"   # not "loading": nothing loads until chosen
         self.push_screen(GetModelScreen(dest, self.hub_check), answered)
 
     def use_demo(self) -> None:

@@ -544,6 +544,7 @@ def test_offline_offers_the_demo_on_one_key(tmp_path, monkeypatch):
             assert "HF_HUB_OFFLINE" not in text and "convert.py" in text
             assert not app.screen.query_one("#download").display
             assert not app.chat_screen.query_one("#loading").display  # nothing is loading behind the dialog
+            assert app.chat_screen.query_one(StatusBar).state == "no model yet"   # (it said "loading")
             await pilot.press("d")
             await until(pilot, lambda: app.backend.loaded)
             assert app.backend.demo and app.history.dir == tmp_path / "data" / "demo"
