@@ -78,9 +78,11 @@ def chat_responses(responses: Iterable[GenerationResponse], clean: Callable[[str
 class ChatSession:
     def __init__(self, model, processor, system_prompt: str | None = None, enable_thinking: bool = False,
                  prefill_chunk: int = 2048, tools: list[Any] | None = None, assistant=None,
-                 draft_tokens: int | None = None):
+                 draft_tokens: int | None = None, max_soft_tokens: int | None = None):
         """``assistant`` (from ``load_assistant``) makes every answer decode speculatively, ``draft_tokens`` per
-        round (None: chosen as it goes); the answers are the same."""
+        round (None: chosen as it goes); the answers are the same. ``max_soft_tokens`` is the token budget of each
+        image and video frame, as for ``generate`` (70, 140, 280, 560 or 1120; None: the processor's default);
+        ``session.max_soft_tokens`` changes it for the next turns (images already sent are encoded again)."""
         check_positive_int("prefill_chunk", prefill_chunk)
         if system_prompt is not None and not isinstance(system_prompt, str):
             raise InputError("system_prompt must be a string or None; got "
@@ -98,6 +100,7 @@ class ChatSession:
         self.enable_thinking = enable_thinking
         self.prefill_chunk = prefill_chunk
         self.encoder = ChatEncoder(processor)
+        self.max_soft_tokens = max_soft_tokens   # checked (the property below)
         self.messages: list[dict[str, Any]] = []
         self.last_reused = 0  # prompt tokens the last turn found in the cache
         self._fresh_cache()
@@ -132,6 +135,17 @@ class ChatSession:
 
     def _schemas(self, tools: Any) -> list[dict[str, Any]] | None:
         return tool_schemas(self.tools if tools is _SESSION_TOOLS else tools) or None
+
+    @property
+    def max_soft_tokens(self) -> int | None:
+        """The token budget of each image and video frame (None: the processor's default)."""
+        return self.encoder.max_soft_tokens
+
+    @max_soft_tokens.setter
+    def max_soft_tokens(self, value: int | None) -> None:
+        from .processing.image import ImageProcessor
+
+        self.encoder.max_soft_tokens = None if value is None else ImageProcessor.check_budget(value)
 
     def count_tokens(self, messages: list[dict[str, Any]] | None = None) -> int:
         """How many tokens of the context ``messages`` (default: this session's) take; none for no messages (a

@@ -202,6 +202,26 @@ def test_images_are_reused_by_source_and_never_mixed_up(vision, tmp_path):
     assert enc.ids.tolist() == np.array(ref).reshape(-1).tolist()
 
 
+def test_a_session_sets_the_image_budget_as_generate_does(vision, tmp_path):
+    """ChatSession took no max_soft_tokens (generate does): chat and app users had only the default budget."""
+    model, processor = vision
+    red = tmp_path / "red.png"
+    Image.new("RGB", (400, 300), "red").save(red)
+    ask = [{"role": "user", "content": [{"type": "image", "image": str(red)}, {"type": "text", "text": "what?"}]}]
+    text = processor.apply_chat_template(ask)
+    session = ChatSession(model, processor, max_soft_tokens=70)
+    for budget in (70, 140, None):
+        session.max_soft_tokens = budget
+        want = processor(text=text, images=[str(red)], max_soft_tokens=budget)["input_ids"]
+        assert session.encode(ask).ids.tolist() == np.array(want).reshape(-1).tolist(), budget
+    sizes = [len(ChatSession(model, processor, max_soft_tokens=b).encode(ask).ids) for b in (70, 140)]
+    assert sizes[0] < sizes[1]
+    with pytest.raises(InputError, match="max_soft_tokens must be one of"):
+        ChatSession(model, processor, max_soft_tokens=100)
+    with pytest.raises(InputError, match="max_soft_tokens must be one of"):
+        session.max_soft_tokens = 0
+
+
 def test_send_takes_one_media_item_or_a_list_as_generate_does(vision, tmp_path):
     """send(images=PIL_image) was a TypeError ('Image' object is not iterable), send(audio=array) a ValueError, and
     send(videos=[frame, frame]) made one video of each frame where generate makes one video of the list."""

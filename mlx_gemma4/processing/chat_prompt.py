@@ -73,8 +73,10 @@ def _source_key(kind: str, source: Any, rate: int | None = None) -> tuple:
 class ChatEncoder:
     """Turns chat messages into token ids and media inputs for one processor; keeps the media of the last call."""
 
-    def __init__(self, processor) -> None:
+    def __init__(self, processor, max_soft_tokens: int | None = None) -> None:
+        """``max_soft_tokens``: the token budget of each image and video frame (None: the processor's)."""
         self.processor = processor
+        self.max_soft_tokens = max_soft_tokens
         hf = processor.tokenizer.hf
         specials = sorted({t.content for t in hf.added_tokens_decoder.values() if t.special}, key=len, reverse=True)
         self._special_ids = {s: hf.convert_tokens_to_ids(s) for s in specials}
@@ -101,10 +103,15 @@ class ChatEncoder:
 
     # -- media -----------------------------------------------------------------------------------------------
 
+    def _key(self, kind: str, source: Any, rate: int | None = None) -> tuple:
+        """What tells media items apart: the source, and the budget (another budget gives other tokens)."""
+        return (*_source_key(kind, source, rate), None if kind == "audio" else self.max_soft_tokens)
+
     def _item(self, kind: str, source: Any, rate: int | None = None) -> MediaItem:
-        key = _source_key(kind, source, rate)
+        budget = None if kind == "audio" else self.max_soft_tokens
+        key = self._key(kind, source, rate)
         if key not in self._media:
-            inputs, [run] = self.processor.media_inputs(kind, [source], sampling_rate=rate)
+            inputs, [run] = self.processor.media_inputs(kind, [source], max_soft_tokens=budget, sampling_rate=rate)
             self._media[key] = (source, MediaItem(kind, self._next_key, inputs, run))  # source keeps id() valid
             self._next_key += 1
         return self._media[key][1]
@@ -182,7 +189,7 @@ class ChatEncoder:
             if should_stop is not None and should_stop():
                 raise Stopped
             items.append(self._item(kind, src, rate))
-            used[_source_key(kind, src, rate)] = self._media[_source_key(kind, src, rate)]
+            used[self._key(kind, src, rate)] = self._media[self._key(kind, src, rate)]
         self._media = used  # keep only what this conversation uses
 
         ids: list[int] = []
