@@ -77,10 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     # The command line's settings hold for this run only; but --assistant DIR is kept for the next runs once the
     # model has loaded with it (it fits), and --assistant '' turns the drafter off for good at once.
     one_run = {k: v for k, v in given.items() if v is not None}
-    settings = dataclasses.replace(store.load(), **one_run)
+    stored = store.load()
+    settings = dataclasses.replace(stored, **one_run)
     if args.assistant == "":
         del one_run["assistant"]
-        store.save(dataclasses.replace(store.load(), assistant=""))
+        store.save(dataclasses.replace(stored, assistant=""))
     backend = Backend(choice.name, load_fn(choice, data), demo=choice.kind == "demo", settings=settings)
     ChatApp(backend, history, resume=args.resume, offer_download=choice.kind == "download",
             settings_store=store, one_run=one_run).run()

@@ -164,7 +164,9 @@ def check(path: str | Path, expect: Kind | None = None) -> Attachment:
 
 
 def _a(kind: str) -> str:
-    return "audio" if kind == "audio" else f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+    from mlx_gemma4.errors import with_article
+
+    return "audio" if kind == "audio" else with_article(kind)   # (audio takes no article)
 
 
 def once_each(attachments: list[Attachment]) -> tuple[list[Attachment], list[Attachment]]:

@@ -78,7 +78,7 @@ class DraftLength:
         # unbiased where an average of each round's own rate is not (a round that kept 1 of 2 says less than one
         # that kept 4 of 5), and steady enough not to fall under the break-even rate by chance.
         self._kept, self._judged = 2 * prior_acceptance, 2.0
-        self.seconds: dict[int, float] = {}   # k -> the median of its recent rounds' seconds
+        self.seconds: dict[int, float] = {}   # k -> the lower quartile of its recent rounds' seconds
         self._recent: dict[int, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=recent))
         self._seen: set[int] = set()
         self._drafting = self._near = False   # the last choice drafted; drafting is within ``near`` of plain

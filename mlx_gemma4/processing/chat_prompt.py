@@ -108,10 +108,9 @@ class ChatEncoder:
         return (*_source_key(kind, source, rate), None if kind == "audio" else self.max_soft_tokens)
 
     def _item(self, kind: str, source: Any, rate: int | None = None) -> MediaItem:
-        budget = None if kind == "audio" else self.max_soft_tokens
         key = self._key(kind, source, rate)
         if key not in self._media:
-            inputs, [run] = self.processor.media_inputs(kind, [source], max_soft_tokens=budget, sampling_rate=rate)
+            inputs, [run] = self.processor.media_inputs(kind, [source], max_soft_tokens=key[-1], sampling_rate=rate)
             self._media[key] = (source, MediaItem(kind, self._next_key, inputs, run))  # source keeps id() valid
             self._next_key += 1
         return self._media[key][1]
@@ -189,7 +188,8 @@ class ChatEncoder:
             if should_stop is not None and should_stop():
                 raise Stopped
             items.append(self._item(kind, src, rate))
-            used[self._key(kind, src, rate)] = self._media[self._key(kind, src, rate)]
+            key = self._key(kind, src, rate)
+            used[key] = self._media[key]
         self._media = used  # keep only what this conversation uses
 
         ids: list[int] = []
