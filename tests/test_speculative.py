@@ -176,7 +176,7 @@ def test_automatic_draft_length_drafts_when_it_pays_and_stops_when_it_does_not()
     for _ in range(5):   # the drafter agrees again, as the shadow drafts show: near paying, shadows come oftener
         lengths.record_shadow(True)
     assert lengths.choose(100) == 0
-    assert _gaps([lengths.shadow_due() for _ in range(20)]) == [4, 4, 4, 4]
+    assert _gaps([lengths.shadow_due() for _ in range(26)]) == [6, 6, 6, 6]
     for _ in range(10):   # ... and then drafting resumes
         lengths.record_shadow(True)
     assert lengths.choose(100) >= 2
@@ -266,9 +266,10 @@ def test_the_policy_never_costs_more_than_a_little_and_finds_a_drafter_that_agre
         assert 1 / per_token >= gain, rate                     # ... and drafted with at a gain (or not at a loss)
 
 
+@pytest.mark.parametrize("shadow", [0.06, 0.15])
 @pytest.mark.parametrize("hiccups", [0.0, 0.25])
 @pytest.mark.parametrize("shape", ["e4b", "12b"])
-def test_the_policy_is_near_the_best_length_on_the_costs_it_meets_on_an_h100(shape, hiccups):
+def test_the_policy_is_near_the_best_length_on_the_costs_it_meets_on_an_h100(shape, hiccups, shadow):
     """The costs the policy itself measured in issue 14's H100 runs (session 12: with the decode attention kernels
     a plain step got faster, and a round of drafts costs 2.0-2.3 plain steps on E4B, 1.5-1.9 on the 12B), run as
     the benchmark runs it (a new policy at each rate, three runs of 96 tokens to learn, the median of three more):
@@ -285,8 +286,9 @@ def test_the_policy_is_near_the_best_length_on_the_costs_it_meets_on_an_h100(sha
         gains = []
         for seed in range(10):
             lengths = DraftLength(k_max=6)
-            _simulate(lengths, 210, rate, cost, 0.06, seed=seed, hiccups=hiccups)
-            runs = [_simulate(lengths, 70, rate, cost, 0.06, seed=100 * seed + r, hiccups=hiccups)[0] for r in range(3)]
+            _simulate(lengths, 210, rate, cost, shadow, seed=seed, hiccups=hiccups)
+            runs = [_simulate(lengths, 70, rate, cost, shadow, seed=100 * seed + r, hiccups=hiccups)[0]
+                    for r in range(3)]
             gains.append(1 / statistics.median(runs))
         gain = statistics.mean(gains)
         assert gain >= (0.97 if ideal <= 1 else 0.95 * ideal), (rate, gain, ideal)   # (issue 14: >= 0.97x)
