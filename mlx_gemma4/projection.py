@@ -45,6 +45,7 @@ from __future__ import annotations
 from collections import deque
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -153,22 +154,60 @@ def project(linear: nn.Module, x: mx.array) -> mx.array:
             return out + linear["bias"] if "bias" in linear else out
         rows = _few_rows(x, linear["weight"].shape[0])
         return _padded(linear, x, rows) if rows else linear(x)
-    w, scales, biases = linear["weight"], linear["scales"], linear.get("biases")
-    n_out = w.shape[0]
-    in_dims = scales.shape[-1] * linear.group_size
-    rows = max(1, SLICE_BYTES // (in_dims * x.dtype.size))
+    n_out = linear["weight"].shape[0]
+    rows = _slice_rows(linear, x)
     outs = []
     for s in range(0, n_out, rows):
         e = min(s + rows, n_out)
-        dense = mx.dequantize(w[s:e], scales[s:e], None if biases is None else biases[s:e],
-                              group_size=linear.group_size, bits=linear.bits, mode=linear.mode).astype(x.dtype)
-        out = x @ dense.T
+        out = x @ _dequantized(linear, s, e, x.dtype).T
         if "bias" in linear:
             out = out + linear["bias"][s:e]
-        if QUEUED_SLICES:
-            mx.async_eval(out)
-            queue.append(out)
-            if len(queue) >= QUEUED_SLICES:
-                mx.eval(queue.popleft())   # the slice before this one: the device goes on with this one meanwhile
-        outs.append(out)
+        outs.append(_queued(queue, out))
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
+
+
+def gated(linear: nn.Module, x: mx.array, act: Callable[[mx.array, mx.array], mx.array]) -> mx.array:
+    """``act(gate, up)`` of a fused gate/up projection (``linear``'s first half of outputs the gate, its second the
+    up). Inside ``dense_matmuls``, for a quantized ``linear`` over many rows, a slice of the intermediate width at a
+    time: the slice's gate and up rows dequantized (together at most ``SLICE_BYTES``), ``act`` applied at once and
+    the result queued as ``project`` queues its slices, so the whole gate/up output (twice the activation) is
+    never alive: on an H100, six 12B layers at 1,059 tokens peaked 60 MB lower with the layer's checkpoint
+    (text.DecoderLayer) at the same speed. The same numbers as the whole projection: each output column is
+    computed on its own."""
+    queue = _queue.get()
+    if queue is None or not isinstance(linear, nn.QuantizedLinear) or "bias" in linear \
+            or x.size // x.shape[-1] < DENSE_FROM_ROWS:
+        gate, up = mx.split(project(linear, x), 2, axis=-1)
+        return act(gate, up)
+    n = linear["weight"].shape[0] // 2
+    rows = max(1, _slice_rows(linear, x) // 2)
+    outs = []
+    for s in range(0, n, rows):
+        e = min(s + rows, n)
+        gate = x @ _dequantized(linear, s, e, x.dtype).T
+        up = x @ _dequantized(linear, n + s, n + e, x.dtype).T
+        outs.append(_queued(queue, act(gate, up)))
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
+
+
+def _slice_rows(linear: nn.Module, x: mx.array) -> int:
+    """How many of ``linear``'s output rows make a slice of at most SLICE_BYTES, dequantized to ``x``'s dtype."""
+    in_dims = linear["scales"].shape[-1] * linear.group_size
+    return max(1, SLICE_BYTES // (in_dims * x.dtype.size))
+
+
+def _dequantized(linear: nn.Module, s: int, e: int, dtype: mx.Dtype) -> mx.array:
+    """Output rows ``s:e`` of a quantized ``linear``'s weight, dequantized to ``dtype``."""
+    biases = linear.get("biases")
+    return mx.dequantize(linear["weight"][s:e], linear["scales"][s:e], None if biases is None else biases[s:e],
+                         group_size=linear.group_size, bits=linear.bits, mode=linear.mode).astype(dtype)
+
+
+def _queued(queue: deque, out: mx.array) -> mx.array:
+    """``out`` queued on the device; then the host waits for the slice queued before it (QUEUED_SLICES)."""
+    if QUEUED_SLICES:
+        mx.async_eval(out)
+        queue.append(out)
+        if len(queue) >= QUEUED_SLICES:
+            mx.eval(queue.popleft())   # the slice before this one: the device goes on with this one meanwhile
+    return out

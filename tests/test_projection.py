@@ -416,3 +416,24 @@ def test_the_mma_setting_takes_every_fitting_projection(monkeypatch):
     narrow = nn.QuantizedLinear.from_linear(nn.Linear(96, 64, bias=False), group_size=32, bits=4)
     narrow.set_dtype(mx.bfloat16)
     assert projection._kernel_for(narrow, mx.zeros((2, 96), dtype=mx.bfloat16)) is None
+
+
+def test_gated_is_act_of_the_fused_projection_a_slice_at_a_time(monkeypatch):
+    """A fused gate/up projection inside dense_matmuls: act(gate, up) a slice of the intermediate width at a time
+    (each slice's gate and up rows dequantized), queued as project's slices are; the same numbers as act of the
+    whole projection's halves, and outside or on few rows exactly that."""
+    lin = _quantized_linear(n_out=2 * 100)
+    x = mx.random.normal((1, 300, 128))
+    act = text.geglu
+    gate, up = mx.split(lin(x), 2, axis=-1)
+    ref = act(gate, up)
+    monkeypatch.setattr(projection, "SLICE_BYTES", 2 * 30 * 128 * 4)   # 30 columns a slice: 4, the last short
+    queued = []
+    real_async = mx.async_eval
+    monkeypatch.setattr(projection.mx, "async_eval", lambda *a: queued.append(a[0].shape) or real_async(*a))
+    with dense_matmuls():
+        out = projection.gated(lin, x, act)
+    assert queued == [(1, 300, 30)] * 3 + [(1, 300, 10)]
+    assert out.shape == (1, 300, 100) and mx.allclose(out, ref, atol=1e-5, rtol=1e-5).item()
+    queued.clear()
+    assert mx.array_equal(projection.gated(lin, x, act), ref).item() and not queued   # outside dense_matmuls
