@@ -11,9 +11,9 @@ Printed: the KV caches the prompt leaves; per phase of one instrumented pass (em
 inputs, each layer, the head), the peak over what was allocated before it and what the phase leaves allocated,
 every phase evaluated on its own; then the plain ``model.prefill`` as ``stream_generate`` runs it, with its first
 decode steps. A GPU backend frees an op's buffers only once the device has run it, so a layer evaluated alone
-shows the sum of its allocations (less what its ops donate to each other); ``model.prefill`` has two half layers
-(an attention, a feed-forward) queued at a time (model._eval_each_layer), and its transient is about one layer.
-The CPU backend's scheduler caps what is queued itself, at roughly that much.
+shows the sum of its allocations (less what its ops donate to each other); ``model.prefill`` has two layers
+queued at a time (model._eval_each_layer), and its transient is about two such layers. The CPU backend's
+scheduler caps what is queued itself, at roughly that much.
 """
 
 from __future__ import annotations

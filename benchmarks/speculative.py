@@ -27,9 +27,11 @@ the drafter's compute but proposes the loop's own picks (the ceiling; learnt by 
 fixed k and automatic; then, with the target made to follow a script (a logits processor raising the script's
 token, in plain and speculative runs alike), a drafter proposing the script right at each of --script-rates
 (independently per draft), k automatic: the speed a real drafter of that acceptance gets from the loop as it runs
-(the issue's 0.7 target, measured rather than modelled; rate 0 is the "never slower" check again). Acceptance is
-per draft judged (the curve's rate). Each speculative run is checked against plain
-greedy (identical, or explained by rounding: check_tokens).
+(the issue's 0.7 target, measured rather than modelled; rate 0 is the "never slower" check again), --pairs plain
+and speculative runs in turns at each rate: ``vs_plain`` is the ratio of their medians, ``vs_plain_pairs`` the
+median of each turn's own ratio (a busy host's slow spells fall on both runs of a turn), ``vs_plain_best`` the ratio
+of the fastest of each (a host only ever slows a run down). Acceptance is per draft judged (the curve's rate).
+Each speculative run is checked against plain greedy (identical, or explained by rounding: check_tokens).
 """
 
 from __future__ import annotations
@@ -278,7 +280,8 @@ def check_tokens(target, prompt: mx.array, greedy: list[int], tokens: list[int],
 
 
 def end_to_end(target, drafter, prompt: mx.array, n_gen: int, k_fixed: int, tol: float,
-               rates: tuple[float, ...] = (), script_rates: tuple[float, ...] = (), oracles: bool = True) -> dict:
+               rates: tuple[float, ...] = (), script_rates: tuple[float, ...] = (), oracles: bool = True,
+               pairs: int = 3) -> dict:
     from mlx_gemma4.generation import generate_step
 
     inputs = {"input_ids": prompt}
@@ -355,14 +358,15 @@ def end_to_end(target, drafter, prompt: mx.array, n_gen: int, k_fixed: int, tol:
     for rate in rates:
         oracle(f"oracle_{rate}_auto", rate)
     if script_rates:
-        scripted(out, run, drafter, prompt, n_gen, script_rates)
+        scripted(out, run, drafter, prompt, n_gen, script_rates, pairs)
     return out
 
 
-def scripted(out: dict, run, drafter, prompt: mx.array, n_gen: int, rates: tuple[float, ...]) -> None:
+def scripted(out: dict, run, drafter, prompt: mx.array, n_gen: int, rates: tuple[float, ...],
+             pairs: int = 3) -> None:
     """Plain and speculative runs (k automatic) with the target made to follow a script (``forcing``) and the
-    drafter right at each rate (``ScriptedOracle``): plain and speculative in turns, three of each, medians. Both
-    outputs must be the script."""
+    drafter right at each rate (``ScriptedOracle``): plain and speculative in turns, ``pairs`` of each (see the
+    module's docstring for the three ratios). Both outputs must be the script."""
     vocab = drafter.config.text_config.vocab_size
     rng = random.Random(1)
     script = [rng.randrange(10, vocab - 10) for _ in range(n_gen + 72)]
@@ -373,17 +377,20 @@ def scripted(out: dict, run, drafter, prompt: mx.array, n_gen: int, rates: tuple
         drafting = ScriptedOracle(drafter, script, prompt.shape[1], rate)
         for _ in range(3):   # warm-up: the policy (one per drafter object) learns the rate and the costs
             run(assistant=drafting, logits_processors=force)
-        results = []
-        for _ in range(3):
-            plains.append(run(logits_processors=force))
+        results, turn = [], []
+        for _ in range(pairs):
+            turn.append(run(logits_processors=force))
             results.append(run(assistant=drafting, logits_processors=force))
-        for r in plains[-3:] + results:
+        plains += turn
+        for r in turn + results:
             assert r[1] == script[:n_gen], "a forced run left the script"
-        plain_tps = statistics.median(r[0] for r in plains[-3:])
-        tps, _, loop, _ = sorted(results, key=lambda r: r[0])[1]
+        plain_tps = statistics.median_low(r[0] for r in turn)
+        tps, _, loop, _ = sorted(results, key=lambda r: r[0])[(len(results) - 1) // 2]
         out[f"scripted_{rate}_auto"] = row = {
             "tok_s": round(tps, 1), "plain_tok_s": round(plain_tps, 1), "vs_plain": round(tps / plain_tps, 2),
-            "runs": [round(r[0], 1) for r in results], "plain_runs": [round(r[0], 1) for r in plains[-3:]],
+            "vs_plain_pairs": round(statistics.median(r[0] / p[0] for r, p in zip(results, turn)), 2),
+            "vs_plain_best": round(max(r[0] for r in results) / max(p[0] for p in turn), 2),
+            "runs": [round(r[0], 1) for r in results], "plain_runs": [round(r[0], 1) for r in turn],
             "acceptance": round(loop.accepted / loop.judged, 2) if loop.judged else None,
             "drafted": loop.drafted, "rounds_by_k": dict(sorted(loop.rounds_by_k.items())),
             "policy_costs_ms": {k: round(v * 1e3, 2) for k, v in sorted(loop.lengths.seconds.items())},
@@ -405,6 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                     help="dtype of the weights (and of quantization scales); float32 for MLX's CPU backend")
     ap.add_argument("--runs", type=int, default=7, help="timed repetitions (medians reported)")
+    ap.add_argument("--pairs", type=int, default=3, help="plain and speculative runs in turns at each --script-rates")
     ap.add_argument("--rates", default="",
                     help="acceptance rates at which an oracle of the loop's own picks, right that often, runs end "
                          "to end (automatic k); in low precision near-ties part it from what it learnt: see "
@@ -455,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({"end_to_end": end_to_end(target, drafter, prompt, a.gen, min(4, a.k_max), a.tol,
                                                         tuple(float(r) for r in a.rates.split(",") if r),
                                                         tuple(float(r) for r in a.script_rates.split(",") if r),
-                                                        not a.no_oracle)}),
+                                                        not a.no_oracle, a.pairs)}),
           flush=True)
 
 

@@ -39,34 +39,31 @@ def _softcap(x: mx.array, cap: mx.array) -> mx.array:
 
 
 
-# Long passes are evaluated a part of a layer at a time: on GPU backends whose frees wait for the stream, one lazy
-# graph over all layers keeps every layer's temporaries alive at once (an op's buffers are allocated when the host
-# queues it and freed when the device has run it). Each layer's attention (with the K/V it writes) and its
-# feed-forward are checkpoints (TextModel.run): each is queued with async_eval as soon as it is built, and the host
-# then waits for the checkpoint queued ``ahead`` before it: the device always has the work after that one to run
-# while the host builds the next (it never drains, as a wait for the checkpoint just queued would make it), and at
-# most ``ahead + 1`` checkpoints' temporaries are alive. ``ahead`` covers about this many token-layers (two
-# checkpoints a layer, at least one), so short passes, whose layers take the device less time than the host takes
-# to build them, queue more. (On an H100, six 12B layers at 1,059 tokens: a checkpoint per layer peaked 60 MB higher,
-# at the same speed, than one per attention and one per feed-forward with the feed-forward's slices fused,
-# projection.gated; waiting for each layer just queued was 10% slower.)
+# Long passes are evaluated layer by layer: on GPU backends whose frees wait for the stream, one lazy graph over all
+# layers keeps every layer's temporaries alive at once (an op's buffers are allocated when the host queues it and
+# freed when the device has run it). Each layer is queued with async_eval as soon as it is built, and the host then
+# waits for the layer queued ``ahead`` layers before it: the device always has the layers after that one to run
+# while the host builds the next (it never drains, as a wait for the layer just queued would make it), and at
+# most ``ahead + 1`` layers' temporaries are alive. ``ahead`` covers about this many token-layers (at least one
+# layer), so short passes, whose layers take the device less time than the host takes to build them, queue more.
 EVAL_EACH_LAYER_FROM = 64
 QUEUED_TOKEN_LAYERS = 2048
 
 
-def _eval_each_layer(n_tokens: int) -> Callable[[list[mx.array]], None] | None:
+def _eval_each_layer(n_tokens: int) -> Callable | None:
     if n_tokens < EVAL_EACH_LAYER_FROM:
         return None
-    ahead = max(1, 2 * (QUEUED_TOKEN_LAYERS // n_tokens) - 1)
+    ahead = max(1, QUEUED_TOKEN_LAYERS // n_tokens)
     queued: deque[list[mx.array]] = deque()
 
-    def checkpoint(arrays: list[mx.array]) -> None:
+    def after_layer(h: mx.array | None, layer_cache: KVCache | None) -> None:
+        arrays = [a for a in (h, *(layer_cache.state if layer_cache is not None else ())) if a is not None]
         mx.async_eval(arrays)
         queued.append(arrays)
         if len(queued) > ahead:
-            mx.eval(queued.popleft())  # queued before the work still in flight: waits for it, not for that
+            mx.eval(queued.popleft())  # queued before the layers still in flight: waits for it, not for them
 
-    return checkpoint
+    return after_layer
 
 
 def _chunk_ends(L: int, chunk: int, vision_blocks: np.ndarray | None) -> list[int]:

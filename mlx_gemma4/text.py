@@ -26,9 +26,6 @@ from .moe import MoEBlock
 from .projection import gated, project
 
 
-Checkpoint = Callable[[list[mx.array]], None]   # queues arrays' evaluation (model._eval_each_layer)
-
-
 def _scaled(x: mx.array, scale: float) -> mx.array:
     """An embedding lookup times its constant, the constant rounded to the lookup's dtype as the reference does."""
     return x * mx.array(scale, dtype=x.dtype)
@@ -273,11 +270,9 @@ class DecoderLayer(nn.Module):
 
     def __call__(self, x: mx.array, per_layer_input: mx.array | None, offset: int | mx.array, mask: Mask,
                  cache: KVCache | None = None, shared_kv: tuple[mx.array, mx.array] | None = None,
-                 queries: int | None = None, checkpoint: Checkpoint | None = None
-                 ) -> tuple[mx.array | None, tuple[mx.array, mx.array]]:
+                 queries: int | None = None) -> tuple[mx.array | None, tuple[mx.array, mx.array]]:
         """The layer's output and the (keys, values) its attention read. ``queries``: the layer writes the K/V of
-        every position of ``x`` but computes its output for the last this many only (0: no output, None).
-        ``checkpoint`` (TextModel.run) is given the residual stream between attention and the feed-forward."""
+        every position of ``x`` but computes its output for the last this many only (0: no output, None)."""
         attn, kv = self.self_attn(self.input_layernorm(x), offset, mask, cache, shared_kv, queries)
         if attn is None:
             return None, kv
@@ -285,8 +280,6 @@ class DecoderLayer(nn.Module):
             x = x[:, -queries:]
             per_layer_input = None if per_layer_input is None else per_layer_input[:, -queries:]
         h = x + self.post_attention_layernorm(attn)
-        if checkpoint is not None:
-            checkpoint([h])
 
         ff = self.mlp(self.pre_feedforward_layernorm(h))
         if self.enable_moe:
@@ -377,14 +370,14 @@ class TextModel(nn.Module):
         return Pass(embeds, per_layer, offset, self._masks(L, cache, vision_blocks), {})
 
     def run(self, p: Pass, cache: list[KVCache] | None, layers: range,
-            checkpoint: Checkpoint | None = None, narrow_last: int | None = None) -> None:
+            after_layer: Callable[[mx.array | None, KVCache | None], None] | None = None,
+            narrow_last: int | None = None) -> None:
         """Run ``layers`` (consecutive, in order) over ``p``. A KV-shared layer reads the K/V its producer
-        (``config.kv_producers``) wrote earlier in the same pass. ``checkpoint(arrays)`` is given what each layer
-        leaves (the residual stream and the K/V it wrote) and, inside the layer, the residual stream between its
-        attention and its feed-forward: long passes evaluate there (model._eval_each_layer). ``narrow_last=n``:
-        the last of ``layers`` writes the K/V of every position but computes its output for the last ``n`` only,
-        and the pass goes on with those (``Pass.keep_last``); 0: it only writes its K/V and ``p.h`` becomes None
-        (nothing after it reads more: prefill's last layer before the KV-shared ones, or the last of all)."""
+        (``config.kv_producers``) wrote earlier in the same pass. ``after_layer(h, layer_cache)`` is called after
+        each layer (prefill evaluates there for long inputs). ``narrow_last=n``: the last of ``layers`` writes
+        the K/V of every position but computes its output for the last ``n`` only, and the pass goes on with
+        those (``Pass.keep_last``); 0: it only writes its K/V and ``p.h`` becomes None (nothing after it reads
+        more: prefill's last layer before the KV-shared ones, or the last of all)."""
         producers = self.config.kv_producers
         for i in layers:
             src = producers[i]
@@ -394,11 +387,11 @@ class TextModel(nn.Module):
             queries = narrow_last if i == layers[-1] else None
             if queries:
                 p.keep_last(queries)
-            p.h, kv = self.layers[i](*args, queries=queries, checkpoint=checkpoint)
+            p.h, kv = self.layers[i](*args, queries=queries)
             if i in self._read_by_shared:
                 p.kvs[i] = kv
-            if checkpoint is not None:
-                checkpoint([a for a in (p.h, *(layer_cache.state if layer_cache is not None else ())) if a is not None])
+            if after_layer is not None:
+                after_layer(p.h, layer_cache)
 
     def _masks(self, L: int, cache: list[KVCache] | None, vision_blocks: mx.array | None) -> dict[str, Mask]:
         """One mask per layer type, asked of the first cache of that type (all caches of a type hold the same

@@ -20,7 +20,7 @@ from mlx_gemma4.model import Gemma4
 from mlx_gemma4.processing.processor import Processor
 from mlx_gemma4.weights import load_model
 from tests import tiny
-from tests.helpers import MODEL_ATOL, blocky_image, build, ids_of, reference_logits, tone
+from tests.helpers import MODEL_ATOL, blocky_image, ids_of, reference_logits, tone
 
 
 @pytest.fixture(scope="module")
@@ -286,10 +286,9 @@ def test_prefill_transient_memory_is_a_few_layers_of_activations(ple_dim, shared
     assert transient <= per_layer_inputs + 3 * layer, (transient / layer, layer)
 
 
-def test_long_passes_wait_for_an_earlier_checkpoint_never_the_one_just_queued(monkeypatch):
-    """A long pass queues each checkpoint (a layer's attention, its feed-forward) and then waits for the one
-    queued ``ahead`` before it: the device is never left without queued work by a wait, and no more than
-    ``ahead + 1`` checkpoints are in flight (one behind the one running at 1,024 tokens and up)."""
+def test_long_passes_wait_for_an_earlier_layer_never_the_one_just_queued(monkeypatch):
+    """Layer by layer, prefill queues each layer and then waits for the one queued ``ahead`` before it: the device
+    is never left without queued work by a wait, and no more than ``ahead + 1`` layers are in flight."""
     import mlx_gemma4.model as gm
 
     log = []
@@ -306,36 +305,13 @@ def test_long_passes_wait_for_an_earlier_checkpoint_never_the_one_just_queued(mo
 
     monkeypatch.setattr(gm, "mx", Recorder())
     assert gm._eval_each_layer(gm.EVAL_EACH_LAYER_FROM - 1) is None  # short passes stay one lazy graph
-    for tokens, ahead in ((1059, 1), (2048, 1), (4096, 1), (512, 7), (64, 63)):
+    for tokens, ahead in ((1059, 1), (2048, 1), (4096, 1), (512, 4), (64, 32)):
         log.clear()
-        checkpoint = gm._eval_each_layer(tokens)
-        for i in range(80):
-            checkpoint([mx.array(i)])
+        after_layer = gm._eval_each_layer(tokens)
+        for i in range(40):
+            after_layer(mx.array(i), None)
         waits = [i for kind, i in log if kind == "wait"]
-        assert waits == list(range(80 - ahead)), (tokens, waits)
+        assert waits == list(range(40 - ahead)), (tokens, waits)
         for n, (kind, i) in enumerate(log):
-            if kind == "wait":  # the wait comes right after queuing the checkpoint `ahead` later
+            if kind == "wait":  # the wait comes right after queuing the layer `ahead` later
                 assert log[n - 1] == ("queue", i + ahead)
-
-
-def test_a_long_pass_checkpoints_each_layers_attention_and_feed_forward(monkeypatch):
-    """Prefill hands the pipeline two checkpoints per layer: the residual stream after attention, then what the
-    layer leaves with the K/V it wrote; the logits are those of the forward without them."""
-    import mlx_gemma4.model as gm
-
-    _, model = build("e")
-    ids = mx.array(ids_of(160).numpy())
-    calls = []
-    real = gm._eval_each_layer
-
-    def spy(n):
-        checkpoint = real(n)
-        return None if checkpoint is None else (lambda arrays: (calls.append(len(arrays)), checkpoint(arrays)))
-
-    monkeypatch.setattr(gm, "_eval_each_layer", spy)
-    cache = model.make_cache()
-    logits = model.prefill({"input_ids": ids}, cache)
-    producers = model.language_model.config.first_kv_shared_layer
-    assert len(calls) == 2 * producers   # (the KV-shared layers run after, on the last position only)
-    assert calls[0] == 1 and calls[1] == 3   # attention's residual; the layer's output and its K/V
-    assert mx.allclose(logits, model(ids)[0, -1], atol=1e-4).item()
