@@ -44,7 +44,8 @@ def reference(converted_towers):
 
     session = ChatSession(*load(converted_towers))
 
-    def answer(messages, max_tokens):
+    def answer(messages, max_tokens, max_soft_tokens=None):
+        session.max_soft_tokens = max_soft_tokens
         responses = list(session.stream(messages, max_tokens=max_tokens, temperature=0.0))
         content = "".join(r.content for r in responses)
         return {"content": content}, responses[-1], len(session.encode(messages).ids)
@@ -219,6 +220,31 @@ def test_image_and_audio_reach_the_model(client, reference, media, converted_tow
     assert path_answer.usage.prompt_tokens == prompt_len
     assert path_answer.choices[0].message.content == expected["content"]
 
+
+
+def test_image_detail_is_the_image_token_budget(client, reference, media, converted_towers):
+    """image_url.detail 'low': the Python API's max_soft_tokens 70 (fewer soft tokens in the prompt, the API's
+    answer); 'auto' the default again; 'high' (1,120 tokens) does not fit this tiny model's context: a 400 saying
+    so, as the API's own check says."""
+    png, _ = media
+
+    def sent(detail):
+        image = {"url": data_uri(png), "detail": detail}
+        return [{"role": "user", "content": [{"type": "image_url", "image_url": image},
+                                             {"type": "text", "text": "What is it?"}]}]
+
+    same = [{"role": "user", "content": [{"type": "image", "image": str(png)},
+                                         {"type": "text", "text": "What is it?"}]}]
+    counts = {}
+    for detail, budget in (("low", 70), ("auto", None)):
+        got = client.chat.completions.create(model=converted_towers.name, messages=sent(detail), max_tokens=4,
+                                             temperature=0)
+        expected, _, prompt_len = reference(same, 4, budget)
+        assert got.usage.prompt_tokens == prompt_len and got.choices[0].message.content == expected["content"]
+        counts[detail] = prompt_len
+    assert counts["low"] < counts["auto"]
+    with pytest.raises(openai.BadRequestError, match="the model's context is 512"):
+        client.chat.completions.create(model=converted_towers.name, messages=sent("high"), max_tokens=4)
 
 BAD = [
     (dict(messages=[]), openai.BadRequestError, "'messages' must be a non-empty list"),

@@ -307,3 +307,24 @@ def test_media_store_keeps_recent_files_within_its_budget(tmp_path):
     assert fourth.read_bytes() == blobs[3]
     big = store.save(b"x" * 1000, ".png")  # larger than the budget alone: kept, everything else goes
     assert [p.name for p in tmp_path.iterdir()] == [big.name]
+
+
+def test_image_detail_sets_the_requests_token_budget(store):
+    """OpenAI's image_url.detail: 'low' the smallest budget, 'high' the largest, 'auto' (or none) the model's
+    default; one budget per request (the most detailed asked); anything else a 400 naming the part."""
+    png = f"data:image/png;base64,{base64.b64encode(b'png').decode()}"
+
+    def budget(*details):
+        parts = [{"type": "image_url", "image_url": {"url": png} if d is None else {"url": png, "detail": d}}
+                 for d in details]
+        req = parse(store, messages=[{"role": "user", "content": [*parts, {"type": "text", "text": "?"}]}])
+        assert all(set(p) == {"type", "image"} for p in req.messages[0]["content"][:-1])   # nothing else passed on
+        return req.max_soft_tokens
+
+    assert budget() is None and budget(None) is None and budget("auto") is None
+    assert budget("low") == budget("low", "low") == 70
+    assert budget("high") == budget("low", "high") == budget("auto", "high") == 1120
+    assert budget("low", "auto") is None and budget("low", None) is None
+    with pytest.raises(RequestError, match=r"messages\[0\]\.content\[1\]\.image_url\.detail must be 'low', 'high' "
+                                           r"or 'auto'; got 'ultra'"):
+        budget("low", "ultra")

@@ -39,6 +39,13 @@ _FIELDS = {"model", "messages", "audio", "frequency_penalty", "function_call", "
            "top_k", "min_p", "repetition_penalty", "chat_template_kwargs"}
 
 
+# OpenAI's image 'detail' as the image token budget (processing/image.py SUPPORTED_SOFT_TOKENS): "low" the
+# smallest, "high" the largest (small print, documents), "auto" the model's own default. One budget holds for all the
+# images of a request (the processor takes one): the most detailed asked.
+DETAIL_BUDGETS = {"low": 70, "auto": None, "high": 1120}
+DETAIL = "_detail"   # the key a converted image part carries its detail under until parse_chat takes it out
+
+
 class RequestError(InputError):
     """A request the server refuses: ``status`` (4xx/5xx), OpenAI's error ``type``, and the ``param`` at fault."""
 
@@ -71,6 +78,7 @@ class ChatRequest:
     parallel_tool_calls: bool = True        # False: the answer ends with its first call
     n: int = 1                              # answers (choices) to generate, one after another
     enable_thinking: bool = False
+    max_soft_tokens: int | None = None      # the images' token budget (their 'detail'); None: the model's default
 
 
 class MediaStore:
@@ -196,6 +204,8 @@ def parse_chat(body: dict[str, Any], *, model_id: str, limits: Limits, media: Me
         raise RequestError("'messages' must be a non-empty list of {'role': ..., 'content': ...} objects.",
                            param="messages")
     converted = [_message(m, i, limits, media) for i, m in enumerate(messages)]
+    details = {p.pop(DETAIL) for m in converted if isinstance(m.get("content"), list) for p in m["content"]
+               if isinstance(p, dict) and DETAIL in p}
     # A conversation of instructions alone (a system or developer message last) is answered, as OpenAI does: the
     # model's turn follows it. An assistant message last would be answered by a second assistant turn.
     if converted[-1]["role"] not in ("user", "tool", "system"):
@@ -212,7 +222,15 @@ def parse_chat(body: dict[str, Any], *, model_id: str, limits: Limits, media: Me
     return ChatRequest(messages=converted, options=options, stream=_bool(body, "stream", False),
                        include_usage=bool(stream_options.get("include_usage", False)), stop=_stop(body),
                        tools=tools, parallel_tool_calls=_bool(body, "parallel_tool_calls", True),
-                       enable_thinking=_thinking(body, default_thinking), n=_int(body, "n", 1, MAX_CHOICES, 1))
+                       enable_thinking=_thinking(body, default_thinking), n=_int(body, "n", 1, MAX_CHOICES, 1),
+                       max_soft_tokens=_budget(details))
+
+
+def _budget(details: set[str]) -> int | None:
+    """The token budget for a request's images asked with these details (see DETAIL_BUDGETS)."""
+    if "high" in details:
+        return DETAIL_BUDGETS["high"]
+    return DETAIL_BUDGETS["low"] if details == {"low"} else None
 
 
 def name_saved_media(error: BaseException, req: ChatRequest, media: MediaStore) -> BaseException:
@@ -467,10 +485,14 @@ def _part(p: Any, where: str, role: str, limits: Limits, media: MediaStore) -> d
         return {"type": "text", "text": p["refusal"]}  # OpenAI's part for an answer that declined: what it said
     if kind == "image_url":
         url = p.get("image_url")
+        detail = url.get("detail", "auto") if isinstance(url, dict) else "auto"
         url = url.get("url") if isinstance(url, dict) else url
         if not isinstance(url, str) or not url:
             raise RequestError(f"{where}.image_url needs a 'url': a data: URI or a file path.", param="messages")
-        return {"type": "image", "image": _image_source(url, where, limits, media)}
+        if detail not in DETAIL_BUDGETS:
+            raise RequestError(f"{where}.image_url.detail must be 'low', 'high' or 'auto'; got {detail!r}.",
+                               param="messages")
+        return {"type": "image", "image": _image_source(url, where, limits, media), DETAIL: detail}
     if kind == "input_audio":
         audio = p.get("input_audio")
         if not isinstance(audio, dict) or not isinstance(audio.get("data"), str):
