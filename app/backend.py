@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The image token budgets a user can pick (0: the model's own default), processing.image.SUPPORTED_SOFT_TOKENS
+# (not imported: this module loads before anything of the model's).
+IMAGE_TOKENS = (0, 70, 140, 280, 560, 1120)
+
 Post = Callable[[Message], Any]
 Progress = Callable[[int, int, str], None]
 
@@ -49,6 +53,12 @@ class Settings:
     top_k: int = 64
     max_tokens: int = 1024
     assistant: str = ""             # a converted assistant drafter's folder: answers decode speculatively ("" = off)
+    image_tokens: int = 0           # an image's (and a video frame's) token budget (IMAGE_TOKENS); 0: the model's
+
+    def apply(self, session: Any) -> None:
+        """What a chat session reads from these settings when it encodes the conversation (on the model thread)."""
+        session.enable_thinking = self.enable_thinking
+        session.max_soft_tokens = self.image_tokens or None
 
     def sampling(self) -> dict:
         return dict(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
@@ -369,6 +379,7 @@ class Backend:
         if self.session is None:
             return
         try:
+            self.settings.apply(self.session)
             used = self.session.count_tokens(messages)
         except Exception:  # the status line is a bonus; a real error shows when the user sends
             log.exception("counting tokens failed")
@@ -395,7 +406,7 @@ class Backend:
         session = self.session
         if session is None:
             raise RuntimeError(f"No model is loaded. {self.load_error or ''}".strip())
-        session.enable_thinking = self.settings.enable_thinking
+        self.settings.apply(session)
         stats, reason, last_post = Stats(), "stop", 0.0
         thinking, answer, calls, final = "", "", [], None
         should_stop = lambda: stop.is_set() or self._closing.is_set()  # noqa: E731

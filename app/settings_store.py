@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from .backend import Settings
+from .backend import IMAGE_TOKENS, Settings
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,9 @@ class SettingsStore:
             # A hand-edited file with a wrong type, or a number out of range, falls back to the default for that
             # field only.
             if type(value) is type(default) or (type(default) is float and type(value) is int):
+                if f.name == "image_tokens" and value not in IMAGE_TOKENS:
+                    log.warning("ignoring image_tokens=%r in %s: not one of %s", value, self.path, IMAGE_TOKENS)
+                    continue
                 lo, hi = ranges.get(f.name, (None, None))
                 if lo is not None and not lo <= value <= hi:
                     log.warning("ignoring %s=%r in %s: not from %s to %s", f.name, value, self.path, lo, hi)

@@ -36,9 +36,11 @@ class ScriptedSession:
         self.last_reused = 0
         self.calls: list[dict] = []
         self.enable_thinking = settings.enable_thinking if settings else False
+        self.max_soft_tokens = None
 
     def stream(self, messages, **kw):
-        self.calls.append(dict(kw, messages=[dict(m) for m in messages], thinking=self.enable_thinking))
+        self.calls.append(dict(kw, messages=[dict(m) for m in messages], thinking=self.enable_thinking,
+                               max_soft_tokens=self.max_soft_tokens))
         return chat_responses(self._answer(kw))  # split as ChatSession splits its pieces
 
     def _answer(self, kw):

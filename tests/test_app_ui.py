@@ -157,6 +157,28 @@ def test_settings_fit_focus_first_field_and_persist(tmp_path):
     run(go())
 
 
+
+def test_image_tokens_are_picked_in_settings_kept_and_used_from_the_next_turn(tmp_path):
+    """The image token budget (the model's default, or 70 to 1,120): picked from a list in the settings, saved,
+    and set on the chat session before the next turn is encoded."""
+    async def go():
+        store = SettingsStore(tmp_path / "data")
+        app = make_app(tmp_path, settings_store=store)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.backend.loaded)
+            await send(pilot, "one")
+            await until(pilot, lambda: len(app.sessions[0].calls) == 1 and not app.screen.generating)
+            screen = await open_screen(pilot, "f2", SettingsScreen)
+            screen.query_one("#image_tokens").focus()
+            await pilot.press("enter", "down", "down", "down", "down", "enter")   # model's, 70, 140, 280, 560
+            await pilot.click("#save")
+            await until(pilot, lambda: store.path.exists())
+            await send(pilot, "two")
+            await until(pilot, lambda: len(app.sessions[0].calls) == 2)
+        assert [c["max_soft_tokens"] for c in app.sessions[0].calls] == [None, 560]
+        assert store.load().image_tokens == 560
+    run(go())
+
 def test_settings_store_ignores_bad_values(tmp_path):
     store = SettingsStore(tmp_path)
     assert store.load() == Settings()
@@ -171,6 +193,10 @@ def test_settings_store_ignores_bad_values(tmp_path):
     assert store.load() == Settings(enable_thinking=True)
     store.path.write_text('{"max_tokens": 32768, "temperature": 0, "top_p": 1.0, "top_k": 0}')
     assert store.load() == Settings(max_tokens=32768, temperature=0.0, top_p=1.0, top_k=0)
+    store.path.write_text('{"image_tokens": 100}')   # no budget the model takes
+    assert store.load() == Settings()
+    store.path.write_text('{"image_tokens": 1120}')
+    assert store.load() == Settings(image_tokens=1120)
 
 
 def test_settings_that_cannot_be_saved_still_hold_and_say_so(tmp_path):
@@ -683,7 +709,7 @@ def test_settings_buttons_and_every_field_reachable_on_a_small_screen(tmp_path, 
             for button in ("#save", "#cancel"):
                 region = screen.query_one(button).region
                 assert inside.contains_region(region) and not body.overlaps(region), (button, region, body)
-            for field in ("#system_prompt", "#enable_thinking", "#max_tokens", "#assistant"):
+            for field in ("#system_prompt", "#enable_thinking", "#max_tokens", "#image_tokens", "#assistant"):
                 screen.query_one(field).focus()
                 # Focus scrolls the field into view, animated: wait for it to land (a bounded wait: it fails if
                 # the field never comes into view).
@@ -734,3 +760,10 @@ def test_conversations_hint_stays_on_a_small_screen(tmp_path, size):
             assert dialog.content_region.contains_region(hint.region) and not listed.region.overlaps(hint.region)
             assert listed.region.height >= 3
     run(go())
+
+
+def test_the_image_token_choices_are_the_models_budgets():
+    from app.backend import IMAGE_TOKENS
+    from mlx_gemma4.processing.image import SUPPORTED_SOFT_TOKENS
+
+    assert IMAGE_TOKENS == (0, *SUPPORTED_SOFT_TOKENS)

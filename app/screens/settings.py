@@ -1,4 +1,5 @@
-"""Settings: system prompt, thinking, sampling, answer length, the assistant drafter; plus what model is loaded.
+"""Settings: system prompt, thinking, sampling, answer length, image detail, the assistant drafter; plus what
+model is loaded.
 
 Laid out to fit 80x24 whole (compact fields, two to a row), with the focus on the first field.
 """
@@ -13,9 +14,9 @@ from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.validation import Number
-from textual.widgets import Button, Input, Label, Static, Switch, TextArea
+from textual.widgets import Button, Input, Label, Select, Static, Switch, TextArea
 
-from ..backend import Settings
+from ..backend import IMAGE_TOKENS, Settings
 from ..model_source import drafter_dir
 
 FIELDS = [  # (id, label, type, min, max)
@@ -61,6 +62,10 @@ class SettingsScreen(ModalScreen[Settings | None]):
                         yield Label(label)
                         yield Input(str(getattr(s, key)), id=key, type="number" if kind is float else "integer",
                                     validators=[Number(minimum=lo, maximum=hi)], compact=True)
+                    yield Label("Image tokens")
+                    yield Select([(f"{n}" if n else "model's", n) for n in IMAGE_TOKENS], allow_blank=False,
+                                 value=s.image_tokens if s.image_tokens in IMAGE_TOKENS else 0, id="image_tokens",
+                                 compact=True)
                 with Horizontal(id="drafter-row"):
                     yield Label("Drafter folder")
                     yield Input(s.assistant, id="assistant", placeholder="none: answers decode without a drafter",
@@ -91,6 +96,7 @@ class SettingsScreen(ModalScreen[Settings | None]):
             return
         values["system_prompt"] = self.query_one("#system_prompt", TextArea).text.strip()
         values["enable_thinking"] = self.query_one("#enable_thinking", Switch).value
+        values["image_tokens"] = self.query_one("#image_tokens", Select).value
         self.dismiss(replace(self.settings, **values))
 
     def _refuse(self, field: Input, why: str) -> None:
