@@ -204,22 +204,34 @@ def _claimed_kind(path: Path) -> Kind | None:
 def parse_prompt(text: str) -> ParsedPrompt:
     """Split a prompt into the words to send and the media files pasted into it.
 
-    A word is a candidate when it looks like a path (starts with /, ~, ./, ../ or file://).
-    Media files are attached and removed from the text; a candidate that names a missing file with a media
-    extension, a file that is not media, or media that does not open gets a notice and stays in the text.
+    A word is a candidate when it looks like a path (starts with /, ~, ./, ../ or file://). A bare one that names
+    no file is read with the punctuation that ends a sentence taken off (``what is in ~/dog.jpg?``) and, failing
+    that, with the words after it on its line joined by spaces, as a path copied unquoted ("Copy as Pathname":
+    ``/Users/me/voice memo.wav``) arrives. Media files are attached and removed from the text (punctuation after
+    them stays); a candidate that names a missing file with a media extension, a file that is not media, or media
+    that does not open gets a notice and stays in the text.
     """
     out = ParsedPrompt(text="")
     cuts: list[tuple[int, int]] = []  # spans of the text taken out: attached paths and the blanks beside them
-    for m in _WORD.finditer(text):
+    words = list(_WORD.finditer(text))
+    i = 0
+    while i < len(words):
+        m = words[i]
+        i += 1
         word = _unescape(m)
         if not _PATH_START.match(word):
             continue
-        path = to_path(word)
-        claimed = _claimed_kind(path)
+        path, end = to_path(word), m.end()
         state = _state(path)
+        if state == "missing" and m.group("bare") is not None:
+            found = _unquoted(text, words, i - 1)
+            if found is not None:
+                word, end, i = found
+                path, state = to_path(word), "file"
+        claimed = _claimed_kind(to_path(word.rstrip(_SENTENCE_END)))
         if state == "missing":
             if claimed or m.group("sq") is not None or m.group("dq") is not None or word.startswith("file://"):
-                out.notices.append(f"{word}: no such file, left in the message")
+                out.notices.append(f"{word.rstrip(_SENTENCE_END)}: no such file, left in the message")
             continue
         if state == "dir":
             continue
@@ -231,9 +243,30 @@ def parse_prompt(text: str) -> ParsedPrompt:
         if claimed and claimed != att.kind:
             out.notices.append(f"{path.name}: named like {_a(claimed)} but is {_a(att.kind)}; attached as {att.kind}")
         out.attachments.append(att)
-        cuts.append(_with_blank_beside(text, m.start(), m.end(), cuts[-1][1] if cuts else 0))
+        cuts.append(_with_blank_beside(text, m.start(), end, cuts[-1][1] if cuts else 0))
     out.text = _cut(text, cuts)
     return out
+
+
+_SENTENCE_END = "?!.,;:)]}'\""
+_MAX_JOINED = 8   # words of an unquoted path with spaces, at most
+
+
+def _unquoted(text: str, words: list[re.Match], i: int) -> tuple[str, int, int] | None:
+    """The file a bare path-like word that names none stands for: itself without the punctuation ending it, or it
+    with the next words of its line (as typed, spaces kept), with or without such punctuation; the shortest that
+    names a media file (by its extension: these are guesses, and a guess at another file is no attachment). (the
+    path, the end of its span in ``text``, the index of the first word after it) or None."""
+    for j in range(i, min(i + _MAX_JOINED, len(words))):
+        if j > i and (words[j].group("bare") is None or "\n" in text[words[j - 1].end():words[j].start()]):
+            return None
+        word = re.sub(r"\\(.)", r"\1", text[words[i].start():words[j].end()])
+        stripped = word.rstrip(_SENTENCE_END)
+        for candidate in dict.fromkeys([stripped] if j == i else [word, stripped]):   # (the word alone: checked)
+            path = to_path(candidate)
+            if candidate and _claimed_kind(path) and _state(path) == "file":
+                return candidate, words[j].end() - (len(word) - len(candidate)), j + 1   # (punctuation stays)
+    return None
 
 
 def _with_blank_beside(text: str, start: int, end: int, floor: int) -> tuple[int, int]:

@@ -263,3 +263,34 @@ def test_empty_files_say_they_are_empty(tmp_path):
         check(str(silent))
     p = parse_prompt(f"hear '{silent}' please")
     assert p.attachments == [] and "no sound" in p.notices[0] and str(silent) in p.text
+
+
+def test_a_path_ending_a_sentence_is_attached_and_its_punctuation_stays(media, tmp_path, monkeypatch):
+    """'what is in ~/dog.jpg?' sent the path as text without a word: the word with its '?' is no file."""
+    monkeypatch.setenv("HOME", str(media["png"].parent))
+    p = parse_prompt("what is in ~/cat\\ photo.png?")
+    assert [a.path for a in p.attachments] == [media["png"]] and p.text == "what is in?"
+    p = parse_prompt(f"compare {media['wav']}, and this.")
+    assert [a.path for a in p.attachments] == [media["wav"]] and p.text == "compare, and this."
+    p = parse_prompt(f"what about {tmp_path}/gone.jpg?")
+    assert p.attachments == [] and p.notices == [f"{tmp_path}/gone.jpg: no such file, left in the message"]
+
+
+def test_a_path_with_spaces_pasted_unquoted_is_attached(media):
+    """macOS's 'Copy as Pathname' gives '/Users/me/voice memo.wav', unquoted: it was split at the spaces and sent
+    as text, without a notice."""
+    png = str(media["png"])   # .../my files/cat photo.png: two spaces
+    for text, rest in ((png, ""), (f"describe {png} please", "describe please"), (f"{png}.", "."),
+                       (f"look:\n{png}\nthanks", "look:\nthanks")):
+        p = parse_prompt(text)
+        assert [a.path for a in p.attachments] == [media["png"]] and p.text == rest, text
+    p = parse_prompt(f"{media['png'].parent}/cat\nphoto.png")   # not across lines
+    assert p.attachments == []
+
+
+def test_guessed_paths_attach_only_media(tmp_path):
+    """The guesses (punctuation off, words joined) take only names with a media extension: 'or /usr/bin/env?' is
+    no attachment and no notice."""
+    (tmp_path / "read me.txt").write_text("x")
+    p = parse_prompt(f"see {tmp_path}/read me.txt, or /usr/bin/env?")
+    assert p.attachments == [] and p.notices == []
