@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
+
 from dataclasses import replace
 from typing import Any, Callable, Iterable
 
@@ -70,6 +73,13 @@ class ChatApp(App):
 
     async def on_mount(self) -> None:
         await self.push_screen(self.chat_screen)
+        # A closed terminal window (SIGHUP) or `kill` (SIGTERM) quits as Ctrl+Q does: the answer so far is saved
+        # and the terminal is given back as it was (they ended the process mid-frame, answer lost).
+        for name in ("SIGTERM", "SIGHUP"):
+            try:
+                asyncio.get_running_loop().add_signal_handler(getattr(signal, name), self.exit)
+            except (AttributeError, NotImplementedError, RuntimeError, ValueError):  # Windows; not the main thread
+                pass
         for text in self.startup_messages + ([self.history.notice] if self.history.notice else []):
             self.chat_screen.notice(text, "warning")
         if self.offer_download:
