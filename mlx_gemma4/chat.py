@@ -22,6 +22,7 @@ session restores that snapshot and the generation loop starts from the kept logi
 from __future__ import annotations
 
 import time
+import weakref
 from contextlib import closing
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterable, Iterator
@@ -102,6 +103,7 @@ class ChatSession:
         self.encoder = ChatEncoder(processor)
         self.max_soft_tokens = max_soft_tokens   # checked (the property below)
         self.messages: list[dict[str, Any]] = []
+        self._answers: weakref.WeakSet = weakref.WeakSet()   # send()'s answers not yet collected (see _answer)
         self.last_reused = 0  # prompt tokens the last turn found in the cache
         self._fresh_cache()
         self.reset()
@@ -194,9 +196,7 @@ class ChatSession:
         stopped before its first token ends with one response with ``token == -1`` and no text. The keywords are
         checked before any message is encoded.
         """
-        check_generation_kwargs(gen_kwargs, CHAT_KWARGS, "ChatSession.stream")
-        check_assistant_args(self.model, gen_kwargs.get("assistant", self.assistant),
-                             gen_kwargs.get("draft_tokens", self.draft_tokens))
+        self._check_stream_kwargs(gen_kwargs)
         schemas = self._schemas(tools)
         force = forced_call(self.processor.tokenizer, schemas, tool_choice)
         if force is not None:
@@ -209,6 +209,11 @@ class ChatSession:
         # cache holds must run then, not whenever it is collected.
         with closing(self._stream(messages, schemas, **gen_kwargs)) as responses:
             yield from chat_responses(responses, lambda text: strip_placeholders(self.processor, text))
+
+    def _check_stream_kwargs(self, gen_kwargs: dict[str, Any]) -> None:
+        check_generation_kwargs(gen_kwargs, CHAT_KWARGS, "ChatSession.stream")
+        check_assistant_args(self.model, gen_kwargs.get("assistant", self.assistant),
+                             gen_kwargs.get("draft_tokens", self.draft_tokens))
 
     def _stream(self, messages: list[dict[str, Any]], schemas: list[dict[str, Any]] | None,
                 **gen_kwargs) -> Iterator[GenerationResponse]:
@@ -255,8 +260,12 @@ class ChatSession:
                 yield r
                 if r.finish_reason:
                     break
-        except Exception:
-            self._fresh_cache()  # a forward that failed half way may have written some layers and not others
+        except GeneratorExit:   # the caller stopped reading: closed between tokens, the cache is whole
+            raise
+        except BaseException:
+            # A forward that failed half way, or was interrupted (Ctrl+C) there, may have written some layers and
+            # not others.
+            self._fresh_cache()
             raise
         finally:
             # Also when the caller stops iterating early: what went through the model is in the cache.
@@ -343,7 +352,9 @@ class ChatSession:
 
     # -- a conversation kept in the session --------------------------------------------------------------------
     def reset(self) -> None:
-        """Forget the conversation (the system prompt stays; the cache stays for reuse)."""
+        """Forget the conversation (the system prompt stays; the cache stays for reuse). An answer still being read
+        is closed first (it would join the conversation that follows)."""
+        self._close_answers()
         self.messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
 
     def load_messages(self, messages: list[dict[str, Any]]) -> None:
@@ -353,6 +364,7 @@ class ChatSession:
             raise InputError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts; got a "
                              f"{type(messages).__name__}.")
         prepare_messages(messages)  # roles and tool results checked now, not at the next turn
+        self._close_answers()
         self.messages = [dict(m) for m in messages]
 
     def send(self, text: str, images=None, audio=None, videos=None, sampling_rate: int | None = None,
@@ -373,16 +385,15 @@ class ChatSession:
                 rate = {"sampling_rate": sampling_rate} if kind == "audio" and sampling_rate is not None else {}
                 parts.append({"type": kind, kind: item, **rate})
         parts.append({"type": "text", "text": text})
-        self.messages.append({"role": "user", "content": parts if len(parts) > 1 else text})
-        return self._answer(new_turn=True, **gen_kwargs)
+        return self._answer({"role": "user", "content": parts if len(parts) > 1 else text}, **gen_kwargs)
 
     def regenerate(self, **gen_kwargs) -> Iterator[GenerationResponse]:
         """Answer the last user turn again (the previous answer is dropped)."""
-        if self.messages and self.messages[-1]["role"] == "assistant":
-            self.messages.pop()
-        if not self.messages or self.messages[-1]["role"] != "user":
+        answered = bool(self.messages) and self.messages[-1]["role"] == "assistant"
+        rest = self.messages[:-1] if answered else self.messages
+        if not rest or rest[-1]["role"] != "user":
             raise InputError("There is no user turn to answer again; send a message first.")
-        return self._answer(**gen_kwargs)
+        return self._answer(again=True, **gen_kwargs)
 
     def send_tool_results(self, results: list[tuple[ToolCall, Any]], **gen_kwargs) -> Iterator[ChatResponse]:
         """Answer the tool calls of the last assistant message with ``(call, result)`` pairs (a result is a
@@ -409,7 +420,30 @@ class ChatSession:
             while start < len(self.messages) and self.messages[start]["role"] != "user":
                 self.messages.pop(start)
 
-    def _answer(self, new_turn: bool = False, **gen_kwargs) -> Iterator[ChatResponse]:
+    def _answer(self, new_turn: dict[str, Any] | None = None, again: bool = False,
+                **gen_kwargs) -> Iterator[ChatResponse]:
+        """The answer to the conversation (with ``new_turn`` added, or its last answer dropped: ``again``), as a
+        generator whose first step changes ``messages``: one never read changes nothing, and when one starts, the
+        session's other answers are closed (one still being read joins the conversation as far as it got, before
+        the new turn; one never read is dropped). The keywords are checked now, not when reading starts."""
+        self._check_stream_kwargs({k: v for k, v in gen_kwargs.items() if k not in ("tools", "tool_choice")})
+        me: list[Iterator[ChatResponse]] = []
+        answer = self._answering(new_turn, again, gen_kwargs, me)
+        me.append(answer)
+        self._answers.add(answer)
+        return answer
+
+    def _close_answers(self, but: Any = None) -> None:
+        for other in [a for a in getattr(self, "_answers", ()) if a is not but]:
+            other.close()
+
+    def _answering(self, new_turn: dict[str, Any] | None, again: bool, gen_kwargs: dict,
+                   me: list) -> Iterator[ChatResponse]:
+        self._close_answers(but=me.pop())   # (popped: no cycle through this frame)
+        if again and self.messages[-1]["role"] == "assistant":
+            self.messages.pop()
+        if new_turn is not None:
+            self.messages.append(new_turn)
         pieces: list[str] = []
         started = False
         answer: Answer | None = None
@@ -419,8 +453,10 @@ class ChatSession:
                 pieces.append(r.text)
                 answer = r.answer or answer
                 yield r
-        except Exception:
-            if new_turn and not started:
+        except BaseException:
+            # A turn that gave no answer (refused, too long, interrupted or closed before its first token) is not
+            # kept.
+            if new_turn is not None and not started:
                 self.forget_last_user_turn()
             raise
         finally:

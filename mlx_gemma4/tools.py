@@ -133,7 +133,8 @@ def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
 
 
 def _is_section(text: str) -> bool:
-    return bool(re.match(r"\s*(Args|Arguments|Parameters|Returns|Raises|Yields|Examples?):\s*$", text.splitlines()[0]))
+    first = text.splitlines()[0] if text.strip() else ""   # (a function without a docstring has "")
+    return bool(re.match(r"\s*(Args|Arguments|Parameters|Returns|Raises|Yields|Examples?):\s*$", first))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -114,6 +114,52 @@ def test_partial_answer_kept_when_caller_stops(loaded):
     assert out == fresh(model, processor, session.messages[:-1], 4)
 
 
+
+def test_ctrl_c_mid_forward_leaves_a_session_that_answers_right(loaded, monkeypatch):
+    """KeyboardInterrupt between two layers of a turn's prefill left some layers' caches ahead of others; the next
+    turn then answered wrong, failed, or aborted the process (an API audit). Wherever it lands (the prompt up to
+    the last user turn, the rest of it, ...), the message sent again is answered as by a fresh session."""
+    model, processor = loaded
+    n = len(model.language_model.layers)
+    layer = type(model.language_model.layers[1])
+    real = layer.__call__
+    for at in (2, n + 2, 2 * n - 1):
+        session = ChatSession(model, processor)
+        tokens(session.send("hello there", max_tokens=4, **GREEDY))
+        calls = []
+
+        def interrupted(self, *a, **k):
+            calls.append(1)
+            if len(calls) == at:
+                raise KeyboardInterrupt
+            return real(self, *a, **k)
+
+        monkeypatch.setattr(layer, "__call__", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            tokens(session.send("the quick brown fox jumps over the lazy dog", max_tokens=20, **GREEDY))
+        monkeypatch.setattr(layer, "__call__", real)
+        assert [m["role"] for m in session.messages] == ["user", "assistant"]   # the interrupted turn: not kept
+        out = tokens(session.send("the quick brown fox jumps over the lazy dog", max_tokens=5, **GREEDY))
+        assert out == fresh(model, processor, session.messages[:-1], 5), at
+
+
+def test_an_answer_never_read_changes_nothing_and_a_new_one_closes_the_last(loaded):
+    """send() added its user turn at once: an answer never read left the turn unanswered (the next send made two
+    user turns in a row), and one half read when the next began appended its part after the next turn."""
+    model, processor = loaded
+    session = ChatSession(model, processor)
+    session.send("never read", max_tokens=4, **GREEDY)
+    assert session.messages == []
+    half = session.send("count to ten", max_tokens=20, **GREEDY)
+    next(half), next(half)
+    tokens(session.send("another", max_tokens=3, **GREEDY))
+    assert [(m["role"], m["content"] if m["role"] == "user" else "") for m in session.messages] == [
+        ("user", "count to ten"), ("assistant", ""), ("user", "another"), ("assistant", "")]
+    with pytest.raises(StopIteration):
+        next(half)   # closed
+    with pytest.raises(InputError, match="temperature"):
+        session.send("hot", temperature=-1)   # checked at the call, not when read
+
 def test_stop_during_prefill_keeps_the_work_done(loaded):
     model, processor = loaded
     messages = convo(" ".join(["word"] * 60))

@@ -212,3 +212,16 @@ def test_stream_can_hand_back_malformed_calls_and_go_on():
     assert kinds == ["str", "ToolCallError", "str", "ToolCall", "str", "ToolCallError"]
     assert events[1].raw == "<|tool_call>call:f{x:bad}<tool_call|>" and events[3] == ToolCall("g", {"y": 1})
     assert events[5].raw == "<|tool_call>call:h{"
+
+
+def test_a_function_without_a_docstring_gets_a_schema_without_a_description():
+    """tool_schema(add) for a plain `def add(a: int, b: int)` raised IndexError (found by an API audit)."""
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    def blank(x: str) -> None:
+        """"""
+
+    assert tool_schema(add)["function"] == {"name": "add", "description": "", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}
+    assert tool_schema(blank)["function"]["description"] == ""
