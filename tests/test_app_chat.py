@@ -749,3 +749,53 @@ async def _typed_ahead_keys_reach_the_field_tab_moved_to(tmp_path):
 
 
 test_typed_ahead_keys_reach_the_field_tab_moved_to = run(_typed_ahead_keys_reach_the_field_tab_moved_to)
+
+
+def test_slash_system_alone_shows_the_prompt_and_keeps_it_and_commands_ignore_case(tmp_path):
+    """`/system` with no text cleared the saved system prompt ("System prompt set") without a word of it; and
+    /NEW was "no command"."""
+    from app.settings_store import SettingsStore
+
+    store = SettingsStore(tmp_path / "data")
+    app = make_app(tmp_path, settings_store=store)
+
+    async def go():
+        async with app.run_test() as pilot:
+            await wait_for(pilot, lambda: app.backend.loaded)
+            app.backend.settings.system_prompt = "You are a pirate."
+            await send(pilot, "/system")
+            await wait_for(pilot, lambda: app.screen.query(Notice))
+            shown = " ".join(str(n.render()) for n in app.screen.query(Notice))
+            assert "The system prompt is: You are a pirate." in shown
+            assert app.backend.settings.system_prompt == "You are a pirate."
+            await send(pilot, "hello")
+            await wait_for(pilot, lambda: app.sessions[0].calls and not app.screen.generating)
+            await send(pilot, "/NEW")
+            await wait_for(pilot, lambda: app.chat_screen.conversation_id is None)
+            assert len(app.sessions[0].calls) == 1   # not sent to the model
+
+    asyncio.run(go())
+
+
+def test_answering_again_a_turn_left_unanswered_keeps_the_answer_before_it(tmp_path):
+    """A conversation that ends on a user turn (the app was killed mid-answer): Ctrl+G answered it, and took the
+    previous turn's answer off the screen."""
+    from app.widgets.messages import ModelMessage
+
+    history = History(tmp_path / "data")
+    cid = history.new_conversation()
+    for text, role in (("first", "user"), ("first answer", "assistant"), ("second", "user")):
+        history.add_message(cid, role, text)
+    app = make_app(tmp_path, reply="second answer", resume=cid)
+
+    async def go():
+        async with app.run_test() as pilot:
+            await wait_for(pilot, lambda: app.backend.loaded and app.screen.query(ModelMessage))
+            await pilot.press("ctrl+g")
+            await wait_for(pilot, lambda: app.sessions and app.sessions[0].calls and not app.screen.generating)
+            await pilot.pause()
+            assert [m.answer for m in app.screen.query(ModelMessage)] == ["first answer", "second answer"]
+
+    asyncio.run(go())
+    assert [m.content for m in History(tmp_path / "data").messages(cid)] == ["first", "first answer", "second",
+                                                                           "second answer"]

@@ -323,7 +323,7 @@ class ChatScreen(AttachingScreen):
         """Slash commands: True when done, False when it failed (the user was told why), None for 'not a
         command, send it as it is'."""
         name, _, arg = text.partition(" ")
-        arg = arg.strip()
+        name, arg = name.lower(), arg.strip()   # (/NEW is /new)
         attached = self.media_command(name, arg)
         if attached is not None:
             return attached
@@ -331,6 +331,11 @@ class ChatScreen(AttachingScreen):
             self.action_new_conversation()
             return True
         if name == "/system":
+            if not arg:   # (it cleared the saved prompt without a word of it)
+                now = self.chat.backend.settings.system_prompt
+                self.notice(f"The system prompt is: {now}" if now else "There is no system prompt.")
+                self.notice("/system TEXT sets it and starts a new conversation; F2 (Settings) edits or clears it.")
+                return True
             self.chat.backend.settings.system_prompt = arg
             self.chat.save_settings()
             self.action_new_conversation()
@@ -503,12 +508,13 @@ class ChatScreen(AttachingScreen):
             return
         saved = self.chat.history.messages(self.conversation_id) if self.conversation_id is not None else []
         users = [m for m in saved if m.role == "user"]
-        if not users or self.transcript.last_model_message() is None:
+        if not users:
             self.notify("Nothing to regenerate yet.")
             return
-        last = self.transcript.last_model_message()
-        last.remove()
         answers = [m for m in saved if m.role == "assistant" and m.id > users[-1].id]
+        last = self.transcript.last_model_message()
+        if answers and last is not None:   # (the last user turn may have no answer: the app was killed mid-turn)
+            last.remove()
         self.replacing = answers[-1].id if answers else None
         self.turn_images = [a.path for a in users[-1].attachments if a.kind == "image"]
         self.start_answer(users[-1].id)
