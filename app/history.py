@@ -33,7 +33,7 @@ class HistoryError(Gemma4Error):
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     title TEXT NOT NULL DEFAULT '',
     model TEXT NOT NULL DEFAULT '',
     system_prompt TEXT NOT NULL DEFAULT '',
@@ -41,7 +41,7 @@ CREATE TABLE IF NOT EXISTS conversations (
     updated REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
     role TEXT NOT NULL,
     content TEXT NOT NULL,
@@ -174,9 +174,40 @@ class History:
     @staticmethod
     def _prepare(conn: sqlite3.Connection) -> None:
         conn.executescript(_SCHEMA)
+        History._never_reuse_ids(conn)
         columns = [r[1] for r in conn.execute("PRAGMA table_info(attachments)")]
         if "label" not in columns:  # databases written before chips kept their size and duration
             conn.execute("ALTER TABLE attachments ADD COLUMN label TEXT NOT NULL DEFAULT ''")
+
+    @staticmethod
+    def _never_reuse_ids(conn: sqlite3.Connection) -> None:
+        """Databases written before ids were AUTOINCREMENT gave a deleted newest conversation's id to the next one:
+        another app window still showing the deleted one then saved into the new one (and --resume N, an export's
+        name, meant another chat). Their tables are rebuilt as AUTOINCREMENT, rows and ids as they were."""
+        old = [name for name, sql in conn.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'table' AND name IN ('conversations', 'messages')")
+            if "AUTOINCREMENT" not in sql.upper()]
+        if not old:
+            return
+        conn.execute("PRAGMA foreign_keys = OFF")   # (the tables are swapped under their references)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for name in old:
+                    sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = ?", (name,)).fetchone()[0]
+                    new = sql.replace(f"CREATE TABLE {name}", f"CREATE TABLE {name}_new", 1).replace(
+                        "id INTEGER PRIMARY KEY,", "id INTEGER PRIMARY KEY AUTOINCREMENT,", 1)
+                    conn.execute(new)
+                    conn.execute(f"INSERT INTO {name}_new SELECT * FROM {name}")
+                    conn.execute(f"DROP TABLE {name}")
+                    conn.execute(f"ALTER TABLE {name}_new RENAME TO {name}")
+                conn.execute("CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, id)")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        finally:
+            conn.execute("PRAGMA foreign_keys = ON")
 
     def _read_only(self, why: Exception) -> sqlite3.Connection:
         """An in-memory copy of what can be read: the app shows earlier conversations and saves nothing."""

@@ -244,3 +244,45 @@ def test_a_message_whose_second_file_is_gone_leaves_no_copy_of_the_first(tmp_pat
         raise AssertionError("a message with a missing file was saved")
     assert h.messages(cid) == []
     assert not [p for p in (tmp_path / "data").rglob("*.png")]   # the first file's copy went too
+
+
+def test_a_deleted_conversations_id_is_never_given_again(tmp_path):
+    """Another window still showing a deleted conversation saved into the next new one, which had its id."""
+    a, b = History(tmp_path), History(tmp_path)
+    old = a.new_conversation()
+    a.add_message(old, "user", "old chat")
+    b.delete(old)
+    new = b.new_conversation()
+    b.add_message(new, "user", "new chat")
+    assert new != old and not a.exists(old)
+    last = max(m.id for m in b.messages(new))
+    b.delete(new)
+    again = b.new_conversation()
+    assert again > new and b.add_message(again, "user", "x") > last
+
+
+def test_a_database_from_before_keeps_its_rows_and_ids_and_stops_reusing_them(tmp_path):
+    import sqlite3
+
+    conn = sqlite3.connect(tmp_path / "history.db")
+    conn.executescript("""
+        CREATE TABLE conversations (id INTEGER PRIMARY KEY, title TEXT NOT NULL DEFAULT '', model TEXT NOT NULL
+            DEFAULT '', system_prompt TEXT NOT NULL DEFAULT '', created REAL NOT NULL, updated REAL NOT NULL);
+        CREATE TABLE messages (id INTEGER PRIMARY KEY, conversation_id INTEGER NOT NULL REFERENCES
+            conversations(id) ON DELETE CASCADE, role TEXT NOT NULL, content TEXT NOT NULL, thinking TEXT NOT NULL
+            DEFAULT '', stats TEXT NOT NULL DEFAULT '{}', created REAL NOT NULL);
+        CREATE TABLE attachments (id INTEGER PRIMARY KEY, message_id INTEGER NOT NULL REFERENCES messages(id) ON
+            DELETE CASCADE, kind TEXT NOT NULL, path TEXT NOT NULL, name TEXT NOT NULL);
+        INSERT INTO conversations VALUES (3, 'kept', '', '', 1, 1), (5, 'newest', '', '', 2, 2);
+        INSERT INTO messages VALUES (7, 3, 'user', 'hello', '', '{}', 1), (9, 5, 'user', 'bye', '', '{}', 2);
+        INSERT INTO attachments VALUES (1, 7, 'image', '/x.png', 'x.png');
+    """)
+    conn.close()
+    h = History(tmp_path)
+    assert [(c.id, c.title) for c in h.conversations()] == [(5, "newest"), (3, "kept")]
+    [m] = h.messages(3)
+    assert (m.id, m.content, [a.path.name for a in m.attachments]) == (7, "hello", ["x.png"])
+    h.delete(5)
+    assert h.new_conversation() == 6
+    h.delete(3)   # cascades still hold
+    assert h.messages(3) == []
