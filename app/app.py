@@ -14,7 +14,7 @@ from textual.binding import Binding
 from textual.notifications import SeverityLevel
 from textual.screen import Screen
 
-from .backend import AssistantChanged, AssistantRefused, Backend
+from .backend import NO_MODEL_CHOSEN, AssistantChanged, AssistantRefused, Backend
 from .history import History
 from .model_source import DEFAULT_NAME, hub_reachable, models_dir
 from .recorder import Recorder
@@ -123,9 +123,10 @@ class ChatApp(App):
             elif choice == "quit":
                 self.exit()
             else:  # nothing will load: messages are refused with this reason rather than waiting for a model
-                self.backend.load_error = "No model was chosen."
+                self.backend.load_error = NO_MODEL_CHOSEN
                 self.chat_screen.load_failed_text(
-                    "No model loaded. Start again with --model DIR naming a converted model, or with --demo.")
+                    "No model loaded. Ctrl+P 'Get a model' asks again (download, or the demo); or start again with "
+                    "--model DIR naming a converted model.")
 
         dest = models_dir(self.data_dir) / DEFAULT_NAME
         self.chat_screen.query_one("#status").state = "no model yet"   # not "loading": nothing loads until chosen
@@ -248,3 +249,5 @@ class ChatApp(App):
         yield SystemCommand("Drop oldest turn", "Make room in the context", chat.drop_oldest_turn)
         yield SystemCommand("Settings", "System prompt, thinking, sampling, drafter (F2)", self.action_settings)
         yield SystemCommand("Help", "Keys and commands (F1)", self.action_help)
+        if self.backend.load_error == NO_MODEL_CHOSEN:   # the first-run dialog was closed: it can be had again
+            yield SystemCommand("Get a model", "Download Gemma 4 E4B, or try the demo", self.ask_to_download)

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 # (not imported: this module loads before anything of the model's).
 IMAGE_TOKENS = (0, 70, 140, 280, 560, 1120)
 
+NO_MODEL_CHOSEN = "No model was chosen."   # load_error when the first-run dialog was closed without a choice
+
 Post = Callable[[Message], Any]
 Progress = Callable[[int, int, str], None]
 

@@ -594,8 +594,15 @@ def test_closing_get_model_leaves_no_model_and_a_message_is_refused(tmp_path):
             chat = app.chat_screen
             assert not chat.generating and chat.prompt.text == "hello"
             assert chat.query_one(StatusBar).state == "no model"
-            assert "--demo" in app.notes[-1] and "No model is loaded" in app.notes[-1]
+            assert "Get a model" in app.notes[-1] and "No model is loaded" in app.notes[-1]
             assert not [n for n in chat.query(Notice) if "failed" in str(n.render())]
+            # ... and the dialog can be had again (one Esc left no way in but a restart): Ctrl+P, "Get a model"
+            [again] = [c for c in app.get_system_commands(chat) if c.title == "Get a model"]
+            again.callback()
+            await until(pilot, lambda: isinstance(app.screen, GetModelScreen) and app.screen.reachable is False)
+            await pilot.press("d")
+            await until(pilot, lambda: app.backend.loaded)
+            assert not [c for c in app.get_system_commands(chat) if c.title == "Get a model"]
     run(go())
 
 

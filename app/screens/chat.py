@@ -258,8 +258,10 @@ class ChatScreen(AttachingScreen):
             self.notify("Still answering; Esc stops it.", severity="warning")
             return
         if self.chat.backend.load_error is not None:
-            self.notify("No model is loaded, so nothing can answer. Start again with --model DIR naming a converted "
-                        "model, or --demo.", severity="warning", timeout=10)
+            again = ("Ctrl+P 'Get a model' downloads one or starts the demo; or start again with --model DIR naming "
+                     "a converted model." if self.chat.backend.load_error == b.NO_MODEL_CHOSEN else
+                     "Start again with --model DIR naming a converted model, or --demo.")
+            self.notify(f"No model is loaded, so nothing can answer. {again}", severity="warning", timeout=10)
             return
         if self.drop_gone_pending():
             return  # the message stays in the prompt, to be sent again without the file or with it attached anew
