@@ -222,6 +222,23 @@ def test_image_and_audio_reach_the_model(client, reference, media, converted_tow
 
 
 
+
+def test_an_image_sent_again_is_answered_from_the_cache(client, media, converted_towers):
+    """The store marked an image sent again as used by touching it, which the chat session took for a changed
+    file: a retry and the next turn of an image conversation were computed from the start."""
+    png, wav = media
+    audio = {"data": base64.b64encode(wav.read_bytes()).decode(), "format": "wav"}
+    sent = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(png)}},
+                                         {"type": "input_audio", "input_audio": audio},
+                                         {"type": "text", "text": "What is it?"}]}]
+    first = client.chat.completions.create(model=converted_towers.name, messages=sent, max_tokens=3, temperature=0)
+    again = client.chat.completions.create(model=converted_towers.name, messages=sent, max_tokens=3, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens == first.usage.prompt_tokens
+    more = sent + [{"role": "assistant", "content": again.choices[0].message.content},
+                   {"role": "user", "content": "And?"}]
+    nxt = client.chat.completions.create(model=converted_towers.name, messages=more, max_tokens=3, temperature=0)
+    assert nxt.usage.prompt_tokens_details.cached_tokens > first.usage.prompt_tokens - 5   # past both media
+
 def test_image_detail_is_the_image_token_budget(client, reference, media, converted_towers):
     """image_url.detail 'low': the Python API's max_soft_tokens 70 (fewer soft tokens in the prompt, the API's
     answer); 'auto' the default again; 'high' (1,120 tokens) does not fit this tiny model's context: a 400 saying

@@ -296,8 +296,9 @@ def test_media_store_keeps_recent_files_within_its_budget(tmp_path):
     os.utime(first, ns=(1, 1))  # the oldest by far
     second = store.save(blobs[1], ".png")
     os.utime(second, ns=(2, 2))
-    assert store.save(blobs[0], ".png") == first  # used again: now the newest
-    assert first.stat().st_mtime_ns > second.stat().st_mtime_ns
+    assert store.save(blobs[0], ".png") == first  # used again: now the newest (by its access time) ...
+    assert first.stat().st_atime_ns > second.stat().st_atime_ns
+    assert first.stat().st_mtime_ns == 1   # ... and unchanged for the chat session, which keys media by mtime
     third = store.save(blobs[2], ".wav")  # 300 bytes > 250: the least recently used (second) goes
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, third.name])
     os.utime(first, ns=(3, 3))  # (explicit times: a coarse file-system clock could tie the two)

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,11 @@ class MediaStore:
     def save(self, data: bytes, suffix: str) -> Path:
         path = self.folder / (hashlib.sha256(data).hexdigest()[:32] + suffix)
         if path.exists():
-            os.utime(path)  # used again: the newest
+            # Used again: the newest, by its access time. Its modification time stays: the chat session knows a
+            # media file by path, size and mtime, so a touched file was a changed one and every request with an
+            # image or a clip was computed again from the start (its retry and its conversation's next turn too).
+            st = path.stat()
+            os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))
             return path
         tmp = path.with_suffix(path.suffix + ".part")
         tmp.write_bytes(data)
@@ -111,7 +116,7 @@ class MediaStore:
                     st = f.stat()
                 except FileNotFoundError:
                     continue
-                files.append((st.st_mtime_ns, st.st_size, f))
+                files.append((max(st.st_atime_ns, st.st_mtime_ns), st.st_size, f))   # (last used)
         total = sum(size for _, size, _ in files) + keep.stat().st_size
         for _, size, f in sorted(files, key=lambda t: t[0]):
             if total <= self.keep_bytes:
