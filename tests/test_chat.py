@@ -248,6 +248,25 @@ def test_images_are_reused_by_source_and_never_mixed_up(vision, tmp_path):
     assert enc.ids.tolist() == np.array(ref).reshape(-1).tolist()
 
 
+
+def test_an_image_deleted_after_its_turn_stays_what_the_model_saw(vision, tmp_path):
+    """A temporary image deleted after it was sent failed every later turn ("no such file"), though its tokens
+    were in the cache. It stays the item the earlier turn read; a new turn naming a missing file still fails."""
+    model, processor = vision
+    pic = tmp_path / "tmp.png"
+    Image.new("RGB", (40, 30), "green").save(pic)
+    session = ChatSession(model, processor)
+    tokens(session.send("what is it?", images=[str(pic)], max_tokens=3, **GREEDY))
+    kept = [dict(m) for m in session.messages]
+    pic.unlink()
+    out = tokens(session.send("and the colour?", max_tokens=4, **GREEDY))
+    assert session.last_reused > session.encode(kept).items[0][1]   # the image was not read again
+    Image.new("RGB", (40, 30), "green").save(pic)   # (the reference needs the file)
+    assert out == fresh(model, processor, session.messages[:-1], 4)
+    pic.unlink()
+    with pytest.raises(InputError, match="no such file"):
+        tokens(session.send("this one?", images=[str(tmp_path / "never.png")], max_tokens=2, **GREEDY))
+
 def test_a_session_sets_the_image_budget_as_generate_does(vision, tmp_path):
     """ChatSession took no max_soft_tokens (generate does): chat and app users had only the default budget."""
     model, processor = vision

@@ -65,8 +65,11 @@ def _source_key(kind: str, source: Any, rate: int | None = None) -> tuple:
         try:
             st = path.stat()
             return (kind, str(path.resolve()), st.st_mtime_ns, st.st_size)
-        except OSError:
-            return (kind, str(path))  # the processor says what is wrong with it
+        except (OSError, ValueError):   # no such file (or a name the OS refuses): the processor says so
+            try:
+                return (kind, str(path.resolve()))
+            except (OSError, ValueError, RuntimeError):
+                return (kind, str(path))
     return (kind, "object", id(source), rate)
 
 
@@ -104,11 +107,15 @@ class ChatEncoder:
     # -- media -----------------------------------------------------------------------------------------------
 
     def _key(self, kind: str, source: Any, rate: int | None = None) -> tuple:
-        """What tells media items apart: the source, and the budget (another budget gives other tokens)."""
-        return (*_source_key(kind, source, rate), None if kind == "audio" else self.max_soft_tokens)
+        """What tells media items apart: the source, and the budget (another budget gives other tokens). A file
+        gone since an earlier turn read it (a temporary file, say) is that turn's item: what the model saw."""
+        key = (*_source_key(kind, source, rate), None if kind == "audio" else self.max_soft_tokens)
+        if len(key) == 3:   # (kind, path, budget): no such file now
+            return next((k for k in self._media if len(k) == 5 and (k[0], k[1], k[4]) == key), key)
+        return key
 
-    def _item(self, kind: str, source: Any, rate: int | None = None) -> MediaItem:
-        key = self._key(kind, source, rate)
+    def _item(self, kind: str, source: Any, rate: int | None = None, key: tuple | None = None) -> MediaItem:
+        key = self._key(kind, source, rate) if key is None else key
         if key not in self._media:
             inputs, [run] = self.processor.media_inputs(kind, [source], max_soft_tokens=key[-1], sampling_rate=rate)
             self._media[key] = (source, MediaItem(kind, self._next_key, inputs, run))  # source keeps id() valid
@@ -187,8 +194,8 @@ class ChatEncoder:
         for kind, src, rate in sources:
             if should_stop is not None and should_stop():
                 raise Stopped
-            items.append(self._item(kind, src, rate))
             key = self._key(kind, src, rate)
+            items.append(self._item(kind, src, rate, key))
             used[key] = self._media[key]
         self._media = used  # keep only what this conversation uses
 
