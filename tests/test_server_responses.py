@@ -329,3 +329,11 @@ def test_image_detail_sets_the_requests_token_budget(store):
     with pytest.raises(RequestError, match=r"messages\[0\]\.content\[1\]\.image_url\.detail must be 'low', 'high' "
                                            r"or 'auto'; got 'ultra'"):
         budget("low", "ultra")
+
+
+def test_file_urls_are_percent_decoded(store, tmp_path):
+    """file:///tmp/my%20img.png named a file 'my%20img.png' (a 400: no such file)."""
+    (tmp_path / "my img.png").write_bytes(b"png")
+    for url in (f"file://{tmp_path}/my%20img.png", f"file://localhost{tmp_path}/my%20img.png",
+                f"{tmp_path}/my img.png"):
+        assert parse(store, **_image_at(url)).messages[0]["content"][0]["image"] == str(tmp_path / "my img.png")

@@ -30,21 +30,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-id", help="the name clients use in 'model' (default: the directory's name)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     p.add_argument("--api-key", default=os.environ.get("GEMMA4_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $GEMMA4_API_KEY, else no key)")
-    p.add_argument("--max-tokens", type=int, default=4096, help="most tokens one answer may generate")
-    p.add_argument("--max-request-mb", type=float, default=32.0, help="largest request body, media included")
+    p.add_argument("--max-tokens", type=int, default=4096,
+                   help="most tokens one answer may generate, and what a request without max_tokens gets "
+                        "(default 4096)")
+    p.add_argument("--max-request-mb", type=float, default=32.0,
+                   help="largest request body in MiB, media included (default 32)")
     p.add_argument("--max-waiting", type=int, default=16,
-                   help="requests that may wait behind the one generating; more get 503 at once")
+                   help="requests that may wait behind the one generating; more get 503 at once (default 16)")
     p.add_argument("--allow-paths", action=argparse.BooleanOptionalAction, default=None,
                    help="accept media as file paths on this machine (default: only when bound to localhost)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="let scripts of web pages from ORIGIN (e.g. http://localhost:3000; '*': any page, then "
                         "use --api-key) call the API from a browser; repeatable. Default: none")
     p.add_argument("--thinking", action="store_true", help="think before answering unless a request says not to")
-    p.add_argument("--prefill-chunk", type=int, default=2048)
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--prefill-chunk", type=int, default=2048,
+                   help="prompt tokens computed per pass (default 2048; smaller lowers the peak memory of long "
+                        "prompts, at some speed)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="what the server logs (default info)")
     args = p.parse_args(argv)
     for name, lo, hi in (("port", 0, 65535), ("max_tokens", 1, None), ("max_waiting", 0, None),
                          ("prefill_chunk", 1, None)):

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 from ..errors import InputError, with_article
 
@@ -535,7 +536,7 @@ def _image_source(url: str, where: str, limits: Limits, media: MediaStore) -> st
     if not limits.allow_paths:
         raise RequestError(f"{where}.image_url is a file path, which this server does not accept (it was started "
                            "without --allow-paths); send a data: URI.", param="messages")
-    path = url.removeprefix("file://")
+    path = unquote(urlparse(url).path) if url.startswith("file://") else url   # (file:///a%20b.png: "a b.png")
     if not Path(path).expanduser().is_file():
         raise RequestError(f"{where}.image_url names {path}, which is no file on the server's machine (paths are "
                            "read there). Check the path, or send a data: URI.", param="messages")
