@@ -192,7 +192,7 @@ class ChatApp(App):
 
     def action_help(self) -> None:
         rows = [(key_label(b.key), b.description) for b in ChatScreen.BINDINGS]
-        rows += [("Ctrl+P", "command palette"), ("Ctrl+Q", "quit")]
+        rows += [("Ctrl+P", "commands: export…"), ("Ctrl+Q", "quit")]
         self.push_screen(HelpScreen(rows))
 
     def action_settings(self) -> None:

@@ -179,6 +179,22 @@ def test_image_tokens_are_picked_in_settings_kept_and_used_from_the_next_turn(tm
         assert store.load().image_tokens == 560
     run(go())
 
+
+def test_enter_in_a_settings_field_saves(tmp_path):
+    async def go():
+        store = SettingsStore(tmp_path / "data")
+        app = make_app(tmp_path, settings_store=store)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.backend.loaded)
+            screen = await open_screen(pilot, "f2", SettingsScreen)
+            field = screen.query_one("#max_tokens")
+            field.value = "300"
+            field.focus()
+            await pilot.press("enter")
+            await until(pilot, lambda: store.path.exists())
+            assert app.screen is app.chat_screen and store.load().max_tokens == 300
+    run(go())
+
 def test_settings_store_ignores_bad_values(tmp_path):
     store = SettingsStore(tmp_path)
     assert store.load() == Settings()
@@ -482,6 +498,12 @@ def test_history_list_shows_ids_dates_model_and_delete_asks(tmp_path):
             await pilot.press("d")
             assert isinstance(app.screen, ConfirmScreen)
             await pilot.press("n")
+            assert len(app.history.conversations()) == 2
+            await pilot.press("d")
+            await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+            await pilot.pause()
+            await pilot.press("enter")   # Enter keeps it: the focus starts on Keep (it started on Delete)
+            await until(pilot, lambda: isinstance(app.screen, ConversationsScreen))
             assert len(app.history.conversations()) == 2
             await pilot.press("d")
             await pilot.press("y")

@@ -104,7 +104,7 @@ class ConversationsScreen(ModalScreen[Choice | None]):
 
         self.app.push_screen(ConfirmScreen(f"Delete conversation #{conv.id}, “{conv.title or '(empty)'}”, "
                                            f"and its {conv.message_count} messages? This cannot be undone.",
-                                           "Delete", "Keep"), answered)
+                                           "Delete", "Keep", safe=True), answered)
 
     def action_export(self) -> None:
         cid = self._selected()

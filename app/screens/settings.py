@@ -79,6 +79,7 @@ class SettingsScreen(ModalScreen[Settings | None]):
         self.query_one("#system_prompt", TextArea).focus()
 
     @on(Button.Pressed, "#save")
+    @on(Input.Submitted)   # Enter in a field saves, as Ctrl+S does
     def action_save(self) -> None:
         values = {}
         for key, label, kind, lo, hi in FIELDS:
