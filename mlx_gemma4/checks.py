@@ -84,6 +84,9 @@ def check_policies(*, sampler: Any = None, logits_processors: Any = None, stop_i
             raise InputError("logits_processors must be a list of functions p(history, logits) -> logits (or "
                              f"None); got {type(logits_processors).__name__}.")
         for i, p in enumerate(logits_processors):
+            if p is None:   # (None is "not given" for the others, not an item of this list)
+                raise InputError(f"logits_processors[{i}] is None; each item must be a function "
+                                 "p(history, logits) -> logits.")
             check_callable(f"logits_processors[{i}]", p)
     check_token_ids("stop_ids", stop_ids)
     for name, value in callbacks.items():

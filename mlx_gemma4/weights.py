@@ -355,6 +355,9 @@ def _check_ple(ple: MappedPerLayerEmbedding, model: nn.Module) -> None:
             f"needs {'none' if want is None else ' x '.join(map(str, want))}. Re-convert the model.")
 
 
+HUB_KWARGS = {"revision", "cache_dir", "local_files_only"}   # what load() passes on to hub.resolve
+
+
 def load(path_or_repo: str | Path, progress: Callable | None = None, lazy: bool = True,
          mapped_ple: bool | None = None, **hub_kwargs):
     """``(model, processor)`` for a converted dir, a raw HF checkpoint dir, or a hub repo id.
@@ -368,6 +371,10 @@ def load(path_or_repo: str | Path, progress: Callable | None = None, lazy: bool 
     from .hub import resolve
 
     _check_load_args(progress=progress, lazy=lazy, mapped_ple=mapped_ple)
+    unknown = sorted(set(hub_kwargs) - HUB_KWARGS)
+    if unknown:   # (a TypeError from deep inside the hub helper: load(DIR, mapped_pel=True))
+        raise ConfigError(f"Unknown argument(s) {unknown}; load takes progress, lazy, mapped_ple and, for the hub, "
+                         f"{', '.join(sorted(HUB_KWARGS))}.")
     path = resolve(path_or_repo, **hub_kwargs)
     model = load_model(path, progress=progress, mapped_ple=mapped_ple)
     processor = load_processor(path)

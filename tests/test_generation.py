@@ -225,6 +225,7 @@ def test_numpy_numbers_are_taken_for_every_setting(loaded):
 
 BAD_POLICIES = [
     dict(sampler=5), dict(logits_processors=5), dict(logits_processors=[5]), dict(logits_processors=len),
+    dict(logits_processors=[None]),
     dict(should_stop=True), dict(on_token="x"), dict(progress=1), dict(on_prefilled=[]),
     dict(stop_ids=1), dict(stop_ids="<eos>"), dict(stop_ids=["<eos>"]), dict(stop_ids=[1.0]), dict(stop_ids=[-1]),
 ]

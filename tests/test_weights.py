@@ -77,7 +77,8 @@ def test_a_source_that_is_not_a_path_is_named(src, said):
 
 
 @pytest.mark.parametrize("kw, said", [(dict(mapped_ple="yes"), "mapped_ple"), (dict(mapped_ple=1), "mapped_ple"),
-                                      (dict(lazy="no"), "lazy"), (dict(progress=5), "progress")])
+                                      (dict(lazy="no"), "lazy"), (dict(progress=5), "progress"),
+                                      (dict(mapped_pel=True), r"Unknown argument\(s\) \['mapped_pel'\]")])
 def test_load_settings_are_checked_before_reading(tmp_path, kw, said):
     with pytest.raises(ConfigError, match=said):
         load(tmp_path / "not-even-there", **kw)
