@@ -288,14 +288,21 @@ def _call_entry(call: Any, index: int) -> dict[str, Any]:
 # Making the model call a tool
 
 
-def forced_call(tokenizer: Any, schemas: list[dict[str, Any]] | None, choice: str | None) -> Any:
+def forced_call(tokenizer: Any, schemas: list[dict[str, Any]] | None, choice: str | dict | None) -> Any:
     """A logits processor that opens the answer with a tool call, or None for ``choice`` None / "auto".
 
     ``choice`` is "required" (some tool: the tokens of ``<|tool_call>call:`` are forced, the model picks the name)
-    or a tool's name (``<|tool_call>call:NAME{`` is forced); the model writes the rest. It reads only the
+    or a tool's name (``<|tool_call>call:NAME{`` is forced; also in OpenAI's ``{"type": "function", "function":
+    {"name": NAME}}``); the model writes the rest. It reads only the
     history's length (the first call sees the prompt), so it adds no wait for the device. "none": the tools stay
     declared but ``<|tool_call>`` is never sampled, so the answer calls nothing.
     """
+    if isinstance(choice, dict):   # OpenAI's form of a tool's name: {"type": "function", "function": {"name": ...}}
+        named = choice.get("function") if choice.get("type", "function") == "function" else None
+        if not isinstance(named, dict) or not isinstance(named.get("name"), str):
+            raise InputError(f"tool_choice={choice!r}: give a tool's name, or {{'type': 'function', 'function': "
+                             "{'name': NAME}}, 'required', 'auto' or 'none'.")
+        choice = named["name"]
     if choice in (None, "auto"):
         return None
     import mlx.core as mx

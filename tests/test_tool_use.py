@@ -289,7 +289,8 @@ def test_thoughts_before_a_call_are_kept_for_the_turn_being_answered(loaded):
     assert "I need data" not in processor.apply_chat_template(later, enable_thinking=True, tools=[get_weather])
 
 
-@pytest.mark.parametrize("choice", ["get_weather", "required"])
+@pytest.mark.parametrize("choice", ["get_weather", "required",
+                                    {"type": "function", "function": {"name": "get_weather"}}])
 def test_tool_choice_opens_the_answer_with_a_call(loaded, choice):
     """tool_choice="required" forces ``<|tool_call>call:`` (the model names the tool), a tool's name forces a call
     of that tool; the random model left alone does not open with a call. With the rest of a call scripted, the
@@ -312,6 +313,8 @@ def test_tool_choice_needs_a_declared_tool(loaded):
         next(ChatSession(model, processor).stream(ask(), tool_choice="required"))
     with pytest.raises(InputError, match="not a declared tool"):
         next(ChatSession(model, processor, tools=[get_weather]).stream(ask(), tool_choice="get_time"))
+    with pytest.raises(InputError, match="give a tool's name, or"):
+        next(ChatSession(model, processor, tools=[get_weather]).stream(ask(), tool_choice={"function": "x"}))
 
 
 @pytest.mark.parametrize("cut", ['Sure. <|tool_call>call:get_weather{city:<|"|>Par', "Sure. <|tool_c", "Sure. <|chan"])
