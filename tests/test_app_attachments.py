@@ -294,3 +294,40 @@ def test_guessed_paths_attach_only_media(tmp_path):
     (tmp_path / "read me.txt").write_text("x")
     p = parse_prompt(f"see {tmp_path}/read me.txt, or /usr/bin/env?")
     assert p.attachments == [] and p.notices == []
+
+
+@pytest.mark.parametrize("thumbnails", [True, False])
+def test_a_few_chips_share_the_width_and_show_their_whole_labels(tmp_path, thumbnails):
+    """Two files on a message at 80 columns were laid out in three columns: their labels were cut
+    ('cat photo.png · 64x…') beside an empty third."""
+    import asyncio
+
+    from textual.app import App
+
+    from app.widgets.chips import AttachmentChip, AttachmentChips
+
+    chips = [("image", tmp_path / "cat photo.png", "cat photo.png · 640x480"),
+             ("audio", tmp_path / "voice memo.wav", "voice memo.wav · 12.5s")]
+    make_png(chips[0][1])
+    make_wav(chips[1][1])
+
+    class One(App):
+        def compose(self):
+            yield AttachmentChips(chips, thumbnails=thumbnails)
+
+    async def go():
+        app = One()
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause()
+            await pilot.pause()
+            row = app.query_one(AttachmentChips)
+            assert row.styles.grid_size_columns == 2
+            for chip in app.query(AttachmentChip):
+                label = chip.query_one("Label")
+                assert label.size.width >= len(str(label.render())) >= len(chip.label) + 2, chip.label
+            row.show(chips[:1])
+            await pilot.pause()
+            await pilot.pause()
+            assert row.styles.grid_size_columns == 1
+
+    asyncio.run(go())

@@ -45,7 +45,13 @@ class AttachmentChips(Vertical):
         self.column_width = 22 if thumbnails else 30
 
     def on_resize(self, event: events.Resize) -> None:
-        self.styles.grid_size_columns = max(1, (event.size.width + 1) // (self.column_width + 1))
+        self._fit(event.size.width)
+
+    def _fit(self, width: int) -> None:
+        """As many columns as fit, but no more than there are chips: two files share the width between them (in
+        three columns their names were cut beside an empty third)."""
+        chips = len(self.query_children(AttachmentChip))
+        self.styles.grid_size_columns = max(1, min(chips, (width + 1) // (self.column_width + 1)))
 
     def compose(self) -> ComposeResult:
         for kind, path, label in self._initial:
@@ -53,8 +59,10 @@ class AttachmentChips(Vertical):
 
     def on_mount(self) -> None:
         self.set_class(not self._initial, "-empty")
+        self.call_after_refresh(lambda: self._fit(self.size.width))
 
     def show(self, chips: list[tuple[str, Path, str]]) -> None:
         self.remove_children()
         self.mount_all([AttachmentChip(k, p, lbl, self.thumbnails) for k, p, lbl in chips])
         self.set_class(not chips, "-empty")
+        self.call_after_refresh(lambda: self._fit(self.size.width))
