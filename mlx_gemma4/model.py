@@ -268,7 +268,7 @@ class Gemma4(nn.Module):
             limit = self.config.text_config.max_position_embeddings
             raise ContextLengthError(
                 f"The prompt needs {limit - left + n} positions but the model's context is {limit}. "
-                "Shorten the prompt, or drop earlier turns of the conversation."
+                "Shorten the prompt (fewer or shorter media too; in a chat, drop earlier turns)."
             )
 
     def _text_inputs(self, input_ids: mx.array) -> tuple[mx.array, mx.array | None]:

@@ -275,6 +275,10 @@ def test_bad_inputs_raise_input_error(tmp_path):
 def test_extractor_refuses_unusable_clips(ours):
     with pytest.raises(InputError, match="ms"):
         ours([np.zeros(100, np.float32)])  # too short for a single token
+    short = ours.min_samples - 1   # (it said "is 10.0 ms long; it needs at least 10 ms" one sample short)
+    with pytest.raises(InputError, match=rf"is {short} samples \(.* ms\) long; it needs at least {short + 1} "):
+        ours([np.zeros(short, np.float32)])
+    ours([np.zeros(short + 1, np.float32)])
     with pytest.raises(InputError, match="NaN"):
         ours([np.full(4000, np.nan, np.float32)])
     with pytest.raises(InputError):

@@ -431,8 +431,9 @@ class AudioFeatureExtractor:
             a = _to_mono_float(a, f"Audio clip {i}")
             min_samples = self.min_samples
             if len(a) < min_samples:
-                raise InputError(f"Audio clip {i} is {1000 * len(a) / self.sampling_rate:.1f} ms long; it needs at "
-                                 f"least {1000 * min_samples / self.sampling_rate:.0f} ms to give one audio token.")
+                raise InputError(f"Audio clip {i} is {len(a)} samples ({1000 * len(a) / self.sampling_rate:.2f} ms) "
+                                 f"long; it needs at least {min_samples} ({1000 * min_samples / self.sampling_rate:.2f}"
+                                 " ms) to give one audio token.")
             parts = self.split(a)
             segments_per_audio.append(len(parts))
             rows.extend(parts)
