@@ -220,3 +220,22 @@ def test_processor_videos_and_text(proc, n_placeholders, n_videos, frames_each, 
     assert not any(0xD800 <= ord(c) <= 0xDFFF for c in prompt)
     ids = np.array(out["input_ids"])[0]
     assert int((ids == proc.special.boi.id).sum()) == n * frames_each
+
+
+def test_mlx_arrays_are_media_as_numpy_arrays_are():
+    """An mx.array image was refused ("Cannot use array as an image") though numpy arrays work and the README says
+    arrays (pixels or samples made by other MLX code)."""
+    import mlx.core as mx
+
+    from mlx_gemma4.processing.audio import load_audio
+    from mlx_gemma4.processing.image import load_image
+    from mlx_gemma4.processing.video import load_video
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    assert np.array_equal(np.array(load_image(mx.array(pixels))), np.array(load_image(pixels)))
+    samples = np.sin(np.arange(16000) / 10).astype(np.float32)
+    assert np.array_equal(load_audio(mx.array(samples)), load_audio(samples))
+    assert np.allclose(load_audio(mx.array(samples).astype(mx.bfloat16)), load_audio(samples), atol=1e-2)
+    frames = rng.integers(0, 255, (4, 20, 30, 3), dtype=np.uint8)
+    assert len(load_video(mx.array(frames)).frames) == len(load_video(frames).frames) == 4

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, with_article
-from .files import media_path
+from .files import host_array, media_path
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +229,7 @@ def load_audio(src: str | Path | np.ndarray, sampling_rate: int | None = None) -
     ``InputError`` saying what to do for a missing file, a directory, a non-audio file, a truncated WAV / AIFF /
     AU file, an empty clip or NaN/inf samples.
     """
+    src = host_array(src)
     if isinstance(src, (str, Path)):
         path = media_path(src, "audio")
         data, rate = _read_file(path)

@@ -45,3 +45,14 @@ def media_path(src: str | Path, kind: str) -> Path:
     if empty:
         raise InputError(f"{path} is empty (0 bytes). Re-save or re-download the {kind}.")
     return path
+
+
+def host_array(src):
+    """An MLX array given as media (pixels, samples or frames made by other MLX code) as a numpy array, which the
+    decoders take; anything else as it is."""
+    import mlx.core as mx
+    import numpy as np
+
+    if isinstance(src, mx.array):
+        return np.array(src.astype(mx.float32) if src.dtype == mx.bfloat16 else src)
+    return src

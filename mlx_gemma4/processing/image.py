@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..errors import InputError
-from .files import media_path
+from .files import host_array, media_path
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +173,7 @@ def load_image(src: ImageInput) -> Image.Image:
     EXIF orientation is applied, so this is the picture the model sees (draw on this one). High-bit-depth and
     float pixels are scaled to 8 bits. Anything unusable raises :class:`InputError` naming the file.
     """
+    src = host_array(src)
     name = _name(src)
     if isinstance(src, np.ndarray):
         image = _from_array(src)
@@ -182,7 +183,8 @@ def load_image(src: ImageInput) -> Image.Image:
     elif isinstance(src, (str, Path)):
         image = _open_path(media_path(src, "image"))
     else:
-        raise InputError(f"Cannot use {type(src).__name__} as an image; pass a file path or a PIL.Image.")
+        raise InputError(f"Cannot use {type(src).__name__} as an image; pass a file path, a PIL.Image or an "
+                         "HxWxC array.")
     _force_load(image, name)
     if image.width < 1 or image.height < 1:
         raise InputError(f"{name}: the image has no pixels ({image.width}x{image.height}).")

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InputError, with_article
-from .files import media_path
+from .files import host_array, media_path
 from .image import ImageProcessor, load_image
 
 logger = logging.getLogger(__name__)
@@ -221,6 +221,7 @@ def load_video(src: VideoInput, num_frames: int | None = 32, fps: float | None =
     """
     if isinstance(src, Video):
         return src
+    src = host_array(src)
     if isinstance(src, (str, Path)):
         path = media_path(src, "video")
         if is_still_image(path):
