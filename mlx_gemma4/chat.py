@@ -76,6 +76,11 @@ def chat_responses(responses: Iterable[GenerationResponse], clean: Callable[[str
                            thinking=thinking, content=clean(content), tool_calls=calls, **done)
 
 
+def _check_system_prompt(text: Any) -> None:
+    if text is not None and not isinstance(text, str):
+        raise InputError(f"system_prompt must be a string or None; got {with_article(type(text).__name__)}.")
+
+
 class ChatSession:
     def __init__(self, model, processor, system_prompt: str | None = None, enable_thinking: bool = False,
                  prefill_chunk: int = 2048, tools: list[Any] | None = None, assistant=None,
@@ -85,9 +90,7 @@ class ChatSession:
         image and video frame, as for ``generate`` (70, 140, 280, 560 or 1120; None: the processor's default);
         ``session.max_soft_tokens`` changes it for the next turns (images already sent are encoded again)."""
         check_positive_int("prefill_chunk", prefill_chunk)
-        if system_prompt is not None and not isinstance(system_prompt, str):
-            raise InputError("system_prompt must be a string or None; got "
-                             f"{with_article(type(system_prompt).__name__)}.")
+        _check_system_prompt(system_prompt)
         if not isinstance(enable_thinking, (bool, np.bool_)):
             raise InputError(f"enable_thinking must be True or False; got {enable_thinking!r:.60}.")
         check_assistant_args(model, assistant, draft_tokens)
@@ -97,7 +100,7 @@ class ChatSession:
         self.assistant, self.draft_tokens = assistant, draft_tokens
         self.model = model
         self.processor = processor
-        self.system_prompt = system_prompt
+        self._system_prompt = system_prompt
         self.enable_thinking = enable_thinking
         self.prefill_chunk = prefill_chunk
         self.encoder = ChatEncoder(processor)
@@ -351,11 +354,27 @@ class ChatSession:
             f"{limit}. Shorten it or send fewer or shorter attachments.", tokens=tokens, limit=limit)
 
     # -- a conversation kept in the session --------------------------------------------------------------------
+    @property
+    def system_prompt(self) -> str | None:
+        return self._system_prompt
+
+    @system_prompt.setter
+    def system_prompt(self, text: str | None) -> None:
+        """The conversation's system message changes with it, from the next turn on (it was read only by reset();
+        the turns so far stay; the cached prefix is recomputed)."""
+        _check_system_prompt(text)
+        self._system_prompt = text
+        has = bool(self.messages) and self.messages[0]["role"] == "system"
+        if text:
+            self.messages[:1 if has else 0] = [{"role": "system", "content": text}]
+        elif has:
+            del self.messages[0]
+
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays; the cache stays for reuse). An answer still being read
         is closed first (it would join the conversation that follows)."""
         self._close_answers()
-        self.messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        self.messages = [{"role": "system", "content": self._system_prompt}] if self._system_prompt else []
 
     def load_messages(self, messages: list[dict[str, Any]]) -> None:
         """Replace the conversation (e.g. resuming a saved chat). Media parts carry their source under their

@@ -612,3 +612,20 @@ def test_messages_about_parts_and_contents_read_right(loaded):
         ChatSession(model, processor, system_prompt=3)
     with pytest.raises(InputError, match="^A user message's content is an int"):   # not "An user"
         list(ChatSession(model, processor).stream([{"role": "user", "content": 5}], max_tokens=1))
+
+
+def test_setting_the_system_prompt_changes_the_next_turns(loaded):
+    """session.system_prompt = ... was read only by reset(): the next turns went on without it."""
+    model, processor = loaded
+    session = ChatSession(model, processor)
+    tokens(session.send("hi", max_tokens=2, **GREEDY))
+    session.system_prompt = "Be brief."
+    assert session.messages[0] == {"role": "system", "content": "Be brief."} and len(session.messages) == 3
+    out = tokens(session.send("and?", max_tokens=3, **GREEDY))
+    assert out == fresh(model, processor, session.messages[:-1], 3)
+    session.system_prompt = "Be long."
+    assert session.messages[0]["content"] == "Be long." and len(session.messages) == 5
+    session.system_prompt = None
+    assert session.messages[0]["role"] == "user" and len(session.messages) == 4
+    with pytest.raises(InputError, match="system_prompt must be a string"):
+        session.system_prompt = 5
