@@ -337,3 +337,13 @@ def test_file_urls_are_percent_decoded(store, tmp_path):
     for url in (f"file://{tmp_path}/my%20img.png", f"file://localhost{tmp_path}/my%20img.png",
                 f"{tmp_path}/my img.png"):
         assert parse(store, **_image_at(url)).messages[0]["content"][0]["image"] == str(tmp_path / "my img.png")
+
+
+def test_stream_options_are_checked_as_the_top_level_is(store):
+    """{'include_usage': 'yes'} was taken as true and a misspelt key inside stream_options was dropped in silence."""
+    assert parse(store, stream=True, stream_options={"include_usage": True}).include_usage
+    assert not parse(store, stream=True, stream_options={"include_usage": False}).include_usage
+    with pytest.raises(RequestError, match="'include_usage' must be true or false; got 'yes'"):
+        parse(store, stream=True, stream_options={"include_usage": "yes"})
+    with pytest.raises(RequestError, match="Unknown field.*'include_usgae' in 'stream_options'"):
+        parse(store, stream=True, stream_options={"include_usgae": True})

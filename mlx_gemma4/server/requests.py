@@ -221,12 +221,16 @@ def parse_chat(body: dict[str, Any], *, model_id: str, limits: Limits, media: Me
     if not isinstance(stream_options, dict):
         raise RequestError("'stream_options' must be an object like {'include_usage': true}.",
                            param="stream_options")
+    unknown = sorted(set(stream_options) - {"include_usage", "include_obfuscation"})
+    if unknown:   # ('include_usgae': true would give no usage, in silence)
+        raise RequestError(f"Unknown field(s) {', '.join(map(repr, unknown))} in 'stream_options'; it takes "
+                           "'include_usage'.", param="stream_options")
     tools, choice = _tools(body)
     options = _options(body, limits)
     if choice is not None:
         options["tool_choice"] = choice  # ChatSession.stream opens the answer with that call
     return ChatRequest(messages=converted, options=options, stream=_bool(body, "stream", False),
-                       include_usage=bool(stream_options.get("include_usage", False)), stop=_stop(body),
+                       include_usage=_bool(stream_options, "include_usage", False), stop=_stop(body),
                        tools=tools, parallel_tool_calls=_bool(body, "parallel_tool_calls", True),
                        enable_thinking=_thinking(body, default_thinking), n=_int(body, "n", 1, MAX_CHOICES, 1),
                        max_soft_tokens=_budget(details))
