@@ -21,6 +21,7 @@ session restores that snapshot and the generation loop starts from the kept logi
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from contextlib import closing
@@ -107,6 +108,7 @@ class ChatSession:
         self.max_soft_tokens = max_soft_tokens   # checked (the property below)
         self.messages: list[dict[str, Any]] = []
         self._answers: weakref.WeakSet = weakref.WeakSet()   # send()'s answers not yet collected (see _answer)
+        self._answering_on: int | None = None   # the thread an answer is streaming on
         self.last_reused = 0  # prompt tokens the last turn found in the cache
         self._fresh_cache()
         self.reset()
@@ -220,12 +222,29 @@ class ChatSession:
 
     def _stream(self, messages: list[dict[str, Any]], schemas: list[dict[str, Any]] | None,
                 **gen_kwargs) -> Iterator[GenerationResponse]:
-        should_stop = gen_kwargs.get("should_stop")
         chunk = gen_kwargs.pop("prefill_chunk", self.prefill_chunk)
         if self.assistant is not None:
             gen_kwargs.setdefault("assistant", self.assistant)
             gen_kwargs.setdefault("draft_tokens", self.draft_tokens)
         progress = gen_kwargs.pop("progress", None)  # (done, total) prompt tokens, for a UI
+        self._answering_on = self._this_thread()
+        try:
+            yield from self._stream_here(messages, schemas, chunk, progress, **gen_kwargs)
+        finally:
+            self._answering_on = None
+
+    def _this_thread(self) -> int:
+        """This thread, which must be the one answering if any is."""
+        me = threading.get_ident()
+        if self._answering_on not in (None, me):
+            raise InputError("This chat session is answering on another thread. A session holds one conversation's "
+                             "cache and answers one turn at a time: use a session per thread, or read that answer "
+                             "to its end (or close it) first.")
+        return me
+
+    def _stream_here(self, messages: list[dict[str, Any]], schemas: list[dict[str, Any]] | None, chunk: int,
+                     progress: Any, **gen_kwargs) -> Iterator[GenerationResponse]:
+        should_stop = gen_kwargs.get("should_stop")
         t0 = time.perf_counter()
         mx.reset_peak_memory()
         try:
@@ -458,6 +477,7 @@ class ChatSession:
 
     def _answering(self, new_turn: dict[str, Any] | None, again: bool, gen_kwargs: dict,
                    me: list) -> Iterator[ChatResponse]:
+        self._this_thread()   # (another thread's answer is not closed from here)
         self._close_answers(but=me.pop())   # (popped: no cycle through this frame)
         if again and self.messages[-1]["role"] == "assistant":
             self.messages.pop()

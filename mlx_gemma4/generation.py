@@ -14,6 +14,7 @@ output is not read), and the last chunk computes logits for its final position o
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -329,6 +330,7 @@ def stream_tokens(
     ``finish_reason`` "cancelled".
     """
     t0 = time.perf_counter() if started is None else started
+    owner = threading.get_ident()
     check_sampling_args(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                         repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size,
                         seed=seed, prefill_chunk=prefill_chunk)
@@ -382,12 +384,21 @@ def stream_tokens(
         detok.add_token(token)
         if steps.finish_reason is None:
             yield GenerationResponse(detok.last_segment, token, **stats)
+            if threading.get_ident() != owner:
+                raise InputError(ON_ANOTHER_THREAD)
             continue
         detok.finalize()
         yield GenerationResponse(detok.last_segment, token, finish_reason=steps.finish_reason, **stats)
         return
     if n == 0 and steps.finish_reason == "cancelled":
         yield cancelled_response(n_prompt)
+
+
+# MLX's streams belong to the thread that made them: a generation read on from another thread failed in MLX ("There
+# is no Stream(cpu, 1) in current thread"), as a web framework's streaming response does with a plain generator.
+ON_ANOTHER_THREAD = ("This generation was started on another thread. MLX runs a generation's work on the thread "
+                     "that started it: read it to the end there (in a web server, run the whole loop in one worker "
+                     "thread and pass its pieces on through a queue).")
 
 
 def default_stop_ids(model, processor) -> list[int]:

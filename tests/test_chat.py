@@ -629,3 +629,34 @@ def test_setting_the_system_prompt_changes_the_next_turns(loaded):
     assert session.messages[0]["role"] == "user" and len(session.messages) == 4
     with pytest.raises(InputError, match="system_prompt must be a string"):
         session.system_prompt = 5
+
+
+def test_one_session_answers_on_one_thread_at_a_time(loaded):
+    """From two threads at once a session failed with a confusing 'start must be...' in one and MLX's 'There is no
+    Stream(cpu, 6) in current thread' in the other (a turn was lost); and a generation read on from another thread
+    failed inside MLX. Both are named now, and the session goes on."""
+    import threading
+
+    model, processor = loaded
+    session = ChatSession(model, processor)
+    first = session.send("count to ten", max_tokens=8, **GREEDY)
+    next(first)
+    errors = []
+
+    def other_thread():
+        try:
+            list(session.send("hello", max_tokens=2, **GREEDY))
+        except InputError as e:
+            errors.append(str(e))
+        try:
+            next(first)
+        except InputError as e:
+            errors.append(str(e))
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    t.join()
+    assert "answering on another thread" in errors[0] and "started on another thread" in errors[1]
+    first.close()
+    out = tokens(session.send("and now?", max_tokens=3, **GREEDY))
+    assert out == fresh(model, processor, session.messages[:-1], 3)

@@ -375,3 +375,18 @@ def test_stopping_after_the_first_token_leaves_only_the_prompt_in_the_cache(load
     for _ in stream_tokens(model, processor, inputs, cache, max_tokens=8, stop_ids=[], on_token=fed.append):
         break
     assert fed == [] and cache[0].offset == L
+
+
+def test_a_generation_read_on_from_another_thread_is_named(loaded):
+    """A streaming web response resumes a plain generator on other threads: MLX failed there ("There is no
+    Stream(cpu, 1) in current thread")."""
+    import threading
+
+    model, processor = loaded
+    stream = stream_generate(model, processor, "hi", max_tokens=6)
+    next(stream)
+    caught = []
+    t = threading.Thread(target=lambda: caught.append(pytest.raises(InputError, next, stream)))
+    t.start()
+    t.join()
+    assert caught and "started on another thread" in str(caught[0].value) and "queue" in str(caught[0].value)
