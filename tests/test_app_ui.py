@@ -512,6 +512,26 @@ def test_history_list_shows_ids_dates_model_and_delete_asks(tmp_path):
     run(go())
 
 
+def test_after_a_delete_the_highlight_stays_where_it_was(tmp_path):
+    """Deleting a conversation further down the list put the highlight back at the top."""
+    async def go():
+        app = make_app(tmp_path)
+        for i in range(4):
+            app.history.add_message(app.history.new_conversation(), "user", f"chat {i}")
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.backend.loaded)
+            await pilot.press("ctrl+l")
+            await until(pilot, lambda: isinstance(app.screen, ConversationsScreen))
+            options = app.screen.query_one("OptionList")
+            await pilot.press("down", "down")
+            assert options.highlighted == 2   # chat 1 (the newest first)
+            await pilot.press("d", "y")
+            await until(pilot, lambda: len(app.history.conversations()) == 3)
+            await pilot.pause()
+            assert options.highlighted == 2 and "chat 0" in str(options.get_option_at_index(2).prompt)
+    run(go())
+
+
 def test_export_that_cannot_be_written_says_so_and_the_app_stays(tmp_path):
     async def go():
         app = make_app(tmp_path)

@@ -71,12 +71,15 @@ class ConversationsScreen(ModalScreen[Choice | None]):
         self.refresh_list()
 
     def refresh_list(self) -> None:
+        """List the conversations again, the highlight where it was (the next one after a delete; it jumped to the
+        top)."""
         options = self.query_one(OptionList)
+        at = options.highlighted
         options.clear_options()
         for c in self.history.conversations():
             options.add_option(Option(describe(c), id=str(c.id)))
         if options.option_count:
-            options.highlighted = 0
+            options.highlighted = min(at or 0, options.option_count - 1)
         options.focus()
 
     def _selected(self) -> int | None:
