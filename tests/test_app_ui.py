@@ -645,6 +645,7 @@ def test_closing_get_model_leaves_no_model_and_a_message_is_refused(tmp_path):
             await pilot.press("d")
             await until(pilot, lambda: app.backend.loaded)
             assert not [c for c in app.get_system_commands(chat) if c.title == "Get a model"]
+            assert not [n for n in chat.query(Notice) if "No model loaded" in str(n.render())]   # (it stayed)
     run(go())
 
 

@@ -55,8 +55,8 @@ class AttachingScreen(Screen):
     def chat(self) -> ChatApp:
         return self.app  # type: ignore[return-value]
 
-    def notice(self, text: str, kind: str = "info") -> None:
-        self.query_one("#transcript").mount(Notice(text, kind))
+    def notice(self, text: str, kind: str = "info", classes: str = "") -> None:
+        self.query_one("#transcript").mount(Notice(text, kind, classes=classes))
 
     # -- pending attachments -----------------------------------------------------------------------
 

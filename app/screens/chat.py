@@ -107,6 +107,7 @@ class ChatScreen(AnsweringScreen):
     def model_changed(self) -> None:
         """The app swapped in another backend (the demo model): show its name, banner and loading bar again."""
         backend = self.chat.backend
+        self.query(".no-model").remove()   # ("No model loaded": one is loading now)
         if backend.demo and not self.query("#banner"):
             self.mount(Static(BANNER, id="banner"), before=0)
         self.query_one("#loading").display = True
@@ -140,7 +141,7 @@ class ChatScreen(AnsweringScreen):
     def load_failed_text(self, text: str) -> None:
         self.query_one("#loading").display = False
         self.query_one(StatusBar).state = "no model"
-        self.notice(text, "error")
+        self.notice(text, "error", classes="no-model")
 
     # -- the conversation on show -------------------------------------------------------------------
 

@@ -121,8 +121,8 @@ class ModelMessage(Vertical):
 class Notice(Static):
     """A line from the app itself: errors, banners, what happened to a pasted path."""
 
-    def __init__(self, text: str, kind: str = "info") -> None:
-        super().__init__(text, classes=f"notice {kind}", markup=False)
+    def __init__(self, text: str, kind: str = "info", classes: str = "") -> None:
+        super().__init__(text, classes=f"notice {kind} {classes}".strip(), markup=False)
 
 
 class Transcript(VerticalScroll):
