@@ -11,7 +11,9 @@ import pytest
 
 from mlx_gemma4.chat import ChatResponse
 from mlx_gemma4.errors import InputError
-from mlx_gemma4.server.requests import Limits, MediaStore, RequestError, parse_body, parse_chat
+from mlx_gemma4.server.body import Limits, RequestError, parse_body
+from mlx_gemma4.server.messages import MediaStore
+from mlx_gemma4.server.requests import parse_chat
 from mlx_gemma4.server.responses import Answer, finish_reason, message
 from mlx_gemma4.tools import ToolCall
 

@@ -12,6 +12,6 @@ from __future__ import annotations
 
 from .app import create_app
 from .engine import Engine
-from .requests import Limits, RequestError
+from .body import Limits, RequestError
 
 __all__ = ["Engine", "Limits", "RequestError", "create_app"]

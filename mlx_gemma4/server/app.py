@@ -36,7 +36,9 @@ from starlette.routing import Route
 from ..errors import ContextLengthError, InputError
 from . import responses as out
 from .engine import Done, Engine, Job, Piece
-from .requests import ChatRequest, Limits, MediaStore, RequestError, name_saved_media, parse_body, parse_chat
+from .body import Limits, RequestError, parse_body
+from .messages import MediaStore, name_saved_media
+from .requests import ChatRequest, parse_chat
 
 log = logging.getLogger(__name__)
 

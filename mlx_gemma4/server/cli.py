@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
-from .requests import Limits
+from .body import Limits
 
 if TYPE_CHECKING:
     from .engine import Engine

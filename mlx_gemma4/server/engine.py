@@ -23,7 +23,7 @@ from typing import Any, Callable
 import mlx.core as mx
 
 from ..chat import ChatResponse
-from .requests import RequestError
+from .body import RequestError
 
 
 @dataclass
