@@ -24,7 +24,9 @@ SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 PLE = "language_model.embed_tokens_per_layer"
 _TEXT_BULK = re.compile(r"^language_model\.(embed_tokens$|layers\.\d+\.(self_attn|mlp|experts)\.)")
-_TOWER_LAYER = re.compile(r"^(vision_tower|audio_tower)\..*\.layers\.\d+\.")
+# The towers' encoder layers: vision_tower.encoder.layers.N..., audio_tower.layers.N... (the audio tower's sat
+# directly under it and never matched "tower.<something>.layers": its conformer stayed in --dtype, against the docs).
+_TOWER_LAYER = re.compile(r"^(vision_tower|audio_tower)\.(.*\.)?layers\.\d+\.")
 
 
 def check_settings(bits: int, group_size: int) -> None:

@@ -47,6 +47,25 @@ def test_recipe_leaves_small_side_layers_and_rejects_bulk_that_does_not_divide()
         recipe(e, 7, 32)
 
 
+
+def test_both_towers_encoder_layers_take_tower_bits():
+    """The audio tower's layers (audio_tower.layers.N..., no level between) never matched the towers' pattern: the
+    conformer stayed unquantized whatever --tower-bits said, and E2B/E4B outputs were larger than documented. The
+    layers of both towers take the tower bits; their stems and projections into text space stay as they are."""
+    from tests import tiny
+
+    hf = tiny.make_model("e", vision=tiny.VISION, audio=tiny.AUDIO_128)
+    model = Gemma4(ModelConfig.from_dict(hf.config.to_dict()))
+    for tower_bits in (8, 4):
+        d = plan(model, recipe(model, 4, 32, tower_bits=tower_bits))
+        layers = {p: d.get(p) for p, m in model.named_modules() if hasattr(m, "to_quantized") and "weight" in m
+                  and p.startswith(("audio_tower.layers.", "vision_tower.encoder.layers."))}
+        assert {p.split(".")[0] for p in layers} == {"audio_tower", "vision_tower"}
+        assert set(layers.values()) == {(tower_bits, 32)}, layers
+        assert "audio_tower.subsample_conv_projection.input_proj_linear" not in d
+        assert "vision_tower.patch_embedder.input_proj" not in d
+    assert not [p for p in plan(model, recipe(model, 4, 32, tower_bits=0)) if p.startswith(("audio", "vision"))]
+
 # Every quantizable input width a multiple of 128 (heads 4 x 32, PLE 7 x 128, experts 128 wide), so every group
 # size applies everywhere.
 WIDE = dict(hidden_size=128, intermediate_size=128, head_dim=32, global_head_dim=32, moe_intermediate_size=128)
