@@ -248,7 +248,7 @@ def convert(
             _copy_side_files(src, tmp, needs_tokenizer=not drafter)
             write_marker(tmp, state="complete", source=str(hf_path), q_bits=q_bits, dtype=dtype,
                          files=sorted(p.name for p in tmp.iterdir()))
-            replace(tmp, dst)
+            replace(tmp, dst, force)
     except OSError as e:
         raise OutputError(
             f"Writing the conversion to {dst} failed: {e.strerror or e}. Free some space (it needs about "

@@ -52,7 +52,7 @@ def check_destination(dst: Path, force: bool) -> None:
     if not dst.exists():
         return
     entries = sorted(p.name for p in dst.iterdir())
-    if not entries:
+    if not [n for n in entries if n not in _OS_FILES]:   # empty, or only what Finder or Explorer put there
         return
     ours = written_by_us(dst)
     if ours is None:
@@ -128,9 +128,21 @@ def temp_output(dst: Path) -> Iterator[Path]:
             remove_output(tmp)
 
 
-def replace(tmp: Path, dst: Path) -> None:
-    """Move the finished ``tmp`` to ``dst``; an earlier output there goes only once the new one is in place."""
+def replace(tmp: Path, dst: Path, force: bool) -> None:
+    """Move the finished ``tmp`` to ``dst``; an earlier output there goes only once the new one is in place.
+
+    ``dst`` is checked again first (``check_destination``): a conversion takes a while, and a folder made there or
+    another conversion's output since the start is not replaced (it was, without --force). Then the finished
+    conversion is kept beside it, named in the error. The earlier output is deleted only if it still holds nothing
+    but what convert.py wrote (else it stays, hidden, and a warning names it)."""
     tmp.chmod(0o755)   # mkdtemp makes it private
+    try:
+        check_destination(dst, force)
+    except OutputError as e:
+        kept = dst.with_name(f"{dst.name}.new-{tmp.name.rsplit('-', 1)[-1]}")
+        tmp.rename(kept)
+        raise OutputError(f"{e} It changed while the conversion ran: nothing in it was touched. The finished "
+                          f"conversion is in {kept}; move it where you want it.") from None
     old = None
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
@@ -142,7 +154,13 @@ def replace(tmp: Path, dst: Path) -> None:
             old.rename(dst)
         raise
     if old is not None:
-        remove_output(old)
+        ours = written_by_us(old) or set()
+        foreign = [p.name for p in old.iterdir() if p.name not in ours and p.name not in _OS_FILES and p.name != MARKER]
+        if foreign:   # (put there between the check above and the swap)
+            logger.warning("Kept the earlier output as %s: it holds files convert.py did not write (%s).", old,
+                           preview(sorted(foreign), 4))
+        else:
+            remove_output(old)
 
 
 def remove_output(path: Path) -> None:

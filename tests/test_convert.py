@@ -174,6 +174,37 @@ def test_force_never_replaces_a_folder_it_did_not_write(sources, tmp_path):
     assert _tree(tmp_path) == before and _leftovers(tmp_path) == []
 
 
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_destination_that_changes_during_the_conversion_is_not_replaced(sources, tmp_path, force):
+    """The destination was checked only at the start: a folder the user made there while the conversion ran (or
+    another conversion's output, without --force) was deleted at the end. It is checked again before the swap:
+    nothing in it is touched, and the finished conversion is kept beside it, named in the error."""
+    src, _ = sources["dense"]
+    dst = tmp_path / "dst"
+
+    def meanwhile(done, total, name):
+        if done == 1:
+            dst.mkdir()
+            (dst / "notes.txt").write_text("mine")
+
+    with pytest.raises(OutputError, match="not an output of convert.py.*changed while the conversion ran") as e:
+        convert(src, dst, dtype="float32", force=force, progress=meanwhile)
+    assert (dst / "notes.txt").read_text() == "mine" and [p.name for p in dst.iterdir()] == ["notes.txt"]
+    [kept] = tmp_path.glob("dst.new-*")
+    assert str(kept) in str(e.value) and load(kept)[0] is not None
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_folder_holding_only_what_the_os_put_there_is_empty(sources, tmp_path):
+    """A folder made in Finder gets a .DS_Store: it was 'already holds .DS_Store and is not an output'."""
+    src, _ = sources["dense"]
+    dst = tmp_path / "new"
+    dst.mkdir()
+    (dst / ".DS_Store").write_bytes(b"\0")
+    convert(src, dst, dtype="float32")
+    assert (dst / "config.json").is_file() and not (dst / ".DS_Store").exists()
+
 def test_destination_is_never_the_source_or_around_it(sources, tmp_path):
     """--hf-path X --mlx-path X, an --mlx-path that contains the source (the home folder), one inside it."""
     home = tmp_path / "home"
