@@ -224,7 +224,14 @@ def test_typed_placeholders_regenerate_stats_and_dropping_turns(tiny_dir, tmp_pa
             await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
             question = str(app.screen.query_one("#question").render())
             assert "oldest" in question and "drop_oldest_turns" not in question
-            await pilot.press("y")
+            # Asked unasked, while the user may be typing: a typed y or Enter keeps the turns (they answered Yes
+            # and deleted every turn of a long conversation for good).
+            await pilot.press("y", "enter")
+            await wait_for(pilot, lambda: not isinstance(app.screen, ConfirmScreen))
+            assert len(app.history.messages(cid)) == 6
+            await send(pilot, "one more question please")
+            await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+            await pilot.press("shift+tab", "enter")   # Yes, chosen
             await wait_for(pilot, lambda: status.stats.context_used and status.stats.context_used < 110)
             assert len(app.history.messages(cid)) < 6
             assert len(chat.query(UserMessage)) == len([m for m in app.history.messages(cid) if m.role == "user"])

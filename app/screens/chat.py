@@ -308,8 +308,10 @@ class ChatScreen(AnsweringScreen):
                 self.drop_oldest_turns(n)
 
         turns = "turn" if n == 1 else f"{n} turns"
-        self.app.push_screen(ConfirmScreen(f"{why}\nDrop the oldest {turns} to make room?",
-                                           f"Drop {n} oldest", "Keep"), answered)
+        # Asked unasked (an answer ran into the context, a message did not fit), while the user may be typing: a
+        # typed y or Enter deleted every turn of a long conversation for good.
+        self.app.push_screen(ConfirmScreen(f"{why}\nDrop the oldest {turns} from this conversation for good to "
+                                           "make room?", f"Drop {n} oldest", "Keep", unasked=True), answered)
 
     def drop_oldest_turn(self) -> None:
         self.drop_oldest_turns(1)

@@ -17,10 +17,17 @@ class ConfirmScreen(ModalScreen[bool]):
         Binding("n,escape", "answer(False)", "No", id="confirm.no"),
     ]
 
-    def __init__(self, question: str, yes: str = "Yes", no: str = "No", safe: bool = False) -> None:
-        """``safe``: Enter answers No (the focus starts there), for a question whose Yes cannot be undone."""
+    def __init__(self, question: str, yes: str = "Yes", no: str = "No", safe: bool = False,
+                 unasked: bool = False) -> None:
+        """``safe``: Enter answers No (the focus starts there), for a question whose Yes cannot be undone.
+        ``unasked``: a question the app asks on its own (the user may be typing): the y key does not answer Yes
+        (a Yes is chosen with Shift+Tab and Enter, or a click), and it is safe too."""
         super().__init__()
-        self.question, self.yes, self.no, self.safe = question, yes, no, safe
+        self.question, self.yes, self.no = question, yes, no
+        self.safe, self.unasked = safe or unasked, unasked
+
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        return not (self.unasked and action == "answer" and parameters == (True,))
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog small"):
