@@ -781,3 +781,28 @@ def test_answering_again_a_turn_left_unanswered_keeps_the_answer_before_it(tmp_p
     asyncio.run(go())
     assert [m.content for m in History(tmp_path / "data").messages(cid)] == ["first", "first answer", "second",
                                                                            "second answer"]
+
+
+def test_picking_the_conversation_on_show_mid_answer_lets_it_go_on(tmp_path):
+    """Ctrl+L, Enter (the list starts at the conversation on show) stopped its answer and the partial answer
+    vanished from the screen until the conversation was opened again."""
+    gate = threading.Semaphore(0)
+    app = make_app(tmp_path, reply="once upon a time", gate=gate)
+
+    async def go():
+        async with app.run_test() as pilot:
+            await wait_for(pilot, lambda: app.backend.loaded)
+            await send(pilot, "talk")
+            gate.release(1)
+            chat = app.chat_screen
+            await wait_for(pilot, lambda: chat.current and chat.current.answer == "once")
+            app.resume(chat.conversation_id)
+            await pilot.pause()
+            assert chat.generating
+            gate.release(10)
+            await wait_for(pilot, lambda: not chat.generating)
+            assert [m.answer for m in chat.query(ModelMessage)] == ["once upon a time"]
+
+    asyncio.run(go())
+    history = History(tmp_path / "data")
+    assert [m.content for m in history.messages(history.latest().id)] == ["talk", "once upon a time"]

@@ -172,7 +172,10 @@ class ChatScreen(AnsweringScreen):
 
 
     def open_conversation(self, conversation_id: int | None) -> None:
-        """Show another conversation (None: a new, empty one)."""
+        """Show another conversation (None: a new, empty one). The one on show, picked again while it is being
+        answered, goes on as it is (it was stopped, and its answer so far vanished from the screen)."""
+        if conversation_id is not None and conversation_id == self.conversation_id and self.generating:
+            return
         self.leave_turn()
         self.conversation_id = conversation_id
         self.render_conversation()
