@@ -14,7 +14,7 @@ from textual.binding import Binding
 from textual.notifications import SeverityLevel
 from textual.screen import Screen
 
-from .backend import NO_MODEL_CHOSEN, AssistantChanged, AssistantRefused, Backend
+from .backend import NO_MODEL_CHOSEN, AssistantChanged, AssistantRefused, Backend, DrafterSkipped
 from .history import History
 from .model_source import DEFAULT_NAME, hub_reachable, models_dir
 from .recorder import Recorder
@@ -169,6 +169,7 @@ class ChatApp(App):
 
     @on(AssistantChanged)
     def assistant_changed(self, event: AssistantChanged) -> None:
+        self.one_run.pop("assistant", None)   # chosen now: kept, whatever this run started with
         self.backend.settings = replace(self.backend.settings, assistant=event.path)
         self.save_settings()
         status = self.chat_screen.query_one("#status")
@@ -176,6 +177,15 @@ class ChatApp(App):
         self.chat_screen.count_context()  # a new session: its cache starts empty
         self.notify(f"Drafter {event.path} in use: answers decode speculatively, with the same text."
                     if event.path else "Drafter off: answers decode without one.")
+
+    @on(DrafterSkipped)
+    def drafter_skipped(self, event: DrafterSkipped) -> None:
+        # This run decodes without it (the backend's settings say so); the saved setting stays (it may fit the
+        # model it was chosen with).
+        if "assistant" not in self.one_run or self.one_run["assistant"] == event.path:
+            self.one_run["assistant"] = ""
+        self.notify(f"The drafter {event.path} was not used: {event.error} Answers decode without one; F2 sets "
+                    "another.", severity="error", timeout=15)
 
     @on(AssistantRefused)
     def assistant_refused(self, event: AssistantRefused) -> None:

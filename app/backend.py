@@ -106,7 +106,7 @@ def chat_session(model: Any, processor: Any, settings: Settings) -> Session:
     from mlx_gemma4.chat import ChatSession
 
     assistant = None
-    if settings.assistant:   # a drafter that does not fit the model fails the load, with the reason shown
+    if settings.assistant:   # (one that does not fit: Backend loads the model without it and says why)
         from mlx_gemma4.assistant import load_assistant
         from mlx_gemma4.errors import Gemma4Error
 
@@ -185,6 +185,14 @@ class AssistantChanged(Message):
 @dataclass
 class AssistantRefused(Message):
     """The drafter in `path` could not be used (`error` says why); the one before stays."""
+
+    path: str
+    error: str
+
+
+@dataclass
+class DrafterSkipped(Message):
+    """The model loaded without the drafter of the settings, which did not load or fit it (`error` says why)."""
 
     path: str
     error: str
@@ -328,7 +336,7 @@ class Backend:
 
         try:
             self.model, self.processor = self.load_fn(progress)
-            self.session = self.session_factory(self.model, self.processor, self.settings)
+            self.session = self._session_for_load(post)
         except _ShuttingDown:
             return
         except Exception as e:  # shown in the app, which keeps running
@@ -337,6 +345,22 @@ class Backend:
             post(LoadFailed(self.load_error))
             return
         post(ModelLoaded(self.name, self.session.context_limit))
+
+    def _session_for_load(self, post: Post) -> Session:
+        """The loaded model's session; with a drafter that does not load or fit (one setting serves every model:
+        a drafter made for another size failed the load), one without it, and DrafterSkipped says why."""
+        from mlx_gemma4.errors import Gemma4Error
+
+        try:
+            return self.session_factory(self.model, self.processor, self.settings)
+        except Gemma4Error as e:
+            if not self.settings.assistant:
+                raise
+            reason = e.__cause__ if isinstance(e.__cause__, Gemma4Error) else e   # (without the start-up advice)
+            path, self.settings = self.settings.assistant, replace(self.settings, assistant="")   # (this run's)
+            session = self.session_factory(self.model, self.processor, self.settings)
+            post(DrafterSkipped(path, str(reason)))
+            return session
 
     def set_assistant(self, post: Post, path: str) -> Future:
         """Use the drafter in `path` ("" drops it) from the next answer on, once the jobs before it are done; posts
