@@ -33,14 +33,16 @@ def _size(s: str) -> int:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Convert a Gemma 4 checkpoint to MLX (safetensors), optionally quantized.")
-    p.add_argument("--hf-path", default="google/gemma-4-E4B-it", help="local HF checkpoint dir or hub repo id")
-    p.add_argument("--mlx-path", default=None, help="output dir (default models/<name>-<bits>bit)")
+    p.add_argument("--hf-path", default="google/gemma-4-E4B-it",
+                   help="local HF checkpoint dir or hub repo id (default google/gemma-4-E4B-it)")
+    p.add_argument("--mlx-path", default=None,
+                   help="output dir (default models/<name>-<bits>bit, or models/<name>-<dtype> unquantized)")
     p.add_argument("--q-bits", type=int, choices=[2, 3, 4, 5, 6, 8], default=None,
                    help="quantize the bulk of the weights to this many bits (default: no quantization)")
     p.add_argument("--q-group-size", type=int, choices=[32, 64, 128], default=None,
                    help="quantization group size (default 64)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
-                   help="dtype of everything left unquantized, scales included")
+                   help="dtype of everything left unquantized, scales included (default bfloat16)")
     p.add_argument("--ple-bits", type=int, choices=[0, 4, 8], default=None,
                    help="bits of the per-layer embedding table when quantizing (default 8; 0: keep it in --dtype)")
     p.add_argument("--tower-bits", type=int, choices=[0, 4, 8], default=None,
@@ -49,7 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true",
                    help="replace --mlx-path when it holds an earlier output of this converter (nothing else)")
     p.add_argument("--max-shard-size", type=_size, default="5GB", help=argparse.SUPPRESS)
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--weights-only", action="store_true",
+                   help="convert a local checkpoint that has no tokenizer files (load() needs them: copy "
+                        "tokenizer.json in later; load_model() does not)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, other libraries' too")
     return p.parse_args(argv)
 
 
@@ -95,7 +100,14 @@ def main(argv=None) -> int:
                         " and ".join(unused), "" if len(unused) > 1 else "s", args.dtype)
         from tqdm import tqdm
 
-        from mlx_gemma4.conversion import convert
+        from mlx_gemma4.conversion import convert, missing_tokenizer
+
+        missing = missing_tokenizer(args.hf_path)
+        if missing and not args.weights_only:   # known now: a whole conversion would end in a model load() refuses
+            log.error("%s has no tokenizer files (tokenizer.json or tokenizer.model): load() would refuse the "
+                      "converted model. Copy them from the model's hub page into %s, or pass --weights-only to "
+                      "convert the weights alone.", missing, missing)
+            return 2
 
         def progress(done: int, total: int, name: str) -> None:
             nonlocal bar

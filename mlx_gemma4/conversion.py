@@ -277,6 +277,17 @@ def write_config(root: Path, config: ModelConfig, quant: dict | None, dtype: str
     (root / "config.json").write_text(json.dumps(raw, indent=2))
 
 
+def missing_tokenizer(hf_path: str | Path) -> Path | None:
+    """A local checkpoint folder (with its config.json; not a drafter's, which uses its model's tokenizer) without
+    tokenizer files, or None (a hub repo id: its files are known once downloaded)."""
+    from .assistant import is_assistant_dir
+
+    path = Path(hf_path).expanduser()
+    if not str(hf_path).strip() or not (path / "config.json").is_file() or is_assistant_dir(path):
+        return None   # (what else is wrong with it, convert() says)
+    return None if any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model")) else path
+
+
 def _copy_side_files(src: Path, root: Path, needs_tokenizer: bool = True) -> None:
     """The tokenizer, chat template and processor files beside the weights (a drafter uses its model's: it needs
     none of its own)."""

@@ -435,7 +435,7 @@ def test_peak_memory_is_one_shard_plus_largest_tensor(medium, tmp_path):
     src, largest, total = medium
     shard = 64 * 1024**2
     r = subprocess.run([sys.executable, "-c", _RSS.format(root=str(ROOT)), "--hf-path", str(src), "--mlx-path",
-                        str(tmp_path / "out"), "--dtype", "float32", "--max-shard-size", str(shard)],
+                        str(tmp_path / "out"), "--dtype", "float32", "--max-shard-size", str(shard), "--weights-only"],
                        capture_output=True, text=True, cwd=ROOT)
     stats = json.loads(r.stdout.strip().splitlines()[-1])
     assert stats["rc"] == 0
@@ -536,3 +536,17 @@ def test_round_trip_with_vision_and_audio_towers(checkpoint_factory, tmp_path, q
         # Measured 0.93 (a text-only prompt on the same checkpoint gives 0.93 too: tiny random weights have
         # near-flat logits, so 8-bit rounding moves their direction more than it would a trained model's).
         assert cos.mean() > 0.85
+
+
+def test_cli_refuses_a_checkpoint_without_tokenizer_before_converting(tmp_path):
+    """A checkpoint without tokenizer files converted in full, exit 0, into a model load() refuses (a WARNING
+    among the logs): on a 31B, found out only after the whole conversion. Refused before anything is written,
+    unless --weights-only; a drafter (it uses its model's tokenizer) needs none."""
+    src = save_checkpoint(make_model("dense"), tmp_path / "bare")
+    r = subprocess.run([sys.executable, "convert.py", "--hf-path", str(src), "--mlx-path", str(tmp_path / "out"),
+                        "--dtype", "float32"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "has no tokenizer files" in r.stderr and "--weights-only" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists() and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "convert.py", "--hf-path", str(src), "--mlx-path", str(tmp_path / "out"),
+                        "--dtype", "float32", "--weights-only"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and (tmp_path / "out" / "config.json").is_file(), r.stderr
