@@ -157,6 +157,11 @@ def check(path: str | Path, expect: Kind | None = None) -> Attachment:
     """Check one file named explicitly (/image PATH, the file picker); `expect` is the kind it must be."""
     p = to_path(str(path).strip()) if isinstance(path, str) else path
     att = sniff(p)
+    if expect == "video" and att.kind == "image":
+        from mlx_gemma4.processing.video import is_animated_image
+
+        if is_animated_image(p):   # /video anim.gif: its frames are a video (pasted, it is an image)
+            return Attachment(p, "video", size=att.size)
     if expect is not None and att.kind != expect:
         raise AttachmentError(f"{p.name}: is {_a(att.kind)}, not {_a(expect)}; attach it with /{att.kind} PATH, "
                               "or paste its path into the message")

@@ -331,3 +331,17 @@ def test_a_few_chips_share_the_width_and_show_their_whole_labels(tmp_path, thumb
             assert row.styles.grid_size_columns == 1
 
     asyncio.run(go())
+
+
+def test_an_animated_gif_named_with_slash_video_is_a_video(tmp_path):
+    """`/video anim.gif` said 'is an image, not a video' though the model reads an animation's frames as one."""
+    frames = [Image.new("RGB", (24, 16), c) for c in ("red", "green", "blue")]
+    gif = tmp_path / "anim.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    att = check(str(gif), expect="video")
+    assert (att.kind, att.size) == ("video", (24, 16))
+    assert check(str(gif)).kind == "image"   # pasted or attached without a kind: the picture
+    still = tmp_path / "still.gif"
+    frames[0].save(still)
+    with pytest.raises(AttachmentError, match="is an image, not a video"):
+        check(str(still), expect="video")
