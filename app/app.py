@@ -182,8 +182,7 @@ class ChatApp(App):
     def drafter_skipped(self, event: DrafterSkipped) -> None:
         # This run decodes without it (the backend's settings say so); the saved setting stays (it may fit the
         # model it was chosen with).
-        if "assistant" not in self.one_run or self.one_run["assistant"] == event.path:
-            self.one_run["assistant"] = ""
+        self.one_run["assistant"] = ""
         self.notify(f"The drafter {event.path} was not used: {event.error} Answers decode without one; F2 sets "
                     "another.", severity="error", timeout=15)
 

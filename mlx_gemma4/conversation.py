@@ -125,20 +125,18 @@ class Conversation:
         session's other answers are closed (one still being read joins the conversation as far as it got, before
         the new turn; one never read is dropped). The keywords are checked now, not when reading starts."""
         self._check_stream_kwargs({k: v for k, v in gen_kwargs.items() if k not in ("tools", "tool_choice")})
-        me: list[Iterator[ChatResponse]] = []
-        answer = self._answering(new_turn, again, gen_kwargs, me)
-        me.append(answer)
+        answer = self._answering(new_turn, again, gen_kwargs)
         self._answers.add(answer)
         return answer
 
-    def _close_answers(self, but: Any = None) -> None:
-        for other in [a for a in getattr(self, "_answers", ()) if a is not but]:
+    def _close_answers(self) -> None:
+        """Close the session's answers but the one running (the answer that calls this as it starts)."""
+        for other in [a for a in self._answers if not a.gi_running]:
             other.close()
 
-    def _answering(self, new_turn: dict[str, Any] | None, again: bool, gen_kwargs: dict,
-                   me: list) -> Iterator[ChatResponse]:
+    def _answering(self, new_turn: dict[str, Any] | None, again: bool, gen_kwargs: dict) -> Iterator[ChatResponse]:
         self._this_thread()   # (another thread's answer is not closed from here)
-        self._close_answers(but=me.pop())   # (popped: no cycle through this frame)
+        self._close_answers()
         if again and self.messages[-1]["role"] == "assistant":
             self.messages.pop()
         if new_turn is not None:

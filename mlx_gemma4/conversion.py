@@ -45,6 +45,7 @@ CHUNK_BYTES = 256 * 1024**2
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
               "added_tokens.json", "processor_config.json", "preprocessor_config.json", "chat_template.jinja",
               "chat_template.json", "generation_config.json", "video_preprocessor_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")   # one of them: what load() reads the tokenizer from
 INDEX = "model.safetensors.index.json"
 
 Progress = Callable[[int, int, str], None]
@@ -285,7 +286,7 @@ def missing_tokenizer(hf_path: str | Path) -> Path | None:
     path = Path(hf_path).expanduser()
     if not str(hf_path).strip() or not (path / "config.json").is_file() or is_assistant_dir(path):
         return None   # (what else is wrong with it, convert() says)
-    return None if any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model")) else path
+    return None if any((path / n).is_file() for n in TOKENIZER_FILES) else path
 
 
 def _copy_side_files(src: Path, root: Path, needs_tokenizer: bool = True) -> None:
@@ -294,6 +295,6 @@ def _copy_side_files(src: Path, root: Path, needs_tokenizer: bool = True) -> Non
     for name in SIDE_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, root / name)
-    if needs_tokenizer and not any((root / n).exists() for n in ("tokenizer.json", "tokenizer.model")):
+    if needs_tokenizer and not any((root / n).exists() for n in TOKENIZER_FILES):
         logger.warning("%s has no tokenizer files; load() will refuse the converted model until tokenizer.json "
                        "is copied into it.", src)

@@ -59,7 +59,7 @@ def check_destination(dst: Path, force: bool) -> None:
         raise OutputError(
             f"--mlx-path {dst} already holds {preview(entries, 4)} and is not an output of convert.py, so it is "
             "never replaced (not even with --force). Pick another --mlx-path, or empty that directory yourself.")
-    foreign = [n for n in entries if n not in ours and n not in _OS_FILES and n != MARKER]
+    foreign = _foreign(entries, ours)
     if foreign:
         raise OutputError(
             f"--mlx-path {dst} is an earlier conversion but also holds files convert.py did not write "
@@ -136,16 +136,17 @@ def replace(tmp: Path, dst: Path, force: bool) -> None:
     conversion is kept beside it, named in the error. The earlier output is deleted only if it still holds nothing
     but what convert.py wrote (else it stays, hidden, and a warning names it)."""
     tmp.chmod(0o755)   # mkdtemp makes it private
+    suffix = tmp.name.rsplit("-", 1)[-1]
     try:
         check_destination(dst, force)
     except OutputError as e:
-        kept = dst.with_name(f"{dst.name}.new-{tmp.name.rsplit('-', 1)[-1]}")
+        kept = dst.with_name(f"{dst.name}.new-{suffix}")
         tmp.rename(kept)
         raise OutputError(f"{e} It changed while the conversion ran: nothing in it was touched. The finished "
                           f"conversion is in {kept}; move it where you want it.") from None
     old = None
     if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
+        old = dst.with_name(f".{dst.name}.old-{suffix}")
         dst.rename(old)
     try:
         tmp.rename(dst)
@@ -154,13 +155,17 @@ def replace(tmp: Path, dst: Path, force: bool) -> None:
             old.rename(dst)
         raise
     if old is not None:
-        ours = written_by_us(old) or set()
-        foreign = [p.name for p in old.iterdir() if p.name not in ours and p.name not in _OS_FILES and p.name != MARKER]
+        foreign = _foreign([p.name for p in old.iterdir()], written_by_us(old) or set())
         if foreign:   # (put there between the check above and the swap)
             logger.warning("Kept the earlier output as %s: it holds files convert.py did not write (%s).", old,
                            preview(sorted(foreign), 4))
         else:
             remove_output(old)
+
+
+def _foreign(names: list[str], ours: set[str]) -> list[str]:
+    """Of an output folder's ``names``, those convert.py did not write (nor the OS put there)."""
+    return [n for n in names if n not in ours and n not in _OS_FILES and n != MARKER]
 
 
 def remove_output(path: Path) -> None:

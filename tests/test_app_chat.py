@@ -513,6 +513,15 @@ def test_quit_mid_answer_stops_the_model_thread(tmp_path):
     assert not app.backend.thread_alive  # joined before exit, not left running into interpreter shutdown
 
 
+async def _first_word_of_talk(pilot, gate: threading.Semaphore) -> None:
+    """Once the model has loaded, send "talk" and let the (gated) answer "once upon a time" show its first word."""
+    app = pilot.app
+    await wait_for(pilot, lambda: app.backend.loaded)
+    await send(pilot, "talk")
+    gate.release(1)
+    await wait_for(pilot, lambda: app.chat_screen.current and app.chat_screen.current.answer == "once")
+
+
 @pytest.mark.parametrize("how", ["ctrl+q", "SIGTERM", "SIGHUP"])
 def test_quit_mid_answer_keeps_the_answer_so_far(tmp_path, how):
     """Ctrl+Q while the model writes: what was on screen is saved as a stopped answer, so the conversation does
@@ -526,10 +535,7 @@ def test_quit_mid_answer_keeps_the_answer_so_far(tmp_path, how):
 
     async def go():
         async with app.run_test() as pilot:
-            await wait_for(pilot, lambda: app.backend.loaded)
-            await send(pilot, "talk")
-            gate.release(1)
-            await wait_for(pilot, lambda: app.chat_screen.current and app.chat_screen.current.answer == "once")
+            await _first_word_of_talk(pilot, gate)
             if how == "ctrl+q":
                 await pilot.press("ctrl+q")
             else:
@@ -791,11 +797,8 @@ def test_picking_the_conversation_on_show_mid_answer_lets_it_go_on(tmp_path):
 
     async def go():
         async with app.run_test() as pilot:
-            await wait_for(pilot, lambda: app.backend.loaded)
-            await send(pilot, "talk")
-            gate.release(1)
+            await _first_word_of_talk(pilot, gate)
             chat = app.chat_screen
-            await wait_for(pilot, lambda: chat.current and chat.current.answer == "once")
             app.resume(chat.conversation_id)
             await pilot.pause()
             assert chat.generating
