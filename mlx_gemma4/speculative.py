@@ -26,6 +26,7 @@ All of a round (k drafting steps, the verification, the k + 1 samples) is built 
 from __future__ import annotations
 
 import collections
+import math
 import time
 import weakref
 from typing import Any, Callable, Iterator, Sequence
@@ -61,21 +62,24 @@ class DraftLength:
     shadow draft, compared with the target's next token and never fed, ``record_shadow``), every
     ``near_every``-th while drafting would be within ``near`` of plain steps' speed, and a round of drafts comes
     now and then when near or when the drafter agrees often (its costs may be stale): a drafter that never agrees
-    costs ~nothing (under 1% on an H100's E4B, where a drafter step costs ~0.12 of a plain one) and one that
-    agrees again is drafted with again soon (within a few dozen tokens when near the break-even rate). A shadow
-    draft costs the device little but the host its build, which a plain step on a fast device waits for: every
-    6th round when near (every 4th lost E4B 4-6% at acceptance 0.3-0.5 on a busy H100 host, where it stayed on
-    plain steps), a price the simulated runs of tests/test_speculative.py still meet the targets with at up to
-    0.15 of a plain step.
+    costs ~1% and one that agrees again is drafted with again soon (within a few dozen tokens when near the
+    break-even rate). What finding out costs is kept under ``shadow_share`` of plain steps' time: a shadow draft
+    costs the host its build, which a plain step on a fast device waits for, and the device a drafter step, so its
+    rounds are timed (``record_shadow``) and shadow drafts come no oftener than that share allows (an E2B shadow
+    round cost ~1.26 plain steps on an H100, and one every 6th round lost it 4-5% at acceptance 0.4-0.5, where it
+    stayed on plain steps); a round of drafts when near comes every ``explore_every`` rounds where it would lose
+    ~nothing (it judges a few drafts where a shadow judges one), rarer the more it would lose (``_near_loss``).
     """
 
     def __init__(self, fixed: int | None = None, k_max: int = DEFAULT_MAX_DRAFT, explore_every: int = 8,
                  prior_acceptance: float = 0.6, recent: int = 9, memory: float = 0.975, shadow_every: int = 16,
-                 keep: float = 0.03, near: float = 0.85, near_every: int = 6):
+                 keep: float = 0.03, near: float = 0.85, near_every: int = 6, shadow_share: float = 0.015):
         self.fixed, self.k_max = fixed, fixed if fixed is not None else k_max
         self.explore_every = explore_every
         self.keep, self.near = keep, near
-        self.shadow_every, self.near_every = shadow_every, near_every
+        self.shadow_every, self.near_every, self.shadow_share = shadow_every, near_every, shadow_share
+        self.shadow_seconds: float | None = None   # a round with a shadow draft: the lower quartile of recent ones
+        self._shadow_recent: collections.deque = collections.deque(maxlen=recent)
         self.memory = memory
         # The acceptance rate is kept drafts over judged ones, both counted with older drafts fading (by
         # ``memory`` per draft judged since: ~40 drafts count): the rate the rounds' runs of kept drafts imply,
@@ -84,8 +88,9 @@ class DraftLength:
         self._kept, self._judged = 2 * prior_acceptance, 2.0
         self.seconds: dict[int, float] = {}   # k -> the lower quartile of its recent rounds' seconds
         self._recent: dict[int, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=recent))
-        self._seen: set[int] = set()
+        self._seen: set[int | str] = set()
         self._drafting = self._near = False   # the last choice drafted; drafting is within ``near`` of plain
+        self._near_loss = 0.0
         self.rounds = 0
         self._since_explore = self._since_shadow = 0
         self._explored = 0   # explorations so far: a longer length, a shorter one, a plain step, in turn
@@ -149,6 +154,9 @@ class DraftLength:
             if not best and self._drafting and speed[drafting] >= (1 - self.keep) * speed[0]:
                 best = drafting
             self._near = bool(drafting) and speed[drafting] >= self.near * speed[0]
+            # What a round of drafts would lose against plain steps, in plain steps (none where it pays)
+            self._near_loss = max(costs[drafting] / costs[0] - self.expected_tokens(drafting), 0.0) if drafting \
+                else 0.0
             self._drafting = best > 0
         if best:   # now and then a neighbouring length, or a plain step
             self._since_explore += 1
@@ -161,7 +169,10 @@ class DraftLength:
             # Plain steps win, but not by much, or the drafter agrees often (its costs may be a hiccup's): now and
             # then a round of drafts, so that their cost stays current.
             self._since_explore += 1
-            if self._since_explore >= 4 * self.explore_every:
+            every = 4 * self.explore_every
+            if self._near:
+                every = max(self.explore_every, min(every, math.ceil(self._near_loss / self.shadow_share)))
+            if self._since_explore >= every:
                 self._since_explore = 0
                 best = drafting
         return max(0, min(best, limit))
@@ -171,14 +182,31 @@ class DraftLength:
         if self.fixed is not None:
             return False
         self._since_shadow += 1
-        if self._since_shadow < (min(self.near_every, self.shadow_every) if self._near else self.shadow_every):
+        if self._since_shadow < self.shadow_interval():
             return False
         self._since_shadow = 0
         return True
 
-    def record_shadow(self, kept: bool) -> None:
-        """What a shadow draft gave: whether the target's next token was the drafted one (one draft judged)."""
+    def shadow_interval(self) -> int:
+        """Rounds from one shadow draft to the next: ``shadow_every``, or ``near_every`` when near paying, and no
+        fewer than keep shadow drafts' measured cost under ``shadow_share`` of plain steps' time (at most 64)."""
+        rounds = min(self.near_every, self.shadow_every) if self._near else self.shadow_every
+        if self.shadow_seconds is not None and self.seconds.get(0):
+            extra = max(self.shadow_seconds - self.seconds[0], 0.0) / self.seconds[0]
+            rounds = max(rounds, min(math.ceil(extra / self.shadow_share), 64))
+        return rounds
+
+    def record_shadow(self, kept: bool, seconds: float | None = None) -> None:
+        """What a shadow draft gave: whether the target's next token was the drafted one (one draft judged), and
+        its round's ``seconds`` (the first round builds the drafter's kernels and is not counted)."""
         self._judge(int(kept), 1)
+        if seconds is None:
+            return
+        if "shadow" not in self._seen:
+            self._seen.add("shadow")
+            return
+        self._shadow_recent.append(seconds)
+        self.shadow_seconds = sorted(self._shadow_recent)[(len(self._shadow_recent) - 1) // 4]
 
     def record(self, k: int, accepted: int, seconds: float) -> None:
         """What a round of ``k`` drafts gave: ``accepted`` drafts kept, in ``seconds``."""
@@ -387,12 +415,12 @@ class SpeculativeLoop:
                 queued, history = self._queue(y, hidden, history, n)
             token = int(y.item())
             now = time.perf_counter()
-            if plain_round:   # a round without drafts costs the time between two tokens, as a plain step does
-                self.lengths.record(0, 0, now - last_read)
-                plain_round = False
-            if shadow:
-                self.lengths.record_shadow(int(shadow[0].item()) == token)
+            if shadow:   # a round without drafts but one on the side: its cost is the shadow draft's
+                self.lengths.record_shadow(int(shadow[0].item()) == token, now - last_read)
                 shadow = []
+            elif plain_round:   # a round without drafts costs the time between two tokens, as a plain step does
+                self.lengths.record(0, 0, now - last_read)
+            plain_round = False
             last_read = now
             try:
                 yield token, logprobs
