@@ -112,7 +112,8 @@ class ChatSession(Conversation):
         if self.assistant is None:
             self.cache = self.model.make_cache()
         else:   # sliding rings that can take back a whole round of drafts
-            from .speculative import DraftLength, required_max_rewind
+            from .draft_length import DraftLength
+            from .speculative import required_max_rewind
 
             k_max = self.draft_tokens if self.draft_tokens is not None else DraftLength().k_max
             self.cache = self.model.make_cache(max_rewind=required_max_rewind(self.model, self.assistant, k_max))

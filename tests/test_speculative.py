@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from mlx_gemma4 import InputError
 from mlx_gemma4.cache import rewind
 from mlx_gemma4.generation import generate_step, stream_tokens
-from mlx_gemma4.speculative import DraftLength, producer_caches
+from mlx_gemma4.draft_length import DraftLength
+from mlx_gemma4.speculative import producer_caches
 from tests import helpers, tiny
 from tests.helpers import run_rounds
 
@@ -589,7 +590,7 @@ def test_shadow_drafts_bring_an_agreeing_drafter_back_without_changing_a_token(m
     _, model, _, _, ours = mimicking
     inputs = _inputs()
     plain, _, _ = run_rounds(model, inputs, max_tokens=NEW)
-    policy = speculative.DraftLength(shadow_every=2)
+    policy = DraftLength(shadow_every=2)
     policy.seconds.update({k: 1.0 + 0.1 * k for k in range(7)})
     policy._seen.update(policy.seconds)
     policy._kept, policy._judged = 0.0, 20.0            # written off: acceptance 0
