@@ -34,9 +34,9 @@ import numpy as np
 from . import cache as kv
 from .conversation import Conversation, _check_system_prompt
 from .errors import ContextLengthError, InputError
-from .generation import (CHAT_KWARGS, GenerationResponse, PromptEnd, cancelled_response, check_assistant_args,
-                         check_generation_kwargs, check_model_and_processor, check_positive_int, default_stop_ids,
-                         prefill, stream_tokens)
+from .checks import (CHAT_KWARGS, check_assistant_args, check_generation_kwargs, check_model_and_processor,
+                     check_positive_int)
+from .generation import GenerationResponse, PromptEnd, cancelled_response, default_stop_ids, prefill, stream_tokens
 from .processing.chat_prompt import ChatEncoder, EncodedChat, Stopped, stack_inputs, strip_placeholders
 from .processing.tokenizer import split_thinking
 from .tool_use import Answer, AnswerStream, forced_call

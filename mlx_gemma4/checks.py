@@ -4,11 +4,14 @@ valid range, before any work is done."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import InputError
+
+if TYPE_CHECKING:
+    from .cache import KVCache
 
 
 def _is_int(x: Any) -> bool:
@@ -98,3 +101,58 @@ def check_inputs(inputs: Any) -> None:
     if not isinstance(inputs, dict) or inputs.get("input_ids") is None:
         raise InputError(f"inputs must be the processor's output, a dict with input_ids; got "
                          f"{type(inputs).__name__}{f' of {sorted(inputs)}' if isinstance(inputs, dict) else ''}.")
+
+
+def check_start(inputs: dict[str, Any], cache: list[KVCache] | None, start: Any) -> None:
+    """``start`` > 0 must be how many of the prompt's tokens ``cache`` already holds, and leave at least one to run
+    (a wrong one put the rest of the prompt at the wrong positions without a word). ``start`` 0 runs the whole
+    prompt after whatever the cache holds (a continuation, as mlx-lm's prompt cache does)."""
+    check_inputs(inputs)
+    n = int(np.asarray(inputs["input_ids"]).size)
+    held = cache[0].offset if cache else 0
+    whole = isinstance(start, (int, np.integer)) and not isinstance(start, bool)
+    if not whole or not 0 <= start < n or start not in (0, held):
+        raise InputError(f"start must be 0 or the number of the prompt's tokens the cache already holds ({held}), "
+                         f"and below the prompt's {n} tokens; got {start!r:.40}.")
+
+
+def check_generation_kwargs(kwargs: dict[str, Any], allowed: set[str], caller: str) -> None:
+    """The keywords a generation entry point passes on, checked before any work: names, ranges, callables."""
+    unknown = set(kwargs) - allowed
+    if unknown:
+        raise InputError(f"Unknown argument(s) {sorted(unknown)}; {caller} takes {sorted(allowed)}.")
+    check_sampling_args(**{k: v for k, v in kwargs.items() if k in _SAMPLING_KWARGS})
+    check_policies(**{k: v for k, v in kwargs.items() if k in _POLICY_KWARGS})
+
+
+def check_model_and_processor(model: Any, processor: Any, caller: str) -> None:
+    """The first two arguments must be what ``load()`` returns, in its order (swapped, or one left out, they used
+    to fail with a TypeError or AttributeError from deep inside)."""
+    if not callable(getattr(model, "make_cache", None)) or not callable(getattr(processor, "apply_chat_template",
+                                                                                 None)):
+        raise InputError(f"{caller} takes the model and the processor that load(DIR) returns, in that order: "
+                         f"model, processor = load(DIR); {caller}(model, processor, ...); got "
+                         f"{type(model).__name__} and {type(processor).__name__}.")
+
+
+def check_assistant_args(model, assistant: Any, draft_tokens: Any) -> None:
+    """``assistant`` (None, or a drafter for ``model``) and ``draft_tokens``, checked before any work."""
+    if assistant is None:
+        if draft_tokens is not None:
+            raise InputError("draft_tokens is set but no assistant was given; pass assistant=load_assistant(DIR).")
+        return
+    from .speculative import check_assistant, check_draft_tokens
+
+    check_draft_tokens(draft_tokens)
+    check_assistant(assistant, model)
+
+
+_POLICY_KWARGS = {"sampler", "logits_processors", "stop_ids", "should_stop", "on_token", "progress", "on_prefilled"}
+_SAMPLING_KWARGS = {"max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                    "repetition_context_size", "seed", "prefill_chunk"}
+_STREAM_KWARGS = _SAMPLING_KWARGS | {"sampler", "logits_processors", "stop_ids", "should_stop", "on_token",
+                                     "cache", "progress", "on_prefilled", "prefilled", "started", "prompt_tokens",
+                                     "assistant", "draft_tokens"}
+# What ChatSession.stream / send pass on (the session itself owns the cache, its prefill and what it reports).
+CHAT_KWARGS = _SAMPLING_KWARGS | {"sampler", "logits_processors", "stop_ids", "should_stop", "progress", "assistant",
+                                  "draft_tokens"}

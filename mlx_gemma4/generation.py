@@ -21,12 +21,13 @@ from typing import Any, Callable, Iterator, Sequence
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer
 
 from .cache import KVCache
-from .checks import check_inputs, check_policies, check_positive_int, check_sampling_args
+from .checks import (_STREAM_KWARGS, check_assistant_args, check_generation_kwargs, check_model_and_processor,
+                     check_policies, check_positive_int, check_sampling_args, check_start)
 from .errors import InputError
+from .sampling import make_policies, pick
 
 
 @dataclass
@@ -85,43 +86,7 @@ def cancelled_response(prompt_tokens: int, ttft: float = 0.0) -> GenerationRespo
                               generation_tps=0.0, ttft=ttft, peak_memory_gb=peak_gb(), finish_reason="cancelled")
 
 
-MIN_TEMPERATURE = 1e-6   # below this, sampling is greedy (make_policies)
-
-
-def make_policies(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
-                  repetition_penalty: float | None = None, repetition_context_size: int = 20,
-                  vocab_size: int | None = None
-                  ) -> tuple[Callable[[mx.array], mx.array], list[Callable[[mx.array, mx.array], mx.array]]]:
-    """mlx-lm's sampler and logits processors for these settings. A ``top_k`` of ``vocab_size`` or more keeps every
-    token, so it is off (mlx-lm's top-k refuses it mid-sampling, which also leaves MLX's random state broken). A
-    temperature under ``MIN_TEMPERATURE`` is greedy, the limit sampling tends to as the temperature falls (the
-    sampler divides the logits by it: at 1e-38 they overflow to infinity and it drew tokens at random)."""
-    if vocab_size is not None and top_k >= vocab_size:
-        top_k = 0
-    temperature = float(temperature)
-    if temperature < MIN_TEMPERATURE:
-        temperature = 0.0
-    sampler = make_sampler(temp=temperature, top_p=float(top_p) if top_p < 1 else 0.0,
-                           min_p=float(min_p), top_k=int(top_k))
-    # mlx-lm takes Python numbers only (a numpy float32 penalty is refused mid-setup)
-    processors = make_logits_processors(
-        repetition_penalty=None if repetition_penalty is None else float(repetition_penalty),
-        repetition_context_size=int(repetition_context_size))
-    return sampler, processors
-
-
 # -- the token loop ----------------------------------------------------------------------------------------------
-def pick(logits: mx.array, history: mx.array | None, processors: Sequence[Callable], sampler: Callable
-         ) -> tuple[mx.array, mx.array]:
-    """The token and log-probs (vocab,) at one position: ``logits`` (vocab,) through the logits processors (which
-    read ``history``), normalized, then the sampler."""
-    logits = logits[None]                                                          # (1, vocab)
-    for p in processors:
-        logits = p(history, logits)
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    return sampler(logprobs)[0], logprobs[0]
-
-
 def why_finished(n: int, max_tokens: int, model, cache: list[KVCache], should_stop: Callable | None) -> str | None:
     """Whether a token loop ends with its ``n``-th token, and why: "length", "context", "cancelled" (or None)."""
     if n >= max_tokens:
@@ -212,19 +177,6 @@ def check_prefilled(inputs: dict[str, Any], cache: list[KVCache] | None, prefill
         raise InputError(f"prefilled stands for a prompt already in the cache, but the cache holds {held} tokens and "
                          f"the prompt has {n}. Restore the cache the logits came with, or leave prefilled out.")
     return prefilled
-
-
-def check_start(inputs: dict[str, Any], cache: list[KVCache] | None, start: Any) -> None:
-    """``start`` > 0 must be how many of the prompt's tokens ``cache`` already holds, and leave at least one to run
-    (a wrong one put the rest of the prompt at the wrong positions without a word). ``start`` 0 runs the whole
-    prompt after whatever the cache holds (a continuation, as mlx-lm's prompt cache does)."""
-    check_inputs(inputs)
-    n = int(np.asarray(inputs["input_ids"]).size)
-    held = cache[0].offset if cache else 0
-    whole = isinstance(start, (int, np.integer)) and not isinstance(start, bool)
-    if not whole or not 0 <= start < n or start not in (0, held):
-        raise InputError(f"start must be 0 or the number of the prompt's tokens the cache already holds ({held}), "
-                         f"and below the prompt's {n} tokens; got {start!r:.40}.")
 
 
 def generate_step(
@@ -448,45 +400,3 @@ def generate(model, processor, prompt: str, images=None, audio=None, videos=None
               f"({last.finish_reason})")
         print(f"peak memory: {last.peak_memory_gb:.2f} GB")
     return "".join(text)
-
-
-def check_generation_kwargs(kwargs: dict[str, Any], allowed: set[str], caller: str) -> None:
-    """The keywords a generation entry point passes on, checked before any work: names, ranges, callables."""
-    unknown = set(kwargs) - allowed
-    if unknown:
-        raise InputError(f"Unknown argument(s) {sorted(unknown)}; {caller} takes {sorted(allowed)}.")
-    check_sampling_args(**{k: v for k, v in kwargs.items() if k in _SAMPLING_KWARGS})
-    check_policies(**{k: v for k, v in kwargs.items() if k in _POLICY_KWARGS})
-
-
-def check_model_and_processor(model: Any, processor: Any, caller: str) -> None:
-    """The first two arguments must be what ``load()`` returns, in its order (swapped, or one left out, they used
-    to fail with a TypeError or AttributeError from deep inside)."""
-    if not callable(getattr(model, "make_cache", None)) or not callable(getattr(processor, "apply_chat_template",
-                                                                                 None)):
-        raise InputError(f"{caller} takes the model and the processor that load(DIR) returns, in that order: "
-                         f"model, processor = load(DIR); {caller}(model, processor, ...); got "
-                         f"{type(model).__name__} and {type(processor).__name__}.")
-
-
-def check_assistant_args(model, assistant: Any, draft_tokens: Any) -> None:
-    """``assistant`` (None, or a drafter for ``model``) and ``draft_tokens``, checked before any work."""
-    if assistant is None:
-        if draft_tokens is not None:
-            raise InputError("draft_tokens is set but no assistant was given; pass assistant=load_assistant(DIR).")
-        return
-    from .speculative import check_assistant, check_draft_tokens
-
-    check_draft_tokens(draft_tokens)
-    check_assistant(assistant, model)
-
-
-_POLICY_KWARGS = {"sampler", "logits_processors", "stop_ids", "should_stop", "on_token", "progress", "on_prefilled"}
-_SAMPLING_KWARGS = {"max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-                    "repetition_context_size", "seed", "prefill_chunk"}
-_STREAM_KWARGS = _SAMPLING_KWARGS | {"sampler", "logits_processors", "stop_ids", "should_stop", "on_token",
-                                     "cache", "progress", "on_prefilled", "prefilled", "started", "prompt_tokens",
-                                     "assistant", "draft_tokens"}
-# What ChatSession.stream / send pass on (the session itself owns the cache, its prefill and what it reports).
-CHAT_KWARGS = _SAMPLING_KWARGS | {"sampler", "logits_processors", "stop_ids", "should_stop", "progress", "assistant",
-                                  "draft_tokens"}

@@ -35,7 +35,8 @@ from .cache import KVCache, SlidingCache
 from .cache import rewind as rewind_cache
 from .draft_length import DraftLength, automatic_policy
 from .errors import InputError
-from .generation import PromptEnd, check_prefilled, pick, why_finished
+from .generation import PromptEnd, check_prefilled, why_finished
+from .sampling import pick
 
 def producer_caches(model, cache: list[KVCache]) -> dict[str, KVCache]:
     """Layer type -> the cache of the target's last K/V-producing layer of that type (what the drafter reads)."""

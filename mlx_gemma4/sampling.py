@@ -1,0 +1,45 @@
+"""Sampling: mlx-lm's sampler and logits processors for a generation's settings (``make_policies``), and one
+position's token and log-probabilities through them (``pick``), shared by the plain and speculative loops."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+
+MIN_TEMPERATURE = 1e-6   # below this, sampling is greedy (make_policies)
+
+
+def make_policies(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+                  repetition_penalty: float | None = None, repetition_context_size: int = 20,
+                  vocab_size: int | None = None
+                  ) -> tuple[Callable[[mx.array], mx.array], list[Callable[[mx.array, mx.array], mx.array]]]:
+    """mlx-lm's sampler and logits processors for these settings. A ``top_k`` of ``vocab_size`` or more keeps every
+    token, so it is off (mlx-lm's top-k refuses it mid-sampling, which also leaves MLX's random state broken). A
+    temperature under ``MIN_TEMPERATURE`` is greedy, the limit sampling tends to as the temperature falls (the
+    sampler divides the logits by it: at 1e-38 they overflow to infinity and it drew tokens at random)."""
+    if vocab_size is not None and top_k >= vocab_size:
+        top_k = 0
+    temperature = float(temperature)
+    if temperature < MIN_TEMPERATURE:
+        temperature = 0.0
+    sampler = make_sampler(temp=temperature, top_p=float(top_p) if top_p < 1 else 0.0,
+                           min_p=float(min_p), top_k=int(top_k))
+    # mlx-lm takes Python numbers only (a numpy float32 penalty is refused mid-setup)
+    processors = make_logits_processors(
+        repetition_penalty=None if repetition_penalty is None else float(repetition_penalty),
+        repetition_context_size=int(repetition_context_size))
+    return sampler, processors
+
+
+def pick(logits: mx.array, history: mx.array | None, processors: Sequence[Callable], sampler: Callable
+         ) -> tuple[mx.array, mx.array]:
+    """The token and log-probs (vocab,) at one position: ``logits`` (vocab,) through the logits processors (which
+    read ``history``), normalized, then the sampler."""
+    logits = logits[None]                                                          # (1, vocab)
+    for p in processors:
+        logits = p(history, logits)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return sampler(logprobs)[0], logprobs[0]
