@@ -14,7 +14,8 @@ from textual.binding import Binding
 from textual.notifications import SeverityLevel
 from textual.screen import Screen
 
-from .backend import NO_MODEL_CHOSEN, AssistantChanged, AssistantRefused, Backend, DrafterSkipped
+from .backend import NO_MODEL_CHOSEN, Backend
+from .events import AssistantChanged, AssistantRefused, DrafterSkipped
 from .history import History
 from .model_source import DEFAULT_NAME, hub_reachable, models_dir
 from .recorder import Recorder

@@ -10,7 +10,8 @@ import pytest
 
 from app.__main__ import main, parse_args
 from app.app import ChatApp
-from app.backend import Backend, DrafterSkipped, Finished, LoadFailed, ModelLoaded, Settings, Stats
+from app.backend import Backend, Settings
+from app.events import DrafterSkipped, Finished, LoadFailed, ModelLoaded, Stats
 from app.history import History
 from app.screens.settings import SettingsScreen
 from app.settings_store import SettingsStore

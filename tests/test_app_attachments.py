@@ -226,7 +226,8 @@ def test_portrait_video_size_is_as_displayed(tmp_path):
 
 def test_an_attachment_gone_since_it_was_sent_asks_for_it_again(tmp_path):
     """The processor says only "no such file"; the app says what to do in its own terms."""
-    from app.backend import Backend, GenerationFailed
+    from app.backend import Backend
+    from app.events import GenerationFailed
     from mlx_gemma4.processing.files import media_path
 
     class Session:

@@ -19,7 +19,8 @@ from rich.console import Console
 
 from app.app import ChatApp
 from app.attachments import check
-from app.backend import Backend, Settings, Stats
+from app.backend import Backend, Settings
+from app.events import Stats
 from app.history import History
 from app.model_source import download_and_convert
 from app.screens.confirm import ConfirmScreen

@@ -12,7 +12,7 @@ from pathlib import Path
 from textual import on
 from textual.reactive import reactive
 
-from .. import backend as b
+from .. import events as ev
 from ..attachments import Attachment
 from ..widgets.activity import Activity
 from ..widgets.messages import ModelMessage, Transcript, UserMessage
@@ -40,7 +40,7 @@ class AnsweringScreen(AttachingScreen):
         self.replacing: int | None = None  # the answer a regenerate replaces once the new one is in
         self.typed: tuple[str, list[Attachment]] | None = None  # put back in the prompt if the turn fails
         self.turn_images: list[Path] = []  # images of the last user turn, for box answers
-        self.streamed_stats: b.Stats | None = None  # the answer's stats so far (saved with it if the app closes)
+        self.streamed_stats: ev.Stats | None = None  # the answer's stats so far (saved with it if the app closes)
 
     @property
     def transcript(self) -> Transcript:
@@ -72,13 +72,13 @@ class AnsweringScreen(AttachingScreen):
         if self.generating and message is not None and self.turn_id is not None and self.replacing is None:
             history = self.chat.history
             if history.exists(cid) and not self._answered(cid, self.turn_id):
-                stats = dict(vars(self.streamed_stats or b.Stats()), finish="cancelled")
+                stats = dict(vars(self.streamed_stats or ev.Stats()), finish="cancelled")
                 if message.calls:
                     stats["tool_calls"] = message.calls
                 history.add_message(cid, "assistant", message.answer, thinking=message.thinking, stats=stats)
         self.turn_id = self.current = self.replacing = self.typed = None  # a late Finished is not this turn's
 
-    def _mine(self, event: b.TurnEvent) -> bool:
+    def _mine(self, event: ev.TurnEvent) -> bool:
         return event.conversation_id == self.conversation_id and event.turn_id == self.turn_id
 
     def start_answer(self, turn_id: int, media: dict[str, int] | None = None) -> None:
@@ -94,13 +94,13 @@ class AnsweringScreen(AttachingScreen):
         self.chat.backend.generate(self.post_message, self.conversation_id, turn_id,
                                    self.conversation_messages(self.conversation_id, upto=turn_id))
 
-    @on(b.Working)
-    def working(self, event: b.Working) -> None:
+    @on(ev.Working)
+    def working(self, event: ev.Working) -> None:
         if self._mine(event):
             self.query_one(Activity).progress(event.done, event.total)
 
-    @on(b.Streamed)
-    async def streamed(self, event: b.Streamed) -> None:
+    @on(ev.Streamed)
+    async def streamed(self, event: ev.Streamed) -> None:
         if not self._mine(event) or self.current is None:
             return  # a conversation no longer shown
         if event.thinking or event.answer:
@@ -108,8 +108,8 @@ class AnsweringScreen(AttachingScreen):
         self.query_one(StatusBar).stats = self.streamed_stats = event.stats
         await self.current.show(event.thinking, event.answer, event.tool_calls)
 
-    @on(b.Finished)
-    async def finished(self, event: b.Finished) -> None:
+    @on(ev.Finished)
+    async def finished(self, event: ev.Finished) -> None:
         history = self.chat.history
         stats = dict(vars(event.stats), finish=event.finish_reason)
         if event.tool_calls:  # kept with the answer (the messages table has no column for them)
@@ -146,8 +146,8 @@ class AnsweringScreen(AttachingScreen):
         later = [m for m in self.chat.history.messages(conversation_id) if m.id > turn_id]
         return bool(later)
 
-    @on(b.GenerationFailed)
-    def failed(self, event: b.GenerationFailed) -> None:
+    @on(ev.GenerationFailed)
+    def failed(self, event: ev.GenerationFailed) -> None:
         if not self._mine(event):
             return
         typed, replacing, message = self.typed, self.replacing, self.current

@@ -22,6 +22,7 @@ from textual.widgets import Footer, Label, ProgressBar, Static
 from mlx_gemma4.media import MEDIA
 
 from .. import backend as b
+from .. import events as ev
 from ..attachments import Attachment, once_each, parse_prompt, repeat_notice
 from ..demo import BANNER
 from ..history import SavedMessage
@@ -115,8 +116,8 @@ class ChatScreen(AnsweringScreen):
         status = self.query_one(StatusBar)
         status.model, status.state = backend.name, "loading"
 
-    @on(b.LoadProgress)
-    def load_progress(self, event: b.LoadProgress) -> None:
+    @on(ev.LoadProgress)
+    def load_progress(self, event: ev.LoadProgress) -> None:
         bar = self.query_one("#loading-bar", ProgressBar)
         bar.update(total=event.total or None, progress=event.done)
         desc = event.desc
@@ -125,17 +126,17 @@ class ChatScreen(AnsweringScreen):
         if desc:
             self.query_one("#loading-label", Label).update(desc)
 
-    @on(b.ModelLoaded)
-    def model_loaded(self, event: b.ModelLoaded) -> None:
+    @on(ev.ModelLoaded)
+    def model_loaded(self, event: ev.ModelLoaded) -> None:
         self.chat.model_loaded()
         self.query_one("#loading").display = False
         status = self.query_one(StatusBar)
         status.state = "answering" if self.generating else ""
-        status.stats = b.Stats(context_limit=event.context_limit)
+        status.stats = ev.Stats(context_limit=event.context_limit)
         self.count_context()
 
-    @on(b.LoadFailed)
-    def load_failed(self, event: b.LoadFailed) -> None:
+    @on(ev.LoadFailed)
+    def load_failed(self, event: ev.LoadFailed) -> None:
         self.load_failed_text(f"The model could not be loaded. {event.error}")
 
     def load_failed_text(self, text: str) -> None:
@@ -180,7 +181,7 @@ class ChatScreen(AnsweringScreen):
         self.conversation_id = conversation_id
         self.render_conversation()
         limit = self.chat.backend.session.context_limit if self.chat.backend.session else 0
-        self.query_one(StatusBar).stats = b.Stats(context_limit=limit)
+        self.query_one(StatusBar).stats = ev.Stats(context_limit=limit)
         self.count_context()
 
     def count_context(self) -> None:
@@ -297,8 +298,8 @@ class ChatScreen(AnsweringScreen):
 
 
 
-    @on(b.ContextCounted)
-    def context_counted(self, event: b.ContextCounted) -> None:
+    @on(ev.ContextCounted)
+    def context_counted(self, event: ev.ContextCounted) -> None:
         if event.conversation_id != self.conversation_id or self.generating:
             return
         status = self.query_one(StatusBar)

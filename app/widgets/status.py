@@ -11,7 +11,7 @@ from __future__ import annotations
 from textual.reactive import reactive
 from textual.widgets import Static
 
-from ..backend import Stats
+from ..events import Stats
 
 SEP = " · "
 
