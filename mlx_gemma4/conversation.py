@@ -73,7 +73,7 @@ class Conversation:
         if not isinstance(text, str):
             raise InputError(f"text must be the message as a string; got {with_article(type(text).__name__)}.")
         if sampling_rate is not None:
-            from .processing.audio import check_sampling_rate
+            from .processing.audio_file import check_sampling_rate
 
             check_sampling_rate(sampling_rate)
         given = {"images": images, "audio": audio, "videos": videos}

@@ -15,7 +15,8 @@ import pytest
 import soundfile as sf
 
 from mlx_gemma4.errors import InputError
-from mlx_gemma4.processing.audio import AudioFeatureExtractor, audio_prompt_text, load_audio
+from mlx_gemma4.processing.audio import AudioFeatureExtractor, audio_prompt_text
+from mlx_gemma4.processing.audio_file import load_audio
 from tests.helpers import check_unusable_paths
 
 SR = 16_000

@@ -307,7 +307,7 @@ def test_send_takes_one_media_item_or_a_list_as_generate_does(vision, tmp_path):
 
 def test_audio_arrays_at_another_rate_in_a_chat(checkpoint_factory):
     """The chat had no way to say an array was not 16 kHz: 44.1 kHz audio was read as 16 kHz, 2.8 times longer."""
-    from mlx_gemma4.processing.audio import load_audio
+    from mlx_gemma4.processing.audio_file import load_audio
 
     _, path = checkpoint_factory("e", audio=tiny.AUDIO_128)
     model, processor = load_model(path), Processor.from_pretrained(path)

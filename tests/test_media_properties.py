@@ -14,7 +14,8 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 
 from mlx_gemma4.errors import Gemma4Error
-from mlx_gemma4.processing.audio import AudioFeatureExtractor, load_audio
+from mlx_gemma4.processing.audio import AudioFeatureExtractor
+from mlx_gemma4.processing.audio_file import load_audio
 from mlx_gemma4.processing.image import SUPPORTED_SOFT_TOKENS, ImageProcessor
 from mlx_gemma4.processing.unified_audio import UnifiedAudioFeatureExtractor
 from mlx_gemma4.processing.unified_vision import (
@@ -227,7 +228,7 @@ def test_mlx_arrays_are_media_as_numpy_arrays_are():
     arrays (pixels or samples made by other MLX code)."""
     import mlx.core as mx
 
-    from mlx_gemma4.processing.audio import load_audio
+    from mlx_gemma4.processing.audio_file import load_audio
     from mlx_gemma4.processing.image import load_image
     from mlx_gemma4.processing.video import load_video
 

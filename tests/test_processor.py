@@ -198,7 +198,7 @@ def test_text_must_be_a_string(proc):
 
 def test_audio_arrays_at_another_sampling_rate(proc, ref, ref_tok):
     # The README's `sampling_rate=`: arrays recorded at 44.1 kHz are resampled to 16 kHz, not read as 16 kHz.
-    from mlx_gemma4.processing.audio import load_audio
+    from mlx_gemma4.processing.audio_file import load_audio
 
     t = np.arange(44100) / 44100
     wave = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)   # one second

@@ -217,7 +217,7 @@ class Processor:
         return out, [f"{boi}{image * int(n)}{eoi}" for n in out["num_soft_tokens_per_image"]]
 
     def _audio_runs(self, audio: list[Any], sampling_rate: int | None = None) -> tuple[dict[str, Any], list[str]]:
-        from .audio import load_audio
+        from .audio_file import load_audio
 
         # (the files' headers were checked against the context first: _check_media_first)
         clips = [load_audio(a, sampling_rate) for a in audio]
@@ -344,7 +344,7 @@ class Processor:
                 if isinstance(item, (str, Path)):
                     media_path(item, kind)
         if audio and self.context_length is not None:
-            from .audio import probe_length
+            from .audio_file import probe_length
 
             self._check_audio_fits([n for n in map(probe_length, audio) if n is not None])
 
@@ -363,7 +363,7 @@ class Processor:
 
                 ImageProcessor.check_budget(budget)
         if sampling_rate is not None:
-            from .audio import check_sampling_rate
+            from .audio_file import check_sampling_rate
 
             check_sampling_rate(sampling_rate)
 

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from .audio import SAMPLING_RATE, _to_mono_float, audio_prompt_text, audio_section
+from .audio import audio_prompt_text, audio_section
+from .audio_file import SAMPLING_RATE, _to_mono_float
 
 logger = logging.getLogger(__name__)
 
