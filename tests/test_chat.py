@@ -249,6 +249,33 @@ def test_images_are_reused_by_source_and_never_mixed_up(vision, tmp_path):
 
 
 
+def test_media_changed_in_place_are_new_media(vision, monkeypatch):
+    """An array filled again in place, or a PIL image drawn on, and sent again was the earlier turn's encoding (the
+    session keyed in-memory media by id()): the model saw the old pixels. Unchanged, they are still read once."""
+    from PIL import ImageDraw
+
+    model, processor = vision
+    red, blue = np.array(Image.new("RGB", (40, 30), "red")), np.array(Image.new("RGB", (40, 30), "blue"))
+
+    def ask(image):
+        return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "what?"}]}]
+
+    want = {"red": fresh(model, processor, ask(red.copy()), 4), "blue": fresh(model, processor, ask(blue.copy()), 4)}
+    reads = []
+    media_inputs = processor.media_inputs
+    monkeypatch.setattr(processor, "media_inputs", lambda *a, **k: (reads.append(a[0]), media_inputs(*a, **k))[1])
+    session, pixels = ChatSession(model, processor), red.copy()
+    for colour, values in (("red", red), ("red", red), ("blue", blue)):
+        pixels[:] = values
+        assert tokens(session.stream(ask(pixels), max_tokens=4, **GREEDY)) == want[colour]
+    assert len(reads) == 2   # red once, then blue
+    picture = Image.new("RGB", (40, 30), "red")
+    tokens(session.stream(ask(picture), max_tokens=2, **GREEDY))
+    ImageDraw.Draw(picture).rectangle((0, 0, 39, 29), fill="blue")
+    reads.clear()
+    assert tokens(session.stream(ask(picture), max_tokens=4, **GREEDY)) == want["blue"] and reads == ["image"]
+
+
 def test_an_image_deleted_after_its_turn_stays_what_the_model_saw(vision, tmp_path):
     """A temporary image deleted after it was sent failed every later turn ("no such file"), though its tokens
     were in the cache. It stays the item the earlier turn read; a new turn naming a missing file still fails."""

@@ -13,6 +13,7 @@ decode its images and videos again, and a caller can stop between items.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import numpy as np
 
 from ..errors import InputError, with_article
 from ..tool_use import prepare_messages
+from .files import host_array
 from .tokenizer import split_thinking
 
 MEDIA_KINDS = ("image", "audio", "video")
@@ -70,7 +72,31 @@ def _source_key(kind: str, source: Any, rate: int | None = None) -> tuple:
                 return (kind, str(path.resolve()))
             except (OSError, ValueError, RuntimeError):
                 return (kind, str(path))
-    return (kind, "object", id(source), rate)
+    return (kind, "object", _fingerprint(source), rate)
+
+
+def _fingerprint(source: Any) -> tuple:
+    """What an in-memory image, clip or video holds (its shape, type and a hash of its bytes): an array filled
+    again in place, or a PIL image drawn on, is new media to the next turn (keyed by ``id()``, it was the earlier
+    turn's encoding). Hashing reads the bytes once per turn (~20 ms for a 12-megapixel photo)."""
+    try:
+        from PIL import Image
+
+        if isinstance(source, Image.Image):
+            return (source.mode, source.size, hashlib.blake2b(source.tobytes(), digest_size=16).digest())
+        frames = [source] if isinstance(source, np.ndarray) or not isinstance(source, (list, tuple)) else source
+        parts = []
+        for f in frames:   # a video may be a list of frames
+            if isinstance(f, Image.Image):
+                parts.append(_fingerprint(f))
+                continue
+            a = np.ascontiguousarray(host_array(f))
+            if a.dtype == object:
+                raise TypeError
+            parts.append((a.shape, a.dtype.str, hashlib.blake2b(a.data, digest_size=16).digest()))
+        return tuple(parts)
+    except (TypeError, ValueError, ImportError):   # not array-like: the processor says what it is
+        return ("id", id(source))
 
 
 class ChatEncoder:
@@ -118,7 +144,7 @@ class ChatEncoder:
         key = self._key(kind, source, rate) if key is None else key
         if key not in self._media:
             inputs, [run] = self.processor.media_inputs(kind, [source], max_soft_tokens=key[-1], sampling_rate=rate)
-            self._media[key] = (source, MediaItem(kind, self._next_key, inputs, run))  # source keeps id() valid
+            self._media[key] = (source, MediaItem(kind, self._next_key, inputs, run))  # (keeps an id() key valid)
             self._next_key += 1
         return self._media[key][1]
 
