@@ -68,8 +68,9 @@ class Conversation:
     def send(self, text: str, images=None, audio=None, videos=None, sampling_rate: int | None = None,
              **gen_kwargs) -> Iterator[GenerationResponse]:
         """Add a user turn and stream the model's answer; the answer joins ``messages`` when it ends (a turn
-        that cannot be processed or does not fit is not kept). ``sampling_rate`` is the rate of audio arrays
-        (default 16 kHz), kept on their parts (``{"type": "audio", "audio": array, "sampling_rate": 44100}``)."""
+        that cannot be processed, does not fit or is stopped before its first token is not kept). ``sampling_rate``
+        is the rate of audio arrays (default 16 kHz), kept on their parts (``{"type": "audio", "audio": array,
+        "sampling_rate": 44100}``)."""
         if not isinstance(text, str):
             raise InputError(f"text must be the message as a string; got {with_article(type(text).__name__)}.")
         if sampling_rate is not None:
@@ -83,7 +84,7 @@ class Conversation:
                 rate = {"sampling_rate": sampling_rate} if kind == "audio" and sampling_rate is not None else {}
                 parts.append({"type": kind, kind: item, **rate})
         parts.append({"type": "text", "text": text})
-        return self._answer({"role": "user", "content": parts if len(parts) > 1 else text}, **gen_kwargs)
+        return self._answer([{"role": "user", "content": parts if len(parts) > 1 else text}], **gen_kwargs)
 
     def regenerate(self, **gen_kwargs) -> Iterator[GenerationResponse]:
         """Answer the last user turn again (the previous answer is dropped)."""
@@ -99,8 +100,7 @@ class Conversation:
         last = self.messages[-1] if self.messages else {}
         if last.get("role") != "assistant" or not last.get("tool_calls"):
             raise InputError("The conversation does not end with tool calls to answer; send a message first.")
-        self.messages += [tool_result_message(call, result) for call, result in results]
-        return self._answer(**gen_kwargs)
+        return self._answer([tool_result_message(call, result) for call, result in results], **gen_kwargs)
 
     def forget_last_user_turn(self) -> None:
         """Remove the trailing user turn (e.g. after it did not fit in the context)."""
@@ -118,14 +118,15 @@ class Conversation:
             while start < len(self.messages) and self.messages[start]["role"] != "user":
                 self.messages.pop(start)
 
-    def _answer(self, new_turn: dict[str, Any] | None = None, again: bool = False,
+    def _answer(self, new_turns: list[dict[str, Any]] | None = None, again: bool = False,
                 **gen_kwargs) -> Iterator[ChatResponse]:
-        """The answer to the conversation (with ``new_turn`` added, or its last answer dropped: ``again``), as a
-        generator whose first step changes ``messages``: one never read changes nothing, and when one starts, the
-        session's other answers are closed (one still being read joins the conversation as far as it got, before
-        the new turn; one never read is dropped). The keywords are checked now, not when reading starts."""
+        """The answer to the conversation (with ``new_turns`` added: a user turn or tool results; or its last answer
+        dropped: ``again``), as a generator whose first step changes ``messages``: one never read changes nothing,
+        and when one starts, the session's other answers are closed (one still being read joins the conversation
+        as far as it got, before the new turn; one never read is dropped). The keywords are checked now, not when
+        reading starts."""
         self._check_stream_kwargs({k: v for k, v in gen_kwargs.items() if k not in ("tools", "tool_choice")})
-        answer = self._answering(new_turn, again, gen_kwargs)
+        answer = self._answering(list(new_turns or []), again, gen_kwargs)
         self._answers.add(answer)
         return answer
 
@@ -134,30 +135,29 @@ class Conversation:
         for other in [a for a in self._answers if not a.gi_running]:
             other.close()
 
-    def _answering(self, new_turn: dict[str, Any] | None, again: bool, gen_kwargs: dict) -> Iterator[ChatResponse]:
+    def _answering(self, new_turns: list[dict[str, Any]], again: bool, gen_kwargs: dict) -> Iterator[ChatResponse]:
         self._this_thread()   # (another thread's answer is not closed from here)
         self._close_answers()
-        if again and self.messages[-1]["role"] == "assistant":
-            self.messages.pop()
-        if new_turn is not None:
-            self.messages.append(new_turn)
+        dropped = self.messages.pop() if again and self.messages[-1]["role"] == "assistant" else None
+        self.messages += new_turns
         pieces: list[str] = []
-        started = False
+        started = False   # a token came
         answer: Answer | None = None
         try:
             for r in self.stream(self.messages, **gen_kwargs):
-                started = True
+                started = started or r.token != -1   # (-1: stopped before the first token)
                 pieces.append(r.text)
                 answer = r.answer or answer
                 yield r
-        except BaseException:
-            # A turn that gave no answer (refused, too long, interrupted or closed before its first token) is not
-            # kept.
-            if new_turn is not None and not started:
-                self.forget_last_user_turn()
-            raise
         finally:
-            if started and answer is not None and answer.tool_calls:
+            if not started:
+                # A turn that gave no answer (refused, too long, stopped, interrupted or closed before its first
+                # token) is not kept, and an answer asked for again stays.
+                if new_turns and self.messages[-len(new_turns):] == new_turns:
+                    del self.messages[-len(new_turns):]
+                if dropped is not None:
+                    self.messages.append(dropped)
+            elif answer is not None and answer.tool_calls:
                 self.messages.append(answer.to_message())  # the caller appends the tool results
             elif started:
                 self.messages.append({"role": "assistant", "content": self.answer_text("".join(pieces))})

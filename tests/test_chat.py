@@ -160,6 +160,27 @@ def test_an_answer_never_read_changes_nothing_and_a_new_one_closes_the_last(load
     with pytest.raises(InputError, match="temperature"):
         session.send("hot", temperature=-1)   # checked at the call, not when read
 
+def test_a_turn_stopped_before_its_first_token_is_not_kept(loaded):
+    """send(..., should_stop=...) that stopped before the first token kept the user turn with an empty answer
+    (the next turn then answered after it); regenerate() stopped so lost the answer it was asked to redo."""
+    model, processor = loaded
+    session = ChatSession(model, processor)
+    out = list(session.send("hi", should_stop=lambda: True, max_tokens=4, **GREEDY))
+    assert [r.finish_reason for r in out] == ["cancelled"] and session.messages == []
+    tokens(session.send("hi", max_tokens=4, **GREEDY))
+    kept = [dict(m) for m in session.messages]
+    list(session.regenerate(should_stop=lambda: True, max_tokens=4, **GREEDY))
+    assert session.messages == kept
+    half = [0]
+
+    def after_two():   # stopped after two tokens: what came is kept, as before
+        half[0] += 1
+        return half[0] > 3
+
+    list(session.send("more", should_stop=after_two, max_tokens=8, **GREEDY))
+    assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
+
+
 def test_stop_during_prefill_keeps_the_work_done(loaded):
     model, processor = loaded
     messages = convo(" ".join(["word"] * 60))

@@ -252,6 +252,23 @@ def test_continuing_after_a_result_reuses_the_cache_and_matches_a_fresh_session(
         session.send_tool_results([(calls[0], "again")])
 
 
+def test_tool_results_join_the_conversation_when_their_answer_is_read(loaded):
+    """send_tool_results() added the results at the call: one never read (or refused) left them in, and sending
+    them again was refused ('does not end with tool calls')."""
+    model, processor = loaded
+    force = ScriptedAnswers(processor, [call_text("get_weather", {"city": "Paris"}) + "<|tool_response>"])
+    session = ChatSession(model, processor, tools=[get_weather])
+    calls = list(session.send("weather in Paris?", max_tokens=40, logits_processors=[force], **GREEDY))[-1] \
+        .answer.tool_calls
+    before = [dict(m) for m in session.messages]
+    session.send_tool_results([(calls[0], "rain")], max_tokens=3, **GREEDY)   # never read
+    assert session.messages == before
+    list(session.send_tool_results([(calls[0], "rain")], should_stop=lambda: True, max_tokens=3, **GREEDY))
+    assert session.messages == before   # stopped before its first token
+    list(session.send_tool_results([(calls[0], "rain")], max_tokens=3, **GREEDY))
+    assert [m["role"] for m in session.messages[len(before):]] == ["tool", "assistant"]
+
+
 def test_tools_per_call_override(loaded):
     model, processor = loaded
     session = ChatSession(model, processor, tools=[get_weather])
