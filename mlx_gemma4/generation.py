@@ -27,7 +27,7 @@ from .cache import KVCache
 from .checks import (_STREAM_KWARGS, check_assistant_args, check_generation_kwargs, check_model_and_processor,
                      check_policies, check_positive_int, check_sampling_args, check_start)
 from .errors import InputError
-from .sampling import make_policies, pick
+from .sampling import make_policies, pick, reseed
 
 
 @dataclass
@@ -107,7 +107,8 @@ class TokenLoop:
                  logits_processors: Sequence[Callable[[mx.array, mx.array], mx.array]], prefill_chunk: int,
                  should_stop: Callable[[], bool] | None,
                  progress: Callable[[int, int], None] | None = None,
-                 on_prefilled: Callable[[PromptEnd], None] | None = None, prefilled: PromptEnd | None = None):
+                 on_prefilled: Callable[[PromptEnd], None] | None = None, prefilled: PromptEnd | None = None,
+                 seed: int | None = None):
         check_positive_int("max_tokens", max_tokens)
         check_positive_int("prefill_chunk", prefill_chunk)
         self.model, self.inputs, self.start = model, inputs, start
@@ -117,6 +118,7 @@ class TokenLoop:
         self.progress, self.on_prefilled = progress, on_prefilled
         self.sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
         self.processors = list(logits_processors)
+        self.seed = seed   # draws keyed by the seed and the position (sampling.reseed)
         self.finish_reason: str | None = None
         self.fed = 0  # how many of the yielded tokens have gone into the model (so are in the cache)
 
@@ -133,6 +135,7 @@ class TokenLoop:
         if logits is None:  # stopped during prefill: no token
             self.finish_reason = "cancelled"
             return
+        reseed(self.seed, cache[0].offset)
         y, logprobs = pick(logits, history, processors, self.sampler)
         mx.async_eval(y, logprobs)
         if self.on_prefilled is not None:
@@ -156,8 +159,9 @@ class TokenLoop:
         """Build and queue the step that feeds ``y``; its sampled token and log-probs (and the grown history)."""
         if self.processors:  # only logits processors read the history; keep the plain loop free of it
             history = mx.concatenate([history, y[None].astype(mx.int32)])
-        next_y, next_logprobs = pick(model.step(y.reshape(1, 1), cache)[0, -1], history, self.processors,
-                                     self.sampler)
+        logits = model.step(y.reshape(1, 1), cache)[0, -1]
+        reseed(self.seed, cache[0].offset)   # (the step has written y: the offset is the new token's position)
+        next_y, next_logprobs = pick(logits, history, self.processors, self.sampler)
         mx.async_eval(next_y, next_logprobs)
         return next_y, next_logprobs, history
 
@@ -195,6 +199,7 @@ def generate_step(
     prefilled: PromptEnd | mx.array | None = None,
     assistant=None,
     draft_tokens: int | None = None,
+    seed: int | None = None,
 ):
     """The token loop: iterate it for ``(token, logprobs)``, up to ``max_tokens`` tokens after the prompt.
 
@@ -219,6 +224,9 @@ def generate_step(
     same tokens for the same sampler, ``draft_tokens`` drafts per round (None: chosen as it goes), and
     ``loop.drafted`` / ``loop.accepted`` count drafted and kept tokens. A given ``cache`` then needs sliding rings
     that can rewind a round (``model.make_cache(max_rewind=...)``; the error says how much).
+
+    ``seed`` keys each position's random draw by the seed and the position (sampling.reseed): the same seed gives
+    the same tokens, with or without a drafter.
     """
     check_policies(sampler=sampler, logits_processors=logits_processors, should_stop=should_stop, progress=progress,
                    on_prefilled=on_prefilled)
@@ -231,12 +239,12 @@ def generate_step(
         return SpeculativeLoop(model, assistant, inputs, cache, start=start, max_tokens=max_tokens, sampler=sampler,
                                logits_processors=logits_processors, prefill_chunk=prefill_chunk,
                                should_stop=should_stop, progress=progress, on_prefilled=on_prefilled,
-                               prefilled=prefilled, draft_tokens=draft_tokens)
+                               prefilled=prefilled, draft_tokens=draft_tokens, seed=seed)
     if draft_tokens is not None:
         raise InputError("draft_tokens is set but no assistant was given; pass assistant=load_assistant(DIR).")
     return TokenLoop(model, inputs, cache, start=start, max_tokens=max_tokens, sampler=sampler,
                      logits_processors=logits_processors, prefill_chunk=prefill_chunk, should_stop=should_stop,
-                     progress=progress, on_prefilled=on_prefilled, prefilled=prefilled)
+                     progress=progress, on_prefilled=on_prefilled, prefilled=prefilled, seed=seed)
 
 
 def stream_tokens(
@@ -288,8 +296,6 @@ def stream_tokens(
                         seed=seed, prefill_chunk=prefill_chunk)
     check_policies(sampler=sampler, logits_processors=logits_processors, stop_ids=stop_ids, should_stop=should_stop,
                    on_token=on_token, progress=progress, on_prefilled=on_prefilled)
-    if seed is not None:
-        mx.random.seed(int(seed))
     if cache is None and assistant is None:   # the speculative loop makes its own, with rings that rewind a round
         cache = model.make_cache()
     default_sampler, default_processors = make_policies(temperature, top_p, top_k, min_p, repetition_penalty,
@@ -307,7 +313,7 @@ def stream_tokens(
                           logits_processors=default_processors if logits_processors is None else logits_processors,
                           prefill_chunk=prefill_chunk, should_stop=should_stop, progress=progress,
                           on_prefilled=on_prefilled, prefilled=prefilled, assistant=assistant,
-                          draft_tokens=draft_tokens)
+                          draft_tokens=draft_tokens, seed=seed)
     ttft = prompt_tps = 0.0
     t_first = None
     n = 0

@@ -1,5 +1,12 @@
 """Sampling: mlx-lm's sampler and logits processors for a generation's settings (``make_policies``), and one
-position's token and log-probabilities through them (``pick``), shared by the plain and speculative loops."""
+position's token and log-probabilities through them (``pick``), shared by the plain and speculative loops.
+
+With a seed, the random draw that picks the token at position ``p`` comes from a key made of the seed and ``p``
+alone (``reseed``), not from a stream that every draw advances: a speculative round samples k + 1 positions, some
+of them rewound, so a shared stream made a seeded run depend on how many drafts the policy chose (itself timed),
+and a seeded run with a drafter gave other tokens than without one. Keyed by position, a seeded generation gives
+the same tokens with or without a drafter, at any draft length (the rule that keeps a draft only when the target
+picks it is unchanged)."""
 
 from __future__ import annotations
 
@@ -43,3 +50,10 @@ def pick(logits: mx.array, history: mx.array | None, processors: Sequence[Callab
         logits = p(history, logits)
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     return sampler(logprobs)[0], logprobs[0]
+
+
+def reseed(seed: int | None, position: int) -> None:
+    """With a seed, key the next draws (the sampler's, built next) by the seed and the token's ``position``."""
+    if seed is not None:
+        mixed = (int(seed) * 0x9E3779B97F4A7C15 + (int(position) + 1) * 0xBF58476D1CE4E5B9) % 2**64
+        mx.random.seed(mixed ^ (mixed >> 31))

@@ -36,7 +36,7 @@ from .cache import rewind as rewind_cache
 from .draft_length import DraftLength, automatic_policy
 from .errors import InputError
 from .generation import PromptEnd, check_prefilled, why_finished
-from .sampling import pick
+from .sampling import pick, reseed
 
 def producer_caches(model, cache: list[KVCache]) -> dict[str, KVCache]:
     """Layer type -> the cache of the target's last K/V-producing layer of that type (what the drafter reads)."""
@@ -82,7 +82,7 @@ class SpeculativeLoop:
                  logits_processors: Sequence[Callable[[mx.array, mx.array], mx.array]], prefill_chunk: int,
                  should_stop: Callable[[], bool] | None, progress: Callable[[int, int], None] | None = None,
                  on_prefilled: Callable[[PromptEnd], None] | None = None, prefilled: PromptEnd | None = None,
-                 draft_tokens: int | None = None):
+                 draft_tokens: int | None = None, seed: int | None = None):
         check_draft_tokens(draft_tokens)
         check_assistant(assistant, model)
         self.model, self.assistant, self.inputs, self.start = model, assistant, inputs, start
@@ -96,6 +96,7 @@ class SpeculativeLoop:
         self.progress, self.on_prefilled = progress, on_prefilled
         self.sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
         self.processors = list(logits_processors)
+        self.seed = seed   # draws keyed by the seed and the position: the plain loop's tokens (sampling.reseed)
         self.finish_reason: str | None = None
         self.fed = 0
         self.drafted = self.accepted = self.judged = 0
@@ -120,8 +121,9 @@ class SpeculativeLoop:
             drafts.append(token)
         return drafts
 
-    def _pick(self, logits: mx.array, history: mx.array | None) -> tuple[mx.array, mx.array]:
-        """The target's token and log-probs (vocab,) at one position, with the processors and sampler."""
+    def _pick(self, logits: mx.array, history: mx.array | None, position: int) -> tuple[mx.array, mx.array]:
+        """The target's token and log-probs (vocab,) at ``position``, with the processors and sampler."""
+        reseed(self.seed, position)
         return pick(logits, history, self.processors, self.sampler)
 
     def _verify(self, token: mx.array, drafts: list[mx.array], history: mx.array | None):
@@ -131,10 +133,11 @@ class SpeculativeLoop:
         else:   # a plain step: no more ops than the plain loop's
             ids = token.reshape(1, 1)
         logits, hidden = self.model.step_hidden(ids, self.cache)
+        first = self.cache[0].offset - ids.shape[1] + 1   # the position of the token picked after ``token``
         picks = []
         for i in range(ids.shape[1]):
             h = history if history is None or not i else mx.concatenate([history, ids[0, 1 : i + 1]])
-            picks.append(self._pick(logits[0, i], h))
+            picks.append(self._pick(logits[0, i], h, first + i))
         return [p[0] for p in picks], [p[1] for p in picks], hidden
 
     def _queue(self, y: mx.array, hidden: mx.array, history: mx.array | None, n: int):
@@ -187,7 +190,7 @@ class SpeculativeLoop:
                 return None
             end = PromptEnd(*end)
         self._end = end
-        y, logprobs = self._pick(end.logits, history)
+        y, logprobs = self._pick(end.logits, history, self.cache[0].offset)
         return y, logprobs, end.hidden
 
     def __iter__(self) -> Iterator[tuple[int, mx.array]]:

@@ -105,6 +105,25 @@ def test_sampling_keeps_what_the_targets_sampler_picks(mimicking):
     assert loop.accepted > 0
 
 
+def test_a_seed_gives_the_same_tokens_with_or_without_a_drafter(mimicking):
+    """A seeded sampled run drew from one random stream that every draw advanced: with a drafter, how many draws a
+    round took (k + 1, some rewound) depended on the automatic policy's timings, so the same seed gave other tokens
+    run to run, and other tokens than without a drafter. Draws are keyed by seed and position now."""
+    from mlx_lm.sample_utils import make_sampler
+
+    _, model, _, _, ours = mimicking
+    inputs, sampler = _inputs(12), make_sampler(temp=0.6)
+    plain = run_rounds(model, inputs, max_tokens=24, sampler=sampler, seed=3)[0]
+    assert plain != run_rounds(model, inputs, max_tokens=24, sampler=sampler, seed=4)[0]
+    kept = 0
+    for k in (None, 1, 2, 3, None):
+        tokens, loop, _ = run_rounds(model, inputs, max_tokens=24, sampler=sampler, seed=3, assistant=ours,
+                                     draft_tokens=k)
+        assert tokens == plain, k
+        kept += loop.accepted
+    assert kept > 0   # drafts were kept, so rounds sampled several positions at once
+
+
 def test_sampled_tokens_follow_the_targets_distribution(mimicking):
     """Drawing with temperature: the first two tokens' joint frequencies match plain decoding's (both decoders
     draw from the target's distribution; the drafter only changes which draws are kept)."""
