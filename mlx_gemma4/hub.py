@@ -41,7 +41,7 @@ def resolve(path_or_repo: str | Path, revision: str | None = None, cache_dir: st
             raise ConfigError(f"{path} is a file; pass the model directory that holds config.json.")
         return path
     s = str(path_or_repo)
-    if not _REPO_ID.match(s):
+    if not _is_repo_id(s):
         raise ConfigError(f"{s} is neither a local directory nor a hub repo id like 'google/gemma-4-E4B-it'.")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
@@ -67,7 +67,14 @@ def resolve(path_or_repo: str | Path, revision: str | None = None, cache_dir: st
                            + no_folder) from e
     except HfHubHTTPError as e:
         raise WeightsError(f"Downloading {s} failed: {e}. Try again, or download it and pass the directory.") from e
+    except ValueError as e:   # huggingface_hub's HFValidationError: a name the hub refuses
+        raise ConfigError(f"{s} is neither a local directory nor a valid hub repo id ({e})." + no_folder) from e
     return Path(out)
+
+
+def _is_repo_id(s: str) -> bool:
+    """``owner/name`` as the hub spells repo ids; './x', '../x' or '~/x' (a path that is not there) never is."""
+    return bool(_REPO_ID.match(s)) and not any(part in (".", "..") or part.startswith("..") for part in s.split("/"))
 
 
 def _offline_switch() -> str | None:

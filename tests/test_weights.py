@@ -45,6 +45,9 @@ def test_hub_id_resolves_through_the_cache_offline(tmp_path):
         resolve("someone/absent", cache_dir=tmp_path / "cache", local_files_only=True)
     with pytest.raises(ConfigError, match="neither a local directory"):
         resolve("not a repo id/../x")
+    for typo in ("./typo-dir", "../typo", "..hidden/x", "owner/..x"):   # paths (HFValidationError from the hub)
+        with pytest.raises(ConfigError, match="neither a local directory"):
+            resolve(typo, cache_dir=tmp_path / "cache", local_files_only=True)
 
 
 @pytest.mark.parametrize("env,said", [({}, "local_files_only"), ({"HF_HUB_OFFLINE": "0"}, "local_files_only"),
