@@ -312,6 +312,8 @@ def test_an_image_deleted_after_its_turn_stays_what_the_model_saw(vision, tmp_pa
     Image.new("RGB", (40, 30), "green").save(pic)   # (the reference needs the file)
     assert out == fresh(model, processor, session.messages[:-1], 4)
     pic.unlink()
+    session.max_soft_tokens = 140   # another budget: the gone file stays what the model saw (it failed every turn)
+    assert tokens(session.send("sure?", max_tokens=2, **GREEDY))
     with pytest.raises(InputError, match="no such file"):
         tokens(session.send("this one?", images=[str(tmp_path / "never.png")], max_tokens=2, **GREEDY))
 

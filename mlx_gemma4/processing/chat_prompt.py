@@ -134,10 +134,12 @@ class ChatEncoder:
 
     def _key(self, kind: str, source: Any, rate: int | None = None) -> tuple:
         """What tells media items apart: the source, and the budget (another budget gives other tokens). A file
-        gone since an earlier turn read it (a temporary file, say) is that turn's item: what the model saw."""
+        gone since an earlier turn read it (a temporary file, say) is that turn's item: what the model saw, at the
+        budget it was read with if the budget has changed since (it cannot be read again at the new one)."""
         key = (*_source_key(kind, source, rate), None if kind == "audio" else self.max_soft_tokens)
         if len(key) == 3:   # (kind, path, budget): no such file now
-            return next((k for k in self._media if len(k) == 5 and (k[0], k[1], k[4]) == key), key)
+            read = [k for k in self._media if len(k) == 5 and k[:2] == key[:2]]
+            return next((k for k in read if k[4] == key[2]), read[-1] if read else key)
         return key
 
     def _item(self, kind: str, source: Any, rate: int | None = None, key: tuple | None = None) -> MediaItem:
