@@ -14,6 +14,7 @@ from .checks import check_positive_int
 from .errors import InputError, with_article
 from .generation import GenerationResponse
 from .media import MEDIA
+from .processing.files import check_item
 from .processing.processor import media_items
 from .tool_use import Answer, prepare_messages, tool_result_message
 from .tools import ToolCall
@@ -81,6 +82,7 @@ class Conversation:
         parts: list[dict[str, Any]] = []
         for key, kind in ((m.arg, m.kind) for m in MEDIA):
             for item in media_items(kind, given[key]):
+                check_item(kind, item)   # now: a missing file or an unusable object is refused at the call
                 rate = {"sampling_rate": sampling_rate} if kind == "audio" and sampling_rate is not None else {}
                 parts.append({"type": kind, kind: item, **rate})
         parts.append({"type": "text", "text": text})

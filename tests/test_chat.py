@@ -355,6 +355,19 @@ def test_send_takes_one_media_item_or_a_list_as_generate_does(vision, tmp_path):
         assert len(session.messages[0]["content"]) == 2   # one media part and the text
 
 
+def test_send_refuses_unusable_media_at_the_call(vision, tmp_path):
+    """send() checked its keywords at the call but media only when the answer was read: a missing file or an
+    int as an image came out of the first next(), far from the call that made it."""
+    model, processor = vision
+    session = ChatSession(model, processor)
+    for kw, said in ((dict(images=5), "Cannot use an int as an image"), (dict(images=[tmp_path / "nope.png"]),
+                     "no such file"), (dict(audio={"x": 1}), "Cannot use a dict as audio"),
+                     (dict(videos=[tmp_path]), "directory")):
+        with pytest.raises(InputError, match=said):
+            session.send("what?", **kw)
+    assert session.messages == []
+
+
 def test_audio_arrays_at_another_rate_in_a_chat(checkpoint_factory):
     """The chat had no way to say an array was not 16 kHz: 44.1 kHz audio was read as 16 kHz, 2.8 times longer."""
     from mlx_gemma4.processing.audio_file import load_audio

@@ -292,7 +292,7 @@ def test_bad_input_is_an_input_error(proc, tmp_path):
     (tmp_path / "broken.wav").write_bytes(b"RIFF" + b"\0" * 40)
     cases = [
         ({"text": "<|image|>", "images": str(tmp_path / "broken.png")}, "broken.png"),
-        ({"text": "<|image|>", "images": 3.5}, "Cannot use float"),
+        ({"text": "<|image|>", "images": 3.5}, "Cannot use a float"),
         ({"text": "<|image|>", "images": np.zeros((0, 4, 3), np.uint8)}, "non-empty"),
         ({"text": "<|audio|>", "audio": np.zeros(0, np.float32)}, "empty"),
         ({"text": "<|audio|>", "audio": str(tmp_path / "broken.wav")}, "broken.wav"),

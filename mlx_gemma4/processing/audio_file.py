@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError, with_article
-from .files import host_array, media_path
+from ..errors import InputError
+from .files import host_array, media_path, refuse_item
 
 logger = logging.getLogger(__name__)
 
@@ -215,5 +215,5 @@ def load_audio(src: str | Path | np.ndarray, sampling_rate: int | None = None) -
         except (ValueError, TypeError) as e:  # a ragged list
             raise InputError(f"Cannot read these audio samples as an array ({e}). Pass a 1-D numpy array.") from e
     else:
-        raise InputError(f"Cannot use {with_article(type(src).__name__)} as audio; pass a file path or a numpy array.")
+        refuse_item("audio", src)
     return _resample(_to_mono_float(data, what), rate, what)

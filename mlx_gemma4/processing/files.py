@@ -1,4 +1,5 @@
-"""The one check every media path goes through before a decoder sees it (images, audio, video)."""
+"""The one check every media path goes through before a decoder sees it (images, audio, video), and the cheap
+check of any media item (``check_item``: a path that is there, or an object of a kind the decoders take)."""
 
 from __future__ import annotations
 
@@ -56,3 +57,37 @@ def host_array(src):
     if isinstance(src, mx.array):
         return np.array(src.astype(mx.float32) if src.dtype == mx.bfloat16 else src)
     return src
+
+
+# What each kind takes besides a path, for the message that refuses anything else.
+_TAKES = {"image": "a file path, a PIL.Image or an HxWxC array", "audio": "a file path or a numpy array",
+          "video": "a file path or a list of frames"}
+_AS = {"image": "an image", "audio": "audio", "video": "a video"}
+
+
+def refuse_item(kind: str, src) -> None:
+    """Raise the InputError for ``src``, an object no decoder of ``kind`` takes."""
+    raise InputError(f"Cannot use {with_article(type(src).__name__)} as {_AS[kind]}; pass {_TAKES[kind]}.")
+
+
+def check_item(kind: str, src) -> None:
+    """The checks of a media item that read nothing: a path names a readable file (``media_path``), anything
+    else is of a type the ``kind``'s decoder takes (what it holds is checked when it is decoded)."""
+    from collections.abc import Sequence
+
+    import numpy as np
+
+    src = host_array(src)
+    if isinstance(src, (str, Path)):
+        media_path(src, kind)
+        return
+    if isinstance(src, np.ndarray):
+        return
+    if kind == "image":
+        from PIL import Image
+
+        if isinstance(src, Image.Image):
+            return
+    elif isinstance(src, Sequence) and not isinstance(src, (bytes, bytearray)):
+        return   # audio samples, or a video's frames
+    refuse_item(kind, src)

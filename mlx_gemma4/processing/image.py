@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..errors import InputError
-from .files import host_array, media_path
+from .files import host_array, media_path, refuse_item
 
 logger = logging.getLogger(__name__)
 
@@ -183,8 +183,7 @@ def load_image(src: ImageInput) -> Image.Image:
     elif isinstance(src, (str, Path)):
         image = _open_path(media_path(src, "image"))
     else:
-        raise InputError(f"Cannot use {type(src).__name__} as an image; pass a file path, a PIL.Image or an "
-                         "HxWxC array.")
+        refuse_item("image", src)
     _force_load(image, name)
     if image.width < 1 or image.height < 1:
         raise InputError(f"{name}: the image has no pixels ({image.width}x{image.height}).")

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InputError, with_article
-from .files import host_array, media_path
+from .files import host_array, media_path, refuse_item
 from .image import ImageProcessor, load_image
 
 logger = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ def load_video(src: VideoInput, num_frames: int | None = 32, fps: float | None =
                                  "re-download it.") from e
     if isinstance(src, (np.ndarray, list, tuple)):
         return _from_frames(src, num_frames, fps)
-    raise InputError(f"Cannot use {type(src).__name__} as a video; pass a file path or a list of frames.")
+    refuse_item("video", src)
 
 
 def _is_frame(item: Any) -> bool:
