@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib
 
-from .errors import ConfigError, ContextLengthError, Gemma4Error, InputError, OutputError, WeightsError
+from .errors import (CacheError, ConfigError, ContextLengthError, Gemma4Error, InputError, MissingFileError,
+                     OutputError, WeightsError)
 
 __all__ = [
-    "ConfigError", "ContextLengthError", "Gemma4Error", "InputError", "OutputError", "WeightsError",
+    "CacheError", "ConfigError", "ContextLengthError", "Gemma4Error", "InputError", "MissingFileError", "OutputError",
+    "WeightsError",
     "load", "load_assistant", "generate", "stream_generate", "ChatSession",
     "ToolCall", "ToolCallError", "tool_schema", "parse_tool_calls", "split_answer", "ToolLoop", "run_tools",
 ]

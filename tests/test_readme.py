@@ -88,3 +88,15 @@ def test_readme_block_runs_verbatim(workdir, index):
     done = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, f"README block {index} failed:\n{code}\n--- stderr ---\n{done.stderr[-4000:]}"
+
+
+def test_every_error_the_readme_names_is_importable_from_the_package():
+    """The README listed MissingFileError and CacheError among the package's errors; importing them from
+    mlx_gemma4 was an AttributeError."""
+    import mlx_gemma4
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    listed = re.findall(r"`(?:mlx_gemma4\.)?(\w+Error)`", text[text.index("- Errors are"):][:400])
+    assert {"Gemma4Error", "MissingFileError", "CacheError", "OutputError"} <= set(listed)
+    for name in listed:
+        assert issubclass(getattr(mlx_gemma4, name), mlx_gemma4.Gemma4Error), name
