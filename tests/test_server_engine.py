@@ -406,3 +406,17 @@ def test_the_serving_line_names_the_port_bound(served, caplog):
         assert port != 0 and lines == [f"Serving {MODEL} at http://127.0.0.1:{port}/v1"]
     finally:
         srv.close()
+
+
+def test_an_engine_given_a_loaded_model_says_what_it_takes(converted_towers):
+    """Engine(load(DIR)) failed on the model's thread with "'tuple' object is not callable", re-raised by
+    wait_ready(); the README's form takes a function that makes the session."""
+    from mlx_gemma4 import ChatSession, InputError, load
+    from mlx_gemma4.server import Engine
+
+    loaded = load(converted_towers)
+    with pytest.raises(InputError, match=r"Engine\(lambda: ChatSession\(\*load\(DIR\)\)\)"):
+        Engine(loaded)
+    engine = Engine(lambda: ChatSession(*loaded))
+    assert engine.wait_ready(60)
+    engine.close()

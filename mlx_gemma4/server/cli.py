@@ -130,12 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     from .app import create_app
     from .engine import Engine
 
-    if not _is_loopback(args.host) and not args.api_key:
-        log.warning("Bound to %s without --api-key: anyone who can reach this port can use the model.", args.host)
     problem = address_problem(args.host, args.port)
     if problem is not None:
         print(f"gemma4-serve: {problem[0]}", file=sys.stderr)
         return problem[1]
+    if not _is_loopback(args.host) and not args.api_key:
+        log.warning("Bound to %s without --api-key: anyone who can reach this port can use the model.", args.host)
     def session() -> ChatSession:
         model, processor = load(args.model)
         return ChatSession(model, processor, prefill_chunk=args.prefill_chunk)

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import mlx.core as mx
 
 from ..chat import ChatResponse
+from ..errors import InputError
 from .body import RequestError
 
 
@@ -71,6 +72,9 @@ class Engine:
 
     def __init__(self, load: Callable[[], Any], *, max_waiting: int = 16,
                  generation: dict[str, Any] | None = None) -> None:
+        if not callable(load):
+            raise InputError(f"Engine takes a function that makes the chat session on the model's thread, e.g. "
+                             f"Engine(lambda: ChatSession(*load(DIR))); got {type(load).__name__}.")
         self.max_waiting = max_waiting
         self.generation = dict(generation or {})
         self.session: Any = None
