@@ -55,7 +55,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="convert a local checkpoint that has no tokenizer files (load() needs them: copy "
                         "tokenizer.json in later; load_model() does not)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging, other libraries' too")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unused = [f for f, v in (("--q-group-size", args.q_group_size), ("--ple-bits", args.ple_bits),
+                             ("--tower-bits", args.tower_bits)) if v is not None]
+    if args.q_bits is None and unused:   # (a whole conversion to an output that ignores them: refused now)
+        p.error(f"{' and '.join(unused)} only matter{'' if len(unused) > 1 else 's'} when quantizing: add --q-bits N "
+                f"(e.g. --q-bits 4), or leave {'them' if len(unused) > 1 else 'it'} out for an unquantized output "
+                f"in --dtype.")
+    return args
 
 
 class Stopped(KeyboardInterrupt):
@@ -93,11 +100,6 @@ def main(argv=None) -> int:
                             format="%(levelname)s %(message)s")
         for name in ("convert", "mlx_gemma4"):
             logging.getLogger(name).setLevel(ours)
-        unused = [f for f, v in (("--q-group-size", args.q_group_size), ("--ple-bits", args.ple_bits),
-                                 ("--tower-bits", args.tower_bits)) if v is not None]
-        if args.q_bits is None and unused:
-            log.warning("%s only matter%s with --q-bits; without it the output is unquantized, in --dtype %s.",
-                        " and ".join(unused), "" if len(unused) > 1 else "s", args.dtype)
         from tqdm import tqdm
 
         from mlx_gemma4.conversion import convert, missing_tokenizer

@@ -390,14 +390,15 @@ def test_cli_refuses_a_shard_size_under_one_byte(tmp_path, size):
     assert r.returncode == 2 and "at least one byte" in r.stderr and not (tmp_path / "o").exists()
 
 
-def test_cli_says_when_quantization_flags_go_unused(sources, tmp_path):
-    """--q-group-size / --ple-bits without --q-bits were ignored without a word (the output unquantized)."""
-    r = subprocess.run([sys.executable, "convert.py", "--hf-path", str(sources["e"][0]), "--mlx-path",
-                        str(tmp_path / "out"), "--q-group-size", "32", "--ple-bits", "4"], cwd=ROOT,
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert "WARNING --q-group-size and --ple-bits only matter with --q-bits" in r.stderr
-    assert json.loads((tmp_path / "out" / "mlx_gemma4_conversion.json").read_text())["q_bits"] is None
+def test_cli_refuses_quantization_flags_without_q_bits(sources, tmp_path):
+    """--q-group-size / --ple-bits / --tower-bits without --q-bits were ignored without a word (the output
+    unquantized), then with a warning lost above the progress bars: refused before anything is written."""
+    for flags, said in ((["--q-group-size", "32", "--ple-bits", "4"], "--q-group-size and --ple-bits only matter"),
+                        (["--tower-bits", "8"], "--tower-bits only matters when quantizing")):
+        r = subprocess.run([sys.executable, "convert.py", "--hf-path", str(sources["e"][0]), "--mlx-path",
+                            str(tmp_path / "out"), *flags], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 2 and said in r.stderr and "--q-bits N" in r.stderr, r.stderr
+        assert not (tmp_path / "out").exists()
 
 
 def test_cli_rejects_unsupported_bits(tmp_path):
