@@ -140,6 +140,7 @@ class ChatApp(App):
         self.backend.shutdown()
         self.backend = Backend("demo (random weights)", build_demo, demo=True, settings=self.backend.settings)
         self.history = History(self.data_dir / "demo")
+        self.chat_screen.open_conversation(None)   # the one on show is the other history's: a new one in this
         self.chat_screen.model_changed()
         self.backend.load(self.chat_screen.post_message)
 

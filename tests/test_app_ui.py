@@ -650,6 +650,46 @@ def test_closing_get_model_leaves_no_model_and_a_message_is_refused(tmp_path):
     run(go())
 
 
+def test_the_demo_picked_after_resuming_a_real_chat_starts_its_own(tmp_path):
+    """--resume 1 then the demo: the screen still showed the real conversation #1, and the next message went into
+    the demo history's #1, another conversation (with its media), while the real one got nothing."""
+    real = History(tmp_path / "data")
+    rid = real.new_conversation(model="gemma-4-E4B-it-4bit")
+    real.add_message(rid, "user", "REAL: my tax question")
+    demo = History(tmp_path / "data" / "demo")
+    did = demo.new_conversation(model="demo")
+    demo.add_message(did, "user", "hi there")
+    assert rid == did == 1
+
+    async def go():
+        backend = Backend("gemma-4-E4B-it", lambda progress: (_ for _ in ()).throw(AssertionError("no download")))
+        app = ChatApp(backend, History(tmp_path / "data"), offer_download=True, hub_check=lambda: False, resume=1)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: isinstance(app.screen, GetModelScreen) and app.screen.reachable is False)
+            await pilot.press("d")
+            await until(pilot, lambda: app.backend.loaded)
+            assert app.chat_screen.conversation_id is None
+            await send(pilot, "follow-up")
+            await until(pilot, lambda: not app.chat_screen.generating and len(app.history.conversations()) == 2)
+    run(go())
+    assert [m.content for m in History(tmp_path / "data").messages(rid)] == ["REAL: my tax question"]
+    assert [m.content for m in History(tmp_path / "data" / "demo").messages(did)] == ["hi there"]
+
+
+def test_a_line_typed_as_the_first_run_dialog_comes_up_answers_nothing(tmp_path):
+    """The dialog comes up unasked as the app starts: a typed "quick question" and Enter quit the app (the q key)
+    or, with the hub reachable, started a 16 GB download (Enter on the focused button)."""
+    async def go():
+        backend = Backend("gemma-4-E4B-it", lambda progress: (_ for _ in ()).throw(AssertionError("no download")))
+        app = ChatApp(backend, History(tmp_path / "data"), offer_download=True, hub_check=lambda: True)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: isinstance(app.screen, GetModelScreen) and app.screen.reachable)
+            await pilot.press(*"quick question", "enter")
+            await pilot.pause()
+            assert isinstance(app.screen, GetModelScreen) and app.is_running
+    run(go())
+
+
 @pytest.mark.parametrize("size", [SIZE, (60, 20)])
 def test_get_model_buttons_stay_on_a_small_screen(tmp_path, monkeypatch, size):
     """The longest message (HF_HUB_OFFLINE set) pushed the buttons below the dialog's edge."""
@@ -737,7 +777,10 @@ def test_download_progress_reaches_the_progress_bar(tmp_path):
         async with app.run_test(size=SIZE) as pilot:
             await until(pilot, lambda: isinstance(app.screen, GetModelScreen) and app.screen.reachable)
             assert "hf auth login" in str(app.screen.query_one("#question").render())
-            await pilot.press("enter")  # the Download button has the focus
+            await pilot.press("enter")   # no button has the focus: Enter typed ahead answers nothing ...
+            await pilot.pause()
+            assert isinstance(app.screen, GetModelScreen)
+            await pilot.press("tab", "enter")   # ... Tab gets to Download
             bar = app.chat_screen.query_one("#loading-bar")
             await until(pilot, lambda: bar.progress == 1_000_000_000)
             assert bar.total == 4_000_000_000

@@ -1,7 +1,9 @@
 """No converted model yet: download and convert E4B (hub reachable), or try the demo model (one key), or quit.
 
 The hub check runs in a thread (it can take seconds when the network is down); until it answers the dialog says
-so. The dialog dismisses with "download", "demo", "quit", or None (Esc: stay, with no model).
+so. The dialog dismisses with "download", "demo", "quit", or None (Esc: stay, with no model). It comes up unasked
+as the app starts, while the user may be typing: no button has the focus (Enter answers nothing until Tab picks
+one: a typed line started a 16 GB download) and no letter quits (a typed "q" closed the app).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ class GetModelScreen(ModalScreen[str | None]):
     CSS_PATH = "modal.tcss"
     BINDINGS = [
         Binding("d", "choose('demo')", "Demo model", id="get_model.demo"),
-        Binding("q", "choose('quit')", "Quit", id="get_model.quit"),
         Binding("escape", "choose(None)", "Close", id="get_model.close"),
     ]
 
@@ -40,10 +41,10 @@ class GetModelScreen(ModalScreen[str | None]):
             with Horizontal(classes="buttons"):
                 yield Button("Download and convert", id="download", variant="primary", disabled=True)
                 yield Button("Demo model (d)", id="demo")
-                yield Button("Quit (q)", id="quit")
+                yield Button("Quit", id="quit")
 
     def on_mount(self) -> None:
-        self.query_one("#demo", Button).focus()
+        self.query_one("#question-box").focus()
         self.check_hub()
 
     @work(thread=True, exclusive=True)
@@ -61,7 +62,6 @@ class GetModelScreen(ModalScreen[str | None]):
                 "The Gemma licence must be accepted on the model's hub page first; if the download is refused, "
                 "log in with `hf auth login` and start again. Or try the tiny demo model (random output).")
             download.disabled = False
-            download.focus()
         else:
             question.update(offline_message(self.dest) + "\n\nOr try the app with the tiny demo model "
                                                           "(random output): press d.")
