@@ -28,12 +28,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a converted assistant drafter (convert.py --hf-path google/gemma-4-e2b-it-assistant): "
                         "answers decode speculatively, with the same text; saved as a setting ('' turns it off)")
     args = p.parse_args(argv)
-    from .screens.settings import FIELDS  # the ranges the settings screen accepts
+    from .screens.settings import FIELDS, allowed, fits  # the ranges the settings screen accepts
 
-    for key, _, _, lo, hi in FIELDS:
+    for key, *_ in FIELDS:
         value = getattr(args, key, None)
-        if value is not None and not lo <= value <= hi:
-            p.error(f"--{key.replace('_', '-')} must be from {lo} to {hi}; got {value}")
+        if value is not None and not fits(key, value):
+            p.error(f"--{key.replace('_', '-')} must be {allowed(key)}; got {value}")
     return args
 
 

@@ -26,9 +26,9 @@ class SettingsStore:
         except (OSError, ValueError) as e:
             log.warning("ignoring unreadable %s: %s", self.path, e)
             return Settings()
-        from .screens.settings import FIELDS  # the ranges the settings screen and the command line accept
+        from .screens.settings import FIELDS, allowed, fits  # the ranges the screen and the command line accept
 
-        ranges = {key: (lo, hi) for key, _, _, lo, hi in FIELDS}
+        ranged = {key for key, *_ in FIELDS}
         defaults = Settings()
         values = {}
         for f in dataclasses.fields(Settings):
@@ -40,9 +40,8 @@ class SettingsStore:
                 if f.name == "image_tokens" and value not in IMAGE_TOKENS:
                     log.warning("ignoring image_tokens=%r in %s: not one of %s", value, self.path, IMAGE_TOKENS)
                     continue
-                lo, hi = ranges.get(f.name, (None, None))
-                if lo is not None and not lo <= value <= hi:
-                    log.warning("ignoring %s=%r in %s: not from %s to %s", f.name, value, self.path, lo, hi)
+                if f.name in ranged and not fits(f.name, value):
+                    log.warning("ignoring %s=%r in %s: not %s", f.name, value, self.path, allowed(f.name))
                     continue
                 values[f.name] = type(default)(value)
         return dataclasses.replace(defaults, **values)

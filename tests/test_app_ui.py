@@ -196,6 +196,28 @@ def test_enter_in_a_settings_field_saves(tmp_path):
             assert app.screen is app.chat_screen and store.load().max_tokens == 300
     run(go())
 
+def test_settings_refuse_a_top_p_of_zero(tmp_path):
+    """Top-p 0 was saved, and every message then failed ("top_p must be a number in (0, 1]") until found."""
+    async def go():
+        store = SettingsStore(tmp_path / "data")
+        app = make_app(tmp_path, settings_store=store)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.backend.loaded)
+            screen = await open_screen(pilot, "f2", SettingsScreen)
+            screen.query_one("#top_p").value = "0"
+            await pilot.press("ctrl+s")
+            await pilot.pause()
+            assert app.screen is screen and not store.path.exists()
+            assert "Top-p must be a number above 0.0 and at most 1.0" in str(screen.query_one("#error").render())
+            screen.query_one("#top_p").value = "0.5"
+            await pilot.pause()
+            assert not str(screen.query_one("#error").render()).strip()   # (the reason stayed after the fix)
+            await pilot.press("ctrl+s")
+            await until(pilot, lambda: store.path.exists())
+            assert store.load().top_p == 0.5
+    run(go())
+
+
 def test_settings_store_ignores_bad_values(tmp_path):
     store = SettingsStore(tmp_path)
     assert store.load() == Settings()
@@ -208,6 +230,8 @@ def test_settings_store_ignores_bad_values(tmp_path):
     # Numbers the settings screen and the command line refuse are refused from the file too, field by field.
     store.path.write_text('{"max_tokens": 0, "temperature": NaN, "top_p": 7, "top_k": -1, "enable_thinking": true}')
     assert store.load() == Settings(enable_thinking=True)
+    store.path.write_text('{"top_p": 0}')   # keeps no token: every turn failed
+    assert store.load() == Settings()
     store.path.write_text('{"max_tokens": 32768, "temperature": 0, "top_p": 1.0, "top_k": 0}')
     assert store.load() == Settings(max_tokens=32768, temperature=0.0, top_p=1.0, top_k=0)
     store.path.write_text('{"image_tokens": 100}')   # no budget the model takes

@@ -25,6 +25,19 @@ FIELDS = [  # (id, label, type, min, max)
     ("top_k", "Top-k (0 = off)", int, 0, 1000),
     ("max_tokens", "Max tokens", int, 1, 32768),
 ]
+ABOVE_MIN = {"top_p"}   # fields whose minimum itself is refused (a top-p of 0 keeps no token: every turn failed)
+
+
+def fits(key: str, value: float) -> bool:
+    """Whether ``value`` is in the range of field ``key`` (the screen, the saved file and the command line)."""
+    lo, hi = next((lo, hi) for k, _, _, lo, hi in FIELDS if k == key)
+    return (lo < value if key in ABOVE_MIN else lo <= value) and value <= hi
+
+
+def allowed(key: str) -> str:
+    """The range of field ``key`` in words."""
+    lo, hi = next((lo, hi) for k, _, _, lo, hi in FIELDS if k == key)
+    return f"above {lo} and at most {hi}" if key in ABOVE_MIN else f"from {lo} to {hi}"
 
 
 class SettingsScreen(ModalScreen[Settings | None]):
@@ -85,8 +98,8 @@ class SettingsScreen(ModalScreen[Settings | None]):
         for key, label, kind, lo, hi in FIELDS:
             field = self.query_one(f"#{key}", Input)
             result = field.validate(field.value)
-            if result is not None and not result.is_valid:
-                self._refuse(field, f"{label} must be a number from {lo} to {hi}.")
+            if result is not None and not result.is_valid or not fits(key, float(field.value)):
+                self._refuse(field, f"{label} must be a number {allowed(key)}.")
                 return
             values[key] = kind(float(field.value))
         field = self.query_one("#assistant", Input)
@@ -99,6 +112,11 @@ class SettingsScreen(ModalScreen[Settings | None]):
         values["enable_thinking"] = self.query_one("#enable_thinking", Switch).value
         values["image_tokens"] = self.query_one("#image_tokens", Select).value
         self.dismiss(replace(self.settings, **values))
+
+    @on(Input.Changed)
+    def _edited(self) -> None:
+        """A field changed: the reason an earlier Save was refused may be fixed (it stayed under the fields)."""
+        self.query_one("#error", Static).update("")
 
     def _refuse(self, field: Input, why: str) -> None:
         """Say why Save was refused and put the field to fix in view (the reason's lines move it)."""
