@@ -281,6 +281,38 @@ async def _slash_commands_and_bad_files(tmp_path):
 test_slash_commands_and_bad_files = run(_slash_commands_and_bad_files)
 
 
+async def _words_after_a_command_stay_in_the_prompt(tmp_path):
+    """`/image PATH what is this?` attached the file and dropped the question, `/new what is ...` dropped it
+    too, and `/system` with its text on the next line was sent to the model as a message."""
+    img = png(tmp_path / "my pic.png")
+    plain = png(tmp_path / "cat.png")
+    app = make_app(tmp_path)
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded)
+        chat = app.chat_screen
+        await send(pilot, f"/image {plain} what is this?")
+        assert [a.path for a in chat.pending] == [plain] and chat.prompt.text == "what is this?"
+        chat.prompt.clear()
+        await send(pilot, f"/image '{img}' and this one")
+        assert [a.path for a in chat.pending] == [plain, img] and chat.prompt.text == "and this one"
+        chat.prompt.clear()
+        await send(pilot, f"/image {img}")   # a path with a space, unquoted: the whole argument, as before
+        assert len(chat.pending) == 2 and chat.prompt.text == ""   # (the same file: once)
+        await send(pilot, "/new what is the capital of France?")
+        assert chat.conversation_id is None and chat.prompt.text == "what is the capital of France?"
+        chat.prompt.text = "/system\nBe brief."
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.backend.settings.system_prompt == "Be brief.")
+        assert not app.history.conversations()   # nothing was sent to the model
+        chat.prompt.text = "/"
+        await pilot.press("enter")
+        await pilot.pause()
+        assert chat.prompt.text == "/" and "There is no command /" in notes(app)[-1]
+
+
+test_words_after_a_command_stay_in_the_prompt = run(_words_after_a_command_stay_in_the_prompt)
+
+
 async def _thinking_toggle_regenerate_copy(tmp_path):
     app = make_app(tmp_path, reply="Here:\n```py\nprint(1)\n```")
     async with app.run_test() as pilot:

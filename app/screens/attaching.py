@@ -3,6 +3,8 @@ microphone (Ctrl+R). The chat screen builds on this screen and sends what it col
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +31,21 @@ MEDIA_COMMANDS = {f"/{m.kind}": m.kind for m in MEDIA}
 
 def chips_of(attachments: list[Attachment]) -> list[tuple[str, Path, str]]:
     return [(a.kind, a.path, a.label) for a in attachments]
+
+
+def split_path_arg(arg: str) -> tuple[str, str]:
+    """`/image PATH words...`: the path and the words after it, which stay in the prompt (they were dropped). The
+    path is a quoted one, or a first word that names a file; otherwise the whole argument (a path with spaces
+    copied unquoted), read as before."""
+    quoted = re.match(r"""(['"])(.+?)\1(?:\s+(.*))?\Z""", arg, re.S)
+    if quoted:
+        return quoted.group(2), (quoted.group(3) or "").strip()
+    first = re.match(r"((?:\\ |\S)+)\s+(.*)\Z", arg, re.S)
+    if first:
+        word = first.group(1).replace("\\ ", " ")
+        if word.startswith("file://") or Path(word).expanduser().is_file():
+            return parse_prompt_path(word), first.group(2).strip()
+    return parse_prompt_path(arg), ""
 
 
 def parse_prompt_path(arg: str) -> str:
@@ -107,15 +124,17 @@ class AttachingScreen(Screen):
             self.show_pending()
             self.notify(f"Removed {gone.path.name} from the message.", timeout=4)
 
-    def media_command(self, name: str, arg: str) -> bool | None:
-        """`/image PATH` and friends: True when the file was attached, False when it was not (the message says
-        why), None when `name` is not one of them."""
+    def media_command(self, name: str, arg: str) -> bool | str | None:
+        """`/image PATH` and friends: True when the file was attached (or the words after the path, to stay in the
+        prompt), False when it was not (the message says why), None when `name` is not one of them."""
         if name not in MEDIA_COMMANDS:
             return None
         if not arg:
             self.notify(f"Usage: {name} PATH", severity="warning")
             return False
-        return self.attach_checked(parse_prompt_path(arg), expect=MEDIA_COMMANDS[name])
+        path, rest = split_path_arg(arg)
+        attached = self.attach_checked(path, expect=MEDIA_COMMANDS[name])
+        return (rest or True) if attached else attached
 
     def action_attach(self) -> None:
         def chosen(path: Path | None) -> None:

@@ -201,7 +201,10 @@ class ChatScreen(AnsweringScreen):
             return
         done = self.command(text) if text.startswith("/") and not text.startswith("//") else None
         if done is not None:
-            if done:  # a command that failed (a mistyped /image path) stays in the prompt to be corrected
+            if isinstance(done, str):   # done, and the words after the command stay, to be sent
+                event.prompt.text = done
+                event.prompt.move_cursor(event.prompt.document.end)
+            elif done:  # a command that failed (a mistyped /image path) stays in the prompt to be corrected
                 event.prompt.clear()
             return
         if self.generating:
@@ -259,17 +262,18 @@ class ChatScreen(AnsweringScreen):
         self.start_answer(mid, {k: sum(a.kind == k for a in attachments) for k in (m.kind for m in MEDIA)})
 
 
-    def command(self, text: str) -> bool | None:
-        """Slash commands: True when done, False when it failed (the user was told why), None for 'not a
-        command, send it as it is'."""
-        name, _, arg = text.partition(" ")
+    def command(self, text: str) -> bool | str | None:
+        """Slash commands: True when done (or the text to leave in the prompt: the words after `/new` or after a
+        media command's path), False when it failed (the user was told why), None for 'not a command, send it as
+        it is'."""
+        name, arg = re.match(r"(\S*)\s*(.*)\Z", text, re.S).groups()   # (a new line ends the name too)
         name, arg = name.lower(), arg.strip()   # (/NEW is /new)
         attached = self.media_command(name, arg)
         if attached is not None:
             return attached
         if name == "/new":
             self.action_new_conversation()
-            return True
+            return arg or True   # (`/new what is ...`: the question stays, to be sent in the new conversation)
         if name == "/system":
             if not arg:   # (it cleared the saved prompt without a word of it)
                 now = self.chat.backend.settings.system_prompt
@@ -284,7 +288,7 @@ class ChatScreen(AnsweringScreen):
         if name == "/help":
             self.action_help()
             return True
-        if re.fullmatch(r"/[A-Za-z]+", name):   # a mistyped command (/sytem) is not sent to the model as text
+        if re.fullmatch(r"/[A-Za-z]*", name):   # a mistyped command (/sytem), or a lone /, is not sent as text
             self.notify(f"There is no command {name}; /help lists them. To send text that starts with a slash, "
                         "begin it with two (//).", severity="warning", timeout=8)
             return False
