@@ -293,20 +293,41 @@ class History:
             )
             title_row = c.execute("SELECT title FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
             title = title_row[0] if title_row else ""
-            if not title and role == "user" and content.strip():
-                title = content.strip().splitlines()[0][:60]
+            if not title and role == "user":
+                title = _title(content)
             c.execute("UPDATE conversations SET updated = ?, title = ? WHERE id = ?", (now, title, conversation_id))
         return mid
 
     def delete_message(self, message_id: int) -> None:
-        """Remove one message and the copies of its attachments (a turn that failed leaves nothing behind)."""
+        """Remove one message and the copies of its attachments: a turn that failed leaves nothing behind. Its
+        conversation's title and time are what they were without it, and a conversation it leaves empty goes
+        (a failed first message left an empty conversation named after text never sent, at the list's top)."""
         rows = self._conn.execute("SELECT path FROM attachments WHERE message_id = ?", (message_id,)).fetchall()
+        owner = self._conn.execute("SELECT conversation_id, role, content FROM messages WHERE id = ?",
+                                   (message_id,)).fetchone()
+        emptied = None
         with self._tx() as c:
             c.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+            if owner is not None:
+                cid, role, content = owner
+                left = c.execute("SELECT role, content, created FROM messages WHERE conversation_id = ? ORDER BY id",
+                                 (cid,)).fetchall()
+                if not left:
+                    c.execute("DELETE FROM conversations WHERE id = ?", (cid,))
+                    emptied = cid
+                else:
+                    title, created = c.execute("SELECT title, created FROM conversations WHERE id = ?",
+                                               (cid,)).fetchone()
+                    if role == "user" and title == _title(content):
+                        title = next((_title(t) for r, t, _ in left if r == "user" and _title(t)), "")
+                    c.execute("UPDATE conversations SET updated = ?, title = ? WHERE id = ?",
+                              (max([created] + [t for _, _, t in left]), title, cid))
         for (path,) in rows:
             p = Path(path)
             if p.parent.parent == self.attachments_dir:  # only our copies, never the user's own file
                 p.unlink(missing_ok=True)
+        if emptied is not None:
+            shutil.rmtree(self.attachments_dir / str(emptied), ignore_errors=True)
 
     def delete_last_message(self, conversation_id: int, role: str = "assistant") -> None:
         """Regenerating replaces the last answer."""
@@ -411,6 +432,11 @@ class History:
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text("\n".join(lines), encoding="utf-8")
         return dest
+
+
+def _title(content: str) -> str:
+    """A conversation's title from its first user message: its first line, cut at 60 characters."""
+    return content.strip().splitlines()[0][:60] if content.strip() else ""
 
 
 class _Transaction:

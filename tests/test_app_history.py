@@ -48,6 +48,32 @@ def test_save_list_resume_delete(tmp_path):
     assert h2.conversations() == [] and not a.path.exists()
 
 
+def test_a_failed_turn_leaves_no_trace_in_titles_times_or_the_list(tmp_path):
+    """A failed first message left an empty conversation titled with text never sent (the next message kept that
+    title), and a failed turn moved its conversation to the top of the list."""
+    img = tmp_path / "pic.png"
+    Image.new("RGB", (4, 4)).save(img)
+    h = History(tmp_path / "data")
+    older = h.new_conversation()
+    h.add_message(older, "user", "older chat")
+    time.sleep(0.01)
+    cid = h.new_conversation()
+    failed = h.add_message(cid, "user", "200 lines pasted\n...", attachments=[check(img)])
+    h.delete_message(failed)
+    assert not h.exists(cid) and [c.id for c in h.conversations()] == [older]
+    assert not (h.attachments_dir / str(cid)).exists()
+    cid = h.new_conversation()
+    h.add_message(cid, "user", "200 lines pasted")
+    kept = h.add_message(cid, "user", "short one")   # (a turn after the failed one, as the app keeps them)
+    h.delete_message(h.messages(cid)[0].id)
+    assert h.get(cid).title == "short one" and h.messages(cid)[0].id == kept
+    before = h.get(older).updated
+    time.sleep(0.01)
+    h.delete_message(h.add_message(older, "user", "too long"))
+    assert h.get(older).updated == before and h.get(older).title == "older chat"
+    assert [c.id for c in h.conversations()][0] == cid   # the failed turn did not move it up
+
+
 def test_regenerate_and_drop_oldest_turns(tmp_path):
     h = History(tmp_path)
     cid = h.new_conversation()
