@@ -5,6 +5,7 @@ template and detokenizer; a client that leaves mid-answer cancels it; the line o
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import threading
 import urllib.error
@@ -420,3 +421,18 @@ def test_an_engine_given_a_loaded_model_says_what_it_takes(converted_towers):
     engine = Engine(lambda: ChatSession(*loaded))
     assert engine.wait_ready(60)
     engine.close()
+
+
+def test_a_client_gone_while_sending_its_body_is_no_server_failure(served, caplog):
+    """A client that closed mid-upload was logged as 'request failed' with a ClientDisconnect traceback."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(served[1].url)
+    with caplog.at_level(logging.INFO, logger="mlx_gemma4.server.app"):
+        with socket.create_connection((url.hostname, url.port)) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n{\"messages\": [")
+        wait_until(lambda: any("left before its request was read" in r.getMessage() for r in caplog.records),
+                   "the server to notice the client left")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -90,8 +90,15 @@ def test_request_becomes_chat_messages_and_options(store):
     greedy = parse(store, top_p=0, temperature=1.5).options
     assert greedy["temperature"] == 0.0 and greedy["top_p"] == 1.0
     assert parse(store, top_p=0.5, temperature=1.5).options["temperature"] == 1.5
-    # Any 64-bit seed, as OpenAI takes it: a negative one (-1 from clients that mean "any") is its unsigned bits.
-    assert [parse(store, seed=v).options["seed"] for v in (-1, -2**63, 2**64 - 1)] == [2**64 - 1, 2**63, 2**64 - 1]
+    # Any 64-bit seed, as OpenAI takes it: a negative one is its unsigned bits; but -1 is "any seed" (llama.cpp's;
+    # clients send it for that: it was one fixed seed, the same answer every time).
+    assert [parse(store, seed=v).options["seed"] for v in (-2, -2**63, 2**64 - 1)] == [2**64 - 2, 2**63, 2**64 - 1]
+    assert "seed" not in parse(store, seed=-1).options
+    # A named tool_choice forces that call with every tool still declared, as OpenAI does (only the named one was
+    # declared: the prompt differed from the conversation's other requests, and earlier calls named undeclared tools).
+    tools = [{"type": "function", "function": {"name": n}} for n in ("f", "g")]
+    named = parse(store, tools=tools, tool_choice={"type": "function", "function": {"name": "g"}})
+    assert [t["function"]["name"] for t in named.tools] == ["f", "g"] and named.options["tool_choice"] == "g"
     with pytest.raises(RequestError, match="'seed' must be a whole number"):
         parse(store, seed=2**64)
     # An assistant turn sent back as OpenAI writes one that declined (a 'refusal' part): its words, as text.

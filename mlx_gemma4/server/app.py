@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -151,6 +151,9 @@ def create_app(engine: Engine, *, model_id: str, limits: Limits | None = None, a
                                     status_code=400)
             except InputError as e:
                 return JSONResponse(RequestError(str(e), param="messages").body(), status_code=400)
+            except ClientDisconnect:   # gone while sending its body: nobody to answer, nothing failed here
+                log.info("%s %s: the client left before its request was read", request.method, request.url.path)
+                return Response(status_code=499)
             except Exception as e:  # the model failed: the client gets JSON too; the traceback goes to the log
                 log.exception("request failed")
                 return JSONResponse(RequestError(f"The server failed to answer ({type(e).__name__}: {e}); see its "

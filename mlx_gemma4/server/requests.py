@@ -139,10 +139,10 @@ def _options(body: dict[str, Any], limits: Limits) -> dict[str, Any]:
                "top_p": top_p or 1.0,
                "top_k": _int(body, "top_k", 0, 2**31 - 1, 0),
                "min_p": _number(body, "min_p", 0.0, 0.999, 0.0)}
-    # OpenAI's seed is any 64-bit integer, and clients send -1 (llama.cpp's "any seed"): a negative seed is the
-    # same 64 bits read unsigned, as MLX takes them (-1 was a 400).
+    # OpenAI's seed is any 64-bit integer: a negative seed is the same 64 bits read unsigned, as MLX takes them;
+    # but -1 is llama.cpp's "any seed" (clients send it for that: it gave the same answer every time).
     seed = _int(body, "seed", -2**63, 2**64 - 1, None)
-    if seed is not None:
+    if seed is not None and seed != -1:
         options["seed"] = seed % 2**64
     penalty = _number(body, "repetition_penalty", 0.01, 10.0, None)
     if penalty is not None:
@@ -247,10 +247,9 @@ def _tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, str | Non
         return tools, "required"
     if isinstance(choice, dict) and choice.get("type") == "function":
         name = (choice.get("function") or {}).get("name")
-        chosen = [t for t in tools if t["function"]["name"] == name]
-        if not chosen:
+        if not any(t["function"]["name"] == name for t in tools):
             raise RequestError(f"'tool_choice' names {name!r}, which is not among 'tools'.", param="tool_choice")
-        return chosen, name
+        return tools, name   # all declared, as OpenAI does (the prompt is the conversation's); this one forced
     raise RequestError("'tool_choice' must be 'auto', 'none', 'required' or {'type': 'function', 'function': "
                        "{'name': ...}}.", param="tool_choice")
 
