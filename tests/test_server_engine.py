@@ -173,14 +173,18 @@ def test_stop_string_ends_the_answer(client, steer, processor, stream):
     steer.force = forced
     kw = dict(model=MODEL, messages=[{"role": "user", "content": "count"}], max_tokens=200, stop=["STOP", "zzz"])
     if stream:
-        chunks = list(client.chat.completions.create(stream=True, **kw))
+        chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
         content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason][0]
+        usage = [c.usage for c in chunks if c.usage][0]
     else:
-        choice = client.chat.completions.create(**kw).choices[0]
-        content, finish = choice.message.content, choice.finish_reason
+        whole = client.chat.completions.create(**kw)
+        content, finish, usage = whole.choices[0].message.content, whole.choices[0].finish_reason, whole.usage
     assert content == "one two three " and finish == "stop"
     assert steer.calls < len(forced)  # the model stopped there too, not at the end of the forced text
+    # The tokens up to the one that completed the stop string: one more or one less as the threads raced.
+    upto = next(n for n in range(1, len(forced) + 1) if "STOP" in processor.tokenizer.decode(forced[:n]))
+    assert usage.completion_tokens == upto
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])

@@ -204,6 +204,10 @@ class _Reply:
         """The deltas of one streamed response of choice ``piece.index`` (a stop string found in it, or the one
         tool call allowed, ends that choice)."""
         i, r = piece.index, piece.response
+        if self.answers[i].stopped:
+            # Tokens the model thread made before it saw the stop: not the answer's, and not counted (usage
+            # counted one more or one less as threads raced: streamed and not, the same answer differed).
+            return []
         if self.last[i] is None and i == 0:
             self.cached = piece.cached_tokens
         self.last[i] = r
