@@ -104,19 +104,28 @@ class ChatSession(Conversation):
         self._answers: weakref.WeakSet = weakref.WeakSet()   # send()'s answers not yet collected (see _answer)
         self._answering_on: int | None = None   # the thread an answer is streaming on
         self.last_reused = 0  # prompt tokens the last turn found in the cache
+        self._max_rewind = kv.MAX_REWIND   # what the sliding rings can take back: a whole round of drafts
+        self._room_for(self.assistant, self.draft_tokens)
         self._fresh_cache()
         self.reset()
 
     # -- the cache -------------------------------------------------------------------------------------------
-    def _fresh_cache(self) -> None:
-        if self.assistant is None:
-            self.cache = self.model.make_cache()
-        else:   # sliding rings that can take back a whole round of drafts
-            from .draft_length import DraftLength
-            from .speculative import required_max_rewind
+    def _room_for(self, assistant: Any, draft_tokens: int | None) -> bool:
+        """Make the rings' rewind room enough for rounds of ``draft_tokens`` (None: the automatic policy's most)
+        with ``assistant``; True when it grew (the cache must then be made again: its rings are too small)."""
+        if assistant is None:
+            return False
+        from .draft_length import DraftLength
+        from .speculative import required_max_rewind
 
-            k_max = self.draft_tokens if self.draft_tokens is not None else DraftLength().k_max
-            self.cache = self.model.make_cache(max_rewind=required_max_rewind(self.model, self.assistant, k_max))
+        k_max = draft_tokens if draft_tokens is not None else DraftLength().k_max
+        need = required_max_rewind(self.model, assistant, k_max)
+        grew = need > self._max_rewind
+        self._max_rewind = max(self._max_rewind, need)
+        return grew
+
+    def _fresh_cache(self) -> None:
+        self.cache = self.model.make_cache(max_rewind=self._max_rewind)
         self._cached = np.zeros(0, dtype=np.int64)  # keys (EncodedChat.keys) of the tokens in the cache
         self._snapshots: list[kv.Snapshot] = []  # newest last, at most _MAX_SNAPSHOTS
 
@@ -223,6 +232,10 @@ class ChatSession(Conversation):
             gen_kwargs.setdefault("draft_tokens", self.draft_tokens)
         progress = gen_kwargs.pop("progress", None)  # (done, total) prompt tokens, for a UI
         self._answering_on = self._this_thread()
+        if self._room_for(gen_kwargs.get("assistant"), gen_kwargs.get("draft_tokens")):
+            # A drafter (or longer rounds) this session's rings cannot rewind: rings with room, the prompt read
+            # again (the error asked for a cache a session's user never makes).
+            self._fresh_cache()
         try:
             yield from self._stream_here(messages, schemas, chunk, progress, **gen_kwargs)
         finally:

@@ -444,6 +444,13 @@ def test_chat_session_with_an_assistant_gives_the_same_answers(mimicking):
             assert session.cache[0].offset == len(session._cached) == plain.cache[0].offset
     with pytest.raises(InputError, match="draft_tokens"):
         ChatSession(model, processor, assistant=ours, draft_tokens=1.5)
+    # Longer rounds than the session was made for, or a drafter given to one made without: its rings get the room
+    # (it was "Make it with model.make_cache(max_rewind=12)", a cache a session's user never makes).
+    for session, kw in ((spec, dict(draft_tokens=12)), (plain, dict(assistant=ours, draft_tokens=12))):
+        ref = ChatSession(model, processor)
+        ref.load_messages(session.messages)
+        want = "".join(r.text for r in ref.send("one more", max_tokens=24))
+        assert "".join(r.text for r in session.send("one more", max_tokens=24, **kw)) == want
 
 
 def test_answering_again_with_an_assistant_computes_no_prompt_token(mimicking):
