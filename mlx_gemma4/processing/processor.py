@@ -239,7 +239,8 @@ class Processor:
         longest = fe.longest_clip(room)
         raise ContextLengthError(
             f"The audio ({_duration(total, fe.sampling_rate)}) needs {needed:,} prompt tokens but this model's "
-            f"context holds {self.context_length:,}: the longest audio it can take is "
+            f"context holds {self.context_length:,} with <bos> and at least one more token ({room:,} left for "
+            f"audio): the longest audio it can take is "
             f"{_duration(longest, fe.sampling_rate)} in one prompt, less the room the rest of the prompt needs. "
             "Trim the recording or send it in parts.")
 
