@@ -12,12 +12,15 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import numbers
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from PIL import Image, ImageDraw, ImageFont
+
+from .errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -176,8 +179,13 @@ def _numbers(v: Any, n: int) -> list[float] | None:
 def parse_boxes(text: str, image_size: tuple[int, int]) -> list[Box]:
     """Boxes and points in ``text`` mapped to pixels of an image of ``image_size`` = (width, height).
 
-    Never raises on bad model output: what cannot be parsed is skipped (logged at DEBUG)."""
-    width, height = image_size
+    Never raises on bad model output: what cannot be parsed is skipped (logged at DEBUG). A size that is not two
+    positive numbers (an image's path or None: a TypeError from inside) is an InputError."""
+    size = tuple(image_size) if isinstance(image_size, (tuple, list)) else ()
+    if len(size) != 2 or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and v > 0 for v in size):
+        raise InputError(f"image_size must be the image's (width, height) in pixels, e.g. Image.open(path).size; "
+                         f"got {image_size!r:.60}.")
+    width, height = size
     fenced = _FENCE.findall(text or "")
     sources = fenced if fenced else [text or ""]
 

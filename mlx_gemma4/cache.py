@@ -139,7 +139,9 @@ class _Buffers:
         self._offset = end
 
     def _check_rewind(self, n: int) -> None:
-        if not 0 <= n <= self.rewindable:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+            raise CacheError(f"rewind takes how many tokens to take back, a whole number >= 0; got {n!r:.40}.")
+        if not n <= self.rewindable:
             raise CacheError(
                 f"Cannot rewind {n} tokens: this cache can take back at most {self.rewindable} now. "
                 "Restore a snapshot instead, or make the cache with a larger max_rewind."

@@ -160,3 +160,13 @@ def test_unusable_images_are_input_errors(bomb_png, tmp_path):
     closed.close()
     with pytest.raises(InputError, match="closed"):
         draw_boxes(closed, [])
+
+
+@pytest.mark.parametrize("size", [None, "cat.jpg", (800,), (0, 400), (800, "400"), (True, 400)])
+def test_an_image_size_that_is_not_width_and_height_is_an_input_error(size):
+    """parse_boxes(text, None) was a TypeError from inside, (text, 'cat.jpg') a ValueError."""
+    from mlx_gemma4 import InputError
+
+    with pytest.raises(InputError, match=r"image_size must be the image's \(width, height\)"):
+        parse_boxes('{"box_2d": [0, 0, 500, 500]}', size)
+    assert parse_boxes('{"box_2d": [0, 0, 500, 500]}', [800, 400]) == parse_boxes('{"box_2d": [0, 0, 500, 500]}', SIZE)

@@ -189,6 +189,9 @@ def test_sliding_ring_rewinds_max_rewind_after_any_write_and_no_more():
     assert c.rewindable == 1
     with pytest.raises(CacheError, match="at most 1"):
         c.rewind(2)
+    for bad in (-1, 1.5, True):   # (-1 was "Cannot rewind -1 tokens: ... at most 1")
+        with pytest.raises(CacheError, match="a whole number >= 0"):
+            c.rewind(bad)
     assert c.offset == 28
     _write(c, 4)
     assert c.rewindable == 3
