@@ -59,6 +59,7 @@ class ParsedPrompt:
     notices: list[str] = field(default_factory=list)
 
 
+
 def to_path(word: str) -> Path:
     """A pasted word (quotes and escapes already removed, or a file:// URI) as an absolute-ish Path."""
     if word.startswith("file://"):
@@ -107,11 +108,19 @@ def _sniff_image(path: Path) -> Attachment | None:
     from mlx_gemma4.errors import InputError
     from mlx_gemma4.processing.image import probe_image
 
+    from mlx_gemma4.processing.image import load_image
+
     try:
         size = probe_image(path)  # the processor's own test of an image, so the two never disagree
     except InputError as e:  # over Pillow's decompression-bomb limit
         raise AttachmentError(f"{path.name}: the image is too large to open safely; downscale it first") from e
-    return None if size is None else Attachment(path, "image", size=size)
+    if size is None:
+        return None
+    try:   # decoded whole now, as the model will read it: a cut or corrupt file failed only once sent
+        load_image(path)
+    except InputError as e:
+        raise AttachmentError(str(e).replace(str(path), path.name)) from e
+    return Attachment(path, "image", size=size)
 
 
 def _sniff_audio(path: Path) -> Attachment | None:
@@ -123,7 +132,20 @@ def _sniff_audio(path: Path) -> Attachment | None:
         return None
     if info.frames <= 0:
         raise AttachmentError(f"{path.name}: the audio file holds no sound (0 samples); record or choose another clip")
+    from mlx_gemma4.processing.audio_file import SAMPLING_RATE
+
+    shortest = _shortest_clip()
+    if info.frames * SAMPLING_RATE / info.samplerate < shortest:   # failed only once sent
+        raise AttachmentError(f"{path.name}: the clip is {1000 * info.frames / info.samplerate:.2g} ms long, too "
+                              f"short to hear anything in (at least {1000 * shortest / SAMPLING_RATE:.3g} ms)")
     return Attachment(path, "audio", duration=info.frames / info.samplerate)
+
+
+def _shortest_clip() -> int:
+    """Samples (16 kHz) of the shortest clip the audio tower reads: one analysis window (the reference's)."""
+    from mlx_gemma4.processing.audio import AudioFeatureExtractor
+
+    return AudioFeatureExtractor().min_samples
 
 
 def _sniff_av(path: Path) -> Attachment | None:

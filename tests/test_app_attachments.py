@@ -165,6 +165,23 @@ def test_truncated_image_gets_a_notice(media):
     assert p.notices and "broken.png" in p.notices[0]
 
 
+def test_an_image_cut_after_its_header_or_a_clip_too_short_is_refused_when_attached(tmp_path):
+    """A JPEG cut half way (its header whole) and a 10-sample WAV attached fine and failed only once sent, naming
+    the app's copy of the file ("…/attachments/17/c08947b6-trunc.jpg") or "Audio clip 0"."""
+    whole = tmp_path / "whole.jpg"
+    Image.new("RGB", (400, 300), "red").save(whole)
+    cut = tmp_path / "trunc.jpg"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(AttachmentError, match=r"^trunc\.jpg: the image data is truncated or corrupt"):
+        check(cut)
+    short = tmp_path / "short.wav"
+    sf.write(short, np.zeros(10, np.float32), 16000)
+    with pytest.raises(AttachmentError, match=r"^short\.wav: the clip is 0\.62 ms long, too short"):
+        check(short)
+    sf.write(short, np.zeros(320, np.float32), 16000)   # one analysis window: enough
+    assert check(short).kind == "audio" and check(whole).size == (400, 300)
+
+
 def test_huge_image_is_a_notice_and_the_message_is_kept(bomb_png):
     with pytest.raises(AttachmentError, match="huge.png: the image is too large"):
         check(bomb_png)

@@ -841,3 +841,57 @@ def test_picking_the_conversation_on_show_mid_answer_lets_it_go_on(tmp_path):
     asyncio.run(go())
     history = History(tmp_path / "data")
     assert [m.content for m in history.messages(history.latest().id)] == ["talk", "once upon a time"]
+
+
+async def _a_saved_copy_gone_from_the_app_folder_is_left_out_and_named(tmp_path):
+    """A conversation whose saved attachment copies were moved away failed every message ("<copy path>: no such
+    file ... drag the file in again"): the copy is left out of what the model reads, and a notice names it."""
+    from app.attachments import check
+
+    img = png(tmp_path / "red.png")
+    history = History(tmp_path / "data")
+    cid = history.new_conversation(model="scripted")
+    history.add_message(cid, "user", "what is this?", attachments=[check(img)])
+    history.add_message(cid, "assistant", "A red square.")
+    copy = history.messages(cid)[0].attachments[0].path
+    copy.unlink()
+    app = make_app(tmp_path, resume=cid)
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded and app.chat_screen.conversation_id == cid)
+        await send(pilot, "and now?")
+        await wait_for(pilot, lambda: not app.chat_screen.generating and app.sessions[-1].calls)
+        sent = app.sessions[-1].calls[-1]["messages"]
+        assert sent[0]["content"] == [{"type": "text", "text": "what is this?"}]
+        said = [str(n.render()) for n in app.chat_screen.query(Notice)]
+        assert any("red.png (attached earlier) is gone" in s for s in said)
+        assert not any("failed" in s for s in said)
+        assert [m.role for m in history.messages(cid)] == ["user", "assistant", "user", "assistant"]
+
+
+test_a_saved_copy_gone_from_the_app_folder_is_left_out_and_named = run(
+    _a_saved_copy_gone_from_the_app_folder_is_left_out_and_named)
+
+
+async def _a_failed_turn_names_the_users_file_not_the_apps_copy(tmp_path):
+    """A media error named the app's copy ("…/attachments/17/c08947b6-red.png: ..."), not the file dragged in."""
+    from mlx_gemma4.errors import InputError
+    from tests.app_helpers import ScriptedSession
+
+    class Refusing(ScriptedSession):
+        def stream(self, messages, **kw):
+            raise InputError(f"{messages[-1]['content'][0]['image']}: the image data is truncated or corrupt.")
+
+    img = png(tmp_path / "red.png")
+    app = make_app(tmp_path, session=Refusing)
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded)
+        await send(pilot, f"what is {img}")
+        def failed():
+            return [str(n.render()) for n in app.chat_screen.query(Notice) if "Generation failed" in str(n.render())]
+
+        await wait_for(pilot, failed)
+        [said] = failed()
+        assert "red.png: the image data is truncated" in said and "attachments" not in said
+
+
+test_a_failed_turn_names_the_users_file_not_the_apps_copy = run(_a_failed_turn_names_the_users_file_not_the_apps_copy)

@@ -92,7 +92,7 @@ class AnsweringScreen(AttachingScreen):
         if not self.chat.backend.loaded:
             self.query_one(StatusBar).state = "waiting for the model…"
         self.chat.backend.generate(self.post_message, self.conversation_id, turn_id,
-                                   self.conversation_messages(self.conversation_id, upto=turn_id))
+                                   self.conversation_messages(self.conversation_id, upto=turn_id, say_missing=True))
 
     @on(ev.Working)
     def working(self, event: ev.Working) -> None:
@@ -150,6 +150,10 @@ class AnsweringScreen(AttachingScreen):
     def failed(self, event: ev.GenerationFailed) -> None:
         if not self._mine(event):
             return
+        error = event.error
+        for m in self.chat.history.messages(event.conversation_id):   # the user's file names, not the app's copies
+            for a in m.attachments:
+                error = error.replace(str(a.path), a.name)
         typed, replacing, message = self.typed, self.replacing, self.current
         self.turn_id = self.current = self.replacing = self.typed = None
         self.generating = False
@@ -167,11 +171,11 @@ class AnsweringScreen(AttachingScreen):
         else:
             self.render_conversation()  # the answer a regenerate would have replaced comes back
         if event.context_full and event.drop_turns:
-            self.offer_to_drop_turns(event.error, event.drop_turns)
+            self.offer_to_drop_turns(error, event.drop_turns)
         elif event.context_full:
-            self.notice(f"That message does not fit in the model's context. {event.error}", "error")
+            self.notice(f"That message does not fit in the model's context. {error}", "error")
         else:
-            self.notice(f"Generation failed. {event.error}", "error")
+            self.notice(f"Generation failed. {error}", "error")
 
     def put_back(self, text: str, pending: list[Attachment]) -> None:
         """Restore a message that was not sent: its text (paths typed in it included), cursor at the end, and

@@ -37,9 +37,11 @@ from ..widgets.tool_calls import result_line
 from .answering import AnsweringScreen, finish_note
 from .confirm import ConfirmScreen
 
-def session_messages(saved: list[SavedMessage]) -> list[dict]:
+def session_messages(saved: list[SavedMessage], missing: list[str] | None = None) -> list[dict]:
     """History rows as chat messages for the model (text plus the saved copies of attachments). An answer that
-    called tools becomes the calls, their results (the app runs none: the model is told so) and its text."""
+    called tools becomes the calls, their results (the app runs none: the model is told so) and its text. A saved
+    copy gone from the app's folder is left out, its name added to ``missing`` (every later turn failed on it,
+    naming the copy's path, with advice for a file just dragged in)."""
     out = []
     for m in saved:
         calls = m.stats.get("tool_calls") if m.role == "assistant" else None
@@ -54,7 +56,10 @@ def session_messages(saved: list[SavedMessage]) -> list[dict]:
         if not m.attachments:
             out.append({"role": m.role, "content": m.content})
             continue
-        parts: list[dict] = [{"type": a.kind, a.kind: str(a.path)} for a in m.attachments]
+        there = [a for a in m.attachments if a.path.is_file()]
+        if missing is not None:
+            missing += [a.name for a in m.attachments if a not in there]
+        parts: list[dict] = [{"type": a.kind, a.kind: str(a.path)} for a in there]
         out.append({"role": m.role, "content": parts + [{"type": "text", "text": m.content}]})
     return out
 
@@ -146,13 +151,21 @@ class ChatScreen(AnsweringScreen):
 
     # -- the conversation on show -------------------------------------------------------------------
 
-    def conversation_messages(self, conversation_id: int, upto: int | None = None) -> list[dict]:
-        """The conversation as chat messages for the model (system prompt first), up to message `upto`."""
+    def conversation_messages(self, conversation_id: int, upto: int | None = None, say_missing: bool = False
+                              ) -> list[dict]:
+        """The conversation as chat messages for the model (system prompt first), up to message `upto`;
+        `say_missing`: a notice names the attachments whose saved copies are gone (left out)."""
         history = self.chat.history
         conv = history.get(conversation_id)
         saved = [m for m in history.messages(conversation_id) if upto is None or m.id <= upto]
         system = [{"role": "system", "content": conv.system_prompt}] if conv and conv.system_prompt else []
-        return system + session_messages(saved)
+        missing: list[str] = []
+        messages = system + session_messages(saved, missing)
+        if missing and say_missing:
+            self.notice(f"The app's copy of {', '.join(missing)} (attached earlier) is gone from "
+                        f"{history.attachments_dir / str(conversation_id)}; the conversation goes on without "
+                        f"{'it' if len(missing) == 1 else 'them'}.", "warning")
+        return messages
 
     def render_conversation(self) -> None:
         """Draw the transcript from the history store (the one record of the conversation)."""
