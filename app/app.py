@@ -88,7 +88,7 @@ class ChatApp(App):
             self.ask_to_download()
         else:
             self.backend.load(self.chat_screen.post_message)
-        if self.resume_id:
+        if self.resume_id is not None and self.resume_id is not False:   # (--resume 0 was ignored without a word)
             latest = self.history.latest() if self.resume_id is True else self.history.get(int(self.resume_id))
             if latest is None:
                 self.chat_screen.notice("There is no saved conversation to resume." if self.resume_id is True else
@@ -247,6 +247,10 @@ class ChatApp(App):
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
+        if screen is not self.chat_screen:
+            # Over a dialog the chat's commands acted on the chat behind it, and Settings opened a second settings
+            # dialog on top of the first (saving the lower one undid the upper one's changes).
+            return
         chat = self.chat_screen
         yield SystemCommand("Toggle thinking", "Show the model's reasoning (Ctrl+T)", chat.action_toggle_thinking)
         yield SystemCommand("Regenerate", "Answer the last message again (Ctrl+G)", chat.action_regenerate)

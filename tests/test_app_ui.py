@@ -218,6 +218,23 @@ def test_settings_refuse_a_top_p_of_zero(tmp_path):
     run(go())
 
 
+def test_the_palette_over_a_dialog_offers_none_of_the_chats_commands(tmp_path):
+    """Ctrl+P over the settings dialog offered Settings again (a second dialog on the first: saving the lower one
+    undid the upper one's changes) and the chat's commands, which acted on the chat behind it."""
+    async def go():
+        app = make_app(tmp_path, resume=0)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.backend.loaded)
+            said = [str(n.render()) for n in app.chat_screen.query(Notice)]
+            assert any("no saved conversation #0" in s for s in said)   # (--resume 0 was ignored)
+            titles = [c.title for c in app.get_system_commands(app.chat_screen)]
+            assert "Settings" in titles and "New conversation" in titles
+            screen = await open_screen(pilot, "f2", SettingsScreen)
+            titles = [c.title for c in app.get_system_commands(screen)]
+            assert "Settings" not in titles and "New conversation" not in titles and "Regenerate" not in titles
+    run(go())
+
+
 def test_settings_store_ignores_bad_values(tmp_path):
     store = SettingsStore(tmp_path)
     assert store.load() == Settings()

@@ -206,7 +206,9 @@ class AnsweringScreen(AttachingScreen):
 
     def action_regenerate(self) -> None:
         if self.generating:
-            self.notify("Still answering; Esc stops it, then Ctrl+G answers again.", severity="warning")
+            self.notify("Still answering; Esc stops it, then Ctrl+G answers again." if self.chat.backend.loaded else
+                        "The model is still loading; your message is answered once it is. Esc cancels it.",
+                        severity="warning")
             return
         saved = self.chat.history.messages(self.conversation_id) if self.conversation_id is not None else []
         users = [m for m in saved if m.role == "user"]
