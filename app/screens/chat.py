@@ -96,7 +96,8 @@ class ChatScreen(AnsweringScreen):
         yield AttachmentChips(id="pending", thumbnails=False)
         yield PromptArea(id="prompt", placeholder=PLACEHOLDER)
         yield StatusBar(id="status")
-        yield Footer()
+        # Without the palette's hint (F1 lists Ctrl+P): at 80 columns it cut "History" to "Hi".
+        yield Footer(show_command_palette=False)
 
     def on_mount(self) -> None:
         status = self.query_one(StatusBar)

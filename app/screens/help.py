@@ -27,7 +27,7 @@ COMMANDS = [
     ("/help", "this help"),
 ]
 ATTACHING = ("Drag files into the terminal, or paste their paths (quoted, escaped or file:// URIs), to attach "
-             "them. Backspace on an empty prompt removes the last attached file. Esc, q or F1 closes this help.")
+             "them. Ctrl+P finds any command by name. Esc, q or F1 closes this help.")
 
 
 def two_columns(rows: list[tuple[str, str]]) -> Table:
