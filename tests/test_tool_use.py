@@ -317,11 +317,34 @@ def test_tool_choice_opens_the_answer_with_a_call(loaded, choice):
     free = "".join(r.text for r in session.stream(ask(), max_tokens=12, **GREEDY))
     assert not free.startswith("<|tool_call>")
     text = "".join(r.text for r in session.stream(ask(), tool_choice=choice, max_tokens=40, **GREEDY))
-    assert text.startswith("<|tool_call>call:get_weather{" if choice != "required" else "<|tool_call>call:")
+    assert text.startswith("<|tool_call>call:get_weather{")   # "required": the one tool declared
     call = call_text("get_weather", {"city": "Oslo"})
     force = ScriptedAnswers(processor, [call + "<|tool_response>"])
     out = list(session.stream(ask(), tool_choice=choice, max_tokens=40, logits_processors=[force], **GREEDY))
     assert out[-1].answer.tool_calls == [ToolCall("get_weather", {"city": "Oslo"})]
+
+
+def test_required_names_one_of_the_declared_tools(loaded):
+    """tool_choice="required" forced only ``<|tool_call>call:`` and the random model named a tool nobody declared
+    (``call:a<mask>...``); the name is now one of the declared ones, each of them reachable."""
+    def get_time(zone: str) -> str:
+        """The time.
+
+        Args:
+            zone: a time zone
+        """
+        return "noon"
+
+    model, processor = loaded
+    session = ChatSession(model, processor, tools=[get_weather, get_time])
+    for seed in range(3):
+        text = "".join(r.text for r in session.stream(ask(), tool_choice="required", max_tokens=30, temperature=1.0,
+                                                       seed=seed))
+        assert text.startswith(("<|tool_call>call:get_weather{", "<|tool_call>call:get_time{")), text
+    for name in ("get_weather", "get_time"):   # a scripted model picks either
+        force = ScriptedAnswers(processor, [call_text(name, {}) + "<|tool_response>"])
+        out = list(session.stream(ask(), tool_choice="required", max_tokens=30, logits_processors=[force], **GREEDY))
+        assert [c.name for c in out[-1].answer.tool_calls] == [name]
 
 
 def test_tool_choice_needs_a_declared_tool(loaded):
