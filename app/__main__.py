@@ -83,10 +83,27 @@ def main(argv: list[str] | None = None) -> int:
         del one_run["assistant"]
         store.save(dataclasses.replace(stored, assistant=""))
     backend = Backend(choice.name, load_fn(choice, data), demo=choice.kind == "demo", settings=settings)
-    ChatApp(backend, history, resume=args.resume, offer_download=choice.kind == "download",
-            settings_store=store, one_run=one_run).run()
+    lenient_terminal_input()
+    app = ChatApp(backend, history, resume=args.resume, offer_download=choice.kind == "download",
+                  settings_store=store, one_run=one_run)
+    app.run()
     history.close()
-    return 0
+    return app.return_code or 0   # (a crash ended with exit code 0)
+
+
+def lenient_terminal_input() -> None:
+    """Bytes from the terminal that are not UTF-8 (a binary paste, a cut multi-byte character, a terminal in
+    another locale) become U+FFFD instead of ending the app: Textual decodes its input strictly, and a
+    UnicodeDecodeError in its input thread closed the app and lost the unsent prompt (Textualize/textual#6456)."""
+    import codecs
+    import functools
+
+    try:
+        from textual.drivers import linux_driver
+    except ImportError:   # (Windows: another driver)
+        return
+    linux_driver.getincrementaldecoder = lambda encoding: functools.partial(
+        codecs.getincrementaldecoder(encoding), errors="replace")
 
 
 if __name__ == "__main__":

@@ -133,3 +133,23 @@ def test_typed_joiners_and_direction_marks_are_kept(tmp_path):
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
     assert saved_user_messages(data) == [typed]
+
+
+def test_a_paste_of_bytes_that_are_not_utf8_does_not_end_the_app(tmp_path):
+    """Bytes that are not UTF-8 (a binary paste, a cut multi-byte character) raised UnicodeDecodeError in Textual's
+    input thread: the app closed, the unsent prompt was lost, and the exit code was 0."""
+    session, data = start_demo(tmp_path)
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(b"before \xf9\xfe\xff\xc3 after")
+    try:
+        tmux("load-buffer", "-b", "junk", str(garbage))
+        tmux("paste-buffer", "-p", "-b", "junk", "-t", session)
+        wait_pane(session, "before .* after")
+        tmux("send-keys", "-t", session, "Enter")
+        wait_pane(session, lambda pane: "tok/s" in pane and answer_lines(pane))
+        tmux("send-keys", "-t", session, "C-q")
+        wait_gone(session)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    [sent] = saved_user_messages(data)
+    assert sent.startswith("before") and sent.endswith("after") and "\ufffd" in sent
