@@ -895,3 +895,58 @@ async def _a_failed_turn_names_the_users_file_not_the_apps_copy(tmp_path):
 
 
 test_a_failed_turn_names_the_users_file_not_the_apps_copy = run(_a_failed_turn_names_the_users_file_not_the_apps_copy)
+
+
+def test_esc_on_an_answer_asked_again_keeps_the_earlier_answer(tmp_path):
+    """Ctrl+G then Esc replaced the earlier, whole answer with the fragment, for good (leaving the conversation or
+    quitting mid-answer kept it)."""
+    history = History(tmp_path / "data")
+    cid = history.new_conversation()
+    for text, role in (("first", "user"), ("the whole first answer", "assistant")):
+        history.add_message(cid, role, text)
+    gate = threading.Semaphore(0)
+    app = make_app(tmp_path, reply="a new answer that never ends", gate=gate, resume=cid)
+
+    async def go():
+        async with app.run_test() as pilot:
+            await wait_for(pilot, lambda: app.backend.loaded and app.screen.query(ModelMessage))
+            await pilot.press("ctrl+g")
+            gate.release(2)
+            await wait_for(pilot, lambda: app.sessions and app.sessions[0].calls and app.screen.generating)
+            await pilot.press("escape")
+            gate.release(10)
+            await wait_for(pilot, lambda: not app.screen.generating)
+            await pilot.pause()
+            assert [m.answer for m in app.screen.query(ModelMessage)] == ["the whole first answer"]
+
+    asyncio.run(go())
+    assert [m.content for m in History(tmp_path / "data").messages(cid)] == ["first", "the whole first answer"]
+
+
+def test_a_turn_that_fails_after_its_conversation_was_left_leaves_history_and_its_text_comes_back(tmp_path):
+    """A message that failed (too long) after the user moved to another conversation stayed in history,
+    unanswered: going back, every message was refused as too long, and the only offer dropped good turns too."""
+    from mlx_gemma4.errors import ContextLengthError
+    from tests.app_helpers import ScriptedSession
+
+    gate = threading.Event()
+
+    class TooLong(ScriptedSession):
+        def stream(self, messages, **kw):
+            gate.wait(30)
+            raise ContextLengthError("The conversation is 469235 tokens but the model's context is 4096.")
+
+    app = make_app(tmp_path, session=TooLong)
+
+    async def go():
+        async with app.run_test() as pilot:
+            await wait_for(pilot, lambda: app.backend.loaded)
+            await send(pilot, "a very long message")
+            await wait_for(pilot, lambda: app.chat_screen.generating)
+            cid = app.chat_screen.conversation_id
+            await pilot.press("ctrl+n")
+            gate.set()
+            await wait_for(pilot, lambda: not app.history.exists(cid) or not app.history.messages(cid))
+            await wait_for(pilot, lambda: app.chat_screen.prompt.text == "a very long message")
+
+    asyncio.run(go())

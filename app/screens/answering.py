@@ -122,6 +122,14 @@ class AnsweringScreen(AttachingScreen):
                                     stats=stats)
             return
         message, self.current = self.current, None
+        if self.replacing is not None and event.finish_reason == "cancelled":
+            # Ctrl+G stopped with Esc: the answer it was to replace stays (the fragment replaced it for good, where
+            # leaving the conversation or quitting mid-answer kept it).
+            self.turn_id = self.replacing = self.typed = None
+            self.generating = False
+            self.render_conversation()
+            self.notify("Stopped; the earlier answer is kept.")
+            return
         annotated = self.draw_boxes(event.answer) if self.turn_images and event.answer else None
         if annotated is not None:  # kept with the conversation, shown again on resume
             stats["annotated"] = str(annotated)
@@ -149,6 +157,17 @@ class AnsweringScreen(AttachingScreen):
     @on(ev.GenerationFailed)
     def failed(self, event: ev.GenerationFailed) -> None:
         if not self._mine(event):
+            # A conversation left before its turn failed: the turn leaves history all the same (it stayed, and a
+            # 10,000-line message blocked the conversation), unless it was answered before (a regenerate).
+            history = self.chat.history
+            if history.exists(event.conversation_id) and not self._answered(event.conversation_id, event.turn_id):
+                sent = [m for m in history.messages(event.conversation_id) if m.id == event.turn_id]
+                history.delete_message(event.turn_id)
+                if sent and sent[0].content.strip():   # nothing typed is lost: it comes back to the prompt
+                    self.put_back(sent[0].content, [])
+                    self.notify("A message sent in another conversation was not answered "
+                                f"({event.error[:120]}); its text is back in the prompt.", severity="warning",
+                                timeout=12)
             return
         error = event.error
         for m in self.chat.history.messages(event.conversation_id):   # the user's file names, not the app's copies
