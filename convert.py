@@ -78,7 +78,7 @@ SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if h
 
 
 def _stop(signum: int, frame) -> None:
-    for s in SIGNALS:   # a second signal must not cut the clean-up short
+    for s in SIGNALS:   # a second signal must not cut the clean-up short (restored as main() ends)
         signal.signal(s, signal.SIG_IGN)
     raise Stopped(signum)
 
@@ -89,8 +89,14 @@ def main(argv=None) -> int:
     log = logging.getLogger("convert")
     bar = None
     previous = {}
+    caught: list[int] = []
     if threading.current_thread() is threading.main_thread():
-        previous = {s: signal.signal(s, _stop) for s in SIGNALS}
+        # While MLX is imported a signal is only noted (raised inside its extension's start-up it became an
+        # ImportError traceback, or an abort); a signal the shell has us ignore (nohup's SIGHUP) stays ignored.
+        previous = {s: signal.getsignal(s) for s in SIGNALS}
+        previous = {s: h for s, h in previous.items() if h is not signal.SIG_IGN}
+        for s in previous:
+            signal.signal(s, lambda signum, frame: caught.append(signum))
     try:
         args = parse_args(argv)
         # Our own lines at INFO; other libraries' only from WARNING (torch, when transformers loads it, prints its
@@ -103,6 +109,11 @@ def main(argv=None) -> int:
         from tqdm import tqdm
 
         from mlx_gemma4.conversion import convert, missing_tokenizer
+
+        for s in previous:
+            signal.signal(s, _stop)
+        if caught:
+            raise Stopped(caught[0])
 
         missing = missing_tokenizer(args.hf_path)
         if missing and not args.weights_only:   # known now: a whole conversion would end in a model load() refuses

@@ -466,10 +466,10 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def _held_conversion(src: Path, dst: Path, flag: Path) -> subprocess.Popen:
+def _held_conversion(src: Path, dst: Path, flag: Path, preexec_fn=None) -> subprocess.Popen:
     p = subprocess.Popen([sys.executable, "-c", _HELD.format(root=str(ROOT), flag=str(flag)), "--hf-path", str(src),
                           "--mlx-path", str(dst), "--dtype", "float32"], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
     while not flag.exists():               # the event: a tensor is in the temp dir
         assert p.poll() is None, p.communicate()
         time.sleep(0.02)
@@ -488,6 +488,43 @@ def test_signal_removes_the_partial_conversion(sources, tmp_path, sig):
     assert p.returncode == 128 + sig
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("Interrupted")
     assert list(out.iterdir()) == []
+
+
+def test_a_conversion_started_with_nohup_survives_a_closed_terminal(sources, tmp_path):
+    """nohup has SIGHUP ignored: convert.py put its own handler in its place, and a closed terminal stopped the
+    run (exit 129). The SIGHUP is ignored; the SIGTERM after it still stops the run."""
+    out = tmp_path / "out"
+    out.mkdir()
+    p = _held_conversion(sources["e"][0], out / "model", tmp_path / "flag",
+                         preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    p.send_signal(signal.SIGHUP)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM and "Interrupted (SIGTERM)" in err
+    assert list(out.iterdir()) == []
+
+
+def test_a_signal_while_mlx_is_imported_ends_with_the_one_line(sources, tmp_path):
+    """A signal raised inside the import of MLX (its extension's start-up) became an ImportError traceback or an
+    abort: while the imports run, a signal is noted, and the run ends with the one line once they are done."""
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+import convert as cli
+class Hook:   # fires inside mlx.core's start-up, which imports this helper (or, failing that, at mlx.nn)
+    fired = False
+    def find_spec(self, name, *args):
+        if name in ("mlx._reprlib_fix", "mlx.nn") and not Hook.fired:
+            Hook.fired = True
+            os.kill(os.getpid(), signal.SIGTERM)
+sys.meta_path.insert(0, Hook())
+sys.exit(cli.main(sys.argv[1:]))
+"""
+    r = subprocess.run([sys.executable, "-c", script, "--hf-path", str(sources["e"][0]), "--mlx-path",
+                        str(tmp_path / "o"), "--dtype", "float32"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 128 + signal.SIGTERM and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("Interrupted (SIGTERM)") and not (tmp_path / "o").exists()
 
 
 def test_killed_conversion_is_cleaned_up_by_the_next_run(sources, tmp_path):
