@@ -253,7 +253,7 @@ def convert(
     except OSError as e:
         raise OutputError(
             f"Writing the conversion to {dst} failed: {e.strerror or e}. Free some space (it needs about "
-            f"{needed / 1e9:.1f} GB) or fix the folder's permissions, or pick another --mlx-path; the partial "
+            f"{_size(needed)}) or fix the folder's permissions, or pick another --mlx-path; the partial "
             "output was removed.") from e
     logger.info("Wrote %s (%.1f MB)", dst, sum(f.stat().st_size for f in dst.iterdir()) / 1e6)
     return dst
@@ -263,8 +263,13 @@ def _check_space(dst: Path, needed: int) -> None:
     parent = next(p for p in (dst, *dst.parents) if p.exists())
     free = shutil.disk_usage(parent).free
     if needed > free:
-        raise OutputError(f"The conversion needs about {needed / 1e9:.1f} GB but {parent} has {free / 1e9:.1f} GB "
-                          "free. Free some space or pick an --mlx-path on another disk.")
+        raise OutputError(f"The conversion needs about {_size(needed)} but {parent} has {_size(free)} free. Free "
+                          "some space or pick an --mlx-path on another disk.")
+
+
+def _size(n: int) -> str:
+    """Bytes in words, precise enough to tell a need from what is free ("0.0 GB" said nothing)."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def write_config(root: Path, config: ModelConfig, quant: dict | None, dtype: str) -> None:

@@ -50,6 +50,10 @@ def check_destination(dst: Path, force: bool) -> None:
         raise OutputError(f"--mlx-path {dst} is a file, not a directory; nothing was changed. Pick a directory "
                           "path for the conversion.")
     if not dst.exists():
+        above = next((p for p in dst.parents if p.exists()), None)   # the nearest folder there is ...
+        if above is not None and not above.is_dir():                # ... is a file: nothing can be made under it
+            raise OutputError(f"--mlx-path {dst}: {above} is a file, not a directory; nothing was changed. Pick a "
+                              "directory path for the conversion.")
         return
     entries = sorted(p.name for p in dst.iterdir())
     if not [n for n in entries if n not in _OS_FILES]:   # empty, or only what Finder or Explorer put there

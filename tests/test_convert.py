@@ -308,9 +308,18 @@ def test_not_enough_free_space_is_refused_up_front(sources, tmp_path, monkeypatc
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
-    with pytest.raises(OutputError, match="needs about .* GB free"):
+    with pytest.raises(OutputError, match=r"needs about \d+\.\d MB but .* has 0\.0 MB free"):   # (it said 0.0 GB)
         convert(sources["e"][0], tmp_path / "out", dtype="float32")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_above_the_destination_is_named(sources, tmp_path):
+    """--mlx-path afile/sub failed mid-way with "File exists. Free some space ... or fix the folder's
+    permissions"; the file in the way is named up front."""
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputError, match=r"afile is a file, not a directory; nothing was changed"):
+        convert(sources["e"][0], tmp_path / "afile" / "sub" / "out", dtype="float32")
+    assert (tmp_path / "afile").read_text() == "x"
 
 
 def test_cli_write_failure_is_one_line(sources, tmp_path):
