@@ -950,3 +950,28 @@ def test_a_turn_that_fails_after_its_conversation_was_left_leaves_history_and_it
             await wait_for(pilot, lambda: app.chat_screen.prompt.text == "a very long message")
 
     asyncio.run(go())
+
+
+async def _with_the_conversation_focused_a_paste_and_enter_reach_the_prompt(tmp_path):
+    """After Tab (the conversation focused to scroll it), a dragged file's path vanished, and a typed line then
+    Enter stayed unsent."""
+    img = png(tmp_path / "red.png")
+    app = make_app(tmp_path)
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded)
+        chat = app.chat_screen
+        chat.transcript.focus()
+        await pilot.pause()
+        chat.transcript.post_message(events.Paste(str(img)))
+        await wait_for(pilot, lambda: [a.path for a in chat.pending] == [img])
+        chat.prompt.text = "hi"
+        chat.transcript.focus()
+        await pilot.pause()
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.sessions and app.sessions[0].calls)
+        text, images = user_turn(app.sessions[0].calls[0])
+        assert text == "hi" and len(images) == 1
+
+
+test_with_the_conversation_focused_a_paste_and_enter_reach_the_prompt = run(
+    _with_the_conversation_focused_a_paste_and_enter_reach_the_prompt)

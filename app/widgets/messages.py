@@ -138,6 +138,13 @@ class Transcript(VerticalScroll):
         self.scroll_end(animate=False, immediate=True)
 
     def on_key(self, event: events.Key) -> None:
+        if event.key == "enter":   # sends what the prompt holds (a typed line then Enter was left unsent)
+            event.stop()
+            event.prevent_default()
+            prompt = self.screen.query_one("#prompt")
+            prompt.focus()
+            prompt.post_message(prompt.Submitted(prompt, prompt.text))
+            return
         if not (event.is_printable and event.character):
             return
         event.stop()
@@ -145,6 +152,14 @@ class Transcript(VerticalScroll):
         prompt = self.screen.query_one("#prompt")
         prompt.focus()
         prompt.insert(event.character)
+
+    def on_paste(self, event: events.Paste) -> None:
+        """A paste (a dragged file's path) goes to the prompt, as typing does: it vanished."""
+        event.stop()
+        event.prevent_default()
+        prompt = self.screen.query_one("#prompt")
+        prompt.focus()
+        prompt.post_message(events.Paste(event.text))
 
     def last_model_message(self) -> ModelMessage | None:
         found = self.query(ModelMessage)
