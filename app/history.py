@@ -346,11 +346,21 @@ class History:
         ).fetchall()
         if not rows:
             return
+        below = rows[n][0] if len(rows) > n else None   # the first message kept (None: none is)
+        copies = self._conn.execute(
+            "SELECT a.path FROM attachments a JOIN messages m ON a.message_id = m.id WHERE m.conversation_id = ? "
+            "AND (? IS NULL OR m.id < ?)", (conversation_id, below, below)).fetchall()
         with self._tx() as c:
-            if len(rows) > n:
-                c.execute("DELETE FROM messages WHERE conversation_id = ? AND id < ?", (conversation_id, rows[n][0]))
-            else:
-                c.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
+            if below is not None:
+                c.execute("DELETE FROM messages WHERE conversation_id = ? AND id < ?", (conversation_id, below))
+            else:   # every turn: the conversation goes too (an empty one stayed in the list under its old title)
+                c.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+        for (path,) in copies:   # the dropped turns' copies of their files (they stayed on disk)
+            p = Path(path)
+            if p.parent.parent == self.attachments_dir:
+                p.unlink(missing_ok=True)
+        if below is None:
+            shutil.rmtree(self.attachments_dir / str(conversation_id), ignore_errors=True)
 
     def delete(self, conversation_id: int) -> None:
         with self._tx() as c:

@@ -86,6 +86,23 @@ def test_regenerate_and_drop_oldest_turns(tmp_path):
     assert [m.content for m in h.messages(cid)] == ["q2", "a2 again"]
 
 
+def test_dropped_turns_take_their_file_copies_and_an_emptied_conversation_with_them(tmp_path):
+    """Dropping turns left their attachments' copies on disk, and dropping every turn left an empty conversation
+    in the list under its old title."""
+    img = tmp_path / "pic.png"
+    Image.new("RGB", (4, 4)).save(img)
+    h = History(tmp_path / "data")
+    cid = h.new_conversation()
+    h.add_message(cid, "user", "what is this?", attachments=[check(img)])
+    h.add_message(cid, "assistant", "a square")
+    h.add_message(cid, "user", "and this?", attachments=[check(img)])
+    first, second = (m.attachments[0].path for m in h.messages(cid) if m.attachments)
+    h.delete_oldest_turns(cid, 1)
+    assert not first.exists() and second.exists() and [m.content for m in h.messages(cid)] == ["and this?"]
+    h.delete_oldest_turns(cid, 1)
+    assert not h.exists(cid) and not second.exists() and img.exists()   # (the user's own file stays)
+
+
 def test_export_markdown(tmp_path):
     h = History(tmp_path)
     cid = h.new_conversation(model="demo")

@@ -235,6 +235,31 @@ def test_the_palette_over_a_dialog_offers_none_of_the_chats_commands(tmp_path):
     run(go())
 
 
+def test_drop_oldest_turn_from_the_palette_asks_first(tmp_path):
+    """Ctrl+P "Drop oldest turn" dropped it at once, for good (the app's own offer asks)."""
+    async def go():
+        app = make_app(tmp_path)
+        cid = app.history.new_conversation()
+        for text, role in (("first", "user"), ("one", "assistant"), ("second", "user"), ("two", "assistant")):
+            app.history.add_message(cid, role, text)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.backend.loaded)
+            app.resume(cid)
+            await pilot.pause()
+            [drop] = [c for c in app.get_system_commands(app.chat_screen) if c.title == "Drop oldest turn"]
+            drop.callback()
+            await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+            await pilot.press("enter")   # Keep has the focus
+            await until(pilot, lambda: app.screen is app.chat_screen)
+            assert len(app.history.messages(cid)) == 4
+            drop.callback()
+            await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+            await pilot.press("y")
+            await until(pilot, lambda: len(app.history.messages(cid)) == 2)
+            assert [m.content for m in app.history.messages(cid)] == ["second", "two"]
+    run(go())
+
+
 def test_settings_store_ignores_bad_values(tmp_path):
     store = SettingsStore(tmp_path)
     assert store.load() == Settings()

@@ -336,7 +336,16 @@ class ChatScreen(AnsweringScreen):
                                            "make room?", f"Drop {n} oldest", "Keep", unasked=True), answered)
 
     def drop_oldest_turn(self) -> None:
-        self.drop_oldest_turns(1)
+        """The palette's "Drop oldest turn": asked first, as the app's own offer is (it dropped at once, for good)."""
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.drop_oldest_turns(1)
+
+        if self.conversation_id is None or not self.chat.history.messages(self.conversation_id):
+            self.notify("There is no turn to drop.")
+            return
+        self.app.push_screen(ConfirmScreen("Drop the oldest turn (your message and its answer) from this "
+                                           "conversation for good?", "Drop it", "Keep", safe=True), answered)
 
     def drop_oldest_turns(self, n: int) -> None:
         if self.generating:
