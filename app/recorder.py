@@ -51,8 +51,9 @@ def sounddevice_stream(**kwargs: Any) -> InputStream:
         sd.query_devices(kind="input")
         return sd.InputStream(**kwargs)
     except (sd.PortAudioError, ValueError) as e:
-        raise RecorderError(f"No microphone could be opened ({e}). Check that an input device is connected "
-                            "and that this terminal may use the microphone.") from e
+        what = "No microphone was found" if "device -1" in str(e) else f"No microphone could be opened ({e})"
+        raise RecorderError(f"{what}. Check that an input device is connected and that this terminal may use the "
+                            "microphone.") from e
 
 
 class Recorder:

@@ -152,8 +152,8 @@ class AttachingScreen(Screen):
         if not self.recording:
             try:
                 rec.start()
-            except RecorderError as e:
-                self.notice(str(e), "error")
+            except RecorderError as e:   # a toast: pressed again and again, notices piled up in the conversation
+                self.notify(str(e), severity="error", timeout=10)
                 return
             self.recording = True
             meter.limit = rec.max_frames / rec.samplerate
