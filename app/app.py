@@ -245,6 +245,12 @@ class ChatApp(App):
             self.notify(f"Could not export: {e}. Make {self.history.dir} writable, or start with --data-dir "
                         "pointing at a writable folder.", severity="error", timeout=12)
 
+    def copy_to_clipboard(self, text: str) -> None:
+        """The terminal's clipboard (OSC 52, which Textual sends) and, where there is one, the system's: macOS
+        Terminal ignores OSC 52, so "Copied" was said and nothing was. ``copied_by`` says which took it."""
+        super().copy_to_clipboard(text)
+        self.copied_by = system_clipboard(text)
+
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         if screen is not self.chat_screen:
@@ -266,3 +272,27 @@ class ChatApp(App):
         yield SystemCommand("Help", "Keys and commands (F1)", self.action_help)
         if self.backend.load_error == NO_MODEL_CHOSEN:   # the first-run dialog was closed: it can be had again
             yield SystemCommand("Get a model", "Download Gemma 4 E4B, or try the demo", self.ask_to_download)
+
+
+def system_clipboard(text: str) -> str | None:
+    """Put ``text`` on the system clipboard with the platform's tool (pbcopy; wl-copy or xclip under a display);
+    the tool's name, or None where there is none (over SSH, a bare console) or it failed."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    tools = [["pbcopy"]] if sys.platform == "darwin" else []
+    if os.environ.get("WAYLAND_DISPLAY"):
+        tools.append(["wl-copy"])
+    if os.environ.get("DISPLAY"):
+        tools += [["xclip", "-selection", "clipboard"], ["xsel", "--clipboard", "--input"]]
+    for tool in tools:
+        if shutil.which(tool[0]) is None:
+            continue
+        try:
+            subprocess.run(tool, input=text.encode(), check=True, timeout=3, capture_output=True)
+            return tool[0]
+        except (OSError, subprocess.SubprocessError):
+            continue
+    return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import html
 import re
+import sys
 import threading
 from pathlib import Path
 
@@ -975,3 +976,34 @@ async def _with_the_conversation_focused_a_paste_and_enter_reach_the_prompt(tmp_
 
 test_with_the_conversation_focused_a_paste_and_enter_reach_the_prompt = run(
     _with_the_conversation_focused_a_paste_and_enter_reach_the_prompt)
+
+
+def test_copy_keys_use_the_system_clipboard_where_there_is_one(tmp_path, monkeypatch):
+    """F3 said "Copied" whatever happened: Textual only asks the terminal (OSC 52), which macOS Terminal ignores.
+    The system's clipboard tool takes it where there is one, and the message says when only the terminal was
+    asked."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    got = tmp_path / "clipboard.txt"
+    tool = bin_dir / "xclip"
+    tool.write_text(f"#!/bin/sh\ncat > {got}\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.setattr(sys, "platform", "linux")   # (on a Mac, pbcopy would take it)
+
+    async def go():
+        app = make_app(tmp_path, reply="an answer to copy")
+        async with app.run_test() as pilot:
+            await wait_for(pilot, lambda: app.backend.loaded)
+            await send(pilot, "hi")
+            await wait_for(pilot, lambda: not app.chat_screen.generating and app.chat_screen.query(ModelMessage))
+            monkeypatch.setenv("DISPLAY", ":0")
+            await pilot.press("f3")
+            await wait_for(pilot, lambda: notes(app) and notes(app)[-1] == "Copied the last answer.")
+            assert got.read_text() == "an answer to copy" and app.clipboard == "an answer to copy"
+            monkeypatch.delenv("DISPLAY")
+            await pilot.press("f3")
+            await wait_for(pilot, lambda: "terminal's clipboard" in notes(app)[-1] and "OSC 52" in notes(app)[-1])
+
+    asyncio.run(go())

@@ -64,6 +64,14 @@ def session_messages(saved: list[SavedMessage], missing: list[str] | None = None
     return out
 
 
+def copied(what: str, by: str | None) -> str:
+    """What a copy key did: the system clipboard took it, or only the terminal was asked to (OSC 52)."""
+    if by:
+        return f"Copied {what}."
+    return (f"Sent {what} to the terminal's clipboard (a terminal without OSC 52, like macOS Terminal, ignores "
+            "it: select the text with the mouse instead).")
+
+
 class ChatScreen(AnsweringScreen):
     CSS_PATH = "chat.tcss"
     BINDINGS = [
@@ -380,7 +388,7 @@ class ChatScreen(AnsweringScreen):
             self.notify("No answer to copy yet.")
             return
         self.app.copy_to_clipboard(last.answer)
-        self.notify("Copied the last answer.")
+        self.notify(copied("the last answer", getattr(self.app, "copied_by", None)))
 
     def action_copy_code(self) -> None:
         last = self.transcript.last_model_message()
@@ -389,7 +397,7 @@ class ChatScreen(AnsweringScreen):
             self.notify("The last answer has no code block.")
             return
         self.app.copy_to_clipboard(code)
-        self.notify("Copied the last code block.")
+        self.notify(copied("the last code block", getattr(self.app, "copied_by", None)))
 
     def action_new_conversation(self) -> None:
         self.open_conversation(None)
