@@ -1007,3 +1007,21 @@ def test_copy_keys_use_the_system_clipboard_where_there_is_one(tmp_path, monkeyp
             await wait_for(pilot, lambda: "terminal's clipboard" in notes(app)[-1] and "OSC 52" in notes(app)[-1])
 
     asyncio.run(go())
+
+
+async def _the_context_is_counted_again_after_each_answer(tmp_path):
+    """After an answer the status showed the cache's count, which the next turn's reading of the conversation
+    (the answer as kept) can exceed: 3,883 of 4,096 shown, and the next message refused as 4,414."""
+    from app.widgets.status import StatusBar
+
+    app = make_app(tmp_path, reply="four words of answer")
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded)
+        await send(pilot, "one two three")
+        chat = app.chat_screen
+        want = app.sessions[0].count_tokens([{"role": "user", "content": "one two three"},
+                                             {"role": "assistant", "content": "four words of answer"}])
+        await wait_for(pilot, lambda: not chat.generating and chat.query_one(StatusBar).stats.context_used == want)
+
+
+test_the_context_is_counted_again_after_each_answer = run(_the_context_is_counted_again_after_each_answer)
