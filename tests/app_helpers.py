@@ -151,3 +151,15 @@ class FakeStream:
 def sine(seconds: float, amp: float = 0.5) -> np.ndarray:
     t = np.arange(int(16000 * seconds)) / 16000
     return (amp * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+
+
+async def answered_and_counted(pilot) -> None:
+    """Until the answer on show has ended and the status shows the conversation's count (made after it)."""
+    from app.widgets.status import StatusBar
+
+    app = pilot.app
+    chat = app.chat_screen
+    await until(pilot, lambda: not chat.generating and chat.query("ModelMessage"))
+    status = chat.query_one(StatusBar)
+    want = app.sessions[-1].count_tokens(chat.conversation_messages(chat.conversation_id))
+    await until(pilot, lambda: status.stats.context_used == want)

@@ -5,7 +5,7 @@ Update them after an intended change with: pytest tests/test_app_snapshots.py --
 
 from __future__ import annotations
 
-from tests.app_helpers import make_app, send, until
+from tests.app_helpers import answered_and_counted, make_app, send, until
 
 REPLY = "Here is a list:\n\n- **bold** item\n- `code` item\n\n```python\nprint('hi')\n```"
 SIZE = (80, 24)  # the MacBook terminal's default
@@ -28,7 +28,7 @@ async def after_answer(pilot) -> None:
     app = pilot.app
     await until(pilot, lambda: app.backend.loaded)
     await send(pilot, "Show me a list")
-    await until(pilot, lambda: not app.chat_screen.generating and app.chat_screen.query("ModelMessage"))
+    await answered_and_counted(pilot)
     await pilot.pause(0.1)
     await steady(pilot)
 
