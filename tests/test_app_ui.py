@@ -83,6 +83,12 @@ def test_status_shortens_by_priority():
     assert len(narrow) <= 78
     for part in ("answering", "TTFT 0.2s", "38 tok/s", "3.4 GB", "ctx 1234/131k"):
         assert part in narrow
+    demo = status_parts("demo (random weights)", "", False, replace(s, context_used=3253, context_limit=4096))
+    for width in range(8, 80):   # 40 columns showed "ctx 32" for 3253/4096: whole parts go, none is cut
+        line = fit(demo, width)
+        assert len(line) <= width and ("ctx" not in line or "ctx 3253/4096" in line), (width, line)
+        assert "tok/s" not in line or "38 tok/s" in line or "38.2 tok/s" in line, (width, line)
+    assert "ctx 3253/4096" in fit(demo, 40)
 
 
 def test_status_of_an_answer_stopped_before_its_first_token_shows_no_speed():

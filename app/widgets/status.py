@@ -47,22 +47,32 @@ def status_parts(model: str, state: str, thinking: bool, s: Stats) -> list[tuple
 
 
 def fit(parts: list[tuple[int, str, str]], width: int) -> str:
-    """The fullest line that fits `width`: shorten low-priority parts, then drop them, then cut the model name."""
+    """The fullest line that fits `width`: shorten low-priority parts, then cut the model name (to 10 characters at
+    least), then drop whole parts, least important first (a number cut in half said a wrong one: "ctx 32" for
+    3253/4096), then cut the model name further."""
     texts = [full for _, full, _ in parts]
 
     def line() -> str:
         return SEP.join(t for t in texts if t)
 
+    def cut_name(keep: int) -> None:
+        if len(line()) > width and texts[0]:
+            room = max(width - (len(line()) - len(texts[0])), keep)
+            texts[0] = texts[0] if room >= len(texts[0]) else (texts[0][: room - 1] + "…" if room > 1 else "")
+
     order = sorted(range(len(parts)), key=lambda i: parts[i][0])
     for i in order:  # shorten, least important first
         if len(line()) <= width:
             return line()
-        if i:  # the model name (index 0) is cut last, below
+        if i:  # the model name (index 0) is cut below
             texts[i] = parts[i][2]
-    if len(line()) > width and texts[0]:
-        rest = len(line()) - len(texts[0])
-        room = max(width - rest, 0)
-        texts[0] = texts[0][: room - 1] + "…" if room > 1 else ""
+    cut_name(min(len(texts[0]), 10))
+    for i in order[:-1]:  # drop whole parts, least important first
+        if len(line()) <= width:
+            return line()
+        if i:
+            texts[i] = ""
+    cut_name(0)
     return line()[:width]
 
 
