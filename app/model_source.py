@@ -52,6 +52,10 @@ def drafter_dir(folder: str) -> tuple[str, str | None]:
     if not folder.strip():
         return "", None
     path = Path(folder.strip()).expanduser().resolve()
+    if not path.exists():
+        return str(path), "no such folder"
+    if not path.is_dir():
+        return str(path), "that is a file, not a folder"
     try:
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
     except FileNotFoundError:

@@ -235,3 +235,14 @@ def test_a_saved_drafter_that_does_not_fit_this_model_is_skipped_and_kept(checkp
             await until(pilot, lambda: store.load().enable_thinking)
             assert store.load().assistant == str(bad)
     asyncio.run(go())
+
+
+def test_a_drafter_folder_that_is_not_there_or_is_a_file_says_so(tmp_path):
+    """A missing folder said "no converted drafter there (no config.json)", a file "[Errno 20] Not a directory"."""
+    from app.model_source import drafter_dir
+
+    (tmp_path / "afile").write_text("x")
+    assert drafter_dir(str(tmp_path / "nope"))[1] == "no such folder"
+    assert drafter_dir(str(tmp_path / "afile"))[1] == "that is a file, not a folder"
+    (tmp_path / "empty").mkdir()
+    assert "no config.json" in drafter_dir(str(tmp_path / "empty"))[1]
