@@ -108,6 +108,10 @@ def infer_plan(model: nn.Module, weights: dict[str, mx.array]) -> dict[str, tupl
         if f"{path}.biases" not in weights:
             raise ConfigError(f"{path} is quantized without biases (not the affine mode); this format is "
                               "not supported. Convert the original checkpoint with convert.py instead.")
+        if packed.dtype != mx.uint32:   # (it loaded, and the first forward failed inside MLX)
+            raise WeightsError(f"{path}.weight is stored as {packed.dtype} beside its scales; quantized weights are "
+                               "packed in uint32. The file is damaged or was written by another tool: re-convert "
+                               "the checkpoint with convert.py.")
         in_dims = m.weight.shape[-1]
         group_size = in_dims // max(scales.shape[-1], 1)
         bits = packed.shape[-1] * 32 // in_dims

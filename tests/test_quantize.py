@@ -118,3 +118,18 @@ def test_config_that_does_not_match_quantized_weights(tmp_path, change):
     (dst / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(WeightsError, match="config.json"):
         load(dst)
+
+
+def test_a_packed_weight_stored_in_another_integer_type_is_refused_at_load(tmp_path):
+    """A quantized weight written as int32 (another tool, a damaged file) loaded, and the first forward failed in
+    MLX ("[quantized_matmul] The weight matrix should be uint32")."""
+    from mlx_gemma4.errors import WeightsError
+
+    src = make_tokenizer(save_checkpoint(make_model("dense"), tmp_path / "src"))
+    dst = convert(src, tmp_path / "q", q_bits=4, q_group_size=32, dtype="float32")
+    weights = mx.load(str(dst / "model.safetensors"))
+    name = "language_model.layers.0.self_attn.q_proj.weight"
+    weights[name] = weights[name].view(mx.int32)
+    mx.save_safetensors(str(dst / "model.safetensors"), weights, metadata={"format": "mlx"})
+    with pytest.raises(WeightsError, match=r"q_proj.weight is stored as mlx.core.int32 .* packed in uint32"):
+        load(dst)
