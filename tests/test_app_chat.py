@@ -1025,3 +1025,37 @@ async def _the_context_is_counted_again_after_each_answer(tmp_path):
 
 
 test_the_context_is_counted_again_after_each_answer = run(_the_context_is_counted_again_after_each_answer)
+
+
+def test_an_answer_that_ends_after_its_conversation_was_left_and_opened_again_is_drawn(tmp_path):
+    """Leave mid-answer and open the conversation again before the answer ends: the stopped answer was saved but
+    not drawn (the last message on screen was the question), and Ctrl+G then took the answer before it off."""
+    from tests.app_helpers import ScriptedSession, piece
+
+    release = threading.Event()
+
+    class Slow(ScriptedSession):   # its answer ends only when the test says, stop or not
+        def _answer(self, kw):
+            yield piece("once ", None, 1)
+            release.wait(30)
+            yield piece("upon", "cancelled" if kw["should_stop"]() else "stop", 2)
+
+    app = make_app(tmp_path, session=Slow)
+
+    async def go():
+        async with app.run_test() as pilot:
+            await wait_for(pilot, lambda: app.backend.loaded)
+            await send(pilot, "talk")
+            chat = app.chat_screen
+            await wait_for(pilot, lambda: chat.current and chat.current.answer == "once")
+            cid = chat.conversation_id
+            await pilot.press("ctrl+n")
+            app.resume(cid)
+            await pilot.pause()
+            assert not chat.query(ModelMessage)   # (not ended yet: nothing saved to draw)
+            release.set()
+            await wait_for(pilot, lambda: [m.role for m in app.history.messages(cid)] == ["user", "assistant"])
+            await wait_for(pilot, lambda: len(chat.query(ModelMessage)) == 1)
+            assert [m.answer for m in chat.query(ModelMessage)] == [app.history.messages(cid)[-1].content]
+
+    asyncio.run(go())

@@ -120,6 +120,10 @@ class AnsweringScreen(AttachingScreen):
             if history.exists(event.conversation_id) and not self._answered(event.conversation_id, event.turn_id):
                 history.add_message(event.conversation_id, "assistant", event.answer, thinking=event.thinking,
                                     stats=stats)
+                if event.conversation_id == self.conversation_id and not self.generating:
+                    # Left and opened again before the answer ended: drawn now (it was saved but not shown, and
+                    # Ctrl+G then took the answer before it off the screen).
+                    self.render_conversation()
             return
         message, self.current = self.current, None
         if self.replacing is not None and event.finish_reason == "cancelled":
