@@ -27,7 +27,7 @@ from .cache import KVCache
 from .checks import (_STREAM_KWARGS, check_assistant_args, check_generation_kwargs, check_model_and_processor,
                      check_policies, check_positive_int, check_sampling_args, check_start)
 from .errors import InputError
-from .sampling import make_policies, pick, reseed
+from .sampling import make_policies, pick
 
 
 @dataclass
@@ -135,8 +135,7 @@ class TokenLoop:
         if logits is None:  # stopped during prefill: no token
             self.finish_reason = "cancelled"
             return
-        reseed(self.seed, cache[0].offset)
-        y, logprobs = pick(logits, history, processors, self.sampler)
+        y, logprobs = pick(logits, history, processors, self.sampler, self.seed, cache[0].offset)
         mx.async_eval(y, logprobs)
         if self.on_prefilled is not None:
             self.on_prefilled(PromptEnd(logits))
@@ -159,9 +158,8 @@ class TokenLoop:
         """Build and queue the step that feeds ``y``; its sampled token and log-probs (and the grown history)."""
         if self.processors:  # only logits processors read the history; keep the plain loop free of it
             history = mx.concatenate([history, y[None].astype(mx.int32)])
-        logits = model.step(y.reshape(1, 1), cache)[0, -1]
-        reseed(self.seed, cache[0].offset)   # (the step has written y: the offset is the new token's position)
-        next_y, next_logprobs = pick(logits, history, self.processors, self.sampler)
+        logits = model.step(y.reshape(1, 1), cache)[0, -1]   # (it writes y: the offset is the new token's position)
+        next_y, next_logprobs = pick(logits, history, self.processors, self.sampler, self.seed, cache[0].offset)
         mx.async_eval(next_y, next_logprobs)
         return next_y, next_logprobs, history
 

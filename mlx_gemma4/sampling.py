@@ -41,10 +41,11 @@ def make_policies(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, 
     return sampler, processors
 
 
-def pick(logits: mx.array, history: mx.array | None, processors: Sequence[Callable], sampler: Callable
-         ) -> tuple[mx.array, mx.array]:
-    """The token and log-probs (vocab,) at one position: ``logits`` (vocab,) through the logits processors (which
-    read ``history``), normalized, then the sampler."""
+def pick(logits: mx.array, history: mx.array | None, processors: Sequence[Callable], sampler: Callable,
+         seed: int | None = None, position: int = 0) -> tuple[mx.array, mx.array]:
+    """The token and log-probs (vocab,) at ``position``: ``logits`` (vocab,) through the logits processors (which
+    read ``history``), normalized, then the sampler, whose draw a ``seed`` keys by the position (``reseed``)."""
+    reseed(seed, position)
     logits = logits[None]                                                          # (1, vocab)
     for p in processors:
         logits = p(history, logits)

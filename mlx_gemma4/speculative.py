@@ -36,7 +36,7 @@ from .cache import rewind as rewind_cache
 from .draft_length import DraftLength, automatic_policy
 from .errors import InputError
 from .generation import PromptEnd, check_prefilled, why_finished
-from .sampling import pick, reseed
+from .sampling import pick
 
 def producer_caches(model, cache: list[KVCache]) -> dict[str, KVCache]:
     """Layer type -> the cache of the target's last K/V-producing layer of that type (what the drafter reads)."""
@@ -123,8 +123,7 @@ class SpeculativeLoop:
 
     def _pick(self, logits: mx.array, history: mx.array | None, position: int) -> tuple[mx.array, mx.array]:
         """The target's token and log-probs (vocab,) at ``position``, with the processors and sampler."""
-        reseed(self.seed, position)
-        return pick(logits, history, self.processors, self.sampler)
+        return pick(logits, history, self.processors, self.sampler, self.seed, position)
 
     def _verify(self, token: mx.array, drafts: list[mx.array], history: mx.array | None):
         """The target's tokens, log-probs and hidden states at ``token`` and each draft (all lazy)."""

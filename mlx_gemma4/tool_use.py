@@ -293,9 +293,9 @@ def forced_call(tokenizer: Any, schemas: list[dict[str, Any]] | None, choice: st
 
     ``choice`` is "required" (some tool: ``<|tool_call>call:`` and then one of the declared names and its ``{``;
     the model picks which: a free name was often none of them) or a tool's name (``<|tool_call>call:NAME{`` is
-    forced; also in OpenAI's ``{"type": "function", "function": {"name": NAME}}``); the model writes the rest. A
-    name reads only the history's length (the first call sees the prompt), so it adds no wait for the device.
-    "none": the tools stay declared but ``<|tool_call>`` is never sampled, so the answer calls nothing.
+    forced; also in OpenAI's ``{"type": "function", "function": {"name": NAME}}``); the model writes the rest
+    (``_opening``). "none": the tools stay declared but ``<|tool_call>`` is never sampled, so the answer calls
+    nothing.
     """
     if isinstance(choice, dict):   # OpenAI's form of a tool's name: {"type": "function", "function": {"name": ...}}
         named = choice.get("function") if choice.get("type", "function") == "function" else None
@@ -323,27 +323,14 @@ def forced_call(tokenizer: Any, schemas: list[dict[str, Any]] | None, choice: st
     if choice != "required" and choice not in names:
         raise InputError(f"tool_choice={choice!r} is not a declared tool ({', '.join(names)}); name one of them, "
                          "or use 'required' or 'auto'.")
-    if choice == "required":
-        return _one_of(tokenizer, names)
-    ids = tokenizer.encode(CALL_OPEN + f"call:{choice}{{", add_special_tokens=False)
-    start: list[int] = []
-
-    def force(history: mx.array, logits: mx.array) -> mx.array:
-        if not start:
-            start.append(history.shape[-1])
-        k = history.shape[-1] - start[0]
-        if k >= len(ids):
-            return logits
-        keep = mx.arange(logits.shape[-1]) == ids[k]
-        return mx.where(keep, logits, mx.array(-mx.inf, dtype=logits.dtype))
-
-    return force
+    return _opening(tokenizer, names if choice == "required" else [choice])
 
 
-def _one_of(tokenizer: Any, names: list[str]) -> Any:
+def _opening(tokenizer: Any, names: list[str]) -> Any:
     """A logits processor that opens the answer with ``<|tool_call>call:NAME{`` for one of ``names``: at each of
-    those tokens, only the next token of the openings that agree with what came so far (which it reads: a few
-    tokens' wait for the device, once per answer)."""
+    those tokens, only the next token of the openings that agree with what came so far. What came is read (a few
+    tokens' wait for the device, once per answer) only where the names part ways: for one name, only the
+    history's length (the first call sees the prompt)."""
     import mlx.core as mx
     import numpy as np
 
@@ -357,8 +344,11 @@ def _one_of(tokenizer: Any, names: list[str]) -> Any:
         k = history.shape[-1] - start[0]
         if k >= longest:
             return logits
-        so_far = history[start[0]:].tolist() if k else []
-        allowed = {o[k] for o in openings if len(o) > k and o[:k] == so_far}
+        live = openings
+        if any(o[:k] != openings[0][:k] for o in openings):   # the names parted ways: what came decides
+            so_far = history[start[0]:].tolist()
+            live = [o for o in openings if o[:k] == so_far]
+        allowed = {o[k] for o in live if len(o) > k}
         if not allowed:   # past the opening (a name that is a prefix of another's was written whole)
             return logits
         keep = np.zeros(logits.shape[-1], dtype=bool)
