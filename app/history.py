@@ -322,10 +322,7 @@ class History:
                         title = next((_title(t) for r, t, _ in left if r == "user" and _title(t)), "")
                     c.execute("UPDATE conversations SET updated = ?, title = ? WHERE id = ?",
                               (max([created] + [t for _, _, t in left]), title, cid))
-        for (path,) in rows:
-            p = Path(path)
-            if p.parent.parent == self.attachments_dir:  # only our copies, never the user's own file
-                p.unlink(missing_ok=True)
+        self._drop_copies(rows)
         if emptied is not None:
             shutil.rmtree(self.attachments_dir / str(emptied), ignore_errors=True)
 
@@ -346,26 +343,28 @@ class History:
         ).fetchall()
         if not rows:
             return
-        below = rows[n][0] if len(rows) > n else None   # the first message kept (None: none is)
-        copies = self._conn.execute(
+        if len(rows) <= n:   # every turn: the conversation goes too (an empty one stayed under its old title)
+            self.delete(conversation_id)
+            return
+        below = rows[n][0]   # the first message kept
+        copies = self._conn.execute(   # the dropped turns' copies of their files (they stayed on disk)
             "SELECT a.path FROM attachments a JOIN messages m ON a.message_id = m.id WHERE m.conversation_id = ? "
-            "AND (? IS NULL OR m.id < ?)", (conversation_id, below, below)).fetchall()
+            "AND m.id < ?", (conversation_id, below)).fetchall()
         with self._tx() as c:
-            if below is not None:
-                c.execute("DELETE FROM messages WHERE conversation_id = ? AND id < ?", (conversation_id, below))
-            else:   # every turn: the conversation goes too (an empty one stayed in the list under its old title)
-                c.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
-        for (path,) in copies:   # the dropped turns' copies of their files (they stayed on disk)
-            p = Path(path)
-            if p.parent.parent == self.attachments_dir:
-                p.unlink(missing_ok=True)
-        if below is None:
-            shutil.rmtree(self.attachments_dir / str(conversation_id), ignore_errors=True)
+            c.execute("DELETE FROM messages WHERE conversation_id = ? AND id < ?", (conversation_id, below))
+        self._drop_copies(copies)
 
     def delete(self, conversation_id: int) -> None:
         with self._tx() as c:
             c.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
         shutil.rmtree(self.attachments_dir / str(conversation_id), ignore_errors=True)
+
+    def _drop_copies(self, rows: list[tuple[str]]) -> None:
+        """Delete the attachment copies at these paths (rows of one ``path``): only the app's, never a user's file."""
+        for (path,) in rows:
+            p = Path(path)
+            if p.parent.parent == self.attachments_dir:
+                p.unlink(missing_ok=True)
 
     def _copy_in(self, conversation_id: int, att: Attachment) -> Path:
         if self.read_only:

@@ -62,6 +62,10 @@ class AnsweringScreen(AttachingScreen):
         listening to the running turn: its late events are dropped."""
         if self.generating:
             self.chat.backend.cancel()
+        self._end_turn()
+
+    def _end_turn(self) -> None:
+        """No turn is answered any more: its state goes and its later events are not this screen's."""
         self.turn_id = self.current = self.replacing = self.typed = None
         self.generating = False
 
@@ -129,8 +133,7 @@ class AnsweringScreen(AttachingScreen):
         if self.replacing is not None and event.finish_reason == "cancelled":
             # Ctrl+G stopped with Esc: the answer it was to replace stays (the fragment replaced it for good, where
             # leaving the conversation or quitting mid-answer kept it).
-            self.turn_id = self.replacing = self.typed = None
-            self.generating = False
+            self._end_turn()
             self.render_conversation()
             self.notify("Stopped; the earlier answer is kept.")
             return
@@ -140,8 +143,7 @@ class AnsweringScreen(AttachingScreen):
         if self.replacing is not None:
             history.delete_message(self.replacing)
         history.add_message(event.conversation_id, "assistant", event.answer, thinking=event.thinking, stats=stats)
-        self.turn_id = self.replacing = self.typed = None
-        self.generating = False
+        self._end_turn()
         self.query_one(StatusBar).stats = event.stats
         if message is not None:
             message.set_note(finish_note(event.finish_reason))
@@ -181,8 +183,7 @@ class AnsweringScreen(AttachingScreen):
             for a in m.attachments:
                 error = error.replace(str(a.path), a.name)
         typed, replacing, message = self.typed, self.replacing, self.current
-        self.turn_id = self.current = self.replacing = self.typed = None
-        self.generating = False
+        self._end_turn()
         if replacing is None:
             # The turn did not happen: it leaves history and the transcript (the notices above it stay: they say
             # what happened to its files), and what the user typed goes back to the prompt.

@@ -139,27 +139,22 @@ class Transcript(VerticalScroll):
 
     def on_key(self, event: events.Key) -> None:
         if event.key == "enter":   # sends what the prompt holds (a typed line then Enter was left unsent)
-            event.stop()
-            event.prevent_default()
-            prompt = self.screen.query_one("#prompt")
-            prompt.focus()
+            prompt = self._to_prompt(event)
             prompt.post_message(prompt.Submitted(prompt, prompt.text))
-            return
-        if not (event.is_printable and event.character):
-            return
-        event.stop()
-        event.prevent_default()
-        prompt = self.screen.query_one("#prompt")
-        prompt.focus()
-        prompt.insert(event.character)
+        elif event.is_printable and event.character:
+            self._to_prompt(event).insert(event.character)
 
     def on_paste(self, event: events.Paste) -> None:
         """A paste (a dragged file's path) goes to the prompt, as typing does: it vanished."""
+        self._to_prompt(event).post_message(events.Paste(event.text))
+
+    def _to_prompt(self, event: events.Event):
+        """The prompt, focused, taking ``event`` over from here."""
         event.stop()
         event.prevent_default()
         prompt = self.screen.query_one("#prompt")
         prompt.focus()
-        prompt.post_message(events.Paste(event.text))
+        return prompt
 
     def last_model_message(self) -> ModelMessage | None:
         found = self.query(ModelMessage)
