@@ -118,6 +118,14 @@ def saved_user_messages(data: Path) -> list[str]:
     return [row[0] for row in db.execute("SELECT content FROM messages WHERE role = 'user' ORDER BY id")]
 
 
+def send_then_quit(session: str) -> None:
+    """Enter (what the prompt holds is sent), the answer, then Ctrl+Q, until the app has quit."""
+    tmux("send-keys", "-t", session, "Enter")
+    wait_pane(session, lambda pane: "tok/s" in pane and answer_lines(pane))
+    tmux("send-keys", "-t", session, "C-q")
+    wait_gone(session)
+
+
 def test_typed_joiners_and_direction_marks_are_kept(tmp_path):
     """Typed (not pasted) text keeps its format characters: the joiner inside an emoji family, the ZWNJ a Persian
     keyboard types, a right-to-left mark. Textual drops them as unprintable keys, so they vanished from what was
@@ -126,10 +134,7 @@ def test_typed_joiners_and_direction_marks_are_kept(tmp_path):
     typed = "family 👨\u200d👩\u200d👧 می\u200cخواهم \u200fשלום"
     try:
         tmux("send-keys", "-t", session, "-l", typed)
-        tmux("send-keys", "-t", session, "Enter")
-        wait_pane(session, lambda pane: "tok/s" in pane and answer_lines(pane))
-        tmux("send-keys", "-t", session, "C-q")
-        wait_gone(session)
+        send_then_quit(session)
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
     assert saved_user_messages(data) == [typed]
@@ -145,10 +150,7 @@ def test_a_paste_of_bytes_that_are_not_utf8_does_not_end_the_app(tmp_path):
         tmux("load-buffer", "-b", "junk", str(garbage))
         tmux("paste-buffer", "-p", "-b", "junk", "-t", session)
         wait_pane(session, "before .* after")
-        tmux("send-keys", "-t", session, "Enter")
-        wait_pane(session, lambda pane: "tok/s" in pane and answer_lines(pane))
-        tmux("send-keys", "-t", session, "C-q")
-        wait_gone(session)
+        send_then_quit(session)
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
     [sent] = saved_user_messages(data)

@@ -10,6 +10,7 @@ import asyncio
 import io
 import json
 import threading
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -186,13 +187,19 @@ def test_image_tokens_are_picked_in_settings_kept_and_used_from_the_next_turn(tm
     run(go())
 
 
+@asynccontextmanager
+async def settings_open(tmp_path):
+    """The app over a settings store in tmp_path, loaded, with F2's settings open: (app, store, pilot, screen)."""
+    store = SettingsStore(tmp_path / "data")
+    app = make_app(tmp_path, settings_store=store)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.backend.loaded)
+        yield app, store, pilot, await open_screen(pilot, "f2", SettingsScreen)
+
+
 def test_enter_in_a_settings_field_saves(tmp_path):
     async def go():
-        store = SettingsStore(tmp_path / "data")
-        app = make_app(tmp_path, settings_store=store)
-        async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: app.backend.loaded)
-            screen = await open_screen(pilot, "f2", SettingsScreen)
+        async with settings_open(tmp_path) as (app, store, pilot, screen):
             field = screen.query_one("#max_tokens")
             field.value = "300"
             field.focus()
@@ -201,14 +208,11 @@ def test_enter_in_a_settings_field_saves(tmp_path):
             assert app.screen is app.chat_screen and store.load().max_tokens == 300
     run(go())
 
+
 def test_settings_refuse_a_top_p_of_zero(tmp_path):
     """Top-p 0 was saved, and every message then failed ("top_p must be a number in (0, 1]") until found."""
     async def go():
-        store = SettingsStore(tmp_path / "data")
-        app = make_app(tmp_path, settings_store=store)
-        async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: app.backend.loaded)
-            screen = await open_screen(pilot, "f2", SettingsScreen)
+        async with settings_open(tmp_path) as (app, store, pilot, screen):
             screen.query_one("#top_p").value = "0"
             await pilot.press("ctrl+s")
             await pilot.pause()
