@@ -67,6 +67,7 @@ class ChatApp(App):
         self.stored = settings_store.load() if settings_store is not None else None
         self.hub_check = hub_check
         self.recorder = recorder or Recorder(history.dir / "recordings")
+        self.copied_by: str | None = None   # the system clipboard tool the last copy went to (copy_to_clipboard)
         self.resume_id = resume
         self.offer_download = offer_download
         self.startup_messages = list(messages)

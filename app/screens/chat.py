@@ -387,8 +387,7 @@ class ChatScreen(AnsweringScreen):
         if last is None or not last.answer:
             self.notify("No answer to copy yet.")
             return
-        self.app.copy_to_clipboard(last.answer)
-        self.notify(copied("the last answer", getattr(self.app, "copied_by", None)))
+        self._copy("the last answer", last.answer)
 
     def action_copy_code(self) -> None:
         last = self.transcript.last_model_message()
@@ -396,8 +395,11 @@ class ChatScreen(AnsweringScreen):
         if code is None:
             self.notify("The last answer has no code block.")
             return
-        self.app.copy_to_clipboard(code)
-        self.notify(copied("the last code block", getattr(self.app, "copied_by", None)))
+        self._copy("the last code block", code)
+
+    def _copy(self, what: str, text: str) -> None:
+        self.chat.copy_to_clipboard(text)
+        self.notify(copied(what, self.chat.copied_by))
 
     def action_new_conversation(self) -> None:
         self.open_conversation(None)
