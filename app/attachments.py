@@ -59,7 +59,6 @@ class ParsedPrompt:
     notices: list[str] = field(default_factory=list)
 
 
-
 def to_path(word: str) -> Path:
     """A pasted word (quotes and escapes already removed, or a file:// URI) as an absolute-ish Path."""
     if word.startswith("file://"):

@@ -38,7 +38,6 @@ def _softcap(x: mx.array, cap: mx.array) -> mx.array:
     return mx.tanh(x / cap) * cap
 
 
-
 # Long passes are evaluated layer by layer: on GPU backends whose frees wait for the stream, one lazy graph over all
 # layers keeps every layer's temporaries alive at once (an op's buffers are allocated when the host queues it and
 # freed when the device has run it). Each layer is queued with async_eval as soon as it is built, and the host then

@@ -38,6 +38,7 @@ from .errors import InputError
 from .generation import PromptEnd, check_prefilled, why_finished
 from .sampling import pick
 
+
 def producer_caches(model, cache: list[KVCache]) -> dict[str, KVCache]:
     """Layer type -> the cache of the target's last K/V-producing layer of that type (what the drafter reads)."""
     tc = model.config.text_config

@@ -164,7 +164,6 @@ def test_settings_fit_focus_first_field_and_persist(tmp_path):
     run(go())
 
 
-
 def test_image_tokens_are_picked_in_settings_kept_and_used_from_the_next_turn(tmp_path):
     """The image token budget (the model's default, or 70 to 1,120): picked from a list in the settings, saved,
     and set on the chat session before the next turn is encoded."""
@@ -327,7 +326,6 @@ def test_command_line_overrides_only_what_it_names(tmp_path, monkeypatch):
     s = ran["settings"]
     assert (s.temperature, s.enable_thinking, s.system_prompt, s.max_tokens) == (0.2, True, "saved", 9)
     assert ran["demo"] and ran["history"] == tmp_path / "demo"  # demo chats apart from real ones
-
 
 
 def test_command_line_settings_hold_for_one_run_and_are_not_saved(tmp_path):

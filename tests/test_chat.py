@@ -114,7 +114,6 @@ def test_partial_answer_kept_when_caller_stops(loaded):
     assert out == fresh(model, processor, session.messages[:-1], 4)
 
 
-
 def test_ctrl_c_mid_forward_leaves_a_session_that_answers_right(loaded, monkeypatch):
     """KeyboardInterrupt between two layers of a turn's prefill left some layers' caches ahead of others; the next
     turn then answered wrong, failed, or aborted the process (an API audit). Wherever it lands (the prompt up to
@@ -159,6 +158,7 @@ def test_an_answer_never_read_changes_nothing_and_a_new_one_closes_the_last(load
         next(half)   # closed
     with pytest.raises(InputError, match="temperature"):
         session.send("hot", temperature=-1)   # checked at the call, not when read
+
 
 def test_a_turn_stopped_before_its_first_token_is_not_kept(loaded):
     """send(..., should_stop=...) that stopped before the first token kept the user turn with an empty answer
@@ -269,7 +269,6 @@ def test_images_are_reused_by_source_and_never_mixed_up(vision, tmp_path):
     assert enc.ids.tolist() == np.array(ref).reshape(-1).tolist()
 
 
-
 def test_media_changed_in_place_are_new_media(vision, monkeypatch):
     """An array filled again in place, or a PIL image drawn on, and sent again was the earlier turn's encoding (the
     session keyed in-memory media by id()): the model saw the old pixels. Unchanged, they are still read once."""
@@ -316,6 +315,7 @@ def test_an_image_deleted_after_its_turn_stays_what_the_model_saw(vision, tmp_pa
     assert tokens(session.send("sure?", max_tokens=2, **GREEDY))
     with pytest.raises(InputError, match="no such file"):
         tokens(session.send("this one?", images=[str(tmp_path / "never.png")], max_tokens=2, **GREEDY))
+
 
 def test_a_session_sets_the_image_budget_as_generate_does(vision, tmp_path):
     """ChatSession took no max_soft_tokens (generate does): chat and app users had only the default budget."""

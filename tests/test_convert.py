@@ -174,7 +174,6 @@ def test_force_never_replaces_a_folder_it_did_not_write(sources, tmp_path):
     assert _tree(tmp_path) == before and _leftovers(tmp_path) == []
 
 
-
 @pytest.mark.parametrize("force", [False, True])
 def test_a_destination_that_changes_during_the_conversion_is_not_replaced(sources, tmp_path, force):
     """The destination was checked only at the start: a folder the user made there while the conversion ran (or
@@ -204,6 +203,7 @@ def test_a_folder_holding_only_what_the_os_put_there_is_empty(sources, tmp_path)
     (dst / ".DS_Store").write_bytes(b"\0")
     convert(src, dst, dtype="float32")
     assert (dst / "config.json").is_file() and not (dst / ".DS_Store").exists()
+
 
 def test_destination_is_never_the_source_or_around_it(sources, tmp_path):
     """--hf-path X --mlx-path X, an --mlx-path that contains the source (the home folder), one inside it."""

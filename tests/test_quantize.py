@@ -47,7 +47,6 @@ def test_recipe_leaves_small_side_layers_and_rejects_bulk_that_does_not_divide()
         recipe(e, 7, 32)
 
 
-
 def test_both_towers_encoder_layers_take_tower_bits():
     """The audio tower's layers (audio_tower.layers.N..., no level between) never matched the towers' pattern: the
     conformer stayed unquantized whatever --tower-bits said, and E2B/E4B outputs were larger than documented. The

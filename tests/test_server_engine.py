@@ -118,8 +118,6 @@ def test_tool_choice_makes_the_answer_a_call(client, steer, processor):
     assert forced.message.tool_calls or forced.message.content.startswith("<|tool_call>call:")
 
 
-
-
 def test_tool_choice_none_never_calls(client, steer, processor):
     """tool_choice="none" dropped the tools from the prompt, and a model that called one anyway (a conversation
     with earlier calls invites it) came back with tool_calls and finish_reason "tool_calls". Now the tools stay
@@ -158,6 +156,7 @@ def test_parallel_tool_calls_false_ends_the_answer_at_the_first_call(client, ste
             calls, finish = choice.message.tool_calls, [choice.finish_reason]
         assert [c.function.name for c in calls] == names and finish == ["tool_calls"]
     assert steer.calls < len(forced)  # the model stopped after the first call too
+
 
 def test_thoughts_are_reasoning_content(client, steer, processor):
     steer.force = ids(processor, "<|channel>thought\nIt is cold there.<channel|>Bring a coat.")
@@ -295,8 +294,6 @@ def test_a_failing_model_gives_a_json_500_and_serves_on(client, steer, stream):
     assert after.usage.completion_tokens >= 1
 
 
-
-
 def test_an_empty_api_key_is_no_key(served):
     """GEMMA4_API_KEY exported empty: the command line warned that no key was set, but the app asked every request
     for the empty key, and no client could send it (401 for all)."""
@@ -350,6 +347,7 @@ def test_browser_pages_need_cors_origin(served):
         assert status == 400 and "access-control-allow-origin" not in headers
     finally:
         browser.close()
+
 
 def test_shutdown_ends_the_answer_being_written_and_the_waiting_ones(converted_towers, processor):
     """Ctrl+C or SIGTERM while a client streams: uvicorn waits for open responses, so the answer ran on to its

@@ -152,7 +152,6 @@ def test_bad_requests_name_the_problem(store, body, fragment):
     assert fragment in str(e.value) and isinstance(e.value, InputError) and e.value.status == 400
 
 
-
 def test_json_nested_deeper_than_any_request_needs_is_a_400(store):
     """json.loads overflowed the stack on the body, and rendering the prompt on 900-deep tool arguments: a 500
     'RecursionError' for what is the client's mistake."""
@@ -241,6 +240,7 @@ def test_half_a_character_is_a_400_naming_where_it_is(store):
     assert parse(store, messages=[*called, {"role": "tool", "tool_call_id": "c", "content": result}]).messages[-1][
         "content"] == result  # a result that cannot be read as JSON stays text (whole characters)
 
+
 def _image_at(url: str) -> dict:
     return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}
 
@@ -282,7 +282,6 @@ def test_media_paths_follow_the_bind_address(flags, allowed):
     assert limits(args).allow_paths is allowed and limits(args).max_tokens == 4096
 
 
-
 @pytest.mark.parametrize("flags,fragment", [
     (["--port", "70000"], "--port must be a whole number from 0 to 65535; got 70000"),
     (["--max-request-mb", "nan"], "--max-request-mb must be a finite number"),
@@ -295,6 +294,7 @@ def test_bad_command_line_values_are_refused_before_the_model_loads(flags, fragm
     with pytest.raises(SystemExit) as e:
         parse_args(["--model", "m", *flags])
     assert e.value.code == 2 and fragment in capsys.readouterr().err
+
 
 def test_media_store_keeps_recent_files_within_its_budget(tmp_path):
     """A long-running server does not fill the disk: past its budget the least recently used files go; the file

@@ -564,7 +564,6 @@ def test_the_benchmarks_oracle_follows_the_loops_own_picks_at_its_rate(text_pair
     assert 0.25 <= loop.accepted / loop.judged <= 0.75 and loop.accepted < loop.judged < loop.drafted
 
 
-
 def test_the_benchmarks_scripted_oracle_is_accepted_at_its_rate(text_pair, drafters):
     """benchmarks/speculative.py's scripted runs: the forcing processor makes plain and speculative greedy output
     the script exactly, and a drafter proposing the script is kept at its rate (all, none, about half)."""
@@ -588,6 +587,7 @@ def test_the_benchmarks_scripted_oracle_is_accepted_at_its_rate(text_pair, draft
             assert loop.judged > 0 and loop.accepted == 0
         else:
             assert 0.2 <= loop.accepted / loop.judged <= 0.8
+
 
 def test_drafts_are_queued_before_the_verification_is_built(mimicking, monkeypatch):
     """A round queues its drafts on the device first, then builds the verification (the device drafts meanwhile);

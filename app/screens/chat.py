@@ -37,6 +37,7 @@ from ..widgets.tool_calls import result_line
 from .answering import AnsweringScreen, finish_note
 from .confirm import ConfirmScreen
 
+
 def session_messages(saved: list[SavedMessage], missing: list[str] | None = None) -> list[dict]:
     """History rows as chat messages for the model (text plus the saved copies of attachments). An answer that
     called tools becomes the calls, their results (the app runs none: the model is told so) and its text. A saved
@@ -115,8 +116,6 @@ class ChatScreen(AnsweringScreen):
         self.query_one(PromptArea).focus()
 
 
-
-
     # -- model loading -----------------------------------------------------------------------------
 
     def model_changed(self) -> None:
@@ -191,7 +190,6 @@ class ChatScreen(AnsweringScreen):
                 if m.stats.get("annotated") and Path(m.stats["annotated"]).exists():
                     widgets.append(ImagePreview(Path(m.stats["annotated"])))
         self.transcript.mount_all(widgets)
-
 
 
     def open_conversation(self, conversation_id: int | None) -> None:
@@ -317,11 +315,6 @@ class ChatScreen(AnsweringScreen):
         return None
 
     # -- streaming ---------------------------------------------------------------------------------
-
-
-
-
-
 
 
     @on(ev.ContextCounted)
