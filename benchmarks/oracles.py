@@ -36,14 +36,19 @@ class Oracle(Assistant):
         """Before a run: ``out`` is the list its tokens will be appended to as they go out."""
         self.out, self.blind, self._rng = out, 0, random.Random(seed)
 
-    def draft_step(self, target, producers, compiled=True):
-        step = super().draft_step(target, producers, compiled)
-        j = next(iter(producers.values())).offset - self.prompt_len   # the round feeds the loop's token j
+    def draft_step(self, target, producers, compiled=True, at=None):
+        step = super().draft_step(target, producers, compiled, at)
+        # The round feeds the loop's token j. Drafted ahead (``at``: the position is on the device), reading it
+        # waits for the round before: this oracle's runs are the ceiling of the drafter's compute, not timings of
+        # that overlap.
+        j = (next(iter(producers.values())).offset if at is None else int(at.item())) - self.prompt_len
         # Token j has not gone out yet where the round is queued before it (after a round without drafts it is
         # still being computed): reading it would wait for the device, which the loop does not, so what earlier
         # runs picked there stands in for it (wrong only at a flip, and then only for this round).
-        y = self.out[j] if len(self.out) > j else self.known.get(tuple(self.out[:j]))
-        context = None if y is None else (*self.out[:j], y)
+        context = tuple(self.out[: j + 1])
+        while context is not None and len(context) < j + 1:   # (drafted ahead: the tokens of the round before too)
+            y = self.known.get(context)
+            context = None if y is None else (*context, y)
 
         def propose(token, hidden):
             nonlocal context
@@ -73,18 +78,29 @@ class ScriptedOracle(Assistant):
         self.script, self.prompt_len, self.rate = script, prompt_len, rate
         self._rng = random.Random(seed)
 
-    def draft_step(self, target, producers, compiled=True):
-        step = super().draft_step(target, producers, compiled)
-        # The round feeds generated token j; its first draft stands for token j + 1.
-        i = next(iter(producers.values())).offset - self.prompt_len + 1
+    def draft_step(self, target, producers, compiled=True, at=None):
+        step = super().draft_step(target, producers, compiled, at)
+        # The round feeds generated token j; its first draft stands for token j + 1. Drafted ahead (``at``: the
+        # position is on the device), the script is read there too, so nothing waits.
         vocab = self.config.text_config.vocab_size
+        if at is None:
+            i = next(iter(producers.values())).offset - self.prompt_len + 1
+        else:
+            i = at - self.prompt_len + 1
+            script = mx.array(self.script, dtype=mx.int32)
 
         def propose(token, hidden):
             nonlocal i
             token, hidden = step(token, hidden)
-            right = self.script[min(i, len(self.script) - 1)]
+            keep = self._rng.random() < self.rate
+            if at is None:
+                right = self.script[min(i, len(self.script) - 1)]
+                token = mx.array(right if keep else (right + 1) % vocab, dtype=mx.int32)
+            else:
+                right = script[mx.minimum(i, len(self.script) - 1)]
+                token = right if keep else (right + 1) % vocab
             i += 1
-            return mx.array(right if self._rng.random() < self.rate else (right + 1) % vocab, dtype=mx.int32), hidden
+            return token, hidden
 
         return propose
 

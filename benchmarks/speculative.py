@@ -153,7 +153,8 @@ def measure_parts(target, drafter, prompt: mx.array, k_max: int, runs: int) -> d
                            logits_processors=(), prefill_chunk=2048, should_stop=None, draft_tokens=k_max)
 
     def round_(k: int) -> None:
-        mx.eval(loop._round(tok[0, 0], hidden, None, k, False))
+        r = loop._round(tok[0, 0], hidden, None, k, False)
+        mx.eval(r.drafts, r.tokens, r.logprobs, r.hiddens)
         rewind(cache, k + 1)
 
     for fn in (plain, draft, lambda: draft(False), *(lambda k=k: round_(k) for k in range(k_max + 1))):

@@ -200,11 +200,12 @@ class Assistant(nn.Module):
             token = mx.argmax(head(self.model.embed_tokens, h[0, 0]))
         return token, project(self.post_projection, h)
 
-    def draft_step(self, target, producers: dict[str, KVCache], compiled: bool = True
+    def draft_step(self, target, producers: dict[str, KVCache], compiled: bool = True, at: mx.array | None = None
                    ) -> Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]:
         """The drafting step of a round after what ``producers`` (layer type -> the cache of ``target``'s last
         producer layer of that type) hold: ``step(token, hidden) -> (greedy draft, projected hidden state)``, all
-        lazy, every call at the caches' next position. It runs the compiled step (draft_step.py; traced once per
+        lazy, every call at the caches' next position (or at ``at``, a position on the device: see
+        ``CompiledDraft.bind``; compiled step only). It runs the compiled step (draft_step.py; traced once per
         shape, kept for the last target drafted for) where it fits and ``compiled`` is left on, else op by op."""
         from .draft_step import CompiledDraft, fits_compiled_draft
 
@@ -212,7 +213,9 @@ class Assistant(nn.Module):
             held = self._compiled_draft
             if held is None or held.target() is not target:
                 held = self._compiled_draft = CompiledDraft(target, self)
-            return held.bind(producers)
+            return held.bind(producers, at)
+        if at is not None:
+            raise ValueError("A position on the device needs the compiled drafting step.")
         position = next(iter(producers.values())).offset
         kv = {t: c.recent(self.visible(t, position)) for t, c in producers.items()}
         embed = target.language_model.embed

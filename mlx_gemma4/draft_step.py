@@ -43,12 +43,15 @@ class CompiledDraft:
         self.traces = 0
         self._step = mx.compile(self._trace)
 
-    def bind(self, producers: dict[str, KVCache]) -> DraftFn:
+    def bind(self, producers: dict[str, KVCache], at: mx.array | None = None) -> DraftFn:
         """The step for one round after what ``producers`` hold: ``step(token, hidden) -> (draft, hidden)``, as
         ``Assistant.draft_token`` gives them after the target's embedding of ``token``. The buffers are read when
-        the round is built (a round is built before the verification writes to them)."""
+        the round is built (a round is built before the verification writes to them). ``at`` (an int32 scalar
+        array, not yet known on the host): the drafts' position, at most the caches' offset, where the caches
+        hold positions past it that a rewind is about to take back (speculative.py drafts the next round before
+        it reads how much of this one is kept); the mask hides them, as it hides rewound slots."""
         position = next(iter(producers.values())).offset
-        pos = mx.array(position, dtype=mx.int32)
+        pos = mx.array(position, dtype=mx.int32) if at is None else at
         buffers = {t: c.read_buffers(self.assistant.visible(t, position)) for t, c in producers.items()}
 
         def step(token: mx.array, hidden: mx.array) -> tuple[mx.array, mx.array]:

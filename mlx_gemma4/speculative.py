@@ -26,6 +26,7 @@ All of a round (k drafting steps, the verification, the k + 1 samples) is built 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import mlx.core as mx
@@ -72,6 +73,21 @@ def check_assistant(assistant: Any, model) -> None:
     assistant.check_fits(model)
 
 
+@dataclass
+class Round:
+    """A round queued on the device: ``k`` drafts and their verification (all lazy). ``tokens`` / ``logprobs``:
+    the target's pick and log-probs after the round's token and after each draft; ``hiddens`` (1, k + 1, hidden):
+    the states that predicted them; ``side``: a draft on the side (a shadow); ``readback``: the drafts, then the
+    picks, as int32 (what the host reads)."""
+    k: int
+    drafts: list[mx.array]
+    tokens: list[mx.array]
+    logprobs: list[mx.array]
+    hiddens: mx.array
+    side: list[mx.array]
+    readback: mx.array | None
+
+
 class SpeculativeLoop:
     """A token loop with a drafter: iterating yields ``(token, logprobs)`` like ``generation.TokenLoop`` (same
     ``finish_reason`` and ``fed``), plus ``drafted`` / ``accepted``: drafted tokens and kept drafts so far, and
@@ -101,6 +117,7 @@ class SpeculativeLoop:
         self.finish_reason: str | None = None
         self.fed = 0
         self.drafted = self.accepted = self.judged = 0
+        self._ahead: tuple[int, list[mx.array] | None] | None = None   # the next round's length and drafts, if chosen
 
     def _check_ring_room(self) -> None:
         need = required_max_rewind(self.model, self.assistant, self.lengths.k_max)
@@ -111,16 +128,41 @@ class SpeculativeLoop:
                                  f"model.make_cache(max_rewind={need}).")
 
     # -- one round --------------------------------------------------------------------------------------------
-    def _draft(self, token: mx.array, hidden: mx.array, k: int) -> list[mx.array]:
-        """``k`` greedy drafts (lazy scalars) after ``token`` at the cache's next position."""
+    def _draft(self, token: mx.array, hidden: mx.array, k: int, at: mx.array | None = None) -> list[mx.array]:
+        """``k`` greedy drafts (lazy scalars) after ``token`` at the cache's next position (or at ``at``: see
+        ``_draft_ahead``)."""
         if k == 0:
             return []
-        step = self.assistant.draft_step(self.model, producer_caches(self.model, self.cache))
+        step = self.assistant.draft_step(self.model, producer_caches(self.model, self.cache), at=at)
         drafts = []
         for _ in range(k):
             token, hidden = step(token, hidden)
             drafts.append(token)
         return drafts
+
+    def _draft_ahead(self, n: int, k: int, readback: mx.array, hiddens: mx.array
+                     ) -> tuple[int, list[mx.array] | None]:
+        """The next round's length and drafts, queued right behind this round's verification (``k`` drafts after
+        the ``n``-th token), before the host reads how many are kept: the device drafts while the host reads the
+        outcome, rewinds and hands the kept tokens out, where it would otherwise wait for the host to build the
+        drafts after that. The kept count, the token after it, its hidden state and position are picked on the
+        device from ``readback`` (the drafts, then the target's tokens); the policy chooses the length on what it
+        knows before this round (its limit as if every draft is kept, the most this round can use up). No drafts
+        where the compiled drafting step does not fit (they are drafted after the read, as before)."""
+        from .draft_step import fits_compiled_draft
+
+        producers = producer_caches(self.model, self.cache)
+        limit = min(self.max_tokens - (n + k + 1) - 1, self.model.context_left(self.cache) - 1)
+        k_next = self.lengths.choose(limit)
+        if not k_next or not fits_compiled_draft(producers):
+            return k_next, None
+        kept = mx.cumprod((readback[:k] == readback[k : 2 * k]).astype(mx.int32)).sum(keepdims=True)   # (1,)
+        token = mx.take(readback[k:], kept)                       # the target's token after the kept drafts
+        hidden = mx.take(hiddens, kept, axis=1)                   # (1, 1, hidden): the state that predicted it
+        at = (next(iter(producers.values())).offset - k + kept).reshape(())   # its position, after the rewind
+        drafts = self._draft(token, hidden, k_next, at)
+        mx.async_eval(drafts)
+        return k_next, drafts
 
     def _pick(self, logits: mx.array, history: mx.array | None, position: int) -> tuple[mx.array, mx.array]:
         """The target's token and log-probs (vocab,) at ``position``, with the processors and sampler."""
@@ -140,31 +182,44 @@ class SpeculativeLoop:
             picks.append(self._pick(logits[0, i], h, first + i))
         return [p[0] for p in picks], [p[1] for p in picks], hidden
 
-    def _queue(self, y: mx.array, hidden: mx.array, history: mx.array | None, n: int):
-        """Build the round that feeds ``y`` (the ``n``-th token) and queue it on the device; the round (k, start
-        time, drafts, the target's tokens, log-probs and hidden states) and the history with ``y``."""
+    def _queue(self, y: mx.array, hidden: mx.array, history: mx.array | None, n: int) -> tuple[Round, Any]:
+        """Build the round that feeds ``y`` (the ``n``-th token) and queue it on the device (with the next round's
+        drafts behind it, if it drafts); the round and the history with ``y``."""
         if history is not None:
             history = mx.concatenate([history, y.reshape(1).astype(mx.int32)])
-        k = self.lengths.choose(min(self.max_tokens - n - 1, self.model.context_left(self.cache) - 1))
-        t0 = time.perf_counter()
-        drafts, tokens, all_logprobs, hiddens, side = self._round(y, hidden, history, k,
-                                                                  k == 0 and self.lengths.shadow_due())
+        if self._ahead is not None:   # drafted behind the last round
+            (k, drafts), self._ahead = self._ahead, None
+        else:
+            k = self.lengths.choose(min(self.max_tokens - n - 1, self.model.context_left(self.cache) - 1))
+            drafts = None
+        r = self._round(y, hidden, history, k, k == 0 and self.lengths.shadow_due(), drafts)
         self.fed = n   # y is in the cache from now on
-        return (k, t0, drafts, tokens, all_logprobs, hiddens, side), history
+        if k:
+            self._ahead = self._draft_ahead(n, k, r.readback, r.hiddens)
+        return r, history
 
-    def _round(self, y: mx.array, hidden: mx.array, history: mx.array | None, k: int, shadow: bool):
-        """``k`` drafts after ``y`` and their verification, queued on the device: the drafts first, so that the
-        device drafts while the host builds the verification (on a fast device that build would otherwise leave it
-        idle: ~1.8 ms of an E4B round on an H200), and so that nothing still reads the cache's buffers when the
-        verification writes them. ``shadow`` (a round without drafts): one draft on the side as well, judged
-        against the target's next token once that is read, never fed (DraftLength.shadow_due)."""
-        drafts = self._draft(y, hidden, k)
-        side = self._draft(y, hidden, 1) if shadow else []
-        if drafts or side:
-            mx.async_eval(drafts, side)
+    def _round(self, y: mx.array, hidden: mx.array, history: mx.array | None, k: int, shadow: bool,
+               drafts: list[mx.array] | None = None) -> Round:
+        """``k`` drafts after ``y`` (or ``drafts``, queued already) and their verification, queued on the device:
+        the drafts first, so that the device drafts while the host builds the verification (on a fast device that
+        build would otherwise leave it idle: ~1.8 ms of an E4B round on an H200), and so that nothing still reads
+        the cache's buffers when the verification writes them. ``shadow`` (a round without drafts): one draft on
+        the side as well, judged against the target's next token once that is read, never fed
+        (DraftLength.shadow_due)."""
+        if drafts is None:
+            drafts = self._draft(y, hidden, k)
+            side = self._draft(y, hidden, 1) if shadow else []
+            if drafts or side:
+                mx.async_eval(drafts, side)
+        else:
+            side = []
         tokens, all_logprobs, hiddens = self._verify(y, drafts, history)
-        mx.async_eval(drafts, tokens, all_logprobs, hiddens)
-        return drafts, tokens, all_logprobs, hiddens, side
+        # What the host reads to judge the drafts, in one array (one transfer): the drafts, then the target's picks
+        readback = mx.concatenate([mx.stack(drafts).reshape(-1).astype(mx.int32),
+                                   mx.concatenate([t.reshape(-1) for t in tokens]).astype(mx.int32)]) \
+            if drafts else None
+        mx.async_eval(drafts, tokens, all_logprobs, hiddens, *([readback] if drafts else []))
+        return Round(k, drafts, tokens, all_logprobs, hiddens, side, readback)
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def _prefill(self) -> tuple[mx.array, mx.array, mx.array] | None:
@@ -208,7 +263,7 @@ class SpeculativeLoop:
         n = 0
         plain_round = False   # y came from a round without drafts, still lazy: its cost is recorded once read
         shadow: list = []     # that round's draft on the side, if it made one: judged once y is read
-        last_read = time.perf_counter()
+        last_read = time.perf_counter()   # when the host last read a token: a round costs the time between reads
         while True:
             # y (not yet fed) goes out now; the checks say whether another round follows. From the second token
             # on, that round is built and queued before y goes out, so the device works while the caller handles
@@ -219,38 +274,41 @@ class SpeculativeLoop:
             if self.finish_reason is None and n > 1:
                 queued, history = self._queue(y, hidden, history, n)
             token = int(y.item())
-            now = time.perf_counter()
-            if shadow:   # a round without drafts but one on the side: its cost is the shadow draft's
-                self.lengths.record_shadow(int(shadow[0].item()) == token, now - last_read)
-                shadow = []
-            elif plain_round:   # a round without drafts costs the time between two tokens, as a plain step does
-                self.lengths.record(0, 0, now - last_read)
-            plain_round = False
-            last_read = now
+            if shadow or plain_round:
+                now = time.perf_counter()
+                if shadow:   # a round without drafts but one on the side: its cost is the shadow draft's
+                    self.lengths.record_shadow(int(shadow[0].item()) == token, now - last_read)
+                else:   # a round without drafts costs the time between two tokens, as a plain step does
+                    self.lengths.record(0, 0, now - last_read)
+                last_read = now
+            shadow, plain_round = [], False
             try:
                 yield token, logprobs
             except GeneratorExit:
                 if queued is not None:   # y stays in the cache (it went out); the round's drafts go
-                    rewind_cache(cache, queued[0])
+                    rewind_cache(cache, queued.k)
                 raise
             if self.finish_reason is not None:
                 return
             if queued is None:
                 queued, history = self._queue(y, hidden, history, n)
-            k, t0, drafts, tokens, all_logprobs, hiddens, side = queued
-            if k == 0:
+            r = queued
+            if r.k == 0:
                 # No drafts to judge: the target's own token is next, whatever it is. It stays lazy, so the next
                 # round is built while the device runs this one: the plain loop's overlap, and its speed.
-                plain_round, shadow = True, side
-                y, logprobs, hidden = tokens[0], all_logprobs[0], hiddens[:, :1]
+                plain_round, shadow = True, r.side
+                y, logprobs, hidden = r.tokens[0], r.logprobs[0], r.hiddens[:, :1]
                 continue
-            mx.eval(drafts, tokens, all_logprobs, hiddens)
-            d, t = [int(x.item()) for x in drafts], [int(x.item()) for x in tokens]
+            k = r.k
+            read = r.readback.tolist()   # waits for this round's verification (not for the drafts behind it)
+            d, t = read[:k], read[k:]
             m = 0
             while m < k and d[m] == t[m]:
                 m += 1
             rewind_cache(cache, k - m)
-            self.lengths.record(k, m, time.perf_counter() - t0)
+            now = time.perf_counter()
+            self.lengths.record(k, m, now - last_read)
+            last_read = now
             self.drafted += k
             self.accepted += m
             self.judged += m + (m < k)
@@ -258,11 +316,11 @@ class SpeculativeLoop:
                 n += 1
                 self.fed = n
                 if history is not None:
-                    history = mx.concatenate([history, drafts[i].reshape(1).astype(mx.int32)])
+                    history = mx.concatenate([history, r.drafts[i].reshape(1).astype(mx.int32)])
                 try:
-                    yield d[i], all_logprobs[i]
+                    yield d[i], r.logprobs[i]
                 except GeneratorExit:
                     # The caller stopped (a stop token): the cache keeps only what went out, like plain decoding.
                     rewind_cache(cache, m - i - 1)
                     raise
-            y, logprobs, hidden = tokens[m], all_logprobs[m], hiddens[:, m : m + 1]
+            y, logprobs, hidden = r.tokens[m], r.logprobs[m], r.hiddens[:, m : m + 1]

@@ -589,22 +589,30 @@ def test_the_benchmarks_scripted_oracle_is_accepted_at_its_rate(text_pair, draft
             assert 0.2 <= loop.accepted / loop.judged <= 0.8
 
 
-def test_drafts_are_queued_before_the_verification_is_built(mimicking, monkeypatch):
+def test_drafts_are_queued_before_the_verification_is_built_and_behind_the_round_before(mimicking, monkeypatch):
     """A round queues its drafts on the device first, then builds the verification (the device drafts meanwhile);
-    the output stays plain greedy."""
+    after the first round, those drafts were queued right behind the round before, before the host read how many
+    of its drafts were kept (the device drafts while the host reads, rewinds and hands tokens out). The output
+    stays plain greedy."""
+    from mlx_gemma4 import speculative
+
     _, model, _, _, drafter = mimicking
     inputs = _inputs(12)
-    plain, _, _ = run_rounds(model, inputs, max_tokens=10)
+    plain, _, _ = run_rounds(model, inputs, max_tokens=NEW)
     events = []
-    step_hidden, queue = model.step_hidden, mx.async_eval
+    step_hidden, queue, rewind_cache = model.step_hidden, mx.async_eval, speculative.rewind_cache
     monkeypatch.setattr(model, "step_hidden", lambda ids, *a, **k: events.append(("verify", ids.shape[1] - 1))
                         or step_hidden(ids, *a, **k))
     monkeypatch.setattr(mx, "async_eval", lambda *a: events.append(("queue", len(a[0]) if isinstance(a[0], list)
                                                                       else None)) or queue(*a))
-    tokens, loop, _ = run_rounds(model, inputs, max_tokens=10, assistant=drafter, draft_tokens=3)
-    assert tokens == plain and loop.drafted > 0
-    drafted = [(i, k) for i, (what, k) in enumerate(events) if what == "verify" and k]
-    assert drafted and all(events[i - 1] == ("queue", k) for i, k in drafted)
+    monkeypatch.setattr(speculative, "rewind_cache", lambda *a: events.append(("read", None)) or rewind_cache(*a))
+    tokens, loop, _ = run_rounds(model, inputs, max_tokens=NEW, assistant=drafter, draft_tokens=3)
+    assert tokens == plain and loop.accepted > 0
+    verifies = [i for i, (what, k) in enumerate(events) if what == "verify" and k]
+    assert len(verifies) > 3 and events[verifies[0] - 1] == ("queue", events[verifies[0]][1])
+    for before, i in zip(verifies, verifies[1:]):
+        between = events[before + 1 : i]
+        assert between.index(("queue", events[i][1])) < between.index(("read", None))   # drafted ahead of the read
 
 
 def test_shadow_drafts_bring_an_agreeing_drafter_back_without_changing_a_token(mimicking, monkeypatch):
