@@ -133,8 +133,8 @@ def main(argv=None) -> int:
 
         try:
             dst = convert(args.hf_path, args.mlx_path, q_bits=args.q_bits, q_group_size=args.q_group_size or 64,
-                          dtype=args.dtype, force=args.force, ple_bits=8 if args.ple_bits is None else args.ple_bits,
-                          tower_bits=8 if args.tower_bits is None else args.tower_bits,
+                          dtype=args.dtype, force=args.force, ple_bits=args.ple_bits,
+                          tower_bits=args.tower_bits,
                           max_shard_bytes=args.max_shard_size, progress=progress)
         finally:
             if bar is not None:

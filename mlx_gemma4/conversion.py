@@ -29,7 +29,7 @@ from .destination import (check_destination, check_not_source, replace, resolve_
                           write_marker)
 from .errors import ConfigError, OutputError
 from .ple import PLE_FILE, open_table
-from .quantize import PLE, plan, quantize_weight, recipe
+from .quantize import PLE, idle_part_flags, plan, quantize_weight, recipe
 from .safetensors_io import TensorFileWriter, TensorSource, read_header
 from .weights import (TensorJob, build_model, check_names, drop_absent_towers, safetensors_files, shapes,
                       tensor_jobs)
@@ -172,8 +172,8 @@ def convert(
     q_group_size: int = 64,
     dtype: str = "bfloat16",
     force: bool = False,
-    ple_bits: int | None = 8,
-    tower_bits: int | None = 8,
+    ple_bits: int | None = None,
+    tower_bits: int | None = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     progress: Progress | None = None,
     tensors: Mapping[str, TensorSource] | None = None,
@@ -183,7 +183,9 @@ def convert(
 
     ``tensors`` (name -> TensorSource) stands in for the checkpoint's safetensors files, which ``hf_path`` then
     need not have: it still gives config.json and the tokenizer files. The benchmarks convert generated weights
-    this way without writing them to disk first."""
+    this way without writing them to disk first. ``ple_bits`` / ``tower_bits``: bits of the PLE table / the
+    towers' encoder layers when quantizing (None: 8; 0: kept in ``dtype``); given for a model without those parts,
+    a warning says they change nothing."""
     from .hub import check_source, resolve
 
     check_source(hf_path, "--hf-path")
@@ -218,8 +220,12 @@ def convert(
     model = Assistant(config) if drafter else build_model(config)
     quant = None
     if q_bits:
+        for flag in idle_part_flags(model, ple_bits, tower_bits):
+            logger.warning("%s changes nothing: %s has no %s.", flag, src.name or src,
+                           "per-layer embedding table" if flag == "--ple-bits" else "vision or audio encoder layers")
         quant = assistant_recipe(model, q_bits, q_group_size) if drafter else \
-            recipe(model, q_bits, q_group_size, ple_bits, tower_bits)
+            recipe(model, q_bits, q_group_size, 8 if ple_bits is None else ple_bits,
+                   8 if tower_bits is None else tower_bits)
     decisions = plan(model, quant)
 
     jobs = assistant_jobs(sources, config) if drafter else tensor_jobs(sources, config, model)

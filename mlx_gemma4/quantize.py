@@ -41,6 +41,16 @@ def _quantizable(model: nn.Module):
     return [(p, m) for p, m in model.named_modules() if hasattr(m, "to_quantized") and "weight" in m]
 
 
+def idle_part_flags(model: nn.Module, ple_bits: int | None, tower_bits: int | None) -> list[str]:
+    """The part settings given (not None) for parts ``model`` does not have: ``--ple-bits`` without a per-layer
+    embedding table (the 12B, 26B, 31B, a drafter), ``--tower-bits`` without encoder layers (the 12B's embedders,
+    a text-only checkpoint, a drafter)."""
+    paths = [p for p, _ in _quantizable(model)]
+    return [flag for flag, given, present in (("--ple-bits", ple_bits, PLE in paths),
+                                              ("--tower-bits", tower_bits, any(map(_TOWER_LAYER.match, paths))))
+            if given is not None and not present]
+
+
 def recipe(model: nn.Module, bits: int, group_size: int, ple_bits: int | None = 8,
            tower_bits: int | None = 8) -> dict:
     """The quantization section for ``model``: defaults plus per-module exceptions.

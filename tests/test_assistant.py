@@ -132,7 +132,15 @@ def test_convert_writes_a_drafter_that_loads_plain_and_quantized(tmp_path, text_
     for (name, a), (_, b) in zip(sorted(_flat(plain)), sorted(_flat(ref))):
         np.testing.assert_array_equal(np.array(a), np.array(b), err_msg=name)
 
-    dst = convert(tmp_path / "src", tmp_path / "q4", q_bits=4, q_group_size=32, dtype="float32")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mlx_gemma4"):
+        dst = convert(tmp_path / "src", tmp_path / "q4", q_bits=4, q_group_size=32, dtype="float32")
+        assert not caplog.text
+        # Settings for parts a drafter does not have say so (they change nothing), and the output is the same.
+        again = convert(tmp_path / "src", tmp_path / "q4-flags", q_bits=4, q_group_size=32, dtype="float32",
+                        ple_bits=4, tower_bits=0)
+    assert "--ple-bits changes nothing" in caplog.text and "--tower-bits changes nothing" in caplog.text
+    assert (again / "config.json").read_text() == (dst / "config.json").read_text()
     quant = json.loads((dst / "config.json").read_text())["quantization"]
     assert quant["bits"] == 4 and quant["masked_embedding.centroids"] is False
     q4 = load_assistant(dst, target=target)

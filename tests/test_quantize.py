@@ -65,6 +65,19 @@ def test_both_towers_encoder_layers_take_tower_bits():
         assert "vision_tower.patch_embedder.input_proj" not in d
     assert not [p for p in plan(model, recipe(model, 4, 32, tower_bits=0)) if p.startswith(("audio", "vision"))]
 
+
+def test_part_settings_for_parts_a_model_lacks_are_named():
+    """--ple-bits on a model without a PLE table and --tower-bits on one without encoder layers change nothing:
+    convert warns about them (idle_part_flags), and about nothing a model has or that was left at its default."""
+    from mlx_gemma4.quantize import idle_part_flags
+    from tests import tiny
+
+    towers = Gemma4(ModelConfig.from_dict(tiny.make_model("e", vision=tiny.VISION).config.to_dict()))
+    assert idle_part_flags(towers, 4, 0) == []
+    assert idle_part_flags(_model("e"), 4, 8) == ["--tower-bits"]
+    assert idle_part_flags(_model("dense"), 0, 4) == ["--ple-bits", "--tower-bits"]
+    assert idle_part_flags(_model("dense"), None, None) == []
+
 # Every quantizable input width a multiple of 128 (heads 4 x 32, PLE 7 x 128, experts 128 wide), so every group
 # size applies everywhere.
 WIDE = dict(hidden_size=128, intermediate_size=128, head_dim=32, global_head_dim=32, moe_intermediate_size=128)
