@@ -226,8 +226,15 @@ def prepare_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             while j < len(messages) and isinstance(messages[j], dict) and messages[j].get("role") == "tool":
                 results.append(messages[j])
                 j += 1
+            names = {c.get("id"): c["function"]["name"] for c in m["tool_calls"]}
+            for n, r in enumerate(results, i + 1):
+                rid = r.get("tool_call_id")
+                if rid is not None and rid not in names and any(names):
+                    # (shown to the model as a result of a tool named "unknown", in silence)
+                    raise InputError(f"Message {n} answers tool_call_id {rid!r:.60}, which no call of message {i} "
+                                     f"has (its calls: {', '.join(repr(c) for c in names if c)}); give the id of "
+                                     "the call it answers.")
             if results and not m.get("tool_responses") and not any(is_parts(r.get("content")) for r in results):
-                names = {c.get("id"): c["function"]["name"] for c in m["tool_calls"]}
                 m["tool_responses"] = [
                     {"name": names.get(r.get("tool_call_id")) or r.get("name") or "unknown",
                      "response": "" if r.get("content") is None else r["content"]} for r in results]

@@ -134,6 +134,19 @@ def test_tool_choice_none_never_calls(client, steer, processor):
     assert "<|tool_call>" not in refused.choices[0].message.content
     assert refused.usage.prompt_tokens == client.chat.completions.create(**kw).usage.prompt_tokens  # declared
 
+def test_a_call_of_an_undeclared_tool_comes_back_as_text(client, steer, processor):
+    """A model that writes a call of a tool the request did not declare (no tools, or another name) came back with
+    tool_calls naming a function the client does not have; now it is the answer's text, finished as text."""
+    for tools in (None, [TIME]):
+        steer.reset()
+        steer.force = ids(processor, CALL)
+        choice = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Paris?"}],
+                                                max_tokens=200, temperature=0,
+                                                **({"tools": tools} if tools else {})).choices[0]
+        assert not choice.message.tool_calls and choice.finish_reason == "stop"
+        assert choice.message.content.startswith(CALL)
+
+
 TIME = {"type": "function", "function": {"name": "get_time", "description": "Time in a zone.",
                                          "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}}}
 

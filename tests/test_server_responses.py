@@ -58,6 +58,21 @@ def test_held_back_text_is_flushed_at_the_end_and_before_a_call():
     assert answer.feed(piece("", finish="length")) == [{"content": "EN"}]
 
 
+def test_a_call_of_a_tool_the_request_did_not_declare_stays_text():
+    """OpenAI returns only calls of declared tools: a call of another name (or any call where none may be made)
+    comes back as the text the model wrote, and the answer finishes as text does."""
+    declared, other = ToolCall("f", {}, raw="<|tool_call>call:f{}<tool_call|>", id="c1"), \
+        ToolCall("g", {"x": 1}, raw="<|tool_call>call:g{x:1}<tool_call|>", id="c2")
+    answer = Answer(callable=frozenset({"f"}))
+    deltas = answer.feed(piece("a ", calls=[other])) + answer.feed(piece(calls=[declared], finish="stop"))
+    assert deltas[0] == {"content": "a " + other.raw} and deltas[1]["tool_calls"][0]["function"]["name"] == "f"
+    for callable in (frozenset(), frozenset({"f"})):
+        answer = Answer(["END"], callable=callable)
+        deltas = answer.feed(piece(calls=[other])) + answer.feed(piece(" END x", finish="stop"))
+        assert message(deltas) == {"role": "assistant", "content": other.raw + " "}
+        assert finish_reason(answer, piece(finish="stop")) == "stop"
+
+
 @pytest.fixture
 def store(tmp_path):
     return MediaStore(tmp_path)
@@ -131,6 +146,7 @@ def test_request_becomes_chat_messages_and_options(store):
     (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": [1]}}]), "parameters' must be"),
     (dict(chat_template_kwargs=["enable_thinking"]), "'chat_template_kwargs' must be an object"),
     (dict(chat_template_kwargs="enable_thinking=true"), "'chat_template_kwargs' must be an object"),
+    (dict(chat_template_kwargs={"enable_thinkng": True}), "Unknown key(s) 'enable_thinkng' in 'chat_template_kwargs'"),
     # Accepted and ignored in silence: the model never saw the functions, the bias was not applied, no audio came.
     (dict(functions=[{"name": "f", "parameters": {"type": "object"}}]), "send the functions as 'tools'"),
     (dict(function_call="auto"), "legacy 'functions' / 'function_call'"),

@@ -192,7 +192,10 @@ class _Reply:
         self.job, self.req, self.model_id = job, req, model_id
         self.id = "chatcmpl-" + secrets.token_hex(12)
         self.created = int(time.time())
-        self.answers = [out.Answer(req.stop, one_call=not req.parallel_tool_calls) for _ in range(job.n)]
+        callable = frozenset(t["function"]["name"] for t in req.tools or ()) \
+            if req.options.get("tool_choice") != "none" else frozenset()
+        self.answers = [out.Answer(req.stop, one_call=not req.parallel_tool_calls, callable=callable)
+                        for _ in range(job.n)]
         self.deltas: list[list[dict[str, Any]]] = [[] for _ in range(job.n)]
         self.last: list[Any] = [None] * job.n
         self.cached = 0                     # the first choice's: the later ones find the whole prompt cached

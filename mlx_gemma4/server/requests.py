@@ -198,6 +198,10 @@ def _thinking(body: dict[str, Any], default: bool) -> bool:
     if kwargs is not None and not isinstance(kwargs, dict):
         raise RequestError(f"'chat_template_kwargs' must be an object like {{\"enable_thinking\": true}}; got "
                            f"{_json_type(kwargs)}.", param="chat_template_kwargs")
+    unknown = sorted(set(kwargs or ()) - {"enable_thinking"})
+    if unknown:   # ('enable_thinkng': true answered without thinking, in silence)
+        raise RequestError(f"Unknown key(s) {', '.join(map(repr, unknown))} in 'chat_template_kwargs'; Gemma 4's "
+                           "template takes 'enable_thinking'.", param="chat_template_kwargs")
     if isinstance(kwargs, dict) and "enable_thinking" in kwargs:
         return _bool(kwargs, "enable_thinking", default)
     effort = body.get("reasoning_effort")
