@@ -206,6 +206,10 @@ class ChatSession(Conversation):
         checked before any message is encoded.
         """
         self._check_stream_kwargs(gen_kwargs)
+        if isinstance(messages, (list, tuple)) and messages and isinstance(messages[-1], dict) \
+                and messages[-1].get("role") == "assistant":
+            raise InputError("The last message is the assistant's: there is nothing to answer (a second assistant "
+                             "turn would follow it). End with a user message, or with tool results for its calls.")
         schemas = self._schemas(tools)
         force = forced_call(self.processor.tokenizer, schemas, tool_choice)
         if force is not None:

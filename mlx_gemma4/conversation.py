@@ -16,7 +16,7 @@ from .generation import GenerationResponse
 from .media import MEDIA
 from .processing.files import check_item
 from .processing.processor import media_items
-from .tool_use import Answer, prepare_messages, tool_result_message
+from .tool_use import Answer, forced_call, prepare_messages, tool_result_message
 from .tools import ToolCall
 
 if TYPE_CHECKING:
@@ -128,6 +128,9 @@ class Conversation:
         as far as it got, before the new turn; one never read is dropped). The keywords are checked now, not when
         reading starts."""
         self._check_stream_kwargs({k: v for k, v in gen_kwargs.items() if k not in ("tools", "tool_choice")})
+        if "tools" in gen_kwargs or "tool_choice" in gen_kwargs:
+            forced_call(self.processor.tokenizer, self._schemas(gen_kwargs.get("tools", self.tools)),
+                        gen_kwargs.get("tool_choice"))
         answer = self._answering(list(new_turns or []), again, gen_kwargs)
         self._answers.add(answer)
         return answer

@@ -27,7 +27,7 @@ from .cache import KVCache
 from .checks import (_STREAM_KWARGS, check_assistant_args, check_generation_kwargs, check_model_and_processor,
                      check_policies, check_positive_int, check_sampling_args, check_start)
 from .errors import InputError
-from .sampling import make_policies, pick
+from .sampling import make_policies, pick, read_token
 
 
 @dataclass
@@ -124,6 +124,7 @@ class TokenLoop:
 
     def __iter__(self) -> Iterator[tuple[int, mx.array]]:
         model, cache, processors = self.model, self.cache, self.processors
+        vocab = model.config.text_config.vocab_size
         history = mx.array(np.array(self.inputs["input_ids"]).reshape(-1), dtype=mx.int32) if processors else None
 
         if self.prefilled is None:
@@ -146,7 +147,7 @@ class TokenLoop:
             if self.finish_reason is None and n > 1:
                 next_y, next_logprobs, history = self._queue(model, cache, y, history)
                 self.fed = n
-            yield int(y.item()), logprobs
+            yield read_token(y, vocab), logprobs
             if self.finish_reason is not None:
                 return
             if n == 1:  # the first token went out before its step was built: it is what a user waits for

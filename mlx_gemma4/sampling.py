@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from .errors import InputError, with_article
+
 
 MIN_TEMPERATURE = 1e-6   # below this, sampling is greedy (make_policies)
 
@@ -48,9 +50,33 @@ def pick(logits: mx.array, history: mx.array | None, processors: Sequence[Callab
     reseed(seed, position)
     logits = logits[None]                                                          # (1, vocab)
     for p in processors:
-        logits = p(history, logits)
+        out = p(history, logits)
+        if not isinstance(out, mx.array) or out.shape != logits.shape:   # (fewer logits sampled from a part)
+            raise InputError(f"A logits processor returned {_described(out)}; it must return logits of the shape "
+                             f"it was given, {tuple(logits.shape)}.")
+        logits = out
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    return sampler(logprobs)[0], logprobs[0]
+    token = sampler(logprobs)
+    if not isinstance(token, mx.array) or token.size != 1 or not mx.issubdtype(token.dtype, mx.integer):
+        raise InputError(f"The sampler returned {_described(token)}; it must return the picked token id, an "
+                         f"integer array of shape (1,), from log-probs of shape {tuple(logprobs.shape)}.")
+    return token.reshape(-1)[0], logprobs[0]
+
+
+def read_token(token: mx.array, vocab: int) -> int:
+    """A picked token on the host (this waits for it); a sampler's id outside the vocabulary is an InputError
+    (the next step's embedding lookup would fail far from its cause, or read another row)."""
+    t = int(token.item())
+    if not 0 <= t < vocab:
+        raise InputError(f"The sampler picked token id {t}, outside the vocabulary (0 to {vocab - 1}); it must "
+                         "return an index into the log-probs' last axis.")
+    return t
+
+
+def _described(x) -> str:
+    if isinstance(x, mx.array):
+        return f"an array of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return with_article(type(x).__name__)
 
 
 def reseed(seed: int | None, position: int) -> None:

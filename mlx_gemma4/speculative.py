@@ -37,7 +37,7 @@ from .cache import rewind as rewind_cache
 from .draft_length import DraftLength, automatic_policy
 from .errors import InputError
 from .generation import PromptEnd, check_prefilled, why_finished
-from .sampling import pick
+from .sampling import pick, read_token
 
 
 def producer_caches(model, cache: list[KVCache]) -> dict[str, KVCache]:
@@ -141,18 +141,21 @@ class SpeculativeLoop:
         return drafts
 
     def _draft_ahead(self, n: int, k: int, readback: mx.array, hiddens: mx.array
-                     ) -> tuple[int, list[mx.array] | None]:
+                     ) -> tuple[int, list[mx.array] | None] | None:
         """The next round's length and drafts, queued right behind this round's verification (``k`` drafts after
         the ``n``-th token), before the host reads how many are kept: the device drafts while the host reads the
         outcome, rewinds and hands the kept tokens out, where it would otherwise wait for the host to build the
         drafts after that. The kept count, the token after it, its hidden state and position are picked on the
         device from ``readback`` (the drafts, then the target's tokens); the policy chooses the length on what it
-        knows before this round (its limit as if every draft is kept, the most this round can use up). No drafts
-        where the compiled drafting step does not fit (they are drafted after the read, as before)."""
+        knows before this round. Neither near the end of the answer or the context, where the next round's limit
+        depends on this round's outcome, and no drafts where the compiled drafting step does not fit: they are
+        chosen, or drafted, after the read, as before."""
         from .draft_step import fits_compiled_draft
 
         producers = producer_caches(self.model, self.cache)
         limit = min(self.max_tokens - (n + k + 1) - 1, self.model.context_left(self.cache) - 1)
+        if limit < self.lengths.k_max:   # near the end, where the limit depends on this round's outcome
+            return None
         k_next = self.lengths.choose(limit)
         if not k_next or not fits_compiled_draft(producers):
             return k_next, None
@@ -250,6 +253,7 @@ class SpeculativeLoop:
 
     def __iter__(self) -> Iterator[tuple[int, mx.array]]:
         model, cache = self.model, self.cache
+        vocab = model.config.text_config.vocab_size
         first = self._prefill()
         if first is None:
             self.finish_reason = "cancelled"
@@ -273,7 +277,7 @@ class SpeculativeLoop:
             queued = None
             if self.finish_reason is None and n > 1:
                 queued, history = self._queue(y, hidden, history, n)
-            token = int(y.item())
+            token = read_token(y, vocab)
             if shadow or plain_round:
                 now = time.perf_counter()
                 if shadow:   # a round without drafts but one on the side: its cost is the shadow draft's

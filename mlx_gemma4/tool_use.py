@@ -24,7 +24,7 @@ from typing import Any
 
 from .errors import InputError, with_article
 from .media import BY_KIND
-from .tools import CALL_OPEN, ToolCall, ToolCallError, ToolCallStream
+from .tools import CALL_OPEN, ToolCall, ToolCallError, ToolCallStream, check_answer_text
 
 _THINK_OPEN, _THINK_CLOSE, _THINK_LABEL = "<|channel>", "<channel|>", "thought\n"
 
@@ -149,6 +149,7 @@ class AnswerStream:
 
 def split_answer(text: str) -> Answer:
     """A whole answer (decoded with special tokens kept) as thinking, text and tool calls."""
+    check_answer_text("split_answer", text)
     stream = AnswerStream()
     stream.feed(text)
     return stream.close()

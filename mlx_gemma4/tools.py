@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
-from mlx_gemma4.errors import InputError
+from mlx_gemma4.errors import InputError, with_article
 
 CALL_OPEN, CALL_CLOSE, QUOTE = "<|tool_call>", "<tool_call|>", '<|"|>'
 
@@ -40,8 +40,9 @@ def tool_schema(tool: Callable[..., Any] | dict[str, Any]) -> dict[str, Any]:
         if "function" not in tool and "name" in tool:
             return {"type": "function", "function": tool}
         return tool
-    if not callable(tool):
-        raise InputError(f"A tool must be a function or a JSON-schema dict, not {type(tool).__name__}.")
+    if not callable(tool) or isinstance(tool, type):   # (a class, dict itself: "no signature found")
+        raise InputError(f"A tool must be a function or a JSON-schema dict, not "
+                         f"{'the class ' + tool.__name__ if isinstance(tool, type) else type(tool).__name__}.")
     name = getattr(tool, "__name__", None)
     if not name or name == "<lambda>":
         raise InputError("A tool function needs a name: define it with `def`, or pass a JSON-schema dict.")
@@ -168,10 +169,17 @@ class ToolCallError(InputError):
 def parse_tool_calls(text: str) -> tuple[list[ToolCall], str]:
     """Split a model answer into its tool calls and the text outside them. A call that does not parse, or is not
     closed by ``<tool_call|>``, raises ``ToolCallError`` (an ``InputError``) with the raw text in ``.raw``."""
+    check_answer_text("parse_tool_calls", text)
     stream = ToolCallStream()
     events = stream.feed(text) + stream.close()
     calls = [e for e in events if isinstance(e, ToolCall)]
     return calls, "".join(e for e in events if isinstance(e, str))  # no errors: they were raised
+
+
+def check_answer_text(what: str, text: Any) -> None:
+    if not isinstance(text, str):
+        raise InputError(f"{what} takes the model's answer as a string; got "
+                         f"{'None' if text is None else with_article(type(text).__name__)}.")
 
 
 class ToolCallStream:

@@ -103,10 +103,12 @@ def raises_naming(load: Callable[[Any], Any], src: Any, name: str, match: str = 
 
 def check_unusable_paths(load: Callable[[Any], Any], folder: Path, suffix: str, not_media: str) -> None:
     """What every media loader refuses with an InputError naming the path: a missing file, a directory, an empty
-    file, a web URL (never downloaded; it was called a missing file, with its '//' folded), and text where media
-    was expected (whose message matches ``not_media``)."""
+    file, a web URL (never downloaded; it was called a missing file, with its '//' folded), a data: URI, and text
+    where media was expected (whose message matches ``not_media``)."""
     raises_naming(load, folder / f"missing{suffix}", f"missing{suffix}", "no such file")
     raises_naming(load, f"https://example.com/cat{suffix}", f"https://example.com/cat{suffix}", "is a URL")
+    # A data: URI (the server takes them) was looked for as a file: "no such file. Check the path."
+    raises_naming(load, "data:application/octet-stream;base64,AAAA", "data:application", "is a data: URI")
     raises_naming(load, folder, str(folder), "directory")
     (folder / f"empty{suffix}").write_bytes(b"")
     raises_naming(load, folder / f"empty{suffix}", f"empty{suffix}", "empty")

@@ -158,6 +158,10 @@ def test_an_answer_never_read_changes_nothing_and_a_new_one_closes_the_last(load
         next(half)   # closed
     with pytest.raises(InputError, match="temperature"):
         session.send("hot", temperature=-1)   # checked at the call, not when read
+    with pytest.raises(InputError, match="tool_choice"):
+        session.send("call", tool_choice={"function": 3})   # ... and so are the tools and tool_choice
+    with pytest.raises(InputError):
+        session.send("call", tools=[5])
 
 
 def test_a_turn_stopped_before_its_first_token_is_not_kept(loaded):
@@ -544,6 +548,15 @@ def test_no_messages_is_an_input_error(loaded):
         list(ChatSession(model, processor).stream([], max_tokens=1))
     with pytest.raises(InputError, match="no messages"):
         processor.apply_chat_template([])
+
+
+def test_messages_that_end_with_the_assistants_are_an_input_error(loaded):
+    """stream() answered them with a second assistant turn (the server refuses them with a 400)."""
+    model, processor = loaded
+    for last in ({"role": "assistant", "content": "b"},
+                 {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}):
+        with pytest.raises(InputError, match="The last message is the assistant's"):
+            list(ChatSession(model, processor).stream([{"role": "user", "content": "a"}, last], max_tokens=1))
 
 
 @pytest.mark.parametrize("role", ["wizard", "model", None])

@@ -61,6 +61,30 @@ def test_generate_step_uses_the_callers_sampler_and_processors(loaded):
     assert loop.finish_reason == "length"
 
 
+@pytest.mark.parametrize("sampler, processor, said", [
+    (lambda lp: mx.array([10**6]), None, "picked token id 1000000, outside the vocabulary"),
+    (lambda lp: 5, None, "The sampler returned an int"),
+    (lambda lp: mx.array([1.5]), None, "dtype mlx.core.float32"),               # (it became token 1, in silence)
+    (lambda lp: mx.argmax(lp, axis=-1, keepdims=True)[None], None, None),     # one id in any shape: fine
+    (None, lambda h, logits: logits[..., :10], "A logits processor returned an array of shape (1, 10)"),
+])
+def test_a_sampler_or_processor_that_returns_the_wrong_thing_is_named(loaded, sampler, processor, said):
+    """A sampler's id outside the vocabulary was an IndexError deep inside, a float id or a processor's cut logits
+    went through in silence."""
+    model, tokenizer = loaded
+
+    def run():
+        return [t for t, _ in generate_step(model, tokenizer(text="hi"), sampler=sampler, max_tokens=2,
+                                            logits_processors=[processor] if processor else [])]
+
+    if said is None:
+        assert len(run()) == 2
+        return
+    with pytest.raises(InputError) as e:
+        run()
+    assert said in str(e.value)
+
+
 def test_logprobs_are_normalised(loaded):
     model, processor = loaded
     for _, logprobs in generate_step(model, processor(text="hi"), max_tokens=3):

@@ -179,10 +179,19 @@ def star(*args: int):
 
 @pytest.mark.parametrize("fn, words", [
     (no_hint, "no type hint"), (bad_union, "type hint"), (bad_type, "complex"), (star, "*args"),
-    (lambda x: x, "def"), (42, "function or a JSON-schema dict")])
+    (lambda x: x, "def"), (42, "function or a JSON-schema dict"), (dict, "not the class dict")])
 def test_schema_errors_say_what_to_do(fn, words):
     with pytest.raises(InputError, match=r"(?s).*" + words.replace("*", r"\*")):
         tool_schema(fn)
+
+
+def test_an_answer_that_is_not_text_is_named():
+    """parse_tool_calls(None) and split_answer(None) were TypeErrors from string concatenation inside."""
+    from mlx_gemma4.tool_use import split_answer
+
+    for fn in (parse_tool_calls, split_answer):
+        with pytest.raises(InputError, match="takes the model's answer as a string; got None"):
+            fn(None)
 
 
 def test_template_renders_declarations_from_schemas(processor):

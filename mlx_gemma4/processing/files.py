@@ -20,10 +20,14 @@ def media_path(src: str | Path, kind: str) -> Path:
     Raises :class:`InputError` naming the path and saying what to do: missing, a directory, unreadable or empty.
     """
     what = _EXAMPLES.get(kind, "a media file")
+    takes = _TAKES.get(kind, "a file path")
+    if isinstance(src, str) and src[:5].lower() == "data:":   # (it was looked for as a file: "no such file")
+        raise InputError(f"{src[:40]}... is a data: URI; media are read from files or objects here. Decode it to a "
+                         f"file or an object first; pass {takes}.")
     scheme = _URL.match(str(src)) if isinstance(src, str) else None
     if scheme and scheme.group(1).lower() != "file":
-        raise InputError(f"{src} is a URL; media are read from files, never downloaded. Download it and pass the "
-                         f"file's path (or a PIL image / array), e.g. {what}.")
+        raise InputError(f"{src} is a URL; media are read from files, never downloaded. Download it and pass "
+                         f"{takes}, e.g. {what}.")
     if scheme:   # file:///home/me/cat.png
         from urllib.parse import unquote, urlparse
 
