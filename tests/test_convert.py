@@ -353,13 +353,19 @@ def test_cli_says_what_it_wrote_after_the_progress_bar(sources, tmp_path):
 def test_bad_inputs(sources, tmp_path):
     src, _ = sources["moe"]
     (tmp_path / "no-config").mkdir()
-    with pytest.raises(ConfigError, match="config.json"):
+    with pytest.raises(ConfigError, match="No config.json in .*--hf-path takes a Hugging Face Gemma 4 checkpoint"):
         convert(tmp_path / "no-config", tmp_path / "o1")
     other = tmp_path / "llama"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ConfigError, match="Gemma 4"):
         convert(other, tmp_path / "o2")
+    # A source without weights: the converter's words (it was told to convert it again with convert.py).
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_bytes((src / "config.json").read_bytes())
+    with pytest.raises(WeightsError, match="No [*].safetensors weight files in .*bare: the download did not finish"):
+        convert(bare, tmp_path / "o2")
     with pytest.raises(ConfigError, match="--q-bits 7"):
         convert(src, tmp_path / "o3", q_bits=7)
     with pytest.raises(ConfigError, match="does not divide"):
