@@ -341,6 +341,30 @@ def test_a_session_sets_the_image_budget_as_generate_does(vision, tmp_path):
         session.max_soft_tokens = 0
 
 
+def test_an_image_part_may_carry_its_own_budget(vision, tmp_path):
+    """A part's max_soft_tokens holds for that image over the session's (the server's per-image 'detail'; one
+    budget per request encoded every image of the conversation again at the most detailed asked)."""
+    model, processor = vision
+    red, blue = tmp_path / "red.png", tmp_path / "blue.png"
+    Image.new("RGB", (400, 300), "red").save(red)
+    Image.new("RGB", (300, 400), "blue").save(blue)
+
+    def ask(*parts):
+        return [{"role": "user", "content": [*parts, {"type": "text", "text": "what?"}]}]
+
+    session = ChatSession(model, processor)
+    mixed = session.encode(ask({"type": "image", "image": str(red), "max_soft_tokens": 70},
+                               {"type": "image", "image": str(blue), "max_soft_tokens": 140})).ids.tolist()
+    alone = [ChatSession(model, processor, max_soft_tokens=b).encode(ask({"type": "image", "image": str(p)})).ids
+             for p, b in ((red, 70), (blue, 140))]
+    soft = processor.tokenizer.convert_tokens_to_ids("<|image|>")
+    assert mixed.count(soft) == sum(a.tolist().count(soft) for a in alone)
+    assert mixed.count(soft) < ChatSession(model, processor, max_soft_tokens=140).encode(
+        ask({"type": "image", "image": str(red)}, {"type": "image", "image": str(blue)})).ids.tolist().count(soft)
+    with pytest.raises(InputError, match="max_soft_tokens must be one of"):
+        session.encode(ask({"type": "image", "image": str(red), "max_soft_tokens": 100}))
+
+
 def test_send_takes_one_media_item_or_a_list_as_generate_does(vision, tmp_path):
     """send(images=PIL_image) was a TypeError ('Image' object is not iterable), send(audio=array) a ValueError, and
     send(videos=[frame, frame]) made one video of each frame where generate makes one video of the list."""

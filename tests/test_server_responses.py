@@ -335,25 +335,24 @@ def test_media_store_keeps_recent_files_within_its_budget(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [big.name]
 
 
-def test_image_detail_sets_the_requests_token_budget(store):
+def test_image_detail_is_each_images_token_budget(store):
     """OpenAI's image_url.detail: 'low' the smallest budget, 'high' the largest, 'auto' (or none) the model's
-    default; one budget per request (the most detailed asked); anything else a 400 naming the part."""
+    default, each image its own (the chat part's max_soft_tokens; one budget per request, the most detailed asked,
+    encoded every image of the conversation again at 1,120 tokens); anything else a 400 naming the part."""
     png = f"data:image/png;base64,{base64.b64encode(b'png').decode()}"
 
-    def budget(*details):
+    def budgets(*details):
         parts = [{"type": "image_url", "image_url": {"url": png} if d is None else {"url": png, "detail": d}}
                  for d in details]
         req = parse(store, messages=[{"role": "user", "content": [*parts, {"type": "text", "text": "?"}]}])
-        assert all(set(p) == {"type", "image"} for p in req.messages[0]["content"][:-1])   # nothing else passed on
-        return req.max_soft_tokens
+        assert all(set(p) <= {"type", "image", "max_soft_tokens"} for p in req.messages[0]["content"][:-1])
+        return [p.get("max_soft_tokens") for p in req.messages[0]["content"][:-1]]
 
-    assert budget() is None and budget(None) is None and budget("auto") is None
-    assert budget("low") == budget("low", "low") == 70
-    assert budget("high") == budget("low", "high") == budget("auto", "high") == 1120
-    assert budget("low", "auto") is None and budget("low", None) is None
+    assert budgets() == [] and budgets(None) == [None] and budgets("auto") == [None]
+    assert budgets("low", "high", "auto", None) == [70, 1120, None, None]
     with pytest.raises(RequestError, match=r"messages\[0\]\.content\[1\]\.image_url\.detail must be 'low', 'high' "
                                            r"or 'auto'; got 'ultra'"):
-        budget("low", "ultra")
+        budgets("low", "ultra")
 
 
 def test_file_urls_are_percent_decoded(store, tmp_path):

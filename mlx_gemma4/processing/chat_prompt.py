@@ -132,11 +132,13 @@ class ChatEncoder:
 
     # -- media -----------------------------------------------------------------------------------------------
 
-    def _key(self, kind: str, source: Any, rate: int | None = None) -> tuple:
-        """What tells media items apart: the source, and the budget (another budget gives other tokens). A file
-        gone since an earlier turn read it (a temporary file, say) is that turn's item: what the model saw, at the
-        budget it was read with if the budget has changed since (it cannot be read again at the new one)."""
-        key = (*_source_key(kind, source, rate), None if kind == "audio" else self.max_soft_tokens)
+    def _key(self, kind: str, source: Any, rate: int | None = None, budget: int | None = None) -> tuple:
+        """What tells media items apart: the source, and the budget (the part's own ``budget``, else the
+        encoder's: another budget gives other tokens). A file gone since an earlier turn read it (a temporary file,
+        say) is that turn's item: what the model saw, at the budget it was read with if the budget has changed
+        since (it cannot be read again at the new one)."""
+        key = (*_source_key(kind, source, rate),
+               None if kind == "audio" else self.max_soft_tokens if budget is None else budget)
         if len(key) == 3:   # (kind, path, budget): no such file now
             read = [k for k in self._media if len(k) == 5 and k[:2] == key[:2]]
             return next((k for k in read if k[4] == key[2]), read[-1] if read else key)
@@ -196,8 +198,10 @@ class ChatEncoder:
                     if src is None:
                         raise InputError(f"{with_article(kind).capitalize()} part of the messages has no {kind!r} "
                                          "or 'path' key to load.")
-                    # an audio array's rate, when it is not 16 kHz (files carry their own)
-                    sources.append((kind, src, part.get("sampling_rate") if kind == "audio" else None))
+                    # an audio array's rate, when it is not 16 kHz (files carry their own); an image's (or a video
+                    # frame's) own token budget, over the session's
+                    sources.append((kind, src, part.get("sampling_rate") if kind == "audio" else None,
+                                    _part_budget(kind, part)))
                     out.append({"type": kind})
             if isinstance(content, list):
                 rendered_messages.append({"role": role, "content": out})
@@ -210,19 +214,19 @@ class ChatEncoder:
             tools=tools, **template_kwargs)
         found = [self._placeholders[m.group(0)] for m in self._specials.finditer(rendered)
                  if m.group(0) in self._placeholders] if self._specials else []
-        if found != [k for k, _, _ in sources]:
+        if found != [s[0] for s in sources]:
             raise InputError("The chat template did not place every image, audio clip or video of the messages "
                              "(media are only read in user turns and tool results); move them into a user "
                              "message.")
 
         if check_media is not None:
-            check_media([k for k, _, _ in sources])
+            check_media([s[0] for s in sources])
         used: dict[tuple, tuple[Any, MediaItem]] = {}
         items: list[MediaItem] = []
-        for kind, src, rate in sources:
+        for kind, src, rate, budget in sources:
             if should_stop is not None and should_stop():
                 raise Stopped
-            key = self._key(kind, src, rate)
+            key = self._key(kind, src, rate, budget)
             items.append(self._item(kind, src, rate, key))
             used[key] = self._media[key]
         self._media = used  # keep only what this conversation uses
@@ -305,3 +309,16 @@ def stack_inputs(items: list[MediaItem]) -> dict[str, Any]:
                       for a in arrays]
         out[key] = mx.array(np.concatenate(arrays))
     return out
+
+
+def _part_budget(kind: str, part: dict[str, Any]) -> int | None:
+    """A media part's own ``max_soft_tokens`` (checked), or None."""
+    budget = part.get("max_soft_tokens")
+    if budget is None:
+        return None
+    if kind == "audio":
+        raise InputError("An audio part has no token budget (its length sets its tokens); max_soft_tokens is for an "
+                         "image or a video.")
+    from .image import ImageProcessor
+
+    return ImageProcessor.check_budget(budget)

@@ -104,8 +104,7 @@ def create_app(engine: Engine, *, model_id: str, limits: Limits | None = None, a
             except RuntimeError:  # the event loop is gone (shutting down): nobody is listening
                 pass
 
-        job = Job(req.messages, req.options, emit, enable_thinking=req.enable_thinking, tools=req.tools, n=req.n,
-                  max_soft_tokens=req.max_soft_tokens)
+        job = Job(req.messages, req.options, emit, enable_thinking=req.enable_thinking, tools=req.tools, n=req.n)
         engine.submit(job)
         reply = _Reply(job, req, model_id)
         watcher = asyncio.ensure_future(_disconnected(request))

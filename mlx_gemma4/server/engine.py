@@ -46,7 +46,6 @@ class Job:
     emit: Callable[[Piece | Done], None]
     enable_thinking: bool = False
     tools: list[dict[str, Any]] | None = None
-    max_soft_tokens: int | None = None      # the images' token budget (None: the model's default)
     cancel: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
@@ -210,7 +209,6 @@ class Engine:
         job.started_at = time.perf_counter()
         session = self.session
         session.enable_thinking = job.enable_thinking  # read when the conversation is encoded, on this thread
-        session.max_soft_tokens = job.max_soft_tokens
         finish = None
         try:
             for i in range(job.n):

@@ -25,10 +25,9 @@ _IMAGE_EXT = {"image/png": ".png", "image/jpeg": ".jpg", "image/jpg": ".jpg", "i
               "image/gif": ".gif", "image/bmp": ".bmp"}
 _AUDIO_FORMATS = {"wav", "mp3", "flac", "ogg"}
 # OpenAI's image 'detail' as the image token budget (processing/image.py SUPPORTED_SOFT_TOKENS): "low" the
-# smallest, "high" the largest (small print, documents), "auto" the model's own default. One budget holds for all the
-# images of a request (the processor takes one): the most detailed asked.
+# smallest, "high" the largest (small print, documents), "auto" the model's own default. Each image has its own (the
+# chat part's max_soft_tokens): one asked in "high" does not encode the others of the conversation again.
 DETAIL_BUDGETS = {"low": 70, "auto": None, "high": 1120}
-DETAIL = "_detail"   # the key a converted image part carries its detail under until parse_chat takes it out
 
 
 class MediaStore:
@@ -172,7 +171,9 @@ def _part(p: Any, where: str, role: str, limits: Limits, media: MediaStore) -> d
         if detail not in DETAIL_BUDGETS:
             raise RequestError(f"{where}.image_url.detail must be 'low', 'high' or 'auto'; got {detail!r}.",
                                param="messages")
-        return {"type": "image", "image": _image_source(url, where, limits, media), DETAIL: detail}
+        budget = DETAIL_BUDGETS[detail]   # each image its own (a chat part's max_soft_tokens)
+        return {"type": "image", "image": _image_source(url, where, limits, media),
+                **({} if budget is None else {"max_soft_tokens": budget})}
     if kind == "input_audio":
         audio = p.get("input_audio")
         if not isinstance(audio, dict) or not isinstance(audio.get("data"), str):

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import with_article
 from .body import Limits, RequestError
-from .messages import DETAIL, DETAIL_BUDGETS, MediaStore, message
+from .messages import MediaStore, message
 
 # What a chat-completions body may hold: OpenAI's fields (honoured, refused when they cannot be, or harmless to
 # ignore, like 'user') and the sampling extensions other local servers take. Any other name is a typo to report,
@@ -37,7 +37,6 @@ class ChatRequest:
     parallel_tool_calls: bool = True        # False: the answer ends with its first call
     n: int = 1                              # answers (choices) to generate, one after another
     enable_thinking: bool = False
-    max_soft_tokens: int | None = None      # the images' token budget (their 'detail'); None: the model's default
 
 
 # Choices one request may ask for ('n'): they are generated one after another, each up to max_tokens long.
@@ -62,8 +61,6 @@ def parse_chat(body: dict[str, Any], *, model_id: str, limits: Limits, media: Me
         raise RequestError("'messages' must be a non-empty list of {'role': ..., 'content': ...} objects.",
                            param="messages")
     converted = [message(m, i, limits, media) for i, m in enumerate(messages)]
-    details = {p.pop(DETAIL) for m in converted if isinstance(m.get("content"), list) for p in m["content"]
-               if isinstance(p, dict) and DETAIL in p}
     # A conversation of instructions alone (a system or developer message last) is answered, as OpenAI does: the
     # model's turn follows it. An assistant message last would be answered by a second assistant turn.
     if converted[-1]["role"] not in ("user", "tool", "system"):
@@ -84,15 +81,7 @@ def parse_chat(body: dict[str, Any], *, model_id: str, limits: Limits, media: Me
     return ChatRequest(messages=converted, options=options, stream=_bool(body, "stream", False),
                        include_usage=_bool(stream_options, "include_usage", False), stop=_stop(body),
                        tools=tools, parallel_tool_calls=_bool(body, "parallel_tool_calls", True),
-                       enable_thinking=_thinking(body, default_thinking), n=_int(body, "n", 1, MAX_CHOICES, 1),
-                       max_soft_tokens=_budget(details))
-
-
-def _budget(details: set[str]) -> int | None:
-    """The token budget for a request's images asked with these details (see DETAIL_BUDGETS)."""
-    if "high" in details:
-        return DETAIL_BUDGETS["high"]
-    return DETAIL_BUDGETS["low"] if details == {"low"} else None
+                       enable_thinking=_thinking(body, default_thinking), n=_int(body, "n", 1, MAX_CHOICES, 1))
 
 
 # -- sampling ------------------------------------------------------------------------------------------------------
