@@ -267,7 +267,11 @@ class ChatSession(Conversation):
             return
         L = len(enc.ids)
         if L > self.model.context_left(None):  # the model's own bound, checked before any media work
-            raise self._too_long(messages, L, schemas)
+            error = self._too_long(messages, L, schemas, should_stop)
+            if error is None:
+                yield cancelled_response(0, time.perf_counter() - t0)
+                return
+            raise error
         start, end = self._reuse(enc)
         self.last_reused = start
         # The last user turn is where an answer-again or an edited message parts from this conversation: the cache
@@ -369,17 +373,44 @@ class ChatSession(Conversation):
             raise
         return True
 
-    def _too_long(self, messages: list[dict[str, Any]], tokens: int, schemas=None) -> ContextLengthError:
+    def _too_long(self, messages: list[dict[str, Any]], tokens: int, schemas=None,
+                  should_stop: Callable[[], bool] | None = None) -> ContextLengthError | None:
+        """The error for ``messages`` (``tokens`` long) over the context: how many of the oldest turns to drop
+        (the fewest that make it fit: a binary search, as the length only falls as more go; it tried one count
+        after another, each a whole encode, which took minutes on a long conversation), or that the last message
+        (or the system prompt) alone does not fit. None when ``should_stop`` turned true meanwhile."""
         limit = self.context_limit
         head = 1 if messages and messages[0]["role"] == "system" else 0
         users = [i for i, m in enumerate(messages) if m["role"] == "user" and i >= head]
-        for k in range(1, len(users)):
+
+        def fits(k: int) -> bool | None:
+            if should_stop is not None and should_stop():
+                return None
             rest = messages[:head] + messages[users[k]:]
-            if len(self.encoder.encode(rest, enable_thinking=self.enable_thinking, tools=schemas).ids) <= limit:
-                oldest = "oldest turn" if k == 1 else f"{k} oldest turns"
+            return len(self.encoder.encode(rest, enable_thinking=self.enable_thinking, tools=schemas).ids) <= limit
+
+        lo, hi = 1, len(users) - 1
+        last = fits(hi) if hi >= 1 else False
+        if last is None:
+            return None
+        if last:
+            while lo < hi:
+                mid = (lo + hi) // 2
+                ok = fits(mid)
+                if ok is None:
+                    return None
+                lo, hi = (lo, mid) if ok else (mid + 1, hi)
+            oldest = "oldest turn" if lo == 1 else f"{lo} oldest turns"
+            return ContextLengthError(
+                f"The conversation is {tokens} tokens but the model's context is {limit}. Drop the {oldest} or "
+                "start a new chat.", tokens=tokens, limit=limit, drop_turns=lo)
+        if head:
+            alone = len(self.encoder.encode(messages[:head], enable_thinking=self.enable_thinking,
+                                            tools=schemas).ids)
+            if alone > limit:   # (it blamed the message)
                 return ContextLengthError(
-                    f"The conversation is {tokens} tokens but the model's context is {limit}. Drop the {oldest} or "
-                    "start a new chat.", tokens=tokens, limit=limit, drop_turns=k)
+                    f"The system prompt alone is {alone} tokens (with the tools declared, if any), but the model's "
+                    f"context is {limit}. Shorten the system prompt.", tokens=tokens, limit=limit)
         return ContextLengthError(
             f"This message needs {tokens} tokens with the conversation's start, but the model's context is "
             f"{limit}. Shorten it or send fewer or shorter attachments.", tokens=tokens, limit=limit)

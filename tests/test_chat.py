@@ -241,6 +241,33 @@ def test_too_long_message_and_too_long_conversation(loaded):
     assert e.value.drop_turns == 1 and "Drop the oldest turn or" in str(e.value)
 
 
+def test_a_long_conversation_over_the_context_drops_the_fewest_turns_and_can_be_stopped(loaded, monkeypatch):
+    """Each count of turns to drop was tried in turn, each a whole encode, without a stop: minutes on a conversation
+    of hundreds of turns (the app showed "Preparing the prompt" and Esc did nothing). A binary search finds the
+    fewest turns whose drop makes it fit; a stop request ends the search; a system prompt that alone does not fit
+    is named (the message was blamed)."""
+    model, processor = loaded
+    limit = model.config.text_config.max_position_embeddings
+    session = ChatSession(model, processor)
+    turns = [" ".join(["word"] * (limit // 40)) for _ in range(60)]
+    messages = convo(*[t for turn in turns for t in (turn, "ok")], "and this?", system="be brief")
+    encodes = []
+    encode = session.encoder.encode
+    monkeypatch.setattr(session.encoder, "encode", lambda *a, **k: encodes.append(1) or encode(*a, **k))
+    with pytest.raises(ContextLengthError) as e:
+        list(session.stream(messages, max_tokens=2))
+    k = e.value.drop_turns
+    assert len(encodes) <= 10
+    def fits(k):
+        return len(encode(messages[:1] + messages[1 + 2 * k:]).ids) <= limit
+    assert fits(k) and not fits(k - 1)
+    asked = iter([False, False, True])   # (the prompt's encode reads it too)
+    out = list(session.stream(messages, max_tokens=2, should_stop=lambda: next(asked, True)))
+    assert [r.finish_reason for r in out] == ["cancelled"]
+    with pytest.raises(ContextLengthError, match="The system prompt alone is .* Shorten the system prompt"):
+        list(session.stream(convo("hi", system="word " * limit), max_tokens=2))
+
+
 def test_answer_stopped_by_the_context_is_labelled_context(loaded):
     model, processor = loaded
     session = ChatSession(model, processor)
