@@ -299,6 +299,9 @@ async def _words_after_a_command_stay_in_the_prompt(tmp_path):
         chat.prompt.clear()
         await send(pilot, f"/image {img}")   # a path with a space, unquoted: the whole argument, as before
         assert len(chat.pending) == 2 and chat.prompt.text == ""   # (the same file: once)
+        await send(pilot, f"/image {img} what about it?")   # ... and words after it (they were dropped)
+        assert len(chat.pending) == 2 and chat.prompt.text == "what about it?"
+        chat.prompt.clear()
         await send(pilot, "/new what is the capital of France?")
         assert chat.conversation_id is None and chat.prompt.text == "what is the capital of France?"
         chat.prompt.text = "/system\nBe brief."

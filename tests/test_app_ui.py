@@ -142,6 +142,20 @@ def test_settings_at_60x20_cut_no_label_and_keep_save(tmp_path):
     run(go())
 
 
+def test_a_question_at_40_columns_keeps_its_buttons_on_screen(tmp_path):
+    """The yes/no dialog was 60 cells wide whatever the terminal: at 40x12 it ran off the right edge and its
+    buttons could not be seen ("Drop the oldest turn?", "Delete conversation?")."""
+    async def go():
+        app = make_app(tmp_path)
+        async with app.run_test(size=(40, 12)) as pilot:
+            await until(pilot, lambda: app.backend.loaded)
+            app.push_screen(ConfirmScreen("The conversation now fills the context. Drop the oldest turn?"))
+            await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+            await pilot.pause()
+            assert inside(app.screen.query_one("#yes"), 40, 12) and inside(app.screen.query_one("#no"), 40, 12)
+    run(go())
+
+
 def test_settings_fit_focus_first_field_and_persist(tmp_path):
     async def go():
         store = SettingsStore(tmp_path / "data")

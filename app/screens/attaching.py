@@ -35,8 +35,8 @@ def chips_of(attachments: list[Attachment]) -> list[tuple[str, Path, str]]:
 
 def split_path_arg(arg: str) -> tuple[str, str]:
     """`/image PATH words...`: the path and the words after it, which stay in the prompt (they were dropped). The
-    path is a quoted one, or a first word that names a file; otherwise the whole argument (a path with spaces
-    copied unquoted), read as before."""
+    path is a quoted one, a first word that names a file, or a path with spaces copied unquoted that names one
+    (then words); otherwise the whole argument, read as before."""
     quoted = re.match(r"""(['"])(.+?)\1(?:\s+(.*))?\Z""", arg, re.S)
     if quoted:
         return quoted.group(2), (quoted.group(3) or "").strip()
@@ -45,6 +45,10 @@ def split_path_arg(arg: str) -> tuple[str, str]:
         word = first.group(1).replace("\\ ", " ")
         if word.startswith("file://") or Path(word).expanduser().is_file():
             return parse_prompt_path(word), first.group(2).strip()
+    parsed = parse_prompt(arg)   # a path with spaces copied unquoted, and words after it (they were dropped)
+    words = parsed.text.strip()
+    if len(parsed.attachments) == 1 and words and arg.rstrip().endswith(words):   # (the path first, then words)
+        return str(parsed.attachments[0].path), words
     return parse_prompt_path(arg), ""
 
 
