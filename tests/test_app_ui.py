@@ -90,6 +90,8 @@ def test_status_shortens_by_priority():
         assert len(line) <= width and ("ctx" not in line or "ctx 3253/4096" in line), (width, line)
         assert "tok/s" not in line or "38 tok/s" in line or "38.2 tok/s" in line, (width, line)
     assert "ctx 3253/4096" in fit(demo, 40)
+    over = status_parts("demo", "", False, replace(s, context_used=106_000, context_limit=4096))
+    assert "ctx 106k/4k" in fit(over, 200)   # (it was "106k/4096": two units)
 
 
 def test_status_of_an_answer_stopped_before_its_first_token_shows_no_speed():

@@ -16,9 +16,10 @@ from ..events import Stats
 SEP = " · "
 
 
-def short_count(n: int) -> str:
-    """1234 -> "1234", 131072 -> "131k": context sizes stay short."""
-    return str(n) if n < 10_000 else f"{n / 1000:.0f}k"
+def short_count(n: int, scale: int | None = None) -> str:
+    """1234 -> "1234", 131072 -> "131k": context sizes stay short. ``scale``: the number shown before this one, so
+    that a limit under a count in thousands is in thousands too ("106k/4k", not "106k/4096")."""
+    return str(n) if max(n, scale or 0) < 10_000 else f"{n / 1000:.0f}k"
 
 
 def status_parts(model: str, state: str, thinking: bool, s: Stats) -> list[tuple[int, str, str]]:
@@ -41,7 +42,7 @@ def status_parts(model: str, state: str, thinking: bool, s: Stats) -> list[tuple
             mem = f"{s.peak_memory_gb:.1f} GB" if s.peak_memory_gb >= 1 else f"{s.peak_memory_gb * 1000:.0f} MB"
             parts.append((7, f"{s.memory_kind} {mem}", mem))  # "peak" (MLX's allocator) or "RSS" (the process)
     if s.context_limit:
-        ctx = f"{short_count(s.context_used)}/{short_count(s.context_limit)}"
+        ctx = f"{short_count(s.context_used)}/{short_count(s.context_limit, s.context_used)}"
         parts.append((8, f"ctx {ctx}", f"ctx {ctx}"))
     return parts
 
