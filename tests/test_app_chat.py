@@ -1030,6 +1030,25 @@ async def _the_context_is_counted_again_after_each_answer(tmp_path):
 test_the_context_is_counted_again_after_each_answer = run(_the_context_is_counted_again_after_each_answer)
 
 
+async def _a_new_conversation_counts_its_system_prompt(tmp_path):
+    """A new conversation showed ctx 0 whatever its system prompt: one too long for the context was found only
+    when a message was sent, and that message was blamed."""
+    from app.widgets.status import StatusBar
+
+    app = make_app(tmp_path)
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded)
+        await send(pilot, "/system " + "be brief " * 50)
+        chat = app.chat_screen
+        want = app.sessions[0].count_tokens([{"role": "system", "content": ("be brief " * 50).strip()}])
+        await wait_for(pilot, lambda: chat.conversation_id is None
+                       and chat.query_one(StatusBar).stats.context_used == want)
+        assert want > 50
+
+
+test_a_new_conversation_counts_its_system_prompt = run(_a_new_conversation_counts_its_system_prompt)
+
+
 def test_an_answer_that_ends_after_its_conversation_was_left_and_opened_again_is_drawn(tmp_path):
     """Leave mid-answer and open the conversation again before the answer ends: the stopped answer was saved but
     not drawn (the last message on screen was the question), and Ctrl+G then took the answer before it off."""

@@ -205,9 +205,18 @@ class ChatScreen(AnsweringScreen):
         self.count_context()
 
     def count_context(self) -> None:
-        if self.conversation_id is not None and self.chat.backend.loaded:
-            self.chat.backend.count(self.post_message, self.conversation_id,
-                                    self.conversation_messages(self.conversation_id))
+        """Have the status bar show how much of the context the conversation takes (a new one: its system prompt,
+        which alone may not fit; it showed 0)."""
+        if not self.chat.backend.loaded:
+            return
+        if self.conversation_id is not None:
+            messages = self.conversation_messages(self.conversation_id)
+        else:
+            system = self.chat.backend.settings.system_prompt
+            if not system:
+                return
+            messages = [{"role": "system", "content": system}]
+        self.chat.backend.count(self.post_message, self.conversation_id, messages)
 
 
     # -- sending -----------------------------------------------------------------------------------
