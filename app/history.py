@@ -65,6 +65,7 @@ class History:
         self.attachments_dir = self.dir / "attachments"
         self.busy_timeout = busy_timeout
         self._conn, self.read_only, self.notice = open_history(self.path, busy_timeout)
+        self._seen: dict[int, int] = {}   # conversation -> its revision as this store last saw or left it
 
     def close(self) -> None:
         self._conn.close()
@@ -78,6 +79,7 @@ class History:
                 "INSERT INTO conversations (title, model, system_prompt, created, updated) VALUES (?, ?, ?, ?, ?)",
                 (title, model, system_prompt, now, now),
             )
+        self._seen[int(cur.lastrowid)] = 0
         return int(cur.lastrowid)
 
     def add_message(
@@ -124,6 +126,7 @@ class History:
             if not title and role == "user":
                 title = _title(content)
             c.execute("UPDATE conversations SET updated = ?, title = ? WHERE id = ?", (now, title, conversation_id))
+            self._bump(c, conversation_id)
         return mid
 
     def delete_message(self, message_id: int) -> None:
@@ -150,6 +153,7 @@ class History:
                         title = next((_title(t) for r, t, _ in left if r == "user" and _title(t)), "")
                     c.execute("UPDATE conversations SET updated = ?, title = ? WHERE id = ?",
                               (max([created] + [t for _, _, t in left]), title, cid))
+                    self._bump(c, cid)
         self._drop_copies(rows)
         if emptied is not None:
             shutil.rmtree(self.attachments_dir / str(emptied), ignore_errors=True)
@@ -162,6 +166,7 @@ class History:
                 "AND role = ?",
                 (conversation_id, role),
             )
+            self._bump(c, conversation_id)
 
     def delete_oldest_turns(self, conversation_id: int, n: int) -> None:
         """Mirror of the session dropping its oldest n user turns (each with its answers)."""
@@ -180,12 +185,38 @@ class History:
             "AND m.id < ?", (conversation_id, below)).fetchall()
         with self._tx() as c:
             c.execute("DELETE FROM messages WHERE conversation_id = ? AND id < ?", (conversation_id, below))
+            self._bump(c, conversation_id)
         self._drop_copies(copies)
 
     def delete(self, conversation_id: int) -> None:
         with self._tx() as c:
             c.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
         shutil.rmtree(self.attachments_dir / str(conversation_id), ignore_errors=True)
+
+    def _bump(self, c: sqlite3.Connection, conversation_id: int) -> None:
+        """Count a change to the conversation's messages (inside the write's transaction). This store stays in
+        step with it only if it was before: a change another window made since stays noticed."""
+        before = c.execute("SELECT revision FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+        if before is None:
+            return
+        c.execute("UPDATE conversations SET revision = revision + 1 WHERE id = ?", (conversation_id,))
+        if self._seen.get(conversation_id) == before[0]:
+            self._seen[conversation_id] = before[0] + 1
+
+    def seen(self, conversation_id: int | None) -> None:
+        """The conversation as saved now is what the caller shows (it was just drawn from here)."""
+        row = None if conversation_id is None else self._conn.execute(
+            "SELECT revision FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+        if row is not None:
+            self._seen[conversation_id] = row[0]
+
+    def changed_elsewhere(self, conversation_id: int | None) -> bool:
+        """Whether another window (another connection to this database) changed the conversation's messages since
+        this store last saw it (``seen``) or wrote to it in step."""
+        if conversation_id not in self._seen:
+            return False
+        row = self._conn.execute("SELECT revision FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+        return row is not None and row[0] != self._seen[conversation_id]
 
     def _drop_copies(self, rows: list[tuple[str]]) -> None:
         """Delete the attachment copies at these paths (rows of one ``path``): only the app's, never a user's file."""

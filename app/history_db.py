@@ -29,7 +29,8 @@ CREATE TABLE IF NOT EXISTS conversations (
     model TEXT NOT NULL DEFAULT '',
     system_prompt TEXT NOT NULL DEFAULT '',
     created REAL NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    revision INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -123,6 +124,9 @@ def prepare(conn: sqlite3.Connection) -> None:
     """The schema, and what databases written by earlier versions need."""
     conn.executescript(_SCHEMA)
     _never_reuse_ids(conn)
+    if "revision" not in [r[1] for r in conn.execute("PRAGMA table_info(conversations)")]:
+        # databases written before another window's changes to a conversation were noticed
+        conn.execute("ALTER TABLE conversations ADD COLUMN revision INTEGER NOT NULL DEFAULT 0")
     columns = [r[1] for r in conn.execute("PRAGMA table_info(attachments)")]
     if "label" not in columns:  # databases written before chips kept their size and duration
         conn.execute("ALTER TABLE attachments ADD COLUMN label TEXT NOT NULL DEFAULT ''")

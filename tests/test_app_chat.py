@@ -1081,3 +1081,38 @@ def test_an_answer_that_ends_after_its_conversation_was_left_and_opened_again_is
             assert [m.answer for m in chat.query(ModelMessage)] == [app.history.messages(cid)[-1].content]
 
     asyncio.run(go())
+
+
+async def _a_conversation_changed_in_another_window_is_drawn_again_before_anything_is_sent(tmp_path):
+    """Two windows on one conversation: the other window's turn went into it unseen here (the model read it), and
+    Ctrl+G here then deleted the other window's answer. Now Enter (or Ctrl+G) after such a change draws the
+    conversation as saved and does nothing else; the message waits in the prompt, and goes out on the next Enter."""
+    app = make_app(tmp_path, reply="answer here")
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded)
+        chat = app.chat_screen
+        await send(pilot, "from A")
+        await wait_for(pilot, lambda: not chat.generating and len(chat.query(ModelMessage)) == 1)
+        cid = chat.conversation_id
+        other = History(tmp_path / "data")   # the other window
+        other.add_message(cid, "user", "from B")
+        other.add_message(cid, "assistant", "answer there")
+        await send(pilot, "next from A")
+        await pilot.pause()
+        shown = [str(w.render()) for w in chat.query(Notice)]
+        assert any("changed in another window" in n for n in shown)
+        assert [m.content for m in app.history.messages(cid)] == ["from A", "answer here", "from B", "answer there"]
+        assert chat.prompt.text == "next from A" and len(chat.query(UserMessage)) == 2   # drawn as saved
+        other.add_message(cid, "user", "B again")
+        other.add_message(cid, "assistant", "B's answer")
+        await pilot.press("ctrl+g")   # the answer on show here is not B's last: nothing is replaced
+        await pilot.pause()
+        assert not chat.generating and app.history.messages(cid)[-1].content == "B's answer"
+        chat.prompt.focus()
+        await pilot.press("enter")   # drawn as saved now: it goes out
+        await wait_for(pilot, lambda: not chat.generating and app.history.messages(cid)[-1].role == "assistant"
+                       and app.history.messages(cid)[-2].content == "next from A")
+
+
+test_a_conversation_changed_in_another_window_is_drawn_again_before_anything_is_sent = run(
+    _a_conversation_changed_in_another_window_is_drawn_again_before_anything_is_sent)

@@ -329,3 +329,25 @@ def test_a_database_from_before_keeps_its_rows_and_ids_and_stops_reusing_them(tm
     assert h.new_conversation() == 6
     h.delete(3)   # cascades still hold
     assert h.messages(3) == []
+
+
+def test_a_change_another_window_made_to_a_conversation_is_noticed(tmp_path):
+    """Two windows on one conversation: each saw only its own turns, and the other's went into the conversation
+    unseen (Ctrl+G in one then replaced the other's answer). A store notices another store's changes to a
+    conversation since it last drew it, and not its own."""
+    a, b = History(tmp_path), History(tmp_path)
+    cid = a.new_conversation()
+    a.add_message(cid, "user", "from A")
+    a.add_message(cid, "assistant", "answer A")
+    assert not a.changed_elsewhere(cid) and not b.changed_elsewhere(cid)   # (b never drew it)
+    b.seen(cid)
+    b.add_message(cid, "user", "from B")
+    assert a.changed_elsewhere(cid) and not b.changed_elsewhere(cid)
+    a.add_message(cid, "assistant", "A writes on")   # its own change does not hide the other's
+    assert a.changed_elsewhere(cid) and b.changed_elsewhere(cid)
+    a.seen(cid)
+    b.seen(cid)
+    b.delete_last_message(cid)
+    b.delete_oldest_turns(cid, 1)
+    assert a.changed_elsewhere(cid) and not b.changed_elsewhere(cid)
+    assert [m.content for m in a.messages(cid)] == ["from B"]

@@ -237,6 +237,8 @@ class AnsweringScreen(AttachingScreen):
                         "The model is still loading; your message is answered once it is. Esc cancels it.",
                         severity="warning")
             return
+        if self.changed_elsewhere():
+            return
         saved = self.chat.history.messages(self.conversation_id) if self.conversation_id is not None else []
         users = [m for m in saved if m.role == "user"]
         if not users:

@@ -180,6 +180,7 @@ class ChatScreen(AnsweringScreen):
         self.transcript.remove_children()
         if self.conversation_id is None:
             return
+        self.chat.history.seen(self.conversation_id)
         widgets = []
         for m in self.chat.history.messages(self.conversation_id):
             if m.role == "user":
@@ -257,6 +258,18 @@ class ChatScreen(AnsweringScreen):
             self.notice(repeat_notice(a))
         self.send(parsed.text, attachments, typed=(event.text, pending))
 
+    def changed_elsewhere(self) -> bool:
+        """Whether another window changed this conversation since it was drawn here (both windows' turns went into
+        one conversation unseen, and Ctrl+G here replaced the other window's answer): if so it is drawn again as
+        saved, and the caller does nothing this time."""
+        if not self.chat.history.changed_elsewhere(self.conversation_id):
+            return False
+        self.render_conversation()
+        self.count_context()
+        self.notice("This conversation was changed in another window; it is shown as saved now. Press Enter (or "
+                    "Ctrl+G) again to go on from here.", "warning")
+        return True
+
     def drop_gone_pending(self) -> bool:
         """Take out of the waiting attachments the files moved or deleted since they were attached, saying so
         (True when there were any: the message is not sent as if they were still there)."""
@@ -273,6 +286,9 @@ class ChatScreen(AnsweringScreen):
              typed: tuple[str, list[Attachment]] | None = None) -> None:
         """Save the user's message, show it and ask for the answer (queued behind loading if need be)."""
         history = self.chat.history
+        if self.changed_elsewhere():
+            self.put_back(*(typed or (text, attachments)))
+            return
         try:
             if not history.exists(self.conversation_id):  # new, or deleted while open
                 s = self.chat.backend.settings
