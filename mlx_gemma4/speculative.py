@@ -80,6 +80,7 @@ class Round:
     the states that predicted them; ``side``: a draft on the side (a shadow); ``readback``: the drafts, then the
     picks, as int32 (what the host reads)."""
     k: int
+    t0: float
     drafts: list[mx.array]
     tokens: list[mx.array]
     logprobs: list[mx.array]
@@ -209,6 +210,7 @@ class SpeculativeLoop:
         the cache's buffers when the verification writes them. ``shadow`` (a round without drafts): one draft on
         the side as well, judged against the target's next token once that is read, never fed
         (DraftLength.shadow_due)."""
+        t0 = time.perf_counter()
         if drafts is None:
             drafts = self._draft(y, hidden, k)
             side = self._draft(y, hidden, 1) if shadow else []
@@ -222,7 +224,7 @@ class SpeculativeLoop:
                                    mx.concatenate([t.reshape(-1) for t in tokens]).astype(mx.int32)]) \
             if drafts else None
         mx.async_eval(drafts, tokens, all_logprobs, hiddens, *([readback] if drafts else []))
-        return Round(k, drafts, tokens, all_logprobs, hiddens, side, readback)
+        return Round(k, t0, drafts, tokens, all_logprobs, hiddens, side, readback)
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def _prefill(self) -> tuple[mx.array, mx.array, mx.array] | None:
@@ -310,8 +312,10 @@ class SpeculativeLoop:
             while m < k and d[m] == t[m]:
                 m += 1
             rewind_cache(cache, k - m)
+            # From when the round was queued (a read of the token before it can come late: MLX may notice a round
+            # done only with the next one, so the time between reads gave rounds of drafts ~0.2 ms)
             now = time.perf_counter()
-            self.lengths.record(k, m, now - last_read)
+            self.lengths.record(k, m, now - r.t0)
             last_read = now
             self.drafted += k
             self.accepted += m

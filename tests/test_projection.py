@@ -304,10 +304,11 @@ def test_few_rows_kernels_are_chosen_where_the_device_run_found_them_faster():
     assert choose(1, 20480, 2560) == choose(1, 262144, 2560) == choose(1, 3840, 15360) == "cores"  # gate/up, head
     assert choose(1, 8192, 3840) == "cores"                                                         # 12B q/k/v
     assert choose(1, 2560, 10240) is None and choose(1, 2048, 2560) is None                         # E4B down, q
-    # 2 to 7 rows: the tensor-core kernel from 4M elements (input width a multiple of 64), else MLX's
+    # 2 to 7 rows: the tensor-core kernel from 2M elements (input width a multiple of 64), else MLX's
     for rows in range(2, 8):
         assert choose(rows, 2048, 2560) == choose(rows, 20480, 2560) == "mma"
-        assert choose(rows, 512, 2560) is None                                                      # k / v
+        assert choose(rows, 2048, 1536) == choose(rows, 1536, 2048) == "mma"                        # E2B q, o
+        assert choose(rows, 512, 2560) is None                                                      # E4B k / v
     assert choose(5, 4096, 2080) == "cores"                                                         # 2080 % 64 != 0
     assert choose(8, 20480, 2560) is None and choose(9, 20480, 2560) is None                       # MLX's tiled kernel
 
