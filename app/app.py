@@ -107,7 +107,12 @@ class ChatApp(App):
 
     def notify(self, message: str, *, title: str = "", severity: SeverityLevel = "information",
                timeout: float | None = None, markup: bool = True) -> None:
-        # Toasts carry file names, paths and error text, which show as written ("photo [1].png"), never as markup.
+        # Toasts carry file names, paths and error text, which show as written ("photo [1].png"), never as markup;
+        # but Textual's own screenshot toast is written in markup (it showed "[$text-success]").
+        if title == "Screenshot" and markup:
+            from textual.content import Content
+
+            message = Content.from_markup(message).plain
         super().notify(message, title=title, severity=severity, timeout=timeout, markup=False)
 
     def action_help_quit(self) -> None:

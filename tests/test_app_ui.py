@@ -952,3 +952,17 @@ def test_the_image_token_choices_are_the_models_budgets():
     from mlx_gemma4.processing.image import SUPPORTED_SOFT_TOKENS
 
     assert IMAGE_TOKENS == (0, *SUPPORTED_SOFT_TOKENS)
+
+
+def test_textuals_screenshot_toast_reads_without_its_markup(tmp_path):
+    """Every toast is plain text (file names like "photo [1].png" show as written), and Textual's own screenshot
+    toast, written in markup, showed "[$text-success]'/home/...svg'"."""
+    async def go():
+        app = make_app(tmp_path)
+        async with app.run_test(size=SIZE) as pilot:
+            app.notify("Saved screenshot to [$text-success]'/tmp/shot [1].svg'", title="Screenshot")
+            app.notify("photo [1].png [b]not bold[/b]")
+            await pilot.pause()
+            shown = [n.message for n in app._notifications]
+            assert shown[-2:] == ["Saved screenshot to '/tmp/shot [1].svg'", "photo [1].png [b]not bold[/b]"]
+    run(go())
