@@ -1116,3 +1116,39 @@ async def _a_conversation_changed_in_another_window_is_drawn_again_before_anythi
 
 test_a_conversation_changed_in_another_window_is_drawn_again_before_anything_is_sent = run(
     _a_conversation_changed_in_another_window_is_drawn_again_before_anything_is_sent)
+
+
+async def _a_long_conversation_opens_with_its_latest_turns_and_the_rest_on_request(tmp_path):
+    """Opening a conversation drew every message at once: 300 turns froze the screen for 35 s. It opens with the
+    last SHOWN messages (whole turns), a button above them draws the earlier ones, in order."""
+    from textual.widgets import Button
+
+    from app.screens.chat import SHOWN
+
+    history = History(tmp_path / "data")
+    cid = history.new_conversation()
+    for i in range(SHOWN):   # 2 * SHOWN messages
+        history.add_message(cid, "user", f"question {i}")
+        history.add_message(cid, "assistant", f"answer {i}")
+    app = make_app(tmp_path, resume=cid)
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app.backend.loaded)
+        chat = app.chat_screen
+        await wait_for(pilot, lambda: len(chat.query(UserMessage)) > 0)
+        assert len(chat.query(UserMessage)) == len(chat.query(ModelMessage)) == SHOWN // 2
+        button = chat.query_one("#earlier", Button)
+        assert str(button.label) == f"Show the {SHOWN} earlier messages"
+        button.press()
+        await wait_for(pilot, lambda: len(chat.query(UserMessage)) == SHOWN)
+        await pilot.pause()
+        assert not chat.query("#earlier")
+        kinds = [type(w).__name__ for w in chat.transcript.children if isinstance(w, (UserMessage, ModelMessage))]
+        assert kinds == ["UserMessage", "ModelMessage"] * SHOWN
+        assert [u.text for u in chat.query(UserMessage)] == [f"question {i}" for i in range(SHOWN)]
+        await send(pilot, "one more")   # the turn goes on after all of them
+        await wait_for(pilot, lambda: not chat.generating and len(chat.query(ModelMessage)) == SHOWN + 1)
+        assert chat.query(UserMessage).last().text == "one more"
+
+
+test_a_long_conversation_opens_with_its_latest_turns_and_the_rest_on_request = run(
+    _a_long_conversation_opens_with_its_latest_turns_and_the_rest_on_request)
