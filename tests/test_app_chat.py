@@ -1123,7 +1123,7 @@ async def _a_long_conversation_opens_with_its_latest_turns_and_the_rest_on_reque
     last SHOWN messages (whole turns), a button above them draws the earlier ones, in order."""
     from textual.widgets import Button
 
-    from app.screens.chat import SHOWN
+    from app.screens.saved import SHOWN
 
     history = History(tmp_path / "data")
     cid = history.new_conversation()

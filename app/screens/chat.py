@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import sqlite3
 from dataclasses import replace
-from pathlib import Path
 
 from textual import on
 from textual.app import ComposeResult
@@ -25,44 +24,15 @@ from .. import backend as b
 from .. import events as ev
 from ..attachments import Attachment, once_each, parse_prompt, repeat_notice
 from ..demo import BANNER
-from ..history import SavedMessage
 from ..widgets.activity import Activity
 from ..widgets.chips import AttachmentChips
 from ..widgets.messages import ModelMessage, Transcript, UserMessage, last_code_block
 from ..widgets.meter import LevelMeter
 from ..widgets.prompt import PLACEHOLDER, PromptArea
 from ..widgets.status import StatusBar
-from ..widgets.thumbnail import ImagePreview
-from ..widgets.tool_calls import result_line
-from .answering import AnsweringScreen, finish_note
+from .answering import AnsweringScreen
 from .confirm import ConfirmScreen
-
-
-def session_messages(saved: list[SavedMessage], missing: list[str] | None = None) -> list[dict]:
-    """History rows as chat messages for the model (text plus the saved copies of attachments). An answer that
-    called tools becomes the calls, their results (the app runs none: the model is told so) and its text. A saved
-    copy gone from the app's folder is left out, its name added to ``missing`` (every later turn failed on it,
-    naming the copy's path, with advice for a file just dragged in)."""
-    out = []
-    for m in saved:
-        calls = m.stats.get("tool_calls") if m.role == "assistant" else None
-        if calls:
-            out.append({"role": "assistant", "content": "", "tool_calls": [
-                {"id": c.get("id", ""), "type": "function",
-                 "function": {"name": c["name"], "arguments": c.get("arguments") or {}}} for c in calls]})
-            out += [{"role": "tool", "tool_call_id": c.get("id", ""), "name": c["name"],
-                     "content": result_line(c)} for c in calls]
-            out.append({"role": "assistant", "content": m.content})  # closes the model's turn
-            continue
-        if not m.attachments:
-            out.append({"role": m.role, "content": m.content})
-            continue
-        there = [a for a in m.attachments if a.path.is_file()]
-        if missing is not None:
-            missing += [a.name for a in m.attachments if a not in there]
-        parts: list[dict] = [{"type": a.kind, a.kind: str(a.path)} for a in there]
-        out.append({"role": m.role, "content": parts + [{"type": "text", "text": m.content}]})
-    return out
+from .saved import SHOWN, message_widgets, session_messages
 
 
 def copied(what: str, by: str | None) -> str:
@@ -71,25 +41,6 @@ def copied(what: str, by: str | None) -> str:
         return f"Copied {what}."
     return (f"Sent {what} to the terminal's clipboard (a terminal without OSC 52, like macOS Terminal, ignores "
             "it: select the text with the mouse instead).")
-
-
-# Messages drawn when a conversation opens; the earlier ones when asked (each is a Markdown widget: a conversation
-# of 300 turns took 35 s to open, the screen frozen, on a 2-core machine).
-SHOWN = 40
-
-
-def message_widgets(saved: list) -> list:
-    """The transcript's widgets for saved messages, oldest first."""
-    widgets = []
-    for m in saved:
-        if m.role == "user":
-            widgets.append(UserMessage(m.content, [(a.kind, a.path, a.label) for a in m.attachments]))
-        else:
-            widgets.append(ModelMessage(m.thinking, m.content, finish_note(m.stats.get("finish")),
-                                        calls=m.stats.get("tool_calls")))
-            if m.stats.get("annotated") and Path(m.stats["annotated"]).exists():
-                widgets.append(ImagePreview(Path(m.stats["annotated"])))
-    return widgets
 
 
 class ChatScreen(AnsweringScreen):
