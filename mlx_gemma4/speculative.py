@@ -269,7 +269,7 @@ class SpeculativeLoop:
         n = 0
         plain_round = False   # y came from a round without drafts, still lazy: its cost is recorded once read
         shadow: list = []     # that round's draft on the side, if it made one: judged once y is read
-        last_read = time.perf_counter()   # when the host last read a token: a round costs the time between reads
+        last_read = time.perf_counter()   # when the host last read a token: a plain round costs the time between reads
         while True:
             # y (not yet fed) goes out now; the checks say whether another round follows. From the second token
             # on, that round is built and queued before y goes out, so the device works while the caller handles
