@@ -52,8 +52,10 @@ def test_send_stream_resume_on_real_model(tiny_dir, tmp_path):
         app = real_app(tiny_dir, tmp_path, max_tokens=24, system_prompt="Be brief.")
         async with app.run_test() as pilot:
             await wait_for(pilot, lambda: app.backend.loaded)
-            # The status bar hears of the load through a message, a moment after the backend flag flips.
-            await wait_for(pilot, lambda: "ctx 0/4096" in str(app.chat_screen.query_one("#status").render()))
+            # The status bar hears of the load through a message, a moment after the backend flag flips; a new
+            # conversation's count is its system prompt's.
+            system = app.backend.session.count_tokens([{"role": "system", "content": "Be brief."}])
+            await wait_for(pilot, lambda: f"ctx {system}/4096" in str(app.chat_screen.query_one("#status").render()))
             await send(pilot, "hello world")
             chat = app.chat_screen
             await wait_for(pilot, lambda: not chat.generating and chat.query(ModelMessage))
