@@ -146,6 +146,7 @@ class History:
                 if not left:
                     c.execute("DELETE FROM conversations WHERE id = ?", (cid,))
                     emptied = cid
+                    self._seen.pop(cid, None)
                 else:
                     title, created = c.execute("SELECT title, created FROM conversations WHERE id = ?",
                                                (cid,)).fetchone()
@@ -189,6 +190,7 @@ class History:
         self._drop_copies(copies)
 
     def delete(self, conversation_id: int) -> None:
+        self._seen.pop(conversation_id, None)
         with self._tx() as c:
             c.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
         shutil.rmtree(self.attachments_dir / str(conversation_id), ignore_errors=True)
@@ -216,7 +218,7 @@ class History:
         if conversation_id not in self._seen:
             return False
         row = self._conn.execute("SELECT revision FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
-        return row is not None and row[0] != self._seen[conversation_id]
+        return row is None or row[0] != self._seen[conversation_id]   # (deleted there: changed too)
 
     def _drop_copies(self, rows: list[tuple[str]]) -> None:
         """Delete the attachment copies at these paths (rows of one ``path``): only the app's, never a user's file."""

@@ -1112,6 +1112,24 @@ async def _a_conversation_changed_in_another_window_is_drawn_again_before_anythi
         await pilot.press("enter")   # drawn as saved now: it goes out
         await wait_for(pilot, lambda: not chat.generating and app.history.messages(cid)[-1].role == "assistant"
                        and app.history.messages(cid)[-2].content == "next from A")
+        # An offer to drop turns worked out before the other window's change drops nothing (dropping more turns
+        # than are left deleted the whole conversation)
+        other.add_message(cid, "user", "B once more")
+        before = len(app.history.messages(cid))
+        chat.drop_oldest_turns(1)
+        await pilot.pause()
+        assert len(app.history.messages(cid)) == before
+        # Deleted there: the message here starts a new conversation, on the second Enter, not under the old turns.
+        other.delete(cid)
+        await send(pilot, "after the delete")
+        await pilot.pause()
+        shown = [str(w.render()) for w in chat.query(Notice)]
+        assert any("deleted in another window" in n for n in shown) and chat.conversation_id is None
+        assert chat.prompt.text == "after the delete" and not chat.query(UserMessage)
+        chat.prompt.focus()
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: not chat.generating and chat.conversation_id not in (None, cid))
+        assert [m.content for m in app.history.messages(chat.conversation_id)][0] == "after the delete"
 
 
 test_a_conversation_changed_in_another_window_is_drawn_again_before_anything_is_sent = run(
@@ -1120,7 +1138,8 @@ test_a_conversation_changed_in_another_window_is_drawn_again_before_anything_is_
 
 async def _a_long_conversation_opens_with_its_latest_turns_and_the_rest_on_request(tmp_path):
     """Opening a conversation drew every message at once: 300 turns froze the screen for 35 s. It opens with the
-    last SHOWN messages (whole turns), a button above them draws the earlier ones, in order."""
+    last SHOWN messages (whole turns), a button above them draws the earlier ones, in order, also from the keyboard
+    and while an answer streams (those saved before the first on show: a count of the widgets drew one twice)."""
     from textual.widgets import Button
 
     from app.screens.saved import SHOWN
@@ -1136,18 +1155,30 @@ async def _a_long_conversation_opens_with_its_latest_turns_and_the_rest_on_reque
         chat = app.chat_screen
         await wait_for(pilot, lambda: len(chat.query(UserMessage)) > 0)
         assert len(chat.query(UserMessage)) == len(chat.query(ModelMessage)) == SHOWN // 2
-        button = chat.query_one("#earlier", Button)
+        chat.render_conversation()   # drawn again at once (a drop, another window's change): it crashed, two
+        chat.render_conversation()   # buttons under one id (DuplicateIds)
+        await pilot.pause()
+        button = chat.query_one(".earlier", Button)
         assert str(button.label) == f"Show the {SHOWN} earlier messages"
-        button.press()
+        button.focus()   # from the keyboard: the transcript took its Enter for the prompt
+        await pilot.press("enter")
         await wait_for(pilot, lambda: len(chat.query(UserMessage)) == SHOWN)
         await pilot.pause()
-        assert not chat.query("#earlier")
+        assert not chat.query(".earlier")
         kinds = [type(w).__name__ for w in chat.transcript.children if isinstance(w, (UserMessage, ModelMessage))]
         assert kinds == ["UserMessage", "ModelMessage"] * SHOWN
         assert [u.text for u in chat.query(UserMessage)] == [f"question {i}" for i in range(SHOWN)]
         await send(pilot, "one more")   # the turn goes on after all of them
         await wait_for(pilot, lambda: not chat.generating and len(chat.query(ModelMessage)) == SHOWN + 1)
         assert chat.query(UserMessage).last().text == "one more"
+        chat.render_conversation()
+        await pilot.pause()
+        await send(pilot, "and another")
+        chat.query_one(".earlier", Button).press()   # while it is answered
+        await wait_for(pilot, lambda: not chat.generating and not chat.query(".earlier"))
+        assert [u.text for u in chat.query(UserMessage)] == [f"question {i}" for i in range(SHOWN)] + [
+            "one more", "and another"]
+        assert len(chat.query(ModelMessage)) == SHOWN + 2
 
 
 test_a_long_conversation_opens_with_its_latest_turns_and_the_rest_on_request = run(

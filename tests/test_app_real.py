@@ -131,6 +131,22 @@ def test_message_that_does_not_fit_goes_back_to_the_prompt(tiny_dir, tmp_path):
     asyncio.run(go())
 
 
+def test_a_system_prompt_that_alone_does_not_fit_is_named(tiny_dir, tmp_path):
+    """The notice blamed the message ("That message does not fit") for a system prompt too long on its own."""
+    async def go():
+        app = real_app(tiny_dir, tmp_path, max_tokens=4, system_prompt=" ".join(["hello world"] * 40))
+        async with app.run_test() as pilot:
+            await wait_for(pilot, lambda: app.backend.loaded)
+            app.backend.model.config.text_config.max_position_embeddings = 64  # a context the test can fill
+            chat = app.chat_screen
+            await send(pilot, "hi")
+            await wait_for(pilot, lambda: any("system prompt alone" in str(n.render()) for n in chat.query(Notice)))
+            notice = next(str(n.render()) for n in chat.query(Notice) if "system prompt alone" in str(n.render()))
+            assert notice.startswith("The system prompt alone is") and chat.prompt.text == "hi"
+
+    asyncio.run(go())
+
+
 def test_missing_model_dir_is_a_clear_error(tmp_path, capsys):
     from app.__main__ import main
 

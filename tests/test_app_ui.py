@@ -151,10 +151,16 @@ def test_a_question_at_40_columns_keeps_its_buttons_on_screen(tmp_path):
         app = make_app(tmp_path)
         async with app.run_test(size=(40, 12)) as pilot:
             await until(pilot, lambda: app.backend.loaded)
-            app.push_screen(ConfirmScreen("The conversation now fills the context. Drop the oldest turn?"))
-            await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
-            await pilot.pause()
-            assert inside(app.screen.query_one("#yes"), 40, 12) and inside(app.screen.query_one("#no"), 40, 12)
+            for question in ("The conversation now fills the context. Drop the oldest turn?",
+                             "The conversation is 4287 tokens but the model's context is 4096. Drop the 5 oldest "
+                             "turns or start a new chat. Drop the oldest 5 turns from this conversation for good to "
+                             "make room?"):   # (a long one pushed the buttons out of the dialog)
+                app.push_screen(ConfirmScreen(question))
+                await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+                await pilot.pause()
+                assert inside(app.screen.query_one("#yes"), 40, 12) and inside(app.screen.query_one("#no"), 40, 12)
+                await pilot.press("escape")
+                await until(pilot, lambda: not isinstance(app.screen, ConfirmScreen))
     run(go())
 
 

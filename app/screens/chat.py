@@ -26,7 +26,7 @@ from ..attachments import Attachment, once_each, parse_prompt, repeat_notice
 from ..demo import BANNER
 from ..widgets.activity import Activity
 from ..widgets.chips import AttachmentChips
-from ..widgets.messages import ModelMessage, Transcript, UserMessage, last_code_block
+from ..widgets.messages import Transcript, UserMessage, last_code_block
 from ..widgets.meter import LevelMeter
 from ..widgets.prompt import PLACEHOLDER, PromptArea
 from ..widgets.status import StatusBar
@@ -41,6 +41,14 @@ def copied(what: str, by: str | None) -> str:
         return f"Copied {what}."
     return (f"Sent {what} to the terminal's clipboard (a terminal without OSC 52, like macOS Terminal, ignores "
             "it: select the text with the mouse instead).")
+
+
+class EarlierButton(Button):
+    """Draws the messages saved before ``first_shown`` (``count`` of them) above it when pressed."""
+
+    def __init__(self, first_shown: int, count: int) -> None:
+        super().__init__(f"Show the {count} earlier messages", classes="earlier", compact=True)
+        self.first_shown = first_shown
 
 
 class ChatScreen(AnsweringScreen):
@@ -155,19 +163,21 @@ class ChatScreen(AnsweringScreen):
         cut = max(0, len(saved) - SHOWN)
         while 0 < cut and saved[cut].role != "user":   # whole turns
             cut -= 1
-        earlier = [Button(f"Show the {cut} earlier messages", id="earlier", compact=True)] if cut else []
+        # (a class, not an id: the old transcript's button is still being removed when the new one mounts)
+        earlier = [EarlierButton(saved[cut].id, cut)] if cut else []
         self.transcript.mount_all(earlier + message_widgets(saved[cut:]))
 
-    @on(Button.Pressed, "#earlier")
+    @on(Button.Pressed, ".earlier")
     def show_earlier(self, event: Button.Pressed) -> None:
-        """Draw the messages a long conversation opened without, above the ones on show."""
+        """Draw the messages a long conversation opened without, above the ones on show (those saved before the
+        first on show: a count of the widgets went wrong while an answer streamed)."""
         event.stop()
+        button = event.button
         saved = self.chat.history.messages(self.conversation_id) if self.conversation_id is not None else []
-        shown = len(self.transcript.query(UserMessage)) + len(self.transcript.query(ModelMessage))
-        widgets = message_widgets(saved[: max(0, len(saved) - shown)])
+        widgets = message_widgets([m for m in saved if m.id < button.first_shown])
         if widgets:
-            self.transcript.mount_all(widgets, before=event.button)
-        event.button.remove()
+            self.transcript.mount_all(widgets, before=button)
+        button.remove()
 
 
     def open_conversation(self, conversation_id: int | None) -> None:
@@ -239,12 +249,17 @@ class ChatScreen(AnsweringScreen):
         """Whether another window changed this conversation since it was drawn here (both windows' turns went into
         one conversation unseen, and Ctrl+G here replaced the other window's answer): if so it is drawn again as
         saved, and the caller does nothing this time."""
-        if not self.chat.history.changed_elsewhere(self.conversation_id):
+        history = self.chat.history
+        if not history.changed_elsewhere(self.conversation_id):
             return False
+        gone = not history.exists(self.conversation_id)
+        if gone:   # (a message sent now started a new conversation under the old one's turns)
+            self.conversation_id = None
         self.render_conversation()
         self.count_context()
-        self.notice("This conversation was changed in another window; it is shown as saved now. Press Enter (or "
-                    "Ctrl+G) again to go on from here.", "warning")
+        self.notice("This conversation was deleted in another window. Press Enter again to start a new one with your "
+                    "message." if gone else "This conversation was changed in another window; it is shown as saved "
+                    "now. Press Enter (or Ctrl+G) again to go on from here.", "warning")
         return True
 
     def drop_gone_pending(self) -> bool:
@@ -353,6 +368,8 @@ class ChatScreen(AnsweringScreen):
     def drop_oldest_turns(self, n: int) -> None:
         if self.generating:
             self.notify("Still answering; Esc stops it first.", severity="warning")
+            return
+        if self.changed_elsewhere():   # (an offer worked out before another window's change: it could drop all)
             return
         cid = self.conversation_id
         before = len(self.chat.history.messages(cid)) if cid is not None else 0

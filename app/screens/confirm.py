@@ -5,7 +5,7 @@ from __future__ import annotations
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Static
 
@@ -30,8 +30,9 @@ class ConfirmScreen(ModalScreen[bool]):
         return not (self.unasked and action == "answer" and parameters == (True,))
 
     def compose(self) -> ComposeResult:
-        with Vertical(classes="dialog small"):
-            yield Static(self.question, id="question", markup=False)
+        with Vertical(classes="dialog small", id="confirm"):
+            with VerticalScroll(id="question-box"):   # a short screen scrolls the question, never the buttons
+                yield Static(self.question, id="question", markup=False)
             with Horizontal(classes="buttons"):
                 yield Button(self.yes, id="yes", variant="primary")
                 yield Button(self.no, id="no")

@@ -9,7 +9,7 @@ from markdown_it import MarkdownIt
 from textual import events
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
-from textual.widgets import Collapsible, Label, Markdown, Static
+from textual.widgets import Button, Collapsible, Label, Markdown, Static
 
 from .chips import AttachmentChips
 from .tool_calls import ToolCallView
@@ -138,6 +138,8 @@ class Transcript(VerticalScroll):
         self.scroll_end(animate=False, immediate=True)
 
     def on_key(self, event: events.Key) -> None:
+        if isinstance(self.screen.focused, Button):   # its own Enter / space (the one that draws earlier messages)
+            return
         if event.key == "enter":   # sends what the prompt holds (a typed line then Enter was left unsent)
             prompt = self._to_prompt(event)
             prompt.post_message(prompt.Submitted(prompt, prompt.text))
