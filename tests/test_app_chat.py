@@ -1119,6 +1119,13 @@ async def _a_conversation_changed_in_another_window_is_drawn_again_before_anythi
         chat.drop_oldest_turns(1)
         await pilot.pause()
         assert len(app.history.messages(cid)) == before
+        # ... and while the other window answers its message, one sent here would follow it unanswered (the two
+        # windows' turns were saved crossed): it waits in the prompt.
+        await send(pilot, "while B answers")
+        await pilot.pause()
+        assert "no answer yet" in [str(w.render()) for w in chat.query(Notice)][-1]
+        assert chat.prompt.text == "while B answers" and app.history.messages(cid)[-1].content == "B once more"
+        chat.prompt.clear()
         # Deleted there: the message here starts a new conversation, on the second Enter, not under the old turns.
         other.delete(cid)
         await send(pilot, "after the delete")

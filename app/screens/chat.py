@@ -262,6 +262,18 @@ class ChatScreen(AnsweringScreen):
                     "now. Press Enter (or Ctrl+G) again to go on from here.", "warning")
         return True
 
+    def unanswered(self) -> bool:
+        """Whether the conversation ends with a message that has no answer (another window answering it, or an app
+        killed mid-answer): a message sent now would follow it unanswered, two turns of the user's in a row (two
+        windows answering at once saved theirs crossed). Says what to do."""
+        saved = self.chat.history.messages(self.conversation_id) if self.conversation_id is not None else []
+        if not saved or saved[-1].role != "user":
+            return False
+        self.notice("The conversation's last message has no answer yet: another window may be answering it. Wait "
+                    "for it (Ctrl+L and Enter draws the conversation again), or press Ctrl+G to answer it here; "
+                    "your message stays in the prompt.", "warning")
+        return True
+
     def drop_gone_pending(self) -> bool:
         """Take out of the waiting attachments the files moved or deleted since they were attached, saying so
         (True when there were any: the message is not sent as if they were still there)."""
@@ -278,7 +290,7 @@ class ChatScreen(AnsweringScreen):
              typed: tuple[str, list[Attachment]] | None = None) -> None:
         """Save the user's message, show it and ask for the answer (queued behind loading if need be)."""
         history = self.chat.history
-        if self.changed_elsewhere():
+        if self.changed_elsewhere() or self.unanswered():
             self.put_back(*(typed or (text, attachments)))
             return
         try:
