@@ -2,8 +2,8 @@
 
 It turns what the user does into calls on the backend (which return at once) and renders what the backend
 posts back (LoadProgress, ContextCounted, ...). Every message is saved to history as it completes. One turn's
-answer (streamed, saved, stopped, failed, answered again) lives in AnsweringScreen, and collecting attachments and
-recording in AttachingScreen, which it builds on.
+answer (streamed, saved, stopped, failed, answered again) lives in AnsweringScreen, collecting attachments and
+recording in AttachingScreen, and guarding and dropping turns in TurnsScreen, which it builds on.
 """
 
 from __future__ import annotations
@@ -30,9 +30,8 @@ from ..widgets.messages import Transcript, UserMessage, last_code_block
 from ..widgets.meter import LevelMeter
 from ..widgets.prompt import PLACEHOLDER, PromptArea
 from ..widgets.status import StatusBar
-from .answering import AnsweringScreen
-from .confirm import ConfirmScreen
 from .saved import SHOWN, message_widgets, session_messages
+from .turns import TurnsScreen
 
 
 def copied(what: str, by: str | None) -> str:
@@ -51,7 +50,7 @@ class EarlierButton(Button):
         self.first_shown = first_shown
 
 
-class ChatScreen(AnsweringScreen):
+class ChatScreen(TurnsScreen):
     CSS_PATH = "chat.tcss"
     BINDINGS = [
         # In the footer's order, which cuts what does not fit (80 columns: up to History): Help first, since it
@@ -245,35 +244,6 @@ class ChatScreen(AnsweringScreen):
             self.notice(repeat_notice(a))
         self.send(parsed.text, attachments, typed=(event.text, pending))
 
-    def changed_elsewhere(self) -> bool:
-        """Whether another window changed this conversation since it was drawn here (both windows' turns went into
-        one conversation unseen, and Ctrl+G here replaced the other window's answer): if so it is drawn again as
-        saved, and the caller does nothing this time."""
-        history = self.chat.history
-        if not history.changed_elsewhere(self.conversation_id):
-            return False
-        gone = not history.exists(self.conversation_id)
-        if gone:   # (a message sent now started a new conversation under the old one's turns)
-            self.conversation_id = None
-        self.render_conversation()
-        self.count_context()
-        self.notice("This conversation was deleted in another window. Press Enter again to start a new one with your "
-                    "message." if gone else "This conversation was changed in another window; it is shown as saved "
-                    "now. Press Enter (or Ctrl+G) again to go on from here.", "warning")
-        return True
-
-    def unanswered(self) -> bool:
-        """Whether the conversation ends with a message that has no answer (another window answering it, or an app
-        killed mid-answer): a message sent now would follow it unanswered, two turns of the user's in a row (two
-        windows answering at once saved theirs crossed). Says what to do."""
-        saved = self.chat.history.messages(self.conversation_id) if self.conversation_id is not None else []
-        if not saved or saved[-1].role != "user":
-            return False
-        self.notice("The conversation's last message has no answer yet: another window may be answering it. Wait "
-                    "for it (Ctrl+L and Enter draws the conversation again), or press Ctrl+G to answer it here; "
-                    "your message stays in the prompt.", "warning")
-        return True
-
     def drop_gone_pending(self) -> bool:
         """Take out of the waiting attachments the files moved or deleted since they were attached, saying so
         (True when there were any: the message is not sent as if they were still there)."""
@@ -353,47 +323,6 @@ class ChatScreen(AnsweringScreen):
         status = self.query_one(StatusBar)
         status.stats = replace(status.stats, context_used=event.used, context_limit=event.limit)
 
-
-    def offer_to_drop_turns(self, why: str, n: int) -> None:
-        def answered(yes: bool | None) -> None:
-            if yes:
-                self.drop_oldest_turns(n)
-
-        turns = "turn" if n == 1 else f"{n} turns"
-        # Asked unasked (an answer ran into the context, a message did not fit), while the user may be typing: a
-        # typed y or Enter deleted every turn of a long conversation for good.
-        self.app.push_screen(ConfirmScreen(f"{why}\nDrop the oldest {turns} from this conversation for good to "
-                                           "make room?", f"Drop {n} oldest", "Keep", unasked=True), answered)
-
-    def drop_oldest_turn(self) -> None:
-        """The palette's "Drop oldest turn": asked first, as the app's own offer is (it dropped at once, for good)."""
-        def answered(yes: bool | None) -> None:
-            if yes:
-                self.drop_oldest_turns(1)
-
-        if self.conversation_id is None or not self.chat.history.messages(self.conversation_id):
-            self.notify("There is no turn to drop.")
-            return
-        self.app.push_screen(ConfirmScreen("Drop the oldest turn (your message and its answer) from this "
-                                           "conversation for good?", "Drop it", "Keep", safe=True), answered)
-
-    def drop_oldest_turns(self, n: int) -> None:
-        if self.generating:
-            self.notify("Still answering; Esc stops it first.", severity="warning")
-            return
-        if self.changed_elsewhere():   # (an offer worked out before another window's change: it could drop all)
-            return
-        cid = self.conversation_id
-        before = len(self.chat.history.messages(cid)) if cid is not None else 0
-        if cid is not None:
-            self.chat.history.delete_oldest_turns(cid, n)
-        dropped = before - (len(self.chat.history.messages(cid)) if cid is not None else 0)
-        if not dropped:
-            self.notify("There is no turn to drop.")
-            return
-        self.render_conversation()
-        self.count_context()
-        self.notify(f"Dropped the {'oldest turn' if n == 1 else f'{n} oldest turns'}.")
 
     # -- actions -----------------------------------------------------------------------------------
 
