@@ -1171,7 +1171,12 @@ async def _a_long_conversation_opens_with_its_latest_turns_and_the_rest_on_reque
         await pilot.press("enter")
         await wait_for(pilot, lambda: len(chat.query(UserMessage)) == SHOWN)
         await pilot.pause()
+        await pilot.pause()
         assert not chat.query(".earlier")
+        # The view stays on the first message it showed (it went to the oldest): the one it opened with in sight
+        first = next(u for u in chat.query(UserMessage) if u.text == f"question {SHOWN // 2}")
+        view = chat.transcript.region
+        assert view.y <= first.region.y < view.bottom, (first.region, view)
         kinds = [type(w).__name__ for w in chat.transcript.children if isinstance(w, (UserMessage, ModelMessage))]
         assert kinds == ["UserMessage", "ModelMessage"] * SHOWN
         assert [u.text for u in chat.query(UserMessage)] == [f"question {i}" for i in range(SHOWN)]

@@ -167,17 +167,21 @@ class ChatScreen(TurnsScreen):
         self.transcript.mount_all(earlier + message_widgets(saved[cut:]))
 
     @on(Button.Pressed, ".earlier")
-    def show_earlier(self, event: Button.Pressed) -> None:
+    async def show_earlier(self, event: Button.Pressed) -> None:
         """Draw the messages a long conversation opened without, above the ones on show (those saved before the
         first on show: a count of the widgets went wrong while an answer streamed)."""
         event.stop()
         button = event.button
         saved = self.chat.history.messages(self.conversation_id) if self.conversation_id is not None else []
         widgets = message_widgets([m for m in saved if m.id < button.first_shown])
+        siblings = list(self.transcript.children)
+        after = siblings[siblings.index(button) + 1] if button in siblings[:-1] else None
+        self.prompt.focus()
         if widgets:
-            self.transcript.mount_all(widgets, before=button)
-        button.remove()
-
+            await self.transcript.mount_all(widgets, before=button)
+        await button.remove()
+        if after is not None:   # the view stays where it was, on the first message it showed (it went to the top)
+            self.call_after_refresh(self.transcript.scroll_to_widget, after, top=True, animate=False)
 
     def open_conversation(self, conversation_id: int | None) -> None:
         """Show another conversation (None: a new, empty one). The one on show, picked again while it is being
