@@ -115,6 +115,15 @@ class ChatApp(App):
             message = Content.from_markup(message).plain
         super().notify(message, title=title, severity=severity, timeout=timeout, markup=False)
 
+    def action_screenshot(self, filename: str | None = None, path: str | None = None) -> None:
+        """Textual's screenshot, into the Downloads folder, or the app's data folder where there is none (a
+        headless Linux): it failed there, with no reason given."""
+        if path is None:
+            from platformdirs import user_downloads_path
+
+            path = str(user_downloads_path() if user_downloads_path().is_dir() else self.history.dir)
+        super().action_screenshot(filename, path)
+
     def action_help_quit(self) -> None:
         # Textual's own hint for Ctrl+C is written in markup, which toasts here do not read.
         self.notify("Press Ctrl+Q to quit the app.", title="Do you want to quit?")

@@ -972,3 +972,18 @@ def test_textuals_screenshot_toast_reads_without_its_markup(tmp_path):
             shown = [n.message for n in app._notifications]
             assert shown[-2:] == ["Saved screenshot to '/tmp/shot [1].svg'", "photo [1].png [b]not bold[/b]"]
     run(go())
+
+
+def test_a_screenshot_without_a_downloads_folder_goes_to_the_data_folder(tmp_path, monkeypatch):
+    """Textual saves screenshots in ~/Downloads; where there is none (a headless Linux) it failed, saying only
+    "Failed to save screenshot"."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_DOWNLOAD_DIR", str(tmp_path / "home" / "Downloads"))
+
+    async def go():
+        app = make_app(tmp_path)
+        async with app.run_test(size=SIZE) as pilot:
+            app.action_screenshot()
+            await until(pilot, lambda: list(app.history.dir.glob("*.svg")))
+            await until(pilot, lambda: any("Saved screenshot" in n.message for n in app._notifications))
+    run(go())
