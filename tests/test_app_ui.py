@@ -141,6 +141,14 @@ def test_settings_at_60x20_cut_no_label_and_keep_save(tmp_path):
             label = app.screen.query_one("#system-label")
             assert label.region.height == 2  # wrapped: the whole sentence shows
             assert inside(app.screen.query_one("#save"), 60, 20)
+        app = make_app(tmp_path)
+        async with app.run_test(size=(40, 12)) as pilot:   # ... and at 40x12 both buttons whole ("Cance")
+            await until(pilot, lambda: app.backend.loaded)
+            await pilot.press("f2")
+            await pilot.pause()
+            save, cancel = app.screen.query_one("#save"), app.screen.query_one("#cancel")
+            dialog = app.screen.query_one("#settings").content_region
+            assert inside(save, 40, 12) and inside(cancel, 40, 12) and cancel.region.right <= dialog.right
     run(go())
 
 
