@@ -27,7 +27,7 @@ from .assistant import Assistant, AssistantConfig, assistant_jobs, assistant_rec
 from .config import ModelConfig
 from .destination import (check_destination, check_not_source, replace, resolve_destination, temp_output,
                           write_marker)
-from .errors import ConfigError, OutputError, WeightsError
+from .errors import ConfigError, OutputError
 from .ple import PLE_FILE, open_table
 from .quantize import PLE, idle_part_flags, plan, quantize_weight, recipe
 from .safetensors_io import TensorFileWriter, TensorSource, read_header
@@ -165,15 +165,11 @@ def write_index(root: Path, weight_map: dict[str, str], total: int) -> None:
     (root / INDEX).write_text(json.dumps(index, indent=2))
 
 
-def _check_source_files(src: Path, weights: bool) -> None:
-    """What a checkpoint to convert must hold, in a converter's words (load()'s said to convert it)."""
-    if not (src / "config.json").is_file():
-        raise ConfigError(f"No config.json in {src}: --hf-path takes a Hugging Face Gemma 4 checkpoint (a folder with "
-                          "config.json and its *.safetensors files) or a hub id like google/gemma-4-e4b-it.")
-    if weights and not any(src.glob("*.safetensors")) and not any(src.glob("*.bin")):   # (pickles: load's words)
-        raise WeightsError(f"No *.safetensors weight files in {src}: the download did not finish, or the weights "
-                           "are in another folder. Download the checkpoint again, or pass the folder that holds "
-                           "them.")
+# What a checkpoint to convert lacks, in a converter's words (load()'s said to convert it with convert.py)
+_NO_CONFIG = ("No config.json in {}: --hf-path takes a Hugging Face Gemma 4 checkpoint (a folder with config.json and "
+              "its *.safetensors files) or a hub id like google/gemma-4-e4b-it.")
+_NO_WEIGHTS = ("the download did not finish, or the weights are in another folder. Download the checkpoint again, or "
+               "pass the folder that holds them.")
 
 
 def convert(
@@ -214,16 +210,16 @@ def convert(
     check_destination(dst, force)
     src = resolve(hf_path, **hub_kwargs)
     check_not_source(dst, src)    # a hub snapshot: known only now
-    _check_source_files(src, False)
+    if not (src / "config.json").is_file():
+        raise ConfigError(_NO_CONFIG.format(src))
     drafter = is_assistant_dir(src)   # an assistant drafter for speculative decoding (assistant.py)
     config = AssistantConfig.from_file(src) if drafter else ModelConfig.from_file(src)
-    _check_source_files(src, tensors is None)
     if config.quantization:
         raise ConfigError(f"{src} is already quantized; convert the original (unquantized) checkpoint instead.")
     if tensors is not None:
         sources = dict(tensors)
     else:
-        sources = {k: v for f in safetensors_files(src) for k, v in read_header(f).tensors.items()}
+        sources = {k: v for f in safetensors_files(src, _NO_WEIGHTS) for k, v in read_header(f).tensors.items()}
     if not drafter:
         # An earlier output of ours: the PLE table has a file of its own.
         if tensors is None and (src / PLE_FILE).is_file():

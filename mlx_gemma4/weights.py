@@ -158,8 +158,13 @@ def sanitize(weights: Mapping[str, mx.array], config: ModelConfig, model: nn.Mod
 _PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
-def safetensors_files(path: Path) -> list[Path]:
-    """The checkpoint's safetensors files, checking that every shard the index names exists."""
+_NO_WEIGHTS = ("the download or conversion did not finish, or the weights were moved. Download the model again, "
+               "or convert it again with convert.py (--force replaces an earlier output).")
+
+
+def safetensors_files(path: Path, missing: str = _NO_WEIGHTS) -> list[Path]:
+    """The checkpoint's safetensors files, checking that every shard the index names exists. ``missing``: what
+    the error for a folder without any says of why and what to do (a model to load, by default)."""
     index = path / "model.safetensors.index.json"
     if index.exists():
         try:
@@ -183,9 +188,7 @@ def safetensors_files(path: Path) -> list[Path]:
             f"{path} holds {preview(pickles, 3)} (PyTorch pickle) but no .safetensors files. mlx-gemma4 refuses "
             "pickles: loading one can run arbitrary code. Convert it to safetensors first (in Python: "
             "transformers' from_pretrained, then save_pretrained(DIR, safe_serialization=True)) and use DIR.")
-    raise WeightsError(f"No *.safetensors weight files in {path}: the download or conversion did not finish, or the "
-                       "weights were moved. Download the model again, or convert it again with convert.py "
-                       "(--force replaces an earlier output).")
+    raise WeightsError(f"No *.safetensors weight files in {path}: {missing}")
 
 
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)\.safetensors$")
