@@ -63,11 +63,11 @@ def test_a_call_of_a_tool_the_request_did_not_declare_stays_text():
     comes back as the text the model wrote, and the answer finishes as text does."""
     declared, other = ToolCall("f", {}, raw="<|tool_call>call:f{}<tool_call|>", id="c1"), \
         ToolCall("g", {"x": 1}, raw="<|tool_call>call:g{x:1}<tool_call|>", id="c2")
-    answer = Answer(callable=frozenset({"f"}))
+    answer = Answer(callable_tools=frozenset({"f"}))
     deltas = answer.feed(piece("a ", calls=[other])) + answer.feed(piece(calls=[declared], finish="stop"))
     assert deltas[0] == {"content": "a " + other.raw} and deltas[1]["tool_calls"][0]["function"]["name"] == "f"
-    for callable in (frozenset(), frozenset({"f"})):
-        answer = Answer(["END"], callable=callable)
+    for callable_tools in (frozenset(), frozenset({"f"})):
+        answer = Answer(["END"], callable_tools=callable_tools)
         deltas = answer.feed(piece(calls=[other])) + answer.feed(piece(" END x", finish="stop"))
         assert message(deltas) == {"role": "assistant", "content": other.raw + " "}
         assert finish_reason(answer, piece(finish="stop")) == "stop"

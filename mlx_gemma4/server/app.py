@@ -191,9 +191,9 @@ class _Reply:
         self.job, self.req, self.model_id = job, req, model_id
         self.id = "chatcmpl-" + secrets.token_hex(12)
         self.created = int(time.time())
-        callable = frozenset(t["function"]["name"] for t in req.tools or ()) \
+        callable_tools = frozenset(t["function"]["name"] for t in req.tools or ()) \
             if req.options.get("tool_choice") != "none" else frozenset()
-        self.answers = [out.Answer(req.stop, one_call=not req.parallel_tool_calls, callable=callable)
+        self.answers = [out.Answer(req.stop, one_call=not req.parallel_tool_calls, callable_tools=callable_tools)
                         for _ in range(job.n)]
         self.deltas: list[list[dict[str, Any]]] = [[] for _ in range(job.n)]
         self.last: list[Any] = [None] * job.n

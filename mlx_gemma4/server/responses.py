@@ -18,16 +18,16 @@ from ..tools import ToolCall
 
 class Answer:
     """``stop``: strings that end the answer text. ``one_call``: the answer ends with its first tool call (a request
-    with ``parallel_tool_calls: false``); the model may have gone on to write more calls. ``callable``: the names
+    with ``parallel_tool_calls: false``); the model may have gone on to write more calls. ``callable_tools``: the names
     of the tools the request lets the model call (None: any); a call of any other (none declared, another name, or
     ``tool_choice: "none"``) stays in the answer text as the model wrote it, as a call that does not parse does:
     OpenAI never returns a call the request did not declare."""
 
     def __init__(self, stop: list[str] | None = None, one_call: bool = False,
-                 callable: frozenset[str] | None = None) -> None:
+                 callable_tools: frozenset[str] | None = None) -> None:
         self.stop = list(stop or [])
         self.one_call = one_call
-        self.callable = callable
+        self.callable_tools = callable_tools
         self.stopped = False                # a stop string (or the one call allowed) ended the answer
         self.calls: list[ToolCall] = []
         self._held = ""                     # answer text that may be the start of a stop string
@@ -42,7 +42,7 @@ class Answer:
             deltas.append({"reasoning_content": r.thinking})
         deltas += self._stop_filter(r.content)
         for call in [] if self.stopped else r.tool_calls:
-            if self.callable is not None and call.name not in self.callable:
+            if self.callable_tools is not None and call.name not in self.callable_tools:
                 deltas += self._stop_filter(call.raw)
                 if self.stopped:
                     break
