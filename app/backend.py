@@ -308,7 +308,8 @@ class Backend:
         try:
             self._run(post, cid, turn, messages, stop)
         except ContextLengthError as e:
-            post(GenerationFailed(cid, turn, str(e), context_full=True, drop_turns=e.drop_turns))
+            post(GenerationFailed(cid, turn, str(e), context_full=True, drop_turns=e.drop_turns,
+                                  too_long=e.too_long))
         except MissingFileError as e:  # an attachment of the conversation was moved or deleted since
             post(GenerationFailed(cid, turn, f"InputError: {e.path}: no such file. Check the path (drag the file in "
                                              "again, or quote spaces)."))

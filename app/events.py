@@ -111,7 +111,8 @@ class GenerationFailed(TurnEvent):
     error: str
     context_full: bool = False
     drop_turns: int = 0  # with context_full: dropping this many oldest turns makes it fit; 0: the message alone
-                         # is too long
+                         # is too long, or the system prompt alone (too_long)
+    too_long: str = "message"
 
 
 @dataclass

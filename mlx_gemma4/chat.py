@@ -410,7 +410,8 @@ class ChatSession(Conversation):
             if alone > limit:   # (it blamed the message)
                 return ContextLengthError(
                     f"The system prompt alone is {alone} tokens (with the tools declared, if any), but the model's "
-                    f"context is {limit}. Shorten the system prompt.", tokens=tokens, limit=limit)
+                    f"context is {limit}. Shorten the system prompt.", tokens=tokens, limit=limit,
+                    too_long="system prompt")
         return ContextLengthError(
             f"This message needs {tokens} tokens with the conversation's start, but the model's context is "
             f"{limit}. Shorten it or send fewer or shorter attachments.", tokens=tokens, limit=limit)

@@ -36,12 +36,13 @@ class ContextLengthError(InputError):
     """The prompt does not fit in the model's context window.
 
     ``tokens`` and ``limit`` say by how much; in a chat, ``drop_turns`` > 0 is how many of the oldest turns must
-    go for it to fit, and 0 means the newest message alone is too long.
+    go for it to fit, and 0 means ``too_long`` alone is too long: "message" (the newest) or "system prompt".
     """
 
-    def __init__(self, message: str, *, tokens: int = 0, limit: int = 0, drop_turns: int = 0) -> None:
+    def __init__(self, message: str, *, tokens: int = 0, limit: int = 0, drop_turns: int = 0,
+                 too_long: str = "message") -> None:
         super().__init__(message)
-        self.tokens, self.limit, self.drop_turns = tokens, limit, drop_turns
+        self.tokens, self.limit, self.drop_turns, self.too_long = tokens, limit, drop_turns, too_long
 
 
 class CacheError(Gemma4Error):

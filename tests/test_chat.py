@@ -264,8 +264,9 @@ def test_a_long_conversation_over_the_context_drops_the_fewest_turns_and_can_be_
     asked = iter([False, False, True])   # (the prompt's encode reads it too)
     out = list(session.stream(messages, max_tokens=2, should_stop=lambda: next(asked, True)))
     assert [r.finish_reason for r in out] == ["cancelled"]
-    with pytest.raises(ContextLengthError, match="The system prompt alone is .* Shorten the system prompt"):
+    with pytest.raises(ContextLengthError, match="The system prompt alone is .* Shorten the system prompt") as e:
         list(session.stream(convo("hi", system="word " * limit), max_tokens=2))
+    assert e.value.too_long == "system prompt" and e.value.drop_turns == 0
 
 
 def test_answer_stopped_by_the_context_is_labelled_context(loaded):

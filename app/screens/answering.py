@@ -200,7 +200,7 @@ class AnsweringScreen(AttachingScreen):
         if event.context_full and event.drop_turns:
             self.offer_to_drop_turns(error, event.drop_turns)
         elif event.context_full:   # (the message is not what to blame when the system prompt alone is too long)
-            self.notice(error if "system prompt" in error else
+            self.notice(error if event.too_long != "message" else
                         f"That message does not fit in the model's context. {error}", "error")
         else:
             self.notice(f"Generation failed. {error}", "error")
